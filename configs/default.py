@@ -1,0 +1,59 @@
+"""Every configuration field, grouped, with one comment each. Other configs import and override this."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'default'  # run name; --workdir defaults to runs/<name>
+  c.seed = 0  # seeds model init, data splits and the data order
+
+  c.data = d = ml_collections.ConfigDict()
+  d.root = ''  # dataset root (images/+labels/ or imagesTr/+labelsTr/); '' = the built-in phantom
+  d.label_map = ((2, 1), (4, 2))  # (source label, training class) pairs; all other labels -> 0
+  d.split = (0.7, 0.1, 0.2)  # train / val / test fractions of subjects (seeded by c.seed)
+  d.split_file = ''  # JSON {"train": [...], "val": [...], "test": [...]} of case ids; overrides split
+  d.train_slices = 'cartilage'  # 'cartilage' (slices with a cartilage label, the paper) or 'all'
+  d.cache_dir = ''  # slice store; '' = <workdir>/slices
+  d.augment = True  # random rotation / scale / translation / gamma / intensity on training slices
+  d.workers = 0  # Grain worker processes (0 = load in the training process)
+  d.phantom_dir = ''  # where the phantom is generated once; '' = <workdir>/../phantom
+  d.phantom_num = 20  # phantom subjects
+  d.phantom_shape = (160, 384, 384)  # phantom voxels (left-right, then the sagittal plane), OAI-ZIB's
+  d.phantom_spacing = (0.7, 0.3646, 0.3646)  # phantom voxel size in mm, OAI-ZIB's
+
+  c.model = m = ml_collections.ConfigDict()
+  m.name = 'eas_unet'  # network: 'eas_unet'
+  m.features = (32, 64, 128, 256, 512)  # widths of the five encoder stages
+  m.num_classes = 3  # background, femoral cartilage, tibial cartilage
+  m.aspp_rates = (6, 12, 18)  # dilations of the EAS module's atrous branches
+  m.depthwise_impl = 'auto'  # 'auto' | 'xla' (grouped conv) | 'shift' (nine shifted multiply-adds)
+  m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.side_weights = (0.5, 0.25, 0.125, 0.0625)  # deep-supervision weights of side outputs d1..d4
+  c.loss.dice_eps = 1e-5  # smoothing of the soft Dice
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 0.01  # SGD learning rate
+  o.momentum = 0.9  # SGD momentum (PyTorch semantics)
+  o.weight_decay = 1e-4  # coupled L2 decay on all parameters, applied before momentum (PyTorch SGD)
+  o.schedule = 'constant'  # 'constant' | 'poly' (lr * (1 - step / num_steps) ** 0.9)
+
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 16  # global batch; must divide by the device count
+  t.num_epochs = 50  # passes over the training slices; sets num_steps when that is 0
+  t.num_steps = 0  # total optimiser steps; 0 = from num_epochs and the training-set size
+  t.eval_every_steps = 500  # validation period
+  t.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 16  # slices per validation batch (padded to the device count)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500  # checkpoint period (also at every validation and at the end)
+  c.checkpoint.keep = 2  # latest checkpoints kept, besides the best by validation Dice
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 50  # period of the progress line and training scalars
+  return c

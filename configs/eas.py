@@ -1,0 +1,29 @@
+"""EAS U-Net with the paper's settings: 384 x 384 sagittal slices, batch 16, 50 epochs, SGD 0.01 / 0.9 / 1e-4.
+
+`--config=configs/eas.py:demo` is the same model family shrunk to train on a 2-core CPU in minutes:
+a 64 mm field of view on the joint at 0.5 mm (128 x 128 slices), narrower widths, fewer steps.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = default.get_config()
+  c.name = 'eas'
+  c.model.name = 'eas_unet'
+  if arg == 'demo':
+    c.name = 'eas_demo'
+    c.data.phantom_num = 12
+    c.data.phantom_shape = (32, 128, 128)
+    c.data.phantom_spacing = (3.5, 0.5, 0.5)
+    c.model.features = (16, 32, 64, 128, 256)
+    c.train.batch_size = 8
+    c.train.num_steps = 600
+    c.train.eval_every_steps = 200
+    c.checkpoint.every_steps = 100
+    c.log.every_steps = 25
+  elif arg:
+    raise ValueError(f"configs/eas.py takes no argument or 'demo', got {arg!r}")
+  return c

@@ -1,0 +1,1 @@
+"""EAS U-Net knee cartilage segmentation in JAX."""

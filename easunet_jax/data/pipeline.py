@@ -1,0 +1,110 @@
+"""Grain input pipeline over the slice store: training iterator with augmentation, eval batches, device placement.
+
+The only module of the data package that imports jax.
+"""
+
+import json
+import pathlib
+from collections.abc import Iterator
+
+import grain
+import jax
+import numpy as np
+from scipy import ndimage
+
+
+class SliceSource(grain.sources.RandomAccessDataSource):
+  """Random access to one split of the slice store; the .npy files are memory-mapped on first use."""
+
+  def __init__(self, split_dir: str | pathlib.Path):
+    self._dir = pathlib.Path(split_dir)
+    self._arrays = None  # (images, labels), mapped on first use
+    self._len = len(np.load(self._dir / 'labels.npy', mmap_mode='r'))
+
+  def __getstate__(self) -> dict:
+    # Worker processes get the paths and map the files themselves, instead of a pickled copy of the data.
+    return {**self.__dict__, '_arrays': None}
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    # Grain reads from several threads: publish both arrays in one assignment, never half of them.
+    if self._arrays is None:
+      self._arrays = (np.load(self._dir / 'images.npy', mmap_mode='r'),
+                      np.load(self._dir / 'labels.npy', mmap_mode='r'))
+    images, labels = self._arrays
+    return {'image': images[i].astype(np.float32)[..., None], 'label': labels[i].astype(np.int32)}
+
+  def __repr__(self) -> str:
+    return f'SliceSource({self._dir})'
+
+
+class Augment(grain.transforms.RandomMap):
+  """Random rotation, scale, translation (one resample), then gamma and intensity scale; no left-right flip."""
+
+  def __init__(self, rotate_deg: float = 10.0, scale: tuple[float, float] = (0.9, 1.1), shift: float = 0.08,
+               gamma: tuple[float, float] = (0.8, 1.25), intensity: tuple[float, float] = (0.9, 1.1)):
+    self.rotate_deg, self.scale, self.shift, self.gamma, self.intensity = rotate_deg, scale, shift, gamma, intensity
+
+  def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image_HW, label_HW = element['image'][..., 0], element['label']
+    size = np.array(image_HW.shape, np.float64)
+    angle = np.deg2rad(rng.uniform(-self.rotate_deg, self.rotate_deg))
+    zoom = rng.uniform(*self.scale)
+    shift = rng.uniform(-self.shift, self.shift, 2) * size
+    # Output pixel o samples input matrix @ o + offset: rotation/zoom about the centre, then the shift.
+    matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / zoom
+    centre = (size - 1) / 2
+    offset = centre - matrix @ (centre + shift)
+    image_HW = ndimage.affine_transform(image_HW, matrix, offset, order=1, mode='constant', cval=0.0)
+    label_HW = ndimage.affine_transform(label_HW, matrix, offset, order=0, mode='constant', cval=0)
+    image_HW = np.clip(image_HW, 0, None) ** rng.uniform(*self.gamma) * rng.uniform(*self.intensity)
+    return {'image': image_HW.astype(np.float32)[..., None], 'label': label_HW}
+
+
+def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, augment: bool,
+                   workers: int) -> grain.DatasetIterator:
+  """Endless shuffled training batches of this process's shard; get_state()/set_state() resume it exactly.
+
+  batch_size is the global batch; each process yields batch_size / process_count slices per batch.
+  """
+  if batch_size % jax.process_count():
+    raise ValueError(f'train.batch_size: {batch_size} does not divide by the {jax.process_count()} processes')
+  ds = grain.MapDataset.source(SliceSource(pathlib.Path(store_dir) / 'train')).seed(seed).shuffle().repeat()
+  ds = ds[jax.process_index()::jax.process_count()]
+  if augment:
+    ds = ds.random_map(Augment())
+  ds = ds.batch(batch_size // jax.process_count(), drop_remainder=True)
+  # A small read-ahead: a batch of full-size slices is ~10 MB, and the machines may have few cores.
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  if workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(it_ds)
+
+
+def read_index(split_dir: str | pathlib.Path) -> list[dict]:
+  """The store's row index of one split: {'case', 'slice', 'spacing', 'cartilage', 'pad'} per row."""
+  return json.loads((pathlib.Path(split_dir) / 'index.json').read_text())
+
+
+def eval_batches(store_dir: str | pathlib.Path, batch_size: int, split: str = 'val',
+                 cartilage_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of one split in store order; the last is zero-padded with mask False, so all have one shape."""
+  split_dir = pathlib.Path(store_dir) / split
+  images = np.load(split_dir / 'images.npy', mmap_mode='r')
+  labels = np.load(split_dir / 'labels.npy', mmap_mode='r')
+  rows = np.arange(len(labels))
+  if cartilage_only:
+    rows = rows[[row['cartilage'] for row in read_index(split_dir)]]
+  for start in range(0, len(rows), batch_size):
+    take = rows[start:start + batch_size]
+    pad = batch_size - len(take)
+    yield {'image': np.pad(images[take].astype(np.float32), [(0, pad), (0, 0), (0, 0)])[..., None],
+           'label': np.pad(labels[take].astype(np.int32), [(0, pad), (0, 0), (0, 0)]),
+           'mask': np.arange(batch_size) < len(take)}
+
+
+def put_on_mesh(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """This process's part of a global batch -> global jax.Arrays laid out by sharding (e.g. P('data'))."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

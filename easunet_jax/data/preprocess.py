@@ -1,0 +1,173 @@
+"""Volumes -> slice store: subject-level splits, per-volume normalisation, sagittal slices in .npy files.
+
+Layout under the store directory: splits.json, fingerprint.json and per split <split>/images.npy (N, H, W)
+float16 in [0, 1], <split>/labels.npy (N, H, W) uint8 training classes, <split>/index.json (one entry per row).
+"""
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+from collections.abc import Sequence
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+
+from easunet_jax.data import phantom, volumes
+
+SPLITS = ('train', 'val', 'test')
+_MULTIPLE = 16  # the networks halve the slice four times
+
+
+def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, seed: int) -> pathlib.Path:
+  """data_cfg.root, or the built-in phantom (generated once into phantom_dir) when root is ''."""
+  if data_cfg.root:
+    return pathlib.Path(data_cfg.root)
+  out = pathlib.Path(data_cfg.phantom_dir) if data_cfg.phantom_dir else pathlib.Path(workdir).parent / 'phantom'
+  logging.info('data.root is unset: using the built-in phantom (%d subjects in %s); for OAI-ZIB pass '
+               '--config.data.root=/path/to/OAI-ZIB', data_cfg.phantom_num, out)
+  phantom.write_dataset(out, data_cfg.phantom_num, data_cfg.phantom_shape, data_cfg.phantom_spacing, seed)
+  return out
+
+
+def split_cases(ids: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
+  """Seeded subject-level split; every split with a positive fraction gets a case when there are enough."""
+  fractions = np.asarray(fractions, np.float64)
+  if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
+    raise volumes.DataError(f'data.split: expected three non-negative train/val/test fractions, got {tuple(fractions)}')
+  n = len(ids)
+  share = fractions / fractions.sum() * n
+  counts = np.floor(share).astype(int)
+  counts[np.argsort(counts - share)[:n - counts.sum()]] += 1  # largest remainders first
+  for empty in np.flatnonzero((counts == 0) & (fractions > 0)):
+    if n >= np.count_nonzero(fractions):
+      counts[np.argmax(counts)] -= 1
+      counts[empty] += 1
+  order = np.random.default_rng(seed).permutation(n)
+  bounds = np.cumsum(counts)[:-1]
+  return {name: sorted(ids[i] for i in part) for name, part in zip(SPLITS, np.split(order, bounds))}
+
+
+def _read_split_file(path: str, ids: Sequence[str]) -> dict[str, list[str]]:
+  try:
+    splits = json.loads(pathlib.Path(path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise volumes.DataError(f'data.split_file {path}: cannot read JSON ({e})') from None
+  if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+    raise volumes.DataError(f'data.split_file {path}: expected keys {list(SPLITS)}')
+  listed = [i for name in SPLITS for i in splits[name]]
+  unknown = sorted(set(listed) - set(ids))
+  if unknown:
+    raise volumes.DataError(f'data.split_file {path}: case ids not found under data.root: {unknown[:5]}')
+  if len(listed) != len(set(listed)):
+    raise volumes.DataError(f'data.split_file {path}: a case id appears more than once')
+  return {name: sorted(splits[name]) for name in SPLITS}
+
+
+def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict, seed: int) -> dict:
+  files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for c in cases for p in (c.image, c.label)]
+  settings = {'label_map': [list(map(int, pair)) for pair in data_cfg.label_map], 'split': list(data_cfg.split),
+              'split_file': data_cfg.split_file, 'train_slices': data_cfg.train_slices, 'seed': seed}
+  if data_cfg.split_file:
+    try:
+      settings['split_file_contents'] = pathlib.Path(data_cfg.split_file).read_text()
+    except OSError as e:
+      raise volumes.DataError(f'data.split_file {data_cfg.split_file}: cannot read ({e.strerror})') from None
+  return {'sources': files, 'settings': settings}
+
+
+def _canonical_shape(path: pathlib.Path) -> tuple[int, ...]:
+  """Shape after as_closest_canonical, from the header only."""
+  nii = nib.load(path)
+  axes = nib.io_orientation(nii.affine)[:, 0].astype(int)
+  shape = [0, 0, 0]
+  for i, axis in enumerate(axes):
+    shape[axis] = nii.shape[i]
+  return tuple(shape)
+
+
+def _normalise(image: np.ndarray) -> np.ndarray:
+  """Clips to the 0.5 / 99.5 percentiles of the volume and scales to [0, 1]."""
+  lo, hi = np.percentile(image, (0.5, 99.5))
+  return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float16)
+
+
+def _write_split(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict,
+                 keep_empty: bool, size: tuple[int, int], progress: list[int], total: int) -> None:
+  """Slices of the split's cases: per-case temporary files first, so the row count is known before the memmap."""
+  out.mkdir()
+  parts, index = [], []
+  for case in cases:
+    image, labels, spacing = volumes.load_case(case, data_cfg.label_map)
+    cartilage = labels.reshape(len(labels), -1).any(axis=1)
+    rows = np.arange(len(labels)) if keep_empty else np.flatnonzero(cartilage)
+    pad = [((n - m) // 2, n - m - (n - m) // 2) for n, m in zip(size, labels.shape[1:])]
+    np.save(out / f'{case.id}.images.tmp.npy', np.pad(_normalise(image)[rows], [(0, 0), *pad]))
+    np.save(out / f'{case.id}.labels.tmp.npy', np.pad(labels[rows], [(0, 0), *pad]))
+    parts.append(case.id)
+    index += [{'case': case.id, 'slice': int(r), 'spacing': [spacing[1], spacing[2]],
+               'cartilage': bool(cartilage[r]), 'pad': pad} for r in rows]
+    progress[0] += 1
+    logging.info('preprocess %d/%d: %s, %d slices', progress[0], total, case.id, len(rows))
+  for kind, dtype in (('images', np.float16), ('labels', np.uint8)):
+    array = np.lib.format.open_memmap(out / f'{kind}.npy', mode='w+', dtype=dtype, shape=(len(index), *size))
+    start = 0
+    for case_id in parts:
+      tmp = out / f'{case_id}.{kind}.tmp.npy'
+      part = np.load(tmp, mmap_mode='r')
+      array[start:start + len(part)] = part
+      start += len(part)
+      del part
+      tmp.unlink()
+    array.flush()
+    del array
+  (out / 'index.json').write_text(json.dumps(index))
+
+
+def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pathlib.Path, seed: int) -> pathlib.Path:
+  """Builds the slice store of the volumes under data_cfg.root in cache_dir, or reuses it if up to date."""
+  if data_cfg.train_slices not in ('cartilage', 'all'):
+    raise volumes.DataError(f"data.train_slices: expected 'cartilage' or 'all', got {data_cfg.train_slices!r}")
+  cache_dir = pathlib.Path(cache_dir)
+  cases = volumes.discover_cases(data_cfg.root)
+  fingerprint = _fingerprint(cases, data_cfg, seed)
+  old_path = cache_dir / 'fingerprint.json'
+  if old_path.exists():
+    old = json.loads(old_path.read_text())
+    if old == fingerprint:
+      logging.info('slice store %s is up to date, reused', cache_dir)
+      return cache_dir
+    changed = ['source files'] if old.get('sources') != fingerprint['sources'] else []
+    changed += [k for k in fingerprint['settings'] if old.get('settings', {}).get(k) != fingerprint['settings'][k]]
+    logging.info('slice store %s is stale (changed: %s), rebuilding', cache_dir, ', '.join(changed))
+  ids = [c.id for c in cases]
+  splits = _read_split_file(data_cfg.split_file, ids) if data_cfg.split_file else split_cases(
+      ids, data_cfg.split, seed)
+  shapes = np.array([_canonical_shape(c.image) for c in cases])
+  size = tuple(int(-(-n // _MULTIPLE) * _MULTIPLE) for n in shapes[:, 1:].max(axis=0))
+  by_id = {c.id: c for c in cases}
+  # Build beside the target and rename at the end, so a crash never leaves a half-written store.
+  tmp = cache_dir.with_name(f'{cache_dir.name}.tmp{os.getpid()}')
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  progress = [0]
+  for name in SPLITS:
+    keep_empty = name != 'train' or data_cfg.train_slices == 'all'
+    _write_split(tmp / name, [by_id[i] for i in splits[name]], data_cfg, keep_empty, size, progress, len(cases))
+  (tmp / 'splits.json').write_text(json.dumps(splits, indent=1))
+  (tmp / 'fingerprint.json').write_text(json.dumps(fingerprint))
+  shutil.rmtree(cache_dir, ignore_errors=True)
+  tmp.rename(cache_dir)
+  logging.info('slice store %s built: %s slices', cache_dir,
+               ', '.join(f'{n} {len(json.loads((cache_dir / n / "index.json").read_text()))}' for n in SPLITS))
+  return cache_dir
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+  """The slice store of a run: data.root (or the phantom) preprocessed into data.cache_dir."""
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.root = str(resolve_data_root(config.data, workdir, config.seed))
+  cache_dir = config.data.cache_dir or pathlib.Path(workdir) / 'slices'
+  return ensure_slice_store(data_cfg, cache_dir, config.seed)

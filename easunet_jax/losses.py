@@ -1,0 +1,44 @@
+"""Segmentation losses: cross-entropy + soft Dice, and the deep-supervision weighting of side outputs."""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def soft_dice(probs_BHWK: jax.Array, onehot_BHWK: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """Per-class soft Dice (K,), sums over the whole batch: (2 sum(p g) + eps) / (sum p + sum g + eps)."""
+  axes = tuple(range(probs_BHWK.ndim - 1))
+  intersection = jnp.sum(probs_BHWK * onehot_BHWK, axis=axes)
+  denominator = jnp.sum(probs_BHWK, axis=axes) + jnp.sum(onehot_BHWK, axis=axes)
+  return (2 * intersection + eps) / (denominator + eps)
+
+
+def segmentation_loss(logits_BHWK: jax.Array, labels_BHW: jax.Array, eps: float = 1e-5,
+                      valid_B: jax.Array | None = None) -> jax.Array:
+  """CE (mean over all pixels) + 1 - mean foreground soft Dice; float32 whatever the logits' dtype.
+
+  valid_B, when given, drops the samples marked False (padding of a last, partial batch).
+  """
+  logits = logits_BHWK.astype(jnp.float32)
+  weights = jnp.ones(labels_BHW.shape, jnp.float32)
+  if valid_B is not None:
+    weights = weights * valid_B.astype(jnp.float32)[:, None, None]
+  ce_pixels = optax.softmax_cross_entropy_with_integer_labels(logits, labels_BHW)
+  ce = jnp.sum(ce_pixels * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  onehot = jax.nn.one_hot(labels_BHW, logits.shape[-1], dtype=jnp.float32) * weights[..., None]
+  dice = soft_dice(jax.nn.softmax(logits) * weights[..., None], onehot, eps)
+  return ce + 1.0 - dice[1:].mean()
+
+
+def deep_supervision_loss(final_BHWK: jax.Array, sides: Sequence[jax.Array], labels_BHW: jax.Array,
+                          side_weights: Sequence[float], eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+  """(total, loss_final): loss(final) + sum_i w_i loss(side_i), sides already at full resolution."""
+  if len(sides) != len(side_weights):
+    raise ValueError(f'{len(sides)} side outputs but {len(side_weights)} loss.side_weights')
+  loss_final = segmentation_loss(final_BHWK, labels_BHW, eps)
+  total = loss_final
+  for weight, side in zip(side_weights, sides):
+    total = total + weight * segmentation_loss(side, labels_BHW, eps)
+  return total, loss_final

@@ -1,0 +1,22 @@
+"""`python -m easunet_jax.models --config=configs/eas.py`: the parameter overview of a config's network."""
+
+from absl import app
+from clu import parameter_overview
+from flax import nnx
+from ml_collections import config_flags
+
+from easunet_jax.models import build_model
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
+
+
+def main(argv):
+  del argv
+  model = build_model(_CONFIG.value.model, nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  print(parameter_overview.get_parameter_overview(params))
+  print(f'params: {parameter_overview.count_parameters(params)}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,62 @@
+"""CE + soft Dice loss and the deep-supervision weighting (DESIGN.md section 4)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from easunet_jax import losses
+
+
+def _labels(seed=0, shape=(2, 16, 16)):
+  return jax.random.randint(jax.random.key(seed), shape, 0, 3)
+
+
+def test_loss_is_zero_on_perfect_one_hot_logits():
+  labels = _labels()
+  logits = 100.0 * jax.nn.one_hot(labels, 3)
+  assert float(losses.segmentation_loss(logits, labels)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dice_of_identical_masks_is_one_and_of_disjoint_masks_zero():
+  mask = jax.nn.one_hot(_labels(), 3)
+  np.testing.assert_allclose(losses.soft_dice(mask, mask), 1.0, rtol=1e-6)
+  shifted = jnp.roll(mask, 1, axis=-1)  # every pixel moved to another class
+  np.testing.assert_allclose(losses.soft_dice(shifted, mask), 0.0, atol=1e-7)
+
+
+def test_uniform_logits_give_log_k_cross_entropy_plus_dice_term():
+  labels = _labels()
+  loss = losses.segmentation_loss(jnp.zeros((2, 16, 16, 3)), labels)
+  g = np.asarray(jax.nn.one_hot(labels, 3)).reshape(-1, 3)
+  dice = (2 * g.sum(0) / 3 + 1e-5) / (g.shape[0] / 3 + g.sum(0) + 1e-5)
+  np.testing.assert_allclose(loss, np.log(3) + 1 - dice[1:].mean(), rtol=1e-5)
+
+
+def test_padding_samples_marked_invalid_do_not_change_the_loss():
+  logits = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+  labels = _labels(2, (3, 8, 8))
+  padded = losses.segmentation_loss(logits, labels, valid_B=jnp.array([True, True, False]))
+  np.testing.assert_allclose(padded, losses.segmentation_loss(logits[:2], labels[:2]), rtol=1e-6)
+
+
+def test_deep_supervision_weights_side_losses():
+  labels = _labels()
+  keys = jax.random.split(jax.random.key(3), 5)
+  final, *sides = [jax.random.normal(k, (2, 16, 16, 3)) for k in keys]
+  weights = (0.5, 0.25, 0.125, 0.0625)
+  total, loss_final = losses.deep_supervision_loss(final, sides, labels, weights)
+  expected = losses.segmentation_loss(final, labels) + sum(
+      w * losses.segmentation_loss(s, labels) for w, s in zip(weights, sides))
+  np.testing.assert_allclose(total, expected, rtol=1e-6)
+  np.testing.assert_allclose(loss_final, losses.segmentation_loss(final, labels), rtol=1e-6)
+  with pytest.raises(ValueError, match='side_weights'):
+    losses.deep_supervision_loss(final, sides[:3], labels, weights)
+
+
+def test_bfloat16_logits_are_scored_in_float32():
+  labels = _labels()
+  logits = jax.random.normal(jax.random.key(4), (2, 16, 16, 3))
+  loss = losses.segmentation_loss(logits.astype(jnp.bfloat16), labels)
+  assert loss.dtype == jnp.float32
+  np.testing.assert_allclose(loss, losses.segmentation_loss(logits, labels), rtol=1e-2)

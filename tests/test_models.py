@@ -1,0 +1,130 @@
+"""EAS U-Net: parameter counts of DESIGN.md section 3, output shapes, ECA kernel sizes, depthwise impls."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default, tiny
+from easunet_jax.models import build_model, layers
+from easunet_jax.models.eas_unet import EASUNet
+
+
+def _count(module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _abstract(model_cfg):
+  """The network with shapes but no values: enough for counts and output shapes, and instant."""
+  return nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
+
+
+def test_parameter_counts_match_the_design():
+  model = _abstract(default.get_config().model)
+  assert _count(model) == 4_166_808
+  assert _count(model.stem) == 352
+  assert [_count(s) for s in model.encoder] == [2_880, 7_456, 27_200, 103_552, 403_712]
+  assert _count(model.eas) == 2_644_485
+  # decoder[0] is d1; the design lists d4..d1.
+  assert [_count(s) for s in reversed(model.decoder)] == [730_624, 185_088, 47_488, 12_480]
+  assert _count(model.output_fusion.heads) == 1_452
+  assert _count(model.output_fusion.fusion) == 39
+
+
+@pytest.mark.parametrize('channels, k', [(512, 5), (256, 5), (128, 5), (64, 3), (32, 3), (16, 3)])
+def test_eca_kernel_size(channels, k):
+  assert layers.eca_kernel_size(channels) == k
+
+
+def test_eca_kernel_of_the_model_comes_from_the_widest_stage():
+  model = _abstract(default.get_config().model)
+  assert model.eas.eca.k == 5
+  assert model.eas.eca.conv.kernel.shape == (5, 1, 1)
+
+
+def _forward_shapes(model, x):
+  return nnx.eval_shape(lambda m, x: m(x), model, x)
+
+
+def test_output_shapes_train_and_eval():
+  model = _abstract(tiny.get_config().model)
+  x = jax.ShapeDtypeStruct((2, 32, 48, 1), jnp.float32)
+  model.train()
+  final, sides = _forward_shapes(model, x)
+  assert final.shape == (2, 32, 48, 3) and final.dtype == jnp.float32
+  assert len(sides) == 4 and all(s.shape == (2, 32, 48, 3) for s in sides)
+  model.eval()
+  logits = _forward_shapes(model, x)
+  assert logits.shape == (2, 32, 48, 3)
+  model.train()
+  with pytest.raises(ValueError, match='multiples of 16'):
+    _forward_shapes(model, jax.ShapeDtypeStruct((2, 40, 32, 1), jnp.float32))
+
+
+def test_side_outputs_are_resized_with_half_pixel_centres():
+  # 1-D check of jax.image.resize against PyTorch's bilinear align_corners=False up-sampling by 2.
+  y = jnp.array([0., 4.]).reshape(1, 1, 2, 1)
+  up = jax.image.resize(y, (1, 1, 4, 1), 'bilinear')[0, 0, :, 0]
+  np.testing.assert_allclose(up, [0., 1., 3., 4.])
+
+
+@pytest.mark.parametrize('dilation, size', [(1, 8), (2, 8), (6, 8), (12, 8), (18, 24)])
+def test_shift_and_xla_depthwise_agree_with_gradients(dilation, size):
+  key_x, key_k, key_g = jax.random.split(jax.random.key(dilation), 3)
+  x = jax.random.normal(key_x, (2, size, size + 3, 5))
+  kernel = jax.random.normal(key_k, (3, 3, 5))
+  cotangent = jax.random.normal(key_g, x.shape)
+
+  def vjp(fn):
+    out, pullback = jax.vjp(lambda x, k: fn(x, k, dilation), x, kernel)
+    return (out,) + pullback(cotangent)
+
+  for shift, xla in zip(vjp(layers.depthwise_shift), vjp(layers.depthwise_xla)):
+    np.testing.assert_allclose(shift, xla, atol=1e-5, rtol=1e-5)
+
+
+def test_dilation_beyond_the_map_sees_only_the_centre_tap():
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 3))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3))
+  np.testing.assert_allclose(layers.depthwise_shift(x, kernel, 4), x * kernel[1, 1], rtol=1e-6)
+
+
+def test_whole_network_same_under_shift_and_xla_depthwise():
+  # In float64, so that the comparison sees the maths and not float32 summation order.
+  outputs, grads = [], []
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1), jnp.float64)
+    for impl in ('shift', 'xla'):
+      model = EASUNet(features=(4, 8, 16, 32, 64), depthwise_impl=impl, dtype=jnp.float64,
+                      rngs=nnx.Rngs(0))
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+      params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+
+      def loss(params):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        final, sides = model(x)
+        return jnp.sum(final ** 2) + sum(jnp.sum(s) for s in sides)
+
+      value, grad = jax.jit(jax.value_and_grad(loss))(params)
+      outputs.append(value)
+      grads.append(grad)
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.max(np.abs(b)))
+
+
+def test_auto_depthwise_takes_shift_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  assert layers.resolve_depthwise_impl('auto') == 'shift'
+  with pytest.raises(ValueError, match='depthwise_impl'):
+    layers.resolve_depthwise_impl('grouped')
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+  cfg = tiny.get_config().model
+  cfg.dtype = 'bfloat16'
+  model = _abstract(cfg)
+  final, _ = _forward_shapes(model, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
+  assert final.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,92 @@
+"""Tests of the synthetic knee generator: labels, geometry in millimetres, determinism, dataset writing."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from easunet_jax.data import phantom, volumes
+
+SHAPE, SPACING = (16, 64, 64), (7.0, 1.0, 1.0)
+
+
+@pytest.fixture(scope='module')
+def subject():
+  return phantom.make_subject(3, SHAPE, SPACING)
+
+
+def test_labels_dtypes_and_affine(subject):
+  image, labels, affine = subject
+  assert image.shape == labels.shape == SHAPE
+  assert image.dtype == np.float32 and labels.dtype == np.uint8
+  assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+  assert nib.aff2axcodes(affine) == ('R', 'A', 'S')
+  np.testing.assert_allclose(np.diag(affine)[:3], SPACING)
+  np.testing.assert_allclose(affine[:3, :3] @ (np.array(SHAPE) - 1) / 2 + affine[:3, 3], 0, atol=1e-9)
+
+
+def test_deterministic_and_varies_per_subject(subject):
+  again = phantom.make_subject(3, SHAPE, SPACING)
+  np.testing.assert_array_equal(again[0], subject[0])
+  other = phantom.make_subject(4, SHAPE, SPACING)
+  assert np.mean(other[1] != subject[1]) > 0.01
+
+
+def test_anatomy_and_contrast(subject):
+  image, labels, _ = subject
+  z = np.arange(SHAPE[2])
+  centre_of = lambda k: (z * (labels == k).sum((0, 1))).sum() / (labels == k).sum()
+  assert centre_of(1) > centre_of(2) > centre_of(4) > centre_of(3)  # femur, FC, TC, tibia from the top
+  means = [image[labels == k].mean() for k in range(5)]
+  assert means[2] > means[1] and means[4] > means[3]  # cartilage brighter than bone marrow
+
+
+def test_cartilage_thickness_mm():
+  # Fine sagittal pixels; thickness = vertical run of cartilage through the middle of each condyle.
+  spacing = (2.0, 0.1, 0.1)
+  for seed in range(3):
+    _, labels, _ = phantom.make_subject(seed, (56, 40, 400), spacing)
+    for k in (2, 4):
+      runs = (labels[:, 20] == k).sum(axis=1) * spacing[2]  # column at the anterior-posterior centre
+      runs = runs[runs > 0]
+      assert 1.5 <= np.median(runs) <= 3.0, (seed, k, runs)
+      assert runs.max() < 3.5
+
+
+def test_joint_space_separates_cartilages():
+  _, labels, _ = phantom.make_subject(0, (24, 160, 200), (3.0, 0.4, 0.1))
+  z = np.arange(200)
+  fc_low = np.where(labels == 2, z, 10 ** 6).min(2)
+  tc_high = np.where(labels == 4, z, -1).max(2)
+  both = (fc_low < 10 ** 6) & (tc_high >= 0)
+  gap_mm = (fc_low - tc_high - 1)[both] * 0.1
+  assert both.sum() > 100 and 0.4 <= gap_mm.min() <= 1.5
+
+
+def test_demo_geometry_shows_cartilage_in_field_of_view():
+  for seed in range(3):
+    _, labels, _ = phantom.make_subject(seed, (32, 128, 128), (3.5, 0.5, 0.5))
+    fc, tc = (labels == 2).any((1, 2)), (labels == 4).any((1, 2))
+    assert np.count_nonzero(fc | tc) >= 18 and np.count_nonzero(fc & tc) >= 0.65 * np.count_nonzero(fc | tc)
+    cartilage = np.isin(labels, (2, 4))
+    assert not (cartilage[:, [0, -1]].any() or cartilage[:, :, [0, -1]].any())  # nothing cut by the border
+
+
+def test_same_knee_at_other_spacing():
+  # Millimetre anatomy: a coarser grid samples the same femoral cartilage volume.
+  fine = phantom.make_subject(5, (16, 128, 128), (7.0, 0.5, 0.5))[1]
+  coarse = phantom.make_subject(5, (16, 64, 64), (7.0, 1.0, 1.0))[1]
+  v_fine, v_coarse = (fine == 2).sum() * 0.25, (coarse == 2).sum() * 1.0
+  assert abs(v_fine - v_coarse) / v_fine < 0.15
+
+
+def test_write_dataset_and_reuse(tmp_path):
+  ids = phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
+  assert ids == ['phantom_000', 'phantom_001']
+  cases = volumes.discover_cases(tmp_path)
+  assert [c.id for c in cases] == ids
+  image, labels, spacing = volumes.load_case(cases[1], ((2, 1), (4, 2)))
+  assert image.shape == (8, 32, 32) and set(np.unique(labels)) <= {0, 1, 2}
+  np.testing.assert_allclose(spacing, (7.0, 2.0, 2.0))
+  mtime = cases[0].image.stat().st_mtime_ns
+  phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
+  assert cases[0].image.stat().st_mtime_ns == mtime

@@ -1,0 +1,88 @@
+"""Tests of the Grain pipeline: sample and batch format, augmentation, resumable iterator, eval batches, mesh."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import default
+from easunet_jax.data import phantom, pipeline, preprocess
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+  cfg = default.get_config().data
+  cfg.root = str(tmp_path_factory.mktemp('knees'))
+  phantom.write_dataset(cfg.root, 4, (16, 64, 64), (7.0, 1.0, 1.0), seed=0)
+  return preprocess.ensure_slice_store(cfg, tmp_path_factory.mktemp('cache') / 'slices', seed=0)
+
+
+def test_source_items(store):
+  src = pipeline.SliceSource(store / 'train')
+  assert len(src) == len(json.loads((store / 'train' / 'index.json').read_text()))
+  item = src[0]
+  assert item['image'].shape == (64, 64, 1) and item['image'].dtype == np.float32
+  assert item['label'].shape == (64, 64) and item['label'].dtype == np.int32
+  assert set(np.unique(item['label'])) <= {0, 1, 2} and item['label'].any()
+
+
+def test_augment_keeps_format_and_moves_pixels(store):
+  item = pipeline.SliceSource(store / 'train')[0]
+  out = pipeline.Augment().random_map(item, np.random.default_rng(0))
+  assert out['image'].shape == item['image'].shape and out['image'].dtype == np.float32
+  assert out['label'].dtype == np.int32 and set(np.unique(out['label'])) <= set(np.unique(item['label']))
+  assert np.mean(out['label'] != item['label']) > 0.001
+  identity = pipeline.Augment(rotate_deg=0, scale=(1, 1), shift=0, gamma=(1, 1), intensity=(1, 1))
+  same = identity.random_map(item, np.random.default_rng(0))
+  np.testing.assert_array_equal(same['label'], item['label'])
+  np.testing.assert_allclose(same['image'], item['image'], atol=1e-6)
+
+
+def test_train_batches(store):
+  it = pipeline.train_iterator(store, batch_size=4, seed=0, augment=True, workers=0)
+  batch = next(it)
+  assert batch['image'].shape == (4, 64, 64, 1) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (4, 64, 64) and batch['label'].dtype == np.int32
+  assert set(np.unique(batch['label'])) == {0, 1, 2}
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_iterator_resume_gives_the_same_batches(store, workers):
+  it = pipeline.train_iterator(store, batch_size=3, seed=7, augment=True, workers=workers)
+  for _ in range(12):  # past the end of the first epoch (train has ~20 cartilage slices)
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # as the trainer stores it
+  expected = [next(it) for _ in range(4)]
+  resumed = pipeline.train_iterator(store, batch_size=3, seed=7, augment=True, workers=workers)
+  resumed.set_state(state)
+  for want, got in zip(expected, [next(resumed) for _ in range(4)]):
+    np.testing.assert_array_equal(got['image'], want['image'])
+    np.testing.assert_array_equal(got['label'], want['label'])
+  fresh = pipeline.train_iterator(store, batch_size=3, seed=7, augment=True, workers=workers)
+  assert not np.array_equal(next(fresh)['image'], expected[0]['image'])
+  for iterator in (it, resumed, fresh):
+    if hasattr(iterator, 'close'):
+      iterator.close()
+
+
+def test_eval_batches_padded_in_store_order(store):
+  labels = np.load(store / 'val' / 'labels.npy')
+  batches = list(pipeline.eval_batches(store, 3, 'val'))
+  assert len(batches) == -(-len(labels) // 3)
+  assert all(b['image'].shape == (3, 64, 64, 1) and b['label'].shape == (3, 64, 64) for b in batches)
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == len(labels) and mask[:len(labels)].all()
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[:len(labels)], labels)
+  cart = list(pipeline.eval_batches(store, 3, 'val', cartilage_only=True))
+  kept = np.concatenate([b['label'][b['mask']] for b in cart])
+  assert 0 < len(kept) < len(labels) and all(k.any() for k in kept)
+
+
+def test_put_on_mesh(store):
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  batch = next(pipeline.eval_batches(store, 4, 'val'))
+  arrays = pipeline.put_on_mesh(batch, NamedSharding(mesh, P('data')))
+  assert arrays['image'].shape == (4, 64, 64, 1) and len(arrays['image'].sharding.device_set) == jax.device_count()
+  np.testing.assert_array_equal(np.asarray(arrays['label']), batch['label'])

@@ -1,0 +1,108 @@
+"""Tests of the slice store: layout, dtypes, ranges, subject-level splits, reuse and rebuild."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from configs import default
+from easunet_jax.data import phantom, preprocess, volumes
+
+SHAPE, SPACING = (8, 40, 35), (7.0, 1.6, 1.6)
+
+
+@pytest.fixture(scope='module')
+def data_cfg(tmp_path_factory):
+  cfg = default.get_config().data
+  cfg.root = str(tmp_path_factory.mktemp('knees'))
+  phantom.write_dataset(cfg.root, 5, SHAPE, SPACING, seed=0)
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def store(data_cfg, tmp_path_factory):
+  return preprocess.ensure_slice_store(data_cfg, tmp_path_factory.mktemp('cache') / 'slices', seed=0)
+
+
+def test_layout_dtypes_and_ranges(store):
+  assert not list(store.parent.glob('*.tmp*'))
+  splits = json.loads((store / 'splits.json').read_text())
+  assert [len(splits[s]) for s in preprocess.SPLITS] == [3, 1, 1]
+  for name in preprocess.SPLITS:
+    images = np.load(store / name / 'images.npy', mmap_mode='r')
+    labels = np.load(store / name / 'labels.npy', mmap_mode='r')
+    index = json.loads((store / name / 'index.json').read_text())
+    assert images.dtype == np.float16 and labels.dtype == np.uint8
+    assert images.shape == labels.shape == (len(index), 48, 48)  # 40 x 35 padded to multiples of 16
+    assert 0 <= images.min() and images.max() <= 1 and set(np.unique(labels)) <= {0, 1, 2}
+    assert index[0]['pad'] == [[4, 4], [6, 7]] and index[0]['spacing'] == pytest.approx([1.6, 1.6])
+    assert [row['cartilage'] for row in index] == list(labels.reshape(len(labels), -1).any(1))
+    assert {row['case'] for row in index} == set(splits[name])
+    if name == 'train':
+      assert all(row['cartilage'] for row in index)
+    else:
+      assert len(index) == SHAPE[0] * len(splits[name])  # whole volumes
+      assert [row['slice'] for row in index[:SHAPE[0]]] == list(range(SHAPE[0]))
+
+
+def test_rows_match_the_volumes(store, data_cfg):
+  index = json.loads((store / 'val' / 'index.json').read_text())
+  case = next(c for c in volumes.discover_cases(data_cfg.root) if c.id == index[0]['case'])
+  _, labels, _ = volumes.load_case(case, data_cfg.label_map)
+  stored = np.load(store / 'val' / 'labels.npy')[:SHAPE[0], 4:-4, 6:-7]
+  np.testing.assert_array_equal(stored, labels)
+
+
+def test_reuse_and_rebuild_on_changed_setting(store, data_cfg, caplog):
+  built = (store / 'fingerprint.json').stat().st_mtime_ns
+  with caplog.at_level(logging.INFO):
+    preprocess.ensure_slice_store(data_cfg, store, seed=0)
+  assert 'reused' in caplog.text and (store / 'fingerprint.json').stat().st_mtime_ns == built
+  caplog.clear()
+  changed = data_cfg.copy_and_resolve_references()
+  changed.train_slices = 'all'
+  with caplog.at_level(logging.INFO):
+    preprocess.ensure_slice_store(changed, store, seed=0)
+  assert 'train_slices' in caplog.text and 'rebuilding' in caplog.text
+  assert len(np.load(store / 'train' / 'labels.npy', mmap_mode='r')) == 3 * SHAPE[0]
+  preprocess.ensure_slice_store(data_cfg, store, seed=0)  # back to the module's store
+
+
+@pytest.mark.parametrize('n', [3, 5, 10, 31])
+def test_split_is_by_subject_and_seeded(n):
+  ids = [f'k{i:02d}' for i in range(n)]
+  splits = preprocess.split_cases(ids, (0.7, 0.1, 0.2), seed=1)
+  parts = [set(splits[s]) for s in preprocess.SPLITS]
+  assert all(parts) and sum(map(len, parts)) == n and set().union(*parts) == set(ids)
+  assert splits == preprocess.split_cases(ids, (0.7, 0.1, 0.2), seed=1)
+  assert n < 10 or splits != preprocess.split_cases(ids, (0.7, 0.1, 0.2), seed=2)
+
+
+def test_split_file_and_its_errors(data_cfg, tmp_path):
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.split_file = str(tmp_path / 'splits.json')
+  ids = [f'phantom_{i:03d}' for i in range(5)]
+  (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:2], 'val': ids[2:4], 'test': ids[4:]}))
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0)
+  assert json.loads((store / 'splits.json').read_text())['val'] == ids[2:4]
+  (tmp_path / 'splits.json').write_text(json.dumps({'train': ['nope'], 'val': [], 'test': []}))
+  with pytest.raises(volumes.DataError) as e:
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0)
+  assert 'nope' in str(e.value) and '\n' not in str(e.value)
+
+
+def test_bad_train_slices_setting(data_cfg, tmp_path):
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.train_slices = 'some'
+  with pytest.raises(ValueError, match='data.train_slices'):
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0)
+
+
+def test_resolve_data_root_generates_phantom(tmp_path):
+  cfg = default.get_config().data
+  cfg.phantom_num, cfg.phantom_shape, cfg.phantom_spacing = 1, (4, 16, 16), (7.0, 4.0, 4.0)
+  root = preprocess.resolve_data_root(cfg, tmp_path / 'runs' / 'demo', seed=0)
+  assert root == tmp_path / 'runs' / 'phantom' and len(volumes.discover_cases(root)) == 1
+  cfg.root = '/somewhere/OAI-ZIB'
+  assert str(preprocess.resolve_data_root(cfg, tmp_path, seed=0)) == '/somewhere/OAI-ZIB'

@@ -1,0 +1,106 @@
+"""Tests of NIfTI discovery, canonical loading, consistency checks and label remapping."""
+
+import logging
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from easunet_jax.data import volumes
+
+REFERENCE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'reference_knee_labels_oaizib.nii.gz'
+IDENTITY_MAP = ((1, 1), (2, 2), (3, 3), (4, 4))
+
+
+def _write_pair(root, case_id, image, labels, affine, nnunet=False):
+  image_name = f'imagesTr/{case_id}_0000.nii.gz' if nnunet else f'images/{case_id}.nii.gz'
+  label_name = f'labelsTr/{case_id}.nii.gz' if nnunet else f'labels/{case_id}.nii.gz'
+  volumes.save_volume(root / image_name, image, affine)
+  volumes.save_volume(root / label_name, labels, affine)
+
+
+def _small_case(rng):
+  image = rng.normal(size=(4, 5, 6)).astype(np.float32)
+  labels = rng.integers(0, 5, size=(4, 5, 6)).astype(np.uint8)
+  return image, labels, np.diag([0.7, 0.4, 0.4, 1.0])
+
+
+@pytest.mark.parametrize('nnunet', [False, True])
+def test_discover_both_layouts_sorted_and_skips_unlabelled(tmp_path, nnunet, caplog):
+  image, labels, affine = _small_case(np.random.default_rng(0))
+  for case_id in ('b', 'a', 'c'):
+    _write_pair(tmp_path, case_id, image, labels, affine, nnunet)
+  (tmp_path / ('labelsTr/c.nii.gz' if nnunet else 'labels/c.nii.gz')).unlink()
+  with caplog.at_level(logging.WARNING):
+    cases = volumes.discover_cases(tmp_path)
+  assert [c.id for c in cases] == ['a', 'b']
+  assert cases[0].image.name == ('a_0000.nii.gz' if nnunet else 'a.nii.gz')
+  assert 'c' in caplog.text and 'skipped' in caplog.text
+
+
+def test_discover_empty_root_is_one_line_error(tmp_path):
+  (tmp_path / 'images').mkdir()
+  with pytest.raises(volumes.DataError) as e:
+    volumes.discover_cases(tmp_path)
+  assert '\n' not in str(e.value) and 'images' in str(e.value)
+
+
+def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
+  image, labels, affine = _small_case(np.random.default_rng(0))
+  volumes.save_volume(tmp_path / 'images/x.nii.gz', image, affine)
+  volumes.save_volume(tmp_path / 'labels/x.nii.gz', labels[:, :, :5], affine)
+  volumes.save_volume(tmp_path / 'images/y.nii.gz', image, affine)
+  shifted = affine.copy()
+  shifted[0, 3] += 0.01
+  volumes.save_volume(tmp_path / 'labels/y.nii.gz', labels, shifted)
+  cases = {c.id: c for c in volumes.discover_cases(tmp_path)}
+  for case_id, word in (('x', 'shape'), ('y', 'affine')):
+    with pytest.raises(volumes.DataError) as e:
+      volumes.load_case(cases[case_id], IDENTITY_MAP)
+    assert '\n' not in str(e.value) and case_id in str(e.value) and word in str(e.value)
+
+
+def test_non_integer_labels_rejected(tmp_path):
+  image, _, affine = _small_case(np.random.default_rng(0))
+  _write_pair(tmp_path, 'f', image, image + 0.5, affine)
+  with pytest.raises(volumes.DataError, match='non-integer'):
+    volumes.load_case(volumes.discover_cases(tmp_path)[0], IDENTITY_MAP)
+
+
+def test_remap_labels():
+  labels = np.array([[0, 1, 2, 3, 4, 5, 7]])
+  out = volumes.remap_labels(labels, ((2, 1), (4, 2), (5, 2)))
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, [[0, 0, 1, 0, 2, 2, 0]])
+
+
+def test_permuted_and_flipped_affine_loads_to_same_canonical_array(tmp_path):
+  rng = np.random.default_rng(1)
+  image, labels, affine = _small_case(rng)
+  _write_pair(tmp_path / 'ras', 'k', image, labels, affine)
+  # The same voxels stored as (P, I, R): axes permuted (2, 0, 1 -> file order) and two of them flipped.
+  stored_image = np.flip(np.transpose(image, (1, 2, 0)), (0, 1))
+  stored_labels = np.flip(np.transpose(labels, (1, 2, 0)), (0, 1))
+  pir = np.array([[0, 0, 0.7, 0], [-0.4, 0, 0, 0.4 * 4], [0, -0.4, 0, 0.4 * 5], [0, 0, 0, 1]])
+  assert nib.aff2axcodes(pir) == ('P', 'I', 'R')
+  _write_pair(tmp_path / 'pir', 'k', stored_image, stored_labels, pir)
+  ref = volumes.load_case(volumes.discover_cases(tmp_path / 'ras')[0], IDENTITY_MAP)
+  got = volumes.load_case(volumes.discover_cases(tmp_path / 'pir')[0], IDENTITY_MAP)
+  np.testing.assert_array_equal(got[0], ref[0])
+  np.testing.assert_array_equal(got[1], ref[1])
+  np.testing.assert_allclose(got[2], (0.7, 0.4, 0.4))
+
+
+def test_reference_knee_orientation():
+  case = volumes.Case('ref', REFERENCE, REFERENCE)
+  _, labels, spacing = volumes.load_case(case, IDENTITY_MAP)
+  assert labels.shape == (160, 384, 384)  # sagittal (left-right) axis first
+  np.testing.assert_allclose(spacing, (0.7, 0.3646, 0.3646), atol=1e-3)
+  assert np.count_nonzero(labels == 2) == 127_311 and np.count_nonzero(labels == 4) == 40_467
+  # Superior is axis 2 upwards: the femur lies above the tibia.
+  z = np.arange(384)
+  assert (z * (labels == 1).sum((0, 1))).sum() / (labels == 1).sum() > (z * (labels == 3).sum((0, 1))).sum() / (
+      labels == 3).sum()
+  cartilage_slices = np.count_nonzero((labels == 2).any((1, 2)) | (labels == 4).any((1, 2)))
+  assert 95 <= cartilage_slices <= 110
