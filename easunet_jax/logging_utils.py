@@ -14,15 +14,20 @@ from absl import logging
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` (one object per step) and TensorBoard event files.
 
-  Only JAX process 0 writes, so that multi-host runs keep one log.
+  A run resumed from step `start` first drops the JSONL rows past it, which the killed run logged
+  after its last checkpoint and the resumed run logs again. Only JAX process 0 writes.
   """
 
-  def __init__(self, workdir: str | pathlib.Path):
+  def __init__(self, workdir: str | pathlib.Path, start: int = 0):
     self._active = jax.process_index() == 0
     if self._active:
       workdir = pathlib.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(workdir / 'metrics.jsonl', 'a')
+      path = workdir / 'metrics.jsonl'
+      rows = path.read_text().splitlines() if path.exists() else []
+      kept = [row for row in rows if json.loads(row)['step'] <= start]
+      path.write_text(''.join(row + '\n' for row in kept))
+      self._jsonl = open(path, 'a')
       self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:

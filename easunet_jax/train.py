@@ -201,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   p_train_step, p_eval_step = jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)
   lr_fn = learning_rate_schedule(config.optim, num_steps)
 
-  writer = logging_utils.MetricWriter(workdir)
+  writer = logging_utils.MetricWriter(workdir, start)
   progress = logging_utils.Progress(start, num_steps)
   accumulated = None
   for step in range(start + 1, num_steps + 1):

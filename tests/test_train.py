@@ -128,6 +128,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(straight_run, tmp
   assert checkpoints.manager(tmp_path / 'run', 2).latest_step() == 4
   resumed = train.train_and_evaluate(config, tmp_path / 'run')
   assert int(resumed.step) == config.train.num_steps
+  logged = [json.loads(line)['step'] for line in (tmp_path / 'run' / 'metrics.jsonl').open()]
+  assert [s for s in logged if logged.count(s) > 1] == [3, 3, 6, 6]  # train + val rows, none twice
   for a, b in zip(jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state)),
                   jax.tree.leaves((expected.params, expected.batch_stats, expected.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
