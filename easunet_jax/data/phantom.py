@@ -31,12 +31,12 @@ def _knee(rng: np.random.Generator) -> dict:
   return dict(
       ox=u(-3, 3), oy=u(-1.5, 1.5), oz=u(-1.5, 1.5),  # joint centre offset from the volume centre
       w_med=u(27, 33), w_lat=u(25, 31), w_notch=u(14, 20),  # condyle and notch widths (left-right)
-      a_ant=u(22, 26), a_post=u(18, 21), b=u(15, 18),  # condyle half-axes: anterior, posterior, vertical
+      a_ant=u(22, 25), a_post=u(18, 21), b=u(15, 18),  # condyle half-axes: anterior, posterior, vertical
       r_coronal=u(22, 30),  # coronal roundness of the condyles
       notch_h=u(14, 20), troch=np.deg2rad(u(40, 55)),  # notch roof height; trochlear cartilage start angle
-      phi_ant=np.deg2rad(u(90, 105)), phi_post=np.deg2rad(u(95, 105)),  # femoral cartilage extent
+      phi_ant=np.deg2rad(u(100, 110)), phi_post=np.deg2rad(u(105, 115)),  # femoral cartilage extent
       gap=u(0.7, 1.3),  # joint space between the cartilages at contact
-      t_fc=u(1.9, 2.5), t_tc=u(1.7, 2.3), t_var=u(0.1, 0.2), phase=u(0, 2 * np.pi, 4),  # cartilage thickness
+      t_fc=u(2.2, 2.6), t_tc=u(2.0, 2.5), t_var=u(0.1, 0.2), phase=u(0, 2 * np.pi, 4),  # cartilage thickness
       shaft_hw=u(13, 16),  # femoral shaft half-width (anterior-posterior)
       plat_l=u(21, 25), plat_y=u(-3, 1), conc_med=u(0.5, 2.0), conc_lat=u(0.0, 0.8),  # tibial plateau
       spine_h=u(2, 5), men_h=u(5, 8), effusion=u(0, 1.2),  # tibial spines, meniscus height, fluid layer
