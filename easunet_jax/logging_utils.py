@@ -8,7 +8,6 @@ from collections.abc import Mapping
 
 import jax
 import tensorboardX
-from absl import logging
 
 
 class MetricWriter:

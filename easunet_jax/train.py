@@ -2,7 +2,6 @@
 
 import functools
 import pathlib
-from typing import Any
 
 import flax
 import jax
