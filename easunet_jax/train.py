@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from easunet_jax import checkpoints, losses, logging_utils
+from easunet_jax import checkpoints, logging_utils, losses, metrics
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.models import build_model
 
@@ -93,11 +93,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.G
               num_classes: int, dice_eps: float) -> dict[str, jax.Array]:
   """Per-sample confusion counts (B, K-1, 3) = (TP, FP, FN) of each foreground class, and the loss."""
   logits = nnx.merge(graphdef, state.params, state.batch_stats)(batch['image'])
-  pred, label = jnp.argmax(logits, axis=-1), batch['label']
-  classes = jnp.arange(1, num_classes)[None, None, None, :]
-  pred_k, label_k = pred[..., None] == classes, label[..., None] == classes
-  counts = jnp.stack([jnp.sum(pred_k & label_k, axis=(1, 2)), jnp.sum(pred_k & ~label_k, axis=(1, 2)),
-                      jnp.sum(~pred_k & label_k, axis=(1, 2))], axis=-1)
+  label = batch['label']
+  counts = metrics.confusion_counts(jnp.argmax(logits, axis=-1), label, num_classes)
   loss = losses.segmentation_loss(logits, label, dice_eps, valid_B=batch['mask'])
   return {'counts': counts, 'loss': loss, 'num_valid': jnp.sum(batch['mask'])}
 
@@ -123,13 +120,6 @@ def jit_steps(config: ml_collections.ConfigDict, train_graphdef: nnx.GraphDef, e
   return p_train_step, p_eval_step
 
 
-def dice_from_counts(counts: np.ndarray) -> np.ndarray:
-  """Dice of (..., 3) TP/FP/FN counts; 1 where prediction and label are both empty."""
-  tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
-  denominator = 2 * tp + fp + fn
-  return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)
-
-
 def validate(p_eval_step, state: TrainState, store_dir: pathlib.Path, batch_size: int,
              data_sharding: NamedSharding) -> dict[str, float]:
   """Validation loss and the mean over validation volumes of their 3D Dice (FC, TC)."""
@@ -143,7 +133,7 @@ def validate(p_eval_step, state: TrainState, store_dir: pathlib.Path, batch_size
     for counts in out['counts'][:n]:
       per_case[cases[row]] = per_case.get(cases[row], 0) + counts
       row += 1
-  dice = dice_from_counts(np.stack(list(per_case.values())).astype(np.float64)).mean(axis=0)
+  dice = metrics.dice_from_counts(np.stack(list(per_case.values())).astype(np.float64)).mean(axis=0)
   return {'val/loss': loss_sum / row, 'val/dice_fc': dice[0], 'val/dice_tc': dice[1],
           'val/dice_mean': dice.mean()}
 

@@ -58,11 +58,6 @@ def test_poly_schedule_decays_to_zero_and_bad_schedule_is_refused():
     train.learning_rate_schedule(cfg, 100)
 
 
-def test_dice_from_counts():
-  counts = np.array([[8, 2, 2], [0, 0, 0], [0, 3, 0]])
-  np.testing.assert_allclose(train.dice_from_counts(counts), [0.8, 1.0, 0.0])
-
-
 def _batch(batch_size=4, size=32):
   rng = np.random.default_rng(0)
   return {'image': rng.random((batch_size, size, size, 1), np.float32),
