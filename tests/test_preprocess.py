@@ -106,3 +106,80 @@ def test_resolve_data_root_generates_phantom(tmp_path):
   assert root == tmp_path / 'runs' / 'phantom' and len(volumes.discover_cases(root)) == 1
   cfg.root = '/somewhere/OAI-ZIB'
   assert str(preprocess.resolve_data_root(cfg, tmp_path, seed=0)) == '/somewhere/OAI-ZIB'
+
+
+def _bad_dataset(root):
+  """Two good phantom cases and one case of each bad input, in the images/ + labels/ layout."""
+  image, labels, affine = phantom.make_subject(1, SHAPE, SPACING)
+  for case_id in ('good_a', 'good_b', 'truncated', 'not_nifti', 'flat_2d', 'time_4d', 'shapes', 'affines',
+                  'nan', 'constant', 'outside_map', 'unlabelled'):
+    volumes.save_volume(root / 'images' / f'{case_id}.nii.gz', image, affine)
+    volumes.save_volume(root / 'labels' / f'{case_id}.nii.gz', labels, affine)
+  data = (root / 'images/truncated.nii.gz').read_bytes()
+  (root / 'images/truncated.nii.gz').write_bytes(data[:len(data) // 2])
+  (root / 'labels/not_nifti.nii.gz').write_text('case,label\n1,2\n')
+  for case_id, bad_image in (('flat_2d', image[4]), ('time_4d', image[..., None].repeat(2, -1)),
+                             ('shapes', image[:, :, :-1]), ('nan', np.where(labels == 2, np.nan, image)),
+                             ('constant', np.full_like(image, 7.0))):
+    volumes.save_volume(root / 'images' / f'{case_id}.nii.gz', bad_image, affine)
+  shifted = affine.copy()
+  shifted[:3, 3] += 0.01
+  volumes.save_volume(root / 'labels/affines.nii.gz', labels, shifted)
+  volumes.save_volume(root / 'labels/outside_map.nii.gz', np.where(labels == 2, 9, labels).astype(np.uint8), affine)
+  (root / 'labels/unlabelled.nii.gz').unlink()
+
+
+BAD = {'truncated': 'truncated', 'not_nifti': 'not a readable NIfTI', 'flat_2d': '2D', 'time_4d': '4D',
+       'shapes': 'shape', 'affines': 'affines', 'nan': 'NaN', 'constant': 'constant', 'outside_map': '[9]',
+       'unlabelled': 'no label'}
+
+
+def test_bad_cases_named_skipped_and_rest_processed(tmp_path, caplog):
+  _bad_dataset(tmp_path / 'knees')
+  cfg = default.get_config().data
+  cfg.root, cfg.split = str(tmp_path / 'knees'), (1, 1, 0)
+  with caplog.at_level(logging.INFO):
+    store = preprocess.ensure_slice_store(cfg, tmp_path / 'cache' / 'slices', seed=0)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  for case_id, word in BAD.items():
+    line = next(m for m in warnings if f'case {case_id} skipped' in m)
+    assert word in line and '\n' not in line, line
+  assert len(warnings) == len(BAD)
+  assert f'{len(BAD)} of {len(BAD) + 2} cases skipped' in caplog.text
+  splits = json.loads((store / 'splits.json').read_text())
+  assert sorted(splits['train'] + splits['val'] + splits['test']) == ['good_a', 'good_b']
+  assert sorted(json.loads((store / 'skipped.json').read_text())) == sorted(BAD)
+  rows = {row['case'] for name in preprocess.SPLITS for row in json.loads((store / name / 'index.json').read_text())}
+  assert rows == {'good_a', 'good_b'}
+  # Nothing partial: no build folder beside the store, no temporary file in it.
+  assert sorted(p.name for p in store.parent.iterdir()) == ['slices']
+  assert sorted(p.name for p in store.rglob('*') if p.is_file()) == sorted(
+      ['splits.json', 'skipped.json', 'fingerprint.json'] + [f for _ in range(3) for f in (
+          'images.npy', 'labels.npy', 'index.json')])
+
+
+def test_no_usable_case_is_one_line_error(tmp_path):
+  _, labels, affine = phantom.make_subject(1, SHAPE, SPACING)
+  volumes.save_volume(tmp_path / 'images/k.nii.gz', np.zeros(SHAPE, np.float32), affine)
+  volumes.save_volume(tmp_path / 'labels/k.nii.gz', labels, affine)
+  cfg = default.get_config().data
+  cfg.root = str(tmp_path)
+  with pytest.raises(volumes.DataError, match='no usable case') as e:
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0)
+  assert '\n' not in str(e.value) and not (tmp_path / 'slices').exists()
+
+
+def test_crash_leaves_no_store_and_no_build_folder(data_cfg, tmp_path, monkeypatch):
+  load = volumes.load_case
+  calls = []
+
+  def crash_on_third(case, label_map):
+    calls.append(case.id)
+    if len(calls) == 3:
+      raise MemoryError('simulated')
+    return load(case, label_map)
+
+  monkeypatch.setattr(volumes, 'load_case', crash_on_third)
+  with pytest.raises(MemoryError):
+    preprocess.ensure_slice_store(data_cfg, tmp_path / 'slices', seed=0)
+  assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import shutil
+import time
 from collections.abc import Sequence
 
 import ml_collections
@@ -50,7 +51,8 @@ def split_cases(ids: Sequence[str], fractions: Sequence[float], seed: int) -> di
   return {name: sorted(ids[i] for i in part) for name, part in zip(SPLITS, np.split(order, bounds))}
 
 
-def _read_split_file(path: str, ids: Sequence[str]) -> dict[str, list[str]]:
+def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> dict[str, list[str]]:
+  """The split file's case ids; those of skipped (bad) cases are dropped, unknown ones are an error."""
   try:
     splits = json.loads(pathlib.Path(path).read_text())
   except (OSError, json.JSONDecodeError) as e:
@@ -58,16 +60,17 @@ def _read_split_file(path: str, ids: Sequence[str]) -> dict[str, list[str]]:
   if not isinstance(splits, dict) or set(splits) != set(SPLITS):
     raise volumes.DataError(f'data.split_file {path}: expected keys {list(SPLITS)}')
   listed = [i for name in SPLITS for i in splits[name]]
-  unknown = sorted(set(listed) - set(ids))
+  unknown = sorted(set(listed) - set(ids) - set(skipped))
   if unknown:
     raise volumes.DataError(f'data.split_file {path}: case ids not found under data.root: {unknown[:5]}')
   if len(listed) != len(set(listed)):
     raise volumes.DataError(f'data.split_file {path}: a case id appears more than once')
-  return {name: sorted(splits[name]) for name in SPLITS}
+  return {name: sorted(set(splits[name]) - set(skipped)) for name in SPLITS}
 
 
 def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict, seed: int) -> dict:
-  files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for c in cases for p in (c.image, c.label)]
+  files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for c in cases for p in (c.image, c.label)
+           if p is not None]
   settings = {'label_map': [list(map(int, pair)) for pair in data_cfg.label_map], 'split': list(data_cfg.split),
               'split_file': data_cfg.split_file, 'train_slices': data_cfg.train_slices, 'seed': seed}
   if data_cfg.split_file:
@@ -94,13 +97,37 @@ def _normalise(image: np.ndarray) -> np.ndarray:
   return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float16)
 
 
+class _Progress:
+  """One log line per case: i/N, the case, and the time spent and left (the rate so far)."""
+
+  def __init__(self, total: int):
+    self.total, self.done, self.start = total, 0, time.monotonic()
+
+  def step(self, what: str) -> None:
+    self.done += 1
+    spent = time.monotonic() - self.start
+    left = spent / self.done * (self.total - self.done)
+    logging.info('preprocess [%d/%d] %s (%.0f s, ETA %.0f s)', self.done, self.total, what, spent, left)
+
+
+def _skip(skipped: dict[str, str], case_id: str, error: volumes.DataError) -> None:
+  logging.warning('case %s skipped: %s', case_id, error)
+  skipped[case_id] = str(error)
+
+
 def _write_split(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict,
-                 keep_empty: bool, size: tuple[int, int], progress: list[int], total: int) -> None:
-  """Slices of the split's cases: per-case temporary files first, so the row count is known before the memmap."""
+                 keep_empty: bool, size: tuple[int, int], progress: _Progress, skipped: dict[str, str]) -> list[str]:
+  """Slices of the split's cases; returns the ids written. A case failing its checks is skipped whole:
+  per-case temporary files are written only after its checks pass, and give the row count before the memmap."""
   out.mkdir()
   parts, index = [], []
   for case in cases:
-    image, labels, spacing = volumes.load_case(case, data_cfg.label_map)
+    try:
+      image, labels, spacing = volumes.load_case(case, data_cfg.label_map)
+    except volumes.DataError as e:
+      _skip(skipped, case.id, e)
+      progress.step(f'{case.id} skipped')
+      continue
     cartilage = labels.reshape(len(labels), -1).any(axis=1)
     rows = np.arange(len(labels)) if keep_empty else np.flatnonzero(cartilage)
     pad = [((n - m) // 2, n - m - (n - m) // 2) for n, m in zip(size, labels.shape[1:])]
@@ -109,9 +136,11 @@ def _write_split(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_
     parts.append(case.id)
     index += [{'case': case.id, 'slice': int(r), 'spacing': [spacing[1], spacing[2]],
                'cartilage': bool(cartilage[r]), 'pad': pad} for r in rows]
-    progress[0] += 1
-    logging.info('preprocess %d/%d: %s, %d slices', progress[0], total, case.id, len(rows))
+    progress.step(f'{case.id}: {len(rows)} slices')
   for kind, dtype in (('images', np.float16), ('labels', np.uint8)):
+    if not index:  # an empty split: np.memmap cannot map zero bytes
+      np.save(out / f'{kind}.npy', np.zeros((0, *size), dtype))
+      continue
     array = np.lib.format.open_memmap(out / f'{kind}.npy', mode='w+', dtype=dtype, shape=(len(index), *size))
     start = 0
     for case_id in parts:
@@ -124,10 +153,42 @@ def _write_split(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_
     array.flush()
     del array
   (out / 'index.json').write_text(json.dumps(index))
+  return parts
+
+
+def _remove_stale_builds(cache_dir: pathlib.Path) -> None:
+  """Removes the build folders of killed runs (<cache_dir>.tmp<pid> whose process is gone)."""
+  for tmp in cache_dir.parent.glob(f'{cache_dir.name}.tmp*'):
+    pid = tmp.name[len(cache_dir.name) + 4:]
+    if not pid.isdigit():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      shutil.rmtree(tmp, ignore_errors=True)
+    except PermissionError:  # alive, another user's
+      pass
+
+
+def _usable(cases: Sequence[volumes.Case], skipped: dict[str, str]) -> list[volumes.Case]:
+  """The cases with a label whose headers pass the cheap checks; the others go to skipped."""
+  usable = []
+  for case in cases:
+    try:
+      if case.label is None:
+        raise volumes.DataError(f'no label file for {case.image.name}')
+      volumes.check_headers(case)
+      usable.append(case)
+    except volumes.DataError as e:
+      _skip(skipped, case.id, e)
+  return usable
 
 
 def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pathlib.Path, seed: int) -> pathlib.Path:
-  """Builds the slice store of the volumes under data_cfg.root in cache_dir, or reuses it if up to date."""
+  """Builds the slice store of the volumes under data_cfg.root in cache_dir, or reuses it if up to date.
+
+  Bad cases are named in one warning each and skipped (listed in skipped.json); none usable is a DataError.
+  """
   if data_cfg.train_slices not in ('cartilage', 'all'):
     raise volumes.DataError(f"data.train_slices: expected 'cartilage' or 'all', got {data_cfg.train_slices!r}")
   cache_dir = pathlib.Path(cache_dir)
@@ -136,32 +197,48 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   old_path = cache_dir / 'fingerprint.json'
   if old_path.exists():
     old = json.loads(old_path.read_text())
-    if old == fingerprint:
-      logging.info('slice store %s is up to date, reused', cache_dir)
+    if old == fingerprint and (cache_dir / 'skipped.json').exists():
+      skipped = json.loads((cache_dir / 'skipped.json').read_text())
+      logging.info('slice store %s is up to date, reused (%d cases were skipped: %s)', cache_dir, len(skipped),
+                   cache_dir / 'skipped.json')
       return cache_dir
     changed = ['source files'] if old.get('sources') != fingerprint['sources'] else []
     changed += [k for k in fingerprint['settings'] if old.get('settings', {}).get(k) != fingerprint['settings'][k]]
     logging.info('slice store %s is stale (changed: %s), rebuilding', cache_dir, ', '.join(changed))
-  ids = [c.id for c in cases]
-  splits = _read_split_file(data_cfg.split_file, ids) if data_cfg.split_file else split_cases(
+  skipped = {}
+  usable = _usable(cases, skipped)
+  if not usable:
+    raise volumes.DataError(f'{data_cfg.root}: no usable case, all {len(cases)} skipped (see the warnings above)')
+  ids = [c.id for c in usable]
+  splits = _read_split_file(data_cfg.split_file, ids, list(skipped)) if data_cfg.split_file else split_cases(
       ids, data_cfg.split, seed)
-  shapes = np.array([_canonical_shape(c.image) for c in cases])
+  shapes = np.array([_canonical_shape(c.image) for c in usable])
   size = tuple(int(-(-n // _MULTIPLE) * _MULTIPLE) for n in shapes[:, 1:].max(axis=0))
-  by_id = {c.id: c for c in cases}
-  # Build beside the target and rename at the end, so a crash never leaves a half-written store.
+  by_id = {c.id: c for c in usable}
+  # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.
+  _remove_stale_builds(cache_dir)
   tmp = cache_dir.with_name(f'{cache_dir.name}.tmp{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
-  progress = [0]
-  for name in SPLITS:
-    keep_empty = name != 'train' or data_cfg.train_slices == 'all'
-    _write_split(tmp / name, [by_id[i] for i in splits[name]], data_cfg, keep_empty, size, progress, len(cases))
-  (tmp / 'splits.json').write_text(json.dumps(splits, indent=1))
-  (tmp / 'fingerprint.json').write_text(json.dumps(fingerprint))
-  shutil.rmtree(cache_dir, ignore_errors=True)
-  tmp.rename(cache_dir)
-  logging.info('slice store %s built: %s slices', cache_dir,
-               ', '.join(f'{n} {len(json.loads((cache_dir / n / "index.json").read_text()))}' for n in SPLITS))
+  try:
+    progress = _Progress(sum(len(splits[name]) for name in SPLITS))
+    for name in SPLITS:
+      keep_empty = name != 'train' or data_cfg.train_slices == 'all'
+      splits[name] = _write_split(tmp / name, [by_id[i] for i in splits[name]], data_cfg, keep_empty, size,
+                                  progress, skipped)
+    if not any(splits.values()):
+      raise volumes.DataError(f'{data_cfg.root}: no usable case, all {len(cases)} skipped (see the warnings above)')
+    (tmp / 'splits.json').write_text(json.dumps(splits, indent=1))
+    (tmp / 'skipped.json').write_text(json.dumps(skipped, indent=1))
+    (tmp / 'fingerprint.json').write_text(json.dumps(fingerprint))
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    tmp.rename(cache_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  rows = {n: len(json.loads((cache_dir / n / 'index.json').read_text())) for n in SPLITS}
+  logging.info('slice store %s built: %s slices; %d of %d cases skipped%s', cache_dir,
+               ', '.join(f'{n} {rows[n]}' for n in SPLITS), len(skipped), len(cases),
+               f' ({", ".join(skipped)}; reasons in skipped.json)' if skipped else '')
   return cache_dir
 
 

@@ -1,7 +1,8 @@
-"""NIfTI volumes: discovery of image/label pairs, loading in canonical RAS order, label remapping, saving."""
+"""NIfTI volumes: discovery of image/label pairs, checks, loading in canonical RAS order, label remapping, saving."""
 
-import logging
+import os
 import pathlib
+import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -9,6 +10,11 @@ import nibabel as nib
 import numpy as np
 
 _AFFINE_TOL_MM = 1e-3  # image and label affines may differ by rounding only
+# OAI-ZIB's femur and tibia: expected in label files and sent to background by the usual label maps.
+BONE_LABELS = (1, 3)
+# What a truncated, corrupt or foreign file raises inside nibabel, gzip and zlib.
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
+                nib.spatialimages.HeaderDataError)
 
 
 class DataError(ValueError):
@@ -18,7 +24,7 @@ class DataError(ValueError):
 class Case(NamedTuple):
   id: str
   image: pathlib.Path
-  label: pathlib.Path
+  label: pathlib.Path | None  # None: an image without a label, predictable but not usable for training
 
 
 def _strip_nii(name: str) -> str:
@@ -28,8 +34,15 @@ def _strip_nii(name: str) -> str:
   return ''
 
 
+def _one_line(e: BaseException) -> str:
+  return ' '.join(str(e).split()) or type(e).__name__
+
+
 def discover_cases(root: str | pathlib.Path) -> list[Case]:
-  """Image/label pairs under root (images/+labels/ or nnU-Net imagesTr/+labelsTr/), sorted by id."""
+  """Images under root (images/+labels/ or nnU-Net imagesTr/+labelsTr/) with their labels, sorted by id.
+
+  An image without a label is returned with label None: predictable, and for the caller to report.
+  """
   root = pathlib.Path(root)
   if (root / 'imagesTr').is_dir():
     image_dir, label_dir, image_suffix = root / 'imagesTr', root / 'labelsTr', '_0000'
@@ -40,17 +53,99 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   cases = []
   for image in sorted(image_dir.iterdir()):
     stem = _strip_nii(image.name)
-    if not stem or not stem.endswith(image_suffix):
+    if not stem or not stem.endswith(image_suffix) or image.name.startswith('.'):
       continue
     case_id = stem[:len(stem) - len(image_suffix)]
     label = next((p for p in (label_dir / f'{case_id}.nii.gz', label_dir / f'{case_id}.nii') if p.exists()), None)
-    if label is None:
-      logging.warning('%s: no label %s/%s.nii.gz, case skipped', image, label_dir, case_id)
-      continue
     cases.append(Case(case_id, image, label))
   if not cases:
-    raise DataError(f'{image_dir}: no image with a matching label found (expected <id>{image_suffix}.nii.gz)')
+    raise DataError(f'{image_dir}: no image found (expected <id>{image_suffix}.nii.gz)')
   return sorted(cases, key=lambda c: c.id)
+
+
+def _header(path: pathlib.Path) -> nib.Nifti1Image:
+  """The file's header and a lazy array proxy; a foreign or headless file, or one that is not 3D, is an error."""
+  try:
+    nii = nib.load(path)
+  except _READ_ERRORS as e:
+    raise DataError(f'{path}: not a readable NIfTI file ({_one_line(e)})') from None
+  if not isinstance(nii, nib.Nifti1Image | nib.Nifti2Image):
+    raise DataError(f'{path}: {type(nii).__name__} is not NIfTI')
+  if len(nii.shape) != 3:
+    raise DataError(f'{path}: {len(nii.shape)}D volume of shape {nii.shape}, expected 3D')
+  affine = nii.affine
+  if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+    raise DataError(f'{path}: degenerate voxel-to-world affine {affine[:3].tolist()}')
+  return nii
+
+
+def check_headers(case: Case) -> None:
+  """Cheap checks from the headers alone: both files NIfTI and 3D, same shape, same affine within 1e-3 mm."""
+  image_nii = _header(case.image)
+  if case.label is None:
+    return
+  label_nii = _header(case.label)
+  if image_nii.shape != label_nii.shape:
+    raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} differ')
+  if not np.allclose(image_nii.affine, label_nii.affine, atol=_AFFINE_TOL_MM):
+    diff = np.abs(image_nii.affine - label_nii.affine).max()
+    raise DataError(f'{case.id}: image and label affines differ by {diff:.3g} mm (more than {_AFFINE_TOL_MM}): '
+                    f'{case.image} vs {case.label}')
+
+
+def _read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """The voxels in closest-canonical RAS order and the spacing in that order; reading is where a truncated
+  file fails."""
+  try:
+    canonical = nib.as_closest_canonical(nii)
+    array = np.asarray(canonical.dataobj)
+  except _READ_ERRORS as e:
+    raise DataError(f'{path}: voxel data unreadable, truncated or corrupt ({_one_line(e)})') from None
+  return array, tuple(float(s) for s in canonical.header.get_zooms()[:3])
+
+
+def load_image(path: str | pathlib.Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """Image (float32) in closest-canonical RAS order, and the voxel spacing in mm; NaN or constant is an error.
+
+  Axis 0 is then left-right (the sagittal axis): a sagittal slice is array[i], an (anterior, superior) plane.
+  """
+  path = pathlib.Path(path)
+  image, spacing = _read_canonical(_header(path), path)
+  image = image.astype(np.float32, copy=False)
+  if not np.isfinite(image).all():
+    raise DataError(f'{path}: image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite voxels')
+  if image.min() == image.max():
+    raise DataError(f'{path}: image is constant ({image.flat[0]}), nothing to segment')
+  return image, spacing
+
+
+def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequence[int]]) -> np.ndarray:
+  """Integer labels whose values are all background, a bone label or a key of label_map."""
+  if not np.issubdtype(labels.dtype, np.integer):
+    if not np.array_equal(labels, np.round(labels)):
+      raise DataError(f'{case.id}: label file {case.label} holds non-integer values (expected integer labels)')
+    labels = labels.astype(np.int64)
+  known = {0, *BONE_LABELS, *(int(source) for source, _ in label_map)}
+  lo, hi = int(labels.min()), int(labels.max())
+  values = {lo, hi} if lo < 0 or hi > 255 else set(np.flatnonzero(np.bincount(labels.ravel(), minlength=256)))
+  outside = sorted(int(v) for v in values - known)
+  if outside:
+    raise DataError(f'{case.id}: label file {case.label} holds values {outside[:8]} outside data.label_map '
+                    f'(known: {sorted(known)}; map a value to 0 in data.label_map to make it background)')
+  return labels
+
+
+def load_case(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+  """Image (float32) and remapped labels (uint8) in closest-canonical RAS order, and the voxel spacing in mm.
+
+  Every check of check_headers and load_image applies, and the labels must be integers of known values.
+  """
+  if case.label is None:
+    raise DataError(f'{case.id}: no label file')
+  check_headers(case)
+  image, spacing = load_image(case.image)
+  labels, _ = _read_canonical(_header(case.label), case.label)
+  return image, remap_labels(_check_label_values(labels, case, label_map), label_map), spacing
 
 
 def remap_labels(labels: np.ndarray, label_map: Sequence[Sequence[int]]) -> np.ndarray:
@@ -64,37 +159,17 @@ def remap_labels(labels: np.ndarray, label_map: Sequence[Sequence[int]]) -> np.n
   return table[labels.astype(np.intp, copy=False)]
 
 
-def load_case(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-  """Image (float32) and remapped labels (uint8) in closest-canonical RAS order, and the voxel spacing in mm.
-
-  Axis 0 is then left-right (the sagittal axis): a sagittal slice is array[i], an (anterior, superior) plane.
-  """
-  try:
-    image_nii = nib.as_closest_canonical(nib.load(case.image))
-    label_nii = nib.as_closest_canonical(nib.load(case.label))
-  except (OSError, nib.filebasedimages.ImageFileError) as e:
-    raise DataError(f'{case.id}: cannot read {case.image} / {case.label}: {e}') from None
-  if image_nii.ndim != 3 or image_nii.shape != label_nii.shape:
-    raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} differ '
-                    '(expected the same 3D shape)')
-  if not np.allclose(image_nii.affine, label_nii.affine, atol=_AFFINE_TOL_MM):
-    raise DataError(f'{case.id}: image and label affines differ by more than {_AFFINE_TOL_MM} mm '
-                    f'({case.image.name} vs {case.label.name})')
-  raw = np.asarray(label_nii.dataobj)
-  if not np.issubdtype(raw.dtype, np.integer):
-    if not np.array_equal(raw, np.round(raw)):
-      raise DataError(f'{case.id}: label file {case.label} holds non-integer values (expected integer labels)')
-    raw = raw.astype(np.int64)
-  image = np.asarray(image_nii.dataobj, dtype=np.float32)
-  spacing = tuple(float(s) for s in image_nii.header.get_zooms()[:3])
-  return image, remap_labels(raw, label_map), spacing
-
-
 def save_volume(path: str | pathlib.Path, array: np.ndarray, affine: np.ndarray) -> None:
-  """Writes array as a NIfTI file with the given voxel-to-world (RAS mm) affine."""
+  """Writes array as a NIfTI file with the given voxel-to-world (RAS mm) affine; a crash leaves no half file."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   nii = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
   nii.set_qform(affine, code=1)
   nii.set_sform(affine, code=1)
-  nib.save(nii, path)
+  # A hidden temporary name that keeps the extension (nibabel picks the format from it), then a rename.
+  tmp = path.with_name(f'.tmp{os.getpid()}.{path.name}')
+  try:
+    nib.save(nii, tmp)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
