@@ -1,0 +1,83 @@
+"""`main.py --mode=preprocess` on a real knee label map stored in two voxel orders and both folder layouts:
+the store holds exactly the slices and per-slice cartilage counts that nibabel reads from the files."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / 'shared' / 'data' / 'reference_knee_labels_oaizib.nii.gz'
+FC, TC = 2, 4  # OAI-ZIB labels; configs/eas.py maps them to classes 1 and 2
+
+
+def _write(path: pathlib.Path, array: np.ndarray, affine: np.ndarray) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  nib.save(nib.Nifti1Image(array, affine), path)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  """Two cases: the reference as stored (P, I, R: sagittal last) and the same knee as L, P, S (sagittal
+  first, two axes flipped); images bright on cartilage, intermediate on bone, so alignment can be seen."""
+  out = tmp_path_factory.mktemp('volumes')
+  ref = nib.load(REFERENCE)
+  lps = ref.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(ref.affine),
+                                                          nib.orientations.axcodes2ornt(('L', 'P', 'S'))))
+  paths = {}
+  for case_id, nii in (('knee_pir', ref), ('knee_lps', lps)):
+    labels = np.asarray(nii.dataobj).astype(np.uint8)
+    image = (100 + 300 * np.isin(labels, (1, 3)) + 1000 * np.isin(labels, (FC, TC))).astype(np.int16)
+    paths[case_id] = (out / f'{case_id}_image.nii.gz', out / f'{case_id}_label.nii.gz')
+    _write(paths[case_id][0], image, nii.affine)
+    _write(paths[case_id][1], labels, nii.affine)
+  assert nib.aff2axcodes(ref.affine) == ('P', 'I', 'R')
+  return paths
+
+
+def _expected(label_path: pathlib.Path) -> np.ndarray:
+  """(slices, 2) FC and TC pixel counts per sagittal slice, left to right, read straight from the file."""
+  nii = nib.load(label_path)
+  labels = np.asarray(nii.dataobj)
+  codes = nib.aff2axcodes(nii.affine)
+  axis = next(i for i, c in enumerate(codes) if c in 'LR')
+  counts = np.stack([(labels == k).sum(axis=tuple(a for a in range(3) if a != axis)) for k in (FC, TC)], 1)
+  return counts[::-1] if codes[axis] == 'L' else counts
+
+
+@pytest.mark.parametrize('layout, train, val', [('nnunet', 'knee_pir', 'knee_lps'),
+                                                ('images', 'knee_lps', 'knee_pir')])
+def test_preprocess_cli_counts_equal_the_files(files, tmp_path, layout, train, val):
+  root = tmp_path / 'D'
+  for case_id, (image, label) in files.items():
+    names = ((f'imagesTr/{case_id}_0000.nii.gz', f'labelsTr/{case_id}.nii.gz') if layout == 'nnunet' else
+             (f'images/{case_id}.nii.gz', f'labels/{case_id}.nii.gz'))
+    for name, target in zip(names, (image, label)):
+      (root / name).parent.mkdir(parents=True, exist_ok=True)
+      (root / name).symlink_to(target)
+  split_file = tmp_path / 'S.json'
+  split_file.write_text(json.dumps({'train': [train], 'val': [val], 'test': []}))
+  cache = tmp_path / 'C'
+  run = subprocess.run([sys.executable, 'main.py', '--config=configs/eas.py', '--mode=preprocess',
+                        f'--config.data.root={root}', f'--config.data.split_file={split_file}',
+                        f'--config.data.cache_dir={cache}', f'--workdir={tmp_path / "run"}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  for split, case_id in (('train', train), ('val', val)):
+    images = np.load(cache / split / 'images.npy', mmap_mode='r')
+    labels = np.load(cache / split / 'labels.npy', mmap_mode='r')
+    index = json.loads((cache / split / 'index.json').read_text())
+    expected = _expected(files[case_id][1])
+    if split == 'train':  # the slices with cartilage only
+      expected = expected[expected.sum(1) > 0]
+      assert len(expected) == 103  # the reference's own count (../shared/data/README.md)
+    assert images.shape == labels.shape == (len(expected), 384, 384) and images.dtype == np.float16
+    got = np.stack([(labels == 1).sum((1, 2)), (labels == 2).sum((1, 2))], 1)
+    np.testing.assert_array_equal(got, expected)
+    assert set(np.unique(labels)) == {0, 1, 2} and {row['case'] for row in index} == {case_id}
+    # Image and labels stay aligned through reorientation: the image is brightest exactly on cartilage.
+    np.testing.assert_array_equal(np.asarray(images) == 1, np.asarray(labels) > 0)
