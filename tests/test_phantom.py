@@ -1,5 +1,7 @@
 """Tests of the synthetic knee generator: labels, geometry in millimetres, determinism, dataset writing."""
 
+import pathlib
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -90,3 +92,22 @@ def test_write_dataset_and_reuse(tmp_path):
   mtime = cases[0].image.stat().st_mtime_ns
   phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
   assert cases[0].image.stat().st_mtime_ns == mtime
+
+
+def test_statistics_within_1_5x_of_the_reference_knee():
+  # Every fourth sagittal slice of both: the statistics are per slice, so this samples the full-size ones.
+  ref_path = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'reference_knee_labels_oaizib.nii.gz'
+  _, labels, spacing = volumes.load_case(volumes.Case('ref', ref_path, ref_path), ((1, 1), (2, 2), (3, 3), (4, 4)))
+  reference = phantom.cartilage_statistics(labels[::4], spacing)
+  shape, coarse = (40, *phantom.DEFAULT_SHAPE[1:]), (4 * phantom.DEFAULT_SPACING[0], *phantom.DEFAULT_SPACING[1:])
+  subjects = [phantom.cartilage_statistics(phantom.make_subject(phantom.subject_seed(0, i), shape, coarse)[1], coarse)
+              for i in range(2)]
+  for key, want in reference.items():
+    got = np.mean([s[key] for s in subjects])
+    assert want / 1.5 <= got <= want * 1.5, (key, got, want)
+
+
+def test_thickness_of_a_flat_sheet():
+  labels = np.zeros((2, 60, 60), np.uint8)
+  labels[:, 10:50, 20:25] = 2  # 5 pixels of 0.4 mm: 2 mm
+  assert phantom.cartilage_statistics(labels, (1.0, 0.4, 0.4))['fc_thickness_mm'] == pytest.approx(2.0, abs=0.05)

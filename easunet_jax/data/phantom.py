@@ -160,6 +160,34 @@ def make_subject(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Seque
   return image, _LABEL_OF_TISSUE[tissue], affine_for(shape, spacing)
 
 
+def subject_seed(dataset_seed: int, i: int) -> int:
+  """The seed of subject i of a dataset: it depends only on (dataset_seed, i), so adding subjects keeps the others."""
+  return int(np.random.SeedSequence([dataset_seed, i]).generate_state(1)[0])
+
+
+def cartilage_statistics(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+  """Statistics of OAI-ZIB labels in RAS order (axis 0 sagittal) that compare the phantom with a real knee.
+
+  slices_with_cartilage: fraction of sagittal slices holding femoral (2) or tibial (4) cartilage.
+  fc_share_pct, tc_share_pct: femoral (tibial) cartilage voxels per 100 voxels of the volume.
+  fc_thickness_mm, tc_thickness_mm: mean thickness in the sagittal plane. Per slice, the 2D Euclidean
+  distance (mm) from each cartilage pixel to the nearest other pixel is taken on the plate's medial ridge
+  (pixels that are 3 x 3 local maxima of that distance); thickness there is 2 x distance - one pixel, as
+  the distance runs to the centre of the first outside pixel, half a pixel beyond the boundary on each side.
+  """
+  pixel = min(spacing[1:])
+  stats = {'slices_with_cartilage': float(np.isin(labels, (2, 4)).any((1, 2)).mean())}
+  for name, k in (('fc', 2), ('tc', 4)):
+    plate = labels == k
+    stats[f'{name}_share_pct'] = float(100 * plate.mean())
+    ridge = []
+    for mask in plate[plate.any((1, 2))]:
+      dist = ndimage.distance_transform_edt(mask, sampling=spacing[1:])
+      ridge.append(dist[mask & (dist >= ndimage.maximum_filter(dist, 3))])
+    stats[f'{name}_thickness_mm'] = float(2 * np.concatenate(ridge).mean() - pixel) if ridge else 0.0
+  return stats
+
+
 def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = DEFAULT_SHAPE,
                   spacing: Sequence[float] = DEFAULT_SPACING, seed: int = 0) -> list[str]:
   """Writes images/<id>.nii.gz and labels/<id>.nii.gz for num subjects; existing complete files are kept."""
@@ -168,8 +196,7 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
   todo = [i for i, case_id in enumerate(ids)
           if not ((out_dir / 'images' / f'{case_id}.nii.gz').exists() and (out_dir / 'labels' / f'{case_id}.nii.gz').exists())]
   for n, i in enumerate(todo):
-    # Subject i depends only on (seed, i), so adding subjects keeps the existing ones.
-    image, labels, affine = make_subject(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]), shape, spacing)
+    image, labels, affine = make_subject(subject_seed(seed, i), shape, spacing)
     # Labels first: a subject counts as written once its image (written last) exists.
     volumes.save_volume(out_dir / 'labels' / f'{ids[i]}.nii.gz', labels, affine)
     volumes.save_volume(out_dir / 'images' / f'{ids[i]}.nii.gz', image, affine)
