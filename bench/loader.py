@@ -1,0 +1,64 @@
+"""Slices per second the Grain training loader delivers at 384 x 384, with 0, 1 and 2 worker processes,
+with and without augmentation, on a phantom slice store built in a temporary folder.
+
+python bench/loader.py [--subjects 3] [--batch 16] [--batches 8] [--repeats 3]: prints one JSON line with the
+median over the repeats (and every repeat) per setting. Compare with the slices per second a training step
+consumes (batch size x steps/s of configs/eas.py on the same machine).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import flags
+
+from configs import default
+from easunet_jax.data import phantom, pipeline, preprocess
+
+
+def _rate(store: pathlib.Path, batch: int, batches: int, augment: bool, workers: int) -> float:
+  """Slices/s over `batches` batches, after one batch that starts the workers and fills the read-ahead."""
+  it = pipeline.train_iterator(store, batch, seed=0, augment=augment, workers=workers)
+  next(it)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  rate = batches * batch / (time.perf_counter() - start)
+  if hasattr(it, 'close'):  # stops the worker processes
+    it.close()
+  return rate
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--subjects', type=int, default=3, help='phantom subjects at OAI-ZIB geometry')
+  parser.add_argument('--batch', type=int, default=16, help='slices per batch (configs/eas.py: 16)')
+  parser.add_argument('--batches', type=int, default=8, help='batches timed per repeat')
+  parser.add_argument('--repeats', type=int, default=3, help='repeats per setting; the median is reported')
+  args = parser.parse_args()
+  flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags
+  with tempfile.TemporaryDirectory(prefix='loader_bench_') as tmp:
+    cfg = default.get_config().data
+    cfg.root, cfg.split = str(pathlib.Path(tmp) / 'knees'), (1.0, 0.0, 0.0)
+    phantom.write_dataset(cfg.root, args.subjects)
+    store = preprocess.ensure_slice_store(cfg, pathlib.Path(tmp) / 'slices', seed=0)
+    source = pipeline.SliceSource(store / 'train')
+    runs = {}
+    for augment in (False, True):
+      for workers in (0, 1, 2):
+        runs[f'workers={workers},augment={augment}'] = [
+            round(_rate(store, args.batch, args.batches, augment, workers), 1) for _ in range(args.repeats)]
+    print(json.dumps({
+        'slice_hw': list(source[0]['label'].shape), 'train_slices': len(source), 'batch': args.batch,
+        'batches_timed': args.batches, 'cpus': os.cpu_count(),
+        'slices_per_s_median': {k: statistics.median(v) for k, v in runs.items()}, 'slices_per_s_runs': runs}))
+
+
+if __name__ == '__main__':
+  main()
