@@ -57,7 +57,8 @@ def main() -> None:
     print(json.dumps({
         'slice_hw': list(source[0]['label'].shape), 'train_slices': len(source), 'batch': args.batch,
         'batches_timed': args.batches, 'cpus': os.cpu_count(),
-        'slices_per_s_median': {k: statistics.median(v) for k, v in runs.items()}, 'slices_per_s_runs': runs}))
+        'slices_per_s_median': {k: statistics.median(v) for k, v in runs.items()},
+        'slices_per_s_runs': runs}))
 
 
 if __name__ == '__main__':

@@ -1,7 +1,8 @@
 """Phantom against the real reference knee: slices with cartilage, cartilage voxel share, mean thickness.
 
 python bench/phantom_stats.py [--num 5]: phantom subjects of the default dataset (seed 0) at OAI-ZIB
-geometry, their mean, and the reference label map (../shared/data/); prints a Markdown table, then one JSON line.
+geometry, their mean, and the reference label map (../shared/data/); prints a Markdown table, then one JSON
+line.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from easunet_jax.data import phantom, volumes
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'reference_knee_labels_oaizib.nii.gz'
+REFERENCE = pathlib.Path(__file__).resolve().parents[2] / 'shared/data/reference_knee_labels_oaizib.nii.gz'
 ROWS = (('slices_with_cartilage', 'sagittal slices with cartilage (fraction)'),
         ('fc_share_pct', 'femoral cartilage voxels (% of the volume)'),
         ('tc_share_pct', 'tibial cartilage voxels (% of the volume)'),

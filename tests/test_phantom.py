@@ -96,12 +96,14 @@ def test_write_dataset_and_reuse(tmp_path):
 
 def test_statistics_within_1_5x_of_the_reference_knee():
   # Every fourth sagittal slice of both: the statistics are per slice, so this samples the full-size ones.
-  ref_path = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'reference_knee_labels_oaizib.nii.gz'
-  _, labels, spacing = volumes.load_case(volumes.Case('ref', ref_path, ref_path), ((1, 1), (2, 2), (3, 3), (4, 4)))
+  ref_path = pathlib.Path(__file__).resolve().parents[2] / 'shared/data/reference_knee_labels_oaizib.nii.gz'
+  identity = ((1, 1), (2, 2), (3, 3), (4, 4))
+  _, labels, spacing = volumes.load_case(volumes.Case('ref', ref_path, ref_path), identity)
   reference = phantom.cartilage_statistics(labels[::4], spacing)
-  shape, coarse = (40, *phantom.DEFAULT_SHAPE[1:]), (4 * phantom.DEFAULT_SPACING[0], *phantom.DEFAULT_SPACING[1:])
-  subjects = [phantom.cartilage_statistics(phantom.make_subject(phantom.subject_seed(0, i), shape, coarse)[1], coarse)
-              for i in range(2)]
+  shape = (40, *phantom.DEFAULT_SHAPE[1:])
+  coarse = (4 * phantom.DEFAULT_SPACING[0], *phantom.DEFAULT_SPACING[1:])
+  subjects = [phantom.cartilage_statistics(phantom.make_subject(phantom.subject_seed(0, i), shape, coarse)[1],
+                                           coarse) for i in range(2)]
   for key, want in reference.items():
     got = np.mean([s[key] for s in subjects])
     assert want / 1.5 <= got <= want * 1.5, (key, got, want)
@@ -110,4 +112,5 @@ def test_statistics_within_1_5x_of_the_reference_knee():
 def test_thickness_of_a_flat_sheet():
   labels = np.zeros((2, 60, 60), np.uint8)
   labels[:, 10:50, 20:25] = 2  # 5 pixels of 0.4 mm: 2 mm
-  assert phantom.cartilage_statistics(labels, (1.0, 0.4, 0.4))['fc_thickness_mm'] == pytest.approx(2.0, abs=0.05)
+  thickness = phantom.cartilage_statistics(labels, (1.0, 0.4, 0.4))['fc_thickness_mm']
+  assert thickness == pytest.approx(2.0, abs=0.05)

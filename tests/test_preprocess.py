@@ -125,7 +125,8 @@ def _bad_dataset(root):
   shifted = affine.copy()
   shifted[:3, 3] += 0.01
   volumes.save_volume(root / 'labels/affines.nii.gz', labels, shifted)
-  volumes.save_volume(root / 'labels/outside_map.nii.gz', np.where(labels == 2, 9, labels).astype(np.uint8), affine)
+  outside = np.where(labels == 2, 9, labels).astype(np.uint8)
+  volumes.save_volume(root / 'labels/outside_map.nii.gz', outside, affine)
   (root / 'labels/unlabelled.nii.gz').unlink()
 
 
@@ -149,7 +150,8 @@ def test_bad_cases_named_skipped_and_rest_processed(tmp_path, caplog):
   splits = json.loads((store / 'splits.json').read_text())
   assert sorted(splits['train'] + splits['val'] + splits['test']) == ['good_a', 'good_b']
   assert sorted(json.loads((store / 'skipped.json').read_text())) == sorted(BAD)
-  rows = {row['case'] for name in preprocess.SPLITS for row in json.loads((store / name / 'index.json').read_text())}
+  rows = {row['case'] for name in preprocess.SPLITS
+          for row in json.loads((store / name / 'index.json').read_text())}
   assert rows == {'good_a', 'good_b'}
   # Nothing partial: no build folder beside the store, no temporary file in it.
   assert sorted(p.name for p in store.parent.iterdir()) == ['slices']

@@ -161,7 +161,7 @@ def make_subject(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Seque
 
 
 def subject_seed(dataset_seed: int, i: int) -> int:
-  """The seed of subject i of a dataset: it depends only on (dataset_seed, i), so adding subjects keeps the others."""
+  """Seed of subject i of a dataset; it depends only on (dataset_seed, i): adding subjects keeps the others."""
   return int(np.random.SeedSequence([dataset_seed, i]).generate_state(1)[0])
 
 

@@ -69,8 +69,8 @@ def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> d
 
 
 def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict, seed: int) -> dict:
-  files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for c in cases for p in (c.image, c.label)
-           if p is not None]
+  paths = [p for c in cases for p in (c.image, c.label) if p is not None]
+  files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
   settings = {'label_map': [list(map(int, pair)) for pair in data_cfg.label_map], 'split': list(data_cfg.split),
               'split_file': data_cfg.split_file, 'train_slices': data_cfg.train_slices, 'seed': seed}
   if data_cfg.split_file:
@@ -116,9 +116,11 @@ def _skip(skipped: dict[str, str], case_id: str, error: volumes.DataError) -> No
 
 
 def _write_split(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict,
-                 keep_empty: bool, size: tuple[int, int], progress: _Progress, skipped: dict[str, str]) -> list[str]:
+                 keep_empty: bool, size: tuple[int, int], progress: _Progress,
+                 skipped: dict[str, str]) -> list[str]:
   """Slices of the split's cases; returns the ids written. A case failing its checks is skipped whole:
-  per-case temporary files are written only after its checks pass, and give the row count before the memmap."""
+  per-case temporary files are written only after its checks pass, and give the row count before the
+  memmap."""
   out.mkdir()
   parts, index = [], []
   for case in cases:
@@ -170,6 +172,10 @@ def _remove_stale_builds(cache_dir: pathlib.Path) -> None:
       pass
 
 
+def _no_usable_case(root: str, total: int) -> volumes.DataError:
+  return volumes.DataError(f'{root}: no usable case, all {total} skipped (see the warnings above)')
+
+
 def _usable(cases: Sequence[volumes.Case], skipped: dict[str, str]) -> list[volumes.Case]:
   """The cases with a label whose headers pass the cheap checks; the others go to skipped."""
   usable = []
@@ -199,8 +205,8 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     old = json.loads(old_path.read_text())
     if old == fingerprint and (cache_dir / 'skipped.json').exists():
       skipped = json.loads((cache_dir / 'skipped.json').read_text())
-      logging.info('slice store %s is up to date, reused (%d cases were skipped: %s)', cache_dir, len(skipped),
-                   cache_dir / 'skipped.json')
+      logging.info('slice store %s is up to date, reused (%d cases were skipped: %s)', cache_dir,
+                   len(skipped), cache_dir / 'skipped.json')
       return cache_dir
     changed = ['source files'] if old.get('sources') != fingerprint['sources'] else []
     changed += [k for k in fingerprint['settings'] if old.get('settings', {}).get(k) != fingerprint['settings'][k]]
@@ -208,7 +214,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   skipped = {}
   usable = _usable(cases, skipped)
   if not usable:
-    raise volumes.DataError(f'{data_cfg.root}: no usable case, all {len(cases)} skipped (see the warnings above)')
+    raise _no_usable_case(data_cfg.root, len(cases))
   ids = [c.id for c in usable]
   splits = _read_split_file(data_cfg.split_file, ids, list(skipped)) if data_cfg.split_file else split_cases(
       ids, data_cfg.split, seed)
@@ -227,7 +233,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
       splits[name] = _write_split(tmp / name, [by_id[i] for i in splits[name]], data_cfg, keep_empty, size,
                                   progress, skipped)
     if not any(splits.values()):
-      raise volumes.DataError(f'{data_cfg.root}: no usable case, all {len(cases)} skipped (see the warnings above)')
+      raise _no_usable_case(data_cfg.root, len(cases))
     (tmp / 'splits.json').write_text(json.dumps(splits, indent=1))
     (tmp / 'skipped.json').write_text(json.dumps(skipped, indent=1))
     (tmp / 'fingerprint.json').write_text(json.dumps(fingerprint))

@@ -1,4 +1,5 @@
-"""NIfTI volumes: discovery of image/label pairs, checks, loading in canonical RAS order, label remapping, saving."""
+"""NIfTI volumes: discovery of image/label pairs, checks, loading in canonical RAS order, label remapping,
+saving."""
 
 import os
 import pathlib
@@ -64,7 +65,7 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
 
 
 def _header(path: pathlib.Path) -> nib.Nifti1Image:
-  """The file's header and a lazy array proxy; a foreign or headless file, or one that is not 3D, is an error."""
+  """The file's header and a lazy array proxy; a foreign or headless file, or one not 3D, is an error."""
   try:
     nii = nib.load(path)
   except _READ_ERRORS as e:
@@ -89,11 +90,14 @@ def check_headers(case: Case) -> None:
     raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} differ')
   if not np.allclose(image_nii.affine, label_nii.affine, atol=_AFFINE_TOL_MM):
     diff = np.abs(image_nii.affine - label_nii.affine).max()
-    raise DataError(f'{case.id}: image and label affines differ by {diff:.3g} mm (more than {_AFFINE_TOL_MM}): '
-                    f'{case.image} vs {case.label}')
+    raise DataError(f'{case.id}: image and label affines differ by {diff:.3g} mm '
+                    f'(more than {_AFFINE_TOL_MM}): {case.image} vs {case.label}')
 
 
-def _read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+Spacing = tuple[float, float, float]
+
+
+def _read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray, Spacing]:
   """The voxels in closest-canonical RAS order and the spacing in that order; reading is where a truncated
   file fails."""
   try:
@@ -104,7 +108,7 @@ def _read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarra
   return array, tuple(float(s) for s in canonical.header.get_zooms()[:3])
 
 
-def load_image(path: str | pathlib.Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+def load_image(path: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
   """Image (float32) in closest-canonical RAS order, and the voxel spacing in mm; NaN or constant is an error.
 
   Axis 0 is then left-right (the sagittal axis): a sagittal slice is array[i], an (anterior, superior) plane.
@@ -123,7 +127,7 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
   """Integer labels whose values are all background, a bone label or a key of label_map."""
   if not np.issubdtype(labels.dtype, np.integer):
     if not np.array_equal(labels, np.round(labels)):
-      raise DataError(f'{case.id}: label file {case.label} holds non-integer values (expected integer labels)')
+      raise DataError(f'{case.id}: label file {case.label} holds non-integer values (expected integers)')
     labels = labels.astype(np.int64)
   known = {0, *BONE_LABELS, *(int(source) for source, _ in label_map)}
   lo, hi = int(labels.min()), int(labels.max())
@@ -135,7 +139,7 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
   return labels
 
 
-def load_case(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+def load_case(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, Spacing]:
   """Image (float32) and remapped labels (uint8) in closest-canonical RAS order, and the voxel spacing in mm.
 
   Every check of check_headers and load_image applies, and the labels must be integers of known values.
@@ -160,7 +164,7 @@ def remap_labels(labels: np.ndarray, label_map: Sequence[Sequence[int]]) -> np.n
 
 
 def save_volume(path: str | pathlib.Path, array: np.ndarray, affine: np.ndarray) -> None:
-  """Writes array as a NIfTI file with the given voxel-to-world (RAS mm) affine; a crash leaves no half file."""
+  """Writes array as NIfTI with the given voxel-to-world (RAS mm) affine; a crash leaves no half file."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   nii = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
