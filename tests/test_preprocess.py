@@ -139,6 +139,9 @@ def test_bad_cases_named_skipped_and_rest_processed(tmp_path, caplog):
   _bad_dataset(tmp_path / 'knees')
   cfg = default.get_config().data
   cfg.root, cfg.split = str(tmp_path / 'knees'), (1, 1, 0)
+  killed_build = tmp_path / 'cache' / 'slices.tmp999999999'  # left by a killed run: no such process
+  killed_build.mkdir(parents=True)
+  (killed_build / 'images.npy').write_bytes(b'half')
   with caplog.at_level(logging.INFO):
     store = preprocess.ensure_slice_store(cfg, tmp_path / 'cache' / 'slices', seed=0)
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
