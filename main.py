@@ -21,15 +21,16 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from easunet_jax import train  # noqa: E402
+from easunet_jax import evaluate, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo].',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory; default runs/<config.name>.')
-flags.DEFINE_enum('mode', 'train', ['train', 'preprocess'],
+flags.DEFINE_enum('mode', 'train', ['train', 'preprocess', 'evaluate'],
                   'train: train with periodic validation (builds the slice store when missing); '
-                  'preprocess: only build the slice store.')
+                  'preprocess: only build the slice store; '
+                  'evaluate: test-set report of the checkpoint eval.checkpoint names.')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
@@ -59,6 +60,8 @@ def main(argv):
   try:
     if FLAGS.mode == 'preprocess':
       preprocess.prepare_data(config, workdir)
+    elif FLAGS.mode == 'evaluate':
+      evaluate.evaluate(config, workdir)
     else:
       train.train_and_evaluate(config, workdir)
   except USER_ERRORS as e:

@@ -48,7 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.distributed = False  # call jax.distributed.initialize() (multi-host)
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 16  # slices per validation batch (padded to the device count)
+  c.eval.batch_size = 16  # slices per validation and evaluation batch (padded to the device count)
+  c.eval.checkpoint = 'best'  # evaluated checkpoint: 'best' (validation Dice), 'latest' or a step
+  c.eval.largest_component = False  # keep each class's largest connected component (as nnU-Net)
+  c.eval.num_figure_slices = 4  # test slices with cartilage drawn in overlays.png
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500  # checkpoint period (also at every validation and at the end)

@@ -1,0 +1,141 @@
+"""Evaluation: the files of a tiny run's evaluation, their agreement, the largest-component filter, and
+one-line errors for a missing, absent, corrupt or foreign checkpoint."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from easunet_jax import evaluate, train
+from easunet_jax.data import pipeline
+
+
+def _config():
+  config = tiny.get_config()
+  config.data.split = (0.25, 0.25, 0.5)  # two test volumes out of the four phantoms: a mean of two cases
+  return config
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """(workdir, eval dir) of a trained and evaluated tiny run."""
+  workdir = tmp_path_factory.mktemp('evaluate') / 'tiny'
+  train.train_and_evaluate(_config(), workdir)
+  return workdir, evaluate.evaluate(_config(), workdir)
+
+
+def test_files_written(run):
+  workdir, out = run
+  metrics = json.loads((out / 'metrics.json').read_text())
+  assert out == workdir / 'eval' / str(metrics['step'])
+  for name in ('metrics.json', 'per_case.csv', 'report.md'):
+    assert (out / name).stat().st_size > 0
+  for name in ('loss_curves.png', 'overlays.png'):
+    assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert metrics['requested'] == 'best' and metrics['largest_component'] is False
+  rows = pipeline.read_index(workdir / 'slices' / 'test')
+  assert metrics['num_volumes'] == len({row['case'] for row in rows}) == 2
+  assert metrics['num_cartilage_slices'] == sum(row['cartilage'] for row in rows)
+  # Left-right spacing from the phantom's headers, in-plane from the store.
+  assert all(s == [3.5, 2.0, 2.0] for s in metrics['spacing_mm'].values())
+  for protocol in ('3d', '2d'):
+    for cls in ('fc', 'tc'):
+      assert set(metrics[protocol][cls]['dice']) == {'mean', 'std', 'n', 'n_empty'}
+
+
+def test_3d_mean_dice_is_the_mean_of_per_case_csv(run):
+  _, out = run
+  metrics = json.loads((out / 'metrics.json').read_text())
+  with open(out / 'per_case.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2
+  assert list(rows[0]) == ['case'] + [f'{c}_{m}' for c in ('fc', 'tc') for m in evaluate.METRICS]
+  for cls in ('fc', 'tc'):
+    per_case_mean = np.mean([float(r[f'{cls}_dice']) for r in rows])
+    assert metrics['3d'][cls]['dice']['mean'] == pytest.approx(per_case_mean, abs=1e-9)
+
+
+def test_report_is_a_markdown_table_beside_the_paper(run):
+  _, out = run
+  text = (out / 'report.md').read_text()
+  tables = [block.splitlines() for block in text.split('\n\n') if block.startswith('|')]
+  assert len(tables) == 2  # 3D and 2D
+  for table in tables:
+    assert table[0].split('|')[1:-1] == [' Cartilage ', ' Model ', ' DSC % ', ' Precision % ', ' Recall % ',
+                                          ' HD mm ', ' HD95 mm ', ' ASSD mm ']
+    assert set(table[1].replace('|', '')) == {'-'}
+    assert all(line.startswith('|') and line.endswith('|') and line.count('|') == 9 for line in table)
+    assert [line.split('|')[1].strip() for line in table[2:]] == ['FC', 'FC', 'TC', 'TC']
+    assert '| FC | EAS U-Net (paper) | 90.37 | 91.69 | 90.27 | 6.34 |' in '\n'.join(table)
+  assert '(largest connected component per class): **off**' in text
+
+
+def test_keep_largest_component_is_per_class_and_face_connected():
+  pred = np.zeros((3, 5, 5), np.uint8)
+  pred[0, 0, 0:3] = 1  # FC: 3 voxels
+  pred[2, 4, 4] = 1  # FC: 1 voxel apart
+  pred[1, 1, 1] = 2  # TC: only diagonal neighbours, so three components of one voxel ...
+  pred[0, 2, 2] = pred[2, 0, 0] = 2
+  pred[1, 3:5, 3] = 2  # ... and one of two
+  kept = evaluate.keep_largest_component(pred, num_classes=3)
+  expected = np.zeros_like(pred)
+  expected[0, 0, 0:3] = 1
+  expected[1, 3:5, 3] = 2
+  np.testing.assert_array_equal(kept, expected)
+
+
+def _one_line_error(error_type, config, workdir, match):
+  with pytest.raises(error_type, match=match) as info:
+    evaluate.evaluate(config, workdir)
+  assert '\n' not in str(info.value)
+  return str(info.value)
+
+
+def test_no_checkpoint_is_one_line(tmp_path):
+  _one_line_error(FileNotFoundError, _config(), tmp_path / 'never_trained', 'no checkpoint in')
+
+
+def test_missing_step_and_bad_choice_are_one_line(run):
+  workdir, _ = run
+  config = _config()
+  config.eval.checkpoint = '999'
+  message = _one_line_error(ValueError, config, workdir, 'step 999 is not in')
+  assert 'steps: 3, 6' in message
+  config.eval.checkpoint = 'newest'
+  _one_line_error(ValueError, config, workdir, "expected 'best', 'latest' or a step number")
+
+
+def test_workdir_of_another_model_is_refused_naming_both(run):
+  workdir, _ = run
+  config = _config()
+  config.model.features = (8, 16, 32, 64, 128)
+  message = _one_line_error(ValueError, config, workdir, 'was trained with model')
+  assert 'features=(4, 8, 16, 32, 64)' in message and 'features=(8, 16, 32, 64, 128)' in message
+
+
+def test_corrupt_checkpoint_is_one_line(run, tmp_path):
+  workdir, _ = run
+  copy = tmp_path / 'tiny'
+  shutil.copytree(workdir / 'checkpoints', copy / 'checkpoints')
+  for chunk in (copy / 'checkpoints' / '6' / 'state').rglob('d/*'):
+    chunk.write_bytes(chunk.read_bytes()[:10])
+  config = _config()
+  config.eval.checkpoint = 'latest'
+  _one_line_error(ValueError, config, copy, 'checkpoints/6: unreadable or corrupt checkpoint')
+
+
+def test_largest_component_run_says_so(run, tmp_path):
+  workdir, _ = run
+  copy = tmp_path / 'tiny'
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval'))
+  config = _config()
+  config.data.phantom_dir = str(workdir.parent / 'phantom')  # the same sources: the copied store is reused
+  config.eval.largest_component = True
+  config.eval.checkpoint = '3'
+  out = evaluate.evaluate(config, copy)
+  assert out == copy / 'eval' / '3'
+  assert json.loads((out / 'metrics.json').read_text())['largest_component'] is True
+  assert '(largest connected component per class): **on**' in (out / 'report.md').read_text()
