@@ -302,7 +302,8 @@ def plot_overlays(samples: Sequence[dict], out: pathlib.Path) -> None:
               _overlay(s['image'], s['pred']))
     titles = (f"{s['case']} slice {s['slice']}", 'label', 'prediction')
     for ax, panel, title in zip(row, panels, titles):
-      ax.imshow(panel, interpolation='nearest')
+      # Store slices are (anterior, superior) in RAS order: show superior up and anterior right.
+      ax.imshow(np.swapaxes(panel, 0, 1)[::-1], interpolation='nearest')
       ax.set_title(title, fontsize=9)
       ax.axis('off')
   handles = [matplotlib.patches.Patch(color=_COLOURS[n], label=n.upper()) for n in CLASSES]
