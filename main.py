@@ -21,16 +21,19 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from easunet_jax import evaluate, train  # noqa: E402
+from easunet_jax import evaluate, predict, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo].',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory; default runs/<config.name>.')
-flags.DEFINE_enum('mode', 'train', ['train', 'preprocess', 'evaluate'],
+flags.DEFINE_enum('mode', 'train', ['train', 'preprocess', 'evaluate', 'predict'],
                   'train: train with periodic validation (builds the slice store when missing); '
                   'preprocess: only build the slice store; '
-                  'evaluate: test-set report of the checkpoint eval.checkpoint names.')
+                  'evaluate: test-set report of the checkpoint eval.checkpoint names; '
+                  'predict: segment --input into --output with that checkpoint.')
+flags.DEFINE_string('input', None, 'predict: a NIfTI file or a directory of them (*.nii.gz, *.nii).')
+flags.DEFINE_string('output', None, 'predict: the mask file (one input) or a directory (created).')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
@@ -62,6 +65,10 @@ def main(argv):
       preprocess.prepare_data(config, workdir)
     elif FLAGS.mode == 'evaluate':
       evaluate.evaluate(config, workdir)
+    elif FLAGS.mode == 'predict':
+      if not FLAGS.input or not FLAGS.output:
+        raise ValueError('--mode=predict needs --input and --output')
+      predict.predict(config, workdir, FLAGS.input, FLAGS.output)
     else:
       train.train_and_evaluate(config, workdir)
   except USER_ERRORS as e:

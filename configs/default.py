@@ -53,6 +53,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.largest_component = False  # keep each class's largest connected component (as nnU-Net)
   c.eval.num_figure_slices = 4  # test slices with cartilage drawn in overlays.png
 
+  c.predict = ml_collections.ConfigDict()
+  c.predict.label_values = 'compact'  # written labels: 'compact' (0/1/2) or 'oai-zib' (0/2/4) for BG/FC/TC
+  c.predict.resample = True  # resample each sagittal slice to the training pixel size, and the mask back
+  c.predict.tta = False  # flip test-time augmentation: mean softmax over in-plane flips (no left-right)
+  c.predict.batch_size = 16  # slices per forward pass (rounded up to the device count)
+  c.predict.spacing = (0.0, 0.0)  # in-plane mm the model was trained at; 0 = median of the train slice store
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500  # checkpoint period (also at every validation and at the end)
   c.checkpoint.keep = 2  # latest checkpoints kept, besides the best by validation Dice
