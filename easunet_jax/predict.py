@@ -48,7 +48,8 @@ def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path
   split_dir = pathlib.Path(config.data.cache_dir or workdir / 'slices') / 'train'
   if not (split_dir / 'index.json').is_file():
     raise FileNotFoundError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was '
-                            'trained at; set --config.predict.spacing=<mm>,<mm> or predict.resample=False')
+                            "trained at; pass --config.predict.spacing='(<mm>, <mm>)' or "
+                            '--config.predict.resample=False')
   rows = pipeline.read_index(split_dir)
   return tuple(float(statistics.median(row['spacing'][i] for row in rows)) for i in (0, 1))
 
@@ -175,9 +176,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, inpu
   pairs = _inputs(input_path, output_path)
   for source, _ in pairs:  # header checks first: a bad file fails before the checkpoint is restored
     volumes.check_headers(volumes.Case(source.name, source, None))
-  pixel = model_pixel_spacing(config, workdir) if config.predict.resample else None
   mesh = train.make_mesh()
   step, graphdef, state = evaluate.restore_state(config, workdir, mesh)
+  pixel = model_pixel_spacing(config, workdir) if config.predict.resample else None
   network = _Network(config, graphdef, state, mesh)
   logging.info('predict: step %d of %s, %d volume(s), pixel %s mm, TTA %s', step, workdir, len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel), config.predict.tta)

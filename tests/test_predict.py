@@ -96,6 +96,5 @@ def test_errors_are_one_line(run, tmp_path):
   four_d = tmp_path / 'four_d.nii.gz'
   nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), four_d)
   _one_line_error(ValueError, 'expected 3D', _config(), workdir, four_d, out)
-  _one_line_error(FileNotFoundError, 'no checkpoint', _config(spacing=(2.0, 2.0)), tmp_path / 'untrained',
-                  canonical, out)
+  _one_line_error(FileNotFoundError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
   assert not out.exists()
