@@ -136,7 +136,7 @@ def _segment(network: _Network, image: np.ndarray, spacing: Sequence[float],
   size = original
   if pixel is not None:
     size = tuple(max(1, round(n * s / p)) for n, s, p in zip(original, spacing[1:], pixel))
-  image = _resize(preprocess._normalise(image).astype(np.float32), size)
+  image = _resize(preprocess.normalise(image).astype(np.float32), size)
   pad = [(0, 0), _pad_16(size[0]), _pad_16(size[1])]
   probs = network(np.pad(image, pad))
   probs = probs[:, pad[1][0]:pad[1][0] + size[0], pad[2][0]:pad[2][0] + size[1]]

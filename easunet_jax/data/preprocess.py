@@ -91,7 +91,7 @@ def _canonical_shape(path: pathlib.Path) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
+def normalise(image: np.ndarray) -> np.ndarray:
   """Clips to the 0.5 / 99.5 percentiles of the volume and scales to [0, 1]."""
   lo, hi = np.percentile(image, (0.5, 99.5))
   return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float16)
@@ -133,7 +133,7 @@ def _write_split(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_
     cartilage = labels.reshape(len(labels), -1).any(axis=1)
     rows = np.arange(len(labels)) if keep_empty else np.flatnonzero(cartilage)
     pad = [((n - m) // 2, n - m - (n - m) // 2) for n, m in zip(size, labels.shape[1:])]
-    np.save(out / f'{case.id}.images.tmp.npy', np.pad(_normalise(image)[rows], [(0, 0), *pad]))
+    np.save(out / f'{case.id}.images.tmp.npy', np.pad(normalise(image)[rows], [(0, 0), *pad]))
     np.save(out / f'{case.id}.labels.tmp.npy', np.pad(labels[rows], [(0, 0), *pad]))
     parts.append(case.id)
     index += [{'case': case.id, 'slice': int(r), 'spacing': [spacing[1], spacing[2]],
