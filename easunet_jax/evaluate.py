@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import ml_collections
-import nibabel as nib
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -25,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from scipy import ndimage
 
 from easunet_jax import checkpoints, metrics, train
-from easunet_jax.data import pipeline, preprocess, volumes
+from easunet_jax.data import pipeline, preprocess
 
 matplotlib.use('Agg')  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -180,20 +179,6 @@ def keep_largest_component(pred: np.ndarray, num_classes: int) -> np.ndarray:
   return pred
 
 
-def _sagittal_spacing(store_dir: pathlib.Path, root: pathlib.Path) -> dict[str, float]:
-  """Case -> left-right voxel size in mm, read from the source image headers: the slice store records only
-  the in-plane spacing. The sagittal axis is the one that closest-canonical order puts first."""
-  images = {case.id: case.image for case in volumes.discover_cases(root)}
-  spacing = {}
-  for case in dict.fromkeys(row['case'] for row in pipeline.read_index(store_dir / 'test')):
-    if case not in images:
-      raise FileNotFoundError(f'test case {case} of the slice store {store_dir} has no image under {root}')
-    nii = nib.load(images[case])
-    axes = list(nib.io_orientation(nii.affine)[:, 0].astype(int))
-    spacing[case] = float(nii.header.get_zooms()[axes.index(0)])
-  return spacing
-
-
 def _scores(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float]) -> dict[str, float | bool]:
   """segmentation_metrics of two masks, and whether both were empty: such a case scores 100 by rule, so
   the report counts them."""
@@ -249,7 +234,7 @@ def write_report(path: pathlib.Path, summary: dict) -> None:
       'a case with both empty scores 100 and 0 mm. The paper row is EAS U-Net of its Table 1 (OAI-ZIB, per '
       'cartilage slice, no HD95 or ASSD given).', '']
   spacings = ', '.join(dict.fromkeys(' × '.join(f'{x:g}' for x in s) for s in summary['spacing_mm'].values()))
-  titles = {'3d': f'## 3D, per volume (voxel spacing {spacings} mm; left-right from the source image header)',
+  titles = {'3d': f'## 3D, per volume (voxel spacing {spacings} mm)',
             '2d': "## 2D, per slice with cartilage (in-plane spacing; the paper's Table 1 protocol)"}
   for protocol, title in titles.items():
     lines += [title, '', '| Cartilage | Model | DSC % | Precision % | Recall % | HD mm | HD95 mm | ASSD mm |',
@@ -315,7 +300,7 @@ def plot_overlays(samples: Sequence[dict], out: pathlib.Path) -> None:
 
 
 def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: train.TrainState,
-                   store_dir: pathlib.Path, sagittal: dict[str, float], mesh: jax.sharding.Mesh) -> dict:
+                   store_dir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
   """Predicts every test volume and scores it: {'per_case': [{'case', 'fc', 'tc'}] of 3D scores,
   'slices': {class: [2D scores]}, 'spacing_mm': {case: 3D spacing}, 'samples': slices for the figure}."""
   rows = pipeline.read_index(store_dir / 'test')
@@ -334,7 +319,8 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
     case = rows[case_rows[0]]['case']
     if config.eval.largest_component:
       pred = keep_largest_component(pred, config.model.num_classes)
-    spacing = scores['spacing_mm'][case] = (sagittal[case], *rows[case_rows[0]]['spacing'])
+    first = rows[case_rows[0]]
+    spacing = scores['spacing_mm'][case] = (first['sagittal_spacing'], *first['spacing'])
     per_volume, per_slice = volume_metrics(pred, label, [rows[r]['cartilage'] for r in case_rows], spacing)
     scores['per_case'].append({'case': case, **per_volume})
     for name in CLASSES:
@@ -355,16 +341,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   workdir = pathlib.Path(workdir)
   mesh = train.make_mesh()
   step, graphdef, state = restore_state(config, workdir, mesh)
-  # The data root is resolved once (that logs and, for the phantom, generates it) and handed to
-  # prepare_data, which then finds the training store; its image headers give the left-right spacing.
-  data_config = config.copy_and_resolve_references()
-  data_config.data.root = str(preprocess.resolve_data_root(config.data, workdir, config.seed))
-  store_dir = preprocess.prepare_data(data_config, workdir)
+  store_dir = preprocess.prepare_data(config, workdir)
   if not pipeline.read_index(store_dir / 'test'):
     raise ValueError(f'the test split of {store_dir} is empty: set data.split or data.split_file to hold '
                      'test cases')
-  sagittal = _sagittal_spacing(store_dir, pathlib.Path(data_config.data.root))
-  scores = score_test_set(config, graphdef, state, store_dir, sagittal, mesh)
+  scores = score_test_set(config, graphdef, state, store_dir, mesh)
 
   out = workdir / 'eval' / str(step)
   out.mkdir(parents=True, exist_ok=True)
@@ -374,7 +355,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
       'checkpoint_dir': str(workdir.absolute() / 'checkpoints' / str(step)),
       'largest_component': bool(config.eval.largest_component), 'num_volumes': len(per_case),
       'num_cartilage_slices': len(scores['slices']['fc']),
-      # The store records only the in-plane spacing; the left-right one comes from the source headers.
       'spacing_mm': scores['spacing_mm'],
       '3d': {n: _summary([c[n] for c in per_case]) for n in CLASSES},
       '2d': {n: _summary(scores['slices'][n]) for n in CLASSES},

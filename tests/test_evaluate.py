@@ -39,7 +39,7 @@ def test_files_written(run):
   rows = pipeline.read_index(workdir / 'slices' / 'test')
   assert metrics['num_volumes'] == len({row['case'] for row in rows}) == 2
   assert metrics['num_cartilage_slices'] == sum(row['cartilage'] for row in rows)
-  # Left-right spacing from the phantom's headers, in-plane from the store.
+  # The phantom's voxel size (tiny config), recorded per row in the slice store.
   assert all(s == [3.5, 2.0, 2.0] for s in metrics['spacing_mm'].values())
   for protocol in ('3d', '2d'):
     for cls in ('fc', 'tc'):

@@ -37,6 +37,7 @@ def test_layout_dtypes_and_ranges(store):
     assert images.shape == labels.shape == (len(index), 48, 48)  # 40 x 35 padded to multiples of 16
     assert 0 <= images.min() and images.max() <= 1 and set(np.unique(labels)) <= {0, 1, 2}
     assert index[0]['pad'] == [[4, 4], [6, 7]] and index[0]['spacing'] == pytest.approx([1.6, 1.6])
+    assert index[0]['sagittal_spacing'] == pytest.approx(SPACING[0])
     assert [row['cartilage'] for row in index] == list(labels.reshape(len(labels), -1).any(1))
     assert {row['case'] for row in index} == set(splits[name])
     if name == 'train':

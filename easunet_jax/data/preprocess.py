@@ -137,6 +137,7 @@ def _write_split(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_
     np.save(out / f'{case.id}.labels.tmp.npy', np.pad(labels[rows], [(0, 0), *pad]))
     parts.append(case.id)
     index += [{'case': case.id, 'slice': int(r), 'spacing': [spacing[1], spacing[2]],
+               'sagittal_spacing': spacing[0],
                'cartilage': bool(cartilage[r]), 'pad': pad} for r in rows]
     progress.step(f'{case.id}: {len(rows)} slices')
   for kind, dtype in (('images', np.float16), ('labels', np.uint8)):
