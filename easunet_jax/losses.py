@@ -34,8 +34,13 @@ def segmentation_loss(logits_BHWK: jax.Array, labels_BHW: jax.Array, eps: float 
 
 def deep_supervision_loss(final_BHWK: jax.Array, sides: Sequence[jax.Array], labels_BHW: jax.Array,
                           side_weights: Sequence[float], eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
-  """(total, loss_final): loss(final) + sum_i w_i loss(side_i), sides already at full resolution."""
-  if len(sides) != len(side_weights):
+  """(total, loss_final): loss(final) + sum_i w_i loss(side_i), sides already at full resolution.
+
+  The i-th side output takes the i-th weight: EAS U-Net's sides are d1..d4, U-Net++'s (with
+  model.deep_supervision) the heads on X^{0,1}, X^{0,2}, X^{0,3}, so it needs three weights (Zhou 2018 weighs
+  them equally: (1, 1, 1)). A network without side outputs (an empty `sides`) uses no weight.
+  """
+  if sides and len(sides) != len(side_weights):
     raise ValueError(f'{len(sides)} side outputs but {len(side_weights)} loss.side_weights')
   loss_final = segmentation_loss(final_BHWK, labels_BHW, eps)
   total = loss_final

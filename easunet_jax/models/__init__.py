@@ -5,8 +5,9 @@ import ml_collections
 from flax import nnx
 
 from easunet_jax.models.eas_unet import EASUNet
+from easunet_jax.models.unet import UNet
 
-MODELS = {'eas_unet': EASUNet}
+MODELS = {'eas_unet': EASUNet, 'unet': UNet}
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
@@ -15,7 +16,9 @@ def build_model(model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Mod
     raise ValueError(f'model.name must be one of {sorted(MODELS)}, got {model_cfg.name!r}')
   if model_cfg.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {model_cfg.dtype!r}")
-  return MODELS[model_cfg.name](
-      features=tuple(model_cfg.features), num_classes=model_cfg.num_classes,
-      aspp_rates=tuple(model_cfg.aspp_rates), depthwise_impl=model_cfg.depthwise_impl,
-      dtype=jnp.dtype(model_cfg.dtype), rngs=rngs)
+  common = {'features': tuple(model_cfg.features), 'num_classes': model_cfg.num_classes,
+            'dtype': jnp.dtype(model_cfg.dtype), 'rngs': rngs}
+  if model_cfg.name == 'eas_unet':
+    return EASUNet(aspp_rates=tuple(model_cfg.aspp_rates), depthwise_impl=model_cfg.depthwise_impl,
+                   **common)
+  return MODELS[model_cfg.name](**common)
