@@ -1,6 +1,7 @@
 """Entry point: parse flags, then dispatch on --mode. Everything else lives in the easunet_jax package."""
 
 import os
+import pathlib
 import sys
 
 # XLA:CPU maps a fresh multi-GB scratch buffer every step, and page faults then take a quarter of the
@@ -21,7 +22,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from easunet_jax import evaluate, predict, train  # noqa: E402
+from configs import default  # noqa: E402
+from easunet_jax import config_check, evaluate, predict, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo].',
@@ -39,6 +41,39 @@ flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+CONFIG_ERROR_EXIT_CODE = 2  # bad flags or config fields; other user errors exit with 1
+
+
+def _exit_config_error(message: str) -> None:
+  print(f'error: {" ".join(message.split())}', file=sys.stderr)
+  sys.exit(CONFIG_ERROR_EXIT_CODE)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, where a bad flag or --config.<field> override ends the run with one line and
+  CONFIG_ERROR_EXIT_CODE (absl prints two lines, and a traceback for an unknown config field)."""
+  try:
+    argv = FLAGS(argv)
+    FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read
+    return argv
+  except OSError as e:  # the config file: only the last line of the chained report says why
+    if '--verbose' in argv or '--verbose=true' in argv:
+      raise
+    _exit_config_error(f'--config: {str(e).strip().splitlines()[-1]}')
+  except (flags.Error, AttributeError, KeyError, TypeError) as e:
+    if '--verbose' in argv or '--verbose=true' in argv:
+      raise
+    # A config file that raised: its traceback is in the message, and the last line says why.
+    before, traceback, _ = str(e).partition('Traceback (most recent call last):')
+    message = before + str(e).strip().splitlines()[-1] if traceback else str(e)
+    known = config_check.leaves(default.get_config())
+    overrides = [arg.removeprefix('--config.').partition('=')[0] for arg in argv if arg.startswith('--config.')]
+    unknown = [name for name in overrides if name not in known]
+    if not unknown:
+      _exit_config_error(message)
+    group = unknown[0].rpartition('.')[0]
+    fields = ', '.join(k for k in known if k.rpartition('.')[0] == group)
+    _exit_config_error(f'--config.{unknown[0]}: no such config field (expected one of {fields})')
 
 
 def _quiet_libraries(record) -> bool:
@@ -58,6 +93,16 @@ def main(argv):
   if config.train.distributed:
     jax.distributed.initialize()
   workdir = FLAGS.workdir or os.path.join('runs', config.name)
+  # Programs compiled once are read back by later starts (unless JAX_COMPILATION_CACHE_DIR chose a place).
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(workdir).absolute().parent / '.jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  try:
+    config_check.check_config(config, default.get_config(), FLAGS.mode)
+  except config_check.ConfigError as e:
+    if FLAGS.verbose:
+      raise
+    _exit_config_error(str(e))
   logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   try:
@@ -79,4 +124,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.num_steps = 0  # total optimiser steps; 0 = from num_epochs and the training-set size
   t.eval_every_steps = 500  # validation period
   t.distributed = False  # call jax.distributed.initialize() (multi-host)
+  t.nan_policy = 'stop'  # non-finite loss or gradients: 'stop' the run (naming the step) or 'skip' the update
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16  # slices per validation and evaluation batch (padded to the device count)

@@ -1,32 +1,55 @@
 """Orbax checkpoint wiring: `<workdir>/checkpoints/<step>/` with the train state, the data iterator's
-position and the config; keeps the latest `keep` steps and the best by validation mean cartilage Dice."""
+position and the config; keeps the latest `keep` steps and the best by validation mean cartilage Dice.
+
+A kill at any moment leaves only whole checkpoints under step names: orbax writes each step into
+`<step>.orbax-checkpoint-tmp-*` and renames it when complete, and a step it drops is first renamed into
+`checkpoints/deleting/` and only then removed.
+"""
 
 import pathlib
+import shutil
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = 'val/dice_mean'
+# Fields of the `model` group that choose only how the network is computed, not its weights: a checkpoint
+# serves any of them. Every other field must match the checkpoint's.
+_COMPUTE_ONLY_FIELDS = ('dtype', 'depthwise_impl')
+_DELETING = 'deleting'
 
 
 def _score(metrics: dict[str, float]) -> float:
   return metrics[BEST_METRIC]
 
 
-def manager(workdir: str | pathlib.Path, keep: int) -> ocp.CheckpointManager:
+def manager(workdir: str | pathlib.Path, keep: int, *, for_training: bool = False) -> ocp.CheckpointManager:
+  """The workdir's checkpoint manager. `for_training` also removes what a killed run left half-written
+  (a reader must not: a training run may be saving beside it)."""
   preservation = policies.AnyPreservationPolicy([
       policies.LatestN(n=keep),
       policies.BestN(get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False),
   ])
   # The preservation policy decides what is kept; best_fn makes orbax write each step's metrics to
   # disk (without it they live only in memory, and a resumed run would forget which step was best).
+  # Saving is synchronous: a SIGTERM or a kill then never races a save still in flight.
   options = ocp.CheckpointManagerOptions(preservation_policy=preservation, best_fn=_score,
                                          best_mode='max', create=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints', options=options,
+                                         enable_async_checkpointing=False,
+                                         cleanup_tmp_directories=for_training, todelete_subdir=_DELETING)
+  mngr = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints', options=options,
                                item_names=('state', 'data_iter', 'config'))
+  if for_training:
+    _empty_deleting(mngr)
+  return mngr
+
+
+def _empty_deleting(mngr: ocp.CheckpointManager) -> None:
+  if jax.process_index() == 0:
+    shutil.rmtree(pathlib.Path(mngr.directory) / _DELETING, ignore_errors=True)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter_state: dict,
@@ -35,6 +58,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter_state: di
                             data_iter=ocp.args.JsonSave(data_iter_state),
                             config=ocp.args.JsonSave(config.to_dict()))
   mngr.save(step, args=args, metrics=metrics, force=True)
+  _empty_deleting(mngr)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -42,3 +66,29 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore()))
   return restored.state, restored.data_iter
+
+
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The config (as a plain dict) that `step` was saved with."""
+  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, step_dir: pathlib.Path) -> None:
+  """Refuses a checkpoint trained with another network than `model_cfg` describes, naming both."""
+  trained = saved.get('model', {})
+  fields = [k for k in dict.fromkeys([*model_cfg, *trained]) if k not in _COMPUTE_ONLY_FIELDS]
+  differ = [k for k in fields if _plain(trained.get(k)) != _plain(model_cfg.get(k))]
+  if differ:
+    shown = dict.fromkeys(['name', *differ])
+
+    def describe(group) -> str:
+      return ', '.join(f'{k}={_plain(group.get(k))}' for k in shown)
+
+    raise ValueError(f'{step_dir} was trained with model {describe(trained)} but the config asks for '
+                     f'{describe(model_cfg)}; use the config the workdir was trained with, or another '
+                     'workdir')
+
+
+def _plain(value):
+  """JSON and ConfigDict spell sequences as lists or tuples: compare and print them one way."""
+  return tuple(value) if isinstance(value, list | tuple) else value

@@ -31,9 +31,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 CLASSES = {'fc': 1, 'tc': 2}  # report name -> training class
 METRICS = ('dice', 'precision', 'recall', 'hd', 'hd95', 'assd')
-# The fields of the `model` group that decide the weights and what they compute; dtype and depthwise_impl
-# only choose how it is computed, so a checkpoint serves any of them.
-_MODEL_FIELDS = ('name', 'features', 'num_classes', 'aspp_rates')
 # Paper Table 1, EAS U-Net (OAI-ZIB, 2D per cartilage slice); it reports no HD95 or ASSD.
 PAPER_EAS_UNET = {'fc': {'dice': 90.37, 'precision': 91.69, 'recall': 90.27, 'hd': 6.34},
                   'tc': {'dice': 89.90, 'precision': 89.09, 'recall': 90.37, 'hd': 4.34}}
@@ -63,25 +60,6 @@ def _requested_step(mngr: ocp.CheckpointManager, requested: str | int) -> int:
   return int(requested)
 
 
-def _check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, step_dir: pathlib.Path) -> None:
-  """Refuses a checkpoint trained with another network than `model_cfg` describes, naming both."""
-  trained = saved.get('model', {})
-  differ = [k for k in _MODEL_FIELDS if _plain(trained.get(k)) != _plain(model_cfg.get(k))]
-  if differ:
-    shown = dict.fromkeys(['name', *differ])
-
-    def describe(group) -> str:
-      return ', '.join(f'{k}={_plain(group.get(k))}' for k in shown)
-
-    raise ValueError(f'{step_dir} was trained with model {describe(trained)} but the config asks for '
-                     f'{describe(model_cfg)}; evaluate with the config the workdir was trained with')
-
-
-def _plain(value):
-  """JSON and ConfigDict spell sequences as lists or tuples: compare and print them one way."""
-  return tuple(value) if isinstance(value, list | tuple) else value
-
-
 def restore_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh
                   ) -> tuple[int, nnx.GraphDef, train.TrainState]:
   """(step, evaluation graphdef, state) of the checkpoint eval.checkpoint names, replicated over `mesh`."""
@@ -93,8 +71,8 @@ def restore_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh
   try:
     step = _requested_step(mngr, config.eval.checkpoint)
     with _unreadable_as_one_line(directory / str(step)):
-      saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    _check_same_model(saved, config.model, directory / str(step))
+      saved = checkpoints.saved_config(mngr, step)
+    checkpoints.check_same_model(saved, config.model, directory / str(step))
     # The restored state must have the trained one's structure; num_steps only shapes the learning-rate
     # schedule, which evaluation never calls.
     tx = train.make_optimizer(config.optim, num_steps=1)

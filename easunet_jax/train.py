@@ -1,7 +1,15 @@
 """Training: the train state, jitted train and validation steps over a ('data',) mesh, and the loop."""
 
+import contextlib
+import datetime
 import functools
+import importlib.metadata
+import json
 import pathlib
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 
 import flax
 import jax
@@ -30,9 +38,44 @@ class TrainState:
 
 
 @flax.struct.dataclass
+class FirstNonFinite(clu_metrics.Metric):
+  """The first step whose loss or gradients were not finite; 0 when there was none."""
+  step: jax.Array
+
+  @classmethod
+  def from_model_output(cls, *, step: jax.Array, nonfinite: jax.Array, **_) -> 'FirstNonFinite':
+    return cls(step=jnp.where(nonfinite, step, 0))
+
+  def merge(self, other: 'FirstNonFinite') -> 'FirstNonFinite':  # self holds the earlier steps
+    return type(self)(step=jnp.where(self.step > 0, self.step, other.step))
+
+  def compute(self) -> jax.Array:
+    return self.step
+
+
+@flax.struct.dataclass
+class SkippedSteps(clu_metrics.Metric):
+  """How many steps left the state unchanged because their loss or gradients were not finite."""
+  count: jax.Array
+
+  @classmethod
+  def from_model_output(cls, *, nonfinite: jax.Array, **_) -> 'SkippedSteps':
+    return cls(count=nonfinite.astype(jnp.int32))
+
+  def merge(self, other: 'SkippedSteps') -> 'SkippedSteps':
+    return type(self)(count=self.count + other.count)
+
+  def compute(self) -> jax.Array:
+    return self.count
+
+
+@flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
+  """Accumulated on the devices between logging steps; the losses average the finite steps only."""
   loss: clu_metrics.Average.from_output('loss')
   loss_final: clu_metrics.Average.from_output('loss_final')
+  skipped_steps: SkippedSteps
+  first_nonfinite_step: FirstNonFinite
 
 
 def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -51,9 +94,10 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, num_steps: int) -> opta
 
 
 def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                       sharding: jax.sharding.Sharding | None = None
+                       sharding: jax.sharding.Sharding | None = None, *, abstract: bool = False
                        ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
-  """(training graphdef, evaluation graphdef, state) of a freshly initialised model.
+  """(training graphdef, evaluation graphdef, state) of a freshly initialised model; with `abstract`, the
+  state's shapes and dtypes only (nothing runs or compiles).
 
   The initialisation runs as one jitted program: eagerly, every parameter shape compiles its own
   initialiser, which takes several times longer on CPU.
@@ -69,6 +113,8 @@ def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTran
   train_graphdef = nnx.graphdef(model)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
+  if abstract:
+    return train_graphdef, eval_graphdef, jax.eval_shape(init)
   return train_graphdef, eval_graphdef, jax.jit(init, out_shardings=sharding)()
 
 
@@ -83,10 +129,28 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     return total, (loss_final, nnx.state(model, nnx.BatchStat))
 
   (loss, (loss_final, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, TrainMetrics.single_from_model_output(loss=loss, loss_final=loss_final)
+  updated = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
+                          opt_state=opt_state)
+  # A step with a non-finite loss or gradient changes nothing but the step count: train.nan_policy 'skip'
+  # goes on from the last finite state, and 'stop' never has a non-finite state to save.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  new_state = new_state.replace(step=state.step + 1)
+  # Per-step outputs of shape (1,), so that clu applies the mask to them.
+  return new_state, TrainMetrics.single_from_model_output(
+      loss=loss[None], loss_final=loss_final[None], mask=finite[None], step=new_state.step,
+      nonfinite=~finite)
+
+
+def trace_train_step(config: ml_collections.ConfigDict, image_HW: tuple[int, int]) -> None:
+  """Traces the train step on shapes alone, compiling nothing: raises at start-up what the model, the
+  loss or the optimiser would raise for `config` at the first step (widths, switches, side outputs)."""
+  tx = make_optimizer(config.optim, num_steps=1)
+  graphdef, _, state = create_train_state(config, tx, abstract=True)
+  batch = {'image': jax.ShapeDtypeStruct((1, *image_HW, 1), jnp.float32),
+           'label': jax.ShapeDtypeStruct((1, *image_HW), jnp.int32)}
+  jax.eval_shape(functools.partial(train_step, graphdef=graphdef, tx=tx, loss_cfg=config.loss), state, batch)
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
@@ -138,38 +202,79 @@ def validate(p_eval_step, state: TrainState, store_dir: pathlib.Path, batch_size
           'val/dice_mean': dice.mean()}
 
 
-def _check_finite(loss: float, step: int) -> None:
-  if not np.isfinite(loss):
-    raise FloatingPointError(f'loss is {loss} at step {step}; stopping (the last good checkpoint is '
-                             'kept). Lower optim.lr or check the data.')
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[Callable[[], str | None]]:
+  """While open, SIGTERM and SIGINT only ask the loop to save and stop after the step in flight; the
+  callable yields the signal's name once one came. A second signal acts as usual (kills)."""
+  received = []
+
+  def request_stop(signum, frame) -> None:
+    received.append(signal.Signals(signum).name)
+    signal.signal(signum, previous[signum])
+
+  previous = {}
+  # With several processes JAX's preemption service owns SIGTERM and picks a step that all of them
+  # reach (CheckpointManager.reached_preemption); a handler here would take the signal from it.
+  if jax.process_count() == 1:
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield lambda: received[0] if received else None
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
+def code_version() -> str:
+  """`git describe` of the package's checkout, else the installed package's version."""
+  try:
+    return subprocess.run(['git', 'describe', '--always', '--dirty', '--tags'], capture_output=True,
+                          text=True, check=True, timeout=30, cwd=pathlib.Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    try:
+      return importlib.metadata.version('easunet_jax')
+    except importlib.metadata.PackageNotFoundError:
+      return 'unknown (neither a git checkout nor an installed package)'
+
+
+def _record_start(workdir: pathlib.Path, config: ml_collections.ConfigDict, start: int) -> None:
+  """Appends this start's config, code version and command to `<workdir>/runs.jsonl`."""
+  if jax.process_index() > 0:
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  record = {'time': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+            'start_step': start, 'code_version': code_version(), 'command': sys.argv,
+            'jax': jax.__version__, 'devices': jax.device_count(), 'config': config.to_dict()}
+  with open(workdir / 'runs.jsonl', 'a') as f:
+    f.write(json.dumps(record) + '\n')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                        ) -> TrainState | None:
   """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
-  Returns the final state, or None when the workdir holds a finished run (nothing is trained again).
+  SIGTERM or SIGINT saves a checkpoint after the step in flight and returns. Returns the last state, or
+  None when the workdir holds a finished run (nothing is trained again).
   """
   workdir = pathlib.Path(workdir)
   batch_size = config.train.batch_size
-  if batch_size % jax.device_count():
-    raise ValueError(f'train.batch_size {batch_size} must divide by the device count '
-                     f'{jax.device_count()}')
   eval_batch_size = -(-config.eval.batch_size // jax.device_count()) * jax.device_count()
+  mngr = checkpoints.manager(workdir, config.checkpoint.keep, for_training=True)
+  start = mngr.latest_step() or 0
+  if start:  # before anything slow: a workdir of another network is refused at once
+    checkpoints.check_same_model(checkpoints.saved_config(mngr, start), config.model,
+                                 mngr.directory / str(start))
 
   store_dir = preprocess.prepare_data(config, workdir)
   train_slices = len(pipeline.SliceSource(store_dir / 'train'))
   num_steps = config.train.num_steps or config.train.num_epochs * train_slices // batch_size
   if num_steps <= 0:
     raise ValueError(f'{train_slices} training slices give no full batch of {batch_size}')
-
-  mngr = checkpoints.manager(workdir, config.checkpoint.keep)
-  start = mngr.latest_step() or 0
   if start >= num_steps:
     logging.info('Training in %s already finished at step %d of %d; nothing to do.', workdir, start,
                  num_steps)
     mngr.close()
     return None
+  _record_start(workdir, config, start)
 
   tx = make_optimizer(config.optim, num_steps)
   mesh = make_mesh()
@@ -190,33 +295,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   p_train_step, p_eval_step = jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)
   lr_fn = learning_rate_schedule(config.optim, num_steps)
 
+  def next_batch() -> tuple[dict[str, jax.Array], dict]:
+    """The next batch, sent to the devices, and the iterator's state after it (what a checkpoint saves)."""
+    batch = pipeline.put_on_mesh(next(train_iter), data_sharding)
+    return batch, train_iter.get_state()
+
   writer = logging_utils.MetricWriter(workdir, start)
   progress = logging_utils.Progress(start, num_steps)
   accumulated = None
-  for step in range(start + 1, num_steps + 1):
-    batch = pipeline.put_on_mesh(next(train_iter), data_sharding)
-    state, step_metrics = p_train_step(state, batch)
-    accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
+  batch, next_iter_state = next_batch()
+  with _stop_requests() as stop_signal:
+    for step in range(start + 1, num_steps + 1):
+      state, step_metrics = p_train_step(state, batch)
+      iter_state = next_iter_state
+      if step < num_steps:  # loaded and sent while the step runs
+        batch, next_iter_state = next_batch()
+      accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
 
-    if step % config.log.every_steps == 0 or step == num_steps:
-      scalars = {f'train/{k}': float(v) for k, v in accumulated.compute().items()}
-      _check_finite(scalars['train/loss'], step)
-      scalars['train/lr'] = float(lr_fn(step - 1))
-      scalars['train/steps_per_s'] = progress.rate(step)
-      writer.write_scalars(step, scalars)
-      logging.info('%s', progress.line(step, scalars['train/loss'], scalars['train/steps_per_s']))
-      accumulated = None
-
-    is_eval = step % config.train.eval_every_steps == 0 or step == num_steps
-    if is_eval or step % config.checkpoint.every_steps == 0:
-      _check_finite(float(step_metrics.compute()['loss']), step)
-      val = validate(p_eval_step, state, store_dir, eval_batch_size, data_sharding) if is_eval else None
-      if val:
-        writer.write_scalars(step, val)
-        logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],
-                     val['val/dice_fc'], val['val/dice_tc'])
-      checkpoints.save(mngr, step, state, train_iter.get_state(), config,
-                       {k: float(v) for k, v in val.items()} if val else None)
+      stop = stop_signal() or (mngr.reached_preemption(step) and 'preemption')
+      is_log = step % config.log.every_steps == 0 or step == num_steps
+      is_eval = step % config.train.eval_every_steps == 0 or step == num_steps
+      is_save = is_eval or step % config.checkpoint.every_steps == 0 or stop
+      if not (is_log or is_save):
+        continue  # no host sync on the other steps: the device runs ahead
+      summary = jax.device_get(accumulated.compute())
+      if summary['first_nonfinite_step'] and config.train.nan_policy == 'stop':
+        last = mngr.latest_step()
+        raise FloatingPointError(
+            f'non-finite loss or gradients at step {summary["first_nonfinite_step"]} (found at step '
+            f'{step}); stopped without saving (train.nan_policy=stop), the last good checkpoint is '
+            f'{mngr.directory / str(last) if last else "none"}. Lower optim.lr, check the data, or set '
+            'train.nan_policy=skip')
+      if is_log:
+        scalars = {f'train/{k}': float(summary[k]) for k in ('loss', 'loss_final', 'skipped_steps')}
+        scalars['train/lr'] = float(lr_fn(step - 1))
+        scalars['train/steps_per_s'] = progress.rate(step)
+        writer.write_scalars(step, scalars)
+        logging.info('%s', progress.line(step, scalars['train/loss'], scalars['train/steps_per_s']))
+        if summary['skipped_steps']:
+          logging.warning('%d step(s) up to step %d skipped for a non-finite loss or gradient '
+                          '(train.nan_policy=skip)', summary['skipped_steps'], step)
+        accumulated = None
+      if is_save:
+        val = validate(p_eval_step, state, store_dir, eval_batch_size, data_sharding) if is_eval else None
+        if val:
+          writer.write_scalars(step, val)
+          logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],
+                       val['val/dice_fc'], val['val/dice_tc'])
+        checkpoints.save(mngr, step, state, iter_state, config,
+                         {k: float(v) for k, v in val.items()} if val else None)
+      if stop:
+        logging.warning('Stopped by %s at step %d of %d; checkpoint saved in %s. Run the same command '
+                        'to resume.', stop, step, num_steps, mngr.directory / str(step))
+        break
   writer.close()
   mngr.close()
   return state
