@@ -23,12 +23,20 @@ def get_config() -> ml_collections.ConfigDict:
   d.phantom_spacing = (0.7, 0.3646, 0.3646)  # phantom voxel size in mm, OAI-ZIB's
 
   c.model = m = ml_collections.ConfigDict()
-  m.name = 'eas_unet'  # network: 'eas_unet'
+  m.name = 'eas_unet'  # network: 'eas_unet' | 'unet' | 'unetpp' (U-Net++) | 'attention_unet'
   m.features = (32, 64, 128, 256, 512)  # widths of the five encoder stages
   m.num_classes = 3  # background, femoral cartilage, tibial cartilage
   m.aspp_rates = (6, 12, 18)  # dilations of the EAS module's atrous branches
   m.depthwise_impl = 'auto'  # 'auto' | 'xla' (grouped conv) | 'shift' (nine shifted multiply-adds)
   m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
+  # EAS U-Net ablations (other networks refuse a non-default value); the defaults are the paper's network.
+  m.block = 'separable'  # encoder/decoder blocks: 'separable' (DS) | 'standard' (3x3 conv, BN, h-swish)
+  m.eca = True  # ECA on the EAS module's 1x1 branch; False = plain ASPP branch
+  m.eas = True  # the EAS (ECA-ASPP) module at the bottleneck; False = e5 goes straight to the decoder
+  m.fusion = 'concat'  # side outputs fused by 'concat' + 1x1 conv (the paper) | 'add' (their sum)
+  # Side outputs: eas_unet's d1..d4 heads + fusion (False: one 1x1 head on d1); unetpp's heads on
+  # X^{0,1..3} (True needs 3 loss.side_weights, Zhou's: (1, 1, 1)); unet, attention_unet have none.
+  m.deep_supervision = True
 
   c.loss = ml_collections.ConfigDict()
   c.loss.side_weights = (0.5, 0.25, 0.125, 0.0625)  # deep-supervision weights of side outputs d1..d4

@@ -10,17 +10,23 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import default, tiny
+from configs import attention_unet, eas, tiny, unet, unetpp
 from easunet_jax import train
 from easunet_jax.data import pipeline
 from easunet_jax.models import MODELS, build_model
+from easunet_jax.models.attention_unet import AttentionGate
 
 NUM_STEPS = 5
 
 
+MODEL_CONFIGS = {'eas_unet': eas, 'unet': unet, 'unetpp': unetpp, 'attention_unet': attention_unet}
+
+
 def _tiny_config(name: str):
+  """configs/tiny.py with the model (name and side outputs) of the model's own config file."""
   config = tiny.get_config()
-  config.model.name = name
+  model_cfg = MODEL_CONFIGS[name].get_config().model
+  config.model.name, config.model.deep_supervision = model_cfg.name, model_cfg.deep_supervision
   return config
 
 
@@ -68,10 +74,68 @@ def _count(module) -> int:
 
 
 def _default_count(name: str) -> int:
-  model_cfg = default.get_config().model
-  model_cfg.name = name
+  """Parameters of the model of configs/<model>.py, at the default widths."""
+  model_cfg = MODEL_CONFIGS[name].get_config().model
   return _count(nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0))))
 
 
-def test_unet_parameter_count_matches_the_design():
-  assert _default_count('unet') == 7_762_531
+# Closed-form parameter counts from each paper's structure: a k x k convolution has k*k*c_in*c_out weights
+# (+ c_out biases), a BatchNorm 2C (scale, bias); 1 input channel, K = 3 classes.
+def _conv(k, c_in, c_out, bias=False):
+  return k * k * c_in * c_out + (c_out if bias else 0)
+
+
+def _double_conv(c_in, c_out):
+  return _conv(3, c_in, c_out) + 2 * c_out + _conv(3, c_out, c_out) + 2 * c_out
+
+
+def _up_node(c_in, c_out, num_skips):
+  """2x2 transposed conv with bias, then a double conv over [up, skips]."""
+  return _conv(2, c_in, c_out, bias=True) + _double_conv((num_skips + 1) * c_out, c_out)
+
+
+F = (32, 64, 128, 256, 512)
+ENCODER = sum(_double_conv(c_in, c_out) for c_in, c_out in zip((1,) + F, F))
+HEAD = _conv(1, F[0], 3, bias=True)
+UNET = ENCODER + sum(_up_node(F[s + 1], F[s], 1) for s in range(4)) + HEAD
+# X^{i,j}, j = 1..4, i = 0..4-j, concatenates the j nodes X^{i,0..j-1} with the up-sampled X^{i+1,j-1}.
+UNETPP = ENCODER + sum(_up_node(F[i + 1], F[i], j) for j in range(1, 5) for i in range(5 - j)) + HEAD
+# One gate per skip: W_x (2x2 stride 2, no bias), W_g (1x1 + b_g), psi (1x1 to one channel + b_psi).
+GATES = sum(_conv(2, F[s], F[s]) + _conv(1, F[s + 1], F[s], bias=True) + _conv(1, F[s], 1, bias=True)
+            for s in range(4))
+
+
+def test_parameter_counts_at_the_default_widths():
+  assert UNET == 7_762_531 == _default_count('unet')
+  assert UNETPP == 9_045_315 == _default_count('unetpp')  # Zhou 2018 reports 9.04 M at these widths
+  assert UNET + GATES == 8_285_735 == _default_count('attention_unet')
+  assert _default_count('eas_unet') < _default_count('unet')
+
+
+def test_unetpp_deep_supervision_adds_a_head_on_each_of_x01_to_x03():
+  model_cfg = unetpp.get_config().model
+  model_cfg.deep_supervision = True
+  model = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
+  assert _count(model) == UNETPP + 3 * HEAD
+  model.train()
+  final, sides = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
+  assert final.shape == (2, 32, 32, 3) and [s.shape for s in sides] == [final.shape] * 3
+
+
+def test_attention_gate_scales_the_skip_by_coefficients_in_0_1():
+  gate = AttentionGate(4, 8, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  key_x, key_g = jax.random.split(jax.random.key(0))
+  skip = jax.random.normal(key_x, (2, 8, 8, 4))
+  coarse = 3.0 * jax.random.normal(key_g, (2, 4, 4, 8))  # large, so that some coefficients saturate
+  alpha = gate.coefficients(skip, coarse)
+  assert alpha.shape == (2, 8, 8, 1)
+  assert float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0 and float(alpha.std()) > 0.01
+  np.testing.assert_allclose(gate(skip, coarse), skip * alpha, rtol=1e-6)
+  # The paper's equation on the gating grid, written out: the 2x2 stride-2 W_x is a sum over the four
+  # pixels of each 2x2 cell.
+  cells = skip.reshape(2, 4, 2, 4, 2, 4)
+  w_x = jnp.einsum('bhiwjc,ijcf->bhwf', cells, gate.skip_proj.kernel[...])
+  w_g = coarse @ gate.gate_proj.kernel[...] + gate.gate_proj.bias[...]
+  q = jax.nn.relu(w_x + w_g) @ gate.psi.kernel[...] + gate.psi.bias[...]
+  expected = jax.image.resize(jax.nn.sigmoid(q), (2, 8, 8, 1), 'bilinear')
+  np.testing.assert_allclose(alpha, expected, rtol=1e-5, atol=1e-6)

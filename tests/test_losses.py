@@ -60,3 +60,11 @@ def test_bfloat16_logits_are_scored_in_float32():
   loss = losses.segmentation_loss(logits.astype(jnp.bfloat16), labels)
   assert loss.dtype == jnp.float32
   np.testing.assert_allclose(loss, losses.segmentation_loss(logits, labels), rtol=1e-2)
+
+
+def test_a_network_without_side_outputs_scores_the_final_logits_alone():
+  labels = _labels()
+  final = jax.random.normal(jax.random.key(5), (2, 16, 16, 3))
+  total, loss_final = losses.deep_supervision_loss(final, [], labels, (0.5, 0.25, 0.125, 0.0625))
+  np.testing.assert_allclose(total, losses.segmentation_loss(final, labels), rtol=1e-6)
+  np.testing.assert_allclose(loss_final, total, rtol=1e-6)

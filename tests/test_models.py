@@ -101,7 +101,7 @@ def test_whole_network_same_under_shift_and_xla_depthwise():
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
       params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
 
-      def loss(params):
+      def loss(params, graphdef=graphdef, rest=rest):  # bound now: the loop rebinds both
         model = nnx.merge(graphdef, params, rest, copy=True)
         final, sides = model(x)
         return jnp.sum(final ** 2) + sum(jnp.sum(s) for s in sides)
@@ -128,3 +128,43 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   final, _ = _forward_shapes(model, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
   assert final.dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# Each EAS U-Net ablation: (field, value, parameter change against the paper's network at the default widths).
+# eca: the 5 ECA weights; eas: the whole module; deep_supervision: the four side heads and the fusion
+# (1,452 + 39) for one 1x1 head on d1 (32 * 3 + 3); fusion 'add': the 4K -> K fusion convolution.
+ABLATIONS = [('block', 'standard', None), ('eca', False, -5), ('eas', False, -2_644_485),
+             ('deep_supervision', False, -1_452 - 39 + 99), ('fusion', 'add', -39)]
+
+
+@pytest.mark.parametrize('field, value, change', ABLATIONS)
+def test_ablation_switch_changes_the_network_and_keeps_the_output_shapes(field, value, change):
+  model_cfg = default.get_config().model
+  model_cfg[field] = value
+  delta = _count(_abstract(model_cfg)) - 4_166_808
+  if change is None:  # full 3x3 convolutions in place of depthwise-separable blocks: more weights
+    assert delta > 0
+  else:
+    assert delta == change
+
+  tiny_cfg = tiny.get_config().model
+  tiny_cfg[field] = value
+  model = _abstract(tiny_cfg)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32)
+  final, sides = _forward_shapes(model, x)
+  assert final.shape == (2, 32, 32, 3)
+  assert [s.shape for s in sides] == [final.shape] * (0 if field == 'deep_supervision' else 4)
+  model.eval()
+  assert _forward_shapes(model, x).shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'block': 'dense'}, 'model.block'), ({'eca': 1}, 'model.eca'), ({'fusion': 'mean'}, 'model.fusion'),
+    ({'fusion': 'add', 'deep_supervision': False}, 'needs model.deep_supervision'),
+    ({'name': 'unet', 'eas': False}, 'EAS U-Net ablation')])
+def test_bad_ablation_values_are_refused(overrides, message):
+  model_cfg = tiny.get_config().model
+  with model_cfg.ignore_type():
+    model_cfg.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    _abstract(model_cfg)

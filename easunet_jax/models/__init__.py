@@ -4,10 +4,33 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from easunet_jax.models.attention_unet import AttentionUNet
 from easunet_jax.models.eas_unet import EASUNet
 from easunet_jax.models.unet import UNet
+from easunet_jax.models.unetpp import UNetPlusPlus
 
-MODELS = {'eas_unet': EASUNet, 'unet': UNet}
+MODELS = {'eas_unet': EASUNet, 'unet': UNet, 'unetpp': UNetPlusPlus, 'attention_unet': AttentionUNet}
+
+# EAS U-Net's ablation switches: each field's allowed values, the paper's network's first.
+EAS_SWITCHES = {'block': ('separable', 'standard'), 'eca': (True, False), 'eas': (True, False),
+                'fusion': ('concat', 'add')}
+
+
+def _check_switches(model_cfg: ml_collections.ConfigDict) -> None:
+  """ValueError for a bad switch value, or an EAS U-Net switch moved on another network."""
+  switches = dict(EAS_SWITCHES, deep_supervision=(True, False))
+  for field, allowed in switches.items():
+    value = model_cfg[field]
+    # `1 in (True, False)` holds in Python: booleans are checked by type.
+    if (isinstance(allowed[0], bool) and not isinstance(value, bool)) or value not in allowed:
+      raise ValueError(f'model.{field} must be one of {allowed}, got {value!r}')
+  if model_cfg.name != 'eas_unet':
+    for field, allowed in EAS_SWITCHES.items():
+      if model_cfg[field] != allowed[0]:
+        raise ValueError(f'model.{field} is an EAS U-Net ablation; model.name {model_cfg.name!r} '
+                         f'needs model.{field} = {allowed[0]!r}')
+  elif model_cfg.fusion == 'add' and not model_cfg.deep_supervision:
+    raise ValueError("model.fusion = 'add' fuses side outputs: it needs model.deep_supervision = True")
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
@@ -16,9 +39,13 @@ def build_model(model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Mod
     raise ValueError(f'model.name must be one of {sorted(MODELS)}, got {model_cfg.name!r}')
   if model_cfg.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {model_cfg.dtype!r}")
+  _check_switches(model_cfg)
   common = {'features': tuple(model_cfg.features), 'num_classes': model_cfg.num_classes,
             'dtype': jnp.dtype(model_cfg.dtype), 'rngs': rngs}
   if model_cfg.name == 'eas_unet':
     return EASUNet(aspp_rates=tuple(model_cfg.aspp_rates), depthwise_impl=model_cfg.depthwise_impl,
-                   **common)
+                   deep_supervision=model_cfg.deep_supervision,
+                   **{field: model_cfg[field] for field in EAS_SWITCHES}, **common)
+  if model_cfg.name == 'unetpp':
+    return UNetPlusPlus(deep_supervision=model_cfg.deep_supervision, **common)
   return MODELS[model_cfg.name](**common)

@@ -12,9 +12,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
 
 def main(argv):
   del argv
-  model = build_model(_CONFIG.value.model, nnx.Rngs(0))
+  # Shapes alone, no initialisation: instant for any width, and the overview needs no values.
+  model = nnx.eval_shape(lambda: build_model(_CONFIG.value.model, nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param).to_pure_dict()
-  print(parameter_overview.get_parameter_overview(params))
+  print(parameter_overview.get_parameter_overview(params, include_stats=False))
   print(f'params: {parameter_overview.count_parameters(params)}')
 
 

@@ -33,11 +33,15 @@ class ConvBnHswish(nnx.Module):
 
 
 class EAS(nnx.Module):
-  """ECA-ASPP: [1x1 + ECA, atrous separable at each rate, image pooling] -> concat -> 1x1 projection."""
+  """ECA-ASPP: [1x1 + ECA, atrous separable at each rate, image pooling] -> concat -> 1x1 projection.
 
-  def __init__(self, channels: int, rates: tuple[int, ...], *, impl: str, dtype, rngs: nnx.Rngs):
+  Without `eca` the 1x1 branch ends at its h-swish, as in plain ASPP.
+  """
+
+  def __init__(self, channels: int, rates: tuple[int, ...], *, eca: bool = True, impl: str, dtype,
+               rngs: nnx.Rngs):
     self.b0 = ConvBnHswish(channels, channels, dtype=dtype, rngs=rngs)
-    self.eca = layers.ECA(channels, dtype=dtype, rngs=rngs)
+    self.eca = layers.ECA(channels, dtype=dtype, rngs=rngs) if eca else None
     self.atrous = nnx.List(
         [AtrousSeparable(channels, r, impl=impl, dtype=dtype, rngs=rngs) for r in rates])
     # Its BN sees one value per sample and channel: training needs a global batch >= 2.
@@ -46,6 +50,7 @@ class EAS(nnx.Module):
 
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
     pooled = self.image_pool(jnp.mean(x_BHWC, axis=(1, 2), keepdims=True))
-    branches = ([self.eca(self.b0(x_BHWC))] + [branch(x_BHWC) for branch in self.atrous]
+    b0 = self.b0(x_BHWC)
+    branches = ([b0 if self.eca is None else self.eca(b0)] + [branch(x_BHWC) for branch in self.atrous]
                 + [jnp.broadcast_to(pooled, x_BHWC.shape[:3] + pooled.shape[3:])])
     return self.project(jnp.concatenate(branches, axis=-1))

@@ -1,4 +1,10 @@
-"""EAS U-Net: a U-Net of depthwise-separable blocks, an EAS module at the bottleneck, fused side outputs."""
+"""EAS U-Net: a U-Net of depthwise-separable blocks, an EAS module at the bottleneck, fused side outputs.
+
+The ablation switches (config `model.block`, `eca`, `eas`, `deep_supervision`, `fusion`) each take one of
+these parts out or swap it for the plain alternative; their defaults build the paper's network.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,15 +12,24 @@ from flax import nnx
 
 from easunet_jax.models import heads, layers
 from easunet_jax.models.eas import EAS
+from easunet_jax.models.unet import ConvBnAct, check_input, network_output
+
+
+def block_factory(block: str, impl: str):
+  """The encoder/decoder block, called (c_in, c_out, dtype=, rngs=): 'separable' is the DS block;
+  'standard' a full 3x3 convolution, BN, h-swish (the DS block's output activation)."""
+  if block == 'separable':
+    return functools.partial(layers.SeparableBlock, impl=impl)
+  return functools.partial(ConvBnAct, act=layers.hard_swish)
 
 
 class EncoderStage(nnx.Module):
-  """[2x2 max-pool], DS(c_in -> c_out), DS(c_out -> c_out)."""
+  """[2x2 max-pool], block(c_in -> c_out), block(c_out -> c_out)."""
 
-  def __init__(self, c_in: int, c_out: int, *, pool: bool, impl: str, dtype, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, *, pool: bool, block, dtype, rngs: nnx.Rngs):
     self.pool = pool
-    self.block1 = layers.SeparableBlock(c_in, c_out, impl=impl, dtype=dtype, rngs=rngs)
-    self.block2 = layers.SeparableBlock(c_out, c_out, impl=impl, dtype=dtype, rngs=rngs)
+    self.block1 = block(c_in, c_out, dtype=dtype, rngs=rngs)
+    self.block2 = block(c_out, c_out, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.pool:
@@ -23,67 +38,64 @@ class EncoderStage(nnx.Module):
 
 
 class DecoderStage(nnx.Module):
-  """2x2 transposed conv c_in -> c_out, concat [up, skip], DS(2 c_out -> c_out), DS(c_out -> c_out)."""
+  """2x2 transposed conv c_in -> c_out, concat [up, skip], block(2 c_out -> c_out), block(c_out -> c_out)."""
 
-  def __init__(self, c_in: int, c_out: int, *, impl: str, dtype, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, *, block, dtype, rngs: nnx.Rngs):
     self.up = layers.UpConv(c_in, c_out, dtype=dtype, rngs=rngs)
-    self.block1 = layers.SeparableBlock(2 * c_out, c_out, impl=impl, dtype=dtype, rngs=rngs)
-    self.block2 = layers.SeparableBlock(c_out, c_out, impl=impl, dtype=dtype, rngs=rngs)
+    self.block1 = block(2 * c_out, c_out, dtype=dtype, rngs=rngs)
+    self.block2 = block(c_out, c_out, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
     return self.block2(self.block1(jnp.concatenate([self.up(x), skip], axis=-1)))
 
 
-class Stem(nnx.Module):
-  """3x3 convolution 1 -> features[0], BN, LeakyReLU (a depthwise conv on one channel is degenerate)."""
-
-  def __init__(self, c_in: int, c_out: int, *, dtype, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(c_in, c_out, kernel_size=(3, 3), padding='SAME', use_bias=False, dtype=dtype,
-                         rngs=rngs)
-    self.bn = layers.batch_norm(c_out, dtype, rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return layers.leaky_relu(self.bn(self.conv(x)))
-
-
 class EASUNet(nnx.Module):
   """Input (B, H, W, C_in), H and W multiples of 16.
 
-  Training mode (`model.train()`) returns (final, [side_d1, ..., side_d4]), all (B, H, W, K) logits;
-  evaluation mode (`model.eval()`) returns the final logits alone.
+  Training mode (`model.train()`) returns (final, [side_d1, ..., side_d4]), all (B, H, W, K) logits
+  (no sides without deep supervision); evaluation mode (`model.eval()`) returns the final logits alone.
   """
 
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
                in_channels: int = 1, aspp_rates: tuple[int, ...] = (6, 12, 18),
-               depthwise_impl: str = 'auto', dtype=jnp.float32, rngs: nnx.Rngs):
+               depthwise_impl: str = 'auto', block: str = 'separable', eca: bool = True, eas: bool = True,
+               deep_supervision: bool = True, fusion: str = 'concat', dtype=jnp.float32, rngs: nnx.Rngs):
     f = tuple(features)
-    kw = dict(impl=depthwise_impl, dtype=dtype, rngs=rngs)
+    make_block = block_factory(block, depthwise_impl)
     self.num_levels = len(f)
-    self.stem = Stem(in_channels, f[0], dtype=dtype, rngs=rngs)
-    self.encoder = nnx.List(
-        [EncoderStage(f[max(s - 1, 0)], f[s], pool=s > 0, **kw) for s in range(len(f))])
-    self.eas = EAS(f[-1], tuple(aspp_rates), **kw)
+    # A depthwise convolution of one input channel is degenerate: the stem is a full 3x3 convolution.
+    self.stem = ConvBnAct(in_channels, f[0], act=layers.leaky_relu, dtype=dtype, rngs=rngs)
+    self.encoder = nnx.List([EncoderStage(f[max(s - 1, 0)], f[s], pool=s > 0, block=make_block, dtype=dtype,
+                                          rngs=rngs) for s in range(len(f))])
+    self.eas = EAS(f[-1], tuple(aspp_rates), eca=eca, impl=depthwise_impl, dtype=dtype,
+                   rngs=rngs) if eas else None
     # decoder[0] is d1 (full resolution), decoder[-1] the deepest (d4 at the default five levels).
-    self.decoder = nnx.List([DecoderStage(f[s + 1], f[s], **kw) for s in range(len(f) - 1)])
-    self.output_fusion = heads.OutputFusion(f[:-1], num_classes, dtype=dtype, rngs=rngs)
+    self.decoder = nnx.List([DecoderStage(f[s + 1], f[s], block=make_block, dtype=dtype, rngs=rngs)
+                             for s in range(len(f) - 1)])
+    self.deep_supervision = deep_supervision
+    if deep_supervision:
+      self.output_fusion = heads.OutputFusion(f[:-1], num_classes, fusion=fusion, dtype=dtype, rngs=rngs)
+    else:
+      self.head = layers.pointwise(f[0], num_classes, dtype, rngs, use_bias=True)
     self.dtype = dtype
     self.deterministic = False  # set by model.train() / model.eval()
 
   def __call__(self, x_BHWC: jax.Array):
-    stride = 2 ** (self.num_levels - 1)
-    if x_BHWC.ndim != 4 or x_BHWC.shape[1] % stride or x_BHWC.shape[2] % stride:
-      raise ValueError(f'EASUNet expects (B, H, W, C) with H, W multiples of {stride}, '
-                       f'got {x_BHWC.shape}')
+    check_input(x_BHWC, self.num_levels, 'EASUNet')
     skips = []
     x = self.stem(x_BHWC.astype(self.dtype))
     for stage in self.encoder:
       x = stage(x)
       skips.append(x)
-    x = self.eas(skips.pop())  # EAS replaces e5 on the path
+    x = skips.pop()
+    if self.eas is not None:
+      x = self.eas(x)  # EAS replaces e5 on the path
     decoded = []
     for stage, skip in zip(reversed(self.decoder), reversed(skips)):
       x = stage(x, skip)
       decoded.append(x)
-    final, sides = self.output_fusion(decoded[::-1])
-    final, sides = final.astype(jnp.float32), [s.astype(jnp.float32) for s in sides]
-    return final if self.deterministic else (final, sides)
+    if self.deep_supervision:
+      final, sides = self.output_fusion(decoded[::-1])
+    else:
+      final, sides = self.head(x), []
+    return network_output(final, sides, self.deterministic)
