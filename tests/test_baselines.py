@@ -107,7 +107,7 @@ GATES = sum(_conv(2, F[s], F[s]) + _conv(1, F[s + 1], F[s], bias=True) + _conv(1
 
 def test_parameter_counts_at_the_default_widths():
   assert UNET == 7_762_531 == _default_count('unet')
-  assert UNETPP == 9_045_315 == _default_count('unetpp')  # Zhou 2018 reports 9.04 M at these widths
+  assert UNETPP == 9_045_315 == _default_count('unetpp')
   assert UNET + GATES == 8_285_735 == _default_count('attention_unet')
   assert _default_count('eas_unet') < _default_count('unet')
 
