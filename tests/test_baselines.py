@@ -2,6 +2,10 @@
 for all, parameter counts at the default widths against closed-form sums over each paper's structure, and
 the attention gate."""
 
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +21,7 @@ from easunet_jax.models import MODELS, build_model
 from easunet_jax.models.attention_unet import AttentionGate
 
 NUM_STEPS = 5
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 MODEL_CONFIGS = {'eas_unet': eas, 'unet': unet, 'unetpp': unetpp, 'attention_unet': attention_unet}
@@ -73,10 +78,13 @@ def _count(module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
+def _config_count(model_cfg) -> int:
+  return _count(nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0))))
+
+
 def _default_count(name: str) -> int:
   """Parameters of the model of configs/<model>.py, at the default widths."""
-  model_cfg = MODEL_CONFIGS[name].get_config().model
-  return _count(nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0))))
+  return _config_count(MODEL_CONFIGS[name].get_config().model)
 
 
 # Closed-form parameter counts from each paper's structure: a k x k convolution has k*k*c_in*c_out weights
@@ -139,3 +147,12 @@ def test_attention_gate_scales_the_skip_by_coefficients_in_0_1():
   q = jax.nn.relu(w_x + w_g) @ gate.psi.kernel[...] + gate.psi.bias[...]
   expected = jax.image.resize(jax.nn.sigmoid(q), (2, 8, 8, 1), 'bilinear')
   np.testing.assert_allclose(alpha, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_models_command_prints_the_overview_of_a_baseline_config_with_its_argument():
+  out = subprocess.run([sys.executable, '-m', 'easunet_jax.models', '--config=configs/unetpp.py:demo'],
+                       cwd=REPO, capture_output=True, text=True, check=True).stdout
+  model_cfg = unetpp.get_config('demo').model
+  assert model_cfg.features == (16, 32, 64, 128, 256)
+  assert 'nested/0/0/up/kernel' in out
+  assert out.strip().splitlines()[-1] == f'params: {_config_count(model_cfg)}'

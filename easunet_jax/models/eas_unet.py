@@ -15,12 +15,11 @@ from easunet_jax.models.eas import EAS
 from easunet_jax.models.unet import ConvBnAct, check_input, network_output
 
 
-def block_factory(block: str, impl: str):
+def _block_factory(block: str, impl: str):
   """The encoder/decoder block, called (c_in, c_out, dtype=, rngs=): 'separable' is the DS block;
   'standard' a full 3x3 convolution, BN, h-swish (the DS block's output activation)."""
-  if block == 'separable':
-    return functools.partial(layers.SeparableBlock, impl=impl)
-  return functools.partial(ConvBnAct, act=layers.hard_swish)
+  return {'separable': functools.partial(layers.SeparableBlock, impl=impl),
+          'standard': functools.partial(ConvBnAct, act=layers.hard_swish)}[block]
 
 
 class EncoderStage(nnx.Module):
@@ -61,7 +60,7 @@ class EASUNet(nnx.Module):
                depthwise_impl: str = 'auto', block: str = 'separable', eca: bool = True, eas: bool = True,
                deep_supervision: bool = True, fusion: str = 'concat', dtype=jnp.float32, rngs: nnx.Rngs):
     f = tuple(features)
-    make_block = block_factory(block, depthwise_impl)
+    make_block = _block_factory(block, depthwise_impl)
     self.num_levels = len(f)
     # A depthwise convolution of one input channel is degenerate: the stem is a full 3x3 convolution.
     self.stem = ConvBnAct(in_channels, f[0], act=layers.leaky_relu, dtype=dtype, rngs=rngs)
