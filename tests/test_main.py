@@ -1,0 +1,194 @@
+"""`python main.py` as a user runs it: kill -9 and resume, SIGTERM, NaN in the data, and bad configs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from easunet_jax import checkpoints
+from easunet_jax.data import pipeline, preprocess
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Each run of a `--hook` kills itself with SIGKILL at one exact moment: a real kill -9, placed where a test
+# needs it. `main.py` then runs as it would from the command line.
+_RUN_MAIN = """
+import os, runpy, signal, sys
+{hook}
+sys.argv[0] = 'main.py'
+runpy.run_path('main.py', run_name='__main__')
+"""
+KILL_AT_FINALIZE = """
+from orbax.checkpoint._src.path import atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def dying_finalize(self):
+  if self.get_final().name == '{step}':  # all written, not yet renamed into place
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = dying_finalize
+"""
+KILL_AT_BATCH = """
+from easunet_jax.data import pipeline
+put_on_mesh, fetched = pipeline.put_on_mesh, []
+def dying_put_on_mesh(batch, *args, **kwargs):
+  fetched.extend([0] * ('mask' not in batch))  # validation batches carry a mask
+  if len(fetched) == {n}:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return put_on_mesh(batch, *args, **kwargs)
+pipeline.put_on_mesh = dying_put_on_mesh
+"""
+
+
+@pytest.fixture(scope='module')
+def env():
+  """Subprocess environment: this session's compilation cache (so each run does not compile again) and the
+  allocator setting main.py would otherwise restart itself for."""
+  return {**os.environ, 'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+          'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+
+
+@pytest.fixture(scope='module')
+def phantom(tmp_path_factory):
+  return tmp_path_factory.mktemp('phantom')
+
+
+def _command(workdir, phantom, *overrides, hook=''):
+  args = ['--config=configs/tiny.py', f'--workdir={workdir}', f'--config.data.phantom_dir={phantom}',
+          '--config.data.augment=true', '--config.checkpoint.every_steps=2', *overrides]
+  if hook:
+    return [sys.executable, '-c', _RUN_MAIN.format(hook=hook), *args]
+  return [sys.executable, 'main.py', *args]
+
+
+def _run(env, *args, **kwargs):
+  return subprocess.run(_command(*args, **kwargs), check=False, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def _state(workdir, step):
+  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) / 'state')
+
+
+def _assert_bitwise_equal(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(env, phantom, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted') / 'run'
+  result = _run(env, workdir, phantom)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no_kill(
+    uninterrupted, env, phantom, tmp_path):
+  workdir = tmp_path / 'run'
+  killed = _run(env, workdir, phantom, hook=KILL_AT_FINALIZE.format(step=4))
+  assert killed.returncode == -signal.SIGKILL
+  half_written = list((workdir / 'checkpoints').glob('4.orbax-checkpoint-tmp*'))
+  assert half_written and not (workdir / 'checkpoints' / '4').exists()
+  # Checkpoints come at steps 2, 3 (validation), 4 and 6. Resumed from step 3, the run is killed again
+  # in step 5, while the third batch it fetched (step 6's) was loading.
+  killed = _run(env, workdir, phantom, hook=KILL_AT_BATCH.format(n=3))
+  assert killed.returncode == -signal.SIGKILL
+  assert f'Resumed from {workdir / "checkpoints" / "3"} at step 3' in killed.stderr
+  assert not list((workdir / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
+  assert checkpoints.manager(workdir, 2).latest_step() == 4
+  resumed = _run(env, workdir, phantom)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'Resumed from {workdir / "checkpoints" / "4"} at step 4' in resumed.stderr
+  _assert_bitwise_equal(_state(workdir, 6), _state(uninterrupted, 6))
+  starts = [json.loads(line) for line in (workdir / 'runs.jsonl').read_text().splitlines()]
+  assert [s['start_step'] for s in starts] == [0, 3, 4]
+  assert starts[0]['config']['model']['features'] == list(tiny.get_config().model.features)
+  assert starts[0]['code_version']
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(env, phantom, tmp_path):
+  workdir = tmp_path / 'run'
+  # Long enough that the signal comes mid-run; checkpoints far apart, so the saved step is the signal's.
+  long_run = ['--config.train.num_steps=400', '--config.checkpoint.every_steps=1000',
+              '--config.train.eval_every_steps=1000']
+  proc = subprocess.Popen(_command(workdir, phantom, *long_run), cwd=REPO, env=env, stderr=subprocess.PIPE,
+                          text=True)
+  for line in proc.stderr:
+    if 'step 2/400' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  stderr = proc.stderr.read()
+  assert proc.wait(timeout=300) == 0
+  step = checkpoints.manager(workdir, 2).latest_step()
+  assert 2 <= step < 400
+  assert (f'Stopped by SIGTERM at step {step} of 400; checkpoint saved in {workdir / "checkpoints" / str(step)}'
+          in stderr)
+  resumed = _run(env, workdir, phantom, f'--config.train.num_steps={step + 2}', *long_run[1:])
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'Resumed from {workdir / "checkpoints" / str(step)} at step {step}' in resumed.stderr
+  assert checkpoints.manager(workdir, 2).latest_step() == step + 2
+
+
+def _poison_a_training_slice(config, workdir, step: int) -> int:
+  """Builds the run's slice store and writes NaN into one slice that the training order first reaches at
+  `step` (1-based); returns the steps (of the first six) whose batch holds it."""
+  store = preprocess.prepare_data(config, workdir)
+  images = np.load(store / 'train' / 'images.npy', mmap_mode='r+')
+  batches = pipeline.train_iterator(store, config.train.batch_size, config.seed, augment=False, workers=0)
+  order = [next(batches)['image'][..., 0] for _ in range(6)]
+  row = next(r for r in range(len(images)) if np.array_equal(images[r].astype(np.float32), order[step - 1][0]))
+  hit = [s for s, batch in enumerate(order, 1) if any(np.array_equal(images[row], x) for x in batch)]
+  assert hit[0] == step
+  images[row] = np.nan
+  images.flush()
+  return hit
+
+
+def test_nan_in_the_data_stops_naming_the_step_and_keeps_a_finite_checkpoint(env, phantom, tmp_path):
+  workdir = tmp_path / 'run'
+  config = tiny.get_config()
+  config.data.phantom_dir = str(phantom)
+  _poison_a_training_slice(config, workdir, step=3)
+  # Checked (a host sync) only at steps 2, 4 and 6: the step named is the one recorded on the device.
+  result = _run(env, workdir, phantom, '--config.data.augment=false', '--config.log.every_steps=6',
+                '--config.train.eval_every_steps=6')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: non-finite loss or gradients at step 3 (found at step 4); stopped without saving')
+  assert 'Traceback' not in result.stderr
+  assert checkpoints.manager(workdir, 2).latest_step() == 2
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_state(workdir, 2)))
+
+
+BAD_CONFIGS = {
+    'unknown field': ('--config.train.learning_rate=0.1', '--config.train.learning_rate: no such config field'),
+    'wrong type': ('--config.train.batch_size=four', 'flag --config.train.batch_size=four: invalid literal'),
+    'batch vs devices': ('--config.train.batch_size=6',
+                         'train.batch_size: expected a multiple of the device count 4, got 6'),
+    'widths': ('--config.model.features=(4, 8, 16, 32)', '3 side outputs but 4 loss.side_weights'),
+    'image size': ('--config.data.phantom_shape=(8, 40, 40)', 'data.phantom_shape: expected 3 positive'),
+    'missing data.root': ('--config.data.root=/no/such/dir', "data.root: expected a dataset directory"),
+}
+
+
+@pytest.mark.parametrize('name', BAD_CONFIGS)
+def test_bad_config_is_exit_code_2_and_one_line(name, env, phantom, tmp_path):
+  override, message = BAD_CONFIGS[name]
+  result = _run(env, tmp_path / 'run', phantom, override)
+  assert result.returncode == 2
+  assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f'error: {message}')
+  assert not (tmp_path / 'run').exists()  # stopped before anything was written
+
+
+def test_verbose_shows_the_traceback_of_a_bad_config(env, phantom, tmp_path):
+  result = _run(env, tmp_path / 'run', phantom, '--config.train.nan_policy=ignore', '--verbose')
+  assert result.returncode != 0 and 'Traceback' in result.stderr and 'train.nan_policy' in result.stderr
