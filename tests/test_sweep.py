@@ -1,0 +1,141 @@
+"""Sweep runner: a dry run's points and commands, the fields it refuses, and a real two-seed sweep of tiny
+runs that is stopped as its second point starts, re-run beside a failing variant, and re-run once more."""
+
+import csv
+import json
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from easunet_jax import sweep
+
+TINY = "def sweep(add):\n  add('tiny', 'configs/tiny.py', 'Tiny EAS U-Net')\n"
+# A model name that only main.py rejects: the point fails in its own process, at start-up.
+BROKEN = "  add('broken', 'configs/tiny.py', 'Broken', **{'model.name': 'no_such_model'})\n"
+TIMEOUT_S = 900
+
+
+def _command(sweep_file, workdir, *args) -> list[str]:
+  return [sys.executable, '-m', 'easunet_jax.sweep', f'--sweep={sweep_file}', f'--workdir={workdir}', *args]
+
+
+def _metrics(workdir, point) -> list:
+  return sorted((workdir / point).glob('eval/*/metrics.json'))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """The sweep folder and its three runs: stopped by SIGTERM as tiny_seed1 starts; re-run with a failing
+  variant added; re-run again as it was."""
+  root = tmp_path_factory.mktemp('sweep')
+  workdir = root / 'W'
+  tiny, with_broken = root / 'tiny.py', root / 'with_broken.py'
+  tiny.write_text(TINY)
+  with_broken.write_text(TINY.replace('\n', '\n' + BROKEN, 1))
+
+  first = subprocess.Popen(_command(tiny, workdir, '--seeds=2'), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + TIMEOUT_S
+  # tiny_seed1's log appears once tiny_seed0 is trained and evaluated, as the next point starts.
+  while not (workdir / 'tiny_seed1' / 'sweep.log').exists() and first.poll() is None and (
+      time.monotonic() < deadline):
+    time.sleep(0.2)
+  first.send_signal(signal.SIGTERM)
+  first_stderr = first.communicate(timeout=TIMEOUT_S)[1]
+  seed0_metrics = _metrics(workdir, 'tiny_seed0')
+  mtimes = {p: p.stat().st_mtime_ns for p in seed0_metrics}
+
+  second = subprocess.run(_command(with_broken, workdir, '--seeds=2'), capture_output=True, check=False,
+                          text=True, timeout=TIMEOUT_S)
+  after_second = {p: p.stat().st_mtime_ns for p in workdir.glob('*/eval/*/metrics.json')}
+  table_after_second = (workdir / 'table.md').read_text()
+  third = subprocess.run(_command(tiny, workdir, '--seeds=2'), capture_output=True, check=False,
+                         text=True, timeout=TIMEOUT_S)
+  return {'workdir': workdir, 'first': first, 'first_stderr': first_stderr, 'seed0_metrics': seed0_metrics,
+          'mtimes': mtimes, 'second': second, 'after_second': after_second,
+          'table_after_second': table_after_second, 'third': third}
+
+
+def test_dry_run_lists_points_and_passes_overrides(tmp_path):
+  run = subprocess.run(_command('configs/sweep_table1.py', tmp_path / 'W', '--seeds=2', '--dry_run',
+                                '--config.train.num_steps=7', "--config.model.features=(4, 8, 16, 32, 64)"),
+                       capture_output=True, text=True, check=True)
+  lines = run.stdout.splitlines()
+  points = [line.split(':')[0] for line in lines if not line.startswith(' ')]
+  assert points == [f'{m}_seed{s}' for m in ('eas_unet', 'unet', 'unetpp', 'attention_unet') for s in (0, 1)]
+  assert all(line.endswith(': to run') for line in lines if not line.startswith(' '))
+  commands = [shlex.split(line) for line in lines if line.startswith(' ')]
+  assert len(commands) == 16  # train and evaluate of each point
+  for point, (train, evaluate) in zip(points, zip(commands[::2], commands[1::2])):
+    seed = point[-1]
+    assert train[-1] == '--mode=train' and evaluate[-1] == '--mode=evaluate' and train[:-1] == evaluate[:-1]
+    assert f'--workdir={tmp_path / "W" / point}' in train
+    assert '--config.train.num_steps=7' in train and '--config.model.features=(4, 8, 16, 32, 64)' in train
+    assert f'--config.seed={seed}' in train
+    assert f'--config.data.split_file={tmp_path / "W" / "splits.json"}' in train
+    assert f'--config.data.cache_dir={tmp_path / "W" / "slices" / f"seed{seed}"}' in train
+  assert not (tmp_path / 'W').exists()
+
+
+@pytest.mark.parametrize('override', ['--config.seed=1', '--config.data.cache_dir=/tmp/store'])
+def test_fields_the_sweep_sets_are_refused(override, tmp_path):
+  with pytest.raises(ValueError, match='the sweep sets it'):
+    sweep.run_sweep('configs/sweep_table1.py', tmp_path, 1, 1, True, [override])
+
+
+def test_stopped_sweep_reruns_only_the_unfinished_point(runs):
+  assert len(runs['seed0_metrics']) == 1, 'the first run was not stopped after its first point'
+  assert runs['first'].returncode == 1
+  assert 'sweep point tiny_seed1 failed: stopped by SIGTERM in train' in runs['first_stderr']
+  second = runs['second'].stderr
+  assert 'tiny_seed0 finished before' in second and 'tiny_seed0 started' not in second
+  assert 'tiny_seed1 started' in second and 'tiny_seed1 finished in' in second
+  assert {p: p.stat().st_mtime_ns for p in runs['seed0_metrics']} == runs['mtimes']
+  assert len(_metrics(runs['workdir'], 'tiny_seed1')) == 1
+  assert json.loads((runs['workdir'] / 'splits.json').read_text())['test']
+
+
+def test_failed_points_are_reported_and_the_others_finish(runs):
+  second, table = runs['second'], runs['table_after_second']
+  assert second.returncode == 1
+  for point in ('broken_seed0', 'broken_seed1'):
+    assert f'sweep point {point} failed' in second.stderr
+    # main.py's own one-line error, as the reason.
+    assert re.search(f'`{point}`: train exited with status [1-9].*no_such_model', table)
+
+
+def test_rerun_skips_every_finished_point(runs):
+  third = runs['third']
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert '2 points, 2 finished before, 0 to run' in third.stderr and 'started' not in third.stderr
+  assert {p: p.stat().st_mtime_ns for p in runs['workdir'].glob('*/eval/*/metrics.json')} == runs['after_second']
+
+
+def test_table_is_the_mean_and_std_over_seeds_of_each_evaluation(runs):
+  workdir = runs['workdir']
+  evaluations = [json.loads(_metrics(workdir, f'tiny_seed{s}')[0].read_text()) for s in (0, 1)]
+  with open(workdir / 'table.csv') as f:
+    rows = [r for r in csv.DictReader(f) if r['variant'] == 'tiny']
+  assert [(r['protocol'], r['cartilage']) for r in rows] == [('2d', 'fc'), ('2d', 'tc'), ('3d', 'fc'), ('3d', 'tc')]
+  for row in rows:
+    assert row['seeds'] == '2'
+    for metric in ('dice', 'precision', 'recall', 'hd', 'hd95'):
+      values = [e[row['protocol']][row['cartilage']][metric]['mean'] for e in evaluations]
+      values = np.array([np.nan if v is None else v for v in values], np.float64)
+      expected = (np.nanmean(values), np.std(values, ddof=1)) if not np.isnan(values).any() else None
+      if expected:
+        np.testing.assert_allclose([float(row[f'{metric}_mean']), float(row[f'{metric}_std'])], expected,
+                                   rtol=1e-9)
+  dice = rows[0]
+  table = (workdir / 'table.md').read_text()
+  assert (f"| FC | Tiny EAS U-Net | 2 | {float(dice['dice_mean']):.2f} ± {float(dice['dice_std']):.2f} |"
+          in table)
+  assert table.count('| Tiny EAS U-Net |') == 4
+  assert '| FC | Broken | 0 | n/a |' in runs['table_after_second']
+  assert (workdir / 'dice.png').stat().st_size > 0
