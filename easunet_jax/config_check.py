@@ -105,6 +105,6 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     image_HW = shape[1:]
   if mode != 'preprocess':
     try:
-      train.trace_train_step(config, image_HW)
+      train.trace_model_loss(config, image_HW)
     except (ValueError, TypeError) as e:
       raise ConfigError(' '.join(str(e).split())) from e

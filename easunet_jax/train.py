@@ -94,10 +94,9 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, num_steps: int) -> opta
 
 
 def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                       sharding: jax.sharding.Sharding | None = None, *, abstract: bool = False
+                       sharding: jax.sharding.Sharding | None = None
                        ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
-  """(training graphdef, evaluation graphdef, state) of a freshly initialised model; with `abstract`, the
-  state's shapes and dtypes only (nothing runs or compiles).
+  """(training graphdef, evaluation graphdef, state) of a freshly initialised model.
 
   The initialisation runs as one jitted program: eagerly, every parameter shape compiles its own
   initialiser, which takes several times longer on CPU.
@@ -113,9 +112,15 @@ def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTran
   train_graphdef = nnx.graphdef(model)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
-  if abstract:
-    return train_graphdef, eval_graphdef, jax.eval_shape(init)
   return train_graphdef, eval_graphdef, jax.jit(init, out_shardings=sharding)()
+
+
+def model_loss(model: nnx.Module, batch: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict
+               ) -> tuple[jax.Array, jax.Array]:
+  """(total, final output's) loss of a training-mode model on a batch."""
+  final, sides = model(batch['image'])
+  return losses.deep_supervision_loss(final, sides, batch['label'], tuple(loss_cfg.side_weights),
+                                      loss_cfg.dice_eps)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
@@ -123,9 +128,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
                ) -> tuple[TrainState, TrainMetrics]:
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
-    final, sides = model(batch['image'])
-    total, loss_final = losses.deep_supervision_loss(
-        final, sides, batch['label'], tuple(loss_cfg.side_weights), loss_cfg.dice_eps)
+    total, loss_final = model_loss(model, batch, loss_cfg)
     return total, (loss_final, nnx.state(model, nnx.BatchStat))
 
   (loss, (loss_final, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -143,14 +146,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
       nonfinite=~finite)
 
 
-def trace_train_step(config: ml_collections.ConfigDict, image_HW: tuple[int, int]) -> None:
-  """Traces the train step on shapes alone, compiling nothing: raises at start-up what the model, the
-  loss or the optimiser would raise for `config` at the first step (widths, switches, side outputs)."""
-  tx = make_optimizer(config.optim, num_steps=1)
-  graphdef, _, state = create_train_state(config, tx, abstract=True)
+def trace_model_loss(config: ml_collections.ConfigDict, image_HW: tuple[int, int]) -> None:
+  """Builds the model and its loss on shapes alone, compiling nothing (a few times faster than tracing the
+  whole step): raises at start-up what the model, the loss or the optimiser would raise for `config` at
+  the first step (widths, switches, side outputs)."""
+  make_optimizer(config.optim, num_steps=1)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(config.seed))))
   batch = {'image': jax.ShapeDtypeStruct((1, *image_HW, 1), jnp.float32),
            'label': jax.ShapeDtypeStruct((1, *image_HW), jnp.int32)}
-  jax.eval_shape(functools.partial(train_step, graphdef=graphdef, tx=tx, loss_cfg=config.loss), state, batch)
+  jax.eval_shape(lambda p, b: model_loss(nnx.merge(graphdef, p), b, config.loss), params, batch)
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
@@ -327,11 +331,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             f'{mngr.directory / str(last) if last else "none"}. Lower optim.lr, check the data, or set '
             'train.nan_policy=skip')
       if is_log:
-        scalars = {f'train/{k}': float(summary[k]) for k in ('loss', 'loss_final', 'skipped_steps')}
+        # A period whose steps were all skipped has no loss to average: its row leaves the losses out.
+        scalars = {f'train/{k}': float(summary[k]) for k in ('loss', 'loss_final', 'skipped_steps')
+                   if np.isfinite(summary[k])}
         scalars['train/lr'] = float(lr_fn(step - 1))
         scalars['train/steps_per_s'] = progress.rate(step)
         writer.write_scalars(step, scalars)
-        logging.info('%s', progress.line(step, scalars['train/loss'], scalars['train/steps_per_s']))
+        logging.info('%s', progress.line(step, summary['loss'], scalars['train/steps_per_s']))
         if summary['skipped_steps']:
           logging.warning('%d step(s) up to step %d skipped for a non-finite loss or gradient '
                           '(train.nan_policy=skip)', summary['skipped_steps'], step)

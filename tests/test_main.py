@@ -169,6 +169,21 @@ def test_nan_in_the_data_stops_naming_the_step_and_keeps_a_finite_checkpoint(env
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_state(workdir, 2)))
 
 
+def test_nan_policy_skip_trains_through_a_nan_slice_and_counts_the_skips(env, phantom, tmp_path):
+  workdir = tmp_path / 'run'
+  config = tiny.get_config()
+  config.data.phantom_dir = str(phantom)
+  hit = _poison_a_training_slice(config, workdir, step=2)
+  result = _run(env, workdir, phantom, '--config.data.augment=false', '--config.train.nan_policy=skip')
+  assert result.returncode == 0, result.stderr
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if r.get('train/skipped_steps')] == hit
+  # A logging period whose steps were all skipped has no loss to average; the others have a finite one.
+  assert [r['step'] for r in rows if 'train/loss' in r] == [s for s in range(1, 7) if s not in hit]
+  assert all(np.isfinite(r['train/loss']) for r in rows if 'train/loss' in r)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_state(workdir, 6)))
+
+
 BAD_CONFIGS = {
     'unknown field': ('--config.train.learning_rate=0.1', '--config.train.learning_rate: no such config field'),
     'wrong type': ('--config.train.batch_size=four', 'flag --config.train.batch_size=four: invalid literal'),
