@@ -139,3 +139,10 @@ def test_table_is_the_mean_and_std_over_seeds_of_each_evaluation(runs):
   assert table.count('| Tiny EAS U-Net |') == 4
   assert '| FC | Broken | 0 | n/a |' in runs['table_after_second']
   assert (workdir / 'dice.png').stat().st_size > 0
+
+
+@pytest.mark.parametrize('visible, per_run, groups', [
+    ('0,1,2,3', 2, ['0,1', '2,3']), ('4,5,6', 2, ['4,5']), ('0,1', 1, ['0', '1']), ('', 1, [None])])
+def test_device_groups_split_the_visible_gpus(visible, per_run, groups, monkeypatch):
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', visible)
+  assert sweep.device_groups(per_run) == groups
