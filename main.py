@@ -37,6 +37,11 @@ flags.DEFINE_enum('mode', 'train', ['train', 'preprocess', 'evaluate', 'predict'
 flags.DEFINE_string('input', None, 'predict: a NIfTI file or a directory of them (*.nii.gz, *.nii).')
 flags.DEFINE_string('output', None, 'predict: the mask file (one input) or a directory (created).')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
+# JAX reads the coordinator's address from JAX_COORDINATOR_ADDRESS too, and all three from SLURM or Open MPI
+# itself; the process count and id have no variable of their own, hence these flags for other launchers.
+flags.DEFINE_string('coordinator_address', None, 'train.distributed: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'train.distributed: the number of processes.')
+flags.DEFINE_integer('process_id', None, 'train.distributed: this process, 0 .. num_processes - 1.')
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
@@ -91,7 +96,9 @@ def main(argv):
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   config = FLAGS.config
   if config.train.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if jax.process_index() > 0:  # process 0 speaks for all: progress lines, validation and reports
+    logging.set_verbosity(logging.WARNING)
   workdir = FLAGS.workdir or os.path.join('runs', config.name)
   # Programs compiled once are read back by later starts (unless JAX_COMPILATION_CACHE_DIR chose a place).
   if not jax.config.jax_compilation_cache_dir:

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from scipy import ndimage
 
 from easunet_jax import checkpoints, metrics, train
-from easunet_jax.data import pipeline, preprocess
+from easunet_jax.data import pipeline
 
 matplotlib.use('Agg')  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -319,13 +319,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   workdir = pathlib.Path(workdir)
   mesh = train.make_mesh()
   step, graphdef, state = restore_state(config, workdir, mesh)
-  store_dir = preprocess.prepare_data(config, workdir)
+  store_dir = train.prepare_data(config, workdir)
   if not pipeline.read_index(store_dir / 'test'):
     raise ValueError(f'the test split of {store_dir} is empty: set data.split or data.split_file to hold '
                      'test cases')
   scores = score_test_set(config, graphdef, state, store_dir, mesh)
 
   out = workdir / 'eval' / str(step)
+  if jax.process_index() > 0:  # every process scored the whole test set; process 0 writes it
+    return out
   out.mkdir(parents=True, exist_ok=True)
   per_case = scores['per_case']
   summary = _json_ready({

@@ -1,6 +1,7 @@
 """Metric writers (JSONL always, TensorBoard via tensorboardX) and the training progress line."""
 
 import json
+import math
 import pathlib
 import sys
 import time
@@ -26,7 +27,7 @@ class MetricWriter:
       rows = path.read_text().splitlines() if path.exists() else []
       kept = [row for row in rows if json.loads(row)['step'] <= start]
       path.write_text(''.join(row + '\n' for row in kept))
-      self._jsonl = open(path, 'a')
+      self._jsonl = open(path, 'a')  # noqa: SIM115 - appended to for the whole run, closed by close()
       self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -68,7 +69,7 @@ class Progress:
 
   def line(self, step: int, loss: float, steps_per_s: float) -> str:
     eta = self.eta_seconds(step)
-    eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if eta == eta else '?'
+    eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '?'
     width = 30
     bar = '#' * int(width * step / self.total) + '.' * (width - int(width * step / self.total))
     prefix = f'[{bar}] ' if self._tty else ''

@@ -21,6 +21,7 @@ from absl import logging
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -206,6 +207,18 @@ def validate(p_eval_step, state: TrainState, store_dir: pathlib.Path, batch_size
           'val/dice_mean': dice.mean()}
 
 
+def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+  """preprocess.prepare_data, run by process 0 first while the other processes wait: builders running
+  at once would delete each other's half-built stores. The others then find the store up to date on a
+  shared disk (or build their own copy on a local one)."""
+  if jax.process_index() > 0:
+    multihost_utils.sync_global_devices('slice store built')
+  store_dir = preprocess.prepare_data(config, workdir)
+  if jax.process_index() == 0:
+    multihost_utils.sync_global_devices('slice store built')
+  return store_dir
+
+
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[Callable[[], str | None]]:
   """While open, SIGTERM and SIGINT only ask the loop to save and stop after the step in flight; the
@@ -268,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     checkpoints.check_same_model(checkpoints.saved_config(mngr, start), config.model,
                                  mngr.directory / str(start))
 
-  store_dir = preprocess.prepare_data(config, workdir)
+  store_dir = prepare_data(config, workdir)
   train_slices = len(pipeline.SliceSource(store_dir / 'train'))
   num_steps = config.train.num_steps or config.train.num_epochs * train_slices // batch_size
   if num_steps <= 0:
@@ -301,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   def next_batch() -> tuple[dict[str, jax.Array], dict]:
     """The next batch, sent to the devices, and the iterator's state after it (what a checkpoint saves)."""
-    batch = pipeline.put_on_mesh(next(train_iter), data_sharding)
+    batch = pipeline.put_on_mesh(next(train_iter), data_sharding, per_process=True)
     return batch, train_iter.get_state()
 
   writer = logging_utils.MetricWriter(workdir, start)

@@ -5,7 +5,8 @@ import json
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import default
 from easunet_jax.data import phantom, pipeline, preprocess
@@ -65,6 +66,25 @@ def test_iterator_resume_gives_the_same_batches(store, workers):
   for iterator in (it, resumed, fresh):
     if hasattr(iterator, 'close'):
       iterator.close()
+
+
+def test_process_shards_make_up_the_one_process_batches(store, monkeypatch):
+  """Each of two processes reads the contiguous half of every global batch, augmentation included."""
+  whole = pipeline.train_iterator(store, batch_size=4, seed=3, augment=True, workers=0)
+  expected = [next(whole) for _ in range(7)]  # past the end of the first epoch
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  halves = []
+  for index in (0, 1):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    it = pipeline.train_iterator(store, batch_size=4, seed=3, augment=True, workers=0)
+    halves.append([next(it) for _ in range(7)])
+    assert it.get_state() == whole.get_state()  # so process 0's state resumes every process
+  for want, first, second in zip(expected, *halves):
+    assert first['image'].shape == (2, 64, 64, 1)
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), want[key])
+  with pytest.raises(ValueError, match='train.batch_size'):
+    pipeline.train_iterator(store, batch_size=3, seed=3, augment=False, workers=0)
 
 
 def test_eval_batches_padded_in_store_order(store):

@@ -65,17 +65,22 @@ class Augment(grain.transforms.RandomMap):
 
 def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, augment: bool,
                    workers: int) -> grain.DatasetIterator:
-  """Endless shuffled training batches of this process's shard; get_state()/set_state() resume it exactly.
+  """Endless shuffled training batches of this process's rows; get_state()/set_state() resume it exactly.
 
-  batch_size is the global batch; each process yields batch_size / process_count slices per batch.
+  batch_size is the global batch. The order and the augmentation are global (keyed by the position in
+  the shuffled stream), and each process reads only its contiguous share of each global batch: process p
+  of P gets rows [p * b, (p + 1) * b), b = batch_size / P. So P processes train on the same global
+  batches as one, and every process's iterator state (a count of its batches) is the same.
   """
-  if batch_size % jax.process_count():
-    raise ValueError(f'train.batch_size: {batch_size} does not divide by the {jax.process_count()} processes')
+  processes = jax.process_count()
+  if batch_size % processes:
+    raise ValueError(f'train.batch_size: {batch_size} does not divide by the {processes} processes')
   ds = grain.MapDataset.source(SliceSource(pathlib.Path(store_dir) / 'train')).seed(seed).shuffle().repeat()
-  ds = ds[jax.process_index()::jax.process_count()]
   if augment:
     ds = ds.random_map(Augment())
-  ds = ds.batch(batch_size // jax.process_count(), drop_remainder=True)
+  # A MapDataset batch reads its elements only when indexed, so the slice below reads only this
+  # process's blocks: block k * P + p of size b is rows [p * b, (p + 1) * b) of global batch k.
+  ds = ds.batch(batch_size // processes, drop_remainder=True)[jax.process_index()::processes]
   # A small read-ahead: a batch of full-size slices is ~10 MB, and the machines may have few cores.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if workers > 0:
@@ -105,6 +110,13 @@ def eval_batches(store_dir: str | pathlib.Path, batch_size: int, split: str = 'v
            'mask': np.arange(batch_size) < len(take)}
 
 
-def put_on_mesh(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """This process's part of a global batch -> global jax.Arrays laid out by sharding (e.g. P('data'))."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def put_on_mesh(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
+                per_process: bool = False) -> dict[str, jax.Array]:
+  """A global batch -> global jax.Arrays laid out by sharding (e.g. P('data')).
+
+  per_process: `batch` holds only this process's rows of the global batch (train_iterator's batches);
+  otherwise every process holds all rows (eval_batches'), and each device takes its own rows from them.
+  With one process both are the same.
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, v, None if per_process else v.shape)
+          for k, v in batch.items()}
