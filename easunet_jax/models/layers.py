@@ -2,7 +2,8 @@
 
 Convolutions that XLA:CPU runs badly are written out by hand: a depthwise 3x3 as nine shifted
 multiply-adds with its own VJP (grouped convolution is ~30x slower there), a 2x2 stride-2 transposed
-convolution as one matmul plus depth-to-space, and 1x1 convolutions as 2-D matmuls (`nnx.Linear`).
+convolution as one matmul plus depth-to-space, and 1x1 convolutions as 2-D matmuls with their own VJP
+(`nnx.Linear` layers whose contraction is `matmul_2d`).
 """
 
 import functools
@@ -30,9 +31,49 @@ def batch_norm(channels: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
   return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype, rngs=rngs)
 
 
+@jax.custom_vjp
+def matmul_2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (..., C_in) @ kernel (C_in, C_out) as one 2-D matmul, with a hand-written VJP.
+
+  Autodiff of the N-D contraction left XLA:CPU to pick the layouts of the backward pass: it wrote the
+  incoming gradient out transposed (fused into the BatchNorm backward, a strided pass over the map)
+  before the kernel-gradient matmul. Spelled out on (N, C) matrices, the two gradient matmuls read
+  their operands in place.
+  """
+  return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _matmul_2d_fwd(x, kernel):
+  return matmul_2d(x, kernel), (x, kernel)
+
+
+def _matmul_2d_bwd(residuals, g):
+  x, kernel = residuals
+  x_NC, g_NK = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dx = jax.lax.dot_general(g_NK, kernel, (((1,), (1,)), ((), ()))).reshape(x.shape)
+  # The kernel gradient sums over every pixel: accumulate in at least float32 (bfloat16 compute).
+  acc_dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+  dkernel = jax.lax.dot_general(x_NC, g_NK, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
+
+
+def _last_axis_dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None,
+                           out_sharding=None):
+  """nnx.Linear's `dot_general` hook: the contraction it asks for (last axis of x with the kernel's
+  first) done by `matmul_2d`."""
+  del precision, preferred_element_type, out_sharding  # float32 or the model dtype throughout
+  if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())):
+    raise ValueError(f'pointwise layers contract the last axis only, got {dimension_numbers}')
+  return matmul_2d(x, kernel)
+
+
 def pointwise(c_in: int, c_out: int, dtype, rngs: nnx.Rngs, use_bias: bool = False) -> nnx.Linear:
-  """1x1 convolution on NHWC maps: a matmul over the channel axis."""
-  return nnx.Linear(c_in, c_out, use_bias=use_bias, dtype=dtype, rngs=rngs)
+  """1x1 convolution on NHWC maps: a matmul over the channel axis (`matmul_2d`)."""
+  return nnx.Linear(c_in, c_out, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                    dot_general=_last_axis_dot_general)
 
 
 def resolve_depthwise_impl(impl: str) -> str:
@@ -49,18 +90,25 @@ def _live_taps(size: int, dilation: int) -> tuple[int, ...]:
   return tuple(o for o in (-1, 0, 1) if abs(o) * dilation < size)
 
 
-def _shifted(x: jax.Array, dy: int, dx: int) -> jax.Array:
-  """x shifted so that out[h, w] = x[h + dy, w + dx], zero outside the map (NHWC)."""
-  _, h, w, _ = x.shape
-  pad = ((0, 0), (max(-dy, 0), max(dy, 0)), (max(-dx, 0), max(dx, 0)), (0, 0))
-  xp = jnp.pad(x, pad)
-  return xp[:, max(dy, 0):max(dy, 0) + h, max(dx, 0):max(dx, 0) + w, :]
+def _taps(size_h: int, size_w: int, dilation: int) -> list[tuple[int, int]]:
+  """Kernel offsets (i, j) in {-1, 0, 1}^2 whose dilated tap can touch an h x w map."""
+  return [(i, j) for i in _live_taps(size_h, dilation) for j in _live_taps(size_w, dilation)]
 
 
-def _taps(x: jax.Array, dilation: int) -> list[tuple[int, int, int, int]]:
+def _stencil(x: jax.Array, kernel: jax.Array, dilation: int, mirror: bool) -> jax.Array:
+  """sum over taps of x shifted by (+-i d, +-j d) times kernel[i, j]: x padded once, then sliced per tap.
+
+  Padding each tap separately made XLA:CPU write out a padded copy of the map per tap.
+  """
   _, h, w, _ = x.shape
-  return [(i, j, i * dilation, j * dilation)
-          for i in _live_taps(h, dilation) for j in _live_taps(w, dilation)]
+  sign = -1 if mirror else 1
+  xp = jnp.pad(x, ((0, 0), (dilation, dilation), (dilation, dilation), (0, 0)))
+  out = None
+  for i, j in _taps(h, w, dilation):
+    top, left = dilation + sign * i * dilation, dilation + sign * j * dilation
+    term = xp[:, top:top + h, left:left + w, :] * kernel[i + 1, j + 1]
+    out = term if out is None else out + term
+  return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -69,10 +117,7 @@ def depthwise_shift(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array
 
   kernel: (3, 3, C) indexed by offset + 1. Taps that only reach padding are skipped.
   """
-  out = jnp.zeros_like(x)
-  for i, j, dy, dx in _taps(x, dilation):
-    out = out + _shifted(x, dy, dx) * kernel[i + 1, j + 1]
-  return out
+  return _stencil(x, kernel, dilation, mirror=False)
 
 
 def _depthwise_shift_fwd(x, kernel, dilation):
@@ -81,15 +126,18 @@ def _depthwise_shift_fwd(x, kernel, dilation):
 
 def _depthwise_shift_bwd(dilation, residuals, g):
   x, kernel = residuals
+  _, h, w, _ = x.shape
   # The input gradient is the same stencil with the kernel mirrored: shift g the opposite way.
+  dx = _stencil(g, kernel, dilation, mirror=True)
   # Kernel gradients accumulate in at least float32, also when the network computes in bfloat16.
   acc_dtype = jnp.promote_types(kernel.dtype, jnp.float32)
-  dx = jnp.zeros_like(x)
-  dk = [[jnp.zeros(kernel.shape[-1:], acc_dtype)] * 3 for _ in range(3)]
-  for i, j, dy, dxx in _taps(x, dilation):
-    dx = dx + _shifted(g, -dy, -dxx) * kernel[i + 1, j + 1]
-    dk[i + 1][j + 1] = jnp.sum(_shifted(x, dy, dxx) * g, axis=(0, 1, 2), dtype=acc_dtype)
-  return dx, jnp.stack([jnp.stack(row) for row in dk]).astype(kernel.dtype)
+  xp = jnp.pad(x, ((0, 0), (dilation, dilation), (dilation, dilation), (0, 0)))
+  dk = jnp.zeros(kernel.shape, acc_dtype)
+  for i, j in _taps(h, w, dilation):
+    top, left = dilation + i * dilation, dilation + j * dilation
+    dk = dk.at[i + 1, j + 1].set(
+        jnp.sum(xp[:, top:top + h, left:left + w, :] * g, axis=(0, 1, 2), dtype=acc_dtype))
+  return dx, dk.astype(kernel.dtype)
 
 
 depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)

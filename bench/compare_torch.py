@@ -1,0 +1,107 @@
+"""Ours against the PyTorch reference (`../shared/bench/torch_bench.py`), run alternately in one process tree.
+
+  python bench/compare_torch.py --config=configs/eas.py --batch=4 --size=384 --pairs=3
+
+Each pair runs, one subprocess after another and in the same environment (GLIBC_TUNABLES=
+glibc.malloc.hugetlb=1, the XLA scheduler flag of main.py, 2 threads for PyTorch), `bench/train_step.py`,
+`bench/inference.py` and the reference in each of --torch_layouts, and compares ours with the faster
+layout. Figures on a shared machine move between runs; ratios of neighbouring runs move much less, so the
+median over pairs of the per-pair ratios is what the last line, one JSON object, reports.
+
+PyTorch is no dependency of the project: the reference runs under $TORCH_PYTHON, else
+`.bench/torch-venv/bin/python`, which is made (`pip install torch==2.13.0 numpy`) when missing.
+"""
+
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+from absl import app, flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TORCH_VENV = REPO / '.bench' / 'torch-venv'
+
+_CONFIG = flags.DEFINE_string('config', 'configs/eas.py', 'Our configuration file (the reference is '
+                              "DESIGN.md's EAS U-Net at configs/eas.py's widths).")
+_BATCH = flags.DEFINE_integer('batch', 4, 'Slices per step, both sides.')
+_SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width, both sides.')
+_PAIRS = flags.DEFINE_integer('pairs', 3, 'Alternating rounds of ours and the reference.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps of each run (its median is used).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
+_THREADS = flags.DEFINE_integer('threads', 2, 'Threads of both sides (XLA:CPU uses one per core).')
+_TORCH_LAYOUTS = flags.DEFINE_list('torch_layouts', ['channels_last', 'nchw'],
+                                   'Memory layouts the reference runs in; the faster counts.')
+_TORCH_BENCH = flags.DEFINE_string('torch_bench', str(REPO.parent / 'shared' / 'bench' / 'torch_bench.py'),
+                                   "The reference's benchmark script.")
+_CACHE_DIR = flags.DEFINE_string('cache_dir', str(REPO / '.bench' / 'jax-cache'),
+                                 "JAX's persistent compilation cache for our runs: only the first compiles.")
+
+
+def torch_python() -> str:
+  """$TORCH_PYTHON, else the repo's git-ignored torch venv, made on first use (takes a minute or two)."""
+  if os.environ.get('TORCH_PYTHON'):
+    return os.environ['TORCH_PYTHON']
+  python = TORCH_VENV / 'bin' / 'python'
+  if not python.exists():
+    print(f'making {TORCH_VENV} (torch==2.13.0, numpy)', flush=True)
+    subprocess.run([sys.executable, '-m', 'venv', str(TORCH_VENV)], check=True)
+    subprocess.run([str(python), '-m', 'pip', 'install', '-q', 'torch==2.13.0', 'numpy'], check=True)
+  return str(python)
+
+
+def run_json(cmd: list[str], env: dict[str, str]) -> dict:
+  """Runs `cmd` and returns the JSON object on the last line of its stdout."""
+  result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise RuntimeError(f'{" ".join(cmd)} failed ({result.returncode}):\n{result.stderr[-3000:]}')
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  del argv
+  env = dict(os.environ, GLIBC_TUNABLES='glibc.malloc.hugetlb=1', OMP_NUM_THREADS=str(_THREADS.value))
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      ' --xla_cpu_enable_concurrency_optimized_scheduler=false').strip()
+  common = [f'--batch={_BATCH.value}', f'--size={_SIZE.value}', f'--steps={_STEPS.value}',
+            f'--warmup={_WARMUP.value}']
+  ours = [sys.executable, '-u']
+  torch_cmd = [torch_python(), _TORCH_BENCH.value, '--model', 'eas_unet', '--batch', str(_BATCH.value),
+               '--size', str(_SIZE.value), '--steps', str(_STEPS.value), '--warmup', str(_WARMUP.value),
+               '--threads', str(_THREADS.value)]
+  pairs = []
+  for pair in range(_PAIRS.value):
+    train = run_json(ours + ['bench/train_step.py', f'--config={_CONFIG.value}',
+                             f'--cache_dir={_CACHE_DIR.value}'] + common, env)
+    infer = run_json(ours + ['bench/inference.py', f'--config={_CONFIG.value}'] + common, env)
+    torch_runs = {layout: run_json(torch_cmd + (['--channels-last'] if layout == 'channels_last' else []), env)
+                  for layout in _TORCH_LAYOUTS.value}
+    torch_train = max(torch_runs.values(), key=lambda r: r['train_slices_per_s'])
+    torch_infer = max(torch_runs.values(), key=lambda r: r['infer_slices_per_s'])
+    row = {
+        'ours_train_slices_per_s': train['train_slices_per_s'], 'ours_infer_slices_per_s':
+        infer['infer_slices_per_s'], 'ours_compile_s': train['compile_s'],
+        'torch_train_slices_per_s': torch_train['train_slices_per_s'],
+        'torch_train_layout': 'channels_last' if torch_train['channels_last'] else 'nchw',
+        'torch_infer_slices_per_s': torch_infer['infer_slices_per_s'],
+        'torch_infer_layout': 'channels_last' if torch_infer['channels_last'] else 'nchw',
+        'torch_all': {k: [r['train_slices_per_s'], r['infer_slices_per_s']] for k, r in torch_runs.items()}}
+    row['train_ratio'] = round(row['ours_train_slices_per_s'] / row['torch_train_slices_per_s'], 3)
+    row['infer_ratio'] = round(row['ours_infer_slices_per_s'] / row['torch_infer_slices_per_s'], 3)
+    pairs.append(row)
+    print(f"pair {pair + 1}: train {row['ours_train_slices_per_s']} vs {row['torch_train_slices_per_s']} "
+          f"({row['torch_train_layout']}) slices/s = {row['train_ratio']}; inference "
+          f"{row['ours_infer_slices_per_s']} vs {row['torch_infer_slices_per_s']} "
+          f"({row['torch_infer_layout']}) = {row['infer_ratio']}; our compile {row['ours_compile_s']} s",
+          flush=True)
+  print(json.dumps({
+      'config': _CONFIG.value, 'batch': _BATCH.value, 'size': _SIZE.value, 'threads': _THREADS.value,
+      'device': train['device'], 'dtype': train['dtype'], 'torch': torch_train['torch'],
+      'train_ratio_median': statistics.median(r['train_ratio'] for r in pairs),
+      'infer_ratio_median': statistics.median(r['infer_ratio'] for r in pairs), 'pairs': pairs}))
+
+
+if __name__ == '__main__':
+  app.run(main)
