@@ -167,7 +167,7 @@ def device_groups(devices_per_run: int) -> list[str | None]:
       listing = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
       listing = ''
-    gpus = [str(i) for i, line in enumerate(l for l in listing.splitlines() if l.startswith('GPU '))]
+    gpus = [str(i) for i in range(sum(row.startswith('GPU ') for row in listing.splitlines()))]
   if not gpus:
     return [None]
   if devices_per_run > len(gpus):
@@ -387,7 +387,8 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
   """Runs the sweep `spec` in `workdir` (see the module docstring); True when every point finished."""
   for field in _SWEEP_FIELDS:
     if any(o.startswith(f'--config.{field}=') for o in overrides):
-      raise ValueError(f'--config.{field}: the sweep sets it for each point (use --seeds for the seeds)')
+      raise ValueError(f'--config.{field}: the sweep sets it for each point (seeds 0 .. --seeds - 1, one '
+                       'slice store per seed)')
   variants = load_sweep(spec)
   points = [Point(v, seed) for v in variants for seed in range(seeds)]
   args = {p: point_args(p, workdir, overrides) for p in points}
