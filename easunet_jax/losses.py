@@ -4,7 +4,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def soft_dice(probs_BHWK: jax.Array, onehot_BHWK: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -25,10 +24,12 @@ def segmentation_loss(logits_BHWK: jax.Array, labels_BHW: jax.Array, eps: float 
   weights = jnp.ones(labels_BHW.shape, jnp.float32)
   if valid_B is not None:
     weights = weights * valid_B.astype(jnp.float32)[:, None, None]
-  ce_pixels = optax.softmax_cross_entropy_with_integer_labels(logits, labels_BHW)
+  onehot = jax.nn.one_hot(labels_BHW, logits.shape[-1], dtype=jnp.float32)
+  # The one-hot form of the cross-entropy: optax's integer-label version differentiates into a scatter
+  # that XLA:CPU spends seconds compiling, once per loss term (five per EAS U-Net step).
+  ce_pixels = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(logits * onehot, axis=-1)
   ce = jnp.sum(ce_pixels * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-  onehot = jax.nn.one_hot(labels_BHW, logits.shape[-1], dtype=jnp.float32) * weights[..., None]
-  dice = soft_dice(jax.nn.softmax(logits) * weights[..., None], onehot, eps)
+  dice = soft_dice(jax.nn.softmax(logits) * weights[..., None], onehot * weights[..., None], eps)
   return ce + 1.0 - dice[1:].mean()
 
 
