@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easunet_jax.models import layers
-from easunet_jax.models.unet import Encoder, UpStage, check_input, network_output
+from easunet_jax.models.unet import UNet, check_input, network_output
 
 
 class AttentionGate(nnx.Module):
@@ -33,7 +33,7 @@ class AttentionGate(nnx.Module):
     return skip_BHWC * self.coefficients(skip_BHWC, gate_BhwG)
 
 
-class AttentionUNet(nnx.Module):
+class AttentionUNet(UNet):
   """U-Net whose decoder stage s concatenates gate_s(e_s, g) instead of e_s, g being the stage's input.
 
   Training mode returns (final, []) (no side outputs), evaluation mode the final (B, H, W, K) logits.
@@ -41,15 +41,11 @@ class AttentionUNet(nnx.Module):
 
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
                in_channels: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(features=features, num_classes=num_classes, in_channels=in_channels, dtype=dtype,
+                     rngs=rngs)
     f = tuple(features)
-    self.num_levels = len(f)
-    self.encoder = Encoder(in_channels, f, dtype=dtype, rngs=rngs)
-    # gates[s] and decoder[s] belong to the skip e_{s+1}: index 0 is full resolution.
+    # gates[s] belongs to the skip e_{s+1}, like decoder[s]: index 0 is full resolution.
     self.gates = nnx.List([AttentionGate(f[s], f[s + 1], dtype=dtype, rngs=rngs) for s in range(len(f) - 1)])
-    self.decoder = nnx.List([UpStage(f[s + 1], f[s], dtype=dtype, rngs=rngs) for s in range(len(f) - 1)])
-    self.head = layers.pointwise(f[0], num_classes, dtype, rngs, use_bias=True)
-    self.dtype = dtype
-    self.deterministic = False  # set by model.train() / model.eval()
 
   def __call__(self, x_BHWC: jax.Array):
     check_input(x_BHWC, self.num_levels, 'AttentionUNet')
