@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import default, tiny
-from easunet_jax.models import build_model, layers
+from easunet_jax.models import build_model, depthwise_cpu, layers
 from easunet_jax.models.eas_unet import EASUNet
 
 
@@ -70,7 +70,8 @@ def test_side_outputs_are_resized_with_half_pixel_centres():
 
 
 @pytest.mark.parametrize('dilation, size', [(1, 8), (2, 8), (6, 8), (12, 8), (18, 24)])
-def test_shift_and_xla_depthwise_agree_with_gradients(dilation, size):
+@pytest.mark.parametrize('impl', ['shift', 'native'])
+def test_depthwise_agrees_with_xla_grouped_conv_with_gradients(impl, dilation, size):
   key_x, key_k, key_g = jax.random.split(jax.random.key(dilation), 3)
   x = jax.random.normal(key_x, (2, size, size + 3, 5))
   kernel = jax.random.normal(key_k, (3, 3, 5))
@@ -80,14 +81,16 @@ def test_shift_and_xla_depthwise_agree_with_gradients(dilation, size):
     out, pullback = jax.vjp(lambda x, k: fn(x, k, dilation), x, kernel)
     return (out,) + pullback(cotangent)
 
-  for shift, xla in zip(vjp(layers.depthwise_shift), vjp(layers.depthwise_xla)):
-    np.testing.assert_allclose(shift, xla, atol=1e-5, rtol=1e-5)
+  fn = {'shift': layers.depthwise_shift, 'native': depthwise_cpu.depthwise}[impl]
+  for ours, xla in zip(vjp(jax.jit(fn, static_argnums=2)), vjp(layers.depthwise_xla)):
+    np.testing.assert_allclose(ours, xla, atol=1e-5, rtol=1e-5)
 
 
-def test_dilation_beyond_the_map_sees_only_the_centre_tap():
+@pytest.mark.parametrize('fn', [layers.depthwise_shift, depthwise_cpu.depthwise])
+def test_dilation_beyond_the_map_sees_only_the_centre_tap(fn):
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 3))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 3))
-  np.testing.assert_allclose(layers.depthwise_shift(x, kernel, 4), x * kernel[1, 1], rtol=1e-6)
+  np.testing.assert_allclose(fn(x, kernel, 4), x * kernel[1, 1], rtol=1e-6)
 
 
 def test_whole_network_same_under_shift_and_xla_depthwise():
@@ -114,9 +117,13 @@ def test_whole_network_same_under_shift_and_xla_depthwise():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.max(np.abs(b)))
 
 
-def test_auto_depthwise_takes_shift_on_cpu():
+def test_auto_depthwise_takes_the_native_kernel_on_cpu_in_float32_only():
   assert jax.default_backend() == 'cpu'
-  assert layers.resolve_depthwise_impl('auto') == 'shift'
+  assert depthwise_cpu.available()  # CI has a C++ compiler: the kernel must build there
+  assert layers.resolve_depthwise_impl('auto') == 'native'
+  assert layers.resolve_depthwise_impl('auto', jnp.bfloat16) == 'shift'
+  with pytest.raises(ValueError, match='float32'):
+    layers.resolve_depthwise_impl('native', jnp.bfloat16)
   with pytest.raises(ValueError, match='depthwise_impl'):
     layers.resolve_depthwise_impl('grouped')
 

@@ -1,7 +1,8 @@
 """Building blocks of the EAS U-Net: depthwise-separable convolution, ECA, up-sampling, pooling.
 
-Convolutions that XLA:CPU runs badly are written out by hand: a depthwise 3x3 as nine shifted
-multiply-adds with its own VJP (grouped convolution is ~30x slower there), a 2x2 stride-2 transposed
+Convolutions that XLA:CPU runs badly are written out by hand: a depthwise 3x3 as a small C++ kernel
+(`depthwise_cpu`) or, without a compiler, as nine shifted multiply-adds with its own VJP (grouped
+convolution is ~30x slower there), a 2x2 stride-2 transposed
 convolution as one matmul plus depth-to-space, and 1x1 convolutions as 2-D matmuls with their own VJP
 (`nnx.Linear` layers whose contraction is `matmul_2d`).
 """
@@ -12,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from easunet_jax.models import depthwise_cpu
 
 BN_MOMENTUM = 0.9  # flax convention; PyTorch's momentum=0.1
 BN_EPS = 1e-5
@@ -76,12 +79,17 @@ def pointwise(c_in: int, c_out: int, dtype, rngs: nnx.Rngs, use_bias: bool = Fal
                     dot_general=_last_axis_dot_general)
 
 
-def resolve_depthwise_impl(impl: str) -> str:
-  """'auto' -> 'shift' on CPU (grouped convolution is slow on XLA:CPU), else 'xla'."""
-  if impl not in ('auto', 'xla', 'shift'):
-    raise ValueError(f"model.depthwise_impl must be 'auto', 'xla' or 'shift', got {impl!r}")
+def resolve_depthwise_impl(impl: str, dtype=jnp.float32) -> str:
+  """'auto' -> on CPU 'native' (the C++ kernel; float32, when it compiled) else 'shift'; elsewhere 'xla'."""
+  if impl not in ('auto', 'xla', 'shift', 'native'):
+    raise ValueError(f"model.depthwise_impl must be 'auto', 'xla', 'shift' or 'native', got {impl!r}")
+  native_ok = jax.default_backend() == 'cpu' and jnp.dtype(dtype) == jnp.float32
   if impl == 'auto':
-    return 'shift' if jax.default_backend() == 'cpu' else 'xla'
+    if jax.default_backend() != 'cpu':
+      return 'xla'
+    return 'native' if native_ok and depthwise_cpu.available() else 'shift'
+  if impl == 'native' and not (native_ok and depthwise_cpu.available()):
+    raise ValueError("model.depthwise_impl='native' needs the CPU backend, float32 and a C++ compiler")
   return impl
 
 
@@ -161,11 +169,11 @@ class DepthwiseConv(nnx.Module):
     init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
     self.kernel = nnx.Param(init(rngs.params(), (3, 3, channels)))
     self.dilation = dilation
-    self.impl = resolve_depthwise_impl(impl)
+    self.impl = resolve_depthwise_impl(impl, dtype)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    fn = depthwise_shift if self.impl == 'shift' else depthwise_xla
+    fn = {'shift': depthwise_shift, 'xla': depthwise_xla, 'native': depthwise_cpu.depthwise}[self.impl]
     return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.dilation)
 
 
