@@ -81,15 +81,16 @@ def test_depthwise_agrees_with_xla_grouped_conv_with_gradients(impl, dilation, s
     out, pullback = jax.vjp(lambda x, k: fn(x, k, dilation), x, kernel)
     return (out,) + pullback(cotangent)
 
-  fn = {'shift': layers.depthwise_shift, 'native': layers.depthwise_native}[impl]
+  fn = {'shift': layers.depthwise_shift, 'native': depthwise_cpu.depthwise}[impl]
   for ours, xla in zip(vjp(jax.jit(fn, static_argnums=2)), vjp(layers.depthwise_xla)):
     np.testing.assert_allclose(ours, xla, atol=1e-5, rtol=1e-5)
 
 
-def test_dilation_beyond_the_map_sees_only_the_centre_tap():
+@pytest.mark.parametrize('fn', [layers.depthwise_shift, depthwise_cpu.depthwise])
+def test_dilation_beyond_the_map_sees_only_the_centre_tap(fn):
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 3))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 3))
-  np.testing.assert_allclose(layers.depthwise_shift(x, kernel, 4), x * kernel[1, 1], rtol=1e-6)
+  np.testing.assert_allclose(fn(x, kernel, 4), x * kernel[1, 1], rtol=1e-6)
 
 
 def test_whole_network_same_under_shift_and_xla_depthwise():
@@ -125,6 +126,19 @@ def test_auto_depthwise_takes_the_native_kernel_on_cpu_in_float32_only():
     layers.resolve_depthwise_impl('native', jnp.bfloat16)
   with pytest.raises(ValueError, match='depthwise_impl'):
     layers.resolve_depthwise_impl('grouped')
+
+
+def test_native_depthwise_runs_the_kernel_in_training_and_xla_stencil_in_evaluation():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
+  native = EASUNet(features=(4, 8, 16, 32, 64), depthwise_impl='native', rngs=nnx.Rngs(0))
+  shift = EASUNet(features=(4, 8, 16, 32, 64), depthwise_impl='shift', rngs=nnx.Rngs(0))
+  for model in (native, shift):
+    model.eval()
+  assert 'ffi_call' not in str(jax.make_jaxpr(native)(x))
+  np.testing.assert_allclose(native(x), shift(x), rtol=1e-5, atol=1e-5)
+  native.train()
+  graphdef, state = nnx.split(native)
+  assert 'ffi_call' in str(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x)[0])(state, x))
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():

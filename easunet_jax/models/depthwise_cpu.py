@@ -1,9 +1,9 @@
-"""The depthwise 3x3 kernel gradient of `depthwise_cpu.cc`, compiled on first use, called through jax.ffi.
+"""The CPU depthwise convolution of `depthwise_cpu.cc`, compiled on first use and called through jax.ffi.
 
 The shared library is built with the machine's C++ compiler for its own CPU (-march=native) into
 $EASUNET_CACHE (default ~/.cache/easunet_jax), keyed by the source, the compiler command, the jaxlib
 version and the CPU's feature flags, so a second start loads it in milliseconds. Without a compiler
-`available()` is False and `model.depthwise_impl='auto'` uses the pure-JAX kernel gradient instead.
+`available()` is False and `model.depthwise_impl='auto'` uses the pure-JAX stencil instead.
 """
 
 import ctypes
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name('depthwise_cpu.cc')
-_TARGET, _SYMBOL = 'easunet_depthwise_kernel_grad', 'EasunetDepthwiseKernelGrad'
+_TARGETS = {'easunet_depthwise_forward': 'EasunetDepthwiseForward',
+            'easunet_depthwise_kernel_grad': 'EasunetDepthwiseKernelGrad'}
 
 
 def _cpu_flags() -> str:
@@ -65,7 +66,8 @@ def build() -> pathlib.Path:
 @functools.cache
 def _register() -> None:
   library = ctypes.cdll.LoadLibrary(str(build()))
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), platform='cpu')
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
 
 
 @functools.cache
@@ -74,15 +76,32 @@ def available() -> bool:
   try:
     _register()
   except (RuntimeError, OSError) as e:
-    logging.warning('native depthwise kernel gradient unavailable, using the JAX one: %s', e)
+    logging.warning('native CPU depthwise convolution unavailable, using the JAX stencil: %s', e)
     return False
   return True
 
 
-def kernel_grad(x: jax.Array, g: jax.Array, dilation: int) -> jax.Array:
-  """Kernel gradient (3, 3, C) of a depthwise 3x3 cross-correlation ('same' zero padding) of float32 NHWC
-  `x`, given the gradient `g` of its output: dk[i + 1, j + 1, c] = sum_{n,h,w} x[n, h + i d, w + j d, c]
-  g[n, h, w, c]."""
+def _call(target: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array, dilation: int) -> jax.Array:
   _register()
-  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((3, 3, x.shape[-1]), jnp.float32))(
-      x, g, dilation=np.int64(dilation))
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32))(
+      a, b, dilation=np.int64(dilation))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+  """Depthwise 3x3 cross-correlation of float32 NHWC `x` with `kernel` (3, 3, C), 'same' zero padding."""
+  return _call('easunet_depthwise_forward', x.shape, x, kernel, dilation)
+
+
+def _depthwise_fwd(x, kernel, dilation):
+  return depthwise(x, kernel, dilation), (x, kernel)
+
+
+def _depthwise_bwd(dilation, residuals, g):
+  x, kernel = residuals
+  # The input gradient is the same convolution of g with the kernel mirrored.
+  dx = depthwise(g, kernel[::-1, ::-1], dilation)
+  return dx, _call('easunet_depthwise_kernel_grad', kernel.shape, x, g, dilation)
+
+
+depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)

@@ -1,8 +1,8 @@
 """Building blocks of the EAS U-Net: depthwise-separable convolution, ECA, up-sampling, pooling.
 
-Convolutions that XLA:CPU runs badly are written out by hand: a depthwise 3x3 as nine shifted
-multiply-adds with its own VJP (grouped convolution is ~30x slower there), whose kernel gradient is a
-small C++ kernel (`depthwise_cpu`) where a compiler is at hand, a 2x2 stride-2 transposed
+Convolutions that XLA:CPU runs badly are written out by hand: a depthwise 3x3 as a small C++ kernel
+(`depthwise_cpu`) or, without a compiler, as nine shifted multiply-adds with its own VJP (grouped
+convolution is ~30x slower there), a 2x2 stride-2 transposed
 convolution as one matmul plus depth-to-space, and 1x1 convolutions as 2-D matmuls with their own VJP
 (`nnx.Linear` layers whose contraction is `matmul_2d`).
 """
@@ -80,8 +80,10 @@ def pointwise(c_in: int, c_out: int, dtype, rngs: nnx.Rngs, use_bias: bool = Fal
 
 
 def resolve_depthwise_impl(impl: str, dtype=jnp.float32) -> str:
-  """'auto' -> on CPU 'native' (the C++ kernel gradient; float32, when it compiled) else 'shift'; elsewhere
-  'xla'."""
+  """'auto' -> on CPU 'native' (float32, when the C++ kernel compiled) else 'shift'; elsewhere 'xla'.
+
+  'native' runs the C++ kernel (`depthwise_cpu`) in training and XLA's stencil ('shift') in evaluation.
+  """
   if impl not in ('auto', 'xla', 'shift', 'native'):
     raise ValueError(f"model.depthwise_impl must be 'auto', 'xla', 'shift' or 'native', got {impl!r}")
   native_ok = jax.default_backend() == 'cpu' and jnp.dtype(dtype) == jnp.float32
@@ -120,46 +122,36 @@ def _stencil(x: jax.Array, kernel: jax.Array, dilation: int, mirror: bool) -> ja
   return out
 
 
-def _stencil_kernel_grad(x: jax.Array, g: jax.Array, dilation: int) -> jax.Array:
-  """Kernel gradient of the stencil in XLA: one reduction per tap over the shifted x times g."""
-  _, h, w, c = x.shape
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_shift(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+  """Depthwise 3x3 cross-correlation, 'same' zero padding: sum over taps of shifted x * kernel.
+
+  kernel: (3, 3, C) indexed by offset + 1. Taps that only reach padding are skipped.
+  """
+  return _stencil(x, kernel, dilation, mirror=False)
+
+
+def _depthwise_shift_fwd(x, kernel, dilation):
+  return depthwise_shift(x, kernel, dilation), (x, kernel)
+
+
+def _depthwise_shift_bwd(dilation, residuals, g):
+  x, kernel = residuals
+  _, h, w, _ = x.shape
+  # The input gradient is the same stencil with the kernel mirrored: shift g the opposite way.
+  dx = _stencil(g, kernel, dilation, mirror=True)
   # Kernel gradients accumulate in at least float32, also when the network computes in bfloat16.
-  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  acc_dtype = jnp.promote_types(kernel.dtype, jnp.float32)
   xp = jnp.pad(x, ((0, 0), (dilation, dilation), (dilation, dilation), (0, 0)))
-  dk = jnp.zeros((3, 3, c), acc_dtype)
+  dk = jnp.zeros(kernel.shape, acc_dtype)
   for i, j in _taps(h, w, dilation):
     top, left = dilation + i * dilation, dilation + j * dilation
     dk = dk.at[i + 1, j + 1].set(
         jnp.sum(xp[:, top:top + h, left:left + w, :] * g, axis=(0, 1, 2), dtype=acc_dtype))
-  return dk
+  return dx, dk.astype(kernel.dtype)
 
 
-def _stencil_depthwise(kernel_grad):
-  """Depthwise 3x3 cross-correlation, 'same' zero padding, as a sum over taps of shifted x * kernel, whose
-  VJP takes the input gradient as the same stencil and the kernel gradient from `kernel_grad(x, g, d)`.
-
-  (x, kernel (3, 3, C) indexed by offset + 1, dilation) -> output like x. Taps that only reach padding
-  are skipped.
-  """
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-  def depthwise(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-    return _stencil(x, kernel, dilation, mirror=False)
-
-  def fwd(x, kernel, dilation):
-    return depthwise(x, kernel, dilation), (x, kernel)
-
-  def bwd(dilation, residuals, g):
-    x, kernel = residuals
-    # The input gradient is the same stencil with the kernel mirrored: shift g the opposite way.
-    return _stencil(g, kernel, dilation, mirror=True), kernel_grad(x, g, dilation).astype(kernel.dtype)
-
-  depthwise.defvjp(fwd, bwd)
-  return depthwise
-
-
-depthwise_shift = _stencil_depthwise(_stencil_kernel_grad)
-# The same, with the one-pass C++ kernel gradient (float32, CPU).
-depthwise_native = _stencil_depthwise(depthwise_cpu.kernel_grad)
+depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 def depthwise_xla(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
@@ -182,9 +174,14 @@ class DepthwiseConv(nnx.Module):
     self.dilation = dilation
     self.impl = resolve_depthwise_impl(impl, dtype)
     self.dtype = dtype
+    self.deterministic = False  # set by model.train() / model.eval()
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    fn = {'shift': depthwise_shift, 'xla': depthwise_xla, 'native': depthwise_native}[self.impl]
+    fn = {'shift': depthwise_shift, 'xla': depthwise_xla, 'native': depthwise_cpu.depthwise}[self.impl]
+    if self.impl == 'native' and self.deterministic:
+      # Without a backward pass to feed, XLA's own stencil is faster: it fuses the BatchNorm and
+      # activation around it into the same loop, which it cannot do across a custom call.
+      fn = depthwise_shift
     return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.dilation)
 
 
