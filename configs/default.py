@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.features = (32, 64, 128, 256, 512)  # widths of the five encoder stages
   m.num_classes = 3  # background, femoral cartilage, tibial cartilage
   m.aspp_rates = (6, 12, 18)  # dilations of the EAS module's atrous branches
-  m.depthwise_impl = 'auto'  # 'auto' | 'native' (C++ kernel, CPU training) | 'shift' (nine shifted multiply-adds) | 'xla'
+  m.depthwise_impl = 'auto'  # 'auto' | 'native' (C++, CPU training) | 'shift' (shifted multiply-adds) | 'xla'
   m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
   # EAS U-Net ablations (other networks refuse a non-default value); the defaults are the paper's network.
   m.block = 'separable'  # encoder/decoder blocks: 'separable' (DS) | 'standard' (3x3 conv, BN, h-swish)

@@ -57,8 +57,8 @@ struct Shape {
       : n(x.dimensions()[0]), h(x.dimensions()[1]), w(x.dimensions()[2]), c(x.dimensions()[3]) {}
 };
 
-// o[c] += a[c] * b[c] for c < channels: in fixed blocks of 16 (one or two vector registers) when they
-// divide the channels, which the compiler unrolls; the loop over a variable count alone left it slow.
+// o[c] += a[c] * b[c] for c < channels, in fixed blocks of 16 (one or two vector registers) when they
+// divide the channels, which the compiler unrolls.
 inline void MultiplyAdd(float* __restrict__ o, const float* __restrict__ a, const float* __restrict__ b,
                         int64_t channels) {
   constexpr int64_t kBlock = 16;
@@ -68,6 +68,23 @@ inline void MultiplyAdd(float* __restrict__ o, const float* __restrict__ a, cons
     }
   } else {
     for (int64_t c = 0; c < channels; ++c) o[c] += a[c] * b[c];
+  }
+}
+
+// Calls tap_fn(t, in, w0, w1, off) for each tap t = (i + 1) * 3 + (j + 1) of output row r (= n * H + h)
+// whose source row h + i d lies in the map: `in` is that source row, and the tap reads its pixel w + off
+// for output pixels w in [w0, w1), the ones whose source column lies in the map too.
+template <typename TapFn>
+inline void ForEachTap(const Shape& s, int64_t d, const float* x, int64_t r, TapFn tap_fn) {
+  const int64_t n = r / s.h, h = r % s.h;
+  for (int64_t i = -1; i <= 1; ++i) {
+    const int64_t src_h = h + i * d;
+    if (src_h < 0 || src_h >= s.h) continue;
+    const float* in = x + (n * s.h + src_h) * s.w * s.c;
+    for (int64_t j = -1; j <= 1; ++j) {
+      const int64_t off = j * d;
+      tap_fn((i + 1) * 3 + (j + 1), in, std::max<int64_t>(0, -off), std::min<int64_t>(s.w, s.w - off), off);
+    }
   }
 }
 
@@ -82,22 +99,11 @@ ffi::Error Forward(ffi::ThreadPool pool, Map x, Taps k, ffi::Result<Map> y,
   const int64_t num_chunks = std::min(rows, kMaxChunks);
   ParallelFor(pool, num_chunks, [=](int64_t chunk) {
     for (int64_t r = rows * chunk / num_chunks; r < rows * (chunk + 1) / num_chunks; ++r) {
-      const int64_t n = r / s.h, h = r % s.h;
-      float* __restrict__ out = yd + r * row_len;
+      float* out = yd + r * row_len;
       std::fill(out, out + row_len, 0.0f);
-      for (int64_t i = -1; i <= 1; ++i) {
-        const int64_t src_h = h + i * d;
-        if (src_h < 0 || src_h >= s.h) continue;
-        const float* __restrict__ in = xd + (n * s.h + src_h) * row_len;
-        for (int64_t j = -1; j <= 1; ++j) {
-          const float* __restrict__ tap = kd + ((i + 1) * 3 + (j + 1)) * s.c;
-          const int64_t off = j * d;
-          const int64_t w0 = std::max<int64_t>(0, -off), w1 = std::min<int64_t>(s.w, s.w - off);
-          for (int64_t w = w0; w < w1; ++w) {
-            MultiplyAdd(out + w * s.c, in + (w + off) * s.c, tap, s.c);
-          }
-        }
-      }
+      ForEachTap(s, d, xd, r, [&](int64_t t, const float* in, int64_t w0, int64_t w1, int64_t off) {
+        for (int64_t w = w0; w < w1; ++w) MultiplyAdd(out + w * s.c, in + (w + off) * s.c, kd + t * s.c, s.c);
+      });
     }
   });
   return ffi::Error::Success();
@@ -117,22 +123,12 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, Map x, Map g, ffi::Result<Taps> dk,
     float* __restrict__ part = partial_data + chunk * taps_len;
     std::vector<float> row_sums(taps_len);
     for (int64_t r = rows * chunk / num_chunks; r < rows * (chunk + 1) / num_chunks; ++r) {
-      const int64_t n = r / s.h, h = r % s.h;
-      const float* __restrict__ grad = gd + r * row_len;
+      const float* grad = gd + r * row_len;
       std::fill(row_sums.begin(), row_sums.end(), 0.0f);
-      for (int64_t i = -1; i <= 1; ++i) {
-        const int64_t src_h = h + i * d;
-        if (src_h < 0 || src_h >= s.h) continue;
-        const float* __restrict__ in = xd + (n * s.h + src_h) * row_len;
-        for (int64_t j = -1; j <= 1; ++j) {
-          float* __restrict__ acc = row_sums.data() + ((i + 1) * 3 + (j + 1)) * s.c;
-          const int64_t off = j * d;
-          const int64_t w0 = std::max<int64_t>(0, -off), w1 = std::min<int64_t>(s.w, s.w - off);
-          for (int64_t w = w0; w < w1; ++w) {
-            MultiplyAdd(acc, in + (w + off) * s.c, grad + w * s.c, s.c);
-          }
-        }
-      }
+      ForEachTap(s, d, xd, r, [&](int64_t t, const float* in, int64_t w0, int64_t w1, int64_t off) {
+        float* acc = row_sums.data() + t * s.c;
+        for (int64_t w = w0; w < w1; ++w) MultiplyAdd(acc, in + (w + off) * s.c, grad + w * s.c, s.c);
+      });
       for (int64_t t = 0; t < taps_len; ++t) part[t] += row_sums[t];
     }
   });

@@ -3,7 +3,8 @@
 The shared library is built with the machine's C++ compiler for its own CPU (-march=native) into
 $EASUNET_CACHE (default ~/.cache/easunet_jax), keyed by the source, the compiler command, the jaxlib
 version and the CPU's feature flags, so a second start loads it in milliseconds. Without a compiler
-`available()` is False and `model.depthwise_impl='auto'` uses the pure-JAX stencil instead.
+`available()` is False and `model.depthwise_impl='auto'` uses the pure-JAX stencil instead. The model
+uses it in training only (`layers.DepthwiseConv`).
 """
 
 import ctypes
@@ -37,8 +38,8 @@ def _cpu_flags() -> str:
 
 
 def _compile_command(compiler: str, output: pathlib.Path) -> list[str]:
-  return [compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
-          str(SOURCE), '-o', str(output)]
+  return [compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w',
+          f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(output)]
 
 
 @functools.cache
@@ -56,7 +57,8 @@ def build() -> pathlib.Path:
     # Built under a temporary name and renamed: processes starting together never load a partial file.
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
       partial = pathlib.Path(tmp) / library.name
-      result = subprocess.run(_compile_command(compiler, partial), capture_output=True, text=True, check=False)
+      result = subprocess.run(_compile_command(compiler, partial), capture_output=True, text=True,
+                              check=False)
       if result.returncode:
         raise RuntimeError(f'compiling {SOURCE.name} failed: {result.stderr.strip()[-2000:]}')
       os.replace(partial, library)

@@ -1,10 +1,10 @@
 """Building blocks of the EAS U-Net: depthwise-separable convolution, ECA, up-sampling, pooling.
 
-Convolutions that XLA:CPU runs badly are written out by hand: a depthwise 3x3 as a small C++ kernel
-(`depthwise_cpu`) or, without a compiler, as nine shifted multiply-adds with its own VJP (grouped
-convolution is ~30x slower there), a 2x2 stride-2 transposed
-convolution as one matmul plus depth-to-space, and 1x1 convolutions as 2-D matmuls with their own VJP
-(`nnx.Linear` layers whose contraction is `matmul_2d`).
+Convolutions that XLA:CPU runs badly are written out by hand: a depthwise 3x3 as nine shifted
+multiply-adds with its own VJP (grouped convolution is ~30x slower there), and in training as a small C++
+kernel (`depthwise_cpu`) where a compiler is at hand, a 2x2 stride-2 transposed convolution as one
+matmul plus depth-to-space, and 1x1 convolutions as 2-D matmuls with their own VJP (`nnx.Linear` layers
+whose contraction is `matmul_2d`).
 """
 
 import functools
@@ -177,11 +177,10 @@ class DepthwiseConv(nnx.Module):
     self.deterministic = False  # set by model.train() / model.eval()
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    fn = {'shift': depthwise_shift, 'xla': depthwise_xla, 'native': depthwise_cpu.depthwise}[self.impl]
-    if self.impl == 'native' and self.deterministic:
-      # Without a backward pass to feed, XLA's own stencil is faster: it fuses the BatchNorm and
-      # activation around it into the same loop, which it cannot do across a custom call.
-      fn = depthwise_shift
+    # Without a backward pass to feed, XLA's own stencil beats the native kernel: it fuses the BatchNorm
+    # and activation around it into the same loop, which it cannot do across a custom call.
+    impl = 'shift' if self.impl == 'native' and self.deterministic else self.impl
+    fn = {'shift': depthwise_shift, 'xla': depthwise_xla, 'native': depthwise_cpu.depthwise}[impl]
     return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.dilation)
 
 
