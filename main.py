@@ -4,27 +4,18 @@ import os
 import pathlib
 import sys
 
-# XLA:CPU maps a fresh multi-GB scratch buffer every step, and page faults then take a quarter of the
-# step (measured on the demo: 2.1 against 1.7 steps/s). glibc reads this setting only when a process
-# starts, so the process starts itself again once with it.
-if sys.platform.startswith('linux') and 'glibc.malloc.hugetlb' not in os.environ.get('GLIBC_TUNABLES', ''):
-  os.environ['GLIBC_TUNABLES'] = ':'.join(
-      filter(None, [os.environ.get('GLIBC_TUNABLES'), 'glibc.malloc.hugetlb=1']))
-  os.execv(sys.executable, [sys.executable, *sys.argv])
+from easunet_jax import environment
 
-# Set before jax is imported: XLA:CPU's concurrency-optimised scheduler more than doubles the scratch
-# memory of a training step (batch 16 at 384 x 384 would not fit in 24 GB with it).
-if '--xla_cpu_enable_concurrency_optimized_scheduler' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_cpu_enable_concurrency_optimized_scheduler=false').strip()
+environment.configure()  # before jax is imported: it may start this process again
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import default  # noqa: E402
-from easunet_jax import config_check, evaluate, predict, train  # noqa: E402
+from easunet_jax import config_check, evaluate, parallel, predict, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
+from easunet_jax.errors import ConfigError, UserError  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo].',
                                 lock_config=True)
@@ -45,13 +36,11 @@ flags.DEFINE_integer('process_id', None, 'train.distributed: this process, 0 .. 
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
-CONFIG_ERROR_EXIT_CODE = 2  # bad flags or config fields; other user errors exit with 1
 
 
 def _exit_config_error(message: str) -> None:
   print(f'error: {" ".join(message.split())}', file=sys.stderr)
-  sys.exit(CONFIG_ERROR_EXIT_CODE)
+  sys.exit(ConfigError.exit_code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -72,7 +61,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     before, traceback, _ = str(e).partition('Traceback (most recent call last):')
     message = before + str(e).strip().splitlines()[-1] if traceback else str(e)
     known = config_check.leaves(default.get_config())
-    overrides = [arg.removeprefix('--config.').partition('=')[0] for arg in argv if arg.startswith('--config.')]
+    overrides = [arg.removeprefix('--config.').partition('=')[0] for arg in argv
+                 if arg.startswith('--config.')]
     unknown = [name for name in overrides if name not in known]
     if not unknown:
       _exit_config_error(message)
@@ -102,32 +92,29 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join('runs', config.name)
   # Programs compiled once are read back by later starts (unless JAX_COMPILATION_CACHE_DIR chose a place).
   if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(workdir).absolute().parent / '.jax_cache'))
+    jax.config.update('jax_compilation_cache_dir',
+                      str(pathlib.Path(workdir).absolute().parent / '.jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   try:
     config_check.check_config(config, default.get_config(), FLAGS.mode)
-  except config_check.ConfigError as e:
-    if FLAGS.verbose:
-      raise
-    _exit_config_error(str(e))
-  logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
-               jax.devices())
-  try:
+    if FLAGS.mode == 'predict' and not (FLAGS.input and FLAGS.output):
+      raise ConfigError('--mode=predict needs --input and --output')
+    logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
+                 jax.devices())
     if FLAGS.mode == 'preprocess':
-      preprocess.prepare_data(config, workdir)
+      with parallel.process_0_first('slice store built'):
+        preprocess.prepare_data(config, workdir)
     elif FLAGS.mode == 'evaluate':
       evaluate.evaluate(config, workdir)
     elif FLAGS.mode == 'predict':
-      if not FLAGS.input or not FLAGS.output:
-        raise ValueError('--mode=predict needs --input and --output')
       predict.predict(config, workdir, FLAGS.input, FLAGS.output)
     else:
       train.train_and_evaluate(config, workdir)
-  except USER_ERRORS as e:
+  except UserError as e:  # what the user can fix, in one line; any other exception is a bug: traceback
     if FLAGS.verbose:
       raise
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 if __name__ == '__main__':

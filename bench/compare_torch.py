@@ -1,12 +1,13 @@
-"""Ours against the PyTorch reference (`../shared/bench/torch_bench.py`), run alternately in one process tree.
+"""Ours against the PyTorch reference of the same network (`--torch_bench`, by default
+`../shared/bench/torch_bench.py` beside this checkout), run alternately in one process tree.
 
   python bench/compare_torch.py --config=configs/eas.py --batch=4 --size=384 --pairs=3
 
-Each pair runs, one subprocess after another and in the same environment (GLIBC_TUNABLES=
-glibc.malloc.hugetlb=1, the XLA scheduler flag of main.py, 2 threads for PyTorch), `bench/train_step.py`,
-`bench/inference.py` and the reference in each of --torch_layouts, and compares ours with the faster
-layout. Figures on a shared machine move between runs; ratios of neighbouring runs move much less, so the
-median over pairs of the per-pair ratios is what the last line, one JSON object, reports.
+Each pair runs, one subprocess after another and in the same environment (`environment.benchmark_env`: the
+settings main.py runs with, --threads threads for PyTorch), `bench/step_time.py` for the training step and
+for inference, and the reference in each of --torch_layouts, and compares ours with the faster layout.
+Figures on a shared machine move between runs; ratios of neighbouring runs move much less, so the median
+over pairs of the per-pair ratios is what the last line, one JSON object, reports.
 
 PyTorch is no dependency of the project: the reference runs under $TORCH_PYTHON, else
 `.bench/torch-venv/bin/python`, which is made (`pip install torch==2.13.0 numpy`) when missing.
@@ -21,11 +22,13 @@ import sys
 
 from absl import app, flags
 
+from easunet_jax import environment
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TORCH_VENV = REPO / '.bench' / 'torch-venv'
 
-_CONFIG = flags.DEFINE_string('config', 'configs/eas.py', 'Our configuration file (the reference is '
-                              "DESIGN.md's EAS U-Net at configs/eas.py's widths).")
+_CONFIG = flags.DEFINE_string('config', 'configs/eas.py',
+                              "Our configuration (the reference is EAS U-Net at configs/eas.py's widths).")
 _BATCH = flags.DEFINE_integer('batch', 4, 'Slices per step, both sides.')
 _SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width, both sides.')
 _PAIRS = flags.DEFINE_integer('pairs', 3, 'Alternating rounds of ours and the reference.')
@@ -62,9 +65,7 @@ def run_json(cmd: list[str], env: dict[str, str]) -> dict:
 
 def main(argv):
   del argv
-  env = dict(os.environ, GLIBC_TUNABLES='glibc.malloc.hugetlb=1', OMP_NUM_THREADS=str(_THREADS.value))
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      ' --xla_cpu_enable_concurrency_optimized_scheduler=false').strip()
+  env = environment.benchmark_env(_THREADS.value)
   common = [f'--batch={_BATCH.value}', f'--size={_SIZE.value}', f'--steps={_STEPS.value}',
             f'--warmup={_WARMUP.value}']
   ours = [sys.executable, '-u']
@@ -73,10 +74,11 @@ def main(argv):
                '--threads', str(_THREADS.value)]
   pairs = []
   for pair in range(_PAIRS.value):
-    train = run_json(ours + ['bench/train_step.py', f'--config={_CONFIG.value}',
+    train = run_json(ours + ['bench/step_time.py', '--step=train', f'--config={_CONFIG.value}',
                              f'--cache_dir={_CACHE_DIR.value}'] + common, env)
-    infer = run_json(ours + ['bench/inference.py', f'--config={_CONFIG.value}'] + common, env)
-    torch_runs = {layout: run_json(torch_cmd + (['--channels-last'] if layout == 'channels_last' else []), env)
+    infer = run_json(ours + ['bench/step_time.py', '--step=inference', f'--config={_CONFIG.value}'] + common,
+                     env)
+    torch_runs = {layout: run_json(torch_cmd + ['--channels-last'] * (layout == 'channels_last'), env)
                   for layout in _TORCH_LAYOUTS.value}
     torch_train = max(torch_runs.values(), key=lambda r: r['train_slices_per_s'])
     torch_infer = max(torch_runs.values(), key=lambda r: r['infer_slices_per_s'])

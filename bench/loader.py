@@ -15,10 +15,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from absl import flags
 
 from configs import default
+from easunet_jax import models
 from easunet_jax.data import phantom, pipeline, preprocess
 
 
@@ -47,7 +47,8 @@ def main() -> None:
     cfg = default.get_config().data
     cfg.root, cfg.split = str(pathlib.Path(tmp) / 'knees'), (1.0, 0.0, 0.0)
     phantom.write_dataset(cfg.root, args.subjects)
-    store = preprocess.ensure_slice_store(cfg, pathlib.Path(tmp) / 'slices', seed=0)
+    store = preprocess.ensure_slice_store(cfg, pathlib.Path(tmp) / 'slices', seed=0,
+                                          multiple=models.stride(default.get_config().model.features))
     source = pipeline.SliceSource(store / 'train')
     runs = {}
     for augment in (False, True):

@@ -8,11 +8,6 @@ multiply-add as 2 FLOPs. The depthwise convolutions are counted as grouped convo
 'shift' (the CPU default) XLA sees nine shifted multiply-adds and their zero padding as elementwise ops.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import jax
 import jax.numpy as jnp
 import ml_collections

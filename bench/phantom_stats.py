@@ -1,18 +1,19 @@
 """Phantom against the real reference knee: slices with cartilage, cartilage voxel share, mean thickness.
 
-python bench/phantom_stats.py [--num 5]: phantom subjects of the default dataset (seed 0) at OAI-ZIB
-geometry, their mean, and the reference label map (../shared/data/); prints a Markdown table, then one JSON
-line.
+python bench/phantom_stats.py [--num 5] [--reference labels.nii.gz]: phantom subjects of the default
+dataset (seed 0) at OAI-ZIB geometry, their mean, and a real knee's OAI-ZIB label map (by default the
+reference knee in ../shared/data/ beside this checkout); prints a Markdown table, then one JSON line. The
+measures are `easunet_jax.measures.cartilage_measures`.
 """
 
 import argparse
 import json
 import pathlib
-import sys
+from collections.abc import Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from easunet_jax import measures
 from easunet_jax.data import phantom, volumes
 
 REFERENCE = pathlib.Path(__file__).resolve().parents[2] / 'shared/data/reference_knee_labels_oaizib.nii.gz'
@@ -23,6 +24,11 @@ ROWS = (('slices_with_cartilage', 'sagittal slices with cartilage (fraction)'),
         ('tc_thickness_mm', 'tibial cartilage mean thickness (mm)'))
 
 
+def _measures(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+  plates = {name: labels == value for name, value in volumes.OAI_ZIB_CARTILAGE.items()}
+  return measures.cartilage_measures(plates, spacing)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--num', type=int, default=5, help='phantom subjects')
@@ -31,9 +37,9 @@ def main() -> None:
   identity = ((1, 1), (2, 2), (3, 3), (4, 4))
   _, labels, spacing = volumes.load_case(volumes.Case('reference', pathlib.Path(args.reference),
                                                       pathlib.Path(args.reference)), identity)
-  reference = phantom.cartilage_statistics(labels, spacing)
-  subjects = [phantom.cartilage_statistics(phantom.make_subject(phantom.subject_seed(0, i))[1],
-                                           phantom.DEFAULT_SPACING) for i in range(args.num)]
+  reference = _measures(labels, spacing)
+  subjects = [_measures(phantom.make_subject(phantom.subject_seed(0, i))[1], phantom.DEFAULT_SPACING)
+              for i in range(args.num)]
   mean = {k: float(np.mean([s[k] for s in subjects])) for k in reference}
   lo = {k: min(s[k] for s in subjects) for k in reference}
   hi = {k: max(s[k] for s in subjects) for k in reference}

@@ -1,20 +1,26 @@
-"""Orbax checkpoint wiring: `<workdir>/checkpoints/<step>/` with the train state, the data iterator's
-position and the config; keeps the latest `keep` steps and the best by validation mean cartilage Dice.
+"""Orbax checkpoints in `<workdir>/checkpoints/<step>/`: the train state, the data iterator's position and
+the config. Training saves and resumes; evaluation and prediction restore the step `eval.checkpoint` names.
+The latest `keep` steps are kept, and the best by validation mean cartilage Dice.
 
 A kill at any moment leaves only whole checkpoints under step names: orbax writes each step into
 `<step>.orbax-checkpoint-tmp-*` and renames it when complete, and a step it drops is first renamed into
 `checkpoints/deleting/` and only then removed.
 """
 
+import contextlib
 import logging
 import pathlib
 import shutil
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from easunet_jax.errors import CheckpointError, ConfigError
 
 BEST_METRIC = 'val/dice_mean'
 # Fields of the `model` group that choose only how the network is computed, not its weights: a checkpoint
@@ -23,8 +29,8 @@ _COMPUTE_ONLY_FIELDS = ('dtype', 'depthwise_impl')
 _DELETING = 'deleting'
 
 # Orbax's default, replica-parallel saving, slices every replicated array into one piece per device, and
-# each new slice shape compiles a small program: a process's first save of the tiny model took 10 s of
-# those compiles, 1 s without. One replica writes each array instead. (Orbax warns that the default is
+# each new slice shape compiles a small program: a process's first save spent most of its time compiling
+# them (docs/performance.md). One replica writes each array instead. (Orbax warns that the default is
 # replaced; at import, before logging is set up, that would be a stray line on stderr.)
 _absl_logger = logging.getLogger('absl')
 _level = _absl_logger.level
@@ -96,7 +102,7 @@ def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, step_dir
     def describe(group) -> str:
       return ', '.join(f'{k}={_plain(group.get(k))}' for k in shown)
 
-    raise ValueError(f'{step_dir} was trained with model {describe(trained)} but the config asks for '
+    raise CheckpointError(f'{step_dir} was trained with model {describe(trained)} but the config asks for '
                      f'{describe(model_cfg)}; use the config the workdir was trained with, or another '
                      'workdir')
 
@@ -104,3 +110,80 @@ def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, step_dir
 def _plain(value):
   """JSON and ConfigDict spell sequences as lists or tuples: compare and print them one way."""
   return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _requested_step(mngr: ocp.CheckpointManager, requested: str | int) -> int:
+  """The step that eval.checkpoint ('best' | 'latest' | a step number) names in `mngr`."""
+  directory = mngr.directory
+  steps = mngr.all_steps()
+  if not steps:
+    raise CheckpointError(f'no checkpoint in {directory}: train this workdir first')
+  requested = str(requested)
+  if requested == 'latest':
+    return mngr.latest_step()
+  if requested == 'best':
+    step = mngr.best_step()
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {directory} has validation metrics to pick the best from; '
+                            'pass --config.eval.checkpoint=latest or a step')
+    return step
+  if not requested.isdigit():
+    raise ConfigError(f"eval.checkpoint: expected 'best', 'latest' or a step number, got {requested!r}")
+  if int(requested) not in steps:
+    raise CheckpointError(f'eval.checkpoint: step {requested} is not in {directory} (steps: '
+                          f'{", ".join(map(str, sorted(steps)))})')
+  return int(requested)
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                          target: Callable[[], Any]) -> tuple[int, Any]:
+  """(step, state) of the checkpoint `config.eval.checkpoint` names in `workdir`, refused unless it was
+  trained with `config.model`'s network. `target()` gives the state to restore into (its structure and
+  shardings); it is called only once those checks have passed."""
+  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+  if not directory.is_dir():  # checked first: the manager would create the folder
+    raise CheckpointError(f'no checkpoint in {directory}: train this workdir first')
+  with _unreadable_as_one_line(directory):  # the manager reads every step's metrics
+    mngr = manager(workdir, config.checkpoint.keep)
+  try:
+    step = _requested_step(mngr, config.eval.checkpoint)
+    with _unreadable_as_one_line(directory / str(step)):
+      saved = saved_config(mngr, step)
+    check_same_model(saved, config.model, directory / str(step))
+    abstract = target()
+    with _unreadable_as_one_line(directory / str(step)):
+      state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+  finally:
+    mngr.close()
+  return step, state
+
+
+def _drop_closed_loop_errors() -> None:
+  """Silences the reads that a failed orbax restore leaves in flight: each one that completes later calls
+  back into the event loop orbax has closed, and Python would print a 'RuntimeError: Event loop is closed'
+  traceback for each (hundreds) after the one-line error. Other unraisable errors still reach the hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_errors', False):
+    return
+
+  def hook(unraisable) -> None:
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_closed_loop_errors = True
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _unreadable_as_one_line(path: pathlib.Path) -> Iterator[None]:
+  """Turns what orbax and tensorstore raise on missing, truncated or foreign checkpoint files into one line
+  that names `path`."""
+  try:
+    yield
+  except Exception as e:  # tensorstore reports a truncated array file as a bare Exception
+    # Only orbax reads run in this block, so whatever fails here is the checkpoint's files.
+    _drop_closed_loop_errors()
+    reason = ' '.join(str(e).split()) or type(e).__name__
+    reason = reason if len(reason) <= 160 else reason[:160] + '...'  # tensorstore's run to pages
+    raise CheckpointError(f'{path}: unreadable or corrupt checkpoint ({reason})') from None

@@ -5,21 +5,19 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 
-from easunet_jax import train
+from easunet_jax import models, steps
+from easunet_jax.errors import ConfigError
 
-_SLICE_MULTIPLE = 16  # the networks halve a slice four times
-# Any multiple of 16 serves to trace the step for real data: their slice store pads slices to one.
-_TRACE_HW = (256, 256)
+# Slices of this many strides trace the step for real data: their slice store pads slices to a multiple.
+_TRACE_STRIDES = 16
 _POSITIVE = ('train.batch_size', 'train.eval_every_steps', 'eval.batch_size', 'predict.batch_size',
              'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'data.phantom_num')
 _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers')
 NAN_POLICIES = ('stop', 'skip')
-
-
-class ConfigError(ValueError):
-  """A config field with a value the run cannot use."""
 
 
 def leaves(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
@@ -95,16 +93,30 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError(f'data.root: expected a dataset directory (images/ + labels/ or imagesTr/ + labelsTr/) '
                       f"or '' for the built-in phantom, got {data.root!r}, which is not a directory")
   if data.split_file and not pathlib.Path(data.split_file).is_file():
-    raise ConfigError(f"data.split_file: expected a JSON file or '', got {data.split_file!r}, which is not a file")
-  image_HW = _TRACE_HW
+    raise ConfigError(f"data.split_file: expected a JSON file or '', got {data.split_file!r}, which is not a "
+                      'file')
+  multiple = models.stride(config.model.features)
+  image_HW = (_TRACE_STRIDES * multiple,) * 2
   if not data.root:
     shape = tuple(data.phantom_shape)
-    if len(shape) != 3 or min(shape) <= 0 or shape[1] % _SLICE_MULTIPLE or shape[2] % _SLICE_MULTIPLE:
+    if len(shape) != 3 or min(shape) <= 0 or shape[1] % multiple or shape[2] % multiple:
       raise ConfigError(f'data.phantom_shape: expected 3 positive sizes, the last two (the sagittal slice) '
-                        f'multiples of {_SLICE_MULTIPLE}, got {shape}')
+                        f'multiples of the network stride {multiple}, got {shape}')
     image_HW = shape[1:]
   if mode != 'preprocess':
     try:
-      train.trace_model_loss(config, image_HW)
-    except (ValueError, TypeError) as e:
-      raise ConfigError(' '.join(str(e).split())) from e
+      trace_model_loss(config, image_HW)
+    except (ValueError, TypeError) as e:  # jax's shape errors: widths the network cannot join
+      raise ConfigError(f'model.features {tuple(config.model.features)}: {" ".join(str(e).split())}') from e
+
+
+def trace_model_loss(config: ml_collections.ConfigDict, image_HW: tuple[int, int]) -> None:
+  """Builds the model and its loss on shapes alone, compiling nothing (a few times faster than tracing the
+  whole step): raises at start-up what the model, the loss or the optimiser would raise for `config` at
+  the first step (widths, switches, side outputs)."""
+  steps.make_optimizer(config.optim, num_steps=1)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: models.build_model(config.model,
+                                                                          nnx.Rngs(config.seed))))
+  batch = {'image': jax.ShapeDtypeStruct((1, *image_HW, 1), jnp.float32),
+           'label': jax.ShapeDtypeStruct((1, *image_HW), jnp.int32)}
+  jax.eval_shape(lambda p, b: steps.model_loss(nnx.merge(graphdef, p), b, config.loss), params, batch)

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from easunet_jax.errors import ConfigError
+
 
 def soft_dice(probs_BHWK: jax.Array, onehot_BHWK: jax.Array, eps: float = 1e-5) -> jax.Array:
   """Per-class soft Dice (K,), sums over the whole batch: (2 sum(p g) + eps) / (sum p + sum g + eps)."""
@@ -42,7 +44,7 @@ def deep_supervision_loss(final_BHWK: jax.Array, sides: Sequence[jax.Array], lab
   them equally: (1, 1, 1)). A network without side outputs (an empty `sides`) uses no weight.
   """
   if sides and len(sides) != len(side_weights):
-    raise ValueError(f'{len(sides)} side outputs but {len(side_weights)} loss.side_weights')
+    raise ConfigError(f'{len(sides)} side outputs but {len(side_weights)} loss.side_weights')
   loss_final = segmentation_loss(final_BHWK, labels_BHW, eps)
   total = loss_final
   for weight, side in zip(side_weights, sides):

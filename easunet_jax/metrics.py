@@ -1,6 +1,7 @@
 """Segmentation metrics: overlap and surface-distance scores of binary masks for evaluation reports, and the
 jittable per-class confusion counts (and their Dice) used by validation during training."""
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -46,7 +47,7 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[flo
   largest of the directed surface distances pred -> gt and gt -> pred, HD95 the 95th percentile (linear
   interpolation) and ASSD the mean of both directed sets taken together.
 
-  Empty masks (DESIGN.md section 7):
+  Empty masks:
 
   | pred  | gt    | dice | precision | recall | hd, hd95, assd |
   |-------|-------|------|-----------|--------|----------------|
@@ -92,6 +93,17 @@ def summarize(values: Sequence[float]) -> dict[str, float | int]:
   return {'mean': float(finite.mean()) if finite.size else np.nan,
           'std': float(finite.std(ddof=1)) if finite.size > 1 else np.nan,
           'n': int(finite.size), 'n_empty': int(values.size - finite.size)}
+
+
+def mean_std_text(mean: float | None, std: float | None) -> str:
+  """'mean ± std' to two decimals for report tables; 'n/a' without a mean, the mean alone without a spread
+  (None, as metrics.json writes them, or NaN: undefined)."""
+  def undefined(value: float | None) -> bool:
+    return value is None or math.isnan(value)
+
+  if undefined(mean):
+    return 'n/a'
+  return f'{mean:.2f}' + ('' if undefined(std) else f' ± {std:.2f}')
 
 
 def confusion_counts(pred_BHW: jax.Array, label_BHW: jax.Array, num_classes: int) -> jax.Array:

@@ -1,5 +1,5 @@
 """Segments new knee MRI volumes (NIfTI, any voxel order and in-plane size) with a trained checkpoint and
-writes uint8 cartilage masks in the input's voxel grid, with FC and TC volumes and mean thicknesses."""
+writes uint8 cartilage masks in the input's voxel grid, with each cartilage's volume and mean thickness."""
 
 import functools
 import pathlib
@@ -14,28 +14,28 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from easunet_jax import evaluate, train
-from easunet_jax.data import phantom, pipeline, preprocess, volumes
+from easunet_jax import checkpoints, measures, models, parallel, steps
+from easunet_jax.data import pipeline, preprocess, volumes
+from easunet_jax.errors import ConfigError, DataError
+from easunet_jax.progress import Progress
 
 # Written value of each training class (background, FC, TC).
-LABEL_VALUES = {'compact': (0, 1, 2), 'oai-zib': (0, 2, 4)}
-_OAI_ZIB = np.array(LABEL_VALUES['oai-zib'], np.uint8)  # phantom.cartilage_statistics reads these values
-_MULTIPLE = 16  # the network downsamples four times
+LABEL_VALUES = {'compact': (0, 1, 2), 'oai-zib': (0, *volumes.OAI_ZIB_CARTILAGE.values())}
 _CANONICAL = nib.orientations.axcodes2ornt('RAS')
 
 
-def _probabilities(state: train.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef,
+def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef,
                    tta: bool) -> jax.Array:
   """Softmax (B, H, W, K); with `tta`, the mean of it over the slices as given and flipped along each
   in-plane axis (no left-right flip: that axis is across slices, and knees are not mirror images)."""
-  model = nnx.merge(graphdef, state.params, state.batch_stats)
-  probs = jax.nn.softmax(model(image_BHW1), axis=-1)
+  def softmax(image_BHW1: jax.Array) -> jax.Array:
+    return jax.nn.softmax(steps.forward(state, image_BHW1, graphdef=graphdef), axis=-1)
+
+  probs = softmax(image_BHW1)
   if tta:
     for axis in (1, 2):
-      probs += jnp.flip(jax.nn.softmax(model(jnp.flip(image_BHW1, axis)), axis=-1), axis)
+      probs += jnp.flip(softmax(jnp.flip(image_BHW1, axis)), axis)
     probs /= 3
   return probs
 
@@ -47,7 +47,7 @@ def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path
     return tuple(float(s) for s in config.predict.spacing)
   split_dir = pathlib.Path(config.data.cache_dir or workdir / 'slices') / 'train'
   if not (split_dir / 'index.json').is_file():
-    raise FileNotFoundError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was '
+    raise DataError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was '
                             "trained at; pass --config.predict.spacing='(<mm>, <mm>)' or "
                             '--config.predict.resample=False')
   rows = pipeline.read_index(split_dir)
@@ -61,17 +61,11 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
   if source.is_dir():
     files = sorted(p for p in source.iterdir() if p.name.endswith(('.nii.gz', '.nii')) and p.is_file())
     if not files:
-      raise FileNotFoundError(f'{source}: no NIfTI file (*.nii.gz, *.nii) in this directory')
+      raise DataError(f'{source}: no NIfTI file (*.nii.gz, *.nii) in this directory')
     return [(p, target / p.name) for p in files]
   if not source.is_file():
-    raise FileNotFoundError(f'{source}: no such input file or directory')
+    raise DataError(f'{source}: no such input file or directory')
   return [(source, target / source.name if target.is_dir() else target)]
-
-
-def _pad_16(n: int) -> tuple[int, int]:
-  """(before, after) zero padding that centres n pixels in the next multiple of 16."""
-  extra = -n % _MULTIPLE
-  return extra // 2, extra - extra // 2
 
 
 def _resize(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -94,19 +88,19 @@ class _Network:
   """The eval-mode network over a mesh, slice-batched, compiled once per padded slice shape; it keeps the
   time spent in forward passes (compilation apart) for the timing line."""
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: train.TrainState,
+  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: steps.TrainState,
                mesh: jax.sharding.Mesh):
-    self.state, self.mesh = state, mesh
-    # Every device gets the same number of slices, so the batch rounds up to the device count.
-    self.batch_size = -(-config.predict.batch_size // mesh.size) * mesh.size
-    self.data_sharding = NamedSharding(mesh, P('data'))
+    self.state = state
+    self.stride = models.stride(config.model.features)
+    self.batch_size = parallel.round_to_devices(config.predict.batch_size, mesh)
+    self.data_sharding, replicated = parallel.shardings(mesh)
     self._jitted = jax.jit(functools.partial(_probabilities, graphdef=graphdef, tta=config.predict.tta),
-                           in_shardings=(NamedSharding(mesh, P()), self.data_sharding))
+                           in_shardings=(replicated, self.data_sharding))
     self._compiled = {}
     self.forward_s = self.compile_s = 0.0
 
   def __call__(self, image_SHW: np.ndarray) -> np.ndarray:
-    """Class probabilities (S, H, W, K) of slices whose H and W are multiples of 16."""
+    """Class probabilities (S, H, W, K) of slices whose H and W are multiples of the network's stride."""
     shape = (self.batch_size, *image_SHW.shape[1:], 1)
     if shape not in self._compiled:
       start = time.perf_counter()
@@ -129,28 +123,18 @@ class _Network:
 def _segment(network: _Network, image: np.ndarray, spacing: Sequence[float],
              pixel: tuple[float, float] | None) -> np.ndarray:
   """Training classes (uint8) of a canonical-order volume: normalised like the slice store, each sagittal
-  slice resampled to `pixel` mm (None: kept) and padded to multiples of 16. The class probabilities are
-  resampled back with linear interpolation before the argmax, which gives smoother boundaries than
-  resampling the label map."""
+  slice resampled to `pixel` mm (None: kept) and padded to multiples of the network's stride. The class
+  probabilities are resampled back with linear interpolation before the argmax, which gives smoother
+  boundaries than resampling the label map."""
   original = image.shape[1:]
   size = original
   if pixel is not None:
     size = tuple(max(1, round(n * s / p)) for n, s, p in zip(original, spacing[1:], pixel))
   image = _resize(preprocess.normalise(image).astype(np.float32), size)
-  pad = [(0, 0), _pad_16(size[0]), _pad_16(size[1])]
+  pad = [(0, 0), *(preprocess.centred_padding(n, preprocess.padded_size(n, network.stride)) for n in size)]
   probs = network(np.pad(image, pad))
   probs = probs[:, pad[1][0]:pad[1][0] + size[0], pad[2][0]:pad[2][0] + size[1]]
   return np.argmax(_resize(probs, original), axis=-1).astype(np.uint8)
-
-
-def _measure(classes: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
-  """FC and TC volume (mm^3) and mean thickness (mm, phantom.cartilage_statistics: twice the in-plane
-  distance to the background on each sagittal slice's medial ridge, less one pixel)."""
-  stats = phantom.cartilage_statistics(_OAI_ZIB[classes], spacing)
-  voxel_mm3 = float(np.prod(spacing))
-  counts = np.bincount(classes.ravel(), minlength=3)
-  return {'fc_volume_mm3': float(counts[1] * voxel_mm3), 'tc_volume_mm3': float(counts[2] * voxel_mm3),
-          'fc_thickness_mm': stats['fc_thickness_mm'], 'tc_thickness_mm': stats['tc_thickness_mm']}
 
 
 def _save(path: pathlib.Path, classes: np.ndarray, nii: nib.Nifti1Image) -> None:
@@ -166,28 +150,32 @@ def _save(path: pathlib.Path, classes: np.ndarray, nii: nib.Nifti1Image) -> None
 def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, input_path: str | pathlib.Path,
             output_path: str | pathlib.Path) -> list[dict]:
   """Segments one NIfTI file or a directory of them into `output_path` (a file, or a directory of the same
-  names) with the checkpoint eval.checkpoint names; returns and prints per case the FC and TC volumes and
-  mean thicknesses, and the seconds spent in all and in the network's forward passes."""
+  names) with the checkpoint eval.checkpoint names; returns and prints per case the cartilage measures
+  (`measures.cartilage_measures`: FC and TC volume and mean thickness, ...), and the seconds spent in all
+  and in the network's forward passes."""
   workdir = pathlib.Path(workdir)
   if config.predict.label_values not in LABEL_VALUES:
-    raise ValueError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
+    raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
                      f'got {config.predict.label_values!r}')
   values = np.array(LABEL_VALUES[config.predict.label_values], np.uint8)
   pairs = _inputs(input_path, output_path)
   for source, _ in pairs:  # header checks first: a bad file fails before the checkpoint is restored
     volumes.check_headers(volumes.Case(source.name, source, None))
-  mesh = train.make_mesh()
-  step, graphdef, state = evaluate.restore_state(config, workdir, mesh)
+  mesh = parallel.make_mesh()
+  step, state = checkpoints.restore_for_inference(config, workdir,
+                                                  lambda: steps.inference_state(config, mesh))
+  graphdef = steps.graphdefs(config)[1]
   pixel = model_pixel_spacing(config, workdir) if config.predict.resample else None
   network = _Network(config, graphdef, state, mesh)
   logging.info('predict: step %d of %s, %d volume(s), pixel %s mm, TTA %s', step, workdir, len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel), config.predict.tta)
-  results, start = [], time.perf_counter()
-  for i, (source, target) in enumerate(pairs):
+  results, progress = [], Progress(len(pairs))
+  for source, target in pairs:
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
     image, spacing = volumes.load_image(source)  # closest-canonical order: axis 0 is left-right
     classes = _segment(network, image, spacing, pixel)
-    result = {'input': str(source), 'output': str(target), **_measure(classes, spacing)}
+    plates = {name: classes == k for name, k in volumes.CLASSES.items()}
+    result = {'input': str(source), 'output': str(target), **measures.cartilage_measures(plates, spacing)}
     nii = nib.load(source)
     back = nib.orientations.ornt_transform(_CANONICAL, nib.io_orientation(nii.affine))
     _save(target, values[nib.orientations.apply_orientation(classes, back)], nii)
@@ -198,8 +186,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, inpu
     print(f"{source.name}: FC {result['fc_volume_mm3']:.0f} mm^3, mean thickness "
           f"{result['fc_thickness_mm']:.2f} mm; TC {result['tc_volume_mm3']:.0f} mm^3, mean thickness "
           f"{result['tc_thickness_mm']:.2f} mm -> {target}", flush=True)
-    spent = time.perf_counter() - start
-    logging.info('predict [%d/%d] %s: %.1f s (forward passes %.1f s, compilation %.1f s; ETA %.0f s)',
-                 i + 1, len(pairs), source.name, result['seconds'], result['forward_s'], result['compile_s'],
-                 spent / (i + 1) * (len(pairs) - i - 1))
+    progress.update()
+    logging.info('%s: %s in %.1f s (forward passes %.1f s, compilation %.1f s)', progress.status('predict'),
+                 source.name, result['seconds'], result['forward_s'], result['compile_s'])
   return results

@@ -11,11 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from configs import attention_unet, eas, tiny, unet, unetpp
-from easunet_jax import train
+from easunet_jax import parallel, steps
 from easunet_jax.data import pipeline
 from easunet_jax.models import MODELS, build_model
 from easunet_jax.models.attention_unet import AttentionGate
@@ -49,11 +47,11 @@ def _batch(batch_size=4, size=32):
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_every_model_trains_and_evaluates_through_the_training_code_path(name):
   config = _tiny_config(name)
-  mesh = train.make_mesh()  # all four devices, as test_train: the tiny EAS U-Net step compiles once
-  tx = train.make_optimizer(config.optim, NUM_STEPS)
-  train_graphdef, eval_graphdef, state = train.create_train_state(config, tx, NamedSharding(mesh, P()))
-  p_train_step, p_eval_step = train.jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)
-  batch = pipeline.put_on_mesh(_batch(), NamedSharding(mesh, P('data')))
+  mesh = parallel.make_mesh()  # all four devices, as test_steps: the tiny EAS U-Net step compiles once
+  tx = steps.make_optimizer(config.optim, NUM_STEPS)
+  train_graphdef, eval_graphdef, state = steps.create_train_state(config, tx, parallel.shardings(mesh)[1])
+  p_train_step, p_eval_step = steps.jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)
+  batch = pipeline.put_on_mesh(_batch(), parallel.shardings(mesh)[0])
 
   losses = []
   for _ in range(NUM_STEPS):

@@ -11,6 +11,7 @@ import pytest
 from configs import tiny
 from easunet_jax import evaluate, train
 from easunet_jax.data import pipeline
+from easunet_jax.errors import CheckpointError, ConfigError
 
 
 def _config():
@@ -95,24 +96,24 @@ def _one_line_error(error_type, config, workdir, match):
 
 
 def test_no_checkpoint_is_one_line(tmp_path):
-  _one_line_error(FileNotFoundError, _config(), tmp_path / 'never_trained', 'no checkpoint in')
+  _one_line_error(CheckpointError, _config(), tmp_path / 'never_trained', 'no checkpoint in')
 
 
 def test_missing_step_and_bad_choice_are_one_line(run):
   workdir, _ = run
   config = _config()
   config.eval.checkpoint = '999'
-  message = _one_line_error(ValueError, config, workdir, 'step 999 is not in')
+  message = _one_line_error(CheckpointError, config, workdir, 'step 999 is not in')
   assert 'steps: 3, 6' in message
   config.eval.checkpoint = 'newest'
-  _one_line_error(ValueError, config, workdir, "expected 'best', 'latest' or a step number")
+  _one_line_error(ConfigError, config, workdir, "expected 'best', 'latest' or a step number")
 
 
 def test_workdir_of_another_model_is_refused_naming_both(run):
   workdir, _ = run
   config = _config()
   config.model.features = (8, 16, 32, 64, 128)
-  message = _one_line_error(ValueError, config, workdir, 'was trained with model')
+  message = _one_line_error(CheckpointError, config, workdir, 'was trained with model')
   assert 'features=(4, 8, 16, 32, 64)' in message and 'features=(8, 16, 32, 64, 128)' in message
 
 
@@ -124,7 +125,7 @@ def test_corrupt_checkpoint_is_one_line(run, tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:10])
   config = _config()
   config.eval.checkpoint = 'latest'
-  _one_line_error(ValueError, config, copy, 'checkpoints/6: unreadable or corrupt checkpoint')
+  _one_line_error(CheckpointError, config, copy, 'checkpoints/6: unreadable or corrupt checkpoint')
 
 
 def test_largest_component_run_says_so(run, tmp_path):

@@ -1,4 +1,4 @@
-"""CE + soft Dice loss and the deep-supervision weighting (DESIGN.md section 4)."""
+"""CE + soft Dice loss and the deep-supervision weighting (docs/design.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from easunet_jax import losses
+from easunet_jax.errors import ConfigError
 
 
 def _labels(seed=0, shape=(2, 16, 16)):
@@ -50,7 +51,7 @@ def test_deep_supervision_weights_side_losses():
       w * losses.segmentation_loss(s, labels) for w, s in zip(weights, sides))
   np.testing.assert_allclose(total, expected, rtol=1e-6)
   np.testing.assert_allclose(loss_final, losses.segmentation_loss(final, labels), rtol=1e-6)
-  with pytest.raises(ValueError, match='side_weights'):
+  with pytest.raises(ConfigError, match='side_weights'):
     losses.deep_supervision_loss(final, sides[:3], labels, weights)
 
 

@@ -73,7 +73,8 @@ def _run(env, *args, **kwargs):
 
 
 def _state(workdir, step):
-  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) / 'state')
+  path = pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) / 'state'
+  return ocp.StandardCheckpointer().restore(path)
 
 
 def _assert_bitwise_equal(a, b):
@@ -130,8 +131,8 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(env, phantom
   assert proc.wait(timeout=300) == 0
   step = checkpoints.manager(workdir, 2).latest_step()
   assert 2 <= step < 400
-  assert (f'Stopped by SIGTERM at step {step} of 400; checkpoint saved in {workdir / "checkpoints" / str(step)}'
-          in stderr)
+  saved = workdir / 'checkpoints' / str(step)
+  assert f'Stopped by SIGTERM at step {step} of 400; checkpoint saved in {saved}' in stderr
   resumed = _run(env, workdir, phantom, f'--config.train.num_steps={step + 2}', *long_run[1:])
   assert resumed.returncode == 0, resumed.stderr
   assert f'Resumed from {workdir / "checkpoints" / str(step)} at step {step}' in resumed.stderr
@@ -145,7 +146,8 @@ def _poison_a_training_slice(config, workdir, step: int) -> int:
   images = np.load(store / 'train' / 'images.npy', mmap_mode='r+')
   batches = pipeline.train_iterator(store, config.train.batch_size, config.seed, augment=False, workers=0)
   order = [next(batches)['image'][..., 0] for _ in range(6)]
-  row = next(r for r in range(len(images)) if np.array_equal(images[r].astype(np.float32), order[step - 1][0]))
+  row = next(r for r in range(len(images))
+             if np.array_equal(images[r].astype(np.float32), order[step - 1][0]))
   hit = [s for s, batch in enumerate(order, 1) if any(np.array_equal(images[row], x) for x in batch)]
   assert hit[0] == step
   images[row] = np.nan
@@ -185,7 +187,8 @@ def test_nan_policy_skip_trains_through_a_nan_slice_and_counts_the_skips(env, ph
 
 
 BAD_CONFIGS = {
-    'unknown field': ('--config.train.learning_rate=0.1', '--config.train.learning_rate: no such config field'),
+    'unknown field': ('--config.train.learning_rate=0.1',
+                      '--config.train.learning_rate: no such config field'),
     'wrong type': ('--config.train.batch_size=four', 'flag --config.train.batch_size=four: invalid literal'),
     'batch vs devices': ('--config.train.batch_size=6',
                          'train.batch_size: expected a multiple of the device count 4, got 6'),

@@ -18,7 +18,8 @@ def _expected(*values):
 
 
 def _reference_surface(mask):
-  """Mask voxels with a face neighbour outside the mask, found by shifting a zero-padded copy per neighbour."""
+  """Mask voxels with a face neighbour outside the mask, found by shifting a zero-padded copy per
+  neighbour."""
   padded = np.pad(mask, 1)
   inner = [slice(1, -1)] * mask.ndim
   outside_neighbour = np.zeros_like(mask)

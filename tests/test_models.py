@@ -1,4 +1,5 @@
-"""EAS U-Net: parameter counts of DESIGN.md section 3, output shapes, ECA kernel sizes, depthwise impls."""
+"""EAS U-Net: parameter counts of the design (docs/design.md), output shapes, ECA kernel sizes, depthwise
+implementations."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import default, tiny
+from easunet_jax.errors import ConfigError
 from easunet_jax.models import build_model, depthwise_cpu, layers
 from easunet_jax.models.eas_unet import EASUNet
 
@@ -122,9 +124,9 @@ def test_auto_depthwise_takes_the_native_kernel_on_cpu_in_float32_only():
   assert depthwise_cpu.available()  # CI has a C++ compiler: the kernel must build there
   assert layers.resolve_depthwise_impl('auto') == 'native'
   assert layers.resolve_depthwise_impl('auto', jnp.bfloat16) == 'shift'
-  with pytest.raises(ValueError, match='float32'):
+  with pytest.raises(ConfigError, match='float32'):
     layers.resolve_depthwise_impl('native', jnp.bfloat16)
-  with pytest.raises(ValueError, match='depthwise_impl'):
+  with pytest.raises(ConfigError, match='depthwise_impl'):
     layers.resolve_depthwise_impl('grouped')
 
 
@@ -186,5 +188,5 @@ def test_bad_ablation_values_are_refused(overrides, message):
   model_cfg = tiny.get_config().model
   with model_cfg.ignore_type():
     model_cfg.update(overrides)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ConfigError, match=message):
     _abstract(model_cfg)

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from easunet_jax import measures
 from easunet_jax.data import phantom, volumes
 
 SHAPE, SPACING = (16, 64, 64), (7.0, 1.0, 1.0)
@@ -36,7 +37,10 @@ def test_deterministic_and_varies_per_subject(subject):
 def test_anatomy_and_contrast(subject):
   image, labels, _ = subject
   z = np.arange(SHAPE[2])
-  centre_of = lambda k: (z * (labels == k).sum((0, 1))).sum() / (labels == k).sum()
+
+  def centre_of(k):
+    return (z * (labels == k).sum((0, 1))).sum() / (labels == k).sum()
+
   assert centre_of(1) > centre_of(2) > centre_of(4) > centre_of(3)  # femur, FC, TC, tibia from the top
   means = [image[labels == k].mean() for k in range(5)]
   assert means[2] > means[1] and means[4] > means[3]  # cartilage brighter than bone marrow
@@ -94,23 +98,22 @@ def test_write_dataset_and_reuse(tmp_path):
   assert cases[0].image.stat().st_mtime_ns == mtime
 
 
+def _measures(labels, spacing):
+  plates = {name: labels == value for name, value in volumes.OAI_ZIB_CARTILAGE.items()}
+  return measures.cartilage_measures(plates, spacing)
+
+
 def test_statistics_within_1_5x_of_the_reference_knee():
   # Every fourth sagittal slice of both: the statistics are per slice, so this samples the full-size ones.
   ref_path = pathlib.Path(__file__).resolve().parents[2] / 'shared/data/reference_knee_labels_oaizib.nii.gz'
   identity = ((1, 1), (2, 2), (3, 3), (4, 4))
   _, labels, spacing = volumes.load_case(volumes.Case('ref', ref_path, ref_path), identity)
-  reference = phantom.cartilage_statistics(labels[::4], spacing)
+  reference = _measures(labels[::4], spacing)
   shape = (40, *phantom.DEFAULT_SHAPE[1:])
   coarse = (4 * phantom.DEFAULT_SPACING[0], *phantom.DEFAULT_SPACING[1:])
-  subjects = [phantom.cartilage_statistics(phantom.make_subject(phantom.subject_seed(0, i), shape, coarse)[1],
-                                           coarse) for i in range(2)]
-  for key, want in reference.items():
-    got = np.mean([s[key] for s in subjects])
+  subjects = [_measures(phantom.make_subject(phantom.subject_seed(0, i), shape, coarse)[1], coarse)
+              for i in range(2)]
+  # Per-slice statistics only: the volumes of every fourth slice are not comparable.
+  for key in ('slices_with_cartilage', 'fc_share_pct', 'tc_share_pct', 'fc_thickness_mm', 'tc_thickness_mm'):
+    want, got = reference[key], np.mean([s[key] for s in subjects])
     assert want / 1.5 <= got <= want * 1.5, (key, got, want)
-
-
-def test_thickness_of_a_flat_sheet():
-  labels = np.zeros((2, 60, 60), np.uint8)
-  labels[:, 10:50, 20:25] = 2  # 5 pixels of 0.4 mm: 2 mm
-  thickness = phantom.cartilage_statistics(labels, (1.0, 0.4, 0.4))['fc_thickness_mm']
-  assert thickness == pytest.approx(2.0, abs=0.05)

@@ -1,4 +1,5 @@
-"""Tests of the Grain pipeline: sample and batch format, augmentation, resumable iterator, eval batches, mesh."""
+"""Tests of the Grain pipeline: sample and batch format, augmentation, resumable iterator, eval batches,
+mesh."""
 
 import json
 
@@ -10,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from easunet_jax.data import phantom, pipeline, preprocess
+from easunet_jax.errors import ConfigError
 
 
 @pytest.fixture(scope='module')
@@ -17,7 +19,7 @@ def store(tmp_path_factory):
   cfg = default.get_config().data
   cfg.root = str(tmp_path_factory.mktemp('knees'))
   phantom.write_dataset(cfg.root, 4, (16, 64, 64), (7.0, 1.0, 1.0), seed=0)
-  return preprocess.ensure_slice_store(cfg, tmp_path_factory.mktemp('cache') / 'slices', seed=0)
+  return preprocess.ensure_slice_store(cfg, tmp_path_factory.mktemp('cache') / 'slices', seed=0, multiple=16)
 
 
 def test_source_items(store):
@@ -83,7 +85,7 @@ def test_process_shards_make_up_the_one_process_batches(store, monkeypatch):
     assert first['image'].shape == (2, 64, 64, 1)
     for key in ('image', 'label'):
       np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), want[key])
-  with pytest.raises(ValueError, match='train.batch_size'):
+  with pytest.raises(ConfigError, match=r'train\.batch_size'):
     pipeline.train_iterator(store, batch_size=3, seed=3, augment=False, workers=0)
 
 
@@ -104,5 +106,6 @@ def test_put_on_mesh(store):
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
   batch = next(pipeline.eval_batches(store, 4, 'val'))
   arrays = pipeline.put_on_mesh(batch, NamedSharding(mesh, P('data')))
-  assert arrays['image'].shape == (4, 64, 64, 1) and len(arrays['image'].sharding.device_set) == jax.device_count()
+  assert arrays['image'].shape == (4, 64, 64, 1)
+  assert len(arrays['image'].sharding.device_set) == jax.device_count()
   np.testing.assert_array_equal(np.asarray(arrays['label']), batch['label'])

@@ -8,6 +8,7 @@ import pytest
 from configs import tiny
 from easunet_jax import predict, train
 from easunet_jax.data import phantom
+from easunet_jax.errors import CheckpointError, DataError
 
 # Canonical axis i goes to axis ORNT[i, 0], flipped where ORNT[i, 1] = -1: the sagittal axis ends last and
 # anterior-posterior runs backwards, as in many scanners' files.
@@ -92,9 +93,9 @@ def _one_line_error(kind, match, *args) -> None:
 def test_errors_are_one_line(run, tmp_path):
   workdir, canonical, _ = run
   out = tmp_path / 'out.nii.gz'
-  _one_line_error(FileNotFoundError, 'no such input', _config(), workdir, tmp_path / 'absent.nii.gz', out)
+  _one_line_error(DataError, 'no such input', _config(), workdir, tmp_path / 'absent.nii.gz', out)
   four_d = tmp_path / 'four_d.nii.gz'
   nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), four_d)
-  _one_line_error(ValueError, 'expected 3D', _config(), workdir, four_d, out)
-  _one_line_error(FileNotFoundError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
+  _one_line_error(DataError, 'expected 3D', _config(), workdir, four_d, out)
+  _one_line_error(CheckpointError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
   assert not out.exists()

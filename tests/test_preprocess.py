@@ -8,6 +8,7 @@ import pytest
 
 from configs import default
 from easunet_jax.data import phantom, preprocess, volumes
+from easunet_jax.errors import ConfigError, DataError
 
 SHAPE, SPACING = (8, 40, 35), (7.0, 1.6, 1.6)
 
@@ -22,7 +23,8 @@ def data_cfg(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def store(data_cfg, tmp_path_factory):
-  return preprocess.ensure_slice_store(data_cfg, tmp_path_factory.mktemp('cache') / 'slices', seed=0)
+  store = tmp_path_factory.mktemp('cache') / 'slices'
+  return preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
 
 
 def test_layout_dtypes_and_ranges(store):
@@ -35,7 +37,7 @@ def test_layout_dtypes_and_ranges(store):
     index = json.loads((store / name / 'index.json').read_text())
     assert images.dtype == np.float16 and labels.dtype == np.uint8
     assert images.shape == labels.shape == (len(index), 48, 48)  # 40 x 35 padded to multiples of 16
-    assert 0 <= images.min() and images.max() <= 1 and set(np.unique(labels)) <= {0, 1, 2}
+    assert images.min() >= 0 and images.max() <= 1 and set(np.unique(labels)) <= {0, 1, 2}
     assert index[0]['pad'] == [[4, 4], [6, 7]] and index[0]['spacing'] == pytest.approx([1.6, 1.6])
     assert index[0]['sagittal_spacing'] == pytest.approx(SPACING[0])
     assert [row['cartilage'] for row in index] == list(labels.reshape(len(labels), -1).any(1))
@@ -58,16 +60,16 @@ def test_rows_match_the_volumes(store, data_cfg):
 def test_reuse_and_rebuild_on_changed_setting(store, data_cfg, caplog):
   built = (store / 'fingerprint.json').stat().st_mtime_ns
   with caplog.at_level(logging.INFO):
-    preprocess.ensure_slice_store(data_cfg, store, seed=0)
+    preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
   assert 'reused' in caplog.text and (store / 'fingerprint.json').stat().st_mtime_ns == built
   caplog.clear()
   changed = data_cfg.copy_and_resolve_references()
   changed.train_slices = 'all'
   with caplog.at_level(logging.INFO):
-    preprocess.ensure_slice_store(changed, store, seed=0)
+    preprocess.ensure_slice_store(changed, store, seed=0, multiple=16)
   assert 'train_slices' in caplog.text and 'rebuilding' in caplog.text
   assert len(np.load(store / 'train' / 'labels.npy', mmap_mode='r')) == 3 * SHAPE[0]
-  preprocess.ensure_slice_store(data_cfg, store, seed=0)  # back to the module's store
+  preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)  # back to the module's store
 
 
 @pytest.mark.parametrize('n', [3, 5, 10, 31])
@@ -85,19 +87,19 @@ def test_split_file_and_its_errors(data_cfg, tmp_path):
   cfg.split_file = str(tmp_path / 'splits.json')
   ids = [f'phantom_{i:03d}' for i in range(5)]
   (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:2], 'val': ids[2:4], 'test': ids[4:]}))
-  store = preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0)
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
   assert json.loads((store / 'splits.json').read_text())['val'] == ids[2:4]
   (tmp_path / 'splits.json').write_text(json.dumps({'train': ['nope'], 'val': [], 'test': []}))
-  with pytest.raises(volumes.DataError) as e:
-    preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0)
+  with pytest.raises(DataError) as e:
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)
   assert 'nope' in str(e.value) and '\n' not in str(e.value)
 
 
 def test_bad_train_slices_setting(data_cfg, tmp_path):
   cfg = data_cfg.copy_and_resolve_references()
   cfg.train_slices = 'some'
-  with pytest.raises(ValueError, match='data.train_slices'):
-    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0)
+  with pytest.raises(ConfigError, match=r'data\.train_slices'):
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
 
 
 def test_resolve_data_root_generates_phantom(tmp_path):
@@ -144,7 +146,7 @@ def test_bad_cases_named_skipped_and_rest_processed(tmp_path, caplog):
   killed_build.mkdir(parents=True)
   (killed_build / 'images.npy').write_bytes(b'half')
   with caplog.at_level(logging.INFO):
-    store = preprocess.ensure_slice_store(cfg, tmp_path / 'cache' / 'slices', seed=0)
+    store = preprocess.ensure_slice_store(cfg, tmp_path / 'cache' / 'slices', seed=0, multiple=16)
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   for case_id, word in BAD.items():
     line = next(m for m in warnings if f'case {case_id} skipped' in m)
@@ -170,8 +172,8 @@ def test_no_usable_case_is_one_line_error(tmp_path):
   volumes.save_volume(tmp_path / 'labels/k.nii.gz', labels, affine)
   cfg = default.get_config().data
   cfg.root = str(tmp_path)
-  with pytest.raises(volumes.DataError, match='no usable case') as e:
-    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0)
+  with pytest.raises(DataError, match='no usable case') as e:
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
   assert '\n' not in str(e.value) and not (tmp_path / 'slices').exists()
 
 
@@ -187,5 +189,5 @@ def test_crash_leaves_no_store_and_no_build_folder(data_cfg, tmp_path, monkeypat
 
   monkeypatch.setattr(volumes, 'load_case', crash_on_third)
   with pytest.raises(MemoryError):
-    preprocess.ensure_slice_store(data_cfg, tmp_path / 'slices', seed=0)
+    preprocess.ensure_slice_store(data_cfg, tmp_path / 'slices', seed=0, multiple=16)
   assert list(tmp_path.iterdir()) == []

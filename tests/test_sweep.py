@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from easunet_jax import sweep
+from easunet_jax.errors import ConfigError
+from easunet_jax.sweep import launch, run
 
 TINY = "def sweep(add):\n  add('tiny', 'configs/tiny.py', 'Tiny EAS U-Net')\n"
 # A model name that only main.py rejects: the point fails in its own process, at start-up.
@@ -63,10 +64,10 @@ def runs(tmp_path_factory):
 
 
 def test_dry_run_lists_points_and_passes_overrides(tmp_path):
-  run = subprocess.run(_command('configs/sweep_table1.py', tmp_path / 'W', '--seeds=2', '--dry_run',
+  dry = subprocess.run(_command('configs/sweep_table1.py', tmp_path / 'W', '--seeds=2', '--dry_run',
                                 '--config.train.num_steps=7', "--config.model.features=(4, 8, 16, 32, 64)"),
                        capture_output=True, text=True, check=True)
-  lines = run.stdout.splitlines()
+  lines = dry.stdout.splitlines()
   points = [line.split(':')[0] for line in lines if not line.startswith(' ')]
   assert points == [f'{m}_seed{s}' for m in ('eas_unet', 'unet', 'unetpp', 'attention_unet') for s in (0, 1)]
   assert all(line.endswith(': to run') for line in lines if not line.startswith(' '))
@@ -85,8 +86,8 @@ def test_dry_run_lists_points_and_passes_overrides(tmp_path):
 
 @pytest.mark.parametrize('override', ['--config.seed=1', '--config.data.cache_dir=/tmp/store'])
 def test_fields_the_sweep_sets_are_refused(override, tmp_path):
-  with pytest.raises(ValueError, match='the sweep sets it'):
-    sweep.run_sweep('configs/sweep_table1.py', tmp_path, 1, 1, True, [override])
+  with pytest.raises(ConfigError, match='the sweep sets it'):
+    run.run_sweep('configs/sweep_table1.py', tmp_path, 1, 1, True, [override])
 
 
 def test_stopped_sweep_reruns_only_the_unfinished_point(runs):
@@ -114,7 +115,8 @@ def test_rerun_skips_every_finished_point(runs):
   third = runs['third']
   assert third.returncode == 0, third.stderr[-2000:]
   assert '2 points, 2 finished before, 0 to run' in third.stderr and 'started' not in third.stderr
-  assert {p: p.stat().st_mtime_ns for p in runs['workdir'].glob('*/eval/*/metrics.json')} == runs['after_second']
+  evaluations = runs['workdir'].glob('*/eval/*/metrics.json')
+  assert {p: p.stat().st_mtime_ns for p in evaluations} == runs['after_second']
 
 
 def test_table_is_the_mean_and_std_over_seeds_of_each_evaluation(runs):
@@ -122,7 +124,8 @@ def test_table_is_the_mean_and_std_over_seeds_of_each_evaluation(runs):
   evaluations = [json.loads(_metrics(workdir, f'tiny_seed{s}')[0].read_text()) for s in (0, 1)]
   with open(workdir / 'table.csv') as f:
     rows = [r for r in csv.DictReader(f) if r['variant'] == 'tiny']
-  assert [(r['protocol'], r['cartilage']) for r in rows] == [('2d', 'fc'), ('2d', 'tc'), ('3d', 'fc'), ('3d', 'tc')]
+  assert [(r['protocol'], r['cartilage']) for r in rows] == [
+      ('2d', 'fc'), ('2d', 'tc'), ('3d', 'fc'), ('3d', 'tc')]
   for row in rows:
     assert row['seeds'] == '2'
     for metric in ('dice', 'precision', 'recall', 'hd', 'hd95'):
@@ -145,4 +148,4 @@ def test_table_is_the_mean_and_std_over_seeds_of_each_evaluation(runs):
     ('0,1,2,3', 2, ['0,1', '2,3']), ('4,5,6', 2, ['4,5']), ('0,1', 1, ['0', '1']), ('', 1, [None])])
 def test_device_groups_split_the_visible_gpus(visible, per_run, groups, monkeypatch):
   monkeypatch.setenv('CUDA_VISIBLE_DEVICES', visible)
-  assert sweep.device_groups(per_run) == groups
+  assert launch.device_groups(per_run) == groups

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from easunet_jax.data import volumes
+from easunet_jax.errors import DataError
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'reference_knee_labels_oaizib.nii.gz'
+REFERENCE = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' /
+             'reference_knee_labels_oaizib.nii.gz')
 IDENTITY_MAP = ((1, 1), (2, 2), (3, 3), (4, 4))
 
 
@@ -39,7 +41,7 @@ def test_discover_both_layouts_sorted_with_unlabelled_images(tmp_path, nnunet):
 
 def test_discover_empty_root_is_one_line_error(tmp_path):
   (tmp_path / 'images').mkdir()
-  with pytest.raises(volumes.DataError) as e:
+  with pytest.raises(DataError) as e:
     volumes.discover_cases(tmp_path)
   assert '\n' not in str(e.value) and 'images' in str(e.value)
 
@@ -54,7 +56,7 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
   volumes.save_volume(tmp_path / 'labels/y.nii.gz', labels, shifted)
   cases = {c.id: c for c in volumes.discover_cases(tmp_path)}
   for case_id, word in (('x', 'shape'), ('y', 'affine')):
-    with pytest.raises(volumes.DataError) as e:
+    with pytest.raises(DataError) as e:
       volumes.load_case(cases[case_id], IDENTITY_MAP)
     assert '\n' not in str(e.value) and case_id in str(e.value) and word in str(e.value)
 
@@ -62,7 +64,7 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
 def test_non_integer_labels_rejected(tmp_path):
   image, _, affine = _small_case(np.random.default_rng(0))
   _write_pair(tmp_path, 'f', image, image + 0.5, affine)
-  with pytest.raises(volumes.DataError, match='non-integer'):
+  with pytest.raises(DataError, match='non-integer'):
     volumes.load_case(volumes.discover_cases(tmp_path)[0], IDENTITY_MAP)
 
 
@@ -98,7 +100,9 @@ def test_reference_knee_orientation():
   assert np.count_nonzero(labels == 2) == 127_311 and np.count_nonzero(labels == 4) == 40_467
   # Superior is axis 2 upwards: the femur lies above the tibia.
   z = np.arange(384)
-  assert (z * (labels == 1).sum((0, 1))).sum() / (labels == 1).sum() > (z * (labels == 3).sum((0, 1))).sum() / (
-      labels == 3).sum()
+  def height(k):
+    return (z * (labels == k).sum((0, 1))).sum() / (labels == k).sum()
+
+  assert height(1) > height(3)
   cartilage_slices = np.count_nonzero((labels == 2).any((1, 2)) | (labels == 4).any((1, 2)))
   assert 95 <= cartilage_slices <= 110

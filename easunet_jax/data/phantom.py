@@ -48,10 +48,12 @@ def _knee(rng: np.random.Generator) -> dict:
 
 
 def _slice_params(x: np.ndarray, k: dict) -> dict:
-  """Per-sagittal-slice geometry for left-right positions x (mm): which condyle, its size, cartilage extent."""
+  """Per-sagittal-slice geometry for left-right positions x (mm): which condyle, its size, cartilage
+  extent."""
   medial = x < k['ox']  # medial condyle on the left of the image (a right knee)
   w = np.where(medial, k['w_med'], k['w_lat'])
-  xc = np.where(medial, k['ox'] - k['w_notch'] / 2 - k['w_med'] / 2, k['ox'] + k['w_notch'] / 2 + k['w_lat'] / 2)
+  xc = np.where(medial, k['ox'] - k['w_notch'] / 2 - k['w_med'] / 2,
+                k['ox'] + k['w_notch'] / 2 + k['w_lat'] / 2)
   u = (x - xc) / (w / 2)  # -1..1 across the condyle
   outer = np.where(medial, u < 0, u > 0)
   notch = np.abs(x - k['ox']) < k['w_notch'] / 2
@@ -86,7 +88,8 @@ def _tissue(x: np.ndarray, y: np.ndarray, z: np.ndarray, k: dict) -> np.ndarray:
   carved = s['notch'] & (dy < 0.35 * k['a_ant']) & (dz < s['arch'] - bb)
   shaft = (dz > 0) & (np.abs(dy - 2) < k['shaft_hw'])
   femur = ((out < 0) | shaft) & ~carved
-  t_fc = t_fc0 * (1 + k['t_var'] * np.sin(2.5 * phi + ph[0])) * np.where(phi > k['troch'], s['troch'], s['cart'])
+  t_fc = (t_fc0 * (1 + k['t_var'] * np.sin(2.5 * phi + ph[0]))
+          * np.where(phi > k['troch'], s['troch'], s['cart']))
   phi_lo = np.where(s['notch'], k['troch'], -k['phi_post'])
   ends = np.sqrt(np.clip(np.minimum(phi - phi_lo, k['phi_ant'] - phi) / 0.3, 0, 1))
   fc = ~femur & (out >= 0) & (out < t_fc * ends)
@@ -95,8 +98,8 @@ def _tissue(x: np.ndarray, y: np.ndarray, z: np.ndarray, k: dict) -> np.ndarray:
   length = k['plat_l']
   t_tc = k['t_tc'] * (1 + k['t_var'] * np.sin(two_pi * ty / 45 + ph[2])) * (1 + 0.5 * k['t_var'] * np.sin(
       two_pi * x / 35 + ph[3])) * s['tc'] * np.sqrt(np.clip((0.78 * length - np.abs(ty)) / 5, 0, 1))
-  t_contact = k['t_tc'] * (1 + k['t_var'] * np.sin(two_pi * -k['plat_y'] / 45 + ph[2])) * (1 + 0.5 * k['t_var'] * (
-      np.sin(two_pi * x / 35 + ph[3]))) * s['tc']
+  t_contact = (k['t_tc'] * (1 + k['t_var'] * np.sin(two_pi * -k['plat_y'] / 45 + ph[2]))
+               * (1 + 0.5 * k['t_var'] * np.sin(two_pi * x / 35 + ph[3])) * s['tc'])
   z_p = k['oz'] - k['gap'] / 2 - t_contact
   edge = np.clip(np.abs(ty) - (length - 4), 0, 4)
   top = (z_p + s['conc'] * ((ty / length) ** 2 - (k['plat_y'] / length) ** 2) - (4 - np.sqrt(16 - edge ** 2))
@@ -111,11 +114,13 @@ def _tissue(x: np.ndarray, y: np.ndarray, z: np.ndarray, k: dict) -> np.ndarray:
   free = ~femur & ~fc & ~tibia & ~tc
   men = free & s['condyle'] & (above > 0) & (np.abs(ty) < length) & (
       above < k['men_h'] * np.clip((np.abs(ty) - 0.45 * length) / (0.5 * length), 0, 1))
-  fluid = free & ~men & (((above > 0) & (above < 1.5) & (dz < 0) & (np.abs(ty) < length) & s['condyle'])
-                         | ((out >= t_fc) & (out < t_fc + k['effusion']) & (phi > 0.3) & (phi < k['phi_ant'])))
+  joint_fluid = (above > 0) & (above < 1.5) & (dz < 0) & (np.abs(ty) < length) & s['condyle']
+  effusion = (out >= t_fc) & (out < t_fc + k['effusion']) & (phi > 0.3) & (phi < k['phi_ant'])
+  fluid = free & ~men & (joint_fluid | effusion)
   # Soft tissue: muscle inside the skin outline, a subcutaneous fat layer, fat anterior to the joint.
   body = np.sqrt(((x - k['ox']) / k['body_rx']) ** 2 + ((y - k['oy'] + 5) / k['body_ry']) ** 2)
-  fat_pad = ((dy - length - 8) / 12) ** 2 + ((z - k['oz'] + 3) / 14) ** 2 < 1  # Hoffa's, anterior to the joint
+  # Hoffa's fat pad, anterior to the joint.
+  fat_pad = ((dy - length - 8) / 12) ** 2 + ((z - k['oz'] + 3) / 14) ** 2 < 1
   subcutaneous = (body > 1 - 7 / k['body_rx']) | fat_pad
   tissue = np.where(body < 1, np.where(subcutaneous, FAT, MUSCLE), AIR).astype(np.uint8)
   plate_f = femur & (((out > -_PLATE_MM) & (dz < 0)) | (np.abs(np.abs(dy - 2) - k['shaft_hw']) < _PLATE_MM))
@@ -161,31 +166,9 @@ def make_subject(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Seque
 
 
 def subject_seed(dataset_seed: int, i: int) -> int:
-  """Seed of subject i of a dataset; it depends only on (dataset_seed, i): adding subjects keeps the others."""
+  """Seed of subject i of a dataset; it depends only on (dataset_seed, i): adding subjects keeps the
+  others."""
   return int(np.random.SeedSequence([dataset_seed, i]).generate_state(1)[0])
-
-
-def cartilage_statistics(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
-  """Statistics of OAI-ZIB labels in RAS order (axis 0 sagittal) that compare the phantom with a real knee.
-
-  slices_with_cartilage: fraction of sagittal slices holding femoral (2) or tibial (4) cartilage.
-  fc_share_pct, tc_share_pct: femoral (tibial) cartilage voxels per 100 voxels of the volume.
-  fc_thickness_mm, tc_thickness_mm: mean thickness in the sagittal plane. Per slice, the 2D Euclidean
-  distance (mm) from each cartilage pixel to the nearest other pixel is taken on the plate's medial ridge
-  (pixels that are 3 x 3 local maxima of that distance); thickness there is 2 x distance - one pixel, as
-  the distance runs to the centre of the first outside pixel, half a pixel beyond the boundary on each side.
-  """
-  pixel = min(spacing[1:])
-  stats = {'slices_with_cartilage': float(np.isin(labels, (2, 4)).any((1, 2)).mean())}
-  for name, k in (('fc', 2), ('tc', 4)):
-    plate = labels == k
-    stats[f'{name}_share_pct'] = float(100 * plate.mean())
-    ridge = []
-    for mask in plate[plate.any((1, 2))]:
-      dist = ndimage.distance_transform_edt(mask, sampling=spacing[1:])
-      ridge.append(dist[mask & (dist >= ndimage.maximum_filter(dist, 3))])
-    stats[f'{name}_thickness_mm'] = float(2 * np.concatenate(ridge).mean() - pixel) if ridge else 0.0
-  return stats
 
 
 def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = DEFAULT_SHAPE,
@@ -194,7 +177,7 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
   out_dir = pathlib.Path(out_dir)
   ids = [f'phantom_{i:03d}' for i in range(num)]
   todo = [i for i, case_id in enumerate(ids)
-          if not ((out_dir / 'images' / f'{case_id}.nii.gz').exists() and (out_dir / 'labels' / f'{case_id}.nii.gz').exists())]
+          if not all((out_dir / kind / f'{case_id}.nii.gz').exists() for kind in ('images', 'labels'))]
   for n, i in enumerate(todo):
     image, labels, affine = make_subject(subject_seed(seed, i), shape, spacing)
     # Labels first: a subject counts as written once its image (written last) exists.
@@ -207,9 +190,11 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
 def _cli() -> None:
   """python -m easunet_jax.data.phantom --out DIR --num N [--shape 160,384,384] [--spacing ...] [--seed 0]."""
   # Flags are defined here, not at import, so importing this module adds nothing to a program's flags.
-  out = flags.DEFINE_string('out', None, 'output folder (images/ and labels/ are created in it)', required=True)
+  out = flags.DEFINE_string('out', None, 'output folder (images/ and labels/ are created in it)',
+                            required=True)
   num = flags.DEFINE_integer('num', 20, 'number of subjects')
-  shape = flags.DEFINE_list('shape', [str(n) for n in DEFAULT_SHAPE], 'voxels: left-right, anterior, superior')
+  shape = flags.DEFINE_list('shape', [str(n) for n in DEFAULT_SHAPE],
+                            'voxels: left-right, anterior, superior')
   spacing = flags.DEFINE_list('spacing', [str(d) for d in DEFAULT_SPACING], 'voxel size in mm')
   seed = flags.DEFINE_integer('seed', 0, 'dataset seed')
 

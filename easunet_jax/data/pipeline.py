@@ -1,7 +1,5 @@
-"""Grain input pipeline over the slice store: training iterator with augmentation, eval batches, device placement.
-
-The only module of the data package that imports jax.
-"""
+"""Grain input pipeline over the slice store: the training iterator with augmentation, evaluation batches,
+and their placement on the devices."""
 
 import json
 import pathlib
@@ -11,6 +9,8 @@ import grain
 import jax
 import numpy as np
 from scipy import ndimage
+
+from easunet_jax.errors import ConfigError
 
 
 class SliceSource(grain.sources.RandomAccessDataSource):
@@ -41,11 +41,13 @@ class SliceSource(grain.sources.RandomAccessDataSource):
 
 
 class Augment(grain.transforms.RandomMap):
-  """Random rotation, scale, translation (one resample), then gamma and intensity scale; no left-right flip."""
+  """Random rotation, scale, translation (one resample), then gamma and intensity scale; no left-right
+  flip."""
 
   def __init__(self, rotate_deg: float = 10.0, scale: tuple[float, float] = (0.9, 1.1), shift: float = 0.08,
                gamma: tuple[float, float] = (0.8, 1.25), intensity: tuple[float, float] = (0.9, 1.1)):
-    self.rotate_deg, self.scale, self.shift, self.gamma, self.intensity = rotate_deg, scale, shift, gamma, intensity
+    self.rotate_deg, self.scale, self.shift = rotate_deg, scale, shift
+    self.gamma, self.intensity = gamma, intensity
 
   def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image_HW, label_HW = element['image'][..., 0], element['label']
@@ -74,7 +76,7 @@ def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, au
   """
   processes = jax.process_count()
   if batch_size % processes:
-    raise ValueError(f'train.batch_size: {batch_size} does not divide by the {processes} processes')
+    raise ConfigError(f'train.batch_size: {batch_size} does not divide by the {processes} processes')
   ds = grain.MapDataset.source(SliceSource(pathlib.Path(store_dir) / 'train')).seed(seed).shuffle().repeat()
   if augment:
     ds = ds.random_map(Augment())

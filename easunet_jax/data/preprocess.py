@@ -1,7 +1,10 @@
 """Volumes -> slice store: subject-level splits, per-volume normalisation, sagittal slices in .npy files.
 
-Layout under the store directory: splits.json, fingerprint.json and per split <split>/images.npy (N, H, W)
-float16 in [0, 1], <split>/labels.npy (N, H, W) uint8 training classes, <split>/index.json (one entry per row).
+Layout under the store directory: splits.json, fingerprint.json, skipped.json and per split
+<split>/images.npy (N, H, W) float16 in [0, 1], <split>/labels.npy (N, H, W) uint8 training classes and
+<split>/index.json (one entry per row: case, slice, in-plane and sagittal spacing, whether it holds
+cartilage, and the zero padding that centres it in the store's slice size, a multiple of the network's
+stride).
 """
 
 import json
@@ -9,24 +12,26 @@ import logging
 import os
 import pathlib
 import shutil
-import time
 from collections.abc import Sequence
 
 import ml_collections
 import nibabel as nib
 import numpy as np
 
+from easunet_jax import models
 from easunet_jax.data import phantom, volumes
+from easunet_jax.errors import ConfigError, DataError
+from easunet_jax.progress import Progress
 
 SPLITS = ('train', 'val', 'test')
-_MULTIPLE = 16  # the networks halve the slice four times
 
 
-def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, seed: int) -> pathlib.Path:
+def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, seed: int
+                      ) -> pathlib.Path:
   """data_cfg.root, or the built-in phantom (generated once into phantom_dir) when root is ''."""
   if data_cfg.root:
     return pathlib.Path(data_cfg.root)
-  out = pathlib.Path(data_cfg.phantom_dir) if data_cfg.phantom_dir else pathlib.Path(workdir).parent / 'phantom'
+  out = pathlib.Path(data_cfg.phantom_dir or pathlib.Path(workdir).parent / 'phantom')
   logging.info('data.root is unset: using the built-in phantom (%d subjects in %s); for OAI-ZIB pass '
                '--config.data.root=/path/to/OAI-ZIB', data_cfg.phantom_num, out)
   phantom.write_dataset(out, data_cfg.phantom_num, data_cfg.phantom_shape, data_cfg.phantom_spacing, seed)
@@ -37,7 +42,8 @@ def split_cases(ids: Sequence[str], fractions: Sequence[float], seed: int) -> di
   """Seeded subject-level split; every split with a positive fraction gets a case when there are enough."""
   fractions = np.asarray(fractions, np.float64)
   if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
-    raise volumes.DataError(f'data.split: expected three non-negative train/val/test fractions, got {tuple(fractions)}')
+    raise ConfigError('data.split: expected three non-negative train/val/test fractions, got '
+                      f'{tuple(fractions)}')
   n = len(ids)
   share = fractions / fractions.sum() * n
   counts = np.floor(share).astype(int)
@@ -56,28 +62,31 @@ def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> d
   try:
     splits = json.loads(pathlib.Path(path).read_text())
   except (OSError, json.JSONDecodeError) as e:
-    raise volumes.DataError(f'data.split_file {path}: cannot read JSON ({e})') from None
+    raise DataError(f'data.split_file {path}: cannot read JSON ({e})') from None
   if not isinstance(splits, dict) or set(splits) != set(SPLITS):
-    raise volumes.DataError(f'data.split_file {path}: expected keys {list(SPLITS)}')
+    raise DataError(f'data.split_file {path}: expected keys {list(SPLITS)}')
   listed = [i for name in SPLITS for i in splits[name]]
   unknown = sorted(set(listed) - set(ids) - set(skipped))
   if unknown:
-    raise volumes.DataError(f'data.split_file {path}: case ids not found under data.root: {unknown[:5]}')
+    raise DataError(f'data.split_file {path}: case ids not found under data.root: {unknown[:5]}')
   if len(listed) != len(set(listed)):
-    raise volumes.DataError(f'data.split_file {path}: a case id appears more than once')
+    raise DataError(f'data.split_file {path}: a case id appears more than once')
   return {name: sorted(set(splits[name]) - set(skipped)) for name in SPLITS}
 
 
-def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict, seed: int) -> dict:
+def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict, seed: int,
+                 multiple: int) -> dict:
   paths = [p for c in cases for p in (c.image, c.label) if p is not None]
   files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-  settings = {'label_map': [list(map(int, pair)) for pair in data_cfg.label_map], 'split': list(data_cfg.split),
-              'split_file': data_cfg.split_file, 'train_slices': data_cfg.train_slices, 'seed': seed}
+  settings = {'label_map': [list(map(int, pair)) for pair in data_cfg.label_map],
+              'split': list(data_cfg.split),
+              'split_file': data_cfg.split_file, 'train_slices': data_cfg.train_slices, 'seed': seed,
+              'multiple': multiple}
   if data_cfg.split_file:
     try:
       settings['split_file_contents'] = pathlib.Path(data_cfg.split_file).read_text()
     except OSError as e:
-      raise volumes.DataError(f'data.split_file {data_cfg.split_file}: cannot read ({e.strerror})') from None
+      raise DataError(f'data.split_file {data_cfg.split_file}: cannot read ({e.strerror})') from None
   return {'sources': files, 'settings': settings}
 
 
@@ -97,27 +106,29 @@ def normalise(image: np.ndarray) -> np.ndarray:
   return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float16)
 
 
-class _Progress:
-  """One log line per case: i/N, the case, and the time spent and left (the rate so far)."""
-
-  def __init__(self, total: int):
-    self.total, self.done, self.start = total, 0, time.monotonic()
-
-  def step(self, what: str) -> None:
-    self.done += 1
-    spent = time.monotonic() - self.start
-    left = spent / self.done * (self.total - self.done)
-    logging.info('preprocess [%d/%d] %s (%.0f s, ETA %.0f s)', self.done, self.total, what, spent, left)
+def padded_size(n: int, multiple: int) -> int:
+  """n rounded up to a multiple of `multiple` (the network's stride)."""
+  return -(-n // multiple) * multiple
 
 
-def _skip(skipped: dict[str, str], case_id: str, error: volumes.DataError) -> None:
+def centred_padding(n: int, size: int) -> tuple[int, int]:
+  """(before, after) zero padding that centres n pixels in `size`."""
+  return (size - n) // 2, size - n - (size - n) // 2
+
+
+def _case_done(progress: Progress, what: str) -> None:
+  progress.update()
+  logging.info('%s: %s', progress.status('preprocess'), what)
+
+
+def _skip(skipped: dict[str, str], case_id: str, error: DataError) -> None:
   logging.warning('case %s skipped: %s', case_id, error)
   skipped[case_id] = str(error)
 
 
-def _write_split(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict,
-                 keep_empty: bool, size: tuple[int, int], progress: _Progress,
-                 skipped: dict[str, str]) -> list[str]:
+def _write_slices(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict,
+                  keep_empty: bool, size: tuple[int, int], progress: Progress,
+                  skipped: dict[str, str]) -> list[str]:
   """Slices of the split's cases; returns the ids written. A case failing its checks is skipped whole:
   per-case temporary files are written only after its checks pass, and give the row count before the
   memmap."""
@@ -126,20 +137,20 @@ def _write_split(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml_
   for case in cases:
     try:
       image, labels, spacing = volumes.load_case(case, data_cfg.label_map)
-    except volumes.DataError as e:
+    except DataError as e:
       _skip(skipped, case.id, e)
-      progress.step(f'{case.id} skipped')
+      _case_done(progress, f'{case.id} skipped')
       continue
     cartilage = labels.reshape(len(labels), -1).any(axis=1)
     rows = np.arange(len(labels)) if keep_empty else np.flatnonzero(cartilage)
-    pad = [((n - m) // 2, n - m - (n - m) // 2) for n, m in zip(size, labels.shape[1:])]
+    pad = [centred_padding(n, target) for n, target in zip(labels.shape[1:], size)]
     np.save(out / f'{case.id}.images.tmp.npy', np.pad(normalise(image)[rows], [(0, 0), *pad]))
     np.save(out / f'{case.id}.labels.tmp.npy', np.pad(labels[rows], [(0, 0), *pad]))
     parts.append(case.id)
     index += [{'case': case.id, 'slice': int(r), 'spacing': [spacing[1], spacing[2]],
                'sagittal_spacing': spacing[0],
                'cartilage': bool(cartilage[r]), 'pad': pad} for r in rows]
-    progress.step(f'{case.id}: {len(rows)} slices')
+    _case_done(progress, f'{case.id}: {len(rows)} slices')
   for kind, dtype in (('images', np.float16), ('labels', np.uint8)):
     if not index:  # an empty split: np.memmap cannot map zero bytes
       np.save(out / f'{kind}.npy', np.zeros((0, *size), dtype))
@@ -173,8 +184,8 @@ def _remove_stale_builds(cache_dir: pathlib.Path) -> None:
       pass
 
 
-def _no_usable_case(root: str, total: int) -> volumes.DataError:
-  return volumes.DataError(f'{root}: no usable case, all {total} skipped (see the warnings above)')
+def _no_usable_case(root: str, total: int) -> DataError:
+  return DataError(f'{root}: no usable case, all {total} skipped (see the warnings above)')
 
 
 def _usable(cases: Sequence[volumes.Case], skipped: dict[str, str]) -> list[volumes.Case]:
@@ -183,24 +194,26 @@ def _usable(cases: Sequence[volumes.Case], skipped: dict[str, str]) -> list[volu
   for case in cases:
     try:
       if case.label is None:
-        raise volumes.DataError(f'no label file for {case.image.name}')
+        raise DataError(f'no label file for {case.image.name}')
       volumes.check_headers(case)
       usable.append(case)
-    except volumes.DataError as e:
+    except DataError as e:
       _skip(skipped, case.id, e)
   return usable
 
 
-def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pathlib.Path, seed: int) -> pathlib.Path:
+def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pathlib.Path, seed: int, *,
+                       multiple: int) -> pathlib.Path:
   """Builds the slice store of the volumes under data_cfg.root in cache_dir, or reuses it if up to date.
+  Its slices are padded to a common size, a multiple of `multiple` (the network's stride).
 
   Bad cases are named in one warning each and skipped (listed in skipped.json); none usable is a DataError.
   """
   if data_cfg.train_slices not in ('cartilage', 'all'):
-    raise volumes.DataError(f"data.train_slices: expected 'cartilage' or 'all', got {data_cfg.train_slices!r}")
+    raise ConfigError(f"data.train_slices: expected 'cartilage' or 'all', got {data_cfg.train_slices!r}")
   cache_dir = pathlib.Path(cache_dir)
   cases = volumes.discover_cases(data_cfg.root)
-  fingerprint = _fingerprint(cases, data_cfg, seed)
+  fingerprint = _fingerprint(cases, data_cfg, seed, multiple)
   old_path = cache_dir / 'fingerprint.json'
   if old_path.exists():
     old = json.loads(old_path.read_text())
@@ -210,7 +223,8 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
                    len(skipped), cache_dir / 'skipped.json')
       return cache_dir
     changed = ['source files'] if old.get('sources') != fingerprint['sources'] else []
-    changed += [k for k in fingerprint['settings'] if old.get('settings', {}).get(k) != fingerprint['settings'][k]]
+    old_settings = old.get('settings', {})
+    changed += [k for k, v in fingerprint['settings'].items() if old_settings.get(k) != v]
     logging.info('slice store %s is stale (changed: %s), rebuilding', cache_dir, ', '.join(changed))
   skipped = {}
   usable = _usable(cases, skipped)
@@ -220,7 +234,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   splits = _read_split_file(data_cfg.split_file, ids, list(skipped)) if data_cfg.split_file else split_cases(
       ids, data_cfg.split, seed)
   shapes = np.array([_canonical_shape(c.image) for c in usable])
-  size = tuple(int(-(-n // _MULTIPLE) * _MULTIPLE) for n in shapes[:, 1:].max(axis=0))
+  size = tuple(padded_size(int(n), multiple) for n in shapes[:, 1:].max(axis=0))
   by_id = {c.id: c for c in usable}
   # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.
   _remove_stale_builds(cache_dir)
@@ -228,10 +242,10 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   try:
-    progress = _Progress(sum(len(splits[name]) for name in SPLITS))
+    progress = Progress(sum(len(splits[name]) for name in SPLITS))
     for name in SPLITS:
       keep_empty = name != 'train' or data_cfg.train_slices == 'all'
-      splits[name] = _write_split(tmp / name, [by_id[i] for i in splits[name]], data_cfg, keep_empty, size,
+      splits[name] = _write_slices(tmp / name, [by_id[i] for i in splits[name]], data_cfg, keep_empty, size,
                                   progress, skipped)
     if not any(splits.values()):
       raise _no_usable_case(data_cfg.root, len(cases))
@@ -250,8 +264,24 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
-  """The slice store of a run: data.root (or the phantom) preprocessed into data.cache_dir."""
+  """The slice store of a run: data.root (or the phantom) preprocessed into data.cache_dir, its slices
+  padded to the stride of config.model's network."""
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.root = str(resolve_data_root(config.data, workdir, config.seed))
   cache_dir = config.data.cache_dir or pathlib.Path(workdir) / 'slices'
-  return ensure_slice_store(data_cfg, cache_dir, config.seed)
+  return ensure_slice_store(data_cfg, cache_dir, config.seed, multiple=models.stride(config.model.features))
+
+
+def write_split_file(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                     path: pathlib.Path) -> None:
+  """Writes the seeded subject split of data.root (or the phantom, generated here once) to `path`, a
+  data.split_file that runs of other seeds can share. Every labelled case is split; the stores drop the
+  ones their checks reject."""
+  root = resolve_data_root(config.data, workdir, config.seed)
+  ids = [case.id for case in volumes.discover_cases(root) if case.label is not None]
+  if not ids:
+    raise DataError(f'{root}: no labelled case to split')
+  tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+  tmp.write_text(json.dumps(split_cases(ids, config.data.split, config.seed), indent=1))
+  tmp.rename(path)
+  logging.info('split written to %s', path)

@@ -10,16 +10,18 @@ from typing import NamedTuple
 import nibabel as nib
 import numpy as np
 
+from easunet_jax.errors import DataError
+
 _AFFINE_TOL_MM = 1e-3  # image and label affines may differ by rounding only
 # OAI-ZIB's femur and tibia: expected in label files and sent to background by the usual label maps.
 BONE_LABELS = (1, 3)
+# OAI-ZIB's femoral and tibial cartilage labels, and the training class each becomes under the default
+# data.label_map ((2, 1), (4, 2)): the classes that evaluation and prediction report.
+OAI_ZIB_CARTILAGE = {'fc': 2, 'tc': 4}
+CLASSES = {'fc': 1, 'tc': 2}
 # What a truncated, corrupt or foreign file raises inside nibabel, gzip and zlib.
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
                 nib.spatialimages.HeaderDataError)
-
-
-class DataError(ValueError):
-  """A user-facing data problem (missing, unreadable or inconsistent files); its message is one line."""
 
 
 class Case(NamedTuple):
@@ -57,7 +59,8 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
     if not stem or not stem.endswith(image_suffix) or image.name.startswith('.'):
       continue
     case_id = stem[:len(stem) - len(image_suffix)]
-    label = next((p for p in (label_dir / f'{case_id}.nii.gz', label_dir / f'{case_id}.nii') if p.exists()), None)
+    labels = (label_dir / f'{case_id}.nii.gz', label_dir / f'{case_id}.nii')
+    label = next((p for p in labels if p.exists()), None)
     cases.append(Case(case_id, image, label))
   if not cases:
     raise DataError(f'{image_dir}: no image found (expected <id>{image_suffix}.nii.gz)')

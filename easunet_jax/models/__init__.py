@@ -1,13 +1,17 @@
-"""Segmentation networks; `build_model(config)` makes the one `config.model.name` names."""
+"""Segmentation networks; `build_model(config.model)` makes the one `model.name` names, and
+`stride(model.features)` is the multiple that their slice sizes must be."""
 
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from easunet_jax.errors import ConfigError
 from easunet_jax.models.attention_unet import AttentionUNet
 from easunet_jax.models.eas_unet import EASUNet
-from easunet_jax.models.unet import UNet
+from easunet_jax.models.unet import UNet, stride
 from easunet_jax.models.unetpp import UNetPlusPlus
+
+__all__ = ['EAS_SWITCHES', 'MODELS', 'build_model', 'stride']
 
 MODELS = {'eas_unet': EASUNet, 'unet': UNet, 'unetpp': UNetPlusPlus, 'attention_unet': AttentionUNet}
 
@@ -17,28 +21,28 @@ EAS_SWITCHES = {'block': ('separable', 'standard'), 'eca': (True, False), 'eas':
 
 
 def _check_switches(model_cfg: ml_collections.ConfigDict) -> None:
-  """ValueError for a bad switch value, or an EAS U-Net switch moved on another network."""
+  """ConfigError for a bad switch value, or an EAS U-Net switch moved on another network."""
   switches = dict(EAS_SWITCHES, deep_supervision=(True, False))
   for field, allowed in switches.items():
     value = model_cfg[field]
     # `1 in (True, False)` holds in Python: booleans are checked by type.
     if (isinstance(allowed[0], bool) and not isinstance(value, bool)) or value not in allowed:
-      raise ValueError(f'model.{field} must be one of {allowed}, got {value!r}')
+      raise ConfigError(f'model.{field} must be one of {allowed}, got {value!r}')
   if model_cfg.name != 'eas_unet':
     for field, allowed in EAS_SWITCHES.items():
       if model_cfg[field] != allowed[0]:
-        raise ValueError(f'model.{field} is an EAS U-Net ablation; model.name {model_cfg.name!r} '
+        raise ConfigError(f'model.{field} is an EAS U-Net ablation; model.name {model_cfg.name!r} '
                          f'needs model.{field} = {allowed[0]!r}')
   elif model_cfg.fusion == 'add' and not model_cfg.deep_supervision:
-    raise ValueError("model.fusion = 'add' fuses side outputs: it needs model.deep_supervision = True")
+    raise ConfigError("model.fusion = 'add' fuses side outputs: it needs model.deep_supervision = True")
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
   """The network of `model_cfg` (the config's `model` group), in training mode."""
   if model_cfg.name not in MODELS:
-    raise ValueError(f'model.name must be one of {sorted(MODELS)}, got {model_cfg.name!r}')
+    raise ConfigError(f'model.name must be one of {sorted(MODELS)}, got {model_cfg.name!r}')
   if model_cfg.dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {model_cfg.dtype!r}")
+    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {model_cfg.dtype!r}")
   _check_switches(model_cfg)
   common = {'features': tuple(model_cfg.features), 'num_classes': model_cfg.num_classes,
             'dtype': jnp.dtype(model_cfg.dtype), 'rngs': rngs}

@@ -48,7 +48,7 @@ class AttentionUNet(UNet):
     self.gates = nnx.List([AttentionGate(f[s], f[s + 1], dtype=dtype, rngs=rngs) for s in range(len(f) - 1)])
 
   def __call__(self, x_BHWC: jax.Array):
-    check_input(x_BHWC, self.num_levels, 'AttentionUNet')
+    check_input(x_BHWC, self.stride, 'AttentionUNet')
     *skips, x = self.encoder(x_BHWC.astype(self.dtype))
     for stage, gate, skip in zip(reversed(self.decoder), reversed(self.gates), reversed(skips)):
       x = stage(x, gate(skip, x))

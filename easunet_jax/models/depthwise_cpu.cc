@@ -1,6 +1,6 @@
 // Depthwise 3x3 convolution on NHWC float32 maps for XLA:CPU, called through jax.ffi (see depthwise_cpu.py).
 //
-// XLA:CPU runs a grouped convolution ~30x slower than nine shifted multiply-adds, and even those leave the
+// XLA:CPU runs a grouped convolution far slower than nine shifted multiply-adds, and even those leave the
 // kernel gradient at nine separate passes over a shifted copy of the input each. Here each pass over the
 // map is one loop: the forward (and, with the kernel mirrored, the input gradient) adds the nine taps into
 // an output row that stays in cache, and the kernel gradient reads x and the incoming gradient once for
@@ -140,20 +140,19 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, Map x, Map g, ffi::Result<Taps> dk,
   return ffi::Error::Success();
 }
 
+// The binding both handlers share: XLA's intra-op thread pool, two arrays in, one out, the dilation.
+template <typename In0, typename In1, typename Out>
+auto DepthwiseBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<In0>()
+      .template Arg<In1>()
+      .template Ret<Out>()
+      .template Attr<int64_t>("dilation");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EasunetDepthwiseForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Map>()
-                                  .Arg<Taps>()
-                                  .Ret<Map>()
-                                  .Attr<int64_t>("dilation"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EasunetDepthwiseKernelGrad, KernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Map>()
-                                  .Arg<Map>()
-                                  .Ret<Taps>()
-                                  .Attr<int64_t>("dilation"));
+// The bindings are parenthesised: the macro would split their template arguments at the commas.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EasunetDepthwiseForward, Forward, (DepthwiseBinding<Map, Taps, Map>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EasunetDepthwiseKernelGrad, KernelGrad, (DepthwiseBinding<Map, Map, Taps>()));

@@ -12,7 +12,7 @@ from flax import nnx
 
 from easunet_jax.models import heads, layers
 from easunet_jax.models.eas import EAS
-from easunet_jax.models.unet import ConvBnAct, check_input, network_output
+from easunet_jax.models.unet import ConvBnAct, check_input, network_output, stride
 
 
 def _block_factory(block: str, impl: str):
@@ -61,7 +61,7 @@ class EASUNet(nnx.Module):
                deep_supervision: bool = True, fusion: str = 'concat', dtype=jnp.float32, rngs: nnx.Rngs):
     f = tuple(features)
     make_block = _block_factory(block, depthwise_impl)
-    self.num_levels = len(f)
+    self.stride = stride(f)
     # A depthwise convolution of one input channel is degenerate: the stem is a full 3x3 convolution.
     self.stem = ConvBnAct(in_channels, f[0], act=layers.leaky_relu, dtype=dtype, rngs=rngs)
     self.encoder = nnx.List([EncoderStage(f[max(s - 1, 0)], f[s], pool=s > 0, block=make_block, dtype=dtype,
@@ -80,7 +80,7 @@ class EASUNet(nnx.Module):
     self.deterministic = False  # set by model.train() / model.eval()
 
   def __call__(self, x_BHWC: jax.Array):
-    check_input(x_BHWC, self.num_levels, 'EASUNet')
+    check_input(x_BHWC, self.stride, 'EASUNet')
     skips = []
     x = self.stem(x_BHWC.astype(self.dtype))
     for stage in self.encoder:

@@ -1,7 +1,7 @@
 """Building blocks of the EAS U-Net: depthwise-separable convolution, ECA, up-sampling, pooling.
 
 Convolutions that XLA:CPU runs badly are written out by hand: a depthwise 3x3 as nine shifted
-multiply-adds with its own VJP (grouped convolution is ~30x slower there), and in training as a small C++
+multiply-adds with its own VJP (grouped convolution is far slower there), and in training as a small C++
 kernel (`depthwise_cpu`) where a compiler is at hand, a 2x2 stride-2 transposed convolution as one
 matmul plus depth-to-space, and 1x1 convolutions as 2-D matmuls with their own VJP (`nnx.Linear` layers
 whose contraction is `matmul_2d`).
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from easunet_jax.errors import ConfigError
 from easunet_jax.models import depthwise_cpu
 
 BN_MOMENTUM = 0.9  # flax convention; PyTorch's momentum=0.1
@@ -85,14 +86,14 @@ def resolve_depthwise_impl(impl: str, dtype=jnp.float32) -> str:
   'native' runs the C++ kernel (`depthwise_cpu`) in training and XLA's stencil ('shift') in evaluation.
   """
   if impl not in ('auto', 'xla', 'shift', 'native'):
-    raise ValueError(f"model.depthwise_impl must be 'auto', 'xla', 'shift' or 'native', got {impl!r}")
+    raise ConfigError(f"model.depthwise_impl must be 'auto', 'xla', 'shift' or 'native', got {impl!r}")
   native_ok = jax.default_backend() == 'cpu' and jnp.dtype(dtype) == jnp.float32
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'xla'
     return 'native' if native_ok and depthwise_cpu.available() else 'shift'
   if impl == 'native' and not (native_ok and depthwise_cpu.available()):
-    raise ValueError("model.depthwise_impl='native' needs the CPU backend, float32 and a C++ compiler")
+    raise ConfigError("model.depthwise_impl='native' needs the CPU backend, float32 and a C++ compiler")
   return impl
 
 

@@ -1,6 +1,6 @@
 """U-Net (Ronneberger 2015, with BatchNorm), and the 3x3 conv blocks and helpers the other networks share."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,11 +64,16 @@ class UpStage(nnx.Module):
     return self.block(jnp.concatenate([self.up(x), *skips], axis=-1))
 
 
-def check_input(x_BHWC: jax.Array, num_levels: int, name: str) -> None:
-  """ValueError unless x is (B, H, W, C) with H, W divisible by the network's total down-sampling."""
-  stride = 2 ** (num_levels - 1)
-  if x_BHWC.ndim != 4 or x_BHWC.shape[1] % stride or x_BHWC.shape[2] % stride:
-    raise ValueError(f'{name} expects (B, H, W, C) with H, W multiples of {stride}, got {x_BHWC.shape}')
+def stride(features: Sequence[int]) -> int:
+  """The total down-sampling of every network here with these encoder widths: a 2x2 pooling between
+  stages. Slices must be multiples of it in height and width."""
+  return 2 ** (len(features) - 1)
+
+
+def check_input(x_BHWC: jax.Array, multiple: int, name: str) -> None:
+  """ValueError unless x is (B, H, W, C) with H, W multiples of the network's `stride`."""
+  if x_BHWC.ndim != 4 or x_BHWC.shape[1] % multiple or x_BHWC.shape[2] % multiple:
+    raise ValueError(f'{name} expects (B, H, W, C) with H, W multiples of {multiple}, got {x_BHWC.shape}')
 
 
 def network_output(final_BHWK: jax.Array, sides: list[jax.Array], deterministic: bool):
@@ -86,7 +91,7 @@ class UNet(nnx.Module):
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
                in_channels: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
     f = tuple(features)
-    self.num_levels = len(f)
+    self.stride = stride(f)
     self.encoder = Encoder(in_channels, f, dtype=dtype, rngs=rngs)
     # decoder[0] is d1 (full resolution), decoder[-1] the deepest.
     self.decoder = nnx.List([UpStage(f[s + 1], f[s], dtype=dtype, rngs=rngs) for s in range(len(f) - 1)])
@@ -95,7 +100,7 @@ class UNet(nnx.Module):
     self.deterministic = False  # set by model.train() / model.eval()
 
   def __call__(self, x_BHWC: jax.Array):
-    check_input(x_BHWC, self.num_levels, 'UNet')
+    check_input(x_BHWC, self.stride, 'UNet')
     *skips, x = self.encoder(x_BHWC.astype(self.dtype))
     for stage, skip in zip(reversed(self.decoder), reversed(skips)):
       x = stage(x, skip)

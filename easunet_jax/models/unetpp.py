@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easunet_jax.models import layers
-from easunet_jax.models.unet import Encoder, UpStage, check_input, network_output
+from easunet_jax.models.unet import Encoder, UpStage, check_input, network_output, stride
 
 
 class UNetPlusPlus(nnx.Module):
@@ -20,7 +20,7 @@ class UNetPlusPlus(nnx.Module):
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
                in_channels: int = 1, deep_supervision: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
     f = tuple(features)
-    self.num_levels = len(f)
+    self.stride = stride(f)
     self.encoder = Encoder(in_channels, f, dtype=dtype, rngs=rngs)
     # nested[j - 1][i] is X^{i,j}: up-samples X^{i+1,j-1} and concatenates the j nodes X^{i,0..j-1}.
     self.nested = nnx.List([
@@ -33,7 +33,7 @@ class UNetPlusPlus(nnx.Module):
     self.deterministic = False  # set by model.train() / model.eval()
 
   def __call__(self, x_BHWC: jax.Array):
-    check_input(x_BHWC, self.num_levels, 'UNetPlusPlus')
+    check_input(x_BHWC, self.stride, 'UNetPlusPlus')
     grid = [[e] for e in self.encoder(x_BHWC.astype(self.dtype))]  # grid[i][j] is X^{i,j}
     for j, column in enumerate(self.nested, start=1):
       for i, node in enumerate(column):

@@ -1,10 +1,7 @@
-"""Metric writers (JSONL always, TensorBoard via tensorboardX) and the training progress line."""
+"""Training scalars to `<workdir>/metrics.jsonl` (one object per step) and TensorBoard event files."""
 
 import json
-import math
 import pathlib
-import sys
-import time
 from collections.abc import Mapping
 
 import jax
@@ -45,33 +42,3 @@ class MetricWriter:
       self._jsonl.close()
       self._tb.close()
 
-
-class Progress:
-  """Steps/s and ETA over a run of `total` steps that started (or resumed) at `start`."""
-
-  def __init__(self, start: int, total: int):
-    self.start, self.total = start, total
-    self._t0 = time.perf_counter()
-    self._last_step, self._last_time = start, self._t0
-    self._tty = sys.stderr.isatty()
-
-  def rate(self, step: int) -> float:
-    """Steps/s since the previous call (the first interval includes compilation)."""
-    now = time.perf_counter()
-    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
-    self._last_step, self._last_time = step, now
-    return rate
-
-  def eta_seconds(self, step: int) -> float:
-    done = step - self.start
-    elapsed = time.perf_counter() - self._t0
-    return elapsed / done * (self.total - step) if done else float('nan')
-
-  def line(self, step: int, loss: float, steps_per_s: float) -> str:
-    eta = self.eta_seconds(step)
-    eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '?'
-    width = 30
-    bar = '#' * int(width * step / self.total) + '.' * (width - int(width * step / self.total))
-    prefix = f'[{bar}] ' if self._tty else ''
-    return (f'{prefix}step {step}/{self.total}  loss {loss:.4f}  {steps_per_s:.2f} steps/s  '
-            f'ETA {eta_text}')

@@ -1,0 +1,24 @@
+"""The errors a user can fix: a bad flag or config field, a bad data file, a missing or foreign checkpoint.
+
+Each is raised where the problem is found, with a one-line message that names the field or file and what
+was expected. `main.py` prints that line alone and exits with `exit_code`; any other exception is a bug
+and shows its traceback.
+"""
+
+
+class UserError(Exception):
+  """Something the user gave cannot be used; the message says what and what was expected, in one line."""
+  exit_code = 1
+
+
+class ConfigError(UserError):
+  """A flag or config field with a value the run cannot use, found before anything is compiled."""
+  exit_code = 2
+
+
+class DataError(UserError):
+  """A missing, unreadable or inconsistent data file (volumes, labels, split files, inputs to predict)."""
+
+
+class CheckpointError(UserError):
+  """No checkpoint where one is needed, a corrupt one, or one trained with another model."""

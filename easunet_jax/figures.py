@@ -1,0 +1,84 @@
+"""The figures the reports draw, as PNG files: loss curves and prediction overlays (evaluation), Dice bars
+over seeds (sweeps)."""
+
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+
+from easunet_jax.data.volumes import CLASSES
+
+matplotlib.use('Agg')  # files only: no display on servers and CI
+import matplotlib.pyplot as plt
+
+COLOURS = {'fc': (1.0, 0.25, 0.1), 'tc': (0.1, 0.6, 1.0)}  # overlay colours, far apart for colour-blind eyes
+
+
+def _save(fig: matplotlib.figure.Figure, out: pathlib.Path, **layout) -> None:
+  fig.tight_layout(**layout)
+  fig.savefig(out)
+  plt.close(fig)
+
+
+def plot_loss_curves(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
+  """loss_curves.png: the training and validation losses against step (paper Fig. 8/9)."""
+  rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  # val/loss is the final output's CE + Dice, like train/loss_final; train/loss adds the side outputs.
+  curves = (('train/loss', '-', 'train/loss (with side outputs)'),
+            ('train/loss_final', '--', 'train/loss_final'), ('val/loss', 'o-', 'val/loss'))
+  for key, style, label in curves:
+    points = [(r['step'], r[key]) for r in rows if key in r]
+    if points:
+      ax.plot(*zip(*points), style, label=label, markersize=4)
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (cross-entropy + Dice)')
+  ax.set_title('Training and validation loss')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  _save(fig, out)
+
+
+def _overlay(image_HW: np.ndarray, classes_HW: np.ndarray) -> np.ndarray:
+  """RGB of the grey image with FC and TC tinted in their colours."""
+  rgb = np.repeat(image_HW[..., None], 3, axis=-1).astype(np.float32)
+  for name, k in CLASSES.items():
+    rgb[classes_HW == k] = 0.35 * rgb[classes_HW == k] + 0.65 * np.asarray(COLOURS[name])
+  return np.clip(rgb, 0, 1)
+
+
+def plot_overlays(samples: Sequence[dict], out: pathlib.Path) -> None:
+  """overlays.png: image | label | prediction for each sample slice (paper Fig. 10)."""
+  fig, axes = plt.subplots(len(samples), 3, figsize=(9, 3 * len(samples)), dpi=120, squeeze=False)
+  for row, s in zip(axes, samples):
+    panels = (np.repeat(s['image'][..., None], 3, axis=-1), _overlay(s['image'], s['label']),
+              _overlay(s['image'], s['pred']))
+    titles = (f"{s['case']} slice {s['slice']}", 'label', 'prediction')
+    for ax, panel, title in zip(row, panels, titles):
+      # Store slices are (anterior, superior) in RAS order: show superior up and anterior right.
+      ax.imshow(np.swapaxes(panel, 0, 1)[::-1], interpolation='nearest')
+      ax.set_title(title, fontsize=9)
+      ax.axis('off')
+  handles = [matplotlib.patches.Patch(color=COLOURS[n], label=n.upper()) for n in CLASSES]
+  fig.legend(handles=handles, loc='lower center', ncol=2, frameon=False)
+  _save(fig, out, rect=(0, 0.03, 1, 1))
+
+
+def dice_bars(rows: Sequence[dict], out: pathlib.Path) -> None:
+  """Bars of each variant's 2D Dice, FC and TC side by side, with the std over seeds as error bars."""
+  models = list(dict.fromkeys(r['model'] for r in rows))
+  x = np.arange(len(models))
+  fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(models)), 4), dpi=120)
+  for offset, cartilage in ((-0.2, 'fc'), (0.2, 'tc')):
+    chosen = [r for r in rows if r['cartilage'] == cartilage]
+    ax.bar(x + offset, [r['dice_mean'] for r in chosen], width=0.4, label=cartilage.upper(),
+           yerr=[0 if math.isnan(r['dice_std']) else r['dice_std'] for r in chosen], capsize=3)
+  ax.set_xticks(x, models, rotation=20, ha='right')
+  ax.set_ylabel('DSC % (2D, per cartilage slice)')
+  ax.set_title('Test-set Dice, mean ± std over seeds')
+  ax.grid(axis='y', alpha=0.3)
+  ax.legend()
+  _save(fig, out)

@@ -1,0 +1,39 @@
+"""Devices and hosts: the ('data',) mesh that batches are split over, its two shardings, batch sizes that
+fit it, and work that one process does while the others wait."""
+
+import contextlib
+from collections.abc import Iterator
+
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D ('data',) mesh over `devices` (default: all): batches split along it, state replicated."""
+  devices = devices or jax.devices()
+  return jax.make_mesh((len(devices),), ('data',), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def shardings(mesh: jax.sharding.Mesh) -> tuple[NamedSharding, NamedSharding]:
+  """(data, replicated): a batch split along its first axis over `mesh`, and one copy on every device."""
+  return NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+
+
+def round_to_devices(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  """The smallest multiple of the mesh's device count that holds `batch_size` (every device gets as many
+  rows; evaluation pads the last batch)."""
+  return -(-batch_size // mesh.size) * mesh.size
+
+
+@contextlib.contextmanager
+def process_0_first(what: str) -> Iterator[None]:
+  """Process 0 runs the block first while the others wait at a barrier, then the others run it: e.g. the
+  slice store, which builders running at once would delete under each other. On a shared disk the others
+  then find the work done."""
+  if jax.process_index() > 0:
+    multihost_utils.sync_global_devices(what)
+  yield
+  if jax.process_index() == 0:
+    multihost_utils.sync_global_devices(what)

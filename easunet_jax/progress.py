@@ -1,0 +1,49 @@
+"""Progress of long work (training steps, cases preprocessed, evaluated or predicted): done / total, time
+spent, and the ETA at the mean rate so far; a bar on a terminal."""
+
+import math
+import sys
+import time
+
+
+def _clock(seconds: float) -> str:
+  return time.strftime('%H:%M:%S', time.gmtime(seconds)) if math.isfinite(seconds) else '?'
+
+
+class Progress:
+  """`total` units of work, of which `done` were done before this start (a resumed run)."""
+
+  def __init__(self, total: int, done: int = 0):
+    self.total, self.done = total, done
+    self._first, self._start = done, time.perf_counter()
+    self._last_done, self._last_time = done, self._start
+    self._bar = sys.stderr.isatty()
+
+  def update(self, done: int | None = None) -> None:
+    """Records that `done` units are done (default: one more)."""
+    self.done = self.done + 1 if done is None else done
+
+  @property
+  def spent_s(self) -> float:
+    return time.perf_counter() - self._start
+
+  def eta_s(self) -> float:
+    """Seconds left at the mean rate since the start; NaN before the first unit."""
+    done = self.done - self._first
+    return self.spent_s / done * (self.total - self.done) if done else float('nan')
+
+  def rate(self) -> float:
+    """Units per second since the previous call (the first interval includes compilation)."""
+    now = time.perf_counter()
+    rate = (self.done - self._last_done) / max(now - self._last_time, 1e-9)
+    self._last_done, self._last_time = self.done, now
+    return rate
+
+  def status(self, unit: str = '') -> str:
+    """'[####......] ' on a terminal, then '<unit> done/total (spent H:MM:SS, ETA H:MM:SS)'."""
+    parts = [unit, f'{self.done}/{self.total}',
+             f'(spent {_clock(self.spent_s)}, ETA {_clock(self.eta_s())})']
+    if self._bar:
+      filled = int(30 * self.done / max(self.total, 1))
+      parts.insert(0, f"[{'#' * filled}{'.' * (30 - filled)}]")
+    return ' '.join(part for part in parts if part)

@@ -1,0 +1,37 @@
+"""Run records: one line per training start in `<workdir>/runs.jsonl` (time, start step, code version,
+command, JAX version, device count and the whole config), so that a workdir says how it was made."""
+
+import datetime
+import importlib.metadata
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import ml_collections
+
+
+def code_version() -> str:
+  """`git describe` of the package's checkout, else the installed package's version."""
+  try:
+    return subprocess.run(['git', 'describe', '--always', '--dirty', '--tags'], capture_output=True,
+                          text=True, check=True, timeout=30,
+                          cwd=pathlib.Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    try:
+      return importlib.metadata.version('easunet_jax')
+    except importlib.metadata.PackageNotFoundError:
+      return 'unknown (neither a git checkout nor an installed package)'
+
+
+def record_start(workdir: pathlib.Path, config: ml_collections.ConfigDict, start_step: int) -> None:
+  """Appends this start's record to `<workdir>/runs.jsonl` (process 0 only)."""
+  if jax.process_index() > 0:
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  record = {'time': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+            'start_step': start_step, 'code_version': code_version(), 'command': sys.argv,
+            'jax': jax.__version__, 'devices': jax.device_count(), 'config': config.to_dict()}
+  with open(workdir / 'runs.jsonl', 'a') as f:
+    f.write(json.dumps(record) + '\n')

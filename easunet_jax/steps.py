@@ -1,0 +1,179 @@
+"""The jitted core: the train state, the optimiser, the loss of a model on a batch, and the train, eval and
+forward steps over a ('data',) mesh. Training, evaluation, prediction and the benchmarks all build on it.
+"""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metrics as clu_metrics
+from flax import nnx
+
+from easunet_jax import losses, metrics, parallel
+from easunet_jax.errors import ConfigError
+from easunet_jax.models import build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  batch_stats: nnx.State
+  opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class FirstNonFinite(clu_metrics.Metric):
+  """The first step whose loss or gradients were not finite; 0 when there was none."""
+  step: jax.Array
+
+  @classmethod
+  def from_model_output(cls, *, step: jax.Array, nonfinite: jax.Array, **_) -> 'FirstNonFinite':
+    return cls(step=jnp.where(nonfinite, step, 0))
+
+  def merge(self, other: 'FirstNonFinite') -> 'FirstNonFinite':  # self holds the earlier steps
+    return type(self)(step=jnp.where(self.step > 0, self.step, other.step))
+
+  def compute(self) -> jax.Array:
+    return self.step
+
+
+@flax.struct.dataclass
+class SkippedSteps(clu_metrics.Metric):
+  """How many steps left the state unchanged because their loss or gradients were not finite."""
+  count: jax.Array
+
+  @classmethod
+  def from_model_output(cls, *, nonfinite: jax.Array, **_) -> 'SkippedSteps':
+    return cls(count=nonfinite.astype(jnp.int32))
+
+  def merge(self, other: 'SkippedSteps') -> 'SkippedSteps':
+    return type(self)(count=self.count + other.count)
+
+  def compute(self) -> jax.Array:
+    return self.count
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  """Accumulated on the devices between logging steps; the losses average the finite steps only."""
+  loss: clu_metrics.Average.from_output('loss')
+  loss_final: clu_metrics.Average.from_output('loss_final')
+  skipped_steps: SkippedSteps
+  first_nonfinite_step: FirstNonFinite
+
+
+def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  if optim_cfg.schedule == 'constant':
+    return optax.constant_schedule(optim_cfg.lr)
+  if optim_cfg.schedule == 'poly':  # nnU-Net's: lr * (1 - step / num_steps) ** 0.9, every step
+    return optax.polynomial_schedule(optim_cfg.lr, 0.0, power=0.9, transition_steps=num_steps)
+  raise ConfigError(f"optim.schedule: expected 'constant' or 'poly', got {optim_cfg.schedule!r}")
+
+
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """PyTorch SGD(lr, momentum, weight_decay): the decay joins the gradient before momentum."""
+  return optax.chain(
+      optax.add_decayed_weights(optim_cfg.weight_decay),
+      optax.sgd(learning_rate_schedule(optim_cfg, num_steps), momentum=optim_cfg.momentum))
+
+
+def graphdefs(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+  """(training, evaluation) graphdefs of the config's model, from shapes alone."""
+  model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(config.seed)))
+  model.train()
+  train_graphdef = nnx.graphdef(model)
+  model.eval()
+  return train_graphdef, nnx.graphdef(model)
+
+
+def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                       sharding: jax.sharding.Sharding | None = None
+                       ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+  """(training graphdef, evaluation graphdef, state) of a freshly initialised model.
+
+  The initialisation runs as one jitted program: eagerly, every parameter shape compiles its own
+  initialiser, which takes several times longer on CPU.
+  """
+  def init() -> TrainState:
+    _, params, batch_stats = nnx.split(build_model(config.model, nnx.Rngs(config.seed)),
+                                       nnx.Param, nnx.BatchStat)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params))
+
+  return *graphdefs(config), jax.jit(init, out_shardings=sharding)()
+
+
+def inference_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
+  """A freshly initialised state replicated over `mesh`, with a trained one's structure: what a checkpoint
+  is restored into for evaluation and prediction (num_steps only shapes the learning-rate schedule, which
+  inference never calls)."""
+  tx = make_optimizer(config.optim, num_steps=1)
+  return create_train_state(config, tx, parallel.shardings(mesh)[1])[2]
+
+
+def model_loss(model: nnx.Module, batch: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict
+               ) -> tuple[jax.Array, jax.Array]:
+  """(total, final output's) loss of a training-mode model on a batch."""
+  final, sides = model(batch['image'])
+  return losses.deep_supervision_loss(final, sides, batch['label'], tuple(loss_cfg.side_weights),
+                                      loss_cfg.dice_eps)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict
+               ) -> tuple[TrainState, TrainMetrics]:
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+    total, loss_final = model_loss(model, batch, loss_cfg)
+    return total, (loss_final, nnx.state(model, nnx.BatchStat))
+
+  (loss, (loss_final, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # One scalar for all gradients: a per-leaf isfinite().all() is fused by XLA into every parameter update
+  # and made the train step's compile several times slower on CPU. A norm that overflows float32 counts
+  # as non-finite.
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updated = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
+                          opt_state=opt_state)
+  # A step with a non-finite loss or gradient changes nothing but the step count: train.nan_policy 'skip'
+  # goes on from the last finite state, and 'stop' never has a non-finite state to save.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  new_state = new_state.replace(step=state.step + 1)
+  # Per-step outputs of shape (1,), so that clu applies the mask to them.
+  return new_state, TrainMetrics.single_from_model_output(
+      loss=loss[None], loss_final=loss_final[None], mask=finite[None], step=new_state.step,
+      nonfinite=~finite)
+
+
+def forward(state: TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
+  """Logits (B, H, W, K) of the evaluation-mode model."""
+  return nnx.merge(graphdef, state.params, state.batch_stats)(image_BHW1)
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+              num_classes: int, dice_eps: float) -> dict[str, jax.Array]:
+  """Per-sample confusion counts (B, K-1, 3) = (TP, FP, FN) of each foreground class, and the loss."""
+  logits = forward(state, batch['image'], graphdef=graphdef)
+  label = batch['label']
+  counts = metrics.confusion_counts(jnp.argmax(logits, axis=-1), label, num_classes)
+  loss = losses.segmentation_loss(logits, label, dice_eps, valid_B=batch['mask'])
+  return {'counts': counts, 'loss': loss, 'num_valid': jnp.sum(batch['mask'])}
+
+
+def jit_steps(config: ml_collections.ConfigDict, train_graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
+              tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+  """The train step (state donated) and eval step, compiled for batches sharded over `mesh`."""
+  data_sharding, replicated = parallel.shardings(mesh)
+  p_train_step = jax.jit(
+      functools.partial(train_step, graphdef=train_graphdef, tx=tx, loss_cfg=config.loss),
+      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  p_eval_step = jax.jit(
+      functools.partial(eval_step, graphdef=eval_graphdef, num_classes=config.model.num_classes,
+                        dice_eps=config.loss.dice_eps),
+      in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  return p_train_step, p_eval_step

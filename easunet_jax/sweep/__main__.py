@@ -1,0 +1,44 @@
+"""The sweep command line; see the package docstring.
+
+  python -m easunet_jax.sweep --sweep=configs/sweep_table1.py[:ARG] --workdir=W [--seeds=3]
+      [--devices_per_run=1] [--dry_run] [--config.<field>=<value> ...]
+"""
+
+import functools
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from easunet_jax.errors import UserError
+from easunet_jax.sweep import run
+
+flags.DEFINE_string('sweep', None, 'Sweep file defining sweep(add), e.g. configs/sweep_table1.py[:demo].')
+flags.DEFINE_string('workdir', None, 'Sweep directory: one sub-folder per point, the tables beside them.')
+flags.DEFINE_integer('seeds', 3, 'Seeds 0..N-1 of each variant.', lower_bound=1)
+flags.DEFINE_integer('devices_per_run', 1, 'GPUs per point; points run at once on separate GPU groups.',
+                     lower_bound=1)
+flags.DEFINE_bool('dry_run', False, 'List the points, their state and their commands; run nothing.')
+flags.mark_flags_as_required(['sweep', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def main(argv: Sequence[str], overrides: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]} (pass config fields as --config.<field>=<value>)')
+  try:
+    finished = run.run_sweep(FLAGS.sweep, pathlib.Path(FLAGS.workdir).absolute(), FLAGS.seeds,
+                             FLAGS.devices_per_run, FLAGS.dry_run, overrides)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(e.exit_code)
+  if not finished:
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  # The --config.* flags belong to the points; absl would reject them as this program's flags.
+  config_overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
+  app.run(functools.partial(main, overrides=config_overrides),
+          argv=[a for a in sys.argv if not a.startswith('--config.')])

@@ -1,0 +1,89 @@
+"""A sweep file and its points: the variants that its `sweep(add)` adds, each run with seeds 0..N-1, and
+the `main.py` arguments and config of each point."""
+
+import dataclasses
+import importlib.util
+import pathlib
+import re
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from easunet_jax.errors import ConfigError
+
+MAIN = pathlib.Path(__file__).resolve().parents[2] / 'main.py'
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str  # folder prefix of its points
+  title: str  # the table's model column
+  config: str  # config file[:arg], as main.py's --config
+  overrides: tuple[str, ...]  # its --config.<field>=<value> flags
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  variant: Variant
+  seed: int
+
+  @property
+  def name(self) -> str:
+    return f'{self.variant.name}_seed{self.seed}'
+
+
+def _flag(field: str, value) -> str:
+  """--config.<field>=<value> in the syntax config_flags parses (strings bare, the rest as literals)."""
+  return f'--config.{field}={value if isinstance(value, str) else repr(value)}'
+
+
+def load_sweep(spec: str) -> list[Variant]:
+  """The variants that `sweep(add)` of the file `spec` (`path[:arg]`) adds."""
+  path, _, arg = spec.partition(':')
+  if not pathlib.Path(path).is_file():
+    raise ConfigError(f'--sweep: no file {path}')
+  module_spec = importlib.util.spec_from_file_location('sweep_file', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  variants = []
+
+  def add(name: str, config: str, title: str = '', **fields) -> None:
+    if not re.fullmatch(r'[\w.-]+', name):
+      raise ConfigError(f'{path}: variant name {name!r} is not a folder name (letters, digits, _ . -)')
+    if arg and ':' in config:
+      raise ConfigError(f'{path}: variant {name} names config {config} with an argument, and the sweep '
+                        f'has :{arg}')
+    variants.append(Variant(name, title or name, f'{config}:{arg}' if arg else config,
+                            tuple(_flag(k, v) for k, v in fields.items())))
+
+  module.sweep(add)
+  names = [v.name for v in variants]
+  if not names or len(set(names)) != len(names):
+    raise ConfigError(f'{path}: sweep(add) must add at least one variant and no name twice, got {names}')
+  return variants
+
+
+def point_args(point: Point, workdir: pathlib.Path, overrides: Sequence[str]) -> list[str]:
+  """main.py's arguments for `point` (without --mode): the user's overrides, then the variant's, then the
+  sweep's own (seed, the shared split and slice store)."""
+  args = [f'--config={point.variant.config}', f'--workdir={workdir / point.name}', *overrides,
+          *point.variant.overrides, f'--config.seed={point.seed}',
+          f'--config.data.cache_dir={workdir / "slices" / f"seed{point.seed}"}']
+  if not any(o.startswith('--config.data.split_file=') for o in overrides):
+    args.append(f'--config.data.split_file={workdir / "splits.json"}')
+  return args
+
+
+def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
+  """The config main.py builds from `args`, parsed the same way (config_flags, locked)."""
+  argv = [str(MAIN), *(a for a in args if a.startswith('--config'))]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  try:
+    flag_values(argv)
+  except flags.Error as e:
+    raise ConfigError(f'{args[0]}: {e}') from None
+  return flag_values.config

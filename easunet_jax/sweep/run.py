@@ -1,0 +1,117 @@
+"""Runs a sweep: its points (`points`) that have no evaluation yet, after the shared split and slice
+stores; the points themselves as processes (`launch`); then the table (`table`)."""
+
+import json
+import pathlib
+import shlex
+from collections.abc import Sequence
+
+import ml_collections
+from absl import logging
+
+from easunet_jax import models
+from easunet_jax.data import preprocess
+from easunet_jax.errors import ConfigError
+from easunet_jax.sweep import launch, table
+from easunet_jax.sweep.points import Point, load_config, load_sweep, point_args
+
+# Fields the sweep sets for every point: a user value would break the seeds or the shared slice stores.
+_SWEEP_FIELDS = ('seed', 'data.cache_dir')
+
+
+def evaluation(point_dir: pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path | None:
+  """The newest eval/<step>/metrics.json in `point_dir` written with exactly `config`, else None."""
+  wanted = json.loads(config.to_json())
+
+  def written_with_config(path: pathlib.Path) -> bool:
+    try:
+      return json.loads(path.read_text()).get('config') == wanted
+    except json.JSONDecodeError:  # cut short by a killed evaluation
+      return False
+
+  found = [p for p in point_dir.glob('eval/*/metrics.json') if written_with_config(p)]
+  return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def prepare_shared_data(points: Sequence[Point], configs: dict[Point, ml_collections.ConfigDict],
+                        workdir: pathlib.Path) -> None:
+  """The sweep's split file (unless data.split_file names the user's) and the slice stores of `points`,
+  each written once, by this process."""
+  split_file = pathlib.Path(configs[points[0]].data.split_file)
+  if split_file == workdir / 'splits.json' and not split_file.exists():
+    first = min(configs, key=lambda p: p.seed)  # the split of the lowest seed, whichever points run now
+    preprocess.write_split_file(configs[first], workdir / first.name, split_file)
+  # One store per seed: the store's fingerprint includes config.seed, so points of different seeds
+  # cannot share one without rebuilding it under each other's feet.
+  stores = {}
+  for point in points:
+    stores.setdefault(configs[point].data.cache_dir, point)
+  for point in stores.values():
+    preprocess.prepare_data(configs[point], workdir / point.name)
+
+
+def _check_same_data(configs: dict[Point, ml_collections.ConfigDict]) -> None:
+  """A sweep compares its points on one data set: no variant may change a data field, nor the network's
+  stride, to which the shared slice stores pad their slices."""
+  def data_of(config):
+    return {k: v for k, v in config.data.to_dict().items() if k != 'cache_dir'}
+
+  points = list(configs)
+  first = configs[points[0]]
+  for point in points[1:]:
+    config = configs[point]
+    differ = sorted(k for k, v in data_of(config).items() if v != data_of(first)[k])
+    if differ:
+      raise ConfigError(f'variant {point.variant.name} changes data.{", data.".join(differ)}: all points of '
+                        'a sweep must see the same data')
+    if models.stride(config.model.features) != models.stride(first.model.features):
+      raise ConfigError(f'variant {point.variant.name} has {len(config.model.features)} encoder stages, '
+                        f'{points[0].variant.name} {len(first.model.features)}: the shared slice stores pad '
+                        "slices to one network stride")
+
+
+def _dry_run(points: Sequence[Point], args: dict[Point, list[str]],
+             evaluations: dict[Point, pathlib.Path | None]) -> None:
+  for point in points:
+    state = f'done ({evaluations[point]})' if evaluations[point] else 'to run'
+    print(f'{point.name}: {state}')
+    for mode in launch.MODES:
+      print('  ' + shlex.join(launch.main_command(args[point], mode)))
+
+
+def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int, dry_run: bool,
+              overrides: Sequence[str]) -> bool:
+  """Runs the sweep `spec` in `workdir` (see the module docstring); True when every point finished."""
+  for field in _SWEEP_FIELDS:
+    if any(o.startswith(f'--config.{field}=') for o in overrides):
+      raise ConfigError(f'--config.{field}: the sweep sets it for each point (seeds 0 .. --seeds - 1, one '
+                       'slice store per seed)')
+  variants = load_sweep(spec)
+  points = [Point(v, seed) for v in variants for seed in range(seeds)]
+  args = {p: point_args(p, workdir, overrides) for p in points}
+  configs = {p: load_config(args[p]) for p in points}
+  _check_same_data(configs)
+  evaluations = {p: evaluation(workdir / p.name, configs[p]) for p in points}
+  if dry_run:
+    _dry_run(points, args, evaluations)
+    return True
+  todo = [p for p in points if evaluations[p] is None]
+  for point in points:
+    if evaluations[point]:
+      logging.info('sweep: %s finished before (%s), skipped', point.name, evaluations[point])
+  logging.info('sweep %s: %d points, %d finished before, %d to run', spec, len(points),
+               len(points) - len(todo), len(todo))
+  failures = {}
+  if todo:
+    groups = launch.device_groups(devices_per_run)
+    workdir.mkdir(parents=True, exist_ok=True)
+    prepare_shared_data(todo, configs, workdir)
+    failures = launch.Launcher(groups, workdir).run(todo, args)
+    evaluations.update({p: evaluation(workdir / p.name, configs[p]) for p in todo})
+  failures.update({p: 'no evaluation written' for p in points
+                   if evaluations[p] is None and p not in failures})
+  table.write_table(table.table_rows(variants, points, evaluations), failures, spec, workdir)
+  logging.info('sweep table written to %s', workdir / 'table.md')
+  for point, error in failures.items():
+    logging.error('sweep point %s failed: %s', point.name, error)
+  return not failures

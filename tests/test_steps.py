@@ -1,0 +1,95 @@
+"""The jitted core: PyTorch SGD semantics, the poly schedule, a non-finite step changes nothing, and a
+4-device step equals a 1-device step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from easunet_jax import parallel, steps
+from easunet_jax.data import pipeline
+from easunet_jax.errors import ConfigError
+
+
+def test_optimizer_equals_pytorch_sgd_with_weight_decay():
+  cfg = tiny.get_config().optim
+  lr, mu, wd = cfg.lr, cfg.momentum, cfg.weight_decay
+  tx = steps.make_optimizer(cfg, num_steps=10)
+  params = {'w': jnp.array([1.0, -2.0, 3.0])}
+  grads = [jnp.array([0.5, 0.1, -0.3]), jnp.array([-0.2, 0.4, 0.0]), jnp.array([1.0, -1.0, 2.0])]
+  opt_state = tx.init(params)
+  # PyTorch SGD: d = g + wd p; buf = d (first step) else mu buf + d; p -= lr buf.
+  p, buf = np.array(params['w']), None
+  for g in grads:
+    updates, opt_state = tx.update({'w': g}, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    d = np.asarray(g) + wd * p
+    buf = d if buf is None else mu * buf + d
+    p = p - lr * buf
+    np.testing.assert_allclose(params['w'], p, rtol=1e-6)
+  # The other order (momentum, then decay added after) is not PyTorch, and the test can tell.
+  swapped = optax.chain(optax.sgd(lr, momentum=mu), optax.add_decayed_weights(-lr * wd))
+  q, s = {'w': jnp.array([1.0, -2.0, 3.0])}, None
+  s = swapped.init(q)
+  for g in grads:
+    u, s = swapped.update({'w': g}, s, q)
+    q = optax.apply_updates(q, u)
+  assert not np.allclose(q['w'], p, rtol=1e-6)
+
+
+def test_poly_schedule_decays_to_zero_and_bad_schedule_is_refused():
+  cfg = tiny.get_config().optim
+  cfg.schedule = 'poly'
+  lr = steps.learning_rate_schedule(cfg, num_steps=100)
+  assert float(lr(0)) == pytest.approx(0.01)
+  assert float(lr(50)) == pytest.approx(0.01 * 0.5 ** 0.9, rel=1e-5)
+  assert float(lr(100)) == pytest.approx(0.0)
+  cfg.schedule = 'cosine'
+  with pytest.raises(ConfigError, match=r'optim\.schedule'):
+    steps.learning_rate_schedule(cfg, 100)
+
+
+def _batch(batch_size=4, size=32):
+  rng = np.random.default_rng(0)
+  return {'image': rng.random((batch_size, size, size, 1), np.float32),
+          'label': rng.integers(0, 3, (batch_size, size, size)).astype(np.int32)}
+
+
+def _one_step(devices):
+  config = tiny.get_config()
+  mesh = parallel.make_mesh(devices)
+  tx = steps.make_optimizer(config.optim, config.train.num_steps)
+  train_graphdef, eval_graphdef, state = steps.create_train_state(
+      config, tx, parallel.shardings(mesh)[1])
+  p_train_step, _ = steps.jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)
+  state, metrics = p_train_step(state, pipeline.put_on_mesh(_batch(), parallel.shardings(mesh)[0]))
+  return jax.device_get(state), metrics.compute()
+
+
+def test_a_step_with_a_non_finite_loss_changes_only_the_step_count():
+  config = tiny.get_config()
+  mesh = parallel.make_mesh()
+  tx = steps.make_optimizer(config.optim, config.train.num_steps)
+  train_graphdef, eval_graphdef, state = steps.create_train_state(config, tx, parallel.shardings(mesh)[1])
+  before = jax.device_get(state)  # the step donates `state`
+  p_train_step, _ = steps.jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)
+  batch = _batch()
+  batch['image'][1, 5, 7] = np.nan
+  state, metrics = p_train_step(state, pipeline.put_on_mesh(batch, parallel.shardings(mesh)[0]))
+  metrics = metrics.compute()
+  assert int(state.step) == 1
+  assert (int(metrics['skipped_steps']), int(metrics['first_nonfinite_step'])) == (1, 1)
+  for a, b in zip(jax.tree.leaves((state.params, state.batch_stats, state.opt_state)),
+                  jax.tree.leaves((before.params, before.batch_stats, before.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_train_step_on_four_devices_equals_one_device():
+  assert jax.device_count() == 4
+  (state4, metrics4), (state1, metrics1) = _one_step(jax.devices()), _one_step(jax.devices()[:1])
+  np.testing.assert_allclose(metrics4['loss'], metrics1['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((state4.params, state4.batch_stats)),
+                  jax.tree.leaves((state1.params, state1.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
