@@ -37,7 +37,6 @@ flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
 
-
 def _exit_config_error(message: str) -> None:
   print(f'error: {" ".join(message.split())}', file=sys.stderr)
   sys.exit(ConfigError.exit_code)
@@ -45,7 +44,7 @@ def _exit_config_error(message: str) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, where a bad flag or --config.<field> override ends the run with one line and
-  CONFIG_ERROR_EXIT_CODE (absl prints two lines, and a traceback for an unknown config field)."""
+  ConfigError's exit code (absl prints two lines, and a traceback for an unknown config field)."""
   try:
     argv = FLAGS(argv)
     FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read

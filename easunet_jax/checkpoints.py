@@ -103,8 +103,8 @@ def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, step_dir
       return ', '.join(f'{k}={_plain(group.get(k))}' for k in shown)
 
     raise CheckpointError(f'{step_dir} was trained with model {describe(trained)} but the config asks for '
-                     f'{describe(model_cfg)}; use the config the workdir was trained with, or another '
-                     'workdir')
+                          f'{describe(model_cfg)}; use the config the workdir was trained with, or another '
+                          'workdir')
 
 
 def _plain(value):

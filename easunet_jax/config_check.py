@@ -106,8 +106,8 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
   if mode != 'preprocess':
     try:
       trace_model_loss(config, image_HW)
-    except (ValueError, TypeError) as e:  # jax's shape errors: widths the network cannot join
-      raise ConfigError(f'model.features {tuple(config.model.features)}: {" ".join(str(e).split())}') from e
+    except (ValueError, TypeError) as e:  # jax's shape errors, e.g. of widths the network cannot join
+      raise ConfigError(' '.join(str(e).split())) from e
 
 
 def trace_model_loss(config: ml_collections.ConfigDict, image_HW: tuple[int, int]) -> None:

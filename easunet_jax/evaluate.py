@@ -185,7 +185,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     store_dir = preprocess.prepare_data(config, workdir)
   if not pipeline.read_index(store_dir / 'test'):
     raise DataError(f'the test split of {store_dir} is empty: set data.split or data.split_file to hold '
-                     'test cases')
+                    'test cases')
   scores = score_test_set(config, graphdef, state, store_dir, mesh)
 
   out = workdir / 'eval' / str(step)

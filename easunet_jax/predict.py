@@ -48,8 +48,8 @@ def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path
   split_dir = pathlib.Path(config.data.cache_dir or workdir / 'slices') / 'train'
   if not (split_dir / 'index.json').is_file():
     raise DataError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was '
-                            "trained at; pass --config.predict.spacing='(<mm>, <mm>)' or "
-                            '--config.predict.resample=False')
+                    "trained at; pass --config.predict.spacing='(<mm>, <mm>)' or "
+                    '--config.predict.resample=False')
   rows = pipeline.read_index(split_dir)
   return tuple(float(statistics.median(row['spacing'][i] for row in rows)) for i in (0, 1))
 
@@ -156,7 +156,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, inpu
   workdir = pathlib.Path(workdir)
   if config.predict.label_values not in LABEL_VALUES:
     raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
-                     f'got {config.predict.label_values!r}')
+                      f'got {config.predict.label_values!r}')
   values = np.array(LABEL_VALUES[config.predict.label_values], np.uint8)
   pairs = _inputs(input_path, output_path)
   for source, _ in pairs:  # header checks first: a bad file fails before the checkpoint is restored

@@ -11,13 +11,14 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-  """`total` units of work, of which `done` were done before this start (a resumed run)."""
+  """`total` units of work, of which `done` were done before this start (a resumed run). `bar`: draw a
+  progress bar in the status line (default: when stderr, where the logs go, is a terminal)."""
 
-  def __init__(self, total: int, done: int = 0):
+  def __init__(self, total: int, done: int = 0, bar: bool | None = None):
     self.total, self.done = total, done
     self._first, self._start = done, time.perf_counter()
     self._last_done, self._last_time = done, self._start
-    self._bar = sys.stderr.isatty()
+    self._bar = sys.stderr.isatty() if bar is None else bar
 
   def update(self, done: int | None = None) -> None:
     """Records that `done` units are done (default: one more)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from easunet_jax.errors import ConfigError
-from easunet_jax.sweep import launch, run
+from easunet_jax.sweep import launch, points, run
 
 TINY = "def sweep(add):\n  add('tiny', 'configs/tiny.py', 'Tiny EAS U-Net')\n"
 # A model name that only main.py rejects: the point fails in its own process, at start-up.
@@ -82,6 +82,12 @@ def test_dry_run_lists_points_and_passes_overrides(tmp_path):
     assert f'--config.data.split_file={tmp_path / "W" / "splits.json"}' in train
     assert f'--config.data.cache_dir={tmp_path / "W" / "slices" / f"seed{seed}"}' in train
   assert not (tmp_path / 'W').exists()
+
+
+def test_a_config_file_that_does_not_load_is_one_config_error():
+  with pytest.raises(ConfigError, match=r'^--config=no/such/config\.py: .*No such file') as error:
+    points.load_config(['--config=no/such/config.py'])
+  assert '\n' not in str(error.value)
 
 
 @pytest.mark.parametrize('override', ['--config.seed=1', '--config.data.cache_dir=/tmp/store'])

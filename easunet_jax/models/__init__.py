@@ -32,7 +32,7 @@ def _check_switches(model_cfg: ml_collections.ConfigDict) -> None:
     for field, allowed in EAS_SWITCHES.items():
       if model_cfg[field] != allowed[0]:
         raise ConfigError(f'model.{field} is an EAS U-Net ablation; model.name {model_cfg.name!r} '
-                         f'needs model.{field} = {allowed[0]!r}')
+                          f'needs model.{field} = {allowed[0]!r}')
   elif model_cfg.fusion == 'add' and not model_cfg.deep_supervision:
     raise ConfigError("model.fusion = 'add' fuses side outputs: it needs model.deep_supervision = True")
 

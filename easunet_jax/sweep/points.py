@@ -84,6 +84,9 @@ def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
                                   sys_argv=argv)
   try:
     flag_values(argv)
+    flag_values.config.keys()  # a config file that failed to load raises only when it is read
   except flags.Error as e:
     raise ConfigError(f'{args[0]}: {e}') from None
+  except OSError as e:  # the config file: the last line of the chained report says why
+    raise ConfigError(f'{args[0]}: {str(e).strip().splitlines()[-1].strip()}') from None
   return flag_values.config

@@ -85,7 +85,7 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
   for field in _SWEEP_FIELDS:
     if any(o.startswith(f'--config.{field}=') for o in overrides):
       raise ConfigError(f'--config.{field}: the sweep sets it for each point (seeds 0 .. --seeds - 1, one '
-                       'slice store per seed)')
+                        'slice store per seed)')
   variants = load_sweep(spec)
   points = [Point(v, seed) for v in variants for seed in range(seeds)]
   args = {p: point_args(p, workdir, overrides) for p in points}

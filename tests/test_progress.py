@@ -1,0 +1,40 @@
+"""Progress: the ETA at the mean rate since a (resumed) start, the rate between calls, the status line."""
+
+import pytest
+
+from easunet_jax import progress as progress_module
+from easunet_jax.progress import Progress
+
+
+@pytest.fixture
+def clock(monkeypatch):
+  """A settable stand-in for time.perf_counter."""
+  now = [100.0]
+  monkeypatch.setattr(progress_module.time, 'perf_counter', lambda: now[0])
+  return now
+
+
+def test_eta_counts_only_the_work_of_this_start(clock):
+  progress = Progress(total=10, done=4, bar=False)  # resumed at 4 of 10
+  assert progress.eta_s() != progress.eta_s()  # NaN: no unit done yet
+  clock[0] += 30.0
+  progress.update(6)  # two units in 30 s: 15 s a unit, four left
+  assert progress.eta_s() == pytest.approx(60.0)
+  assert progress.status('step') == 'step 6/10 (spent 00:00:30, ETA 00:01:00)'
+
+
+def test_rate_is_per_interval_and_update_counts_one(clock):
+  progress = Progress(total=5, bar=False)
+  clock[0] += 4.0
+  progress.update()
+  progress.update()
+  assert progress.done == 2 and progress.rate() == pytest.approx(0.5)
+  clock[0] += 1.0
+  progress.update()
+  assert progress.rate() == pytest.approx(1.0)
+  assert progress.status() == '3/5 (spent 00:00:05, ETA 00:00:03)'
+
+
+def test_a_bar_on_a_terminal(clock):
+  progress = Progress(total=4, done=1, bar=True)
+  assert progress.status('case').startswith('[' + '#' * 7 + '.' * 23 + '] case 1/4 ')
