@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import parameter_overview
+from flax import nnx
 from jax.sharding import NamedSharding
 
 from easunet_jax import checkpoints, metrics, parallel, records, steps
@@ -102,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     logging.info('Resumed from %s at step %d.', mngr.directory / str(start), start)
   else:
     logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
-        state.params.to_pure_dict()))
+        nnx.to_pure_dict(state.params)))
   logging.info('Training %s for %d steps (%d training slices, batch %d, %d devices).',
                config.model.name, num_steps, train_slices, batch_size, jax.device_count())
 

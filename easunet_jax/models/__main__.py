@@ -14,7 +14,7 @@ def main(argv):
   del argv
   # Shapes alone, no initialisation: instant for any width, and the overview needs no values.
   model = nnx.eval_shape(lambda: build_model(_CONFIG.value.model, nnx.Rngs(0)))
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   print(parameter_overview.get_parameter_overview(params, include_stats=False))
   print(f'params: {parameter_overview.count_parameters(params)}')
 
