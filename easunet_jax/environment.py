@@ -4,6 +4,7 @@ setting is worth)."""
 
 import os
 import sys
+from collections.abc import Mapping
 
 # XLA:CPU maps a fresh multi-GB scratch buffer every training step; with glibc's transparent huge pages
 # its page faults stop eating into the step. glibc reads the setting only when a process starts.
@@ -12,22 +13,28 @@ _HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 _XLA_CPU_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
-def configure(restart: bool = True) -> None:
-  """Sets the XLA flag; with `restart` (on Linux), first starts this process again once with glibc's huge
-  pages when they are not on yet. Call it before jax is imported."""
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if restart and sys.platform.startswith('linux') and _HUGE_PAGES not in tunables:
-    os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, _HUGE_PAGES]))
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-  flags = os.environ.get('XLA_FLAGS', '')
+def _with_settings(env: Mapping[str, str]) -> dict[str, str]:
+  """`env` with both settings added where they are missing."""
+  env = dict(env)
+  tunables, flags = env.get('GLIBC_TUNABLES', ''), env.get('XLA_FLAGS', '')
+  if _HUGE_PAGES not in tunables:
+    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, _HUGE_PAGES]))
   if _XLA_CPU_FLAG.partition('=')[0] not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {_XLA_CPU_FLAG}'.strip()
+    env['XLA_FLAGS'] = f'{flags} {_XLA_CPU_FLAG}'.strip()
+  return env
+
+
+def configure() -> None:
+  """Adds both settings to this process's environment; on Linux the process then starts again once when
+  glibc's huge pages were not on yet. Call it before jax is imported."""
+  env = _with_settings(os.environ)
+  huge_pages_missing = env['GLIBC_TUNABLES'] != os.environ.get('GLIBC_TUNABLES')
+  os.environ.update(env)
+  if huge_pages_missing and sys.platform.startswith('linux'):
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def benchmark_env(threads: int) -> dict[str, str]:
-  """The environment of a benchmark subprocess (ours or the PyTorch reference): these settings, no restart
-  needed, and `threads` threads for PyTorch."""
-  env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-  env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), _HUGE_PAGES]))
-  env['XLA_FLAGS'] = f"{env.get('XLA_FLAGS', '')} {_XLA_CPU_FLAG}".strip()
-  return env
+  """The environment of a benchmark subprocess (ours or the PyTorch reference): both settings, so it needs
+  no restart, and `threads` threads for PyTorch."""
+  return {**_with_settings(os.environ), 'OMP_NUM_THREADS': str(threads)}

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from scipy import ndimage
 
-from easunet_jax import checkpoints, figures, metrics, parallel, steps
+from easunet_jax import figures, metrics, parallel, steps
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.data.volumes import CLASSES
 from easunet_jax.errors import DataError
@@ -178,9 +178,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   `<workdir>/eval/<step>` it wrote metrics.json, per_case.csv, report.md and the figures to."""
   workdir = pathlib.Path(workdir)
   mesh = parallel.make_mesh()
-  step, state = checkpoints.restore_for_inference(config, workdir,
-                                                  lambda: steps.inference_state(config, mesh))
-  graphdef = steps.graphdefs(config)[1]
+  step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
   with parallel.process_0_first('slice store built'):
     store_dir = preprocess.prepare_data(config, workdir)
   if not pipeline.read_index(store_dir / 'test'):

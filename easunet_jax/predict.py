@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from easunet_jax import checkpoints, measures, models, parallel, steps
+from easunet_jax import measures, models, parallel, steps
 from easunet_jax.data import pipeline, preprocess, volumes
 from easunet_jax.errors import ConfigError, DataError
 from easunet_jax.progress import Progress
@@ -162,9 +162,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, inpu
   for source, _ in pairs:  # header checks first: a bad file fails before the checkpoint is restored
     volumes.check_headers(volumes.Case(source.name, source, None))
   mesh = parallel.make_mesh()
-  step, state = checkpoints.restore_for_inference(config, workdir,
-                                                  lambda: steps.inference_state(config, mesh))
-  graphdef = steps.graphdefs(config)[1]
+  step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
   pixel = model_pixel_spacing(config, workdir) if config.predict.resample else None
   network = _Network(config, graphdef, state, mesh)
   logging.info('predict: step %d of %s, %d volume(s), pixel %s mm, TTA %s', step, workdir, len(pairs),

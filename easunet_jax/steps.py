@@ -1,8 +1,10 @@
-"""The jitted core: the train state, the optimiser, the loss of a model on a batch, and the train, eval and
-forward steps over a ('data',) mesh. Training, evaluation, prediction and the benchmarks all build on it.
+"""The jitted core: the train state (fresh, or restored for inference), the optimiser, the loss of a model
+on a batch, and the train, eval and forward steps over a ('data',) mesh. Training, evaluation, prediction
+and the benchmarks all build on it.
 """
 
 import functools
+import pathlib
 
 import flax
 import jax
@@ -12,7 +14,7 @@ import optax
 from clu import metrics as clu_metrics
 from flax import nnx
 
-from easunet_jax import losses, metrics, parallel
+from easunet_jax import checkpoints, losses, metrics, parallel
 from easunet_jax.errors import ConfigError
 from easunet_jax.models import build_model
 
@@ -90,10 +92,9 @@ def graphdefs(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.Grap
   return train_graphdef, nnx.graphdef(model)
 
 
-def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                       sharding: jax.sharding.Sharding | None = None
-                       ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
-  """(training graphdef, evaluation graphdef, state) of a freshly initialised model.
+def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+               sharding: jax.sharding.Sharding | None = None) -> TrainState:
+  """A freshly initialised state, laid out by `sharding`.
 
   The initialisation runs as one jitted program: eagerly, every parameter shape compiles its own
   initialiser, which takes several times longer on CPU.
@@ -104,15 +105,26 @@ def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTran
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params))
 
-  return *graphdefs(config), jax.jit(init, out_shardings=sharding)()
+  return jax.jit(init, out_shardings=sharding)()
 
 
-def inference_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
-  """A freshly initialised state replicated over `mesh`, with a trained one's structure: what a checkpoint
-  is restored into for evaluation and prediction (num_steps only shapes the learning-rate schedule, which
-  inference never calls)."""
+def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                       sharding: jax.sharding.Sharding | None = None
+                       ) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
+  """(training graphdef, evaluation graphdef, state) of a freshly initialised model."""
+  return *graphdefs(config), init_state(config, tx, sharding)
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                          mesh: jax.sharding.Mesh) -> tuple[int, nnx.GraphDef, TrainState]:
+  """(step, evaluation graphdef, state replicated over `mesh`) of the checkpoint eval.checkpoint names
+  (`checkpoints.restore_for_inference`: its checks run before any state is built). The optimiser only
+  gives the state a trained one's structure: num_steps shapes the learning-rate schedule, which inference
+  never calls."""
   tx = make_optimizer(config.optim, num_steps=1)
-  return create_train_state(config, tx, parallel.shardings(mesh)[1])[2]
+  step, state = checkpoints.restore_for_inference(
+      config, workdir, lambda: init_state(config, tx, parallel.shardings(mesh)[1]))
+  return step, graphdefs(config)[1], state
 
 
 def model_loss(model: nnx.Module, batch: dict[str, jax.Array], loss_cfg: ml_collections.ConfigDict
