@@ -50,16 +50,17 @@ def main(argv):
   tx = steps.make_optimizer(config.optim, num_steps=1000)
   train_graphdef, eval_graphdef, state = steps.create_train_state(config, tx, replicated)
   rng = np.random.default_rng(0)
+  # The slice store's dtypes, as the training loop sends them.
   batch = pipeline.put_on_mesh({
-      'image': rng.random((batch_size, size, size, 1), np.float32),
-      'label': rng.integers(0, config.model.num_classes, (batch_size, size, size)).astype(np.int32)},
+      'image': rng.random((batch_size, size, size, 1)).astype(np.float16),
+      'label': rng.integers(0, config.model.num_classes, (batch_size, size, size)).astype(np.uint8)},
       data_sharding)
   if _STEP.value == 'train':
     step = steps.jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)[0]
     args, prefix = (state, batch), 'train_step'
   else:
     step = jax.jit(functools.partial(steps.forward, graphdef=eval_graphdef))
-    args, prefix = (state, batch['image']), 'infer'
+    args, prefix = (state, batch['image'].astype(np.float32)), 'infer'
 
   start = time.perf_counter()
   compiled = step.lower(*args).compile()

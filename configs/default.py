@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.split_file = ''  # JSON {"train": [...], "val": [...], "test": [...]} of case ids; overrides split
   d.train_slices = 'cartilage'  # 'cartilage' (slices with a cartilage label, the paper) or 'all'
   d.cache_dir = ''  # slice store; '' = <workdir>/slices
-  d.augment = True  # random rotation / scale / translation / gamma / intensity on training slices
+  d.augment = True  # random rotation / scale / translation / gamma / intensity of training slices, on device
   d.workers = 0  # Grain worker processes (0 = load in the training process)
   d.phantom_dir = ''  # where the phantom is generated once; '' = <workdir>/../phantom
   d.phantom_num = 20  # phantom subjects
@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.features = (32, 64, 128, 256, 512)  # widths of the five encoder stages
   m.num_classes = 3  # background, femoral cartilage, tibial cartilage
   m.aspp_rates = (6, 12, 18)  # dilations of the EAS module's atrous branches
-  m.depthwise_impl = 'auto'  # 'auto' | 'native' (C++, CPU training) | 'shift' (shifted multiply-adds) | 'xla'
+  # 'auto' | 'native' (C++, CPU training) | 'shift' (shifted multiply-adds) | 'xla' | 'pallas' (GPU)
+  m.depthwise_impl = 'auto'
   m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (parameters stay float32)
   # EAS U-Net ablations (other networks refuse a non-default value); the defaults are the paper's network.
   m.block = 'separable'  # encoder/decoder blocks: 'separable' (DS) | 'standard' (3x3 conv, BN, h-swish)

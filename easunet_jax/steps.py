@@ -15,6 +15,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 
 from easunet_jax import checkpoints, losses, metrics, parallel
+from easunet_jax.data import augment
 from easunet_jax.errors import ConfigError
 from easunet_jax.models import build_model
 
@@ -136,8 +137,15 @@ def model_loss(model: nnx.Module, batch: dict[str, jax.Array], loss_cfg: ml_coll
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict
-               ) -> tuple[TrainState, TrainMetrics]:
+               tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
+               augment_seed: int | None) -> tuple[TrainState, TrainMetrics]:
+  """One optimiser step; with an augment_seed the batch is first augmented (`data.augment`) with a key
+  folded from the seed and the step count, so that a resumed run draws what an uninterrupted one drew.
+  The batch may come in the slice store's compact dtypes (`pipeline.SliceSource`): it is widened here."""
+  batch = {'image': batch['image'].astype(jnp.float32), 'label': batch['label'].astype(jnp.int32)}
+  if augment_seed is not None:
+    batch = augment.augment(jax.random.fold_in(jax.random.key(augment_seed), state.step), batch)
+
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
     total, loss_final = model_loss(model, batch, loss_cfg)
@@ -178,10 +186,12 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.G
 
 def jit_steps(config: ml_collections.ConfigDict, train_graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
               tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
-  """The train step (state donated) and eval step, compiled for batches sharded over `mesh`."""
+  """The train step (state donated; augmenting its batch when data.augment) and eval step, compiled for
+  batches sharded over `mesh`."""
   data_sharding, replicated = parallel.shardings(mesh)
   p_train_step = jax.jit(
-      functools.partial(train_step, graphdef=train_graphdef, tx=tx, loss_cfg=config.loss),
+      functools.partial(train_step, graphdef=train_graphdef, tx=tx, loss_cfg=config.loss,
+                        augment_seed=config.seed if config.data.augment else None),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
   p_eval_step = jax.jit(

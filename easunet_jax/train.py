@@ -95,8 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   data_sharding, replicated = parallel.shardings(mesh)
   eval_batch_size = parallel.round_to_devices(config.eval.batch_size, mesh)
   train_graphdef, eval_graphdef, state = steps.create_train_state(config, tx, replicated)
-  train_iter = pipeline.train_iterator(store_dir, batch_size, config.seed, config.data.augment,
-                                       config.data.workers)
+  train_iter = pipeline.train_iterator(store_dir, batch_size, config.seed, config.data.workers)
   if start:
     state, iter_state = checkpoints.restore(mngr, start, state)
     train_iter.set_state(iter_state)

@@ -144,7 +144,7 @@ def _poison_a_training_slice(config, workdir, step: int) -> int:
   `step` (1-based); returns the steps (of the first six) whose batch holds it."""
   store = preprocess.prepare_data(config, workdir)
   images = np.load(store / 'train' / 'images.npy', mmap_mode='r+')
-  batches = pipeline.train_iterator(store, config.train.batch_size, config.seed, augment=False, workers=0)
+  batches = pipeline.train_iterator(store, config.train.batch_size, config.seed, workers=0)
   order = [next(batches)['image'][..., 0] for _ in range(6)]
   row = next(r for r in range(len(images))
              if np.array_equal(images[r].astype(np.float32), order[step - 1][0]))

@@ -1,0 +1,69 @@
+"""Training augmentation on the devices, inside the jitted train step: a random rotation, zoom and
+translation of each slice (one resample: bilinear for the image, nearest-neighbour for the labels, zeros
+outside), then a random gamma and intensity scale of the image; no left-right flip.
+
+The random numbers of a batch come from one key that the train step folds from the run's seed and its step
+count, split into one key per row of the global batch: a resumed run draws what an uninterrupted one drew,
+and a slice's augmentation does not depend on how many devices share the batch. The host pipeline only
+reads, shuffles and batches slices, so the number of CPU cores no longer bounds a GPU's training speed.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.scipy import ndimage
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranges:
+  """Each parameter is drawn uniformly from its range, independently per slice."""
+  rotate_deg: float = 10.0  # rotation in [-rotate_deg, rotate_deg] degrees about the slice centre
+  scale: tuple[float, float] = (0.9, 1.1)  # zoom factor (> 1 enlarges the anatomy)
+  shift: float = 0.08  # translation in [-shift, shift] of the slice size, per axis
+  gamma: tuple[float, float] = (0.8, 1.25)  # image -> max(image, 0) ** gamma ...
+  intensity: tuple[float, float] = (0.9, 1.1)  # ... * intensity
+
+
+def sample_parameters(key: jax.Array, batch_size: int, ranges: Ranges = Ranges()) -> dict[str, jax.Array]:
+  """One draw per slice: {'angle' (radians), 'zoom', 'shift' (B, 2) in pixels per unit size, 'gamma',
+  'intensity'}, each of leading size batch_size."""
+  def one(key):
+    k_angle, k_zoom, k_shift, k_gamma, k_intensity = jax.random.split(key, 5)
+    return {'angle': jnp.deg2rad(jax.random.uniform(k_angle, (), minval=-ranges.rotate_deg,
+                                                    maxval=ranges.rotate_deg)),
+            'zoom': jax.random.uniform(k_zoom, (), minval=ranges.scale[0], maxval=ranges.scale[1]),
+            'shift': jax.random.uniform(k_shift, (2,), minval=-ranges.shift, maxval=ranges.shift),
+            'gamma': jax.random.uniform(k_gamma, (), minval=ranges.gamma[0], maxval=ranges.gamma[1]),
+            'intensity': jax.random.uniform(k_intensity, (), minval=ranges.intensity[0],
+                                            maxval=ranges.intensity[1])}
+  return jax.vmap(one)(jax.random.split(key, batch_size))
+
+
+def _transform(params: dict[str, jax.Array], image_HW: jax.Array, label_HW: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  size = jnp.array(image_HW.shape, jnp.float32)
+  cos, sin = jnp.cos(params['angle']), jnp.sin(params['angle'])
+  # Output pixel o samples the input at matrix @ o + offset: rotation and zoom about the centre, then the
+  # shift (scipy.ndimage.affine_transform's convention).
+  matrix = jnp.array([[cos, -sin], [sin, cos]]) / params['zoom']
+  centre = (size - 1) / 2
+  offset = centre - matrix @ (centre + params['shift'] * size)
+  grid = jnp.stack(jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in image_HW.shape), indexing='ij'))
+  coords = jnp.einsum('ij,jhw->ihw', matrix, grid) + offset[:, None, None]
+  image_HW = ndimage.map_coordinates(image_HW, list(coords), order=1, mode='constant', cval=0.0)
+  label_HW = ndimage.map_coordinates(label_HW, list(coords), order=0, mode='constant', cval=0)
+  image_HW = jnp.maximum(image_HW, 0) ** params['gamma'] * params['intensity']
+  return image_HW, label_HW
+
+
+def apply(params: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The batch ({'image' (B, H, W, 1) float, 'label' (B, H, W) int, ...}) transformed by per-slice
+  `params`; other entries pass through."""
+  image_BHW, label_BHW = jax.vmap(_transform)(params, batch['image'][..., 0], batch['label'])
+  return {**batch, 'image': image_BHW[..., None].astype(batch['image'].dtype), 'label': label_BHW}
+
+
+def augment(key: jax.Array, batch: dict[str, jax.Array], ranges: Ranges = Ranges()) -> dict[str, jax.Array]:
+  """The batch with freshly drawn augmentation (`sample_parameters` then `apply`)."""
+  return apply(sample_parameters(key, batch['label'].shape[0], ranges), batch)
