@@ -98,6 +98,26 @@ def test_write_dataset_and_reuse(tmp_path):
   assert cases[0].image.stat().st_mtime_ns == mtime
 
 
+def test_write_dataset_in_worker_processes_matches_in_process(tmp_path):
+  # Each subject's random numbers depend only on (seed, index): any worker count writes the same bytes.
+  shape, spacing = (16, 48, 48), (7.0, 1.0, 1.0)
+  ids = phantom.write_dataset(tmp_path / 'one', 3, shape, spacing, seed=7, workers=1)
+  assert phantom.write_dataset(tmp_path / 'two', 3, shape, spacing, seed=7, workers=2) == ids
+  for case_id in ids:
+    for kind in ('images', 'labels'):
+      one, two = (nib.load(tmp_path / d / kind / f'{case_id}.nii.gz') for d in ('one', 'two'))
+      np.testing.assert_array_equal(one.get_fdata(), two.get_fdata())
+      np.testing.assert_array_equal(one.affine, two.affine)
+      assert (tmp_path / 'one' / kind / f'{case_id}.nii.gz').read_bytes() == (
+          tmp_path / 'two' / kind / f'{case_id}.nii.gz').read_bytes()
+
+
+def test_write_dataset_worker_error_reaches_the_caller(tmp_path):
+  with pytest.raises(ValueError, match='at least one array'):  # no sagittal slice to generate
+    phantom.write_dataset(tmp_path, 2, (0, 8, 8), (7.0, 2.0, 2.0), workers=2)
+  assert not list(tmp_path.rglob('*.nii.gz'))
+
+
 def _measures(labels, spacing):
   plates = {name: labels == value for name, value in volumes.OAI_ZIB_CARTILAGE.items()}
   return measures.cartilage_measures(plates, spacing)

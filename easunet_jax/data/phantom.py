@@ -6,8 +6,11 @@ axis), axis 1 posterior->anterior, axis 2 inferior->superior, i.e. RAS, and the 
 """
 
 import logging
+import multiprocessing
+import os
 import pathlib
 from collections.abc import Sequence
+from concurrent import futures
 
 import numpy as np
 from absl import app, flags
@@ -22,6 +25,8 @@ DEFAULT_SPACING = (0.7, 0.3646, 0.3646)
 (AIR, FAT, MUSCLE, FEMUR, TIBIA, FEMUR_PLATE, TIBIA_PLATE, FC, TC, FLUID, MENISCUS) = range(11)
 _LABEL_OF_TISSUE = np.array([0, 0, 0, 1, 3, 1, 3, 2, 4, 0, 0], np.uint8)
 _CHUNK = 16  # sagittal slices generated at once: bounds memory at full size
+# Below this many voxels in all, one process is faster: a spawned worker imports its caller first (seconds).
+_PARALLEL_MIN_VOXELS = 2 ** 25
 _PLATE_MM = 0.8  # subchondral bone plate, dark in DESS
 
 
@@ -171,24 +176,60 @@ def subject_seed(dataset_seed: int, i: int) -> int:
   return int(np.random.SeedSequence([dataset_seed, i]).generate_state(1)[0])
 
 
+def _write_subject(out_dir: pathlib.Path, case_id: str, seed: int, shape: Sequence[int],
+                   spacing: Sequence[float]) -> str:
+  """Generates one subject and writes its two files; returns its id (a worker process sends back only
+  that)."""
+  image, labels, affine = make_subject(seed, shape, spacing)
+  # Labels first: a subject counts as written once its image (written last) exists.
+  volumes.save_volume(out_dir / 'labels' / f'{case_id}.nii.gz', labels, affine)
+  volumes.save_volume(out_dir / 'images' / f'{case_id}.nii.gz', image, affine)
+  return case_id
+
+
+def _cpus() -> int:
+  """CPUs this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = DEFAULT_SHAPE,
-                  spacing: Sequence[float] = DEFAULT_SPACING, seed: int = 0) -> list[str]:
-  """Writes images/<id>.nii.gz and labels/<id>.nii.gz for num subjects; existing complete files are kept."""
+                  spacing: Sequence[float] = DEFAULT_SPACING, seed: int = 0, *,
+                  workers: int | None = None) -> list[str]:
+  """Writes images/<id>.nii.gz and labels/<id>.nii.gz for num subjects; existing complete files are kept.
+
+  Subjects are generated in up to `workers` processes (None: one per CPU, or one process for a phantom
+  smaller than _PARALLEL_MIN_VOXELS in all), each writing its own files, so memory holds at most
+  `workers` subjects. Each subject's random numbers depend only on (seed, its index), so the files are the
+  same for any number of workers. The generator is numpy and scipy.ndimage, both single-threaded here, so
+  a worker uses one core.
+  """
   out_dir = pathlib.Path(out_dir)
   ids = [f'phantom_{i:03d}' for i in range(num)]
   todo = [i for i, case_id in enumerate(ids)
           if not all((out_dir / kind / f'{case_id}.nii.gz').exists() for kind in ('images', 'labels'))]
-  for n, i in enumerate(todo):
-    image, labels, affine = make_subject(subject_seed(seed, i), shape, spacing)
-    # Labels first: a subject counts as written once its image (written last) exists.
-    volumes.save_volume(out_dir / 'labels' / f'{ids[i]}.nii.gz', labels, affine)
-    volumes.save_volume(out_dir / 'images' / f'{ids[i]}.nii.gz', image, affine)
-    logging.info('phantom %d/%d: %s', n + 1, len(todo), ids[i])
+  jobs = [(out_dir, ids[i], subject_seed(seed, i), tuple(shape), tuple(spacing)) for i in todo]
+  if workers is None:
+    workers = _cpus() if len(jobs) * np.prod(shape) >= _PARALLEL_MIN_VOXELS else 1
+  workers = min(max(int(workers), 1), len(jobs))
+  if workers <= 1:
+    for n, job in enumerate(jobs):
+      logging.info('phantom %d/%d: %s', n + 1, len(jobs), _write_subject(*job))
+    return ids
+  # 'spawn': the parent may have jax imported and its threads running, which fork does not survive.
+  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+    pending = [pool.submit(_write_subject, *job) for job in jobs]
+    try:
+      for n, done in enumerate(futures.as_completed(pending)):
+        logging.info('phantom %d/%d: %s', n + 1, len(jobs), done.result())  # re-raises a worker's error
+    except BaseException:
+      pool.shutdown(cancel_futures=True)  # subjects being written finish; the queued ones do not start
+      raise
   return ids
 
 
 def _cli() -> None:
-  """python -m easunet_jax.data.phantom --out DIR --num N [--shape 160,384,384] [--spacing ...] [--seed 0]."""
+  """python -m easunet_jax.data.phantom --out DIR --num N [--shape 160,384,384] [--spacing ...] [--seed 0]
+  [--workers N]."""
   # Flags are defined here, not at import, so importing this module adds nothing to a program's flags.
   out = flags.DEFINE_string('out', None, 'output folder (images/ and labels/ are created in it)',
                             required=True)
@@ -197,6 +238,7 @@ def _cli() -> None:
                             'voxels: left-right, anterior, superior')
   spacing = flags.DEFINE_list('spacing', [str(d) for d in DEFAULT_SPACING], 'voxel size in mm')
   seed = flags.DEFINE_integer('seed', 0, 'dataset seed')
+  workers = flags.DEFINE_integer('workers', None, 'worker processes; default one per CPU', lower_bound=1)
 
   def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
@@ -204,7 +246,7 @@ def _cli() -> None:
     if len(shape.value) != 3 or len(spacing.value) != 3:
       raise app.UsageError('--shape and --spacing take three comma-separated values')
     ids = write_dataset(out.value, num.value, tuple(map(int, shape.value)), tuple(map(float, spacing.value)),
-                        seed.value)
+                        seed.value, workers=workers.value)
     print(f'{len(ids)} phantom subjects in {out.value}')
 
   app.run(main)
