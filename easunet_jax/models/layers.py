@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from easunet_jax.errors import ConfigError
-from easunet_jax.models import depthwise_cpu
+from easunet_jax.models import depthwise_cpu, depthwise_pallas
 
 BN_MOMENTUM = 0.9  # flax convention; PyTorch's momentum=0.1
 BN_EPS = 1e-5
@@ -84,9 +84,13 @@ def resolve_depthwise_impl(impl: str, dtype=jnp.float32) -> str:
   """'auto' -> on CPU 'native' (float32, when the C++ kernel compiled) else 'shift'; elsewhere 'xla'.
 
   'native' runs the C++ kernel (`depthwise_cpu`) in training and XLA's stencil ('shift') in evaluation.
+  'pallas' runs the Pallas (Triton) kernel of `depthwise_pallas`, on a GPU backend, or anywhere in
+  Pallas' interpreter when `depthwise_pallas.INTERPRET` is set (tests). 'auto' stays 'xla' on GPU until
+  the Pallas kernel is measured to beat it there.
   """
-  if impl not in ('auto', 'xla', 'shift', 'native'):
-    raise ConfigError(f"model.depthwise_impl must be 'auto', 'xla', 'shift' or 'native', got {impl!r}")
+  if impl not in ('auto', 'xla', 'shift', 'native', 'pallas'):
+    raise ConfigError("model.depthwise_impl must be 'auto', 'xla', 'shift', 'native' or 'pallas', "
+                      f"got {impl!r}")
   native_ok = jax.default_backend() == 'cpu' and jnp.dtype(dtype) == jnp.float32
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
@@ -94,6 +98,8 @@ def resolve_depthwise_impl(impl: str, dtype=jnp.float32) -> str:
     return 'native' if native_ok and depthwise_cpu.available() else 'shift'
   if impl == 'native' and not (native_ok and depthwise_cpu.available()):
     raise ConfigError("model.depthwise_impl='native' needs the CPU backend, float32 and a C++ compiler")
+  if impl == 'pallas' and jax.default_backend() != 'gpu' and not depthwise_pallas.INTERPRET:
+    raise ConfigError("model.depthwise_impl='pallas' needs a GPU backend")
   return impl
 
 
@@ -181,7 +187,8 @@ class DepthwiseConv(nnx.Module):
     # Without a backward pass to feed, XLA's own stencil beats the native kernel: it fuses the BatchNorm
     # and activation around it into the same loop, which it cannot do across a custom call.
     impl = 'shift' if self.impl == 'native' and self.deterministic else self.impl
-    fn = {'shift': depthwise_shift, 'xla': depthwise_xla, 'native': depthwise_cpu.depthwise}[impl]
+    fn = {'shift': depthwise_shift, 'xla': depthwise_xla, 'native': depthwise_cpu.depthwise,
+          'pallas': depthwise_pallas.depthwise}[impl]
     return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.dilation)
 
 
