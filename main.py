@@ -89,7 +89,8 @@ def main(argv):
   if jax.process_index() > 0:  # process 0 speaks for all: progress lines, validation and reports
     logging.set_verbosity(logging.WARNING)
   workdir = FLAGS.workdir or os.path.join('runs', config.name)
-  # Programs compiled once are read back by later starts (unless JAX_COMPILATION_CACHE_DIR chose a place).
+  # Programs compiled once, and on GPUs XLA's autotuning results with them, are read back by later starts
+  # and by the other points of a sweep (unless JAX_COMPILATION_CACHE_DIR chose a place).
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir',
                       str(pathlib.Path(workdir).absolute().parent / '.jax_cache'))
