@@ -95,8 +95,9 @@ if rates and bare:
                f'{e2e * bare / 1e3:.1%} of the bare step', ''))
 else:
   rows.append(('main.py end to end, 200 steps', 'failed or no rates (main.log)', ''))
-device = get('train_float32_cold').get('device', '?')
-print(f'\nGPU check on {device}, batch 16, 384 x 384, configs/eas.py; {wall} s in all; logs in {d}\n')
+first = get('train_float32_cold')
+print(f"\nGPU check on {first.get('device', '?')} (jax {first.get('jax', '?')}, flax {first.get('flax', '?')}), "
+      f'batch 16, 384 x 384, configs/eas.py; {wall} s in all; logs in {d}\n')
 for i, row in enumerate(rows):
   print('| ' + ' | '.join(row) + ' |')
   if i == 0:

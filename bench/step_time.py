@@ -17,6 +17,7 @@ from easunet_jax import environment
 environment.configure()
 
 import functools  # noqa: E402
+import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
@@ -81,6 +82,7 @@ def main(argv):
       'features': list(config.model.features), 'depthwise_impl': config.model.depthwise_impl,
       'dtype': config.model.dtype, 'batch': batch_size, 'size': size,
       'device': f'{jax.default_backend()}:{jax.devices()[0].device_kind}', 'devices': jax.device_count(),
+      'jax': jax.__version__, 'flax': importlib.metadata.version('flax'),
       'compile_s': round(compile_s, 1), f'{prefix}_ms_median': round(step_s * 1e3, 1),
       slices_key: round(batch_size / step_s, 3), 'steps': _STEPS.value, 'warmup': _WARMUP.value,
       'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')}))
