@@ -144,7 +144,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
   The batch may come in the slice store's compact dtypes (`pipeline.SliceSource`): it is widened here."""
   batch = {'image': batch['image'].astype(jnp.float32), 'label': batch['label'].astype(jnp.int32)}
   if augment_seed is not None:
-    batch = augment.augment(jax.random.fold_in(jax.random.key(augment_seed), state.step), batch)
+    batch = augment.augment(augment.step_key(augment_seed, state.step), batch)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.batch_stats, copy=True)

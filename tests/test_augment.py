@@ -84,3 +84,14 @@ def test_same_augmentation_on_one_device_and_on_four():
   for name in ('image', 'label'):
     np.testing.assert_array_equal(one[name], four[name])
   assert not np.array_equal(one['image'], jax.device_get(sharded(jax.random.key(6), batch))['image'])
+
+
+def test_step_keys_are_not_the_initialisation_keys():
+  """nnx.Rngs(seed) draws fold_in(key(seed), n): the augmentation of step n must not reuse that key."""
+  def data(key):
+    return tuple(np.asarray(jax.random.key_data(key)))
+
+  init = {data(jax.random.fold_in(jax.random.key(0), n)) for n in range(100)}
+  steps = {data(augment.step_key(0, n)) for n in range(100)}
+  assert len(steps) == 100 and not init & steps
+  assert data(augment.step_key(0, 5)) != data(augment.step_key(1, 5))

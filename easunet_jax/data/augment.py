@@ -9,6 +9,7 @@ reads, shuffles and batches slices, so the number of CPU cores no longer bounds 
 """
 
 import dataclasses
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,16 @@ class Ranges:
   shift: float = 0.08  # translation in [-shift, shift] of the slice size, per axis
   gamma: tuple[float, float] = (0.8, 1.25)  # image -> max(image, 0) ** gamma ...
   intensity: tuple[float, float] = (0.9, 1.1)  # ... * intensity
+
+
+# Model initialisation draws fold_in(key(seed), n) for n = 0, 1, ... (nnx.Rngs): the augmentation folds in
+# its own stream first, so that its step-n key is not one of those.
+_STREAM = zlib.crc32(b'easunet_jax.augment')
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+  """The augmentation key of one train step of a run seeded `seed`."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _STREAM), step)
 
 
 def sample_parameters(key: jax.Array, batch_size: int, ranges: Ranges = Ranges()) -> dict[str, jax.Array]:
