@@ -9,7 +9,6 @@ too). The files are the same either way (tests/test_phantom.py).
 """
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -36,7 +35,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   shape = tuple(map(int, _SHAPE.value))
-  cpus = len(os.sched_getaffinity(0))
+  cpus = phantom.cpus()
   workers = _WORKERS.value or max(cpus, 2)
   runs = {1: [], workers: []}
   for _ in range(_REPEATS.value):  # alternating, so that a change of the machine's load hits both

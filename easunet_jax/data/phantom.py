@@ -187,7 +187,7 @@ def _write_subject(out_dir: pathlib.Path, case_id: str, seed: int, shape: Sequen
   return case_id
 
 
-def _cpus() -> int:
+def cpus() -> int:
   """CPUs this process may run on."""
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
@@ -209,7 +209,7 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
           if not all((out_dir / kind / f'{case_id}.nii.gz').exists() for kind in ('images', 'labels'))]
   jobs = [(out_dir, ids[i], subject_seed(seed, i), tuple(shape), tuple(spacing)) for i in todo]
   if workers is None:
-    workers = _cpus() if len(jobs) * np.prod(shape) >= _PARALLEL_MIN_VOXELS else 1
+    workers = cpus() if len(jobs) * np.prod(shape) >= _PARALLEL_MIN_VOXELS else 1
   workers = min(max(int(workers), 1), len(jobs))
   if workers <= 1:
     for n, job in enumerate(jobs):

@@ -47,8 +47,9 @@ def _next_power_of_2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
 
-def _live_taps(size: int, dilation: int) -> tuple[int, ...]:
-  """Offsets (-1, 0, 1) whose dilated tap can touch the map; farther ones only see zero padding."""
+def live_taps(size: int, dilation: int) -> tuple[int, ...]:
+  """Offsets (-1, 0, 1) whose dilated tap can touch the map; farther ones only see zero padding (every
+  depthwise path skips those: `layers` uses this one too)."""
   return tuple(o for o in (-1, 0, 1) if abs(o) * dilation < size)
 
 
@@ -73,7 +74,7 @@ def _plan(shape: tuple[int, int, int, int], dilation: int, blocks: tuple[int, in
   """
   _, h, w, c = shape
   bh, bw, bc = (min(b, _next_power_of_2(s)) for b, s in zip(blocks, (h, w, c)))
-  live_h, live_w = _live_taps(h, dilation), _live_taps(w, dilation)
+  live_h, live_w = live_taps(h, dilation), live_taps(w, dilation)
   taps = tuple((i, j) for i in live_h for j in live_w)
   # Only an axis with an off-centre live tap needs a halo: a dilation past the map skips those taps.
   halo_h = dilation if len(live_h) > 1 else 0

@@ -103,14 +103,10 @@ def resolve_depthwise_impl(impl: str, dtype=jnp.float32) -> str:
   return impl
 
 
-def _live_taps(size: int, dilation: int) -> tuple[int, ...]:
-  """Offsets (-1, 0, 1) whose dilated tap can touch the map; farther ones only see zero padding."""
-  return tuple(o for o in (-1, 0, 1) if abs(o) * dilation < size)
-
-
 def _taps(size_h: int, size_w: int, dilation: int) -> list[tuple[int, int]]:
   """Kernel offsets (i, j) in {-1, 0, 1}^2 whose dilated tap can touch an h x w map."""
-  return [(i, j) for i in _live_taps(size_h, dilation) for j in _live_taps(size_w, dilation)]
+  live_taps = depthwise_pallas.live_taps
+  return [(i, j) for i in live_taps(size_h, dilation) for j in live_taps(size_w, dilation)]
 
 
 def _stencil(x: jax.Array, kernel: jax.Array, dilation: int, mirror: bool) -> jax.Array:
