@@ -13,27 +13,31 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import default  # noqa: E402
-from easunet_jax import config_check, evaluate, parallel, predict, train  # noqa: E402
+from easunet_jax import config_check, evaluate, parallel, predict, pretrained, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
 from easunet_jax.errors import ConfigError, UserError  # noqa: E402
 
-config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo].',
-                                lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo]; '
+                                'without it, --mode=predict uses the shipped model.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory; default runs/<config.name>.')
-flags.DEFINE_enum('mode', 'train', ['train', 'preprocess', 'evaluate', 'predict'],
+flags.DEFINE_enum('mode', 'train', ['train', 'preprocess', 'evaluate', 'predict', 'export'],
                   'train: train with periodic validation (builds the slice store when missing); '
                   'preprocess: only build the slice store; '
                   'evaluate: test-set report of the checkpoint eval.checkpoint names; '
-                  'predict: segment --input into --output with that checkpoint.')
+                  'predict: segment --input into --output with that checkpoint (or --weights, or with '
+                  'no --config the shipped model); '
+                  'export: write that checkpoint to --output as one model file (.npz) for --weights.')
 flags.DEFINE_string('input', None, 'predict: a NIfTI file or a directory of them (*.nii.gz, *.nii).')
-flags.DEFINE_string('output', None, 'predict: the mask file (one input) or a directory (created).')
+flags.DEFINE_string('output', None, 'predict: the mask file (one input) or a directory (created); '
+                    'export: the model file.')
+flags.DEFINE_string('weights', None, 'predict without --config: a model file of --mode=export; default the '
+                    'shipped model (easunet_jax/weights/eas_knee.npz).')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
 # JAX reads the coordinator's address from JAX_COORDINATOR_ADDRESS too, and all three from SLURM or Open MPI
 # itself; the process count and id have no variable of their own, hence these flags for other launchers.
 flags.DEFINE_string('coordinator_address', None, 'train.distributed: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'train.distributed: the number of processes.')
 flags.DEFINE_integer('process_id', None, 'train.distributed: this process, 0 .. num_processes - 1.')
-flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
 
@@ -47,7 +51,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   ConfigError's exit code (absl prints two lines, and a traceback for an unknown config field)."""
   try:
     argv = FLAGS(argv)
-    FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read
+    if FLAGS.config is not None:
+      FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read
     return argv
   except OSError as e:  # the config file: only the last line of the chained report says why
     if '--verbose' in argv or '--verbose=true' in argv:
@@ -83,7 +88,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
-  config = FLAGS.config
+  config, model_file = FLAGS.config, None
+  if config is None or FLAGS.weights:
+    if FLAGS.mode != 'predict' or config is not None:
+      _exit_config_error('--config is needed, except by --mode=predict (which may take --weights instead, '
+                         'and without either uses the shipped model)')
+    model_file = FLAGS.weights or pretrained.SHIPPED
+    try:
+      config = pretrained.config_of(model_file)
+    except UserError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(e.exit_code)
   if config.train.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if jax.process_index() > 0:  # process 0 speaks for all: progress lines, validation and reports
@@ -99,6 +114,8 @@ def main(argv):
     config_check.check_config(config, default.get_config(), FLAGS.mode)
     if FLAGS.mode == 'predict' and not (FLAGS.input and FLAGS.output):
       raise ConfigError('--mode=predict needs --input and --output')
+    if FLAGS.mode == 'export' and not FLAGS.output:
+      raise ConfigError('--mode=export needs --output (the model file to write, e.g. model.npz)')
     logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
                  jax.devices())
     if FLAGS.mode == 'preprocess':
@@ -107,7 +124,10 @@ def main(argv):
     elif FLAGS.mode == 'evaluate':
       evaluate.evaluate(config, workdir)
     elif FLAGS.mode == 'predict':
-      predict.predict(config, workdir, FLAGS.input, FLAGS.output)
+      predict.predict(config, None if model_file else workdir, FLAGS.input, FLAGS.output, model_file)
+    elif FLAGS.mode == 'export':
+      meta = pretrained.export(config, workdir, FLAGS.output)
+      print(f'{FLAGS.output}: step {meta["step"]} of {workdir}, pixel {meta["pixel_mm"]} mm')
     else:
       train.train_and_evaluate(config, workdir)
   except UserError as e:  # what the user can fix, in one line; any other exception is a bug: traceback

@@ -16,8 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
   d.train_slices = 'cartilage'  # 'cartilage' (slices with a cartilage label, the paper) or 'all'
   d.cache_dir = ''  # slice store; '' = <workdir>/slices
   d.augment = True  # random rotation / scale / translation / gamma / intensity of training slices, on device
+  # Contrast synthesis: each training image drawn afresh from its tissue map on the devices (data/synth.py);
+  # trains on label maps alone (data.root with labels/ only) as well.
+  d.synth = False
   d.workers = 0  # Grain worker processes (0 = load in the training process)
   d.phantom_dir = ''  # where the phantom is generated once; '' = <workdir>/../phantom
+  d.phantom_anatomy = 'schematic'  # 'schematic' shapes | 'reference': knees warped from a real label map
   d.phantom_num = 20  # phantom subjects
   d.phantom_shape = (160, 384, 384)  # phantom voxels (left-right, then the sagittal plane), OAI-ZIB's
   d.phantom_spacing = (0.7, 0.3646, 0.3646)  # phantom voxel size in mm, OAI-ZIB's
@@ -66,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict = ml_collections.ConfigDict()
   c.predict.label_values = 'compact'  # written labels: 'compact' (0/1/2) or 'oai-zib' (0/2/4) for BG/FC/TC
   c.predict.resample = True  # resample each sagittal slice to the training pixel size, and the mask back
+  c.predict.min_component_mm3 = 100.0  # cartilage specks smaller than this (3D components) dropped; 0 = off
   c.predict.tta = False  # flip test-time augmentation: mean softmax over in-plane flips (no left-right)
   c.predict.batch_size = 16  # slices per forward pass (rounded up to the device count)
   c.predict.spacing = (0.0, 0.0)  # in-plane mm the model was trained at; 0 = median of the train slice store

@@ -14,8 +14,9 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 from flax import nnx
+from scipy import ndimage
 
-from easunet_jax import measures, models, parallel, steps
+from easunet_jax import measures, models, parallel, pretrained, steps
 from easunet_jax.data import pipeline, preprocess, volumes
 from easunet_jax.errors import ConfigError, DataError
 from easunet_jax.progress import Progress
@@ -40,7 +41,8 @@ def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: 
   return probs
 
 
-def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[float, float]:
+def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path | None
+                        ) -> tuple[float, float]:
   """In-plane pixel size (mm) the model was trained at: predict.spacing, or when that is 0 the median of
   the training slice store's rows."""
   if all(s > 0 for s in config.predict.spacing):
@@ -137,6 +139,21 @@ def _segment(network: _Network, image: np.ndarray, spacing: Sequence[float],
   return np.argmax(_resize(probs, original), axis=-1).astype(np.uint8)
 
 
+def remove_small_components(classes: np.ndarray, spacing: Sequence[float], min_mm3: float) -> np.ndarray:
+  """`classes` with every 3D connected component (face-connected) of a cartilage class smaller than
+  `min_mm3` set to background: the specks a network leaves on skin or fluid, while both tibial plates,
+  whole or fragmented, stay (real plates hold thousands of mm^3). 0 keeps everything."""
+  if min_mm3 <= 0:
+    return classes
+  classes = classes.copy()
+  for k in volumes.CLASSES.values():
+    components, _ = ndimage.label(classes == k)
+    small = np.bincount(components.ravel()) * float(np.prod(spacing)) < min_mm3
+    small[0] = False
+    classes[small[components]] = 0
+  return classes
+
+
 def _save(path: pathlib.Path, classes: np.ndarray, nii: nib.Nifti1Image) -> None:
   """Writes `classes` (input voxel order) as uint8 NIfTI with the input's affine and header."""
   header = nii.header.copy()
@@ -147,13 +164,14 @@ def _save(path: pathlib.Path, classes: np.ndarray, nii: nib.Nifti1Image) -> None
   nib.save(out, path)
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, input_path: str | pathlib.Path,
-            output_path: str | pathlib.Path) -> list[dict]:
+def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
+            input_path: str | pathlib.Path, output_path: str | pathlib.Path,
+            model_file: str | pathlib.Path | None = None) -> list[dict]:
   """Segments one NIfTI file or a directory of them into `output_path` (a file, or a directory of the same
-  names) with the checkpoint eval.checkpoint names; returns and prints per case the cartilage measures
+  names) with the checkpoint eval.checkpoint names in `workdir`, or with `model_file` (`pretrained`: then
+  config is the file's, `pretrained.config_of`); returns and prints per case the cartilage measures
   (`measures.cartilage_measures`: FC and TC volume and mean thickness, ...), and the seconds spent in all
   and in the network's forward passes."""
-  workdir = pathlib.Path(workdir)
   if config.predict.label_values not in LABEL_VALUES:
     raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
                       f'got {config.predict.label_values!r}')
@@ -162,16 +180,22 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, inpu
   for source, _ in pairs:  # header checks first: a bad file fails before the checkpoint is restored
     volumes.check_headers(volumes.Case(source.name, source, None))
   mesh = parallel.make_mesh()
-  step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
+  if model_file is not None:
+    step, graphdef, state = pretrained.load(config, model_file, mesh)
+  else:
+    workdir = pathlib.Path(workdir)
+    step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
   pixel = model_pixel_spacing(config, workdir) if config.predict.resample else None
   network = _Network(config, graphdef, state, mesh)
-  logging.info('predict: step %d of %s, %d volume(s), pixel %s mm, TTA %s', step, workdir, len(pairs),
+  logging.info('predict: step %d of %s, %d volume(s), pixel %s mm, TTA %s', step, model_file or workdir,
+               len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel), config.predict.tta)
   results, progress = [], Progress(len(pairs))
   for source, target in pairs:
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
     image, spacing = volumes.load_image(source)  # closest-canonical order: axis 0 is left-right
-    classes = _segment(network, image, spacing, pixel)
+    classes = remove_small_components(_segment(network, image, spacing, pixel), spacing,
+                                      config.predict.min_component_mm3)
     plates = {name: classes == k for name, k in volumes.CLASSES.items()}
     result = {'input': str(source), 'output': str(target), **measures.cartilage_measures(plates, spacing)}
     nii = nib.load(source)

@@ -15,7 +15,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 
 from easunet_jax import checkpoints, losses, metrics, parallel
-from easunet_jax.data import augment
+from easunet_jax.data import augment, synth
 from easunet_jax.errors import ConfigError
 from easunet_jax.models import build_model
 
@@ -136,15 +136,29 @@ def model_loss(model: nnx.Module, batch: dict[str, jax.Array], loss_cfg: ml_coll
                                       loss_cfg.dice_eps)
 
 
+def training_batch(batch: dict[str, jax.Array], key: jax.Array, *, augment_batch: bool, synthesise: bool
+                   ) -> dict[str, jax.Array]:
+  """The batch a train step learns from: the store's compact dtypes widened; with `augment_batch`
+  augmented (`data.augment`); with `synthesise` its images drawn from its tissue maps (`data.synth`,
+  after the spatial augmentation, which moves tissue and labels alike)."""
+  batch = {'image': batch['image'].astype(jnp.float32), 'label': batch['label'].astype(jnp.int32),
+           **({'tissue': batch['tissue'].astype(jnp.int32)} if synthesise else {})}
+  if synthesise:
+    del batch['image']  # drawn below from the (augmented) tissue map
+  if augment_batch:
+    batch = augment.augment(key, batch)
+  if synthesise:
+    batch['image'] = synth.render_batch(jax.random.fold_in(key, 1), batch.pop('tissue'))
+  return batch
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
-               augment_seed: int | None) -> tuple[TrainState, TrainMetrics]:
-  """One optimiser step; with an augment_seed the batch is first augmented (`data.augment`) with a key
-  folded from the seed and the step count, so that a resumed run draws what an uninterrupted one drew.
-  The batch may come in the slice store's compact dtypes (`pipeline.SliceSource`): it is widened here."""
-  batch = {'image': batch['image'].astype(jnp.float32), 'label': batch['label'].astype(jnp.int32)}
-  if augment_seed is not None:
-    batch = augment.augment(augment.step_key(augment_seed, state.step), batch)
+               tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict, seed: int,
+               augment_batch: bool, synthesise: bool) -> tuple[TrainState, TrainMetrics]:
+  """One optimiser step on `training_batch`, whose random numbers come from a key folded from the seed and
+  the step count, so that a resumed run draws what an uninterrupted one drew."""
+  batch = training_batch(batch, augment.step_key(seed, state.step), augment_batch=augment_batch,
+                         synthesise=synthesise)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
@@ -186,12 +200,13 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.G
 
 def jit_steps(config: ml_collections.ConfigDict, train_graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
               tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
-  """The train step (state donated; augmenting its batch when data.augment) and eval step, compiled for
+  """The train step (state donated; augmenting its batch when data.augment, synthesising its images when
+  data.synth) and eval step, compiled for
   batches sharded over `mesh`."""
   data_sharding, replicated = parallel.shardings(mesh)
   p_train_step = jax.jit(
       functools.partial(train_step, graphdef=train_graphdef, tx=tx, loss_cfg=config.loss,
-                        augment_seed=config.seed if config.data.augment else None),
+                        seed=config.seed, augment_batch=config.data.augment, synthesise=config.data.synth),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
   p_eval_step = jax.jit(

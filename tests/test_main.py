@@ -210,3 +210,4 @@ def test_bad_config_is_exit_code_2_and_one_line(name, env, phantom, tmp_path):
 def test_verbose_shows_the_traceback_of_a_bad_config(env, phantom, tmp_path):
   result = _run(env, tmp_path / 'run', phantom, '--config.train.nan_policy=ignore', '--verbose')
   assert result.returncode != 0 and 'Traceback' in result.stderr and 'train.nan_policy' in result.stderr
+

@@ -1,13 +1,11 @@
 """Tests of the synthetic knee generator: labels, geometry in millimetres, determinism, dataset writing."""
 
-import pathlib
-
 import nibabel as nib
 import numpy as np
 import pytest
 
 from easunet_jax import measures
-from easunet_jax.data import phantom, volumes
+from easunet_jax.data import knee, phantom, volumes
 
 SHAPE, SPACING = (16, 64, 64), (7.0, 1.0, 1.0)
 
@@ -93,6 +91,9 @@ def test_write_dataset_and_reuse(tmp_path):
   image, labels, spacing = volumes.load_case(cases[1], ((2, 1), (4, 2)))
   assert image.shape == (8, 32, 32) and set(np.unique(labels)) <= {0, 1, 2}
   np.testing.assert_allclose(spacing, (7.0, 2.0, 2.0))
+  tissue = np.asarray(nib.load(tmp_path / 'tissues' / 'phantom_001.nii.gz').dataobj)
+  np.testing.assert_array_equal(phantom.LABEL_OF_TISSUE[tissue], np.asarray(nib.load(cases[1].label).dataobj))
+  assert {phantom.FAT, phantom.MUSCLE, phantom.FLUID} <= set(np.unique(tissue))
   mtime = cases[0].image.stat().st_mtime_ns
   phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
   assert cases[0].image.stat().st_mtime_ns == mtime
@@ -104,7 +105,7 @@ def test_write_dataset_in_worker_processes_matches_in_process(tmp_path):
   ids = phantom.write_dataset(tmp_path / 'one', 3, shape, spacing, seed=7, workers=1)
   assert phantom.write_dataset(tmp_path / 'two', 3, shape, spacing, seed=7, workers=2) == ids
   for case_id in ids:
-    for kind in ('images', 'labels'):
+    for kind in ('images', 'labels', 'tissues'):
       one, two = (nib.load(tmp_path / d / kind / f'{case_id}.nii.gz') for d in ('one', 'two'))
       np.testing.assert_array_equal(one.get_fdata(), two.get_fdata())
       np.testing.assert_array_equal(one.affine, two.affine)
@@ -125,9 +126,7 @@ def _measures(labels, spacing):
 
 def test_statistics_within_1_5x_of_the_reference_knee():
   # Every fourth sagittal slice of both: the statistics are per slice, so this samples the full-size ones.
-  ref_path = pathlib.Path(__file__).resolve().parents[2] / 'shared/data/reference_knee_labels_oaizib.nii.gz'
-  identity = ((1, 1), (2, 2), (3, 3), (4, 4))
-  _, labels, spacing = volumes.load_case(volumes.Case('ref', ref_path, ref_path), identity)
+  labels, spacing = knee.reference()
   reference = _measures(labels[::4], spacing)
   shape = (40, *phantom.DEFAULT_SHAPE[1:])
   coarse = (4 * phantom.DEFAULT_SPACING[0], *phantom.DEFAULT_SPACING[1:])

@@ -99,3 +99,19 @@ def test_errors_are_one_line(run, tmp_path):
   _one_line_error(DataError, 'expected 3D', _config(), workdir, four_d, out)
   _one_line_error(CheckpointError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
   assert not out.exists()
+
+
+def test_small_components_are_dropped_per_class():
+  classes = np.zeros((10, 40, 40), np.uint8)
+  classes[2:8, 5:25, 5:10] = 1  # a plate: 6 x 20 x 5 voxels of 1 mm^3 = 600 mm^3
+  classes[2:8, 30:35, 5:10] = 2  # a tibial plate of 150 mm^3
+  classes[1, 36, 36] = 1  # specks on skin
+  classes[9, 0:2, 0:2] = 2
+  kept = predict.remove_small_components(classes, (1.0, 1.0, 1.0), 100.0)
+  expected = classes.copy()
+  expected[1, 36, 36] = 0
+  expected[9, 0:2, 0:2] = 0
+  np.testing.assert_array_equal(kept, expected)
+  np.testing.assert_array_equal(predict.remove_small_components(classes, (1.0, 1.0, 1.0), 0.0), classes)
+  # Millimetres, not voxels: at 2 mm voxels the 150-voxel plate holds 1200 mm^3, the 4-voxel speck 32.
+  assert (predict.remove_small_components(classes, (2.0, 2.0, 2.0), 100.0) == 2).sum() == 150

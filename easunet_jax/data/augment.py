@@ -51,28 +51,36 @@ def sample_parameters(key: jax.Array, batch_size: int, ranges: Ranges = Ranges()
   return jax.vmap(one)(jax.random.split(key, batch_size))
 
 
-def _transform(params: dict[str, jax.Array], image_HW: jax.Array, label_HW: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
-  size = jnp.array(image_HW.shape, jnp.float32)
+def _transform(params: dict[str, jax.Array], slices: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """One slice's arrays (H, W) resampled: 'image' bilinearly then given its gamma and intensity, the label
+  maps ('label', 'tissue') nearest-neighbour."""
+  shape = next(iter(slices.values())).shape
+  size = jnp.array(shape, jnp.float32)
   cos, sin = jnp.cos(params['angle']), jnp.sin(params['angle'])
   # Output pixel o samples the input at matrix @ o + offset: rotation and zoom about the centre, then the
   # shift (scipy.ndimage.affine_transform's convention).
   matrix = jnp.array([[cos, -sin], [sin, cos]]) / params['zoom']
   centre = (size - 1) / 2
   offset = centre - matrix @ (centre + params['shift'] * size)
-  grid = jnp.stack(jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in image_HW.shape), indexing='ij'))
-  coords = jnp.einsum('ij,jhw->ihw', matrix, grid) + offset[:, None, None]
-  image_HW = ndimage.map_coordinates(image_HW, list(coords), order=1, mode='constant', cval=0.0)
-  label_HW = ndimage.map_coordinates(label_HW, list(coords), order=0, mode='constant', cval=0)
-  image_HW = jnp.maximum(image_HW, 0) ** params['gamma'] * params['intensity']
-  return image_HW, label_HW
+  grid = jnp.stack(jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in shape), indexing='ij'))
+  coords = list(jnp.einsum('ij,jhw->ihw', matrix, grid) + offset[:, None, None])
+  out = {name: ndimage.map_coordinates(x, coords, order=int(name == 'image'), mode='constant', cval=0)
+         for name, x in slices.items()}
+  if 'image' in out:
+    out['image'] = jnp.maximum(out['image'], 0) ** params['gamma'] * params['intensity']
+  return out
 
 
 def apply(params: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """The batch ({'image' (B, H, W, 1) float, 'label' (B, H, W) int, ...}) transformed by per-slice
-  `params`; other entries pass through."""
-  image_BHW, label_BHW = jax.vmap(_transform)(params, batch['image'][..., 0], batch['label'])
-  return {**batch, 'image': image_BHW[..., None].astype(batch['image'].dtype), 'label': label_BHW}
+  """The batch ({'image' (B, H, W, 1) float, 'label' (B, H, W) int, optionally 'tissue' (B, H, W) int,
+  ...}) transformed by per-slice `params`; other entries pass through."""
+  slices = {name: batch[name] for name in ('label', 'tissue') if name in batch}
+  if 'image' in batch:
+    slices['image'] = batch['image'][..., 0]
+  out = jax.vmap(_transform)(params, slices)
+  if 'image' in out:
+    out['image'] = out['image'][..., None].astype(batch['image'].dtype)
+  return {**batch, **out}
 
 
 def augment(key: jax.Array, batch: dict[str, jax.Array], ranges: Ranges = Ranges()) -> dict[str, jax.Array]:

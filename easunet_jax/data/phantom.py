@@ -9,7 +9,7 @@ import logging
 import multiprocessing
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import numpy as np
@@ -21,13 +21,16 @@ from easunet_jax.data import volumes
 DEFAULT_SHAPE = (160, 384, 384)
 DEFAULT_SPACING = (0.7, 0.3646, 0.3646)
 
-# Tissue codes of the generator, and the OAI-ZIB label of each (1 femur, 2 FC, 3 tibia, 4 TC).
-(AIR, FAT, MUSCLE, FEMUR, TIBIA, FEMUR_PLATE, TIBIA_PLATE, FC, TC, FLUID, MENISCUS) = range(11)
-_LABEL_OF_TISSUE = np.array([0, 0, 0, 1, 3, 1, 3, 2, 4, 0, 0], np.uint8)
+# Tissue codes of the phantoms (this schematic one and `knee`'s real-anatomy one), written as tissues/<id>
+# beside the labels for contrast synthesis (`data.synth`), and the OAI-ZIB label of each (1 femur, 2 FC,
+# 3 tibia, 4 TC).
+(AIR, FAT, MUSCLE, FEMUR, TIBIA, FEMUR_PLATE, TIBIA_PLATE, FC, TC, FLUID, MENISCUS, PATELLA, PATELLA_PLATE,
+ PATELLA_CARTILAGE, TENDON) = range(15)
+LABEL_OF_TISSUE = np.array([0, 0, 0, 1, 3, 1, 3, 2, 4, 0, 0, 0, 0, 0, 0], np.uint8)
 _CHUNK = 16  # sagittal slices generated at once: bounds memory at full size
 # Below this many voxels in all, one process is faster: a spawned worker imports its caller first (seconds).
 _PARALLEL_MIN_VOXELS = 2 ** 25
-_PLATE_MM = 0.8  # subchondral bone plate, dark in DESS
+PLATE_MM = 0.8  # subchondral bone plate, dark in DESS
 
 
 def _knee(rng: np.random.Generator) -> dict:
@@ -46,10 +49,21 @@ def _knee(rng: np.random.Generator) -> dict:
       plat_l=u(21, 25), plat_y=u(-3, 1), conc_med=u(0.5, 2.0), conc_lat=u(0.0, 0.8),  # tibial plateau
       spine_h=u(2, 5), men_h=u(5, 8), effusion=u(0, 1.2),  # tibial spines, meniscus height, fluid layer
       body_rx=u(54, 62), body_ry=u(52, 60),  # skin outline
-      intensity=np.array([0.0, u(0.45, 0.6), u(0.1, 0.18), u(0.3, 0.42), u(0.3, 0.42), 0.08, 0.08,
-                          u(0.55, 0.7), u(0.55, 0.7), u(0.85, 1.0), 0.06]) * u(200, 800),
+      intensity=dess_intensities(rng),
       noise=u(0.03, 0.05), bias=u(-0.2, 0.2, 5), blur=u(0.5, 0.8),
   )
+
+
+def dess_intensities(rng: np.random.Generator) -> np.ndarray:
+  """A DESS-like intensity for every tissue code (arbitrary units): bright fluid and cartilage, grey fat,
+  dark muscle, marrow in between, black cortical plates, menisci and tendons."""
+  u = rng.uniform
+  table = np.array([0.0, u(0.45, 0.6), u(0.1, 0.18), u(0.3, 0.42), u(0.3, 0.42), 0.08, 0.08,
+                    u(0.55, 0.7), u(0.55, 0.7), u(0.85, 1.0), 0.06])
+  # The real-anatomy phantom's codes take their look-alikes' values: no further draws, so the schematic
+  # phantom's subjects stay what they were.
+  patella = np.array([table[FEMUR], table[FEMUR_PLATE], table[FC], table[MENISCUS]])
+  return np.concatenate([table, patella]) * u(200, 800)
 
 
 def _slice_params(x: np.ndarray, k: dict) -> dict:
@@ -128,8 +142,8 @@ def _tissue(x: np.ndarray, y: np.ndarray, z: np.ndarray, k: dict) -> np.ndarray:
   fat_pad = ((dy - length - 8) / 12) ** 2 + ((z - k['oz'] + 3) / 14) ** 2 < 1
   subcutaneous = (body > 1 - 7 / k['body_rx']) | fat_pad
   tissue = np.where(body < 1, np.where(subcutaneous, FAT, MUSCLE), AIR).astype(np.uint8)
-  plate_f = femur & (((out > -_PLATE_MM) & (dz < 0)) | (np.abs(np.abs(dy - 2) - k['shaft_hw']) < _PLATE_MM))
-  plate_t = tibia & (z > top - _PLATE_MM)
+  plate_f = femur & (((out > -PLATE_MM) & (dz < 0)) | (np.abs(np.abs(dy - 2) - k['shaft_hw']) < PLATE_MM))
+  plate_t = tibia & (z > top - PLATE_MM)
   # Later codes win where masks overlap.
   for mask, code in ((femur, FEMUR), (plate_f, FEMUR_PLATE), (tibia, TIBIA), (plate_t, TIBIA_PLATE),
                      (fluid, FLUID), (men, MENISCUS), (fc, FC), (tc, TC)):
@@ -144,30 +158,47 @@ def affine_for(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
   return affine
 
 
-def make_subject(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequence[float] = DEFAULT_SPACING
+def render(tissue: np.ndarray, intensity: np.ndarray, spacing: Sequence[float], rng: np.random.Generator, *,
+           blur: float, bias: np.ndarray, noise: float) -> np.ndarray:
+  """An MR-like image (float32) of a tissue-code volume: `intensity[code]`, partial volume (Gaussian blur of
+  `blur` voxels), a smooth multiplicative bias field (`bias`: 5 coefficients, separable in the three axes)
+  and Rician noise of `noise` times the brightest tissue."""
+  shape = tissue.shape
+  x, y, z = (((np.arange(n) - (n - 1) / 2) * d).astype(np.float32) for n, d in zip(shape, spacing))
+  image = intensity.astype(np.float32)[tissue]
+  # Partial volume: about one voxel of blur in every axis (voxel units, so anisotropic in mm).
+  image = ndimage.gaussian_filter(image, blur, truncate=3.0, output=np.float32)
+  # Smooth multiplicative bias field, separable in the three axes (coil sensitivity).
+  c = bias
+  span = 70.0
+  log_bias = (c[0] * x / span)[:, None, None] + (c[1] * y / span + c[3] * (y / span) ** 2)[None, :, None] + (
+      c[2] * z / span + c[4] * (z / span) ** 2)[None, None, :]
+  image *= np.exp(log_bias, dtype=np.float32)
+  # Rician noise: the magnitude of a complex signal with Gaussian noise in both channels.
+  sigma = np.float32(noise * intensity.max())
+  real = image + sigma * rng.standard_normal(shape, dtype=np.float32)
+  imag = sigma * rng.standard_normal(shape, dtype=np.float32)
+  return np.sqrt(real * real + imag * imag)
+
+
+def make_tissues(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequence[float] = DEFAULT_SPACING
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """One synthetic knee: image (float32), OAI-ZIB labels (uint8) and the 4x4 RAS affine."""
+  """One synthetic knee: image (float32), tissue codes (uint8) and the 4x4 RAS affine."""
   rng = np.random.default_rng(seed)
   k = _knee(rng)
   shape = tuple(int(n) for n in shape)
   x, y, z = (((np.arange(n) - (n - 1) / 2) * d).astype(np.float32) for n, d in zip(shape, spacing))
   tissue = np.concatenate([_tissue(x[i:i + _CHUNK, None, None], y[None, :, None], z[None, None, :], k)
                            for i in range(0, shape[0], _CHUNK)])
-  image = k['intensity'].astype(np.float32)[tissue]
-  # Partial volume: about one voxel of blur in every axis (voxel units, so anisotropic in mm).
-  image = ndimage.gaussian_filter(image, k['blur'], truncate=3.0, output=np.float32)
-  # Smooth multiplicative bias field, separable in the three axes (coil sensitivity).
-  c = k['bias']
-  span = 70.0
-  log_bias = (c[0] * x / span)[:, None, None] + (c[1] * y / span + c[3] * (y / span) ** 2)[None, :, None] + (
-      c[2] * z / span + c[4] * (z / span) ** 2)[None, None, :]
-  image *= np.exp(log_bias, dtype=np.float32)
-  # Rician noise: the magnitude of a complex signal with Gaussian noise in both channels.
-  sigma = np.float32(k['noise'] * k['intensity'].max())
-  real = image + sigma * rng.standard_normal(shape, dtype=np.float32)
-  imag = sigma * rng.standard_normal(shape, dtype=np.float32)
-  image = np.sqrt(real * real + imag * imag)
-  return image, _LABEL_OF_TISSUE[tissue], affine_for(shape, spacing)
+  image = render(tissue, k['intensity'], spacing, rng, blur=k['blur'], bias=k['bias'], noise=k['noise'])
+  return image, tissue, affine_for(shape, spacing)
+
+
+def make_subject(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequence[float] = DEFAULT_SPACING
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One synthetic knee: image (float32), OAI-ZIB labels (uint8) and the 4x4 RAS affine."""
+  image, tissue, affine = make_tissues(seed, shape, spacing)
+  return image, LABEL_OF_TISSUE[tissue], affine
 
 
 def subject_seed(dataset_seed: int, i: int) -> int:
@@ -176,13 +207,17 @@ def subject_seed(dataset_seed: int, i: int) -> int:
   return int(np.random.SeedSequence([dataset_seed, i]).generate_state(1)[0])
 
 
+Generator = Callable[[int, Sequence[int], Sequence[float]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
 def _write_subject(out_dir: pathlib.Path, case_id: str, seed: int, shape: Sequence[int],
-                   spacing: Sequence[float]) -> str:
-  """Generates one subject and writes its two files; returns its id (a worker process sends back only
+                   spacing: Sequence[float], generator: Generator) -> str:
+  """Generates one subject and writes its three files; returns its id (a worker process sends back only
   that)."""
-  image, labels, affine = make_subject(seed, shape, spacing)
-  # Labels first: a subject counts as written once its image (written last) exists.
-  volumes.save_volume(out_dir / 'labels' / f'{case_id}.nii.gz', labels, affine)
+  image, tissue, affine = generator(seed, shape, spacing)
+  # Image last: a subject counts as written once its image exists.
+  volumes.save_volume(out_dir / 'tissues' / f'{case_id}.nii.gz', tissue, affine)
+  volumes.save_volume(out_dir / 'labels' / f'{case_id}.nii.gz', LABEL_OF_TISSUE[tissue], affine)
   volumes.save_volume(out_dir / 'images' / f'{case_id}.nii.gz', image, affine)
   return case_id
 
@@ -194,8 +229,10 @@ def cpus() -> int:
 
 def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = DEFAULT_SHAPE,
                   spacing: Sequence[float] = DEFAULT_SPACING, seed: int = 0, *,
-                  workers: int | None = None) -> list[str]:
-  """Writes images/<id>.nii.gz and labels/<id>.nii.gz for num subjects; existing complete files are kept.
+                  workers: int | None = None, generator: Generator = make_tissues) -> list[str]:
+  """Writes images/<id>.nii.gz, labels/<id>.nii.gz and tissues/<id>.nii.gz (tissue codes, for data.synth)
+  for num subjects of `generator` (this schematic phantom, or `knee.make_tissues`); existing complete files
+  are kept.
 
   Subjects are generated in up to `workers` processes (None: one per CPU, or one process for a phantom
   smaller than _PARALLEL_MIN_VOXELS in all), each writing its own files, so memory holds at most
@@ -205,9 +242,9 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
   """
   out_dir = pathlib.Path(out_dir)
   ids = [f'phantom_{i:03d}' for i in range(num)]
-  todo = [i for i, case_id in enumerate(ids)
-          if not all((out_dir / kind / f'{case_id}.nii.gz').exists() for kind in ('images', 'labels'))]
-  jobs = [(out_dir, ids[i], subject_seed(seed, i), tuple(shape), tuple(spacing)) for i in todo]
+  todo = [i for i, case_id in enumerate(ids) if not all(
+      (out_dir / kind / f'{case_id}.nii.gz').exists() for kind in ('images', 'labels', 'tissues'))]
+  jobs = [(out_dir, ids[i], subject_seed(seed, i), tuple(shape), tuple(spacing), generator) for i in todo]
   if workers is None:
     workers = cpus() if len(jobs) * np.prod(shape) >= _PARALLEL_MIN_VOXELS else 1
   workers = min(max(int(workers), 1), len(jobs))
@@ -227,11 +264,11 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
   return ids
 
 
-def _cli() -> None:
+def cli(generator: Callable[[], Generator] = lambda: make_tissues) -> None:
   """python -m easunet_jax.data.phantom --out DIR --num N [--shape 160,384,384] [--spacing ...] [--seed 0]
-  [--workers N]."""
+  [--workers N]; `knee` runs it with its own generator. `generator()` is called once flags are parsed."""
   # Flags are defined here, not at import, so importing this module adds nothing to a program's flags.
-  out = flags.DEFINE_string('out', None, 'output folder (images/ and labels/ are created in it)',
+  out = flags.DEFINE_string('out', None, 'output folder (images/, labels/ and tissues/ are created in it)',
                             required=True)
   num = flags.DEFINE_integer('num', 20, 'number of subjects')
   shape = flags.DEFINE_list('shape', [str(n) for n in DEFAULT_SHAPE],
@@ -246,11 +283,11 @@ def _cli() -> None:
     if len(shape.value) != 3 or len(spacing.value) != 3:
       raise app.UsageError('--shape and --spacing take three comma-separated values')
     ids = write_dataset(out.value, num.value, tuple(map(int, shape.value)), tuple(map(float, spacing.value)),
-                        seed.value, workers=workers.value)
+                        seed.value, workers=workers.value, generator=generator())
     print(f'{len(ids)} phantom subjects in {out.value}')
 
   app.run(main)
 
 
 if __name__ == '__main__':
-  _cli()
+  cli()

@@ -14,8 +14,8 @@ from easunet_jax.errors import ConfigError
 
 
 class SliceSource(grain.sources.RandomAccessDataSource):
-  """Random access to one split of the slice store ({'image' (H, W, 1) float16, 'label' (H, W) uint8}); the
-  .npy files are memory-mapped on first use."""
+  """Random access to one split of the slice store ({'image' (H, W, 1) float16, 'label' (H, W) uint8, and
+  'tissue' (H, W) uint8 when the store has tissue maps}); the .npy files are memory-mapped on first use."""
 
   def __init__(self, split_dir: str | pathlib.Path):
     self._dir = pathlib.Path(split_dir)
@@ -32,12 +32,13 @@ class SliceSource(grain.sources.RandomAccessDataSource):
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     # Grain reads from several threads: publish both arrays in one assignment, never half of them.
     if self._arrays is None:
-      self._arrays = (np.load(self._dir / 'images.npy', mmap_mode='r'),
-                      np.load(self._dir / 'labels.npy', mmap_mode='r'))
-    images, labels = self._arrays
+      self._arrays = {kind: np.load(self._dir / f'{kind}s.npy', mmap_mode='r')
+                      for kind in ('image', 'label', 'tissue') if (self._dir / f'{kind}s.npy').exists()}
     # The store's compact dtypes (float16, uint8) go to the devices as they are: 3 bytes a pixel to move
     # instead of 8, and no conversion on the host. The train step widens them.
-    return {'image': np.array(images[i])[..., None], 'label': np.array(labels[i])}
+    row = {kind: np.array(array[i]) for kind, array in self._arrays.items()}
+    row['image'] = row['image'][..., None]
+    return row
 
   def __repr__(self) -> str:
     return f'SliceSource({self._dir})'

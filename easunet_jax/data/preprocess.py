@@ -1,25 +1,28 @@
 """Volumes -> slice store: subject-level splits, per-volume normalisation, sagittal slices in .npy files.
 
 Layout under the store directory: splits.json, fingerprint.json, skipped.json and per split
-<split>/images.npy (N, H, W) float16 in [0, 1], <split>/labels.npy (N, H, W) uint8 training classes and
-<split>/index.json (one entry per row: case, slice, in-plane and sagittal spacing, whether it holds
-cartilage, and the zero padding that centres it in the store's slice size, a multiple of the network's
-stride).
+<split>/images.npy (N, H, W) float16 in [0, 1], <split>/labels.npy (N, H, W) uint8 training classes, with
+data.synth <split>/tissues.npy (N, H, W) uint8 tissue codes (`synth`), and <split>/index.json (one entry
+per row: case, slice, in-plane and sagittal spacing, whether it holds cartilage, and the zero padding that
+centres it in the store's slice size, a multiple of the network's stride).
 """
 
+import functools
 import json
 import logging
 import os
 import pathlib
 import shutil
+import zlib
 from collections.abc import Sequence
 
+import jax
 import ml_collections
 import nibabel as nib
 import numpy as np
 
 from easunet_jax import models
-from easunet_jax.data import phantom, volumes
+from easunet_jax.data import knee, phantom, synth, volumes
 from easunet_jax.errors import ConfigError, DataError
 from easunet_jax.progress import Progress
 
@@ -31,10 +34,17 @@ def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathli
   """data_cfg.root, or the built-in phantom (generated once into phantom_dir) when root is ''."""
   if data_cfg.root:
     return pathlib.Path(data_cfg.root)
-  out = pathlib.Path(data_cfg.phantom_dir or pathlib.Path(workdir).parent / 'phantom')
-  logging.info('data.root is unset: using the built-in phantom (%d subjects in %s); for OAI-ZIB pass '
-               '--config.data.root=/path/to/OAI-ZIB', data_cfg.phantom_num, out)
-  phantom.write_dataset(out, data_cfg.phantom_num, data_cfg.phantom_shape, data_cfg.phantom_spacing, seed)
+  generators = {'schematic': phantom.make_tissues, 'reference': knee.make_tissues}
+  if data_cfg.phantom_anatomy not in generators:
+    raise ConfigError(f'data.phantom_anatomy: expected one of {sorted(generators)}, '
+                      f'got {data_cfg.phantom_anatomy!r}')
+  default_dir = pathlib.Path(workdir).parent / ('phantom' if data_cfg.phantom_anatomy == 'schematic'
+                                                else f'phantom_{data_cfg.phantom_anatomy}')
+  out = pathlib.Path(data_cfg.phantom_dir or default_dir)
+  logging.info('data.root is unset: using the built-in %s phantom (%d subjects in %s); for OAI-ZIB pass '
+               '--config.data.root=/path/to/OAI-ZIB', data_cfg.phantom_anatomy, data_cfg.phantom_num, out)
+  phantom.write_dataset(out, data_cfg.phantom_num, data_cfg.phantom_shape, data_cfg.phantom_spacing, seed,
+                        generator=generators[data_cfg.phantom_anatomy])
   return out
 
 
@@ -77,10 +87,13 @@ def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> d
 def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict, seed: int,
                  multiple: int) -> dict:
   paths = [p for c in cases for p in (c.image, c.label) if p is not None]
+  if data_cfg.synth:
+    paths += [p for c in cases if (p := _tissue_path(c)).exists()]
   files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
   settings = {'label_map': [list(map(int, pair)) for pair in data_cfg.label_map],
               'split': list(data_cfg.split),
               'split_file': data_cfg.split_file, 'train_slices': data_cfg.train_slices, 'seed': seed,
+              'synth': data_cfg.synth,
               'multiple': multiple}
   if data_cfg.split_file:
     try:
@@ -98,6 +111,36 @@ def _canonical_shape(path: pathlib.Path) -> tuple[int, ...]:
   for i, axis in enumerate(axes):
     shape[axis] = nii.shape[i]
   return tuple(shape)
+
+
+def _tissue_path(case: volumes.Case) -> pathlib.Path:
+  """Where a data set keeps a case's tissue map (the phantoms write tissues/ beside labels/)."""
+  return case.label.parent.parent / 'tissues' / f'{case.id}.nii.gz'
+
+
+def _tissues(case: volumes.Case, label_map: Sequence[Sequence[int]]) -> np.ndarray:
+  """The case's tissue codes (canonical order): its tissue map when the data set has one, else derived
+  from its source labels (`synth.tissues_from_labels`)."""
+  path = _tissue_path(case)
+  if path.exists():
+    tissue, _ = volumes.load_labels(volumes.Case(case.id, None, path), [(v, 0) for v in range(256)])
+    if tissue.max() >= synth.NUM_TISSUES:
+      raise DataError(f'{path}: tissue code {tissue.max()} outside 0..{synth.NUM_TISSUES - 1}')
+    return tissue.astype(np.uint8)
+  labels, spacing = volumes.load_labels(case, label_map)
+  return synth.tissues_from_labels(labels, spacing)
+
+
+@functools.cache
+def _render_jit():
+  return jax.jit(synth.render_batch)
+
+
+def synthetic_image(tissue: np.ndarray, case_id: str) -> np.ndarray:
+  """A fixed synthetic image (float32 in [0, 1]) of a volume's tissue map, one draw per sagittal slice from
+  a key of the case id: the validation and test images of a data set of label maps alone."""
+  key = jax.random.key(zlib.crc32(case_id.encode()))
+  return np.asarray(_render_jit()(key, tissue))[..., 0]
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
@@ -136,7 +179,18 @@ def _write_slices(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml
   parts, index = [], []
   for case in cases:
     try:
-      image, labels, spacing = volumes.load_case(case, data_cfg.label_map)
+      if case.image is None and not data_cfg.synth:
+        raise DataError('no image file (a label map alone trains only with data.synth=True)')
+      if case.image is None:
+        source, spacing = volumes.load_labels(case, data_cfg.label_map)
+        labels = volumes.remap_labels(source, data_cfg.label_map)
+      else:
+        image, labels, spacing = volumes.load_case(case, data_cfg.label_map)
+      tissue = _tissues(case, data_cfg.label_map) if data_cfg.synth else None
+      if tissue is not None and tissue.shape != labels.shape:
+        raise DataError(f'tissue map {_tissue_path(case)} of shape {tissue.shape}, labels {labels.shape}')
+      if case.image is None:
+        image = synthetic_image(tissue, case.id)
     except DataError as e:
       _skip(skipped, case.id, e)
       _case_done(progress, f'{case.id} skipped')
@@ -146,12 +200,15 @@ def _write_slices(out: pathlib.Path, cases: Sequence[volumes.Case], data_cfg: ml
     pad = [centred_padding(n, target) for n, target in zip(labels.shape[1:], size)]
     np.save(out / f'{case.id}.images.tmp.npy', np.pad(normalise(image)[rows], [(0, 0), *pad]))
     np.save(out / f'{case.id}.labels.tmp.npy', np.pad(labels[rows], [(0, 0), *pad]))
+    if tissue is not None:
+      np.save(out / f'{case.id}.tissues.tmp.npy', np.pad(tissue[rows], [(0, 0), *pad]))
     parts.append(case.id)
     index += [{'case': case.id, 'slice': int(r), 'spacing': [spacing[1], spacing[2]],
                'sagittal_spacing': spacing[0],
                'cartilage': bool(cartilage[r]), 'pad': pad} for r in rows]
     _case_done(progress, f'{case.id}: {len(rows)} slices')
-  for kind, dtype in (('images', np.float16), ('labels', np.uint8)):
+  kinds = [('images', np.float16), ('labels', np.uint8)] + [('tissues', np.uint8)] * data_cfg.synth
+  for kind, dtype in kinds:
     if not index:  # an empty split: np.memmap cannot map zero bytes
       np.save(out / f'{kind}.npy', np.zeros((0, *size), dtype))
       continue
@@ -233,7 +290,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   ids = [c.id for c in usable]
   splits = _read_split_file(data_cfg.split_file, ids, list(skipped)) if data_cfg.split_file else split_cases(
       ids, data_cfg.split, seed)
-  shapes = np.array([_canonical_shape(c.image) for c in usable])
+  shapes = np.array([_canonical_shape(c.image or c.label) for c in usable])
   size = tuple(padded_size(int(n), multiple) for n in shapes[:, 1:].max(axis=0))
   by_id = {c.id: c for c in usable}
   # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.

@@ -26,7 +26,7 @@ _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.I
 
 class Case(NamedTuple):
   id: str
-  image: pathlib.Path
+  image: pathlib.Path | None  # None: a label map alone (a data set of labels, for data.synth)
   label: pathlib.Path | None  # None: an image without a label, predictable but not usable for training
 
 
@@ -44,15 +44,24 @@ def _one_line(e: BaseException) -> str:
 def discover_cases(root: str | pathlib.Path) -> list[Case]:
   """Images under root (images/+labels/ or nnU-Net imagesTr/+labelsTr/) with their labels, sorted by id.
 
-  An image without a label is returned with label None: predictable, and for the caller to report.
+  An image without a label is returned with label None: predictable, and for the caller to report. A root
+  with label maps only (labels/ or labelsTr/ and no image folder) gives cases with image None, which
+  contrast synthesis (data.synth) trains on.
   """
   root = pathlib.Path(root)
-  if (root / 'imagesTr').is_dir():
+  nnunet = (root / 'imagesTr').is_dir() or (root / 'labelsTr').is_dir()
+  if nnunet:
     image_dir, label_dir, image_suffix = root / 'imagesTr', root / 'labelsTr', '_0000'
   else:
     image_dir, label_dir, image_suffix = root / 'images', root / 'labels', ''
   if not image_dir.is_dir():
-    raise DataError(f'{root}: expected images/ + labels/ or imagesTr/ + labelsTr/ with .nii.gz volumes')
+    if label_dir.is_dir():
+      cases = [Case(stem, None, path) for path in sorted(label_dir.iterdir())
+               if (stem := _strip_nii(path.name)) and not path.name.startswith('.')]
+      if cases:
+        return cases
+    raise DataError(f'{root}: expected images/ + labels/ or imagesTr/ + labelsTr/ with .nii.gz volumes '
+                    '(or labels/ alone for data.synth)')
   cases = []
   for image in sorted(image_dir.iterdir()):
     stem = _strip_nii(image.name)
@@ -85,6 +94,9 @@ def _header(path: pathlib.Path) -> nib.Nifti1Image:
 
 def check_headers(case: Case) -> None:
   """Cheap checks from the headers alone: both files NIfTI and 3D, same shape, same affine within 1e-3 mm."""
+  if case.image is None:
+    _header(case.label)
+    return
   image_nii = _header(case.image)
   if case.label is None:
     return
@@ -142,17 +154,25 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
   return labels
 
 
+def load_labels(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarray, Spacing]:
+  """The case's source labels (integers of known values) in closest-canonical RAS order, and the spacing."""
+  if case.label is None:
+    raise DataError(f'{case.id}: no label file')
+  check_headers(case)
+  labels, spacing = _read_canonical(_header(case.label), case.label)
+  return _check_label_values(labels, case, label_map), spacing
+
+
 def load_case(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, Spacing]:
   """Image (float32) and remapped labels (uint8) in closest-canonical RAS order, and the voxel spacing in mm.
 
   Every check of check_headers and load_image applies, and the labels must be integers of known values.
   """
-  if case.label is None:
-    raise DataError(f'{case.id}: no label file')
-  check_headers(case)
+  labels, _ = load_labels(case, label_map)
+  if case.image is None:
+    raise DataError(f'{case.id}: no image file (a label map alone trains only with data.synth=True)')
   image, spacing = load_image(case.image)
-  labels, _ = _read_canonical(_header(case.label), case.label)
-  return image, remap_labels(_check_label_values(labels, case, label_map), label_map), spacing
+  return image, remap_labels(labels, label_map), spacing
 
 
 def remap_labels(labels: np.ndarray, label_map: Sequence[Sequence[int]]) -> np.ndarray:

@@ -1,0 +1,82 @@
+"""Transfer check of a model file: 3D Dice on knees it never trained on, in contrasts it never saw.
+
+python bench/transfer.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3] [--out DIR] [--every 1]
+
+Test knees: real-anatomy phantoms (`data.knee`) of dataset seed 1000 (training used seed 0: other
+deformations, sizes, thickness factors and sides), at OAI-ZIB geometry (160 x 384 x 384, 0.7 x 0.3646 x
+0.3646 mm), each rendered DESS-like and TSE-like by the phantom's numpy renderer (`knee.render`), a code
+path apart from the training's on-device synthesis (`data.synth`); and, for comparison, schematic phantoms
+(`data.phantom`, DESS-like) of the same seed. Each set is segmented by `predict.predict` from its NIfTI
+files, as `--mode=predict` does, and scored against its labels with `metrics.segmentation_metrics`. Prints
+a Markdown table (mean ± std over knees) and one JSON line.
+"""
+
+from easunet_jax import environment
+
+environment.configure()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from easunet_jax import metrics, predict, pretrained  # noqa: E402
+from easunet_jax.data import knee, phantom, volumes  # noqa: E402
+
+SEED = 1000  # the training phantoms are dataset seed 0
+
+
+def _write(out: pathlib.Path, num: int, every: int) -> dict[str, pathlib.Path]:
+  """The test sets under `out`: {set name: folder with images/ and labels/}."""
+  shape = (phantom.DEFAULT_SHAPE[0] // every, *phantom.DEFAULT_SHAPE[1:])
+  spacing = (phantom.DEFAULT_SPACING[0] * every, *phantom.DEFAULT_SPACING[1:])
+  sets = {name: out / name for name in ('real anatomy, DESS-like', 'real anatomy, TSE-like',
+                                        'schematic phantom, DESS-like')}
+  for i in range(num):
+    case = f'knee_{i:03d}'
+    seed = phantom.subject_seed(SEED, i)
+    dess, tissue, affine = knee.make_tissues(seed, shape, spacing, contrast='dess')
+    tse = knee.render(tissue, spacing, np.random.default_rng([seed, 1]), 'tse')
+    schematic, schematic_tissue, _ = phantom.make_tissues(seed, shape, spacing)
+    for name, image, codes in zip(sets, (dess, tse, schematic), (tissue, tissue, schematic_tissue)):
+      volumes.save_volume(sets[name] / 'images' / f'{case}.nii.gz', image, affine)
+      volumes.save_volume(sets[name] / 'labels' / f'{case}.nii.gz', phantom.LABEL_OF_TISSUE[codes], affine)
+  return sets
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--weights', default=str(pretrained.SHIPPED), help='a model file (--mode=export)')
+  parser.add_argument('--num', type=int, default=3, help='test knees per set')
+  parser.add_argument('--out', default='', help='where the test sets and masks go (default: a temp dir)')
+  parser.add_argument('--every', type=int, default=1, help='every N-th sagittal slice only (N x faster)')
+  args = parser.parse_args()
+  out = pathlib.Path(args.out or tempfile.mkdtemp(prefix='transfer_'))
+  config = pretrained.config_of(args.weights)
+  sets = _write(out, args.num, args.every)
+  results = {}
+  for name, folder in sets.items():
+    predict.predict(config, None, folder / 'images', folder / 'masks', args.weights)
+    cases = []
+    for label_path in sorted((folder / 'labels').iterdir()):
+      labels, spacing = volumes.load_labels(volumes.Case(label_path.name, None, label_path),
+                                            ((2, 2), (4, 4)))
+      mask, _ = volumes.load_labels(volumes.Case(label_path.name, None, folder / 'masks' / label_path.name),
+                                    ((1, 1), (2, 2)))
+      cases.append({plate: metrics.segmentation_metrics(mask == k, labels == value, spacing)['dice']
+                    for plate, k, value in (('fc', 1, 2), ('tc', 2, 4))})
+    results[name] = cases
+  print(f'Model {args.weights}, {args.num} knees per set, 3D Dice %, mean ± std over knees:\n')
+  print('| test set | FC | TC | mean |')
+  print('|---|---|---|---|')
+  for name, cases in results.items():
+    fc, tc = (np.array([c[p] for c in cases]) for p in ('fc', 'tc'))
+    print(f'| {name} | {fc.mean():.1f} ± {fc.std():.1f} | {tc.mean():.1f} ± {tc.std():.1f} | '
+          f'{(fc.mean() + tc.mean()) / 2:.1f} |')
+  print(json.dumps({'weights': args.weights, 'out': str(out), 'every': args.every, 'dice': results}))
+
+
+if __name__ == '__main__':
+  main()

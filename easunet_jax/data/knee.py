@@ -1,0 +1,251 @@
+"""Real-anatomy phantom: knees built from one real knee label map, the reference knee in `reference/`
+(femur, femoral cartilage, tibia and tibial cartilage of a right knee, 3D DESS geometry; from pymskt, MIT:
+see reference/NOTICE.md).
+
+Each subject is the reference with its cartilage thickened or thinned (a factor per plate), warped by a
+random affine (size, rotations) and a smooth elastic field, its joint space widened or narrowed, mirrored
+into a left knee half of the time, then resampled into the requested grid. The soft tissue is placed around
+those bones and plates from distances to them: cortical plates, a patella with its cartilage, tendons,
+menisci, joint fluid and effusion, Hoffa's and popliteal fat, muscle, subcutaneous fat, air. The result is a
+tissue-code volume (`phantom`'s codes), rendered DESS-like or TSE-like by `phantom.render`.
+
+Voxel order and affine as the schematic phantom: axis 0 left-right, RAS, the volume centre at the origin.
+"""
+
+import functools
+import pathlib
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+from absl import flags
+from scipy import ndimage
+
+from easunet_jax.data import phantom
+
+REFERENCE = pathlib.Path(__file__).resolve().parent / 'reference' / 'knee_labels_oaizib.nii.gz'
+CONTRASTS = ('dess', 'tse')
+_MARGIN_MM = 6.0  # cartilage may grow this far from where it is in the reference
+_CHUNK = 16  # sagittal slices resampled at once: bounds the memory of the coordinate arrays
+
+
+@functools.cache
+def reference() -> tuple[np.ndarray, np.ndarray]:
+  """(OAI-ZIB labels in RAS voxel order, spacing in mm) of the reference knee."""
+  nii = nib.as_closest_canonical(nib.load(REFERENCE))
+  return np.asarray(nii.dataobj).astype(np.uint8), np.array(nii.header.get_zooms()[:3], np.float64)
+
+
+@functools.cache
+def _thickness_fields() -> tuple[tuple[slice, ...], dict[int, tuple[np.ndarray, np.ndarray]]]:
+  """Per cartilage label, inside a box around the cartilage: each voxel's distance (mm) to the plate's bone
+  and the reference thickness at that nearest bone voxel (the farthest cartilage voxel that maps to it)."""
+  labels, spacing = reference()
+  cartilage = np.argwhere((labels == 2) | (labels == 4))
+  margin = np.ceil(_MARGIN_MM / spacing).astype(int)
+  lo = np.maximum(cartilage.min(0) - margin, 0)
+  hi = np.minimum(cartilage.max(0) + margin + 1, labels.shape)
+  box = tuple(slice(a, b) for a, b in zip(lo, hi))
+  crop = labels[box]
+  fields = {}
+  for bone, plate in ((1, 2), (3, 4)):
+    distance, nearest = ndimage.distance_transform_edt(crop != bone, spacing, return_indices=True)
+    nearest = np.ravel_multi_index(tuple(nearest), crop.shape)
+    thickness = np.zeros(crop.size, np.float32)
+    on_plate = (crop == plate).ravel()
+    np.maximum.at(thickness, nearest.ravel()[on_plate], distance.ravel()[on_plate].astype(np.float32))
+    fields[plate] = (distance.astype(np.float32), thickness[nearest])
+  return box, fields
+
+
+def scaled_cartilage(fc_scale: float, tc_scale: float) -> np.ndarray:
+  """The reference labels with each plate's thickness times its factor (grown or shrunk along the distance
+  from its bone, where the reference has cartilage); bone keeps its voxels and femoral cartilage wins where
+  the two plates would meet."""
+  labels, _ = reference()
+  box, fields = _thickness_fields()
+  out = labels.copy()
+  crop = out[box]
+  bone = (crop == 1) | (crop == 3)
+  crop[~bone] = 0
+  for plate, scale in ((2, fc_scale), (4, tc_scale)):
+    distance, thickness = fields[plate]
+    crop[~bone & (crop == 0) & (thickness > 0) & (distance <= scale * thickness)] = plate
+  return out
+
+
+def _draw(rng: np.random.Generator) -> dict:
+  """One subject's variation (mm, radians, factors); ranges in docs/design.md."""
+  u = rng.uniform
+  return dict(
+      left=bool(rng.random() < 0.5), scale=u(0.88, 1.12) * u(0.95, 1.05, 3),  # bone size, per axis
+      angles=np.deg2rad([u(-10, 10), u(-4, 4), u(-6, 6)]),  # flexion, varus-valgus, rotation
+      shift=u(-4, 4, 3), elastic=rng.normal(0, 1.5, (3, 5, 5, 5)),  # mm
+      fc_scale=u(0.75, 1.25), tc_scale=u(0.75, 1.25), joint=u(-0.3, 1.2),
+      skin=u(12, 22), posterior=u(20, 45), fat=u(3, 10), effusion=u(0, 2.5), meniscus=u(4.5, 7.5),
+      patella=np.array([u(19, 24), u(9, 11), u(17, 21)]), patella_cartilage=u(2.5, 3.5),
+      patella_lift=u(0, 8))
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+  (ca, cb, cc), (sa, sb, sc) = np.cos(angles), np.sin(angles)
+  rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
+  ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+  rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
+  return rx @ ry @ rz
+
+
+def _warp(labels: np.ndarray, ref_spacing: np.ndarray, shape: Sequence[int], spacing: Sequence[float],
+          k: dict) -> np.ndarray:
+  """The reference labels resampled (nearest) into the output grid through the subject's inverse map:
+  output mm -> mirror -> inverse affine about the joint centre -> elastic field -> joint-space shift."""
+  cartilage = np.argwhere((labels == 2) | (labels == 4)) * ref_spacing
+  fc_low = np.argwhere(labels == 2)[:, 2].min() * ref_spacing[2]
+  tc_top = np.argwhere(labels == 4)[:, 2].max() * ref_spacing[2]
+  centre = np.array([*cartilage[:, :2].mean(0), (fc_low + tc_top) / 2])
+  inverse = np.linalg.inv(_rotation(k['angles']) * k['scale'])
+  axes = [((np.arange(n) - (n - 1) / 2) * d) for n, d in zip(shape, spacing)]
+  # Elastic field: 5 Gaussian bumps per axis over the field of view, separable, in mm.
+  bases = [np.exp(-0.5 * ((a[:, None] - np.linspace(a[0], a[-1], 5)[None]) / (max(a[-1] - a[0], 1) / 4)) ** 2)
+           for a in axes]
+  out = np.empty(tuple(shape), np.uint8)
+  for start in range(0, shape[0], _CHUNK):
+    x = axes[0][start:start + _CHUNK]
+    q = np.stack(np.meshgrid(-x if k['left'] else x, axes[1], axes[2], indexing='ij'))
+    q -= k['shift'][:, None, None, None]
+    p = np.einsum('ij,jxyz->ixyz', inverse, q)
+    p += np.einsum('cijk,xi,yj,zk->cxyz', k['elastic'], bases[0][start:start + _CHUNK], bases[1], bases[2],
+                   optimize=True)
+    # Below the joint line the tibia is sampled from higher up: it moves down, the joint space widens.
+    p[2] += k['joint'] / (1 + np.exp(np.clip(p[2] / 1.0, -50, 50)))
+    p += centre[:, None, None, None]
+    out[start:start + _CHUNK] = ndimage.map_coordinates(labels, p / ref_spacing[:, None, None, None], order=0,
+                                                        mode='nearest')
+  return out
+
+
+def _edt(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+  """Distance (mm) of every voxel to the nearest voxel of `mask` (inf when it is empty)."""
+  if not mask.any():
+    return np.full(mask.shape, np.inf, np.float32)
+  return ndimage.distance_transform_edt(~mask, spacing).astype(np.float32)
+
+
+def _tissues(labels: np.ndarray, spacing: Sequence[float], k: dict) -> np.ndarray:
+  """Tissue codes around a subject's bones and cartilage (labels 1-4 in its own grid)."""
+  P = phantom
+  x, y, z = np.meshgrid(*(((np.arange(n) - (n - 1) / 2) * d).astype(np.float32)
+                          for n, d in zip(labels.shape, spacing)), indexing='ij', sparse=True)
+  femur, fc, tibia, tc = (labels == v for v in (1, 2, 3, 4))
+  tissue = np.zeros(labels.shape, np.uint8)
+  d_femoral, d_tibial = _edt(femur | fc, spacing), _edt(tibia | tc, spacing)
+  if not fc.any():
+    return np.select([femur, tibia, tc], [P.FEMUR, P.TIBIA, P.TC], P.AIR).astype(np.uint8)
+  fc_z, tc_z = z[0, 0, fc.any((0, 1))], z[0, 0, tc.any((0, 1))]
+  joint = np.array([x[fc.any((1, 2))].mean(), y[0, fc.any((0, 2)), 0].mean(),
+                    (fc_z.min() + tc_z.max()) / 2 if tc_z.size else fc_z.min()])
+  # Patella: an ellipsoid over the trochlea (the most anterior femoral cartilage), cut to the femur's shape:
+  # a millimetre of fluid, then its cartilage, then bone.
+  trochlea = fc & (y >= np.percentile(y[0, :, 0][fc.any((0, 2))], 90))
+  tx = x[trochlea.any((1, 2))].mean()
+  cz = z[0, 0, trochlea.any((0, 1))].mean() + k['patella_lift']
+  a, b, c = k['patella']
+  t = k['patella_cartilage']
+  femoral = (femur | fc) & (np.abs(x - tx) < a / 2) & (np.abs(z - cz) < c / 2)
+  fronts = np.where(femoral, y, -np.inf).max(axis=(1, 2))
+  front = np.median(fronts[np.isfinite(fronts)]) if femoral.any() else y.max() / 2
+  centre = np.array([tx, front + 0.5 * b, cz])
+  inside = ((x - centre[0]) / a) ** 2 + ((y - centre[1]) / b) ** 2 + ((z - centre[2]) / c) ** 2 < 1
+  free = ~(femur | fc | tibia | tc)
+  patella = inside & free & (d_femoral > 1.0 + t)
+  patella_cartilage = inside & free & (d_femoral > 1.0) & ~patella & (y < centre[1])
+  knee = ~free | patella | patella_cartilage
+  d_knee = _edt(knee, spacing)
+  # Soft tissue: thicker behind the knee (muscles of the calf and thigh) than in front.
+  skin = k['skin'] + k['posterior'] * np.clip((joint[1] - y) / 50, 0, 1)
+  body = d_knee < skin
+  tissue[body] = P.MUSCLE
+  tissue[body & (d_knee > skin - k['fat'])] = P.FAT
+  near_joint = (d_femoral < 22) & (d_tibial < 22) & free
+  hoffa = near_joint & (y > joint[1] + 12) & (z < centre[2] - c)
+  popliteal = near_joint & (y < joint[1] - 18) & (d_knee > 4)
+  tissue[body & (hoffa | popliteal)] = P.FAT
+  # Tendons: quadriceps above the patella, patellar tendon from its lower pole to the tibial tuberosity.
+  lr = np.abs(x - centre[0]) < 0.7 * a
+  lower = centre[1] + 0.3 * b, centre[2] - c
+  tuberosity_z = lower[1] - 45
+  tibia_front = np.where(tibia, y, -np.inf).max(axis=(0, 2))
+  tibia_front = tibia_front[np.isfinite(tibia_front)].max() if np.isfinite(tibia_front).any() else lower[0]
+  s = np.clip((z - lower[1]) / (tuberosity_z - lower[1]), 0, 1)
+  tendon_y = lower[0] + s * (tibia_front + 2 - lower[0])
+  patellar_tendon = lr & (np.abs(y - tendon_y) < 2.5) & (z < lower[1]) & (z > tuberosity_z)
+  quadriceps = lr & (np.abs(y - (centre[1] - 0.1 * b - (z - centre[2] - c) * 0.15)) < 3.0) & (
+      z > centre[2] + 0.6 * c) & (z < centre[2] + c + 45)
+  tissue[(patellar_tendon | quadriceps) & free & ~patella & ~patella_cartilage] = P.TENDON
+  # Joint: menisci where the femoral and tibial surfaces are a few millimetres apart, fluid where they
+  # nearly touch, a thin film over all cartilage, effusion over the trochlea and in the suprapatellar pouch.
+  gap = d_femoral + d_tibial
+  # The narrowest joint space of each sagittal slice is where the condyle meets the plateau: fluid there,
+  # menisci where the surfaces draw apart at the edges.
+  in_joint = free & (np.abs(z - joint[2]) < 10)
+  contact = np.where(in_joint, gap, np.inf).min(axis=(1, 2), keepdims=True)
+  contact = np.where(np.isfinite(contact), contact, 0)
+  meniscus = in_joint & (d_tibial < k['meniscus']) & (gap > contact + 1.2) & (gap < contact + k['meniscus'])
+  d_cartilage = _edt(fc | tc | patella_cartilage, spacing)
+  effusion = (d_femoral < k['effusion']) & (y > joint[1])
+  fluid = free & ((in_joint & (gap <= contact + 1.2)) | (d_cartilage < 0.5) | effusion)
+  tissue[fluid] = P.FLUID
+  tissue[meniscus] = P.MENISCUS
+  tissue[patella] = P.PATELLA
+  tissue[patella & (_edt(~patella, spacing) < phantom.PLATE_MM)] = P.PATELLA_PLATE
+  tissue[patella_cartilage] = P.PATELLA_CARTILAGE
+  # Bone: marrow inside a dark cortical plate; cartilage last.
+  for bone, marrow, plate in ((femur, P.FEMUR, P.FEMUR_PLATE), (tibia, P.TIBIA, P.TIBIA_PLATE)):
+    tissue[bone] = marrow
+    tissue[bone & (_edt(~bone, spacing) < phantom.PLATE_MM)] = plate
+  tissue[fc] = P.FC
+  tissue[tc] = P.TC
+  return tissue
+
+
+def tse_intensities(rng: np.random.Generator) -> np.ndarray:
+  """A proton-density TSE-like intensity for every tissue code: bright fat and fatty marrow, grey
+  cartilage, fluid brighter than cartilage, dark muscle; black plates, menisci and tendons."""
+  u = rng.uniform
+  marrow, cartilage = u(0.7, 0.85), u(0.4, 0.5)
+  table = [0.0, u(0.85, 1.0), u(0.2, 0.3), marrow, marrow, 0.06, 0.06, cartilage, cartilage, u(0.6, 0.75),
+           0.05, marrow, 0.06, cartilage, 0.05]
+  return np.array(table) * u(200, 800)
+
+
+def make_tissues(seed: int, shape: Sequence[int] = phantom.DEFAULT_SHAPE,
+                 spacing: Sequence[float] = phantom.DEFAULT_SPACING, contrast: str = 'dess'
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One real-anatomy subject: image (float32, `contrast` 'dess' or 'tse'), tissue codes (uint8) and the
+  4x4 RAS affine."""
+  if contrast not in CONTRASTS:
+    raise ValueError(f'contrast: expected one of {CONTRASTS}, got {contrast!r}')
+  rng = np.random.default_rng(seed)
+  k = _draw(rng)
+  _, ref_spacing = reference()
+  labels = _warp(scaled_cartilage(k['fc_scale'], k['tc_scale']), ref_spacing, shape, spacing, k)
+  tissue = _tissues(labels, spacing, k)
+  return render(tissue, spacing, rng, contrast), tissue, phantom.affine_for(shape, spacing)
+
+
+def render(tissue: np.ndarray, spacing: Sequence[float], rng: np.random.Generator, contrast: str
+           ) -> np.ndarray:
+  """A `contrast` ('dess' or 'tse') image of a tissue-code volume, with random intensities, blur, bias
+  field and noise (`phantom.render`)."""
+  intensity = phantom.dess_intensities(rng) if contrast == 'dess' else tse_intensities(rng)
+  return phantom.render(tissue, intensity, spacing, rng, blur=rng.uniform(0.5, 0.8),
+                        bias=rng.uniform(-0.2, 0.2, 5), noise=rng.uniform(0.03, 0.05))
+
+
+if __name__ == '__main__':
+  # python -m easunet_jax.data.knee --out DIR [--contrast dess|tse] and the flags of the schematic phantom's
+  # command line.
+  from absl import flags
+
+  _contrast = flags.DEFINE_enum('contrast', 'dess', list(CONTRASTS), 'the rendering')
+  phantom.cli(lambda: functools.partial(make_tissues, contrast=_contrast.value))

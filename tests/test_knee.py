@@ -1,0 +1,89 @@
+"""The real-anatomy phantom: the reference knee's labels, cartilage thickness scaling, mirroring, the
+tissues placed around the bones, and the two renderings."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from easunet_jax import measures
+from easunet_jax.data import knee, phantom
+
+SHAPE, SPACING = (24, 96, 96), (4.0, 1.4, 1.4)
+
+
+@pytest.fixture(scope='module')
+def subject():
+  return knee.make_tissues(3, SHAPE, SPACING)
+
+
+def test_reference_is_the_shipped_real_knee():
+  labels, spacing = knee.reference()
+  assert labels.shape == (160, 384, 384)
+  np.testing.assert_allclose(spacing, (0.7, 0.3646, 0.3646), atol=1e-4)
+  assert np.bincount(labels.ravel(), minlength=5)[[2, 4]].tolist() == [127311, 40467]
+  assert (knee.REFERENCE.parent / 'NOTICE.md').read_text().count('MIT') >= 1
+
+
+def test_tissues_labels_and_affine(subject):
+  image, tissue, affine = subject
+  assert image.shape == tissue.shape == SHAPE and image.dtype == np.float32 and tissue.dtype == np.uint8
+  assert nib.aff2axcodes(affine) == ('R', 'A', 'S')
+  present = set(np.unique(tissue))
+  for code in (phantom.AIR, phantom.FAT, phantom.MUSCLE, phantom.FEMUR, phantom.TIBIA, phantom.FC, phantom.TC,
+               phantom.FLUID, phantom.MENISCUS, phantom.PATELLA, phantom.PATELLA_CARTILAGE, phantom.TENDON):
+    assert code in present, code
+  labels = phantom.LABEL_OF_TISSUE[tissue]
+  assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+  z = np.arange(SHAPE[2])
+
+  def centre_of(k):
+    return (z * (labels == k).sum((0, 1))).sum() / (labels == k).sum()
+
+  assert centre_of(1) > centre_of(2) > centre_of(4) > centre_of(3)  # femur, FC, TC, tibia from the top
+  # The patella lies in front of (anterior to) the femoral cartilage.
+  y = np.arange(SHAPE[1])
+  assert (y * (tissue == phantom.PATELLA).sum((0, 2))).sum() / (tissue == phantom.PATELLA).sum() > (
+      y * (labels == 2).sum((0, 2))).sum() / (labels == 2).sum()
+
+
+def test_deterministic_and_varied(subject):
+  np.testing.assert_array_equal(knee.make_tissues(3, SHAPE, SPACING)[1], subject[1])
+  assert np.mean(knee.make_tissues(4, SHAPE, SPACING)[1] != subject[1]) > 0.01
+
+
+def test_thickness_scaling():
+  labels, spacing = knee.reference()
+  thin, thick = knee.scaled_cartilage(0.8, 0.8), knee.scaled_cartilage(1.2, 1.2)
+  for bone in (1, 3):
+    np.testing.assert_array_equal(thin == bone, labels == bone)  # bone untouched
+  for plate in (2, 4):
+    t_thin, t_ref, t_thick = (measures.mean_thickness_mm(m[::8] == plate, spacing)
+                              for m in (thin, labels, thick))
+    assert t_thin < 0.9 * t_ref and t_thick >= 0.95 * t_ref, (plate, t_thin, t_ref, t_thick)
+    v_thin, v_ref, v_thick = (np.count_nonzero(m == plate) for m in (thin, labels, thick))
+    assert v_thin < 0.8 * v_ref < v_thick, (plate, v_thin, v_ref, v_thick)
+
+
+def test_left_knee_is_the_mirror_of_the_right():
+  labels, spacing = knee.reference()
+  k = dict(left=False, scale=np.ones(3), angles=np.zeros(3), shift=np.zeros(3),
+           elastic=np.zeros((3, 5, 5, 5)), joint=0.0)
+  right = knee._warp(labels, spacing, SHAPE, SPACING, k)
+  left = knee._warp(labels, spacing, SHAPE, SPACING, {**k, 'left': True})
+  assert (right == 2).any()
+  np.testing.assert_array_equal(left, right[::-1])
+
+
+def test_dess_and_tse_contrasts_of_one_knee():
+  dess_image, tissue, _ = knee.make_tissues(5, SHAPE, SPACING, contrast='dess')
+  tse_image, tse_tissue, _ = knee.make_tissues(5, SHAPE, SPACING, contrast='tse')
+  np.testing.assert_array_equal(tse_tissue, tissue)  # the same knee
+
+  def mean(image, code):
+    return image[tissue == code].mean()
+
+  assert mean(dess_image, phantom.FC) > mean(dess_image, phantom.FEMUR) > mean(dess_image, phantom.MUSCLE)
+  assert mean(tse_image, phantom.FEMUR) > mean(tse_image, phantom.FC)  # fatty marrow bright in TSE
+  assert mean(tse_image, phantom.FAT) > mean(tse_image, phantom.FC)
+  with pytest.raises(ValueError, match='contrast'):
+    knee.make_tissues(5, SHAPE, SPACING, contrast='t1')

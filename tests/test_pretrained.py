@@ -1,0 +1,61 @@
+"""One-file models: export a checkpoint, load it back for the same forward pass, refuse foreign files, and
+the shipped model's file and metadata."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from easunet_jax import checkpoints, parallel, pretrained, steps
+from easunet_jax.errors import CheckpointError
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """A tiny model's workdir: one checkpoint of a freshly initialised state and a training store index."""
+  workdir = tmp_path_factory.mktemp('export')
+  config = tiny.get_config()
+  tx = steps.make_optimizer(config.optim, 1)
+  state = steps.init_state(config, tx)
+  mngr = checkpoints.manager(workdir, keep=1, for_training=True)
+  checkpoints.save(mngr, 3, state, {}, config, {checkpoints.BEST_METRIC: 0.5})
+  mngr.close()
+  (workdir / 'slices' / 'train').mkdir(parents=True)
+  (workdir / 'slices' / 'train' / 'index.json').write_text(json.dumps([{'spacing': [0.5, 0.6]}] * 3))
+  return workdir
+
+
+def test_export_then_load_gives_the_same_forward_pass(workdir, tmp_path):
+  config = tiny.get_config()
+  meta = pretrained.export(config, workdir, tmp_path / 'model.npz', {'trained_on': 'nothing'})
+  assert meta['step'] == 3 and meta['pixel_mm'] == [0.5, 0.6] and meta['trained_on'] == 'nothing'
+  loaded = pretrained.config_of(tmp_path / 'model.npz')
+  assert tuple(loaded.predict.spacing) == (0.5, 0.6)
+  assert tuple(loaded.model.features) == tuple(config.model.features)
+  mesh = parallel.make_mesh()
+  step, graphdef, state = pretrained.load(loaded, tmp_path / 'model.npz', mesh)
+  _, _, reference = steps.restore_for_inference(config, workdir, mesh)
+  image = np.random.default_rng(0).random((4, 32, 32, 1), np.float32)
+  got = jax.jit(steps.forward, static_argnames='graphdef')(state, image, graphdef=graphdef)
+  want = jax.jit(steps.forward, static_argnames='graphdef')(reference, image, graphdef=graphdef)
+  assert step == 3
+  # Weights stored in float16: logits agree to its rounding.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2, atol=2e-2)
+  assert np.abs(np.asarray(got) - np.asarray(want)).max() > 0  # float16 really was stored
+
+
+def test_foreign_and_missing_files_are_one_line_errors(workdir, tmp_path):
+  config = tiny.get_config()
+  with pytest.raises(CheckpointError, match='no such model file'):
+    pretrained.read_meta(tmp_path / 'absent.npz')
+  (tmp_path / 'foreign.npz').write_bytes(b'not a zip')
+  with pytest.raises(CheckpointError, match='not a model file'):
+    pretrained.read_meta(tmp_path / 'foreign.npz')
+  pretrained.export(config, workdir, tmp_path / 'model.npz')
+  other = tiny.get_config()
+  other.model.features = (8, 16, 32, 64, 128)
+  with pytest.raises(CheckpointError, match='trained with model'):
+    pretrained.load(other, tmp_path / 'model.npz', parallel.make_mesh())
+

@@ -1,0 +1,114 @@
+"""Contrast synthesis: images drawn from tissue maps differ in contrast between draws and keep the labels;
+tissue maps derived from label maps; training from label maps alone in the OAI-ZIB and nnU-Net layouts."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from easunet_jax import steps, train
+from easunet_jax.data import augment, phantom, pipeline, preprocess, synth, volumes
+from easunet_jax.errors import DataError
+
+
+@pytest.fixture(scope='module')
+def knee():
+  """A schematic phantom's tissue codes and labels (16 slices of 64 x 64)."""
+  _, tissue, _ = phantom.make_tissues(2, (16, 64, 64), (7.0, 1.0, 1.0))
+  return tissue, phantom.LABEL_OF_TISSUE[tissue]
+
+
+@functools.cache
+def _batch_fn(augment_batch: bool):
+  return jax.jit(functools.partial(steps.training_batch, augment_batch=augment_batch, synthesise=True))
+
+
+def _tissue_means(image, tissue):
+  return np.array([image[tissue == code].mean() for code in (phantom.FAT, phantom.MUSCLE, phantom.FEMUR,
+                                                              phantom.FC, phantom.FLUID)])
+
+
+def test_draws_differ_in_contrast_and_keep_the_labels(knee):
+  tissue, labels = knee
+  batch = {'image': np.zeros((*tissue.shape, 1), np.float16), 'label': labels, 'tissue': tissue}
+  draws = [jax.device_get(_batch_fn(False)(batch, augment.step_key(0, step))) for step in range(3)]
+  for draw in draws:
+    np.testing.assert_array_equal(draw['label'], labels)  # labels exactly as given
+    assert draw['image'].shape == (*tissue.shape, 1) and draw['image'].dtype == np.float32
+    assert draw['image'].min() >= 0 and draw['image'].max() <= 1
+  slice_ = 8
+  means = [_tissue_means(d['image'][slice_, ..., 0], tissue[slice_]) for d in draws]
+  # Each draw orders the tissues' brightness its own way: the contrast differs, not just the scale.
+  orders = {tuple(np.argsort(m)) for m in means}
+  assert len(orders) > 1, means
+  assert np.abs(means[0] - means[1]).max() > 0.1
+  # The same key draws the same image.
+  again = jax.device_get(_batch_fn(False)(batch, augment.step_key(0, 0)))
+  np.testing.assert_array_equal(again['image'], draws[0]['image'])
+
+
+def test_augmentation_moves_tissue_and_labels_together(knee):
+  tissue, labels = knee
+  batch = {'label': labels.astype(np.int32), 'tissue': tissue.astype(np.int32)}
+  params = augment.sample_parameters(jax.random.key(5), len(labels))
+  out = jax.device_get(jax.jit(augment.apply)(params, batch))
+  assert not np.array_equal(out['label'], labels)  # moved
+  # One nearest-neighbour resample for both: the moved tissue map still gives the moved labels.
+  np.testing.assert_array_equal(phantom.LABEL_OF_TISSUE[out['tissue']], out['label'])
+  # And the training batch's labels are those moved labels.
+  full = {'image': np.zeros((*tissue.shape, 1), np.float16), 'label': labels, 'tissue': tissue}
+  drawn = jax.device_get(_batch_fn(True)(full, augment.step_key(0, 5)))
+  moved = jax.device_get(jax.jit(augment.apply)(
+      augment.sample_parameters(augment.step_key(0, 5), len(labels)), batch))
+  np.testing.assert_array_equal(drawn['label'], moved['label'])
+
+
+def test_tissues_from_labels_codes_rims_and_bands():
+  labels = np.zeros((4, 40, 40), np.uint8)
+  labels[:, 10:20, 10:30] = 1  # femur
+  labels[:, 20:22, 10:30] = 2  # femoral cartilage
+  labels[:, 30:32, 15:25] = 7  # another structure, e.g. a meniscus label
+  tissue = synth.tissues_from_labels(labels, (3.0, 1.0, 1.0))
+  assert tissue.dtype == np.uint8 and tissue.max() < synth.NUM_TISSUES
+  assert (tissue[labels == 2] == phantom.FC).all()
+  assert (tissue[:, 11:19, 11:29] == phantom.FEMUR).all()  # marrow inside
+  assert (tissue[:, 10, 10:30] == phantom.FEMUR_PLATE).all()  # the rim: one voxel at 1 mm
+  other = tissue[labels == 7]
+  assert len(set(other)) == 1 and other[0] not in tissue[labels != 7]
+  # Background bands: farther from the labelled structures, a higher code.
+  row = tissue[0, 5, 0:10][::-1]  # from next to the femur outwards
+  assert (np.diff(row.astype(int)) >= 0).all() and row[-1] > row[0]
+
+
+@pytest.mark.parametrize('layout', ['oai-zib', 'nnunet'])
+def test_training_from_label_maps_alone(layout, tmp_path):
+  source = tmp_path / 'phantom'
+  phantom.write_dataset(source, 4, (8, 32, 32), (3.5, 2.0, 2.0), seed=0)
+  root = tmp_path / layout
+  label_dir = root / ('labels' if layout == 'oai-zib' else 'labelsTr')
+  label_dir.mkdir(parents=True)
+  for path in sorted((source / 'labels').iterdir()):
+    (label_dir / path.name).write_bytes(path.read_bytes())  # label maps only: no images, no tissue maps
+  cases = volumes.discover_cases(root)
+  assert [c.image for c in cases] == [None] * 4
+  config = tiny.get_config()
+  config.data.root = str(root)
+  config.data.synth = True
+  if layout == 'oai-zib':
+    store = preprocess.prepare_data(config, tmp_path / 'run')
+    for split in preprocess.SPLITS:
+      images = np.load(store / split / 'images.npy')
+      tissues = np.load(store / split / 'tissues.npy')
+      assert images.shape == tissues.shape and images.std() > 0  # synthesised validation and test images
+    row = pipeline.SliceSource(store / 'train')[0]
+    assert set(row) == {'image', 'label', 'tissue'}
+  else:
+    config.train.num_steps = 2
+    state = train.train_and_evaluate(config, tmp_path / 'run')
+    assert int(state.step) == 2
+  without = tiny.get_config()
+  without.data.root = str(root)
+  with pytest.raises(DataError, match='no usable case'):
+    preprocess.prepare_data(without, tmp_path / 'refused')
