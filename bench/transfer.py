@@ -5,7 +5,8 @@ python bench/transfer.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3] 
 Test knees: real-anatomy phantoms (`data.knee`) of dataset seed 1000 (training used seed 0: other
 deformations, sizes, thickness factors and sides), at OAI-ZIB geometry (160 x 384 x 384, 0.7 x 0.3646 x
 0.3646 mm), each rendered DESS-like and TSE-like by the phantom's numpy renderer (`knee.render`), a code
-path apart from the training's on-device synthesis (`data.synth`); and, for comparison, schematic phantoms
+path apart from the training's on-device synthesis (`data.synth`), and DESS-like from its bone and
+cartilage labels alone (everything else one soft tissue); and, for comparison, schematic phantoms
 (`data.phantom`, DESS-like) of the same seed. Each set is segmented by `predict.predict` from its NIfTI
 files, as `--mode=predict` does, and scored against its labels with `metrics.segmentation_metrics`. Prints
 a Markdown table (mean ± std over knees) and one JSON line.
@@ -32,17 +33,27 @@ def _write(out: pathlib.Path, num: int, every: int) -> dict[str, pathlib.Path]:
   """The test sets under `out`: {set name: folder with images/ and labels/}."""
   shape = (phantom.DEFAULT_SHAPE[0] // every, *phantom.DEFAULT_SHAPE[1:])
   spacing = (phantom.DEFAULT_SPACING[0] * every, *phantom.DEFAULT_SPACING[1:])
-  sets = {name: out / name for name in ('real anatomy, DESS-like', 'real anatomy, TSE-like',
-                                        'schematic phantom, DESS-like')}
+  names = ('real anatomy, DESS-like', 'real anatomy, TSE-like', 'real anatomy, labels only, DESS-like',
+           'schematic phantom, DESS-like')
+  sets = {name: out / name for name in names}
   for i in range(num):
     case = f'knee_{i:03d}'
+    if all((folder / 'images' / f'{case}.nii.gz').exists() for folder in sets.values()):
+      continue  # written by an earlier run into the same --out (images are written last)
     seed = phantom.subject_seed(SEED, i)
     dess, tissue, affine = knee.make_tissues(seed, shape, spacing, contrast='dess')
     tse = knee.render(tissue, spacing, np.random.default_rng([seed, 1]), 'tse')
+    # Only what a label map of bone and cartilage holds, the rest one soft tissue: as a renderer of OAI-ZIB
+    # label maps without a tissue model would draw them.
+    bare = np.select([tissue == code for code in (phantom.FC, phantom.TC)] + [
+        phantom.LABEL_OF_TISSUE[tissue] == label for label in (1, 3)],
+        [phantom.FC, phantom.TC, phantom.FEMUR, phantom.TIBIA], phantom.MUSCLE).astype(np.uint8)
+    labels_only = knee.render(bare, spacing, np.random.default_rng([seed, 2]), 'dess')
     schematic, schematic_tissue, _ = phantom.make_tissues(seed, shape, spacing)
-    for name, image, codes in zip(sets, (dess, tse, schematic), (tissue, tissue, schematic_tissue)):
-      volumes.save_volume(sets[name] / 'images' / f'{case}.nii.gz', image, affine)
+    for name, image, codes in zip(sets, (dess, tse, labels_only, schematic),
+                                  (tissue, tissue, tissue, schematic_tissue)):
       volumes.save_volume(sets[name] / 'labels' / f'{case}.nii.gz', phantom.LABEL_OF_TISSUE[codes], affine)
+      volumes.save_volume(sets[name] / 'images' / f'{case}.nii.gz', image, affine)
   return sets
 
 
@@ -50,7 +61,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--weights', default=str(pretrained.SHIPPED), help='a model file (--mode=export)')
   parser.add_argument('--num', type=int, default=3, help='test knees per set')
-  parser.add_argument('--out', default='', help='where the test sets and masks go (default: a temp dir)')
+  parser.add_argument('--out', default='', help='where the test sets and masks go (default: a temp dir); '
+                      'test knees already there are reused')
   parser.add_argument('--every', type=int, default=1, help='every N-th sagittal slice only (N x faster)')
   args = parser.parse_args()
   out = pathlib.Path(args.out or tempfile.mkdtemp(prefix='transfer_'))

@@ -8,13 +8,14 @@ import subprocess
 import sys
 
 import jax
+import nibabel as nib
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
 from easunet_jax import checkpoints
-from easunet_jax.data import pipeline, preprocess
+from easunet_jax.data import knee, pipeline, preprocess, volumes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Each run of a `--hook` kills itself with SIGKILL at one exact moment: a real kill -9, placed where a test
@@ -211,3 +212,21 @@ def test_verbose_shows_the_traceback_of_a_bad_config(env, phantom, tmp_path):
   result = _run(env, tmp_path / 'run', phantom, '--config.train.nan_policy=ignore', '--verbose')
   assert result.returncode != 0 and 'Traceback' in result.stderr and 'train.nan_policy' in result.stderr
 
+
+
+def test_predict_without_config_uses_the_shipped_model(env, tmp_path):
+  """The user's first command: no training, no config. Other modes without --config are one-line errors."""
+  image, _tissue, affine = knee.make_tissues(11, (8, 96, 96), (8.0, 1.4, 1.4))
+  volumes.save_volume(tmp_path / 'scan.nii.gz', image, affine)
+  # From another directory, as a user would: the shipped model is found inside the package.
+  result = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
+                           '--output=mask.nii.gz'], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  mask = nib.load(tmp_path / 'mask.nii.gz')
+  assert mask.shape == image.shape and np.allclose(mask.affine, affine)
+  assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+  assert 'scan.nii.gz: FC' in result.stdout
+  refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=train'], env=env,
+                           capture_output=True, text=True, check=False)
+  assert refused.returncode == 2 and refused.stderr.startswith('error: --config is needed')

@@ -59,3 +59,12 @@ def test_foreign_and_missing_files_are_one_line_errors(workdir, tmp_path):
   with pytest.raises(CheckpointError, match='trained with model'):
     pretrained.load(other, tmp_path / 'model.npz', parallel.make_mesh())
 
+
+
+def test_the_shipped_model():
+  meta = pretrained.read_meta(pretrained.SHIPPED)
+  assert meta['config']['model']['name'] == 'eas_unet'
+  assert tuple(meta['config']['model']['features']) == (32, 64, 128, 256, 512)  # the full network
+  assert meta['config']['data']['synth'] and meta['config']['data']['phantom_anatomy'] == 'reference'
+  assert all(0.3 < p < 1.0 for p in meta['pixel_mm'])
+  assert pretrained.SHIPPED.stat().st_size < 12 * 2 ** 20  # a few MB, one file
