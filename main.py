@@ -27,9 +27,14 @@ flags.DEFINE_enum('mode', 'train', ['train', 'preprocess', 'evaluate', 'predict'
                   'predict: segment --input into --output with that checkpoint (or --weights, or with '
                   'no --config the shipped model); '
                   'export: write that checkpoint to --output as one model file (.npz) for --weights.')
-flags.DEFINE_string('input', None, 'predict: a NIfTI file or a directory of them (*.nii.gz, *.nii).')
+flags.DEFINE_string('input', None, 'predict: a NIfTI file, a folder of DICOM files (one series), or a '
+                    'directory of NIfTI files or of DICOM folders.')
 flags.DEFINE_string('output', None, 'predict: the mask file (one input) or a directory (created); '
                     'export: the model file.')
+flags.DEFINE_string('series', None, 'predict: the SeriesInstanceUID of the DICOM series to read when a '
+                    'folder holds several (default: the one with most files).')
+flags.DEFINE_enum('laterality', None, ['left', 'right'], 'predict: the knee scanned, overriding the DICOM '
+                  'Laterality tag and the scan position.')
 flags.DEFINE_string('weights', None, 'predict without --config: a model file of --mode=export; default the '
                     'shipped model (easunet_jax/weights/eas_knee.npz).')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
@@ -124,7 +129,8 @@ def main(argv):
     elif FLAGS.mode == 'evaluate':
       evaluate.evaluate(config, workdir)
     elif FLAGS.mode == 'predict':
-      predict.predict(config, None if model_file else workdir, FLAGS.input, FLAGS.output, model_file)
+      predict.predict(config, None if model_file else workdir, FLAGS.input, FLAGS.output, model_file,
+                      series=FLAGS.series, laterality=FLAGS.laterality and FLAGS.laterality[0].upper())
     elif FLAGS.mode == 'export':
       meta = pretrained.export(config, workdir, FLAGS.output)
       print(f'{FLAGS.output}: step {meta["step"]} of {workdir}, pixel {meta["pixel_mm"]} mm')

@@ -6,7 +6,7 @@ python bench/phantom_stats.py [--anatomy schematic|reference] [--num 5] [--refer
 every N-th sagittal slice is generated: N times faster, volumes then estimated from those slices) and a real
 knee's OAI-ZIB label map (by default the reference knee shipped in easunet_jax/data/reference/); prints a
 Markdown table of the reference, the phantom's mean, range and coefficient of variation, then one JSON line.
-The measures are `easunet_jax.measures.cartilage_measures` (thickness in the sagittal plane).
+The measures are `easunet_jax.measures.cartilage_measures` (3D local thickness).
 """
 
 import argparse

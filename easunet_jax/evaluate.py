@@ -1,5 +1,6 @@
-"""Test-set evaluation of a trained checkpoint: per-volume (3D) and per-slice (2D) metrics of FC and TC, a
-Table-1-shaped report beside the paper's numbers, loss curves and prediction overlays."""
+"""Test-set evaluation of a trained checkpoint: per-volume (3D) and per-slice (2D) metrics of FC and TC, the
+error of mean thickness and volume per plate and compartment, a Table-1-shaped report beside the paper's
+numbers, loss curves, prediction overlays and a Bland-Altman plot of thickness."""
 
 import csv
 import functools
@@ -17,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from scipy import ndimage
 
-from easunet_jax import figures, metrics, parallel, steps
+from easunet_jax import figures, measures, metrics, parallel, steps
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.data.volumes import CLASSES
 from easunet_jax.errors import DataError
@@ -89,6 +90,31 @@ def volume_metrics(pred: np.ndarray, label: np.ndarray, cartilage: Sequence[bool
   return per_volume, per_slice
 
 
+MORPHOMETRY = ('thickness_error_mm', 'thickness_abs_error_mm', 'volume_error_pct', 'volume_abs_error_pct')
+
+
+def morphometry_errors(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float]) -> dict[str, dict]:
+  """{region: truth and prediction of mean thickness (mm) and volume (mm^3), and the signed (prediction -
+  truth) and absolute errors of thickness (mm) and of volume (% of the truth's; NaN for an empty truth)} for
+  'fc', 'tc' and their compartments. The compartments are the ground truth's, applied to both masks, so that
+  both measure the same region; the store keeps no laterality, so sides are the patient's left and right."""
+  truth_plates = (label == CLASSES['fc'], label == CLASSES['tc'])
+  regions = measures.compartment_regions(*truth_plates, spacing, None)
+  truth, _ = measures.compartment_table(*truth_plates, spacing, regions)
+  found, _ = measures.compartment_table(pred == CLASSES['fc'], pred == CLASSES['tc'], spacing, regions)
+  errors = {}
+  for region, true in truth.items():
+    thickness = found[region]['thickness_mean_mm'] - true['thickness_mean_mm']
+    volume = (100 * (found[region]['volume_mm3'] / true['volume_mm3'] - 1) if true['volume_mm3']
+              else float('nan'))
+    errors[region] = {'thickness_true_mm': true['thickness_mean_mm'],
+                      'thickness_pred_mm': found[region]['thickness_mean_mm'],
+                      'volume_true_mm3': true['volume_mm3'], 'volume_pred_mm3': found[region]['volume_mm3'],
+                      'thickness_error_mm': thickness, 'thickness_abs_error_mm': abs(thickness),
+                      'volume_error_pct': volume, 'volume_abs_error_pct': abs(volume)}
+  return errors
+
+
 def _summary(cases: Sequence[dict]) -> dict:
   """Per metric mean/std/n/n_empty over `cases`, and how many of them had both masks empty."""
   return {**{m: metrics.summarize([c[m] for c in cases]) for m in METRICS},
@@ -136,13 +162,24 @@ def write_report(path: pathlib.Path, summary: dict) -> None:
     counts = '; '.join(f"{name.upper()} {s['dice']['n']} {unit}, {s['hd']['n_empty']} with one mask empty, "
                        f"{s['n_both_empty']} with both empty" for name, s in summary[protocol].items())
     lines += ['', f'Counts: {counts}.', '']
-  path.write_text('\n'.join(lines))
+  lines += ['## Thickness and volume against the ground truth, per plate and compartment', '',
+            'Mean ± sample std over test volumes of prediction - truth (signed) and its absolute value; '
+            'mean 3D local thickness (`measures.thickness_map_mm`), volume in % of the '
+            "truth's. Compartments are the ground truth's (patient's left and right sides; trochlea). "
+            'Bland-Altman plot of thickness: `bland_altman_thickness.png`.', '',
+            '| Region | Thickness error mm | Abs. thickness error mm | Volume error % | Abs. volume error % '
+            '|',
+            '|---|---|---|---|---|']
+  for region, stats in summary['morphometry'].items():
+    lines.append(f'| {region} | ' + ' | '.join(_cell(stats[m]) for m in MORPHOMETRY) + ' |')
+  path.write_text('\n'.join(lines + ['']))
 
 
 def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: steps.TrainState,
                    store_dir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
   """Predicts every test volume and scores it: {'per_case': [{'case', 'fc', 'tc'}] of 3D scores,
-  'slices': {class: [2D scores]}, 'spacing_mm': {case: 3D spacing}, 'samples': slices for the figure}."""
+  'slices': {class: [2D scores]}, 'spacing_mm': {case: 3D spacing}, 'samples': slices for the figure,
+  'morphometry': [{'case', 'regions': `morphometry_errors`}]}."""
   rows = pipeline.read_index(store_dir / 'test')
   images = np.load(store_dir / 'test' / 'images.npy', mmap_mode='r')
   data_sharding, replicated = parallel.shardings(mesh)
@@ -153,7 +190,8 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
   figure_rows = {cartilage_rows[int(i)] for i in np.linspace(
       0, len(cartilage_rows) - 1, min(config.eval.num_figure_slices, len(cartilage_rows)))}
   progress = Progress(len(dict.fromkeys(row['case'] for row in rows)))
-  scores = {'per_case': [], 'slices': {n: [] for n in CLASSES}, 'spacing_mm': {}, 'samples': []}
+  scores = {'per_case': [], 'slices': {n: [] for n in CLASSES}, 'spacing_mm': {}, 'samples': [],
+            'morphometry': []}
   for case_rows, pred, label in predict_volumes(predict, state, store_dir, batch_size, data_sharding):
     case = rows[case_rows[0]]['case']
     if config.eval.largest_component:
@@ -162,6 +200,7 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
     spacing = scores['spacing_mm'][case] = (first['sagittal_spacing'], *first['spacing'])
     per_volume, per_slice = volume_metrics(pred, label, [rows[r]['cartilage'] for r in case_rows], spacing)
     scores['per_case'].append({'case': case, **per_volume})
+    scores['morphometry'].append({'case': case, 'regions': morphometry_errors(pred, label, spacing)})
     for name in CLASSES:
       scores['slices'][name] += per_slice[name]
     scores['samples'] += [{'case': case, 'slice': rows[r]['slice'], 'pred': pred[i], 'label': label[i],
@@ -175,7 +214,8 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   """Evaluates the checkpoint `config.eval.checkpoint` of `workdir` on the test split; returns the folder
-  `<workdir>/eval/<step>` it wrote metrics.json, per_case.csv, report.md and the figures to."""
+  `<workdir>/eval/<step>` it wrote metrics.json, per_case.csv, morphometry.csv, report.md and the figures
+  to."""
   workdir = pathlib.Path(workdir)
   mesh = parallel.make_mesh()
   step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
@@ -190,7 +230,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   if jax.process_index() > 0:  # every process scored the whole test set; process 0 writes it
     return out
   out.mkdir(parents=True, exist_ok=True)
-  per_case = scores['per_case']
+  per_case, morphometry = scores['per_case'], scores['morphometry']
   summary = _json_ready({
       'name': config.name, 'step': step, 'requested': str(config.eval.checkpoint),
       'checkpoint_dir': str(workdir.absolute() / 'checkpoints' / str(step)),
@@ -199,6 +239,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
       'spacing_mm': scores['spacing_mm'],
       '3d': {n: _summary([c[n] for c in per_case]) for n in CLASSES},
       '2d': {n: _summary(scores['slices'][n]) for n in CLASSES},
+      'morphometry': {region: {m: metrics.summarize([c['regions'][region][m] for c in morphometry])
+                               for m in MORPHOMETRY} for region in morphometry[0]['regions']},
       'config': json.loads(config.to_json()),
   })
   (out / 'metrics.json').write_text(json.dumps(summary, indent=1))
@@ -206,6 +248,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     writer = csv.writer(f)
     writer.writerow(['case'] + [f'{n}_{m}' for n in CLASSES for m in METRICS])
     writer.writerows([c['case']] + [c[n][m] for n in CLASSES for m in METRICS] for c in per_case)
+  with open(out / 'morphometry.csv', 'w', newline='') as f:
+    columns = list(morphometry[0]['regions']['fc'])
+    writer = csv.writer(f)
+    writer.writerow(['case', 'region'] + columns)
+    writer.writerows([c['case'], region] + list(errors.values())
+                     for c in morphometry for region, errors in c['regions'].items())
+  compartments = [errors for c in morphometry for region, errors in c['regions'].items()
+                  if region not in CLASSES]
+  figures.plot_bland_altman([e['thickness_true_mm'] for e in compartments],
+                            [e['thickness_pred_mm'] for e in compartments],
+                            [region for c in morphometry for region in c['regions'] if region not in CLASSES],
+                            'mm', out / 'bland_altman_thickness.png')
   write_report(out / 'report.md', summary)
   if (workdir / 'metrics.jsonl').exists():
     figures.plot_loss_curves(workdir / 'metrics.jsonl', out / 'loss_curves.png')

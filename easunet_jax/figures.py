@@ -1,5 +1,5 @@
-"""The figures the reports draw, as PNG files: loss curves and prediction overlays (evaluation), Dice bars
-over seeds (sweeps)."""
+"""The figures the reports draw, as PNG files: loss curves, prediction overlays and the Bland-Altman plot of
+thickness (evaluation), cartilage thickness maps (prediction), Dice bars over seeds (sweeps)."""
 
 import json
 import math
@@ -81,4 +81,58 @@ def dice_bars(rows: Sequence[dict], out: pathlib.Path) -> None:
   ax.set_title('Test-set Dice, mean ± std over seeds')
   ax.grid(axis='y', alpha=0.3)
   ax.legend()
+  _save(fig, out)
+
+
+def _side_names(laterality: str | None) -> tuple[str, str]:
+  """Names of the patient's left and right sides of a knee: medial and lateral once its side is known."""
+  return {'R': ('medial', 'lateral'), 'L': ('lateral', 'medial')}.get(laterality, ('left', 'right'))
+
+
+def plot_thickness_maps(thickness: np.ndarray, plates: dict[str, np.ndarray], spacing: Sequence[float],
+                        laterality: str | None, title: str, out: pathlib.Path) -> None:
+  """<name>.png: the thickest point of each (left-right, anterior) column of the femoral cartilage seen from
+  below and of the tibial cartilage seen from above, the way readers look at them, anterior up, on one
+  colour scale in mm. `thickness` and `plates` are (S, H, W) in closest-canonical RAS order."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=120)
+  vmax = max(4.0, float(np.percentile(thickness[thickness > 0], 99))) if thickness.any() else 4.0
+  left, right = _side_names(laterality)
+  extent = (0, thickness.shape[0] * spacing[0], 0, thickness.shape[1] * spacing[1])
+  for ax, (name, view) in zip(axes, (('fc', 'femoral cartilage from below'),
+                                     ('tc', 'tibial cartilage from above'))):
+    column = np.where(plates[name], thickness, 0).max(axis=2)  # (left-right, anterior)
+    shown = np.ma.masked_equal(column.T[::-1], 0)  # rows anterior first, columns the patient's left to right
+    sides = (left, right)
+    if view.endswith('below'):  # seen from below, the patient's right is on the viewer's left
+      shown, sides = shown[:, ::-1], sides[::-1]
+    image = ax.imshow(shown, cmap='viridis', vmin=0, vmax=vmax, extent=extent, interpolation='nearest')
+    ax.set_title(view, fontsize=10)
+    ax.set_xlabel(f'{sides[0]}  ←  mm  →  {sides[1]}')
+    ax.set_ylabel('posterior  ←  mm  →  anterior')
+  fig.colorbar(image, ax=axes, label='thickness (mm)', shrink=0.85)
+  fig.suptitle(title, fontsize=11)
+  fig.savefig(out, bbox_inches='tight')
+  plt.close(fig)
+
+
+def plot_bland_altman(truth: Sequence[float], measured: Sequence[float], groups: Sequence[str],
+                      unit: str, out: pathlib.Path) -> None:
+  """Bland-Altman plot: the difference measured - truth against their mean, one colour per group (e.g. a
+  compartment), with the mean difference (bias) and its 95 % limits of agreement (bias ± 1.96 SD)."""
+  truth, measured = np.asarray(truth, float), np.asarray(measured, float)
+  mean, difference = (truth + measured) / 2, measured - truth
+  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+  for group in dict.fromkeys(groups):
+    chosen = np.asarray(groups) == group
+    ax.scatter(mean[chosen], difference[chosen], s=18, label=group)
+  bias, sd = difference.mean(), difference.std(ddof=1) if len(difference) > 1 else 0.0
+  for value, style, label in ((bias, '-', f'bias {bias:+.2f} {unit}'),
+                              (bias + 1.96 * sd, '--', f'+1.96 SD {bias + 1.96 * sd:+.2f}'),
+                              (bias - 1.96 * sd, '--', f'-1.96 SD {bias - 1.96 * sd:+.2f}')):
+    ax.axhline(value, color='k', linestyle=style, linewidth=1, label=label)
+  ax.set_xlabel(f'mean of prediction and ground truth ({unit})')
+  ax.set_ylabel(f'prediction - ground truth ({unit})')
+  ax.set_title('Bland-Altman: mean cartilage thickness')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc='best')
   _save(fig, out)

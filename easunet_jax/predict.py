@@ -1,6 +1,9 @@
-"""Segments new knee MRI volumes (NIfTI, any voxel order and in-plane size) with a trained checkpoint and
-writes uint8 cartilage masks in the input's voxel grid, with each cartilage's volume and mean thickness."""
+"""Segments new knee MRI volumes (NIfTI files or DICOM series, any voxel order and in-plane size) with a
+trained checkpoint and writes uint8 cartilage masks in the input's voxel grid; decides the knee's laterality
+and reports volume, thickness and area per plate and compartment (CSV and Markdown), with a thickness map of
+each scan (NIfTI and PNG)."""
 
+import csv
 import functools
 import pathlib
 import statistics
@@ -16,14 +19,18 @@ from absl import logging
 from flax import nnx
 from scipy import ndimage
 
-from easunet_jax import measures, models, parallel, pretrained, steps
-from easunet_jax.data import pipeline, preprocess, volumes
+from easunet_jax import figures, measures, models, parallel, pretrained, steps
+from easunet_jax.data import dicom, pipeline, preprocess, volumes
 from easunet_jax.errors import ConfigError, DataError
 from easunet_jax.progress import Progress
 
 # Written value of each training class (background, FC, TC).
 LABEL_VALUES = {'compact': (0, 1, 2), 'oai-zib': (0, *volumes.OAI_ZIB_CARTILAGE.values())}
 _CANONICAL = nib.orientations.axcodes2ornt('RAS')
+_NIFTI = ('.nii.gz', '.nii')
+# A knee scanned this far (mm) to one side of the scanner's midline (x = 0) is taken for that side's knee.
+_SIDE_MIN_MM = 10.0
+SIDES = {'R': 'right', 'L': 'left'}
 
 
 def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef,
@@ -57,17 +64,55 @@ def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
 
 def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
-            ) -> list[tuple[pathlib.Path, pathlib.Path]]:
-  """(input file, output file) pairs; a directory of inputs gives a directory of outputs of the same names."""
+            ) -> tuple[list[tuple[pathlib.Path, pathlib.Path]], bool]:
+  """((scan, mask file) pairs, whether they are a batch written into the directory `output_path`).
+
+  A scan is a NIfTI file or a folder of DICOM files (one series is read from it, `dicom.read_series`). A
+  directory holding NIfTI files is a batch of them, masks of the same names; one holding DICOM files is one
+  scan; one whose subfolders hold DICOM files is a batch of those, masks named <subfolder>.nii.gz.
+  """
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
-  if source.is_dir():
-    files = sorted(p for p in source.iterdir() if p.name.endswith(('.nii.gz', '.nii')) and p.is_file())
-    if not files:
-      raise DataError(f'{source}: no NIfTI file (*.nii.gz, *.nii) in this directory')
-    return [(p, target / p.name) for p in files]
-  if not source.is_file():
+  if not source.exists():
     raise DataError(f'{source}: no such input file or directory')
-  return [(source, target / source.name if target.is_dir() else target)]
+
+  def single(name: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    return [(source, target / name if target.is_dir() or not target.name.endswith(_NIFTI) else target)]
+
+  if source.is_file():
+    return single(source.name), False
+  entries = sorted(source.iterdir())
+  files = [p for p in entries if p.name.endswith(_NIFTI) and p.is_file()]
+  if files:
+    return [(p, target / p.name) for p in files], True
+  if any(dicom.is_dicom_file(p) for p in entries if p.is_file()):
+    return single(f'{source.name}.nii.gz'), False
+  folders = [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
+  if not folders:
+    raise DataError(f'{source}: no NIfTI file (*.nii.gz, *.nii) and no DICOM series in this directory')
+  return [(p, target / f'{p.name}.nii.gz') for p in folders], True
+
+
+def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, dict]:
+  """The scan as a NIfTI image (a DICOM series converted in memory) and what its DICOM headers say."""
+  if source.is_dir():
+    return dicom.read_series(source, series)
+  return volumes.open_nifti(source), {}
+
+
+def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None) -> tuple[str | None, str]:
+  """('R', 'L' or None, why): `given` (--laterality), else the DICOM Laterality tag, else the scan's position:
+  a knee centred at least 10 mm to the patient's right (RAS x > 0) of the scanner's midline is a right knee.
+  None when none of these decides; compartments are then named by the patient's side."""
+  if given:
+    return given, 'given by --laterality'
+  if info.get('laterality'):
+    return info['laterality'], 'from the DICOM Laterality tag'
+  x = float((nii.affine @ [*((np.array(nii.shape[:3]) - 1) / 2), 1])[0])
+  if abs(x) >= _SIDE_MIN_MM:
+    side = 'R' if x > 0 else 'L'
+    return side, f"from the position: centred {abs(x):.0f} mm to the patient's {SIDES[side]}"
+  return None, (f'undecided: the scan is centred {x:+.0f} mm from the midline (RAS x); pass --laterality '
+                'to name compartments medial and lateral')
 
 
 def _resize(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -154,31 +199,85 @@ def remove_small_components(classes: np.ndarray, spacing: Sequence[float], min_m
   return classes
 
 
-def _save(path: pathlib.Path, classes: np.ndarray, nii: nib.Nifti1Image) -> None:
-  """Writes `classes` (input voxel order) as uint8 NIfTI with the input's affine and header."""
+def _save(path: pathlib.Path, array: np.ndarray, nii: nib.Nifti1Image) -> None:
+  """Writes `array` (canonical order) in the voxel order, affine and header of `nii`, as its own dtype."""
+  back = nib.orientations.ornt_transform(_CANONICAL, nib.io_orientation(nii.affine))
   header = nii.header.copy()
-  header.set_data_dtype(np.uint8)
-  out = type(nii)(classes, nii.affine, header)
-  out.header.set_slope_inter(1, 0)  # the input's intensity scaling must not rescale the labels
+  header.set_data_dtype(array.dtype)
+  out = nib.Nifti1Image(nib.orientations.apply_orientation(array, back), nii.affine, header)
+  out.header.set_slope_inter(1, 0)  # the input's intensity scaling must not rescale the written values
   path.parent.mkdir(parents=True, exist_ok=True)
   nib.save(out, path)
 
 
+def _stem(path: pathlib.Path) -> str:
+  return volumes.strip_nii(path.name) or path.name
+
+
+def _report_paths(target: pathlib.Path, batch: bool) -> dict[str, pathlib.Path]:
+  """Where a scan's thickness maps go: beside a single mask (<mask>_thickness.*), in thickness/ of a batch."""
+  if batch:
+    return {'map': target.parent / 'thickness' / f'{_stem(target)}.nii.gz',
+            'png': target.parent / 'thickness' / f'{_stem(target)}.png'}
+  return {'map': target.with_name(f'{_stem(target)}_thickness.nii.gz'),
+          'png': target.with_name(f'{_stem(target)}_thickness.png')}
+
+
+def write_reports(results: Sequence[dict], csv_path: pathlib.Path, markdown_path: pathlib.Path) -> None:
+  """One CSV row per scan and region (plate or compartment) of `measures.region_measures`, and a Markdown
+  summary of the same with each scan's thickness map."""
+  columns = list(results[0]['regions']['fc'])
+  with open(csv_path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['scan', 'mask', 'laterality', 'region', *columns])
+    writer.writerows([r['input'], r['output'], SIDES.get(r['laterality'], 'unknown'), region,
+                      *(f'{row[c]:.6g}' for c in columns)]
+                     for r in results for region, row in r['regions'].items())
+  lines = ['# Cartilage measures', '',
+           "Per plate and compartment: volume, 3D local thickness over the plate's medial surface "
+           'ridge (mean, median, 95th percentile, max), mid-surface area (volume / mean thickness) and the '
+           f'fraction of the ridge thinner than {measures.THIN_MM:g} mm. Thickness maps: femur from below, '
+           'tibia from above.',
+           '']
+  for r in results:
+    lines += [f"## {r['input']}", '', f"Mask `{r['output']}`; {r['laterality_text']}.", '',
+              '| Region | Volume mm³ | Mean mm | Median mm | P95 mm | Max mm | Area mm² | < 1 mm |',
+              '|---|---|---|---|---|---|---|---|']
+    for region, row in r['regions'].items():
+      lines.append(f'| {region} | {row["volume_mm3"]:.0f} | {row["thickness_mean_mm"]:.2f} | '
+                   f'{row["thickness_median_mm"]:.2f} | {row["thickness_p95_mm"]:.2f} | '
+                   f'{row["thickness_max_mm"]:.2f} | {row["area_mm2"]:.0f} | '
+                   f'{100 * row["thin_fraction"]:.1f} % |')
+    png = pathlib.Path(r['thickness_png'])
+    lines += ['', f'![thickness map of {png.name}]({png.relative_to(markdown_path.parent)})', '']
+  markdown_path.write_text('\n'.join(lines))
+
+
 def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
             input_path: str | pathlib.Path, output_path: str | pathlib.Path,
-            model_file: str | pathlib.Path | None = None) -> list[dict]:
-  """Segments one NIfTI file or a directory of them into `output_path` (a file, or a directory of the same
-  names) with the checkpoint eval.checkpoint names in `workdir`, or with `model_file` (`pretrained`: then
-  config is the file's, `pretrained.config_of`); returns and prints per case the cartilage measures
-  (`measures.cartilage_measures`: FC and TC volume and mean thickness, ...), and the seconds spent in all
-  and in the network's forward passes."""
+            model_file: str | pathlib.Path | None = None, *, series: str | None = None,
+            laterality: str | None = None) -> list[dict]:
+  """Segments one scan or a directory of them (`_inputs`: NIfTI files, DICOM folders) into `output_path` (a
+  mask file, or a directory) with the checkpoint eval.checkpoint names in `workdir`, or with `model_file`
+  (`pretrained`: then config is the file's, `pretrained.config_of`). `series` picks a DICOM series by its
+  SeriesInstanceUID, `laterality` ('R' or 'L') overrides `decide_laterality`.
+
+  Beside the masks: each scan's thickness map (NIfTI in the scan's grid, and a PNG), and the measures of
+  every scan per plate and compartment as CSV and Markdown (`write_reports`: <mask>_measures.csv and
+  <mask>_report.md for one scan; measures.csv and report.md of a batch). Returns per scan {'input', 'output',
+  'laterality', 'laterality_text', 'regions': `measures.compartment_table`, paths of the maps, and the
+  seconds spent in all and in the network's forward passes}.
+  """
   if config.predict.label_values not in LABEL_VALUES:
     raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
                       f'got {config.predict.label_values!r}')
   values = np.array(LABEL_VALUES[config.predict.label_values], np.uint8)
-  pairs = _inputs(input_path, output_path)
+  pairs, batch = _inputs(input_path, output_path)
   for source, _ in pairs:  # header checks first: a bad file fails before the checkpoint is restored
-    volumes.check_headers(volumes.Case(source.name, source, None))
+    if source.is_dir():
+      dicom.find_series(source)
+    else:
+      volumes.check_headers(volumes.Case(source.name, source, None))
   mesh = parallel.make_mesh()
   if model_file is not None:
     step, graphdef, state = pretrained.load(config, model_file, mesh)
@@ -187,28 +286,49 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
   pixel = model_pixel_spacing(config, workdir) if config.predict.resample else None
   network = _Network(config, graphdef, state, mesh)
-  logging.info('predict: step %d of %s, %d volume(s), pixel %s mm, TTA %s', step, model_file or workdir,
+  logging.info('predict: step %d of %s, %d scan(s), pixel %s mm, TTA %s', step, model_file or workdir,
                len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel), config.predict.tta)
   results, progress = [], Progress(len(pairs))
   for source, target in pairs:
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
-    image, spacing = volumes.load_image(source)  # closest-canonical order: axis 0 is left-right
+    nii, info = _read(source, series)
+    if info:
+      found = '; '.join(f"{s['uid']} '{s['description']}' ({s['files']} files)" for s in info['series_found'])
+      print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
+            flush=True)
+    image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right
     classes = remove_small_components(_segment(network, image, spacing, pixel), spacing,
                                       config.predict.min_component_mm3)
-    plates = {name: classes == k for name, k in volumes.CLASSES.items()}
-    result = {'input': str(source), 'output': str(target), **measures.cartilage_measures(plates, spacing)}
-    nii = nib.load(source)
-    back = nib.orientations.ornt_transform(_CANONICAL, nib.io_orientation(nii.affine))
-    _save(target, values[nib.orientations.apply_orientation(classes, back)], nii)
+    side, why = decide_laterality(nii, info, laterality)
+    fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
+    table, thickness = measures.compartment_table(
+        fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, side))
+    paths = _report_paths(target, batch)
+    _save(target, values[classes], nii)
+    _save(paths['map'], thickness, nii)
+    paths['png'].parent.mkdir(parents=True, exist_ok=True)
+    knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
+    figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, side,
+                                f'{_stem(target)}: {knee}', paths['png'])
+    result = {'input': str(source), 'output': str(target), 'laterality': side,
+              'laterality_text': f'{knee} ({why})', 'regions': table,
+              'thickness_map': str(paths['map']), 'thickness_png': str(paths['png'])}
     result['compile_s'] = network.compile_s - compile_before
     result['seconds'] = time.perf_counter() - case_start - result['compile_s']
     result['forward_s'] = network.forward_s - forward_before
     results.append(result)
-    print(f"{source.name}: FC {result['fc_volume_mm3']:.0f} mm^3, mean thickness "
-          f"{result['fc_thickness_mm']:.2f} mm; TC {result['tc_volume_mm3']:.0f} mm^3, mean thickness "
-          f"{result['tc_thickness_mm']:.2f} mm -> {target}", flush=True)
+    print(f"{source.name}: {result['laterality_text']}; FC {table['fc']['volume_mm3']:.0f} mm^3, mean "
+          f"thickness {table['fc']['thickness_mean_mm']:.2f} mm; TC {table['tc']['volume_mm3']:.0f} mm^3, "
+          f"mean thickness {table['tc']['thickness_mean_mm']:.2f} mm -> {target}", flush=True)
     progress.update()
     logging.info('%s: %s in %.1f s (forward passes %.1f s, compilation %.1f s)', progress.status('predict'),
                  source.name, result['seconds'], result['forward_s'], result['compile_s'])
+  if batch:
+    reports = (pathlib.Path(output_path) / 'measures.csv', pathlib.Path(output_path) / 'report.md')
+  else:
+    stem = pairs[0][1].with_name(_stem(pairs[0][1]))
+    reports = (stem.with_name(f'{stem.name}_measures.csv'), stem.with_name(f'{stem.name}_report.md'))
+  write_reports(results, *reports)
+  print(f'measures of {len(results)} scan(s): {reports[0]}, {reports[1]}', flush=True)
   return results

@@ -1,5 +1,5 @@
-"""Evaluation: the files of a tiny run's evaluation, their agreement, the largest-component filter, and
-one-line errors for a missing, absent, corrupt or foreign checkpoint."""
+"""Evaluation: the files of a tiny run's evaluation, their agreement, thickness and volume errors, the
+largest-component filter, and one-line errors for a missing, absent, corrupt or foreign checkpoint."""
 
 import csv
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from configs import tiny
 from easunet_jax import evaluate, train
-from easunet_jax.data import pipeline
+from easunet_jax.data import knee, pipeline
 from easunet_jax.errors import CheckpointError, ConfigError
 
 
@@ -34,7 +34,7 @@ def test_files_written(run):
   assert out == workdir / 'eval' / str(metrics['step'])
   for name in ('metrics.json', 'per_case.csv', 'report.md'):
     assert (out / name).stat().st_size > 0
-  for name in ('loss_curves.png', 'overlays.png'):
+  for name in ('loss_curves.png', 'overlays.png', 'bland_altman_thickness.png'):
     assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert metrics['requested'] == 'best' and metrics['largest_component'] is False
   rows = pipeline.read_index(workdir / 'slices' / 'test')
@@ -63,8 +63,8 @@ def test_report_is_a_markdown_table_beside_the_paper(run):
   _, out = run
   text = (out / 'report.md').read_text()
   tables = [block.splitlines() for block in text.split('\n\n') if block.startswith('|')]
-  assert len(tables) == 2  # 3D and 2D
-  for table in tables:
+  assert len(tables) == 3  # 3D, 2D, then thickness and volume errors
+  for table in tables[:2]:
     assert table[0].split('|')[1:-1] == [' Cartilage ', ' Model ', ' DSC % ', ' Precision % ', ' Recall % ',
                                           ' HD mm ', ' HD95 mm ', ' ASSD mm ']
     assert set(table[1].replace('|', '')) == {'-'}
@@ -72,6 +72,38 @@ def test_report_is_a_markdown_table_beside_the_paper(run):
     assert [line.split('|')[1].strip() for line in table[2:]] == ['FC', 'FC', 'TC', 'TC']
     assert '| FC | EAS U-Net (paper) | 90.37 | 91.69 | 90.27 | 6.34 |' in '\n'.join(table)
   assert '(largest connected component per class): **off**' in text
+
+
+def test_morphometry_csv_and_report_hold_the_thickness_and_volume_errors(run):
+  _, out = run
+  metrics = json.loads((out / 'metrics.json').read_text())
+  with open(out / 'morphometry.csv') as f:
+    rows = list(csv.DictReader(f))
+  regions = ('fc', 'fc_left', 'fc_right', 'fc_trochlea', 'tc', 'tc_left', 'tc_right')
+  assert sorted({r['region'] for r in rows}) == sorted(regions) == sorted(metrics['morphometry'])
+  assert len(rows) == 2 * len(regions)
+  for r in rows:
+    signed = float(r['thickness_pred_mm']) - float(r['thickness_true_mm'])
+    assert float(r['thickness_error_mm']) == pytest.approx(signed, abs=1e-6)
+    assert float(r['thickness_abs_error_mm']) == pytest.approx(abs(signed), abs=1e-6)
+  fc_errors = [float(r['thickness_error_mm']) for r in rows if r['region'] == 'fc']
+  assert metrics['morphometry']['fc']['thickness_error_mm']['mean'] == pytest.approx(np.mean(fc_errors))
+  report = (out / 'report.md').read_text()
+  assert '## Thickness and volume against the ground truth' in report and '| fc_trochlea |' in report
+
+
+def test_morphometry_errors_of_the_reference_knee():
+  labels, spacing = knee.reference()
+  classes = np.select([labels == 2, labels == 4], [1, 2], 0).astype(np.uint8)
+  exact = evaluate.morphometry_errors(classes, classes, spacing)
+  assert all(e['thickness_error_mm'] == 0 and e['volume_error_pct'] == 0 for e in exact.values())
+  thinner = classes.copy()
+  thinner[(classes == 2) & (np.roll(classes, -1, axis=2) != 2)] = 0  # the top layer of the tibial plates
+  errors = evaluate.morphometry_errors(thinner, classes, spacing)
+  assert errors['tc']['volume_error_pct'] < -10 and errors['tc']['thickness_error_mm'] < -0.2
+  assert errors['fc']['volume_error_pct'] == 0
+  assert errors['tc_left']['volume_pred_mm3'] + errors['tc_right']['volume_pred_mm3'] == pytest.approx(
+      errors['tc']['volume_pred_mm3'])
 
 
 def test_keep_largest_component_is_per_class_and_face_connected():

@@ -1,17 +1,20 @@
-"""Cartilage measures: the thickness of a flat sheet and of a tilted one, volumes, and the share of slices and
-voxels."""
+"""Cartilage measures: the thickness of a flat sheet and of a tilted one, volumes, the share of slices and
+voxels; on the real reference knee, compartments that partition the plates and a thickness that agrees with
+surface-to-surface distances."""
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from easunet_jax import measures
+from easunet_jax.data import knee
 
 
-def test_thickness_of_a_flat_sheet():
-  mask = np.zeros((2, 60, 60), bool)
-  mask[:, 10:50, 20:25] = True  # 5 pixels of 0.4 mm: 2 mm
-  assert measures.mean_thickness_mm(mask, (1.0, 0.4, 0.4)) == pytest.approx(2.0, abs=0.05)
+@pytest.mark.parametrize('pixels', [4, 5])
+def test_thickness_of_a_flat_sheet_an_even_or_odd_number_of_pixels_thick(pixels):
+  mask = np.zeros((12, 60, 60), bool)
+  mask[1:11, 10:50, 20:20 + pixels] = True  # 0.4 mm pixels
+  assert measures.mean_thickness_mm(mask, (1.0, 0.4, 0.4)) == pytest.approx(0.4 * pixels, abs=0.01)
 
 
 def test_thickness_of_a_tilted_sheet_is_measured_across_it():
@@ -19,7 +22,9 @@ def test_thickness_of_a_tilted_sheet_is_measured_across_it():
   yy, xx = np.mgrid[:200, :200] * 0.25
   across = (yy - 25) * np.cos(np.pi / 6) - (xx - 25) * np.sin(np.pi / 6)
   mask = (np.abs(across) < 1.5) & (np.hypot(yy - 25, xx - 25) < 20)
-  assert measures.mean_thickness_mm(mask[None], (1.0, 0.25, 0.25)) == pytest.approx(3.0, rel=0.1)
+  sheet = np.zeros((26, *mask.shape), bool)
+  sheet[1:-1] = mask  # 24 mm wide across the slices
+  assert measures.mean_thickness_mm(sheet, (1.0, 0.25, 0.25)) == pytest.approx(3.0, rel=0.1)
 
 
 def test_empty_plate_measures_zero():
@@ -39,3 +44,63 @@ def test_cartilage_measures_of_two_plates():
   assert got['tc_volume_mm3'] == pytest.approx(tc.sum() * 2.0 * 0.5 * 0.25)
   assert got['fc_share_pct'] == pytest.approx(100 * 12 / 400)
   assert got['fc_thickness_mm'] == pytest.approx(measures.mean_thickness_mm(fc, spacing))
+
+
+def test_thickness_map_holds_the_sheet_thickness_at_every_voxel():
+  mask = np.zeros((2, 60, 60), bool)
+  mask[:, 10:50, 20:25] = True
+  thickness, ridge = measures.thickness_map_mm(mask, (1.0, 0.4, 0.4))
+  assert ridge.any() and not (ridge & ~mask).any()
+  np.testing.assert_allclose(thickness[mask], 2.0, atol=0.05)
+  assert not thickness[~mask].any()
+
+
+def test_region_measures_of_a_sheet_half_thinner_than_1_mm():
+  # Odd pixel counts across: one ridge voxel per row (an even count has two, which weighs it double).
+  mask = np.zeros((22, 60, 60), bool)
+  mask[1:-1, 10:30, 20:27] = True  # 7 pixels of 0.3 mm: 2.1 mm
+  mask[1:-1, 30:50, 22:25] = True  # 0.9 mm
+  spacing = (1.0, 0.3, 0.3)
+  thickness, ridge = measures.thickness_map_mm(mask, spacing)
+  got = measures.region_measures(mask, thickness, ridge, spacing)
+  assert got['volume_mm3'] == pytest.approx(mask.sum() * np.prod(spacing))
+  assert 0.35 < got['thin_fraction'] < 0.65  # half of the area, give or take the edges
+  assert got['thickness_max_mm'] == pytest.approx(2.1, abs=0.05)
+  assert got['thickness_median_mm'] <= got['thickness_p95_mm'] <= got['thickness_max_mm']
+  assert got['area_mm2'] == pytest.approx(got['volume_mm3'] / got['thickness_mean_mm'])
+
+
+@pytest.fixture(scope='module')
+def reference():
+  return knee.reference()
+
+
+@pytest.mark.parametrize('laterality', ['R', 'L', None])
+def test_compartments_partition_the_plates(reference, laterality):
+  labels, spacing = reference
+  fc, tc = labels == 2, labels == 4
+  parts = measures.compartments(fc, tc, spacing, laterality)
+  sides = {'R': ('medial', 'lateral'), 'L': ('medial', 'lateral'), None: ('left', 'right')}[laterality]
+  assert sorted(parts) == sorted([f'fc_{s}' for s in (*sides, 'trochlea')] + [f'tc_{s}' for s in sides])
+  for plate, mask in (('fc', fc), ('tc', tc)):
+    mine = [m for name, m in parts.items() if name.startswith(plate)]
+    assert np.array_equal(np.sum(mine, axis=0), mask)  # every voxel in exactly one compartment
+    assert all(m.any() for m in mine)
+  # The medial tibial plate of a right knee lies towards the patient's left: lower axis-0 indices.
+  if laterality:
+    medial, lateral = (np.nonzero(parts[f'tc_{s}'])[0].mean() for s in ('medial', 'lateral'))
+    assert (medial < lateral) == (laterality == 'R')
+  regions = measures.compartment_regions(fc, tc, spacing, laterality)
+  table, _ = measures.compartment_table(fc, tc, spacing, regions)
+  for plate in ('fc', 'tc'):
+    total = sum(row['volume_mm3'] for name, row in table.items() if name.startswith(plate + '_'))
+    assert total == pytest.approx(table[plate]['volume_mm3'], rel=1e-12)
+
+
+def test_thickness_agrees_with_surface_to_surface_distances(reference):
+  labels, spacing = reference
+  for plate, bone in ((2, 1), (4, 3)):
+    ridge = measures.mean_thickness_mm(labels == plate, spacing)
+    surface = measures.surface_thickness_mm(labels == plate, labels == bone, spacing)
+    assert 1.2 < surface < 3.5
+    assert ridge == pytest.approx(surface, rel=0.1)

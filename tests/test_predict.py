@@ -1,9 +1,14 @@
 """Prediction: masks in the input's voxel grid for any voxel order and in-plane size, exact reorientation,
-label values, directories, and one-line errors."""
+label values, directories, DICOM series (grid as SimpleITK converts it, laterality), the measures and maps
+written beside the masks, and one-line errors."""
+
+import csv
 
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
+from dicom_series import SAGITTAL, write_series
 
 from configs import tiny
 from easunet_jax import predict, train
@@ -46,22 +51,26 @@ def test_permuted_input_predicts_in_its_own_grid(run, tmp_path):
   np.testing.assert_allclose(mask.affine, source.affine, atol=1e-6)
   assert mask.get_data_dtype() == np.uint8
   assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
-  assert {'fc_volume_mm3', 'tc_volume_mm3', 'fc_thickness_mm', 'tc_thickness_mm'} <= set(result)
+  assert {'fc', 'tc'} <= set(result['regions'])
+  assert {'volume_mm3', 'thickness_mean_mm', 'area_mm2', 'thin_fraction'} <= set(result['regions']['fc'])
+  thickness = nib.load(tmp_path / 'permuted_mask_thickness.nii.gz')
+  assert thickness.shape == source.shape and np.allclose(thickness.affine, source.affine, atol=1e-6)
+  for name in ('permuted_mask_thickness.png', 'permuted_mask_measures.csv', 'permuted_mask_report.md'):
+    assert (tmp_path / name).stat().st_size > 0
 
+
+def _thresholds(self, image_SHW):
+  """A stand-in network that thresholds the normalised image (the tiny run's masks may be empty)."""
+  del self
+  return np.stack([image_SHW < 0.3, (image_SHW >= 0.3) & (image_SHW < 0.6), image_SHW >= 0.6], -1).astype(
+      np.float32)
 
 
 def test_reorientation_is_exact(run, tmp_path, monkeypatch):
-  """With a stand-in network that thresholds the normalised image (the tiny run's masks may be empty), the
-  permuted file's mask is the permuted canonical file's mask, voxel for voxel, through resampling and
+  """The permuted file's mask is the permuted canonical file's mask, voxel for voxel, through resampling and
   padding."""
   workdir, canonical, permuted = run
-
-  def thresholds(self, image_SHW):
-    del self
-    return np.stack([image_SHW < 0.3, (image_SHW >= 0.3) & (image_SHW < 0.6), image_SHW >= 0.6], -1).astype(
-        np.float32)
-
-  monkeypatch.setattr(predict._Network, '__call__', thresholds)
+  monkeypatch.setattr(predict._Network, '__call__', _thresholds)
   for path in (canonical, permuted):
     predict.predict(_config(), workdir, path, tmp_path / path.name)
   canonical_mask = np.asarray(nib.load(tmp_path / canonical.name).dataobj)
@@ -84,6 +93,68 @@ def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 2, 4}
 
 
+def _dicom_knee(folder, canonical, knee_x, laterality=None):
+  """The canonical file's knee written as a sagittal DICOM series (LPS origin x = knee_x): columns run
+  posterior, rows inferior, slices to the patient's right (RAS +x), as knee DESS series do; returns the
+  image as the DICOM holds it, in canonical order."""
+  nii = nib.load(canonical)
+  image = np.round(np.asarray(nii.dataobj) * 1000).astype(np.uint16)  # (right, anterior, superior)
+  spacing = nii.header.get_zooms()
+  write_series(folder, SAGITTAL, (knee_x, -20.0, 30.0), spacing=(spacing[2], spacing[1]),
+               offsets=np.arange(image.shape[0]) * spacing[0], voxels=image.transpose(1, 2, 0)[::-1, ::-1],
+               laterality=laterality)
+  return image.astype(np.float32)
+
+
+def test_dicom_series_predicts_in_its_own_grid(run, tmp_path, monkeypatch, capsys):
+  """A sagittal DICOM series of a right knee: the mask has SimpleITK's shape and affine, holds the mask of the
+  same image given as canonical NIfTI, and the report says 'right knee'."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict._Network, '__call__', _thresholds)
+  image = _dicom_knee(tmp_path / 'dess', canonical, knee_x=-80.0)  # LPS x < 0: the patient's right
+  nib.save(nib.Nifti1Image(image, nib.load(canonical).affine), tmp_path / 'same.nii.gz')
+  [result] = predict.predict(_config(), workdir, tmp_path / 'dess', tmp_path / 'out' / 'dess_mask.nii.gz')
+  assert 'right knee (from the position' in capsys.readouterr().out
+  assert result['laterality'] == 'R' and set(result['regions']) >= {'fc_medial', 'tc_lateral', 'fc_trochlea'}
+  reader = sitk.ImageSeriesReader()
+  reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / 'dess')))
+  sitk.WriteImage(reader.Execute(), str(tmp_path / 'sitk.nii.gz'))
+  reference, mask = nib.load(tmp_path / 'sitk.nii.gz'), nib.load(tmp_path / 'out' / 'dess_mask.nii.gz')
+  assert mask.shape == reference.shape
+  np.testing.assert_allclose(mask.affine, reference.affine, atol=1e-3)
+  predict.predict(_config(), workdir, tmp_path / 'same.nii.gz', tmp_path / 'same_mask.nii.gz')
+  expected = np.asarray(nib.load(tmp_path / 'same_mask.nii.gz').dataobj)
+  assert len(np.unique(expected)) == 3
+  np.testing.assert_array_equal(np.asarray(mask.dataobj), expected.transpose(1, 2, 0)[::-1, ::-1])
+  for name in ('dess_mask_thickness.nii.gz', 'dess_mask_thickness.png', 'dess_mask_measures.csv'):
+    assert (tmp_path / 'out' / name).exists()
+
+
+def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monkeypatch):
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict._Network, '__call__', _thresholds)
+  _dicom_knee(tmp_path / 'scans' / 'a', canonical, knee_x=-80.0, laterality='L')  # the tag decides
+  _dicom_knee(tmp_path / 'scans' / 'b', canonical, knee_x=3.0)  # too near the midline: undecided
+  results = predict.predict(_config(), workdir, tmp_path / 'scans', tmp_path / 'out')
+  assert [r['laterality'] for r in results] == ['L', None]
+  assert 'DICOM Laterality tag' in results[0]['laterality_text']
+  assert 'undecided' in results[1]['laterality_text']
+  with open(tmp_path / 'out' / 'measures.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 14 and [r['laterality'] for r in rows[::7]] == ['left', 'unknown']
+  assert {r['region'] for r in rows[7:]} == {'fc', 'tc', 'fc_left', 'fc_right', 'fc_trochlea', 'tc_left',
+                                            'tc_right'}
+  for r in results:  # compartments sum to their plates
+    for plate in ('fc', 'tc'):
+      parts = sum(row['volume_mm3'] for name, row in r['regions'].items() if name.startswith(plate + '_'))
+      assert parts == pytest.approx(r['regions'][plate]['volume_mm3'])
+  report = (tmp_path / 'out' / 'report.md').read_text()
+  assert report.count('](thickness/') == 2 and (tmp_path / 'out' / 'thickness' / 'b.png').exists()
+  [given] = predict.predict(_config(), workdir, tmp_path / 'scans' / 'b', tmp_path / 'b.nii.gz',
+                            laterality='R')
+  assert given['laterality'] == 'R' and 'given by --laterality' in given['laterality_text']
+
+
 def _one_line_error(kind, match, *args) -> None:
   with pytest.raises(kind, match=match) as error:
     predict.predict(*args)
@@ -97,6 +168,9 @@ def test_errors_are_one_line(run, tmp_path):
   four_d = tmp_path / 'four_d.nii.gz'
   nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), four_d)
   _one_line_error(DataError, 'expected 3D', _config(), workdir, four_d, out)
+  (tmp_path / 'empty').mkdir()
+  _one_line_error(DataError, 'no NIfTI file .* and no DICOM series', _config(), workdir, tmp_path / 'empty',
+                  out)
   _one_line_error(CheckpointError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
   assert not out.exists()
 

@@ -21,6 +21,7 @@ import numpy as np
 from absl import flags
 from scipy import ndimage
 
+from easunet_jax import measures
 from easunet_jax.data import phantom
 
 REFERENCE = pathlib.Path(__file__).resolve().parent / 'reference' / 'knee_labels_oaizib.nii.gz'
@@ -37,9 +38,10 @@ def reference() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _thickness_fields() -> tuple[tuple[slice, ...], dict[int, tuple[np.ndarray, np.ndarray]]]:
-  """Per cartilage label, inside a box around the cartilage: each voxel's distance (mm) to the plate's bone
-  and the reference thickness at that nearest bone voxel (the farthest cartilage voxel that maps to it)."""
+def _thickness_fields() -> tuple[tuple[slice, ...], dict[int, tuple[np.ndarray, ...]]]:
+  """Per cartilage label, inside a box around the cartilage: each voxel's distance (mm) to the plate's bone,
+  its distance to the plate, and the plate's local thickness (`measures.thickness_map_mm`) at the nearest
+  plate voxel."""
   labels, spacing = reference()
   cartilage = np.argwhere((labels == 2) | (labels == 4))
   margin = np.ceil(_MARGIN_MM / spacing).astype(int)
@@ -49,28 +51,31 @@ def _thickness_fields() -> tuple[tuple[slice, ...], dict[int, tuple[np.ndarray, 
   crop = labels[box]
   fields = {}
   for bone, plate in ((1, 2), (3, 4)):
-    distance, nearest = ndimage.distance_transform_edt(crop != bone, spacing, return_indices=True)
-    nearest = np.ravel_multi_index(tuple(nearest), crop.shape)
-    thickness = np.zeros(crop.size, np.float32)
-    on_plate = (crop == plate).ravel()
-    np.maximum.at(thickness, nearest.ravel()[on_plate], distance.ravel()[on_plate].astype(np.float32))
-    fields[plate] = (distance.astype(np.float32), thickness[nearest])
+    to_bone = ndimage.distance_transform_edt(crop != bone, spacing)
+    to_plate, nearest = ndimage.distance_transform_edt(crop != plate, spacing, return_indices=True)
+    local, _ = measures.thickness_map_mm(crop == plate, spacing)
+    fields[plate] = (to_bone.astype(np.float32), to_plate.astype(np.float32), local[tuple(nearest)])
   return box, fields
 
 
 def scaled_cartilage(fc_scale: float, tc_scale: float) -> np.ndarray:
-  """The reference labels with each plate's thickness times its factor (grown or shrunk along the distance
-  from its bone, where the reference has cartilage); bone keeps its voxels and femoral cartilage wins where
-  the two plates would meet."""
-  labels, _ = reference()
+  """The reference labels with each plate's local thickness times its factor: cartilage is where the distance
+  to the plate's bone is at most factor x the local thickness, within (factor - 1) x that thickness of the
+  reference plate (so that it grows over its own bone only). Bone keeps its voxels and femoral cartilage
+  wins where the two plates would meet."""
+  labels, spacing = reference()
   box, fields = _thickness_fields()
   out = labels.copy()
   crop = out[box]
   bone = (crop == 1) | (crop == 3)
   crop[~bone] = 0
+  # Voxel centres lie half a voxel inside the surfaces: the outermost voxel of a plate of thickness T is
+  # about T from the nearest bone voxel's centre; half an in-plane pixel of slack keeps it at factor 1.
+  slack = spacing[1:].min() / 2
   for plate, scale in ((2, fc_scale), (4, tc_scale)):
-    distance, thickness = fields[plate]
-    crop[~bone & (crop == 0) & (thickness > 0) & (distance <= scale * thickness)] = plate
+    to_bone, to_plate, thickness = fields[plate]
+    keep = (to_bone <= scale * thickness + slack) & (to_plate <= max(scale - 1, 0) * thickness + slack)
+    crop[~bone & (crop == 0) & keep] = plate
   return out
 
 

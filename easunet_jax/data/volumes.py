@@ -30,7 +30,7 @@ class Case(NamedTuple):
   label: pathlib.Path | None  # None: an image without a label, predictable but not usable for training
 
 
-def _strip_nii(name: str) -> str:
+def strip_nii(name: str) -> str:
   for suffix in ('.nii.gz', '.nii'):
     if name.endswith(suffix):
       return name[:-len(suffix)]
@@ -57,14 +57,14 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   if not image_dir.is_dir():
     if label_dir.is_dir():
       cases = [Case(stem, None, path) for path in sorted(label_dir.iterdir())
-               if (stem := _strip_nii(path.name)) and not path.name.startswith('.')]
+               if (stem := strip_nii(path.name)) and not path.name.startswith('.')]
       if cases:
         return cases
     raise DataError(f'{root}: expected images/ + labels/ or imagesTr/ + labelsTr/ with .nii.gz volumes '
                     '(or labels/ alone for data.synth)')
   cases = []
   for image in sorted(image_dir.iterdir()):
-    stem = _strip_nii(image.name)
+    stem = strip_nii(image.name)
     if not stem or not stem.endswith(image_suffix) or image.name.startswith('.'):
       continue
     case_id = stem[:len(stem) - len(image_suffix)]
@@ -76,7 +76,7 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   return sorted(cases, key=lambda c: c.id)
 
 
-def _header(path: pathlib.Path) -> nib.Nifti1Image:
+def open_nifti(path: str | pathlib.Path) -> nib.Nifti1Image:
   """The file's header and a lazy array proxy; a foreign or headless file, or one not 3D, is an error."""
   try:
     nii = nib.load(path)
@@ -95,12 +95,12 @@ def _header(path: pathlib.Path) -> nib.Nifti1Image:
 def check_headers(case: Case) -> None:
   """Cheap checks from the headers alone: both files NIfTI and 3D, same shape, same affine within 1e-3 mm."""
   if case.image is None:
-    _header(case.label)
+    open_nifti(case.label)
     return
-  image_nii = _header(case.image)
+  image_nii = open_nifti(case.image)
   if case.label is None:
     return
-  label_nii = _header(case.label)
+  label_nii = open_nifti(case.label)
   if image_nii.shape != label_nii.shape:
     raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} differ')
   if not np.allclose(image_nii.affine, label_nii.affine, atol=_AFFINE_TOL_MM):
@@ -129,12 +129,18 @@ def load_image(path: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
   Axis 0 is then left-right (the sagittal axis): a sagittal slice is array[i], an (anterior, superior) plane.
   """
   path = pathlib.Path(path)
-  image, spacing = _read_canonical(_header(path), path)
+  return canonical_image(open_nifti(path), path)
+
+
+def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
+  """`load_image` of an image already open (a NIfTI file's, or a DICOM series' read into NIfTI); `source`
+  names it in errors."""
+  image, spacing = _read_canonical(nii, source)
   image = image.astype(np.float32, copy=False)
   if not np.isfinite(image).all():
-    raise DataError(f'{path}: image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite voxels')
+    raise DataError(f'{source}: image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite voxels')
   if image.min() == image.max():
-    raise DataError(f'{path}: image is constant ({image.flat[0]}), nothing to segment')
+    raise DataError(f'{source}: image is constant ({image.flat[0]}), nothing to segment')
   return image, spacing
 
 
@@ -159,7 +165,7 @@ def load_labels(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndar
   if case.label is None:
     raise DataError(f'{case.id}: no label file')
   check_headers(case)
-  labels, spacing = _read_canonical(_header(case.label), case.label)
+  labels, spacing = _read_canonical(open_nifti(case.label), case.label)
   return _check_label_values(labels, case, label_map), spacing
 
 

@@ -1,0 +1,244 @@
+"""DICOM input: one MRI series from a folder of DICOM files, as a NIfTI image with the RAS affine its headers
+give, so that a scanner export can be predicted on without a separate conversion step.
+
+The voxel order is SimpleITK's (and that of dcm2niix-like tools): array index (i, j, k) is (column, row,
+slice), slices ascending along the normal cross(row cosine, column cosine). tests/test_dicom.py checks shape,
+affine and voxels against SimpleITK.
+"""
+
+import pathlib
+import struct
+from typing import NamedTuple
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from easunet_jax.errors import DataError
+
+# DICOM's patient x and y axes point left and posterior, NIfTI's right and anterior.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_GEOMETRY_TAGS = {'ImagePositionPatient': 3, 'ImageOrientationPatient': 6, 'PixelSpacing': 2}
+_SAME_TOL = 1e-4  # cosines and pixel spacings (mm) of one series differ by header rounding only
+_DUPLICATE_TOL_MM = 1e-3
+_SPACING_TOL, _SPACING_TOL_MM = 0.01, 0.01  # a step may differ from the median by the larger of the two
+# What a truncated, corrupt or foreign file raises inside pydicom, on reading or on converting a value.
+_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, struct.error, InvalidDicomError)
+
+Members = list[tuple[pathlib.Path, pydicom.Dataset]]
+
+
+class Series(NamedTuple):
+  uid: str  # SeriesInstanceUID
+  description: str  # SeriesDescription or ''
+  number: int | None  # SeriesNumber
+  files: tuple[pathlib.Path, ...]  # sorted by position along the normal (by InstanceNumber without geometry)
+
+
+def _one_line(e: BaseException) -> str:
+  return ' '.join(str(e).split()) or type(e).__name__
+
+
+def is_dicom_file(path: pathlib.Path) -> bool:
+  """Whether the file has the DICOM file format's 128-byte preamble and 'DICM' marker: exactly what pydicom's
+  dcmread(force=False) accepts, checked without parsing the file."""
+  try:
+    with open(path, 'rb') as f:
+      return f.read(132)[128:] == b'DICM'
+  except OSError:
+    return False
+
+
+def _files(folder: pathlib.Path) -> list[pathlib.Path]:
+  return [p for p in sorted(folder.rglob('*')) if p.is_file()]
+
+
+def is_dicom_folder(path: str | pathlib.Path) -> bool:
+  """A directory holding at least one DICOM file (searched recursively; a file is DICOM if it has the 'DICM'
+  marker at byte 128, which is what pydicom's dcmread with force=False reads)."""
+  path = pathlib.Path(path)
+  return path.is_dir() and any(is_dicom_file(p) for p in _files(path))
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> np.ndarray | None:
+  """The tag's `count` finite numbers; None when it is absent, empty, of another length or unreadable."""
+  try:
+    values = np.array([float(v) for v in ds.get(keyword)], np.float64)
+  except (TypeError, ValueError):
+    return None
+  return values if values.shape == (count,) and np.isfinite(values).all() else None
+
+
+def _series_number(ds: pydicom.Dataset) -> int | None:
+  try:
+    return int(ds.get('SeriesNumber'))
+  except (TypeError, ValueError):
+    return None
+
+
+def _scan(folder: pathlib.Path) -> dict[str, Members]:
+  """Headers (no pixels) of the DICOM image files under folder, grouped by SeriesInstanceUID."""
+  if not folder.is_dir():
+    raise DataError(f'{folder}: not a directory (expected a folder of DICOM files)')
+  groups: dict[str, Members] = {}
+  for path in _files(folder):
+    if not is_dicom_file(path):
+      continue
+    try:
+      ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except _READ_ERRORS as e:
+      raise DataError(f'{path}: DICOM header unreadable ({_one_line(e)})') from None
+    # Images only: a DICOMDIR, a structured report or a presentation state has no Rows and no pixels.
+    if 'Rows' in ds and ds.get('SeriesInstanceUID'):
+      groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+  if not groups:
+    raise DataError(f'{folder}: no DICOM image file found (searched recursively; expected the exported files '
+                    'of an MRI series)')
+  return groups
+
+
+def _slice_order(members: Members) -> Members:
+  """Members sorted by position along the first file's slice normal, the order GDCM gives; by InstanceNumber
+  then name where geometry is missing (read_series then refuses the series)."""
+  cosines = _floats(members[0][1], 'ImageOrientationPatient', 6)
+  positions = [_floats(ds, 'ImagePositionPatient', 3) for _, ds in members]
+  if cosines is None or any(p is None for p in positions):
+    def instance(member):
+      try:
+        return int(member[1].get('InstanceNumber')), member[0]
+      except (TypeError, ValueError):
+        return 0, member[0]
+    return sorted(members, key=instance)
+  normal = np.cross(cosines[:3], cosines[3:])
+  order = sorted(range(len(members)), key=lambda n: (float(positions[n] @ normal), members[n][0]))
+  return [members[n] for n in order]
+
+
+def _series_list(groups: dict[str, Members]) -> list[Series]:
+  series = []
+  for uid, members in groups.items():
+    first = members[0][1]
+    files = tuple(path for path, _ in _slice_order(members))
+    series.append(Series(uid, str(first.get('SeriesDescription') or ''), _series_number(first), files))
+  return sorted(series, key=lambda s: (-len(s.files), s.number is None, s.number or 0, s.uid))
+
+
+def find_series(folder: str | pathlib.Path) -> list[Series]:
+  """Every image series under folder (recursive), read without pixels, grouped by SeriesInstanceUID, the one
+  with most files first. DataError if there is none."""
+  return _series_list(_scan(pathlib.Path(folder)))
+
+
+def _describe(series: Series) -> str:
+  return f'{series.uid} ({series.description!r}, {len(series.files)} files)'
+
+
+def _geometry(where: str, members: Members) -> tuple[np.ndarray, float]:
+  """The LPS voxel-to-world affine of slices sorted along the normal, and the mean slice spacing in mm."""
+  for path, ds in members:
+    if int(ds.get('NumberOfFrames') or 1) > 1:
+      raise DataError(f'{where}: {path.name} is a multi-frame (enhanced) DICOM file, not supported yet '
+                      '(export the series as one file per slice)')
+  if len(members) < 2:
+    raise DataError(f'{where}: {len(members)} slice, a volume needs at least 2 (is this a localizer?)')
+  geometry = []
+  for path, ds in members:
+    values = {tag: _floats(ds, tag, count) for tag, count in _GEOMETRY_TAGS.items()}
+    missing = [tag for tag, value in values.items() if value is None]
+    if missing:
+      raise DataError(f'{where}: {path.name} lacks {", ".join(missing)} (or holds unreadable values), '
+                      'so its slice cannot be placed in space')
+    geometry.append(((int(ds.Rows), int(ds.Columns)), values))
+  first_path, (first_size, first) = members[0][0], geometry[0]
+  for (path, _), (size, values) in zip(members[1:], geometry[1:]):
+    for what, a, b in (('Rows/Columns', first_size, size),
+                       ('PixelSpacing', first['PixelSpacing'], values['PixelSpacing']),
+                       ('ImageOrientationPatient', first['ImageOrientationPatient'],
+                        values['ImageOrientationPatient'])):
+      if np.shape(a) != np.shape(b) or not np.allclose(a, b, rtol=0, atol=_SAME_TOL):
+        raise DataError(f'{where}: mixed-size series, {what} {np.round(a, 5).tolist()} in {first_path.name} '
+                        f'but {np.round(b, 5).tolist()} in {path.name} (export or pick one series alone)')
+  row, column = first['ImageOrientationPatient'][:3], first['ImageOrientationPatient'][3:]
+  normal = np.cross(row, column)
+  if np.linalg.norm(normal) < 0.5:
+    raise DataError(f'{where}: degenerate ImageOrientationPatient {np.concatenate([row, column]).tolist()} '
+                    f'in {first_path.name}')
+  positions = np.stack([values['ImagePositionPatient'] for _, values in geometry])
+  steps = np.diff(positions @ normal)
+  if (steps < _DUPLICATE_TOL_MM).any():
+    n = int(np.argmin(steps))
+    raise DataError(f'{where}: duplicate slice positions, {members[n][0].name} and {members[n + 1][0].name} '
+                    f'both at {np.round(positions[n], 4).tolist()} mm (several echoes, phases or copies in '
+                    'one series?)')
+  median = float(np.median(steps))
+  if (np.abs(steps - median) > max(_SPACING_TOL * median, _SPACING_TOL_MM)).any():
+    raise DataError(f'{where}: uneven slice spacing, steps from {steps.min():.4g} to {steps.max():.4g} mm '
+                    f'(median {median:.4g}; missing slices or an interleaved series?)')
+  # The mean step from the first slice to the last keeps every slice where its header puts it, in a sheared
+  # (gantry-tilted) stack too, where ITK puts normal * |step| instead; otherwise the two are the same.
+  step = (positions[-1] - positions[0]) / (len(members) - 1)
+  spacing = first['PixelSpacing']  # (between rows, between columns)
+  affine = np.eye(4)
+  affine[:3, 0], affine[:3, 1], affine[:3, 2] = row * spacing[1], column * spacing[0], step
+  affine[:3, 3] = positions[0]
+  return affine, float(np.linalg.norm(step))
+
+
+def _pixels(path: pathlib.Path) -> np.ndarray:
+  """One slice as float32 (column, row) with its own RescaleSlope and RescaleIntercept applied."""
+  try:
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    slope, intercept = ds.get('RescaleSlope'), ds.get('RescaleIntercept')
+    slope = 1.0 if slope in (None, '') else float(slope)
+    intercept = 0.0 if intercept in (None, '') else float(intercept)
+  except (*_READ_ERRORS, AttributeError, NotImplementedError, RuntimeError) as e:
+    raise DataError(f'{path}: pixel data unreadable ({_one_line(e)})') from None
+  if pixels.ndim != 2:
+    raise DataError(f'{path}: pixel array of shape {pixels.shape}, expected one grayscale slice')
+  return (pixels.T.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _laterality(ds: pydicom.Dataset) -> str | None:
+  for keyword in ('Laterality', 'ImageLaterality'):
+    value = str(ds.get(keyword) or '').strip().upper()
+    if value in ('L', 'R'):
+      return value
+  return None
+
+
+def read_series(folder: str | pathlib.Path, series_uid: str | None = None) -> tuple[nib.Nifti1Image, dict]:
+  """One series as a float32 NIfTI image with its RAS affine (qform and sform code 1), and a report.
+
+  Voxel (i, j, k) is (column, row, slice), slices ascending along cross(row cosine, column cosine), each
+  rescaled by its own RescaleSlope and RescaleIntercept. Without series_uid the series with most files is
+  read. The report holds 'series_found' (a dict of uid, description, number and file count per series),
+  'series_used', 'laterality' ('L', 'R' or None), 'description', 'manufacturer' and 'slice_spacing_mm'.
+  """
+  folder = pathlib.Path(folder)
+  groups = _scan(folder)
+  found = _series_list(groups)
+  chosen = found[0] if series_uid is None else next((s for s in found if s.uid == series_uid), None)
+  if chosen is None:
+    raise DataError(f'{folder}: no series {series_uid}; found {"; ".join(_describe(s) for s in found)}')
+  headers = dict(groups[chosen.uid])
+  members = [(path, headers[path]) for path in chosen.files]
+  affine, slice_spacing = _geometry(f'{folder}: series {_describe(chosen)}', members)
+  affine = _LPS_TO_RAS @ affine
+  volume = np.stack([_pixels(path) for path in chosen.files], axis=-1)
+  nii = nib.Nifti1Image(volume, affine)
+  nii.set_qform(affine, code=1)
+  nii.set_sform(affine, code=1)
+  nii.header.set_xyzt_units('mm')
+  first = members[0][1]
+  report = {
+    'series_found': [{'uid': s.uid, 'description': s.description, 'number': s.number, 'files': len(s.files)}
+                     for s in found],
+    'series_used': chosen.uid,
+    'laterality': _laterality(first),
+    'description': chosen.description,
+    'manufacturer': str(first.get('Manufacturer') or ''),
+    'slice_spacing_mm': slice_spacing,
+  }
+  return nii, report

@@ -1,0 +1,112 @@
+"""Tests of reading a DICOM series: geometry, voxel order and values against SimpleITK, series choice, and
+the one-line errors of broken series."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from dicom_series import AXIAL, CORONAL, OBLIQUE, SAGITTAL, STEPS, ds_numbers, write_series
+
+from easunet_jax.data import dicom
+from easunet_jax.errors import DataError
+
+
+def _simpleitk(folder, tmp_path):
+  reader = sitk.ImageSeriesReader()
+  reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+  sitk.WriteImage(reader.Execute(), str(tmp_path / 'x.nii.gz'))
+  return nib.load(tmp_path / 'x.nii.gz')
+
+
+@pytest.mark.parametrize('knee_x', [60.0, -60.0])
+@pytest.mark.parametrize('cosines, offsets', [(SAGITTAL, STEPS), (AXIAL, STEPS), (CORONAL, STEPS),
+                                              (OBLIQUE, STEPS), (SAGITTAL, -STEPS)],
+                         ids=['sagittal', 'axial', 'coronal', 'oblique', 'descending'])
+def test_matches_simpleitk(tmp_path, cosines, offsets, knee_x):
+  write_series(tmp_path / 'dcm', cosines, (knee_x, -20.0, 30.0), offsets=offsets, slope=1.5, intercept=-10)
+  nii, _ = dicom.read_series(tmp_path / 'dcm')
+  reference = _simpleitk(tmp_path / 'dcm', tmp_path)
+  assert nii.shape == reference.shape == (24, 20, 8)
+  np.testing.assert_allclose(nii.affine, reference.affine, atol=1e-3)
+  np.testing.assert_allclose(nii.get_fdata(), reference.get_fdata(), rtol=1e-6)
+  assert nii.get_data_dtype() == np.float32 and nii.header['qform_code'] == nii.header['sform_code'] == 1
+
+
+def test_voxel_order_rescale_per_slice_and_report(tmp_path):
+  def per_slice(n, ds):
+    ds.RescaleIntercept = str(10 * n)
+    ds.ImageLaterality = 'R'
+  raw, uid = write_series(tmp_path, AXIAL, (-60.0, 5.0, 30.0), slope=0.5, edit=per_slice)
+  nii, report = dicom.read_series(tmp_path)
+  np.testing.assert_allclose(nii.get_fdata(), raw * 0.5 + 10 * np.arange(8), rtol=1e-6)
+  # Axial LPS (column, row, slice) steps along (+x, +y, +z) are RAS (-x, -y, +z); the origin's x and y flip.
+  np.testing.assert_allclose(nii.affine, [[-0.4, 0, 0, 60], [0, -0.5, 0, -5], [0, 0, 0.7, 30], [0, 0, 0, 1]],
+                             atol=1e-6)
+  assert report['laterality'] == 'R' and report['series_used'] == uid and report['manufacturer'] == 'ACME'
+  assert report['description'] == 'DESS 8' and report['slice_spacing_mm'] == pytest.approx(0.7)
+  assert report['series_found'] == [{'uid': uid, 'description': 'DESS 8', 'number': 3, 'files': 8}]
+
+
+def test_sheared_stack_keeps_slice_positions(tmp_path):
+  def shear(n, ds):
+    # Each slice also 0.2 mm posterior of the one before.
+    ds.ImagePositionPatient = ds_numbers([60 - 0.7 * n, -20 + 0.2 * n, 30])
+  write_series(tmp_path, edit=shear)
+  nii, report = dicom.read_series(tmp_path)
+  # Voxel (0, 0, k) lies on slice k's position (RAS); SimpleITK would use the normal times the mean distance.
+  corners = nii.affine @ np.stack([np.zeros(8), np.zeros(8), np.arange(8), np.ones(8)])
+  np.testing.assert_allclose(corners[:3].T, [[-60 + 0.7 * n, 20 - 0.2 * n, 30] for n in range(8)], atol=1e-6)
+  assert report['slice_spacing_mm'] == pytest.approx(np.hypot(0.7, 0.2))
+
+
+def test_two_series_choice_and_unknown_uid(tmp_path):
+  _, large = write_series(tmp_path / 'a', laterality='L')
+  _, small = write_series(tmp_path / 'b', CORONAL, offsets=STEPS[:6], seed=1)
+  assert dicom.is_dicom_folder(tmp_path) and [s.uid for s in dicom.find_series(tmp_path)] == [large, small]
+  nii, report = dicom.read_series(tmp_path)
+  assert nii.shape[2] == 8 and report['series_used'] == large and report['laterality'] == 'L'
+  nii, report = dicom.read_series(tmp_path, small)
+  assert nii.shape[2] == 6 and report['series_used'] == small and report['laterality'] is None
+  with pytest.raises(DataError, match=r'no series 1\.2\.3;') as e:
+    dicom.read_series(tmp_path, '1.2.3')
+  assert large in str(e.value) and small in str(e.value) and '6 files' in str(e.value)
+
+
+def _del_position(n, ds):
+  if n == 2:
+    del ds.ImagePositionPatient
+
+
+def _swap_size(n, ds):
+  if n == 3:
+    ds.Rows, ds.Columns = ds.Columns, ds.Rows  # the same number of pixels, another shape
+
+
+def _multi_frame(n, ds):
+  ds.NumberOfFrames = 2 if n == 0 else 1
+
+
+@pytest.mark.parametrize('kwargs, message', [
+  (dict(offsets=[0, 0.7, 1.4, 2.1, 2.8, 3.5, 4.2, 5.2]), 'uneven slice spacing, steps from 0.7 to 1 mm'),
+  (dict(offsets=[0, 0.7, 1.4, 1.4, 2.1, 2.8]), 'duplicate slice positions'),
+  (dict(edit=_swap_size), 'mixed-size series, Rows/Columns'),
+  (dict(edit=_del_position), 'lacks ImagePositionPatient'),
+  (dict(offsets=[0.0]), 'at least 2'),
+  (dict(edit=_multi_frame), 'multi-frame'),
+], ids=['uneven', 'duplicate', 'mixed', 'no-position', 'one-slice', 'multi-frame'])
+def test_broken_series_are_one_line_errors(tmp_path, kwargs, message):
+  write_series(tmp_path / 'dcm', **kwargs)
+  with pytest.raises(DataError, match=message) as e:
+    dicom.read_series(tmp_path / 'dcm')
+  assert '\n' not in str(e.value) and str(tmp_path / 'dcm') in str(e.value)
+
+
+def test_folder_without_dicom_files(tmp_path):
+  with pytest.raises(DataError, match='no DICOM image file'):
+    dicom.read_series(tmp_path)
+  (tmp_path / 'notes.txt').write_text('not an image')
+  (tmp_path / 'sub').mkdir()
+  (tmp_path / 'sub' / 'blob').write_bytes(bytes(range(256)))
+  assert not dicom.is_dicom_folder(tmp_path)
+  with pytest.raises(DataError, match='no DICOM image file'):
+    dicom.find_series(tmp_path)
