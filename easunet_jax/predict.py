@@ -6,7 +6,6 @@ each scan (NIfTI and PNG)."""
 import csv
 import functools
 import pathlib
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -59,8 +58,7 @@ def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path
     raise DataError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was '
                     "trained at; pass --config.predict.spacing='(<mm>, <mm>)' or "
                     '--config.predict.resample=False')
-  rows = pipeline.read_index(split_dir)
-  return tuple(float(statistics.median(row['spacing'][i] for row in rows)) for i in (0, 1))
+  return pipeline.median_pixel_mm(split_dir)
 
 
 def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
@@ -111,8 +109,8 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None) -> tu
   if abs(x) >= _SIDE_MIN_MM:
     side = 'R' if x > 0 else 'L'
     return side, f"from the position: centred {abs(x):.0f} mm to the patient's {SIDES[side]}"
-  return None, (f'undecided: the scan is centred {x:+.0f} mm from the midline (RAS x); pass --laterality '
-                'to name compartments medial and lateral')
+  return None, (f'undecided: the scan is centred {abs(x):.0f} mm from the midline (RAS x); pass '
+                '--laterality to name compartments medial and lateral')
 
 
 def _resize(array: np.ndarray, size: Sequence[int]) -> np.ndarray:

@@ -4,6 +4,7 @@ placement on the devices. It only reads, shuffles and batches: training augmenta
 
 import json
 import pathlib
+import statistics
 from collections.abc import Iterator
 
 import grain
@@ -70,6 +71,13 @@ def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, wo
 def read_index(split_dir: str | pathlib.Path) -> list[dict]:
   """The store's row index of one split: {'case', 'slice', 'spacing', 'cartilage', 'pad'} per row."""
   return json.loads((pathlib.Path(split_dir) / 'index.json').read_text())
+
+
+def median_pixel_mm(split_dir: str | pathlib.Path) -> tuple[float, float]:
+  """The median in-plane pixel size (mm) of a split's rows: for the train split, the pixel a model trained
+  on the store expects."""
+  rows = read_index(split_dir)
+  return tuple(float(statistics.median(row['spacing'][i] for row in rows)) for i in (0, 1))
 
 
 def eval_batches(store_dir: str | pathlib.Path, batch_size: int, split: str = 'val',
