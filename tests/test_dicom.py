@@ -3,9 +3,11 @@ the one-line errors of broken series."""
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_series import AXIAL, CORONAL, OBLIQUE, SAGITTAL, STEPS, ds_numbers, write_series
+from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from easunet_jax.data import dicom
 from easunet_jax.errors import DataError
@@ -30,6 +32,19 @@ def test_matches_simpleitk(tmp_path, cosines, offsets, knee_x):
   np.testing.assert_allclose(nii.affine, reference.affine, atol=1e-3)
   np.testing.assert_allclose(nii.get_fdata(), reference.get_fdata(), rtol=1e-6)
   assert nii.get_data_dtype() == np.float32 and nii.header['qform_code'] == nii.header['sform_code'] == 1
+
+
+@pytest.mark.parametrize('syntax', [JPEG2000Lossless, RLELossless], ids=['jpeg2000', 'rle'])
+def test_compressed_series_reads_like_the_uncompressed(tmp_path, syntax):
+  write_series(tmp_path / 'dcm', size=(64, 48))  # JPEG 2000's default resolution levels need 32+ pixels
+  plain, _ = dicom.read_series(tmp_path / 'dcm')
+  for path in (tmp_path / 'dcm').iterdir():
+    ds = pydicom.dcmread(path)
+    ds.compress(syntax)
+    ds.save_as(path)
+  assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+  compressed, _ = dicom.read_series(tmp_path / 'dcm')
+  np.testing.assert_array_equal(compressed.get_fdata(), plain.get_fdata())
 
 
 def test_voxel_order_rescale_per_slice_and_report(tmp_path):
