@@ -226,7 +226,8 @@ def test_predict_without_config_uses_the_shipped_model(env, tmp_path):
   mask = nib.load(tmp_path / 'mask.nii.gz')
   assert mask.shape == image.shape and np.allclose(mask.affine, affine)
   assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
-  assert 'scan.nii.gz: FC' in result.stdout
+  assert 'scan.nii.gz: knee of unknown side (undecided' in result.stdout and '; FC ' in result.stdout
+  assert (tmp_path / 'mask_measures.csv').exists() and (tmp_path / 'mask_thickness.png').exists()
   refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=train'], env=env,
                            capture_output=True, text=True, check=False)
   assert refused.returncode == 2 and refused.stderr.startswith('error: --config is needed')
