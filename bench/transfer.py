@@ -8,8 +8,8 @@ deformations, sizes, thickness factors and sides), at OAI-ZIB geometry (160 x 38
 path apart from the training's on-device synthesis (`data.synth`), and DESS-like from its bone and
 cartilage labels alone (everything else one soft tissue); and, for comparison, schematic phantoms
 (`data.phantom`, DESS-like) of the same seed. Each set is segmented by `predict.predict` from its NIfTI
-files, as `--mode=predict` does, and scored against its labels with `metrics.segmentation_metrics`. Prints
-a Markdown table (mean ± std over knees) and one JSON line.
+files, as `--mode=predict` does, and scored against its labels with `metrics.segmentation_metrics` and the
+error of `measures.mean_thickness_mm`. Prints a Markdown table (mean ± std over knees) and one JSON line.
 """
 
 from easunet_jax import environment
@@ -23,7 +23,7 @@ import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from easunet_jax import metrics, predict, pretrained  # noqa: E402
+from easunet_jax import measures, metrics, predict, pretrained  # noqa: E402
 from easunet_jax.data import knee, phantom, volumes  # noqa: E402
 
 SEED = 1000  # the training phantoms are dataset seed 0
@@ -79,14 +79,20 @@ def main() -> None:
                                     ((1, 1), (2, 2)))
       cases.append({plate: metrics.segmentation_metrics(mask == k, labels == value, spacing)['dice']
                     for plate, k, value in (('fc', 1, 2), ('tc', 2, 4))})
+      cases[-1] |= {f'{plate}_thickness_error_mm': measures.mean_thickness_mm(mask == k, spacing)
+                    - measures.mean_thickness_mm(labels == value, spacing)
+                    for plate, k, value in (('fc', 1, 2), ('tc', 2, 4))}
     results[name] = cases
-  print(f'Model {args.weights}, {args.num} knees per set, 3D Dice %, mean ± std over knees:\n')
-  print('| test set | FC | TC | mean |')
-  print('|---|---|---|---|')
+  print(f'Model {args.weights}, {args.num} knees per set, 3D Dice % and error of mean thickness '
+        '(prediction - truth, mm), mean ± std over knees:\n')
+  print('| test set | FC | TC | mean | FC thickness error | TC thickness error |')
+  print('|---|---|---|---|---|---|')
   for name, cases in results.items():
-    fc, tc = (np.array([c[p] for c in cases]) for p in ('fc', 'tc'))
+    fc, tc, fc_t, tc_t = (np.array([c[k] for c in cases])
+                          for k in ('fc', 'tc', 'fc_thickness_error_mm', 'tc_thickness_error_mm'))
     print(f'| {name} | {fc.mean():.1f} ± {fc.std():.1f} | {tc.mean():.1f} ± {tc.std():.1f} | '
-          f'{(fc.mean() + tc.mean()) / 2:.1f} |')
+          f'{(fc.mean() + tc.mean()) / 2:.1f} | {fc_t.mean():+.2f} ± {fc_t.std():.2f} | '
+          f'{tc_t.mean():+.2f} ± {tc_t.std():.2f} |')
   print(json.dumps({'weights': args.weights, 'out': str(out), 'every': args.every, 'dice': results}))
 
 
