@@ -79,8 +79,7 @@ def reference():
 def test_compartments_partition_the_plates(reference, laterality):
   labels, spacing = reference
   fc, tc = labels == 2, labels == 4
-  regions = measures.compartment_regions(fc, tc, spacing, laterality)
-  parts = {name: {'fc': fc, 'tc': tc}[name[:2]] & region for name, region in regions.items()}
+  parts = measures.compartments(fc, tc, spacing, laterality)
   sides = {'R': ('medial', 'lateral'), 'L': ('medial', 'lateral'), None: ('left', 'right')}[laterality]
   assert sorted(parts) == sorted([f'fc_{s}' for s in (*sides, 'trochlea')] + [f'tc_{s}' for s in sides])
   for plate, mask in (('fc', fc), ('tc', tc)):
@@ -91,6 +90,7 @@ def test_compartments_partition_the_plates(reference, laterality):
   if laterality:
     medial, lateral = (np.nonzero(parts[f'tc_{s}'])[0].mean() for s in ('medial', 'lateral'))
     assert (medial < lateral) == (laterality == 'R')
+  regions = measures.compartment_regions(fc, tc, spacing, laterality)
   table, _ = measures.compartment_table(fc, tc, spacing, regions)
   for plate in ('fc', 'tc'):
     total = sum(row['volume_mm3'] for name, row in table.items() if name.startswith(plate + '_'))
