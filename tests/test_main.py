@@ -193,8 +193,8 @@ BAD_CONFIGS = {
     'wrong type': ('--config.train.batch_size=four', 'flag --config.train.batch_size=four: invalid literal'),
     'batch vs devices': ('--config.train.batch_size=6',
                          'train.batch_size: expected a multiple of the device count 4, got 6'),
-    'widths': ('--config.model.features=(4, 8, 16, 32)', '3 side outputs but 4 loss.side_weights'),
-    'image size': ('--config.data.phantom_shape=(8, 40, 40)', 'data.phantom_shape: expected 3 positive'),
+    'widths': ('--config.model.features=(4, 8, 16, 32)', '3 side outputs but 2 loss.side_weights'),
+    'image size': ('--config.data.phantom_shape=(8, 42, 42)', 'data.phantom_shape: expected 3 positive'),
     'missing data.root': ('--config.data.root=/no/such/dir', "data.root: expected a dataset directory"),
 }
 

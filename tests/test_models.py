@@ -50,7 +50,7 @@ def _forward_shapes(model, x):
 
 
 def test_output_shapes_train_and_eval():
-  model = _abstract(tiny.get_config().model)
+  model = _abstract(default.get_config().model)  # the paper's five levels: stride 16, four sides
   x = jax.ShapeDtypeStruct((2, 32, 48, 1), jnp.float32)
   model.train()
   final, sides = _forward_shapes(model, x)
@@ -101,7 +101,7 @@ def test_whole_network_same_under_shift_and_xla_depthwise():
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1), jnp.float64)
     for impl in ('shift', 'xla'):
-      model = EASUNet(features=(4, 8, 16, 32, 64), depthwise_impl=impl, dtype=jnp.float64,
+      model = EASUNet(features=(4, 8, 16), depthwise_impl=impl, dtype=jnp.float64,
                       rngs=nnx.Rngs(0))
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
       params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
@@ -132,8 +132,8 @@ def test_auto_depthwise_takes_the_native_kernel_on_cpu_in_float32_only():
 
 def test_native_depthwise_runs_the_kernel_in_training_and_xla_stencil_in_evaluation():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
-  native = EASUNet(features=(4, 8, 16, 32, 64), depthwise_impl='native', rngs=nnx.Rngs(0))
-  shift = EASUNet(features=(4, 8, 16, 32, 64), depthwise_impl='shift', rngs=nnx.Rngs(0))
+  native = EASUNet(features=(4, 8, 16), depthwise_impl='native', rngs=nnx.Rngs(0))
+  shift = EASUNet(features=(4, 8, 16), depthwise_impl='shift', rngs=nnx.Rngs(0))
   for model in (native, shift):
     model.eval()
   assert 'ffi_call' not in str(jax.make_jaxpr(native)(x))
@@ -175,7 +175,8 @@ def test_ablation_switch_changes_the_network_and_keeps_the_output_shapes(field, 
   x = jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32)
   final, sides = _forward_shapes(model, x)
   assert final.shape == (2, 32, 32, 3)
-  assert [s.shape for s in sides] == [final.shape] * (0 if field == 'deep_supervision' else 4)
+  num_sides = 0 if field == 'deep_supervision' else len(tiny_cfg.features) - 1
+  assert [s.shape for s in sides] == [final.shape] * num_sides
   model.eval()
   assert _forward_shapes(model, x).shape == (2, 32, 32, 3)
 

@@ -23,12 +23,12 @@ ORNT = np.array([[2, 1], [0, -1], [1, 1]])
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   """(workdir, canonical file, permuted file) of a trained tiny run and a phantom knee of another size and
-  spacing (in-plane not a multiple of 16)."""
+  spacing (in-plane not a multiple of the tiny network's stride, 4)."""
   root = tmp_path_factory.mktemp('predict')
   config = tiny.get_config()
   config.data.phantom_dir = str(root / 'phantom')
   train.train_and_evaluate(config, root / 'tiny')
-  image, _, affine = phantom.make_subject(7, shape=(6, 40, 36), spacing=(3.0, 1.6, 1.8))
+  image, _, affine = phantom.make_subject(7, shape=(6, 42, 38), spacing=(3.0, 1.6, 1.8))
   canonical = root / 'canonical.nii.gz'
   nib.save(nib.Nifti1Image(image, affine), canonical)
   permuted = root / 'permuted.nii.gz'
@@ -47,7 +47,7 @@ def test_permuted_input_predicts_in_its_own_grid(run, tmp_path):
   workdir, _, permuted = run
   [result] = predict.predict(_config(), workdir, permuted, tmp_path / 'permuted_mask.nii.gz')
   source, mask = nib.load(permuted), nib.load(tmp_path / 'permuted_mask.nii.gz')
-  assert mask.shape == source.shape == (40, 36, 6)
+  assert mask.shape == source.shape == (42, 38, 6)
   np.testing.assert_allclose(mask.affine, source.affine, atol=1e-6)
   assert mask.get_data_dtype() == np.uint8
   assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
