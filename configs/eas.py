@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.train_slices = 'all'  # slices without cartilage too: a whole scan is segmented
     c.optim.schedule = 'poly'
     c.train.batch_size = 8
-    c.train.num_steps = 5000
+    c.train.num_steps = 6000
     c.train.eval_every_steps = 250
     c.checkpoint.every_steps = 250
   elif arg:
