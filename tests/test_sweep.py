@@ -3,6 +3,7 @@ runs that is stopped as its second point starts, re-run beside a failing variant
 
 import csv
 import json
+import os
 import re
 import shlex
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,6 +22,9 @@ TINY = "def sweep(add):\n  add('tiny', 'configs/tiny.py', 'Tiny EAS U-Net')\n"
 # A model name that only main.py rejects: the point fails in its own process, at start-up.
 BROKEN = "  add('broken', 'configs/tiny.py', 'Broken', **{'model.name': 'no_such_model'})\n"
 TIMEOUT_S = 900
+# The points' main.py processes use this session's compilation cache, so they do not compile again what
+# the in-process tiny runs of other test modules compiled.
+ENV = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir}
 
 
 def _command(sweep_file, workdir, *args) -> list[str]:
@@ -41,7 +46,7 @@ def runs(tmp_path_factory):
   with_broken.write_text(TINY.replace('\n', '\n' + BROKEN, 1))
 
   first = subprocess.Popen(_command(tiny, workdir, '--seeds=2'), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, env=ENV)
   deadline = time.monotonic() + TIMEOUT_S
   # tiny_seed1's log appears once tiny_seed0 is trained and evaluated, as the next point starts.
   while not (workdir / 'tiny_seed1' / 'sweep.log').exists() and first.poll() is None and (
@@ -53,11 +58,11 @@ def runs(tmp_path_factory):
   mtimes = {p: p.stat().st_mtime_ns for p in seed0_metrics}
 
   second = subprocess.run(_command(with_broken, workdir, '--seeds=2'), capture_output=True, check=False,
-                          text=True, timeout=TIMEOUT_S)
+                          text=True, timeout=TIMEOUT_S, env=ENV)
   after_second = {p: p.stat().st_mtime_ns for p in workdir.glob('*/eval/*/metrics.json')}
   table_after_second = (workdir / 'table.md').read_text()
   third = subprocess.run(_command(tiny, workdir, '--seeds=2'), capture_output=True, check=False,
-                         text=True, timeout=TIMEOUT_S)
+                         text=True, timeout=TIMEOUT_S, env=ENV)
   return {'workdir': workdir, 'first': first, 'first_stderr': first_stderr, 'seed0_metrics': seed0_metrics,
           'mtimes': mtimes, 'second': second, 'after_second': after_second,
           'table_after_second': table_after_second, 'third': third}
