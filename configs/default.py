@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every_steps = 500  # validation period
   t.distributed = False  # call jax.distributed.initialize() (multi-host)
   t.nan_policy = 'stop'  # non-finite loss or gradients: 'stop' the run (naming the step) or 'skip' the update
+  # A model file (--mode=export; the shipped one: easunet_jax/weights/eas_knee.npz) whose weights and batch
+  # statistics start a new run: fine-tuning. The optimiser starts afresh; a resumed run ignores it.
+  t.init_weights = ''
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 16  # slices per validation and evaluation batch (padded to the device count)

@@ -13,7 +13,7 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from easunet_jax import checkpoints, metrics, parallel, records, steps
+from easunet_jax import checkpoints, metrics, parallel, pretrained, records, steps
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import DataError, UserError
 from easunet_jax.metric_writer import MetricWriter
@@ -71,9 +71,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   batch_size = config.train.batch_size
   mngr = checkpoints.manager(workdir, config.checkpoint.keep, for_training=True)
   start = mngr.latest_step() or 0
-  if start:  # before anything slow: a workdir of another network is refused at once
+  mesh = parallel.make_mesh()
+  # Before anything slow: a workdir or a model file of another network is refused at once.
+  if start:
     checkpoints.check_same_model(checkpoints.saved_config(mngr, start), config.model,
                                  mngr.directory / str(start))
+  elif config.train.init_weights:
+    init_step, _, initial = pretrained.load(config, config.train.init_weights, mesh)
 
   # Process 0 builds the store while the others wait: builders running at once would delete each other's
   # half-built stores. The others then find it up to date on a shared disk, or build their own copy.
@@ -91,7 +95,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   records.record_start(workdir, config, start)
 
   tx = steps.make_optimizer(config.optim, num_steps)
-  mesh = parallel.make_mesh()
   data_sharding, replicated = parallel.shardings(mesh)
   eval_batch_size = parallel.round_to_devices(config.eval.batch_size, mesh)
   train_graphdef, eval_graphdef, state = steps.create_train_state(config, tx, replicated)
@@ -101,6 +104,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     train_iter.set_state(iter_state)
     logging.info('Resumed from %s at step %d.', mngr.directory / str(start), start)
   else:
+    if config.train.init_weights:
+      state = state.replace(params=initial.params, batch_stats=initial.batch_stats)
+      logging.info('Weights and batch statistics from %s (its step %d).', config.train.init_weights,
+                   init_step)
     logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
         nnx.to_pure_dict(state.params)))
   logging.info('Training %s for %d steps (%d training slices, batch %d, %d devices).',

@@ -1,5 +1,5 @@
 """The training loop: resume = uninterrupted, logs and checkpoints, another model's workdir, a finished run,
-a NaN stop."""
+a NaN stop, fine-tuning from a model file."""
 
 import json
 
@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
-from easunet_jax import checkpoints, train
+from configs import default, tiny
+from easunet_jax import checkpoints, config_check, parallel, pretrained, steps, train
 from easunet_jax.data import pipeline
-from easunet_jax.errors import CheckpointError, UserError
+from easunet_jax.errors import CheckpointError, ConfigError, UserError
 
 
 class Killed(Exception):
@@ -106,3 +106,39 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
   with pytest.raises(UserError, match='at step 1'):
     train.train_and_evaluate(config, tmp_path / 'run')
   assert checkpoints.manager(tmp_path / 'run', 2).latest_step() is None
+
+
+def test_init_weights_start_a_new_run_from_a_model_file(straight_run, tmp_path, monkeypatch):
+  config, workdir, _ = straight_run
+  model_file = tmp_path / 'model.npz'
+  pretrained.export(config, workdir, model_file)
+  _, _, exported = pretrained.load(config, model_file, parallel.make_mesh())
+  tuned = _config(tmp_path / 'phantom')
+  tuned.train.init_weights = str(model_file)
+  first = {}
+  jit_steps = steps.jit_steps
+
+  def first_step_only(*args, **kwargs):
+    def record_and_stop(state, batch):
+      first['state'] = state
+      raise Killed
+    return record_and_stop, jit_steps(*args, **kwargs)[1]
+
+  monkeypatch.setattr(steps, 'jit_steps', first_step_only)
+  with pytest.raises(Killed):
+    train.train_and_evaluate(tuned, tmp_path / 'run')
+  state = first['state']
+  assert int(state.step) == 0
+  for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                  jax.tree.leaves((exported.params, exported.batch_stats)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert all(not np.asarray(m).any() for m in jax.tree.leaves(state.opt_state))  # momentum starts at zero
+
+  other = tuned.copy_and_resolve_references()
+  other.model.features = (8, 16, 32)
+  with pytest.raises(CheckpointError, match=r'model\.npz.*features=\(4, 8, 16\).*features=\(8, 16, 32\)'):
+    train.train_and_evaluate(other, tmp_path / 'other')
+  assert not (tmp_path / 'other' / 'slices').exists()  # refused before the slice store is built
+  tuned.train.init_weights = str(tmp_path / 'absent.npz')
+  with pytest.raises(ConfigError, match=r'train\.init_weights: .*absent\.npz.*not a file'):
+    config_check.check_config(tuned, default.get_config(), 'train')
