@@ -1,7 +1,6 @@
 """Transfer check of a model file: 3D Dice on knees it never trained on, in contrasts it never saw.
 
 python bench/transfer.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3] [--out DIR] [--every 1]
-  [--tta]
 
 Test knees: real-anatomy phantoms (`data.knee`) of dataset seed 1000 (training used seed 0: other
 deformations, sizes, thickness factors and sides), at OAI-ZIB geometry (160 x 384 x 384, 0.7 x 0.3646 x
@@ -65,11 +64,9 @@ def main() -> None:
   parser.add_argument('--out', default='', help='where the test sets and masks go (default: a temp dir); '
                       'test knees already there are reused')
   parser.add_argument('--every', type=int, default=1, help='every N-th sagittal slice only (N x faster)')
-  parser.add_argument('--tta', action='store_true', help='predict with flips (predict.tta)')
   args = parser.parse_args()
   out = pathlib.Path(args.out or tempfile.mkdtemp(prefix='transfer_'))
   config = pretrained.config_of(args.weights)
-  config.predict.tta = args.tta
   sets = _write(out, args.num, args.every)
   results = {}
   for name, folder in sets.items():
@@ -86,8 +83,8 @@ def main() -> None:
                     - measures.mean_thickness_mm(labels == value, spacing)
                     for plate, k, value in (('fc', 1, 2), ('tc', 2, 4))}
     results[name] = cases
-  print(f'Model {args.weights}{" with flip TTA" if args.tta else ""}, {args.num} knees per set, 3D Dice % '
-        'and error of mean thickness (prediction - truth, mm), mean ± std over knees:\n')
+  print(f'Model {args.weights}, {args.num} knees per set, 3D Dice % and error of mean thickness '
+        '(prediction - truth, mm), mean ± std over knees:\n')
   print('| test set | FC | TC | mean | FC thickness error | TC thickness error |')
   print('|---|---|---|---|---|---|')
   for name, cases in results.items():
@@ -96,8 +93,7 @@ def main() -> None:
     print(f'| {name} | {fc.mean():.1f} ± {fc.std():.1f} | {tc.mean():.1f} ± {tc.std():.1f} | '
           f'{(fc.mean() + tc.mean()) / 2:.1f} | {fc_t.mean():+.2f} ± {fc_t.std():.2f} | '
           f'{tc_t.mean():+.2f} ± {tc_t.std():.2f} |')
-  print(json.dumps({'weights': args.weights, 'out': str(out), 'every': args.every, 'tta': args.tta,
-                    'dice': results}))
+  print(json.dumps({'weights': args.weights, 'out': str(out), 'every': args.every, 'dice': results}))
 
 
 if __name__ == '__main__':

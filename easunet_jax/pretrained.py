@@ -64,12 +64,18 @@ def read_meta(path: str | pathlib.Path) -> dict:
     raise CheckpointError(f'{path}: not a model file of easunet_jax ({e})') from None
 
 
+def _known_fields(saved: dict, current: ml_collections.ConfigDict) -> dict:
+  """`saved` (a config as a dict) without the fields that `current` lacks."""
+  return {k: _known_fields(v, current[k]) if isinstance(v, dict) else v
+          for k, v in saved.items() if k in current}
+
+
 def config_of(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a model file was trained with (fields added since take their defaults), its
-  predict.spacing set to the file's pixel size."""
+  """The config a model file was trained with (fields added since take their defaults, fields removed
+  since are dropped), its predict.spacing set to the file's pixel size."""
   meta = read_meta(path)
   config = default.get_config()
-  config.update(meta['config'])
+  config.update(_known_fields(meta['config'], config))
   config.predict.spacing = tuple(meta['pixel_mm'])
   return config
 

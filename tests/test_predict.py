@@ -85,7 +85,7 @@ def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
   inputs.mkdir()
   for path in (canonical, permuted):
     (inputs / path.name).write_bytes(path.read_bytes())
-  results = predict.predict(_config(label_values='oai-zib', tta=True), workdir, inputs, tmp_path / 'out')
+  results = predict.predict(_config(label_values='oai-zib'), workdir, inputs, tmp_path / 'out')
   assert [r['output'] for r in results] == [str(tmp_path / 'out' / p.name) for p in (canonical, permuted)]
   for path in (canonical, permuted):
     mask = nib.load(tmp_path / 'out' / path.name)

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
-from easunet_jax import checkpoints, parallel, pretrained, steps
+from configs import default, tiny
+from easunet_jax import checkpoints, config_check, parallel, pretrained, steps
 from easunet_jax.errors import CheckpointError
 
 
@@ -59,6 +59,18 @@ def test_foreign_and_missing_files_are_one_line_errors(workdir, tmp_path):
   with pytest.raises(CheckpointError, match='trained with model'):
     pretrained.load(other, tmp_path / 'model.npz', parallel.make_mesh())
 
+
+def test_a_field_removed_since_the_file_was_written_is_dropped(workdir, tmp_path):
+  pretrained.export(tiny.get_config(), workdir, tmp_path / 'model.npz')
+  with np.load(tmp_path / 'model.npz') as f:
+    arrays = dict(f)
+  meta = json.loads(str(arrays['meta']))
+  meta['config']['predict']['tta'] = False  # a field of earlier versions
+  arrays['meta'] = np.array(json.dumps(meta))
+  np.savez(tmp_path / 'old.npz', **arrays)
+  config = pretrained.config_of(tmp_path / 'old.npz')
+  assert 'tta' not in config.predict and tuple(config.predict.spacing) == (0.5, 0.6)
+  config_check.check_config(config, default.get_config(), 'predict')
 
 
 def test_the_shipped_model():
