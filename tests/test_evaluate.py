@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from configs import tiny
 from easunet_jax import evaluate, train
@@ -95,6 +96,9 @@ def test_morphometry_csv_and_report_hold_the_thickness_and_volume_errors(run):
 def test_morphometry_errors_of_the_reference_knee():
   labels, spacing = knee.reference()
   classes = np.select([labels == 2, labels == 4], [1, 2], 0).astype(np.uint8)
+  # Cropped to the plates and a 3-voxel margin: the same measures, a quarter of the voxels to scan.
+  box = ndimage.find_objects((classes > 0).astype(np.uint8))[0]
+  classes = np.pad(classes[box], 3)
   exact = evaluate.morphometry_errors(classes, classes, spacing)
   assert all(e['thickness_error_mm'] == 0 and e['volume_error_pct'] == 0 for e in exact.values())
   thinner = classes.copy()
