@@ -88,7 +88,7 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
   if mode == 'train' and config.train.batch_size % jax.device_count():
     raise ConfigError(f'train.batch_size: expected a multiple of the device count {jax.device_count()}, '
                       f'got {config.train.batch_size}')
-  if config.train.init_weights and not pathlib.Path(config.train.init_weights).is_file():
+  if mode == 'train' and config.train.init_weights and not pathlib.Path(config.train.init_weights).is_file():
     raise ConfigError(f'train.init_weights: expected a model file (--mode=export), got '
                       f'{config.train.init_weights!r}, which is not a file')
   data = config.data

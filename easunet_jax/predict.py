@@ -34,8 +34,8 @@ SIDES = {'R': 'right', 'L': 'left'}
 
 def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
   """Softmax (B, H, W, K). No flip test-time augmentation: a head-foot flip makes the femur a tibia, and
-  a model trained without flips segments flipped knees badly (flip TTA cut the shipped model's 3D Dice on
-  the DESS-like transfer set from 75 / 77 to 53 / 13, FC / TC)."""
+  a model trained without flips segments flipped knees badly (flip TTA cut the 6000-step shipped model's 3D
+  Dice on the DESS-like transfer set from 75 / 77 to 53 / 13, FC / TC)."""
   return jax.nn.softmax(steps.forward(state, image_BHW1, graphdef=graphdef), axis=-1)
 
 

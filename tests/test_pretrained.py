@@ -60,12 +60,13 @@ def test_foreign_and_missing_files_are_one_line_errors(workdir, tmp_path):
     pretrained.load(other, tmp_path / 'model.npz', parallel.make_mesh())
 
 
-def test_a_field_removed_since_the_file_was_written_is_dropped(workdir, tmp_path):
+def test_a_file_of_an_earlier_version_or_fine_tuned_elsewhere_predicts(workdir, tmp_path):
   pretrained.export(tiny.get_config(), workdir, tmp_path / 'model.npz')
   with np.load(tmp_path / 'model.npz') as f:
     arrays = dict(f)
   meta = json.loads(str(arrays['meta']))
   meta['config']['predict']['tta'] = False  # a field of earlier versions
+  meta['config']['train']['init_weights'] = 'on/another/machine.npz'  # where its training started
   arrays['meta'] = np.array(json.dumps(meta))
   np.savez(tmp_path / 'old.npz', **arrays)
   config = pretrained.config_of(tmp_path / 'old.npz')
