@@ -96,7 +96,8 @@ def test_morphometry_csv_and_report_hold_the_thickness_and_volume_errors(run):
 def test_morphometry_errors_of_the_reference_knee():
   labels, spacing = knee.reference()
   classes = np.select([labels == 2, labels == 4], [1, 2], 0).astype(np.uint8)
-  # Cropped to the plates and a 3-voxel margin: the same measures, a quarter of the voxels to scan.
+  # Cropped to the plates and a 3-voxel margin (a ninth of the voxels): the same measures, quicker region
+  # masks (the thickness maps crop to each plate themselves).
   box = ndimage.find_objects((classes > 0).astype(np.uint8))[0]
   classes = np.pad(classes[box], 3)
   exact = evaluate.morphometry_errors(classes, classes, spacing)
