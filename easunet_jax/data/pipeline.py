@@ -5,6 +5,7 @@ placement on the devices. It only reads, shuffles and batches: training augmenta
 import json
 import pathlib
 import statistics
+import threading
 from collections.abc import Iterator
 
 import grain
@@ -20,21 +21,29 @@ class SliceSource(grain.sources.RandomAccessDataSource):
 
   def __init__(self, split_dir: str | pathlib.Path):
     self._dir = pathlib.Path(split_dir)
-    self._arrays = None  # (images, labels), mapped on first use
+    self._arrays = None  # {kind: memory-mapped array}, mapped on first use
+    self._mapping = threading.Lock()
     self._len = len(np.load(self._dir / 'labels.npy', mmap_mode='r'))
 
   def __getstate__(self) -> dict:
     # Worker processes get the paths and map the files themselves, instead of a pickled copy of the data.
-    return {**self.__dict__, '_arrays': None}
+    return {**self.__dict__, '_arrays': None, '_mapping': None}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state, _mapping=threading.Lock())
 
   def __len__(self) -> int:
     return self._len
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    # Grain reads from several threads: publish both arrays in one assignment, never half of them.
+    # Grain reads from several threads, and only one of them maps the files: np.load parses the .npy
+    # header with ast, and two threads parsing at once failed once in the test suite on CPython 3.11.7
+    # ("SystemError: AST constructor recursion depth mismatch").
     if self._arrays is None:
-      self._arrays = {kind: np.load(self._dir / f'{kind}s.npy', mmap_mode='r')
-                      for kind in ('image', 'label', 'tissue') if (self._dir / f'{kind}s.npy').exists()}
+      with self._mapping:
+        if self._arrays is None:
+          self._arrays = {kind: np.load(self._dir / f'{kind}s.npy', mmap_mode='r')
+                          for kind in ('image', 'label', 'tissue') if (self._dir / f'{kind}s.npy').exists()}
     # The store's compact dtypes (float16, uint8) go to the devices as they are: 3 bytes a pixel to move
     # instead of 8, and no conversion on the host. The train step widens them.
     row = {kind: np.array(array[i]) for kind, array in self._arrays.items()}
