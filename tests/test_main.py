@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
-from easunet_jax import checkpoints
+from configs import default, tiny
+from easunet_jax import checkpoints, config_check
 from easunet_jax.data import knee, pipeline, preprocess, volumes
+from easunet_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Each run of a `--hook` kills itself with SIGKILL at one exact moment: a real kill -9, placed where a test
@@ -187,25 +189,39 @@ def test_nan_policy_skip_trains_through_a_nan_slice_and_counts_the_skips(env, ph
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_state(workdir, 6)))
 
 
-BAD_CONFIGS = {
+# Through main.py: absl's flag parsing, and one check of config_check, each with exit code 2 and one line.
+BAD_FLAGS = {
     'unknown field': ('--config.train.learning_rate=0.1',
                       '--config.train.learning_rate: no such config field'),
     'wrong type': ('--config.train.batch_size=four', 'flag --config.train.batch_size=four: invalid literal'),
     'batch vs devices': ('--config.train.batch_size=6',
                          'train.batch_size: expected a multiple of the device count 4, got 6'),
-    'widths': ('--config.model.features=(4, 8, 16, 32)', '3 side outputs but 2 loss.side_weights'),
-    'image size': ('--config.data.phantom_shape=(8, 42, 42)', 'data.phantom_shape: expected 3 positive'),
-    'missing data.root': ('--config.data.root=/no/such/dir', "data.root: expected a dataset directory"),
+}
+# config_check's other start-up checks, called as main.py calls it (a process each would add ~6 s).
+BAD_VALUES = {
+    'widths': ({'model.features': (4, 8, 16, 32)}, '3 side outputs but 2 loss.side_weights'),
+    'image size': ({'data.phantom_shape': (8, 42, 42)}, 'data.phantom_shape: expected 3 positive'),
+    'missing data.root': ({'data.root': '/no/such/dir'}, 'data.root: expected a dataset directory'),
 }
 
 
-@pytest.mark.parametrize('name', BAD_CONFIGS)
+@pytest.mark.parametrize('name', BAD_FLAGS)
 def test_bad_config_is_exit_code_2_and_one_line(name, env, phantom, tmp_path):
-  override, message = BAD_CONFIGS[name]
+  override, message = BAD_FLAGS[name]
   result = _run(env, tmp_path / 'run', phantom, override)
   assert result.returncode == 2
   assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f'error: {message}')
   assert not (tmp_path / 'run').exists()  # stopped before anything was written
+
+
+@pytest.mark.parametrize('name', BAD_VALUES)
+def test_bad_config_values_are_one_line_config_errors(name):
+  fields, message = BAD_VALUES[name]
+  config = tiny.get_config()
+  config.update_from_flattened_dict(fields)
+  with pytest.raises(ConfigError, match=f'^{re.escape(message)}') as error:
+    config_check.check_config(config, default.get_config(), 'train')
+  assert '\n' not in str(error.value)
 
 
 def test_verbose_shows_the_traceback_of_a_bad_config(env, phantom, tmp_path):
