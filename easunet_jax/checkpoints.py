@@ -91,8 +91,10 @@ def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
-def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, step_dir: pathlib.Path) -> None:
-  """Refuses a checkpoint trained with another network than `model_cfg` describes, naming both."""
+def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, source: pathlib.Path, *,
+                     instead: str) -> None:
+  """Refuses a checkpoint or model file (`source`) trained with another network than `model_cfg`
+  describes, naming both; the message offers `instead` (e.g. 'another workdir') as the other way out."""
   trained = saved.get('model', {})
   fields = [k for k in dict.fromkeys([*model_cfg, *trained]) if k not in _COMPUTE_ONLY_FIELDS]
   differ = [k for k in fields if _plain(trained.get(k)) != _plain(model_cfg.get(k))]
@@ -102,9 +104,8 @@ def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, step_dir
     def describe(group) -> str:
       return ', '.join(f'{k}={_plain(group.get(k))}' for k in shown)
 
-    raise CheckpointError(f'{step_dir} was trained with model {describe(trained)} but the config asks for '
-                          f'{describe(model_cfg)}; use the config the workdir was trained with, or another '
-                          'workdir')
+    raise CheckpointError(f'{source} was trained with model {describe(trained)} but the config asks for '
+                          f'{describe(model_cfg)}; use the config it was trained with, or {instead}')
 
 
 def _plain(value):
@@ -149,7 +150,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | path
     step = _requested_step(mngr, config.eval.checkpoint)
     with _unreadable_as_one_line(directory / str(step)):
       saved = saved_config(mngr, step)
-    check_same_model(saved, config.model, directory / str(step))
+    check_same_model(saved, config.model, directory / str(step), instead='another workdir')
     abstract = target()
     with _unreadable_as_one_line(directory / str(step)):
       state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state

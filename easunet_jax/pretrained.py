@@ -80,7 +80,8 @@ def load(config: ml_collections.ConfigDict, path: str | pathlib.Path, mesh: jax.
   """(step, evaluation graphdef, state replicated over `mesh`) of a model file; its network must be
   config.model's. The state has no optimiser state: it serves forward passes only."""
   meta = read_meta(path)
-  checkpoints.check_same_model(meta['config'], config.model, pathlib.Path(path))
+  checkpoints.check_same_model(meta['config'], config.model, pathlib.Path(path),
+                               instead='a model file of this network')
   _, eval_graphdef = steps.graphdefs(config)
   model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
   _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)

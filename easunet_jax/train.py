@@ -75,7 +75,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # Before anything slow: a workdir or a model file of another network is refused at once.
   if start:
     checkpoints.check_same_model(checkpoints.saved_config(mngr, start), config.model,
-                                 mngr.directory / str(start))
+                                 mngr.directory / str(start), instead='another workdir')
   elif config.train.init_weights:
     init_step, _, initial = pretrained.load(config, config.train.init_weights, mesh)
 
