@@ -5,7 +5,6 @@ placement on the devices. It only reads, shuffles and batches: training augmenta
 import json
 import pathlib
 import statistics
-import threading
 from collections.abc import Iterator
 
 import grain
@@ -17,33 +16,27 @@ from easunet_jax.errors import ConfigError
 
 class SliceSource(grain.sources.RandomAccessDataSource):
   """Random access to one split of the slice store ({'image' (H, W, 1) float16, 'label' (H, W) uint8, and
-  'tissue' (H, W) uint8 when the store has tissue maps}); the .npy files are memory-mapped on first use."""
+  'tissue' (H, W) uint8 when the store has tissue maps}), its .npy files memory-mapped."""
 
   def __init__(self, split_dir: str | pathlib.Path):
     self._dir = pathlib.Path(split_dir)
-    self._arrays = None  # {kind: memory-mapped array}, mapped on first use
-    self._mapping = threading.Lock()
-    self._len = len(np.load(self._dir / 'labels.npy', mmap_mode='r'))
+    # Mapped here, once, in the thread that builds the source: Grain reads from several threads, and two
+    # threads mapping at once failed in the test suite on CPython 3.11.7 (np.load parses the .npy header
+    # with ast: "SystemError: AST constructor recursion depth mismatch").
+    self._arrays = {kind: np.load(self._dir / f'{kind}s.npy', mmap_mode='r')
+                    for kind in ('image', 'label', 'tissue') if (self._dir / f'{kind}s.npy').exists()}
 
   def __getstate__(self) -> dict:
-    # Worker processes get the paths and map the files themselves, instead of a pickled copy of the data.
-    return {**self.__dict__, '_arrays': None, '_mapping': None}
+    # Worker processes get the path and map the files themselves, instead of a pickled copy of the data.
+    return {'split_dir': self._dir}
 
   def __setstate__(self, state: dict) -> None:
-    self.__dict__.update(state, _mapping=threading.Lock())
+    self.__init__(state['split_dir'])
 
   def __len__(self) -> int:
-    return self._len
+    return len(self._arrays['label'])
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    # Grain reads from several threads, and only one of them maps the files: np.load parses the .npy
-    # header with ast, and two threads parsing at once failed once in the test suite on CPython 3.11.7
-    # ("SystemError: AST constructor recursion depth mismatch").
-    if self._arrays is None:
-      with self._mapping:
-        if self._arrays is None:
-          self._arrays = {kind: np.load(self._dir / f'{kind}s.npy', mmap_mode='r')
-                          for kind in ('image', 'label', 'tissue') if (self._dir / f'{kind}s.npy').exists()}
     # The store's compact dtypes (float16, uint8) go to the devices as they are: 3 bytes a pixel to move
     # instead of 8, and no conversion on the host. The train step widens them.
     row = {kind: np.array(array[i]) for kind, array in self._arrays.items()}
