@@ -13,7 +13,7 @@ _HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 _XLA_CPU_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
-def _with_settings(env: Mapping[str, str]) -> dict[str, str]:
+def with_settings(env: Mapping[str, str]) -> dict[str, str]:
   """`env` with both settings added where they are missing."""
   env = dict(env)
   tunables, flags = env.get('GLIBC_TUNABLES', ''), env.get('XLA_FLAGS', '')
@@ -27,7 +27,7 @@ def _with_settings(env: Mapping[str, str]) -> dict[str, str]:
 def configure() -> None:
   """Adds both settings to this process's environment; on Linux the process then starts again once when
   glibc's huge pages were not on yet. Call it before jax is imported."""
-  env = _with_settings(os.environ)
+  env = with_settings(os.environ)
   huge_pages_missing = env['GLIBC_TUNABLES'] != os.environ.get('GLIBC_TUNABLES')
   os.environ.update(env)
   if huge_pages_missing and sys.platform.startswith('linux'):
@@ -37,4 +37,4 @@ def configure() -> None:
 def benchmark_env(threads: int) -> dict[str, str]:
   """The environment of a benchmark subprocess (ours or the PyTorch reference): both settings, so it needs
   no restart, and `threads` threads for PyTorch."""
-  return {**_with_settings(os.environ), 'OMP_NUM_THREADS': str(threads)}
+  return {**with_settings(os.environ), 'OMP_NUM_THREADS': str(threads)}

@@ -1,17 +1,22 @@
-"""Test set-up: four virtual CPU devices (set before jax is imported), parsed absl flags (Grain's worker
-processes read them), and a compilation cache shared by the tests of one session, so that a program
-compiled by one test (the tiny train step, say) is not compiled again by the next."""
+"""Test set-up: four virtual CPU devices, the process settings main.py runs with and a compilation cache for
+the session (all set before jax is imported, and inherited by the main.py processes tests start), and parsed
+absl flags (Grain's worker processes read them). A program compiled once, by a test or by a main.py process
+(the tiny train step, say), is read from the cache by the others."""
 
 import os
 import tempfile
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=4').strip()
+from easunet_jax import environment
+
+# The same XLA flags as main.py's (the cache keys include them); child processes also get glibc's setting,
+# so main.py does not start itself again.
+os.environ.update(environment.with_settings(os.environ))
+os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
+os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='easunet_jax_cache_')
 
 import jax
 from absl import flags
 
 flags.FLAGS.mark_as_parsed()
 
-jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='easunet_jax_cache_'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

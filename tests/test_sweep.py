@@ -1,9 +1,10 @@
 """Sweep runner: a dry run's points and commands, the fields it refuses, and a real two-seed sweep of tiny
-runs that is stopped as its second point starts, re-run beside a failing variant, and re-run once more."""
+runs that is stopped as its second point starts, re-run beside a failing variant, and re-run once more (the
+re-runs in this process: the command line's part is the first run's and the dry run's)."""
 
 import csv
 import json
-import os
+import logging
 import re
 import shlex
 import signal
@@ -11,9 +12,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from easunet_jax.errors import ConfigError
 from easunet_jax.sweep import launch, points, run
@@ -22,13 +23,33 @@ TINY = "def sweep(add):\n  add('tiny', 'configs/tiny.py', 'Tiny EAS U-Net')\n"
 # A model name that only main.py rejects: the point fails in its own process, at start-up.
 BROKEN = "  add('broken', 'configs/tiny.py', 'Broken', **{'model.name': 'no_such_model'})\n"
 TIMEOUT_S = 900
-# The points' main.py processes use this session's compilation cache, so they do not compile again what
-# the in-process tiny runs of other test modules compiled.
-ENV = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir}
 
 
 def _command(sweep_file, workdir, *args) -> list[str]:
   return [sys.executable, '-m', 'easunet_jax.sweep', f'--sweep={sweep_file}', f'--workdir={workdir}', *args]
+
+
+class _Log(logging.Handler):
+  """The messages of absl's logger, as the sweep's stderr would show them."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.text = ''
+
+  def emit(self, record):
+    self.text += record.getMessage() + '\n'
+
+
+def _run_in_process(sweep_file, workdir) -> tuple[bool, str]:
+  """`run.run_sweep` as the command line calls it with --seeds=2: (finished, its log)."""
+  log, logger, verbosity = _Log(), absl_logging.get_absl_logger(), absl_logging.get_verbosity()
+  logger.addHandler(log)
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    return run.run_sweep(str(sweep_file), workdir, 2, 1, False, []), log.text
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    logger.removeHandler(log)
 
 
 def _metrics(workdir, point) -> list:
@@ -46,7 +67,7 @@ def runs(tmp_path_factory):
   with_broken.write_text(TINY.replace('\n', '\n' + BROKEN, 1))
 
   first = subprocess.Popen(_command(tiny, workdir, '--seeds=2'), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, env=ENV)
+                           stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + TIMEOUT_S
   # tiny_seed1's log appears once tiny_seed0 is trained and evaluated, as the next point starts.
   while not (workdir / 'tiny_seed1' / 'sweep.log').exists() and first.poll() is None and (
@@ -57,12 +78,10 @@ def runs(tmp_path_factory):
   seed0_metrics = _metrics(workdir, 'tiny_seed0')
   mtimes = {p: p.stat().st_mtime_ns for p in seed0_metrics}
 
-  second = subprocess.run(_command(with_broken, workdir, '--seeds=2'), capture_output=True, check=False,
-                          text=True, timeout=TIMEOUT_S, env=ENV)
+  second = _run_in_process(with_broken, workdir)
   after_second = {p: p.stat().st_mtime_ns for p in workdir.glob('*/eval/*/metrics.json')}
   table_after_second = (workdir / 'table.md').read_text()
-  third = subprocess.run(_command(tiny, workdir, '--seeds=2'), capture_output=True, check=False,
-                         text=True, timeout=TIMEOUT_S, env=ENV)
+  third = _run_in_process(tiny, workdir)
   return {'workdir': workdir, 'first': first, 'first_stderr': first_stderr, 'seed0_metrics': seed0_metrics,
           'mtimes': mtimes, 'second': second, 'after_second': after_second,
           'table_after_second': table_after_second, 'third': third}
@@ -105,7 +124,7 @@ def test_stopped_sweep_reruns_only_the_unfinished_point(runs):
   assert len(runs['seed0_metrics']) == 1, 'the first run was not stopped after its first point'
   assert runs['first'].returncode == 1
   assert 'sweep point tiny_seed1 failed: stopped by SIGTERM in train' in runs['first_stderr']
-  second = runs['second'].stderr
+  second = runs['second'][1]
   assert 'tiny_seed0 finished before' in second and 'tiny_seed0 started' not in second
   assert 'tiny_seed1 started' in second and 'tiny_seed1 finished in' in second
   assert {p: p.stat().st_mtime_ns for p in runs['seed0_metrics']} == runs['mtimes']
@@ -114,18 +133,18 @@ def test_stopped_sweep_reruns_only_the_unfinished_point(runs):
 
 
 def test_failed_points_are_reported_and_the_others_finish(runs):
-  second, table = runs['second'], runs['table_after_second']
-  assert second.returncode == 1
+  (finished, log), table = runs['second'], runs['table_after_second']
+  assert not finished
   for point in ('broken_seed0', 'broken_seed1'):
-    assert f'sweep point {point} failed' in second.stderr
+    assert f'sweep point {point} failed' in log
     # main.py's own one-line error, as the reason.
     assert re.search(f'`{point}`: train exited with status [1-9].*no_such_model', table)
 
 
 def test_rerun_skips_every_finished_point(runs):
-  third = runs['third']
-  assert third.returncode == 0, third.stderr[-2000:]
-  assert '2 points, 2 finished before, 0 to run' in third.stderr and 'started' not in third.stderr
+  finished, log = runs['third']
+  assert finished, log[-2000:]
+  assert '2 points, 2 finished before, 0 to run' in log and 'started' not in log
   evaluations = runs['workdir'].glob('*/eval/*/metrics.json')
   assert {p: p.stat().st_mtime_ns for p in evaluations} == runs['after_second']
 

@@ -1,15 +1,17 @@
 """The training loop: resume = uninterrupted, logs and checkpoints, another model's workdir, a finished run,
-a NaN stop, fine-tuning from a model file."""
+NaN in the data (stop, or skip and count), fine-tuning from a model file."""
 
 import json
+import re
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, tiny
 from easunet_jax import checkpoints, config_check, parallel, pretrained, steps, train
-from easunet_jax.data import pipeline
+from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, UserError
 
 
@@ -95,17 +97,58 @@ def test_finished_run_is_not_trained_again(straight_run):
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
-  config = _config(tmp_path / 'phantom')
-  put_on_mesh = pipeline.put_on_mesh
+def _poison_a_training_slice(config, workdir, step: int) -> list[int]:
+  """Builds the run's slice store and writes NaN into one slice that the training order first reaches at
+  `step` (1-based); returns the steps (of the first six) whose batch holds it."""
+  store = preprocess.prepare_data(config, workdir)
+  images = np.load(store / 'train' / 'images.npy', mmap_mode='r+')
+  batches = pipeline.train_iterator(store, config.train.batch_size, config.seed, workers=0)
+  order = [next(batches)['image'][..., 0] for _ in range(6)]
+  row = next(r for r in range(len(images))
+             if np.array_equal(images[r].astype(np.float32), order[step - 1][0]))
+  hit = [s for s, batch in enumerate(order, 1) if any(np.array_equal(images[row], x) for x in batch)]
+  assert hit[0] == step
+  images[row] = np.nan
+  images.flush()
+  return hit
 
-  def nan_images(batch, sharding, **kwargs):
-    return put_on_mesh({**batch, 'image': np.full_like(batch['image'], np.nan)}, sharding, **kwargs)
 
-  monkeypatch.setattr(pipeline, 'put_on_mesh', nan_images)
-  with pytest.raises(UserError, match='at step 1'):
+def _nan_config(phantom_dir):
+  config = tiny.get_config()
+  config.data.phantom_dir = str(phantom_dir)
+  config.checkpoint.every_steps = 2
+  return config
+
+
+def _saved_state_is_finite(workdir, step: int) -> bool:
+  state = ocp.StandardCheckpointer().restore(workdir.absolute() / 'checkpoints' / str(step) / 'state')
+  return all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+
+
+def test_nan_in_the_data_stops_naming_the_step_and_keeps_a_finite_checkpoint(tmp_path):
+  config = _nan_config(tmp_path / 'phantom')
+  _poison_a_training_slice(config, tmp_path / 'run', step=3)
+  # Checked (a host sync) only at the checkpoints, steps 2, 4 and 6: the step named is the one recorded on
+  # the device.
+  config.log.every_steps = config.train.eval_every_steps = 6
+  with pytest.raises(UserError, match=re.escape(
+      'non-finite loss or gradients at step 3 (found at step 4); stopped without saving')):
     train.train_and_evaluate(config, tmp_path / 'run')
-  assert checkpoints.manager(tmp_path / 'run', 2).latest_step() is None
+  assert checkpoints.manager(tmp_path / 'run', 2).latest_step() == 2
+  assert _saved_state_is_finite(tmp_path / 'run', 2)
+
+
+def test_nan_policy_skip_trains_through_a_nan_slice_and_counts_the_skips(tmp_path):
+  config = _nan_config(tmp_path / 'phantom')
+  config.train.nan_policy = 'skip'
+  hit = _poison_a_training_slice(config, tmp_path / 'run', step=2)
+  train.train_and_evaluate(config, tmp_path / 'run')
+  rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if r.get('train/skipped_steps')] == hit
+  # A logging period whose steps were all skipped has no loss to average; the others have a finite one.
+  assert [r['step'] for r in rows if 'train/loss' in r] == [s for s in range(1, 7) if s not in hit]
+  assert all(np.isfinite(r['train/loss']) for r in rows if 'train/loss' in r)
+  assert _saved_state_is_finite(tmp_path / 'run', 6)
 
 
 def test_init_weights_start_a_new_run_from_a_model_file(straight_run, tmp_path, monkeypatch):
