@@ -10,23 +10,22 @@ import pytest
 from scipy import ndimage
 
 from configs import tiny
-from easunet_jax import evaluate, train
+from easunet_jax import evaluate
 from easunet_jax.data import knee, pipeline
 from easunet_jax.errors import CheckpointError, ConfigError
 
 
-def _config():
-  config = tiny.get_config()
-  config.data.split = (0.25, 0.25, 0.5)  # two test volumes out of the four phantoms: a mean of two cases
-  return config
-
-
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  """(workdir, eval dir) of a trained and evaluated tiny run."""
-  workdir = tmp_path_factory.mktemp('evaluate') / 'tiny'
-  train.train_and_evaluate(_config(), workdir)
-  return workdir, evaluate.evaluate(_config(), workdir)
+def run(trained_tiny):
+  """(workdir, eval dir) of the session's trained tiny run, evaluated."""
+  config, workdir = trained_tiny
+  return workdir, evaluate.evaluate(config.copy_and_resolve_references(), workdir)
+
+
+@pytest.fixture
+def config(trained_tiny):
+  """The trained tiny run's config, for a test to change."""
+  return trained_tiny[0].copy_and_resolve_references()
 
 
 def test_files_written(run):
@@ -134,12 +133,11 @@ def _one_line_error(error_type, config, workdir, match):
 
 
 def test_no_checkpoint_is_one_line(tmp_path):
-  _one_line_error(CheckpointError, _config(), tmp_path / 'never_trained', 'no checkpoint in')
+  _one_line_error(CheckpointError, tiny.get_config(), tmp_path / 'never_trained', 'no checkpoint in')
 
 
-def test_missing_step_and_bad_choice_are_one_line(run):
+def test_missing_step_and_bad_choice_are_one_line(run, config):
   workdir, _ = run
-  config = _config()
   config.eval.checkpoint = '999'
   message = _one_line_error(CheckpointError, config, workdir, 'step 999 is not in')
   assert 'steps: 3, 6' in message
@@ -147,30 +145,27 @@ def test_missing_step_and_bad_choice_are_one_line(run):
   _one_line_error(ConfigError, config, workdir, "expected 'best', 'latest' or a step number")
 
 
-def test_workdir_of_another_model_is_refused_naming_both(run):
+def test_workdir_of_another_model_is_refused_naming_both(run, config):
   workdir, _ = run
-  config = _config()
   config.model.features = (8, 16, 32)
   message = _one_line_error(CheckpointError, config, workdir, 'was trained with model')
   assert 'features=(4, 8, 16)' in message and 'features=(8, 16, 32)' in message
 
 
-def test_corrupt_checkpoint_is_one_line(run, tmp_path):
+def test_corrupt_checkpoint_is_one_line(run, config, tmp_path):
   workdir, _ = run
   copy = tmp_path / 'tiny'
   shutil.copytree(workdir / 'checkpoints', copy / 'checkpoints')
   for chunk in (copy / 'checkpoints' / '6' / 'state').rglob('d/*'):
     chunk.write_bytes(chunk.read_bytes()[:10])
-  config = _config()
   config.eval.checkpoint = 'latest'
   _one_line_error(CheckpointError, config, copy, 'checkpoints/6: unreadable or corrupt checkpoint')
 
 
-def test_largest_component_run_says_so(run, tmp_path):
+def test_largest_component_run_says_so(run, config, tmp_path):
   workdir, _ = run
   copy = tmp_path / 'tiny'
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval'))
-  config = _config()
   config.data.phantom_dir = str(workdir.parent / 'phantom')  # the same sources: the copied store is reused
   config.eval.largest_component = True
   config.eval.checkpoint = '3'

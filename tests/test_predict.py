@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from dicom_series import SAGITTAL, write_series
 
 from configs import tiny
-from easunet_jax import predict, train
+from easunet_jax import predict
 from easunet_jax.data import phantom
 from easunet_jax.errors import CheckpointError, DataError
 
@@ -21,20 +21,17 @@ ORNT = np.array([[2, 1], [0, -1], [1, 1]])
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  """(workdir, canonical file, permuted file) of a trained tiny run and a phantom knee of another size and
-  spacing (in-plane not a multiple of the tiny network's stride, 4)."""
+def run(trained_tiny, tmp_path_factory):
+  """(workdir, canonical file, permuted file) of the session's trained tiny run and a phantom knee of another
+  size and spacing (in-plane not a multiple of the tiny network's stride, 4)."""
   root = tmp_path_factory.mktemp('predict')
-  config = tiny.get_config()
-  config.data.phantom_dir = str(root / 'phantom')
-  train.train_and_evaluate(config, root / 'tiny')
   image, _, affine = phantom.make_subject(7, shape=(6, 42, 38), spacing=(3.0, 1.6, 1.8))
   canonical = root / 'canonical.nii.gz'
   nib.save(nib.Nifti1Image(image, affine), canonical)
   permuted = root / 'permuted.nii.gz'
   permuted_affine = affine @ nib.orientations.inv_ornt_aff(ORNT, image.shape)
   nib.save(nib.Nifti1Image(nib.orientations.apply_orientation(image, ORNT), permuted_affine), permuted)
-  return root / 'tiny', canonical, permuted
+  return trained_tiny[1], canonical, permuted
 
 
 def _config(**predict_fields):
