@@ -90,7 +90,12 @@ def test_compartments_partition_the_plates(reference, laterality):
   if laterality:
     medial, lateral = (np.nonzero(parts[f'tc_{s}'])[0].mean() for s in ('medial', 'lateral'))
     assert (medial < lateral) == (laterality == 'R')
-  regions = measures.compartment_regions(fc, tc, spacing, laterality)
+
+
+def test_compartment_volumes_in_the_table_add_up_to_the_plates(reference):
+  labels, spacing = reference
+  fc, tc = labels == 2, labels == 4
+  regions = measures.compartment_regions(fc, tc, spacing, 'R')
   table, _ = measures.compartment_table(fc, tc, spacing, regions)
   for plate in ('fc', 'tc'):
     total = sum(row['volume_mm3'] for name, row in table.items() if name.startswith(plate + '_'))
