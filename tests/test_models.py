@@ -103,7 +103,9 @@ def test_whole_network_same_under_shift_and_xla_depthwise():
     for impl in ('shift', 'xla'):
       model = EASUNet(features=(4, 8, 16), depthwise_impl=impl, dtype=jnp.float64, rngs=nnx.Rngs(0))
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-      params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+      # Batch statistics too: flax would write float64 updates into float32 ones.
+      params, rest = jax.tree.map(
+          lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, (params, rest))
       outputs.append(jax.jit(lambda params, graphdef=graphdef, rest=rest:  # bound now: the loop rebinds
                              nnx.merge(graphdef, params, rest, copy=True)(x))(params))
   for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1]), strict=True):
