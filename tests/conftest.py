@@ -1,7 +1,9 @@
 """Test set-up: four virtual CPU devices, the process settings main.py runs with and a compilation cache for
-the session (all set before jax is imported, and inherited by the main.py processes tests start), and parsed
-absl flags (Grain's worker processes read them). A program compiled once, by a test or by a main.py process
-(the tiny train step, say), is read from the cache by the others."""
+the session (all set before jax is imported, and inherited by the main.py processes tests start and by
+pytest-xdist's workers), and parsed absl flags (Grain's worker processes read them). A program compiled once,
+by a test, a main.py process or another worker (the tiny train step, say), is read from the cache by the
+others. Under pytest-xdist (the README's `-n 2`) each test module runs whole on one worker, so its fixtures
+are made once; the modules that read the session's trained tiny run share a worker, so it trains once."""
 
 import os
 import tempfile
@@ -11,8 +13,9 @@ from easunet_jax import environment
 # The same XLA flags as main.py's (the cache keys include them); child processes also get glibc's setting,
 # so main.py does not start itself again.
 os.environ.update(environment.with_settings(os.environ))
-os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
-os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='easunet_jax_cache_')
+if 'PYTEST_XDIST_WORKER' not in os.environ:  # a worker inherits its controller's environment
+  os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='easunet_jax_cache_')
 
 import jax
 import pytest
@@ -23,7 +26,22 @@ from easunet_jax import train
 
 flags.FLAGS.mark_as_parsed()
 
+# The modules that use the `trained_tiny` fixture: pytest-xdist runs them on one worker, which trains it once.
+TRAINED_TINY_READERS = ('tests/test_evaluate.py', 'tests/test_predict.py')
+
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+  """pytest-xdist's scheduling by module, with the modules that read `trained_tiny` as one."""
+  from xdist.scheduler import LoadFileScheduling  # only called under pytest-xdist
+
+  class Scheduling(LoadFileScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      module = super()._split_scope(nodeid)
+      return 'trained_tiny' if module in TRAINED_TINY_READERS else module
+
+  return Scheduling(config, log)
 
 
 @pytest.fixture(scope='session')

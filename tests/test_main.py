@@ -1,7 +1,8 @@
-"""`python main.py` as a user runs it: kill -9 and resume, SIGTERM and resume, bad configs, and prediction
-with the shipped model."""
+"""`python main.py` as a user runs it: kill -9 and SIGTERM, each followed by a resume (in this process, which
+runs main.py's program), bad configs, and prediction with the shipped model."""
 
 import json
+import logging
 import pathlib
 import re
 import signal
@@ -96,7 +97,7 @@ def uninterrupted(phantom, tmp_path_factory):
 
 
 def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no_kill(
-    uninterrupted, phantom, tmp_path):
+    uninterrupted, phantom, tmp_path, caplog):
   workdir = tmp_path / 'run'
   killed = _run(workdir, phantom, hook=KILL_AT_FINALIZE.format(step=4))
   assert killed.returncode == -signal.SIGKILL
@@ -109,9 +110,9 @@ def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no
   assert f'Resumed from {workdir / "checkpoints" / "3"} at step 3' in killed.stderr
   assert not list((workdir / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
   assert checkpoints.manager(workdir, 2).latest_step() == 4
-  resumed = _run(workdir, phantom)
-  assert resumed.returncode == 0, resumed.stderr
-  assert f'Resumed from {workdir / "checkpoints" / "4"} at step 4' in resumed.stderr
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(_config(phantom), workdir)  # main.py's program (see `uninterrupted`)
+  assert f'Resumed from {workdir / "checkpoints" / "4"} at step 4' in caplog.text
   _assert_bitwise_equal(_state(workdir, 6), _state(uninterrupted, 6))
   starts = [json.loads(line) for line in (workdir / 'runs.jsonl').read_text().splitlines()]
   assert [s['start_step'] for s in starts] == [0, 3, 4]
@@ -119,7 +120,7 @@ def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no
   assert starts[0]['code_version']
 
 
-def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(phantom, tmp_path):
+def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(phantom, tmp_path, caplog):
   workdir = tmp_path / 'run'
   # Checkpoints only at the end: the one saved before it is the signal's. The signal comes as the third
   # training batch is fetched, while an earlier step runs.
@@ -130,9 +131,11 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(phantom, tmp
   assert 1 <= step < 6
   saved = workdir / 'checkpoints' / str(step)
   assert f'Stopped by SIGTERM at step {step} of 6; checkpoint saved in {saved}' in stopped.stderr
-  resumed = _run(workdir, phantom, *apart)
-  assert resumed.returncode == 0, resumed.stderr
-  assert f'Resumed from {saved} at step {step}' in resumed.stderr
+  config = _config(phantom)
+  config.checkpoint.every_steps = config.train.eval_every_steps = 1000
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, workdir)
+  assert f'Resumed from {saved} at step {step}' in caplog.text
   assert checkpoints.manager(workdir, 2).latest_step() == 6
 
 

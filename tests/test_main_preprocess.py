@@ -10,8 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from easunet_jax.data import knee
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / 'shared' / 'data' / 'reference_knee_labels_oaizib.nii.gz'
 FC, TC = 2, 4  # OAI-ZIB labels; configs/eas.py maps them to classes 1 and 2
 
 
@@ -25,7 +26,7 @@ def files(tmp_path_factory):
   """Two cases: the reference as stored (P, I, R: sagittal last) and the same knee as L, P, S (sagittal
   first, two axes flipped); images bright on cartilage, intermediate on bone, so alignment can be seen."""
   out = tmp_path_factory.mktemp('volumes')
-  ref = nib.load(REFERENCE)
+  ref = nib.load(knee.REFERENCE)
   lps = ref.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(ref.affine),
                                                           nib.orientations.axcodes2ornt(('L', 'P', 'S'))))
   paths = {}
@@ -74,7 +75,7 @@ def test_preprocess_cli_counts_equal_the_files(files, tmp_path, layout, train, v
     expected = _expected(files[case_id][1])
     if split == 'train':  # the slices with cartilage only
       expected = expected[expected.sum(1) > 0]
-      assert len(expected) == 103  # the reference's own count (../shared/data/README.md)
+      assert len(expected) == 103  # the reference's sagittal slices with cartilage
     assert images.shape == labels.shape == (len(expected), 384, 384) and images.dtype == np.float16
     got = np.stack([(labels == 1).sum((1, 2)), (labels == 2).sum((1, 2))], 1)
     np.testing.assert_array_equal(got, expected)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import default, tiny
+from easunet_jax import steps
 from easunet_jax.errors import ConfigError
 from easunet_jax.models import build_model, depthwise_cpu, layers
 from easunet_jax.models.eas_unet import EASUNet
@@ -94,20 +95,35 @@ def test_dilation_beyond_the_map_sees_only_the_centre_tap(fn):
   np.testing.assert_allclose(fn(x, kernel, 4), x * kernel[1, 1], rtol=1e-6)
 
 
-def test_whole_network_same_under_shift_and_xla_depthwise():
+@pytest.fixture(scope='module')
+def tiny_weights() -> tuple[nnx.State, nnx.State]:
+  """Initial (parameters, batch statistics) of tiny's network, by the training code's own compiled
+  initialisation (cached with the other tests'): an eager one compiles every parameter shape's draw."""
+  config = tiny.get_config()
+  state = steps.init_state(config, steps.make_optimizer(config.optim, config.train.num_steps))
+  return state.params, state.batch_stats
+
+
+def _tiny_network(weights, **kwargs) -> EASUNet:
+  """Tiny's network (widths 4-16) with `kwargs` and `weights`."""
+  model = nnx.eval_shape(lambda: EASUNet(features=tiny.get_config().model.features, **kwargs,
+                                         rngs=nnx.Rngs(0)))
+  nnx.update(model, *weights)
+  return model
+
+
+def test_whole_network_same_under_shift_and_xla_depthwise(tiny_weights):
   # In float64, so that the comparison sees the maths and not float32 summation order. Forward only: each
   # depthwise implementation's gradient is checked against XLA's above, and autodiff composes the rest.
   outputs = []
   with jax.enable_x64(True):
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 1))  # float64
+    # Batch statistics too: flax would write float64 updates into float32 ones.
+    weights = jax.tree.map(lambda v: np.asarray(v, np.float64), tiny_weights)
     for impl in ('shift', 'xla'):
-      model = EASUNet(features=(4, 8, 16), depthwise_impl=impl, dtype=jnp.float64, rngs=nnx.Rngs(0))
-      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-      # Batch statistics too: flax would write float64 updates into float32 ones.
-      params, rest = jax.tree.map(
-          lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, (params, rest))
-      outputs.append(jax.jit(lambda params, graphdef=graphdef, rest=rest:  # bound now: the loop rebinds
-                             nnx.merge(graphdef, params, rest, copy=True)(x))(params))
+      graphdef, state = nnx.split(_tiny_network(weights, depthwise_impl=impl, dtype=jnp.float64))
+      outputs.append(jax.jit(lambda state, graphdef=graphdef:  # bound now: the loop rebinds
+                             nnx.merge(graphdef, state, copy=True)(x))(state))
   for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.max(np.abs(b)))
 
@@ -123,10 +139,10 @@ def test_auto_depthwise_takes_the_native_kernel_on_cpu_in_float32_only():
     layers.resolve_depthwise_impl('grouped')
 
 
-def test_native_depthwise_runs_the_kernel_in_training_and_xla_stencil_in_evaluation():
+def test_native_depthwise_runs_the_kernel_in_training_and_xla_stencil_in_evaluation(tiny_weights):
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 1), np.float32)
-  native = EASUNet(features=(4, 8, 16), depthwise_impl='native', rngs=nnx.Rngs(0))
-  shift = EASUNet(features=(4, 8, 16), depthwise_impl='shift', rngs=nnx.Rngs(0))
+  native = _tiny_network(tiny_weights, depthwise_impl='native')
+  shift = _tiny_network(tiny_weights, depthwise_impl='shift')
   for model in (native, shift):
     model.eval()
   assert 'ffi_call' not in str(jax.make_jaxpr(native)(x))

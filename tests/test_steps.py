@@ -54,9 +54,11 @@ def test_poly_schedule_decays_to_zero_and_bad_schedule_is_refused():
 
 
 def _batch(batch_size=4, size=32):
+  """A random batch in the slice store's dtypes, as the training loop sends them: tiny's steps here are the
+  training's programs, compiled once for the suite."""
   rng = np.random.default_rng(0)
-  return {'image': rng.random((batch_size, size, size, 1), np.float32),
-          'label': rng.integers(0, 3, (batch_size, size, size)).astype(np.int32)}
+  return {'image': rng.random((batch_size, size, size, 1), np.float32).astype(np.float16),
+          'label': rng.integers(0, 3, (batch_size, size, size)).astype(np.uint8)}
 
 
 def _one_step(devices, dtype='float32'):
@@ -68,9 +70,7 @@ def _one_step(devices, dtype='float32'):
   train_graphdef, eval_graphdef, state = steps.create_train_state(
       config, tx, parallel.shardings(mesh)[1])
   p_train_step, _ = steps.jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)
-  # The slice store's dtypes, as the training loop sends them.
-  batch = {'image': _batch()['image'].astype(np.float16), 'label': _batch()['label'].astype(np.uint8)}
-  state, metrics = p_train_step(state, pipeline.put_on_mesh(batch, parallel.shardings(mesh)[0]))
+  state, metrics = p_train_step(state, pipeline.put_on_mesh(_batch(), parallel.shardings(mesh)[0]))
   return jax.device_get(state), metrics.compute()
 
 

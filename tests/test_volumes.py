@@ -1,16 +1,13 @@
 """Tests of NIfTI discovery, canonical loading, consistency checks and label remapping."""
 
-import pathlib
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from easunet_jax.data import volumes
+from easunet_jax.data import knee, volumes
 from easunet_jax.errors import DataError
 
-REFERENCE = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' /
-             'reference_knee_labels_oaizib.nii.gz')
 IDENTITY_MAP = ((1, 1), (2, 2), (3, 3), (4, 4))
 
 
@@ -93,7 +90,7 @@ def test_permuted_and_flipped_affine_loads_to_same_canonical_array(tmp_path):
 
 
 def test_reference_knee_orientation():
-  case = volumes.Case('ref', REFERENCE, REFERENCE)
+  case = volumes.Case('ref', knee.REFERENCE, knee.REFERENCE)
   _, labels, spacing = volumes.load_case(case, IDENTITY_MAP)
   assert labels.shape == (160, 384, 384)  # sagittal (left-right) axis first
   np.testing.assert_allclose(spacing, (0.7, 0.3646, 0.3646), atol=1e-3)
