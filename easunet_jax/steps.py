@@ -102,14 +102,14 @@ def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   is not partitionable: the program runs once and shards nothing, and its ~100 draws compile in about
   half the time (docs/performance.md).
   """
-  def init() -> TrainState:
-    _, params, batch_stats = nnx.split(build_model(config.model, nnx.Rngs(config.seed)),
-                                       nnx.Param, nnx.BatchStat)
+  def init(key: jax.Array) -> TrainState:
+    _, params, batch_stats = nnx.split(build_model(config.model, nnx.Rngs(key)), nnx.Param, nnx.BatchStat)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params))
 
   with jax.threefry_partitionable(False):
-    return jax.jit(init, out_shardings=sharding)()
+    # The key is an argument, not a constant: the runs of a sweep over seeds share one compiled program.
+    return jax.jit(init, out_shardings=sharding)(jax.random.key(config.seed))
 
 
 def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,

@@ -17,7 +17,7 @@ import pytest
 
 from configs import default, tiny
 from easunet_jax import checkpoints, config_check, train
-from easunet_jax.data import knee, volumes
+from easunet_jax.data import phantom, volumes
 from easunet_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -51,13 +51,13 @@ pipeline.put_on_mesh = signalling_put_on_mesh
 
 
 @pytest.fixture(scope='module')
-def phantom(tmp_path_factory):
+def phantom_dir(tmp_path_factory):
   return tmp_path_factory.mktemp('phantom')
 
 
-def _command(workdir, phantom, *overrides, hook=''):
+def _command(workdir, phantom_dir, *overrides, hook=''):
   """main.py on configs/tiny.py with the settings of `_config`."""
-  args = ['--config=configs/tiny.py', f'--workdir={workdir}', f'--config.data.phantom_dir={phantom}',
+  args = ['--config=configs/tiny.py', f'--workdir={workdir}', f'--config.data.phantom_dir={phantom_dir}',
           '--config.data.augment=true', '--config.checkpoint.every_steps=2', *overrides]
   if hook:
     return [sys.executable, '-c', _RUN_MAIN.format(hook=hook), *args]
@@ -81,37 +81,37 @@ def _assert_bitwise_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _config(phantom):
+def _config(phantom_dir):
   config = tiny.get_config()
-  config.data.phantom_dir, config.data.augment, config.checkpoint.every_steps = str(phantom), True, 2
+  config.data.phantom_dir, config.data.augment, config.checkpoint.every_steps = str(phantom_dir), True, 2
   return config
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(phantom, tmp_path_factory):
+def uninterrupted(phantom_dir, tmp_path_factory):
   """The run a killed one must end like, trained in this process: the same program as main.py's (conftest
   gives this process main.py's settings)."""
   workdir = tmp_path_factory.mktemp('uninterrupted') / 'run'
-  train.train_and_evaluate(_config(phantom), workdir)
+  train.train_and_evaluate(_config(phantom_dir), workdir)
   return workdir
 
 
 def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no_kill(
-    uninterrupted, phantom, tmp_path, caplog):
+    uninterrupted, phantom_dir, tmp_path, caplog):
   workdir = tmp_path / 'run'
-  killed = _run(workdir, phantom, hook=KILL_AT_FINALIZE.format(step=4))
+  killed = _run(workdir, phantom_dir, hook=KILL_AT_FINALIZE.format(step=4))
   assert killed.returncode == -signal.SIGKILL
   half_written = list((workdir / 'checkpoints').glob('4.orbax-checkpoint-tmp*'))
   assert half_written and not (workdir / 'checkpoints' / '4').exists()
   # Checkpoints come at steps 2, 3 (validation), 4 and 6. Resumed from step 3, the run is killed again
   # in step 5, while the third batch it fetched (step 6's) was loading.
-  killed = _run(workdir, phantom, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGKILL'))
+  killed = _run(workdir, phantom_dir, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGKILL'))
   assert killed.returncode == -signal.SIGKILL
   assert f'Resumed from {workdir / "checkpoints" / "3"} at step 3' in killed.stderr
   assert not list((workdir / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
   assert checkpoints.manager(workdir, 2).latest_step() == 4
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(_config(phantom), workdir)  # main.py's program (see `uninterrupted`)
+    train.train_and_evaluate(_config(phantom_dir), workdir)  # main.py's program (see `uninterrupted`)
   assert f'Resumed from {workdir / "checkpoints" / "4"} at step 4' in caplog.text
   _assert_bitwise_equal(_state(workdir, 6), _state(uninterrupted, 6))
   starts = [json.loads(line) for line in (workdir / 'runs.jsonl').read_text().splitlines()]
@@ -120,18 +120,18 @@ def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no
   assert starts[0]['code_version']
 
 
-def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(phantom, tmp_path, caplog):
+def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(phantom_dir, tmp_path, caplog):
   workdir = tmp_path / 'run'
   # Checkpoints only at the end: the one saved before it is the signal's. The signal comes as the third
   # training batch is fetched, while an earlier step runs.
   apart = ['--config.checkpoint.every_steps=1000', '--config.train.eval_every_steps=1000']
-  stopped = _run(workdir, phantom, *apart, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGTERM'))
+  stopped = _run(workdir, phantom_dir, *apart, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGTERM'))
   assert stopped.returncode == 0, stopped.stderr
   step = checkpoints.manager(workdir, 2).latest_step()
   assert 1 <= step < 6
   saved = workdir / 'checkpoints' / str(step)
   assert f'Stopped by SIGTERM at step {step} of 6; checkpoint saved in {saved}' in stopped.stderr
-  config = _config(phantom)
+  config = _config(phantom_dir)
   config.checkpoint.every_steps = config.train.eval_every_steps = 1000
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, workdir)
@@ -156,9 +156,9 @@ BAD_VALUES = {
 
 
 @pytest.mark.parametrize('name', BAD_FLAGS)
-def test_bad_config_is_exit_code_2_and_one_line(name, phantom, tmp_path):
+def test_bad_config_is_exit_code_2_and_one_line(name, phantom_dir, tmp_path):
   override, message = BAD_FLAGS[name]
-  result = _run(tmp_path / 'run', phantom, override)
+  result = _run(tmp_path / 'run', phantom_dir, override)
   assert result.returncode == 2
   assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f'error: {message}')
   assert not (tmp_path / 'run').exists()  # stopped before anything was written
@@ -174,14 +174,14 @@ def test_bad_config_values_are_one_line_config_errors(name):
   assert '\n' not in str(error.value)
 
 
-def test_verbose_shows_the_traceback_of_a_bad_config(phantom, tmp_path):
-  result = _run(tmp_path / 'run', phantom, '--config.train.nan_policy=ignore', '--verbose')
+def test_verbose_shows_the_traceback_of_a_bad_config(phantom_dir, tmp_path):
+  result = _run(tmp_path / 'run', phantom_dir, '--config.train.nan_policy=ignore', '--verbose')
   assert result.returncode != 0 and 'Traceback' in result.stderr and 'train.nan_policy' in result.stderr
 
 
 def test_predict_without_config_uses_the_shipped_model(tmp_path):
   """The user's first command: no training, no config. Other modes without --config are one-line errors."""
-  image, _tissue, affine = knee.make_tissues(11, (8, 96, 96), (8.0, 1.4, 1.4))
+  image, _labels, affine = phantom.make_subject(11, (8, 96, 96), (8.0, 1.4, 1.4))
   volumes.save_volume(tmp_path / 'scan.nii.gz', image, affine)
   # From another directory, as a user would: the shipped model is found inside the package.
   result = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
