@@ -15,7 +15,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs import attention_unet, eas, unet, unetpp
-from easunet_jax.models import build_model
+from easunet_jax.models import abstract_model
 
 _SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width.')
 _DEPTHWISE = flags.DEFINE_enum('depthwise_impl', 'xla', ['xla', 'shift'],
@@ -31,7 +31,7 @@ ROWS = [('EAS U-Net', eas, {}), ('U-Net', unet, {}), ('U-Net++', unetpp, {}),
 
 
 def params_and_gflops(model_cfg: ml_collections.ConfigDict, size: int) -> tuple[int, float]:
-  model = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
+  model = abstract_model(model_cfg)
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   model.eval()
   graphdef, state = nnx.split(model)

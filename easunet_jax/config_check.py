@@ -118,8 +118,7 @@ def trace_model_loss(config: ml_collections.ConfigDict, image_HW: tuple[int, int
   whole step): raises at start-up what the model, the loss or the optimiser would raise for `config` at
   the first step (widths, switches, side outputs)."""
   steps.make_optimizer(config.optim, num_steps=1)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: models.build_model(config.model,
-                                                                          nnx.Rngs(config.seed))))
+  graphdef, params = nnx.split(models.abstract_model(config.model))
   batch = {'image': jax.ShapeDtypeStruct((1, *image_HW, 1), jnp.float32),
            'label': jax.ShapeDtypeStruct((1, *image_HW), jnp.int32)}
   jax.eval_shape(lambda p, b: steps.model_loss(nnx.merge(graphdef, p), b, config.loss), params, batch)

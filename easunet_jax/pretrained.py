@@ -18,7 +18,7 @@ from configs import default
 from easunet_jax import checkpoints, parallel, steps
 from easunet_jax.data import pipeline
 from easunet_jax.errors import CheckpointError
-from easunet_jax.models import build_model
+from easunet_jax.models import abstract_model
 
 SHIPPED = pathlib.Path(__file__).resolve().parent / 'weights' / 'eas_knee.npz'
 
@@ -82,9 +82,9 @@ def load(config: ml_collections.ConfigDict, path: str | pathlib.Path, mesh: jax.
   meta = read_meta(path)
   checkpoints.check_same_model(meta['config'], config.model, pathlib.Path(path),
                                instead='a model file of this network')
-  _, eval_graphdef = steps.graphdefs(config)
-  model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
-  _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  model = abstract_model(config.model)
+  model.eval()
+  eval_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   replicated = parallel.shardings(mesh)[1]
   with np.load(path) as f:
     def fill(prefix: str, tree):

@@ -17,7 +17,7 @@ from flax import nnx
 from easunet_jax import checkpoints, losses, metrics, parallel
 from easunet_jax.data import augment, synth
 from easunet_jax.errors import ConfigError
-from easunet_jax.models import build_model
+from easunet_jax.models import abstract_model, build_model
 
 
 @flax.struct.dataclass
@@ -86,8 +86,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, num_steps: int) -> opta
 
 def graphdefs(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:
   """(training, evaluation) graphdefs of the config's model, from shapes alone."""
-  model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(config.seed)))
-  model.train()
+  model = abstract_model(config.model)
   train_graphdef = nnx.graphdef(model)
   model.eval()
   return train_graphdef, nnx.graphdef(model)

@@ -10,7 +10,7 @@ from flax import nnx
 from configs import default, tiny
 from easunet_jax import steps
 from easunet_jax.errors import ConfigError
-from easunet_jax.models import build_model, depthwise_cpu, layers
+from easunet_jax.models import abstract_model, depthwise_cpu, layers
 from easunet_jax.models.eas_unet import EASUNet
 
 
@@ -18,13 +18,10 @@ def _count(module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-def _abstract(model_cfg):
-  """The network with shapes but no values: enough for counts and output shapes, and instant."""
-  return nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
 
 
 def test_parameter_counts_match_the_design():
-  model = _abstract(default.get_config().model)
+  model = abstract_model(default.get_config().model)
   assert _count(model) == 4_166_808
   assert _count(model.stem) == 352
   assert [_count(s) for s in model.encoder] == [2_880, 7_456, 27_200, 103_552, 403_712]
@@ -41,7 +38,7 @@ def test_eca_kernel_size(channels, k):
 
 
 def test_eca_kernel_of_the_model_comes_from_the_widest_stage():
-  model = _abstract(default.get_config().model)
+  model = abstract_model(default.get_config().model)
   assert model.eas.eca.k == 5
   assert model.eas.eca.conv.kernel.shape == (5, 1, 1)
 
@@ -51,7 +48,7 @@ def _forward_shapes(model, x):
 
 
 def test_output_shapes_train_and_eval():
-  model = _abstract(default.get_config().model)  # the paper's five levels: stride 16, four sides
+  model = abstract_model(default.get_config().model)  # the paper's five levels: stride 16, four sides
   x = jax.ShapeDtypeStruct((2, 32, 48, 1), jnp.float32)
   model.train()
   final, sides = _forward_shapes(model, x)
@@ -156,7 +153,7 @@ def test_native_depthwise_runs_the_kernel_in_training_and_xla_stencil_in_evaluat
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   cfg = tiny.get_config().model
   cfg.dtype = 'bfloat16'
-  model = _abstract(cfg)
+  model = abstract_model(cfg)
   final, _ = _forward_shapes(model, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
   assert final.dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -173,7 +170,7 @@ ABLATIONS = [('block', 'standard', None), ('eca', False, -5), ('eas', False, -2_
 def test_ablation_switch_changes_the_network_and_keeps_the_output_shapes(field, value, change):
   model_cfg = default.get_config().model
   model_cfg[field] = value
-  delta = _count(_abstract(model_cfg)) - 4_166_808
+  delta = _count(abstract_model(model_cfg)) - 4_166_808
   if change is None:  # full 3x3 convolutions in place of depthwise-separable blocks: more weights
     assert delta > 0
   else:
@@ -181,7 +178,7 @@ def test_ablation_switch_changes_the_network_and_keeps_the_output_shapes(field, 
 
   tiny_cfg = tiny.get_config().model
   tiny_cfg[field] = value
-  model = _abstract(tiny_cfg)
+  model = abstract_model(tiny_cfg)
   x = jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32)
   final, sides = _forward_shapes(model, x)
   assert final.shape == (2, 32, 32, 3)
@@ -200,4 +197,4 @@ def test_bad_ablation_values_are_refused(overrides, message):
   with model_cfg.ignore_type():
     model_cfg.update(overrides)
   with pytest.raises(ConfigError, match=message):
-    _abstract(model_cfg)
+    abstract_model(model_cfg)

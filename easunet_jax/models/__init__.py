@@ -1,5 +1,7 @@
-"""Segmentation networks; `build_model(config.model)` makes the one `model.name` names, and
-`stride(model.features)` is the multiple that their slice sizes must be."""
+"""Segmentation networks; `build_model(config.model)` makes the one `model.name` names, `abstract_model`
+its shapes alone, and `stride(model.features)` is the multiple that their slice sizes must be."""
+
+import functools
 
 import jax.numpy as jnp
 import ml_collections
@@ -11,7 +13,7 @@ from easunet_jax.models.eas_unet import EASUNet
 from easunet_jax.models.unet import UNet, stride
 from easunet_jax.models.unetpp import UNetPlusPlus
 
-__all__ = ['EAS_SWITCHES', 'MODELS', 'build_model', 'stride']
+__all__ = ['EAS_SWITCHES', 'MODELS', 'abstract_model', 'build_model', 'stride']
 
 MODELS = {'eas_unet': EASUNet, 'unet': UNet, 'unetpp': UNetPlusPlus, 'attention_unet': AttentionUNet}
 
@@ -53,3 +55,16 @@ def build_model(model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Mod
   if model_cfg.name == 'unetpp':
     return UNetPlusPlus(deep_supervision=model_cfg.deep_supervision, **common)
   return MODELS[model_cfg.name](**common)
+
+
+@functools.cache
+def _abstract_split(model_cfg: ml_collections.FrozenConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
+  return nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0))))
+
+
+def abstract_model(model_cfg: ml_collections.ConfigDict) -> nnx.Module:
+  """The network of `model_cfg` with shapes but no values, in training mode: a new module each call, from
+  one trace per network and process. Tracing a build takes seconds for the paper's network (flax asks each
+  traced variable update for its sharding, and JAX's error message for a tracer walks the whole program),
+  and the start-up check, the graphdefs and a model file's loader each need one."""
+  return nnx.merge(*_abstract_split(ml_collections.FrozenConfigDict(model_cfg)))

@@ -5,7 +5,7 @@ from clu import parameter_overview
 from flax import nnx
 from ml_collections import config_flags
 
-from easunet_jax.models import build_model
+from easunet_jax.models import abstract_model
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
 
@@ -13,7 +13,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
 def main(argv):
   del argv
   # Shapes alone, no initialisation: instant for any width, and the overview needs no values.
-  model = nnx.eval_shape(lambda: build_model(_CONFIG.value.model, nnx.Rngs(0)))
+  model = abstract_model(_CONFIG.value.model)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   print(parameter_overview.get_parameter_overview(params, include_stats=False))
   print(f'params: {parameter_overview.count_parameters(params)}')
