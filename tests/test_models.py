@@ -18,8 +18,6 @@ def _count(module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-
-
 def test_parameter_counts_match_the_design():
   model = abstract_model(default.get_config().model)
   assert _count(model) == 4_166_808
