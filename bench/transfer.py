@@ -1,6 +1,7 @@
 """Transfer check of a model file: 3D Dice on knees it never trained on, in contrasts it never saw.
 
 python bench/transfer.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3] [--out DIR] [--every 1]
+                         [--single_grid]
 
 Test knees: real-anatomy phantoms (`data.knee`) of dataset seed 1000 (training used seed 0: other
 deformations, sizes, thickness factors and sides), at OAI-ZIB geometry (160 x 384 x 384, 0.7 x 0.3646 x
@@ -64,9 +65,12 @@ def main() -> None:
   parser.add_argument('--out', default='', help='where the test sets and masks go (default: a temp dir); '
                       'test knees already there are reused')
   parser.add_argument('--every', type=int, default=1, help='every N-th sagittal slice only (N x faster)')
+  parser.add_argument('--single_grid', action='store_true',
+                      help='predict on one sampling grid (predict.subpixel_tta=False)')
   args = parser.parse_args()
   out = pathlib.Path(args.out or tempfile.mkdtemp(prefix='transfer_'))
   config = pretrained.config_of(args.weights)
+  config.predict.subpixel_tta = not args.single_grid
   sets = _write(out, args.num, args.every)
   results = {}
   for name, folder in sets.items():
@@ -83,7 +87,8 @@ def main() -> None:
                     - measures.mean_thickness_mm(labels == value, spacing)
                     for plate, k, value in (('fc', 1, 2), ('tc', 2, 4))}
     results[name] = cases
-  print(f'Model {args.weights}, {args.num} knees per set, 3D Dice % and error of mean thickness '
+  grids = 'one sampling grid' if args.single_grid else 'four half-pixel sampling grids'
+  print(f'Model {args.weights} ({grids}), {args.num} knees per set, 3D Dice % and error of mean thickness '
         '(prediction - truth, mm), mean ± std over knees:\n')
   print('| test set | FC | TC | mean | FC thickness error | TC thickness error |')
   print('|---|---|---|---|---|---|')
@@ -93,7 +98,8 @@ def main() -> None:
     print(f'| {name} | {fc.mean():.1f} ± {fc.std():.1f} | {tc.mean():.1f} ± {tc.std():.1f} | '
           f'{(fc.mean() + tc.mean()) / 2:.1f} | {fc_t.mean():+.2f} ± {fc_t.std():.2f} | '
           f'{tc_t.mean():+.2f} ± {tc_t.std():.2f} |')
-  print(json.dumps({'weights': args.weights, 'out': str(out), 'every': args.every, 'dice': results}))
+  print(json.dumps({'weights': args.weights, 'out': str(out), 'every': args.every,
+                    'subpixel_tta': config.predict.subpixel_tta, 'dice': results}))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ each scan (NIfTI and PNG)."""
 
 import csv
 import functools
+import itertools
 import pathlib
 import time
 from collections.abc import Sequence
@@ -105,15 +106,16 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None) -> tu
                 '--laterality to name compartments medial and lateral')
 
 
-def _resize(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+def _resize(array: np.ndarray, size: Sequence[int], offset: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
   """`array` (S, H, W, ...) with each sagittal slice linearly resampled to `size` (H', W'), one in-plane axis
-  at a time. Pixel edges map onto pixel edges (the field of view is kept; scipy's zoom with grid_mode) and
-  the edge pixels extend outwards; two gathers per axis are several times faster than ndimage.zoom."""
-  for axis, n_out in zip((1, 2), size):
+  at a time. Pixel edges map onto pixel edges (the field of view is kept; scipy's zoom with grid_mode), the
+  grid moved by `offset` input pixels per axis, and the edge pixels extend outwards; two gathers per axis are
+  several times faster than ndimage.zoom."""
+  for axis, n_out, shift in zip((1, 2), size, offset):
     n_in = array.shape[axis]
-    if n_in == n_out:
+    if n_in == n_out and shift == 0:
       continue
-    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5 + shift, 0, n_in - 1)
     first = np.floor(x).astype(np.intp)
     weight = (x - first).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
     below = np.take(array, first, axis)
@@ -158,20 +160,29 @@ class _Network:
 
 
 def _segment(network: _Network, image: np.ndarray, spacing: Sequence[float],
-             pixel: tuple[float, float] | None) -> np.ndarray:
+             pixel: tuple[float, float] | None, subpixel_tta: bool) -> np.ndarray:
   """Training classes (uint8) of a canonical-order volume: normalised like the slice store, each sagittal
   slice resampled to `pixel` mm (None: kept) and padded to multiples of the network's stride. The class
   probabilities are resampled back with linear interpolation before the argmax, which gives smoother
-  boundaries than resampling the label map."""
+  boundaries than resampling the label map. With `subpixel_tta` they are the mean over the sampling grids
+  offset by half a network pixel along each in-plane axis where the network's pixels are the coarser (four
+  grids at most): boundaries finer than the network's pixels."""
   original = image.shape[1:]
   size = original
   if pixel is not None:
     size = tuple(max(1, round(n * s / p)) for n, s, p in zip(original, spacing[1:], pixel))
-  image = _resize(preprocess.normalise(image).astype(np.float32), size)
+  image = preprocess.normalise(image).astype(np.float32)
   pad = [(0, 0), *(preprocess.centred_padding(n, preprocess.padded_size(n, network.stride)) for n in size)]
-  probs = network(np.pad(image, pad))
-  probs = probs[:, pad[1][0]:pad[1][0] + size[0], pad[2][0]:pad[2][0] + size[1]]
-  return np.argmax(_resize(probs, original), axis=-1).astype(np.uint8)
+  crop = (slice(None), *(slice(before, before + n) for (before, _), n in zip(pad[1:], size)))
+
+  def probabilities(offset: tuple[float, float]) -> np.ndarray:  # offset in network pixels
+    probs = network(np.pad(_resize(image, size, [o * n / m for o, n, m in zip(offset, original, size)]), pad))
+    return _resize(probs[crop], original, [-o for o in offset])
+
+  offsets = itertools.product(*[(0.0, 0.5) if subpixel_tta and m < n else (0.0,)
+                                for n, m in zip(original, size)])
+  total = sum(probabilities(offset) for offset in offsets)
+  return np.argmax(total, axis=-1).astype(np.uint8)
 
 
 def remove_small_components(classes: np.ndarray, spacing: Sequence[float], min_mm3: float) -> np.ndarray:
@@ -287,8 +298,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
             flush=True)
     image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right
-    classes = remove_small_components(_segment(network, image, spacing, pixel), spacing,
-                                      config.predict.min_component_mm3)
+    classes = _segment(network, image, spacing, pixel, config.predict.subpixel_tta)
+    classes = remove_small_components(classes, spacing, config.predict.min_component_mm3)
     side, why = decide_laterality(nii, info, laterality)
     fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
     table, thickness = measures.compartment_table(

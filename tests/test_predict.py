@@ -186,3 +186,42 @@ def test_small_components_are_dropped_per_class():
   np.testing.assert_array_equal(predict.remove_small_components(classes, (1.0, 1.0, 1.0), 0.0), classes)
   # Millimetres, not voxels: at 2 mm voxels the 150-voxel plate holds 1200 mm^3, the 4-voxel speck 32.
   assert (predict.remove_small_components(classes, (2.0, 2.0, 2.0), 100.0) == 2).sum() == 150
+
+
+def test_offset_grids_sample_where_the_network_pixels_lie():
+  ramp = np.broadcast_to(np.arange(16, dtype=np.float32)[None, :, None], (1, 16, 3))  # value = coordinate
+  down = predict._resize(ramp, (8, 3), (1.0, 0.0))  # half a pixel of the 2x coarser grid
+  np.testing.assert_allclose(down[0, :7, 0], 2 * np.arange(7) + 1.5)  # the last one clips at the edge
+  back = predict._resize(down, (16, 3), (-0.5, 0.0))
+  np.testing.assert_allclose(back[0, 2:14, 0], np.arange(2, 14))
+
+
+class _Step:
+  """A stand-in network for one class boundary: foreground where the normalised image is above half."""
+  stride = 4
+  calls = 0
+
+  def __call__(self, image_SHW):
+    self.calls += 1
+    return np.stack([image_SHW < 0.5, image_SHW >= 0.5], -1).astype(np.float32)
+
+
+@pytest.mark.parametrize('edge', range(3, 12))
+def test_subpixel_tta_places_edges_to_the_input_pixel(edge):
+  """At a network pixel twice the scan's, an edge at an odd pixel falls between two network pixels: one grid
+  moves it by a pixel, the four half-pixel grids put it back."""
+  image = np.zeros((1, 16, 16), np.float32)
+  image[:, edge:] = 100.0
+  for subpixel_tta, expected, grids in ((True, edge, 4), (False, edge - edge % 2, 1)):
+    network = _Step()
+    classes = predict._segment(network, image, (1.0, 0.5, 0.5), (1.0, 1.0), subpixel_tta)
+    np.testing.assert_array_equal(classes[0, :, 8], np.arange(16) >= expected)
+    assert network.calls == grids
+
+
+def test_subpixel_tta_is_one_grid_where_the_network_pixels_are_the_scans():
+  network = _Step()
+  image = np.arange(16 * 12, dtype=np.float32).reshape(1, 16, 12)
+  classes = predict._segment(network, image, (1.0, 1.0, 1.0), (1.0, 1.0), True)
+  np.testing.assert_array_equal(classes[0], np.arange(16 * 12).reshape(16, 12) >= 16 * 12 / 2)
+  assert network.calls == 1
