@@ -27,8 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 100
     c.log.every_steps = 25
   elif arg == 'knee':
-    # The shipped model (easunet_jax/pretrained/): the full network trained on real-anatomy phantoms with
-    # synthesised contrasts, at 0.73 mm in-plane pixels (half OAI-ZIB's resolution); predict resamples.
+    # The shipped model (easunet_jax/weights/eas_knee.npz): the full network trained on real-anatomy
+    # phantoms with synthesised contrasts, at 0.73 mm in-plane pixels (half OAI-ZIB's); predict resamples.
     c.name = 'eas_knee'
     c.data.phantom_anatomy = 'reference'
     c.data.synth = True
