@@ -35,8 +35,9 @@ flags.DEFINE_string('series', None, 'predict: the SeriesInstanceUID of the DICOM
                     'folder holds several (default: the one with most files).')
 flags.DEFINE_enum('laterality', None, ['left', 'right'], 'predict: the knee scanned, overriding the DICOM '
                   'Laterality tag and the scan position.')
-flags.DEFINE_string('weights', None, 'predict without --config: a model file of --mode=export; default the '
-                    'shipped model (easunet_jax/weights/eas_knee.npz).')
+flags.DEFINE_string('weights', None, 'predict: a model file of --mode=export; without --config, its own '
+                    "config; with it, the config's predict settings; without either, the shipped model "
+                    '(easunet_jax/weights/eas_knee.npz).')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
 # JAX reads the coordinator's address from JAX_COORDINATOR_ADDRESS too, and all three from SLURM or Open MPI
 # itself; the process count and id have no variable of their own, hence these flags for other launchers.
@@ -95,12 +96,14 @@ def main(argv):
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   config, model_file = FLAGS.config, None
   if config is None or FLAGS.weights:
-    if FLAGS.mode != 'predict' or config is not None:
-      _exit_config_error('--config is needed, except by --mode=predict (which may take --weights instead, '
-                         'and without either uses the shipped model)')
+    if FLAGS.mode != 'predict':
+      _exit_config_error(
+          '--config is needed, except by --mode=predict (which may take --weights, and without either uses '
+          'the shipped model)' if config is None else
+          '--weights is for --mode=predict; a run starts from a model file with --config.train.init_weights')
     model_file = FLAGS.weights or pretrained.SHIPPED
     try:
-      config = pretrained.config_of(model_file)
+      config = pretrained.config_of(model_file, config)
     except UserError as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(e.exit_code)

@@ -65,13 +65,19 @@ def _known_fields(saved: dict, current: ml_collections.ConfigDict) -> dict:
           for k, v in saved.items() if k in current}
 
 
-def config_of(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+def config_of(path: str | pathlib.Path, config: ml_collections.ConfigDict | None = None
+              ) -> ml_collections.ConfigDict:
   """The config a model file was trained with (fields added since take their defaults, fields removed
-  since are dropped), its predict.spacing set to the file's pixel size."""
+  since are dropped), its predict.spacing set to the file's pixel size; or, given `config` (a --config
+  beside --weights: its predict settings apply), that config with the file's pixel size where its
+  predict.spacing is unset."""
   meta = read_meta(path)
-  config = default.get_config()
-  config.update(_known_fields(meta['config'], config))
-  config.predict.spacing = tuple(meta['pixel_mm'])
+  if config is None:
+    config = default.get_config()
+    config.update(_known_fields(meta['config'], config))
+    config.predict.spacing = tuple(meta['pixel_mm'])
+  elif not all(s > 0 for s in config.predict.spacing):
+    config.predict.spacing = tuple(meta['pixel_mm'])
   return config
 
 

@@ -74,6 +74,17 @@ def test_a_file_of_an_earlier_version_or_fine_tuned_elsewhere_predicts(workdir, 
   config_check.check_config(config, default.get_config(), 'predict')
 
 
+def test_a_config_beside_the_file_gives_the_predict_settings(workdir, tmp_path):
+  pretrained.export(tiny.get_config(), workdir, tmp_path / 'model.npz')
+  given = tiny.get_config()
+  given.predict.update(subpixel_tta=False, label_values='oai-zib')
+  config = pretrained.config_of(tmp_path / 'model.npz', given)
+  assert not config.predict.subpixel_tta and config.predict.label_values == 'oai-zib'
+  assert tuple(config.predict.spacing) == (0.5, 0.6)  # the file's pixel size, where the config has none
+  given.predict.spacing = (0.4, 0.4)
+  assert tuple(pretrained.config_of(tmp_path / 'model.npz', given).predict.spacing) == (0.4, 0.4)
+
+
 def test_the_shipped_model():
   meta = pretrained.read_meta(pretrained.SHIPPED)
   assert meta['config']['model']['name'] == 'eas_unet'
