@@ -1,5 +1,6 @@
 """The figures the reports draw, as PNG files: loss curves, prediction overlays and the Bland-Altman plot of
-thickness (evaluation), cartilage thickness maps (prediction), Dice bars over seeds (sweeps)."""
+thickness (evaluation), cartilage thickness maps and sagittal outlines (prediction), Dice bars over seeds
+(sweeps)."""
 
 import json
 import math
@@ -113,6 +114,41 @@ def plot_thickness_maps(thickness: np.ndarray, plates: dict[str, np.ndarray], sp
   fig.suptitle(title, fontsize=11)
   fig.savefig(out, bbox_inches='tight')
   plt.close(fig)
+
+
+def cartilage_slices(classes: np.ndarray, count: int = 3) -> list[int]:
+  """Sagittal slices (axis 0) at the quantiles 1/(count+1) .. count/(count+1) of the cartilage's left-right
+  extent, voxel-weighted: through both condyles and the notch of a knee; even quantiles of the volume when
+  there is no cartilage."""
+  weights = (classes > 0).sum(axis=(1, 2)).astype(np.float64)
+  if not weights.any():
+    weights[:] = 1
+  cumulative = np.cumsum(weights) / weights.sum()
+  return [int(np.searchsorted(cumulative, q)) for q in np.arange(1, count + 1) / (count + 1)]
+
+
+def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequence[float], title: str,
+                           out: pathlib.Path) -> None:
+  """<name>.png: the sagittal slices of `cartilage_slices`, each as scanned and with the predicted FC and TC
+  tinted, superior up and anterior right, at the scan's pixel aspect: whether the plates are outlined, and
+  any cartilage marked on skin or fluid, at a glance. `image` and `classes` are (S, H, W) in closest-canonical
+  RAS order."""
+  chosen = cartilage_slices(classes)
+  low, high = np.percentile(image, (1, 99.5))
+  grey = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+  fig, axes = plt.subplots(2, len(chosen), figsize=(4 * len(chosen), 8.4), dpi=120, squeeze=False)
+  extent = (0, image.shape[1] * spacing[1], 0, image.shape[2] * spacing[2])
+  for column, x in enumerate(chosen):
+    for ax, panel in zip(axes[:, column], (np.repeat(grey[x, ..., None], 3, axis=-1),
+                                           _overlay(grey[x], classes[x]))):
+      ax.imshow(np.swapaxes(panel, 0, 1)[::-1], extent=extent, interpolation='nearest')
+      ax.set_xticks([])
+      ax.set_yticks([])
+    axes[0, column].set_title(f'sagittal slice {x} of {image.shape[0]}', fontsize=9)
+  handles = [matplotlib.patches.Patch(color=COLOURS[n], label=n.upper()) for n in CLASSES]
+  fig.legend(handles=handles, loc='lower center', ncol=2, frameon=False)
+  fig.suptitle(title, fontsize=11)
+  _save(fig, out, rect=(0, 0.03, 1, 1))
 
 
 def plot_bland_altman(truth: Sequence[float], measured: Sequence[float], groups: Sequence[str],

@@ -1,7 +1,7 @@
 """Segments new knee MRI volumes (NIfTI files or DICOM series, any voxel order and in-plane size) with a
 trained checkpoint and writes uint8 cartilage masks in the input's voxel grid; decides the knee's laterality
 and reports volume, thickness and area per plate and compartment (CSV and Markdown), with a thickness map of
-each scan (NIfTI and PNG)."""
+each scan (NIfTI and PNG) and a figure of its prediction on three sagittal slices."""
 
 import csv
 import functools
@@ -216,12 +216,15 @@ def _stem(path: pathlib.Path) -> str:
 
 
 def _report_paths(target: pathlib.Path, batch: bool) -> dict[str, pathlib.Path]:
-  """Where a scan's thickness maps go: beside a single mask (<mask>_thickness.*), in thickness/ of a batch."""
+  """Where a scan's thickness maps and slice figure go: beside a single mask (<mask>_thickness.*,
+  <mask>_slices.png), in thickness/ and slices/ of a batch."""
   if batch:
     return {'map': target.parent / 'thickness' / f'{_stem(target)}.nii.gz',
-            'png': target.parent / 'thickness' / f'{_stem(target)}.png'}
+            'png': target.parent / 'thickness' / f'{_stem(target)}.png',
+            'slices': target.parent / 'slices' / f'{_stem(target)}.png'}
   return {'map': target.with_name(f'{_stem(target)}_thickness.nii.gz'),
-          'png': target.with_name(f'{_stem(target)}_thickness.png')}
+          'png': target.with_name(f'{_stem(target)}_thickness.png'),
+          'slices': target.with_name(f'{_stem(target)}_slices.png')}
 
 
 def write_reports(results: Sequence[dict], csv_path: pathlib.Path, markdown_path: pathlib.Path) -> None:
@@ -249,8 +252,9 @@ def write_reports(results: Sequence[dict], csv_path: pathlib.Path, markdown_path
                    f'{row["thickness_median_mm"]:.2f} | {row["thickness_p95_mm"]:.2f} | '
                    f'{row["thickness_max_mm"]:.2f} | {row["area_mm2"]:.0f} | '
                    f'{100 * row["thin_fraction"]:.1f} % |')
-    png = pathlib.Path(r['thickness_png'])
-    lines += ['', f'![thickness map of {png.name}]({png.relative_to(markdown_path.parent)})', '']
+    png, slices = pathlib.Path(r['thickness_png']), pathlib.Path(r['slices_png'])
+    lines += ['', f'![thickness map of {png.name}]({png.relative_to(markdown_path.parent)})', '',
+              f'![sagittal slices of {slices.name}]({slices.relative_to(markdown_path.parent)})', '']
   markdown_path.write_text('\n'.join(lines))
 
 
@@ -263,11 +267,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   (`pretrained`: then config is the file's, `pretrained.config_of`). `series` picks a DICOM series by its
   SeriesInstanceUID, `laterality` ('R' or 'L') overrides `decide_laterality`.
 
-  Beside the masks: each scan's thickness map (NIfTI in the scan's grid, and a PNG), and the measures of
-  every scan per plate and compartment as CSV and Markdown (`write_reports`: <mask>_measures.csv and
-  <mask>_report.md for one scan; measures.csv and report.md of a batch). Returns per scan {'input', 'output',
-  'laterality', 'laterality_text', 'regions': `measures.compartment_table`, paths of the maps, and the
-  seconds spent in all and in the network's forward passes}.
+  Beside the masks: each scan's thickness map (NIfTI in the scan's grid, and a PNG), its prediction on three
+  sagittal slices (`figures.plot_prediction_slices`), and the measures of every scan per plate and
+  compartment as CSV and Markdown (`write_reports`: <mask>_measures.csv and <mask>_report.md for one scan;
+  measures.csv and report.md of a batch). Returns per scan {'input', 'output', 'laterality',
+  'laterality_text', 'regions': `measures.compartment_table`, paths of the maps and figures, and the seconds
+  spent in all and in the network's forward passes}.
   """
   if config.predict.label_values not in LABEL_VALUES:
     raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
@@ -307,13 +312,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     paths = _report_paths(target, batch)
     _save(target, values[classes], nii)
     _save(paths['map'], thickness, nii)
-    paths['png'].parent.mkdir(parents=True, exist_ok=True)
+    for figure in ('png', 'slices'):
+      paths[figure].parent.mkdir(parents=True, exist_ok=True)
     knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
     figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, side,
                                 f'{_stem(target)}: {knee}', paths['png'])
+    figures.plot_prediction_slices(image, classes, spacing, f'{_stem(target)}: {knee}', paths['slices'])
     result = {'input': str(source), 'output': str(target), 'laterality': side,
               'laterality_text': f'{knee} ({why})', 'regions': table,
-              'thickness_map': str(paths['map']), 'thickness_png': str(paths['png'])}
+              'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
+              'slices_png': str(paths['slices'])}
     result['compile_s'] = network.compile_s - compile_before
     result['seconds'] = time.perf_counter() - case_start - result['compile_s']
     result['forward_s'] = network.forward_s - forward_before

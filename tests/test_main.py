@@ -192,7 +192,8 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
   assert mask.shape == image.shape and np.allclose(mask.affine, affine)
   assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
   assert 'scan.nii.gz: knee of unknown side (undecided' in result.stdout and '; FC ' in result.stdout
-  assert (tmp_path / 'mask_measures.csv').exists() and (tmp_path / 'mask_thickness.png').exists()
+  for name in ('mask_measures.csv', 'mask_thickness.png', 'mask_slices.png'):
+    assert (tmp_path / name).exists()
   refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=train'],
                            capture_output=True, text=True, check=False)
   assert refused.returncode == 2 and refused.stderr.startswith('error: --config is needed')

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from dicom_series import SAGITTAL, write_series
 
 from configs import tiny
-from easunet_jax import predict
+from easunet_jax import figures, predict
 from easunet_jax.data import phantom
 from easunet_jax.errors import CheckpointError, DataError
 
@@ -52,7 +52,8 @@ def test_permuted_input_predicts_in_its_own_grid(run, tmp_path):
   assert {'volume_mm3', 'thickness_mean_mm', 'area_mm2', 'thin_fraction'} <= set(result['regions']['fc'])
   thickness = nib.load(tmp_path / 'permuted_mask_thickness.nii.gz')
   assert thickness.shape == source.shape and np.allclose(thickness.affine, source.affine, atol=1e-6)
-  for name in ('permuted_mask_thickness.png', 'permuted_mask_measures.csv', 'permuted_mask_report.md'):
+  for name in ('permuted_mask_thickness.png', 'permuted_mask_slices.png', 'permuted_mask_measures.csv',
+               'permuted_mask_report.md'):
     assert (tmp_path / name).stat().st_size > 0
 
 
@@ -147,6 +148,7 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
       assert parts == pytest.approx(r['regions'][plate]['volume_mm3'])
   report = (tmp_path / 'out' / 'report.md').read_text()
   assert report.count('](thickness/') == 2 and (tmp_path / 'out' / 'thickness' / 'b.png').exists()
+  assert report.count('](slices/') == 2 and (tmp_path / 'out' / 'slices' / 'b.png').exists()
   [given] = predict.predict(_config(), workdir, tmp_path / 'scans' / 'b', tmp_path / 'b.nii.gz',
                             laterality='R')
   assert given['laterality'] == 'R' and 'given by --laterality' in given['laterality_text']
@@ -186,6 +188,15 @@ def test_small_components_are_dropped_per_class():
   np.testing.assert_array_equal(predict.remove_small_components(classes, (1.0, 1.0, 1.0), 0.0), classes)
   # Millimetres, not voxels: at 2 mm voxels the 150-voxel plate holds 1200 mm^3, the 4-voxel speck 32.
   assert (predict.remove_small_components(classes, (2.0, 2.0, 2.0), 100.0) == 2).sum() == 150
+
+
+def test_figure_slices_cross_the_cartilage_at_its_quartiles():
+  classes = np.zeros((40, 8, 8), np.uint8)
+  classes[10:20, 2:4, 2:4] = 1  # cartilage in slices 10-19 only, evenly
+  assert figures.cartilage_slices(classes) == [12, 14, 17]
+  classes[30:32] = 2  # two slices of 64 voxels outweigh the ten of 4: the quartiles move to them
+  assert figures.cartilage_slices(classes) == [30, 30, 31]
+  assert figures.cartilage_slices(np.zeros_like(classes)) == [9, 19, 29]  # none: the volume's quartiles
 
 
 def test_offset_grids_sample_where_the_network_pixels_lie():
