@@ -89,6 +89,20 @@ def test_permuted_and_flipped_affine_loads_to_same_canonical_array(tmp_path):
   np.testing.assert_allclose(got[2], (0.7, 0.4, 0.4))
 
 
+def test_trailing_axes_of_one_are_a_3d_volume_and_more_volumes_an_error(tmp_path):
+  image, labels, affine = _small_case(np.random.default_rng(2))
+  _write_pair(tmp_path, 'k', image, labels, affine)
+  # The image as (x, y, z, 1, 1), the label map 3D.
+  nib.save(nib.Nifti1Image(image[..., None, None], affine), tmp_path / 'images' / 'k.nii.gz')
+  got = volumes.load_case(volumes.discover_cases(tmp_path)[0], IDENTITY_MAP)
+  np.testing.assert_array_equal(got[0], image)
+  np.testing.assert_array_equal(got[1], labels)
+  nib.save(nib.Nifti1Image(np.stack([image, image], -1), affine), tmp_path / 'echoes.nii.gz')
+  with pytest.raises(DataError, match=r'4D volume of shape \(4, 5, 6, 2\), expected 3D \(a series') as e:
+    volumes.load_image(tmp_path / 'echoes.nii.gz')
+  assert '\n' not in str(e.value)
+
+
 def test_reference_knee_orientation():
   case = volumes.Case('ref', knee.REFERENCE, knee.REFERENCE)
   _, labels, spacing = volumes.load_case(case, IDENTITY_MAP)

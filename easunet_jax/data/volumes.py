@@ -77,15 +77,19 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
 
 
 def open_nifti(path: str | pathlib.Path) -> nib.Nifti1Image:
-  """The file's header and a lazy array proxy; a foreign or headless file, or one not 3D, is an error."""
+  """The file's header and a lazy array proxy; a foreign or headless file, or one not 3D, is an error.
+  Trailing axes of length 1 (x, y, z, 1), as some converters write a 3D volume, are dropped."""
   try:
     nii = nib.load(path)
   except _READ_ERRORS as e:
     raise DataError(f'{path}: not a readable NIfTI file ({_one_line(e)})') from None
   if not isinstance(nii, nib.Nifti1Image | nib.Nifti2Image):
     raise DataError(f'{path}: {type(nii).__name__} is not NIfTI')
+  if len(nii.shape) > 3 and all(n == 1 for n in nii.shape[3:]):
+    nii = type(nii)(nii.dataobj.reshape(nii.shape[:3]), nii.affine, nii.header)  # still lazy
   if len(nii.shape) != 3:
-    raise DataError(f'{path}: {len(nii.shape)}D volume of shape {nii.shape}, expected 3D')
+    raise DataError(f'{path}: {len(nii.shape)}D volume of shape {nii.shape}, expected 3D (a series of '
+                    'several volumes, echoes or time points: save the one to use as its own file)')
   affine = nii.affine
   if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
     raise DataError(f'{path}: degenerate voxel-to-world affine {affine[:3].tolist()}')
