@@ -265,7 +265,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   """Segments one scan or a directory of them (`_inputs`: NIfTI files, DICOM folders) into `output_path` (a
   mask file, or a directory) with the checkpoint eval.checkpoint names in `workdir`, or with `model_file`
   (`pretrained`: then config is the file's, `pretrained.config_of`). `series` picks a DICOM series by its
-  SeriesInstanceUID, `laterality` ('R' or 'L') overrides `decide_laterality`.
+  SeriesInstanceUID (`dicom.read_series`; '<uid>:<echo>' for one echo of several), `laterality` ('R' or
+  'L') overrides `decide_laterality`.
 
   Beside the masks: each scan's thickness map (NIfTI in the scan's grid, and a PNG), its prediction on three
   sagittal slices (`figures.plot_prediction_slices`), and the measures of every scan per plate and
@@ -299,7 +300,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
     nii, info = _read(source, series)
     if info:
-      found = '; '.join(f"{s['uid']} '{s['description']}' ({s['files']} files)" for s in info['series_found'])
+      found = '; '.join(f"{s['name']} '{s['description']}' ({s['files']} files)"
+                        for s in info['series_found'])
       print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
             flush=True)
     image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right

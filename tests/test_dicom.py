@@ -59,7 +59,7 @@ def test_voxel_order_rescale_per_slice_and_report(tmp_path):
                              atol=1e-6)
   assert report['laterality'] == 'R' and report['series_used'] == uid and report['manufacturer'] == 'ACME'
   assert report['description'] == 'DESS 8' and report['slice_spacing_mm'] == pytest.approx(0.7)
-  assert report['series_found'] == [{'uid': uid, 'description': 'DESS 8', 'number': 3, 'files': 8}]
+  assert report['series_found'] == [{'name': uid, 'description': 'DESS 8', 'number': 3, 'files': 8}]
 
 
 def test_sheared_stack_keeps_slice_positions(tmp_path):
@@ -85,6 +85,27 @@ def test_two_series_choice_and_unknown_uid(tmp_path):
   with pytest.raises(DataError, match=r'no series 1\.2\.3;') as e:
     dicom.read_series(tmp_path, '1.2.3')
   assert large in str(e.value) and small in str(e.value) and '6 files' in str(e.value)
+
+
+def _echo(number):
+  def edit(n, ds):
+    ds.EchoNumbers = number
+  return edit
+
+
+def test_echoes_of_one_series_are_volumes_of_their_own(tmp_path):
+  first, uid = write_series(tmp_path, edit=_echo(1))
+  second, _ = write_series(tmp_path, uid=uid, edit=_echo(2), seed=1)  # same slice positions, other values
+  assert [s.name for s in dicom.find_series(tmp_path)] == [f'{uid}:1', f'{uid}:2']
+  for series, expected in ((None, first), (uid, first), (f'{uid}:1', first), (f'{uid}:2', second)):
+    nii, report = dicom.read_series(tmp_path, series)
+    np.testing.assert_array_equal(nii.get_fdata(), expected)
+    assert report['series_used'] == f'{uid}:{1 + (expected is second)}'
+  with pytest.raises(DataError, match=f'no series {uid}:3; found {uid}:1 .* {uid}:2 '):
+    dicom.read_series(tmp_path, f'{uid}:3')
+  one_echo, single = write_series(tmp_path / 'one', edit=_echo(1))  # one echo number: a plain series
+  assert [s.name for s in dicom.find_series(tmp_path / 'one')] == [single]
+  np.testing.assert_array_equal(dicom.read_series(tmp_path / 'one')[0].get_fdata(), one_echo)
 
 
 def _del_position(n, ds):

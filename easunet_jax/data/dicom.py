@@ -6,6 +6,7 @@ slice), slices ascending along the normal cross(row cosine, column cosine). test
 affine and voxels against SimpleITK.
 """
 
+import collections
 import pathlib
 import struct
 from typing import NamedTuple
@@ -34,6 +35,12 @@ class Series(NamedTuple):
   description: str  # SeriesDescription or ''
   number: int | None  # SeriesNumber
   files: tuple[pathlib.Path, ...]  # sorted by position along the normal (by InstanceNumber without geometry)
+  echo: int | None = None  # EchoNumbers, where the series holds several echoes (each one its own volume)
+
+  @property
+  def name(self) -> str:
+    """What --series takes: the SeriesInstanceUID, with ':<echo>' for one echo of a multi-echo series."""
+    return self.uid if self.echo is None else f'{self.uid}:{self.echo}'
 
 
 def _one_line(e: BaseException) -> str:
@@ -77,11 +84,20 @@ def _series_number(ds: pydicom.Dataset) -> int | None:
     return None
 
 
-def _scan(folder: pathlib.Path) -> dict[str, Members]:
-  """Headers (no pixels) of the DICOM image files under folder, grouped by SeriesInstanceUID."""
+def _echo(ds: pydicom.Dataset) -> int | None:
+  try:
+    return int(ds.get('EchoNumbers'))
+  except (TypeError, ValueError):
+    return None
+
+
+def _scan(folder: pathlib.Path) -> dict[tuple[str, int | None], Members]:
+  """Headers (no pixels) of the DICOM image files under folder, grouped by (SeriesInstanceUID, echo): a
+  series whose files carry several EchoNumbers (a DESS or multi-echo series exported as one) is one group
+  per echo, as dcm2niix writes one volume per echo; the echo is None otherwise."""
   if not folder.is_dir():
     raise DataError(f'{folder}: not a directory (expected a folder of DICOM files)')
-  groups: dict[str, Members] = {}
+  groups: dict[tuple[str, int | None], Members] = {}
   for path in _files(folder):
     if not is_dicom_file(path):
       continue
@@ -91,11 +107,13 @@ def _scan(folder: pathlib.Path) -> dict[str, Members]:
       raise DataError(f'{path}: DICOM header unreadable ({_one_line(e)})') from None
     # Images only: a DICOMDIR, a structured report or a presentation state has no Rows and no pixels.
     if 'Rows' in ds and ds.get('SeriesInstanceUID'):
-      groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+      groups.setdefault((str(ds.SeriesInstanceUID), _echo(ds)), []).append((path, ds))
   if not groups:
     raise DataError(f'{folder}: no DICOM image file found (searched recursively; expected the exported files '
                     'of an MRI series)')
-  return groups
+  echoes = collections.Counter(uid for uid, _ in groups)
+  # One echo number (or none) throughout: the series is one volume, whatever its files say of the echo.
+  return {(uid, echo if echoes[uid] > 1 else None): members for (uid, echo), members in groups.items()}
 
 
 def _slice_order(members: Members) -> Members:
@@ -115,23 +133,24 @@ def _slice_order(members: Members) -> Members:
   return [members[n] for n in order]
 
 
-def _series_list(groups: dict[str, Members]) -> list[Series]:
+def _series_list(groups: dict[tuple[str, int | None], Members]) -> list[Series]:
   series = []
-  for uid, members in groups.items():
+  for (uid, echo), members in groups.items():
     first = members[0][1]
     files = tuple(path for path, _ in _slice_order(members))
-    series.append(Series(uid, str(first.get('SeriesDescription') or ''), _series_number(first), files))
-  return sorted(series, key=lambda s: (-len(s.files), s.number is None, s.number or 0, s.uid))
+    series.append(Series(uid, str(first.get('SeriesDescription') or ''), _series_number(first), files, echo))
+  return sorted(series, key=lambda s: (-len(s.files), s.number is None, s.number or 0, s.uid, s.echo or 0))
 
 
 def find_series(folder: str | pathlib.Path) -> list[Series]:
-  """Every image series under folder (recursive), read without pixels, grouped by SeriesInstanceUID, the one
-  with most files first. DataError if there is none."""
+  """Every image series under folder (recursive), read without pixels, grouped by SeriesInstanceUID and echo
+  (`_scan`), the one with most files first (of one series' echoes, the first echo). DataError if there is
+  none."""
   return _series_list(_scan(pathlib.Path(folder)))
 
 
 def _describe(series: Series) -> str:
-  return f'{series.uid} ({series.description!r}, {len(series.files)} files)'
+  return f'{series.name} ({series.description!r}, {len(series.files)} files)'
 
 
 def _geometry(where: str, members: Members) -> tuple[np.ndarray, float]:
@@ -208,21 +227,23 @@ def _laterality(ds: pydicom.Dataset) -> str | None:
   return None
 
 
-def read_series(folder: str | pathlib.Path, series_uid: str | None = None) -> tuple[nib.Nifti1Image, dict]:
+def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[nib.Nifti1Image, dict]:
   """One series as a float32 NIfTI image with its RAS affine (qform and sform code 1), and a report.
 
   Voxel (i, j, k) is (column, row, slice), slices ascending along cross(row cosine, column cosine), each
-  rescaled by its own RescaleSlope and RescaleIntercept. Without series_uid the series with most files is
-  read. The report holds 'series_found' (a dict of uid, description, number and file count per series),
-  'series_used', 'laterality' ('L', 'R' or None), 'description', 'manufacturer' and 'slice_spacing_mm'.
+  rescaled by its own RescaleSlope and RescaleIntercept. `series` is a `Series.name` (a SeriesInstanceUID,
+  its first echo where it holds several; '<uid>:<echo>' for another); without it the series with most files
+  is read. The report holds 'series_found' (a dict of name, description, number and file count per
+  series), 'series_used' (a name), 'laterality' ('L', 'R' or None), 'description', 'manufacturer' and
+  'slice_spacing_mm'.
   """
   folder = pathlib.Path(folder)
   groups = _scan(folder)
   found = _series_list(groups)
-  chosen = found[0] if series_uid is None else next((s for s in found if s.uid == series_uid), None)
+  chosen = found[0] if series is None else next((s for s in found if series in (s.name, s.uid)), None)
   if chosen is None:
-    raise DataError(f'{folder}: no series {series_uid}; found {"; ".join(_describe(s) for s in found)}')
-  headers = dict(groups[chosen.uid])
+    raise DataError(f'{folder}: no series {series}; found {"; ".join(_describe(s) for s in found)}')
+  headers = dict(groups[chosen.uid, chosen.echo])
   members = [(path, headers[path]) for path in chosen.files]
   affine, slice_spacing = _geometry(f'{folder}: series {_describe(chosen)}', members)
   affine = _LPS_TO_RAS @ affine
@@ -233,9 +254,9 @@ def read_series(folder: str | pathlib.Path, series_uid: str | None = None) -> tu
   nii.header.set_xyzt_units('mm')
   first = members[0][1]
   report = {
-    'series_found': [{'uid': s.uid, 'description': s.description, 'number': s.number, 'files': len(s.files)}
-                     for s in found],
-    'series_used': chosen.uid,
+    'series_found': [{'name': s.name, 'description': s.description, 'number': s.number,
+                      'files': len(s.files)} for s in found],
+    'series_used': chosen.name,
     'laterality': _laterality(first),
     'description': chosen.description,
     'manufacturer': str(first.get('Manufacturer') or ''),
