@@ -134,13 +134,13 @@ def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequ
   any cartilage marked on skin or fluid, at a glance. `image` and `classes` are (S, H, W) in closest-canonical
   RAS order."""
   chosen = cartilage_slices(classes)
-  low, high = np.percentile(image, (1, 99.5))
-  grey = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+  low, high = np.percentile(image[chosen], (1, 99.5))
+  grey = np.clip((image[chosen] - low) / max(high - low, 1e-6), 0, 1)
   fig, axes = plt.subplots(2, len(chosen), figsize=(4 * len(chosen), 8.4), dpi=120, squeeze=False)
   extent = (0, image.shape[1] * spacing[1], 0, image.shape[2] * spacing[2])
   for column, x in enumerate(chosen):
-    for ax, panel in zip(axes[:, column], (np.repeat(grey[x, ..., None], 3, axis=-1),
-                                           _overlay(grey[x], classes[x]))):
+    for ax, panel in zip(axes[:, column], (np.repeat(grey[column, ..., None], 3, axis=-1),
+                                           _overlay(grey[column], classes[x]))):
       ax.imshow(np.swapaxes(panel, 0, 1)[::-1], extent=extent, interpolation='nearest')
       ax.set_xticks([])
       ax.set_yticks([])
