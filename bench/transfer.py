@@ -1,16 +1,20 @@
 """Transfer check of a model file: 3D Dice on knees it never trained on, in contrasts it never saw.
 
 python bench/transfer.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3] [--out DIR] [--every 1]
-                         [--single_grid]
+                         [--single_grid] [--more_sets]
 
 Test knees: real-anatomy phantoms (`data.knee`) of dataset seed 1000 (training used seed 0: other
 deformations, sizes, thickness factors and sides), at OAI-ZIB geometry (160 x 384 x 384, 0.7 x 0.3646 x
 0.3646 mm), each rendered DESS-like and TSE-like by the phantom's numpy renderer (`knee.render`), a code
 path apart from the training's on-device synthesis (`data.synth`), and DESS-like from its bone and
 cartilage labels alone (everything else one soft tissue); and, for comparison, schematic phantoms
-(`data.phantom`, DESS-like) of the same seed. Each set is segmented by `predict.predict` from its NIfTI
-files, as `--mode=predict` does, and scored against its labels with `metrics.segmentation_metrics` and the
-error of `measures.mean_thickness_mm`. Prints a Markdown table (mean ± std over knees) and one JSON line.
+(`data.phantom`, DESS-like) of the same seed. With `--more_sets`, also the same knees rendered from
+their OAI-ZIB labels alone by the simplest synthesiser a user might write (one intensity per label, blur,
+noise; five intensity tables: dark, grey and bright background, bright bone, cartilage the only contrast),
+and DESS-like on a 3D DESS scan's grid (80 x 512 x 512, 1.5 x 0.2734 x 0.2734 mm). Each set is segmented by
+`predict.predict` from its NIfTI files, as `--mode=predict` does, and scored against its labels with
+`metrics.segmentation_metrics` and the error of `measures.mean_thickness_mm`. Prints a Markdown table
+(mean ± std over knees) and one JSON line.
 """
 
 from easunet_jax import environment
@@ -28,14 +32,23 @@ from easunet_jax import measures, metrics, predict, pretrained  # noqa: E402
 from easunet_jax.data import knee, phantom, volumes  # noqa: E402
 
 SEED = 1000  # the training phantoms are dataset seed 0
+# --more_sets: intensity per OAI-ZIB label (background, femur, FC, tibia, TC) of the per-label synthesiser.
+PER_LABEL = {'dark background': (0.02, 0.35, 0.7, 0.35, 0.7), 'grey background': (0.2, 0.35, 0.7, 0.35, 0.7),
+             'bright background': (0.55, 0.3, 0.75, 0.3, 0.75), 'bright bone': (0.25, 0.85, 0.5, 0.85, 0.5),
+             'cartilage the only contrast': (0.4, 0.4, 0.8, 0.4, 0.8)}
+SCAN_GRID = ((80, 512, 512), (1.5, 0.2734, 0.2734))  # a 3D DESS scan's: thick slices, fine pixels
+SCAN_GRID_SET = 'real anatomy, DESS-like, 80 x 512 x 512 grid, 1.5 mm slices'
 
 
-def _write(out: pathlib.Path, num: int, every: int) -> dict[str, pathlib.Path]:
+def _write(out: pathlib.Path, num: int, every: int, more: bool) -> dict[str, pathlib.Path]:
   """The test sets under `out`: {set name: folder with images/ and labels/}."""
   shape = (phantom.DEFAULT_SHAPE[0] // every, *phantom.DEFAULT_SHAPE[1:])
   spacing = (phantom.DEFAULT_SPACING[0] * every, *phantom.DEFAULT_SPACING[1:])
-  names = ('real anatomy, DESS-like', 'real anatomy, TSE-like', 'real anatomy, labels only, DESS-like',
-           'schematic phantom, DESS-like')
+  names = ['real anatomy, DESS-like', 'real anatomy, TSE-like', 'real anatomy, labels only, DESS-like',
+           'schematic phantom, DESS-like']
+  if more:
+    names += [f'real anatomy, labels only, per-label intensities: {name}' for name in PER_LABEL]
+    names += [SCAN_GRID_SET]
   sets = {name: out / name for name in names}
   for i in range(num):
     case = f'knee_{i:03d}'
@@ -51,10 +64,17 @@ def _write(out: pathlib.Path, num: int, every: int) -> dict[str, pathlib.Path]:
         [phantom.FC, phantom.TC, phantom.FEMUR, phantom.TIBIA], phantom.MUSCLE).astype(np.uint8)
     labels_only = knee.render(bare, spacing, np.random.default_rng([seed, 2]), 'dess')
     schematic, schematic_tissue, _ = phantom.make_tissues(seed, shape, spacing)
-    for name, image, codes in zip(sets, (dess, tse, labels_only, schematic),
-                                  (tissue, tissue, tissue, schematic_tissue)):
-      volumes.save_volume(sets[name] / 'labels' / f'{case}.nii.gz', phantom.LABEL_OF_TISSUE[codes], affine)
-      volumes.save_volume(sets[name] / 'images' / f'{case}.nii.gz', image, affine)
+    renderings = [(dess, tissue, affine), (tse, tissue, affine), (labels_only, tissue, affine),
+                  (schematic, schematic_tissue, affine)]
+    if more:
+      labels = phantom.LABEL_OF_TISSUE[tissue]
+      renderings += [(phantom.render(labels, 500 * np.array(table), spacing, np.random.default_rng([seed, 3]),
+                                     blur=0.6, bias=np.zeros(5), noise=0.04), tissue, affine)
+                     for table in PER_LABEL.values()]
+      renderings.append(knee.make_tissues(seed, *SCAN_GRID, contrast='dess'))
+    for name, (image, codes, grid) in zip(sets, renderings):
+      volumes.save_volume(sets[name] / 'labels' / f'{case}.nii.gz', phantom.LABEL_OF_TISSUE[codes], grid)
+      volumes.save_volume(sets[name] / 'images' / f'{case}.nii.gz', image, grid)
   return sets
 
 
@@ -67,11 +87,13 @@ def main() -> None:
   parser.add_argument('--every', type=int, default=1, help='every N-th sagittal slice only (N x faster)')
   parser.add_argument('--single_grid', action='store_true',
                       help='predict on one sampling grid (predict.subpixel_tta=False)')
+  parser.add_argument('--more_sets', action='store_true',
+                      help="also the per-label synthesiser's renderings and a 3D DESS scan's grid")
   args = parser.parse_args()
   out = pathlib.Path(args.out or tempfile.mkdtemp(prefix='transfer_'))
   config = pretrained.config_of(args.weights)
   config.predict.subpixel_tta = not args.single_grid
-  sets = _write(out, args.num, args.every)
+  sets = _write(out, args.num, args.every, args.more_sets)
   results = {}
   for name, folder in sets.items():
     predict.predict(config, None, folder / 'images', folder / 'masks', args.weights)
