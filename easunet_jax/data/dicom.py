@@ -77,16 +77,10 @@ def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> np.ndarray | None:
   return values if values.shape == (count,) and np.isfinite(values).all() else None
 
 
-def _series_number(ds: pydicom.Dataset) -> int | None:
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+  """The tag as an integer; None when it is absent, empty or unreadable."""
   try:
-    return int(ds.get('SeriesNumber'))
-  except (TypeError, ValueError):
-    return None
-
-
-def _echo(ds: pydicom.Dataset) -> int | None:
-  try:
-    return int(ds.get('EchoNumbers'))
+    return int(ds.get(keyword))
   except (TypeError, ValueError):
     return None
 
@@ -107,7 +101,7 @@ def _scan(folder: pathlib.Path) -> dict[tuple[str, int | None], Members]:
       raise DataError(f'{path}: DICOM header unreadable ({_one_line(e)})') from None
     # Images only: a DICOMDIR, a structured report or a presentation state has no Rows and no pixels.
     if 'Rows' in ds and ds.get('SeriesInstanceUID'):
-      groups.setdefault((str(ds.SeriesInstanceUID), _echo(ds)), []).append((path, ds))
+      groups.setdefault((str(ds.SeriesInstanceUID), _int(ds, 'EchoNumbers')), []).append((path, ds))
   if not groups:
     raise DataError(f'{folder}: no DICOM image file found (searched recursively; expected the exported files '
                     'of an MRI series)')
@@ -138,7 +132,8 @@ def _series_list(groups: dict[tuple[str, int | None], Members]) -> list[Series]:
   for (uid, echo), members in groups.items():
     first = members[0][1]
     files = tuple(path for path, _ in _slice_order(members))
-    series.append(Series(uid, str(first.get('SeriesDescription') or ''), _series_number(first), files, echo))
+    series.append(Series(uid, str(first.get('SeriesDescription') or ''), _int(first, 'SeriesNumber'), files,
+                         echo))
   return sorted(series, key=lambda s: (-len(s.files), s.number is None, s.number or 0, s.uid, s.echo or 0))
 
 
