@@ -300,7 +300,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
     nii, info = _read(source, series)
     if info:
-      found = '; '.join(f"{s['name']} '{s['description']}' ({s['files']} files)"
+      found = '; '.join(f"{s['name']} '{s['description']}' ({s['slices']} slices)"
                         for s in info['series_found'])
       print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
             flush=True)

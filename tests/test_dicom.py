@@ -1,12 +1,13 @@
 """Tests of reading a DICOM series: geometry, voxel order and values against SimpleITK, series choice, and
 the one-line errors of broken series."""
 
+import dcm2niix
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from dicom_series import AXIAL, CORONAL, OBLIQUE, SAGITTAL, STEPS, ds_numbers, write_series
+from dicom_series import AXIAL, CORONAL, OBLIQUE, SAGITTAL, STEPS, ds_numbers, write_enhanced, write_series
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from easunet_jax.data import dicom
@@ -59,7 +60,7 @@ def test_voxel_order_rescale_per_slice_and_report(tmp_path):
                              atol=1e-6)
   assert report['laterality'] == 'R' and report['series_used'] == uid and report['manufacturer'] == 'ACME'
   assert report['description'] == 'DESS 8' and report['slice_spacing_mm'] == pytest.approx(0.7)
-  assert report['series_found'] == [{'name': uid, 'description': 'DESS 8', 'number': 3, 'files': 8}]
+  assert report['series_found'] == [{'name': uid, 'description': 'DESS 8', 'number': 3, 'slices': 8}]
 
 
 def test_sheared_stack_keeps_slice_positions(tmp_path):
@@ -84,7 +85,7 @@ def test_two_series_choice_and_unknown_uid(tmp_path):
   assert nii.shape[2] == 6 and report['series_used'] == small and report['laterality'] is None
   with pytest.raises(DataError, match=r'no series 1\.2\.3;') as e:
     dicom.read_series(tmp_path, '1.2.3')
-  assert large in str(e.value) and small in str(e.value) and '6 files' in str(e.value)
+  assert large in str(e.value) and small in str(e.value) and '6 slices' in str(e.value)
 
 
 def _echo(number):
@@ -108,6 +109,48 @@ def test_echoes_of_one_series_are_volumes_of_their_own(tmp_path):
   np.testing.assert_array_equal(dicom.read_series(tmp_path / 'one')[0].get_fdata(), one_echo)
 
 
+@pytest.mark.parametrize('cosines, offsets', [(SAGITTAL, STEPS), (OBLIQUE, -STEPS)],
+                         ids=['sagittal', 'oblique-descending'])
+def test_enhanced_echoes_match_dcm2niix(tmp_path, cosines, offsets):
+  """One multi-frame file of two echoes, frames shuffled: each echo is the volume dcm2niix writes for it (the
+  reference converter of enhanced files; SimpleITK reads them as 2D frames), in the world's voxel order."""
+  rng = np.random.default_rng(0)
+  echoes = [rng.integers(0, 4000, (24, 20, 8), dtype=np.uint16) for _ in range(2)]
+  uid = write_enhanced(tmp_path / 'dcm' / 'IM1', echoes, cosines, offsets=offsets, slope=1.5, intercept=-10,
+                       laterality='L')
+  dcm2niix.main(['-z', 'y', '-f', 'x', '-o', str(tmp_path), str(tmp_path / 'dcm')], capture_output=True,
+                check=True)
+  assert [s.name for s in dicom.find_series(tmp_path / 'dcm')] == [f'{uid}:1', f'{uid}:2']
+  for echo in (1, 2):
+    nii, report = dicom.read_series(tmp_path / 'dcm', f'{uid}:{echo}')
+    reference = nib.as_closest_canonical(nib.load(tmp_path / f'x_e{echo}.nii.gz'))
+    ours = nib.as_closest_canonical(nii)
+    np.testing.assert_allclose(ours.affine, reference.affine, atol=1e-4)
+    np.testing.assert_array_equal(ours.get_fdata(), reference.get_fdata())
+  assert report['series_found'][0]['slices'] == 8 and report['laterality'] == 'L'
+
+
+def test_enhanced_phase_frames_and_per_frame_rescaling(tmp_path):
+  """Magnitude frames beside phase ones are the volume, that of the classic series of the same slices; a
+  frame's own rescaling overrides the shared one."""
+  voxels, _ = write_series(tmp_path / 'classic', OBLIQUE, slope=1.5, intercept=-10)
+
+  def rescale(echo, n, groups):
+    if n == 5:
+      groups.PixelValueTransformationSequence = [pydicom.Dataset()]
+      groups.PixelValueTransformationSequence[0].RescaleSlope = '2'
+      groups.PixelValueTransformationSequence[0].RescaleIntercept = '0'
+
+  write_enhanced(tmp_path / 'enhanced' / 'IM1', [voxels], OBLIQUE, slope=1.5, intercept=-10, phase=True,
+                 edit=rescale)
+  classic, _ = dicom.read_series(tmp_path / 'classic')
+  enhanced, _ = dicom.read_series(tmp_path / 'enhanced')
+  np.testing.assert_allclose(enhanced.affine, classic.affine, atol=1e-9)
+  expected = classic.get_fdata()
+  expected[:, :, 5] = voxels[:, :, 5] * 2.0
+  np.testing.assert_array_equal(enhanced.get_fdata(), expected)
+
+
 def _del_position(n, ds):
   if n == 2:
     del ds.ImagePositionPatient
@@ -128,7 +171,7 @@ def _multi_frame(n, ds):
   (dict(edit=_swap_size), 'mixed-size series, Rows/Columns'),
   (dict(edit=_del_position), 'lacks ImagePositionPatient'),
   (dict(offsets=[0.0]), 'at least 2'),
-  (dict(edit=_multi_frame), 'multi-frame'),
+  (dict(edit=_multi_frame), 'multi-frame file without per-frame functional groups'),
 ], ids=['uneven', 'duplicate', 'mixed', 'no-position', 'one-slice', 'multi-frame'])
 def test_broken_series_are_one_line_errors(tmp_path, kwargs, message):
   write_series(tmp_path / 'dcm', **kwargs)

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from dicom_series import SAGITTAL, write_series
+from dicom_series import SAGITTAL, write_enhanced, write_series
 
 from configs import tiny
 from easunet_jax import figures, predict
@@ -91,16 +91,20 @@ def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 2, 4}
 
 
-def _dicom_knee(folder, canonical, knee_x, laterality=None):
-  """The canonical file's knee written as a sagittal DICOM series (LPS origin x = knee_x): columns run
-  posterior, rows inferior, slices to the patient's right (RAS +x), as knee DESS series do; returns the
-  image as the DICOM holds it, in canonical order."""
+def _dicom_knee(folder, canonical, knee_x, laterality=None, enhanced=False):
+  """The canonical file's knee written as a sagittal DICOM series (LPS origin x = knee_x), one file per slice
+  or one enhanced multi-frame file: columns run posterior, rows inferior, slices to the patient's right
+  (RAS +x), as knee DESS series do; returns the image as the DICOM holds it, in canonical order."""
   nii = nib.load(canonical)
   image = np.round(np.asarray(nii.dataobj) * 1000).astype(np.uint16)  # (right, anterior, superior)
   spacing = nii.header.get_zooms()
-  write_series(folder, SAGITTAL, (knee_x, -20.0, 30.0), spacing=(spacing[2], spacing[1]),
-               offsets=np.arange(image.shape[0]) * spacing[0], voxels=image.transpose(1, 2, 0)[::-1, ::-1],
-               laterality=laterality)
+  geometry = dict(cosines=SAGITTAL, origin=(knee_x, -20.0, 30.0), spacing=(spacing[2], spacing[1]),
+                  offsets=np.arange(image.shape[0]) * spacing[0], laterality=laterality)
+  voxels = image.transpose(1, 2, 0)[::-1, ::-1]
+  if enhanced:
+    write_enhanced(folder / 'IM1', [voxels], **geometry)
+  else:
+    write_series(folder, voxels=voxels, **geometry)
   return image.astype(np.float32)
 
 
@@ -131,7 +135,8 @@ def test_dicom_series_predicts_in_its_own_grid(run, tmp_path, monkeypatch, capsy
 def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monkeypatch):
   workdir, canonical, _ = run
   monkeypatch.setattr(predict._Network, '__call__', _thresholds)
-  _dicom_knee(tmp_path / 'scans' / 'a', canonical, knee_x=-80.0, laterality='L')  # the tag decides
+  # An enhanced file, its frame laterality decides.
+  _dicom_knee(tmp_path / 'scans' / 'a', canonical, knee_x=-80.0, laterality='L', enhanced=True)
   _dicom_knee(tmp_path / 'scans' / 'b', canonical, knee_x=3.0)  # too near the midline: undecided
   results = predict.predict(_config(), workdir, tmp_path / 'scans', tmp_path / 'out')
   assert [r['laterality'] for r in results] == ['L', None]

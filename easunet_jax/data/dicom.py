@@ -1,5 +1,7 @@
 """DICOM input: one MRI series from a folder of DICOM files, as a NIfTI image with the RAS affine its headers
-give, so that a scanner export can be predicted on without a separate conversion step.
+give, so that a scanner export can be predicted on without a separate conversion step. A series may come as
+one file per slice (classic MR images) or as multi-frame files (enhanced MR images, as Siemens XA and
+Philips export): each frame is read as a slice with the geometry of its functional groups.
 
 The voxel order is SimpleITK's (and that of dcm2niix-like tools): array index (i, j, k) is (column, row,
 slice), slices ascending along the normal cross(row cosine, column cosine). tests/test_dicom.py checks shape,
@@ -27,15 +29,40 @@ _SPACING_TOL, _SPACING_TOL_MM = 0.01, 0.01  # a step may differ from the median 
 # What a truncated, corrupt or foreign file raises inside pydicom, on reading or on converting a value.
 _READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, struct.error, InvalidDicomError)
 
-Members = list[tuple[pathlib.Path, pydicom.Dataset]]
+# Functional-group macros of an enhanced (multi-frame) image and the classic tags each gives a frame; a
+# per-frame macro overrides the shared one.
+_FRAME_MACROS = {
+  'PlanePositionSequence': ('ImagePositionPatient',),
+  'PlaneOrientationSequence': ('ImageOrientationPatient',),
+  'PixelMeasuresSequence': ('PixelSpacing',),
+  'PixelValueTransformationSequence': ('RescaleSlope', 'RescaleIntercept'),
+  'FrameContentSequence': ('InStackPositionNumber',),
+  'MREchoSequence': ('EffectiveEchoTime',),
+  'MRImageFrameTypeSequence': ('ComplexImageComponent',),
+  'FrameAnatomySequence': ('FrameLaterality',),
+}
+_FILE_TAGS = ('SeriesInstanceUID', 'SeriesDescription', 'SeriesNumber', 'Manufacturer', 'Laterality', 'Rows',
+              'Columns')
+
+
+class Slice(NamedTuple):
+  """One 2D image of a series: a single-frame file, or one frame (0-based) of a multi-frame file."""
+  path: pathlib.Path
+  frame: int | None = None
+
+  def __str__(self) -> str:
+    return self.path.name if self.frame is None else f'{self.path.name} frame {self.frame + 1}'
+
+
+Members = list[tuple[Slice, pydicom.Dataset]]
 
 
 class Series(NamedTuple):
   uid: str  # SeriesInstanceUID
   description: str  # SeriesDescription or ''
   number: int | None  # SeriesNumber
-  files: tuple[pathlib.Path, ...]  # sorted by position along the normal (by InstanceNumber without geometry)
-  echo: int | None = None  # EchoNumbers, where the series holds several echoes (each one its own volume)
+  slices: tuple[Slice, ...]  # sorted by position along the normal (by InstanceNumber without geometry)
+  echo: int | None = None  # the echo, where the series holds several (each one its own volume)
 
   @property
   def name(self) -> str:
@@ -85,10 +112,47 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
     return None
 
 
+def _frames(path: pathlib.Path, ds: pydicom.Dataset) -> Members:
+  """The slices of one file with a classic header each: the file's own for a single-frame file; for a
+  multi-frame (enhanced) file, per frame the file's series tags and the tags of its functional groups, its
+  echo as EchoNumbers (rank of its EffectiveEchoTime in the file, where the file holds several) and, where
+  the file holds magnitude images beside phase, real or imaginary ones, the magnitude frames only."""
+  frames = _int(ds, 'NumberOfFrames') or 1
+  if 'PerFrameFunctionalGroupsSequence' not in ds:
+    if frames > 1:
+      raise DataError(f'{path}: multi-frame file without per-frame functional groups, so its {frames} '
+                      'frames cannot be placed in space (export the series as one file per slice)')
+    return [(Slice(path), ds)]
+  per_frame = ds.PerFrameFunctionalGroupsSequence
+  if len(per_frame) != frames:
+    raise DataError(f'{path}: {frames} frames but {len(per_frame)} per-frame functional groups')
+  shared = ds.get('SharedFunctionalGroupsSequence') or [pydicom.Dataset()]
+  headers = []
+  for groups in per_frame:
+    header = pydicom.Dataset()
+    for keyword in _FILE_TAGS:
+      if keyword in ds:
+        header[keyword] = ds[keyword]
+    for macro, keywords in _FRAME_MACROS.items():
+      items = groups.get(macro) or shared[0].get(macro) or [pydicom.Dataset()]
+      for keyword in keywords:
+        if keyword in items[0]:
+          header[keyword] = items[0][keyword]
+    headers.append(header)
+  echo_times = sorted({float(h.EffectiveEchoTime) for h in headers if h.get('EffectiveEchoTime') is not None})
+  for header in headers:
+    if len(echo_times) > 1 and header.get('EffectiveEchoTime') is not None:
+      header.EchoNumbers = echo_times.index(float(header.EffectiveEchoTime)) + 1
+  members = [(Slice(path, k), header) for k, header in enumerate(headers)]
+  magnitude = [m for m in members if m[1].get('ComplexImageComponent') == 'MAGNITUDE']
+  return magnitude or members
+
+
 def _scan(folder: pathlib.Path) -> dict[tuple[str, int | None], Members]:
-  """Headers (no pixels) of the DICOM image files under folder, grouped by (SeriesInstanceUID, echo): a
-  series whose files carry several EchoNumbers (a DESS or multi-echo series exported as one) is one group
-  per echo, as dcm2niix writes one volume per echo; the echo is None otherwise."""
+  """Headers (no pixels) of the DICOM images under folder (`_frames`: one per slice), grouped by
+  (SeriesInstanceUID, echo): a series whose slices carry several EchoNumbers (a DESS or multi-echo series
+  exported as one) is one group per echo, as dcm2niix writes one volume per echo; the echo is None
+  otherwise."""
   if not folder.is_dir():
     raise DataError(f'{folder}: not a directory (expected a folder of DICOM files)')
   groups: dict[tuple[str, int | None], Members] = {}
@@ -101,7 +165,8 @@ def _scan(folder: pathlib.Path) -> dict[tuple[str, int | None], Members]:
       raise DataError(f'{path}: DICOM header unreadable ({_one_line(e)})') from None
     # Images only: a DICOMDIR, a structured report or a presentation state has no Rows and no pixels.
     if 'Rows' in ds and ds.get('SeriesInstanceUID'):
-      groups.setdefault((str(ds.SeriesInstanceUID), _int(ds, 'EchoNumbers')), []).append((path, ds))
+      for member in _frames(path, ds):
+        groups.setdefault((str(ds.SeriesInstanceUID), _int(member[1], 'EchoNumbers')), []).append(member)
   if not groups:
     raise DataError(f'{folder}: no DICOM image file found (searched recursively; expected the exported files '
                     'of an MRI series)')
@@ -111,19 +176,19 @@ def _scan(folder: pathlib.Path) -> dict[tuple[str, int | None], Members]:
 
 
 def _slice_order(members: Members) -> Members:
-  """Members sorted by position along the first file's slice normal, the order GDCM gives; by InstanceNumber
-  then name where geometry is missing (read_series then refuses the series)."""
+  """Members sorted by position along the first slice's normal, the order GDCM gives; by InstanceNumber (or
+  a frame's InStackPositionNumber) then name where geometry is missing (read_series then refuses the
+  series)."""
   cosines = _floats(members[0][1], 'ImageOrientationPatient', 6)
   positions = [_floats(ds, 'ImagePositionPatient', 3) for _, ds in members]
   if cosines is None or any(p is None for p in positions):
     def instance(member):
-      try:
-        return int(member[1].get('InstanceNumber')), member[0]
-      except (TypeError, ValueError):
-        return 0, member[0]
+      number = _int(member[1], 'InstanceNumber') or _int(member[1], 'InStackPositionNumber') or 0
+      return number, member[0].path, member[0].frame or 0
     return sorted(members, key=instance)
   normal = np.cross(cosines[:3], cosines[3:])
-  order = sorted(range(len(members)), key=lambda n: (float(positions[n] @ normal), members[n][0]))
+  order = sorted(range(len(members)),
+                 key=lambda n: (float(positions[n] @ normal), members[n][0].path, members[n][0].frame or 0))
   return [members[n] for n in order]
 
 
@@ -131,58 +196,54 @@ def _series_list(groups: dict[tuple[str, int | None], Members]) -> list[Series]:
   series = []
   for (uid, echo), members in groups.items():
     first = members[0][1]
-    files = tuple(path for path, _ in _slice_order(members))
-    series.append(Series(uid, str(first.get('SeriesDescription') or ''), _int(first, 'SeriesNumber'), files,
+    slices = tuple(slice_ for slice_, _ in _slice_order(members))
+    series.append(Series(uid, str(first.get('SeriesDescription') or ''), _int(first, 'SeriesNumber'), slices,
                          echo))
-  return sorted(series, key=lambda s: (-len(s.files), s.number is None, s.number or 0, s.uid, s.echo or 0))
+  return sorted(series, key=lambda s: (-len(s.slices), s.number is None, s.number or 0, s.uid, s.echo or 0))
 
 
 def find_series(folder: str | pathlib.Path) -> list[Series]:
   """Every image series under folder (recursive), read without pixels, grouped by SeriesInstanceUID and echo
-  (`_scan`), the one with most files first (of one series' echoes, the first echo). DataError if there is
+  (`_scan`), the one with most slices first (of one series' echoes, the first echo). DataError if there is
   none."""
   return _series_list(_scan(pathlib.Path(folder)))
 
 
 def _describe(series: Series) -> str:
-  return f'{series.name} ({series.description!r}, {len(series.files)} files)'
+  return f'{series.name} ({series.description!r}, {len(series.slices)} slices)'
 
 
 def _geometry(where: str, members: Members) -> tuple[np.ndarray, float]:
   """The LPS voxel-to-world affine of slices sorted along the normal, and the mean slice spacing in mm."""
-  for path, ds in members:
-    if int(ds.get('NumberOfFrames') or 1) > 1:
-      raise DataError(f'{where}: {path.name} is a multi-frame (enhanced) DICOM file, not supported yet '
-                      '(export the series as one file per slice)')
   if len(members) < 2:
     raise DataError(f'{where}: {len(members)} slice, a volume needs at least 2 (is this a localizer?)')
   geometry = []
-  for path, ds in members:
+  for slice_, ds in members:
     values = {tag: _floats(ds, tag, count) for tag, count in _GEOMETRY_TAGS.items()}
     missing = [tag for tag, value in values.items() if value is None]
     if missing:
-      raise DataError(f'{where}: {path.name} lacks {", ".join(missing)} (or holds unreadable values), '
+      raise DataError(f'{where}: {slice_} lacks {", ".join(missing)} (or holds unreadable values), '
                       'so its slice cannot be placed in space')
     geometry.append(((int(ds.Rows), int(ds.Columns)), values))
-  first_path, (first_size, first) = members[0][0], geometry[0]
-  for (path, _), (size, values) in zip(members[1:], geometry[1:]):
+  first_slice, (first_size, first) = members[0][0], geometry[0]
+  for (slice_, _), (size, values) in zip(members[1:], geometry[1:]):
     for what, a, b in (('Rows/Columns', first_size, size),
                        ('PixelSpacing', first['PixelSpacing'], values['PixelSpacing']),
                        ('ImageOrientationPatient', first['ImageOrientationPatient'],
                         values['ImageOrientationPatient'])):
       if np.shape(a) != np.shape(b) or not np.allclose(a, b, rtol=0, atol=_SAME_TOL):
-        raise DataError(f'{where}: mixed-size series, {what} {np.round(a, 5).tolist()} in {first_path.name} '
-                        f'but {np.round(b, 5).tolist()} in {path.name} (export or pick one series alone)')
+        raise DataError(f'{where}: mixed-size series, {what} {np.round(a, 5).tolist()} in {first_slice} '
+                        f'but {np.round(b, 5).tolist()} in {slice_} (export or pick one series alone)')
   row, column = first['ImageOrientationPatient'][:3], first['ImageOrientationPatient'][3:]
   normal = np.cross(row, column)
   if np.linalg.norm(normal) < 0.5:
     raise DataError(f'{where}: degenerate ImageOrientationPatient {np.concatenate([row, column]).tolist()} '
-                    f'in {first_path.name}')
+                    f'in {first_slice}')
   positions = np.stack([values['ImagePositionPatient'] for _, values in geometry])
   steps = np.diff(positions @ normal)
   if (steps < _DUPLICATE_TOL_MM).any():
     n = int(np.argmin(steps))
-    raise DataError(f'{where}: duplicate slice positions, {members[n][0].name} and {members[n + 1][0].name} '
+    raise DataError(f'{where}: duplicate slice positions, {members[n][0]} and {members[n + 1][0]} '
                     f'both at {np.round(positions[n], 4).tolist()} mm (several echoes, phases or copies in '
                     'one series?)')
   median = float(np.median(steps))
@@ -199,23 +260,44 @@ def _geometry(where: str, members: Members) -> tuple[np.ndarray, float]:
   return affine, float(np.linalg.norm(step))
 
 
-def _pixels(path: pathlib.Path) -> np.ndarray:
-  """One slice as float32 (column, row) with its own RescaleSlope and RescaleIntercept applied."""
+def _pixels(path: pathlib.Path, multi_frame: bool) -> np.ndarray:
+  """A file's stored values: (rows, columns), or (frames, rows, columns) for a multi-frame file."""
   try:
     ds = pydicom.dcmread(path)
     pixels = ds.pixel_array
-    slope, intercept = ds.get('RescaleSlope'), ds.get('RescaleIntercept')
-    slope = 1.0 if slope in (None, '') else float(slope)
-    intercept = 0.0 if intercept in (None, '') else float(intercept)
+    shape = (int(ds.Rows), int(ds.Columns))
   except (*_READ_ERRORS, AttributeError, NotImplementedError, RuntimeError) as e:
     raise DataError(f'{path}: pixel data unreadable ({_one_line(e)})') from None
-  if pixels.ndim != 2:
-    raise DataError(f'{path}: pixel array of shape {pixels.shape}, expected one grayscale slice')
-  return (pixels.T.astype(np.float64) * slope + intercept).astype(np.float32)
+  if multi_frame:
+    shape = (_int(ds, 'NumberOfFrames') or 1, *shape)
+  if pixels.size != np.prod(shape):
+    raise DataError(f'{path}: pixel array of shape {pixels.shape}, expected grayscale images of {shape}')
+  return pixels.reshape(shape)
+
+
+def _volume(members: Members) -> np.ndarray:
+  """The members' slices as float32 (column, row, slice), each rescaled by its own RescaleSlope and
+  RescaleIntercept; a multi-frame file is decoded once."""
+  decoded: dict[pathlib.Path, np.ndarray] = {}
+  slices = []
+  for slice_, header in members:
+    if slice_.frame is None:
+      pixels = _pixels(slice_.path, multi_frame=False)
+    else:
+      if slice_.path not in decoded:
+        decoded[slice_.path] = _pixels(slice_.path, multi_frame=True)
+      pixels = decoded[slice_.path][slice_.frame]
+    try:
+      slope, intercept = (float(header.get(keyword) or default)
+                          for keyword, default in (('RescaleSlope', 1.0), ('RescaleIntercept', 0.0)))
+    except (TypeError, ValueError) as e:
+      raise DataError(f'{slice_}: unreadable RescaleSlope or RescaleIntercept ({_one_line(e)})') from None
+    slices.append((pixels.T.astype(np.float64) * slope + intercept).astype(np.float32))
+  return np.stack(slices, axis=-1)
 
 
 def _laterality(ds: pydicom.Dataset) -> str | None:
-  for keyword in ('Laterality', 'ImageLaterality'):
+  for keyword in ('Laterality', 'ImageLaterality', 'FrameLaterality'):
     value = str(ds.get(keyword) or '').strip().upper()
     if value in ('L', 'R'):
       return value
@@ -227,8 +309,8 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
 
   Voxel (i, j, k) is (column, row, slice), slices ascending along cross(row cosine, column cosine), each
   rescaled by its own RescaleSlope and RescaleIntercept. `series` is a `Series.name` (a SeriesInstanceUID,
-  its first echo where it holds several; '<uid>:<echo>' for another); without it the series with most files
-  is read. The report holds 'series_found' (a dict of name, description, number and file count per
+  its first echo where it holds several; '<uid>:<echo>' for another); without it the series with most slices
+  is read. The report holds 'series_found' (a dict of name, description, number and slice count per
   series), 'series_used' (a name), 'laterality' ('L', 'R' or None), 'description', 'manufacturer' and
   'slice_spacing_mm'.
   """
@@ -239,18 +321,17 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
   if chosen is None:
     raise DataError(f'{folder}: no series {series}; found {"; ".join(_describe(s) for s in found)}')
   headers = dict(groups[chosen.uid, chosen.echo])
-  members = [(path, headers[path]) for path in chosen.files]
+  members = [(slice_, headers[slice_]) for slice_ in chosen.slices]
   affine, slice_spacing = _geometry(f'{folder}: series {_describe(chosen)}', members)
   affine = _LPS_TO_RAS @ affine
-  volume = np.stack([_pixels(path) for path in chosen.files], axis=-1)
-  nii = nib.Nifti1Image(volume, affine)
+  nii = nib.Nifti1Image(_volume(members), affine)
   nii.set_qform(affine, code=1)
   nii.set_sform(affine, code=1)
   nii.header.set_xyzt_units('mm')
   first = members[0][1]
   report = {
     'series_found': [{'name': s.name, 'description': s.description, 'number': s.number,
-                      'files': len(s.files)} for s in found],
+                      'slices': len(s.slices)} for s in found],
     'series_used': chosen.name,
     'laterality': _laterality(first),
     'description': chosen.description,
