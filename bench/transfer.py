@@ -11,10 +11,11 @@ cartilage labels alone (everything else one soft tissue); and, for comparison, s
 (`data.phantom`, DESS-like) of the same seed. With `--more_sets`, also the same knees rendered from
 their OAI-ZIB labels alone by the simplest synthesiser a user might write (one intensity per label, blur,
 noise; five intensity tables: dark, grey and bright background, bright bone, cartilage the only contrast),
-and DESS-like on a 3D DESS scan's grid (80 x 512 x 512, 1.5 x 0.2734 x 0.2734 mm). Each set is segmented by
-`predict.predict` from its NIfTI files, as `--mode=predict` does, and scored against its labels with
-`metrics.segmentation_metrics` and the error of `measures.mean_thickness_mm`. Prints a Markdown table
-(mean ± std over knees) and one JSON line.
+and DESS-like on a 3D DESS scan's grid (80 x 512 x 512, 1.5 x 0.2734 x 0.2734 mm), sampled at the slice
+centres and, as a scan's thick slices average what they cross, each slice the mean of three 0.5 mm slices.
+Each set is segmented by `predict.predict` from its NIfTI files, as `--mode=predict` does, and scored
+against its labels with `metrics.segmentation_metrics` and the error of `measures.mean_thickness_mm`.
+Prints a Markdown table (mean ± std over knees) and one JSON line.
 """
 
 from easunet_jax import environment
@@ -37,7 +38,20 @@ PER_LABEL = {'dark background': (0.02, 0.35, 0.7, 0.35, 0.7), 'grey background':
              'bright background': (0.55, 0.3, 0.75, 0.3, 0.75), 'bright bone': (0.25, 0.85, 0.5, 0.85, 0.5),
              'cartilage the only contrast': (0.4, 0.4, 0.8, 0.4, 0.8)}
 SCAN_GRID = ((80, 512, 512), (1.5, 0.2734, 0.2734))  # a 3D DESS scan's: thick slices, fine pixels
-SCAN_GRID_SET = 'real anatomy, DESS-like, 80 x 512 x 512 grid, 1.5 mm slices'
+SCAN_GRID_SETS = ('real anatomy, DESS-like, 80 x 512 x 512 grid, 1.5 mm slices',
+                  'real anatomy, DESS-like, 80 x 512 x 512 grid, 1.5 mm slices with partial volume')
+SUB_SLICES = 3  # of a thick slice with partial volume
+
+
+def _thick_slices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A DESS-like knee on SCAN_GRID whose slices average SUB_SLICES thinner ones (through-plane partial
+  volume, which the training's 2D synthesis never draws), labelled at the slice centres: (image, tissue
+  codes, affine)."""
+  (n, *plane), (thickness, *pixel) = SCAN_GRID
+  fine, tissue, _ = knee.make_tissues(seed, (n * SUB_SLICES, *plane), (thickness / SUB_SLICES, *pixel),
+                                      contrast='dess')
+  image = fine.reshape(n, SUB_SLICES, *plane).mean(1)
+  return image, tissue[SUB_SLICES // 2::SUB_SLICES], phantom.affine_for(*SCAN_GRID)
 
 
 def _write(out: pathlib.Path, num: int, every: int, more: bool) -> dict[str, pathlib.Path]:
@@ -48,7 +62,7 @@ def _write(out: pathlib.Path, num: int, every: int, more: bool) -> dict[str, pat
            'schematic phantom, DESS-like']
   if more:
     names += [f'real anatomy, labels only, per-label intensities: {name}' for name in PER_LABEL]
-    names += [SCAN_GRID_SET]
+    names += list(SCAN_GRID_SETS)
   sets = {name: out / name for name in names}
   for i in range(num):
     case = f'knee_{i:03d}'
@@ -71,7 +85,7 @@ def _write(out: pathlib.Path, num: int, every: int, more: bool) -> dict[str, pat
       renderings += [(phantom.render(labels, 500 * np.array(table), spacing, np.random.default_rng([seed, 3]),
                                      blur=0.6, bias=np.zeros(5), noise=0.04), tissue, affine)
                      for table in PER_LABEL.values()]
-      renderings.append(knee.make_tissues(seed, *SCAN_GRID, contrast='dess'))
+      renderings += [knee.make_tissues(seed, *SCAN_GRID, contrast='dess'), _thick_slices(seed)]
     for name, (image, codes, grid) in zip(sets, renderings):
       volumes.save_volume(sets[name] / 'labels' / f'{case}.nii.gz', phantom.LABEL_OF_TISSUE[codes], grid)
       volumes.save_volume(sets[name] / 'images' / f'{case}.nii.gz', image, grid)
