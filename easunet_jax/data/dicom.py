@@ -277,16 +277,13 @@ def _pixels(path: pathlib.Path, multi_frame: bool) -> np.ndarray:
 
 def _volume(members: Members) -> np.ndarray:
   """The members' slices as float32 (column, row, slice), each rescaled by its own RescaleSlope and
-  RescaleIntercept; a multi-frame file is decoded once."""
+  RescaleIntercept; each file is decoded once."""
   decoded: dict[pathlib.Path, np.ndarray] = {}
   slices = []
   for slice_, header in members:
-    if slice_.frame is None:
-      pixels = _pixels(slice_.path, multi_frame=False)
-    else:
-      if slice_.path not in decoded:
-        decoded[slice_.path] = _pixels(slice_.path, multi_frame=True)
-      pixels = decoded[slice_.path][slice_.frame]
+    if slice_.path not in decoded:
+      decoded[slice_.path] = _pixels(slice_.path, multi_frame=slice_.frame is not None)
+    pixels = decoded[slice_.path] if slice_.frame is None else decoded[slice_.path][slice_.frame]
     try:
       slope, intercept = (float(header.get(keyword) or default)
                           for keyword, default in (('RescaleSlope', 1.0), ('RescaleIntercept', 0.0)))
