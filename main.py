@@ -32,8 +32,8 @@ flags.DEFINE_string('input', None, 'predict: a NIfTI file, a folder of DICOM fil
 flags.DEFINE_string('output', None, 'predict: the mask file (one input) or a directory (created); '
                     'export: the model file.')
 flags.DEFINE_string('series', None, 'predict: the SeriesInstanceUID of the DICOM series to read when a '
-                    'folder holds several (default: the one with most slices); <uid>:<echo> for one echo of a '
-                    'multi-echo series (default: its first).')
+                    'folder holds several (default: the one with most slices); <uid>:<echo> for one echo of '
+                    'a multi-echo series (default: its first).')
 flags.DEFINE_enum('laterality', None, ['left', 'right'], 'predict: the knee scanned, overriding the DICOM '
                   'Laterality tag and the scan position.')
 flags.DEFINE_string('weights', None, 'predict: a model file of --mode=export; without --config, its own '
