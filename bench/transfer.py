@@ -1,7 +1,7 @@
 """Transfer check of a model file: 3D Dice on knees it never trained on, in contrasts it never saw.
 
 python bench/transfer.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3] [--out DIR] [--every 1]
-                         [--single_grid] [--more_sets]
+                         [--single_grid] [--slice_sigma_mm MM] [--more_sets]
 
 Test knees: real-anatomy phantoms (`data.knee`) of dataset seed 1000 (training used seed 0: other
 deformations, sizes, thickness factors and sides), at OAI-ZIB geometry (160 x 384 x 384, 0.7 x 0.3646 x
@@ -101,12 +101,16 @@ def main() -> None:
   parser.add_argument('--every', type=int, default=1, help='every N-th sagittal slice only (N x faster)')
   parser.add_argument('--single_grid', action='store_true',
                       help='predict on one sampling grid (predict.subpixel_tta=False)')
+  parser.add_argument('--slice_sigma_mm', type=float, default=None,
+                      help="smoothing across sagittal slices (predict.slice_sigma_mm; default: the model's)")
   parser.add_argument('--more_sets', action='store_true',
                       help="also the per-label synthesiser's renderings and a 3D DESS scan's grid")
   args = parser.parse_args()
   out = pathlib.Path(args.out or tempfile.mkdtemp(prefix='transfer_'))
   config = pretrained.config_of(args.weights)
   config.predict.subpixel_tta = not args.single_grid
+  if args.slice_sigma_mm is not None:
+    config.predict.slice_sigma_mm = args.slice_sigma_mm
   sets = _write(out, args.num, args.every, args.more_sets)
   results = {}
   for name, folder in sets.items():
@@ -124,8 +128,9 @@ def main() -> None:
                     for plate, k, value in (('fc', 1, 2), ('tc', 2, 4))}
     results[name] = cases
   grids = 'one sampling grid' if args.single_grid else 'four half-pixel sampling grids'
-  print(f'Model {args.weights} ({grids}), {args.num} knees per set, 3D Dice % and error of mean thickness '
-        '(prediction - truth, mm), mean ± std over knees:\n')
+  print(f'Model {args.weights} ({grids}, slices smoothed by {config.predict.slice_sigma_mm:g} mm), '
+        f'{args.num} knees per set, 3D Dice % and error of mean thickness (prediction - truth, mm), '
+        'mean ± std over knees:\n')
   print('| test set | FC | TC | mean | FC thickness error | TC thickness error |')
   print('|---|---|---|---|---|---|')
   for name, cases in results.items():
@@ -135,7 +140,8 @@ def main() -> None:
           f'{(fc.mean() + tc.mean()) / 2:.1f} | {fc_t.mean():+.2f} ± {fc_t.std():.2f} | '
           f'{tc_t.mean():+.2f} ± {tc_t.std():.2f} |')
   print(json.dumps({'weights': args.weights, 'out': str(out), 'every': args.every,
-                    'subpixel_tta': config.predict.subpixel_tta, 'dice': results}))
+                    'subpixel_tta': config.predict.subpixel_tta,
+                    'slice_sigma_mm': config.predict.slice_sigma_mm, 'dice': results}))
 
 
 if __name__ == '__main__':

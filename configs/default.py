@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Class probabilities averaged over sampling grids offset by half a network pixel along each in-plane axis
   # where the network's pixels are coarser than the scan's: finer boundaries for up to 4x the forward passes.
   c.predict.subpixel_tta = True
+  # Class probabilities smoothed across sagittal slices by a Gaussian of this sigma (mm) before the argmax:
+  # the 2D network's slices agree, a lone speck or gap in one slice is outvoted; 0 = off.
+  c.predict.slice_sigma_mm = 1.0
   c.predict.min_component_mm3 = 100.0  # cartilage specks smaller than this (3D components) dropped; 0 = off
   c.predict.batch_size = 16  # slices per forward pass (rounded up to the device count)
   c.predict.spacing = (0.0, 0.0)  # in-plane mm the model was trained at; 0 = median of the train slice store

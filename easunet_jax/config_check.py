@@ -16,7 +16,8 @@ from easunet_jax.errors import ConfigError
 _TRACE_STRIDES = 16
 _POSITIVE = ('train.batch_size', 'train.eval_every_steps', 'eval.batch_size', 'predict.batch_size',
              'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'data.phantom_num')
-_NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers')
+_NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict.min_component_mm3',
+                 'predict.slice_sigma_mm')
 NAN_POLICIES = ('stop', 'skip')
 
 
@@ -78,7 +79,7 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
       raise ConfigError(f'{name}: expected a positive integer, got {fields[name]}')
   for name in _NON_NEGATIVE:
     if fields[name] < 0:
-      raise ConfigError(f'{name}: expected a non-negative integer, got {fields[name]}')
+      raise ConfigError(f'{name}: expected a non-negative number, got {fields[name]}')
   if not config.train.num_steps and not config.train.num_epochs:
     raise ConfigError('train.num_steps and train.num_epochs: expected one of them positive, got both 0')
   if config.train.nan_policy not in NAN_POLICIES:

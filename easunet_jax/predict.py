@@ -160,13 +160,15 @@ class _Network:
 
 
 def _segment(network: _Network, image: np.ndarray, spacing: Sequence[float],
-             pixel: tuple[float, float] | None, subpixel_tta: bool) -> np.ndarray:
+             pixel: tuple[float, float] | None, subpixel_tta: bool, slice_sigma_mm: float) -> np.ndarray:
   """Training classes (uint8) of a canonical-order volume: normalised like the slice store, each sagittal
   slice resampled to `pixel` mm (None: kept) and padded to multiples of the network's stride. The class
   probabilities are resampled back with linear interpolation before the argmax, which gives smoother
   boundaries than resampling the label map. With `subpixel_tta` they are the mean over the sampling grids
   offset by half a network pixel along each in-plane axis where the network's pixels are the coarser (four
-  grids at most): boundaries finer than the network's pixels."""
+  grids at most): boundaries finer than the network's pixels. Then they are smoothed across sagittal slices
+  by a Gaussian of `slice_sigma_mm` (0: not at all): the network sees one slice at a time, and the
+  smoothing lets neighbouring slices outvote a slice's lone speck or gap."""
   original = image.shape[1:]
   size = original
   if pixel is not None:
@@ -182,6 +184,8 @@ def _segment(network: _Network, image: np.ndarray, spacing: Sequence[float],
   offsets = itertools.product(*[(0.0, 0.5) if subpixel_tta and m < n else (0.0,)
                                 for n, m in zip(original, size)])
   total = sum(probabilities(offset) for offset in offsets)
+  if slice_sigma_mm > 0:
+    total = ndimage.gaussian_filter1d(total, slice_sigma_mm / spacing[0], axis=0, mode='nearest')
   return np.argmax(total, axis=-1).astype(np.uint8)
 
 
@@ -305,7 +309,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
             flush=True)
     image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right
-    classes = _segment(network, image, spacing, pixel, config.predict.subpixel_tta)
+    classes = _segment(network, image, spacing, pixel, config.predict.subpixel_tta,
+                       config.predict.slice_sigma_mm)
     classes = remove_small_components(classes, spacing, config.predict.min_component_mm3)
     side, why = decide_laterality(nii, info, laterality)
     fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))

@@ -152,6 +152,8 @@ BAD_VALUES = {
     'widths': ({'model.features': (4, 8, 16, 32)}, '3 side outputs but 2 loss.side_weights'),
     'image size': ({'data.phantom_shape': (8, 42, 42)}, 'data.phantom_shape: expected 3 positive'),
     'missing data.root': ({'data.root': '/no/such/dir'}, 'data.root: expected a dataset directory'),
+    'negative smoothing': ({'predict.slice_sigma_mm': -1.0},
+                           'predict.slice_sigma_mm: expected a non-negative number'),
 }
 
 
