@@ -2,14 +2,16 @@
 subject and their spread.
 
 python bench/phantom_stats.py [--anatomy schematic|reference] [--num 5] [--reference labels.nii.gz]
-  [--every 1]: subjects 0..num-1 of the default data set (seed 0) at OAI-ZIB geometry (with --every N only
-every N-th sagittal slice is generated: N times faster, volumes then estimated from those slices) and a real
+  [--every 1] [--oa_fraction 0]: subjects 0..num-1 of the default data set (seed 0) at OAI-ZIB geometry
+(with --every N only every N-th sagittal slice is generated: N times faster, volumes then estimated from
+those slices; `--oa_fraction`: that fraction of real-anatomy subjects osteoarthritic) and a real
 knee's OAI-ZIB label map (by default the reference knee shipped in easunet_jax/data/reference/); prints a
 Markdown table of the reference, the phantom's mean, range and coefficient of variation, then one JSON line.
 The measures are `easunet_jax.measures.cartilage_measures` (3D local thickness).
 """
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -37,7 +39,12 @@ def main() -> None:
   parser.add_argument('--num', type=int, default=5, help='phantom subjects')
   parser.add_argument('--reference', default=str(knee.REFERENCE), help='a real label map in OAI-ZIB labels')
   parser.add_argument('--every', type=int, default=1, help='generate every N-th sagittal slice only')
+  parser.add_argument('--oa_fraction', type=float, default=0.0,
+                      help='reference anatomy: the fraction of osteoarthritic subjects')
   args = parser.parse_args()
+  generator = GENERATORS[args.anatomy]
+  if args.anatomy == 'reference':
+    generator = functools.partial(generator, oa_fraction=args.oa_fraction)
   identity = ((1, 1), (2, 2), (3, 3), (4, 4))
   path = pathlib.Path(args.reference)
   labels, spacing = volumes.load_labels(volumes.Case('reference', None, path), identity)
@@ -46,7 +53,7 @@ def main() -> None:
   grid = (phantom.DEFAULT_SPACING[0] * args.every, *phantom.DEFAULT_SPACING[1:])
   subjects = []
   for i in range(args.num):
-    _, tissue, _ = GENERATORS[args.anatomy](phantom.subject_seed(0, i), shape, grid)
+    _, tissue, _ = generator(phantom.subject_seed(0, i), shape, grid)
     subjects.append(_measures(phantom.LABEL_OF_TISSUE[tissue], grid))
   values = {k: np.array([s[k] for s in subjects]) for k, _ in ROWS}
   print(f'| statistic | reference knee | {args.anatomy} phantom, mean of {args.num} (range) | CV % | '
@@ -56,7 +63,8 @@ def main() -> None:
     v = values[key]
     print(f'| {text} | {reference[key]:.3f} | {v.mean():.3f} ({v.min():.3f}-{v.max():.3f}) | '
           f'{100 * v.std() / v.mean():.1f} | {v.mean() / reference[key]:.2f} |')
-  print(json.dumps({'anatomy': args.anatomy, 'every': args.every, 'reference': reference,
+  print(json.dumps({'anatomy': args.anatomy, 'every': args.every, 'oa_fraction': args.oa_fraction,
+                    'reference': reference,
                     'phantom': subjects}))
 
 

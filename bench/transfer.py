@@ -1,18 +1,20 @@
 """Transfer check of a model file: 3D Dice on knees it never trained on, in contrasts it never saw.
 
 python bench/transfer.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3] [--out DIR] [--every 1]
-                         [--single_grid] [--slice_sigma_mm MM] [--more_sets]
+                         [--single_grid] [--slice_sigma_mm MM] [--zoom Z] [--more_sets]
 
 Test knees: real-anatomy phantoms (`data.knee`) of dataset seed 1000 (training used seed 0: other
 deformations, sizes, thickness factors and sides), at OAI-ZIB geometry (160 x 384 x 384, 0.7 x 0.3646 x
 0.3646 mm), each rendered DESS-like and TSE-like by the phantom's numpy renderer (`knee.render`), a code
 path apart from the training's on-device synthesis (`data.synth`), and DESS-like from its bone and
-cartilage labels alone (everything else one soft tissue); and, for comparison, schematic phantoms
-(`data.phantom`, DESS-like) of the same seed. With `--more_sets`, also the same knees rendered from
-their OAI-ZIB labels alone by the simplest synthesiser a user might write (one intensity per label, blur,
-noise; five intensity tables: dark, grey and bright background, bright bone, cartilage the only contrast),
-and DESS-like on a 3D DESS scan's grid (80 x 512 x 512, 1.5 x 0.2734 x 0.2734 mm), sampled at the slice
-centres and, as a scan's thick slices average what they cross, each slice the mean of three 0.5 mm slices.
+cartilage labels alone (everything else one soft tissue); the same knees osteoarthritic
+(`knee.make_tissues`'s `oa_fraction`: thinner plates, a narrower joint, focal defects filled with fluid),
+DESS-like and from their labels alone; and, for comparison, schematic phantoms (`data.phantom`,
+DESS-like) of the same seed. With `--more_sets`, also the same knees rendered from their OAI-ZIB labels
+alone by the simplest synthesiser a user might write (one intensity per label, blur, noise; five intensity
+tables: dark, grey and bright background, bright bone, cartilage the only contrast), and DESS-like on a 3D
+DESS scan's grid (80 x 512 x 512, 1.5 x 0.2734 x 0.2734 mm), sampled at the slice centres and, as a scan's
+thick slices average what they cross, each slice the mean of three 0.5 mm slices.
 Each set is segmented by `predict.predict` from its NIfTI files, as `--mode=predict` does, and scored
 against its labels with `metrics.segmentation_metrics` and the error of `measures.mean_thickness_mm`.
 Prints a Markdown table (mean ± std over knees) and one JSON line.
@@ -26,6 +28,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import tempfile  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -54,11 +57,21 @@ def _thick_slices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return image, tissue[SUB_SLICES // 2::SUB_SLICES], phantom.affine_for(*SCAN_GRID)
 
 
+def _labels_only(tissue: np.ndarray, spacing: Sequence[float], seed: int) -> np.ndarray:
+  """A DESS-like image of only what a label map of bone and cartilage holds, the rest one soft tissue: as a
+  renderer of OAI-ZIB label maps without a tissue model would draw them."""
+  bare = np.select([tissue == code for code in (phantom.FC, phantom.TC)] + [
+      phantom.LABEL_OF_TISSUE[tissue] == label for label in (1, 3)],
+      [phantom.FC, phantom.TC, phantom.FEMUR, phantom.TIBIA], phantom.MUSCLE).astype(np.uint8)
+  return knee.render(bare, spacing, np.random.default_rng([seed, 2]), 'dess')
+
+
 def _write(out: pathlib.Path, num: int, every: int, more: bool) -> dict[str, pathlib.Path]:
   """The test sets under `out`: {set name: folder with images/ and labels/}."""
   shape = (phantom.DEFAULT_SHAPE[0] // every, *phantom.DEFAULT_SHAPE[1:])
   spacing = (phantom.DEFAULT_SPACING[0] * every, *phantom.DEFAULT_SPACING[1:])
   names = ['real anatomy, DESS-like', 'real anatomy, TSE-like', 'real anatomy, labels only, DESS-like',
+           'real anatomy, osteoarthritic, DESS-like', 'real anatomy, osteoarthritic, labels only, DESS-like',
            'schematic phantom, DESS-like']
   if more:
     names += [f'real anatomy, labels only, per-label intensities: {name}' for name in PER_LABEL]
@@ -71,14 +84,11 @@ def _write(out: pathlib.Path, num: int, every: int, more: bool) -> dict[str, pat
     seed = phantom.subject_seed(SEED, i)
     dess, tissue, affine = knee.make_tissues(seed, shape, spacing, contrast='dess')
     tse = knee.render(tissue, spacing, np.random.default_rng([seed, 1]), 'tse')
-    # Only what a label map of bone and cartilage holds, the rest one soft tissue: as a renderer of OAI-ZIB
-    # label maps without a tissue model would draw them.
-    bare = np.select([tissue == code for code in (phantom.FC, phantom.TC)] + [
-        phantom.LABEL_OF_TISSUE[tissue] == label for label in (1, 3)],
-        [phantom.FC, phantom.TC, phantom.FEMUR, phantom.TIBIA], phantom.MUSCLE).astype(np.uint8)
-    labels_only = knee.render(bare, spacing, np.random.default_rng([seed, 2]), 'dess')
+    oa, oa_tissue, _ = knee.make_tissues(seed, shape, spacing, contrast='dess', oa_fraction=1.0)
     schematic, schematic_tissue, _ = phantom.make_tissues(seed, shape, spacing)
-    renderings = [(dess, tissue, affine), (tse, tissue, affine), (labels_only, tissue, affine),
+    renderings = [(dess, tissue, affine), (tse, tissue, affine),
+                  (_labels_only(tissue, spacing, seed), tissue, affine), (oa, oa_tissue, affine),
+                  (_labels_only(oa_tissue, spacing, seed), oa_tissue, affine),
                   (schematic, schematic_tissue, affine)]
     if more:
       labels = phantom.LABEL_OF_TISSUE[tissue]
@@ -103,6 +113,8 @@ def main() -> None:
                       help='predict on one sampling grid (predict.subpixel_tta=False)')
   parser.add_argument('--slice_sigma_mm', type=float, default=None,
                       help="smoothing across sagittal slices (predict.slice_sigma_mm; default: the model's)")
+  parser.add_argument('--zoom', type=float, default=None,
+                      help="anatomy enlarged by this for the network (predict.zoom; default: the model's)")
   parser.add_argument('--more_sets', action='store_true',
                       help="also the per-label synthesiser's renderings and a 3D DESS scan's grid")
   args = parser.parse_args()
@@ -111,6 +123,8 @@ def main() -> None:
   config.predict.subpixel_tta = not args.single_grid
   if args.slice_sigma_mm is not None:
     config.predict.slice_sigma_mm = args.slice_sigma_mm
+  if args.zoom is not None:
+    config.predict.zoom = args.zoom
   sets = _write(out, args.num, args.every, args.more_sets)
   results = {}
   for name, folder in sets.items():
@@ -128,7 +142,8 @@ def main() -> None:
                     for plate, k, value in (('fc', 1, 2), ('tc', 2, 4))}
     results[name] = cases
   grids = 'one sampling grid' if args.single_grid else 'four half-pixel sampling grids'
-  print(f'Model {args.weights} ({grids}, slices smoothed by {config.predict.slice_sigma_mm:g} mm), '
+  print(f'Model {args.weights} ({grids}, slices smoothed by {config.predict.slice_sigma_mm:g} mm, zoom '
+        f'{config.predict.zoom:g}), '
         f'{args.num} knees per set, 3D Dice % and error of mean thickness (prediction - truth, mm), '
         'mean ± std over knees:\n')
   print('| test set | FC | TC | mean | FC thickness error | TC thickness error |')
@@ -141,7 +156,8 @@ def main() -> None:
           f'{tc_t.mean():+.2f} ± {tc_t.std():.2f} |')
   print(json.dumps({'weights': args.weights, 'out': str(out), 'every': args.every,
                     'subpixel_tta': config.predict.subpixel_tta,
-                    'slice_sigma_mm': config.predict.slice_sigma_mm, 'dice': results}))
+                    'slice_sigma_mm': config.predict.slice_sigma_mm, 'zoom': config.predict.zoom,
+                    'dice': results}))
 
 
 if __name__ == '__main__':

@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.phantom_dir = ''  # where the phantom is generated once; '' = <workdir>/../phantom
   d.phantom_anatomy = 'schematic'  # 'schematic' shapes | 'reference': knees warped from a real label map
   d.phantom_num = 20  # phantom subjects
+  # 'reference' only: the fraction of subjects that are osteoarthritic (thinner plates, focal defects)
+  d.phantom_oa_fraction = 0.0
   d.phantom_shape = (160, 384, 384)  # phantom voxels (left-right, then the sagittal plane), OAI-ZIB's
   d.phantom_spacing = (0.7, 0.3646, 0.3646)  # phantom voxel size in mm, OAI-ZIB's
 
@@ -82,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.predict.min_component_mm3 = 100.0  # cartilage specks smaller than this (3D components) dropped; 0 = off
   c.predict.batch_size = 16  # slices per forward pass (rounded up to the device count)
   c.predict.spacing = (0.0, 0.0)  # in-plane mm the model was trained at; 0 = median of the train slice store
+  # Slices resampled to that pixel size divided by this zoom: the anatomy this much larger than in training
+  # (whose zoom augmentation spans 0.9-1.1), thin cartilage over more network pixels.
+  c.predict.zoom = 1.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500  # checkpoint period (also at every validation and at the end)

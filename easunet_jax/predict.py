@@ -295,7 +295,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   else:
     workdir = pathlib.Path(workdir)
     step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
-  pixel = model_pixel_spacing(config, workdir) if config.predict.resample else None
+  pixel = None
+  if config.predict.resample:
+    pixel = tuple(p / config.predict.zoom for p in model_pixel_spacing(config, workdir))
   network = _Network(config, graphdef, state, mesh)
   logging.info('predict: step %d of %s, %d scan(s), pixel %s mm', step, model_file or workdir, len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel))

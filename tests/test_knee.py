@@ -93,3 +93,32 @@ def test_dess_and_tse_contrasts_of_one_knee():
   assert mean(tse_image, phantom.FAT) > mean(tse_image, phantom.FC)
   with pytest.raises(ValueError, match='contrast'):
     knee.make_tissues(5, SHAPE, SPACING, contrast='t1')
+
+
+def test_defects_remove_weight_bearing_cartilage_to_the_depth_asked():
+  labels, spacing = knee.reference()
+  full = knee.with_defects(labels, {2: 1.0, 4: 1.0}, [(4, 0.5, 5.0, 0.0), (2, 0.5, 5.0, 0.0)])
+  partial = knee.with_defects(labels, {2: 1.0, 4: 1.0}, [(4, 0.5, 5.0, 0.5), (2, 0.5, 5.0, 0.5)])
+  for defects in (full, partial):
+    np.testing.assert_array_equal(np.isin(defects, (1, 3)), np.isin(labels, (1, 3)))  # bone untouched
+    assert set(np.unique(labels[defects == knee.DEFECT])) == {2, 4}  # only cartilage becomes a defect
+  for plate in (2, 4):
+    lost = (labels == plate) & (full == knee.DEFECT)
+    # A 5 mm ball holds ~520 mm^3; a plate ~2 mm thick loses a disc of ~150 mm^3 through its whole depth.
+    assert 60 < lost.sum() * np.prod(spacing) < 300, (plate, lost.sum() * np.prod(spacing))
+    kept = (labels == plate) & (partial == plate) & (full == knee.DEFECT)
+    assert 0.2 < kept.sum() / lost.sum() < 0.8  # the half nearest the bone stays
+  fc = np.argwhere(full == knee.DEFECT)
+  fc = fc[labels[tuple(fc.T)] == 2]
+  # The femoral defect is on the distal condyles, the plate's lowest part.
+  assert fc[:, 2].mean() < np.argwhere(labels == 2)[:, 2].mean()
+
+
+def test_osteoarthritic_subject_is_the_same_knee_with_less_cartilage(subject):
+  _, oa_tissue, _ = knee.make_tissues(3, SHAPE, SPACING, oa_fraction=1.0)
+  labels, oa_labels = phantom.LABEL_OF_TISSUE[subject[1]], phantom.LABEL_OF_TISSUE[oa_tissue]
+  for plate in (2, 4):
+    assert 0.2 * (labels == plate).sum() < (oa_labels == plate).sum() < 0.85 * (labels == plate).sum()
+  femur = (labels == 1).sum()
+  assert abs(int((oa_labels == 1).sum()) - int(femur)) < 0.02 * femur  # the same knee: same draws apart
+  np.testing.assert_array_equal(knee.make_tissues(3, SHAPE, SPACING, oa_fraction=0.0)[1], subject[1])

@@ -77,6 +77,23 @@ def test_reorientation_is_exact(run, tmp_path, monkeypatch):
                                 nib.orientations.apply_orientation(canonical_mask, ORNT))
 
 
+def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch):
+  workdir, canonical, _ = run
+  sizes = []
+
+  def record(self, image_SHW):
+    sizes.append(image_SHW.shape[1:])
+    return _thresholds(self, image_SHW)
+
+  monkeypatch.setattr(predict._Network, '__call__', record)
+  for zoom in (1.0, 2.0):
+    predict.predict(_config(zoom=zoom, subpixel_tta=False), workdir, canonical, tmp_path / f'{zoom}.nii.gz')
+    assert nib.load(tmp_path / f'{zoom}.nii.gz').shape == nib.load(canonical).shape
+  (h1, w1), (h2, w2) = sizes
+  # Twice the pixels per axis, up to the padding to the tiny network's stride (4).
+  assert abs(h2 - 2 * h1) <= 8 and abs(w2 - 2 * w1) <= 8 and h2 > 1.5 * h1 and w2 > 1.5 * w1, sizes
+
+
 def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
   workdir, canonical, permuted = run
   inputs = tmp_path / 'in'

@@ -2,12 +2,14 @@
 (femur, femoral cartilage, tibia and tibial cartilage of a right knee, 3D DESS geometry; from pymskt, MIT:
 see reference/NOTICE.md).
 
-Each subject is the reference with its cartilage thickened or thinned (a factor per plate), warped by a
-random affine (size, rotations) and a smooth elastic field, its joint space widened or narrowed, mirrored
-into a left knee half of the time, then resampled into the requested grid. The soft tissue is placed around
-those bones and plates from distances to them: cortical plates, a patella with its cartilage, tendons,
-menisci, joint fluid and effusion, Hoffa's and popliteal fat, muscle, subcutaneous fat, air. The result is a
-tissue-code volume (`phantom`'s codes), rendered DESS-like or TSE-like by `phantom.render`.
+Each subject is the reference with its cartilage thickened or thinned (a factor per plate), warped by a random
+affine (size, rotations) and a smooth elastic field, its joint space widened or narrowed, mirrored into a left
+knee half of the time, then resampled into the requested grid. An osteoarthritic subject (`make_tissues`'s
+`oa_fraction`) has thinner plates, a narrower joint space and focal defects of its weight-bearing cartilage,
+filled with joint fluid. The soft tissue is placed around those bones and plates from distances to them:
+cortical plates, a patella with its cartilage, tendons, menisci, joint fluid and effusion, Hoffa's and
+popliteal fat, muscle, subcutaneous fat, air. The result is a tissue-code volume (`phantom`'s codes), rendered
+DESS-like or TSE-like by `phantom.render`.
 
 Voxel order and affine as the schematic phantom: axis 0 left-right, RAS, the volume centre at the origin.
 """
@@ -28,6 +30,8 @@ REFERENCE = pathlib.Path(__file__).resolve().parent / 'reference' / 'knee_labels
 CONTRASTS = ('dess', 'tse')
 _MARGIN_MM = 6.0  # cartilage may grow this far from where it is in the reference
 _CHUNK = 16  # sagittal slices resampled at once: bounds the memory of the coordinate arrays
+DEFECT = 5  # label of a cartilage defect between `with_defects` and `_tissues` (joint fluid)
+_WEIGHT_BEARING_MM = 8.0  # femoral defects lie this far above the plate's lowest point at most
 
 
 @functools.cache
@@ -90,6 +94,41 @@ def _draw(rng: np.random.Generator) -> dict:
       skin=u(12, 22), posterior=u(20, 45), fat=u(3, 10), effusion=u(0, 2.5), meniscus=u(4.5, 7.5),
       patella=np.array([u(19, 24), u(9, 11), u(17, 21)]), patella_cartilage=u(2.5, 3.5),
       patella_lift=u(0, 8))
+
+
+def _draw_oa(rng: np.random.Generator) -> dict:
+  """An osteoarthritic subject's changes to `_draw`'s: plates thinned by 20-55 %, the joint space narrowed
+  (the bones closer, as the cartilage between them is lost), and 1-3 focal defects per plate, each (plate
+  label, where on its weight-bearing part as a quantile of its voxels, radius mm, the fraction of the local
+  thickness left: 0 half of the time, a full-thickness defect)."""
+  u = rng.uniform
+  return dict(fc_scale=u(0.45, 0.8), tc_scale=u(0.45, 0.8), joint=u(-1.5, 0.0),
+              defects=[(plate, rng.random(), u(3, 8), 0.0 if rng.random() < 0.5 else u(0.2, 0.6))
+                       for plate in (2, 4) for _ in range(rng.integers(1, 4))])
+
+
+def with_defects(labels: np.ndarray, scales: dict[int, float],
+                 defects: Sequence[tuple[int, float, float, float]]) -> np.ndarray:
+  """`labels` (the reference grid, `scaled_cartilage`'s with the thickness factor of each plate label in
+  `scales`) with focal defects (`_draw_oa`'s): within the radius of a centre on the plate, cartilage farther
+  from its bone than the fraction left of its local thickness becomes DEFECT. Femoral centres lie on the
+  distal, weight-bearing condyles (within _WEIGHT_BEARING_MM of the plate's lowest point), tibial ones
+  anywhere on the plateau."""
+  reference_labels, spacing = reference()
+  box, fields = _thickness_fields()
+  out = labels.copy()
+  crop = out[box]
+  plates = reference_labels[box]
+  for plate, quantile, radius, left in defects:
+    candidates = np.argwhere(plates == plate)
+    if plate == 2:
+      candidates = candidates[candidates[:, 2] <= candidates[:, 2].min() + _WEIGHT_BEARING_MM / spacing[2]]
+    centre = candidates[min(int(quantile * len(candidates)), len(candidates) - 1)]
+    near = sum(((np.arange(n) - c) * d).reshape([-1 if a == axis else 1 for a in range(3)]) ** 2
+               for axis, (n, c, d) in enumerate(zip(crop.shape, centre, spacing))) <= radius ** 2
+    to_bone, _, thickness = fields[plate]
+    crop[near & (crop == plate) & (to_bone > left * scales[plate] * thickness)] = DEFECT
+  return out
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
@@ -199,8 +238,8 @@ def _tissues(labels: np.ndarray, spacing: Sequence[float], k: dict) -> np.ndarra
   d_cartilage = _edt(fc | tc | patella_cartilage, spacing)
   effusion = (d_femoral < k['effusion']) & (y > joint[1])
   fluid = free & ((in_joint & (gap <= contact + 1.2)) | (d_cartilage < 0.5) | effusion)
-  tissue[fluid] = P.FLUID
-  tissue[meniscus] = P.MENISCUS
+  tissue[fluid | (labels == DEFECT)] = P.FLUID
+  tissue[meniscus & (labels != DEFECT)] = P.MENISCUS
   tissue[patella] = P.PATELLA
   tissue[patella & (_edt(~patella, spacing) < phantom.PLATE_MM)] = P.PATELLA_PLATE
   tissue[patella_cartilage] = P.PATELLA_CARTILAGE
@@ -224,16 +263,24 @@ def tse_intensities(rng: np.random.Generator) -> np.ndarray:
 
 
 def make_tissues(seed: int, shape: Sequence[int] = phantom.DEFAULT_SHAPE,
-                 spacing: Sequence[float] = phantom.DEFAULT_SPACING, contrast: str = 'dess'
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 spacing: Sequence[float] = phantom.DEFAULT_SPACING, contrast: str = 'dess',
+                 oa_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One real-anatomy subject: image (float32, `contrast` 'dess' or 'tse'), tissue codes (uint8) and the
-  4x4 RAS affine."""
+  4x4 RAS affine. With probability `oa_fraction` the subject is osteoarthritic (`_draw_oa`), decided by
+  random numbers of their own, so that a subject's other draws do not depend on it."""
   if contrast not in CONTRASTS:
     raise ValueError(f'contrast: expected one of {CONTRASTS}, got {contrast!r}')
   rng = np.random.default_rng(seed)
   k = _draw(rng)
+  oa_rng = np.random.default_rng([seed, 7])
+  oa = oa_rng.random() < oa_fraction
+  if oa:
+    k |= _draw_oa(oa_rng)
   _, ref_spacing = reference()
-  labels = _warp(scaled_cartilage(k['fc_scale'], k['tc_scale']), ref_spacing, shape, spacing, k)
+  labels = scaled_cartilage(k['fc_scale'], k['tc_scale'])
+  if oa:
+    labels = with_defects(labels, {2: k['fc_scale'], 4: k['tc_scale']}, k['defects'])
+  labels = _warp(labels, ref_spacing, shape, spacing, k)
   tissue = _tissues(labels, spacing, k)
   return render(tissue, spacing, rng, contrast), tissue, phantom.affine_for(shape, spacing)
 
