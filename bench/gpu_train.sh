@@ -10,9 +10,9 @@
 # model's last fine-tuning) and train from the shipped weights for GPU_TRAIN_STEPS SGD steps of batch
 # GPU_TRAIN_BATCH (poly schedule from GPU_TRAIN_LR), sends it SIGTERM after GPU_TRAIN_S seconds if it is
 # slower than planned (it saves the step in flight and exits), and exports the newest checkpoint to
-# $OUT/eas_knee.npz (predicting with the shipped file's predict.zoom, 1.1) beside the run's metrics.jsonl and
-# log ($OUT defaults to runs/gpu_train). Any further flag goes to both main.py calls. Back here, `python
-# bench/transfer.py --weights=<that file>` says whether it beats the shipped file.
+# $OUT/eas_knee.npz beside the run's metrics.jsonl and log ($OUT defaults to runs/gpu_train). Any further
+# flag goes to both main.py calls. Back here, `python bench/transfer.py --weights=<that file>` says whether
+# it beats the shipped file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +40,7 @@ case "${1:-}" in
     flags=(--config=configs/eas.py:knee --workdir="$RUN" "--config.data.phantom_num=${GPU_TRAIN_PHANTOMS:-96}"
            "--config.train.num_steps=${GPU_TRAIN_STEPS:-12000}" "--config.train.batch_size=${GPU_TRAIN_BATCH:-16}"
            "--config.optim.lr=${GPU_TRAIN_LR:-0.005}" --config.train.init_weights=easunet_jax/weights/eas_knee.npz
-           "--config.data.phantom_oa_fraction=${GPU_TRAIN_OA:-0.5}" --config.predict.zoom=1.1
+           "--config.data.phantom_oa_fraction=${GPU_TRAIN_OA:-0.5}"
            "--config.train.eval_every_steps=$every" "--config.checkpoint.every_steps=$every"
            --config.log.every_steps=100 "$@")
     set +e
