@@ -97,13 +97,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tx = steps.make_optimizer(config.optim, num_steps)
   data_sharding, replicated = parallel.shardings(mesh)
   eval_batch_size = parallel.round_to_devices(config.eval.batch_size, mesh)
-  train_graphdef, eval_graphdef, state = steps.create_train_state(config, tx, replicated)
+  train_graphdef, eval_graphdef = steps.graphdefs(config)
   train_iter = pipeline.train_iterator(store_dir, batch_size, config.seed, config.data.workers)
   if start:
-    state, iter_state = checkpoints.restore(mngr, start, state)
+    state, iter_state = checkpoints.restore(mngr, start, steps.abstract_state(config, tx, replicated))
     train_iter.set_state(iter_state)
     logging.info('Resumed from %s at step %d.', mngr.directory / str(start), start)
   else:
+    state = steps.init_state(config, tx, replicated)
     if config.train.init_weights:
       state = state.replace(params=initial.params, batch_stats=initial.batch_stats)
       logging.info('Weights and batch statistics from %s (its step %d).', config.train.init_weights,

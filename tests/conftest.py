@@ -3,7 +3,8 @@ the session (all set before jax is imported, and inherited by the main.py proces
 pytest-xdist's workers), and parsed absl flags (Grain's worker processes read them). A program compiled once,
 by a test, a main.py process or another worker (the tiny train step, say), is read from the cache by the
 others. Under pytest-xdist (the README's `-n 2`) each test module runs whole on one worker, so its fixtures
-are made once; the modules that read the session's trained tiny run share a worker, so it trains once."""
+are made once; the modules that read one of the session's trained tiny runs share a worker, so it trains
+once."""
 
 import os
 import tempfile
@@ -26,20 +27,22 @@ from easunet_jax import train
 
 flags.FLAGS.mark_as_parsed()
 
-# The modules that use the `trained_tiny` fixture: pytest-xdist runs them on one worker, which trains it once.
-TRAINED_TINY_READERS = ('tests/test_evaluate.py', 'tests/test_predict.py')
+# The modules that use each session-scoped run: pytest-xdist runs them on one worker, which trains it once.
+RUN_READERS = {'tests/test_evaluate.py': 'trained_tiny', 'tests/test_predict.py': 'trained_tiny',
+               'tests/test_main.py': 'augmented_tiny', 'tests/test_train.py': 'augmented_tiny',
+               'tests/test_distributed.py': 'augmented_tiny'}
 
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-  """pytest-xdist's scheduling by module, with the modules that read `trained_tiny` as one."""
+  """pytest-xdist's scheduling by module, with the modules that read one session-scoped run as one."""
   from xdist.scheduler import LoadFileScheduling  # only called under pytest-xdist
 
   class Scheduling(LoadFileScheduling):
     def _split_scope(self, nodeid: str) -> str:
       module = super()._split_scope(nodeid)
-      return 'trained_tiny' if module in TRAINED_TINY_READERS else module
+      return RUN_READERS.get(module, module)
 
   return Scheduling(config, log)
 
@@ -54,3 +57,22 @@ def trained_tiny(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('trained') / 'tiny'
   train.train_and_evaluate(config, workdir)
   return config, workdir
+
+
+@pytest.fixture(scope='session')
+def augmented_tiny(tmp_path_factory):
+  """(config, workdir, final state) of a tiny run (its phantom beside the workdir) that killed and resumed
+  runs, and a run of two processes, must end like: with augmentation, whose random stream they must
+  continue, and a checkpoint every 2 steps. Tests only read it.
+
+  Its learning rate is tiny's / 100: tiny's amplifies rounding, so that runs whose cross-device sums add in
+  another order part by 2e-2 in the parameters after 4 steps at 0.01 (one process on two devices against
+  four) and by 8e-4 after 6 at 0.001 (two processes against one; both without augmentation). At 1e-4 two
+  processes and one part by 3e-8 after 6 steps, while the parameters move by 7e-4 from step 4 to 6 (CPU)."""
+  root = tmp_path_factory.mktemp('augmented')
+  config = tiny.get_config()
+  config.data.phantom_dir = str(root / 'phantom')
+  config.data.augment = True
+  config.checkpoint.every_steps = 2
+  config.optim.lr = 1e-4
+  return config, root / 'run', train.train_and_evaluate(config, root / 'run')

@@ -1,5 +1,6 @@
 """Multi-host training on jax.distributed: two processes of two CPU devices each, joined over a loopback
-coordinator, train configs/tiny.py through main.py like a one-process run on four devices."""
+coordinator, train configs/tiny.py (augmented) through main.py like a one-process run on four devices
+(conftest's `augmented_tiny`)."""
 
 import json
 import os
@@ -12,15 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
-from easunet_jax import checkpoints, train
+from easunet_jax import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Tiny's training amplifies rounding: at its lr of 0.01 a one-process run on two devices and one on four
-# (the same sums in another order) part by 5e-5 in the parameters after 2 steps and 2e-2 after 4, and at
-# 0.001 two processes and one part by 8e-4 after 6 steps (momentum raises the step as it builds up). At
-# 1e-4 they part by 9e-8 while the parameters move by 1e-3 from step 3 to step 6 (measured on CPU).
-LR = 1e-4
 
 
 def _free_port() -> int:
@@ -29,8 +24,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(workdir: pathlib.Path) -> list[str]:
-  """Trains tiny in `workdir` with two processes; returns each one's stderr."""
+def _run_two_processes(config, workdir: pathlib.Path) -> list[str]:
+  """Trains `augmented_tiny`'s `config` in `workdir` with two processes; returns each one's stderr."""
   address = f'127.0.0.1:{_free_port()}'
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
          'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',
@@ -38,8 +33,9 @@ def _run_two_processes(workdir: pathlib.Path) -> list[str]:
          'JAX_COORDINATOR_BIND_ADDRESS': address, 'JAX_PLATFORMS': 'cpu'}
   procs = [subprocess.Popen(
       [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}',
-       f'--config.optim.lr={LR}', '--config.train.distributed=True', f'--coordinator_address={address}',
-       '--num_processes=2',
+       f'--config.data.phantom_dir={config.data.phantom_dir}', '--config.data.augment=true',
+       '--config.checkpoint.every_steps=2', f'--config.optim.lr={config.optim.lr}',
+       '--config.train.distributed=True', f'--coordinator_address={address}', '--num_processes=2',
        f'--process_id={i}'], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   try:
@@ -58,27 +54,25 @@ def _max_abs_difference(a, b) -> float:
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(augmented_tiny, tmp_path_factory):
   """(one-process final state, one-process workdir, two-process workdir, the two processes' stderr)."""
-  root = tmp_path_factory.mktemp('distributed')  # both runs share the phantom in root/phantom
-  config = tiny.get_config()
-  config.optim.lr = LR
-  one = train.train_and_evaluate(config, root / 'one')
-  return one, root / 'one', root / 'two', _run_two_processes(root / 'two')
+  config, one_dir, one = augmented_tiny
+  two_dir = tmp_path_factory.mktemp('distributed') / 'two'
+  return one, one_dir, two_dir, _run_two_processes(config, two_dir)
 
 
 def test_two_processes_train_like_one(runs):
   one, _, two_dir, _ = runs
-  config = tiny.get_config()
-  mngr = checkpoints.manager(two_dir, config.checkpoint.keep)
-  assert mngr.all_steps() == [3, 6]
+  mngr = checkpoints.manager(two_dir, 2)
+  assert mngr.latest_step() == 6 and 4 in mngr.all_steps()
   two, _ = checkpoints.restore(mngr, 6, one)
-  two_at_3, _ = checkpoints.restore(mngr, 3, one)
+  two_at_4, _ = checkpoints.restore(mngr, 4, one)
   mngr.close()
   assert int(two.step) == 6
-  # Same global batches; only the order of the cross-device sums differs (gloo against in-process).
+  # Same global batches and augmentation; only the order of the cross-device sums differs (gloo against
+  # in-process).
   assert _max_abs_difference(one.params, two.params) < 1e-5
-  assert _max_abs_difference(two_at_3.params, two.params) > 1e-4  # so the bound above says something
+  assert _max_abs_difference(two_at_4.params, two.params) > 1e-4  # so the bound above says something
   stats = jax.tree.leaves(jax.tree.map(lambda a, b: np.allclose(a, b, rtol=1e-5, atol=1e-6),
                                        one.batch_stats, two.batch_stats))
   assert all(stats)

@@ -81,39 +81,41 @@ def _assert_bitwise_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _logged(workdir) -> list[dict]:
+  """The rows of the run's metrics.jsonl, bar the speed."""
+  return [{k: v for k, v in json.loads(line).items() if k != 'train/steps_per_s'}
+          for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+
+
 def _config(phantom_dir):
   config = tiny.get_config()
   config.data.phantom_dir, config.data.augment, config.checkpoint.every_steps = str(phantom_dir), True, 2
   return config
 
 
-@pytest.fixture(scope='module')
-def uninterrupted(phantom_dir, tmp_path_factory):
-  """The run a killed one must end like, trained in this process: the same program as main.py's (conftest
-  gives this process main.py's settings)."""
-  workdir = tmp_path_factory.mktemp('uninterrupted') / 'run'
-  train.train_and_evaluate(_config(phantom_dir), workdir)
-  return workdir
-
-
 def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no_kill(
-    uninterrupted, phantom_dir, tmp_path, caplog):
-  workdir = tmp_path / 'run'
-  killed = _run(workdir, phantom_dir, hook=KILL_AT_FINALIZE.format(step=4))
+    augmented_tiny, tmp_path, caplog):
+  config, uninterrupted, _ = augmented_tiny  # `_config`'s settings and its lr, trained in this process
+  phantom_dir, workdir = config.data.phantom_dir, tmp_path / 'run'
+  lr = f'--config.optim.lr={config.optim.lr}'
+  killed = _run(workdir, phantom_dir, lr, hook=KILL_AT_FINALIZE.format(step=4))
   assert killed.returncode == -signal.SIGKILL
   half_written = list((workdir / 'checkpoints').glob('4.orbax-checkpoint-tmp*'))
   assert half_written and not (workdir / 'checkpoints' / '4').exists()
   # Checkpoints come at steps 2, 3 (validation), 4 and 6. Resumed from step 3, the run is killed again
   # in step 5, while the third batch it fetched (step 6's) was loading.
-  killed = _run(workdir, phantom_dir, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGKILL'))
+  killed = _run(workdir, phantom_dir, lr, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGKILL'))
   assert killed.returncode == -signal.SIGKILL
   assert f'Resumed from {workdir / "checkpoints" / "3"} at step 3' in killed.stderr
   assert not list((workdir / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
   assert checkpoints.manager(workdir, 2).latest_step() == 4
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(_config(phantom_dir), workdir)  # main.py's program (see `uninterrupted`)
+    train.train_and_evaluate(config, workdir)  # main.py's program: conftest gives this process its settings
   assert f'Resumed from {workdir / "checkpoints" / "4"} at step 4' in caplog.text
   _assert_bitwise_equal(_state(workdir, 6), _state(uninterrupted, 6))
+  # Each resume dropped the rows the killed run logged past its checkpoint: the log is the uninterrupted
+  # run's, row for row (bar the speed).
+  assert _logged(workdir) == _logged(uninterrupted)
   starts = [json.loads(line) for line in (workdir / 'runs.jsonl').read_text().splitlines()]
   assert [s['start_step'] for s in starts] == [0, 3, 4]
   assert starts[0]['config']['model']['features'] == list(tiny.get_config().model.features)

@@ -1,5 +1,5 @@
-"""The training loop: resume = uninterrupted, logs and checkpoints, another model's workdir, a finished run,
-NaN in the data (stop, or skip and count), fine-tuning from a model file."""
+"""The training loop: logs and checkpoints, another model's workdir, a finished run, NaN in the data (stop,
+or skip and count), fine-tuning from a model file. A killed run's resume is test_main's (a real kill -9)."""
 
 import json
 import re
@@ -19,50 +19,8 @@ class Killed(Exception):
   """Stands for the process being killed part-way through a step."""
 
 
-def _config(phantom_dir):
-  config = tiny.get_config()
-  config.data.phantom_dir = str(phantom_dir)
-  config.data.augment = True  # the augmentation's random stream must resume too
-  config.checkpoint.every_steps = 2
-  return config
-
-
-@pytest.fixture(scope='module')
-def straight_run(tmp_path_factory):
-  """One uninterrupted tiny run: (config, workdir, final state)."""
-  root = tmp_path_factory.mktemp('straight')
-  config = _config(root / 'phantom')
-  return config, root / 'run', train.train_and_evaluate(config, root / 'run')
-
-
-def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(straight_run, tmp_path, monkeypatch):
-  _, _, expected = straight_run
-  config = _config(tmp_path / 'phantom')
-  train_batches = {'n': 0}
-  put_on_mesh = pipeline.put_on_mesh
-
-  def dying_put_on_mesh(batch, sharding, **kwargs):
-    train_batches['n'] += 'mask' not in batch  # validation batches carry a mask
-    if train_batches['n'] == 6:  # killed in step 6: the newest checkpoint is step 4's
-      raise Killed
-    return put_on_mesh(batch, sharding, **kwargs)
-
-  monkeypatch.setattr(pipeline, 'put_on_mesh', dying_put_on_mesh)
-  with pytest.raises(Killed):
-    train.train_and_evaluate(config, tmp_path / 'run')
-  monkeypatch.setattr(pipeline, 'put_on_mesh', put_on_mesh)
-  assert checkpoints.manager(tmp_path / 'run', 2).latest_step() == 4
-  resumed = train.train_and_evaluate(config, tmp_path / 'run')
-  assert int(resumed.step) == config.train.num_steps
-  logged = [json.loads(line)['step'] for line in (tmp_path / 'run' / 'metrics.jsonl').open()]
-  assert [s for s in logged if logged.count(s) > 1] == [3, 3, 6, 6]  # train + val rows, none twice
-  for a, b in zip(jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state)),
-                  jax.tree.leaves((expected.params, expected.batch_stats, expected.opt_state))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_metrics_log_and_checkpoints(straight_run):
-  config, workdir, state = straight_run
+def test_metrics_log_and_checkpoints(augmented_tiny):
+  config, workdir, state = augmented_tiny
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   keys = set().union(*rows)
   assert {'step', 'train/loss', 'train/loss_final', 'train/lr', 'train/steps_per_s', 'val/loss',
@@ -79,8 +37,8 @@ def test_metrics_log_and_checkpoints(straight_run):
   assert saved['model']['features'] == list(config.model.features)
 
 
-def test_workdir_of_another_model_refuses_to_mix_checkpoints(straight_run):
-  config, workdir, _ = straight_run
+def test_workdir_of_another_model_refuses_to_mix_checkpoints(augmented_tiny):
+  config, workdir, _ = augmented_tiny
   other = config.copy_and_resolve_references()
   other.model.features = (8, 16, 32)
   with pytest.raises(CheckpointError, match=r'was trained with model .*features=\(4, 8, 16\).* '
@@ -90,8 +48,8 @@ def test_workdir_of_another_model_refuses_to_mix_checkpoints(straight_run):
   assert [s['config']['model']['features'] for s in starts] == [[4, 8, 16]]
 
 
-def test_finished_run_is_not_trained_again(straight_run):
-  config, workdir, _ = straight_run
+def test_finished_run_is_not_trained_again(augmented_tiny):
+  config, workdir, _ = augmented_tiny
   before = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
   assert train.train_and_evaluate(config, workdir) is None
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before
@@ -151,12 +109,12 @@ def test_nan_policy_skip_trains_through_a_nan_slice_and_counts_the_skips(tmp_pat
   assert _saved_state_is_finite(tmp_path / 'run', 6)
 
 
-def test_init_weights_start_a_new_run_from_a_model_file(straight_run, tmp_path, monkeypatch):
-  config, workdir, _ = straight_run
+def test_init_weights_start_a_new_run_from_a_model_file(augmented_tiny, tmp_path, monkeypatch):
+  config, workdir, _ = augmented_tiny
   model_file = tmp_path / 'model.npz'
   pretrained.export(config, workdir, model_file)
   _, _, exported = pretrained.load(config, model_file, parallel.make_mesh())
-  tuned = _config(tmp_path / 'phantom')
+  tuned = config.copy_and_resolve_references()
   tuned.train.init_weights = str(model_file)
   first = {}
   jit_steps = steps.jit_steps
