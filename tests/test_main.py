@@ -56,7 +56,8 @@ def phantom_dir(tmp_path_factory):
 
 
 def _command(workdir, phantom_dir, *overrides, hook=''):
-  """main.py on configs/tiny.py with the settings of `_config`."""
+  """main.py on configs/tiny.py with conftest's `augmented_tiny` settings bar its learning rate (an
+  override), which the checks of bad flags need not compile for."""
   args = ['--config=configs/tiny.py', f'--workdir={workdir}', f'--config.data.phantom_dir={phantom_dir}',
           '--config.data.augment=true', '--config.checkpoint.every_steps=2', *overrides]
   if hook:
@@ -87,15 +88,9 @@ def _logged(workdir) -> list[dict]:
           for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
 
 
-def _config(phantom_dir):
-  config = tiny.get_config()
-  config.data.phantom_dir, config.data.augment, config.checkpoint.every_steps = str(phantom_dir), True, 2
-  return config
-
-
 def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no_kill(
     augmented_tiny, tmp_path, caplog):
-  config, uninterrupted, _ = augmented_tiny  # `_config`'s settings and its lr, trained in this process
+  config, uninterrupted, _ = augmented_tiny  # trained in this process
   phantom_dir, workdir = config.data.phantom_dir, tmp_path / 'run'
   lr = f'--config.optim.lr={config.optim.lr}'
   killed = _run(workdir, phantom_dir, lr, hook=KILL_AT_FINALIZE.format(step=4))
@@ -122,19 +117,20 @@ def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no
   assert starts[0]['code_version']
 
 
-def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(phantom_dir, tmp_path, caplog):
+def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(augmented_tiny, tmp_path, caplog):
   workdir = tmp_path / 'run'
   # Checkpoints only at the end: the one saved before it is the signal's. The signal comes as the third
   # training batch is fetched, while an earlier step runs.
-  apart = ['--config.checkpoint.every_steps=1000', '--config.train.eval_every_steps=1000']
-  stopped = _run(workdir, phantom_dir, *apart, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGTERM'))
+  config = augmented_tiny[0].copy_and_resolve_references()
+  config.checkpoint.every_steps = config.train.eval_every_steps = 1000
+  apart = ['--config.checkpoint.every_steps=1000', '--config.train.eval_every_steps=1000',
+           f'--config.optim.lr={config.optim.lr}']
+  stopped = _run(workdir, config.data.phantom_dir, *apart, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGTERM'))
   assert stopped.returncode == 0, stopped.stderr
   step = checkpoints.manager(workdir, 2).latest_step()
   assert 1 <= step < 6
   saved = workdir / 'checkpoints' / str(step)
   assert f'Stopped by SIGTERM at step {step} of 6; checkpoint saved in {saved}' in stopped.stderr
-  config = _config(phantom_dir)
-  config.checkpoint.every_steps = config.train.eval_every_steps = 1000
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, workdir)
   assert f'Resumed from {saved} at step {step}' in caplog.text
