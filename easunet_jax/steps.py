@@ -113,8 +113,8 @@ def init_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
 
 def abstract_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                    sharding: jax.sharding.Sharding) -> TrainState:
-  """`init_state`'s shapes and dtypes, laid out by `sharding`, without compiling its initialisers (about
-  10 s on CPU): what a checkpoint is restored into."""
+  """`init_state`'s shapes and dtypes, laid out by `sharding`, without compiling its initialisers (10-15 s
+  on CPU): what a checkpoint is restored into."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       jax.eval_shape(lambda: init_state(config, tx)))
 

@@ -16,7 +16,7 @@ from easunet_jax.errors import CheckpointError, ConfigError, UserError
 
 
 class Killed(Exception):
-  """Stands for the process being killed part-way through a step."""
+  """Stops a run part-way: the fine-tuning test needs only its first step."""
 
 
 def test_metrics_log_and_checkpoints(augmented_tiny):
