@@ -87,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Slices resampled to that pixel size divided by this zoom: the anatomy this much larger than in training
   # (whose zoom augmentation spans 0.9-1.1), thin cartilage over more network pixels.
   c.predict.zoom = 1.0
+  # The background's probability is multiplied by this before the argmax: above 1, cartilage only where the
+  # network is that much surer of it (a network that draws plates too thick is calibrated by it).
+  c.predict.background_weight = 1.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500  # checkpoint period (also at every validation and at the end)

@@ -80,8 +80,9 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
   for name in _NON_NEGATIVE:
     if fields[name] < 0:
       raise ConfigError(f'{name}: expected a non-negative number, got {fields[name]}')
-  if config.predict.zoom <= 0:
-    raise ConfigError(f'predict.zoom: expected a positive number, got {config.predict.zoom}')
+  for name in ('predict.zoom', 'predict.background_weight'):
+    if fields[name] <= 0:
+      raise ConfigError(f'{name}: expected a positive number, got {fields[name]}')
   if not 0 <= config.data.phantom_oa_fraction <= 1:
     raise ConfigError(f'data.phantom_oa_fraction: expected a fraction from 0 to 1, got '
                       f'{config.data.phantom_oa_fraction}')

@@ -123,7 +123,7 @@ def _resize(array: np.ndarray, size: Sequence[int], offset: Sequence[float] = (0
   return array
 
 
-class _Network:
+class Network:
   """The eval-mode network over a mesh, slice-batched, compiled once per padded slice shape; it keeps the
   time spent in forward passes (compilation apart) for the timing line."""
 
@@ -159,16 +159,17 @@ class _Network:
     return np.concatenate(out)
 
 
-def _segment(network: _Network, image: np.ndarray, spacing: Sequence[float],
-             pixel: tuple[float, float] | None, subpixel_tta: bool, slice_sigma_mm: float) -> np.ndarray:
-  """Training classes (uint8) of a canonical-order volume: normalised like the slice store, each sagittal
-  slice resampled to `pixel` mm (None: kept) and padded to multiples of the network's stride. The class
-  probabilities are resampled back with linear interpolation before the argmax, which gives smoother
-  boundaries than resampling the label map. With `subpixel_tta` they are the mean over the sampling grids
-  offset by half a network pixel along each in-plane axis where the network's pixels are the coarser (four
-  grids at most): boundaries finer than the network's pixels. Then they are smoothed across sagittal slices
-  by a Gaussian of `slice_sigma_mm` (0: not at all): the network sees one slice at a time, and the
-  smoothing lets neighbouring slices outvote a slice's lone speck or gap."""
+def class_probabilities(network: Network, image: np.ndarray,
+                        spacing: Sequence[float], pixel: tuple[float, float] | None, subpixel_tta: bool,
+                        slice_sigma_mm: float) -> np.ndarray:
+  """Class probabilities (S, H, W, K) of a canonical-order volume: normalised like the slice store, each
+  sagittal slice resampled to `pixel` mm (None: kept) and padded to multiples of the network's stride. The
+  network's probabilities are resampled back with linear interpolation, which gives smoother boundaries
+  than resampling a label map. With `subpixel_tta` they are the mean over the sampling grids offset by half
+  a network pixel along each in-plane axis where the network's pixels are the coarser (four grids at most):
+  boundaries finer than the network's pixels. Then they are smoothed across sagittal slices by a Gaussian
+  of `slice_sigma_mm` (0: not at all): the network sees one slice at a time, and the smoothing lets
+  neighbouring slices outvote a slice's lone speck or gap."""
   original = image.shape[1:]
   size = original
   if pixel is not None:
@@ -181,12 +182,21 @@ def _segment(network: _Network, image: np.ndarray, spacing: Sequence[float],
     probs = network(np.pad(_resize(image, size, [o * n / m for o, n, m in zip(offset, original, size)]), pad))
     return _resize(probs[crop], original, [-o for o in offset])
 
-  offsets = itertools.product(*[(0.0, 0.5) if subpixel_tta and m < n else (0.0,)
-                                for n, m in zip(original, size)])
-  total = sum(probabilities(offset) for offset in offsets)
+  offsets = list(itertools.product(*[(0.0, 0.5) if subpixel_tta and m < n else (0.0,)
+                                     for n, m in zip(original, size)]))
+  mean = sum(probabilities(offset) for offset in offsets) / len(offsets)
   if slice_sigma_mm > 0:
-    total = ndimage.gaussian_filter1d(total, slice_sigma_mm / spacing[0], axis=0, mode='nearest')
-  return np.argmax(total, axis=-1).astype(np.uint8)
+    mean = ndimage.gaussian_filter1d(mean, slice_sigma_mm / spacing[0], axis=0, mode='nearest')
+  return mean
+
+
+def to_classes(probabilities: np.ndarray, background_weight: float) -> np.ndarray:
+  """Training classes (uint8) of class probabilities (..., K): the argmax with the background's probability
+  multiplied by `background_weight` (1: the plain argmax; above 1 a voxel is cartilage only where the
+  network is that much surer of it, which trims the plates' edges)."""
+  weights = np.ones(probabilities.shape[-1], probabilities.dtype)
+  weights[0] = background_weight
+  return np.argmax(probabilities * weights, axis=-1).astype(np.uint8)
 
 
 def remove_small_components(classes: np.ndarray, spacing: Sequence[float], min_mm3: float) -> np.ndarray:
@@ -262,6 +272,23 @@ def write_reports(results: Sequence[dict], csv_path: pathlib.Path, markdown_path
   markdown_path.write_text('\n'.join(lines))
 
 
+def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
+                 model_file: str | pathlib.Path | None = None
+                 ) -> tuple[int, Network, tuple[float, float] | None]:
+  """(step, network, in-plane pixel (mm) its slices are resampled to; None: kept) of `model_file`, or of
+  the checkpoint eval.checkpoint names in `workdir`."""
+  mesh = parallel.make_mesh()
+  if model_file is not None:
+    step, graphdef, state = pretrained.load(config, model_file, mesh)
+  else:
+    workdir = pathlib.Path(workdir)
+    step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
+  pixel = None
+  if config.predict.resample:
+    pixel = tuple(p / config.predict.zoom for p in model_pixel_spacing(config, workdir))
+  return step, Network(config, graphdef, state, mesh), pixel
+
+
 def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
             input_path: str | pathlib.Path, output_path: str | pathlib.Path,
             model_file: str | pathlib.Path | None = None, *, series: str | None = None,
@@ -289,16 +316,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       dicom.find_series(source)
     else:
       volumes.check_headers(volumes.Case(source.name, source, None))
-  mesh = parallel.make_mesh()
-  if model_file is not None:
-    step, graphdef, state = pretrained.load(config, model_file, mesh)
-  else:
-    workdir = pathlib.Path(workdir)
-    step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
-  pixel = None
-  if config.predict.resample:
-    pixel = tuple(p / config.predict.zoom for p in model_pixel_spacing(config, workdir))
-  network = _Network(config, graphdef, state, mesh)
+  step, network, pixel = load_network(config, workdir, model_file)
   logging.info('predict: step %d of %s, %d scan(s), pixel %s mm', step, model_file or workdir, len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel))
   results, progress = [], Progress(len(pairs))
@@ -311,8 +329,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
             flush=True)
     image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right
-    classes = _segment(network, image, spacing, pixel, config.predict.subpixel_tta,
-                       config.predict.slice_sigma_mm)
+    probabilities = class_probabilities(network, image, spacing, pixel, config.predict.subpixel_tta,
+                                        config.predict.slice_sigma_mm)
+    classes = to_classes(probabilities, config.predict.background_weight)
     classes = remove_small_components(classes, spacing, config.predict.min_component_mm3)
     side, why = decide_laterality(nii, info, laterality)
     fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))

@@ -153,6 +153,8 @@ BAD_VALUES = {
     'negative smoothing': ({'predict.slice_sigma_mm': -1.0},
                            'predict.slice_sigma_mm: expected a non-negative number'),
     'zero zoom': ({'predict.zoom': 0.0}, 'predict.zoom: expected a positive number'),
+    'negative background weight': ({'predict.background_weight': -1.0},
+                                   'predict.background_weight: expected a positive number'),
     'osteoarthritic fraction': ({'data.phantom_oa_fraction': 1.5},
                                 'data.phantom_oa_fraction: expected a fraction from 0 to 1'),
 }

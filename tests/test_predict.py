@@ -68,7 +68,7 @@ def test_reorientation_is_exact(run, tmp_path, monkeypatch):
   """The permuted file's mask is the permuted canonical file's mask, voxel for voxel, through resampling and
   padding."""
   workdir, canonical, permuted = run
-  monkeypatch.setattr(predict._Network, '__call__', _thresholds)
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
   for path in (canonical, permuted):
     predict.predict(_config(), workdir, path, tmp_path / path.name)
   canonical_mask = np.asarray(nib.load(tmp_path / canonical.name).dataobj)
@@ -85,13 +85,34 @@ def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch):
     sizes.append(image_SHW.shape[1:])
     return _thresholds(self, image_SHW)
 
-  monkeypatch.setattr(predict._Network, '__call__', record)
+  monkeypatch.setattr(predict.Network, '__call__', record)
   for zoom in (1.0, 2.0):
     predict.predict(_config(zoom=zoom, subpixel_tta=False), workdir, canonical, tmp_path / f'{zoom}.nii.gz')
     assert nib.load(tmp_path / f'{zoom}.nii.gz').shape == nib.load(canonical).shape
   (h1, w1), (h2, w2) = sizes
   # Twice the pixels per axis, up to the padding to the tiny network's stride (4).
   assert abs(h2 - 2 * h1) <= 8 and abs(w2 - 2 * w1) <= 8 and h2 > 1.5 * h1 and w2 > 1.5 * w1, sizes
+
+
+def _unsure_of_fc(self, image_SHW):
+  """A stand-in network sure of TC (probabilities 0.1 / 0.1 / 0.8) above 0.6 of the normalised image and
+  unsure of FC (0.4 / 0.6 / 0) from 0.3 to 0.6."""
+  del self
+  fc, tc = ((image_SHW >= 0.3) & (image_SHW < 0.6))[..., None], (image_SHW >= 0.6)[..., None]
+  return np.where(tc, [0.1, 0.1, 0.8], np.where(fc, [0.4, 0.6, 0.0], [1.0, 0.0, 0.0])).astype(np.float32)
+
+
+def test_background_weight_trims_unsure_cartilage_only(run, tmp_path, monkeypatch):
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict.Network, '__call__', _unsure_of_fc)
+  masks = {}
+  for weight in (1.0, 2.0):
+    predict.predict(_config(background_weight=weight), workdir, canonical, tmp_path / f'{weight}.nii.gz')
+    masks[weight] = np.asarray(nib.load(tmp_path / f'{weight}.nii.gz').dataobj)
+  assert (masks[1.0] == 1).sum() > 100 and not (masks[2.0] == 1).any()
+  assert (masks[2.0] == 2).sum() > 0.8 * (masks[1.0] == 2).sum() > 0
+  # A voxel keeps its class or becomes background, never the other plate.
+  assert np.all((masks[2.0] == 0) | (masks[2.0] == masks[1.0]))
 
 
 def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
@@ -129,7 +150,7 @@ def test_dicom_series_predicts_in_its_own_grid(run, tmp_path, monkeypatch, capsy
   """A sagittal DICOM series of a right knee: the mask has SimpleITK's shape and affine, holds the mask of the
   same image given as canonical NIfTI, and the report says 'right knee'."""
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict._Network, '__call__', _thresholds)
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
   image = _dicom_knee(tmp_path / 'dess', canonical, knee_x=-80.0)  # LPS x < 0: the patient's right
   nib.save(nib.Nifti1Image(image, nib.load(canonical).affine), tmp_path / 'same.nii.gz')
   [result] = predict.predict(_config(), workdir, tmp_path / 'dess', tmp_path / 'out' / 'dess_mask.nii.gz')
@@ -151,7 +172,7 @@ def test_dicom_series_predicts_in_its_own_grid(run, tmp_path, monkeypatch, capsy
 
 def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monkeypatch):
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict._Network, '__call__', _thresholds)
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
   # An enhanced file, its frame laterality decides.
   _dicom_knee(tmp_path / 'scans' / 'a', canonical, knee_x=-80.0, laterality='L', enhanced=True)
   _dicom_knee(tmp_path / 'scans' / 'b', canonical, knee_x=3.0)  # too near the midline: undecided
@@ -239,6 +260,18 @@ class _Step:
     return np.stack([image_SHW < 0.5, image_SHW >= 0.5], -1).astype(np.float32)
 
 
+def _segment(network, image, spacing, pixel, subpixel_tta, slice_sigma_mm):
+  return predict.to_classes(predict.class_probabilities(network, image, spacing, pixel, subpixel_tta,
+                                                        slice_sigma_mm), 1.0)
+
+
+def test_to_classes_weighs_the_background():
+  probabilities = np.array([[0.4, 0.55, 0.05], [0.2, 0.1, 0.7], [0.5, 0.4, 0.1]], np.float32)
+  np.testing.assert_array_equal(predict.to_classes(probabilities, 1.0), [1, 2, 0])
+  np.testing.assert_array_equal(predict.to_classes(probabilities, 2.0), [0, 2, 0])
+  np.testing.assert_array_equal(predict.to_classes(probabilities, 0.5), [1, 2, 1])
+
+
 @pytest.mark.parametrize('edge', range(3, 12))
 def test_subpixel_tta_places_edges_to_the_input_pixel(edge):
   """At a network pixel twice the scan's, an edge at an odd pixel falls between two network pixels: one grid
@@ -247,7 +280,7 @@ def test_subpixel_tta_places_edges_to_the_input_pixel(edge):
   image[:, edge:] = 100.0
   for subpixel_tta, expected, grids in ((True, edge, 4), (False, edge - edge % 2, 1)):
     network = _Step()
-    classes = predict._segment(network, image, (1.0, 0.5, 0.5), (1.0, 1.0), subpixel_tta, 0.0)
+    classes = _segment(network, image, (1.0, 0.5, 0.5), (1.0, 1.0), subpixel_tta, 0.0)
     np.testing.assert_array_equal(classes[0, :, 8], np.arange(16) >= expected)
     assert network.calls == grids
 
@@ -255,7 +288,7 @@ def test_subpixel_tta_places_edges_to_the_input_pixel(edge):
 def test_subpixel_tta_is_one_grid_where_the_network_pixels_are_the_scans():
   network = _Step()
   image = np.arange(16 * 12, dtype=np.float32).reshape(1, 16, 12)
-  classes = predict._segment(network, image, (1.0, 1.0, 1.0), (1.0, 1.0), True, 0.0)
+  classes = _segment(network, image, (1.0, 1.0, 1.0), (1.0, 1.0), True, 0.0)
   np.testing.assert_array_equal(classes[0], np.arange(16 * 12).reshape(16, 12) >= 16 * 12 / 2)
   assert network.calls == 1
 
@@ -270,5 +303,5 @@ def test_slice_smoothing_fills_a_one_slice_gap_drops_a_one_slice_speck_and_keeps
   truth = np.zeros(image.shape, bool)
   truth[2:12, 2:6, 2:6] = True
   for sigma_mm, expected in ((0.0, image > 50), (1.0, truth)):
-    classes = predict._segment(_Step(), image, (0.7, 2.0, 2.0), None, False, sigma_mm)
+    classes = _segment(_Step(), image, (0.7, 2.0, 2.0), None, False, sigma_mm)
     np.testing.assert_array_equal(classes == 1, expected, err_msg=f'sigma {sigma_mm} mm')
