@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (whose zoom augmentation spans 0.9-1.1), thin cartilage over more network pixels.
   c.predict.zoom = 1.0
   # The background's probability is multiplied by this before the argmax: above 1, cartilage only where the
-  # network is that much surer of it (a network that draws plates too thick is calibrated by it).
+  # network is that much surer of it; it trims plates drawn too thick (bench/calibrate.py scores weights).
   c.predict.background_weight = 1.0
 
   c.checkpoint = ml_collections.ConfigDict()
