@@ -1,5 +1,7 @@
 """Tests of the synthetic knee generator: labels, geometry in millimetres, determinism, dataset writing."""
 
+import logging
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -97,6 +99,17 @@ def test_write_dataset_and_reuse(tmp_path):
   mtime = cases[0].image.stat().st_mtime_ns
   phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
   assert cases[0].image.stat().st_mtime_ns == mtime
+
+
+def test_write_dataset_says_when_it_keeps_subjects_of_another_seed(tmp_path, caplog):
+  phantom.write_dataset(tmp_path, 1, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
+  mtime = (tmp_path / 'images' / 'phantom_000.nii.gz').stat().st_mtime_ns
+  with caplog.at_level(logging.WARNING):
+    phantom.write_dataset(tmp_path, 1, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
+    assert not caplog.records
+    phantom.write_dataset(tmp_path, 1, (8, 32, 32), (7.0, 2.0, 2.0), seed=2)
+  assert "'seed': 1" in caplog.text and "'seed': 2" in caplog.text and 'data.phantom_dir' in caplog.text
+  assert (tmp_path / 'images' / 'phantom_000.nii.gz').stat().st_mtime_ns == mtime
 
 
 def test_write_dataset_in_worker_processes_matches_in_process(tmp_path):

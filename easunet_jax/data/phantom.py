@@ -5,6 +5,7 @@ spacing shows the same knee cropped or resampled. Voxel order is OAI-ZIB's: axis
 axis), axis 1 posterior->anterior, axis 2 inferior->superior, i.e. RAS, and the affine says so.
 """
 
+import json
 import logging
 import multiprocessing
 import os
@@ -239,11 +240,22 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
   `workers` subjects. Each subject's random numbers depend only on (seed, its index), so the files are the
   same for any number of workers. The generator is numpy and scipy.ndimage, both single-threaded here, so
   a worker uses one core.
+
+  The folder's phantom.json records the seed, shape and spacing its subjects were made with; a later call
+  asking for others keeps them all the same, and says so.
   """
   out_dir = pathlib.Path(out_dir)
   ids = [f'phantom_{i:03d}' for i in range(num)]
   todo = [i for i, case_id in enumerate(ids) if not all(
       (out_dir / kind / f'{case_id}.nii.gz').exists() for kind in ('images', 'labels', 'tissues'))]
+  made_with = {'seed': int(seed), 'shape': [int(n) for n in shape], 'spacing': [float(s) for s in spacing]}
+  record = out_dir / 'phantom.json'
+  if len(todo) == num:  # no earlier subjects (where some are and no record, how they were made is unknown)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(made_with))
+  elif record.exists() and (recorded := json.loads(record.read_text())) != made_with:
+    logging.warning('%s holds phantoms made with %s, not %s: its existing subjects are used as they are '
+                    '(data.phantom_dir names a folder of its own)', out_dir, recorded, made_with)
   jobs = [(out_dir, ids[i], subject_seed(seed, i), tuple(shape), tuple(spacing), generator) for i in todo]
   if workers is None:
     workers = cpus() if len(jobs) * np.prod(shape) >= _PARALLEL_MIN_VOXELS else 1
