@@ -311,7 +311,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                       f'got {config.predict.label_values!r}')
   values = np.array(LABEL_VALUES[config.predict.label_values], np.uint8)
   pairs, batch = _inputs(input_path, output_path)
-  for source, _ in pairs:  # header checks first: a bad file fails before the checkpoint is restored
+  if batch and pathlib.Path(output_path).is_file():
+    raise DataError(f'{output_path}: a file; the masks of a directory of scans go into a directory')
+  scans = {source.resolve() for source, _ in pairs}
+  for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
+    for written in (target, _report_paths(target, batch)['map']):
+      if written.resolve() in scans:
+        raise DataError(f'{written}: the output would overwrite an input scan; choose another --output')
     if source.is_dir():
       dicom.find_series(source)
     else:

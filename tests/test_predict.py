@@ -217,6 +217,23 @@ def test_errors_are_one_line(run, tmp_path):
   assert not out.exists()
 
 
+def test_a_scan_is_never_overwritten(run, tmp_path):
+  workdir, canonical, _ = run
+  scans = tmp_path / 'scans'
+  scans.mkdir()
+  scan = scans / canonical.name
+  scan.write_bytes(canonical.read_bytes())
+  for output in (scan, scans, scans / '.'):  # the scan itself, or a mask of the same name beside it
+    _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, scan, output)
+  _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, scans, scans)
+  _one_line_error(DataError, 'a file; the masks of a directory', _config(), workdir, scans, scan)
+  thickness = scans / 'knee_thickness.nii.gz'  # the thickness map of a mask named knee.nii.gz
+  thickness.write_bytes(canonical.read_bytes())
+  _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, thickness,
+                  scans / 'knee.nii.gz')
+  assert scan.read_bytes() == canonical.read_bytes() and thickness.read_bytes() == canonical.read_bytes()
+
+
 def test_small_components_are_dropped_per_class():
   classes = np.zeros((10, 40, 40), np.uint8)
   classes[2:8, 5:25, 5:10] = 1  # a plate: 6 x 20 x 5 voxels of 1 mm^3 = 600 mm^3
