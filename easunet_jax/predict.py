@@ -30,6 +30,9 @@ _CANONICAL = nib.orientations.axcodes2ornt('RAS')
 _NIFTI = ('.nii.gz', '.nii')
 # A knee scanned this far (mm) to one side of the scanner's midline (x = 0) is taken for that side's knee.
 _SIDE_MIN_MM = 10.0
+# Network pixels per in-plane axis a resampled slice may span: outside, the header's voxel size is wrong
+# (another unit than mm, a scaled affine), and the slice would be a few pixels or exhaust memory.
+_SLICE_PIXELS = (16, 4096)
 SIDES = {'R': 'right', 'L': 'left'}
 
 
@@ -159,6 +162,11 @@ class Network:
     return np.concatenate(out)
 
 
+def resampled_size(size: Sequence[int], spacing: Sequence[float], pixel: Sequence[float]) -> tuple[int, ...]:
+  """In-plane size of a slice of `size` pixels of `spacing` mm resampled to `pixel` mm."""
+  return tuple(max(1, round(n * s / p)) for n, s, p in zip(size, spacing, pixel))
+
+
 def class_probabilities(network: Network, image: np.ndarray,
                         spacing: Sequence[float], pixel: tuple[float, float] | None, subpixel_tta: bool,
                         slice_sigma_mm: float) -> np.ndarray:
@@ -171,9 +179,7 @@ def class_probabilities(network: Network, image: np.ndarray,
   of `slice_sigma_mm` (0: not at all): the network sees one slice at a time, and the smoothing lets
   neighbouring slices outvote a slice's lone speck or gap."""
   original = image.shape[1:]
-  size = original
-  if pixel is not None:
-    size = tuple(max(1, round(n * s / p)) for n, s, p in zip(original, spacing[1:], pixel))
+  size = original if pixel is None else resampled_size(original, spacing[1:], pixel)
   image = preprocess.normalise(image).astype(np.float32)
   pad = [(0, 0), *(preprocess.centred_padding(n, preprocess.padded_size(n, network.stride)) for n in size)]
   crop = (slice(None), *(slice(before, before + n) for (before, _), n in zip(pad[1:], size)))
@@ -335,6 +341,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
             flush=True)
     image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right
+    if pixel is not None:
+      size = resampled_size(image.shape[1:], spacing[1:], pixel)
+      if not all(_SLICE_PIXELS[0] <= n <= _SLICE_PIXELS[1] for n in size):
+        raise DataError(f"{source}: voxel size {' x '.join(f'{s:g}' for s in spacing)} mm makes a sagittal "
+                        f"slice {size[0]} x {size[1]} pixels of the model's {pixel[0]:.3g} mm; check the "
+                        "header's voxel size and its unit (mm)")
     probabilities = class_probabilities(network, image, spacing, pixel, config.predict.subpixel_tta,
                                         config.predict.slice_sigma_mm)
     classes = to_classes(probabilities, config.predict.background_weight)

@@ -213,6 +213,11 @@ def test_errors_are_one_line(run, tmp_path):
   (tmp_path / 'empty').mkdir()
   _one_line_error(DataError, 'no NIfTI file .* and no DICOM series', _config(), workdir, tmp_path / 'empty',
                   out)
+  microns = tmp_path / 'microns.nii.gz'  # voxel sizes written in micrometres: 1000x too many pixels
+  nii = nib.load(canonical)
+  nib.save(nib.Nifti1Image(np.asarray(nii.dataobj), np.diag([1000, 1000, 1000, 1]) @ nii.affine), microns)
+  _one_line_error(DataError, "voxel size 3000 x 1600 x 1800 mm .* check the header's voxel size", _config(),
+                  workdir, microns, out)
   _one_line_error(CheckpointError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
   assert not out.exists()
 
