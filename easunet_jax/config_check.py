@@ -17,7 +17,7 @@ _TRACE_STRIDES = 16
 _POSITIVE = ('train.batch_size', 'train.eval_every_steps', 'eval.batch_size', 'predict.batch_size',
              'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'data.phantom_num')
 _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict.min_component_mm3',
-                 'predict.slice_sigma_mm')
+                 'predict.slice_sigma_mm', 'optim.weight_decay')
 NAN_POLICIES = ('stop', 'skip')
 
 
@@ -80,9 +80,11 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
   for name in _NON_NEGATIVE:
     if fields[name] < 0:
       raise ConfigError(f'{name}: expected a non-negative number, got {fields[name]}')
-  for name in ('predict.zoom', 'predict.background_weight'):
+  for name in ('predict.zoom', 'predict.background_weight', 'optim.lr'):
     if fields[name] <= 0:
       raise ConfigError(f'{name}: expected a positive number, got {fields[name]}')
+  if not 0 <= config.optim.momentum < 1:
+    raise ConfigError(f'optim.momentum: expected a number from 0 to below 1, got {config.optim.momentum}')
   if not 0 <= config.data.phantom_oa_fraction <= 1:
     raise ConfigError(f'data.phantom_oa_fraction: expected a fraction from 0 to 1, got '
                       f'{config.data.phantom_oa_fraction}')
