@@ -30,6 +30,9 @@ _CANONICAL = nib.orientations.axcodes2ornt('RAS')
 _NIFTI = ('.nii.gz', '.nii')
 # A knee scanned this far (mm) to one side of the scanner's midline (x = 0) is taken for that side's knee.
 _SIDE_MIN_MM = 10.0
+# A scan whose sagittal slices have pixels this many times coarser than the network's along an axis was
+# acquired in another plane (its slice thickness lies in the sagittal plane): the masks will be poor.
+_COARSE_PIXEL_RATIO = 2.0
 # Network pixels per in-plane axis a resampled slice may span: outside, the header's voxel size is wrong
 # (another unit than mm, a scaled affine), and the slice would be a few pixels or exhaust memory.
 _SLICE_PIXELS = (16, 4096)
@@ -347,6 +350,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         raise DataError(f"{source}: voxel size {' x '.join(f'{s:g}' for s in spacing)} mm makes a sagittal "
                         f"slice {size[0]} x {size[1]} pixels of the model's {pixel[0]:.3g} mm; check the "
                         "header's voxel size and its unit (mm)")
+      if max(spacing[1:]) > _COARSE_PIXEL_RATIO * max(pixel):
+        logging.warning("%s: sagittal slices of %s mm pixels, over %g times coarser than the model's "
+                        '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '
+                        'coarse masks',
+                        source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
     probabilities = class_probabilities(network, image, spacing, pixel, config.predict.subpixel_tta,
                                         config.predict.slice_sigma_mm)
     classes = to_classes(probabilities, config.predict.background_weight)

@@ -239,6 +239,17 @@ def test_a_scan_is_never_overwritten(run, tmp_path):
   assert scan.read_bytes() == canonical.read_bytes() and thickness.read_bytes() == canonical.read_bytes()
 
 
+def test_a_scan_acquired_in_another_plane_is_warned_of(run, tmp_path, caplog):
+  workdir, canonical, _ = run
+  nii = nib.load(canonical)
+  coronal = tmp_path / 'coronal.nii.gz'  # 5 mm anterior-posterior pixels: coronal slices 5 mm thick
+  nib.save(nib.Nifti1Image(np.asarray(nii.dataobj), np.diag([1.6, 5.0, 1.8, 1])), coronal)
+  predict.predict(_config(), workdir, canonical, tmp_path / 'canonical_mask.nii.gz')
+  assert 'acquired in another plane' not in caplog.text
+  predict.predict(_config(), workdir, coronal, tmp_path / 'coronal_mask.nii.gz')
+  assert 'coronal.nii.gz: sagittal slices of 5 x 1.8 mm pixels, over 2 times coarser' in caplog.text
+
+
 def test_small_components_are_dropped_per_class():
   classes = np.zeros((10, 40, 40), np.uint8)
   classes[2:8, 5:25, 5:10] = 1  # a plate: 6 x 20 x 5 voxels of 1 mm^3 = 600 mm^3
