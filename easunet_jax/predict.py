@@ -329,6 +329,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         raise DataError(f'{written}: the output would overwrite an input scan; choose another --output')
     if source.is_dir():
       dicom.find_series(source)
+    elif series:
+      raise DataError(f'{source}: a NIfTI file, and --series picks a series of DICOM input')
     else:
       volumes.check_headers(volumes.Case(source.name, source, None))
   step, network, pixel = load_network(config, workdir, model_file)

@@ -197,9 +197,9 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
   assert given['laterality'] == 'R' and 'given by --laterality' in given['laterality_text']
 
 
-def _one_line_error(kind, match, *args) -> None:
+def _one_line_error(kind, match, *args, **kwargs) -> None:
   with pytest.raises(kind, match=match) as error:
-    predict.predict(*args)
+    predict.predict(*args, **kwargs)
   assert '\n' not in str(error.value)
 
 
@@ -213,6 +213,8 @@ def test_errors_are_one_line(run, tmp_path):
   (tmp_path / 'empty').mkdir()
   _one_line_error(DataError, 'no NIfTI file .* and no DICOM series', _config(), workdir, tmp_path / 'empty',
                   out)
+  _one_line_error(DataError, 'a NIfTI file, and --series picks', _config(), workdir, canonical, out,
+                  series='1.2.3')
   microns = tmp_path / 'microns.nii.gz'  # voxel sizes written in micrometres: 1000x too many pixels
   nii = nib.load(canonical)
   nib.save(nib.Nifti1Image(np.asarray(nii.dataobj), np.diag([1000, 1000, 1000, 1]) @ nii.affine), microns)
