@@ -103,6 +103,14 @@ def test_trailing_axes_of_one_are_a_3d_volume_and_more_volumes_an_error(tmp_path
   assert '\n' not in str(e.value)
 
 
+def test_complex_voxels_load_as_their_magnitude(tmp_path):
+  image, _, affine = _small_case(np.random.default_rng(3))
+  phase = np.exp(1j * np.random.default_rng(4).uniform(-np.pi, np.pi, image.shape))
+  nib.save(nib.Nifti1Image((np.abs(image) * phase).astype(np.complex64), affine), tmp_path / 'complex.nii.gz')
+  got, _ = volumes.load_image(tmp_path / 'complex.nii.gz')
+  np.testing.assert_allclose(got, np.abs(image), rtol=1e-6)
+
+
 def test_reference_knee_orientation():
   case = volumes.Case('ref', knee.REFERENCE, knee.REFERENCE)
   _, labels, spacing = volumes.load_case(case, IDENTITY_MAP)

@@ -138,9 +138,10 @@ def load_image(path: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
 
 def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
   """`load_image` of an image already open (a NIfTI file's, or a DICOM series' read into NIfTI); `source`
-  names it in errors."""
+  names it in errors. Complex voxels (a reconstruction's raw output) become their magnitude, the image a
+  scanner shows."""
   image, spacing = _read_canonical(nii, source)
-  image = image.astype(np.float32, copy=False)
+  image = (np.abs(image) if np.iscomplexobj(image) else image).astype(np.float32, copy=False)
   if not np.isfinite(image).all():
     raise DataError(f'{source}: image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite voxels')
   if image.min() == image.max():
