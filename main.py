@@ -36,6 +36,9 @@ flags.DEFINE_string('series', None, 'predict: the SeriesInstanceUID of the DICOM
                     'a multi-echo series (default: its first).')
 flags.DEFINE_enum('laterality', None, ['left', 'right'], 'predict: the knee scanned, overriding the DICOM '
                   'Laterality tag and the scan position.')
+flags.DEFINE_bool('continue_prediction', False, 'predict: of a directory of scans, keep those that an '
+                  'earlier run into the same --output finished with the same model and settings, and '
+                  'segment the rest.')
 flags.DEFINE_string('weights', None, 'predict: a model file of --mode=export; without --config, its own '
                     "config; with it, the config's predict settings; without either, the shipped model "
                     '(easunet_jax/weights/eas_knee.npz).')
@@ -134,7 +137,8 @@ def main(argv):
       evaluate.evaluate(config, workdir)
     elif FLAGS.mode == 'predict':
       predict.predict(config, None if model_file else workdir, FLAGS.input, FLAGS.output, model_file,
-                      series=FLAGS.series, laterality=FLAGS.laterality and FLAGS.laterality[0].upper())
+                      series=FLAGS.series, laterality=FLAGS.laterality and FLAGS.laterality[0].upper(),
+                      continue_prediction=FLAGS.continue_prediction)
     elif FLAGS.mode == 'export':
       meta = pretrained.export(config, workdir, FLAGS.output)
       print(f'{FLAGS.output}: step {meta["step"]} of {workdir}, pixel {meta["pixel_mm"]} mm')

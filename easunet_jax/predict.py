@@ -6,6 +6,7 @@ each scan (NIfTI and PNG) and a figure of its prediction on three sagittal slice
 import csv
 import functools
 import itertools
+import json
 import pathlib
 import time
 from collections.abc import Sequence
@@ -244,10 +245,25 @@ def _report_paths(target: pathlib.Path, batch: bool) -> dict[str, pathlib.Path]:
   if batch:
     return {'map': target.parent / 'thickness' / f'{_stem(target)}.nii.gz',
             'png': target.parent / 'thickness' / f'{_stem(target)}.png',
-            'slices': target.parent / 'slices' / f'{_stem(target)}.png'}
+            'slices': target.parent / 'slices' / f'{_stem(target)}.png',
+            'result': target.parent / 'measures' / f'{_stem(target)}.json'}
   return {'map': target.with_name(f'{_stem(target)}_thickness.nii.gz'),
           'png': target.with_name(f'{_stem(target)}_thickness.png'),
           'slices': target.with_name(f'{_stem(target)}_slices.png')}
+
+
+def _earlier_result(target: pathlib.Path, settings: dict) -> dict | None:
+  """A batch scan's result from an earlier run (`_report_paths`' 'result', written after its mask, maps and
+  figures), if that run used `settings` and its outputs are all there; else None."""
+  paths = _report_paths(target, batch=True)
+  try:
+    earlier = json.loads(paths['result'].read_text())
+  except (OSError, ValueError):
+    return None
+  outputs = (target, paths['map'], paths['png'], paths['slices'])
+  if earlier.get('settings') != settings or not all(path.is_file() for path in outputs):
+    return None
+  return earlier['result']
 
 
 def write_reports(results: Sequence[dict], csv_path: pathlib.Path, markdown_path: pathlib.Path) -> None:
@@ -301,19 +317,24 @@ def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
 def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
             input_path: str | pathlib.Path, output_path: str | pathlib.Path,
             model_file: str | pathlib.Path | None = None, *, series: str | None = None,
-            laterality: str | None = None) -> list[dict]:
+            laterality: str | None = None, continue_prediction: bool = False) -> list[dict]:
   """Segments one scan or a directory of them (`_inputs`: NIfTI files, DICOM folders) into `output_path` (a
   mask file, or a directory) with the checkpoint eval.checkpoint names in `workdir`, or with `model_file`
   (`pretrained`: then config is the file's, `pretrained.config_of`). `series` picks a DICOM series by its
   SeriesInstanceUID (`dicom.read_series`; '<uid>:<echo>' for one echo of several), `laterality` ('R' or
   'L') overrides `decide_laterality`.
 
+  A batch goes on past a scan that fails with a `DataError` (logged) and raises one naming the failed scans
+  at its end; its reports are rewritten after every scan, so a batch stopped part way keeps the measures of
+  the scans done. With `continue_prediction`, a batch keeps each scan that an earlier run with the same
+  model and settings finished (`_earlier_result`) and segments the rest.
+
   Beside the masks: each scan's thickness map (NIfTI in the scan's grid, and a PNG), its prediction on three
   sagittal slices (`figures.plot_prediction_slices`), and the measures of every scan per plate and
   compartment as CSV and Markdown (`write_reports`: <mask>_measures.csv and <mask>_report.md for one scan;
-  measures.csv and report.md of a batch). Returns per scan {'input', 'output', 'laterality',
-  'laterality_text', 'regions': `measures.compartment_table`, paths of the maps and figures, and the seconds
-  spent in all and in the network's forward passes}.
+  measures.csv and report.md of a batch, and each batch scan's result as measures/<scan>.json). Returns per
+  scan {'input', 'output', 'laterality', 'laterality_text', 'regions': `measures.compartment_table`, paths
+  of the maps and figures, and the seconds spent in all and in the network's forward passes}.
   """
   if config.predict.label_values not in LABEL_VALUES:
     raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
@@ -336,63 +357,103 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   step, network, pixel = load_network(config, workdir, model_file)
   logging.info('predict: step %d of %s, %d scan(s), pixel %s mm', step, model_file or workdir, len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel))
-  results, progress = [], Progress(len(pairs))
-  for source, target in pairs:
-    case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
-    nii, info = _read(source, series)
-    if info:
-      found = '; '.join(f"{s['name']} '{s['description']}' ({s['slices']} slices)"
-                        for s in info['series_found'])
-      print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
-            flush=True)
-    image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right
-    if pixel is not None:
-      size = resampled_size(image.shape[1:], spacing[1:], pixel)
-      if not all(_SLICE_PIXELS[0] <= n <= _SLICE_PIXELS[1] for n in size):
-        raise DataError(f"{source}: voxel size {' x '.join(f'{s:g}' for s in spacing)} mm makes a sagittal "
-                        f"slice {size[0]} x {size[1]} pixels of the model's {pixel[0]:.3g} mm; check the "
-                        "header's voxel size and its unit (mm)")
-      if max(spacing[1:]) > _COARSE_PIXEL_RATIO * max(pixel):
-        logging.warning("%s: sagittal slices of %s mm pixels, over %g times coarser than the model's "
-                        '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '
-                        'coarse masks',
-                        source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
-    probabilities = class_probabilities(network, image, spacing, pixel, config.predict.subpixel_tta,
-                                        config.predict.slice_sigma_mm)
-    classes = to_classes(probabilities, config.predict.background_weight)
-    classes = remove_small_components(classes, spacing, config.predict.min_component_mm3)
-    side, why = decide_laterality(nii, info, laterality)
-    fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
-    table, thickness = measures.compartment_table(
-        fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, side))
-    paths = _report_paths(target, batch)
-    _save(target, values[classes], nii)
-    _save(paths['map'], thickness, nii)
-    for figure in ('png', 'slices'):
-      paths[figure].parent.mkdir(parents=True, exist_ok=True)
-    knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
-    figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, side,
-                                f'{_stem(target)}: {knee}', paths['png'])
-    figures.plot_prediction_slices(image, classes, spacing, f'{_stem(target)}: {knee}', paths['slices'])
-    result = {'input': str(source), 'output': str(target), 'laterality': side,
-              'laterality_text': f'{knee} ({why})', 'regions': table,
-              'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
-              'slices_png': str(paths['slices'])}
-    result['compile_s'] = network.compile_s - compile_before
-    result['seconds'] = time.perf_counter() - case_start - result['compile_s']
-    result['forward_s'] = network.forward_s - forward_before
-    results.append(result)
-    print(f"{source.name}: {result['laterality_text']}; FC {table['fc']['volume_mm3']:.0f} mm^3, mean "
-          f"thickness {table['fc']['thickness_mean_mm']:.2f} mm; TC {table['tc']['volume_mm3']:.0f} mm^3, "
-          f"mean thickness {table['tc']['thickness_mean_mm']:.2f} mm -> {target}", flush=True)
-    progress.update()
-    logging.info('%s: %s in %.1f s (forward passes %.1f s, compilation %.1f s)', progress.status('predict'),
-                 source.name, result['seconds'], result['forward_s'], result['compile_s'])
   if batch:
     reports = (pathlib.Path(output_path) / 'measures.csv', pathlib.Path(output_path) / 'report.md')
   else:
     stem = pairs[0][1].with_name(_stem(pairs[0][1]))
     reports = (stem.with_name(f'{stem.name}_measures.csv'), stem.with_name(f'{stem.name}_report.md'))
-  write_reports(results, *reports)
-  print(f'measures of {len(results)} scan(s): {reports[0]}, {reports[1]}', flush=True)
+  # What made a batch's masks: --continue_prediction keeps a scan's earlier result only if they match.
+  settings = json.loads(json.dumps({
+      'model': str(pathlib.Path(model_file or workdir).resolve()), 'step': step,
+      'predict': config.predict.to_dict(), 'series': series, 'laterality': laterality}))
+  kept = {}
+  if continue_prediction and batch:
+    kept = {target: result for _, target in pairs
+            if (result := _earlier_result(target, settings)) is not None}
+    logging.info('predict: %d of %d scan(s) kept from an earlier run with the same model and settings',
+                 len(kept), len(pairs))
+  results, failed, progress = [], [], Progress(len(pairs), done=len(kept))
+  for source, target in pairs:
+    if target in kept:
+      results.append(kept[target])
+      continue
+    case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
+    try:
+      result = _segment_scan(config, network, pixel, source, target, batch, series, laterality, values)
+    except DataError as e:
+      if not batch:
+        raise
+      failed.append(source.name)  # the others go on; the batch ends in an error naming this one
+      logging.error('%s', ' '.join(str(e).split()))
+      progress.update()
+      continue
+    result['compile_s'] = network.compile_s - compile_before
+    result['seconds'] = time.perf_counter() - case_start - result['compile_s']
+    result['forward_s'] = network.forward_s - forward_before
+    results.append(result)
+    if batch:  # written last: a scan is done when its result is (what --continue_prediction reads)
+      done = _report_paths(target, batch)['result']
+      done.parent.mkdir(exist_ok=True)
+      done.write_text(json.dumps({'settings': settings, 'result': result}, default=float))
+    # The reports so far, after every scan: a batch stopped part way keeps the measures of its done scans.
+    write_reports(results, *reports)
+    progress.update()
+    logging.info('%s: %s in %.1f s (forward passes %.1f s, compilation %.1f s)', progress.status('predict'),
+                 source.name, result['seconds'], result['forward_s'], result['compile_s'])
+  if results:
+    write_reports(results, *reports)  # also when every scan was kept
+    print(f'measures of {len(results)} scan(s): {reports[0]}, {reports[1]}', flush=True)
+  if failed:
+    raise DataError(f'{len(failed)} of {len(pairs)} scans failed (their errors above): {", ".join(failed)}; '
+                    f'the others are written to {output_path}')
   return results
+
+
+def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tuple[float, float] | None,
+                  source: pathlib.Path, target: pathlib.Path, batch: bool, series: str | None,
+                  laterality: str | None, values: np.ndarray) -> dict:
+  """Segments one scan into `target` and writes its thickness map and figures (`_report_paths`); returns
+  its result (`predict`'s, less the timings)."""
+  nii, info = _read(source, series)
+  if info:
+    found = '; '.join(f"{s['name']} '{s['description']}' ({s['slices']} slices)"
+                      for s in info['series_found'])
+    print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
+          flush=True)
+  image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right
+  if pixel is not None:
+    size = resampled_size(image.shape[1:], spacing[1:], pixel)
+    if not all(_SLICE_PIXELS[0] <= n <= _SLICE_PIXELS[1] for n in size):
+      raise DataError(f"{source}: voxel size {' x '.join(f'{s:g}' for s in spacing)} mm makes a sagittal "
+                      f"slice {size[0]} x {size[1]} pixels of the model's {pixel[0]:.3g} mm; check the "
+                      "header's voxel size and its unit (mm)")
+    if max(spacing[1:]) > _COARSE_PIXEL_RATIO * max(pixel):
+      logging.warning("%s: sagittal slices of %s mm pixels, over %g times coarser than the model's "
+                      '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '
+                      'coarse masks',
+                      source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
+  probabilities = class_probabilities(network, image, spacing, pixel, config.predict.subpixel_tta,
+                                      config.predict.slice_sigma_mm)
+  classes = to_classes(probabilities, config.predict.background_weight)
+  classes = remove_small_components(classes, spacing, config.predict.min_component_mm3)
+  side, why = decide_laterality(nii, info, laterality)
+  fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
+  table, thickness = measures.compartment_table(
+      fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, side))
+  paths = _report_paths(target, batch)
+  _save(target, values[classes], nii)
+  _save(paths['map'], thickness, nii)
+  for figure in ('png', 'slices'):
+    paths[figure].parent.mkdir(parents=True, exist_ok=True)
+  knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
+  figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, side,
+                              f'{_stem(target)}: {knee}', paths['png'])
+  figures.plot_prediction_slices(image, classes, spacing, f'{_stem(target)}: {knee}', paths['slices'])
+  result = {'input': str(source), 'output': str(target), 'laterality': side,
+            'laterality_text': f'{knee} ({why})', 'regions': table,
+            'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
+            'slices_png': str(paths['slices'])}
+  print(f"{source.name}: {result['laterality_text']}; FC {table['fc']['volume_mm3']:.0f} mm^3, mean "
+        f"thickness {table['fc']['thickness_mean_mm']:.2f} mm; TC {table['tc']['volume_mm3']:.0f} mm^3, "
+        f"mean thickness {table['tc']['thickness_mean_mm']:.2f} mm -> {target}", flush=True)
+  return result

@@ -3,6 +3,7 @@ label values, directories, DICOM series (grid as SimpleITK converts it, laterali
 written beside the masks, and one-line errors."""
 
 import csv
+import pathlib
 
 import nibabel as nib
 import numpy as np
@@ -239,6 +240,40 @@ def test_a_scan_is_never_overwritten(run, tmp_path):
   _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, thickness,
                   scans / 'knee.nii.gz')
   assert scan.read_bytes() == canonical.read_bytes() and thickness.read_bytes() == canonical.read_bytes()
+
+
+def _scans_in_csv(path) -> list[str]:
+  with open(path) as f:
+    return sorted({pathlib.Path(row['scan']).name for row in csv.DictReader(f)})
+
+
+def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp_path, monkeypatch):
+  workdir, canonical, permuted = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  scans, out = tmp_path / 'scans', tmp_path / 'out'
+  scans.mkdir()
+  for name, path in (('a.nii.gz', canonical), ('c.nii.gz', permuted)):
+    (scans / name).write_bytes(path.read_bytes())
+  nii = nib.load(canonical)  # its header passes the checks made before the model loads; its voxels do not
+  nib.save(nib.Nifti1Image(np.ones(nii.shape, np.float32), nii.affine), scans / 'b.nii.gz')
+  _one_line_error(DataError, r'1 of 3 scans failed \(their errors above\): b.nii.gz; the others are',
+                  _config(), workdir, scans, out)
+  assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'c.nii.gz']
+  assert not (out / 'b.nii.gz').exists() and not (out / 'measures' / 'b.json').exists()
+  written = {name: (out / name).stat().st_mtime_ns for name in ('a.nii.gz', 'c.nii.gz')}
+
+  (scans / 'b.nii.gz').write_bytes(canonical.read_bytes())  # mended: a rerun segments b alone
+  results = predict.predict(_config(), workdir, scans, out, continue_prediction=True)
+  assert [pathlib.Path(r['output']).name for r in results] == ['a.nii.gz', 'b.nii.gz', 'c.nii.gz']
+  assert {name: (out / name).stat().st_mtime_ns for name in written} == written
+  for region, row in results[0]['regions'].items():  # a's from its file, b's segmented: the same image
+    assert results[1]['regions'][region] == pytest.approx(row, nan_ok=True)
+  assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'b.nii.gz', 'c.nii.gz']
+  assert (out / 'report.md').read_text().count('](thickness/') == 3
+
+  # Other settings make other masks: none is kept.
+  predict.predict(_config(background_weight=2.0), workdir, scans, out, continue_prediction=True)
+  assert all((out / name).stat().st_mtime_ns != mtime for name, mtime in written.items())
 
 
 def test_a_scan_acquired_in_another_plane_is_warned_of(run, tmp_path, caplog):
