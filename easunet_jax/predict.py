@@ -5,6 +5,7 @@ each scan (NIfTI and PNG) and a figure of its prediction on three sagittal slice
 
 import csv
 import functools
+import hashlib
 import itertools
 import json
 import pathlib
@@ -144,6 +145,13 @@ class Network:
                            in_shardings=(replicated, self.data_sharding))
     self._compiled = {}
     self.forward_s = self.compile_s = 0.0
+
+  def weights_sha256(self) -> str:
+    """A digest of the parameters and batch statistics: the same digest, the same masks."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get((self.state.params, self.state.batch_stats))):
+      digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
 
   def __call__(self, image_SHW: np.ndarray) -> np.ndarray:
     """Class probabilities (S, H, W, K) of slices whose H and W are multiples of the network's stride."""
@@ -362,10 +370,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   else:
     stem = pairs[0][1].with_name(_stem(pairs[0][1]))
     reports = (stem.with_name(f'{stem.name}_measures.csv'), stem.with_name(f'{stem.name}_report.md'))
-  # What made a batch's masks: --continue_prediction keeps a scan's earlier result only if they match.
+  # What made a batch's masks: --continue_prediction keeps a scan's earlier result only if they match. The
+  # model by its weights, not its path: a model file or a workdir may be overwritten by another training.
   settings = json.loads(json.dumps({
-      'model': str(pathlib.Path(model_file or workdir).resolve()), 'step': step,
-      'predict': config.predict.to_dict(), 'series': series, 'laterality': laterality}))
+      'model_sha256': network.weights_sha256(), 'predict': config.predict.to_dict(), 'series': series,
+      'laterality': laterality}))
   kept = {}
   if continue_prediction and batch:
     kept = {target: result for _, target in pairs
@@ -394,7 +403,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     if batch:  # written last: a scan is done when its result is (what --continue_prediction reads)
       done = _report_paths(target, batch)['result']
       done.parent.mkdir(exist_ok=True)
-      done.write_text(json.dumps({'settings': settings, 'result': result}, default=float))
+      done.write_text(json.dumps({'model': str(model_file or workdir), 'step': step, 'settings': settings,
+                                  'result': result}, default=float))
     # The reports so far, after every scan: a batch stopped part way keeps the measures of its done scans.
     write_reports(results, *reports)
     progress.update()
