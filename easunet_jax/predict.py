@@ -260,16 +260,19 @@ def _report_paths(target: pathlib.Path, batch: bool) -> dict[str, pathlib.Path]:
           'slices': target.with_name(f'{_stem(target)}_slices.png')}
 
 
-def _earlier_result(target: pathlib.Path, settings: dict) -> dict | None:
+def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) -> dict | None:
   """A batch scan's result from an earlier run (`_report_paths`' 'result', written after its mask, maps and
-  figures), if that run used `settings` and its outputs are all there; else None."""
+  figures), if that run segmented this `source`, unchanged since, with `settings`, and its outputs are all
+  there; else None."""
   paths = _report_paths(target, batch=True)
   try:
     earlier = json.loads(paths['result'].read_text())
+    changed = source.stat().st_mtime_ns > paths['result'].stat().st_mtime_ns
   except (OSError, ValueError):
     return None
   outputs = (target, paths['map'], paths['png'], paths['slices'])
-  if earlier.get('settings') != settings or not all(path.is_file() for path in outputs):
+  if (changed or earlier.get('settings') != settings or earlier.get('result', {}).get('input') != str(source)
+      or not all(path.is_file() for path in outputs)):
     return None
   return earlier['result']
 
@@ -377,8 +380,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       'laterality': laterality}))
   kept = {}
   if continue_prediction and batch:
-    kept = {target: result for _, target in pairs
-            if (result := _earlier_result(target, settings)) is not None}
+    kept = {target: result for source, target in pairs
+            if (result := _earlier_result(source, target, settings)) is not None}
     logging.info('predict: %d of %d scan(s) kept from an earlier run with the same model and settings',
                  len(kept), len(pairs))
   results, failed, progress = [], [], Progress(len(pairs), done=len(kept))
