@@ -14,7 +14,8 @@ tissue); the same knees osteoarthritic
 DESS-like and from their labels alone; and, for comparison, schematic phantoms (`data.phantom`,
 DESS-like) of the same seed. With `--more_sets`, also the same knees rendered from their OAI-ZIB labels
 alone by the simplest synthesiser a user might write (one intensity per label, blur, noise; five intensity
-tables: dark, grey and bright background, bright bone, cartilage the only contrast), and DESS-like on a 3D
+tables: dark, grey and bright background, bright bone, cartilage the only contrast), DESS-like with water
+excitation (OAI's DESS: fat and fatty marrow dark), and DESS-like on a 3D
 DESS scan's grid (80 x 512 x 512, 1.5 x 0.2734 x 0.2734 mm), sampled at the slice centres and, as a scan's
 thick slices average what they cross, each slice the mean of three 0.5 mm slices.
 Each set is segmented by `predict.predict` from its NIfTI files, as `--mode=predict` does, and scored
@@ -68,6 +69,16 @@ def _labels_only(tissue: np.ndarray, spacing: Sequence[float], seed: int) -> np.
   return knee.render(bare, spacing, np.random.default_rng([seed, 2]), 'dess')
 
 
+def _water_excitation(tissue: np.ndarray, spacing: Sequence[float], seed: int) -> np.ndarray:
+  """DESS-like with water excitation, as OAI acquires DESS: fat, and the fatty marrow of femur, tibia and
+  patella, at a fifth of their DESS-like intensity (`knee.render`'s other draws)."""
+  rng = np.random.default_rng([seed, 4])
+  intensity = phantom.dess_intensities(rng)
+  intensity[[phantom.FAT, phantom.FEMUR, phantom.TIBIA, phantom.PATELLA]] /= 5
+  return phantom.render(tissue, intensity, spacing, rng, blur=rng.uniform(0.5, 0.8),
+                        bias=rng.uniform(-0.2, 0.2, 5), noise=rng.uniform(0.03, 0.05))
+
+
 def write_sets(out: pathlib.Path, num: int, every: int, more: bool, dataset_seed: int = SEED
                ) -> dict[str, pathlib.Path]:
   """The test sets of `dataset_seed` under `out`: {set name: folder with images/ and labels/}."""
@@ -78,6 +89,7 @@ def write_sets(out: pathlib.Path, num: int, every: int, more: bool, dataset_seed
            'schematic phantom, DESS-like']
   if more:
     names += [f'real anatomy, labels only, per-label intensities: {name}' for name in PER_LABEL]
+    names += ['real anatomy, DESS-like with water excitation (fat and marrow dark)']
     names += list(SCAN_GRID_SETS)
   sets = {name: out / name for name in names}
   for i in range(num):
@@ -98,6 +110,7 @@ def write_sets(out: pathlib.Path, num: int, every: int, more: bool, dataset_seed
       renderings += [(phantom.render(labels, 500 * np.array(table), spacing, np.random.default_rng([seed, 3]),
                                      blur=0.6, bias=np.zeros(5), noise=0.04), tissue, affine)
                      for table in PER_LABEL.values()]
+      renderings += [(_water_excitation(tissue, spacing, seed), tissue, affine)]
       renderings += [knee.make_tissues(seed, *SCAN_GRID, contrast='dess'), _thick_slices(seed)]
     for name, (image, codes, grid) in zip(sets, renderings):
       volumes.save_volume(sets[name] / 'labels' / f'{case}.nii.gz', phantom.LABEL_OF_TISSUE[codes], grid)
@@ -121,7 +134,7 @@ def main() -> None:
   parser.add_argument('--weights', default=str(pretrained.SHIPPED), help='a model file (--mode=export)')
   parser.add_argument('--num', type=int, default=3, help='test knees per set')
   parser.add_argument('--out', default='', help='where the test sets and masks go (default: a temp dir); '
-                      'test knees already there are reused')
+                      'test knees already there are reused, and masks the same model and settings made')
   parser.add_argument('--every', type=int, default=1, help='every N-th sagittal slice only (N x faster)')
   parser.add_argument('--single_grid', action='store_true',
                       help='predict on one sampling grid (predict.subpixel_tta=False)')
@@ -147,7 +160,8 @@ def main() -> None:
   sets = write_sets(out, args.num, args.every, args.more_sets)
   results = {}
   for name, folder in sets.items():
-    predict.predict(config, None, folder / 'images', folder / 'masks', args.weights)
+    # Masks of an earlier run with the same model and settings are kept: a rerun scores them again.
+    predict.predict(config, None, folder / 'images', folder / 'masks', args.weights, continue_prediction=True)
     cases = []
     for label_path in sorted((folder / 'labels').iterdir()):
       labels, spacing = volumes.load_labels(volumes.Case(label_path.name, None, label_path),
