@@ -3,6 +3,7 @@ trained checkpoint and writes uint8 cartilage masks in the input's voxel grid; d
 and reports volume, thickness and area per plate and compartment (CSV and Markdown), with a thickness map of
 each scan (NIfTI and PNG) and a figure of its prediction on three sagittal slices."""
 
+import collections
 import csv
 import functools
 import hashlib
@@ -354,6 +355,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   pairs, batch = _inputs(input_path, output_path)
   if batch and pathlib.Path(output_path).is_file():
     raise DataError(f'{output_path}: a file; the masks of a directory of scans go into a directory')
+  stems = collections.Counter(_stem(target) for _, target in pairs)
+  if twice := sorted(stem for stem, n in stems.items() if n > 1):
+    raise DataError(f'{input_path}: scans {", ".join(twice)} each come as two files (.nii and .nii.gz), '
+                    'whose thickness maps and figures would overwrite each other; keep one')
   scans = {source.resolve() for source, _ in pairs}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
     for written in (target, _report_paths(target, batch)['map']):

@@ -223,6 +223,12 @@ def test_errors_are_one_line(run, tmp_path):
   nib.save(nib.Nifti1Image(np.asarray(nii.dataobj), np.diag([1000, 1000, 1000, 1]) @ nii.affine), microns)
   _one_line_error(DataError, "voxel size 3000 x 1600 x 1800 mm .* check the header's voxel size", _config(),
                   workdir, microns, out)
+  twice = tmp_path / 'twice'
+  twice.mkdir()
+  for name in ('knee.nii', 'knee.nii.gz'):
+    nib.save(nib.load(canonical), twice / name)
+  _one_line_error(DataError, r'scans knee each come as two files \(\.nii and \.nii\.gz\)', _config(), workdir,
+                  twice, tmp_path / 'masks')
   _one_line_error(CheckpointError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
   assert not out.exists()
 
