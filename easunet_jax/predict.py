@@ -413,13 +413,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       done.parent.mkdir(exist_ok=True)
       done.write_text(json.dumps({'model': str(model_file or workdir), 'step': step, 'settings': settings,
                                   'result': result}, default=float))
-    # The reports so far, after every scan: a batch stopped part way keeps the measures of its done scans.
-    write_reports(results, *reports)
+      # The reports so far: a batch stopped part way keeps the measures of its done scans.
+      write_reports(results, *reports)
     progress.update()
     logging.info('%s: %s in %.1f s (forward passes %.1f s, compilation %.1f s)', progress.status('predict'),
                  source.name, result['seconds'], result['forward_s'], result['compile_s'])
   if results:
-    write_reports(results, *reports)  # also when every scan was kept
+    write_reports(results, *reports)  # a single scan's; a batch's also when every scan was kept
     print(f'measures of {len(results)} scan(s): {reports[0]}, {reports[1]}', flush=True)
   if failed:
     raise DataError(f'{len(failed)} of {len(pairs)} scans failed (their errors above): {", ".join(failed)}; '
