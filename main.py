@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import signal
 import sys
 
 from easunet_jax import environment
@@ -85,6 +86,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _exit_config_error(f'--config.{unknown[0]}: no such config field (expected one of {fields})')
 
 
+# What a stop left on disk, in each mode where Ctrl-C ends the run (training saves a checkpoint instead).
+_AFTER_A_STOP = {
+    'predict': ': the scans finished are in --output; of a directory of scans, the same command with '
+               '--continue_prediction segments the rest',
+    'preprocess': ': no slice store written (nothing half-built is kept)',
+    'evaluate': ': no report written',
+    'export': ': no model file written',
+}
+
+
 def _quiet_libraries(record) -> bool:
   """Drops the INFO chatter of orbax and the TPU probe, and orbax's warning at every checkpoint saved
   between validations (those carry no Dice by design), keeping all other warnings and errors."""
@@ -149,6 +160,11 @@ def main(argv):
       raise
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # training saves and stops by itself; a stop elsewhere is no bug either
+    if FLAGS.verbose:
+      raise
+    print(f'stopped (Ctrl-C){_AFTER_A_STOP.get(FLAGS.mode, "")}', file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)  # as a shell reports a command that SIGINT ended
 
 
 if __name__ == '__main__':

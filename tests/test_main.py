@@ -1,5 +1,5 @@
 """`python main.py` as a user runs it: kill -9 and SIGTERM, each followed by a resume (in this process, which
-runs main.py's program), bad configs, and prediction with the shipped model."""
+runs main.py's program), bad configs, prediction with the shipped model, and Ctrl-C in a batch of it."""
 
 import json
 import logging
@@ -48,6 +48,18 @@ def signalling_put_on_mesh(batch, *args, **kwargs):
   return put_on_mesh(batch, *args, **kwargs)
 pipeline.put_on_mesh = signalling_put_on_mesh
 """
+
+SIGINT_AT_SECOND_SCAN = """
+from easunet_jax import predict
+segment_scan, calls = predict._segment_scan, []
+def interrupted_segment_scan(*args, **kwargs):
+  calls.append(0)
+  if len(calls) == 2:
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the second scan begins
+  return segment_scan(*args, **kwargs)
+predict._segment_scan = interrupted_segment_scan
+"""
+
 
 
 @pytest.fixture(scope='module')
@@ -205,3 +217,16 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
   refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=train'],
                            capture_output=True, text=True, check=False)
   assert refused.returncode == 2 and refused.stderr.startswith('error: --config is needed')
+
+
+def test_ctrl_c_in_a_predict_batch_is_one_line_and_keeps_the_scans_done(tmp_path):
+  for i in range(2):
+    image, _labels, affine = phantom.make_subject(20 + i, (8, 64, 64), (8.0, 2.0, 2.0))
+    volumes.save_volume(tmp_path / 'in' / f'knee_{i}.nii.gz', image, affine)
+  result = subprocess.run([sys.executable, '-c', _RUN_MAIN.format(hook=SIGINT_AT_SECOND_SCAN),
+                           '--mode=predict', f'--input={tmp_path / "in"}', f'--output={tmp_path / "out"}'],
+                          cwd=REPO, capture_output=True, text=True, check=False, timeout=600)
+  assert result.returncode == 128 + signal.SIGINT and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.splitlines()[-1].startswith('stopped (Ctrl-C): the scans finished are in --output')
+  assert (tmp_path / 'out' / 'knee_0.nii.gz').exists() and not (tmp_path / 'out' / 'knee_1.nii.gz').exists()
+  assert 'knee_0' in (tmp_path / 'out' / 'measures.csv').read_text()
