@@ -51,7 +51,7 @@ def main() -> None:
   scores = {w: {name: [] for name in sets} for w in weights}
   for name, folder in sets.items():
     for image_path in sorted((folder / 'images').iterdir()):
-      image, spacing = volumes.canonical_image(volumes.open_nifti(image_path), image_path)
+      image, spacing = volumes.canonical_image(volumes.open_volume(image_path), image_path)
       label_path = folder / 'labels' / image_path.name
       labels, _ = volumes.load_labels(volumes.Case(image_path.name, None, label_path), ((2, 2), (4, 4)))
       probabilities = predict.class_probabilities(network, image, spacing, pixel, config.predict.subpixel_tta,

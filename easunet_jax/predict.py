@@ -30,7 +30,6 @@ from easunet_jax.progress import Progress
 # Written value of each training class (background, FC, TC).
 LABEL_VALUES = {'compact': (0, 1, 2), 'oai-zib': (0, *volumes.OAI_ZIB_CARTILAGE.values())}
 _CANONICAL = nib.orientations.axcodes2ornt('RAS')
-_NIFTI = ('.nii.gz', '.nii')
 # A knee scanned this far (mm) to one side of the scanner's midline (x = 0) is taken for that side's knee.
 _SIDE_MIN_MM = 10.0
 # A scan whose sagittal slices have pixels this many times coarser than the network's along an axis was
@@ -63,32 +62,42 @@ def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path
   return pipeline.median_pixel_mm(split_dir)
 
 
+def _mask_name(scan: pathlib.Path) -> str:
+  """A NIfTI scan's mask keeps its name; a MetaImage's is NIfTI (what the masks are written as)."""
+  if scan.name.endswith(volumes.NIFTI_SUFFIXES):
+    return scan.name
+  return f'{volumes.volume_stem(scan.name)}.nii.gz'
+
+
 def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
             ) -> tuple[list[tuple[pathlib.Path, pathlib.Path]], bool]:
   """((scan, mask file) pairs, whether they are a batch written into the directory `output_path`).
 
-  A scan is a NIfTI file or a folder of DICOM files (one series is read from it, `dicom.read_series`). A
-  directory holding NIfTI files is a batch of them, masks of the same names; one holding DICOM files is one
-  scan; one whose subfolders hold DICOM files is a batch of those, masks named <subfolder>.nii.gz.
+  A scan is a NIfTI or MetaImage file or a folder of DICOM files (one series is read from it,
+  `dicom.read_series`). A directory holding such files is a batch of them, masks of the same names (a
+  MetaImage's as <name>.nii.gz); one holding DICOM files is one scan; one whose subfolders hold DICOM files
+  is a batch of those, masks named <subfolder>.nii.gz.
   """
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
   if not source.exists():
     raise DataError(f'{source}: no such input file or directory')
 
   def single(name: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
-    return [(source, target / name if target.is_dir() or not target.name.endswith(_NIFTI) else target)]
+    return [(source, target / name if target.is_dir() or not target.name.endswith(volumes.NIFTI_SUFFIXES)
+             else target)]
 
   if source.is_file():
-    return single(source.name), False
+    return single(_mask_name(source)), False
   entries = sorted(source.iterdir())
-  files = [p for p in entries if p.name.endswith(_NIFTI) and p.is_file()]
+  files = [p for p in entries if p.name.endswith(volumes.VOLUME_SUFFIXES) and p.is_file()]
   if files:
-    return [(p, target / p.name) for p in files], True
+    return [(p, target / _mask_name(p)) for p in files], True
   if any(dicom.is_dicom_file(p) for p in entries if p.is_file()):
     return single(f'{source.name}.nii.gz'), False
   folders = [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
   if not folders:
-    raise DataError(f'{source}: no NIfTI file (*.nii.gz, *.nii) and no DICOM series in this directory')
+    raise DataError(f'{source}: no NIfTI or MetaImage file (*.nii.gz, *.nii, *.mhd, *.mha) and no DICOM '
+                    'series in this directory')
   return [(p, target / f'{p.name}.nii.gz') for p in folders], True
 
 
@@ -96,7 +105,7 @@ def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, di
   """The scan as a NIfTI image (a DICOM series converted in memory) and what its DICOM headers say."""
   if source.is_dir():
     return dicom.read_series(source, series)
-  return volumes.open_nifti(source), {}
+  return volumes.open_volume(source), {}
 
 
 def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None) -> tuple[str | None, str]:
@@ -245,7 +254,7 @@ def _save(path: pathlib.Path, array: np.ndarray, nii: nib.Nifti1Image) -> None:
 
 
 def _stem(path: pathlib.Path) -> str:
-  return volumes.strip_nii(path.name) or path.name
+  return volumes.volume_stem(path.name) or path.name
 
 
 def _report_paths(target: pathlib.Path, batch: bool) -> dict[str, pathlib.Path]:
@@ -357,8 +366,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     raise DataError(f'{output_path}: a file; the masks of a directory of scans go into a directory')
   stems = collections.Counter(_stem(target) for _, target in pairs)
   if twice := sorted(stem for stem, n in stems.items() if n > 1):
-    raise DataError(f'{input_path}: scans {", ".join(twice)} each come as two files (.nii and .nii.gz), '
-                    'whose thickness maps and figures would overwrite each other; keep one')
+    raise DataError(f'{input_path}: scans {", ".join(twice)} each come as two files (of .nii, .nii.gz, '
+                    '.mhd, .mha), whose thickness maps and figures would overwrite each other; keep one')
   scans = {source.resolve() for source, _ in pairs}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
     for written in (target, _report_paths(target, batch)['map']):
@@ -367,7 +376,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     if source.is_dir():
       dicom.find_series(source)
     elif series:
-      raise DataError(f'{source}: a NIfTI file, and --series picks a series of DICOM input')
+      raise DataError(f'{source}: a volume file, and --series picks a series of DICOM input')
     else:
       volumes.check_headers(volumes.Case(source.name, source, None))
   step, network, pixel = load_network(config, workdir, model_file)

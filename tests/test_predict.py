@@ -7,6 +7,7 @@ import os
 import pathlib
 import time
 
+import metaimage
 import nibabel as nib
 import numpy as np
 import pytest
@@ -124,12 +125,18 @@ def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
   inputs.mkdir()
   for path in (canonical, permuted):
     (inputs / path.name).write_bytes(path.read_bytes())
+  # The canonical scan again as ITK's MetaImage (LPS pose): its mask is NIfTI, the canonical one's.
+  nii = nib.load(canonical)
+  metaimage.write(inputs / 'itk.mha', np.asarray(nii.dataobj), nii.affine)
   results = predict.predict(_config(label_values='oai-zib'), workdir, inputs, tmp_path / 'out')
-  assert [r['output'] for r in results] == [str(tmp_path / 'out' / p.name) for p in (canonical, permuted)]
-  for path in (canonical, permuted):
-    mask = nib.load(tmp_path / 'out' / path.name)
+  masks = [tmp_path / 'out' / name for name in (canonical.name, 'itk.nii.gz', permuted.name)]
+  assert [r['output'] for r in results] == list(map(str, masks))
+  for path, mask_path in zip((canonical, canonical, permuted), masks, strict=True):
+    mask = nib.load(mask_path)
     assert mask.shape == nib.load(path).shape
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 2, 4}
+  np.testing.assert_array_equal(nib.load(masks[1]).dataobj, nib.load(masks[0]).dataobj)
+  np.testing.assert_allclose(nib.load(masks[1]).affine, nib.load(masks[0]).affine, atol=1e-6)
 
 
 def _dicom_knee(folder, canonical, knee_x, laterality=None, enhanced=False):
@@ -214,9 +221,9 @@ def test_errors_are_one_line(run, tmp_path):
   nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), four_d)
   _one_line_error(DataError, 'expected 3D', _config(), workdir, four_d, out)
   (tmp_path / 'empty').mkdir()
-  _one_line_error(DataError, 'no NIfTI file .* and no DICOM series', _config(), workdir, tmp_path / 'empty',
-                  out)
-  _one_line_error(DataError, 'a NIfTI file, and --series picks', _config(), workdir, canonical, out,
+  _one_line_error(DataError, 'no NIfTI or MetaImage file .* and no DICOM series', _config(), workdir,
+                  tmp_path / 'empty', out)
+  _one_line_error(DataError, 'a volume file, and --series picks', _config(), workdir, canonical, out,
                   series='1.2.3')
   microns = tmp_path / 'microns.nii.gz'  # voxel sizes written in micrometres: 1000x too many pixels
   nii = nib.load(canonical)
@@ -227,7 +234,7 @@ def test_errors_are_one_line(run, tmp_path):
   twice.mkdir()
   for name in ('knee.nii', 'knee.nii.gz'):
     nib.save(nib.load(canonical), twice / name)
-  _one_line_error(DataError, r'scans knee each come as two files \(\.nii and \.nii\.gz\)', _config(), workdir,
+  _one_line_error(DataError, r'scans knee each come as two files \(of \.nii, \.nii\.gz', _config(), workdir,
                   twice, tmp_path / 'masks')
   _one_line_error(CheckpointError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
   assert not out.exists()

@@ -1,9 +1,11 @@
 """Contrast synthesis: images drawn from tissue maps differ in contrast between draws and keep the labels;
-tissue maps derived from label maps; training from label maps alone in the OAI-ZIB and nnU-Net layouts."""
+tissue maps derived from label maps; training from label maps alone in the OAI-ZIB layout (images/ +
+labels/, and ZIB's own release of MetaImage files) and nnU-Net's."""
 
 import functools
 
 import jax
+import metaimage
 import numpy as np
 import pytest
 
@@ -82,21 +84,27 @@ def test_tissues_from_labels_codes_rims_and_bands():
   assert (np.diff(row.astype(int)) >= 0).all() and row[-1] > row[0]
 
 
-@pytest.mark.parametrize('layout', ['oai-zib', 'nnunet'])
+@pytest.mark.parametrize('layout', ['oai-zib', 'oai-zib release', 'nnunet'])
 def test_training_from_label_maps_alone(layout, tmp_path):
   source = tmp_path / 'phantom'
   phantom.write_dataset(source, 4, (8, 32, 32), (3.5, 2.0, 2.0), seed=0)
   root = tmp_path / layout
-  label_dir = root / ('labels' if layout == 'oai-zib' else 'labelsTr')
-  label_dir.mkdir(parents=True)
-  for path in sorted((source / 'labels').iterdir()):
-    (label_dir / path.name).write_bytes(path.read_bytes())  # label maps only: no images, no tissue maps
+  for path in sorted((source / 'labels').iterdir()):  # label maps only: no images, no tissue maps
+    if layout == 'oai-zib release':  # ZIB's download: MetaImage files without a pose, axes L, P, S
+      labels, spacing = volumes.load_labels(volumes.Case(path.name, None, path), ((2, 2), (4, 4)))
+      case_id = volumes.volume_stem(path.name)
+      metaimage.write(root / 'segmentation_masks' / f'{case_id}.segmentation_masks.mhd',
+                      labels[::-1, ::-1], spacing=spacing)
+    else:
+      label_dir = root / ('labels' if layout == 'oai-zib' else 'labelsTr')
+      label_dir.mkdir(parents=True, exist_ok=True)
+      (label_dir / path.name).write_bytes(path.read_bytes())
   cases = volumes.discover_cases(root)
   assert [c.image for c in cases] == [None] * 4
   config = tiny.get_config()
   config.data.root = str(root)
   config.data.synth = True
-  if layout == 'oai-zib':
+  if layout != 'nnunet':
     store = preprocess.prepare_data(config, tmp_path / 'run')
     for split in preprocess.SPLITS:
       images = np.load(store / split / 'images.npy')

@@ -1,6 +1,7 @@
-"""Tests of NIfTI discovery, canonical loading, consistency checks and label remapping."""
+"""Tests of volume discovery (NIfTI, MetaImage), canonical loading, consistency checks and label remapping."""
 
 
+import metaimage
 import nibabel as nib
 import numpy as np
 import pytest
@@ -125,3 +126,43 @@ def test_reference_knee_orientation():
   assert height(1) > height(3)
   cartilage_slices = np.count_nonzero((labels == 2).any((1, 2)) | (labels == 4).any((1, 2)))
   assert 95 <= cartilage_slices <= 110
+
+
+@pytest.mark.parametrize('kind', ['mhd', 'mha', 'big-endian'])
+def test_metaimage_loads_as_the_same_volume_in_nifti(tmp_path, kind):
+  """ITK's LPS pose read into RAS: the same canonical voxels and spacing as the NIfTI file of that pose."""
+  image, _, _ = _small_case(np.random.default_rng(5))
+  image = (image * 100).astype(np.int16)
+  ras = np.array([[0, 0, 0.7, -3], [-0.4, 0, 0, 20], [0, -0.4, 0, 30], [0, 0, 0, 1]])  # (P, I, R)
+  volumes.save_volume(tmp_path / 'k.nii.gz', image, ras)
+  path = tmp_path / ('k.mha' if kind == 'mha' else 'k.mhd')
+  metaimage.write(path, image, ras)
+  if kind == 'big-endian':  # as other writers may store the voxels; ITK writes little-endian
+    path.write_text(path.read_text().replace('ByteOrderMSB = False', 'ByteOrderMSB = True'))
+    raw = tmp_path / 'k.raw'
+    raw.write_bytes(np.frombuffer(raw.read_bytes(), '<i2').astype('>i2').tobytes())
+  np.testing.assert_allclose(volumes.open_volume(path).affine, ras, atol=1e-6)
+  got, want = volumes.load_image(path), volumes.load_image(tmp_path / 'k.nii.gz')
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_allclose(got[1], want[1])
+
+
+def test_oai_zib_release_of_label_maps_is_discovered(tmp_path):
+  """OAI-ZIB's download: segmentation/segmentation_masks/<id>.segmentation_masks.mhd + .raw, label maps
+  alone; data.root may be the download's top folder or its segmentation/ folder."""
+  _, labels, _ = _small_case(np.random.default_rng(6))
+  for case_id in ('9002', '9001'):
+    metaimage.write(tmp_path / 'segmentation' / 'segmentation_masks' / f'{case_id}.segmentation_masks.mhd',
+                    labels, spacing=(0.7, 0.36, 0.36))
+  (tmp_path / 'classification' / 'segmentation_masks').mkdir(parents=True)  # other labels: not read
+  assert volumes.discover_cases(tmp_path) == volumes.discover_cases(tmp_path / 'segmentation')
+  cases = volumes.discover_cases(tmp_path)
+  assert [(c.id, c.image) for c in cases] == [('9001', None), ('9002', None)]
+  got, spacing = volumes.load_labels(cases[0], IDENTITY_MAP)
+  # No pose: the voxel axes are ITK's L, P, S, so canonical RAS flips the first two.
+  np.testing.assert_array_equal(got, labels[::-1, ::-1])
+  np.testing.assert_allclose(spacing, (0.7, 0.36, 0.36))
+  raw = tmp_path / 'segmentation' / 'segmentation_masks' / '9001.segmentation_masks.raw'
+  raw.write_bytes(raw.read_bytes()[:50])
+  with pytest.raises(DataError, match=r'9001.segmentation_masks.mhd: not a readable MetaImage file \(buffer'):
+    volumes.load_labels(cases[0], IDENTITY_MAP)

@@ -108,7 +108,7 @@ def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigD
 
 def _canonical_shape(path: pathlib.Path) -> tuple[int, ...]:
   """Shape after as_closest_canonical, from the header only."""
-  nii = nib.load(path)
+  nii = volumes.open_volume(path)
   axes = nib.io_orientation(nii.affine)[:, 0].astype(int)
   shape = [0, 0, 0]
   for i, axis in enumerate(axes):

@@ -1,5 +1,5 @@
-"""NIfTI volumes: discovery of image/label pairs, checks, loading in canonical RAS order, label remapping,
-saving."""
+"""Volumes (NIfTI, and ITK's MetaImage for reading): discovery of image/label pairs, checks, loading in
+canonical RAS order, label remapping, saving."""
 
 import os
 import pathlib
@@ -19,6 +19,16 @@ BONE_LABELS = (1, 3)
 # data.label_map ((2, 1), (4, 2)): the classes that evaluation and prediction report.
 OAI_ZIB_CARTILAGE = {'fc': 2, 'tc': 4}
 CLASSES = {'fc': 1, 'tc': 2}
+NIFTI_SUFFIXES = ('.nii.gz', '.nii')
+# ITK's MetaImage: an .mhd header beside its data file, or an .mha holding both. OAI-ZIB releases its manual
+# segmentations so (segmentation_masks/<id>.segmentation_masks.mhd), as SKI10 its images and labels.
+METAIMAGE_SUFFIXES = ('.mhd', '.mha')
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + METAIMAGE_SUFFIXES
+_METAIMAGE_TYPES = {'MET_UCHAR': 'u1', 'MET_CHAR': 'i1', 'MET_USHORT': 'u2', 'MET_SHORT': 'i2',
+                    'MET_UINT': 'u4', 'MET_INT': 'i4', 'MET_ULONG': 'u8', 'MET_LONG': 'i8',
+                    'MET_ULONG_LONG': 'u8', 'MET_LONG_LONG': 'i8', 'MET_FLOAT': 'f4', 'MET_DOUBLE': 'f8'}
+# ITK's world coordinates are LPS, NIfTI's RAS: the first two change sign.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # What a truncated, corrupt or foreign file raises inside nibabel, gzip and zlib.
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
                 nib.spatialimages.HeaderDataError)
@@ -30,8 +40,9 @@ class Case(NamedTuple):
   label: pathlib.Path | None  # None: an image without a label, predictable but not usable for training
 
 
-def strip_nii(name: str) -> str:
-  for suffix in ('.nii.gz', '.nii'):
+def volume_stem(name: str) -> str:
+  """The file name without its volume suffix (`VOLUME_SUFFIXES`); '' for any other file."""
+  for suffix in VOLUME_SUFFIXES:
     if name.endswith(suffix):
       return name[:-len(suffix)]
   return ''
@@ -41,11 +52,16 @@ def _one_line(e: BaseException) -> str:
   return ' '.join(str(e).split()) or type(e).__name__
 
 
+def _label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
+  return next((p for suffix in VOLUME_SUFFIXES if (p := label_dir / f'{case_id}{suffix}').exists()), None)
+
+
 def discover_cases(root: str | pathlib.Path) -> list[Case]:
   """Images under root (images/+labels/ or nnU-Net imagesTr/+labelsTr/) with their labels, sorted by id.
 
   An image without a label is returned with label None: predictable, and for the caller to report. A root
-  with label maps only (labels/ or labelsTr/ and no image folder) gives cases with image None, which
+  with label maps only (labels/ or labelsTr/ and no image folder, or OAI-ZIB's release: its
+  [segmentation/]segmentation_masks/<id>.segmentation_masks.mhd) gives cases with image None, which
   contrast synthesis (data.synth) trains on.
   """
   root = pathlib.Path(root)
@@ -55,34 +71,90 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   else:
     image_dir, label_dir, image_suffix = root / 'images', root / 'labels', ''
   if not image_dir.is_dir():
+    label_suffix = ''
+    # OAI-ZIB's release (label maps without pose, of DESS scans stored sagittal, posterior, superior), at
+    # its top folder or its segmentation/ folder; its classification/ folder holds other labels.
+    zib = [d for d in (root, root / 'segmentation') if (d / 'segmentation_masks').is_dir()]
+    if not label_dir.is_dir() and zib:
+      label_dir, label_suffix = zib[0] / 'segmentation_masks', '.segmentation_masks'
     if label_dir.is_dir():
-      cases = [Case(stem, None, path) for path in sorted(label_dir.iterdir())
-               if (stem := strip_nii(path.name)) and not path.name.startswith('.')]
+      cases = [Case(stem.removesuffix(label_suffix), None, path) for path in sorted(label_dir.iterdir())
+               if (stem := volume_stem(path.name)) and not path.name.startswith('.')]
       if cases:
         return cases
     raise DataError(f'{root}: expected images/ + labels/ or imagesTr/ + labelsTr/ with .nii.gz volumes '
-                    '(or labels/ alone for data.synth)')
+                    "(or labels/ alone for data.synth, or OAI-ZIB's segmentation_masks/)")
   cases = []
   for image in sorted(image_dir.iterdir()):
-    stem = strip_nii(image.name)
+    stem = volume_stem(image.name)
     if not stem or not stem.endswith(image_suffix) or image.name.startswith('.'):
       continue
     case_id = stem[:len(stem) - len(image_suffix)]
-    labels = (label_dir / f'{case_id}.nii.gz', label_dir / f'{case_id}.nii')
-    label = next((p for p in labels if p.exists()), None)
-    cases.append(Case(case_id, image, label))
+    cases.append(Case(case_id, image, _label_file(label_dir, case_id)))
   if not cases:
     raise DataError(f'{image_dir}: no image found (expected <id>{image_suffix}.nii.gz)')
   return sorted(cases, key=lambda c: c.id)
 
 
-def open_nifti(path: str | pathlib.Path) -> nib.Nifti1Image:
-  """The file's header and a lazy array proxy; a foreign or headless file, or one not 3D, is an error.
-  Trailing axes of length 1 (x, y, z, 1), as some converters write a 3D volume, are dropped."""
+def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
+  """A MetaImage file read into memory as a NIfTI image with the same voxels and pose (LPS made RAS)."""
   try:
-    nii = nib.load(path)
-  except _READ_ERRORS as e:
-    raise DataError(f'{path}: not a readable NIfTI file ({_one_line(e)})') from None
+    raw = path.read_bytes()
+    fields, start = {}, 0
+    while 'ElementDataFile' not in fields:  # the header's last field; the voxels follow it in an .mha
+      if start >= len(raw):
+        raise ValueError('no ElementDataFile field')
+      end = raw.find(b'\n', start)
+      end = len(raw) if end < 0 else end  # the last line may end the file unterminated
+      key, _, value = raw[start:end].decode('latin-1').partition('=')
+      fields[key.strip()] = value.strip()
+      start = end + 1
+    shape = [int(n) for n in fields['DimSize'].split()]
+    if int(fields.get('ElementNumberOfChannels', 1)) != 1:
+      raise ValueError(f'{fields["ElementNumberOfChannels"]} channels per voxel, expected 1')
+    big_endian = fields.get('BinaryDataByteOrderMSB', fields.get('ElementByteOrderMSB', 'False'))
+    if fields['ElementType'] not in _METAIMAGE_TYPES:
+      raise ValueError(f'element type {fields["ElementType"]} not supported')
+    dtype = np.dtype(_METAIMAGE_TYPES[fields['ElementType']]).newbyteorder(
+        '>' if big_endian.lower() in ('true', '1') else '<')
+    name = fields['ElementDataFile']
+    data = raw[start:] if name == 'LOCAL' else (path.parent / name).read_bytes()
+    if fields.get('CompressedData', 'False').lower() in ('true', '1'):
+      data = zlib.decompress(data)
+    count, header_size = int(np.prod(shape)), int(fields.get('HeaderSize', 0))
+    data = data[len(data) - count * dtype.itemsize:] if header_size == -1 else data[header_size:]
+    # x runs fastest in the file: (z, y, x) in C order is (x, y, z) transposed. A copy: writable.
+    voxels = np.frombuffer(data, dtype, count).reshape(shape[::-1]).T.copy()
+    n = len(shape)
+    spacing = [float(v) for v in fields.get('ElementSpacing', ' '.join(['1'] * n)).split()]
+    origin = next((fields[k] for k in ('Offset', 'Origin', 'Position') if k in fields), '0 ' * n).split()
+    matrix = next((fields[k] for k in ('TransformMatrix', 'Rotation', 'Orientation') if k in fields),
+                  ' '.join(str(float(i == j)) for i in range(n) for j in range(n))).split()
+  except KeyError as e:
+    raise DataError(f'{path}: not a readable MetaImage file (no {e.args[0]} field)') from None
+  except (OSError, ValueError, zlib.error) as e:
+    raise DataError(f'{path}: not a readable MetaImage file ({_one_line(e)})') from None
+  if n < 3:
+    raise DataError(f'{path}: {n}D volume of shape {tuple(shape)}, expected 3D')
+  affine = np.eye(4)
+  # Each run of n numbers in TransformMatrix is the direction of one voxel axis (a column of the affine).
+  affine[:3, :3] = np.reshape(np.array(matrix, float), (n, n))[:3, :3].T * spacing[:3]
+  affine[:3, 3] = np.array(origin, float)[:3]
+  return nib.Nifti1Image(voxels, _LPS_TO_RAS @ affine)
+
+
+def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
+  """A NIfTI file's header and a lazy array proxy (a MetaImage file is read whole); a foreign or headless
+  file, or one not 3D, is an error. Trailing axes of length 1 (x, y, z, 1), as some converters write a 3D
+  volume, are dropped."""
+  path = pathlib.Path(path)
+  if path.name.endswith(METAIMAGE_SUFFIXES):
+    nii = _metaimage(path)
+  else:
+    try:
+      nii = nib.load(path)
+    except _READ_ERRORS as e:
+      raise DataError(f'{path}: not a readable NIfTI file ({_one_line(e)})') from None
   if not isinstance(nii, nib.Nifti1Image | nib.Nifti2Image):
     raise DataError(f'{path}: {type(nii).__name__} is not NIfTI')
   if len(nii.shape) > 3 and all(n == 1 for n in nii.shape[3:]):
@@ -99,12 +171,12 @@ def open_nifti(path: str | pathlib.Path) -> nib.Nifti1Image:
 def check_headers(case: Case) -> None:
   """Cheap checks from the headers alone: both files NIfTI and 3D, same shape, same affine within 1e-3 mm."""
   if case.image is None:
-    open_nifti(case.label)
+    open_volume(case.label)
     return
-  image_nii = open_nifti(case.image)
+  image_nii = open_volume(case.image)
   if case.label is None:
     return
-  label_nii = open_nifti(case.label)
+  label_nii = open_volume(case.label)
   if image_nii.shape != label_nii.shape:
     raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} differ')
   if not np.allclose(image_nii.affine, label_nii.affine, atol=_AFFINE_TOL_MM):
@@ -133,7 +205,7 @@ def load_image(path: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
   Axis 0 is then left-right (the sagittal axis): a sagittal slice is array[i], an (anterior, superior) plane.
   """
   path = pathlib.Path(path)
-  return canonical_image(open_nifti(path), path)
+  return canonical_image(open_volume(path), path)
 
 
 def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
@@ -170,7 +242,7 @@ def load_labels(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndar
   if case.label is None:
     raise DataError(f'{case.id}: no label file')
   check_headers(case)
-  labels, spacing = _read_canonical(open_nifti(case.label), case.label)
+  labels, spacing = _read_canonical(open_volume(case.label), case.label)
   return _check_label_values(labels, case, label_map), spacing
 
 
