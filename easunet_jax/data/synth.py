@@ -89,6 +89,25 @@ def render_batch(key: jax.Array, tissue_BHW: jax.Array, ranges: Ranges = Ranges(
                                                      tissue_BHW)[..., None]
 
 
+def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+  """The voxel offsets nearer than radius_mm to the centre, as a structuring element."""
+  grid = np.meshgrid(*[np.arange(-int(radius_mm // s), int(radius_mm // s) + 1) * s for s in spacing],
+                     indexing='ij')
+  return sum(g ** 2 for g in grid) < radius_mm ** 2
+
+
+def _bands(labelled: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+  """Per voxel, how many of `_BANDS_MM` its distance to the nearest labelled voxel exceeds. From the
+  nearest voxels (scipy's feature transform) in float32, which on an OAI-ZIB volume (23 M voxels) takes a
+  third of the time of scipy's own float64 distances, compared with the squared bands."""
+  nearest = ndimage.distance_transform_edt(~labelled, spacing, return_distances=False, return_indices=True)
+  squared = np.zeros(labelled.shape, np.float32)
+  for axis, (index, step) in enumerate(zip(nearest, spacing, strict=True)):
+    index -= np.arange(labelled.shape[axis], dtype=index.dtype).reshape([-1] + [1] * (2 - axis))
+    squared += np.square(index).astype(np.float32) * np.float32(step ** 2)
+  return sum((squared > np.float32(band ** 2)).astype(np.uint8) for band in _BANDS_MM)
+
+
 def tissues_from_labels(labels: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
   """Tissue codes (uint8) of a label volume without tissue map (canonical order, source label values):
   OAI-ZIB's bones and cartilage as the phantoms code them, bone rims within 0.8 mm of the bone surface
@@ -98,16 +117,17 @@ def tissues_from_labels(labels: np.ndarray, spacing: tuple[float, float, float])
   tissue = np.full(labels.shape, _FIRST_BAND + len(_BANDS_MM), np.uint8)
   labelled = labels > 0
   if labelled.any():
-    distance = ndimage.distance_transform_edt(~labelled, spacing)
-    tissue[:] = _FIRST_BAND + np.searchsorted(_BANDS_MM, distance).astype(np.uint8)
+    tissue[:] = _FIRST_BAND + _bands(labelled, spacing)
   others = labelled & ~np.isin(labels, list(_OAI_ZIB_TISSUE))
   tissue[others] = _FIRST_OTHER + labels[others] % (NUM_TISSUES - _FIRST_OTHER)
   for value, code in _OAI_ZIB_TISSUE.items():
     tissue[labels == value] = code
-  # A voxel's distance runs to the centre of the nearest outside voxel, half a voxel beyond the surface.
-  rim = phantom.PLATE_MM + min(spacing) / 2
+  # The rim: bone voxels nearer than `rim` to a voxel outside the bone (the volume's edge is not one),
+  # those that an erosion by a ball of that radius removes. A voxel's distance runs to the centre of the
+  # nearest outside voxel, half a voxel beyond the surface.
+  rim = _ball(phantom.PLATE_MM + min(spacing) / 2, spacing)
   for value, plate in ((1, phantom.FEMUR_PLATE), (3, phantom.TIBIA_PLATE)):
     bone = labels == value
     if bone.any():
-      tissue[bone & (ndimage.distance_transform_edt(bone, spacing) < rim)] = plate
+      tissue[bone & ~ndimage.binary_erosion(bone, rim, border_value=1)] = plate
   return tissue

@@ -229,8 +229,12 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
     labels = labels.astype(np.int64)
   known = {0, *BONE_LABELS, *(int(source) for source, _ in label_map)}
   lo, hi = int(labels.min()), int(labels.max())
-  values = {lo, hi} if lo < 0 or hi > 255 else set(np.flatnonzero(np.bincount(labels.ravel(), minlength=256)))
-  outside = sorted(int(v) for v in values - known)
+  if lo < 0 or hi > 255:
+    outside = sorted({lo, hi} - known)
+  else:  # a lookup, not a histogram: np.bincount's int64 copy of 23 M voxels costs seconds here
+    unknown = np.ones(256, bool)
+    unknown[[v for v in known if 0 <= v < 256]] = False
+    outside = np.unique(labels[unknown[labels]]).tolist()
   if outside:
     raise DataError(f'{case.id}: label file {case.label} holds values {outside[:8]} outside data.label_map '
                     f'(known: {sorted(known)}; map a value to 0 in data.label_map to make it background)')
