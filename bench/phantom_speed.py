@@ -16,6 +16,7 @@ import time
 from absl import app, flags
 
 from easunet_jax.data import phantom
+from easunet_jax.data import workers as data_workers
 
 _NUM = flags.DEFINE_integer('num', 4, 'Phantom subjects per run.')
 _SHAPE = flags.DEFINE_list('shape', [str(n) for n in phantom.DEFAULT_SHAPE], 'Voxels of a subject.')
@@ -35,7 +36,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   shape = tuple(map(int, _SHAPE.value))
-  cpus = phantom.cpus()
+  cpus = data_workers.cpus()
   workers = _WORKERS.value or max(cpus, 2)
   runs = {1: [], workers: []}
   for _ in range(_REPEATS.value):  # alternating, so that a change of the machine's load hits both

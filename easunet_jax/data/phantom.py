@@ -7,17 +7,15 @@ axis), axis 1 posterior->anterior, axis 2 inferior->superior, i.e. RAS, and the 
 
 import json
 import logging
-import multiprocessing
-import os
 import pathlib
 from collections.abc import Callable, Sequence
-from concurrent import futures
 
 import numpy as np
 from absl import app, flags
 from scipy import ndimage
 
 from easunet_jax.data import volumes
+from easunet_jax.data.workers import cpus, map_in_order
 
 DEFAULT_SHAPE = (160, 384, 384)
 DEFAULT_SPACING = (0.7, 0.3646, 0.3646)
@@ -223,11 +221,6 @@ def _write_subject(out_dir: pathlib.Path, case_id: str, seed: int, shape: Sequen
   return case_id
 
 
-def cpus() -> int:
-  """CPUs this process may run on."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-
-
 def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = DEFAULT_SHAPE,
                   spacing: Sequence[float] = DEFAULT_SPACING, seed: int = 0, *,
                   workers: int | None = None, generator: Generator = make_tissues) -> list[str]:
@@ -259,20 +252,8 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
   jobs = [(out_dir, ids[i], subject_seed(seed, i), tuple(shape), tuple(spacing), generator) for i in todo]
   if workers is None:
     workers = cpus() if len(jobs) * np.prod(shape) >= _PARALLEL_MIN_VOXELS else 1
-  workers = min(max(int(workers), 1), len(jobs))
-  if workers <= 1:
-    for n, job in enumerate(jobs):
-      logging.info('phantom %d/%d: %s', n + 1, len(jobs), _write_subject(*job))
-    return ids
-  # 'spawn': the parent may have jax imported and its threads running, which fork does not survive.
-  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-    pending = [pool.submit(_write_subject, *job) for job in jobs]
-    try:
-      for n, done in enumerate(futures.as_completed(pending)):
-        logging.info('phantom %d/%d: %s', n + 1, len(jobs), done.result())  # re-raises a worker's error
-    except BaseException:
-      pool.shutdown(cancel_futures=True)  # subjects being written finish; the queued ones do not start
-      raise
+  for n, case_id in enumerate(map_in_order(_write_subject, jobs, max(int(workers), 1))):
+    logging.info('phantom %d/%d: %s', n + 1, len(jobs), case_id)
   return ids
 
 
