@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, tiny
-from easunet_jax import checkpoints, config_check, train
+from easunet_jax import checkpoints, config_check, pretrained, train
 from easunet_jax.data import phantom, volumes
 from easunet_jax.errors import ConfigError
 
@@ -219,12 +219,15 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
   assert refused.returncode == 2 and refused.stderr.startswith('error: --config is needed')
 
 
-def test_ctrl_c_in_a_predict_batch_is_one_line_and_keeps_the_scans_done(tmp_path):
+def test_ctrl_c_in_a_predict_batch_is_one_line_and_keeps_the_scans_done(augmented_tiny, tmp_path):
+  config, workdir, _ = augmented_tiny
+  pretrained.export(config, workdir, tmp_path / 'tiny.npz')  # a model that compiles in seconds
   for i in range(2):
     image, _labels, affine = phantom.make_subject(20 + i, (8, 64, 64), (8.0, 2.0, 2.0))
     volumes.save_volume(tmp_path / 'in' / f'knee_{i}.nii.gz', image, affine)
   result = subprocess.run([sys.executable, '-c', _RUN_MAIN.format(hook=SIGINT_AT_SECOND_SCAN),
-                           '--mode=predict', f'--input={tmp_path / "in"}', f'--output={tmp_path / "out"}'],
+                           '--mode=predict', f'--weights={tmp_path / "tiny.npz"}',
+                           f'--input={tmp_path / "in"}', f'--output={tmp_path / "out"}'],
                           cwd=REPO, capture_output=True, text=True, check=False, timeout=600)
   assert result.returncode == 128 + signal.SIGINT and 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert result.stderr.splitlines()[-1].startswith('stopped (Ctrl-C): the scans finished are in --output')
