@@ -154,8 +154,10 @@ def test_oai_zib_release_of_label_maps_is_discovered(tmp_path):
   for case_id in ('9002', '9001'):
     metaimage.write(tmp_path / 'segmentation' / 'segmentation_masks' / f'{case_id}.segmentation_masks.mhd',
                     labels, spacing=(0.7, 0.36, 0.36))
-  (tmp_path / 'classification' / 'segmentation_masks').mkdir(parents=True)  # other labels: not read
+  (tmp_path / 'classification' / 'segmentation_masks').mkdir(parents=True)  # bone labels only: refused
   assert volumes.discover_cases(tmp_path) == volumes.discover_cases(tmp_path / 'segmentation')
+  with pytest.raises(DataError, match=r"classification/ masks label bones only \(1 femur, 2 tibia"):
+    volumes.discover_cases(tmp_path / 'classification')
   cases = volumes.discover_cases(tmp_path)
   assert [(c.id, c.image) for c in cases] == [('9001', None), ('9002', None)]
   got, spacing = volumes.load_labels(cases[0], IDENTITY_MAP)

@@ -73,9 +73,12 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   if not image_dir.is_dir():
     label_suffix = ''
     # OAI-ZIB's release (label maps without pose, of DESS scans stored sagittal, posterior, superior), at
-    # its top folder or its segmentation/ folder; its classification/ folder holds other labels.
+    # its top folder or its segmentation/ folder; its classification/ folder labels bones only.
     zib = [d for d in (root, root / 'segmentation') if (d / 'segmentation_masks').is_dir()]
     if not label_dir.is_dir() and zib:
+      if zib[0].resolve().name == 'classification':
+        raise DataError(f"{root}: OAI-ZIB's classification/ masks label bones only (1 femur, 2 tibia, read "
+                        'here as femoral cartilage); its segmentation/ folder holds the cartilage labels')
       label_dir, label_suffix = zib[0] / 'segmentation_masks', '.segmentation_masks'
     if label_dir.is_dir():
       cases = [Case(stem.removesuffix(label_suffix), None, path) for path in sorted(label_dir.iterdir())
