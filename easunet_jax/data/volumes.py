@@ -100,18 +100,22 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
 
 
 def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
-  """A MetaImage file read into memory as a NIfTI image with the same voxels and pose (LPS made RAS)."""
+  """A MetaImage file as a NIfTI image with the same voxels and pose (LPS made RAS). Uncompressed voxels
+  stay on disk behind a lazy proxy, as a .nii file's do, so header-only checks do not read them; zlib-
+  compressed ones are read here."""
   try:
-    raw = path.read_bytes()
-    fields, start = {}, 0
-    while 'ElementDataFile' not in fields:  # the header's last field; the voxels follow it in an .mha
-      if start >= len(raw):
-        raise ValueError('no ElementDataFile field')
-      end = raw.find(b'\n', start)
-      end = len(raw) if end < 0 else end  # the last line may end the file unterminated
-      key, _, value = raw[start:end].decode('latin-1').partition('=')
-      fields[key.strip()] = value.strip()
-      start = end + 1
+    fields = {}
+    with open(path, 'rb') as f:
+      while 'ElementDataFile' not in fields:  # the header's last field; the voxels follow it in an .mha
+        line = f.readline()
+        if not line:
+          raise ValueError('no ElementDataFile field')
+        key, _, value = line.decode('latin-1').partition('=')
+        fields[key.strip()] = value.strip()
+      header_end = f.tell()
+      local = fields['ElementDataFile'] == 'LOCAL'
+      compressed = fields.get('CompressedData', 'False').lower() in ('true', '1')
+      data = f.read() if local and compressed else b''
     shape = [int(n) for n in fields['DimSize'].split()]
     if int(fields.get('ElementNumberOfChannels', 1)) != 1:
       raise ValueError(f'{fields["ElementNumberOfChannels"]} channels per voxel, expected 1')
@@ -120,14 +124,17 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
       raise ValueError(f'element type {fields["ElementType"]} not supported')
     dtype = np.dtype(_METAIMAGE_TYPES[fields['ElementType']]).newbyteorder(
         '>' if big_endian.lower() in ('true', '1') else '<')
-    name = fields['ElementDataFile']
-    data = raw[start:] if name == 'LOCAL' else (path.parent / name).read_bytes()
-    if fields.get('CompressedData', 'False').lower() in ('true', '1'):
-      data = zlib.decompress(data)
-    count, header_size = int(np.prod(shape)), int(fields.get('HeaderSize', 0))
-    data = data[len(data) - count * dtype.itemsize:] if header_size == -1 else data[header_size:]
-    # x runs fastest in the file: (z, y, x) in C order is (x, y, z) transposed. A copy: writable.
-    voxels = np.frombuffer(data, dtype, count).reshape(shape[::-1]).T.copy()
+    data_path = path if local else path.parent / fields['ElementDataFile']
+    nbytes, header_size = int(np.prod(shape)) * dtype.itemsize, int(fields.get('HeaderSize', 0))
+    if compressed:
+      data = zlib.decompress(data or data_path.read_bytes())
+      data = data[len(data) - nbytes:] if header_size == -1 else data[header_size:]
+      # x runs fastest in the file: (z, y, x) in C order is (x, y, z) transposed. A copy: writable.
+      voxels = np.frombuffer(data, dtype, nbytes // dtype.itemsize).reshape(shape[::-1]).T.copy()
+    else:
+      size = data_path.stat().st_size  # a missing data file is an error here, not at the first read
+      offset = size - nbytes if header_size == -1 else (header_end if local else 0) + header_size
+      voxels = nib.arrayproxy.ArrayProxy(str(data_path), (tuple(shape), dtype, offset), order='F')
     n = len(shape)
     spacing = [float(v) for v in fields.get('ElementSpacing', ' '.join(['1'] * n)).split()]
     origin = next((fields[k] for k in ('Offset', 'Origin', 'Position') if k in fields), '0 ' * n).split()
