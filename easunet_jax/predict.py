@@ -1,7 +1,8 @@
 """Segments new knee MRI volumes (NIfTI files or DICOM series, any voxel order and in-plane size) with a
 trained checkpoint and writes uint8 cartilage masks in the input's voxel grid; decides the knee's laterality
 and reports volume, thickness and area per plate and compartment (CSV and Markdown), with a thickness map of
-each scan (NIfTI and PNG) and a figure of its prediction on three sagittal slices."""
+each scan (NIfTI and PNG) and a figure of its prediction on three sagittal slices; scores the masks against
+expert labels when given."""
 
 import collections
 import csv
@@ -22,7 +23,7 @@ from absl import logging
 from flax import nnx
 from scipy import ndimage
 
-from easunet_jax import figures, measures, models, parallel, pretrained, steps
+from easunet_jax import evaluate, figures, measures, metrics, models, parallel, pretrained, steps
 from easunet_jax.data import dicom, pipeline, preprocess, volumes
 from easunet_jax.errors import ConfigError, DataError
 from easunet_jax.progress import Progress
@@ -106,6 +107,44 @@ def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, di
   if source.is_dir():
     return dicom.read_series(source, series)
   return volumes.open_volume(source), {}
+
+
+def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path: str | pathlib.Path,
+                 batch: bool) -> dict[pathlib.Path, pathlib.Path]:
+  """{scan: its label map} for --labels: a label file of the one scan, or a directory holding each scan's
+  under the scan's name (<name>.nii.gz, .nii, .mhd or .mha), or under <id> for nnU-Net's <id>_0000 images."""
+  labels = pathlib.Path(labels_path)
+  if labels.is_file():
+    if batch:
+      raise DataError(f'--labels={labels}: a file, and --input a directory of scans; give the directory of '
+                      'their label maps')
+    return {pairs[0][0]: labels}
+  if not labels.is_dir():
+    raise DataError(f'--labels={labels}: no such label file or directory')
+  found = {}
+  for source, _ in pairs:
+    stem = _stem(source)
+    if path := volumes.label_file(labels, stem) or volumes.label_file(labels, stem.removesuffix('_0000')):
+      found[source] = path
+  if missing := [source.name for source, _ in pairs if source not in found]:
+    raise DataError(f'--labels={labels}: no label map for {len(missing)} scan(s) ({", ".join(missing[:5])}); '
+                    'expected <name>.nii.gz beside each scan name, or <id>.nii.gz for <id>_0000')
+  return found
+
+
+def score_mask(mask: pathlib.Path, label: pathlib.Path, values: np.ndarray,
+               label_map: Sequence[Sequence[int]]) -> dict[str, dict]:
+  """{plate: 3D scores of the written `mask` (class k written as values[k]) against the scan's expert
+  `label` map (mapped to classes by `label_map`; same grid)}: Dice, precision, recall (%) and HD, HD95,
+  ASSD (mm) (`metrics.segmentation_metrics`), and mean thickness and volume of both with their errors
+  (`evaluate.morphometry_errors`)."""
+  mask_nii = volumes.open_volume(mask)
+  written, spacing = volumes.read_canonical(mask_nii, mask)
+  classes = volumes.remap_labels(written, [(v, k) for k, v in enumerate(values) if k])
+  truth = volumes.labels_on_grid(mask_nii, volumes.Case(label.name, mask, label), label_map)
+  errors = evaluate.morphometry_errors(classes, truth, spacing)
+  return {name: {**metrics.segmentation_metrics(classes == k, truth == k, spacing), **errors[name]}
+          for name, k in volumes.CLASSES.items()}
 
 
 def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None) -> tuple[str | None, str]:
@@ -287,9 +326,41 @@ def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) 
   return earlier['result']
 
 
-def write_reports(results: Sequence[dict], csv_path: pathlib.Path, markdown_path: pathlib.Path) -> None:
+def _score_lines(scored: Sequence[dict]) -> list[str]:
+  """The Markdown section of the scans scored against expert labels: per scan and the mean ± std."""
+  def cells(fc: dict, tc: dict) -> list[str]:
+    return [fc['dice'], tc['dice'], (fc['dice'] + tc['dice']) / 2, fc['hd95'], tc['hd95'],
+            fc['thickness_error_mm'], tc['thickness_error_mm']]
+
+  lines = ['## Against the expert labels', '',
+           '3D, per scan: Dice (%), HD95 (mm) and the error of mean thickness (mm, prediction - labels) of '
+           'each plate; precision, recall, HD, ASSD and volumes in the scores CSV.', '',
+           '| Scan | FC Dice % | TC Dice % | Mean Dice % | FC HD95 mm | TC HD95 mm | FC thickness error mm | '
+           'TC thickness error mm |', '|---|---|---|---|---|---|---|---|']
+  rows = [cells(r['scores']['fc'], r['scores']['tc']) for r in scored]
+  lines += [f"| {pathlib.Path(r['input']).name} | " + ' | '.join(f'{x:.2f}' for x in row) + ' |'
+            for r, row in zip(scored, rows)]
+  summary = [metrics.summarize(column) for column in zip(*rows)]
+  lines += [f'| mean ± std ({len(scored)} scans) | ' +
+            ' | '.join(metrics.mean_std_text(s['mean'], s['std']) for s in summary) + ' |', '']
+  return lines
+
+
+def write_scores(scored: Sequence[dict], path: pathlib.Path) -> None:
+  """One CSV row per scan scored against labels and plate: `score_mask`'s scores."""
+  columns = list(scored[0]['scores']['fc'])
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['scan', 'mask', 'labels', 'plate', *columns])
+    writer.writerows([r['input'], r['output'], r['labels'], plate, *(f'{row[c]:.6g}' for c in columns)]
+                     for r in scored for plate, row in r['scores'].items())
+
+
+def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> None:
   """One CSV row per scan and region (plate or compartment) of `measures.region_measures`, and a Markdown
-  summary of the same with each scan's thickness map."""
+  summary of the same with each scan's thickness map; of scans scored against labels, their scores
+  (`write_scores`) and a section of the summary."""
+  csv_path, markdown_path = paths['measures'], paths['report']
   columns = list(results[0]['regions']['fc'])
   with open(csv_path, 'w', newline='') as f:
     writer = csv.writer(f)
@@ -303,6 +374,9 @@ def write_reports(results: Sequence[dict], csv_path: pathlib.Path, markdown_path
            f'fraction of the ridge thinner than {measures.THIN_MM:g} mm. Thickness maps: femur from below, '
            'tibia from above.',
            '']
+  if scored := [r for r in results if 'scores' in r]:
+    write_scores(scored, paths['scores'])
+    lines += _score_lines(scored)
   for r in results:
     lines += [f"## {r['input']}", '', f"Mask `{r['output']}`; {r['laterality_text']}.", '',
               '| Region | Volume mm³ | Mean mm | Median mm | P95 mm | Max mm | Area mm² | < 1 mm |',
@@ -338,12 +412,15 @@ def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
 def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
             input_path: str | pathlib.Path, output_path: str | pathlib.Path,
             model_file: str | pathlib.Path | None = None, *, series: str | None = None,
-            laterality: str | None = None, continue_prediction: bool = False) -> list[dict]:
+            laterality: str | None = None, continue_prediction: bool = False,
+            labels: str | pathlib.Path | None = None) -> list[dict]:
   """Segments one scan or a directory of them (`_inputs`: NIfTI files, DICOM folders) into `output_path` (a
   mask file, or a directory) with the checkpoint eval.checkpoint names in `workdir`, or with `model_file`
   (`pretrained`: then config is the file's, `pretrained.config_of`). `series` picks a DICOM series by its
   SeriesInstanceUID (`dicom.read_series`; '<uid>:<echo>' for one echo of several), `laterality` ('R' or
-  'L') overrides `decide_laterality`.
+  'L') overrides `decide_laterality`. With `labels` (a label file of the one scan, or a directory of the
+  scans' label maps, `_label_files`), each written mask is scored against its scan's expert labels
+  (`score_mask`, labels mapped by data.label_map).
 
   A batch goes on past a scan that fails with a `DataError` (logged) and raises one naming the failed scans
   at its end; its reports are rewritten after every scan, so a batch stopped part way keeps the measures of
@@ -353,9 +430,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   Beside the masks: each scan's thickness map (NIfTI in the scan's grid, and a PNG), its prediction on three
   sagittal slices (`figures.plot_prediction_slices`), and the measures of every scan per plate and
   compartment as CSV and Markdown (`write_reports`: <mask>_measures.csv and <mask>_report.md for one scan;
-  measures.csv and report.md of a batch, and each batch scan's result as measures/<scan>.json). Returns per
-  scan {'input', 'output', 'laterality', 'laterality_text', 'regions': `measures.compartment_table`, paths
-  of the maps and figures, and the seconds spent in all and in the network's forward passes}.
+  measures.csv and report.md of a batch, and each batch scan's result as measures/<scan>.json; the scores
+  against labels as <mask>_scores.csv or scores.csv, and in the report). Returns per scan {'input',
+  'output', 'laterality', 'laterality_text', 'regions': `measures.compartment_table`, paths of the maps and
+  figures, the seconds spent in all and in the network's forward passes, and with labels 'labels' and
+  'scores'}.
   """
   if config.predict.label_values not in LABEL_VALUES:
     raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
@@ -368,6 +447,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   if twice := sorted(stem for stem, n in stems.items() if n > 1):
     raise DataError(f'{input_path}: scans {", ".join(twice)} each come as two files (of .nii, .nii.gz, '
                     '.mhd, .mha), whose thickness maps and figures would overwrite each other; keep one')
+  label_files = _label_files(pairs, labels, batch) if labels else {}
   scans = {source.resolve() for source, _ in pairs}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
     for written in (target, _report_paths(target, batch)['map']):
@@ -375,18 +455,22 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         raise DataError(f'{written}: the output would overwrite an input scan; choose another --output')
     if source.is_dir():
       dicom.find_series(source)
+      if source in label_files:
+        volumes.open_volume(label_files[source])
     elif series:
       raise DataError(f'{source}: a volume file, and --series picks a series of DICOM input')
     else:
-      volumes.check_headers(volumes.Case(source.name, source, None))
+      volumes.check_headers(volumes.Case(source.name, source, label_files.get(source)))
   step, network, pixel = load_network(config, workdir, model_file)
   logging.info('predict: step %d of %s, %d scan(s), pixel %s mm', step, model_file or workdir, len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel))
   if batch:
-    reports = (pathlib.Path(output_path) / 'measures.csv', pathlib.Path(output_path) / 'report.md')
+    reports = {name: pathlib.Path(output_path) / file for name, file in
+               (('measures', 'measures.csv'), ('report', 'report.md'), ('scores', 'scores.csv'))}
   else:
     stem = pairs[0][1].with_name(_stem(pairs[0][1]))
-    reports = (stem.with_name(f'{stem.name}_measures.csv'), stem.with_name(f'{stem.name}_report.md'))
+    reports = {name: stem.with_name(f'{stem.name}_{file}') for name, file in
+               (('measures', 'measures.csv'), ('report', 'report.md'), ('scores', 'scores.csv'))}
   # What made a batch's masks: --continue_prediction keeps a scan's earlier result only if they match. The
   # model by its weights, not its path: a model file or a workdir may be overwritten by another training.
   settings = json.loads(json.dumps({
@@ -400,40 +484,61 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                  len(kept), len(pairs))
   results, failed, progress = [], [], Progress(len(pairs), done=len(kept))
   for source, target in pairs:
-    if target in kept:
-      results.append(kept[target])
-      continue
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
     try:
-      result = _segment_scan(config, network, pixel, source, target, batch, series, laterality, values)
+      if target in kept:  # its scores, if any, are of the labels given then
+        result = {k: v for k, v in kept[target].items() if k not in ('labels', 'scores')}
+      else:
+        result = _segment_scan(config, network, pixel, source, target, batch, series, laterality, values)
+        result['compile_s'] = network.compile_s - compile_before
+        result['seconds'] = time.perf_counter() - case_start - result['compile_s']
+        result['forward_s'] = network.forward_s - forward_before
+      if source in label_files:
+        result.update(labels=str(label_files[source]),
+                      scores=score_mask(target, label_files[source], values, config.data.label_map))
+        fc, tc = result['scores']['fc'], result['scores']['tc']
+        print(f"{source.name}: against {label_files[source]}: Dice FC {fc['dice']:.1f} % TC {tc['dice']:.1f} "
+              f"%, HD95 FC {fc['hd95']:.2f} TC {tc['hd95']:.2f} mm, mean thickness error FC "
+              f"{fc['thickness_error_mm']:+.2f} TC {tc['thickness_error_mm']:+.2f} mm", flush=True)
     except DataError as e:
       if not batch:
         raise
       failed.append(source.name)  # the others go on; the batch ends in an error naming this one
       logging.error('%s', ' '.join(str(e).split()))
-      progress.update()
+      if target not in kept:
+        progress.update()
       continue
-    result['compile_s'] = network.compile_s - compile_before
-    result['seconds'] = time.perf_counter() - case_start - result['compile_s']
-    result['forward_s'] = network.forward_s - forward_before
     results.append(result)
+    if target in kept:
+      continue
     if batch:  # written last: a scan is done when its result is (what --continue_prediction reads)
       done = _report_paths(target, batch)['result']
       done.parent.mkdir(exist_ok=True)
       done.write_text(json.dumps({'model': str(model_file or workdir), 'step': step, 'settings': settings,
                                   'result': result}, default=float))
       # The reports so far: a batch stopped part way keeps the measures of its done scans.
-      write_reports(results, *reports)
+      write_reports(results, reports)
     progress.update()
     logging.info('%s: %s in %.1f s (forward passes %.1f s, compilation %.1f s)', progress.status('predict'),
                  source.name, result['seconds'], result['forward_s'], result['compile_s'])
   if results:
-    write_reports(results, *reports)  # a single scan's; a batch's also when every scan was kept
-    print(f'measures of {len(results)} scan(s): {reports[0]}, {reports[1]}', flush=True)
+    write_reports(results, reports)  # a single scan's; a batch's also when every scan was kept
+    written = [reports['measures'], reports['report']]
+    if scored := [r['scores'] for r in results if 'scores' in r]:
+      written.append(reports['scores'])
+      fc, tc = ([s[plate]['dice'] for s in scored] for plate in ('fc', 'tc'))
+      print(f'3D Dice against the labels, {len(scored)} scan(s): FC {_mean_std(fc)} %, TC {_mean_std(tc)} %, '
+            f'mean of FC and TC {np.mean([fc, tc]):.2f} %', flush=True)
+    print(f'measures of {len(results)} scan(s): {", ".join(map(str, written))}', flush=True)
   if failed:
     raise DataError(f'{len(failed)} of {len(pairs)} scans failed (their errors above): {", ".join(failed)}; '
                     f'the others are written to {output_path}')
   return results
+
+
+def _mean_std(values: Sequence[float]) -> str:
+  summary = metrics.summarize(values)
+  return metrics.mean_std_text(summary['mean'], summary['std'])
 
 
 def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tuple[float, float] | None,

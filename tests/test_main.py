@@ -200,19 +200,23 @@ def test_verbose_shows_the_traceback_of_a_bad_config(phantom_dir, tmp_path):
 
 
 def test_predict_without_config_uses_the_shipped_model(tmp_path):
-  """The user's first command: no training, no config. Other modes without --config are one-line errors."""
-  image, _labels, affine = phantom.make_subject(11, (8, 96, 96), (8.0, 1.4, 1.4))
+  """The user's first command: no training, no config; with expert labels to score against. Other modes
+  without --config are one-line errors."""
+  image, labels, affine = phantom.make_subject(11, (8, 96, 96), (8.0, 1.4, 1.4))
   volumes.save_volume(tmp_path / 'scan.nii.gz', image, affine)
+  volumes.save_volume(tmp_path / 'labels.nii.gz', labels, affine)
   # From another directory, as a user would: the shipped model is found inside the package.
   result = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
-                           '--output=mask.nii.gz'], cwd=tmp_path, capture_output=True, text=True,
-                          check=False)
+                           '--output=mask.nii.gz', '--labels=labels.nii.gz'], cwd=tmp_path,
+                          capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   mask = nib.load(tmp_path / 'mask.nii.gz')
   assert mask.shape == image.shape and np.allclose(mask.affine, affine)
   assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
   assert 'scan.nii.gz: knee of unknown side (undecided' in result.stdout and '; FC ' in result.stdout
-  for name in ('mask_measures.csv', 'mask_thickness.png', 'mask_slices.png'):
+  assert 'scan.nii.gz: against labels.nii.gz: Dice FC ' in result.stdout
+  assert '3D Dice against the labels, 1 scan(s): FC ' in result.stdout
+  for name in ('mask_measures.csv', 'mask_thickness.png', 'mask_slices.png', 'mask_scores.csv'):
     assert (tmp_path / name).exists()
   refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=train'],
                            capture_output=True, text=True, check=False)

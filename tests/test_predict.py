@@ -16,7 +16,7 @@ from dicom_series import SAGITTAL, write_enhanced, write_series
 
 from configs import tiny
 from easunet_jax import figures, predict
-from easunet_jax.data import phantom
+from easunet_jax.data import phantom, volumes
 from easunet_jax.errors import CheckpointError, DataError
 
 # Canonical axis i goes to axis ORNT[i, 0], flipped where ORNT[i, 1] = -1: the sagittal axis ends last and
@@ -293,6 +293,59 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   assert (out / 'c.nii.gz').stat().st_mtime_ns != written['c.nii.gz']
   predict.predict(_config(background_weight=2.0), workdir, scans, out, continue_prediction=True)
   assert (out / 'a.nii.gz').stat().st_mtime_ns != written['a.nii.gz']
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+  return 200 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, capsys):
+  """--labels: each scan's mask against its label map (nnU-Net's <id>_0000 naming, any voxel order), kept
+  scans of an earlier run scored from their masks; a label map on another grid or none is one line."""
+  workdir, canonical, permuted = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  scans, labels, out = tmp_path / 'scans', tmp_path / 'labels', tmp_path / 'out'
+  scans.mkdir()
+  (scans / 'knee_0000.nii.gz').write_bytes(canonical.read_bytes())
+  (scans / 'permuted.nii.gz').write_bytes(permuted.read_bytes())
+  predict.predict(_config(), workdir, scans, out)
+  written = {name: (out / name).stat().st_mtime_ns for name in ('knee_0000.nii.gz', 'permuted.nii.gz')}
+  # Labels in OAI-ZIB's values (FC 2, TC 4, bones 1 and 3 read as background): the permuted scan's are its
+  # mask, the canonical one's its mask moved by two voxels.
+  oai_zib = np.array([1, 2, 4], np.uint8)
+  mask = np.asarray(nib.load(out / 'permuted.nii.gz').dataobj)
+  volumes.save_volume(labels / 'permuted.nii.gz', oai_zib[mask], nib.load(permuted).affine)
+  truth = oai_zib[np.roll(np.asarray(nib.load(out / 'knee_0000.nii.gz').dataobj), 2, axis=1)]
+  volumes.save_volume(labels / 'knee.nii.gz', truth, nib.load(canonical).affine)
+
+  results = predict.predict(_config(), workdir, scans, out, continue_prediction=True, labels=labels)
+  assert {name: (out / name).stat().st_mtime_ns for name in written} == written  # kept, scored from disk
+  knee, same = (r['scores'] for r in results)
+  for plate, k, truth_value in (('fc', 1, 2), ('tc', 2, 4)):
+    found = np.asarray(nib.load(out / 'knee_0000.nii.gz').dataobj) == k
+    assert knee[plate]['dice'] == pytest.approx(_dice(found, truth == truth_value))
+    assert 0 < knee[plate]['dice'] < 100
+    assert same[plate]['dice'] == same[plate]['precision'] == same[plate]['recall'] == 100
+    assert same[plate]['hd95'] == same[plate]['thickness_error_mm'] == same[plate]['volume_error_pct'] == 0
+  printed = capsys.readouterr().out
+  assert f"knee_0000.nii.gz: against {labels / 'knee.nii.gz'}: Dice FC {knee['fc']['dice']:.1f} %" in printed
+  mean = (knee['fc']['dice'] + knee['tc']['dice'] + 200) / 4
+  assert '3D Dice against the labels, 2 scan(s): FC ' in printed
+  assert f'mean of FC and TC {mean:.2f} %' in printed
+  with open(out / 'scores.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [(pathlib.Path(r['scan']).name, r['plate']) for r in rows] == [
+      (scan, plate) for scan in ('knee_0000.nii.gz', 'permuted.nii.gz') for plate in ('fc', 'tc')]
+  assert float(rows[0]['dice']) == pytest.approx(knee['fc']['dice'], rel=1e-5)
+  report = (out / 'report.md').read_text()
+  assert f'| mean ± std (2 scans) | {(knee["fc"]["dice"] + 100) / 2:.2f} ± ' in report
+
+  volumes.save_volume(labels / 'permuted.nii.gz', mask[:, :, :-1], nib.load(permuted).affine)
+  _one_line_error(DataError, r'permuted.nii.gz: image shape \(42, 38, 6\) and label shape \(42, 38, 5\) '
+                  'differ', _config(), workdir, scans, out, labels=labels)
+  (labels / 'permuted.nii.gz').unlink()
+  _one_line_error(DataError, r'no label map for 1 scan\(s\) \(permuted.nii.gz\)', _config(), workdir, scans,
+                  out, labels=labels)
 
 
 def test_a_scan_acquired_in_another_plane_is_warned_of(run, tmp_path, caplog):

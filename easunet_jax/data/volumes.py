@@ -52,7 +52,8 @@ def _one_line(e: BaseException) -> str:
   return ' '.join(str(e).split()) or type(e).__name__
 
 
-def _label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
+def label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
+  """`label_dir`'s volume file of `case_id` (<case_id>.nii.gz, .nii, .mhd or .mha), or None."""
   return next((p for suffix in VOLUME_SUFFIXES if (p := label_dir / f'{case_id}{suffix}').exists()), None)
 
 
@@ -93,7 +94,7 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
     if not stem or not stem.endswith(image_suffix) or image.name.startswith('.'):
       continue
     case_id = stem[:len(stem) - len(image_suffix)]
-    cases.append(Case(case_id, image, _label_file(label_dir, case_id)))
+    cases.append(Case(case_id, image, label_file(label_dir, case_id)))
   if not cases:
     raise DataError(f'{image_dir}: no image found (expected <id>{image_suffix}.nii.gz)')
   return sorted(cases, key=lambda c: c.id)
@@ -186,7 +187,10 @@ def check_headers(case: Case) -> None:
   image_nii = open_volume(case.image)
   if case.label is None:
     return
-  label_nii = open_volume(case.label)
+  _check_same_grid(image_nii, open_volume(case.label), case)
+
+
+def _check_same_grid(image_nii: nib.Nifti1Image, label_nii: nib.Nifti1Image, case: Case) -> None:
   if image_nii.shape != label_nii.shape:
     raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} differ')
   if not np.allclose(image_nii.affine, label_nii.affine, atol=_AFFINE_TOL_MM):
@@ -198,7 +202,7 @@ def check_headers(case: Case) -> None:
 Spacing = tuple[float, float, float]
 
 
-def _read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray, Spacing]:
+def read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray, Spacing]:
   """The voxels in closest-canonical RAS order and the spacing in that order; reading is where a truncated
   file fails."""
   try:
@@ -222,7 +226,7 @@ def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[n
   """`load_image` of an image already open (a NIfTI file's, or a DICOM series' read into NIfTI); `source`
   names it in errors. Complex voxels (a reconstruction's raw output) become their magnitude, the image a
   scanner shows."""
-  image, spacing = _read_canonical(nii, source)
+  image, spacing = read_canonical(nii, source)
   image = (np.abs(image) if np.iscomplexobj(image) else image).astype(np.float32, copy=False)
   if not np.isfinite(image).all():
     raise DataError(f'{source}: image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite voxels')
@@ -256,7 +260,7 @@ def load_labels(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndar
   if case.label is None:
     raise DataError(f'{case.id}: no label file')
   check_headers(case)
-  labels, spacing = _read_canonical(open_volume(case.label), case.label)
+  labels, spacing = read_canonical(open_volume(case.label), case.label)
   return _check_label_values(labels, case, label_map), spacing
 
 
@@ -270,6 +274,16 @@ def load_case(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarra
     raise DataError(f'{case.id}: no image file (a label map alone trains only with data.synth=True)')
   image, spacing = load_image(case.image)
   return image, remap_labels(labels, label_map), spacing
+
+
+def labels_on_grid(nii: nib.Nifti1Image, case: Case, label_map: Sequence[Sequence[int]]) -> np.ndarray:
+  """The training classes (uint8) of `case.label`, the label map of a volume open as `nii` (`case.image`'s, or
+  a mask written in its grid), in closest-canonical RAS order as `canonical_image` gives the volume; the
+  label map must share the volume's shape and affine and hold known values."""
+  label_nii = open_volume(case.label)
+  _check_same_grid(nii, label_nii, case)
+  labels, _ = read_canonical(label_nii, case.label)
+  return remap_labels(_check_label_values(labels, case, label_map), label_map)
 
 
 def remap_labels(labels: np.ndarray, label_map: Sequence[Sequence[int]]) -> np.ndarray:
