@@ -311,10 +311,11 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   predict.predict(_config(), workdir, scans, out)
   written = {name: (out / name).stat().st_mtime_ns for name in ('knee_0000.nii.gz', 'permuted.nii.gz')}
   # Labels in OAI-ZIB's values (FC 2, TC 4, bones 1 and 3 read as background): the permuted scan's are its
-  # mask, the canonical one's its mask moved by two voxels.
+  # mask stored in canonical voxel order (the same grid), the canonical one's its mask moved by two voxels.
   oai_zib = np.array([1, 2, 4], np.uint8)
   mask = np.asarray(nib.load(out / 'permuted.nii.gz').dataobj)
-  volumes.save_volume(labels / 'permuted.nii.gz', oai_zib[mask], nib.load(permuted).affine)
+  in_canonical_order = nib.as_closest_canonical(nib.Nifti1Image(oai_zib[mask], nib.load(permuted).affine))
+  volumes.save_volume(labels / 'permuted.nii.gz', in_canonical_order.dataobj, in_canonical_order.affine)
   truth = oai_zib[np.roll(np.asarray(nib.load(out / 'knee_0000.nii.gz').dataobj), 2, axis=1)]
   volumes.save_volume(labels / 'knee.nii.gz', truth, nib.load(canonical).affine)
 

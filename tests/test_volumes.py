@@ -52,11 +52,19 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
   shifted = affine.copy()
   shifted[0, 3] += 0.01
   volumes.save_volume(tmp_path / 'labels/y.nii.gz', labels, shifted)
+  # The same grid stored in another voxel order (axes permuted and flipped, the affine with them) is no
+  # mismatch: both are read in canonical order.
+  ornt = np.array([[2, -1], [0, 1], [1, -1]])
+  volumes.save_volume(tmp_path / 'images/z.nii.gz', image, affine)
+  volumes.save_volume(tmp_path / 'labels/z.nii.gz', nib.orientations.apply_orientation(labels, ornt),
+                      affine @ nib.orientations.inv_ornt_aff(ornt, labels.shape))
   cases = {c.id: c for c in volumes.discover_cases(tmp_path)}
   for case_id, word in (('x', 'shape'), ('y', 'affine')):
     with pytest.raises(DataError) as e:
       volumes.load_case(cases[case_id], IDENTITY_MAP)
     assert '\n' not in str(e.value) and case_id in str(e.value) and word in str(e.value)
+  expected = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).dataobj)
+  np.testing.assert_array_equal(volumes.load_case(cases['z'], IDENTITY_MAP)[1], expected)
 
 
 def test_non_integer_labels_rejected(tmp_path):

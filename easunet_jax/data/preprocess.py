@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
-import nibabel as nib
 import numpy as np
 
 from easunet_jax import models
@@ -109,16 +108,6 @@ def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigD
     except OSError as e:
       raise DataError(f'data.split_file {data_cfg.split_file}: cannot read ({e.strerror})') from None
   return {'sources': files, 'settings': settings}
-
-
-def _canonical_shape(path: pathlib.Path) -> tuple[int, ...]:
-  """Shape after as_closest_canonical, from the header only."""
-  nii = volumes.open_volume(path)
-  axes = nib.io_orientation(nii.affine)[:, 0].astype(int)
-  shape = [0, 0, 0]
-  for i, axis in enumerate(axes):
-    shape[axis] = nii.shape[i]
-  return tuple(shape)
 
 
 def _tissue_path(case: volumes.Case) -> pathlib.Path:
@@ -325,7 +314,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   ids = [c.id for c in usable]
   splits = _read_split_file(data_cfg.split_file, ids, list(skipped)) if data_cfg.split_file else split_cases(
       ids, data_cfg.split, seed)
-  shapes = np.array([_canonical_shape(c.image or c.label) for c in usable])
+  shapes = np.array([volumes.canonical_grid(volumes.open_volume(c.image or c.label))[0] for c in usable])
   size = tuple(padded_size(int(n), multiple) for n in shapes[:, 1:].max(axis=0))
   by_id = {c.id: c for c in usable}
   # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.

@@ -180,7 +180,8 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
 
 
 def check_headers(case: Case) -> None:
-  """Cheap checks from the headers alone: both files NIfTI and 3D, same shape, same affine within 1e-3 mm."""
+  """Cheap checks from the headers alone: both files readable volumes and 3D, on the same grid (shape, and
+  affine within 1e-3 mm, in canonical order)."""
   if case.image is None:
     open_volume(case.label)
     return
@@ -190,11 +191,23 @@ def check_headers(case: Case) -> None:
   _check_same_grid(image_nii, open_volume(case.label), case)
 
 
+def canonical_grid(nii: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
+  """(shape, affine) of the volume in closest-canonical RAS order (`read_canonical`'s), from the header."""
+  ornt = nib.io_orientation(nii.affine)
+  shape = [0, 0, 0]
+  for n, (axis, _) in zip(nii.shape[:3], ornt):
+    shape[int(axis)] = n
+  return tuple(shape), nii.affine @ nib.orientations.inv_ornt_aff(ornt, nii.shape[:3])
+
+
 def _check_same_grid(image_nii: nib.Nifti1Image, label_nii: nib.Nifti1Image, case: Case) -> None:
-  if image_nii.shape != label_nii.shape:
+  """The label map covers the image's voxels: the same grid in world space, each file in its own voxel order
+  (one tool's NIfTI flips or permutes another's: dcm2niix's against ITK's), compared in canonical order."""
+  (image_shape, image_affine), (label_shape, label_affine) = map(canonical_grid, (image_nii, label_nii))
+  if image_shape != label_shape:
     raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} differ')
-  if not np.allclose(image_nii.affine, label_nii.affine, atol=_AFFINE_TOL_MM):
-    diff = np.abs(image_nii.affine - label_nii.affine).max()
+  if not np.allclose(image_affine, label_affine, atol=_AFFINE_TOL_MM):
+    diff = np.abs(image_affine - label_affine).max()
     raise DataError(f'{case.id}: image and label affines differ by {diff:.3g} mm '
                     f'(more than {_AFFINE_TOL_MM}): {case.image} vs {case.label}')
 
