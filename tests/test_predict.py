@@ -7,6 +7,7 @@ import os
 import pathlib
 import time
 
+import dcm2niix
 import metaimage
 import nibabel as nib
 import numpy as np
@@ -202,9 +203,20 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
   report = (tmp_path / 'out' / 'report.md').read_text()
   assert report.count('](thickness/') == 2 and (tmp_path / 'out' / 'thickness' / 'b.png').exists()
   assert report.count('](slices/') == 2 and (tmp_path / 'out' / 'slices' / 'b.png').exists()
-  [given] = predict.predict(_config(), workdir, tmp_path / 'scans' / 'b', tmp_path / 'b.nii.gz',
+  [given] = predict.predict(_config(), workdir, tmp_path / 'scans' / 'b', tmp_path / 'b_mask.nii.gz',
                             laterality='R')
   assert given['laterality'] == 'R' and 'given by --laterality' in given['laterality_text']
+  # Labels drawn on dcm2niix's NIfTI of the series (another voxel order than ours): here the mask itself.
+  dcm2niix.main(['-z', 'y', '-f', 'b', '-o', str(tmp_path), str(tmp_path / 'scans' / 'b')], check=True,
+                capture_output=True)
+  converted, mask = nib.load(tmp_path / 'b.nii.gz'), nib.load(tmp_path / 'b_mask.nii.gz')
+  assert nib.aff2axcodes(converted.affine) != nib.aff2axcodes(mask.affine)
+  to_converted = nib.orientations.ornt_transform(*map(nib.io_orientation, (mask.affine, converted.affine)))
+  volumes.save_volume(tmp_path / 'b_labels.nii.gz', np.array([0, 2, 4], np.uint8)[
+      nib.orientations.apply_orientation(np.asarray(mask.dataobj), to_converted)], converted.affine)
+  [scored] = predict.predict(_config(), workdir, tmp_path / 'scans' / 'b', tmp_path / 'b_mask.nii.gz',
+                             labels=tmp_path / 'b_labels.nii.gz')
+  assert np.asarray(mask.dataobj).any() and [scored['scores'][p]['dice'] for p in ('fc', 'tc')] == [100, 100]
 
 
 def _one_line_error(kind, match, *args, **kwargs) -> None:
