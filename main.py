@@ -140,6 +140,9 @@ def main(argv):
     config_check.check_config(config, default.get_config(), FLAGS.mode)
     if FLAGS.mode == 'predict' and not (FLAGS.input and FLAGS.output):
       raise ConfigError('--mode=predict needs --input and --output')
+    if FLAGS.labels and FLAGS.mode != 'predict':
+      raise ConfigError("--labels scores the masks of --mode=predict; --mode=evaluate scores the test split "
+                        'against its own labels')
     if FLAGS.mode == 'export' and not FLAGS.output:
       raise ConfigError('--mode=export needs --output (the model file to write, e.g. model.npz)')
     logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),

@@ -128,22 +128,27 @@ def cartilage_slices(classes: np.ndarray, count: int = 3) -> list[int]:
 
 
 def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequence[float], title: str,
-                           out: pathlib.Path) -> None:
+                           out: pathlib.Path, labels: np.ndarray | None = None) -> None:
   """<name>.png: the sagittal slices of `cartilage_slices`, each as scanned and with the predicted FC and TC
   tinted, superior up and anterior right, at the scan's pixel aspect: whether the plates are outlined, and
-  any cartilage marked on skin or fluid, at a glance. `image` and `classes` are (S, H, W) in closest-canonical
-  RAS order."""
-  chosen = cartilage_slices(classes)
+  any cartilage marked on skin or fluid, at a glance; with expert `labels` (training classes), a row of them
+  tinted alike below. `image`, `classes` and `labels` are (S, H, W) in closest-canonical RAS order."""
+  chosen = cartilage_slices(classes if labels is None else np.maximum(classes, labels))
   low, high = np.percentile(image[chosen], (1, 99.5))
   grey = np.clip((image[chosen] - low) / max(high - low, 1e-6), 0, 1)
-  fig, axes = plt.subplots(2, len(chosen), figsize=(4 * len(chosen), 8.4), dpi=120, squeeze=False)
+  rows = [('', None), ('prediction', classes)] + ([] if labels is None else [('labels', labels)])
+  fig, axes = plt.subplots(len(rows), len(chosen), figsize=(4 * len(chosen), 4.2 * len(rows)), dpi=120,
+                           squeeze=False)
   extent = (0, image.shape[1] * spacing[1], 0, image.shape[2] * spacing[2])
   for column, x in enumerate(chosen):
-    for ax, panel in zip(axes[:, column], (np.repeat(grey[column, ..., None], 3, axis=-1),
-                                           _overlay(grey[column], classes[x]))):
+    for ax, (name, tinted) in zip(axes[:, column], rows):
+      panel = (np.repeat(grey[column, ..., None], 3, axis=-1) if tinted is None
+               else _overlay(grey[column], tinted[x]))
       ax.imshow(np.swapaxes(panel, 0, 1)[::-1], extent=extent, interpolation='nearest')
       ax.set_xticks([])
       ax.set_yticks([])
+      if labels is not None and column == 0:
+        ax.set_ylabel(name or 'scan', fontsize=9)
     axes[0, column].set_title(f'sagittal slice {x} of {image.shape[0]}', fontsize=9)
   handles = [matplotlib.patches.Patch(color=COLOURS[n], label=n.upper()) for n in CLASSES]
   fig.legend(handles=handles, loc='lower center', ncol=2, frameon=False)

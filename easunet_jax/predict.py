@@ -132,19 +132,31 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
   return found
 
 
+def label_scores(classes: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, dict]:
+  """{plate: 3D scores of predicted `classes` against the expert labels' `truth` (training classes, same
+  canonical grid)}: Dice, precision, recall (%) and HD, HD95, ASSD (mm) (`metrics.segmentation_metrics`),
+  and mean thickness and volume of both with their errors (`evaluate.morphometry_errors`)."""
+  errors = evaluate.morphometry_errors(classes, truth, spacing)
+  return {name: {**metrics.segmentation_metrics(classes == k, truth == k, spacing), **errors[name]}
+          for name, k in volumes.CLASSES.items()}
+
+
 def score_mask(mask: pathlib.Path, label: pathlib.Path, values: np.ndarray,
                label_map: Sequence[Sequence[int]]) -> dict[str, dict]:
-  """{plate: 3D scores of the written `mask` (class k written as values[k]) against the scan's expert
-  `label` map (mapped to classes by `label_map`; same grid)}: Dice, precision, recall (%) and HD, HD95,
-  ASSD (mm) (`metrics.segmentation_metrics`), and mean thickness and volume of both with their errors
-  (`evaluate.morphometry_errors`)."""
+  """`label_scores` of a written `mask` (class k written as values[k]) against its scan's `label` map
+  (mapped to classes by `label_map`; on the mask's grid)."""
   mask_nii = volumes.open_volume(mask)
   written, spacing = volumes.read_canonical(mask_nii, mask)
   classes = volumes.remap_labels(written, [(v, k) for k, v in enumerate(values) if k])
   truth = volumes.labels_on_grid(mask_nii, volumes.Case(label.name, mask, label), label_map)
-  errors = evaluate.morphometry_errors(classes, truth, spacing)
-  return {name: {**metrics.segmentation_metrics(classes == k, truth == k, spacing), **errors[name]}
-          for name, k in volumes.CLASSES.items()}
+  return label_scores(classes, truth, spacing)
+
+
+def _print_scores(source: pathlib.Path, result: dict) -> None:
+  fc, tc = result['scores']['fc'], result['scores']['tc']
+  print(f"{source.name}: against {result['labels']}: Dice FC {fc['dice']:.1f} % TC {tc['dice']:.1f} %, "
+        f"HD95 FC {fc['hd95']:.2f} TC {tc['hd95']:.2f} mm, mean thickness error "
+        f"FC {fc['thickness_error_mm']:+.2f} TC {tc['thickness_error_mm']:+.2f} mm", flush=True)
 
 
 def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None) -> tuple[str | None, str]:
@@ -486,20 +498,19 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   for source, target in pairs:
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
     try:
-      if target in kept:  # its scores, if any, are of the labels given then
+      label = label_files.get(source)
+      if target in kept:  # scored from its mask; scores it has are of the labels given then
         result = {k: v for k, v in kept[target].items() if k not in ('labels', 'scores')}
+        if label:
+          result.update(labels=str(label), scores=score_mask(target, label, values, config.data.label_map))
       else:
-        result = _segment_scan(config, network, pixel, source, target, batch, series, laterality, values)
+        result = _segment_scan(config, network, pixel, source, target, batch, series, laterality, values,
+                               label)
         result['compile_s'] = network.compile_s - compile_before
         result['seconds'] = time.perf_counter() - case_start - result['compile_s']
         result['forward_s'] = network.forward_s - forward_before
-      if source in label_files:
-        result.update(labels=str(label_files[source]),
-                      scores=score_mask(target, label_files[source], values, config.data.label_map))
-        fc, tc = result['scores']['fc'], result['scores']['tc']
-        print(f"{source.name}: against {label_files[source]}: Dice FC {fc['dice']:.1f} % TC {tc['dice']:.1f} "
-              f"%, HD95 FC {fc['hd95']:.2f} TC {tc['hd95']:.2f} mm, mean thickness error FC "
-              f"{fc['thickness_error_mm']:+.2f} TC {tc['thickness_error_mm']:+.2f} mm", flush=True)
+      if label:
+        _print_scores(source, result)
     except DataError as e:
       if not batch:
         raise
@@ -543,10 +554,12 @@ def _mean_std(values: Sequence[float]) -> str:
 
 def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tuple[float, float] | None,
                   source: pathlib.Path, target: pathlib.Path, batch: bool, series: str | None,
-                  laterality: str | None, values: np.ndarray) -> dict:
-  """Segments one scan into `target` and writes its thickness map and figures (`_report_paths`); returns
-  its result (`predict`'s, less the timings)."""
+                  laterality: str | None, values: np.ndarray, label: pathlib.Path | None) -> dict:
+  """Segments one scan into `target` and writes its thickness map and figures (`_report_paths`), scored
+  against its `label` map if given; returns its result (`predict`'s, less the timings)."""
   nii, info = _read(source, series)
+  truth = None if label is None else volumes.labels_on_grid(
+      nii, volumes.Case(source.name, source, label), config.data.label_map)
   if info:
     found = '; '.join(f"{s['name']} '{s['description']}' ({s['slices']} slices)"
                       for s in info['series_found'])
@@ -580,11 +593,13 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
   figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, side,
                               f'{_stem(target)}: {knee}', paths['png'])
-  figures.plot_prediction_slices(image, classes, spacing, f'{_stem(target)}: {knee}', paths['slices'])
+  figures.plot_prediction_slices(image, classes, spacing, f'{_stem(target)}: {knee}', paths['slices'], truth)
   result = {'input': str(source), 'output': str(target), 'laterality': side,
             'laterality_text': f'{knee} ({why})', 'regions': table,
             'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
             'slices_png': str(paths['slices'])}
+  if truth is not None:
+    result.update(labels=str(label), scores=label_scores(classes, truth, spacing))
   print(f"{source.name}: {result['laterality_text']}; FC {table['fc']['volume_mm3']:.0f} mm^3, mean "
         f"thickness {table['fc']['thickness_mean_mm']:.2f} mm; TC {table['tc']['volume_mm3']:.0f} mm^3, "
         f"mean thickness {table['tc']['thickness_mean_mm']:.2f} mm -> {target}", flush=True)

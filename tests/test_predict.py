@@ -8,6 +8,7 @@ import pathlib
 import time
 
 import dcm2niix
+import matplotlib.image
 import metaimage
 import nibabel as nib
 import numpy as np
@@ -352,6 +353,14 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   assert float(rows[0]['dice']) == pytest.approx(knee['fc']['dice'], rel=1e-5)
   report = (out / 'report.md').read_text()
   assert f'| mean ± std (2 scans) | {(knee["fc"]["dice"] + 100) / 2:.2f} ± ' in report
+  # Segmented afresh, scored in memory: the same scores, and the slice figure gains a row of the labels.
+  fresh = predict.predict(_config(), workdir, scans, tmp_path / 'fresh', labels=labels)
+  for result, scores in zip(fresh, (knee, same), strict=True):
+    for plate in ('fc', 'tc'):
+      assert result['scores'][plate] == pytest.approx(scores[plate], nan_ok=True)
+  heights = [matplotlib.image.imread(folder / 'slices' / 'knee_0000.png').shape[0]
+             for folder in (out, tmp_path / 'fresh')]
+  assert heights[1] > 1.4 * heights[0]
 
   volumes.save_volume(labels / 'permuted.nii.gz', mask[:, :, :-1], nib.load(permuted).affine)
   _one_line_error(DataError, r'permuted.nii.gz: image shape \(42, 38, 6\) and label shape \(42, 38, 5\) '
