@@ -40,6 +40,8 @@ _COARSE_PIXEL_RATIO = 2.0
 # (another unit than mm, a scaled affine), and the slice would be a few pixels or exhaust memory.
 _SLICE_PIXELS = (16, 4096)
 SIDES = {'R': 'right', 'L': 'left'}
+# An MR image has hundreds of grey levels; a scan with fewer distinct values is likely a label map or mask.
+_MIN_GREY_LEVELS = 16
 
 
 def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
@@ -566,6 +568,13 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
     print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
           flush=True)
   image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right
+  # Every third voxel along each axis first: an MR image has hundreds of grey levels there, so np.unique of
+  # the whole volume (seconds) runs only for what may be a label map or mask given in place of a scan.
+  if len(np.unique(image[::3, ::3, ::3])) < _MIN_GREY_LEVELS and (
+      len(levels := np.unique(image)) < _MIN_GREY_LEVELS):
+    logging.warning('%s: the image holds only %d distinct values (%s): a label map or mask given as the '
+                    'scan? Expect a meaningless mask', source, len(levels),
+                    ', '.join(f'{v:g}' for v in levels))
   if pixel is not None:
     size = resampled_size(image.shape[1:], spacing[1:], pixel)
     if not all(_SLICE_PIXELS[0] <= n <= _SLICE_PIXELS[1] for n in size):

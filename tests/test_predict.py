@@ -370,6 +370,19 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
                   out, labels=labels)
 
 
+def test_a_label_map_given_as_the_scan_is_warned_of(run, tmp_path, caplog, monkeypatch):
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  _, labels, affine = phantom.make_subject(7, shape=(6, 42, 38), spacing=(3.0, 1.6, 1.8))
+  volumes.save_volume(tmp_path / 'labels.nii.gz', labels, affine)
+  for scan in (canonical, tmp_path / 'labels.nii.gz'):
+    caplog.clear()
+    predict.predict(_config(), workdir, scan, tmp_path / 'mask.nii.gz')
+    warned = [r.getMessage() for r in caplog.records if 'distinct values' in r.getMessage()]
+    assert len(warned) == (scan != canonical)
+  assert 'holds only 4 distinct values (0, 1, 2, 3): a label map or mask given as the scan?' in warned[0]
+
+
 def test_a_scan_acquired_in_another_plane_is_warned_of(run, tmp_path, caplog):
   workdir, canonical, _ = run
   nii = nib.load(canonical)
