@@ -462,11 +462,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     raise DataError(f'{input_path}: scans {", ".join(twice)} each come as two files (of .nii, .nii.gz, '
                     '.mhd, .mha), whose thickness maps and figures would overwrite each other; keep one')
   label_files = _label_files(pairs, labels, batch) if labels else {}
-  scans = {source.resolve() for source, _ in pairs}
+  inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
     for written in (target, _report_paths(target, batch)['map']):
-      if written.resolve() in scans:
-        raise DataError(f'{written}: the output would overwrite an input scan; choose another --output')
+      if written.resolve() in inputs:
+        raise DataError(f'{written}: the output would overwrite an input scan or label map; choose another '
+                        '--output')
     if source.is_dir():
       dicom.find_series(source)
       if source in label_files:

@@ -365,6 +365,8 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   volumes.save_volume(labels / 'permuted.nii.gz', mask[:, :, :-1], nib.load(permuted).affine)
   _one_line_error(DataError, r'permuted.nii.gz: image shape \(42, 38, 6\) and label shape \(42, 38, 5\) '
                   'differ', _config(), workdir, scans, out, labels=labels)
+  _one_line_error(DataError, 'would overwrite an input scan or label map', _config(), workdir, scans, labels,
+                  labels=labels)
   (labels / 'permuted.nii.gz').unlink()
   _one_line_error(DataError, r'no label map for 1 scan\(s\) \(permuted.nii.gz\)', _config(), workdir, scans,
                   out, labels=labels)
