@@ -135,12 +135,16 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
 
 
 def label_scores(classes: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, dict]:
-  """{plate: 3D scores of predicted `classes` against the expert labels' `truth` (training classes, same
-  canonical grid)}: Dice, precision, recall (%) and HD, HD95, ASSD (mm) (`metrics.segmentation_metrics`),
-  and mean thickness and volume of both with their errors (`evaluate.morphometry_errors`)."""
+  """{plate: scores of predicted `classes` against the expert labels' `truth` (training classes, same
+  canonical grid)}, as `--mode=evaluate` scores a test volume: 3D Dice, precision, recall (%) and HD, HD95,
+  ASSD (mm) (`evaluate.volume_metrics`), the mean 2D Dice over the sagittal slices whose labels hold
+  cartilage (the paper's protocol), and mean thickness and volume of both with their errors
+  (`evaluate.morphometry_errors`)."""
+  per_volume, per_slice = evaluate.volume_metrics(classes, truth, truth.any(axis=(1, 2)), spacing)
   errors = evaluate.morphometry_errors(classes, truth, spacing)
-  return {name: {**metrics.segmentation_metrics(classes == k, truth == k, spacing), **errors[name]}
-          for name, k in volumes.CLASSES.items()}
+  return {name: {**per_volume[name], **errors[name],
+                 'dice_2d': metrics.summarize([s['dice'] for s in per_slice[name]])['mean']}
+          for name in volumes.CLASSES}
 
 
 def score_mask(mask: pathlib.Path, label: pathlib.Path, values: np.ndarray,
@@ -348,7 +352,8 @@ def _score_lines(scored: Sequence[dict]) -> list[str]:
 
   lines = ['## Against the expert labels', '',
            '3D, per scan: Dice (%), HD95 (mm) and the error of mean thickness (mm, prediction - labels) of '
-           'each plate; precision, recall, HD, ASSD and volumes in the scores CSV.', '',
+           'each plate; precision, recall, HD, ASSD, volumes and the mean 2D Dice of the sagittal slices '
+           "with cartilage (the paper's protocol) in the scores CSV.", '',
            '| Scan | FC Dice % | TC Dice % | Mean Dice % | FC HD95 mm | TC HD95 mm | FC thickness error mm | '
            'TC thickness error mm |', '|---|---|---|---|---|---|---|---|']
   rows = [cells(r['scores']['fc'], r['scores']['tc']) for r in scored]

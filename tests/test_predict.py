@@ -309,7 +309,8 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
-  return 200 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+  total = np.count_nonzero(a) + np.count_nonzero(b)
+  return 200 * np.count_nonzero(a & b) / total if total else 100.0
 
 
 def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, capsys):
@@ -339,6 +340,10 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
     found = np.asarray(nib.load(out / 'knee_0000.nii.gz').dataobj) == k
     assert knee[plate]['dice'] == pytest.approx(_dice(found, truth == truth_value))
     assert 0 < knee[plate]['dice'] < 100
+    with_cartilage = np.flatnonzero((truth == 2).any(axis=(1, 2)) | (truth == 4).any(axis=(1, 2)))
+    assert knee[plate]['dice_2d'] == pytest.approx(
+        np.mean([_dice(found[i], truth[i] == truth_value) for i in with_cartilage]))
+    assert same[plate]['dice_2d'] == 100
     assert same[plate]['dice'] == same[plate]['precision'] == same[plate]['recall'] == 100
     assert same[plate]['hd95'] == same[plate]['thickness_error_mm'] == same[plate]['volume_error_pct'] == 0
   printed = capsys.readouterr().out
