@@ -99,8 +99,12 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
     return single(f'{source.name}.nii.gz'), False
   folders = [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
   if not folders:
+    layout = next(((images, labels) for images, labels in (('images', 'labels'), ('imagesTr', 'labelsTr'))
+                   if (source / images).is_dir()), None)
+    hint = (f'; a data set: --input={source / layout[0]} (and --labels={source / layout[1]} to score the '
+            'masks)' if layout else '')
     raise DataError(f'{source}: no NIfTI or MetaImage file (*.nii.gz, *.nii, *.mhd, *.mha) and no DICOM '
-                    'series in this directory')
+                    f'series in this directory{hint}')
   return [(p, target / f'{p.name}.nii.gz') for p in folders], True
 
 

@@ -234,8 +234,12 @@ def test_errors_are_one_line(run, tmp_path):
   nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), four_d)
   _one_line_error(DataError, 'expected 3D', _config(), workdir, four_d, out)
   (tmp_path / 'empty').mkdir()
-  _one_line_error(DataError, 'no NIfTI or MetaImage file .* and no DICOM series', _config(), workdir,
-                  tmp_path / 'empty', out)
+  _one_line_error(DataError, 'no NIfTI or MetaImage file .* and no DICOM series in this directory$',
+                  _config(), workdir, tmp_path / 'empty', out)
+  data_set = tmp_path / 'nnunet'  # a data set's root instead of its images
+  (data_set / 'imagesTr').mkdir(parents=True)
+  _one_line_error(DataError, f"a data set: --input={data_set / 'imagesTr'} \\(and --labels="
+                  f"{data_set / 'labelsTr'} to score", _config(), workdir, data_set, out)
   _one_line_error(DataError, 'a volume file, and --series picks', _config(), workdir, canonical, out,
                   series='1.2.3')
   microns = tmp_path / 'microns.nii.gz'  # voxel sizes written in micrometres: 1000x too many pixels
