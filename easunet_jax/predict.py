@@ -134,7 +134,8 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
       found[source] = path
   if missing := [source.name for source, _ in pairs if source not in found]:
     raise DataError(f'--labels={labels}: no label map for {len(missing)} scan(s) ({", ".join(missing[:5])}); '
-                    'expected <name>.nii.gz beside each scan name, or <id>.nii.gz for <id>_0000')
+                    "expected each scan's name with .nii.gz, .nii, .mhd or .mha, or <id>.nii.gz for "
+                    "nnU-Net's <id>_0000.nii.gz")
   return found
 
 
@@ -350,7 +351,7 @@ def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) 
 
 def _score_lines(scored: Sequence[dict]) -> list[str]:
   """The Markdown section of the scans scored against expert labels: per scan and the mean ± std."""
-  def cells(fc: dict, tc: dict) -> list[str]:
+  def cells(fc: dict, tc: dict) -> list[float]:
     return [fc['dice'], tc['dice'], (fc['dice'] + tc['dice']) / 2, fc['hd95'], tc['hd95'],
             fc['thickness_error_mm'], tc['thickness_error_mm']]
 
@@ -370,7 +371,7 @@ def _score_lines(scored: Sequence[dict]) -> list[str]:
 
 
 def write_scores(scored: Sequence[dict], path: pathlib.Path) -> None:
-  """One CSV row per scan scored against labels and plate: `score_mask`'s scores."""
+  """One CSV row per scan scored against labels and plate: its `label_scores`."""
   columns = list(scored[0]['scores']['fc'])
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
@@ -442,8 +443,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   (`pretrained`: then config is the file's, `pretrained.config_of`). `series` picks a DICOM series by its
   SeriesInstanceUID (`dicom.read_series`; '<uid>:<echo>' for one echo of several), `laterality` ('R' or
   'L') overrides `decide_laterality`. With `labels` (a label file of the one scan, or a directory of the
-  scans' label maps, `_label_files`), each written mask is scored against its scan's expert labels
-  (`score_mask`, labels mapped by data.label_map).
+  scans' label maps, `_label_files`), each mask is scored against its scan's expert labels (`label_scores`;
+  labels mapped by data.label_map), a kept scan's from its file (`score_mask`).
 
   A batch goes on past a scan that fails with a `DataError` (logged) and raises one naming the failed scans
   at its end; its reports are rewritten after every scan, so a batch stopped part way keeps the measures of
