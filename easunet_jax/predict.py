@@ -383,7 +383,7 @@ def write_scores(scored: Sequence[dict], path: pathlib.Path) -> None:
 def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> None:
   """One CSV row per scan and region (plate or compartment) of `measures.region_measures`, and a Markdown
   summary of the same with each scan's thickness map; of scans scored against labels, their scores
-  (`write_scores`) and a section of the summary."""
+  (`write_scores`), a section of the summary and a Bland-Altman plot of each plate's mean thickness."""
   csv_path, markdown_path = paths['measures'], paths['report']
   columns = list(results[0]['regions']['fc'])
   with open(csv_path, 'w', newline='') as f:
@@ -401,6 +401,11 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
   if scored := [r for r in results if 'scores' in r]:
     write_scores(scored, paths['scores'])
     lines += _score_lines(scored)
+    names, truth, found = zip(*[(plate.upper(), scores['thickness_true_mm'], scores['thickness_pred_mm'])
+                                for r in scored for plate, scores in r['scores'].items()])
+    figures.plot_bland_altman(truth, found, names, 'mm', paths['bland_altman'])
+    figure = paths['bland_altman'].relative_to(markdown_path.parent)
+    lines += [f'![Bland-Altman plot of mean thickness, FC and TC of every scan]({figure})', '']
   for r in results:
     lines += [f"## {r['input']}", '', f"Mask `{r['output']}`; {r['laterality_text']}.", '',
               '| Region | Volume mm³ | Mean mm | Median mm | P95 mm | Max mm | Area mm² | < 1 mm |',
@@ -489,13 +494,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   step, network, pixel = load_network(config, workdir, model_file)
   logging.info('predict: step %d of %s, %d scan(s), pixel %s mm', step, model_file or workdir, len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel))
+  files = (('measures', 'measures.csv'), ('report', 'report.md'), ('scores', 'scores.csv'),
+           ('bland_altman', 'bland_altman_thickness.png'))
   if batch:
-    reports = {name: pathlib.Path(output_path) / file for name, file in
-               (('measures', 'measures.csv'), ('report', 'report.md'), ('scores', 'scores.csv'))}
+    reports = {name: pathlib.Path(output_path) / file for name, file in files}
   else:
     stem = pairs[0][1].with_name(_stem(pairs[0][1]))
-    reports = {name: stem.with_name(f'{stem.name}_{file}') for name, file in
-               (('measures', 'measures.csv'), ('report', 'report.md'), ('scores', 'scores.csv'))}
+    reports = {name: stem.with_name(f'{stem.name}_{file}') for name, file in files}
   # What made a batch's masks: --continue_prediction keeps a scan's earlier result only if they match. The
   # model by its weights, not its path: a model file or a workdir may be overwritten by another training.
   settings = json.loads(json.dumps({
@@ -549,7 +554,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     write_reports(results, reports)  # a single scan's; a batch's also when every scan was kept
     written = [reports['measures'], reports['report']]
     if scored := [r['scores'] for r in results if 'scores' in r]:
-      written.append(reports['scores'])
+      written += [reports['scores'], reports['bland_altman']]
       fc, tc = ([s[plate]['dice'] for s in scored] for plate in ('fc', 'tc'))
       print(f'3D Dice against the labels, {len(scored)} scan(s): FC {_mean_std(fc)} %, TC {_mean_std(tc)} %, '
             f'mean of FC and TC {np.mean([fc, tc]):.2f} %', flush=True)

@@ -217,7 +217,8 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
   assert 'scan.nii.gz: knee of unknown side (undecided' in result.stdout and '; FC ' in result.stdout
   assert 'scan.nii.gz: against labels.nii.gz: Dice FC ' in result.stdout
   assert '3D Dice against the labels, 1 scan(s): FC ' in result.stdout
-  for name in ('mask_measures.csv', 'mask_thickness.png', 'mask_slices.png', 'mask_scores.csv'):
+  for name in ('mask_measures.csv', 'mask_thickness.png', 'mask_slices.png', 'mask_scores.csv',
+               'mask_bland_altman_thickness.png'):
     assert (tmp_path / name).exists()
   refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=train'],
                            capture_output=True, text=True, check=False)

@@ -362,6 +362,7 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   assert float(rows[0]['dice']) == pytest.approx(knee['fc']['dice'], rel=1e-5)
   report = (out / 'report.md').read_text()
   assert f'| mean ± std (2 scans) | {(knee["fc"]["dice"] + 100) / 2:.2f} ± ' in report
+  assert '](bland_altman_thickness.png)' in report and (out / 'bland_altman_thickness.png').stat().st_size
   # Segmented afresh, scored in memory: the same scores, and the slice figure gains a row of the labels.
   fresh = predict.predict(_config(), workdir, scans, tmp_path / 'fresh', labels=labels)
   for result, scores in zip(fresh, (knee, same), strict=True):
