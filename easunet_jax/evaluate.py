@@ -1,6 +1,7 @@
 """Test-set evaluation of a trained checkpoint: per-volume (3D) and per-slice (2D) metrics of FC and TC, the
 error of mean thickness and volume per plate and compartment, a Table-1-shaped report beside the paper's
-numbers, loss curves, prediction overlays and a Bland-Altman plot of thickness."""
+numbers, loss curves, prediction overlays and a Bland-Altman plot of thickness; the same scores of any mask
+against its scan's expert labels (for predict --labels)."""
 
 import csv
 import functools
@@ -19,7 +20,7 @@ from jax.sharding import NamedSharding
 from scipy import ndimage
 
 from easunet_jax import figures, measures, metrics, parallel, steps
-from easunet_jax.data import pipeline, preprocess
+from easunet_jax.data import pipeline, preprocess, volumes
 from easunet_jax.data.volumes import CLASSES
 from easunet_jax.errors import DataError
 from easunet_jax.progress import Progress
@@ -113,6 +114,30 @@ def morphometry_errors(pred: np.ndarray, label: np.ndarray, spacing: Sequence[fl
                       'thickness_error_mm': thickness, 'thickness_abs_error_mm': abs(thickness),
                       'volume_error_pct': volume, 'volume_abs_error_pct': abs(volume)}
   return errors
+
+
+def label_scores(classes: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, dict]:
+  """{plate: scores of predicted `classes` against the expert labels' `truth` (training classes, same
+  canonical grid)}, as `--mode=evaluate` scores a test volume: 3D Dice, precision, recall (%) and HD, HD95,
+  ASSD (mm) (`volume_metrics`), the mean 2D Dice over the sagittal slices whose labels hold
+  cartilage (the paper's protocol), and mean thickness and volume of both with their errors
+  (`morphometry_errors`)."""
+  per_volume, per_slice = volume_metrics(classes, truth, truth.any(axis=(1, 2)), spacing)
+  errors = morphometry_errors(classes, truth, spacing)
+  return {name: {**per_volume[name], **errors[name],
+                 'dice_2d': metrics.summarize([s['dice'] for s in per_slice[name]])['mean']}
+          for name in CLASSES}
+
+
+def score_mask(mask: pathlib.Path, label: pathlib.Path, values: np.ndarray,
+               label_map: Sequence[Sequence[int]]) -> dict[str, dict]:
+  """`label_scores` of a written `mask` (class k written as values[k]) against its scan's `label` map
+  (mapped to classes by `label_map`; on the mask's grid)."""
+  mask_nii = volumes.open_volume(mask)
+  written, spacing = volumes.read_canonical(mask_nii, mask)
+  classes = volumes.remap_labels(written, [(v, k) for k, v in enumerate(values) if k])
+  truth = volumes.labels_on_grid(mask_nii, volumes.Case(label.name, mask, label), label_map)
+  return label_scores(classes, truth, spacing)
 
 
 def _summary(cases: Sequence[dict]) -> dict:

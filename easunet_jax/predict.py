@@ -139,30 +139,6 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
   return found
 
 
-def label_scores(classes: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict[str, dict]:
-  """{plate: scores of predicted `classes` against the expert labels' `truth` (training classes, same
-  canonical grid)}, as `--mode=evaluate` scores a test volume: 3D Dice, precision, recall (%) and HD, HD95,
-  ASSD (mm) (`evaluate.volume_metrics`), the mean 2D Dice over the sagittal slices whose labels hold
-  cartilage (the paper's protocol), and mean thickness and volume of both with their errors
-  (`evaluate.morphometry_errors`)."""
-  per_volume, per_slice = evaluate.volume_metrics(classes, truth, truth.any(axis=(1, 2)), spacing)
-  errors = evaluate.morphometry_errors(classes, truth, spacing)
-  return {name: {**per_volume[name], **errors[name],
-                 'dice_2d': metrics.summarize([s['dice'] for s in per_slice[name]])['mean']}
-          for name in volumes.CLASSES}
-
-
-def score_mask(mask: pathlib.Path, label: pathlib.Path, values: np.ndarray,
-               label_map: Sequence[Sequence[int]]) -> dict[str, dict]:
-  """`label_scores` of a written `mask` (class k written as values[k]) against its scan's `label` map
-  (mapped to classes by `label_map`; on the mask's grid)."""
-  mask_nii = volumes.open_volume(mask)
-  written, spacing = volumes.read_canonical(mask_nii, mask)
-  classes = volumes.remap_labels(written, [(v, k) for k, v in enumerate(values) if k])
-  truth = volumes.labels_on_grid(mask_nii, volumes.Case(label.name, mask, label), label_map)
-  return label_scores(classes, truth, spacing)
-
-
 def _print_scores(source: pathlib.Path, result: dict) -> None:
   fc, tc = result['scores']['fc'], result['scores']['tc']
   print(f"{source.name}: against {result['labels']}: Dice FC {fc['dice']:.1f} % TC {tc['dice']:.1f} %, "
@@ -371,7 +347,7 @@ def _score_lines(scored: Sequence[dict]) -> list[str]:
 
 
 def write_scores(scored: Sequence[dict], path: pathlib.Path) -> None:
-  """One CSV row per scan scored against labels and plate: its `label_scores`."""
+  """One CSV row per scan scored against labels and plate: its `evaluate.label_scores`."""
   columns = list(scored[0]['scores']['fc'])
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
@@ -448,8 +424,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   (`pretrained`: then config is the file's, `pretrained.config_of`). `series` picks a DICOM series by its
   SeriesInstanceUID (`dicom.read_series`; '<uid>:<echo>' for one echo of several), `laterality` ('R' or
   'L') overrides `decide_laterality`. With `labels` (a label file of the one scan, or a directory of the
-  scans' label maps, `_label_files`), each mask is scored against its scan's expert labels (`label_scores`;
-  labels mapped by data.label_map), a kept scan's from its file (`score_mask`).
+  scans' label maps, `_label_files`), each mask is scored against its scan's expert labels
+  (`evaluate.label_scores`; labels mapped by data.label_map), a kept scan's from its file
+  (`evaluate.score_mask`).
 
   A batch goes on past a scan that fails with a `DataError` (logged) and raises one naming the failed scans
   at its end; its reports are rewritten after every scan, so a batch stopped part way keeps the measures of
@@ -520,7 +497,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       if target in kept:  # scored from its mask; scores it has are of the labels given then
         result = {k: v for k, v in kept[target].items() if k not in ('labels', 'scores')}
         if label:
-          result.update(labels=str(label), scores=score_mask(target, label, values, config.data.label_map))
+          result.update(labels=str(label),
+                        scores=evaluate.score_mask(target, label, values, config.data.label_map))
       else:
         result = _segment_scan(config, network, pixel, source, target, batch, series, laterality, values,
                                label)
@@ -624,7 +602,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
             'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
             'slices_png': str(paths['slices'])}
   if truth is not None:
-    result.update(labels=str(label), scores=label_scores(classes, truth, spacing))
+    result.update(labels=str(label), scores=evaluate.label_scores(classes, truth, spacing))
   print(f"{source.name}: {result['laterality_text']}; FC {table['fc']['volume_mm3']:.0f} mm^3, mean "
         f"thickness {table['fc']['thickness_mean_mm']:.2f} mm; TC {table['tc']['volume_mm3']:.0f} mm^3, "
         f"mean thickness {table['tc']['thickness_mean_mm']:.2f} mm -> {target}", flush=True)
