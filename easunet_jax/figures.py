@@ -136,7 +136,7 @@ def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequ
   chosen = cartilage_slices(classes if labels is None else np.maximum(classes, labels))
   low, high = np.percentile(image[chosen], (1, 99.5))
   grey = np.clip((image[chosen] - low) / max(high - low, 1e-6), 0, 1)
-  rows = [('', None), ('prediction', classes)] + ([] if labels is None else [('labels', labels)])
+  rows = [('scan', None), ('prediction', classes)] + ([] if labels is None else [('labels', labels)])
   fig, axes = plt.subplots(len(rows), len(chosen), figsize=(4 * len(chosen), 4.2 * len(rows)), dpi=120,
                            squeeze=False)
   extent = (0, image.shape[1] * spacing[1], 0, image.shape[2] * spacing[2])
@@ -148,7 +148,7 @@ def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequ
       ax.set_xticks([])
       ax.set_yticks([])
       if labels is not None and column == 0:
-        ax.set_ylabel(name or 'scan', fontsize=9)
+        ax.set_ylabel(name, fontsize=9)
     axes[0, column].set_title(f'sagittal slice {x} of {image.shape[0]}', fontsize=9)
   handles = [matplotlib.patches.Patch(color=COLOURS[n], label=n.upper()) for n in CLASSES]
   fig.legend(handles=handles, loc='lower center', ncol=2, frameon=False)

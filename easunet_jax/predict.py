@@ -340,9 +340,7 @@ def _score_lines(scored: Sequence[dict]) -> list[str]:
   rows = [cells(r['scores']['fc'], r['scores']['tc']) for r in scored]
   lines += [f"| {pathlib.Path(r['input']).name} | " + ' | '.join(f'{x:.2f}' for x in row) + ' |'
             for r, row in zip(scored, rows)]
-  summary = [metrics.summarize(column) for column in zip(*rows)]
-  lines += [f'| mean ± std ({len(scored)} scans) | ' +
-            ' | '.join(metrics.mean_std_text(s['mean'], s['std']) for s in summary) + ' |', '']
+  lines += [f'| mean ± std ({len(scored)} scans) | ' + ' | '.join(map(_mean_std, zip(*rows))) + ' |', '']
   return lines
 
 

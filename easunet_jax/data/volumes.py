@@ -292,7 +292,7 @@ def load_case(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarra
 def labels_on_grid(nii: nib.Nifti1Image, case: Case, label_map: Sequence[Sequence[int]]) -> np.ndarray:
   """The training classes (uint8) of `case.label`, the label map of a volume open as `nii` (`case.image`'s, or
   a mask written in its grid), in closest-canonical RAS order as `canonical_image` gives the volume; the
-  label map must share the volume's shape and affine and hold known values."""
+  label map must lie on the volume's grid (in any voxel order) and hold known values."""
   label_nii = open_volume(case.label)
   _check_same_grid(nii, label_nii, case)
   labels, _ = read_canonical(label_nii, case.label)
