@@ -30,3 +30,22 @@ def test_pointwise_layer_is_a_channel_matmul_and_bfloat16_keeps_float32_gradient
                                else 1e-6, atol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
     grad = nnx.grad(lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2))(layer)
     assert grad.kernel[...].dtype == jnp.float32 and grad.kernel[...].shape == (3, 5)
+
+
+def test_max_pool_takes_each_windows_maximum_and_sends_its_gradient_to_one_element():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 6, 8, 3)).astype(np.float32)
+  x[0, :2, :2, 0] = 1.5  # a window of four equal maxima
+  x[1, 2:4, 4:6, 2] = [[0.0, 2.0], [2.0, -1.0]]  # two
+  expected = x.reshape(2, 3, 2, 4, 2, 3).max(axis=(2, 4))
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), expected)
+  cotangent = rng.uniform(1.0, 2.0, expected.shape).astype(np.float32)
+  grad = np.asarray(jax.vjp(layers.max_pool_2x2, x)[1](cotangent)[0])
+  windows = grad.reshape(2, 3, 2, 4, 2, 3)
+  # Each window's cotangent lands whole on one of its maxima (a rule that compared the input with the
+  # result and split the gradient among the matches would divide by zero where XLA recomputed the input
+  # with other rounding).
+  assert np.all(np.count_nonzero(windows, axis=(2, 4)) == 1)
+  np.testing.assert_array_equal(windows.sum(axis=(2, 4)), cotangent)
+  chosen = np.where(windows != 0, x.reshape(windows.shape), -np.inf).max(axis=(2, 4))
+  np.testing.assert_array_equal(chosen, expected)  # and it is a maximum
