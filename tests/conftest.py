@@ -1,10 +1,10 @@
-"""Test set-up: four virtual CPU devices, the process settings main.py runs with and a compilation cache for
-the session (all set before jax is imported, and inherited by the main.py processes tests start and by
-pytest-xdist's workers), and parsed absl flags (Grain's worker processes read them). A program compiled once,
-by a test, a main.py process or another worker (the tiny train step, say), is read from the cache by the
-others. Under pytest-xdist (the README's `-n 2`) each test module runs whole on one worker, so its fixtures
-are made once; the modules that read one of the session's trained tiny runs share a worker, so it trains
-once."""
+"""Test set-up: four virtual CPU devices with XLA's backend optimisation off, the process settings main.py
+runs with, and a compilation cache for the session (all set before jax is imported, and inherited by the
+main.py processes tests start and by pytest-xdist's workers), and parsed absl flags (Grain's worker processes
+read them). A program compiled once, by a test, a main.py process or another worker (the tiny train step,
+say), is read from the cache by the others. Under pytest-xdist (the README's `-n 2`) each test module runs
+whole on one worker, so its fixtures are made once; the modules that read one of the session's trained tiny
+runs share a worker, so it trains once."""
 
 import os
 import tempfile
@@ -15,7 +15,10 @@ from easunet_jax import environment
 # so main.py does not start itself again.
 os.environ.update(environment.with_settings(os.environ))
 if 'PYTEST_XDIST_WORKER' not in os.environ:  # a worker inherits its controller's environment
-  os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
+  # XLA's backend optimisation off: the suite compiles many programs and runs each briefly, so compiling
+  # dominates (the whole suite 437 s against 500-525 s here). The programs compute the same values to
+  # rounding; the one test this moved exposed a real fault (max_pool_2x2's gradient, see its docstring).
+  os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0'
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='easunet_jax_cache_')
 
 import jax

@@ -27,7 +27,8 @@ def _free_port() -> int:
 def _run_two_processes(config, workdir: pathlib.Path) -> list[str]:
   """Trains `augmented_tiny`'s `config` in `workdir` with two processes; returns each one's stderr."""
   address = f'127.0.0.1:{_free_port()}'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+  env = {**os.environ,
+         'XLA_FLAGS': os.environ['XLA_FLAGS'].replace('device_count=4', 'device_count=2'),
          'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',
          # The coordinator listens on loopback only (JAX's default address, [::], needs IPv6).
          'JAX_COORDINATOR_BIND_ADDRESS': address, 'JAX_PLATFORMS': 'cpu'}
