@@ -43,6 +43,8 @@ flags.DEFINE_bool('continue_prediction', False, 'predict: of a directory of scan
 flags.DEFINE_string('labels', None, 'predict: expert labels to score the masks against: the label map of '
                     "the one --input scan, or a directory of the scans' label maps (<name>.nii.gz, or "
                     "<id>.nii.gz for nnU-Net's <id>_0000 images), read with data.label_map.")
+flags.DEFINE_bool('save_probabilities', False, "predict: also write each scan's class probabilities "
+                  '(background, FC, TC) as a 4D NIfTI in its grid, beside its mask.')
 flags.DEFINE_string('weights', None, 'predict: a model file of --mode=export; without --config, its own '
                     "config; with it, the config's predict settings; without either, the shipped model "
                     '(easunet_jax/weights/eas_knee.npz).')
@@ -155,7 +157,8 @@ def main(argv):
     elif FLAGS.mode == 'predict':
       predict.predict(config, None if model_file else workdir, FLAGS.input, FLAGS.output, model_file,
                       series=FLAGS.series, laterality=FLAGS.laterality and FLAGS.laterality[0].upper(),
-                      continue_prediction=FLAGS.continue_prediction, labels=FLAGS.labels)
+                      continue_prediction=FLAGS.continue_prediction, labels=FLAGS.labels,
+                      save_probabilities=FLAGS.save_probabilities)
     elif FLAGS.mode == 'export':
       meta = pretrained.export(config, workdir, FLAGS.output)
       print(f'{FLAGS.output}: step {meta["step"]} of {workdir}, pixel {meta["pixel_mm"]} mm')

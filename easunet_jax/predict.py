@@ -280,13 +280,14 @@ def remove_small_components(classes: np.ndarray, spacing: Sequence[float], min_m
   return classes
 
 
-def _save(path: pathlib.Path, array: np.ndarray, nii: nib.Nifti1Image) -> None:
-  """Writes `array` (canonical order) in the voxel order, affine and header of `nii`, as its own dtype."""
+def _save(path: pathlib.Path, array: np.ndarray, nii: nib.Nifti1Image, slope: float = 1.0) -> None:
+  """Writes `array` (canonical order; trailing axes beyond the three spatial ones kept) in the voxel order,
+  affine and header of `nii`, as its own dtype; readers scale the stored values by `slope`."""
   back = nib.orientations.ornt_transform(_CANONICAL, nib.io_orientation(nii.affine))
   header = nii.header.copy()
   header.set_data_dtype(array.dtype)
   out = nib.Nifti1Image(nib.orientations.apply_orientation(array, back), nii.affine, header)
-  out.header.set_slope_inter(1, 0)  # the input's intensity scaling must not rescale the written values
+  out.header.set_slope_inter(slope, 0)  # not the input's intensity scaling
   path.parent.mkdir(parents=True, exist_ok=True)
   nib.save(out, path)
 
@@ -296,16 +297,19 @@ def _stem(path: pathlib.Path) -> str:
 
 
 def _report_paths(target: pathlib.Path, batch: bool) -> dict[str, pathlib.Path]:
-  """Where a scan's thickness maps and slice figure go: beside a single mask (<mask>_thickness.*,
-  <mask>_slices.png), in thickness/ and slices/ of a batch."""
+  """Where a scan's thickness maps, slice figure and class probabilities go: beside a single mask
+  (<mask>_thickness.*, <mask>_slices.png, <mask>_probabilities.nii.gz), in thickness/, slices/ and
+  probabilities/ of a batch."""
   if batch:
     return {'map': target.parent / 'thickness' / f'{_stem(target)}.nii.gz',
             'png': target.parent / 'thickness' / f'{_stem(target)}.png',
             'slices': target.parent / 'slices' / f'{_stem(target)}.png',
+            'probabilities': target.parent / 'probabilities' / f'{_stem(target)}.nii.gz',
             'result': target.parent / 'measures' / f'{_stem(target)}.json'}
   return {'map': target.with_name(f'{_stem(target)}_thickness.nii.gz'),
           'png': target.with_name(f'{_stem(target)}_thickness.png'),
-          'slices': target.with_name(f'{_stem(target)}_slices.png')}
+          'slices': target.with_name(f'{_stem(target)}_slices.png'),
+          'probabilities': target.with_name(f'{_stem(target)}_probabilities.nii.gz')}
 
 
 def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) -> dict | None:
@@ -318,7 +322,8 @@ def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) 
     changed = source.stat().st_mtime_ns > paths['result'].stat().st_mtime_ns
   except (OSError, ValueError):
     return None
-  outputs = (target, paths['map'], paths['png'], paths['slices'])
+  outputs = [target, paths['map'], paths['png'], paths['slices']] + (
+      [paths['probabilities']] if settings['save_probabilities'] else [])
   if (changed or earlier.get('settings') != settings or earlier.get('result', {}).get('input') != str(source)
       or not all(path.is_file() for path in outputs)):
     return None
@@ -416,7 +421,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
             input_path: str | pathlib.Path, output_path: str | pathlib.Path,
             model_file: str | pathlib.Path | None = None, *, series: str | None = None,
             laterality: str | None = None, continue_prediction: bool = False,
-            labels: str | pathlib.Path | None = None) -> list[dict]:
+            labels: str | pathlib.Path | None = None, save_probabilities: bool = False) -> list[dict]:
   """Segments one scan or a directory of them (`_inputs`: NIfTI files, DICOM folders) into `output_path` (a
   mask file, or a directory) with the checkpoint eval.checkpoint names in `workdir`, or with `model_file`
   (`pretrained`: then config is the file's, `pretrained.config_of`). `series` picks a DICOM series by its
@@ -424,7 +429,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   'L') overrides `decide_laterality`. With `labels` (a label file of the one scan, or a directory of the
   scans' label maps, `_label_files`), each mask is scored against its scan's expert labels
   (`evaluate.label_scores`; labels mapped by data.label_map), a kept scan's from its file
-  (`evaluate.score_mask`).
+  (`evaluate.score_mask`). With `save_probabilities`, each scan's class probabilities go beside its mask
+  (`_report_paths`) as a 4D NIfTI in the scan's grid, classes (background, FC, TC) on the fourth axis:
+  those the mask's argmax was taken of (after the slice smoothing, before the background weight and the
+  small components' removal), stored as uint8 with the scale factor 1/255.
 
   A batch goes on past a scan that fails with a `DataError` (logged) and raises one naming the failed scans
   at its end; its reports are rewritten after every scan, so a batch stopped part way keeps the measures of
@@ -454,7 +462,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   label_files = _label_files(pairs, labels, batch) if labels else {}
   inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
-    for written in (target, _report_paths(target, batch)['map']):
+    paths = _report_paths(target, batch)
+    outputs = [target, paths['map']] + ([paths['probabilities']] if save_probabilities else [])
+    for written in outputs:
       if written.resolve() in inputs:
         raise DataError(f'{written}: the output would overwrite an input scan or label map; choose another '
                         '--output')
@@ -480,7 +490,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   # model by its weights, not its path: a model file or a workdir may be overwritten by another training.
   settings = json.loads(json.dumps({
       'model_sha256': network.weights_sha256(), 'predict': config.predict.to_dict(), 'series': series,
-      'laterality': laterality}))
+      'laterality': laterality, 'save_probabilities': save_probabilities}))
   kept = {}
   if continue_prediction and batch:
     kept = {target: result for source, target in pairs
@@ -499,7 +509,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                         scores=evaluate.score_mask(target, label, values, config.data.label_map))
       else:
         result = _segment_scan(config, network, pixel, source, target, batch, series, laterality, values,
-                               label)
+                               label, save_probabilities)
         result['compile_s'] = network.compile_s - compile_before
         result['seconds'] = time.perf_counter() - case_start - result['compile_s']
         result['forward_s'] = network.forward_s - forward_before
@@ -548,9 +558,11 @@ def _mean_std(values: Sequence[float]) -> str:
 
 def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tuple[float, float] | None,
                   source: pathlib.Path, target: pathlib.Path, batch: bool, series: str | None,
-                  laterality: str | None, values: np.ndarray, label: pathlib.Path | None) -> dict:
-  """Segments one scan into `target` and writes its thickness map and figures (`_report_paths`), scored
-  against its `label` map if given; returns its result (`predict`'s, less the timings)."""
+                  laterality: str | None, values: np.ndarray, label: pathlib.Path | None,
+                  save_probabilities: bool) -> dict:
+  """Segments one scan into `target` and writes its thickness map and figures (`_report_paths`; and its
+  class probabilities if `save_probabilities`), scored against its `label` map if given; returns its
+  result (`predict`'s, less the timings)."""
   nii, info = _read(source, series)
   truth = None if label is None else volumes.labels_on_grid(
       nii, volumes.Case(source.name, source, label), config.data.label_map)
@@ -589,6 +601,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   paths = _report_paths(target, batch)
   _save(target, values[classes], nii)
   _save(paths['map'], thickness, nii)
+  if save_probabilities:
+    _save(paths['probabilities'], np.round(probabilities * 255).astype(np.uint8), nii, slope=1 / 255)
   for figure in ('png', 'slices'):
     paths[figure].parent.mkdir(parents=True, exist_ok=True)
   knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
@@ -599,6 +613,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
             'laterality_text': f'{knee} ({why})', 'regions': table,
             'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
             'slices_png': str(paths['slices'])}
+  if save_probabilities:
+    result['probabilities'] = str(paths['probabilities'])
   if truth is not None:
     result.update(labels=str(label), scores=evaluate.label_scores(classes, truth, spacing))
   print(f"{source.name}: {result['laterality_text']}; FC {table['fc']['volume_mm3']:.0f} mm^3, mean "

@@ -121,6 +121,36 @@ def test_background_weight_trims_unsure_cartilage_only(run, tmp_path, monkeypatc
   assert np.all((masks[2.0] == 0) | (masks[2.0] == masks[1.0]))
 
 
+def test_probabilities_are_those_of_the_mask_in_the_scans_grid(run, tmp_path, monkeypatch):
+  workdir, _, permuted = run
+  monkeypatch.setattr(predict.Network, '__call__', _unsure_of_fc)
+  [result] = predict.predict(_config(), workdir, permuted, tmp_path / 'mask.nii.gz', save_probabilities=True)
+  source, saved = nib.load(permuted), nib.load(tmp_path / 'mask_probabilities.nii.gz')
+  assert result['probabilities'] == str(tmp_path / 'mask_probabilities.nii.gz')
+  assert saved.shape == (*source.shape, 3) and saved.get_data_dtype() == np.uint8
+  np.testing.assert_allclose(saved.affine, source.affine, atol=1e-6)
+  probabilities = saved.get_fdata()
+  np.testing.assert_allclose(probabilities.sum(-1), 1, atol=2 / 255)
+  # Not one-hot: the stand-in network's own probabilities inside the plates.
+  assert np.isclose(probabilities[..., 1], 0.6, atol=1 / 255).sum() > 10
+  assert np.isclose(probabilities[..., 2], 0.8, atol=1 / 255).sum() > 10
+  mask = np.asarray(nib.load(tmp_path / 'mask.nii.gz').dataobj)
+  top_two = np.sort(probabilities, -1)[..., -2:]
+  sure = (top_two[..., 1] - top_two[..., 0] > 2 / 255) & (mask > 0)  # small components: background
+  assert (mask[sure] == 1).sum() > 10 and (mask[sure] == 2).sum() > 10
+  np.testing.assert_array_equal(probabilities.argmax(-1)[sure], mask[sure])
+
+  # A batch writes probabilities/<scan>; a scan an earlier run segmented without them is not kept.
+  scans, out = tmp_path / 'scans', tmp_path / 'out'
+  scans.mkdir()
+  (scans / 'a.nii.gz').write_bytes(permuted.read_bytes())
+  predict.predict(_config(), workdir, scans, out)
+  assert not (out / 'probabilities').exists()
+  predict.predict(_config(), workdir, scans, out, continue_prediction=True, save_probabilities=True)
+  np.testing.assert_array_equal(np.asarray(nib.load(out / 'probabilities' / 'a.nii.gz').dataobj),
+                                np.asarray(saved.dataobj))
+
+
 def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
   workdir, canonical, permuted = run
   inputs = tmp_path / 'in'
