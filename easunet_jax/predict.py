@@ -66,7 +66,7 @@ def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
 
 def _mask_name(scan: pathlib.Path) -> str:
-  """A NIfTI scan's mask keeps its name; a MetaImage's is NIfTI (what the masks are written as)."""
+  """A NIfTI scan's mask keeps its name; a MetaImage's or NRRD's is NIfTI (what the masks are written as)."""
   if scan.name.endswith(volumes.NIFTI_SUFFIXES):
     return scan.name
   return f'{volumes.volume_stem(scan.name)}.nii.gz'
@@ -76,10 +76,10 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
             ) -> tuple[list[tuple[pathlib.Path, pathlib.Path]], bool]:
   """((scan, mask file) pairs, whether they are a batch written into the directory `output_path`).
 
-  A scan is a NIfTI or MetaImage file or a folder of DICOM files (one series is read from it,
+  A scan is a NIfTI, MetaImage or NRRD file or a folder of DICOM files (one series is read from it,
   `dicom.read_series`). A directory holding such files is a batch of them, masks of the same names (a
-  MetaImage's as <name>.nii.gz); one holding DICOM files is one scan; one whose subfolders hold DICOM files
-  is a batch of those, masks named <subfolder>.nii.gz.
+  MetaImage's or NRRD's as <name>.nii.gz); one holding DICOM files is one scan; one whose subfolders hold
+  DICOM files is a batch of those, masks named <subfolder>.nii.gz.
   """
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
   if not source.exists():
@@ -103,8 +103,8 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
                    if (source / images).is_dir()), None)
     hint = (f'; a data set: --input={source / layout[0]} (and --labels={source / layout[1]} to score the '
             'masks)' if layout else '')
-    raise DataError(f'{source}: no NIfTI or MetaImage file (*.nii.gz, *.nii, *.mhd, *.mha) and no DICOM '
-                    f'series in this directory{hint}')
+    raise DataError(f'{source}: no NIfTI, MetaImage or NRRD file (*.nii.gz, *.nii, *.mhd, *.mha, *.nrrd, '
+                    f'*.nhdr) and no DICOM series in this directory{hint}')
   return [(p, target / f'{p.name}.nii.gz') for p in folders], True
 
 
@@ -118,7 +118,8 @@ def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, di
 def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path: str | pathlib.Path,
                  batch: bool) -> dict[pathlib.Path, pathlib.Path]:
   """{scan: its label map} for --labels: a label file of the one scan, or a directory holding each scan's
-  under the scan's name (<name>.nii.gz, .nii, .mhd or .mha), or under <id> for nnU-Net's <id>_0000 images."""
+  under the scan's name (<name>.nii.gz, .nii, .mhd, .mha, .nrrd or .nhdr), or under <id> for nnU-Net's
+  <id>_0000 images."""
   labels = pathlib.Path(labels_path)
   if labels.is_file():
     if batch:
@@ -134,8 +135,8 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
       found[source] = path
   if missing := [source.name for source, _ in pairs if source not in found]:
     raise DataError(f'--labels={labels}: no label map for {len(missing)} scan(s) ({", ".join(missing[:5])}); '
-                    "expected each scan's name with .nii.gz, .nii, .mhd or .mha, or <id>.nii.gz for "
-                    "nnU-Net's <id>_0000.nii.gz")
+                    "expected each scan's name with .nii.gz, .nii, .mhd, .mha, .nrrd or .nhdr, or "
+                    "<id>.nii.gz for nnU-Net's <id>_0000.nii.gz")
   return found
 
 
@@ -458,7 +459,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   stems = collections.Counter(_stem(target) for _, target in pairs)
   if twice := sorted(stem for stem, n in stems.items() if n > 1):
     raise DataError(f'{input_path}: scans {", ".join(twice)} each come as two files (of .nii, .nii.gz, '
-                    '.mhd, .mha), whose thickness maps and figures would overwrite each other; keep one')
+                    '.mhd, .mha, .nrrd, .nhdr), whose thickness maps and figures would overwrite each other; '
+                    'keep one')
   label_files = _label_files(pairs, labels, batch) if labels else {}
   inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored

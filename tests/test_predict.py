@@ -264,7 +264,7 @@ def test_errors_are_one_line(run, tmp_path):
   nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), four_d)
   _one_line_error(DataError, 'expected 3D', _config(), workdir, four_d, out)
   (tmp_path / 'empty').mkdir()
-  _one_line_error(DataError, 'no NIfTI or MetaImage file .* and no DICOM series in this directory$',
+  _one_line_error(DataError, 'no NIfTI, MetaImage or NRRD file .* and no DICOM series in this directory$',
                   _config(), workdir, tmp_path / 'empty', out)
   data_set = tmp_path / 'nnunet'  # a data set's root instead of its images
   (data_set / 'imagesTr').mkdir(parents=True)

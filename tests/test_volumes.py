@@ -1,4 +1,5 @@
-"""Tests of volume discovery (NIfTI, MetaImage), canonical loading, consistency checks and label remapping."""
+"""Tests of volume discovery (NIfTI, MetaImage, NRRD), canonical loading, consistency checks and label
+remapping."""
 
 
 import metaimage
@@ -136,14 +137,14 @@ def test_reference_knee_orientation():
   assert 95 <= cartilage_slices <= 110
 
 
-@pytest.mark.parametrize('kind', ['mhd', 'mha', 'big-endian'])
-def test_metaimage_loads_as_the_same_volume_in_nifti(tmp_path, kind):
+@pytest.mark.parametrize('kind', ['mhd', 'mha', 'big-endian', 'nrrd', 'nhdr'])
+def test_metaimage_and_nrrd_load_as_the_same_volume_in_nifti(tmp_path, kind):
   """ITK's LPS pose read into RAS: the same canonical voxels and spacing as the NIfTI file of that pose."""
   image, _, _ = _small_case(np.random.default_rng(5))
   image = (image * 100).astype(np.int16)
   ras = np.array([[0, 0, 0.7, -3], [-0.4, 0, 0, 20], [0, -0.4, 0, 30], [0, 0, 0, 1]])  # (P, I, R)
   volumes.save_volume(tmp_path / 'k.nii.gz', image, ras)
-  path = tmp_path / ('k.mha' if kind == 'mha' else 'k.mhd')
+  path = tmp_path / f"k.{kind if kind in ('mha', 'nrrd', 'nhdr') else 'mhd'}"
   metaimage.write(path, image, ras)
   if kind == 'big-endian':  # as other writers may store the voxels; ITK writes little-endian
     path.write_text(path.read_text().replace('ByteOrderMSB = False', 'ByteOrderMSB = True'))

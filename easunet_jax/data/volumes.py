@@ -1,8 +1,11 @@
-"""Volumes (NIfTI, and ITK's MetaImage for reading): discovery of image/label pairs, checks, loading in
+"""Volumes (NIfTI; ITK's MetaImage and NRRD for reading): discovery of image/label pairs, checks, loading in
 canonical RAS order, label remapping, saving."""
 
+import bz2
+import gzip
 import os
 import pathlib
+import re
 import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -23,12 +26,31 @@ NIFTI_SUFFIXES = ('.nii.gz', '.nii')
 # ITK's MetaImage: an .mhd header beside its data file, or an .mha holding both. OAI-ZIB releases its manual
 # segmentations so (segmentation_masks/<id>.segmentation_masks.mhd), as SKI10 its images and labels.
 METAIMAGE_SUFFIXES = ('.mhd', '.mha')
-VOLUME_SUFFIXES = NIFTI_SUFFIXES + METAIMAGE_SUFFIXES
+# NRRD: 3D Slicer's format for volumes, a .nrrd holding header and voxels or an .nhdr beside its data file.
+NRRD_SUFFIXES = ('.nrrd', '.nhdr')
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + METAIMAGE_SUFFIXES + NRRD_SUFFIXES
 _METAIMAGE_TYPES = {'MET_UCHAR': 'u1', 'MET_CHAR': 'i1', 'MET_USHORT': 'u2', 'MET_SHORT': 'i2',
                     'MET_UINT': 'u4', 'MET_INT': 'i4', 'MET_ULONG': 'u8', 'MET_LONG': 'i8',
                     'MET_ULONG_LONG': 'u8', 'MET_LONG_LONG': 'i8', 'MET_FLOAT': 'f4', 'MET_DOUBLE': 'f8'}
-# ITK's world coordinates are LPS, NIfTI's RAS: the first two change sign.
+# NRRD's type names (each has several spellings), as numpy dtypes.
+_NRRD_TYPES = {
+    **dict.fromkeys(('signed char', 'int8', 'int8_t'), 'i1'),
+    **dict.fromkeys(('uchar', 'unsigned char', 'uint8', 'uint8_t'), 'u1'),
+    **dict.fromkeys(('short', 'short int', 'signed short', 'signed short int', 'int16', 'int16_t'), 'i2'),
+    **dict.fromkeys(('ushort', 'unsigned short', 'unsigned short int', 'uint16', 'uint16_t'), 'u2'),
+    **dict.fromkeys(('int', 'signed int', 'int32', 'int32_t'), 'i4'),
+    **dict.fromkeys(('uint', 'unsigned int', 'uint32', 'uint32_t'), 'u4'),
+    **dict.fromkeys(('longlong', 'long long', 'long long int', 'signed long long', 'signed long long int',
+                     'int64', 'int64_t'), 'i8'),
+    **dict.fromkeys(('ulonglong', 'unsigned long long', 'unsigned long long int', 'uint64', 'uint64_t'),
+                    'u8'),
+    'float': 'f4', 'double': 'f8'}
+# ITK's world coordinates are LPS, NIfTI's RAS: the first two change sign. NRRD names its space.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_NRRD_SPACES = {'right-anterior-superior': np.eye(4), 'ras': np.eye(4),
+                'left-posterior-superior': _LPS_TO_RAS, 'lps': _LPS_TO_RAS,
+                'left-anterior-superior': np.diag([-1.0, 1.0, 1.0, 1.0]),
+                'las': np.diag([-1.0, 1.0, 1.0, 1.0])}
 # What a truncated, corrupt or foreign file raises inside nibabel, gzip and zlib.
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
                 nib.spatialimages.HeaderDataError)
@@ -53,7 +75,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
-  """`label_dir`'s volume file of `case_id` (<case_id>.nii.gz, .nii, .mhd or .mha), or None."""
+  """`label_dir`'s volume file of `case_id` (<case_id>.nii.gz, .nii, .mhd, .mha, .nrrd or .nhdr), or
+  None."""
   return next((p for suffix in VOLUME_SUFFIXES if (p := label_dir / f'{case_id}{suffix}').exists()), None)
 
 
@@ -154,13 +177,79 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
   return nib.Nifti1Image(voxels, _LPS_TO_RAS @ affine)
 
 
+def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
+  """A NRRD file (.nrrd, or an .nhdr header naming its data file) as a NIfTI image with the same voxels and
+  pose (its space made RAS). Raw voxels stay on disk behind a lazy proxy; gzip- and bzip2-compressed ones
+  are read here."""
+  try:
+    fields = {}
+    with open(path, 'rb') as f:
+      if not f.readline().startswith(b'NRRD'):
+        raise ValueError('no NRRD magic line')
+      while (line := f.readline().decode('latin-1').rstrip('\r\n')):  # a blank line ends the header
+        if not line.startswith('#') and ': ' in line:
+          key, _, value = line.partition(': ')
+          fields[key.strip().lower()] = value.strip()
+      header_end = f.tell()
+    sizes = [int(n) for n in fields['sizes'].split()]
+    if fields['type'].lower() not in _NRRD_TYPES:
+      raise ValueError(f"type {fields['type']} not supported")
+    dtype = np.dtype(_NRRD_TYPES[fields['type'].lower()])
+    if dtype.itemsize > 1:
+      dtype = dtype.newbyteorder('>' if fields['endian'].lower() == 'big' else '<')
+    encoding = fields.get('encoding', 'raw').lower()
+    if encoding not in ('raw', 'gzip', 'gz', 'bzip2', 'bz2'):
+      raise ValueError(f'encoding {encoding} not supported (raw, gzip or bzip2)')
+    data_path = path.parent / fields['data file'] if 'data file' in fields else path
+    offset = 0 if 'data file' in fields else header_end
+    with open(data_path, 'rb') as f:  # a missing data file is an error here, not at the first read
+      for _ in range(int(fields.get('line skip', 0))):
+        offset += len(f.readline())
+    nbytes, byte_skip = int(np.prod(sizes)) * dtype.itemsize, int(fields.get('byte skip', 0))
+    if encoding == 'raw':
+      offset = data_path.stat().st_size - nbytes if byte_skip == -1 else offset + byte_skip
+      voxels = nib.arrayproxy.ArrayProxy(str(data_path), (tuple(sizes), dtype, offset), order='F')
+    else:
+      with open(data_path, 'rb') as f:
+        f.seek(offset)
+        data = (gzip.decompress if encoding.startswith('gz') else bz2.decompress)(f.read())
+      data = data[len(data) - nbytes:] if byte_skip == -1 else data[byte_skip:byte_skip + nbytes]
+      voxels = np.frombuffer(data, dtype).reshape(sizes[::-1]).T.copy()  # the first axis runs fastest
+    directions = re.findall(r'\(([^)]*)\)|none', fields.get('space directions', ''))
+    space = fields.get('space', 'right-anterior-superior').lower()
+    if space not in _NRRD_SPACES:
+      raise ValueError(f'space {space} not supported ({", ".join(sorted(_NRRD_SPACES))})')
+    if directions:
+      spatial = [i for i, d in enumerate(directions) if d]
+      columns = np.array([[float(v) for v in directions[i].split(',')] for i in spatial]).T
+    else:  # no pose: the axes as stored, with the spacings given
+      spatial = list(range(len(sizes)))
+      columns = np.diag([float(v) for v in fields.get('spacings', ' '.join(['1'] * len(sizes))).split()])
+    origin = [float(v) for v in fields.get('space origin', '(0,0,0)').strip('()').split(',')]
+  except KeyError as e:
+    raise DataError(f'{path}: not a readable NRRD file (no {e.args[0]} field)') from None
+  except (OSError, ValueError, EOFError, zlib.error) as e:
+    raise DataError(f'{path}: not a readable NRRD file ({_one_line(e)})') from None
+  if len(spatial) != 3 or any(sizes[i] != 1 for i in range(len(sizes)) if i not in spatial):
+    raise DataError(f'{path}: volume of sizes {tuple(sizes)} with {len(spatial)} spatial axes, expected 3D')
+  if len(sizes) > 3:  # axes of length 1 that are not spatial (a vector or list axis of one component)
+    voxels = np.asarray(voxels).reshape([sizes[i] for i in spatial])
+  affine = np.eye(4)
+  affine[:3, :3] = columns[:3, :3]
+  affine[:3, 3] = origin[:3]
+  return nib.Nifti1Image(voxels, _NRRD_SPACES[space] @ affine)
+
+
 def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
-  """A NIfTI file's header and a lazy array proxy (a MetaImage file is read whole); a foreign or headless
+  """A NIfTI file's header and a lazy array proxy (a compressed MetaImage or NRRD file is read whole); a
+  foreign or headless
   file, or one not 3D, is an error. Trailing axes of length 1 (x, y, z, 1), as some converters write a 3D
   volume, are dropped."""
   path = pathlib.Path(path)
   if path.name.endswith(METAIMAGE_SUFFIXES):
     nii = _metaimage(path)
+  elif path.name.endswith(NRRD_SUFFIXES):
+    nii = _nrrd(path)
   else:
     try:
       nii = nib.load(path)
