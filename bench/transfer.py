@@ -17,7 +17,8 @@ alone by the simplest synthesiser a user might write (one intensity per label, b
 tables: dark, grey and bright background, bright bone, cartilage the only contrast), DESS-like with water
 excitation (OAI's DESS: fat and fatty marrow dark), and DESS-like on a 3D
 DESS scan's grid (80 x 512 x 512, 1.5 x 0.2734 x 0.2734 mm), sampled at the slice centres and, as a scan's
-thick slices average what they cross, each slice the mean of three 0.5 mm slices.
+thick slices average what they cross, each slice the mean of three 0.5 mm slices; the last also with each
+of three artefacts of real scans (a surface coil's bright skin, Gibbs ringing, a motion ghost).
 Each set is segmented by `predict.predict` from its NIfTI files, as `--mode=predict` does, and scored
 against its labels with `metrics.segmentation_metrics` and the error of `measures.mean_thickness_mm`.
 Prints a Markdown table (mean ± std over knees) and one JSON line.
@@ -34,6 +35,7 @@ import tempfile  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 from easunet_jax import measures, metrics, predict, pretrained  # noqa: E402
 from easunet_jax.data import knee, phantom, volumes  # noqa: E402
@@ -47,6 +49,10 @@ SCAN_GRID = ((80, 512, 512), (1.5, 0.2734, 0.2734))  # a 3D DESS scan's: thick s
 SCAN_GRID_SETS = ('real anatomy, DESS-like, 80 x 512 x 512 grid, 1.5 mm slices',
                   'real anatomy, DESS-like, 80 x 512 x 512 grid, 1.5 mm slices with partial volume')
 SUB_SLICES = 3  # of a thick slice with partial volume
+# --more_sets: the partial-volume scan with an artefact of real scans (`_artefacts`).
+ARTEFACT_SETS = tuple(f'{SCAN_GRID_SETS[1]}, {artefact}' for artefact in (
+    'surface coil (3x bright at the skin)', 'Gibbs ringing (60 % of k-space)',
+    'motion ghost (25 %, a quarter field of view away)'))
 
 
 def _thick_slices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,6 +64,22 @@ def _thick_slices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                                       contrast='dess')
   image = fine.reshape(n, SUB_SLICES, *plane).mean(1)
   return image, tissue[SUB_SLICES // 2::SUB_SLICES], phantom.affine_for(*SCAN_GRID)
+
+
+def _artefacts(image: np.ndarray, tissue: np.ndarray, spacing: Sequence[float]) -> list[np.ndarray]:
+  """`image` with, in turn, three artefacts of real scans (ARTEFACT_SETS): the signal of a surface coil,
+  up to 3x near the skin and falling with depth (15 mm scale) into the body (`tissue` not air); Gibbs
+  ringing of a reconstruction zero-filled from the central 60 % of k-space along each in-plane axis; a
+  motion ghost along the phase-encoding axis (anterior-posterior), a 25 % copy of the image shifted by a
+  quarter of the field of view."""
+  depth = ndimage.distance_transform_edt(tissue != phantom.AIR, sampling=spacing)
+  coil = image * (1 + 2 * np.exp(-depth / 15.0))
+  kspace = np.fft.fftshift(np.fft.fft2(image), axes=(1, 2))
+  keep = [np.abs(np.arange(n) - n // 2) < 0.3 * n for n in image.shape[1:]]
+  truncated = kspace * (keep[0][:, None] & keep[1][None, :])
+  gibbs = np.abs(np.fft.ifft2(np.fft.ifftshift(truncated, axes=(1, 2))))
+  ghost = image + 0.25 * np.roll(image, image.shape[1] // 4, axis=1)
+  return [a.astype(np.float32) for a in (coil, gibbs, ghost)]
 
 
 def _labels_only(tissue: np.ndarray, spacing: Sequence[float], seed: int) -> np.ndarray:
@@ -90,7 +112,7 @@ def write_sets(out: pathlib.Path, num: int, every: int, more: bool, dataset_seed
   if more:
     names += [f'real anatomy, labels only, per-label intensities: {name}' for name in PER_LABEL]
     names += ['real anatomy, DESS-like with water excitation (fat and marrow dark)']
-    names += list(SCAN_GRID_SETS)
+    names += list(SCAN_GRID_SETS) + list(ARTEFACT_SETS)
   sets = {name: out / name for name in names}
   for i in range(num):
     case = f'knee_{i:03d}'
@@ -111,7 +133,10 @@ def write_sets(out: pathlib.Path, num: int, every: int, more: bool, dataset_seed
                                      blur=0.6, bias=np.zeros(5), noise=0.04), tissue, affine)
                      for table in PER_LABEL.values()]
       renderings += [(_water_excitation(tissue, spacing, seed), tissue, affine)]
-      renderings += [knee.make_tissues(seed, *SCAN_GRID, contrast='dess'), _thick_slices(seed)]
+      scan, scan_tissue, scan_affine = _thick_slices(seed)
+      renderings += [knee.make_tissues(seed, *SCAN_GRID, contrast='dess'), (scan, scan_tissue, scan_affine)]
+      renderings += [(image, scan_tissue, scan_affine)
+                     for image in _artefacts(scan, scan_tissue, SCAN_GRID[1])]
     for name, (image, codes, grid) in zip(sets, renderings):
       volumes.save_volume(sets[name] / 'labels' / f'{case}.nii.gz', phantom.LABEL_OF_TISSUE[codes], grid)
       volumes.save_volume(sets[name] / 'images' / f'{case}.nii.gz', image, grid)
@@ -146,7 +171,8 @@ def main() -> None:
                       help="background probability's weight in the argmax (predict.background_weight; "
                       "default: the model's)")
   parser.add_argument('--more_sets', action='store_true',
-                      help="also the per-label synthesiser's renderings and a 3D DESS scan's grid")
+                      help="also the per-label synthesiser's renderings and a 3D DESS scan's grid, with "
+                      'artefacts')
   args = parser.parse_args()
   out = pathlib.Path(args.out or tempfile.mkdtemp(prefix='transfer_'))
   config = pretrained.config_of(args.weights)
