@@ -90,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
   # The background's probability is multiplied by this before the argmax: above 1, cartilage only where the
   # network is that much surer of it; it trims plates drawn too thick (bench/calibrate.py scores weights).
   c.predict.background_weight = 1.0
+  # Run the network on a few central slices in each of the eight in-plane orientations and segment in the
+  # one where it is far surer of cartilage than in the header's: a header that flips or swaps the knee's
+  # in-plane axes (written by a conversion that lost the geometry) still gives a true mask, with a warning.
+  c.predict.orientation_check = True
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500  # checkpoint period (also at every validation and at the end)

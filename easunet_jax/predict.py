@@ -1,8 +1,8 @@
 """Segments new knee MRI volumes (NIfTI files or DICOM series, any voxel order and in-plane size) with a
-trained checkpoint and writes uint8 cartilage masks in the input's voxel grid; decides the knee's laterality
-and reports volume, thickness and area per plate and compartment (CSV and Markdown), with a thickness map of
-each scan (NIfTI and PNG) and a figure of its prediction on three sagittal slices; scores the masks against
-expert labels when given."""
+trained checkpoint and writes uint8 cartilage masks in the input's voxel grid (its in-plane orientation
+checked against the image); decides the knee's laterality and reports volume, thickness and area per plate
+and compartment (CSV and Markdown), with a thickness map of each scan (NIfTI and PNG) and a figure of its
+prediction on three sagittal slices; scores the masks against expert labels when given."""
 
 import collections
 import csv
@@ -42,6 +42,16 @@ _SLICE_PIXELS = (16, 4096)
 SIDES = {'R': 'right', 'L': 'left'}
 # An MR image has hundreds of grey levels; a scan with fewer distinct values is likely a label map or mask.
 _MIN_GREY_LEVELS = 16
+# The orientation check (`sagittal_orientation`) runs the network on this many central sagittal slices in
+# each of the eight in-plane orientations; it overrides the header only where another orientation holds at
+# least _ORIENTATION_MARGIN times the header's share of voxels where the network is sure of cartilage, and
+# at least _ORIENTATION_FLOOR of all voxels (a network that finds no cartilage anywhere decides nothing).
+_ORIENTATION_SLICES = 8
+_ORIENTATION_MARGIN = 1.5
+_ORIENTATION_FLOOR = 1e-3
+# Canonical (RAS) in-plane axes 1 and 2, each way: what an orientation's anterior and superior are.
+_IN_PLANE_NAMES = {(1, False): 'anterior', (1, True): 'posterior',
+                   (2, False): 'superior', (2, True): 'inferior'}
 
 
 def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
@@ -255,6 +265,60 @@ def class_probabilities(network: Network, image: np.ndarray,
   if slice_sigma_mm > 0:
     mean = ndimage.gaussian_filter1d(mean, slice_sigma_mm / spacing[0], axis=0, mode='nearest')
   return mean
+
+
+def orient(array: np.ndarray, orientation: tuple[bool, bool, bool]) -> np.ndarray:
+  """`array` (S, H, W, ...) of canonical order in an in-plane `orientation` (swap the two in-plane axes,
+  then flip axis 1, flip axis 2); `unorient` undoes it."""
+  swap, *flips = orientation
+  if swap:
+    array = array.swapaxes(1, 2)
+  return array[(slice(None), *(slice(None, None, -1 if flip else 1) for flip in flips))]
+
+
+def unorient(array: np.ndarray, orientation: tuple[bool, bool, bool]) -> np.ndarray:
+  swap, *flips = orientation
+  array = array[(slice(None), *(slice(None, None, -1 if flip else 1) for flip in flips))]
+  return array.swapaxes(1, 2) if swap else array
+
+
+def oriented_spacing(spacing: Sequence[float], swap: bool) -> tuple[float, float, float]:
+  """The voxel size of a volume `orient`ed with its in-plane axes swapped or not."""
+  return (spacing[0], spacing[2], spacing[1]) if swap else tuple(spacing)
+
+
+def describe_orientation(orientation: tuple[bool, bool, bool]) -> str:
+  """Where the header puts an `orient`ed volume's anterior and superior, in words."""
+  swap, *flips = orientation
+  return ', '.join(f"its {_IN_PLANE_NAMES[axis, False]} the header's {_IN_PLANE_NAMES[source, flip]}"
+                   for axis, source, flip in zip((1, 2), (2, 1) if swap else (1, 2), flips))
+
+
+def sagittal_orientation(network: Network, image: np.ndarray, spacing: Sequence[float],
+                         pixel: tuple[float, float] | None) -> tuple[tuple[bool, bool, bool], float]:
+  """(orientation, its ratio to the header's) of a canonical-order volume: of the eight in-plane
+  orientations (`orient`), the one in which the network is surest of cartilage, measured as the share of
+  voxels of _ORIENTATION_SLICES central sagittal slices where cartilage's probability exceeds 0.9 (no
+  sub-pixel grids, no slice smoothing). A 2D network trained on upright sagittal slices finds the most
+  cartilage in an upright knee, so a header that flips or swaps the knee's in-plane axes (an identity
+  direction written by a conversion, an array saved in another order than its affine's) shows as an
+  orientation far surer than the header's. The header's orientation (False, False, False) unless another
+  beats it by _ORIENTATION_MARGIN and _ORIENTATION_FLOOR."""
+  central = np.linspace(0.25 * (len(image) - 1), 0.75 * (len(image) - 1), _ORIENTATION_SLICES)
+  picked = image[np.unique(central.round()).astype(int)]
+  sure = {}
+  for swap in (False, True):  # one call per slice shape: the four flips of one shape batch together
+    orientations = [(swap, *flips) for flips in itertools.product((False, True), repeat=2)]
+    stack = np.concatenate([orient(picked, o) for o in orientations])
+    probs = class_probabilities(network, stack, oriented_spacing(spacing, swap), pixel, False, 0.0)
+    shares = (probs[..., 1:].sum(-1) > 0.9).reshape(len(orientations), -1).mean(1)
+    sure.update(zip(orientations, shares.tolist()))
+  header = (False, False, False)
+  best = max(sure, key=sure.get)
+  ratio = sure[best] / sure[header] if sure[header] > 0 else float('inf')
+  if best == header or ratio < _ORIENTATION_MARGIN or sure[best] < _ORIENTATION_FLOOR:
+    return header, 1.0
+  return best, ratio
 
 
 def to_classes(probabilities: np.ndarray, background_weight: float) -> np.ndarray:
@@ -574,6 +638,11 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
     print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
           flush=True)
   image, spacing = volumes.canonical_image(nii, source)  # axis 0 is left-right
+  if np.array_equal(nii.affine[:3, :3], np.eye(3)):
+    logging.warning("%s: the header's voxel-to-world affine is the identity (1 mm voxels, axes as stored), "
+                    'as a conversion that lost the geometry writes it: the model resamples by the voxel '
+                    'size, so unless the voxels are 1 mm the mask will be wrong; give the scan its voxel '
+                    'size', source)
   # Every third voxel along each axis first: an MR image has hundreds of grey levels there, so np.unique of
   # the whole volume (seconds) runs only for what may be a label map or mask given in place of a scan.
   if len(np.unique(image[::3, ::3, ::3])) < _MIN_GREY_LEVELS and (
@@ -592,6 +661,16 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
                       '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '
                       'coarse masks',
                       source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
+  orientation = (False, False, False)
+  if config.predict.orientation_check:
+    orientation, ratio = sagittal_orientation(network, image, spacing, pixel)
+    if any(orientation):
+      logging.warning("%s: the knee lies turned against its header (%s: the network is %.1fx surer of "
+                      "cartilage that way) and is segmented so; the mask is in the scan's voxel grid as "
+                      'always. Check the header (its sides may be wrong too), or keep its orientation with '
+                      'predict.orientation_check=False', source, describe_orientation(orientation), ratio)
+      image, spacing = orient(image, orientation), oriented_spacing(spacing, orientation[0])
+      truth = None if truth is None else orient(truth, orientation)
   probabilities = class_probabilities(network, image, spacing, pixel, config.predict.subpixel_tta,
                                       config.predict.slice_sigma_mm)
   classes = to_classes(probabilities, config.predict.background_weight)
@@ -601,10 +680,11 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   table, thickness = measures.compartment_table(
       fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, side))
   paths = _report_paths(target, batch)
-  _save(target, values[classes], nii)
-  _save(paths['map'], thickness, nii)
+  _save(target, unorient(values[classes], orientation), nii)
+  _save(paths['map'], unorient(thickness, orientation), nii)
   if save_probabilities:
-    _save(paths['probabilities'], np.round(probabilities * 255).astype(np.uint8), nii, slope=1 / 255)
+    _save(paths['probabilities'], unorient(np.round(probabilities * 255).astype(np.uint8), orientation), nii,
+          slope=1 / 255)
   for figure in ('png', 'slices'):
     paths[figure].parent.mkdir(parents=True, exist_ok=True)
   knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
@@ -614,7 +694,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   result = {'input': str(source), 'output': str(target), 'laterality': side,
             'laterality_text': f'{knee} ({why})', 'regions': table,
             'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
-            'slices_png': str(paths['slices'])}
+            'slices_png': str(paths['slices']),
+            'orientation': describe_orientation(orientation) if any(orientation) else 'as the header'}
   if save_probabilities:
     result['probabilities'] = str(paths['probabilities'])
   if truth is not None:

@@ -3,6 +3,7 @@ label values, directories, DICOM series (grid as SimpleITK converts it, laterali
 written beside the masks, and one-line errors."""
 
 import csv
+import itertools
 import os
 import pathlib
 import time
@@ -17,8 +18,8 @@ import SimpleITK as sitk
 from dicom_series import SAGITTAL, write_enhanced, write_series
 
 from configs import tiny
-from easunet_jax import figures, predict
-from easunet_jax.data import phantom, volumes
+from easunet_jax import figures, predict, pretrained
+from easunet_jax.data import knee, phantom, volumes
 from easunet_jax.errors import CheckpointError, DataError
 
 # Canonical axis i goes to axis ORNT[i, 0], flipped where ORNT[i, 1] = -1: the sagittal axis ends last and
@@ -93,7 +94,8 @@ def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch):
 
   monkeypatch.setattr(predict.Network, '__call__', record)
   for zoom in (1.0, 2.0):
-    predict.predict(_config(zoom=zoom, subpixel_tta=False), workdir, canonical, tmp_path / f'{zoom}.nii.gz')
+    predict.predict(_config(zoom=zoom, subpixel_tta=False, orientation_check=False), workdir, canonical,
+                    tmp_path / f'{zoom}.nii.gz')
     assert nib.load(tmp_path / f'{zoom}.nii.gz').shape == nib.load(canonical).shape
   (h1, w1), (h2, w2) = sizes
   # Twice the pixels per axis, up to the padding to the tiny network's stride (4).
@@ -434,6 +436,53 @@ def test_a_scan_acquired_in_another_plane_is_warned_of(run, tmp_path, caplog):
   assert 'acquired in another plane' not in caplog.text
   predict.predict(_config(), workdir, coronal, tmp_path / 'coronal_mask.nii.gz')
   assert 'coronal.nii.gz: sagittal slices of 5 x 1.8 mm pixels, over 2 times coarser' in caplog.text
+
+
+def test_a_header_that_turns_the_knee_is_caught(tmp_path, caplog):
+  """The shipped model on a small real-anatomy knee, and on the same voxels with the in-plane axes swapped
+  and head-foot flipped under the same header: the orientation check segments the turned file upright, its
+  mask the upright file's mask turned, voxel for voxel, and says how the header turns the knee."""
+  image, _, affine = knee.make_tissues(3, shape=(12, 160, 160), spacing=(2.0, 0.9, 0.9))
+  turned = np.ascontiguousarray(image.swapaxes(1, 2)[:, ::-1])  # orient(image, (True, True, False))
+  config = pretrained.config_of(pretrained.SHIPPED)
+  masks = {}
+  for name, voxels in (('upright', image), ('turned', turned)):
+    nib.save(nib.Nifti1Image(voxels, affine), tmp_path / f'{name}.nii.gz')
+    [result] = predict.predict(config, None, tmp_path / f'{name}.nii.gz', tmp_path / f'{name}_mask.nii.gz',
+                               pretrained.SHIPPED)
+    masks[name] = np.asarray(nib.load(tmp_path / f'{name}_mask.nii.gz').dataobj)
+    assert result['orientation'] == {
+        'upright': 'as the header', 'turned': "its anterior the header's superior, its superior the header's "
+                                              'posterior'}[name]
+  assert (masks['upright'] == 1).sum() > 1000 and (masks['upright'] == 2).sum() > 200
+  np.testing.assert_array_equal(masks['turned'], predict.orient(masks['upright'], (True, True, False)))
+  [warned] = [r.getMessage() for r in caplog.records if 'turned against its header' in r.getMessage()]
+  assert warned.startswith(f"{tmp_path / 'turned.nii.gz'}: the knee lies turned against its header (its "
+                           "anterior the header's superior")
+
+
+def test_orient_and_unorient_are_inverse_in_all_eight_orientations():
+  array = np.arange(2 * 3 * 4 * 2).reshape(2, 3, 4, 2)
+  seen = set()
+  for orientation in itertools.product((False, True), repeat=3):
+    oriented = predict.orient(array, orientation)
+    assert oriented.shape == ((2, 4, 3, 2) if orientation[0] else array.shape)
+    np.testing.assert_array_equal(predict.unorient(oriented, orientation), array)
+    seen.add(oriented.tobytes())
+  assert len(seen) == 8
+
+
+def test_an_identity_affine_is_warned_of(run, tmp_path, caplog, monkeypatch):
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  lost = tmp_path / 'lost.nii.gz'  # the geometry lost: 1 mm voxels, axes as stored
+  nib.save(nib.Nifti1Image(np.asarray(nib.load(canonical).dataobj), np.eye(4)), lost)
+  for scan in (canonical, lost):
+    caplog.clear()
+    predict.predict(_config(), workdir, scan, tmp_path / 'mask.nii.gz')
+    warned = [r.getMessage() for r in caplog.records if 'affine is the identity' in r.getMessage()]
+    assert len(warned) == (scan == lost)
+  assert warned[0].startswith(f"{lost}: the header's voxel-to-world affine is the identity (1 mm voxels")
 
 
 def test_small_components_are_dropped_per_class():
