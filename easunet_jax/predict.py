@@ -50,6 +50,7 @@ _ORIENTATION_SLICES = 8
 _ORIENTATION_MARGIN = 1.5
 _ORIENTATION_FLOOR = 1e-3
 # Canonical (RAS) in-plane axes 1 and 2, each way: what an orientation's anterior and superior are.
+_AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
 _IN_PLANE_NAMES = {(1, False): 'anterior', (1, True): 'posterior',
                    (2, False): 'superior', (2, True): 'inferior'}
 
@@ -451,7 +452,8 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
     figure = paths['bland_altman'].relative_to(markdown_path.parent)
     lines += [f'![Bland-Altman plot of mean thickness, FC and TC of every scan]({figure})', '']
   for r in results:
-    lines += [f"## {r['input']}", '', f"Mask `{r['output']}`; {r['laterality_text']}.", '',
+    turned = '' if r['orientation'] == _AS_THE_HEADER else f"; turned against its header ({r['orientation']})"
+    lines += [f"## {r['input']}", '', f"Mask `{r['output']}`; {r['laterality_text']}{turned}.", '',
               '| Region | Volume mm³ | Mean mm | Median mm | P95 mm | Max mm | Area mm² | < 1 mm |',
               '|---|---|---|---|---|---|---|---|']
     for region, row in r['regions'].items():
@@ -695,7 +697,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
             'laterality_text': f'{knee} ({why})', 'regions': table,
             'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
             'slices_png': str(paths['slices']),
-            'orientation': describe_orientation(orientation) if any(orientation) else 'as the header'}
+            'orientation': describe_orientation(orientation) if any(orientation) else _AS_THE_HEADER}
   if save_probabilities:
     result['probabilities'] = str(paths['probabilities'])
   if truth is not None:

@@ -459,6 +459,9 @@ def test_a_header_that_turns_the_knee_is_caught(tmp_path, caplog):
   [warned] = [r.getMessage() for r in caplog.records if 'turned against its header' in r.getMessage()]
   assert warned.startswith(f"{tmp_path / 'turned.nii.gz'}: the knee lies turned against its header (its "
                            "anterior the header's superior")
+  assert "turned against its header (its anterior the header's superior" in (
+      tmp_path / 'turned_mask_report.md').read_text()
+  assert 'turned against' not in (tmp_path / 'upright_mask_report.md').read_text()
 
 
 def test_orient_and_unorient_are_inverse_in_all_eight_orientations():
