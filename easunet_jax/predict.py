@@ -49,8 +49,8 @@ _MIN_GREY_LEVELS = 16
 _ORIENTATION_SLICES = 8
 _ORIENTATION_MARGIN = 1.5
 _ORIENTATION_FLOOR = 1e-3
-# Canonical (RAS) in-plane axes 1 and 2, each way: what an orientation's anterior and superior are.
 _AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
+# Canonical (RAS) in-plane axes 1 and 2, each way: what an orientation's anterior and superior are.
 _IN_PLANE_NAMES = {(1, False): 'anterior', (1, True): 'posterior',
                    (2, False): 'superior', (2, True): 'inferior'}
 
