@@ -49,6 +49,10 @@ _MIN_GREY_LEVELS = 16
 _ORIENTATION_SLICES = 8
 _ORIENTATION_MARGIN = 1.5
 _ORIENTATION_FLOOR = 1e-3
+# Then, upright, the same slices rotated in the sagittal plane by these angles (degrees), with the same margin
+# and floor: a knee scanned flexed or tilted beyond the poses the network learnt (flexion within about 20
+# degrees of the reference knee's) loses its tibial plate first.
+_ROTATIONS_DEG = (-30.0, -15.0, 15.0, 30.0)
 _AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
 # Canonical (RAS) in-plane axes 1 and 2, each way: what an orientation's anterior and superior are.
 _IN_PLANE_NAMES = {(1, False): 'anterior', (1, True): 'posterior',
@@ -295,6 +299,57 @@ def describe_orientation(orientation: tuple[bool, bool, bool]) -> str:
                    for axis, source, flip in zip((1, 2), (2, 1) if swap else (1, 2), flips))
 
 
+def rotate_slices(array: np.ndarray, degrees: float, spacing: Sequence[float]) -> np.ndarray:
+  """`array` (S, H, W, ...) with each sagittal slice rotated by `degrees` about its centre in millimetres
+  (pixels of `spacing[1:]` mm, square or not), linearly interpolated, edges extended;
+  `rotate_slices(rotate_slices(a, d, s), -d, s)` is `a` up to the interpolation."""
+  if array.ndim > 3:
+    return np.stack([rotate_slices(array[..., k], degrees, spacing) for k in range(array.shape[-1])], -1)
+  angle = np.deg2rad(degrees)
+  rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+  pixel = np.asarray(spacing[1:], float)
+  matrix = np.eye(3)
+  matrix[1:, 1:] = rotation * pixel[None, :] / pixel[:, None]  # output pixel -> mm -> rotated -> input pixel
+  centre = (np.asarray(array.shape, float) - 1) / 2
+  return ndimage.affine_transform(array, matrix, offset=centre - matrix @ centre, order=1, mode='nearest')
+
+
+def _central_slices(image: np.ndarray) -> np.ndarray:
+  """_ORIENTATION_SLICES sagittal slices spread over the central half of the left-right axis."""
+  central = np.linspace(0.25 * (len(image) - 1), 0.75 * (len(image) - 1), _ORIENTATION_SLICES)
+  return image[np.unique(central.round()).astype(int)]
+
+
+def _sure_shares(network: Network, variants: Sequence[np.ndarray], spacing: Sequence[float],
+                 pixel: tuple[float, float] | None) -> np.ndarray:
+  """For each of `variants` (slices of one shape), the share of its voxels where the network's cartilage
+  probability exceeds 0.9 (one grid, no slice smoothing; one call, so the variants batch together)."""
+  probs = class_probabilities(network, np.concatenate(variants), spacing, pixel, False, 0.0)
+  return (probs[..., 1:].sum(-1) > 0.9).reshape(len(variants), -1).mean(1)
+
+
+def _beats(shares: np.ndarray) -> tuple[int, float]:
+  """(index, ratio) of the share that beats share 0 (the header's, or no rotation) by _ORIENTATION_MARGIN
+  and _ORIENTATION_FLOOR; (0, 1.0) where none does."""
+  best = int(np.argmax(shares))
+  ratio = shares[best] / shares[0] if shares[0] > 0 else float('inf')
+  if best == 0 or ratio < _ORIENTATION_MARGIN or shares[best] < _ORIENTATION_FLOOR:
+    return 0, 1.0
+  return best, float(ratio)
+
+
+def sagittal_rotation(network: Network, image: np.ndarray, spacing: Sequence[float],
+                      pixel: tuple[float, float] | None) -> tuple[float, float]:
+  """(degrees, its ratio to no rotation's) of an upright canonical-order volume: of no rotation and
+  _ROTATIONS_DEG (`rotate_slices`), the one in which the network is surest of cartilage on the central
+  slices, where it beats no rotation by _ORIENTATION_MARGIN and _ORIENTATION_FLOOR; else 0."""
+  picked = _central_slices(image)
+  angles = (0.0, *_ROTATIONS_DEG)
+  rotated = [rotate_slices(picked, angle, spacing) if angle else picked for angle in angles]
+  best, ratio = _beats(_sure_shares(network, rotated, spacing, pixel))
+  return angles[best], ratio
+
+
 def sagittal_orientation(network: Network, image: np.ndarray, spacing: Sequence[float],
                          pixel: tuple[float, float] | None) -> tuple[tuple[bool, bool, bool], float]:
   """(orientation, its ratio to the header's) of a canonical-order volume: of the eight in-plane
@@ -305,21 +360,15 @@ def sagittal_orientation(network: Network, image: np.ndarray, spacing: Sequence[
   direction written by a conversion, an array saved in another order than its affine's) shows as an
   orientation far surer than the header's. The header's orientation (False, False, False) unless another
   beats it by _ORIENTATION_MARGIN and _ORIENTATION_FLOOR."""
-  central = np.linspace(0.25 * (len(image) - 1), 0.75 * (len(image) - 1), _ORIENTATION_SLICES)
-  picked = image[np.unique(central.round()).astype(int)]
-  sure = {}
+  picked = _central_slices(image)
+  orientations, shares = [], []
   for swap in (False, True):  # one call per slice shape: the four flips of one shape batch together
-    orientations = [(swap, *flips) for flips in itertools.product((False, True), repeat=2)]
-    stack = np.concatenate([orient(picked, o) for o in orientations])
-    probs = class_probabilities(network, stack, oriented_spacing(spacing, swap), pixel, False, 0.0)
-    shares = (probs[..., 1:].sum(-1) > 0.9).reshape(len(orientations), -1).mean(1)
-    sure.update(zip(orientations, shares.tolist()))
-  header = (False, False, False)
-  best = max(sure, key=sure.get)
-  ratio = sure[best] / sure[header] if sure[header] > 0 else float('inf')
-  if best == header or ratio < _ORIENTATION_MARGIN or sure[best] < _ORIENTATION_FLOOR:
-    return header, 1.0
-  return best, ratio
+    of_shape = [(swap, *flips) for flips in itertools.product((False, True), repeat=2)]
+    orientations += of_shape
+    variants = [orient(picked, o) for o in of_shape]
+    shares += list(_sure_shares(network, variants, oriented_spacing(spacing, swap), pixel))
+  best, ratio = _beats(np.array(shares))  # orientations[0] is the header's
+  return orientations[best], ratio
 
 
 def to_classes(probabilities: np.ndarray, background_weight: float) -> np.ndarray:
@@ -453,6 +502,8 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
     lines += [f'![Bland-Altman plot of mean thickness, FC and TC of every scan]({figure})', '']
   for r in results:
     turned = '' if r['orientation'] == _AS_THE_HEADER else f"; turned against its header ({r['orientation']})"
+    if r['rotation_deg']:
+      turned += f"; segmented with its sagittal slices rotated by {r['rotation_deg']:+g} degrees"
     lines += [f"## {r['input']}", '', f"Mask `{r['output']}`; {r['laterality_text']}{turned}.", '',
               '| Region | Volume mm³ | Mean mm | Median mm | P95 mm | Max mm | Area mm² | < 1 mm |',
               '|---|---|---|---|---|---|---|---|']
@@ -663,7 +714,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
                       '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '
                       'coarse masks',
                       source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
-  orientation = (False, False, False)
+  orientation, degrees = (False, False, False), 0.0
   if config.predict.orientation_check:
     orientation, ratio = sagittal_orientation(network, image, spacing, pixel)
     if any(orientation):
@@ -673,8 +724,16 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
                       'predict.orientation_check=False', source, describe_orientation(orientation), ratio)
       image, spacing = orient(image, orientation), oriented_spacing(spacing, orientation[0])
       truth = None if truth is None else orient(truth, orientation)
-  probabilities = class_probabilities(network, image, spacing, pixel, config.predict.subpixel_tta,
+    degrees, ratio = sagittal_rotation(network, image, spacing, pixel)
+    if degrees:
+      logging.warning('%s: the knee lies rotated in the sagittal plane beyond the poses the model learnt '
+                      '(the network is %.1fx surer of cartilage with the slices rotated by %+g degrees): '
+                      'segmented so rotated, the probabilities rotated back', source, ratio, degrees)
+  rotated = rotate_slices(image, degrees, spacing) if degrees else image
+  probabilities = class_probabilities(network, rotated, spacing, pixel, config.predict.subpixel_tta,
                                       config.predict.slice_sigma_mm)
+  if degrees:
+    probabilities = rotate_slices(probabilities, -degrees, spacing)
   classes = to_classes(probabilities, config.predict.background_weight)
   classes = remove_small_components(classes, spacing, config.predict.min_component_mm3)
   side, why = decide_laterality(nii, info, laterality)
@@ -697,7 +756,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
             'laterality_text': f'{knee} ({why})', 'regions': table,
             'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
             'slices_png': str(paths['slices']),
-            'orientation': describe_orientation(orientation) if any(orientation) else _AS_THE_HEADER}
+            'orientation': describe_orientation(orientation) if any(orientation) else _AS_THE_HEADER,
+            'rotation_deg': degrees}
   if save_probabilities:
     result['probabilities'] = str(paths['probabilities'])
   if truth is not None:

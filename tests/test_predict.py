@@ -438,30 +438,38 @@ def test_a_scan_acquired_in_another_plane_is_warned_of(run, tmp_path, caplog):
   assert 'coronal.nii.gz: sagittal slices of 5 x 1.8 mm pixels, over 2 times coarser' in caplog.text
 
 
-def test_a_header_that_turns_the_knee_is_caught(tmp_path, caplog):
-  """The shipped model on a small real-anatomy knee, and on the same voxels with the in-plane axes swapped
-  and head-foot flipped under the same header: the orientation check segments the turned file upright, its
-  mask the upright file's mask turned, voxel for voxel, and says how the header turns the knee."""
-  image, _, affine = knee.make_tissues(3, shape=(12, 160, 160), spacing=(2.0, 0.9, 0.9))
-  turned = np.ascontiguousarray(image.swapaxes(1, 2)[:, ::-1])  # orient(image, (True, True, False))
+def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, caplog):
+  """The shipped model on a small real-anatomy knee; on the same voxels with the in-plane axes swapped and
+  head-foot flipped under the same header, which the orientation check segments upright, its mask the upright
+  file's mask turned, voxel for voxel, saying how the header turns the knee; and on the knee rotated by 30
+  degrees in the sagittal plane, segmented rotated back, its mask the upright one's rotated."""
+  spacing = (2.0, 0.9, 0.9)
+  image, _, affine = knee.make_tissues(3, shape=(12, 160, 160), spacing=spacing)
+  scans = {'upright': image, 'turned': image.swapaxes(1, 2)[:, ::-1],  # orient(image, (True, True, False))
+           'flexed': predict.rotate_slices(image, 30, spacing)}
+  (tmp_path / 'scans').mkdir()
+  for name, voxels in scans.items():
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(voxels), affine), tmp_path / 'scans' / f'{name}.nii.gz')
   config = pretrained.config_of(pretrained.SHIPPED)
-  masks = {}
-  for name, voxels in (('upright', image), ('turned', turned)):
-    nib.save(nib.Nifti1Image(voxels, affine), tmp_path / f'{name}.nii.gz')
-    [result] = predict.predict(config, None, tmp_path / f'{name}.nii.gz', tmp_path / f'{name}_mask.nii.gz',
-                               pretrained.SHIPPED)
-    masks[name] = np.asarray(nib.load(tmp_path / f'{name}_mask.nii.gz').dataobj)
-    assert result['orientation'] == {
-        'upright': 'as the header', 'turned': "its anterior the header's superior, its superior the header's "
-                                              'posterior'}[name]
+  results = {pathlib.Path(r['input']).name: r for r in predict.predict(
+      config, None, tmp_path / 'scans', tmp_path / 'masks', pretrained.SHIPPED)}
+  masks = {name: np.asarray(nib.load(tmp_path / 'masks' / f'{name}.nii.gz').dataobj) for name in scans}
+  turned = "its anterior the header's superior, its superior the header's posterior"
+  assert [(results[f'{name}.nii.gz']['orientation'], results[f'{name}.nii.gz']['rotation_deg'])
+          for name in scans] == [('as the header', 0), (turned, 0), ('as the header', -30)]
   assert (masks['upright'] == 1).sum() > 1000 and (masks['upright'] == 2).sum() > 200
   np.testing.assert_array_equal(masks['turned'], predict.orient(masks['upright'], (True, True, False)))
-  [warned] = [r.getMessage() for r in caplog.records if 'turned against its header' in r.getMessage()]
-  assert warned.startswith(f"{tmp_path / 'turned.nii.gz'}: the knee lies turned against its header (its "
-                           "anterior the header's superior")
-  assert "turned against its header (its anterior the header's superior" in (
-      tmp_path / 'turned_mask_report.md').read_text()
-  assert 'turned against' not in (tmp_path / 'upright_mask_report.md').read_text()
+  for k, least in ((1, 0.8), (2, 0.6)):  # Dice against the upright mask rotated (TC: a few hundred voxels)
+    expected = predict.rotate_slices((masks['upright'] == k).astype(np.float32), 30, spacing) > 0.5
+    found = masks['flexed'] == k
+    assert 2 * np.sum(expected & found) / (expected.sum() + found.sum()) > least
+  warned = [r.getMessage() for r in caplog.records]
+  assert any(m.startswith(f"{tmp_path / 'scans' / 'turned.nii.gz'}: the knee lies turned against its header "
+                          f'({turned}') for m in warned)
+  assert any(m.startswith(f"{tmp_path / 'scans' / 'flexed.nii.gz'}: the knee lies rotated in the sagittal "
+                          'plane') and 'rotated by -30 degrees' in m for m in warned)
+  report = (tmp_path / 'masks' / 'report.md').read_text()
+  assert report.count('turned against its header') == 1 and report.count('rotated by -30 degrees') == 1
 
 
 def test_orient_and_unorient_are_inverse_in_all_eight_orientations():
