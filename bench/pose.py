@@ -9,8 +9,8 @@ keep the header's voxel size right), and rotated in the sagittal plane by each o
 (`predict.rotate_slices`: a knee scanned more flexed or tilted than the model learnt); the labels posed
 alike (rotated through their one-hot maps and the argmax). Every pose is segmented by `predict.predict` with
 the model's settings, as `--mode=predict --labels` does, once with `predict.orientation_check` and once
-without. Prints a Markdown table: the pose, what the check decided, 3D Dice % FC / TC with the check and
-without.
+without. Prints a Markdown table (the pose, what the check decided, 3D Dice % FC / TC with the check and
+without) and one JSON line.
 """
 
 from easunet_jax import environment
@@ -19,6 +19,7 @@ environment.configure()
 
 import argparse  # noqa: E402
 import itertools  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -84,6 +85,7 @@ def main() -> None:
   print(f'Model {args.weights}, {args.scan} posed; 3D Dice % FC / TC:\n')
   print('| pose | the check decided | with the check | without |')
   print('|---|---|---|---|')
+  summary = {}
   for name, text in poses.items():
     checked = runs[True][name]
     decided = []
@@ -91,9 +93,11 @@ def main() -> None:
       decided.append(f"turned back ({checked['orientation']})")
     if checked['rotation_deg']:
       decided.append(f"rotated by {checked['rotation_deg']:+g} degrees")
-    dice = {check: ' / '.join(f"{runs[check][name]['scores'][plate]['dice']:.1f}" for plate in ('fc', 'tc'))
-            for check in (True, False)}
-    print(f"| {text} | {'; '.join(decided) or 'nothing'} | {dice[True]} | {dice[False]} |")
+    dice = {check: [runs[check][name]['scores'][plate]['dice'] for plate in ('fc', 'tc')] for check in runs}
+    print(f"| {text} | {'; '.join(decided) or 'nothing'} | "
+          + ' | '.join(' / '.join(f'{d:.1f}' for d in dice[check]) for check in (True, False)) + ' |')
+    summary[name] = {'decided': decided, 'dice_with_check': dice[True], 'dice_without': dice[False]}
+  print(json.dumps({'weights': args.weights, 'scan': args.scan, 'out': str(out), 'poses': summary}))
 
 
 if __name__ == '__main__':
