@@ -339,20 +339,20 @@ def _beats(shares: np.ndarray) -> tuple[int, float]:
 
 
 def sagittal_rotation(network: Network, image: np.ndarray, spacing: Sequence[float],
-                      pixel: tuple[float, float] | None) -> tuple[float, float]:
-  """(degrees, its ratio to no rotation's) of an upright canonical-order volume: of no rotation and
-  _ROTATIONS_DEG (`rotate_slices`), the one in which the network is surest of cartilage on the central
-  slices, where it beats no rotation by _ORIENTATION_MARGIN and _ORIENTATION_FLOOR; else 0."""
+                      pixel: tuple[float, float] | None, upright_share: float) -> tuple[float, float]:
+  """(degrees, its ratio to no rotation's) of an upright canonical-order volume whose central slices
+  have `upright_share` (`sagittal_orientation`'s, not run again): of no rotation and _ROTATIONS_DEG
+  (`rotate_slices`), the one in which the network is surest of cartilage on the central slices, where it
+  beats no rotation by _ORIENTATION_MARGIN and _ORIENTATION_FLOOR; else 0."""
   picked = _central_slices(image)
-  angles = (0.0, *_ROTATIONS_DEG)
-  rotated = [rotate_slices(picked, angle, spacing) if angle else picked for angle in angles]
-  best, ratio = _beats(_sure_shares(network, rotated, spacing, pixel))
-  return angles[best], ratio
+  rotated = [rotate_slices(picked, angle, spacing) for angle in _ROTATIONS_DEG]
+  best, ratio = _beats(np.array([upright_share, *_sure_shares(network, rotated, spacing, pixel)]))
+  return (0.0, *_ROTATIONS_DEG)[best], ratio
 
 
 def sagittal_orientation(network: Network, image: np.ndarray, spacing: Sequence[float],
-                         pixel: tuple[float, float] | None) -> tuple[tuple[bool, bool, bool], float]:
-  """(orientation, its ratio to the header's) of a canonical-order volume: of the eight in-plane
+                         pixel: tuple[float, float] | None) -> tuple[tuple[bool, bool, bool], float, float]:
+  """(orientation, its ratio to the header's, its share) of a canonical-order volume: of the eight in-plane
   orientations (`orient`), the one in which the network is surest of cartilage, measured as the share of
   voxels of _ORIENTATION_SLICES central sagittal slices where cartilage's probability exceeds 0.9 (no
   sub-pixel grids, no slice smoothing). A 2D network trained on upright sagittal slices finds the most
@@ -368,7 +368,7 @@ def sagittal_orientation(network: Network, image: np.ndarray, spacing: Sequence[
     variants = [orient(picked, o) for o in of_shape]
     shares += list(_sure_shares(network, variants, oriented_spacing(spacing, swap), pixel))
   best, ratio = _beats(np.array(shares))  # orientations[0] is the header's
-  return orientations[best], ratio
+  return orientations[best], ratio, shares[best]
 
 
 def to_classes(probabilities: np.ndarray, background_weight: float) -> np.ndarray:
@@ -716,7 +716,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
                       source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
   orientation, degrees = (False, False, False), 0.0
   if config.predict.orientation_check:
-    orientation, ratio = sagittal_orientation(network, image, spacing, pixel)
+    orientation, ratio, upright_share = sagittal_orientation(network, image, spacing, pixel)
     if any(orientation):
       logging.warning("%s: the knee lies turned against its header (%s: the network is %.1fx surer of "
                       "cartilage that way) and is segmented so; the mask is in the scan's voxel grid as "
@@ -724,7 +724,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
                       'predict.orientation_check=False', source, describe_orientation(orientation), ratio)
       image, spacing = orient(image, orientation), oriented_spacing(spacing, orientation[0])
       truth = None if truth is None else orient(truth, orientation)
-    degrees, ratio = sagittal_rotation(network, image, spacing, pixel)
+    degrees, ratio = sagittal_rotation(network, image, spacing, pixel, upright_share)
     if degrees:
       logging.warning('%s: the knee lies rotated in the sagittal plane beyond the poses the model learnt '
                       '(the network is %.1fx surer of cartilage with the slices rotated by %+g degrees): '
