@@ -44,7 +44,7 @@ put_on_mesh, fetched = pipeline.put_on_mesh, []
 def signalling_put_on_mesh(batch, *args, **kwargs):
   fetched.extend([0] * ('mask' not in batch))  # validation batches carry a mask
   if len(fetched) == {n}:
-    os.kill(os.getpid(), signal.{signal})
+    signal.raise_signal(signal.{signal})  # to this (the main) thread: handled before the call returns
   return put_on_mesh(batch, *args, **kwargs)
 pipeline.put_on_mesh = signalling_put_on_mesh
 """
@@ -55,7 +55,7 @@ segment_scan, calls = predict._segment_scan, []
 def interrupted_segment_scan(*args, **kwargs):
   calls.append(0)
   if len(calls) == 2:
-    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the second scan begins
+    signal.raise_signal(signal.SIGINT)  # Ctrl-C, as the second scan begins, raised in this thread at once
   return segment_scan(*args, **kwargs)
 predict._segment_scan = interrupted_segment_scan
 """
