@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.train_slices = 'cartilage'  # 'cartilage' (slices with a cartilage label, the paper) or 'all'
   d.cache_dir = ''  # slice store; '' = <workdir>/slices
   d.augment = True  # random rotation / scale / translation / gamma / intensity of training slices, on device
+  d.augment_rotate_deg = 10.0  # the augmentation's rotations: within +-this many degrees (sagittal pose)
   # Contrast synthesis: each training image drawn afresh from its tissue map on the devices (data/synth.py);
   # trains on label maps alone (data.root with labels/ only) as well.
   d.synth = False

@@ -146,17 +146,17 @@ def model_loss(model: nnx.Module, batch: dict[str, jax.Array], loss_cfg: ml_coll
                                       loss_cfg.dice_eps)
 
 
-def training_batch(batch: dict[str, jax.Array], key: jax.Array, *, augment_batch: bool, synthesise: bool
-                   ) -> dict[str, jax.Array]:
-  """The batch a train step learns from: the store's compact dtypes widened; with `augment_batch`
-  augmented (`data.augment`); with `synthesise` its images drawn from its tissue maps (`data.synth`,
-  after the spatial augmentation, which moves tissue and labels alike)."""
+def training_batch(batch: dict[str, jax.Array], key: jax.Array, *, augment_ranges: augment.Ranges | None,
+                   synthesise: bool) -> dict[str, jax.Array]:
+  """The batch a train step learns from: the store's compact dtypes widened; augmented within
+  `augment_ranges` unless None (`augment_ranges(config)`); with `synthesise` its images drawn from its
+  tissue maps (`data.synth`, after the spatial augmentation, which moves tissue and labels alike)."""
   batch = {'image': batch['image'].astype(jnp.float32), 'label': batch['label'].astype(jnp.int32),
            **({'tissue': batch['tissue'].astype(jnp.int32)} if synthesise else {})}
   if synthesise:
     del batch['image']  # drawn below from the (augmented) tissue map
-  if augment_batch:
-    batch = augment.augment(key, batch)
+  if augment_ranges is not None:
+    batch = augment.augment(key, batch, augment_ranges)
   if synthesise:
     batch['image'] = synth.render_batch(jax.random.fold_in(key, 1), batch.pop('tissue'))
   return batch
@@ -164,10 +164,10 @@ def training_batch(batch: dict[str, jax.Array], key: jax.Array, *, augment_batch
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict, seed: int,
-               augment_batch: bool, synthesise: bool) -> tuple[TrainState, TrainMetrics]:
+               augment_ranges: augment.Ranges | None, synthesise: bool) -> tuple[TrainState, TrainMetrics]:
   """One optimiser step on `training_batch`, whose random numbers come from a key folded from the seed and
   the step count, so that a resumed run draws what an uninterrupted one drew."""
-  batch = training_batch(batch, augment.step_key(seed, state.step), augment_batch=augment_batch,
+  batch = training_batch(batch, augment.step_key(seed, state.step), augment_ranges=augment_ranges,
                          synthesise=synthesise)
 
   def loss_fn(params):
@@ -208,6 +208,11 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.G
   return {'counts': counts, 'loss': loss, 'num_valid': jnp.sum(batch['mask'])}
 
 
+def augment_ranges(data_cfg: ml_collections.ConfigDict) -> augment.Ranges | None:
+  """The training augmentation's ranges by `data.augment` and `data.augment_rotate_deg`; None: off."""
+  return augment.Ranges(rotate_deg=data_cfg.augment_rotate_deg) if data_cfg.augment else None
+
+
 def jit_steps(config: ml_collections.ConfigDict, train_graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
               tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
   """The train step (state donated; augmenting its batch when data.augment, synthesising its images when
@@ -216,7 +221,8 @@ def jit_steps(config: ml_collections.ConfigDict, train_graphdef: nnx.GraphDef, e
   data_sharding, replicated = parallel.shardings(mesh)
   p_train_step = jax.jit(
       functools.partial(train_step, graphdef=train_graphdef, tx=tx, loss_cfg=config.loss,
-                        seed=config.seed, augment_batch=config.data.augment, synthesise=config.data.synth),
+                        seed=config.seed, augment_ranges=augment_ranges(config.data),
+                        synthesise=config.data.synth),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
   p_eval_step = jax.jit(

@@ -10,7 +10,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import ndimage
 
-from easunet_jax import parallel
+from configs import default
+from easunet_jax import parallel, steps
 from easunet_jax.data import augment
 
 
@@ -42,6 +43,15 @@ def test_parameters_are_uniform_over_the_documented_ranges(drawn, name, low, hig
     np.testing.assert_allclose(quarters, 0.25, atol=0.015)
   assert abs(np.corrcoef(drawn['zoom'], drawn['gamma'])[0, 1]) < 0.03  # drawn independently
 
+
+def test_the_configs_rotation_range_is_the_one_drawn():
+  config = default.get_config()
+  config.data.augment_rotate_deg = 25.0
+  ranges = steps.augment_ranges(config.data)
+  angles = np.rad2deg(jax.device_get(augment.sample_parameters(jax.random.key(0), 2000, ranges)['angle']))
+  assert -25 <= angles.min() < -24 and 24 < angles.max() <= 25
+  config.data.augment = False
+  assert steps.augment_ranges(config.data) is None
 
 def test_resample_is_scipys_and_labels_stay_exact():
   batch = _batch()

@@ -11,7 +11,7 @@ import pytest
 
 from configs import tiny
 from easunet_jax import parallel, steps
-from easunet_jax.data import pipeline
+from easunet_jax.data import augment, pipeline
 from easunet_jax.errors import ConfigError
 
 
@@ -111,8 +111,8 @@ def test_bfloat16_step_computes_in_bfloat16_and_keeps_a_float32_state():
   batch = {'image': jax.ShapeDtypeStruct((4, 32, 32, 1), jnp.float16),
            'label': jax.ShapeDtypeStruct((4, 32, 32), jnp.uint8)}
   new_state, metrics = jax.eval_shape(functools.partial(
-      steps.train_step, graphdef=train_graphdef, tx=tx, loss_cfg=config.loss, seed=0, augment_batch=True,
-      synthesise=False), state, batch)
+      steps.train_step, graphdef=train_graphdef, tx=tx, loss_cfg=config.loss, seed=0,
+      augment_ranges=augment.Ranges(), synthesise=False), state, batch)
   floats = [leaf.dtype for leaf in jax.tree.leaves((new_state.params, new_state.batch_stats,
                                                      new_state.opt_state))
             if jnp.issubdtype(leaf.dtype, jnp.floating)]

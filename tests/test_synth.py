@@ -24,7 +24,8 @@ def knee():
 
 @functools.cache
 def _batch_fn(augment_batch: bool):
-  return jax.jit(functools.partial(steps.training_batch, augment_batch=augment_batch, synthesise=True))
+  ranges = augment.Ranges() if augment_batch else None
+  return jax.jit(functools.partial(steps.training_batch, augment_ranges=ranges, synthesise=True))
 
 
 def _tissue_means(image, tissue):
