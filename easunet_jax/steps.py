@@ -149,7 +149,7 @@ def model_loss(model: nnx.Module, batch: dict[str, jax.Array], loss_cfg: ml_coll
 def training_batch(batch: dict[str, jax.Array], key: jax.Array, *, augment_ranges: augment.Ranges | None,
                    synthesise: bool) -> dict[str, jax.Array]:
   """The batch a train step learns from: the store's compact dtypes widened; augmented within
-  `augment_ranges` unless None (`augment_ranges(config)`); with `synthesise` its images drawn from its
+  `augment_ranges` unless None (`augment_ranges(config.data)`); with `synthesise` its images drawn from its
   tissue maps (`data.synth`, after the spatial augmentation, which moves tissue and labels alike)."""
   batch = {'image': batch['image'].astype(jnp.float32), 'label': batch['label'].astype(jnp.int32),
            **({'tissue': batch['tissue'].astype(jnp.int32)} if synthesise else {})}
