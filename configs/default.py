@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.phantom_num = 20  # phantom subjects
   # 'reference' only: the fraction of subjects that are osteoarthritic (thinner plates, focal defects)
   d.phantom_oa_fraction = 0.0
+  # 'reference' only: the elastic field's standard deviation (mm), how far subjects' shapes stray from it
+  d.phantom_elastic_mm = 1.5
   d.phantom_shape = (160, 384, 384)  # phantom voxels (left-right, then the sagittal plane), OAI-ZIB's
   d.phantom_spacing = (0.7, 0.3646, 0.3646)  # phantom voxel size in mm, OAI-ZIB's
 

@@ -17,7 +17,7 @@ _TRACE_STRIDES = 16
 _POSITIVE = ('train.batch_size', 'train.eval_every_steps', 'eval.batch_size', 'predict.batch_size',
              'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'data.phantom_num')
 _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict.min_component_mm3',
-                 'predict.slice_sigma_mm', 'optim.weight_decay')
+                 'predict.slice_sigma_mm', 'optim.weight_decay', 'data.phantom_elastic_mm')
 NAN_POLICIES = ('stop', 'skip')
 
 

@@ -51,6 +51,17 @@ def test_deterministic_and_varied(subject):
   assert np.mean(knee.make_tissues(4, SHAPE, SPACING)[1] != subject[1]) > 0.01
 
 
+def test_elastic_field_strays_the_shapes_as_far_as_asked(subject):
+  """One subject's bones under no elastic field, the default one and one three times as strong: the
+  default moves them less than the strong one does."""
+  def bones(tissue):
+    return np.isin(phantom.LABEL_OF_TISSUE[tissue], (1, 3))
+
+  rigid, strong = (bones(knee.make_tissues(3, SHAPE, SPACING, elastic_mm=mm)[1])
+                   for mm in (0.0, 3 * knee.ELASTIC_MM))
+  assert 0 < np.mean(rigid != bones(subject[1])) < np.mean(rigid != strong)
+
+
 def test_thickness_scaling():
   labels, spacing = knee.reference()
   thin, thick = knee.scaled_cartilage(0.8, 0.8), knee.scaled_cartilage(1.2, 1.2)

@@ -173,6 +173,8 @@ BAD_VALUES = {
     'negative weight decay': ({'optim.weight_decay': -1e-4}, 'optim.weight_decay: expected a non-negative'),
     'osteoarthritic fraction': ({'data.phantom_oa_fraction': 1.5},
                                 'data.phantom_oa_fraction: expected a fraction from 0 to 1'),
+    'negative elastic field': ({'data.phantom_elastic_mm': -1.0},
+                               'data.phantom_elastic_mm: expected a non-negative number'),
 }
 
 

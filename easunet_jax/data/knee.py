@@ -30,6 +30,7 @@ REFERENCE = pathlib.Path(__file__).resolve().parent / 'reference' / 'knee_labels
 CONTRASTS = ('dess', 'tse')
 _MARGIN_MM = 6.0  # cartilage may grow this far from where it is in the reference
 _CHUNK = 16  # sagittal slices resampled at once: bounds the memory of the coordinate arrays
+ELASTIC_MM = 1.5  # standard deviation of the elastic field's bumps: how far shapes stray from the reference
 DEFECT = 5  # label of a cartilage defect between `with_defects` and `_tissues` (joint fluid)
 _WEIGHT_BEARING_MM = 8.0  # femoral defects lie this far above the plate's lowest point at most
 
@@ -83,13 +84,13 @@ def scaled_cartilage(fc_scale: float, tc_scale: float) -> np.ndarray:
   return out
 
 
-def _draw(rng: np.random.Generator) -> dict:
+def _draw(rng: np.random.Generator, elastic_mm: float) -> dict:
   """One subject's variation (mm, radians, factors); ranges in docs/design.md."""
   u = rng.uniform
   return dict(
       left=bool(rng.random() < 0.5), scale=u(0.88, 1.12) * u(0.95, 1.05, 3),  # bone size, per axis
       angles=np.deg2rad([u(-10, 10), u(-4, 4), u(-6, 6)]),  # flexion, varus-valgus, rotation
-      shift=u(-4, 4, 3), elastic=rng.normal(0, 1.5, (3, 5, 5, 5)),  # mm
+      shift=u(-4, 4, 3), elastic=rng.normal(0, elastic_mm, (3, 5, 5, 5)),  # mm
       fc_scale=u(0.75, 1.25), tc_scale=u(0.75, 1.25), joint=u(-0.3, 1.2),
       skin=u(12, 22), posterior=u(20, 45), fat=u(3, 10), effusion=u(0, 2.5), meniscus=u(4.5, 7.5),
       patella=np.array([u(19, 24), u(9, 11), u(17, 21)]), patella_cartilage=u(2.5, 3.5),
@@ -264,14 +265,16 @@ def tse_intensities(rng: np.random.Generator) -> np.ndarray:
 
 def make_tissues(seed: int, shape: Sequence[int] = phantom.DEFAULT_SHAPE,
                  spacing: Sequence[float] = phantom.DEFAULT_SPACING, contrast: str = 'dess',
-                 oa_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 oa_fraction: float = 0.0, elastic_mm: float = ELASTIC_MM
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One real-anatomy subject: image (float32, `contrast` 'dess' or 'tse'), tissue codes (uint8) and the
   4x4 RAS affine. With probability `oa_fraction` the subject is osteoarthritic (`_draw_oa`), decided by
-  random numbers of their own, so that a subject's other draws do not depend on it."""
+  random numbers of their own, so that a subject's other draws do not depend on it. `elastic_mm` scales
+  the elastic field (the same draws, so the subject's shape changes the more the larger it is)."""
   if contrast not in CONTRASTS:
     raise ValueError(f'contrast: expected one of {CONTRASTS}, got {contrast!r}')
   rng = np.random.default_rng(seed)
-  k = _draw(rng)
+  k = _draw(rng, elastic_mm)
   oa_rng = np.random.default_rng([seed, 7])
   oa = oa_rng.random() < oa_fraction
   if oa:
