@@ -15,7 +15,9 @@ DESS-like and from their labels alone; and, for comparison, schematic phantoms (
 DESS-like) of the same seed. With `--more_sets`, also the same knees rendered from their OAI-ZIB labels
 alone by the simplest synthesiser a user might write (one intensity per label, blur, noise; five intensity
 tables: dark, grey and bright background, bright bone, cartilage the only contrast), DESS-like with water
-excitation (OAI's DESS: fat and fatty marrow dark), and DESS-like on a 3D
+excitation (OAI's DESS: fat and fatty marrow dark), DESS-like knees whose shapes stray twice as far from
+the reference knee as the phantoms' by default (`knee.make_tissues`'s `elastic_mm` doubled: a step towards
+other knees than the one all phantoms come from), healthy and osteoarthritic, and DESS-like on a 3D
 DESS scan's grid (80 x 512 x 512, 1.5 x 0.2734 x 0.2734 mm), sampled at the slice centres and, as a scan's
 thick slices average what they cross, each slice the mean of three 0.5 mm slices; the last also with each
 of three artefacts of real scans (a surface coil's bright skin, Gibbs ringing, a motion ghost).
@@ -49,6 +51,9 @@ SCAN_GRID = ((80, 512, 512), (1.5, 0.2734, 0.2734))  # a 3D DESS scan's: thick s
 SCAN_GRID_SETS = ('real anatomy, DESS-like, 80 x 512 x 512 grid, 1.5 mm slices',
                   'real anatomy, DESS-like, 80 x 512 x 512 grid, 1.5 mm slices with partial volume')
 SUB_SLICES = 3  # of a thick slice with partial volume
+# --more_sets: knees whose shapes stray twice as far from the reference knee as the phantoms' by default.
+STRAYED = f'shapes strayed twice as far ({2 * knee.ELASTIC_MM:g} mm elastic field)'
+STRAYED_SETS = (f'real anatomy, DESS-like, {STRAYED}', f'real anatomy, osteoarthritic, DESS-like, {STRAYED}')
 # --more_sets: the partial-volume scan with an artefact of real scans (`_artefacts`).
 ARTEFACT_SETS = tuple(f'{SCAN_GRID_SETS[1]}, {artefact}' for artefact in (
     'surface coil (3x bright at the skin)', 'Gibbs ringing (60 % of k-space)',
@@ -112,6 +117,7 @@ def write_sets(out: pathlib.Path, num: int, every: int, more: bool, dataset_seed
   if more:
     names += [f'real anatomy, labels only, per-label intensities: {name}' for name in PER_LABEL]
     names += ['real anatomy, DESS-like with water excitation (fat and marrow dark)']
+    names += list(STRAYED_SETS)
     names += list(SCAN_GRID_SETS) + list(ARTEFACT_SETS)
   sets = {name: out / name for name in names}
   for i in range(num):
@@ -133,6 +139,8 @@ def write_sets(out: pathlib.Path, num: int, every: int, more: bool, dataset_seed
                                      blur=0.6, bias=np.zeros(5), noise=0.04), tissue, affine)
                      for table in PER_LABEL.values()]
       renderings += [(_water_excitation(tissue, spacing, seed), tissue, affine)]
+      renderings += [knee.make_tissues(seed, shape, spacing, contrast='dess', oa_fraction=oa,
+                                       elastic_mm=2 * knee.ELASTIC_MM) for oa in (0.0, 1.0)]
       scan, scan_tissue, scan_affine = _thick_slices(seed)
       renderings += [knee.make_tissues(seed, *SCAN_GRID, contrast='dess'), (scan, scan_tissue, scan_affine)]
       renderings += [(image, scan_tissue, scan_affine)
