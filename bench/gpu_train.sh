@@ -6,8 +6,9 @@
 #   bash bench/gpu_train.sh train      # there, carrying .whl: train, then $OUT/eas_knee.npz
 #
 # `train` installs the carried wheels beside the image's jax and flax, has main.py write GPU_TRAIN_PHANTOMS
-# real-anatomy phantoms (one process per CPU; a fraction GPU_TRAIN_OA of them osteoarthritic, as the shipped
-# model's last fine-tuning) and train from the shipped weights for GPU_TRAIN_STEPS SGD steps of batch
+# real-anatomy phantoms (one process per CPU; a fraction GPU_TRAIN_OA of them osteoarthritic, their shapes
+# strayed from the reference knee by an elastic field of GPU_TRAIN_ELASTIC_MM, as the shipped model's last
+# fine-tuning) and train from the shipped weights for GPU_TRAIN_STEPS SGD steps of batch
 # GPU_TRAIN_BATCH (poly schedule from GPU_TRAIN_LR), sends it SIGTERM after GPU_TRAIN_S seconds if it is
 # slower than planned (it saves the step in flight and exits), and exports the newest checkpoint to
 # $OUT/eas_knee.npz beside the run's metrics.jsonl and log ($OUT defaults to runs/gpu_train). Any further
@@ -41,6 +42,7 @@ case "${1:-}" in
            "--config.train.num_steps=${GPU_TRAIN_STEPS:-12000}" "--config.train.batch_size=${GPU_TRAIN_BATCH:-16}"
            "--config.optim.lr=${GPU_TRAIN_LR:-0.005}" --config.train.init_weights=easunet_jax/weights/eas_knee.npz
            "--config.data.phantom_oa_fraction=${GPU_TRAIN_OA:-0.5}"
+           "--config.data.phantom_elastic_mm=${GPU_TRAIN_ELASTIC_MM:-3.0}"
            "--config.train.eval_every_steps=$every" "--config.checkpoint.every_steps=$every"
            --config.log.every_steps=100 "$@")
     set +e
