@@ -58,7 +58,8 @@ def main() -> None:
                                                   config.predict.slice_sigma_mm)
       for w in weights:
         classes = predict.remove_small_components(predict.to_classes(probabilities, w), spacing,
-                                                  config.predict.min_component_mm3)
+                                                  config.predict.min_component_mm3,
+                                                  config.predict.min_component_fraction)
         scores[w][name].append(transfer.score(classes, labels, spacing))
       print(f'{name}: {image_path.name} scored', flush=True)
   print(f'\nModel {args.weights} (zoom {config.predict.zoom:g}, its background weight '

@@ -85,6 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
   # the 2D network's slices agree, a lone speck or gap in one slice is outvoted; 0 = off.
   c.predict.slice_sigma_mm = 1.0
   c.predict.min_component_mm3 = 100.0  # cartilage specks smaller than this (3D components) dropped; 0 = off
+  # ... and components smaller than this fraction of their class's largest (a ghost beside the plate); 0 = off
+  c.predict.min_component_fraction = 0.1
   c.predict.batch_size = 16  # slices per forward pass (rounded up to the device count)
   c.predict.spacing = (0.0, 0.0)  # in-plane mm the model was trained at; 0 = median of the train slice store
   # Slices resampled to that pixel size divided by this zoom: the anatomy this much larger than in training

@@ -85,6 +85,9 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
       raise ConfigError(f'{name}: expected a positive number, got {fields[name]}')
   if not 0 <= config.optim.momentum < 1:
     raise ConfigError(f'optim.momentum: expected a number from 0 to below 1, got {config.optim.momentum}')
+  if not 0 <= config.predict.min_component_fraction < 1:
+    raise ConfigError(f'predict.min_component_fraction: expected a fraction from 0 to below 1 (1 would drop '
+                      f'every plate), got {config.predict.min_component_fraction}')
   if not 0 <= config.data.phantom_oa_fraction <= 1:
     raise ConfigError(f'data.phantom_oa_fraction: expected a fraction from 0 to 1, got '
                       f'{config.data.phantom_oa_fraction}')

@@ -380,16 +380,19 @@ def to_classes(probabilities: np.ndarray, background_weight: float) -> np.ndarra
   return np.argmax(probabilities * weights, axis=-1).astype(np.uint8)
 
 
-def remove_small_components(classes: np.ndarray, spacing: Sequence[float], min_mm3: float) -> np.ndarray:
+def remove_small_components(classes: np.ndarray, spacing: Sequence[float], min_mm3: float,
+                             min_fraction: float) -> np.ndarray:
   """`classes` with every 3D connected component (face-connected) of a cartilage class smaller than
-  `min_mm3` set to background: the specks a network leaves on skin or fluid, while both tibial plates,
-  whole or fragmented, stay (real plates hold thousands of mm^3). 0 keeps everything."""
-  if min_mm3 <= 0:
-    return classes
+  `min_mm3` or than `min_fraction` of the class's largest component set to background: the specks and
+  ghosts a network leaves on skin, fluid or artefacts, while both tibial plates, whole or fragmented, stay
+  (real plates hold thousands of mm^3, the medial and lateral ones of similar size). 0, 0 keeps
+  everything."""
   classes = classes.copy()
   for k in volumes.CLASSES.values():
     components, _ = ndimage.label(classes == k)
-    small = np.bincount(components.ravel()) * float(np.prod(spacing)) < min_mm3
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    small = (sizes * float(np.prod(spacing)) < min_mm3) | (sizes < min_fraction * sizes.max())
     small[0] = False
     classes[small[components]] = 0
   return classes
@@ -735,7 +738,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   if degrees:
     probabilities = rotate_slices(probabilities, -degrees, spacing)
   classes = to_classes(probabilities, config.predict.background_weight)
-  classes = remove_small_components(classes, spacing, config.predict.min_component_mm3)
+  classes = remove_small_components(classes, spacing, config.predict.min_component_mm3,
+                                    config.predict.min_component_fraction)
   side, why = decide_laterality(nii, info, laterality)
   fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
   table, thickness = measures.compartment_table(

@@ -171,6 +171,8 @@ BAD_VALUES = {
     'negative learning rate': ({'optim.lr': -0.01}, 'optim.lr: expected a positive number'),
     'momentum of 1': ({'optim.momentum': 1.0}, 'optim.momentum: expected a number from 0 to below 1'),
     'negative weight decay': ({'optim.weight_decay': -1e-4}, 'optim.weight_decay: expected a non-negative'),
+    'component fraction': ({'predict.min_component_fraction': 1.0},
+                           'predict.min_component_fraction: expected a fraction from 0 to below 1'),
     'osteoarthritic fraction': ({'data.phantom_oa_fraction': 1.5},
                                 'data.phantom_oa_fraction: expected a fraction from 0 to 1'),
     'negative elastic field': ({'data.phantom_elastic_mm': -1.0},

@@ -504,14 +504,29 @@ def test_small_components_are_dropped_per_class():
   classes[2:8, 30:35, 5:10] = 2  # a tibial plate of 150 mm^3
   classes[1, 36, 36] = 1  # specks on skin
   classes[9, 0:2, 0:2] = 2
-  kept = predict.remove_small_components(classes, (1.0, 1.0, 1.0), 100.0)
+  kept = predict.remove_small_components(classes, (1.0, 1.0, 1.0), 100.0, 0.0)
   expected = classes.copy()
   expected[1, 36, 36] = 0
   expected[9, 0:2, 0:2] = 0
   np.testing.assert_array_equal(kept, expected)
-  np.testing.assert_array_equal(predict.remove_small_components(classes, (1.0, 1.0, 1.0), 0.0), classes)
+  np.testing.assert_array_equal(predict.remove_small_components(classes, (1.0, 1.0, 1.0), 0.0, 0.0), classes)
   # Millimetres, not voxels: at 2 mm voxels the 150-voxel plate holds 1200 mm^3, the 4-voxel speck 32.
-  assert (predict.remove_small_components(classes, (2.0, 2.0, 2.0), 100.0) == 2).sum() == 150
+  assert (predict.remove_small_components(classes, (2.0, 2.0, 2.0), 100.0, 0.0) == 2).sum() == 150
+
+
+def test_components_small_beside_their_class_largest_are_dropped():
+  """A ghost of the femoral plate (over the absolute floor, a twentieth of the plate) goes at a fraction
+  of 0.1; two tibial plates of similar size stay, and a fraction of 0 keeps the ghost."""
+  classes = np.zeros((10, 60, 40), np.uint8)
+  classes[1:9, 5:30, 5:15] = 1  # a femoral plate of 2000 mm^3
+  classes[4:6, 50:55, 5:15] = 1  # its ghost: 100 mm^3, 5 %
+  classes[2:8, 35:40, 5:15] = 2  # lateral and medial tibial plates, 300 and 240 mm^3
+  classes[2:8, 35:39, 25:35] = 2
+  kept = predict.remove_small_components(classes, (1.0, 1.0, 1.0), 50.0, 0.1)
+  expected = classes.copy()
+  expected[4:6, 50:55, 5:15] = 0
+  np.testing.assert_array_equal(kept, expected)
+  np.testing.assert_array_equal(predict.remove_small_components(classes, (1.0, 1.0, 1.0), 50.0, 0.0), classes)
 
 
 def test_figure_slices_cross_the_cartilage_at_its_quartiles():
