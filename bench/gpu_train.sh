@@ -42,7 +42,7 @@ case "${1:-}" in
            "--config.train.num_steps=${GPU_TRAIN_STEPS:-12000}" "--config.train.batch_size=${GPU_TRAIN_BATCH:-16}"
            "--config.optim.lr=${GPU_TRAIN_LR:-0.005}" --config.train.init_weights=easunet_jax/weights/eas_knee.npz
            "--config.data.phantom_oa_fraction=${GPU_TRAIN_OA:-0.5}"
-           "--config.data.phantom_elastic_mm=${GPU_TRAIN_ELASTIC_MM:-3.0}"
+           "--config.data.phantom_elastic_mm=${GPU_TRAIN_ELASTIC_MM:-4.0}"
            "--config.train.eval_every_steps=$every" "--config.checkpoint.every_steps=$every"
            --config.log.every_steps=100 "$@")
     set +e
