@@ -25,8 +25,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # needs it. `main.py` then runs as it would from the command line.
 _RUN_MAIN = """
 import os, runpy, signal, sys
-# Ctrl-C as Python in a terminal has it: a child inherits SIGINT ignored from a runner that ignores it (in CI
-# an xdist worker did, after the tests it had run; alone the test passed), and Python then installs no
+# Ctrl-C as Python in a terminal has it: a non-interactive shell starts a command put in the background
+# (`bash .ci/run &`) with SIGINT ignored, every process under it inherits that, and Python then installs no
 # KeyboardInterrupt handler.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 {hook}
