@@ -7,6 +7,7 @@ whole on one worker, so its fixtures are made once; the modules that read one of
 runs share a worker, so it trains once."""
 
 import os
+import shutil
 import tempfile
 
 from easunet_jax import environment
@@ -36,6 +37,13 @@ RUN_READERS = {'tests/test_evaluate.py': 'trained_tiny', 'tests/test_predict.py'
                'tests/test_distributed.py': 'augmented_tiny'}
 
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+  """The controlling process removes the session's compilation cache (about 8 MB), after the workers
+  have ended."""
+  if 'PYTEST_XDIST_WORKER' not in os.environ:
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
