@@ -5,9 +5,9 @@ python bench/calibrate.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3]
                           [--out DIR] [--background_weights 1,1.25,1.5,1.75,2,2.5,3]
 
 The five real-anatomy sets of bench/transfer.py (DESS-like, TSE-like and labels only; osteoarthritic
-DESS-like and labels only), made from dataset `--seed` (the shipped model trained on seeds 0, 2 and 4
-to 8, the transfer bench tests on 1000), are segmented by predict's pipeline with the model's settings
-(`predict.class_probabilities` once per knee, then `predict.to_classes` and
+DESS-like and labels only), made from dataset `--seed` (the shipped model trained on seeds 0, 2, 4
+to 8, 11 and 12, the transfer bench tests on 1000), are segmented by predict's pipeline with the model's
+settings (`predict.class_probabilities` once per knee, then `predict.to_classes` and
 `predict.remove_small_components` for each weight) and scored as bench/transfer.py scores them. Prints a
 Markdown table per weight (3D Dice %, mean over knees, and the error of mean thickness in mm), the weight
 of the best mean Dice over all sets and plates, and one JSON line.

@@ -5,11 +5,11 @@ python bench/transfer.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3] 
                          [--more_sets]
 
 Test knees: real-anatomy phantoms (`data.knee`) of dataset seed 1000 (the shipped model trained on seeds 0,
-2 and 4 to 8, bench/calibrate.py uses 3000: other deformations, sizes, thickness factors and sides), at
-OAI-ZIB geometry (160 x 384 x 384, 0.7 x 0.3646 x 0.3646 mm), each rendered DESS-like and TSE-like by the
-phantom's numpy renderer (`knee.render`), a code path apart from the training's on-device synthesis
-(`data.synth`), and DESS-like from its bone and cartilage labels alone (everything else one soft
-tissue); the same knees osteoarthritic
+2, 4 to 8, 11 and 12, bench/calibrate.py uses 3000: other deformations, sizes, thickness factors and
+sides), at OAI-ZIB geometry (160 x 384 x 384, 0.7 x 0.3646 x 0.3646 mm), each rendered DESS-like and
+TSE-like by the phantom's numpy renderer (`knee.render`), a code path apart from the training's
+on-device synthesis (`data.synth`), and DESS-like from its bone and cartilage labels alone (everything
+else one soft tissue); the same knees osteoarthritic
 (`knee.make_tissues`'s `oa_fraction`: thinner plates, a narrower joint, focal defects filled with fluid),
 DESS-like and from their labels alone; and, for comparison, schematic phantoms (`data.phantom`,
 DESS-like) of the same seed. With `--more_sets`, also the same knees rendered from their OAI-ZIB labels
@@ -42,7 +42,7 @@ from scipy import ndimage  # noqa: E402
 from easunet_jax import measures, metrics, predict, pretrained  # noqa: E402
 from easunet_jax.data import knee, phantom, volumes  # noqa: E402
 
-SEED = 1000  # the shipped model trained on dataset seeds 0, 2 and 4 to 8
+SEED = 1000  # the shipped model trained on dataset seeds 0, 2, 4 to 8, 11 and 12
 # --more_sets: intensity per OAI-ZIB label (background, femur, FC, tibia, TC) of the per-label synthesiser.
 PER_LABEL = {'dark background': (0.02, 0.35, 0.7, 0.35, 0.7), 'grey background': (0.2, 0.35, 0.7, 0.35, 0.7),
              'bright background': (0.55, 0.3, 0.75, 0.3, 0.75), 'bright bone': (0.25, 0.85, 0.5, 0.85, 0.5),
