@@ -14,9 +14,6 @@ import numpy as np
 from scipy import ndimage, spatial
 
 THIN_MM = 1.0  # thinner than this counts towards the denuded-area proxy
-# The compartments of each plate; with an unknown laterality the condyles and tibial plates are named by the
-# patient's side they lie on instead of medial and lateral.
-COMPARTMENTS = {'fc': ('medial', 'lateral', 'trochlea'), 'tc': ('medial', 'lateral')}
 _NOTCH_HALF_WIDTH_MM = 2.0  # sagittal slices this close to the medial-lateral split show the notch
 
 
