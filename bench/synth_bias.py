@@ -26,8 +26,9 @@ import json  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import transfer  # noqa: E402
 
-from easunet_jax import measures, metrics, parallel, pretrained, steps  # noqa: E402
+from easunet_jax import measures, parallel, pretrained, steps  # noqa: E402
 from easunet_jax.data import knee, phantom, preprocess, synth  # noqa: E402
 
 PLATES = (('fc', 1, 2), ('tc', 2, 4))  # (name, training class, OAI-ZIB label)
@@ -65,13 +66,9 @@ def main() -> None:
                  if args.render == 'synth' else jnp.asarray(image[s:s + args.batch])
                  for s in range(0, len(tissue), args.batch))
       classes = np.concatenate([np.asarray(jnp.argmax(forward(state, batch), -1)) for batch in batches])
-      scores.append({})
-      for name, k, value in PLATES:
-        truth, mask = labels == value, classes == k
-        scores[-1] |= {f'{name}_dice': metrics.segmentation_metrics(mask, truth, spacing)['dice'],
-                       f'{name}_thickness_error_mm': measures.mean_thickness_mm(mask, spacing)
-                       - row[f'{name}_thickness_mm'],
-                       f'{name}_volume_ratio': mask.sum() / max(truth.sum(), 1)}
+      scores.append(transfer.score(classes, labels, spacing) | {
+          f'{name}_volume_ratio': np.count_nonzero(classes == k) / max(np.count_nonzero(labels == value), 1)
+          for name, k, value in PLATES})
     rows.append(row | {key: float(np.mean([s[key] for s in scores])) for key in scores[0]})
     print(f'knee {i} of {args.num} done', flush=True)
   describe = (f'{draws} training-synthesis draws each' if args.render == 'synth'
@@ -86,7 +83,7 @@ def main() -> None:
   for r in rows:
     print(f"| {r['knee']} | " + ' | '.join(
         f"{r[f'{p}_thickness_mm']:.2f} | {r[f'{p}_thickness_error_mm']:+.2f} | "
-        f"{r[f'{p}_volume_ratio']:.2f} | {r[f'{p}_dice']:.1f}" for p, _, _ in PLATES) + ' |')
+        f"{r[f'{p}_volume_ratio']:.2f} | {r[p]:.1f}" for p, _, _ in PLATES) + ' |')
   print(json.dumps({'weights': args.weights, 'seed': args.seed, 'render': args.render, 'draws': draws,
                     'knees': rows}))
 
