@@ -50,9 +50,9 @@ def main() -> None:
   forward = jax.jit(functools.partial(steps.forward, graphdef=graphdef))
   shape, spacing = config.data.phantom_shape, config.data.phantom_spacing
   draws = args.draws if args.render == 'synth' else 1
+  contrast = 'dess' if args.render == 'synth' else args.render  # the synthesis ignores the image
   rows = []
   for i in range(args.num):
-    contrast = 'dess' if args.render == 'synth' else args.render
     image, tissue, _ = knee.make_tissues(phantom.subject_seed(args.seed, i), shape, spacing, contrast,
                                          args.oa_fraction, config.data.phantom_elastic_mm)
     image = preprocess.normalise(image).astype(np.float32)[..., None]
