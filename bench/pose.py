@@ -5,7 +5,9 @@ python bench/pose.py --scan knee_000.nii.gz --labels knee_000_labels.nii.gz [--w
 
 The scan's voxels in each of the eight in-plane orientations (`predict.orient`) under the scan's own header,
 as a header that flips or swaps the knee's in-plane axes gives them to the network (square in-plane pixels
-keep the header's voxel size right), and rotated in the sagittal plane by each of `--degrees` both ways
+keep the header's voxel size right), stored in the two other cyclic axis orders under a header that takes
+the stored axes for its own (the voxel sizes following the voxels), as a header that names another axis
+left-right gives them, and rotated in the sagittal plane by each of `--degrees` both ways
 (`predict.rotate_slices`: a knee scanned more flexed or tilted than the model learnt); the labels posed
 alike (rotated through their one-hot maps and the argmax). Every pose is segmented by `predict.predict` with
 the model's settings, as `--mode=predict --labels` does, once with `predict.orientation_check` and once
@@ -39,28 +41,37 @@ def write_poses(scan: pathlib.Path, labels: pathlib.Path, out: pathlib.Path,
   truth, _ = volumes.read_canonical(volumes.open_volume(labels), labels)
   values = np.unique(truth)
   poses = {}
-  orientations = list(itertools.product((False, True), repeat=3))
-  probe = np.arange(9).reshape(1, 3, 3)
-  for orientation in orientations:
-    name = '_'.join(['turned'] + [part for part, on in zip(('swapped', 'ap', 'si'), orientation) if on]
+  orientations = list(itertools.product(range(3), *[(False, True)] * 3))
+  probe = np.arange(24).reshape(2, 3, 4)
+
+  def undoing(posed_probe: np.ndarray) -> str:
+    """The turn of a header that turns a posed knee: the orientation that undoes the pose, which the check
+    should find, in words."""
+    undo = next(o for o in orientations if np.array_equal(predict.orient(posed_probe, o), probe))
+    return f'turned: {predict.describe_orientation(undo)}'
+
+  for orientation in orientations[:8]:  # left-right kept
+    name = '_'.join(['turned'] + [part for part, on in zip(('swapped', 'ap', 'si'), orientation[1:]) if on]
                     if any(orientation) else ['as_scanned'])
-    # The header turns the posed knee by the orientation that undoes the pose: the one the check should find.
-    undo = next(o for o in orientations
-                if np.array_equal(predict.orient(predict.orient(probe, orientation), o), probe))
-    poses[name] = (predict.orient(image, orientation), predict.orient(truth, orientation),
-                   f'turned: {predict.describe_orientation(undo)}' if any(orientation) else 'as scanned')
+    poses[name] = (predict.orient(image, orientation), predict.orient(truth, orientation), nii.affine,
+                   undoing(predict.orient(probe, orientation)) if any(orientation) else 'as scanned')
+  for axes in ((1, 2, 0), (2, 0, 1)):
+    affine = nii.affine.copy()
+    affine[:3, :3] = nii.affine[:3, :3] / np.asarray(spacing) * np.asarray(spacing)[list(axes)]
+    poses['stored_' + '_'.join(('lr', 'ap', 'si')[a] for a in axes)] = (
+        image.transpose(axes), truth.transpose(axes), affine, undoing(probe.transpose(axes)))
   for angle in (a for d in degrees for a in (d, -d)):
     one_hot = np.stack([(truth == v).astype(np.float32) for v in values], -1)
     rotated = values[np.argmax(predict.rotate_slices(one_hot, angle, spacing), -1)]
-    poses[f'rotated_{angle:+g}'] = (predict.rotate_slices(image, angle, spacing), rotated,
+    poses[f'rotated_{angle:+g}'] = (predict.rotate_slices(image, angle, spacing), rotated, nii.affine,
                                     f'rotated {angle:+g} degrees in the sagittal plane')
-  for name, (voxels, label_voxels, _) in poses.items():
+  for name, (voxels, label_voxels, affine, _) in poses.items():
     if (out / 'images' / f'{name}.nii.gz').exists():  # a pose already there is kept, and with it its masks
       continue
     for kind, array in (('labels', label_voxels.astype(np.uint8)), ('images', voxels)):  # the image last
       (out / kind).mkdir(parents=True, exist_ok=True)
-      nib.save(nib.Nifti1Image(np.ascontiguousarray(array), nii.affine), out / kind / f'{name}.nii.gz')
-  return {name: text for name, (_, _, text) in poses.items()}
+      nib.save(nib.Nifti1Image(np.ascontiguousarray(array), affine), out / kind / f'{name}.nii.gz')
+  return {name: text for name, (_, _, _, text) in poses.items()}
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Segments new knee MRI volumes (NIfTI files or DICOM series, any voxel order and in-plane size) with a
-trained checkpoint and writes uint8 cartilage masks in the input's voxel grid (its in-plane orientation
+trained checkpoint and writes uint8 cartilage masks in the input's voxel grid (its orientation
 checked against the image); decides the knee's laterality and reports volume, thickness and area per plate
 and compartment (CSV and Markdown), with a thickness map of each scan (NIfTI and PNG) and a figure of its
 prediction on three sagittal slices; scores the masks against expert labels when given."""
@@ -43,7 +43,8 @@ SIDES = {'R': 'right', 'L': 'left'}
 # An MR image has hundreds of grey levels; a scan with fewer distinct values is likely a label map or mask.
 _MIN_GREY_LEVELS = 16
 # The orientation check (`sagittal_orientation`) runs the network on this many central sagittal slices in
-# each of the eight in-plane orientations; it overrides the header only where another orientation holds at
+# each of the eight in-plane orientations (of each axis taken as left-right, where _SLICE_AXIS_RATIO says
+# so); it overrides the header only where another orientation holds at
 # least _ORIENTATION_MARGIN times the header's share of voxels where the network is sure of cartilage, and
 # at least _ORIENTATION_FLOOR of all voxels (a network that finds no cartilage anywhere decides nothing).
 _ORIENTATION_SLICES = 8
@@ -53,10 +54,21 @@ _ORIENTATION_FLOOR = 1e-3
 # and floor: a knee scanned flexed or tilted beyond the poses the network learnt (flexion within about 20
 # degrees of the reference knee's) loses its tibial plate first.
 _ROTATIONS_DEG = (-30.0, -15.0, 15.0, 30.0)
+# The check questions the header's left-right axis too (each of the three axes tried as the one the sagittal
+# slices are cut across) where some other axis's voxels are over this many times coarser: a sagittal scan's
+# slice thickness lies along left-right, so such a header names another axis left-right (an array saved in
+# another axis order than its affine says, as numpy's reversed order of an ITK image), or the scan was
+# acquired in another plane. Elsewhere the search would cost 128 more slices through the network for a
+# header that is almost always right.
+_SLICE_AXIS_RATIO = 1.2
 _AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
-# Canonical (RAS) in-plane axes 1 and 2, each way: what an orientation's anterior and superior are.
-_IN_PLANE_NAMES = {(1, False): 'anterior', (1, True): 'posterior',
-                   (2, False): 'superior', (2, True): 'inferior'}
+# Canonical (RAS) axes: their directions each way, and their lines.
+_DIRECTIONS = (('right', 'left'), ('anterior', 'posterior'), ('superior', 'inferior'))
+_AXIS_LINES = ('left-right', 'anterior-posterior', 'inferior-superior')
+# How a canonical-order volume is turned before its sagittal slices meet the network (`orient`): the
+# canonical axis taken as left-right, whether the two others swap, whether axis 1 and axis 2 then flip.
+Orientation = tuple[int, bool, bool, bool]
+HEADER: Orientation = (0, False, False, False)
 
 
 def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
@@ -162,14 +174,19 @@ def _print_scores(source: pathlib.Path, result: dict) -> None:
         f"FC {fc['thickness_error_mm']:+.2f} TC {tc['thickness_error_mm']:+.2f} mm", flush=True)
 
 
-def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None) -> tuple[str | None, str]:
-  """('R', 'L' or None, why): `given` (--laterality), else the DICOM Laterality tag, else the scan's position:
-  a knee centred at least 10 mm to the patient's right (RAS x > 0) of the scanner's midline is a right knee.
-  None when none of these decides; compartments are then named by the patient's side."""
+def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, header_sides: bool = True
+                      ) -> tuple[str | None, str]:
+  """('R', 'L' or None, why): `given` (--laterality), else the DICOM Laterality tag, else, where
+  `header_sides` (the header's left-right axis is the knee's), the scan's position: a knee centred at least
+  10 mm to the patient's right (RAS x > 0) of the scanner's midline is a right knee. None when none of these
+  decides; compartments are then named by the patient's side."""
   if given:
     return given, 'given by --laterality'
   if info.get('laterality'):
     return info['laterality'], 'from the DICOM Laterality tag'
+  if not header_sides:
+    return None, ("undecided: the header's left-right axis is not the knee's; pass --laterality to name "
+                  'compartments medial and lateral')
   x = float((nii.affine @ [*((np.array(nii.shape[:3]) - 1) / 2), 1])[0])
   if abs(x) >= _SIDE_MIN_MM:
     side = 'R' if x > 0 else 'L'
@@ -272,31 +289,42 @@ def class_probabilities(network: Network, image: np.ndarray,
   return mean
 
 
-def orient(array: np.ndarray, orientation: tuple[bool, bool, bool]) -> np.ndarray:
-  """`array` (S, H, W, ...) of canonical order in an in-plane `orientation` (swap the two in-plane axes,
-  then flip axis 1, flip axis 2); `unorient` undoes it."""
-  swap, *flips = orientation
+def orient(array: np.ndarray, orientation: Orientation) -> np.ndarray:
+  """`array` (S, H, W, ...) of canonical order in an `orientation`: canonical axis `orientation[0]` made axis
+  0 (the other two keep their order), then the two in-plane axes swapped or not, axis 1 flipped or not, axis
+  2 flipped or not; `unorient` undoes it."""
+  axis, swap, *flips = orientation
+  array = np.moveaxis(array, axis, 0)
   if swap:
     array = array.swapaxes(1, 2)
   return array[(slice(None), *(slice(None, None, -1 if flip else 1) for flip in flips))]
 
 
-def unorient(array: np.ndarray, orientation: tuple[bool, bool, bool]) -> np.ndarray:
-  swap, *flips = orientation
+def unorient(array: np.ndarray, orientation: Orientation) -> np.ndarray:
+  axis, swap, *flips = orientation
   array = array[(slice(None), *(slice(None, None, -1 if flip else 1) for flip in flips))]
-  return array.swapaxes(1, 2) if swap else array
+  return np.moveaxis(array.swapaxes(1, 2) if swap else array, 0, axis)
 
 
-def oriented_spacing(spacing: Sequence[float], swap: bool) -> tuple[float, float, float]:
-  """The voxel size of a volume `orient`ed with its in-plane axes swapped or not."""
-  return (spacing[0], spacing[2], spacing[1]) if swap else tuple(spacing)
+def _in_plane_sources(orientation: Orientation) -> list[int]:
+  """The canonical axes that an `orient`ed volume's axes 1 and 2 come from."""
+  axis, swap = orientation[:2]
+  others = [a for a in range(3) if a != axis]
+  return others[::-1] if swap else others
 
 
-def describe_orientation(orientation: tuple[bool, bool, bool]) -> str:
-  """Where the header puts an `orient`ed volume's anterior and superior, in words."""
-  swap, *flips = orientation
-  return ', '.join(f"its {_IN_PLANE_NAMES[axis, False]} the header's {_IN_PLANE_NAMES[source, flip]}"
-                   for axis, source, flip in zip((1, 2), (2, 1) if swap else (1, 2), flips))
+def oriented_spacing(spacing: Sequence[float], orientation: Orientation) -> tuple[float, float, float]:
+  """The voxel size of a volume of `spacing` (canonical order) `orient`ed."""
+  return (spacing[orientation[0]], *(spacing[a] for a in _in_plane_sources(orientation)))
+
+
+def describe_orientation(orientation: Orientation) -> str:
+  """Where the header puts an `orient`ed volume's left-right axis (where it is not the header's), anterior
+  and superior, in words."""
+  axis, _, *flips = orientation
+  moved = [f"its left-right the header's {_AXIS_LINES[axis]}"] if axis else []
+  return ', '.join(moved + [f"its {_DIRECTIONS[a][0]} the header's {_DIRECTIONS[source][flip]}"
+                            for a, source, flip in zip((1, 2), _in_plane_sources(orientation), flips)])
 
 
 def rotate_slices(array: np.ndarray, degrees: float, spacing: Sequence[float]) -> np.ndarray:
@@ -350,23 +378,36 @@ def sagittal_rotation(network: Network, image: np.ndarray, spacing: Sequence[flo
   return (0.0, *_ROTATIONS_DEG)[best], ratio
 
 
+def _slices_fit(shape: Sequence[int], spacing: Sequence[float], pixel: tuple[float, float] | None) -> bool:
+  """Whether sagittal slices of `shape` (H, W) pixels of `spacing` (mm) resample to _SLICE_PIXELS."""
+  size = shape if pixel is None else resampled_size(shape, spacing, pixel)
+  return all(_SLICE_PIXELS[0] <= n <= _SLICE_PIXELS[1] for n in size)
+
+
 def sagittal_orientation(network: Network, image: np.ndarray, spacing: Sequence[float],
-                         pixel: tuple[float, float] | None) -> tuple[tuple[bool, bool, bool], float, float]:
+                         pixel: tuple[float, float] | None) -> tuple[Orientation, float, float]:
   """(orientation, its ratio to the header's, its share) of a canonical-order volume: of the eight in-plane
   orientations (`orient`), the one in which the network is surest of cartilage, measured as the share of
   voxels of _ORIENTATION_SLICES central sagittal slices where cartilage's probability exceeds 0.9 (no
   sub-pixel grids, no slice smoothing). A 2D network trained on upright sagittal slices finds the most
   cartilage in an upright knee, so a header that flips or swaps the knee's in-plane axes (an identity
   direction written by a conversion, an array saved in another order than its affine's) shows as an
-  orientation far surer than the header's. The header's orientation (False, False, False) unless another
-  beats it by _ORIENTATION_MARGIN and _ORIENTATION_FLOOR."""
-  picked = _central_slices(image)
+  orientation far surer than the header's. Where another axis's voxels are over _SLICE_AXIS_RATIO times
+  coarser than the header's left-right ones, the eight of each axis taken as left-right (24; slicings
+  whose slices would not fit _SLICE_PIXELS skipped). HEADER unless another beats it by _ORIENTATION_MARGIN
+  and _ORIENTATION_FLOOR."""
+  axes = range(3) if max(spacing[1:]) > _SLICE_AXIS_RATIO * spacing[0] else (0,)
   orientations, shares = [], []
-  for swap in (False, True):  # one call per slice shape: the four flips of one shape batch together
-    of_shape = [(swap, *flips) for flips in itertools.product((False, True), repeat=2)]
-    orientations += of_shape
-    variants = [orient(picked, o) for o in of_shape]
-    shares += list(_sure_shares(network, variants, oriented_spacing(spacing, swap), pixel))
+  for axis in axes:
+    picked = _central_slices(np.moveaxis(image, axis, 0))
+    if axis and not _slices_fit(picked.shape[1:3], oriented_spacing(spacing, (axis, False, False, False))[1:],
+                                pixel):
+      continue
+    for swap in (False, True):  # one call per slice shape: the four flips of one shape batch together
+      of_shape = [(axis, swap, *flips) for flips in itertools.product((False, True), repeat=2)]
+      orientations += of_shape
+      variants = [orient(picked, (0, *o[1:])) for o in of_shape]
+      shares += list(_sure_shares(network, variants, oriented_spacing(spacing, of_shape[0]), pixel))
   best, ratio = _beats(np.array(shares))  # orientations[0] is the header's
   return orientations[best], ratio, shares[best]
 
@@ -706,18 +747,12 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
     logging.warning('%s: the image holds only %d distinct values (%s): a label map or mask given as the '
                     'scan? Expect a meaningless mask', source, len(levels),
                     ', '.join(f'{v:g}' for v in levels))
-  if pixel is not None:
+  if pixel is not None and not _slices_fit(image.shape[1:], spacing[1:], pixel):
     size = resampled_size(image.shape[1:], spacing[1:], pixel)
-    if not all(_SLICE_PIXELS[0] <= n <= _SLICE_PIXELS[1] for n in size):
-      raise DataError(f"{source}: voxel size {' x '.join(f'{s:g}' for s in spacing)} mm makes a sagittal "
-                      f"slice {size[0]} x {size[1]} pixels of the model's {pixel[0]:.3g} mm; check the "
-                      "header's voxel size and its unit (mm)")
-    if max(spacing[1:]) > _COARSE_PIXEL_RATIO * max(pixel):
-      logging.warning("%s: sagittal slices of %s mm pixels, over %g times coarser than the model's "
-                      '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '
-                      'coarse masks',
-                      source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
-  orientation, degrees = (False, False, False), 0.0
+    raise DataError(f"{source}: voxel size {' x '.join(f'{s:g}' for s in spacing)} mm makes a sagittal "
+                    f"slice {size[0]} x {size[1]} pixels of the model's {pixel[0]:.3g} mm; check the "
+                    "header's voxel size and its unit (mm)")
+  orientation, degrees = HEADER, 0.0
   if config.predict.orientation_check:
     orientation, ratio, upright_share = sagittal_orientation(network, image, spacing, pixel)
     if any(orientation):
@@ -725,13 +760,18 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
                       "cartilage that way) and is segmented so; the mask is in the scan's voxel grid as "
                       'always. Check the header (its sides may be wrong too), or keep its orientation with '
                       'predict.orientation_check=False', source, describe_orientation(orientation), ratio)
-      image, spacing = orient(image, orientation), oriented_spacing(spacing, orientation[0])
+      image, spacing = orient(image, orientation), oriented_spacing(spacing, orientation)
       truth = None if truth is None else orient(truth, orientation)
     degrees, ratio = sagittal_rotation(network, image, spacing, pixel, upright_share)
     if degrees:
       logging.warning('%s: the knee lies rotated in the sagittal plane beyond the poses the model learnt '
                       '(the network is %.1fx surer of cartilage with the slices rotated by %+g degrees): '
                       'segmented so rotated, the probabilities rotated back', source, ratio, degrees)
+  if pixel is not None and max(spacing[1:]) > _COARSE_PIXEL_RATIO * max(pixel):
+    logging.warning("%s: sagittal slices of %s mm pixels, over %g times coarser than the model's "
+                    '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '
+                    'coarse masks',
+                    source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
   rotated = rotate_slices(image, degrees, spacing) if degrees else image
   probabilities = class_probabilities(network, rotated, spacing, pixel, config.predict.subpixel_tta,
                                       config.predict.slice_sigma_mm)
@@ -740,7 +780,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   classes = to_classes(probabilities, config.predict.background_weight)
   classes = remove_small_components(classes, spacing, config.predict.min_component_mm3,
                                     config.predict.min_component_fraction)
-  side, why = decide_laterality(nii, info, laterality)
+  side, why = decide_laterality(nii, info, laterality, header_sides=not orientation[0])
   fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
   table, thickness = measures.compartment_table(
       fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, side))

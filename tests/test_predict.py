@@ -440,27 +440,38 @@ def test_a_scan_acquired_in_another_plane_is_warned_of(run, tmp_path, caplog):
 
 def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, caplog):
   """The shipped model on a small real-anatomy knee; on the same voxels with the in-plane axes swapped and
-  head-foot flipped under the same header, which the orientation check segments upright, its mask the upright
-  file's mask turned, voxel for voxel, saying how the header turns the knee; and on the knee rotated by 30
-  degrees in the sagittal plane, segmented rotated back, its mask the upright one's rotated."""
+  head-foot flipped under the same header, and on them stored in another axis order under a header that
+  takes the stored axes for its own (the voxel sizes right), which the orientation check segments upright,
+  their masks the upright file's mask turned, voxel for voxel, saying how the header turns the knee; and on
+  the knee rotated by 30 degrees in the sagittal plane, segmented rotated back, its mask the upright one's
+  rotated."""
   spacing = (2.0, 0.9, 0.9)
   image, tissue, affine = knee.make_tissues(3, shape=(12, 160, 160), spacing=spacing)
-  scans = {'upright': image, 'turned': image.swapaxes(1, 2)[:, ::-1],  # orient(image, (True, True, False))
-           'flexed': predict.rotate_slices(image, 30, spacing)}
+  resliced_affine = affine.copy()  # voxel axes (AP, SI, LR) read as (LR, AP, SI)
+  resliced_affine[:3, :3] = affine[:3, :3] / spacing * np.array(spacing)[[1, 2, 0]]
+  scans = {'upright': (image, affine),
+           'turned': (image.swapaxes(1, 2)[:, ::-1], affine),  # orient(image, (0, True, True, False))
+           'resliced': (image.transpose(1, 2, 0), resliced_affine),
+           'flexed': (predict.rotate_slices(image, 30, spacing), affine)}
   (tmp_path / 'scans').mkdir()
-  for name, voxels in scans.items():
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(voxels), affine), tmp_path / 'scans' / f'{name}.nii.gz')
+  for name, (voxels, header_affine) in scans.items():
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(voxels), header_affine),
+             tmp_path / 'scans' / f'{name}.nii.gz')
   config = pretrained.config_of(pretrained.SHIPPED)
   results = {pathlib.Path(r['input']).name: r for r in predict.predict(
       config, None, tmp_path / 'scans', tmp_path / 'masks', pretrained.SHIPPED)}
   masks = {name: np.asarray(nib.load(tmp_path / 'masks' / f'{name}.nii.gz').dataobj) for name in scans}
   turned = "its anterior the header's superior, its superior the header's posterior"
+  resliced = ("its left-right the header's inferior-superior, its anterior the header's right, its superior "
+              "the header's anterior")
   assert [(results[f'{name}.nii.gz']['orientation'], results[f'{name}.nii.gz']['rotation_deg'])
-          for name in scans] == [('as the header', 0), (turned, 0), ('as the header', -30)]
+          for name in scans] == [('as the header', 0), (turned, 0), (resliced, 0), ('as the header', -30)]
+  assert results['resliced.nii.gz']['laterality'] is None  # the header's sides are another axis's
   labels = phantom.LABEL_OF_TISSUE[tissue]
   for k, value, least in ((1, 2, 70), (2, 4, 50)):  # Dice % of the upright knee (81 / 65 measured)
     assert metrics.segmentation_metrics(masks['upright'] == k, labels == value, spacing)['dice'] > least
-  np.testing.assert_array_equal(masks['turned'], predict.orient(masks['upright'], (True, True, False)))
+  np.testing.assert_array_equal(masks['turned'], predict.orient(masks['upright'], (0, True, True, False)))
+  np.testing.assert_array_equal(masks['resliced'], masks['upright'].transpose(1, 2, 0))
   for k, least in ((1, 0.8), (2, 0.6)):  # Dice against the upright mask rotated (TC: a few hundred voxels)
     expected = predict.rotate_slices((masks['upright'] == k).astype(np.float32), 30, spacing) > 0.5
     found = masks['flexed'] == k
@@ -471,18 +482,20 @@ def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, cap
   assert any(m.startswith(f"{tmp_path / 'scans' / 'flexed.nii.gz'}: the knee lies rotated in the sagittal "
                           'plane') and 'rotated by -30 degrees' in m for m in warned)
   report = (tmp_path / 'masks' / 'report.md').read_text()
-  assert report.count('turned against its header') == 1 and report.count('rotated by -30 degrees') == 1
+  assert report.count('turned against its header') == 2 and report.count('rotated by -30 degrees') == 1
 
 
-def test_orient_and_unorient_are_inverse_in_all_eight_orientations():
+def test_orient_and_unorient_are_inverse_in_all_24_orientations():
   array = np.arange(2 * 3 * 4 * 2).reshape(2, 3, 4, 2)
   seen = set()
-  for orientation in itertools.product((False, True), repeat=3):
+  for axis, *in_plane in itertools.product(range(3), *[(False, True)] * 3):
+    orientation = (axis, *in_plane)
     oriented = predict.orient(array, orientation)
-    assert oriented.shape == ((2, 4, 3, 2) if orientation[0] else array.shape)
+    assert oriented.shape[:3] == predict.oriented_spacing(array.shape[:3], orientation)
+    assert oriented.shape[3] == 2
     np.testing.assert_array_equal(predict.unorient(oriented, orientation), array)
-    seen.add(oriented.tobytes())
-  assert len(seen) == 8
+    seen.add((oriented.shape, oriented.tobytes()))
+  assert len(seen) == 24
 
 
 def test_an_identity_affine_is_warned_of(run, tmp_path, caplog, monkeypatch):
