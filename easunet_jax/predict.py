@@ -43,8 +43,8 @@ SIDES = {'R': 'right', 'L': 'left'}
 # An MR image has hundreds of grey levels; a scan with fewer distinct values is likely a label map or mask.
 _MIN_GREY_LEVELS = 16
 # The orientation check (`sagittal_orientation`) runs the network on this many central sagittal slices in
-# each of the eight in-plane orientations (of each axis taken as left-right, where _SLICE_AXIS_RATIO says
-# so); it overrides the header only where another orientation holds at
+# each of the eight in-plane orientations (of each axis taken as left-right, unless _SLICE_AXIS_RATIO says
+# otherwise); it overrides the header only where another orientation holds at
 # least _ORIENTATION_MARGIN times the header's share of voxels where the network is sure of cartilage, and
 # at least _ORIENTATION_FLOOR of all voxels (a network that finds no cartilage anywhere decides nothing).
 _ORIENTATION_SLICES = 8
@@ -55,11 +55,11 @@ _ORIENTATION_FLOOR = 1e-3
 # degrees of the reference knee's) loses its tibial plate first.
 _ROTATIONS_DEG = (-30.0, -15.0, 15.0, 30.0)
 # The check questions the header's left-right axis too (each of the three axes tried as the one the sagittal
-# slices are cut across) where some other axis's voxels are over this many times coarser: a sagittal scan's
-# slice thickness lies along left-right, so such a header names another axis left-right (an array saved in
-# another axis order than its affine says, as numpy's reversed order of an ITK image), or the scan was
-# acquired in another plane. Elsewhere the search would cost 128 more slices through the network for a
-# header that is almost always right.
+# slices are cut across) unless its voxels are over this many times coarser than the other two axes': a
+# sagittal scan of slices thicker than its pixels names its left-right axis by its voxels already, while a
+# header of isotropic voxels, or of thicker voxels along another axis, may name another axis left-right (an
+# array saved in another axis order than its affine says, as numpy's reversed order of an ITK image) or
+# belong to a scan acquired in another plane. The search costs 128 more slices through the network.
 _SLICE_AXIS_RATIO = 1.2
 _AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
 # Canonical (RAS) axes: their directions each way, and their lines.
@@ -392,11 +392,11 @@ def sagittal_orientation(network: Network, image: np.ndarray, spacing: Sequence[
   sub-pixel grids, no slice smoothing). A 2D network trained on upright sagittal slices finds the most
   cartilage in an upright knee, so a header that flips or swaps the knee's in-plane axes (an identity
   direction written by a conversion, an array saved in another order than its affine's) shows as an
-  orientation far surer than the header's. Where another axis's voxels are over _SLICE_AXIS_RATIO times
-  coarser than the header's left-right ones, the eight of each axis taken as left-right (24; slicings
-  whose slices would not fit _SLICE_PIXELS skipped). HEADER unless another beats it by _ORIENTATION_MARGIN
+  orientation far surer than the header's. Unless the header's left-right voxels are over _SLICE_AXIS_RATIO
+  times coarser than the others, the eight of each axis taken as left-right (24; slicings whose slices
+  would not fit _SLICE_PIXELS skipped). HEADER unless another beats it by _ORIENTATION_MARGIN
   and _ORIENTATION_FLOOR."""
-  axes = range(3) if max(spacing[1:]) > _SLICE_AXIS_RATIO * spacing[0] else (0,)
+  axes = (0,) if spacing[0] > _SLICE_AXIS_RATIO * max(spacing[1:]) else range(3)
   orientations, shares = [], []
   for axis in axes:
     picked = _central_slices(np.moveaxis(image, axis, 0))
