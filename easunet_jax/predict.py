@@ -366,6 +366,11 @@ def _beats(shares: np.ndarray) -> tuple[int, float]:
   return best, float(ratio)
 
 
+def _surer(ratio: float) -> str:
+  """`_beats`' ratio in words: infinite where the header's way (or no rotation) has no sure cartilage."""
+  return 'sure of cartilage only' if np.isinf(ratio) else f'{ratio:.1f}x surer of cartilage'
+
+
 def sagittal_rotation(network: Network, image: np.ndarray, spacing: Sequence[float],
                       pixel: tuple[float, float] | None, upright_share: float) -> tuple[float, float]:
   """(degrees, its ratio to no rotation's) of an upright canonical-order volume whose central slices
@@ -756,17 +761,18 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   if config.predict.orientation_check:
     orientation, ratio, upright_share = sagittal_orientation(network, image, spacing, pixel)
     if any(orientation):
-      logging.warning("%s: the knee lies turned against its header (%s: the network is %.1fx surer of "
-                      "cartilage that way) and is segmented so; the mask is in the scan's voxel grid as "
-                      'always. Check the header (its sides may be wrong too), or keep its orientation with '
-                      'predict.orientation_check=False', source, describe_orientation(orientation), ratio)
+      logging.warning("%s: the knee lies turned against its header (%s: the network is %s that way) and "
+                      "is segmented so; the mask is in the scan's voxel grid as always. Check the header "
+                      '(its sides may be wrong too), or keep its orientation with '
+                      'predict.orientation_check=False',
+                      source, describe_orientation(orientation), _surer(ratio))
       image, spacing = orient(image, orientation), oriented_spacing(spacing, orientation)
       truth = None if truth is None else orient(truth, orientation)
     degrees, ratio = sagittal_rotation(network, image, spacing, pixel, upright_share)
     if degrees:
       logging.warning('%s: the knee lies rotated in the sagittal plane beyond the poses the model learnt '
-                      '(the network is %.1fx surer of cartilage with the slices rotated by %+g degrees): '
-                      'segmented so rotated, the probabilities rotated back', source, ratio, degrees)
+                      '(the network is %s with the slices rotated by %+g degrees): segmented so rotated, '
+                      'the probabilities rotated back', source, _surer(ratio), degrees)
   if pixel is not None and max(spacing[1:]) > _COARSE_PIXEL_RATIO * max(pixel):
     logging.warning("%s: sagittal slices of %s mm pixels, over %g times coarser than the model's "
                     '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '

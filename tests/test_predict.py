@@ -507,6 +507,13 @@ def test_isotropic_voxels_have_their_left_right_axis_questioned(tmp_path):
     assert metrics.segmentation_metrics(masks['upright'] == k, labels == value, spacing)['dice'] > least
 
 
+def test_a_way_the_header_finds_no_sure_cartilage_in_is_said_in_words():
+  """An OAI-ZIB file (no pose, slices along the header's z) leaves the network no sure cartilage the header's
+  way: the warning says so rather than "infx surer"."""
+  assert predict._surer(float('inf')) == 'sure of cartilage only'
+  assert predict._surer(46.94) == '46.9x surer of cartilage'
+
+
 def test_orient_and_unorient_are_inverse_in_all_24_orientations():
   array = np.arange(2 * 3 * 4 * 2).reshape(2, 3, 4, 2)
   seen = set()
