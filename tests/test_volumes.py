@@ -99,6 +99,19 @@ def test_permuted_and_flipped_affine_loads_to_same_canonical_array(tmp_path):
   np.testing.assert_allclose(got[2], (0.7, 0.4, 0.4))
 
 
+@pytest.mark.parametrize('first_axis', [0.7, -0.7])  # stored in RAS order, and left-right flipped
+def test_voxel_sizes_are_the_affines_where_pixdim_disagrees(tmp_path, first_axis):
+  """A file whose sform (the affine nibabel reads) says 0.7 x 0.4 x 0.4 mm and whose pixdim, with no qform,
+  says 1 mm: the spacing is the sform's, whether or not the voxels are reordered into RAS."""
+  nii = nib.Nifti1Image(np.random.default_rng(0).random((4, 5, 6), np.float32),
+                        np.diag([first_axis, 0.4, 0.4, 1.0]))
+  nii.set_qform(None, code=0)
+  nii.header['pixdim'][1:4] = 1.0
+  nib.save(nii, tmp_path / 'scan.nii.gz')
+  assert nib.load(tmp_path / 'scan.nii.gz').header.get_zooms() == (1.0, 1.0, 1.0)
+  np.testing.assert_allclose(volumes.load_image(tmp_path / 'scan.nii.gz')[1], (0.7, 0.4, 0.4))
+
+
 def test_trailing_axes_of_one_are_a_3d_volume_and_more_volumes_an_error(tmp_path):
   image, labels, affine = _small_case(np.random.default_rng(2))
   _write_pair(tmp_path, 'k', image, labels, affine)

@@ -305,14 +305,15 @@ Spacing = tuple[float, float, float]
 
 
 def read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray, Spacing]:
-  """The voxels in closest-canonical RAS order and the spacing in that order; reading is where a truncated
-  file fails."""
+  """The voxels in closest-canonical RAS order and the spacing in that order, the lengths of the affine's
+  columns (the geometry nibabel reads, the sform where there is one: a NIfTI file's pixdim may disagree
+  with it); reading is where a truncated file fails."""
   try:
     canonical = nib.as_closest_canonical(nii)
     array = np.asarray(canonical.dataobj)
   except _READ_ERRORS as e:
     raise DataError(f'{path}: voxel data unreadable, truncated or corrupt ({_one_line(e)})') from None
-  return array, tuple(float(s) for s in canonical.header.get_zooms()[:3])
+  return array, tuple(float(s) for s in nib.affines.voxel_sizes(canonical.affine))
 
 
 def load_image(path: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
