@@ -187,7 +187,7 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, heade
   if not header_sides:
     return None, ("undecided: the header's left-right axis is not the knee's; pass --laterality to name "
                   'compartments medial and lateral')
-  x = float((nii.affine @ [*((np.array(nii.shape[:3]) - 1) / 2), 1])[0])
+  x = float((nii.affine @ [*((np.array(nii.shape[:3]) - 1) / 2), 1])[0]) * volumes.mm_per_unit(nii)
   if abs(x) >= _SIDE_MIN_MM:
     side = 'R' if x > 0 else 'L'
     return side, f"from the position: centred {abs(x):.0f} mm to the patient's {SIDES[side]}"

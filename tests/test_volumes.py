@@ -6,7 +6,9 @@ import metaimage
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
+from easunet_jax import predict
 from easunet_jax.data import knee, volumes
 from easunet_jax.errors import DataError
 
@@ -110,6 +112,25 @@ def test_voxel_sizes_are_the_affines_where_pixdim_disagrees(tmp_path, first_axis
   nib.save(nii, tmp_path / 'scan.nii.gz')
   assert nib.load(tmp_path / 'scan.nii.gz').header.get_zooms() == (1.0, 1.0, 1.0)
   np.testing.assert_allclose(volumes.load_image(tmp_path / 'scan.nii.gz')[1], (0.7, 0.4, 0.4))
+
+
+@pytest.mark.parametrize('unit, per_mm', [('meter', 0.001), ('micron', 1000.0), ('mm', 1.0)])
+def test_a_header_in_metres_or_microns_is_read_in_mm_as_itk_reads_it(tmp_path, unit, per_mm):
+  """A knee centred 50 mm to the right, of 0.7 x 0.4 x 0.4 mm voxels, its affine in the header's unit."""
+  affine = np.diag([0.7, 0.4, 0.4, 1.0])
+  affine[:3, 3] = (50.0 - 0.7 * 1.5, 0.0, 0.0)  # the centre of 4 voxels along x at 50 mm
+  nii = nib.Nifti1Image(np.random.default_rng(0).random((4, 5, 6), np.float32),
+                        np.diag([per_mm] * 3 + [1.0]) @ affine)
+  nii.header.set_xyzt_units(unit)
+  nib.save(nii, tmp_path / 'scan.nii.gz')
+  spacing = volumes.load_image(tmp_path / 'scan.nii.gz')[1]
+  np.testing.assert_allclose(spacing, (0.7, 0.4, 0.4), rtol=1e-6)
+  np.testing.assert_allclose(spacing, sitk.ReadImage(str(tmp_path / 'scan.nii.gz')).GetSpacing(), rtol=1e-6)
+  side, why = predict.decide_laterality(volumes.open_volume(tmp_path / 'scan.nii.gz'), {}, None)
+  assert side == 'R' and why.startswith("from the position: centred 50 mm to the patient's right")
+  labels = nib.Nifti1Image(np.zeros((4, 5, 6), np.uint8), affine)  # the same grid, in mm
+  nib.save(labels, tmp_path / 'labels.nii.gz')
+  volumes.check_headers(volumes.Case('k', tmp_path / 'scan.nii.gz', tmp_path / 'labels.nii.gz'))
 
 
 def test_trailing_axes_of_one_are_a_3d_volume_and_more_volumes_an_error(tmp_path):

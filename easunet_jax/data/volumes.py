@@ -51,6 +51,7 @@ _NRRD_SPACES = {'right-anterior-superior': np.eye(4), 'ras': np.eye(4),
                 'left-posterior-superior': _LPS_TO_RAS, 'lps': _LPS_TO_RAS,
                 'left-anterior-superior': np.diag([-1.0, 1.0, 1.0, 1.0]),
                 'las': np.diag([-1.0, 1.0, 1.0, 1.0])}
+_MM_PER_UNIT = {'meter': 1000.0, 'micron': 0.001}  # NIfTI's spatial units other than mm
 # What a truncated, corrupt or foreign file raises inside nibabel, gzip and zlib.
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
                 nib.spatialimages.HeaderDataError)
@@ -263,7 +264,7 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
     raise DataError(f'{path}: {len(nii.shape)}D volume of shape {nii.shape}, expected 3D (a series of '
                     'several volumes, echoes or time points: save the one to use as its own file)')
   affine = nii.affine
-  if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+  if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) * mm_per_unit(nii) ** 3 < 1e-9:
     raise DataError(f'{path}: degenerate voxel-to-world affine {affine[:3].tolist()}')
   return nii
 
@@ -281,12 +282,14 @@ def check_headers(case: Case) -> None:
 
 
 def canonical_grid(nii: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
-  """(shape, affine) of the volume in closest-canonical RAS order (`read_canonical`'s), from the header."""
+  """(shape, affine in mm) of the volume in closest-canonical RAS order (`read_canonical`'s), from the
+  header."""
   ornt = nib.io_orientation(nii.affine)
   shape = [0, 0, 0]
   for n, (axis, _) in zip(nii.shape[:3], ornt):
     shape[int(axis)] = n
-  return tuple(shape), nii.affine @ nib.orientations.inv_ornt_aff(ornt, nii.shape[:3])
+  to_mm = np.diag([mm_per_unit(nii)] * 3 + [1.0])
+  return tuple(shape), to_mm @ nii.affine @ nib.orientations.inv_ornt_aff(ornt, nii.shape[:3])
 
 
 def _check_same_grid(image_nii: nib.Nifti1Image, label_nii: nib.Nifti1Image, case: Case) -> None:
@@ -304,16 +307,22 @@ def _check_same_grid(image_nii: nib.Nifti1Image, label_nii: nib.Nifti1Image, cas
 Spacing = tuple[float, float, float]
 
 
+def mm_per_unit(nii: nib.Nifti1Image) -> float:
+  """Millimetres per unit of the affine: 1000 and 0.001 where a NIfTI header's spatial unit is the metre or
+  the micron (as ITK, and so SimpleITK-based tools, read it), else 1 (mm, or unknown, taken as mm)."""
+  return _MM_PER_UNIT.get(nii.header.get_xyzt_units()[0], 1.0)
+
+
 def read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray, Spacing]:
-  """The voxels in closest-canonical RAS order and the spacing in that order, the lengths of the affine's
-  columns (the geometry nibabel reads, the sform where there is one: a NIfTI file's pixdim may disagree
-  with it); reading is where a truncated file fails."""
+  """The voxels in closest-canonical RAS order and the spacing in that order in mm, the lengths of the
+  affine's columns (the geometry nibabel reads, the sform where there is one: a NIfTI file's pixdim may
+  disagree with it) in the header's unit (`mm_per_unit`); reading is where a truncated file fails."""
   try:
     canonical = nib.as_closest_canonical(nii)
     array = np.asarray(canonical.dataobj)
   except _READ_ERRORS as e:
     raise DataError(f'{path}: voxel data unreadable, truncated or corrupt ({_one_line(e)})') from None
-  return array, tuple(float(s) for s in nib.affines.voxel_sizes(canonical.affine))
+  return array, tuple(float(s) * mm_per_unit(nii) for s in nib.affines.voxel_sizes(canonical.affine))
 
 
 def load_image(path: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
