@@ -508,8 +508,8 @@ def test_isotropic_voxels_have_their_left_right_axis_questioned(tmp_path):
 
 
 def test_a_way_the_header_finds_no_sure_cartilage_in_is_said_in_words():
-  """An OAI-ZIB file (no pose, slices along the header's z) leaves the network no sure cartilage the header's
-  way: the warning says so rather than "infx surer"."""
+  """A knee stored in another axis order than its header's may leave the network no sure cartilage the
+  header's way: the warning says so rather than "infx surer"."""
   assert predict._surer(float('inf')) == 'sure of cartilage only'
   assert predict._surer(46.94) == '46.9x surer of cartilage'
 
