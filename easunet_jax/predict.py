@@ -177,7 +177,8 @@ def _print_scores(source: pathlib.Path, result: dict) -> None:
 def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, header_sides: bool = True
                       ) -> tuple[str | None, str]:
   """('R', 'L' or None, why): `given` (--laterality), else the DICOM Laterality tag, else, where
-  `header_sides` (the header's left-right axis is the knee's), the scan's position: a knee centred at least
+  `header_sides` (the header's left-right axis is the knee's) and the header gives a position (its first
+  voxel not at the origin, where a file without a pose puts it), the scan's position: a knee centred at least
   10 mm to the patient's right (RAS x > 0) of the scanner's midline is a right knee. None when none of these
   decides; compartments are then named by the patient's side."""
   if given:
@@ -187,6 +188,9 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, heade
   if not header_sides:
     return None, ("undecided: the header's left-right axis is not the knee's; pass --laterality to name "
                   'compartments medial and lateral')
+  if not nii.affine[:3, 3].any():
+    return None, ('undecided: the header puts the first voxel at the origin, no scanner position (a file '
+                  "without a pose, as OAI-ZIB's); pass --laterality to name compartments medial and lateral")
   x = float((nii.affine @ [*((np.array(nii.shape[:3]) - 1) / 2), 1])[0]) * volumes.mm_per_unit(nii)
   if abs(x) >= _SIDE_MIN_MM:
     side = 'R' if x > 0 else 'L'

@@ -514,6 +514,17 @@ def test_a_way_the_header_finds_no_sure_cartilage_in_is_said_in_words():
   assert predict._surer(46.94) == '46.9x surer of cartilage'
 
 
+def test_a_header_without_a_position_decides_no_side():
+  """A file without a pose (OAI-ZIB's MetaImage files: the first voxel at the origin) tells no side, however
+  far from the midline its centre then lies; a scanner's position of 60 mm to the right does."""
+  affine = np.diag([0.7, 0.4, 0.4, 1.0])
+  side, why = predict.decide_laterality(nib.Nifti1Image(np.zeros((160, 5, 6), np.float32), affine), {}, None)
+  assert side is None and why.startswith('undecided: the header puts the first voxel at the origin')
+  affine[0, 3] = 60.0
+  side, why = predict.decide_laterality(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine), {}, None)
+  assert side == 'R' and why.startswith("from the position: centred 61 mm to the patient's right")
+
+
 def test_orient_and_unorient_are_inverse_in_all_24_orientations():
   array = np.arange(2 * 3 * 4 * 2).reshape(2, 3, 4, 2)
   seen = set()
