@@ -190,6 +190,41 @@ def test_metaimage_and_nrrd_load_as_the_same_volume_in_nifti(tmp_path, kind):
   np.testing.assert_allclose(got[1], want[1])
 
 
+def _by_itk(path) -> tuple[np.ndarray, np.ndarray]:
+  """(voxels indexed (x, y, z), RAS affine) of a file as SimpleITK reads it."""
+  image = sitk.ReadImage(str(path))
+  lps = np.eye(4)
+  lps[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * image.GetSpacing()
+  lps[:3, 3] = image.GetOrigin()
+  return sitk.GetArrayFromImage(image).T, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def test_files_other_writers_make_load_as_itk_reads_them(tmp_path):
+  """64-bit integer voxels (numpy's default integer, as SimpleITK writes it), MetaIO's 4-byte MET_LONG, a
+  MetaImage header giving ElementSize but no ElementSpacing, and a NRRD file naming no space (ITK's LPS)."""
+  labels = np.random.default_rng(7).integers(0, 5, size=(4, 5, 6))
+  paths = [tmp_path / 'int64.mha', tmp_path / 'int64.nrrd']
+  for path in paths:
+    sitk.WriteImage(sitk.GetImageFromArray(labels.T), str(path))
+  header = ('ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n'
+            'DimSize = 4 5 6\n')
+  voxels = labels.astype('<i4').tobytes(order='F')
+  for name, fields in (('long.mha', 'ElementSpacing = 0.7 0.4 0.4\nElementType = MET_LONG\n'),
+                       ('size.mha', 'ElementSize = 0.7 0.4 0.4\nElementType = MET_INT\n')):
+    paths.append(tmp_path / name)
+    paths[-1].write_bytes(f'{header}{fields}ElementDataFile = LOCAL\n'.encode() + voxels)
+  paths.append(tmp_path / 'no_space.nrrd')
+  paths[-1].write_bytes(b'NRRD0004\ntype: int\ndimension: 3\nsizes: 4 5 6\nendian: little\nencoding: raw\n'
+                        b'space dimension: 3\nspace directions: (0.7,0,0) (0,0.4,0) (0,0,0.4)\n'
+                        b'space origin: (10,20,30)\n\n' + voxels)
+  for path in paths:
+    nii, (itk_voxels, itk_affine) = volumes.open_volume(path), _by_itk(path)
+    np.testing.assert_array_equal(np.asarray(nii.dataobj), labels, err_msg=path.name)
+    np.testing.assert_array_equal(itk_voxels, labels, err_msg=path.name)
+    np.testing.assert_allclose(nii.affine, itk_affine, atol=1e-6, err_msg=path.name)
+  assert volumes.open_volume(tmp_path / 'size.mha').header.get_zooms() == pytest.approx((0.7, 0.4, 0.4))
+
+
 def test_oai_zib_release_of_label_maps_is_discovered(tmp_path):
   """OAI-ZIB's download: segmentation/segmentation_masks/<id>.segmentation_masks.mhd + .raw, label maps
   alone; data.root may be the download's top folder or its segmentation/ folder."""

@@ -30,7 +30,7 @@ METAIMAGE_SUFFIXES = ('.mhd', '.mha')
 NRRD_SUFFIXES = ('.nrrd', '.nhdr')
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + METAIMAGE_SUFFIXES + NRRD_SUFFIXES
 _METAIMAGE_TYPES = {'MET_UCHAR': 'u1', 'MET_CHAR': 'i1', 'MET_USHORT': 'u2', 'MET_SHORT': 'i2',
-                    'MET_UINT': 'u4', 'MET_INT': 'i4', 'MET_ULONG': 'u8', 'MET_LONG': 'i8',
+                    'MET_UINT': 'u4', 'MET_INT': 'i4', 'MET_ULONG': 'u4', 'MET_LONG': 'i4',  # MetaIO's sizes
                     'MET_ULONG_LONG': 'u8', 'MET_LONG_LONG': 'i8', 'MET_FLOAT': 'f4', 'MET_DOUBLE': 'f8'}
 # NRRD's type names (each has several spellings), as numpy dtypes.
 _NRRD_TYPES = {
@@ -161,7 +161,9 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
       offset = size - nbytes if header_size == -1 else (header_end if local else 0) + header_size
       voxels = nib.arrayproxy.ArrayProxy(str(data_path), (tuple(shape), dtype, offset), order='F')
     n = len(shape)
-    spacing = [float(v) for v in fields.get('ElementSpacing', ' '.join(['1'] * n)).split()]
+    # MetaIO falls back to ElementSize (the voxel's extent) where the spacing is not given
+    spacing = [float(v) for v in fields.get('ElementSpacing', fields.get('ElementSize', ' '.join(['1'] * n))
+                                            ).split()]
     origin = next((fields[k] for k in ('Offset', 'Origin', 'Position') if k in fields), '0 ' * n).split()
     matrix = next((fields[k] for k in ('TransformMatrix', 'Rotation', 'Orientation') if k in fields),
                   ' '.join(str(float(i == j)) for i in range(n) for j in range(n))).split()
@@ -175,7 +177,7 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
   # Each run of n numbers in TransformMatrix is the direction of one voxel axis (a column of the affine).
   affine[:3, :3] = np.reshape(np.array(matrix, float), (n, n))[:3, :3].T * spacing[:3]
   affine[:3, 3] = np.array(origin, float)[:3]
-  return nib.Nifti1Image(voxels, _LPS_TO_RAS @ affine)
+  return nib.Nifti1Image(voxels, _LPS_TO_RAS @ affine, dtype=dtype)  # the dtype: nibabel refuses int64 else
 
 
 def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
@@ -217,7 +219,7 @@ def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
       data = data[len(data) - nbytes:] if byte_skip == -1 else data[byte_skip:byte_skip + nbytes]
       voxels = np.frombuffer(data, dtype).reshape(sizes[::-1]).T.copy()  # the first axis runs fastest
     directions = re.findall(r'\(([^)]*)\)|none', fields.get('space directions', ''))
-    space = fields.get('space', 'right-anterior-superior').lower()
+    space = fields.get('space', 'left-posterior-superior').lower()  # none named: ITK's LPS, as ITK reads it
     if space not in _NRRD_SPACES:
       raise ValueError(f'space {space} not supported ({", ".join(sorted(_NRRD_SPACES))})')
     if directions:
@@ -238,7 +240,7 @@ def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
   affine = np.eye(4)
   affine[:3, :3] = columns[:3, :3]
   affine[:3, 3] = origin[:3]
-  return nib.Nifti1Image(voxels, _NRRD_SPACES[space] @ affine)
+  return nib.Nifti1Image(voxels, _NRRD_SPACES[space] @ affine, dtype=dtype)
 
 
 def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
