@@ -130,6 +130,25 @@ def test_enhanced_echoes_match_dcm2niix(tmp_path, cosines, offsets):
   assert report['series_found'][0]['slices'] == 8 and report['laterality'] == 'L'
 
 
+def test_enhanced_echoes_in_a_file_each_are_the_volumes_of_one_file(tmp_path):
+  """A multi-echo series exported as one enhanced file per echo: the same two volumes as the file of both."""
+  rng = np.random.default_rng(2)
+  echoes = [rng.integers(0, 4000, (24, 20, 8), dtype=np.uint16) for _ in range(2)]
+  both = write_enhanced(tmp_path / 'both' / 'IM1', echoes)
+
+  def second_echo(echo, n, groups):
+    groups.MREchoSequence[0].EffectiveEchoTime = 10.0
+
+  uid = write_enhanced(tmp_path / 'each' / 'IM1', echoes[:1])
+  write_enhanced(tmp_path / 'each' / 'IM2', echoes[1:], uid=uid, edit=second_echo, seed=1)
+  assert [s.name for s in dicom.find_series(tmp_path / 'each')] == [f'{uid}:1', f'{uid}:2']
+  for echo in (1, 2):
+    ours, reference = (dicom.read_series(tmp_path / folder, f'{series}:{echo}')[0]
+                       for folder, series in (('each', uid), ('both', both)))
+    np.testing.assert_array_equal(ours.affine, reference.affine)
+    np.testing.assert_array_equal(ours.get_fdata(), reference.get_fdata())
+
+
 def test_enhanced_phase_frames_and_per_frame_rescaling(tmp_path):
   """Magnitude frames beside phase ones are the volume, that of the classic series of the same slices; a
   frame's own rescaling overrides the shared one."""

@@ -114,9 +114,9 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
 
 def _frames(path: pathlib.Path, ds: pydicom.Dataset) -> Members:
   """The slices of one file with a classic header each: the file's own for a single-frame file; for a
-  multi-frame (enhanced) file, per frame the file's series tags and the tags of its functional groups, its
-  echo as EchoNumbers (rank of its EffectiveEchoTime in the file, where the file holds several) and, where
-  the file holds magnitude images beside phase, real or imaginary ones, the magnitude frames only."""
+  multi-frame (enhanced) file, per frame the file's series tags and the tags of its functional groups
+  (its echo by EffectiveEchoTime: `_scan` numbers the echoes) and, where the file holds magnitude images
+  beside phase, real or imaginary ones, the magnitude frames only."""
   frames = _int(ds, 'NumberOfFrames') or 1
   if 'PerFrameFunctionalGroupsSequence' not in ds:
     if frames > 1:
@@ -139,10 +139,6 @@ def _frames(path: pathlib.Path, ds: pydicom.Dataset) -> Members:
         if keyword in items[0]:
           header[keyword] = items[0][keyword]
     headers.append(header)
-  echo_times = sorted({float(h.EffectiveEchoTime) for h in headers if h.get('EffectiveEchoTime') is not None})
-  for header in headers:
-    if len(echo_times) > 1 and header.get('EffectiveEchoTime') is not None:
-      header.EchoNumbers = echo_times.index(float(header.EffectiveEchoTime)) + 1
   members = [(Slice(path, k), header) for k, header in enumerate(headers)]
   magnitude = [m for m in members if m[1].get('ComplexImageComponent') == 'MAGNITUDE']
   return magnitude or members
@@ -152,10 +148,11 @@ def _scan(folder: pathlib.Path) -> dict[tuple[str, int | None], Members]:
   """Headers (no pixels) of the DICOM images under folder (`_frames`: one per slice), grouped by
   (SeriesInstanceUID, echo): a series whose slices carry several EchoNumbers (a DESS or multi-echo series
   exported as one) is one group per echo, as dcm2niix writes one volume per echo; the echo is None
-  otherwise."""
+  otherwise. An enhanced file's frames are numbered by the rank of their EffectiveEchoTime in the series,
+  whose echoes may come in one file or one file each."""
   if not folder.is_dir():
     raise DataError(f'{folder}: not a directory (expected a folder of DICOM files)')
-  groups: dict[tuple[str, int | None], Members] = {}
+  series: dict[str, Members] = {}
   for path in _files(folder):
     if not is_dicom_file(path):
       continue
@@ -165,8 +162,16 @@ def _scan(folder: pathlib.Path) -> dict[tuple[str, int | None], Members]:
       raise DataError(f'{path}: DICOM header unreadable ({_one_line(e)})') from None
     # Images only: a DICOMDIR, a structured report or a presentation state has no Rows and no pixels.
     if 'Rows' in ds and ds.get('SeriesInstanceUID'):
-      for member in _frames(path, ds):
-        groups.setdefault((str(ds.SeriesInstanceUID), _int(member[1], 'EchoNumbers')), []).append(member)
+      series.setdefault(str(ds.SeriesInstanceUID), []).extend(_frames(path, ds))
+  groups: dict[tuple[str, int | None], Members] = {}
+  for uid, members in series.items():
+    times = sorted({float(h.EffectiveEchoTime) for _, h in members
+                    if h.get('EchoNumbers') is None and h.get('EffectiveEchoTime') is not None})
+    for member in members:
+      header = member[1]
+      if len(times) > 1 and header.get('EchoNumbers') is None and header.get('EffectiveEchoTime') is not None:
+        header.EchoNumbers = times.index(float(header.EffectiveEchoTime)) + 1
+      groups.setdefault((uid, _int(header, 'EchoNumbers')), []).append(member)
   if not groups:
     raise DataError(f'{folder}: no DICOM image file found (searched recursively; expected the exported files '
                     'of an MRI series)')
