@@ -457,12 +457,15 @@ def remove_small_components(classes: np.ndarray, spacing: Sequence[float], min_m
 
 def _save(path: pathlib.Path, array: np.ndarray, nii: nib.Nifti1Image, slope: float = 1.0) -> None:
   """Writes `array` (canonical order; trailing axes beyond the three spatial ones kept) in the voxel order,
-  affine and header of `nii`, as its own dtype; readers scale the stored values by `slope`."""
+  affine and header (NIfTI-1 or -2) of `nii`, as its own dtype; readers scale the stored values by `slope`.
+  The input's intensity scaling, display range and intent are the scan's, not the output's: not kept."""
   back = nib.orientations.ornt_transform(_CANONICAL, nib.io_orientation(nii.affine))
   header = nii.header.copy()
   header.set_data_dtype(array.dtype)
-  out = nib.Nifti1Image(nib.orientations.apply_orientation(array, back), nii.affine, header)
-  out.header.set_slope_inter(slope, 0)  # not the input's intensity scaling
+  header.set_intent('none')
+  header['cal_min'] = header['cal_max'] = 0
+  out = type(nii)(nib.orientations.apply_orientation(array, back), nii.affine, header)
+  out.header.set_slope_inter(slope, 0)
   path.parent.mkdir(parents=True, exist_ok=True)
   nib.save(out, path)
 

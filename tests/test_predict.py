@@ -64,6 +64,20 @@ def test_permuted_input_predicts_in_its_own_grid(run, tmp_path):
     assert (tmp_path / name).stat().st_size > 0
 
 
+def test_a_nifti2_scan_gets_a_nifti2_mask_without_its_display_range_and_intent(run, tmp_path):
+  workdir, canonical, _ = run
+  source = nib.load(canonical)
+  scan = nib.Nifti2Image(np.asarray(source.dataobj), source.affine)
+  scan.header['cal_max'] = 1000.0
+  scan.header.set_intent('estimate')
+  nib.save(scan, tmp_path / 'scan.nii.gz')
+  predict.predict(_config(), workdir, tmp_path / 'scan.nii.gz', tmp_path / 'mask.nii.gz')
+  for name in ('mask.nii.gz', 'mask_thickness.nii.gz'):
+    written = nib.load(tmp_path / name)
+    assert isinstance(written, nib.Nifti2Image) and written.shape == source.shape
+    assert written.header['cal_max'] == 0 and written.header.get_intent()[0] == 'none'
+
+
 def _thresholds(self, image_SHW):
   """A stand-in network that thresholds the normalised image (the tiny run's masks may be empty)."""
   del self
