@@ -104,6 +104,11 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError(f'train.init_weights: expected a model file (--mode=export), got '
                       f'{config.train.init_weights!r}, which is not a file')
   data = config.data
+  classes = config.model.num_classes
+  if any(len(pair) != 2 or not 0 <= pair[0] <= 255 or not 0 <= pair[1] < classes for pair in data.label_map):
+    raise ConfigError(f'data.label_map: expected (source label, training class) pairs, labels 0-255 and '
+                      f'classes 0-{classes - 1} (model.num_classes {classes}), got '
+                      f'{tuple(map(tuple, data.label_map))}')
   if data.root and not pathlib.Path(data.root).is_dir():
     raise ConfigError(f'data.root: expected a dataset directory (images/ + labels/ or imagesTr/ + labelsTr/) '
                       f"or '' for the built-in phantom, got {data.root!r}, which is not a directory")

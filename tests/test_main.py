@@ -181,6 +181,12 @@ BAD_VALUES = {
                                 'data.phantom_oa_fraction: expected a fraction from 0 to 1'),
     'negative elastic field': ({'data.phantom_elastic_mm': -1.0},
                                'data.phantom_elastic_mm: expected a non-negative number'),
+    'label map class beyond the classes': ({'data.label_map': ((2, 1), (4, 2), (5, 3))},
+                                           'data.label_map: expected (source label, training class) pairs'),
+    'label map source beyond uint8': ({'data.label_map': ((2, 1), (300, 2))},
+                                      'data.label_map: expected (source label, training class) pairs, labels '
+                                      '0-255 and classes 0-2 (model.num_classes 3), got ((2, 1), (300, 2))'),
+    'label map triple': ({'data.label_map': ((2, 1, 0),)}, 'data.label_map: expected (source label'),
 }
 
 

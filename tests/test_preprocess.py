@@ -94,6 +94,25 @@ def test_split_file_and_its_errors(data_cfg, tmp_path):
   with pytest.raises(DataError) as e:
     preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)
   assert 'nope' in str(e.value) and '\n' not in str(e.value)
+  for bad, message in (({'train': ids, 'val': None, 'test': []}, '"val": expected a list of case ids'),
+                       ({'train': [ids], 'val': [], 'test': []}, '"train": expected a list of case ids')):
+    (tmp_path / 'splits.json').write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=message):
+      preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)
+
+
+def test_a_split_file_may_name_cases_by_number(tmp_path):
+  """OAI-ZIB's case ids are numbers, which a split file may hold as JSON numbers."""
+  image, labels, affine = phantom.make_subject(1, SHAPE, SPACING)
+  for case_id in ('9001104', '9002430'):
+    volumes.save_volume(tmp_path / 'knees' / 'images' / f'{case_id}.nii.gz', image, affine)
+    volumes.save_volume(tmp_path / 'knees' / 'labels' / f'{case_id}.nii.gz', labels, affine)
+  cfg = default.get_config().data
+  cfg.root, cfg.split_file = str(tmp_path / 'knees'), str(tmp_path / 'splits.json')
+  (tmp_path / 'splits.json').write_text(json.dumps({'train': [9001104], 'val': [9002430], 'test': []}))
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
+  assert json.loads((store / 'splits.json').read_text()) == {'train': ['9001104'], 'val': ['9002430'],
+                                                             'test': []}
 
 
 def test_bad_train_slices_setting(data_cfg, tmp_path):
@@ -132,11 +151,13 @@ def _bad_dataset(root):
   outside = np.where(labels == 2, 9, labels).astype(np.uint8)
   volumes.save_volume(root / 'labels/outside_map.nii.gz', outside, affine)
   (root / 'labels/unlabelled.nii.gz').unlink()
+  (root / 'images/broken_link.nii.gz').symlink_to(root / 'purged' / 'scan.nii.gz')  # a link to a removed file
+  (root / 'labels/broken_link.nii.gz').symlink_to(root / 'labels/good_a.nii.gz')
 
 
 BAD = {'truncated': 'truncated', 'not_nifti': 'not a readable NIfTI', 'flat_2d': '2D', 'time_4d': '4D',
        'shapes': 'shape', 'affines': 'affines', 'nan': 'NaN', 'constant': 'constant', 'outside_map': '[9]',
-       'unlabelled': 'no label'}
+       'unlabelled': 'no label', 'broken_link': 'No such file'}
 
 
 def test_bad_cases_named_skipped_and_rest_processed(tmp_path, caplog):

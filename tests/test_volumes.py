@@ -40,6 +40,20 @@ def test_discover_both_layouts_sorted_with_unlabelled_images(tmp_path, nnunet):
   assert volumes.load_image(cases[2].image)[0].shape == (4, 5, 6)  # still predictable
 
 
+def test_a_case_in_two_files_is_an_error_and_misnamed_images_are_warned_of(tmp_path, caplog):
+  image, labels, affine = _small_case(np.random.default_rng(8))
+  _write_pair(tmp_path / 'twice', 'c0', image, labels, affine)
+  volumes.save_volume(tmp_path / 'twice' / 'images' / 'c0.nii', image, affine)  # a decompressed copy
+  with pytest.raises(DataError, match=r'case c0 comes as 2 files \(c0.nii, c0.nii.gz; 1 case\(s\) so\)'):
+    volumes.discover_cases(tmp_path / 'twice')
+  _write_pair(tmp_path / 'nnunet', 'k_1', image, labels, affine, nnunet=True)
+  volumes.save_volume(tmp_path / 'nnunet' / 'imagesTr' / 'k_1_0001.nii.gz', image, affine)  # a second channel
+  volumes.save_volume(tmp_path / 'nnunet' / 'imagesTr' / 'k_2.nii.gz', image, affine)  # no _0000
+  assert [c.id for c in volumes.discover_cases(tmp_path / 'nnunet')] == ['k_1']
+  assert '2 volume file(s) not named <id>_0000 ignored (other channels, or misnamed): k_1_0001.nii.gz, ' \
+         'k_2.nii.gz' in caplog.text
+
+
 def test_discover_empty_root_is_one_line_error(tmp_path):
   (tmp_path / 'images').mkdir()
   with pytest.raises(DataError) as e:

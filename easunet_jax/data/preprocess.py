@@ -86,6 +86,11 @@ def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> d
     raise DataError(f'data.split_file {path}: cannot read JSON ({e})') from None
   if not isinstance(splits, dict) or set(splits) != set(SPLITS):
     raise DataError(f'data.split_file {path}: expected keys {list(SPLITS)}')
+  for name in SPLITS:
+    if not isinstance(splits[name], list) or not all(isinstance(i, str | int) for i in splits[name]):
+      raise DataError(f'data.split_file {path}: "{name}": expected a list of case ids, got {splits[name]!r}')
+  # OAI-ZIB's ids are numbers, which JSON may hold as such
+  splits = {name: [str(i) for i in splits[name]] for name in SPLITS}
   listed = [i for name in SPLITS for i in splits[name]]
   unknown = sorted(set(listed) - set(ids) - set(skipped))
   if unknown:
@@ -100,7 +105,9 @@ def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigD
   paths = [p for c in cases for p in (c.image, c.label) if p is not None]
   if data_cfg.synth:
     paths += [p for c in cases if (p := _tissue_path(c)).exists()]
-  files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+  # A missing file (a broken link) fails its case's checks later, skipped with the others
+  files = [[str(p.resolve()), *((p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (None, None))]
+           for p in paths]
   settings = {'label_map': [list(map(int, pair)) for pair in data_cfg.label_map],
               'split': list(data_cfg.split),
               'split_file': data_cfg.split_file, 'train_slices': data_cfg.train_slices, 'seed': seed,

@@ -2,6 +2,7 @@
 canonical RAS order, label remapping, saving."""
 
 import bz2
+import collections
 import gzip
 import os
 import pathlib
@@ -12,6 +13,7 @@ from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
+from absl import logging
 
 from easunet_jax.errors import DataError
 
@@ -109,19 +111,35 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
       cases = [Case(stem.removesuffix(label_suffix), None, path) for path in sorted(label_dir.iterdir())
                if (stem := volume_stem(path.name)) and not path.name.startswith('.')]
       if cases:
-        return cases
+        return _one_file_per_case(cases)
     raise DataError(f'{root}: expected images/ + labels/ or imagesTr/ + labelsTr/ with .nii.gz volumes '
                     "(or labels/ alone for data.synth, or OAI-ZIB's segmentation_masks/)")
-  cases = []
+  cases, ignored = [], []
   for image in sorted(image_dir.iterdir()):
     stem = volume_stem(image.name)
-    if not stem or not stem.endswith(image_suffix) or image.name.startswith('.'):
+    if not stem or image.name.startswith('.'):
+      continue
+    if not stem.endswith(image_suffix):
+      ignored.append(image.name)
       continue
     case_id = stem[:len(stem) - len(image_suffix)]
     cases.append(Case(case_id, image, label_file(label_dir, case_id)))
   if not cases:
     raise DataError(f'{image_dir}: no image found (expected <id>{image_suffix}.nii.gz)')
-  return sorted(cases, key=lambda c: c.id)
+  if ignored:  # other channels (_0001, ...), which this one-channel model cannot use, or misnamed images
+    logging.warning('%s: %d volume file(s) not named <id>_0000 ignored (other channels, or misnamed): %s',
+                    image_dir, len(ignored), ', '.join(ignored[:5]) + (', ...' if len(ignored) > 5 else ''))
+  return _one_file_per_case(sorted(cases, key=lambda c: c.id))
+
+
+def _one_file_per_case(cases: list[Case]) -> list[Case]:
+  """`cases`, unless one case id comes as two files (of .nii.gz, .nii, .mhd, ...): a DataError naming them."""
+  counts = collections.Counter(c.id for c in cases)
+  if twice := sorted(i for i, n in counts.items() if n > 1):
+    files = [c.image or c.label for c in cases if c.id == twice[0]]
+    raise DataError(f'{files[0].parent}: case {twice[0]} comes as {len(files)} files '
+                    f'({", ".join(f.name for f in files)}; {len(twice)} case(s) so): keep one per case')
+  return cases
 
 
 def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
