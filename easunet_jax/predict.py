@@ -93,10 +93,11 @@ def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
 
 def _mask_name(scan: pathlib.Path) -> str:
-  """A NIfTI scan's mask keeps its name; a MetaImage's or NRRD's is NIfTI (what the masks are written as)."""
-  if scan.name.endswith(volumes.NIFTI_SUFFIXES):
-    return scan.name
-  return f'{volumes.volume_stem(scan.name)}.nii.gz'
+  """A NIfTI scan's mask keeps its name, the suffix lower-case (nibabel writes .nii.gz and .NII.GZ but
+  fails on mixed case); a MetaImage's or NRRD's is NIfTI (what the masks are written as)."""
+  stem = volumes.volume_stem(scan.name)
+  suffix = scan.name[len(stem):].lower()
+  return stem + (suffix if suffix in volumes.NIFTI_SUFFIXES else '.nii.gz')
 
 
 def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
@@ -113,13 +114,13 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
     raise DataError(f'{source}: no such input file or directory')
 
   def single(name: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
-    return [(source, target / name if target.is_dir() or not target.name.endswith(volumes.NIFTI_SUFFIXES)
-             else target)]
+    to_folder = target.is_dir() or not target.name.lower().endswith(volumes.NIFTI_SUFFIXES)
+    return [(source, target / name if to_folder else target)]
 
   if source.is_file():
     return single(_mask_name(source)), False
   entries = sorted(source.iterdir())
-  files = [p for p in entries if p.name.endswith(volumes.VOLUME_SUFFIXES) and p.is_file()]
+  files = [p for p in entries if volumes.volume_stem(p.name) and p.is_file()]
   if files:
     return [(p, target / _mask_name(p)) for p in files], True
   if any(dicom.is_dicom_file(p) for p in entries if p.is_file()):

@@ -54,6 +54,26 @@ def test_a_case_in_two_files_is_an_error_and_misnamed_images_are_warned_of(tmp_p
          'k_2.nii.gz' in caplog.text
 
 
+def test_upper_case_suffixes_are_volumes_as_nibabel_and_itk_read_them(tmp_path):
+  image, labels, affine = _small_case(np.random.default_rng(9))
+  volumes.save_volume(tmp_path / 'images' / 'K1.NII.GZ', image, affine)
+  volumes.save_volume(tmp_path / 'labels' / 'K1.NII', labels, affine)
+  volumes.save_volume(tmp_path / 'images' / 'K2.nii.gz', image, affine)
+  sitk.WriteImage(sitk.GetImageFromArray(labels.transpose(2, 1, 0)), str(tmp_path / 'labels' / 'K2.mha'))
+  (tmp_path / 'labels' / 'K2.mha').rename(tmp_path / 'labels' / 'K2.MHA')  # ITK writes lower-case
+  cases = volumes.discover_cases(tmp_path)
+  assert [(c.id, c.image.name, c.label.name) for c in cases] == [('K1', 'K1.NII.GZ', 'K1.NII'),
+                                                                 ('K2', 'K2.nii.gz', 'K2.MHA')]
+  assert volumes.open_volume(cases[1].label).shape == (4, 5, 6)  # read as MetaImage, not by nibabel
+  pairs, batch = predict._inputs(tmp_path / 'images', tmp_path / 'masks')
+  assert batch and [(scan.name, mask.name) for scan, mask in pairs] == [('K1.NII.GZ', 'K1.nii.gz'),
+                                                                       ('K2.nii.gz', 'K2.nii.gz')]
+  scan, mask = tmp_path / 'images' / 'K1.NII.GZ', tmp_path / 'k1_mask.NII.GZ'
+  assert predict._inputs(scan, mask)[0] == [(scan, mask)]  # a mask file, not a folder to write into
+  found = predict._label_files(pairs, tmp_path / 'labels', batch)
+  assert found == {scan: case.label for (scan, _), case in zip(pairs, cases)}
+
+
 def test_discover_empty_root_is_one_line_error(tmp_path):
   (tmp_path / 'images').mkdir()
   with pytest.raises(DataError) as e:

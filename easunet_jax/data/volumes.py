@@ -66,9 +66,10 @@ class Case(NamedTuple):
 
 
 def volume_stem(name: str) -> str:
-  """The file name without its volume suffix (`VOLUME_SUFFIXES`); '' for any other file."""
+  """The file name without its volume suffix (`VOLUME_SUFFIXES`, in any case: some exports are named
+  .NII.GZ, which nibabel and ITK read); '' for any other file."""
   for suffix in VOLUME_SUFFIXES:
-    if name.endswith(suffix):
+    if name.lower().endswith(suffix):
       return name[:-len(suffix)]
   return ''
 
@@ -78,9 +79,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
-  """`label_dir`'s volume file of `case_id` (<case_id>.nii.gz, .nii, .mhd, .mha, .nrrd or .nhdr), or
-  None."""
-  return next((p for suffix in VOLUME_SUFFIXES if (p := label_dir / f'{case_id}{suffix}').exists()), None)
+  """`label_dir`'s volume file of `case_id` (<case_id>.nii.gz, .nii, .mhd, .mha, .nrrd or .nhdr, the suffix
+  in any case), or None."""
+  named = (p for suffix in VOLUME_SUFFIXES if (p := label_dir / f'{case_id}{suffix}').exists())
+  # Upper-case suffixes only where no lower-case one is: listing the folder for every case is the slow way.
+  return next(named, None) or next(
+      (p for p in sorted(label_dir.iterdir()) if volume_stem(p.name) == case_id and p.is_file()), None)
 
 
 def discover_cases(root: str | pathlib.Path) -> list[Case]:
@@ -267,9 +271,9 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
   file, or one not 3D, is an error. Trailing axes of length 1 (x, y, z, 1), as some converters write a 3D
   volume, are dropped."""
   path = pathlib.Path(path)
-  if path.name.endswith(METAIMAGE_SUFFIXES):
+  if path.name.lower().endswith(METAIMAGE_SUFFIXES):
     nii = _metaimage(path)
-  elif path.name.endswith(NRRD_SUFFIXES):
+  elif path.name.lower().endswith(NRRD_SUFFIXES):
     nii = _nrrd(path)
   else:
     try:
