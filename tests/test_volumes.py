@@ -95,11 +95,17 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
   volumes.save_volume(tmp_path / 'images/z.nii.gz', image, affine)
   volumes.save_volume(tmp_path / 'labels/z.nii.gz', nib.orientations.apply_orientation(labels, ornt),
                       affine @ nib.orientations.inv_ornt_aff(ornt, labels.shape))
+  # A scan with a pose and a label map without one, as OAI-ZIB's beside images converted from OAI's DICOM.
+  posed = affine.copy()
+  posed[:3, 3] = (60.0, -20.0, 15.0)
+  volumes.save_volume(tmp_path / 'images/w.nii.gz', image, posed)
+  volumes.save_volume(tmp_path / 'labels/w.nii.gz', labels, affine)
   cases = {c.id: c for c in volumes.discover_cases(tmp_path)}
-  for case_id, word in (('x', 'shape'), ('y', 'affine')):
+  for case_id, word in (('x', 'shape'), ('y', 'affine'), ('w', 'affine')):
     with pytest.raises(DataError) as e:
       volumes.load_case(cases[case_id], IDENTITY_MAP)
     assert '\n' not in str(e.value) and case_id in str(e.value) and word in str(e.value)
+    assert ('the label map has no pose' in str(e.value)) == (case_id == 'w')
   expected = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).dataobj)
   np.testing.assert_array_equal(volumes.load_case(cases['z'], IDENTITY_MAP)[1], expected)
 

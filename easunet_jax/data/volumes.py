@@ -320,12 +320,20 @@ def _check_same_grid(image_nii: nib.Nifti1Image, label_nii: nib.Nifti1Image, cas
   """The label map covers the image's voxels: the same grid in world space, each file in its own voxel order
   (one tool's NIfTI flips or permutes another's: dcm2niix's against ITK's), compared in canonical order."""
   (image_shape, image_affine), (label_shape, label_affine) = map(canonical_grid, (image_nii, label_nii))
+  # One file without a pose (its first voxel at the origin) beside one with: OAI-ZIB's label maps against
+  # images converted from OAI's DICOM. Their voxel orders need not agree, so they are not paired by index.
+  unposed = [kind for kind, nii in (('image', image_nii), ('label map', label_nii))
+             if not nii.affine[:3, 3].any()]
+  hint = (f"; the {unposed[0]} has no pose (its first voxel at the origin, as OAI-ZIB's segmentation_masks), "
+          "the other has: give both in one world grid, as a release of images with labels comes (OAIZIB-CM's "
+          'NIfTI)' if len(unposed) == 1 else '')
   if image_shape != label_shape:
-    raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} differ')
+    raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} '
+                    f'differ{hint}')
   if not np.allclose(image_affine, label_affine, atol=_AFFINE_TOL_MM):
     diff = np.abs(image_affine - label_affine).max()
     raise DataError(f'{case.id}: image and label affines differ by {diff:.3g} mm '
-                    f'(more than {_AFFINE_TOL_MM}): {case.image} vs {case.label}')
+                    f'(more than {_AFFINE_TOL_MM}): {case.image} vs {case.label}{hint}')
 
 
 Spacing = tuple[float, float, float]
