@@ -1,6 +1,8 @@
 """Tests of reading a DICOM series: geometry, voxel order and values against SimpleITK, series choice, and
 the one-line errors of broken series."""
 
+import shutil
+
 import dcm2niix
 import nibabel as nib
 import numpy as np
@@ -8,7 +10,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from dicom_series import AXIAL, CORONAL, OBLIQUE, SAGITTAL, STEPS, ds_numbers, write_enhanced, write_series
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from easunet_jax.data import dicom
 from easunet_jax.errors import DataError
@@ -170,6 +172,64 @@ def test_enhanced_phase_frames_and_per_frame_rescaling(tmp_path):
   np.testing.assert_array_equal(enhanced.get_fdata(), expected)
 
 
+def test_classic_echoes_by_echo_time_and_phase_images_by_image_type(tmp_path):
+  """Classic images without EchoNumbers are told apart by EchoTime (as dcm2niix splits them); phase images
+  beside the magnitude ones (ImageType's 'P', as Siemens and Philips mark them) are left out."""
+  def echo_time(ms):
+    def edit(n, ds):
+      ds.EchoTime = ms
+    return edit
+
+  def image_type(kind):
+    def edit(n, ds):
+      ds.ImageType = ['ORIGINAL', 'PRIMARY', f'{kind}_FFE', kind, 'FFE']
+    return edit
+
+  first, uid = write_series(tmp_path / 'echoes', edit=echo_time(5.0))
+  second, _ = write_series(tmp_path / 'echoes', uid=uid, edit=echo_time(10.0), seed=1)
+  assert [s.name for s in dicom.find_series(tmp_path / 'echoes')] == [f'{uid}:1', f'{uid}:2']
+  for echo, voxels in ((1, first), (2, second)):
+    nii, _ = dicom.read_series(tmp_path / 'echoes', f'{uid}:{echo}')
+    np.testing.assert_array_equal(nii.get_fdata(), voxels)
+  magnitude, uid = write_series(tmp_path / 'phase', edit=image_type('M'))
+  write_series(tmp_path / 'phase', uid=uid, edit=image_type('P'), seed=1)
+  assert [s.name for s in dicom.find_series(tmp_path / 'phase')] == [uid]
+  np.testing.assert_array_equal(dicom.read_series(tmp_path / 'phase')[0].get_fdata(), magnitude)
+
+
+def test_copies_of_a_series_are_one_volume(tmp_path):
+  voxels, _ = write_series(tmp_path / 'export' / 'a')
+  shutil.copytree(tmp_path / 'export' / 'a', tmp_path / 'export' / 'b')  # the export unpacked twice
+  assert [len(s.slices) for s in dicom.find_series(tmp_path / 'export')] == [8]
+  np.testing.assert_array_equal(dicom.read_series(tmp_path / 'export')[0].get_fdata(), voxels)
+
+
+def test_broken_files_of_other_series_are_left_out_with_a_warning(tmp_path, caplog):
+  """A partly copied file of another series (unreadable header), or a multi-frame file without functional
+  groups, does not stop the series read; a broken file of the series read does, and a lone one is a
+  one-line error even where decompressing it fails."""
+  voxels, uid = write_series(tmp_path / 'dcm' / 'dess')
+  write_series(tmp_path / 'dcm' / 'localizer', CORONAL, offsets=STEPS[:6], seed=1)
+  write_series(tmp_path / 'dcm' / 'capture', offsets=STEPS[:2], seed=2, edit=_multi_frame)
+  cut = sorted((tmp_path / 'dcm' / 'localizer').iterdir())[0]
+  cut.write_bytes(cut.read_bytes()[:300])
+  nii, report = dicom.read_series(tmp_path / 'dcm')
+  np.testing.assert_array_equal(nii.get_fdata(), voxels)
+  assert report['series_used'] == uid
+  assert '2 DICOM file(s) left out' in caplog.text and cut.name in caplog.text
+  with pytest.raises(DataError, match='multi-frame file without per-frame functional groups'):
+    dicom.read_series(tmp_path / 'dcm', dicom.find_series(tmp_path / 'dcm')[-1].uid)
+  write_series(tmp_path / 'deflated', offsets=STEPS[:1])
+  path = next((tmp_path / 'deflated').iterdir())
+  ds = pydicom.dcmread(path)
+  ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+  ds.save_as(path, enforce_file_format=True)
+  path.write_bytes(path.read_bytes()[:-len(ds.PixelData) // 2])
+  with pytest.raises(DataError, match='DICOM header unreadable') as e:
+    dicom.read_series(tmp_path / 'deflated')
+  assert '\n' not in str(e.value)
+
+
 def _del_position(n, ds):
   if n == 2:
     del ds.ImagePositionPatient
@@ -191,7 +251,8 @@ def _multi_frame(n, ds):
   (dict(edit=_del_position), 'lacks ImagePositionPatient'),
   (dict(offsets=[0.0]), 'at least 2'),
   (dict(edit=_multi_frame), 'multi-frame file without per-frame functional groups'),
-], ids=['uneven', 'duplicate', 'mixed', 'no-position', 'one-slice', 'multi-frame'])
+  (dict(spacing=(0.0, 0.0)), r'PixelSpacing \[0.0, 0.0\] in .*, expected two positive sizes'),
+], ids=['uneven', 'duplicate', 'mixed', 'no-position', 'one-slice', 'multi-frame', 'zero-spacing'])
 def test_broken_series_are_one_line_errors(tmp_path, kwargs, message):
   write_series(tmp_path / 'dcm', **kwargs)
   with pytest.raises(DataError, match=message) as e:

@@ -11,11 +11,13 @@ affine and voxels against SimpleITK.
 import collections
 import pathlib
 import struct
+import zlib
 from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 import pydicom
+from absl import logging
 from pydicom.errors import InvalidDicomError
 
 from easunet_jax.errors import DataError
@@ -27,7 +29,8 @@ _SAME_TOL = 1e-4  # cosines and pixel spacings (mm) of one series differ by head
 _DUPLICATE_TOL_MM = 1e-3
 _SPACING_TOL, _SPACING_TOL_MM = 0.01, 0.01  # a step may differ from the median by the larger of the two
 # What a truncated, corrupt or foreign file raises inside pydicom, on reading or on converting a value.
-_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, struct.error, InvalidDicomError)
+_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, struct.error, zlib.error,
+                InvalidDicomError)
 
 # Functional-group macros of an enhanced (multi-frame) image and the classic tags each gives a frame; a
 # per-frame macro overrides the shared one.
@@ -41,8 +44,11 @@ _FRAME_MACROS = {
   'MRImageFrameTypeSequence': ('ComplexImageComponent',),
   'FrameAnatomySequence': ('FrameLaterality',),
 }
-_FILE_TAGS = ('SeriesInstanceUID', 'SeriesDescription', 'SeriesNumber', 'Manufacturer', 'Laterality', 'Rows',
-              'Columns')
+_FILE_TAGS = ('SeriesInstanceUID', 'SOPInstanceUID', 'SeriesDescription', 'SeriesNumber', 'Manufacturer',
+              'Laterality', 'Rows', 'Columns')
+# ImageType values (its third and later) of a classic image that is not a magnitude image: Siemens' and
+# Philips' phase, real and imaginary images, which may share a series with the magnitude ones.
+_NOT_MAGNITUDE = {'P', 'PHASE', 'PHASE MAP', 'R', 'REAL', 'I', 'IMAGINARY'}
 
 
 class Slice(NamedTuple):
@@ -115,8 +121,7 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
 def _frames(path: pathlib.Path, ds: pydicom.Dataset) -> Members:
   """The slices of one file with a classic header each: the file's own for a single-frame file; for a
   multi-frame (enhanced) file, per frame the file's series tags and the tags of its functional groups
-  (its echo by EffectiveEchoTime: `_scan` numbers the echoes) and, where the file holds magnitude images
-  beside phase, real or imaginary ones, the magnitude frames only."""
+  (its echo by EffectiveEchoTime: `_scan` numbers the echoes)."""
   frames = _int(ds, 'NumberOfFrames') or 1
   if 'PerFrameFunctionalGroupsSequence' not in ds:
     if frames > 1:
@@ -139,45 +144,89 @@ def _frames(path: pathlib.Path, ds: pydicom.Dataset) -> Members:
         if keyword in items[0]:
           header[keyword] = items[0][keyword]
     headers.append(header)
-  members = [(Slice(path, k), header) for k, header in enumerate(headers)]
-  magnitude = [m for m in members if m[1].get('ComplexImageComponent') == 'MAGNITUDE']
-  return magnitude or members
+  return [(Slice(path, k), header) for k, header in enumerate(headers)]
 
 
-def _scan(folder: pathlib.Path) -> dict[tuple[str, int | None], Members]:
+def _is_magnitude(header: pydicom.Dataset) -> bool:
+  """Whether a slice is no phase, real or imaginary image, by its ComplexImageComponent (enhanced files) or
+  else its ImageType (classic ones)."""
+  if component := header.get('ComplexImageComponent'):
+    return component not in ('PHASE', 'REAL', 'IMAGINARY')
+  return not _NOT_MAGNITUDE.intersection(str(v).upper() for v in list(header.get('ImageType') or [])[2:])
+
+
+def _echo_time(header: pydicom.Dataset) -> float | None:
+  """An enhanced frame's EffectiveEchoTime or a classic image's EchoTime (ms); None when absent."""
+  value = header.get('EffectiveEchoTime', header.get('EchoTime'))
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return None
+
+
+class _Scan(NamedTuple):
+  groups: dict[tuple[str, int | None], Members]  # by (SeriesInstanceUID, echo)
+  skipped: dict[str | None, list[str]]  # why each file left out was, by its series (None: unknown)
+
+
+def _scan(folder: pathlib.Path) -> _Scan:
   """Headers (no pixels) of the DICOM images under folder (`_frames`: one per slice), grouped by
   (SeriesInstanceUID, echo): a series whose slices carry several EchoNumbers (a DESS or multi-echo series
   exported as one) is one group per echo, as dcm2niix writes one volume per echo; the echo is None
-  otherwise. An enhanced file's frames are numbered by the rank of their EffectiveEchoTime in the series,
-  whose echoes may come in one file or one file each."""
+  otherwise. Without EchoNumbers the slices are numbered by the rank of their echo time in the series
+  (an enhanced file's frames, whose echoes may come in one file or one file each, or classic images). A
+  second copy of an instance (the same SOPInstanceUID, as a series exported twice) is left out, and so are
+  phase, real and imaginary images beside magnitude ones. A file whose header cannot be read or whose frames
+  cannot be placed is left out with its reason, for `read_series` to decide on: a broken file of another
+  series (a partly copied slice, a multi-frame secondary capture) does not stop this one."""
   if not folder.is_dir():
     raise DataError(f'{folder}: not a directory (expected a folder of DICOM files)')
   series: dict[str, Members] = {}
+  skipped: dict[str | None, list[str]] = {}
   for path in _files(folder):
     if not is_dicom_file(path):
       continue
+    uid = None
     try:
       ds = pydicom.dcmread(path, stop_before_pixels=True)
+      uid = str(ds.get('SeriesInstanceUID') or '') or None
+      if 'Rows' not in ds or uid is None:
+        # Images only: a DICOMDIR, a structured report or a presentation state has no Rows and no pixels; an
+        # image (by its SOP class, in the file meta too) without them is a file cut short.
+        sop_class = ds.get('SOPClassUID') or getattr(ds, 'file_meta', {}).get('MediaStorageSOPClassUID')
+        if 'Image Storage' in pydicom.uid.UID(str(sop_class or '')).name:
+          raise EOFError('an image without Rows or SeriesInstanceUID: the file cut short?')
+        continue
+      members = _frames(path, ds)  # inside: pydicom parses a truncated per-frame sequence only here
+    except DataError as e:
+      skipped.setdefault(uid, []).append(str(e))
+      continue
     except _READ_ERRORS as e:
-      raise DataError(f'{path}: DICOM header unreadable ({_one_line(e)})') from None
-    # Images only: a DICOMDIR, a structured report or a presentation state has no Rows and no pixels.
-    if 'Rows' in ds and ds.get('SeriesInstanceUID'):
-      series.setdefault(str(ds.SeriesInstanceUID), []).extend(_frames(path, ds))
+      skipped.setdefault(uid, []).append(f'{path}: DICOM header unreadable ({_one_line(e)})')
+      continue
+    series.setdefault(uid, []).extend(members)
   groups: dict[tuple[str, int | None], Members] = {}
   for uid, members in series.items():
-    times = sorted({float(h.EffectiveEchoTime) for _, h in members
-                    if h.get('EchoNumbers') is None and h.get('EffectiveEchoTime') is not None})
-    for member in members:
-      header = member[1]
-      if len(times) > 1 and header.get('EchoNumbers') is None and header.get('EffectiveEchoTime') is not None:
-        header.EchoNumbers = times.index(float(header.EffectiveEchoTime)) + 1
-      groups.setdefault((uid, _int(header, 'EchoNumbers')), []).append(member)
+    unique: dict[tuple[str, int | None], tuple[Slice, pydicom.Dataset]] = {}
+    for slice_, header in members:  # the first copy of an instance (files without SOPInstanceUID all)
+      unique.setdefault((str(header.get('SOPInstanceUID') or slice_.path), slice_.frame), (slice_, header))
+    members = [m for m in unique.values() if _is_magnitude(m[1])] or list(unique.values())
+    times = [_echo_time(header) if header.get('EchoNumbers') is None else None for _, header in members]
+    ranks = sorted({time for time in times if time is not None})
+    for (slice_, header), time in zip(members, times):
+      if len(ranks) > 1 and time is not None:
+        header.EchoNumbers = ranks.index(time) + 1
+      groups.setdefault((uid, _int(header, 'EchoNumbers')), []).append((slice_, header))
   if not groups:
-    raise DataError(f'{folder}: no DICOM image file found (searched recursively; expected the exported files '
-                    'of an MRI series)')
+    reasons = [reason for reasons in skipped.values() for reason in reasons]
+    raise DataError(reasons[0] if len(reasons) == 1 else
+                    f'{folder}: no DICOM image file found (searched recursively; expected the exported files '
+                    'of an MRI series)' + (f'; {len(reasons)} unreadable, the first: {reasons[0]}' if reasons
+                                           else ''))
   echoes = collections.Counter(uid for uid, _ in groups)
   # One echo number (or none) throughout: the series is one volume, whatever its files say of the echo.
-  return {(uid, echo if echoes[uid] > 1 else None): members for (uid, echo), members in groups.items()}
+  return _Scan({(uid, echo if echoes[uid] > 1 else None): members for (uid, echo), members in groups.items()},
+               skipped)
 
 
 def _slice_order(members: Members) -> Members:
@@ -211,7 +260,7 @@ def find_series(folder: str | pathlib.Path) -> list[Series]:
   """Every image series under folder (recursive), read without pixels, grouped by SeriesInstanceUID and echo
   (`_scan`), the one with most slices first (of one series' echoes, the first echo). DataError if there is
   none."""
-  return _series_list(_scan(pathlib.Path(folder)))
+  return _series_list(_scan(pathlib.Path(folder)).groups)
 
 
 def _describe(series: Series) -> str:
@@ -239,6 +288,9 @@ def _geometry(where: str, members: Members) -> tuple[np.ndarray, float]:
       if np.shape(a) != np.shape(b) or not np.allclose(a, b, rtol=0, atol=_SAME_TOL):
         raise DataError(f'{where}: mixed-size series, {what} {np.round(a, 5).tolist()} in {first_slice} '
                         f'but {np.round(b, 5).tolist()} in {slice_} (export or pick one series alone)')
+  if (first['PixelSpacing'] <= 0).any():
+    raise DataError(f'{where}: PixelSpacing {first["PixelSpacing"].tolist()} in {first_slice}, expected two '
+                    'positive sizes (mm)')
   row, column = first['ImageOrientationPatient'][:3], first['ImageOrientationPatient'][3:]
   normal = np.cross(row, column)
   if np.linalg.norm(normal) < 0.5:
@@ -317,11 +369,16 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
   'slice_spacing_mm'.
   """
   folder = pathlib.Path(folder)
-  groups = _scan(folder)
+  groups, skipped = _scan(folder)
   found = _series_list(groups)
   chosen = found[0] if series is None else next((s for s in found if series in (s.name, s.uid)), None)
   if chosen is None:
     raise DataError(f'{folder}: no series {series}; found {"; ".join(_describe(s) for s in found)}')
+  if chosen.uid in skipped:  # a file of this very series: its slices would be missing
+    raise DataError(skipped[chosen.uid][0])
+  if others := [reason for reasons in skipped.values() for reason in reasons]:
+    logging.warning('%s: %d DICOM file(s) left out, of other series or unreadable (if of this series, '
+                    'slices are missing): %s', folder, len(others), '; '.join(others[:3]))
   headers = dict(groups[chosen.uid, chosen.echo])
   members = [(slice_, headers[slice_]) for slice_ in chosen.slices]
   affine, slice_spacing = _geometry(f'{folder}: series {_describe(chosen)}', members)
