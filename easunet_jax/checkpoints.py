@@ -1,6 +1,6 @@
-"""Orbax checkpoints in `<workdir>/checkpoints/<step>/`: the train state, the data iterator's position and
-the config. Training saves and resumes; evaluation and prediction restore the step `eval.checkpoint` names.
-The latest `keep` steps are kept, and the best by validation mean cartilage Dice.
+"""Orbax checkpoints in `<workdir>/checkpoints/<step>/`: the train state (its step is the data's position:
+one batch a step) and the config. Training saves and resumes; evaluation and prediction restore the step
+`eval.checkpoint` names. The latest `keep` steps are kept, and the best by validation mean cartilage Dice.
 
 A kill at any moment leaves only whole checkpoints under step names: orbax writes each step into
 `<step>.orbax-checkpoint-tmp-*` and renames it when complete, and a step it drops is first renamed into
@@ -59,7 +59,7 @@ def manager(workdir: str | pathlib.Path, keep: int, *, for_training: bool = Fals
                                          enable_async_checkpointing=False,
                                          cleanup_tmp_directories=for_training, todelete_subdir=_DELETING)
   mngr = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints', options=options,
-                               item_names=('state', 'data_iter', 'config'))
+                               item_names=('state', 'config'))
   if for_training:
     _empty_deleting(mngr)
   return mngr
@@ -70,20 +70,16 @@ def _empty_deleting(mngr: ocp.CheckpointManager) -> None:
     shutil.rmtree(pathlib.Path(mngr.directory) / _DELETING, ignore_errors=True)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter_state: dict,
-         config: ml_collections.ConfigDict, metrics: dict[str, float] | None = None) -> None:
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                            data_iter=ocp.args.JsonSave(data_iter_state),
-                            config=ocp.args.JsonSave(config.to_dict()))
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
+         metrics: dict[str, float] | None = None) -> None:
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
   mngr.save(step, args=args, metrics=metrics, force=True)
   _empty_deleting(mngr)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
-  """(state, data iterator state) of `step`, the state laid out like `abstract_state`."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore()))
-  return restored.state, restored.data_iter
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """The train state of `step`, laid out like `abstract_state`."""
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
 
 
 def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:

@@ -84,6 +84,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with parallel.process_0_first('slice store built'):
     store_dir = preprocess.prepare_data(config, workdir)
   train_slices = len(pipeline.SliceSource(store_dir / 'train'))
+  val_slices = len(pipeline.SliceSource(store_dir / 'val'))
+  for split, slices in (('training', train_slices), ('validation', val_slices)):
+    if not slices:  # validation picks the best checkpoint, and would fail only at its first round
+      raise DataError(f'{store_dir}: no {split} slices (data.split or data.split_file gives that split no '
+                      'case, or its cases were skipped)')
   num_steps = config.train.num_steps or config.train.num_epochs * train_slices // batch_size
   if num_steps <= 0:
     raise DataError(f'{train_slices} training slices give no full batch of train.batch_size {batch_size}')
@@ -98,10 +103,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   data_sharding, replicated = parallel.shardings(mesh)
   eval_batch_size = parallel.round_to_devices(config.eval.batch_size, mesh)
   train_graphdef, eval_graphdef = steps.graphdefs(config)
-  train_iter = pipeline.train_iterator(store_dir, batch_size, config.seed, config.data.workers)
+  train_iter = pipeline.train_iterator(store_dir, batch_size, config.seed, config.data.workers, start)
   if start:
-    state, iter_state = checkpoints.restore(mngr, start, steps.abstract_state(config, tx, replicated))
-    train_iter.set_state(iter_state)
+    state = checkpoints.restore(mngr, start, steps.abstract_state(config, tx, replicated))
     logging.info('Resumed from %s at step %d.', mngr.directory / str(start), start)
   else:
     state = steps.init_state(config, tx, replicated)
@@ -117,21 +121,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   p_train_step, p_eval_step = steps.jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)
   lr_fn = steps.learning_rate_schedule(config.optim, num_steps)
 
-  def next_batch() -> tuple[dict[str, jax.Array], dict]:
-    """The next batch, sent to the devices, and the iterator's state after it (what a checkpoint saves)."""
-    batch = pipeline.put_on_mesh(next(train_iter), data_sharding, per_process=True)
-    return batch, train_iter.get_state()
+  def next_batch() -> dict[str, jax.Array]:
+    return pipeline.put_on_mesh(next(train_iter), data_sharding, per_process=True)
 
   writer = MetricWriter(workdir, start)
   progress = Progress(num_steps, done=start)
   accumulated = None
-  batch, next_iter_state = next_batch()
+  batch = next_batch()
   with _stop_requests() as stop_signal:
     for step in range(start + 1, num_steps + 1):
       state, step_metrics = p_train_step(state, batch)
-      iter_state = next_iter_state
       if step < num_steps:  # loaded and sent while the step runs
-        batch, next_iter_state = next_batch()
+        batch = next_batch()
       accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
 
       stop = stop_signal() or (mngr.reached_preemption(step) and 'preemption')
@@ -168,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           writer.write_scalars(step, val)
           logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],
                        val['val/dice_fc'], val['val/dice_tc'])
-        checkpoints.save(mngr, step, state, iter_state, config,
+        checkpoints.save(mngr, step, state, config,
                          {k: float(v) for k, v in val.items()} if val else None)
       if stop:
         logging.warning('Stopped by %s at step %d of %d; checkpoint saved in %s. Run the same command '

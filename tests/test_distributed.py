@@ -66,8 +66,8 @@ def test_two_processes_train_like_one(runs):
   one, _, two_dir, _ = runs
   mngr = checkpoints.manager(two_dir, 2)
   assert mngr.latest_step() == 6 and 4 in mngr.all_steps()
-  two, _ = checkpoints.restore(mngr, 6, one)
-  two_at_4, _ = checkpoints.restore(mngr, 4, one)
+  two = checkpoints.restore(mngr, 6, one)
+  two_at_4 = checkpoints.restore(mngr, 4, one)
   mngr.close()
   assert int(two.step) == 6
   # Same global batches and augmentation; only the order of the cross-device sums differs (gloo against

@@ -38,23 +38,22 @@ def test_train_batches(store):
   assert set(np.unique(batch['label'])) == {0, 1, 2}
 
 
-@pytest.mark.parametrize('workers', [0, 1])
-def test_iterator_resume_gives_the_same_batches(store, workers):
-  it = pipeline.train_iterator(store, batch_size=3, seed=7, workers=workers)
-  for _ in range(12):  # past the end of the first epoch (train has ~20 cartilage slices)
+def test_iterator_resumed_at_a_step_gives_the_same_batches_whatever_the_workers(store):
+  """A run resumed at step 12 (past the end of the first epoch: train has ~20 cartilage slices) reads the
+  batches an uninterrupted run reads, with or without worker processes, whichever the run before had."""
+  it = pipeline.train_iterator(store, batch_size=3, seed=7, workers=0)
+  for _ in range(12):
     next(it)
-  state = json.loads(json.dumps(it.get_state()))  # as the trainer stores it
   expected = [next(it) for _ in range(4)]
-  resumed = pipeline.train_iterator(store, batch_size=3, seed=7, workers=workers)
-  resumed.set_state(state)
-  for want, got in zip(expected, [next(resumed) for _ in range(4)]):
-    np.testing.assert_array_equal(got['image'], want['image'])
-    np.testing.assert_array_equal(got['label'], want['label'])
-  fresh = pipeline.train_iterator(store, batch_size=3, seed=7, workers=workers)
+  for workers in (0, 1):
+    resumed = pipeline.train_iterator(store, batch_size=3, seed=7, workers=workers, start=12)
+    for want, got in zip(expected, [next(resumed) for _ in range(4)]):
+      np.testing.assert_array_equal(got['image'], want['image'])
+      np.testing.assert_array_equal(got['label'], want['label'])
+    if hasattr(resumed, 'close'):
+      resumed.close()
+  fresh = pipeline.train_iterator(store, batch_size=3, seed=7, workers=0)
   assert not np.array_equal(next(fresh)['image'], expected[0]['image'])
-  for iterator in (it, resumed, fresh):
-    if hasattr(iterator, 'close'):
-      iterator.close()
 
 
 def test_process_shards_make_up_the_one_process_batches(store, monkeypatch):

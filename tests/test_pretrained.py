@@ -20,7 +20,7 @@ def workdir(tmp_path_factory):
   tx = steps.make_optimizer(config.optim, 1)
   state = steps.init_state(config, tx)
   mngr = checkpoints.manager(workdir, keep=1, for_training=True)
-  checkpoints.save(mngr, 3, state, {}, config, {checkpoints.BEST_METRIC: 0.5})
+  checkpoints.save(mngr, 3, state, config, {checkpoints.BEST_METRIC: 0.5})
   mngr.close()
   (workdir / 'slices' / 'train').mkdir(parents=True)
   (workdir / 'slices' / 'train' / 'index.json').write_text(json.dumps([{'spacing': [0.5, 0.6]}] * 3))

@@ -1,5 +1,6 @@
-"""The training loop: logs and checkpoints, another model's workdir, a finished run, NaN in the data (stop,
-or skip and count), fine-tuning from a model file. A killed run's resume is test_main's (a real kill -9)."""
+"""The training loop: logs and checkpoints, another model's workdir, a finished run, a split without cases,
+NaN in the data (stop, or skip and count), fine-tuning from a model file. A killed run's resume is
+test_main's (a real kill -9)."""
 
 import json
 import re
@@ -12,7 +13,7 @@ import pytest
 from configs import default, tiny
 from easunet_jax import checkpoints, config_check, parallel, pretrained, steps, train
 from easunet_jax.data import pipeline, preprocess
-from easunet_jax.errors import CheckpointError, ConfigError, UserError
+from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 
 
 class Killed(Exception):
@@ -53,6 +54,17 @@ def test_finished_run_is_not_trained_again(augmented_tiny):
   before = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
   assert train.train_and_evaluate(config, workdir) is None
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before
+
+
+@pytest.mark.parametrize('split, which', [((0.75, 0.0, 0.25), 'validation'), ((0.0, 0.5, 0.5), 'training')])
+def test_a_split_without_cases_is_refused_before_any_step(augmented_tiny, tmp_path, split, which):
+  """Validation picks the best checkpoint: without a validation case a run would fail at its first round,
+  losing the steps before it."""
+  config = augmented_tiny[0].copy_and_resolve_references()
+  config.data.split = split
+  with pytest.raises(DataError, match=f'no {which} slices'):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert not checkpoints.manager(tmp_path / 'run', 2).all_steps()
 
 
 def _poison_a_training_slice(config, workdir, step: int) -> list[int]:

@@ -47,14 +47,15 @@ class SliceSource(grain.sources.RandomAccessDataSource):
     return f'SliceSource({self._dir})'
 
 
-def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, workers: int
+def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, workers: int, start: int = 0
                    ) -> grain.DatasetIterator:
-  """Endless shuffled training batches of this process's rows; get_state()/set_state() resume it exactly.
+  """Endless shuffled training batches of this process's rows, from global batch `start` on.
 
-  batch_size is the global batch. The order is global (keyed by the position in the shuffled stream), and
-  each process reads only its contiguous share of each global batch: process p of P gets rows
-  [p * b, (p + 1) * b), b = batch_size / P. So P processes train on the same global batches as one, and
-  every process's iterator state (a count of its batches) is the same.
+  A training step takes one batch, so a run resumed at step `start` continues exactly where it stopped,
+  whatever `workers` (Grain's own iterator state differs with and without worker processes). batch_size
+  is the global batch. The order is global (keyed by the position in the shuffled stream), and each
+  process reads only its contiguous share of each global batch: process p of P gets rows [p * b, (p + 1) *
+  b), b = batch_size / P. So P processes train on the same global batches as one.
   """
   processes = jax.process_count()
   if batch_size % processes:
@@ -62,7 +63,7 @@ def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, wo
   ds = grain.MapDataset.source(SliceSource(pathlib.Path(store_dir) / 'train')).seed(seed).shuffle().repeat()
   # A MapDataset batch reads its elements only when indexed, so the slice below reads only this
   # process's blocks: block k * P + p of size b is rows [p * b, (p + 1) * b) of global batch k.
-  ds = ds.batch(batch_size // processes, drop_remainder=True)[jax.process_index()::processes]
+  ds = ds.batch(batch_size // processes, drop_remainder=True)[jax.process_index()::processes][start:]
   # A small read-ahead: a batch of full-size slices is ~10 MB, and the machines may have few cores.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if workers > 0:
