@@ -104,6 +104,25 @@ def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, source: 
                           f'{describe(model_cfg)}; use the config it was trained with, or {instead}')
 
 
+def check_same_split(saved: dict, config: ml_collections.ConfigDict, source: pathlib.Path) -> None:
+  """Refuses to resume or evaluate a checkpoint (`source`) under another split of the cases than it was
+  trained with (seed and data.split, unless a data.split_file gives the split, whose path may move): its
+  validation and test cases would then hold cases it trained on."""
+  def split(cfg) -> dict:
+    if cfg['data'].get('split_file'):
+      return {'data.split_file': 'given'}
+    return {'seed': cfg['seed'], 'data.split': _plain(cfg['data']['split'])}
+
+  trained, asked = split(saved), split(config)
+  if trained != asked:
+    def describe(group: dict) -> str:
+      return ', '.join(f'{k}={v}' for k, v in group.items())
+
+    raise CheckpointError(f'{source} was trained on the cases split by {describe(trained)} but the config '
+                          f'splits them by {describe(asked)}, which would validate and test on cases it '
+                          'trained on; use the values it was trained with, or another workdir')
+
+
 def _plain(value):
   """JSON and ConfigDict spell sequences as lists or tuples: compare and print them one way."""
   return tuple(value) if isinstance(value, list | tuple) else value
@@ -133,10 +152,11 @@ def _requested_step(mngr: ocp.CheckpointManager, requested: str | int) -> int:
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                          target: Callable[[], Any]) -> tuple[int, Any]:
+                          target: Callable[[], Any], same_split: bool = False) -> tuple[int, Any]:
   """(step, state) of the checkpoint `config.eval.checkpoint` names in `workdir`, refused unless it was
-  trained with `config.model`'s network. `target()` gives the state to restore into (its structure and
-  shardings); it is called only once those checks have passed."""
+  trained with `config.model`'s network (and, with `same_split`, on `config`'s split of the cases:
+  `check_same_split`). `target()` gives the state to restore into (its structure and shardings); it is
+  called only once those checks have passed."""
   directory = pathlib.Path(workdir).absolute() / 'checkpoints'
   if not directory.is_dir():  # checked first: the manager would create the folder
     raise CheckpointError(f'no checkpoint in {directory}: train this workdir first')
@@ -147,6 +167,8 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | path
     with _unreadable_as_one_line(directory / str(step)):
       saved = saved_config(mngr, step)
     check_same_model(saved, config.model, directory / str(step), instead='another workdir')
+    if same_split:
+      check_same_split(saved, config, directory / str(step))
     abstract = target()
     with _unreadable_as_one_line(directory / str(step)):
       state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state

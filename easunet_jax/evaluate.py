@@ -243,7 +243,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   to."""
   workdir = pathlib.Path(workdir)
   mesh = parallel.make_mesh()
-  step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
+  step, graphdef, state = steps.restore_for_inference(config, workdir, mesh, same_split=True)
   with parallel.process_0_first('slice store built'):
     store_dir = preprocess.prepare_data(config, workdir)
   if not pipeline.read_index(store_dir / 'test'):

@@ -127,14 +127,15 @@ def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTran
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                          mesh: jax.sharding.Mesh) -> tuple[int, nnx.GraphDef, TrainState]:
+                          mesh: jax.sharding.Mesh, same_split: bool = False
+                          ) -> tuple[int, nnx.GraphDef, TrainState]:
   """(step, evaluation graphdef, state replicated over `mesh`) of the checkpoint eval.checkpoint names
   (`checkpoints.restore_for_inference`: its checks run before any state is built). The optimiser only
   gives the state a trained one's structure: num_steps shapes the learning-rate schedule, which inference
   never calls."""
   tx = make_optimizer(config.optim, num_steps=1)
   step, state = checkpoints.restore_for_inference(
-      config, workdir, lambda: abstract_state(config, tx, parallel.shardings(mesh)[1]))
+      config, workdir, lambda: abstract_state(config, tx, parallel.shardings(mesh)[1]), same_split)
   return step, graphdefs(config)[1], state
 
 

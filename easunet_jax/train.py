@@ -74,8 +74,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   mesh = parallel.make_mesh()
   # Before anything slow: a workdir or a model file of another network is refused at once.
   if start:
-    checkpoints.check_same_model(checkpoints.saved_config(mngr, start), config.model,
-                                 mngr.directory / str(start), instead='another workdir')
+    saved = checkpoints.saved_config(mngr, start)
+    checkpoints.check_same_model(saved, config.model, mngr.directory / str(start), instead='another workdir')
+    checkpoints.check_same_split(saved, config, mngr.directory / str(start))
   elif config.train.init_weights:
     init_step, _, initial = pretrained.load(config, config.train.init_weights, mesh)
 

@@ -1,6 +1,6 @@
-"""The training loop: logs and checkpoints, another model's workdir, a finished run, a split without cases,
-NaN in the data (stop, or skip and count), fine-tuning from a model file. A killed run's resume is
-test_main's (a real kill -9)."""
+"""The training loop: logs and checkpoints, another model's workdir or split, a finished run, a split
+without cases, NaN in the data (stop, or skip and count), fine-tuning from a model file. A killed run's
+resume is test_main's (a real kill -9)."""
 
 import json
 import re
@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, tiny
-from easunet_jax import checkpoints, config_check, parallel, pretrained, steps, train
+from easunet_jax import checkpoints, config_check, evaluate, parallel, pretrained, steps, train
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 
@@ -47,6 +47,22 @@ def test_workdir_of_another_model_refuses_to_mix_checkpoints(augmented_tiny):
     train.train_and_evaluate(other, workdir)
   starts = [json.loads(line) for line in (workdir / 'runs.jsonl').read_text().splitlines()]
   assert [s['config']['model']['features'] for s in starts] == [[4, 8, 16]]
+
+
+def test_another_split_of_the_cases_is_refused_on_resume_and_evaluation(augmented_tiny):
+  """Another seed (or data.split) would put cases the model trained on into its validation and test sets."""
+  config, workdir, _ = augmented_tiny
+  before = sorted(p.name for p in workdir.iterdir())
+  other = config.copy_and_resolve_references()
+  other.seed += 1
+  other.train.num_steps += 2
+  message = (rf'trained on the cases split by seed={config.seed}, data.split=\(0.7, 0.1, 0.2\) but the '
+             rf'config splits them by seed={other.seed}, .* on cases it trained on')
+  with pytest.raises(CheckpointError, match=message):
+    train.train_and_evaluate(other, workdir)
+  with pytest.raises(CheckpointError, match=message):
+    evaluate.evaluate(other, workdir)
+  assert sorted(p.name for p in workdir.iterdir()) == before
 
 
 def test_finished_run_is_not_trained_again(augmented_tiny):
