@@ -114,6 +114,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+  # A path not in the locale's encoding (a Latin-1 folder name from a Windows export, held as surrogates)
+  # is printed escaped, as stderr prints it, instead of stopping a run with UnicodeEncodeError.
+  sys.stdout.reconfigure(errors='backslashreplace')
   config, model_file = FLAGS.config, None
   if config is None or FLAGS.weights:
     if FLAGS.mode != 'predict':

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import pathlib
 import time
 from collections.abc import Sequence
@@ -531,7 +532,7 @@ def _score_lines(scored: Sequence[dict]) -> list[str]:
 def write_scores(scored: Sequence[dict], path: pathlib.Path) -> None:
   """One CSV row per scan scored against labels and plate: its `evaluate.label_scores`."""
   columns = list(scored[0]['scores']['fc'])
-  with open(path, 'w', newline='') as f:
+  with open(path, 'w', newline='', encoding='utf-8', errors='surrogateescape') as f:
     writer = csv.writer(f)
     writer.writerow(['scan', 'mask', 'labels', 'plate', *columns])
     writer.writerows([r['input'], r['output'], r['labels'], plate, *(f'{row[c]:.6g}' for c in columns)]
@@ -544,7 +545,8 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
   (`write_scores`), a section of the summary and a Bland-Altman plot of each plate's mean thickness."""
   csv_path, markdown_path = paths['measures'], paths['report']
   columns = list(results[0]['regions']['fc'])
-  with open(csv_path, 'w', newline='') as f:
+  # File names in another encoding than UTF-8 (held as surrogates) are written back as their bytes.
+  with open(csv_path, 'w', newline='', encoding='utf-8', errors='surrogateescape') as f:
     writer = csv.writer(f)
     writer.writerow(['scan', 'mask', 'laterality', 'region', *columns])
     writer.writerows([r['input'], r['output'], SIDES.get(r['laterality'], 'unknown'), region,
@@ -579,7 +581,7 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
     png, slices = pathlib.Path(r['thickness_png']), pathlib.Path(r['slices_png'])
     lines += ['', f'![thickness map of {png.name}]({png.relative_to(markdown_path.parent)})', '',
               f'![sagittal slices of {slices.name}]({slices.relative_to(markdown_path.parent)})', '']
-  markdown_path.write_text('\n'.join(lines))
+  markdown_path.write_text('\n'.join(lines), encoding='utf-8', errors='surrogateescape')
 
 
 def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
@@ -814,9 +816,11 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   for figure in ('png', 'slices'):
     paths[figure].parent.mkdir(parents=True, exist_ok=True)
   knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
-  figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, side,
-                              f'{_stem(target)}: {knee}', paths['png'])
-  figures.plot_prediction_slices(image, classes, spacing, f'{_stem(target)}: {knee}', paths['slices'], truth)
+  # A name in another encoding than the file system's (a Latin-1 folder name) holds surrogates, which
+  # matplotlib cannot draw: shown with a replacement character instead.
+  title = f'{os.fsencode(_stem(target)).decode(errors="replace")}: {knee}'
+  figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, side, title, paths['png'])
+  figures.plot_prediction_slices(image, classes, spacing, title, paths['slices'], truth)
   result = {'input': str(source), 'output': str(target), 'laterality': side,
             'laterality_text': f'{knee} ({why})', 'regions': table,
             'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),

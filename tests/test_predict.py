@@ -228,6 +228,19 @@ def test_dicom_series_predicts_in_its_own_grid(run, tmp_path, monkeypatch, capsy
     assert (tmp_path / 'out' / name).exists()
 
 
+def test_a_scan_named_in_latin_1_is_written_under_its_name(run, tmp_path, monkeypatch):
+  """A folder named in another encoding than UTF-8 (a Windows export's 'MÜLLER' in Latin-1, which Python
+  holds with a surrogate): its mask, figures and reports are written, the reports with the name's bytes."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  name = os.fsdecode(b'M\xdcLLER')
+  _dicom_knee(tmp_path / 'scans' / name, canonical, knee_x=-80.0)
+  predict.predict(_config(), workdir, tmp_path / 'scans', tmp_path / 'out')
+  for path in (f'{name}.nii.gz', f'slices/{name}.png', f'thickness/{name}.png', 'report.md'):
+    assert (tmp_path / 'out' / path).exists()
+  assert b'M\xdcLLER' in (tmp_path / 'out' / 'measures.csv').read_bytes()
+
+
 def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monkeypatch):
   workdir, canonical, _ = run
   monkeypatch.setattr(predict.Network, '__call__', _thresholds)
