@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import pathlib
 
 import numpy as np
@@ -71,6 +72,25 @@ def test_reuse_and_rebuild_on_changed_setting(store, data_cfg, caplog):
   assert 'train_slices' in caplog.text and 'rebuilding' in caplog.text
   assert len(np.load(store / 'train' / 'labels.npy', mmap_mode='r')) == 3 * SHAPE[0]
   preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)  # back to the module's store
+
+
+def test_a_metaimage_data_file_rewritten_in_place_makes_the_store_stale(data_cfg, tmp_path):
+  """An .mhd's voxels live in its .raw: rewriting that file changes the fingerprint, as rewriting a .nii.gz
+  does."""
+  case = volumes.discover_cases(data_cfg.root)[0]
+  nii = volumes.open_volume(case.label)
+  labels = tmp_path / 'labels' / 'k.mhd'
+  labels.parent.mkdir()
+  labels.write_text(f'ObjectType = Image\nNDims = 3\nDimSize = {" ".join(map(str, nii.shape))}\n'
+                    'ElementType = MET_UCHAR\nElementDataFile = k_voxels.raw\n')
+  raw = tmp_path / 'labels' / 'k_voxels.raw'
+  raw.write_bytes(np.asarray(nii.dataobj, np.uint8).tobytes(order='F'))
+  assert volumes.data_file(labels) == raw and volumes.data_file(case.label) == case.label
+  cases = [volumes.Case('k', case.image, labels)]
+  before = preprocess._fingerprint(cases, data_cfg, seed=0, multiple=16)
+  raw.write_bytes(raw.read_bytes()[::-1])  # same size, new voxels
+  os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+  assert preprocess._fingerprint(cases, data_cfg, seed=0, multiple=16) != before
 
 
 @pytest.mark.parametrize('n', [3, 5, 10, 31])

@@ -102,7 +102,9 @@ def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> d
 
 def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigDict, seed: int,
                  multiple: int) -> dict:
-  paths = [p for c in cases for p in (c.image, c.label) if p is not None]
+  # With an .mhd's or .nhdr's data file: a volume rewritten in place changes it, not its header.
+  paths = [f for c in cases for p in (c.image, c.label) if p is not None
+           for f in dict.fromkeys((p, volumes.data_file(p)))]
   if data_cfg.synth:
     paths += [p for c in cases if (p := _tissue_path(c)).exists()]
   # A missing file (a broken link) fails its case's checks later, skipped with the others

@@ -146,23 +146,55 @@ def _one_file_per_case(cases: list[Case]) -> list[Case]:
   return cases
 
 
+def _metaimage_header(path: pathlib.Path) -> tuple[dict[str, str], int]:
+  """A MetaImage header's fields and the byte where it ends (where an .mha's voxels begin)."""
+  fields = {}
+  with open(path, 'rb') as f:
+    while 'ElementDataFile' not in fields:  # the header's last field
+      line = f.readline()
+      if not line:
+        raise ValueError('no ElementDataFile field')
+      key, _, value = line.decode('latin-1').partition('=')
+      fields[key.strip()] = value.strip()
+    return fields, f.tell()
+
+
+def _nrrd_header(path: pathlib.Path) -> tuple[dict[str, str], int]:
+  """A NRRD header's fields (keys lower-case) and the byte where it ends (where a .nrrd's voxels begin)."""
+  fields = {}
+  with open(path, 'rb') as f:
+    if not f.readline().startswith(b'NRRD'):
+      raise ValueError('no NRRD magic line')
+    while (line := f.readline().decode('latin-1').rstrip('\r\n')):  # a blank line ends the header
+      if not line.startswith('#') and ': ' in line:
+        key, _, value = line.partition(': ')
+        fields[key.strip().lower()] = value.strip()
+    return fields, f.tell()
+
+
+def data_file(path: pathlib.Path) -> pathlib.Path:
+  """The file that holds a volume's voxels: the data file an .mhd or .nhdr header names, else the file
+  itself (also when the header cannot be read: loading it reports that)."""
+  try:
+    if path.name.lower().endswith(METAIMAGE_SUFFIXES):
+      named = _metaimage_header(path)[0]['ElementDataFile']
+      return path if named == 'LOCAL' else path.parent / named
+    if path.name.lower().endswith(NRRD_SUFFIXES):
+      named = _nrrd_header(path)[0].get('data file')
+      return path.parent / named if named else path
+  except (OSError, ValueError):
+    pass
+  return path
+
+
 def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
   """A MetaImage file as a NIfTI image with the same voxels and pose (LPS made RAS). Uncompressed voxels
   stay on disk behind a lazy proxy, as a .nii file's do, so header-only checks do not read them; zlib-
   compressed ones are read here."""
   try:
-    fields = {}
-    with open(path, 'rb') as f:
-      while 'ElementDataFile' not in fields:  # the header's last field; the voxels follow it in an .mha
-        line = f.readline()
-        if not line:
-          raise ValueError('no ElementDataFile field')
-        key, _, value = line.decode('latin-1').partition('=')
-        fields[key.strip()] = value.strip()
-      header_end = f.tell()
-      local = fields['ElementDataFile'] == 'LOCAL'
-      compressed = fields.get('CompressedData', 'False').lower() in ('true', '1')
-      data = f.read() if local and compressed else b''
+    fields, header_end = _metaimage_header(path)
+    local = fields['ElementDataFile'] == 'LOCAL'
+    compressed = fields.get('CompressedData', 'False').lower() in ('true', '1')
     shape = [int(n) for n in fields['DimSize'].split()]
     if int(fields.get('ElementNumberOfChannels', 1)) != 1:
       raise ValueError(f'{fields["ElementNumberOfChannels"]} channels per voxel, expected 1')
@@ -174,7 +206,7 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
     data_path = path if local else path.parent / fields['ElementDataFile']
     nbytes, header_size = int(np.prod(shape)) * dtype.itemsize, int(fields.get('HeaderSize', 0))
     if compressed:
-      data = zlib.decompress(data or data_path.read_bytes())
+      data = zlib.decompress(data_path.read_bytes()[header_end if local else 0:])
       data = data[len(data) - nbytes:] if header_size == -1 else data[header_size:]
       # x runs fastest in the file: (z, y, x) in C order is (x, y, z) transposed. A copy: writable.
       voxels = np.frombuffer(data, dtype, nbytes // dtype.itemsize).reshape(shape[::-1]).T.copy()
@@ -207,15 +239,7 @@ def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
   pose (its space made RAS). Raw voxels stay on disk behind a lazy proxy; gzip- and bzip2-compressed ones
   are read here."""
   try:
-    fields = {}
-    with open(path, 'rb') as f:
-      if not f.readline().startswith(b'NRRD'):
-        raise ValueError('no NRRD magic line')
-      while (line := f.readline().decode('latin-1').rstrip('\r\n')):  # a blank line ends the header
-        if not line.startswith('#') and ': ' in line:
-          key, _, value = line.partition(': ')
-          fields[key.strip().lower()] = value.strip()
-      header_end = f.tell()
+    fields, header_end = _nrrd_header(path)
     sizes = [int(n) for n in fields['sizes'].split()]
     if fields['type'].lower() not in _NRRD_TYPES:
       raise ValueError(f"type {fields['type']} not supported")
