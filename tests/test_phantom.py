@@ -101,6 +101,15 @@ def test_write_dataset_and_reuse(tmp_path):
   assert cases[0].image.stat().st_mtime_ns == mtime
 
 
+def test_write_dataset_says_when_its_folder_holds_more_subjects(tmp_path, caplog):
+  phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
+  with caplog.at_level(logging.WARNING):
+    phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
+    assert not caplog.records
+    phantom.write_dataset(tmp_path, 1, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
+  assert 'holds 2 phantom subjects, more than the 1 asked for' in caplog.text
+
+
 def test_write_dataset_says_when_it_keeps_subjects_of_another_seed(tmp_path, caplog):
   phantom.write_dataset(tmp_path, 1, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
   mtime = (tmp_path / 'images' / 'phantom_000.nii.gz').stat().st_mtime_ns

@@ -254,6 +254,9 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
     workers = cpus() if len(jobs) * np.prod(shape) >= _PARALLEL_MIN_VOXELS else 1
   for n, case_id in enumerate(map_in_order(_write_subject, jobs, max(int(workers), 1))):
     logging.info('phantom %d/%d: %s', n + 1, len(jobs), case_id)
+  if (held := len(list((out_dir / 'labels').glob('phantom_*.nii.gz')))) > num:
+    logging.warning('%s holds %d phantom subjects, more than the %d asked for: a data set is every subject '
+                    'of its folder (data.phantom_dir names a folder of its own)', out_dir, held, num)
   return ids
 
 
