@@ -197,6 +197,21 @@ def test_classic_echoes_by_echo_time_and_phase_images_by_image_type(tmp_path):
   np.testing.assert_array_equal(dicom.read_series(tmp_path / 'phase')[0].get_fdata(), magnitude)
 
 
+def test_localizers_under_the_series_uid_are_left_out(tmp_path, caplog):
+  """Localizers exported under the series' SeriesInstanceUID: axial and coronal ones (no marker), and a
+  sagittal one far from the stack marked LOCALIZER in its ImageType, as GE marks them."""
+  voxels, uid = write_series(tmp_path)
+  write_series(tmp_path, AXIAL, offsets=STEPS[:1], uid=uid, seed=1)
+  write_series(tmp_path, CORONAL, offsets=STEPS[:1], uid=uid, seed=2)
+
+  def localizer(n, ds):
+    ds.ImageType = ['ORIGINAL', 'PRIMARY', 'LOCALIZER']
+  write_series(tmp_path, offsets=[40.0], uid=uid, seed=3, edit=localizer)
+  nii, _ = dicom.read_series(tmp_path)
+  np.testing.assert_array_equal(nii.get_fdata(), voxels)
+  assert '3 localizer slice(s) (marked so, or in another plane than its other 8) left out' in caplog.text
+
+
 def test_copies_of_a_series_are_one_volume(tmp_path):
   voxels, _ = write_series(tmp_path / 'export' / 'a')
   shutil.copytree(tmp_path / 'export' / 'a', tmp_path / 'export' / 'b')  # the export unpacked twice

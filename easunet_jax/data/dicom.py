@@ -28,6 +28,8 @@ _GEOMETRY_TAGS = {'ImagePositionPatient': 3, 'ImageOrientationPatient': 6, 'Pixe
 _SAME_TOL = 1e-4  # cosines and pixel spacings (mm) of one series differ by header rounding only
 _DUPLICATE_TOL_MM = 1e-3
 _SPACING_TOL, _SPACING_TOL_MM = 0.01, 0.01  # a step may differ from the median by the larger of the two
+# Slices whose normals are more than 10 degrees apart lie in other planes: localizers under the series' UID.
+_PLANE_COS = float(np.cos(np.radians(10)))
 # What a truncated, corrupt or foreign file raises inside pydicom, on reading or on converting a value.
 _READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, struct.error, zlib.error,
                 InvalidDicomError)
@@ -167,6 +169,23 @@ def _echo_time(header: pydicom.Dataset) -> float | None:
 class _Scan(NamedTuple):
   groups: dict[tuple[str, int | None], Members]  # by (SeriesInstanceUID, echo)
   skipped: dict[str | None, list[str]]  # why each file left out was, by its series (None: unknown)
+  localizers: dict[str, int]  # slices left out of a series as localizers (`_without_localizers`)
+
+
+def _without_localizers(members: Members) -> Members:
+  """The members that are no localizer: not marked one by their ImageType (as GE marks them), and lying
+  in the plane most of the others share (normals within 10 degrees, either way); members without a
+  readable orientation stay (`_geometry` refuses them)."""
+  marked = ['LOCALIZER' in [str(v).upper() for v in list(h.get('ImageType') or [])] for _, h in members]
+  members = [m for m, localizer in zip(members, marked) if not localizer] or members
+  normals = [None if (c := _floats(h, 'ImageOrientationPatient', 6)) is None else np.cross(c[:3], c[3:])
+             for _, h in members]
+  normals = [n / norm if n is not None and (norm := np.linalg.norm(n)) > 0.5 else None for n in normals]
+  known = np.array([n for n in normals if n is not None]).reshape(-1, 3)
+  if not len(known):
+    return members
+  main = known[np.argmax((np.abs(known @ known.T) > _PLANE_COS).sum(axis=1))]
+  return [m for m, n in zip(members, normals) if n is None or abs(n @ main) > _PLANE_COS]
 
 
 def _scan(folder: pathlib.Path) -> _Scan:
@@ -176,7 +195,8 @@ def _scan(folder: pathlib.Path) -> _Scan:
   otherwise. Without EchoNumbers the slices are numbered by the rank of their echo time in the series
   (an enhanced file's frames, whose echoes may come in one file or one file each, or classic images). A
   second copy of an instance (the same SOPInstanceUID, as a series exported twice) is left out, and so are
-  phase, real and imaginary images beside magnitude ones. A file whose header cannot be read or whose frames
+  phase, real and imaginary images beside magnitude ones, and localizers exported under the series' UID
+  (`_without_localizers`). A file whose header cannot be read or whose frames
   cannot be placed is left out with its reason, for `read_series` to decide on: a broken file of another
   series (a partly copied slice, a multi-frame secondary capture) does not stop this one."""
   if not folder.is_dir():
@@ -206,11 +226,15 @@ def _scan(folder: pathlib.Path) -> _Scan:
       continue
     series.setdefault(uid, []).extend(members)
   groups: dict[tuple[str, int | None], Members] = {}
+  localizers: dict[str, int] = {}
   for uid, members in series.items():
     unique: dict[tuple[str, int | None], tuple[Slice, pydicom.Dataset]] = {}
     for slice_, header in members:  # the first copy of an instance (files without SOPInstanceUID all)
       unique.setdefault((str(header.get('SOPInstanceUID') or slice_.path), slice_.frame), (slice_, header))
     members = [m for m in unique.values() if _is_magnitude(m[1])] or list(unique.values())
+    if len(images := _without_localizers(members)) < len(members):
+      localizers[uid] = len(members) - len(images)
+      members = images
     times = [_echo_time(header) if header.get('EchoNumbers') is None else None for _, header in members]
     ranks = sorted({time for time in times if time is not None})
     for (slice_, header), time in zip(members, times):
@@ -226,7 +250,7 @@ def _scan(folder: pathlib.Path) -> _Scan:
   echoes = collections.Counter(uid for uid, _ in groups)
   # One echo number (or none) throughout: the series is one volume, whatever its files say of the echo.
   return _Scan({(uid, echo if echoes[uid] > 1 else None): members for (uid, echo), members in groups.items()},
-               skipped)
+               skipped, localizers)
 
 
 def _slice_order(members: Members) -> Members:
@@ -369,13 +393,17 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
   'slice_spacing_mm'.
   """
   folder = pathlib.Path(folder)
-  groups, skipped = _scan(folder)
+  groups, skipped, localizers = _scan(folder)
   found = _series_list(groups)
   chosen = found[0] if series is None else next((s for s in found if series in (s.name, s.uid)), None)
   if chosen is None:
     raise DataError(f'{folder}: no series {series}; found {"; ".join(_describe(s) for s in found)}')
   if chosen.uid in skipped:  # a file of this very series: its slices would be missing
     raise DataError(skipped[chosen.uid][0])
+  if chosen.uid in localizers:
+    logging.warning('%s: series %s: %d localizer slice(s) (marked so, or in another plane than its other %d) '
+                    'left out', folder, chosen.uid, localizers[chosen.uid],
+                    sum(len(members) for (uid, _), members in groups.items() if uid == chosen.uid))
   if others := [reason for reasons in skipped.values() for reason in reasons]:
     logging.warning('%s: %d DICOM file(s) left out, of other series or unreadable (if of this series, '
                     'slices are missing): %s', folder, len(others), '; '.join(others[:3]))
