@@ -116,6 +116,9 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
 
   def single(name: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
     to_folder = target.is_dir() or not target.name.lower().endswith(volumes.NIFTI_SUFFIXES)
+    if to_folder and volumes.volume_stem(target.name) and not target.is_dir():
+      raise DataError(f'--output={target}: masks are written as NIfTI; name a .nii.gz or .nii file, or a '
+                      'folder')
     return [(source, target / name if to_folder else target)]
 
   if source.is_file():
@@ -653,6 +656,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       if written.resolve() in inputs:
         raise DataError(f'{written}: the output would overwrite an input scan or label map; choose another '
                         '--output')
+      try:  # a folder that cannot be made or written to fails now, not after the segmentation
+        written.parent.mkdir(parents=True, exist_ok=True)
+      except OSError as e:
+        raise DataError(f'{written.parent}: cannot make the output folder ({e.strerror})') from None
+      if not os.access(written.parent, os.W_OK):
+        raise DataError(f'{written.parent}: the output folder is not writable')
     if source.is_dir():
       dicom.find_series(source)
       if source in label_files:
@@ -762,6 +771,10 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
                     'as a conversion that lost the geometry writes it: the model resamples by the voxel '
                     'size, so unless the voxels are 1 mm the mask will be wrong; give the scan its voxel '
                     'size', source)
+  elif not (nii.header.get('qform_code') or nii.header.get('sform_code') or info):
+    logging.warning("%s: the header gives no orientation (qform and sform codes 0), so nibabel's default "
+                    "is taken: the patient's left along the first axis; medial and lateral follow it only "
+                    'if that is right', source)
   # Every third voxel along each axis first: an MR image has hundreds of grey levels there, so np.unique of
   # the whole volume (seconds) runs only for what may be a label map or mask given in place of a scan.
   if len(np.unique(image[::3, ::3, ::3])) < _MIN_GREY_LEVELS and (

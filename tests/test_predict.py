@@ -331,6 +331,11 @@ def test_a_scan_is_never_overwritten(run, tmp_path):
   _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, thickness,
                   scans / 'knee.nii.gz')
   assert scan.read_bytes() == canonical.read_bytes() and thickness.read_bytes() == canonical.read_bytes()
+  # Refused before segmenting: an output folder that a file blocks, and a mask named as another format.
+  _one_line_error(DataError, f'{scan}: cannot make the output folder', _config(), workdir, scan,
+                  scan / 'mask.nii.gz')
+  _one_line_error(DataError, 'masks are written as NIfTI', _config(), workdir, scan, tmp_path / 'mask.mha')
+  assert not (tmp_path / 'mask.mha').exists()
 
 
 def _scans_in_csv(path) -> list[str]:
@@ -439,6 +444,21 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   (labels / 'permuted.nii.gz').unlink()
   _one_line_error(DataError, r'no label map for 1 scan\(s\) \(permuted.nii.gz\)', _config(), workdir, scans,
                   out, labels=labels)
+
+
+def test_a_header_without_orientation_is_warned_of(run, tmp_path, caplog, monkeypatch):
+  """qform and sform codes 0: nibabel's default orientation, which medial and lateral then follow."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  nii = nib.load(canonical)
+  unoriented = nib.Nifti1Image(np.asarray(nii.dataobj), None, nii.header)
+  unoriented.set_qform(None, code=0)
+  unoriented.set_sform(None, code=0)
+  nib.save(unoriented, tmp_path / 'unoriented.nii.gz')
+  for scan in (canonical, tmp_path / 'unoriented.nii.gz'):
+    caplog.clear()
+    predict.predict(_config(), workdir, scan, tmp_path / 'mask.nii.gz')
+    assert ('gives no orientation (qform and sform codes 0)' in caplog.text) == (scan != canonical)
 
 
 def test_a_label_map_given_as_the_scan_is_warned_of(run, tmp_path, caplog, monkeypatch):

@@ -93,6 +93,16 @@ def test_a_metaimage_data_file_rewritten_in_place_makes_the_store_stale(data_cfg
   assert preprocess._fingerprint(cases, data_cfg, seed=0, multiple=16) != before
 
 
+def test_normalise_does_not_depend_on_the_intensities_unit():
+  image = np.random.default_rng(0).gamma(2.0, 100.0, (6, 20, 20)).astype(np.float32)
+  for scale in (1e-10, 1.0, 1e6):
+    np.testing.assert_allclose(preprocess.normalise(image * np.float32(scale)).astype(np.float32),
+                               preprocess.normalise(image).astype(np.float32), atol=2e-3)
+  mostly_zero = np.zeros((6, 20, 20), np.float32)
+  mostly_zero[0, 0, :3] = (1.0, 2.0, 4.0)  # the 0.5 and 99.5 percentiles are both 0
+  assert preprocess.normalise(mostly_zero).max() == 1.0 and preprocess.normalise(mostly_zero)[0, 0, 0] == 0.25
+
+
 @pytest.mark.parametrize('n', [3, 5, 10, 31])
 def test_split_is_by_subject_and_seeded(n):
   ids = [f'k{i:02d}' for i in range(n)]

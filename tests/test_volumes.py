@@ -195,6 +195,24 @@ def test_complex_voxels_load_as_their_magnitude(tmp_path):
   np.testing.assert_allclose(got, np.abs(image), rtol=1e-6)
 
 
+def test_colour_empty_axis_and_nonstandard_units_headers(tmp_path):
+  """RGB voxels and an axis of no voxels are one-line errors; a time unit outside the standard's codes
+  beside mm (xyzt_units 58, which nibabel's get_xyzt_units refuses) reads as mm."""
+  image, _, affine = _small_case(np.random.default_rng(5))
+  rgb = np.zeros(image.shape, [('R', 'u1'), ('G', 'u1'), ('B', 'u1')])
+  nib.save(nib.Nifti1Image(rgb, affine), tmp_path / 'rgb.nii.gz')
+  with pytest.raises(DataError, match='R/G/B colour voxels, expected a greyscale scan'):
+    volumes.load_image(tmp_path / 'rgb.nii.gz')
+  nib.save(nib.Nifti1Image(image[:, :, :0], affine), tmp_path / 'empty.nii.gz')
+  with pytest.raises(DataError, match=r'volume of shape \(4, 5, 0\), an axis without voxels'):
+    volumes.load_image(tmp_path / 'empty.nii.gz')
+  nii = nib.Nifti1Image(image, affine)
+  nii.header['xyzt_units'] = 58
+  nib.save(nii, tmp_path / 'units.nii.gz')
+  assert volumes.mm_per_unit(nib.load(tmp_path / 'units.nii.gz')) == 1.0
+  np.testing.assert_array_equal(volumes.load_image(tmp_path / 'units.nii.gz')[0], image)
+
+
 def test_reference_knee_orientation():
   case = volumes.Case('ref', knee.REFERENCE, knee.REFERENCE)
   _, labels, spacing = volumes.load_case(case, IDENTITY_MAP)

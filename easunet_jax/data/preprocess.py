@@ -154,9 +154,13 @@ def synthetic_image(tissue: np.ndarray, case_id: str) -> np.ndarray:
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
-  """Clips to the 0.5 / 99.5 percentiles of the volume and scales to [0, 1]."""
+  """Clips to the 0.5 / 99.5 percentiles of the volume and scales to [0, 1], whatever the intensities'
+  unit (a scan scaled by 1e-10 normalises as the scan); over the full range where the two percentiles are
+  one value (a volume 99 % background)."""
   lo, hi = np.percentile(image, (0.5, 99.5))
-  return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float16)
+  if hi <= lo:
+    lo, hi = image.min(), image.max()
+  return np.clip((image - lo) / max(hi - lo, np.finfo(np.float32).tiny), 0, 1).astype(np.float16)
 
 
 def padded_size(n: int, multiple: int) -> int:

@@ -53,9 +53,10 @@ _NRRD_SPACES = {'right-anterior-superior': np.eye(4), 'ras': np.eye(4),
                 'left-posterior-superior': _LPS_TO_RAS, 'lps': _LPS_TO_RAS,
                 'left-anterior-superior': np.diag([-1.0, 1.0, 1.0, 1.0]),
                 'las': np.diag([-1.0, 1.0, 1.0, 1.0])}
-_MM_PER_UNIT = {'meter': 1000.0, 'micron': 0.001}  # NIfTI's spatial units other than mm
+# NIfTI's spatial unit codes other than mm (2): the metre (1) and the micron (3), in xyzt_units' low bits.
+_MM_PER_UNIT = {1: 1000.0, 3: 0.001}
 # What a truncated, corrupt or foreign file raises inside nibabel, gzip and zlib.
-_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, OverflowError, nib.filebasedimages.ImageFileError,
                 nib.spatialimages.HeaderDataError)
 
 
@@ -309,8 +310,11 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
   if len(nii.shape) > 3 and all(n == 1 for n in nii.shape[3:]):
     nii = type(nii)(nii.dataobj.reshape(nii.shape[:3]), nii.affine, nii.header)  # still lazy
   if len(nii.shape) != 3:
-    raise DataError(f'{path}: {len(nii.shape)}D volume of shape {nii.shape}, expected 3D (a series of '
-                    'several volumes, echoes or time points: save the one to use as its own file)')
+    raise DataError(f'{path}: {len(nii.shape)}D volume of shape {nii.shape}, expected 3D' + (
+        ' (a series of several volumes, echoes or time points: save the one to use as its own file)'
+        if len(nii.shape) > 3 else ''))
+  if min(nii.shape) < 1:
+    raise DataError(f'{path}: volume of shape {nii.shape}, an axis without voxels (a corrupt header?)')
   affine = nii.affine
   if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) * mm_per_unit(nii) ** 3 < 1e-9:
     raise DataError(f'{path}: degenerate voxel-to-world affine {affine[:3].tolist()}')
@@ -366,7 +370,8 @@ Spacing = tuple[float, float, float]
 def mm_per_unit(nii: nib.Nifti1Image) -> float:
   """Millimetres per unit of the affine: 1000 and 0.001 where a NIfTI header's spatial unit is the metre or
   the micron (as ITK, and so SimpleITK-based tools, read it), else 1 (mm, or unknown, taken as mm)."""
-  return _MM_PER_UNIT.get(nii.header.get_xyzt_units()[0], 1.0)
+  # The code itself: nibabel's get_xyzt_units raises on a time code outside the standard's.
+  return _MM_PER_UNIT.get(int(nii.header['xyzt_units']) % 8, 1.0)
 
 
 def read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray, Spacing]:
@@ -395,6 +400,8 @@ def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[n
   names it in errors. Complex voxels (a reconstruction's raw output) become their magnitude, the image a
   scanner shows."""
   image, spacing = read_canonical(nii, source)
+  if image.dtype.names:
+    raise DataError(f'{source}: {"/".join(image.dtype.names)} colour voxels, expected a greyscale scan')
   image = (np.abs(image) if np.iscomplexobj(image) else image).astype(np.float32, copy=False)
   if not np.isfinite(image).all():
     raise DataError(f'{source}: image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite voxels')
