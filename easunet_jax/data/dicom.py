@@ -196,9 +196,9 @@ def _scan(folder: pathlib.Path) -> _Scan:
   (an enhanced file's frames, whose echoes may come in one file or one file each, or classic images). A
   second copy of an instance (the same SOPInstanceUID, as a series exported twice) is left out, and so are
   phase, real and imaginary images beside magnitude ones, and localizers exported under the series' UID
-  (`_without_localizers`). A file whose header cannot be read or whose frames
-  cannot be placed is left out with its reason, for `read_series` to decide on: a broken file of another
-  series (a partly copied slice, a multi-frame secondary capture) does not stop this one."""
+  (`_without_localizers`). A file whose header cannot be read or whose frames cannot be placed is left
+  out with its reason, for `read_series` to decide on: a broken file of another series (a partly copied
+  slice, a multi-frame secondary capture) does not stop this one."""
   if not folder.is_dir():
     raise DataError(f'{folder}: not a directory (expected a folder of DICOM files)')
   series: dict[str, Members] = {}
