@@ -171,7 +171,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | path
       check_same_split(saved, config, directory / str(step))
     abstract = target()
     with _unreadable_as_one_line(directory / str(step)):
-      state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+      state = restore(mngr, step, abstract)
   finally:
     mngr.close()
   return step, state
