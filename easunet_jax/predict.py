@@ -135,8 +135,9 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
                    if (source / images).is_dir()), None)
     hint = (f'; a data set: --input={source / layout[0]} (and --labels={source / layout[1]} to score the '
             'masks)' if layout else '')
-    raise DataError(f'{source}: no NIfTI, MetaImage or NRRD file (*.nii.gz, *.nii, *.mhd, *.mha, *.nrrd, '
-                    f'*.nhdr) and no DICOM series in this directory{hint}')
+    suffixes = ', '.join(f'*{suffix}' for suffix in volumes.VOLUME_SUFFIXES)
+    raise DataError(f'{source}: no NIfTI, MetaImage or NRRD file ({suffixes}) and no DICOM series in this '
+                    f'directory{hint}')
   return [(p, target / f'{p.name}.nii.gz') for p in folders], True
 
 
@@ -150,8 +151,8 @@ def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, di
 def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path: str | pathlib.Path,
                  batch: bool) -> dict[pathlib.Path, pathlib.Path]:
   """{scan: its label map} for --labels: a label file of the one scan, or a directory holding each scan's
-  under the scan's name (<name>.nii.gz, .nii, .mhd, .mha, .nrrd or .nhdr), or under <id> for nnU-Net's
-  <id>_0000 images."""
+  under the scan's name (<name> with one of `volumes.VOLUME_SUFFIXES`), or under <id> for nnU-Net's <id>_0000
+  images."""
   labels = pathlib.Path(labels_path)
   if labels.is_file():
     if batch:
@@ -167,7 +168,7 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
       found[source] = path
   if missing := [source.name for source, _ in pairs if source not in found]:
     raise DataError(f'--labels={labels}: no label map for {len(missing)} scan(s) ({", ".join(missing[:5])}); '
-                    "expected each scan's name with .nii.gz, .nii, .mhd, .mha, .nrrd or .nhdr, or "
+                    f"expected each scan's name with {', '.join(volumes.VOLUME_SUFFIXES)}, or "
                     "<id>.nii.gz for nnU-Net's <id>_0000.nii.gz")
   return found
 
@@ -462,14 +463,16 @@ def remove_small_components(classes: np.ndarray, spacing: Sequence[float], min_m
 
 def _save(path: pathlib.Path, array: np.ndarray, nii: nib.Nifti1Image, slope: float = 1.0) -> None:
   """Writes `array` (canonical order; trailing axes beyond the three spatial ones kept) in the voxel order,
-  affine and header (NIfTI-1 or -2) of `nii`, as its own dtype; readers scale the stored values by `slope`.
-  The input's intensity scaling, display range and intent are the scan's, not the output's: not kept."""
+  affine and header (NIfTI-1 or -2; one file, also for a pair's) of `nii`, as its own dtype; readers scale
+  the stored values by `slope`. The input's intensity scaling, display range and intent are the scan's, not
+  the output's: not kept."""
   back = nib.orientations.ornt_transform(_CANONICAL, nib.io_orientation(nii.affine))
   header = nii.header.copy()
   header.set_data_dtype(array.dtype)
   header.set_intent('none')
   header['cal_min'] = header['cal_max'] = 0
-  out = type(nii)(nib.orientations.apply_orientation(array, back), nii.affine, header)
+  single_file = nib.Nifti2Image if isinstance(nii, nib.Nifti2Image | nib.Nifti2Pair) else nib.Nifti1Image
+  out = single_file(nib.orientations.apply_orientation(array, back), nii.affine, header)
   out.header.set_slope_inter(slope, 0)
   path.parent.mkdir(parents=True, exist_ok=True)
   nib.save(out, path)
@@ -644,9 +647,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     raise DataError(f'{output_path}: a file; the masks of a directory of scans go into a directory')
   stems = collections.Counter(_stem(target) for _, target in pairs)
   if twice := sorted(stem for stem, n in stems.items() if n > 1):
-    raise DataError(f'{input_path}: scans {", ".join(twice)} each come as two files (of .nii, .nii.gz, '
-                    '.mhd, .mha, .nrrd, .nhdr), whose thickness maps and figures would overwrite each other; '
-                    'keep one')
+    raise DataError(f'{input_path}: scans {", ".join(twice)} each come as two files (of '
+                    f'{", ".join(volumes.VOLUME_SUFFIXES)}), whose thickness maps and figures would '
+                    'overwrite each other; keep one')
   label_files = _label_files(pairs, labels, batch) if labels else {}
   inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored

@@ -173,18 +173,22 @@ def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
   inputs.mkdir()
   for path in (canonical, permuted):
     (inputs / path.name).write_bytes(path.read_bytes())
-  # The canonical scan again as ITK's MetaImage (LPS pose): its mask is NIfTI, the canonical one's.
+  # The canonical scan again as ITK's MetaImage (LPS pose) and as a NIfTI pair (.hdr + .img): their masks
+  # are single NIfTI files, the canonical one's.
   nii = nib.load(canonical)
   metaimage.write(inputs / 'itk.mha', np.asarray(nii.dataobj), nii.affine)
+  nib.save(nib.Nifti1Pair(np.asarray(nii.dataobj), nii.affine), inputs / 'pair.hdr')
   results = predict.predict(_config(label_values='oai-zib'), workdir, inputs, tmp_path / 'out')
-  masks = [tmp_path / 'out' / name for name in (canonical.name, 'itk.nii.gz', permuted.name)]
+  masks = [tmp_path / 'out' / name for name in (canonical.name, 'itk.nii.gz', 'pair.nii.gz', permuted.name)]
   assert [r['output'] for r in results] == list(map(str, masks))
-  for path, mask_path in zip((canonical, canonical, permuted), masks, strict=True):
+  for path, mask_path in zip((canonical, canonical, canonical, permuted), masks, strict=True):
     mask = nib.load(mask_path)
     assert mask.shape == nib.load(path).shape
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 2, 4}
-  np.testing.assert_array_equal(nib.load(masks[1]).dataobj, nib.load(masks[0]).dataobj)
-  np.testing.assert_allclose(nib.load(masks[1]).affine, nib.load(masks[0]).affine, atol=1e-6)
+  for other in masks[1:3]:
+    assert type(nib.load(other)) is nib.Nifti1Image
+    np.testing.assert_array_equal(nib.load(other).dataobj, nib.load(masks[0]).dataobj)
+    np.testing.assert_allclose(nib.load(other).affine, nib.load(masks[0]).affine, atol=1e-6)
 
 
 def _dicom_knee(folder, canonical, knee_x, laterality=None, enhanced=False):

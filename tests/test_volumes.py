@@ -1,6 +1,8 @@
-"""Tests of volume discovery (NIfTI, MetaImage, NRRD), canonical loading, consistency checks and label
-remapping."""
+"""Tests of volume discovery (NIfTI and NIfTI pairs, MetaImage, NRRD), canonical loading, consistency checks
+and label remapping."""
 
+
+import gzip
 
 import metaimage
 import nibabel as nib
@@ -246,6 +248,39 @@ def test_metaimage_and_nrrd_load_as_the_same_volume_in_nifti(tmp_path, kind):
   got, want = volumes.load_image(path), volumes.load_image(tmp_path / 'k.nii.gz')
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_allclose(got[1], want[1])
+
+
+def test_nifti_pairs_and_misnamed_compression_load_as_the_nifti_file(tmp_path):
+  """A NIfTI pair (.hdr + .img, any case) is discovered and read as the .nii.gz of its voxels; an uncompressed
+  file named .nii.gz and a gzipped one named .nii are read by their content, as ITK reads them; an Analyze
+  7.5 .hdr (no orientation) and a truncated misnamed file are one-line errors."""
+  image, labels, affine = _small_case(np.random.default_rng(8))
+  volumes.save_volume(tmp_path / 'k.nii.gz', image, affine)
+  for kind, array in (('images', image), ('labels', labels)):
+    (tmp_path / 'pairs' / kind).mkdir(parents=True)
+    nib.save(nib.Nifti1Pair(array, affine), tmp_path / 'pairs' / kind / 'k.hdr')
+  images = tmp_path / 'pairs' / 'images'
+  for suffix in ('hdr', 'img'):
+    (images / f'k.{suffix}').rename(images / f'k.{suffix.upper()}')
+  [case] = volumes.discover_cases(tmp_path / 'pairs')
+  assert case == volumes.Case('k', images / 'k.HDR', tmp_path / 'pairs' / 'labels' / 'k.hdr')
+  assert volumes.data_file(case.image) == images / 'k.IMG'
+  want = volumes.load_image(tmp_path / 'k.nii.gz')
+  raw = gzip.decompress((tmp_path / 'k.nii.gz').read_bytes())
+  (tmp_path / 'plain.nii.gz').write_bytes(raw)
+  (tmp_path / 'zipped.nii').write_bytes((tmp_path / 'k.nii.gz').read_bytes())
+  for path in (case.image, tmp_path / 'plain.nii.gz', tmp_path / 'zipped.nii'):
+    got = volumes.load_image(path)
+    np.testing.assert_array_equal(got[0], want[0], err_msg=path.name)
+    np.testing.assert_allclose(got[1], want[1], err_msg=path.name)
+  np.testing.assert_array_equal(volumes.load_case(case, IDENTITY_MAP)[1], labels)
+  nib.save(nib.AnalyzeImage(image, affine), tmp_path / 'analyze.hdr')
+  (tmp_path / 'cut.nii.gz').write_bytes(raw[:200])
+  for path, message in (('analyze.hdr', 'an Analyze 7.5 header, without an orientation: convert it to NIfTI'),
+                        ('cut.nii.gz', 'not a readable NIfTI file')):
+    with pytest.raises(DataError, match=message) as error:
+      volumes.load_image(tmp_path / path)
+    assert '\n' not in str(error.value)
 
 
 def _by_itk(path) -> tuple[np.ndarray, np.ndarray]:

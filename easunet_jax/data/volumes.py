@@ -1,5 +1,5 @@
-"""Volumes (NIfTI; ITK's MetaImage and NRRD for reading): discovery of image/label pairs, checks, loading in
-canonical RAS order, label remapping, saving."""
+"""Volumes (NIfTI; NIfTI pairs, ITK's MetaImage and NRRD for reading): discovery of image/label pairs,
+checks, loading in canonical RAS order, label remapping, saving."""
 
 import bz2
 import collections
@@ -25,12 +25,15 @@ BONE_LABELS = (1, 3)
 OAI_ZIB_CARTILAGE = {'fc': 2, 'tc': 4}
 CLASSES = {'fc': 1, 'tc': 2}
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
+# A NIfTI pair: an .hdr header beside its .img voxels, as SPM and FSL may write. (An Analyze 7.5 .hdr, a
+# NIfTI pair's forerunner without an orientation, is refused.)
+NIFTI_PAIR_SUFFIXES = ('.hdr',)
 # ITK's MetaImage: an .mhd header beside its data file, or an .mha holding both. OAI-ZIB releases its manual
 # segmentations so (segmentation_masks/<id>.segmentation_masks.mhd), as SKI10 its images and labels.
 METAIMAGE_SUFFIXES = ('.mhd', '.mha')
 # NRRD: 3D Slicer's format for volumes, a .nrrd holding header and voxels or an .nhdr beside its data file.
 NRRD_SUFFIXES = ('.nrrd', '.nhdr')
-VOLUME_SUFFIXES = NIFTI_SUFFIXES + METAIMAGE_SUFFIXES + NRRD_SUFFIXES
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + NIFTI_PAIR_SUFFIXES + METAIMAGE_SUFFIXES + NRRD_SUFFIXES
 _METAIMAGE_TYPES = {'MET_UCHAR': 'u1', 'MET_CHAR': 'i1', 'MET_USHORT': 'u2', 'MET_SHORT': 'i2',
                     'MET_UINT': 'u4', 'MET_INT': 'i4', 'MET_ULONG': 'u4', 'MET_LONG': 'i4',  # MetaIO's sizes
                     'MET_ULONG_LONG': 'u8', 'MET_LONG_LONG': 'i8', 'MET_FLOAT': 'f4', 'MET_DOUBLE': 'f8'}
@@ -57,7 +60,7 @@ _NRRD_SPACES = {'right-anterior-superior': np.eye(4), 'ras': np.eye(4),
 _MM_PER_UNIT = {1: 1000.0, 3: 0.001}
 # What a truncated, corrupt or foreign file raises inside nibabel, gzip and zlib.
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, OverflowError, nib.filebasedimages.ImageFileError,
-                nib.spatialimages.HeaderDataError)
+                nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError)
 
 
 class Case(NamedTuple):
@@ -80,8 +83,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
-  """`label_dir`'s volume file of `case_id` (<case_id>.nii.gz, .nii, .mhd, .mha, .nrrd or .nhdr, the suffix
-  in any case), or None."""
+  """`label_dir`'s volume file of `case_id` (<case_id> with one of `VOLUME_SUFFIXES`, in any case), or
+  None."""
   named = (p for suffix in VOLUME_SUFFIXES if (p := label_dir / f'{case_id}{suffix}').exists())
   # Upper-case suffixes only where no lower-case one is: listing the folder for every case is the slow way.
   return next(named, None) or next(
@@ -174,9 +177,11 @@ def _nrrd_header(path: pathlib.Path) -> tuple[dict[str, str], int]:
 
 
 def data_file(path: pathlib.Path) -> pathlib.Path:
-  """The file that holds a volume's voxels: the data file an .mhd or .nhdr header names, else the file
-  itself (also when the header cannot be read: loading it reports that)."""
+  """The file that holds a volume's voxels: the data file an .mhd or .nhdr header names, a NIfTI pair's
+  .img, else the file itself (also when the header cannot be read: loading it reports that)."""
   try:
+    if path.name.lower().endswith(NIFTI_PAIR_SUFFIXES):
+      return pathlib.Path(nib.Nifti1Pair.filespec_to_file_map(path)['image'].filename)
     if path.name.lower().endswith(METAIMAGE_SUFFIXES):
       named = _metaimage_header(path)[0]['ElementDataFile']
       return path if named == 'LOCAL' else path.parent / named
@@ -290,6 +295,25 @@ def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
   return nib.Nifti1Image(voxels, _NRRD_SPACES[space] @ affine, dtype=dtype)
 
 
+def _nifti(path: pathlib.Path) -> nib.spatialimages.SpatialImage:
+  """`nib.load`, and where the suffix misnames the compression (an uncompressed file named .nii.gz, a gzipped
+  one named .nii, which ITK reads by their content) the file read by its content, whole."""
+  try:
+    return nib.load(path)
+  except _READ_ERRORS as e:
+    error = e
+  try:
+    with open(path, 'rb') as f:
+      gzipped = f.read(2) == b'\x1f\x8b'
+    if path.name.lower().endswith(NIFTI_SUFFIXES) and gzipped != path.name.lower().endswith('.gz'):
+      content = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
+      nifti2 = int.from_bytes(content[:4], 'little') == 540 or int.from_bytes(content[:4], 'big') == 540
+      return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(content)
+  except _READ_ERRORS:
+    pass
+  raise DataError(f'{path}: not a readable NIfTI file ({_one_line(error)})') from None
+
+
 def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
   """A NIfTI file's header and a lazy array proxy (a compressed MetaImage or NRRD file is read whole); a
   foreign or headless
@@ -301,12 +325,10 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
   elif path.name.lower().endswith(NRRD_SUFFIXES):
     nii = _nrrd(path)
   else:
-    try:
-      nii = nib.load(path)
-    except _READ_ERRORS as e:
-      raise DataError(f'{path}: not a readable NIfTI file ({_one_line(e)})') from None
-  if not isinstance(nii, nib.Nifti1Image | nib.Nifti2Image):
-    raise DataError(f'{path}: {type(nii).__name__} is not NIfTI')
+    nii = _nifti(path)
+  if not isinstance(nii, nib.Nifti1Pair):  # NIfTI-1 and -2, single files and pairs
+    raise DataError(f'{path}: an Analyze 7.5 header, without an orientation: convert it to NIfTI'
+                    if isinstance(nii, nib.AnalyzeImage) else f'{path}: {type(nii).__name__} is not NIfTI')
   if len(nii.shape) > 3 and all(n == 1 for n in nii.shape[3:]):
     nii = type(nii)(nii.dataobj.reshape(nii.shape[:3]), nii.affine, nii.header)  # still lazy
   if len(nii.shape) != 3:
