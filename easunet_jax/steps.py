@@ -156,10 +156,11 @@ def training_batch(batch: dict[str, jax.Array], key: jax.Array, *, augment_range
            **({'tissue': batch['tissue'].astype(jnp.int32)} if synthesise else {})}
   if synthesise:
     del batch['image']  # drawn below from the (augmented) tissue map
+    key, synth_key = jax.random.split(key)  # two streams: augmentation splits its key per slice
   if augment_ranges is not None:
     batch = augment.augment(key, batch, augment_ranges)
   if synthesise:
-    batch['image'] = synth.render_batch(jax.random.fold_in(key, 1), batch.pop('tissue'))
+    batch['image'] = synth.render_batch(synth_key, batch.pop('tissue'))
   return batch
 
 

@@ -63,25 +63,27 @@ def test_augmentation_moves_tissue_and_labels_together(knee):
   # And the training batch's labels are those moved labels.
   full = {'image': np.zeros((*tissue.shape, 1), np.float16), 'label': labels, 'tissue': tissue}
   drawn = jax.device_get(_batch_fn(True)(full, augment.step_key(0, 5)))
-  moved = jax.device_get(jax.jit(augment.apply)(
-      augment.sample_parameters(augment.step_key(0, 5), len(labels)), batch))
+  augment_key, _ = jax.random.split(augment.step_key(0, 5))  # the other half draws the contrast
+  moved = jax.device_get(jax.jit(augment.apply)(augment.sample_parameters(augment_key, len(labels)), batch))
   np.testing.assert_array_equal(drawn['label'], moved['label'])
 
 
-def test_tissues_from_labels_codes_rims_and_bands():
+@pytest.mark.parametrize('pixel_mm', [1.0, 1.7])  # 1.7: pixels coarser than the rim's 0.8 mm + half a pixel
+def test_tissues_from_labels_codes_rims_and_bands(pixel_mm):
   labels = np.zeros((4, 40, 40), np.uint8)
   labels[:, 10:20, 10:30] = 1  # femur
   labels[:, 20:22, 10:30] = 2  # femoral cartilage
   labels[:, 30:32, 15:25] = 7  # another structure, e.g. a meniscus label
-  tissue = synth.tissues_from_labels(labels, (3.0, 1.0, 1.0))
+  tissue = synth.tissues_from_labels(labels, (3.0, pixel_mm, pixel_mm))
   assert tissue.dtype == np.uint8 and tissue.max() < synth.NUM_TISSUES
   assert (tissue[labels == 2] == phantom.FC).all()
   assert (tissue[:, 11:19, 11:29] == phantom.FEMUR).all()  # marrow inside
-  assert (tissue[:, 10, 10:30] == phantom.FEMUR_PLATE).all()  # the rim: one voxel at 1 mm
+  assert (tissue[:, 10, 10:30] == phantom.FEMUR_PLATE).all()  # the rim: one voxel
+  assert (tissue[:, 11:19, 10] == phantom.FEMUR_PLATE).all()
   other = tissue[labels == 7]
   assert len(set(other)) == 1 and other[0] not in tissue[labels != 7]
   # Background bands: farther from the labelled structures, a higher code.
-  row = tissue[0, 5, 0:10][::-1]  # from next to the femur outwards
+  row = tissue[0, 15, 0:10][::-1]  # from next to the femur outwards
   assert (np.diff(row.astype(int)) >= 0).all() and row[-1] > row[0]
 
 

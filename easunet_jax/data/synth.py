@@ -5,8 +5,9 @@ train step, so that the network never sees one fixed contrast.
 A draw, per slice: each tissue code is split into two sub-regions by a smooth random field; every
 sub-region gets a random mean and spread (air stays dark most of the time); the image is blurred with a
 random anisotropic Gaussian (partial volume, lower in-plane resolution), multiplied by a smooth random bias
-field, inverted with probability 1/4, given a random gamma and Rician noise, and scaled like the slice
-store's normalisation with a random saturation. The tissue maps come from the phantoms (`phantom` and
+field, given a random gamma and Rician noise, and scaled like the slice store's normalisation with a random
+saturation. Means drawn uniform and independent per sub-region give every contrast and its inverse equally
+often, so no inversion step is needed. The tissue maps come from the phantoms (`phantom` and
 `knee` write them) or, for label maps alone (bone and cartilage), from `tissues_from_labels`: the labels
 plus cortical rims and distance bands of the background.
 """
@@ -36,7 +37,6 @@ class Ranges:
   dark_air: float = 0.8  # probability that air (code 0) is drawn in [0, 0.1] rather than like a tissue
   blur_px: float = 1.5  # Gaussian blur sigma per in-plane axis, in [0, blur_px] pixels
   bias: float = 0.35  # log bias field amplitude in [0, bias]
-  invert: float = 0.25  # probability of a contrast inversion (1 - mean) of the tissues
   log_gamma: float = 0.4  # gamma = exp(normal * log_gamma)
   noise: tuple[float, float] = (0.0, 0.06)  # Rician noise sigma, of the [0, 1] range
   saturation: tuple[float, float] = (0.8, 1.25)  # final scale before clipping to [0, 1]
@@ -67,7 +67,6 @@ def render(key: jax.Array, tissue_HW: jax.Array, ranges: Ranges = Ranges()) -> j
   split = field > u((NUM_TISSUES,), -2.5, 2.5)[tissue_HW]
   region = tissue_HW.astype(jnp.int32) + NUM_TISSUES * split
   means = u((2 * NUM_TISSUES,))
-  means = jnp.where(u() < ranges.invert, 1 - means, means)
   air = jnp.where(u() < ranges.dark_air, u((2,), 0.0, 0.1), means[jnp.array([0, NUM_TISSUES])])
   means = means.at[jnp.array([0, NUM_TISSUES])].set(air)
   spreads = u((2 * NUM_TISSUES,), 0.0, ranges.spread)
@@ -90,10 +89,12 @@ def render_batch(key: jax.Array, tissue_BHW: jax.Array, ranges: Ranges = Ranges(
 
 
 def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
-  """The voxel offsets nearer than radius_mm to the centre, as a structuring element."""
-  grid = np.meshgrid(*[np.arange(-int(radius_mm // s), int(radius_mm // s) + 1) * s for s in spacing],
-                     indexing='ij')
-  return sum(g ** 2 for g in grid) < radius_mm ** 2
+  """The voxel offsets nearer than radius_mm to the centre, and at least the six face neighbours (pixels
+  coarser than the radius), as a structuring element: an erosion by it always takes the outermost voxels."""
+  offsets = np.meshgrid(*[np.arange(-n, n + 1) for n in (max(1, int(radius_mm // s)) for s in spacing)],
+                        indexing='ij')
+  near = sum((o * s) ** 2 for o, s in zip(offsets, spacing, strict=True)) < radius_mm ** 2
+  return near | (sum(np.abs(o) for o in offsets) <= 1)
 
 
 def _bands(labelled: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
