@@ -77,18 +77,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, TypeError) as e:
     if '--verbose' in argv or '--verbose=true' in argv:
       raise
-    # A config file that raised: its traceback is in the message, and the last line says why.
-    before, traceback, _ = str(e).partition('Traceback (most recent call last):')
-    message = before + str(e).strip().splitlines()[-1] if traceback else str(e)
-    known = config_check.leaves(default.get_config())
-    overrides = [arg.removeprefix('--config.').partition('=')[0] for arg in argv
-                 if arg.startswith('--config.')]
-    unknown = [name for name in overrides if name not in known]
-    if not unknown:
-      _exit_config_error(message)
-    group = unknown[0].rpartition('.')[0]
-    fields = ', '.join(k for k in known if k.rpartition('.')[0] == group)
-    _exit_config_error(f'--config.{unknown[0]}: no such config field (expected one of {fields})')
+    _exit_config_error(config_check.override_error(e, argv, default.get_config()))
 
 
 # What a stop left on disk, in each mode where Ctrl-C ends the run (training saves a checkpoint instead).
@@ -171,6 +160,8 @@ def main(argv):
     if FLAGS.verbose:
       raise
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(e.exit_code)
+  except train.Stopped as e:  # the log said where it saved and how to resume
     sys.exit(e.exit_code)
   except KeyboardInterrupt:  # training saves and stops by itself; a stop elsewhere is no bug either
     if FLAGS.verbose:

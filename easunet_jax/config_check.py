@@ -2,6 +2,7 @@
 one line that names the field and what was expected (ConfigError; main.py exits with code 2)."""
 
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -19,6 +20,25 @@ _POSITIVE = ('train.batch_size', 'train.eval_every_steps', 'eval.batch_size', 'p
 _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict.min_component_mm3',
                  'predict.slice_sigma_mm', 'optim.weight_decay', 'data.phantom_elastic_mm')
 NAN_POLICIES = ('stop', 'skip')
+
+
+def override_error(error: Exception, argv: Sequence[str], reference: ml_collections.ConfigDict) -> str:
+  """One line for `error`, raised while absl parsed `argv`'s --config flags (a bad value, an unknown field,
+  a config file that raised): the unknown field with the fields its group has (`reference`'s), else the
+  error's own last line."""
+  # A config file that raised: its traceback is in the message, and the last line says why.
+  before, traceback, _ = str(error).partition('Traceback (most recent call last):')
+  message = before + str(error).strip().splitlines()[-1] if traceback else str(error)
+  known = leaves(reference)
+  overrides = [arg.removeprefix('--config.').partition('=')[0] for arg in argv if arg.startswith('--config.')]
+  unknown = [name for name in overrides if name not in known]
+  if not unknown:
+    return ' '.join(message.split())
+  group = unknown[0].rpartition('.')[0]
+  # A misspelt group has no fields of its own: then the names at the top.
+  fields = [k for k in known if k.rpartition('.')[0] == group] or list(
+      dict.fromkeys(k.partition('.')[0] for k in known))
+  return f'--config.{unknown[0]}: no such config field (expected one of {", ".join(fields)})'
 
 
 def leaves(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
@@ -109,10 +129,13 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError(f'data.label_map: expected (source label, training class) pairs, labels 0-255 and '
                       f'classes 0-{classes - 1} (model.num_classes {classes}), got '
                       f'{tuple(map(tuple, data.label_map))}')
-  if data.root and not pathlib.Path(data.root).is_dir():
+  # Predict and export read no data set: a model file's or a copied workdir's paths are the training
+  # machine's.
+  reads_data = mode not in ('predict', 'export')
+  if reads_data and data.root and not pathlib.Path(data.root).is_dir():
     raise ConfigError(f'data.root: expected a dataset directory (images/ + labels/ or imagesTr/ + labelsTr/) '
                       f"or '' for the built-in phantom, got {data.root!r}, which is not a directory")
-  if data.split_file and not pathlib.Path(data.split_file).is_file():
+  if reads_data and data.split_file and not pathlib.Path(data.split_file).is_file():
     raise ConfigError(f"data.split_file: expected a JSON file or '', got {data.split_file!r}, which is not a "
                       'file')
   multiple = models.stride(config.model.features)

@@ -20,6 +20,16 @@ from easunet_jax.metric_writer import MetricWriter
 from easunet_jax.progress import Progress
 
 
+class Stopped(Exception):
+  """Training saved a checkpoint and stopped before its last step, at a signal (or a preemption): resumable
+  by the same command, and not finished, so `main.py` exits as a shell reports the signal (128 + its
+  number), and a script or a sweep does not go on to evaluate it."""
+
+  def __init__(self, cause: str):
+    super().__init__(cause)
+    self.exit_code = 128 + getattr(signal, cause, signal.SIGTERM)  # a preemption comes as a SIGTERM
+
+
 def validate(p_eval_step, state: steps.TrainState, store_dir: pathlib.Path, batch_size: int,
              data_sharding: NamedSharding) -> dict[str, float]:
   """Validation loss and the mean over validation volumes of their 3D Dice (FC, TC)."""
@@ -64,8 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        ) -> steps.TrainState | None:
   """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
-  SIGTERM or SIGINT saves a checkpoint after the step in flight and returns. Returns the last state, or
-  None when the workdir holds a finished run (nothing is trained again).
+  SIGTERM or SIGINT saves a checkpoint after the step in flight and raises `Stopped`. Returns the last
+  state, or None when the workdir holds a finished run (nothing is trained again).
   """
   workdir = pathlib.Path(workdir)
   batch_size = config.train.batch_size
@@ -178,4 +188,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         break
   writer.close()
   mngr.close()
+  if stop:
+    raise Stopped(stop)
   return state

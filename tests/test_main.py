@@ -133,7 +133,7 @@ def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no
   assert starts[0]['code_version']
 
 
-def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(augmented_tiny, tmp_path, caplog):
+def test_sigterm_saves_the_current_step_exits_143_and_the_run_resumes(augmented_tiny, tmp_path, caplog):
   workdir = tmp_path / 'run'
   # Checkpoints only at the end: the one saved before it is the signal's. The signal comes as the third
   # training batch is fetched, while an earlier step runs.
@@ -142,7 +142,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes(augmented_ti
   apart = ['--config.checkpoint.every_steps=1000', '--config.train.eval_every_steps=1000',
            f'--config.optim.lr={config.optim.lr}']
   stopped = _run(workdir, config.data.phantom_dir, *apart, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGTERM'))
-  assert stopped.returncode == 0, stopped.stderr
+  assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr  # unfinished: `&& evaluate` stops here
   step = checkpoints.manager(workdir, 2).latest_step()
   assert 1 <= step < 6
   saved = workdir / 'checkpoints' / str(step)

@@ -17,11 +17,12 @@ import pytest
 from absl import logging as absl_logging
 
 from easunet_jax.errors import ConfigError
-from easunet_jax.sweep import launch, points, run
+from easunet_jax.sweep import launch, points, run, table
 
 TINY = "def sweep(add):\n  add('tiny', 'configs/tiny.py', 'Tiny EAS U-Net')\n"
-# A model name that only main.py rejects: the point fails in its own process, at start-up.
-BROKEN = "  add('broken', 'configs/tiny.py', 'Broken', **{'model.name': 'no_such_model'})\n"
+# A file to start from that is there (the config passes the sweep's checks) but no model file: the point
+# fails in its own process, at start-up.
+BROKEN = f"  add('broken', 'configs/tiny.py', 'Broken', **{{'train.init_weights': '{points.MAIN}'}})\n"
 TIMEOUT_S = 900
 
 
@@ -114,6 +115,17 @@ def test_a_config_file_that_does_not_load_is_one_config_error():
   assert '\n' not in str(error.value)
 
 
+def test_a_config_every_point_would_refuse_is_refused_before_anything_runs(tmp_path):
+  other = "  add('other', 'configs/tiny.py', **{'model.name': 'no_such'})\n"
+  (tmp_path / 'sweep.py').write_text(TINY + other)
+  with pytest.raises(ConfigError, match=r'model\.name'):
+    run.run_sweep(str(tmp_path / 'sweep.py'), tmp_path / 'W', 1, 1, False, [])
+  assert not (tmp_path / 'W').exists()
+  with pytest.raises(ConfigError, match=r'--config.trian.num_steps: no such config field') as error:
+    points.load_config(['--config=configs/tiny.py', '--config.trian.num_steps=3'])
+  assert '\n' not in str(error.value)
+
+
 @pytest.mark.parametrize('override', ['--config.seed=1', '--config.data.cache_dir=/tmp/store'])
 def test_fields_the_sweep_sets_are_refused(override, tmp_path):
   with pytest.raises(ConfigError, match='the sweep sets it'):
@@ -138,7 +150,7 @@ def test_failed_points_are_reported_and_the_others_finish(runs):
   for point in ('broken_seed0', 'broken_seed1'):
     assert f'sweep point {point} failed' in log
     # main.py's own one-line error, as the reason.
-    assert re.search(f'`{point}`: train exited with status [1-9].*no_such_model', table)
+    assert re.search(f'`{point}`: train exited with status [1-9].*main.py: not a model file', table)
 
 
 def test_rerun_skips_every_finished_point(runs):
@@ -172,6 +184,23 @@ def test_table_is_the_mean_and_std_over_seeds_of_each_evaluation(runs):
   assert table.count('| Tiny EAS U-Net |') == 4
   assert '| FC | Broken | 0 | n/a |' in runs['table_after_second']
   assert (workdir / 'dice.png').stat().st_size > 0
+
+
+def test_a_distance_undefined_in_some_seeds_says_how_many_it_averages(tmp_path):
+  """A seed whose test set had no case with both masks non-empty has no HD; the table's HD is the other
+  seeds' mean, and says so."""
+  variant = points.Variant('v', 'V', 'configs/tiny.py', ())
+  seeds = [points.Point(variant, s) for s in range(3)]
+  evaluations = {}
+  for point, hd in zip(seeds, (4.0, None, 6.0), strict=True):
+    means = {column: {'mean': hd if column.startswith('hd') else 50.0} for column in table.COLUMNS}
+    result = {protocol: {'fc': means, 'tc': means} for protocol in table.PROTOCOLS}
+    evaluations[point] = tmp_path / f'{point.name}.json'
+    evaluations[point].write_text(json.dumps(result))
+  rows = table.table_rows([variant], seeds, evaluations)
+  table.write_table(rows, {}, 'sweep.py', tmp_path)
+  assert '| FC | V | 3 | 50.00 ± 0.00 | 50.00 ± 0.00 | 50.00 ± 0.00 | 5.00 ± 1.41 (2 of 3 seeds) |' in (
+      tmp_path / 'table.md').read_text()
 
 
 @pytest.mark.parametrize('visible, per_run, groups', [

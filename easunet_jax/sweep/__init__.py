@@ -9,11 +9,12 @@ such as `**{'model.eca': False}`. Each variant runs with seeds 0..N-1; each such
 evaluates as its own `main.py` process in W/<variant>_seed<s>, with every `--config.*` flag of the command
 line passed on.
 Points run one at a time on CPU and one per group of `--devices_per_run` GPUs at once where there are more.
-A point whose evaluation of the same config exists is skipped; an unfinished one resumes from its newest
-checkpoint (main.py does that). A failed point does not stop the others; it is named in the table and the
-sweep exits non-zero at the end. SIGTERM or Ctrl-C stops the sweep: the running points save a checkpoint
-and stop, and the same command goes on from there. The points share main.py's compilation cache
-(W/.jax_cache).
+A point whose evaluation of the same config exists is skipped (an evaluation run by hand of an unfinished
+point counts too); an unfinished one resumes from its newest checkpoint (main.py does that). A failed
+point, or one whose training a signal stopped (main.py exits 128 + the signal), does not stop the others;
+it is named in the table and the sweep exits non-zero at the end. SIGTERM, Ctrl-C or SIGHUP stops the
+sweep: the running points save a checkpoint and stop, and the same command goes on from there. The points
+share main.py's compilation cache (W/.jax_cache).
 
 Every point sees the same subjects: the sweep writes W/splits.json once (unless data.split_file is given),
 and it builds the slice stores before any run starts, so that no two processes ever write one store.

@@ -9,6 +9,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+import jax
 from absl import app, flags
 
 from easunet_jax.errors import UserError
@@ -38,6 +39,9 @@ def main(argv: Sequence[str], overrides: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  # This process builds the split and the slice stores (and draws a labels-only set's test images) on the
+  # CPU: a GPU backend here would take most of every GPU's memory from the points for the whole sweep.
+  jax.config.update('jax_platforms', 'cpu')
   # The --config.* flags belong to the points; absl would reject them as this program's flags.
   config_overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
   app.run(functools.partial(main, overrides=config_overrides),

@@ -1,5 +1,5 @@
 """Runs sweep points as `main.py` processes (train, then evaluate), one per group of GPUs at a time, and
-passes SIGTERM and SIGINT on to them."""
+passes SIGTERM, SIGINT and SIGHUP on to them."""
 
 import concurrent.futures
 import os
@@ -57,7 +57,9 @@ class Launcher:
   """Runs points, one per device group at a time, each in its own session so that a terminal's Ctrl-C
   reaches the sweep only. SIGTERM or SIGINT to the sweep is passed on once to the running points (main.py
   then saves a checkpoint after the step in flight and exits) and stops the sweep: no point is evaluated
-  or started after it, and the same command resumes. A second signal passed on kills the points."""
+  or started after it, and the same command resumes. SIGHUP (a closed terminal; unless the sweep runs
+  under nohup) is passed on as SIGTERM, so that no point trains on unwatched. A second signal passed on
+  kills the points."""
 
   def __init__(self, groups: Sequence[str | None], workdir: pathlib.Path):
     self.groups, self.workdir = groups, workdir
@@ -73,7 +75,7 @@ class Launcher:
     self.stopped_by = signal.Signals(signum).name
     with self.lock:
       for process in self.running:
-        process.send_signal(signum)
+        process.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
   def run(self, points: Sequence[Point], args: dict[Point, list[str]]) -> dict[Point, str]:
     """Runs `points`; returns why each one that did not finish failed."""
@@ -96,7 +98,10 @@ class Launcher:
       finally:
         self.free.put(group)
 
-    previous = {s: signal.signal(s, self._pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
+    passed_on = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup's choice stands
+      passed_on.append(signal.SIGHUP)
+    previous = {s: signal.signal(s, self._pass_on) for s in passed_on}
     try:
       with concurrent.futures.ThreadPoolExecutor(len(self.groups)) as pool:
         errors = list(pool.map(run_numbered, enumerate(points, 1)))
@@ -123,7 +128,7 @@ class Launcher:
       status = process.wait()
       with self.lock:
         self.running.discard(process)
-      if self.stopped_by:  # main.py exits 0 after saving: a stopped training must not be evaluated
+      if self.stopped_by:  # stopped by the sweep's signal: resumable, and not to be evaluated
         return f'stopped by {self.stopped_by} in {mode}; run the same command to resume'
       if status:
         return f'{mode} exited with status {status}: {_last_line(log_path)} (log: {log_path})'

@@ -11,6 +11,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from configs import default
+from easunet_jax import config_check
 from easunet_jax.errors import ConfigError
 
 MAIN = pathlib.Path(__file__).resolve().parents[2] / 'main.py'
@@ -85,8 +87,8 @@ def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
   try:
     flag_values(argv)
     flag_values.config.keys()  # a config file that failed to load raises only when it is read
-  except flags.Error as e:
-    raise ConfigError(f'{args[0]}: {e}') from None
+  except (flags.Error, AttributeError, KeyError, TypeError) as e:  # as main.py reports them
+    raise ConfigError(f'{args[0]}: {config_check.override_error(e, argv, default.get_config())}') from None
   except OSError as e:  # the config file: the last line of the chained report says why
     raise ConfigError(f'{args[0]}: {str(e).strip().splitlines()[-1].strip()}') from None
   return flag_values.config

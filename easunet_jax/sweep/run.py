@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import ml_collections
 from absl import logging
 
-from easunet_jax import models
+from configs import default
+from easunet_jax import config_check, models
 from easunet_jax.data import preprocess
 from easunet_jax.errors import ConfigError
 from easunet_jax.sweep import launch, table
@@ -91,6 +92,11 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
   args = {p: point_args(p, workdir, overrides) for p in points}
   configs = {p: load_config(args[p]) for p in points}
   _check_same_data(configs)
+  for variant in variants:  # what each point's main.py would refuse at its start, before the slow stores
+    config = configs[Point(variant, 0)].copy_and_resolve_references()
+    if pathlib.Path(config.data.split_file) == workdir / 'splits.json':
+      config.data.split_file = ''  # the sweep's own, written below
+    config_check.check_config(config, default.get_config(), 'train')
   evaluations = {p: evaluation(workdir / p.name, configs[p]) for p in points}
   if dry_run:
     _dry_run(points, args, evaluations)

@@ -35,8 +35,16 @@ def table_rows(variants: Sequence[Variant], points: Sequence[Point],
           values = [run[protocol][cartilage][column]['mean'] for run in runs]
           stats = metrics.summarize([np.nan if v is None else v for v in values])
           row[f'{column}_mean'], row[f'{column}_std'] = stats['mean'], stats['std']
+          row[f'{column}_seeds'] = stats['n']  # fewer than 'seeds' where a run's mean is undefined
         rows.append(row)
   return rows
+
+
+def _cell(row: dict, column: str) -> str:
+  """'mean ± std' of a column, with the count of seeds it averages where that is not every seed's."""
+  text = metrics.mean_std_text(row[f'{column}_mean'], row[f'{column}_std'])
+  seeds = row[f'{column}_seeds']
+  return f"{text} ({seeds} of {row['seeds']} seeds)" if 0 < seeds < row['seeds'] else text
 
 
 def write_table(rows: Sequence[dict], failures: dict[Point, str], sweep: str, workdir: pathlib.Path) -> None:
@@ -44,13 +52,13 @@ def write_table(rows: Sequence[dict], failures: dict[Point, str], sweep: str, wo
   lines = [f'# Sweep `{sweep}`', '',
            ("Mean ± sample std over seeds of each run's test-set mean (`<point>/eval/<step>/metrics.json`); "
             '*Seeds* counts the runs that finished. HD and HD95 average the cases where both masks are '
-            'non-empty.'), '']
+            'non-empty, and a run without such a case leaves the mean of its seeds to the others (their '
+            'count in brackets).'), '']
   for protocol, title in PROTOCOLS.items():
     lines += [f'## {title}', '', '| Cartilage | Model | Seeds | ' + ' | '.join(COLUMNS.values()) + ' |',
               '|---|---|---|' + '---|' * len(COLUMNS)]
     lines += [f"| {r['cartilage'].upper()} | {r['model']} | {r['seeds']} | " +
-              ' | '.join(metrics.mean_std_text(r[f'{c}_mean'], r[f'{c}_std']) for c in COLUMNS) + ' |'
-              for r in rows if r['protocol'] == protocol]
+              ' | '.join(_cell(r, c) for c in COLUMNS) + ' |' for r in rows if r['protocol'] == protocol]
     lines.append('')
   if failures:
     lines += ['## Failed points', ''] + [f'- `{p.name}`: {error}' for p, error in failures.items()] + ['']
