@@ -20,6 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from configs import default
 from easunet_jax.errors import CheckpointError, ConfigError
 
 BEST_METRIC = 'val/dice_mean'
@@ -91,8 +92,9 @@ def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, source: 
                      instead: str) -> None:
   """Refuses a checkpoint or model file (`source`) trained with another network than `model_cfg`
   describes, naming both; the message offers `instead` (e.g. 'another workdir') as the other way out."""
-  trained = saved.get('model', {})
-  fields = [k for k in dict.fromkeys([*model_cfg, *trained]) if k not in _COMPUTE_ONLY_FIELDS]
+  # A field the file predates: it was trained as the field's default behaves.
+  trained = {**default.get_config().model.to_dict(), **saved.get('model', {})}
+  fields = [k for k in model_cfg if k not in _COMPUTE_ONLY_FIELDS]
   differ = [k for k in fields if _plain(trained.get(k)) != _plain(model_cfg.get(k))]
   if differ:
     shown = dict.fromkeys(['name', *differ])

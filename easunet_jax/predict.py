@@ -79,20 +79,6 @@ def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: 
   return jax.nn.softmax(steps.forward(state, image_BHW1, graphdef=graphdef), axis=-1)
 
 
-def model_pixel_spacing(config: ml_collections.ConfigDict, workdir: pathlib.Path | None
-                        ) -> tuple[float, float]:
-  """In-plane pixel size (mm) the model was trained at: predict.spacing, or when that is 0 the median of
-  the training slice store's rows."""
-  if all(s > 0 for s in config.predict.spacing):
-    return tuple(float(s) for s in config.predict.spacing)
-  split_dir = pathlib.Path(config.data.cache_dir or workdir / 'slices') / 'train'
-  if not (split_dir / 'index.json').is_file():
-    raise DataError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was '
-                    "trained at; pass --config.predict.spacing='(<mm>, <mm>)' or "
-                    '--config.predict.resample=False')
-  return pipeline.median_pixel_mm(split_dir)
-
-
 def _mask_name(scan: pathlib.Path) -> str:
   """A NIfTI scan's mask keeps its name, the suffix lower-case (nibabel writes .nii.gz and .NII.GZ but
   fails on mixed case); a MetaImage's or NRRD's is NIfTI (what the masks are written as)."""
@@ -603,7 +589,7 @@ def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
     step, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
   pixel = None
   if config.predict.resample:
-    pixel = tuple(p / config.predict.zoom for p in model_pixel_spacing(config, workdir))
+    pixel = tuple(p / config.predict.zoom for p in pipeline.trained_pixel_mm(config, workdir))
   return step, Network(config, graphdef, state, mesh), pixel
 
 

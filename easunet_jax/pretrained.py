@@ -1,12 +1,14 @@
 """Single-file models: a trained checkpoint exported as one .npz (evaluation weights in float16, batch
 statistics in float32, the config and what the model was trained on and measured on), and the shipped
 model, `weights/eas_knee.npz`, that `--mode=predict` uses when no --config is given: the recipe
-`configs/eas.py:knee`, then fine-tuned from it for 1000 steps; the README's "The shipped model" gives the
+`configs/eas.py:knee`, then fine-tuning stages from it; the README's "The shipped model" gives the
 commands that regenerate it.
 """
 
 import json
 import pathlib
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,8 @@ from easunet_jax.errors import CheckpointError
 from easunet_jax.models import abstract_model
 
 SHIPPED = pathlib.Path(__file__).resolve().parent / 'weights' / 'eas_knee.npz'
+# What reading a damaged .npz raises: a bad member (CRC), a cut deflate stream.
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
 
 
 def _named_leaves(tree) -> dict[str, jax.Array]:
@@ -33,7 +37,7 @@ def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, outpu
   the step, the config, the in-plane pixel size it was trained at and `about` (free text fields)."""
   workdir = pathlib.Path(workdir)
   step, _, state = steps.restore_for_inference(config, workdir, parallel.make_mesh())
-  pixel = list(pipeline.median_pixel_mm(pathlib.Path(config.data.cache_dir or workdir / 'slices') / 'train'))
+  pixel = list(pipeline.trained_pixel_mm(config, workdir))
   meta = {'step': int(step), 'config': config.to_dict(), 'pixel_mm': pixel, **(about or {})}
   arrays = {f'params{k}': np.asarray(v, np.float16) for k, v in _named_leaves(state.params).items()}
   arrays |= {f'batch_stats{k}': np.asarray(v, np.float32)
@@ -41,8 +45,12 @@ def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, outpu
   output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = output.with_name(f'.tmp.{output.name}')
-  np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
-  tmp.rename(output)
+  try:  # through a file object: savez would add .npz to a name without it
+    with open(tmp, 'wb') as f:
+      np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
+    tmp.rename(output)
+  finally:
+    tmp.unlink(missing_ok=True)
   return meta
 
 
@@ -52,10 +60,13 @@ def read_meta(path: str | pathlib.Path) -> dict:
   if not path.is_file():
     hint = "; make it with the commands of the README's \"The shipped model\"" if path == SHIPPED else ''
     raise CheckpointError(f'{path}: no such model file{hint}')
+  if not zipfile.is_zipfile(path):
+    raise CheckpointError(f'{path}: not a model file of easunet_jax (not an .npz archive: another format, '
+                          'or cut short)')
   try:
     with np.load(path) as f:
       return json.loads(str(f['meta']))
-  except (OSError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError, *_ARCHIVE_ERRORS) as e:
     raise CheckpointError(f'{path}: not a model file of easunet_jax ({e})') from None
 
 
@@ -92,15 +103,18 @@ def load(config: ml_collections.ConfigDict, path: str | pathlib.Path, mesh: jax.
   model.eval()
   eval_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   replicated = parallel.shardings(mesh)[1]
-  with np.load(path) as f:
-    def fill(prefix: str, tree):
-      names = _named_leaves(tree)
-      missing = [k for k in names if f'{prefix}{k}' not in f]
-      if missing:
-        raise CheckpointError(f'{path}: no weights for {prefix}{missing[0]} (and {len(missing) - 1} more)')
-      leaves = [jax.device_put(jnp.asarray(f[f'{prefix}{k}'], jnp.float32), replicated) for k in names]
-      return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+  try:
+    with np.load(path) as f:
+      def fill(prefix: str, tree):
+        names = _named_leaves(tree)
+        missing = [k for k in names if f'{prefix}{k}' not in f]
+        if missing:
+          raise CheckpointError(f'{path}: no weights for {prefix}{missing[0]} (and {len(missing) - 1} more)')
+        leaves = [jax.device_put(jnp.asarray(f[f'{prefix}{k}'], jnp.float32), replicated) for k in names]
+        return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
-    state = steps.TrainState(step=jnp.asarray(meta['step'], jnp.int32), params=fill('params', params),
-                             batch_stats=fill('batch_stats', batch_stats), opt_state=())
+      state = steps.TrainState(step=jnp.asarray(meta['step'], jnp.int32), params=fill('params', params),
+                               batch_stats=fill('batch_stats', batch_stats), opt_state=())
+  except (ValueError, *_ARCHIVE_ERRORS) as e:
+    raise CheckpointError(f'{path}: model file corrupt ({e}); export or copy it again') from None
   return meta['step'], eval_graphdef, state

@@ -2,6 +2,7 @@
 the shipped model's file and metadata."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from configs import default, tiny
 from easunet_jax import checkpoints, config_check, parallel, pretrained, steps
-from easunet_jax.errors import CheckpointError
+from easunet_jax.errors import CheckpointError, DataError
 
 
 @pytest.fixture(scope='module')
@@ -66,12 +67,42 @@ def test_a_file_of_an_earlier_version_or_fine_tuned_elsewhere_predicts(workdir, 
     arrays = dict(f)
   meta = json.loads(str(arrays['meta']))
   meta['config']['predict']['tta'] = False  # a field of earlier versions
+  del meta['config']['model']['fusion']  # a field added since, whose default it was trained as
   meta['config']['train']['init_weights'] = 'on/another/machine.npz'  # where its training started
+  meta['config']['data'].update(root='on/another/machine', split_file='on/another/machine/splits.json')
   arrays['meta'] = np.array(json.dumps(meta))
   np.savez(tmp_path / 'old.npz', **arrays)
   config = pretrained.config_of(tmp_path / 'old.npz')
   assert 'tta' not in config.predict and tuple(config.predict.spacing) == (0.5, 0.6)
   config_check.check_config(config, default.get_config(), 'predict')
+  assert pretrained.load(config, tmp_path / 'old.npz', parallel.make_mesh())[0] == 3
+
+
+def test_damaged_files_and_odd_names_are_one_line_errors_or_work(workdir, tmp_path):
+  """A model file cut short or with a damaged array is one CheckpointError line; an export named without
+  .npz is written under that name; an export without the training store takes predict.spacing, or names
+  the store it needs."""
+  config = tiny.get_config()
+  pretrained.export(config, workdir, tmp_path / 'model')
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
+  content = (tmp_path / 'model').read_bytes()
+  (tmp_path / 'cut.npz').write_bytes(content[:len(content) // 2])
+  with pytest.raises(CheckpointError, match=r'cut\.npz: not a model file of easunet_jax \(not an \.npz'):
+    pretrained.read_meta(tmp_path / 'cut.npz')
+  damaged = bytearray(content)
+  middle = len(content) // 2
+  damaged[middle:middle + 16] = bytes(16)  # inside a weight array's compressed bytes: meta still reads
+  (tmp_path / 'damaged.npz').write_bytes(damaged)
+  with pytest.raises(CheckpointError, match='model file corrupt') as error:
+    pretrained.load(pretrained.config_of(tmp_path / 'damaged.npz'), tmp_path / 'damaged.npz',
+                    parallel.make_mesh())
+  assert '\n' not in str(error.value)
+  without_store = tmp_path / 'copied_workdir'
+  shutil.copytree(workdir / 'checkpoints', without_store / 'checkpoints')
+  with pytest.raises(DataError, match=r'slices/train/index\.json not found'):
+    pretrained.export(config, without_store, tmp_path / 'no_store.npz')
+  config.predict.spacing = (0.7, 0.7)
+  assert pretrained.export(config, without_store, tmp_path / 'no_store.npz')['pixel_mm'] == [0.7, 0.7]
 
 
 def test_a_config_beside_the_file_gives_the_predict_settings(workdir, tmp_path):

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 
-from easunet_jax.errors import ConfigError
+from easunet_jax.errors import ConfigError, DataError
 
 
 class SliceSource(grain.sources.RandomAccessDataSource):
@@ -76,9 +77,17 @@ def read_index(split_dir: str | pathlib.Path) -> list[dict]:
   return json.loads((pathlib.Path(split_dir) / 'index.json').read_text())
 
 
-def median_pixel_mm(split_dir: str | pathlib.Path) -> tuple[float, float]:
-  """The median in-plane pixel size (mm) of a split's rows: for the train split, the pixel a model trained
-  on the store expects."""
+def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: pathlib.Path | None) -> tuple[float, float]:
+  """In-plane pixel size (mm) a model was trained at: predict.spacing, or when that is 0 the median of the
+  rows of its training slice store (data.cache_dir, else <workdir>/slices)."""
+  if all(s > 0 for s in config.predict.spacing):
+    return tuple(float(s) for s in config.predict.spacing)
+  split_dir = pathlib.Path(config.data.cache_dir or workdir / 'slices') / 'train'
+  if not (split_dir / 'index.json').is_file():
+    raise DataError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was trained '
+                    "at (a sweep point's store is <sweep>/slices/seed<N>: --config.data.cache_dir); pass "
+                    "--config.predict.spacing='(<mm>, <mm>)' (or, to predict, "
+                    '--config.predict.resample=False)')
   rows = read_index(split_dir)
   return tuple(float(statistics.median(row['spacing'][i] for row in rows)) for i in (0, 1))
 
