@@ -1,8 +1,11 @@
 """The training loop: data, the jitted steps, validation, logging, checkpoints, resume and stop signals."""
 
 import contextlib
+import fcntl
+import os
 import pathlib
 import signal
+import socket
 from collections.abc import Callable, Iterator
 
 import jax
@@ -15,7 +18,7 @@ from jax.sharding import NamedSharding
 
 from easunet_jax import checkpoints, metrics, parallel, pretrained, records, steps
 from easunet_jax.data import pipeline, preprocess
-from easunet_jax.errors import DataError, UserError
+from easunet_jax.errors import CheckpointError, DataError, UserError
 from easunet_jax.metric_writer import MetricWriter
 from easunet_jax.progress import Progress
 
@@ -70,14 +73,43 @@ def _stop_requests() -> Iterator[Callable[[], str | None]]:
       signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def _sole_training(workdir: pathlib.Path) -> Iterator[None]:
+  """Held while `workdir` trains (by process 0): a second training of it (a job submitted twice, a sweep
+  started again while its points still run) is refused instead of writing the same checkpoints."""
+  if jax.process_index() > 0:
+    yield
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / '.training.lock', 'a+') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      raise CheckpointError(f'{workdir}: another training of this workdir is running '
+                            f'({lock.read().strip()}); stop it first, or train in another workdir') from None
+    except OSError as e:  # a file system without locks: train unguarded
+      logging.warning('%s: cannot lock the workdir (%s); nothing stops a second training of it', workdir, e)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'process {os.getpid()} on {socket.gethostname()}')
+    lock.flush()
+    yield  # closing the file releases the lock, also when the process dies
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                        ) -> steps.TrainState | None:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; one training per workdir at a time.
 
   SIGTERM or SIGINT saves a checkpoint after the step in flight and raises `Stopped`. Returns the last
   state, or None when the workdir holds a finished run (nothing is trained again).
   """
   workdir = pathlib.Path(workdir)
+  with _sole_training(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> steps.TrainState | None:
   batch_size = config.train.batch_size
   mngr = checkpoints.manager(workdir, config.checkpoint.keep, for_training=True)
   start = mngr.latest_step() or 0

@@ -2,6 +2,7 @@
 without cases, NaN in the data (stop, or skip and count), fine-tuning from a model file. A killed run's
 resume is test_main's (a real kill -9)."""
 
+import fcntl
 import json
 import re
 
@@ -63,6 +64,18 @@ def test_another_split_of_the_cases_is_refused_on_resume_and_evaluation(augmente
   with pytest.raises(CheckpointError, match=message):
     evaluate.evaluate(other, workdir)
   assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+def test_a_workdir_that_trains_is_not_trained_twice_at_once(augmented_tiny):
+  config, workdir, _ = augmented_tiny
+  with open(workdir / '.training.lock', 'a+') as held:  # as another process training it holds the lock
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.truncate(0)
+    held.write('process 12345 on node7')
+    held.flush()
+    with pytest.raises(CheckpointError, match=r'another training of this workdir is running \(process '
+                       r'12345 on node7\); stop it first'):
+      train.train_and_evaluate(config, workdir)
 
 
 def test_finished_run_is_not_trained_again(augmented_tiny):
