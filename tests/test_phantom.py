@@ -6,8 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from configs import default
 from easunet_jax import measures
-from easunet_jax.data import knee, phantom, volumes
+from easunet_jax.data import knee, phantom, preprocess, volumes
 
 SHAPE, SPACING = (16, 64, 64), (7.0, 1.0, 1.0)
 
@@ -119,6 +120,22 @@ def test_write_dataset_says_when_it_keeps_subjects_of_another_seed(tmp_path, cap
     phantom.write_dataset(tmp_path, 1, (8, 32, 32), (7.0, 2.0, 2.0), seed=2)
   assert "'seed': 1" in caplog.text and "'seed': 2" in caplog.text and 'data.phantom_dir' in caplog.text
   assert (tmp_path / 'images' / 'phantom_000.nii.gz').stat().st_mtime_ns == mtime
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):  # the record of an earlier version names no generator
+    phantom.write_dataset(tmp_path, 1, (8, 32, 32), (7.0, 2.0, 2.0), seed=1, made_by={'anatomy': 'schematic'})
+    assert not caplog.records
+
+
+def test_a_run_is_warned_of_a_phantom_folder_of_another_anatomy_or_fraction(tmp_path, caplog):
+  data = default.get_config().data
+  data.update(phantom_dir=str(tmp_path / 'phantoms'), phantom_num=1, phantom_shape=(8, 32, 32),
+              phantom_spacing=(7.0, 2.0, 2.0))
+  preprocess.resolve_data_root(data, tmp_path / 'run', seed=0)
+  data.update(phantom_anatomy='reference', phantom_oa_fraction=1.0)
+  with caplog.at_level(logging.WARNING):  # the folder's subject is kept: nothing is generated
+    preprocess.resolve_data_root(data, tmp_path / 'run', seed=0)
+  assert "'anatomy': 'schematic'}" in caplog.text
+  assert "'anatomy': 'reference', 'oa_fraction': 1.0, 'elastic_mm': " in caplog.text
 
 
 def test_write_dataset_in_worker_processes_matches_in_process(tmp_path):

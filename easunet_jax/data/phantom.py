@@ -223,7 +223,8 @@ def _write_subject(out_dir: pathlib.Path, case_id: str, seed: int, shape: Sequen
 
 def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = DEFAULT_SHAPE,
                   spacing: Sequence[float] = DEFAULT_SPACING, seed: int = 0, *,
-                  workers: int | None = None, generator: Generator = make_tissues) -> list[str]:
+                  workers: int | None = None, generator: Generator = make_tissues,
+                  made_by: dict | None = None) -> list[str]:
   """Writes images/<id>.nii.gz, labels/<id>.nii.gz and tissues/<id>.nii.gz (tissue codes, for data.synth)
   for num subjects of `generator` (this schematic phantom, or `knee.make_tissues`); existing complete files
   are kept.
@@ -234,19 +235,23 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
   same for any number of workers. The generator is numpy and scipy.ndimage, both single-threaded here, so
   a worker uses one core.
 
-  The folder's phantom.json records the seed, shape and spacing its subjects were made with; a later call
-  asking for others keeps them all the same, and says so.
+  The folder's phantom.json records the seed, shape and spacing its subjects were made with, and `made_by`
+  (what the generator draws: its anatomy and settings); a later call asking for others keeps them all the
+  same, and says so.
   """
   out_dir = pathlib.Path(out_dir)
   ids = [f'phantom_{i:03d}' for i in range(num)]
   todo = [i for i, case_id in enumerate(ids) if not all(
       (out_dir / kind / f'{case_id}.nii.gz').exists() for kind in ('images', 'labels', 'tissues'))]
-  made_with = {'seed': int(seed), 'shape': [int(n) for n in shape], 'spacing': [float(s) for s in spacing]}
+  made_with = {'seed': int(seed), 'shape': [int(n) for n in shape], 'spacing': [float(s) for s in spacing],
+               **(made_by or {})}
   record = out_dir / 'phantom.json'
+  recorded = json.loads(record.read_text()) if record.exists() and len(todo) < num else made_with
   if len(todo) == num:  # no earlier subjects (where some are and no record, how they were made is unknown)
     out_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(made_with))
-  elif record.exists() and (recorded := json.loads(record.read_text())) != made_with:
+  # Compared on the fields both give: a record of an earlier version names no generator.
+  elif any(made_with.get(k, v) != v for k, v in recorded.items()):
     logging.warning('%s holds phantoms made with %s, not %s: its existing subjects are used as they are '
                     '(data.phantom_dir names a folder of its own)', out_dir, recorded, made_with)
   jobs = [(out_dir, ids[i], subject_seed(seed, i), tuple(shape), tuple(spacing), generator) for i in todo]

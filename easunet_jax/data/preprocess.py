@@ -54,8 +54,11 @@ def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathli
   out = pathlib.Path(data_cfg.phantom_dir or default_dir)
   logging.info('data.root is unset: using the built-in %s phantom (%d subjects in %s); for OAI-ZIB pass '
                '--config.data.root=/path/to/OAI-ZIB', data_cfg.phantom_anatomy, data_cfg.phantom_num, out)
+  made_by = {'anatomy': data_cfg.phantom_anatomy} | ({
+      'oa_fraction': data_cfg.phantom_oa_fraction, 'elastic_mm': data_cfg.phantom_elastic_mm}
+      if data_cfg.phantom_anatomy == 'reference' else {})
   phantom.write_dataset(out, data_cfg.phantom_num, data_cfg.phantom_shape, data_cfg.phantom_spacing, seed,
-                        generator=generators[data_cfg.phantom_anatomy])
+                        generator=generators[data_cfg.phantom_anatomy], made_by=made_by)
   return out
 
 
