@@ -75,7 +75,8 @@ def scaled_cartilage(fc_scale: float, tc_scale: float) -> np.ndarray:
   bone = (crop == 1) | (crop == 3)
   crop[~bone] = 0
   # Voxel centres lie half a voxel inside the surfaces: the outermost voxel of a plate of thickness T is
-  # about T from the nearest bone voxel's centre; half an in-plane pixel of slack keeps it at factor 1.
+  # about T from the nearest bone voxel's centre; half an in-plane pixel of slack keeps most of them at
+  # factor 1 (not all: 98 % of FC's volume, 97 % of TC's; docs/design.md).
   slack = spacing[1:].min() / 2
   for plate, scale in ((2, fc_scale), (4, tc_scale)):
     to_bone, to_plate, thickness = fields[plate]
