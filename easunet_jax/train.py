@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import parameter_overview
 from flax import nnx
@@ -105,13 +106,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   state, or None when the workdir holds a finished run (nothing is trained again).
   """
   workdir = pathlib.Path(workdir)
-  with _sole_training(workdir):
-    return _train(config, workdir)
+  # Closed however training ends (an error too): a save still in flight is finished, not lost.
+  with _sole_training(workdir), contextlib.closing(
+      checkpoints.manager(workdir, config.checkpoint.keep, for_training=True)) as mngr:
+    return _train(config, workdir, mngr)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> steps.TrainState | None:
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.CheckpointManager
+           ) -> steps.TrainState | None:
   batch_size = config.train.batch_size
-  mngr = checkpoints.manager(workdir, config.checkpoint.keep, for_training=True)
   start = mngr.latest_step() or 0
   mesh = parallel.make_mesh()
   # Before anything slow: a workdir or a model file of another network is refused at once.
@@ -138,7 +141,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> steps.Tr
   if start >= num_steps:
     logging.info('Training in %s already finished at step %d of %d; nothing to do.', workdir, start,
                  num_steps)
-    mngr.close()
     return None
   records.record_start(workdir, config, start)
 
@@ -219,7 +221,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> steps.Tr
                         'to resume.', stop, step, num_steps, mngr.directory / str(step))
         break
   writer.close()
-  mngr.close()
   if stop:
     raise Stopped(stop)
   return state

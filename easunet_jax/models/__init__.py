@@ -39,13 +39,18 @@ def _check_switches(model_cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("model.fusion = 'add' fuses side outputs: it needs model.deep_supervision = True")
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-  """The network of `model_cfg` (the config's `model` group), in training mode."""
+def _check(model_cfg: ml_collections.ConfigDict) -> None:
+  """ConfigError for a network, dtype or switch value the models do not have."""
   if model_cfg.name not in MODELS:
     raise ConfigError(f'model.name must be one of {sorted(MODELS)}, got {model_cfg.name!r}')
   if model_cfg.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {model_cfg.dtype!r}")
   _check_switches(model_cfg)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  """The network of `model_cfg` (the config's `model` group), in training mode."""
+  _check(model_cfg)
   common = {'features': tuple(model_cfg.features), 'num_classes': model_cfg.num_classes,
             'dtype': jnp.dtype(model_cfg.dtype), 'rngs': rngs}
   if model_cfg.name == 'eas_unet':
@@ -67,4 +72,6 @@ def abstract_model(model_cfg: ml_collections.ConfigDict) -> nnx.Module:
   one trace per network and process. Tracing a build takes seconds for the paper's network (flax asks each
   traced variable update for its sharding, and JAX's error message for a tracer walks the whole program),
   and the start-up check, the graphdefs and a model file's loader each need one."""
+  # Checked before the cache: eca=1 equals and hashes as eca=True, whose trace it would find.
+  _check(model_cfg)
   return nnx.merge(*_abstract_split(ml_collections.FrozenConfigDict(model_cfg)))
