@@ -265,3 +265,31 @@ def test_cases_in_worker_processes_build_the_same_store(data_cfg, tmp_path, monk
   assert pathlib.Path('val/images.npy') in files
   for name in files:
     assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_a_cache_dir_of_other_files_is_not_deleted(data_cfg, tmp_path):
+  """A store build replaces its folder: a data.cache_dir that holds anything but a store (the data set, a
+  workdir, a shared folder) is refused, and kept."""
+  (tmp_path / 'notes.txt').write_text('precious')
+  with pytest.raises(DataError, match=r'a folder of other files than a slice store .* name a new or empty'):
+    preprocess.ensure_slice_store(data_cfg, tmp_path, seed=0, multiple=16)
+  assert (tmp_path / 'notes.txt').read_text() == 'precious'
+
+
+def test_images_without_labels_are_skipped_also_with_synth(data_cfg, tmp_path):
+  """An image without its label map, or a data set without its labels folder: the cases are skipped with
+  a warning (contrast synthesis too), not a traceback."""
+  root = tmp_path / 'data'
+  for kind in ('images', 'labels', 'tissues'):
+    (root / kind).mkdir(parents=True)
+    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir())[:4]:
+      (root / kind / path.name).symlink_to(path)
+  (root / 'labels' / 'phantom_003.nii.gz').unlink()
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.update(root=str(root), synth=True, split=(0.5, 0.25, 0.25))
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'store', seed=0, multiple=16)
+  assert list(json.loads((store / 'skipped.json').read_text())) == ['phantom_003']
+  no_labels = tmp_path / 'no_labels'
+  (no_labels / 'images').mkdir(parents=True)
+  (no_labels / 'images' / 'a.nii.gz').symlink_to(root / 'images' / 'phantom_000.nii.gz')
+  assert volumes.discover_cases(no_labels) == [volumes.Case('a', no_labels / 'images' / 'a.nii.gz', None)]

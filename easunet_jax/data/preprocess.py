@@ -109,7 +109,7 @@ def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigD
   paths = [f for c in cases for p in (c.image, c.label) if p is not None
            for f in dict.fromkeys((p, volumes.data_file(p)))]
   if data_cfg.synth:
-    paths += [p for c in cases if (p := _tissue_path(c)).exists()]
+    paths += [p for c in cases if c.label is not None and (p := _tissue_path(c)).exists()]
   # A missing file (a broken link) fails its case's checks later, skipped with the others
   files = [[str(p.resolve()), *((p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (None, None))]
            for p in paths]
@@ -327,6 +327,9 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     old_settings = old.get('settings', {})
     changed += [k for k, v in fingerprint['settings'].items() if old_settings.get(k) != v]
     logging.info('slice store %s is stale (changed: %s), rebuilding', cache_dir, ', '.join(changed))
+  elif cache_dir.is_dir() and any(cache_dir.iterdir()):  # a build replaces the folder, whatever it holds
+    raise DataError(f'data.cache_dir {cache_dir}: a folder of other files than a slice store (it has no '
+                    'fingerprint.json), which building the store would delete; name a new or empty folder')
   skipped = {}
   usable = _usable(cases, skipped)
   if not usable:

@@ -131,7 +131,7 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
       ignored.append(image.name)
       continue
     case_id = stem[:len(stem) - len(image_suffix)]
-    cases.append(Case(case_id, image, label_file(label_dir, case_id)))
+    cases.append(Case(case_id, image, label_file(label_dir, case_id) if label_dir.is_dir() else None))
   if not cases:
     raise DataError(f'{image_dir}: no image found (expected <id>{image_suffix}.nii.gz)')
   if ignored:  # other channels (_0001, ...), which this one-channel model cannot use, or misnamed images
