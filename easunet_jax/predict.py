@@ -460,8 +460,7 @@ def _save(path: pathlib.Path, array: np.ndarray, nii: nib.Nifti1Image, slope: fl
   single_file = nib.Nifti2Image if isinstance(nii, nib.Nifti2Image | nib.Nifti2Pair) else nib.Nifti1Image
   out = single_file(nib.orientations.apply_orientation(array, back), nii.affine, header)
   out.header.set_slope_inter(slope, 0)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  nib.save(out, path)
+  volumes.write_nifti(out, path)
 
 
 def _stem(path: pathlib.Path) -> str:
@@ -484,22 +483,38 @@ def _report_paths(target: pathlib.Path, batch: bool) -> dict[str, pathlib.Path]:
           'probabilities': target.with_name(f'{_stem(target)}_probabilities.nii.gz')}
 
 
+def _source_stamp(source: pathlib.Path) -> list:
+  """What identifies a scan's files as they are now: the path, size and modification time of the file (and
+  of the data file its header names) or of every file of a DICOM folder."""
+  files = dicom.files(source) if source.is_dir() else dict.fromkeys((source, volumes.data_file(source)))
+  return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) -> dict | None:
   """A batch scan's result from an earlier run (`_report_paths`' 'result', written after its mask, maps and
-  figures), if that run segmented this `source`, unchanged since, with `settings`, and its outputs are all
-  there; else None."""
+  figures), if that run segmented these same `source` files (`_source_stamp`) with `settings`, and its
+  outputs are all there, with the paths of this run's `target`; else None."""
   paths = _report_paths(target, batch=True)
   try:
     earlier = json.loads(paths['result'].read_text())
-    changed = source.stat().st_mtime_ns > paths['result'].stat().st_mtime_ns
+    unchanged = earlier.get('source') == _source_stamp(source)
   except (OSError, ValueError):
     return None
   outputs = [target, paths['map'], paths['png'], paths['slices']] + (
       [paths['probabilities']] if settings['save_probabilities'] else [])
-  if (changed or earlier.get('settings') != settings or earlier.get('result', {}).get('input') != str(source)
-      or not all(path.is_file() for path in outputs)):
+  if not unchanged or earlier.get('settings') != settings or not all(path.is_file() for path in outputs):
     return None
-  return earlier['result']
+  # The output folder may have been given another way (relative, moved): its paths are this run's.
+  return {**earlier['result'], 'input': str(source),
+          **_output_paths(target, True, settings['save_probabilities'])}
+
+
+def _output_paths(target: pathlib.Path, batch: bool, save_probabilities: bool) -> dict[str, str]:
+  """A scan's result's paths of its mask, thickness map, figures and class probabilities."""
+  paths = _report_paths(target, batch)
+  return {'output': str(target), 'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
+          'slices_png': str(paths['slices']),
+          **({'probabilities': str(paths['probabilities'])} if save_probabilities else {})}
 
 
 def _score_lines(scored: Sequence[dict]) -> list[str]:
@@ -558,6 +573,9 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
     figures.plot_bland_altman(truth, found, names, 'mm', paths['bland_altman'])
     figure = paths['bland_altman'].relative_to(markdown_path.parent)
     lines += [f'![Bland-Altman plot of mean thickness, FC and TC of every scan]({figure})', '']
+  else:  # an earlier run's scores would sit beside masks they were not taken of
+    for stale in (paths['scores'], paths['bland_altman']):
+      stale.unlink(missing_ok=True)
   for r in results:
     turned = '' if r['orientation'] == _AS_THE_HEADER else f"; turned against its header ({r['orientation']})"
     if r['rotation_deg']:
@@ -680,7 +698,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
             if (result := _earlier_result(source, target, settings)) is not None}
     logging.info('predict: %d of %d scan(s) kept from an earlier run with the same model and settings',
                  len(kept), len(pairs))
-  results, failed, progress = [], [], Progress(len(pairs), done=len(kept))
+  done, failed, progress = {}, [], Progress(len(pairs), done=len(kept))
+
+  def reported() -> list[dict]:  # in input order: the scans done, and those kept the loop is yet to reach
+    return [r for _, target in pairs if (r := done.get(target) or kept.get(target))]
+
   for source, target in pairs:
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
     try:
@@ -691,6 +713,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
           result.update(labels=str(label),
                         scores=evaluate.score_mask(target, label, values, config.data.label_map))
       else:
+        if batch:  # not done any more: a stop while it is rewritten must not keep the old result
+          _report_paths(target, batch)['result'].unlink(missing_ok=True)
         result = _segment_scan(config, network, pixel, source, target, batch, series, laterality, values,
                                label, save_probabilities)
         result['compile_s'] = network.compile_s - compile_before
@@ -706,19 +730,20 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       if target not in kept:
         progress.update()
       continue
-    results.append(result)
+    done[target] = result
     if target in kept:
       continue
     if batch:  # written last: a scan is done when its result is (what --continue_prediction reads)
-      done = _report_paths(target, batch)['result']
-      done.parent.mkdir(exist_ok=True)
-      done.write_text(json.dumps({'model': str(model_file or workdir), 'step': step, 'settings': settings,
-                                  'result': result}, default=float))
-      # The reports so far: a batch stopped part way keeps the measures of its done scans.
-      write_reports(results, reports)
+      record = _report_paths(target, batch)['result']
+      record.parent.mkdir(exist_ok=True)
+      record.write_text(json.dumps({'model': str(model_file or workdir), 'step': step, 'settings': settings,
+                                    'source': _source_stamp(source), 'result': result}, default=float))
+      # The reports so far: a batch stopped part way keeps the measures of its done and kept scans.
+      write_reports(reported(), reports)
     progress.update()
     logging.info('%s: %s in %.1f s (forward passes %.1f s, compilation %.1f s)', progress.status('predict'),
                  source.name, result['seconds'], result['forward_s'], result['compile_s'])
+  results = list(done.values())
   if results:
     write_reports(results, reports)  # a single scan's; a batch's also when every scan was kept
     written = [reports['measures'], reports['report']]
@@ -823,14 +848,10 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   title = f'{os.fsencode(_stem(target)).decode(errors="replace")}: {knee}'
   figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, side, title, paths['png'])
   figures.plot_prediction_slices(image, classes, spacing, title, paths['slices'], truth)
-  result = {'input': str(source), 'output': str(target), 'laterality': side,
-            'laterality_text': f'{knee} ({why})', 'regions': table,
-            'thickness_map': str(paths['map']), 'thickness_png': str(paths['png']),
-            'slices_png': str(paths['slices']),
+  result = {'input': str(source), 'laterality': side, 'laterality_text': f'{knee} ({why})', 'regions': table,
+            **_output_paths(target, batch, save_probabilities),
             'orientation': describe_orientation(orientation) if any(orientation) else _AS_THE_HEADER,
             'rotation_deg': degrees}
-  if save_probabilities:
-    result['probabilities'] = str(paths['probabilities'])
   if truth is not None:
     result.update(labels=str(label), scores=evaluate.label_scores(classes, truth, spacing))
   print(f"{source.name}: {result['laterality_text']}; FC {table['fc']['volume_mm3']:.0f} mm^3, mean "

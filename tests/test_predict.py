@@ -380,6 +380,55 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   assert (out / 'a.nii.gz').stat().st_mtime_ns != written['a.nii.gz']
 
 
+def test_continuing_keeps_only_what_a_stop_or_a_replaced_scan_left_true(run, tmp_path, monkeypatch):
+  """--continue_prediction after a run stopped while it rewrote a mask, into the output folder named another
+  way, with a scan replaced by another of an older time stamp: only the scans whose files and settings match
+  are kept; a stop keeps every done or kept scan in the reports."""
+  workdir, canonical, permuted = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.chdir(tmp_path)
+  scans, out = tmp_path / 'scans', tmp_path / 'out'
+  scans.mkdir()
+  for name in ('b.nii.gz', 'c.nii.gz'):
+    (scans / name).write_bytes(canonical.read_bytes())
+  predict.predict(_config(), workdir, scans, out)
+  assert (canonical.stat().st_size != permuted.stat().st_size)
+  stamp = (scans / 'c.nii.gz').stat().st_mtime_ns
+  (scans / 'c.nii.gz').write_bytes(permuted.read_bytes())  # replaced, as `cp -p` of an older scan would
+  os.utime(scans / 'c.nii.gz', ns=(stamp - 10 ** 9,) * 2)
+
+  segment = predict._segment_scan
+
+  def stop_at(name):
+    def stopping(config, network, pixel, source, target, *args):
+      if source.name == name:
+        predict._save(target, np.zeros(nib.load(source).shape, np.uint8), nib.load(source))  # half done
+        raise KeyboardInterrupt
+      return segment(config, network, pixel, source, target, *args)
+    return stopping
+
+  monkeypatch.setattr(predict, '_segment_scan', stop_at('b.nii.gz'))
+  with pytest.raises(KeyboardInterrupt):  # other settings: b is rewritten, and stopped half way
+    predict.predict(_config(background_weight=2.0), workdir, scans, out)
+  (scans / 'a.nii.gz').write_bytes(canonical.read_bytes())  # a new scan, and one to stop at
+  (scans / 'd.nii.gz').write_bytes(canonical.read_bytes())
+  monkeypatch.setattr(predict, '_segment_scan', stop_at('d.nii.gz'))
+  kept = {}
+  monkeypatch.setattr(predict, '_earlier_result', lambda *args, keep=predict._earlier_result: kept.setdefault(
+      args[0].name, keep(*args)))
+  with pytest.raises(KeyboardInterrupt):  # the folder named relative to the working directory this time
+    predict.predict(_config(), workdir, pathlib.Path('scans'), pathlib.Path('out'), continue_prediction=True)
+  assert {name for name, result in kept.items() if result} == set()  # b was stopped, c replaced
+  assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'b.nii.gz', 'c.nii.gz']
+  assert np.asarray(nib.load(out / 'b.nii.gz').dataobj).any()  # segmented again, not the half-done mask
+  kept.clear()
+  monkeypatch.setattr(predict, '_segment_scan', segment)
+  results = predict.predict(_config(), workdir, scans, out, continue_prediction=True)
+  assert sorted(name for name, result in kept.items() if result) == ['a.nii.gz', 'b.nii.gz', 'c.nii.gz']
+  assert [r['output'] for r in results] == [str(out / f'{n}.nii.gz') for n in 'abcd']
+  assert (out / 'report.md').read_text().count('](thickness/') == 4
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
   total = np.count_nonzero(a) + np.count_nonzero(b)
   return 200 * np.count_nonzero(a & b) / total if total else 100.0
@@ -431,6 +480,8 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   report = (out / 'report.md').read_text()
   assert f'| mean ± std (2 scans) | {(knee["fc"]["dice"] + 100) / 2:.2f} ± ' in report
   assert '](bland_altman_thickness.png)' in report and (out / 'bland_altman_thickness.png').stat().st_size
+  predict.predict(_config(), workdir, scans, out, continue_prediction=True)  # no labels: no scores left
+  assert not (out / 'scores.csv').exists() and not (out / 'bland_altman_thickness.png').exists()
   # Segmented afresh, scored in memory: the same scores, and the slice figure gains a row of the labels.
   fresh = predict.predict(_config(), workdir, scans, tmp_path / 'fresh', labels=labels)
   for result, scores in zip(fresh, (knee, same), strict=True):

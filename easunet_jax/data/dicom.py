@@ -92,7 +92,8 @@ def is_dicom_file(path: pathlib.Path) -> bool:
     return False
 
 
-def _files(folder: pathlib.Path) -> list[pathlib.Path]:
+def files(folder: pathlib.Path) -> list[pathlib.Path]:
+  """The files under `folder`, at any depth, sorted."""
   return [p for p in sorted(folder.rglob('*')) if p.is_file()]
 
 
@@ -100,7 +101,7 @@ def is_dicom_folder(path: str | pathlib.Path) -> bool:
   """A directory holding at least one DICOM file (searched recursively; a file is DICOM if it has the 'DICM'
   marker at byte 128, which is what pydicom's dcmread with force=False reads)."""
   path = pathlib.Path(path)
-  return path.is_dir() and any(is_dicom_file(p) for p in _files(path))
+  return path.is_dir() and any(is_dicom_file(p) for p in files(path))
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> np.ndarray | None:
@@ -203,7 +204,7 @@ def _scan(folder: pathlib.Path) -> _Scan:
     raise DataError(f'{folder}: not a directory (expected a folder of DICOM files)')
   series: dict[str, Members] = {}
   skipped: dict[str | None, list[str]] = {}
-  for path in _files(folder):
+  for path in files(folder):
     if not is_dicom_file(path):
       continue
     uid = None

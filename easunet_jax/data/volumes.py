@@ -496,12 +496,17 @@ def remap_labels(labels: np.ndarray, label_map: Sequence[Sequence[int]]) -> np.n
 
 def save_volume(path: str | pathlib.Path, array: np.ndarray, affine: np.ndarray) -> None:
   """Writes array as NIfTI with the given voxel-to-world (RAS mm) affine; a crash leaves no half file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   nii = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
   nii.set_qform(affine, code=1)
   nii.set_sform(affine, code=1)
-  # A hidden temporary name that keeps the extension (nibabel picks the format from it), then a rename.
+  write_nifti(nii, path)
+
+
+def write_nifti(nii: nib.Nifti1Image, path: str | pathlib.Path) -> None:
+  """`nib.save` under a hidden temporary name that keeps the extension (nibabel picks the format from it),
+  then a rename: a crash or a stop leaves the earlier file or none, never half a file. Makes the folder."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f'.tmp{os.getpid()}.{path.name}')
   try:
     nib.save(nii, tmp)
