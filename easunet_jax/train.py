@@ -142,6 +142,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
     logging.info('Training in %s already finished at step %d of %d; nothing to do.', workdir, start,
                  num_steps)
     return None
+  # What it trains on: a resumed run on the cases it started with (or an older workdir, from now on).
+  if not (start and pipeline.check_trained_on(workdir, store_dir)) and jax.process_index() == 0:
+    pipeline.record_trained_on(workdir, store_dir)
   records.record_start(workdir, config, start)
 
   tx = steps.make_optimizer(config.optim, num_steps)

@@ -4,6 +4,7 @@ resume is test_main's (a real kill -9)."""
 
 import fcntl
 import json
+import pathlib
 import re
 
 import jax
@@ -76,6 +77,26 @@ def test_a_workdir_that_trains_is_not_trained_twice_at_once(augmented_tiny):
     with pytest.raises(CheckpointError, match=r'another training of this workdir is running \(process '
                        r'12345 on node7\); stop it first'):
       train.train_and_evaluate(config, workdir)
+
+
+def test_another_set_of_cases_is_refused_on_evaluation_and_the_trained_pixel_kept(augmented_tiny, tmp_path):
+  """A case added to the data (the same seed and data.split, which the split check compares) reshuffles the
+  seeded split, and would put training cases into the test set: refused against the workdir's record of
+  what it trained on, which also keeps the pixel size it trained at."""
+  config, workdir, _ = augmented_tiny
+  root = tmp_path / 'data'
+  for kind in ('images', 'labels'):
+    (root / kind).mkdir(parents=True)
+    for path in (pathlib.Path(config.data.phantom_dir) / kind).iterdir():
+      (root / kind / path.name).symlink_to(path)
+    (root / kind / 'phantom_999.nii.gz').symlink_to(root / kind / 'phantom_000.nii.gz')
+  other = config.copy_and_resolve_references()
+  other.data.update(root=str(root), cache_dir=str(tmp_path / 'store'))
+  with pytest.raises(CheckpointError, match=r'its split of the cases is not the one .* trained on '
+                     r'\(.* cases; .*use the data it trained on, or another workdir$'):
+    evaluate.evaluate(other, workdir)
+  trained_on = json.loads((workdir / pipeline.TRAINED_ON).read_text())
+  assert pipeline.trained_pixel_mm(other, workdir) == tuple(trained_on['pixel_mm'])
 
 
 def test_finished_run_is_not_trained_again(augmented_tiny):

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from easunet_jax.errors import ConfigError, DataError
+from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
 
 class SliceSource(grain.sources.RandomAccessDataSource):
@@ -77,19 +77,56 @@ def read_index(split_dir: str | pathlib.Path) -> list[dict]:
   return json.loads((pathlib.Path(split_dir) / 'index.json').read_text())
 
 
+# What a workdir's training ran on, written at its start: the slice store's split of the cases, and the
+# training slices' pixel size (the store may later be rebuilt from other data).
+TRAINED_ON = 'trained_on.json'
+
+
+def _median_pixel_mm(split_dir: pathlib.Path) -> list[float]:
+  rows = read_index(split_dir)
+  return [float(statistics.median(row['spacing'][i] for row in rows)) for i in (0, 1)]
+
+
+def record_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path) -> None:
+  """Writes <workdir>/trained_on.json (`TRAINED_ON`) of the store a training starts on."""
+  splits = json.loads((store_dir / 'splits.json').read_text())
+  (workdir / TRAINED_ON).write_text(json.dumps(
+      {'splits': splits, 'pixel_mm': _median_pixel_mm(store_dir / 'train')}, indent=1))
+
+
+def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path) -> bool:
+  """Whether `workdir` records what it trained on (an older one does not); a CheckpointError when the
+  store's split of the cases is not that one: cases added, removed or skipped (a seeded split then
+  reshuffles), another data.root or split file, which would put training cases into validation and test."""
+  record = workdir / TRAINED_ON
+  if not record.exists():
+    return False
+  trained = json.loads(record.read_text())['splits']
+  now = json.loads((store_dir / 'splits.json').read_text())
+  if differ := [f'{name} +{len(set(now[name]) - set(ids))} -{len(set(ids) - set(now[name]))} cases'
+                for name, ids in trained.items() if set(now.get(name, [])) != set(ids)]:
+    raise CheckpointError(f'{store_dir}: its split of the cases is not the one {workdir} trained on '
+                          f'({", ".join(differ)}; {record}): cases were added, removed or skipped, or '
+                          'data.root or data.split_file changed, so that its validation and test cases '
+                          'would hold cases it trained on; use the data it trained on, or another workdir')
+  return True
+
+
 def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: pathlib.Path | None) -> tuple[float, float]:
-  """In-plane pixel size (mm) a model was trained at: predict.spacing, or when that is 0 the median of the
-  rows of its training slice store (data.cache_dir, else <workdir>/slices)."""
+  """In-plane pixel size (mm) a model was trained at: predict.spacing, or when that is 0 what the workdir
+  recorded at its training's start (`TRAINED_ON`), else the median of the rows of its training slice store
+  (data.cache_dir, else <workdir>/slices)."""
   if all(s > 0 for s in config.predict.spacing):
     return tuple(float(s) for s in config.predict.spacing)
+  if workdir is not None and (record := pathlib.Path(workdir) / TRAINED_ON).exists():
+    return tuple(json.loads(record.read_text())['pixel_mm'])
   split_dir = pathlib.Path(config.data.cache_dir or workdir / 'slices') / 'train'
   if not (split_dir / 'index.json').is_file():
     raise DataError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was trained '
                     "at (a sweep point's store is <sweep>/slices/seed<N>: --config.data.cache_dir); pass "
                     "--config.predict.spacing='(<mm>, <mm>)' (or, to predict, "
                     '--config.predict.resample=False)')
-  rows = read_index(split_dir)
-  return tuple(float(statistics.median(row['spacing'][i] for row in rows)) for i in (0, 1))
+  return tuple(_median_pixel_mm(split_dir))
 
 
 def eval_batches(store_dir: str | pathlib.Path, batch_size: int, split: str = 'val',
