@@ -131,6 +131,31 @@ def test_split_file_and_its_errors(data_cfg, tmp_path):
       preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)
 
 
+def test_a_split_file_listing_a_case_twice_or_leaving_cases_out_is_told(data_cfg, tmp_path, caplog):
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.split_file = str(tmp_path / 'splits.json')
+  ids = [f'phantom_{i:03d}' for i in range(5)]
+  (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:2], 'val': ids[1:3], 'test': []}))
+  with pytest.raises(DataError, match=r'case ids listed more than once: \[.phantom_001.\]'):
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
+  (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:2], 'val': ids[2:3], 'test': ids[3:4]}))
+  with caplog.at_level(logging.WARNING):
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
+  assert 'leaves out 1 usable case(s), which no split uses: phantom_004' in caplog.text
+
+
+def test_scans_of_different_pixel_sizes_are_warned_of(tmp_path, caplog):
+  cfg = default.get_config().data
+  cfg.root = str(tmp_path / 'knees')
+  for i, pixel in enumerate((1.6, 1.6, 2.0)):
+    image, labels, affine = phantom.make_subject(i, shape=(4, 40, 35), spacing=(7.0, pixel, pixel))
+    volumes.save_volume(tmp_path / 'knees' / 'images' / f'k{i}.nii.gz', image, affine)
+    volumes.save_volume(tmp_path / 'knees' / 'labels' / f'k{i}.nii.gz', labels, affine)
+  with caplog.at_level(logging.WARNING):
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
+  assert 'have in-plane pixels from 1.6 to 2 mm' in caplog.text
+
+
 def test_a_split_file_may_name_cases_by_number(tmp_path):
   """OAI-ZIB's case ids are numbers, which a split file may hold as JSON numbers."""
   image, labels, affine = phantom.make_subject(1, SHAPE, SPACING)

@@ -7,6 +7,7 @@ per row: case, slice, in-plane and sagittal spacing, whether it holds cartilage,
 centres it in the store's slice size, a multiple of the network's stride).
 """
 
+import collections
 import functools
 import json
 import logging
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
+import nibabel as nib
 import numpy as np
 
 from easunet_jax import models
@@ -31,6 +33,8 @@ SPLITS = ('train', 'val', 'test')
 # compilation of `synthetic_image` cost ~20 s. Measured on 2 cores with OAI-ZIB label maps alone (23.6 M
 # voxels each): 3 cases 46 s in one process, 65 s in two; 8 cases 153 s and 107 s.
 _PARALLEL_MIN_VOXELS = 2 ** 27
+# In-plane pixel sizes of a data set's scans further apart than this ratio are warned of.
+_PIXEL_SPREAD = 1.1
 
 
 def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, seed: int
@@ -98,8 +102,11 @@ def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> d
   unknown = sorted(set(listed) - set(ids) - set(skipped))
   if unknown:
     raise DataError(f'data.split_file {path}: case ids not found under data.root: {unknown[:5]}')
-  if len(listed) != len(set(listed)):
-    raise DataError(f'data.split_file {path}: a case id appears more than once')
+  if twice := sorted(i for i, n in collections.Counter(listed).items() if n > 1):
+    raise DataError(f'data.split_file {path}: case ids listed more than once: {twice[:5]}')
+  if left_out := sorted(set(ids) - set(listed)):
+    logging.warning('data.split_file %s leaves out %d usable case(s), which no split uses: %s', path,
+                    len(left_out), ', '.join(left_out[:5]) + (', ...' if len(left_out) > 5 else ''))
   return {name: sorted(set(splits[name]) - set(skipped)) for name in SPLITS}
 
 
@@ -337,8 +344,16 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   ids = [c.id for c in usable]
   splits = _read_split_file(data_cfg.split_file, ids, list(skipped)) if data_cfg.split_file else split_cases(
       ids, data_cfg.split, seed)
-  shapes = np.array([volumes.canonical_grid(volumes.open_volume(c.image or c.label))[0] for c in usable])
+  shapes, affines = zip(*(volumes.canonical_grid(volumes.open_volume(c.image or c.label)) for c in usable))
+  shapes = np.array(shapes)
   size = tuple(padded_size(int(n), multiple) for n in shapes[:, 1:].max(axis=0))
+  # The store keeps each scan's pixel (no resampling), and a model learns one scale: say where they differ.
+  pixels = np.array([nib.affines.voxel_sizes(affine)[1:] for affine in affines])
+  if pixels.max() > _PIXEL_SPREAD * pixels.min():
+    logging.warning('the scans of %s have in-plane pixels from %.3g to %.3g mm, which the store keeps as '
+                    'they are: the network learns slices at several scales and predict resamples to their '
+                    'median; resample the scans to one pixel size for one scale', data_cfg.root,
+                    pixels.min(), pixels.max())
   by_id = {c.id: c for c in usable}
   # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.
   _remove_stale_builds(cache_dir)
