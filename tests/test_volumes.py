@@ -3,6 +3,7 @@ and label remapping."""
 
 
 import gzip
+import logging
 
 import metaimage
 import nibabel as nib
@@ -340,3 +341,21 @@ def test_oai_zib_release_of_label_maps_is_discovered(tmp_path):
   assert volumes.open_volume(cases[0].label).shape == labels.shape  # headers alone: voxels not read
   with pytest.raises(DataError, match=r'9001.segmentation_masks.mhd: voxel data unreadable, truncated'):
     volumes.load_labels(cases[0], IDENTITY_MAP)
+
+
+def test_a_mask_of_this_tools_own_values_given_as_labels_is_warned_of(tmp_path, caplog):
+  """FC 1 and TC 2 (predict's default mask values) read with OAI-ZIB's label map are femur and FC, and no
+  TC: a warning names the label map that reads them."""
+  image, _, affine = _small_case(np.random.default_rng(9))
+  mask = np.zeros(image.shape, np.uint8)
+  mask[1, 1:3, 1:3], mask[2, 2:4, 2:4] = 1, 2
+  _write_pair(tmp_path, 'k', image, mask, affine)
+  [case] = volumes.discover_cases(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    volumes.load_labels(case, ((2, 1), (4, 2)))
+  assert 'holds only the values 0, 1 and 2, and data.label_map ((2, 1), (4, 2)) reads none as TC' in (
+      caplog.text)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    volumes.load_labels(case, ((1, 1), (2, 2)))
+  assert not caplog.records

@@ -449,6 +449,15 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
   if outside:
     raise DataError(f'{case.id}: label file {case.label} holds values {outside[:8]} outside data.label_map '
                     f'(known: {sorted(known)}; map a value to 0 in data.label_map to make it background)')
+  if hi <= 2 and lo >= 0:  # only 0, 1, 2: this tool's own mask values (FC 1, TC 2), or the label map's?
+    present = np.zeros(3, bool)
+    present[labels.ravel()] = True
+    if present[1] and present[2] and 2 not in [int(target) for source, target in label_map
+                                               if int(source) < 3 and present[int(source)]]:
+      logging.warning('%s: label file %s holds only the values 0, 1 and 2, and data.label_map %s reads none '
+                      "as TC: a mask in this tool's own values (FC 1, TC 2)? Then read it with "
+                      "--config.data.label_map='((1, 1), (2, 2))'", case.id, case.label,
+                      tuple(map(tuple, label_map)))
   return labels
 
 
