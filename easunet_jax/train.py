@@ -151,7 +151,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   data_sharding, replicated = parallel.shardings(mesh)
   eval_batch_size = parallel.round_to_devices(config.eval.batch_size, mesh)
   train_graphdef, eval_graphdef = steps.graphdefs(config)
-  train_iter = pipeline.train_iterator(store_dir, batch_size, config.seed, config.data.workers, start)
   if start:
     state = checkpoints.restore(mngr, start, steps.abstract_state(config, tx, replicated))
     logging.info('Resumed from %s at step %d.', mngr.directory / str(start), start)
@@ -175,11 +174,18 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   writer = MetricWriter(workdir, start)
   progress = Progress(num_steps, done=start)
   accumulated = None
-  batch = next_batch()
+  # Worker processes (data.workers) start with the first batch, and keep the SIGINT ignored here (spawned
+  # processes do): a terminal's Ctrl-C reaches its whole process group, and only this process is to stop.
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    train_iter = pipeline.train_iterator(store_dir, batch_size, config.seed, config.data.workers, start)
+    batch = next_batch()
+  finally:
+    signal.signal(signal.SIGINT, previous)
   with _stop_requests() as stop_signal:
     for step in range(start + 1, num_steps + 1):
       state, step_metrics = p_train_step(state, batch)
-      if step < num_steps:  # loaded and sent while the step runs
+      if step < num_steps and not stop_signal():  # loaded and sent while the step runs
         batch = next_batch()
       accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
 
