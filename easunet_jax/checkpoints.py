@@ -28,6 +28,8 @@ BEST_METRIC = 'val/dice_mean'
 # serves any of them. Every other field must match the checkpoint's.
 _COMPUTE_ONLY_FIELDS = ('dtype', 'depthwise_impl')
 _DELETING = 'deleting'
+# What orbax names a step while it writes it (<step>.orbax-checkpoint-tmp-<time>), renamed when complete.
+_HALF_WRITTEN = '.orbax-checkpoint-tmp'
 
 # Orbax's default, replica-parallel saving, slices every replicated array into one piece per device, and
 # each new slice shape compiles a small program: a process's first save spent most of its time compiling
@@ -54,13 +56,18 @@ def manager(workdir: str | pathlib.Path, keep: int, *, for_training: bool = Fals
   ])
   # The preservation policy decides what is kept; best_fn makes orbax write each step's metrics to
   # disk (without it they live only in memory, and a resumed run would forget which step was best).
-  # Saving is synchronous: a SIGTERM or a kill then never races a save still in flight.
+  # Saving is synchronous: a SIGTERM or a kill then never races a save still in flight. Half-written steps
+  # are removed here, not by orbax's cleanup_tmp_directories, which runs in a thread of its own that a run
+  # ending at once (an error at start-up) leaves to fail at the interpreter's exit, a traceback on stderr.
   options = ocp.CheckpointManagerOptions(preservation_policy=preservation, best_fn=_score,
                                          best_mode='max', create=True,
                                          enable_async_checkpointing=False,
-                                         cleanup_tmp_directories=for_training, todelete_subdir=_DELETING)
-  mngr = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints', options=options,
-                               item_names=('state', 'config'))
+                                         cleanup_tmp_directories=False, todelete_subdir=_DELETING)
+  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+  if for_training and jax.process_index() == 0:
+    for half_written in directory.glob(f'*{_HALF_WRITTEN}*'):
+      shutil.rmtree(half_written, ignore_errors=True)
+  mngr = ocp.CheckpointManager(directory, options=options, item_names=('state', 'config'))
   if for_training:
     _empty_deleting(mngr)
   return mngr
