@@ -21,7 +21,7 @@ def main() -> None:
   args = parser.parse_args()
   labels, spacing = volumes.load_labels(volumes.Case('labels', None, args.labels), [(2, 2), (4, 4)])
   fc, tc = labels == 2, labels == 4
-  regions = measures.compartment_regions(fc, tc, spacing, args.laterality)
+  regions = measures.compartment_regions(fc, tc, spacing, measures.side_names(args.laterality))
   table, _ = measures.compartment_table(fc, tc, spacing, regions)
   print('| Region | Volume mm³ | Mean thickness mm (ridge) | Median | P95 | Area mm² | < 1 mm |')
   print('|---|---|---|---|---|---|---|')

@@ -100,7 +100,7 @@ def morphometry_errors(pred: np.ndarray, label: np.ndarray, spacing: Sequence[fl
   'fc', 'tc' and their compartments. The compartments are the ground truth's, applied to both masks, so that
   both measure the same region; the store keeps no laterality, so sides are the patient's left and right."""
   truth_plates = (label == CLASSES['fc'], label == CLASSES['tc'])
-  regions = measures.compartment_regions(*truth_plates, spacing, None)
+  regions = measures.compartment_regions(*truth_plates, spacing, measures.side_names(None))
   truth, _ = measures.compartment_table(*truth_plates, spacing, regions)
   found, _ = measures.compartment_table(pred == CLASSES['fc'], pred == CLASSES['tc'], spacing, regions)
   errors = {}

@@ -85,30 +85,25 @@ def dice_bars(rows: Sequence[dict], out: pathlib.Path) -> None:
   _save(fig, out)
 
 
-def _side_names(laterality: str | None) -> tuple[str, str]:
-  """Names of the patient's left and right sides of a knee: medial and lateral once its side is known."""
-  return {'R': ('medial', 'lateral'), 'L': ('lateral', 'medial')}.get(laterality, ('left', 'right'))
-
-
 def plot_thickness_maps(thickness: np.ndarray, plates: dict[str, np.ndarray], spacing: Sequence[float],
-                        laterality: str | None, title: str, out: pathlib.Path) -> None:
+                        sides: tuple[str, str], title: str, out: pathlib.Path) -> None:
   """<name>.png: the thickest point of each (left-right, anterior) column of the femoral cartilage seen from
   below and of the tibial cartilage seen from above, the way readers look at them, anterior up, on one
-  colour scale in mm. `thickness` and `plates` are (S, H, W) in closest-canonical RAS order."""
+  colour scale in mm. `thickness` and `plates` are (S, H, W) in closest-canonical RAS order; `sides` names
+  the halves of the lower and the higher axis-0 index (`measures.side_names`)."""
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=120)
   vmax = max(4.0, float(np.percentile(thickness[thickness > 0], 99))) if thickness.any() else 4.0
-  left, right = _side_names(laterality)
   extent = (0, thickness.shape[0] * spacing[0], 0, thickness.shape[1] * spacing[1])
   for ax, (name, view) in zip(axes, (('fc', 'femoral cartilage from below'),
                                      ('tc', 'tibial cartilage from above'))):
     column = np.where(plates[name], thickness, 0).max(axis=2)  # (left-right, anterior)
     shown = np.ma.masked_equal(column.T[::-1], 0)  # rows anterior first, columns the patient's left to right
-    sides = (left, right)
+    named = sides
     if view.endswith('below'):  # seen from below, the patient's right is on the viewer's left
-      shown, sides = shown[:, ::-1], sides[::-1]
+      shown, named = shown[:, ::-1], sides[::-1]
     image = ax.imshow(shown, cmap='viridis', vmin=0, vmax=vmax, extent=extent, interpolation='nearest')
     ax.set_title(view, fontsize=10)
-    ax.set_xlabel(f'{sides[0]}  ←  mm  →  {sides[1]}')
+    ax.set_xlabel(f'{named[0]}  ←  mm  →  {named[1]}')
     ax.set_ylabel('posterior  ←  mm  →  anterior')
   fig.colorbar(image, ax=axes, label='thickness (mm)', shrink=0.85)
   fig.suptitle(title, fontsize=11)

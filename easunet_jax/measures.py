@@ -112,26 +112,32 @@ def medial_lateral_split(fc: np.ndarray, tc: np.ndarray) -> float | None:
   return None
 
 
-def compartment_regions(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float], laterality: str | None
+def side_names(laterality: str | None, sides_known: bool = True) -> tuple[str, str]:
+  """Names of the halves of a knee that `medial_lateral_split` parts, the lower axis-0 index's first: medial
+  and lateral for laterality 'R' or 'L' (the medial side of a right knee lies towards the patient's left, of
+  a left knee towards the right); the patient's left and right for laterality None. Where axis 0 is not
+  known to run from the patient's left to right (`sides_known` False: the orientation check took another of
+  the header's axes for left-right, in an unknown direction), neither can be told: 'side1' and 'side2'."""
+  if not sides_known:
+    return 'side1', 'side2'
+  return {'R': ('medial', 'lateral'), 'L': ('lateral', 'medial')}.get(laterality, ('left', 'right'))
+
+
+def compartment_regions(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float], sides: tuple[str, str]
                         ) -> dict[str, np.ndarray]:
   """The regions of space, as boolean masks that broadcast against the plates, of the compartments
-  'fc_medial', 'fc_lateral', 'fc_trochlea', 'tc_medial' and 'tc_lateral' (for laterality 'R' or 'L'); each
-  plate's regions part space, and so any mask of that plate, exactly.
+  'fc_<side>' and 'tc_<side>' of both `sides` (`side_names`) and 'fc_trochlea'; each plate's regions part
+  space, and so any mask of that plate, exactly.
 
-  Medial and lateral are the two sides of `medial_lateral_split`; the medial side of a right knee lies
-  towards the patient's left (lower axis-0 index), of a left knee towards the right. With laterality None
-  the sides are named by the patient's side instead: 'fc_left', 'fc_right', ... The trochlea is the femoral
-  cartilage anterior to the intercondylar notch: anterior of the median posterior-most femoral cartilage of
-  the sagittal slices within 2 mm of the split, where only the trochlear groove carries cartilage.
+  The sides are the two halves of `medial_lateral_split`, sides[0] the lower axis-0 index's. The trochlea is
+  the femoral cartilage anterior to the intercondylar notch: anterior of the median posterior-most femoral
+  cartilage of the sagittal slices within 2 mm of the split, where only the trochlear groove carries
+  cartilage.
   """
   split = medial_lateral_split(fc, tc)
   x = np.arange(fc.shape[0])[:, None, None]
-  right_side = x > (split if split is not None else fc.shape[0])
-  if laterality is None:
-    sides = {'right': right_side, 'left': ~right_side}
-  else:
-    medial = ~right_side if laterality == 'R' else right_side
-    sides = {'medial': medial, 'lateral': ~medial}
+  upper = x > (split if split is not None else fc.shape[0])
+  halves = dict(zip(sides, (~upper, upper)))
   trochlea = np.zeros((1, fc.shape[1], 1), bool)
   if split is not None:
     near = np.flatnonzero(np.abs(np.arange(fc.shape[0]) - split) <= _NOTCH_HALF_WIDTH_MM / spacing[0])
@@ -139,18 +145,18 @@ def compartment_regions(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float]
     if posterior_most:
       trochlea[:, int(np.median(posterior_most)):] = True
   regions = {'fc_trochlea': trochlea}
-  for side, mask in sides.items():
+  for side, mask in halves.items():
     regions[f'fc_{side}'] = mask & ~trochlea
     regions[f'tc_{side}'] = mask
   return dict(sorted(regions.items()))
 
 
-def compartments(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float], laterality: str | None
+def compartments(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float], sides: tuple[str, str]
                  ) -> dict[str, np.ndarray]:
   """Masks of the plates' compartments: each plate within its `compartment_regions`."""
   plates = {'fc': fc, 'tc': tc}
   return {name: plates[name[:2]] & region
-          for name, region in compartment_regions(fc, tc, spacing, laterality).items()}
+          for name, region in compartment_regions(fc, tc, spacing, sides).items()}
 
 
 def region_measures(mask: np.ndarray, thickness: np.ndarray, ridge: np.ndarray, spacing: Sequence[float]

@@ -178,8 +178,8 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, heade
   if info.get('laterality'):
     return info['laterality'], 'from the DICOM Laterality tag'
   if not header_sides:
-    return None, ("undecided: the header's left-right axis is not the knee's; pass --laterality to name "
-                  'compartments medial and lateral')
+    return None, ("undecided: the header's left-right axis is not the knee's, so the knee's halves are named "
+                  'side1 and side2')
   if not nii.affine[:3, 3].any():
     return None, ('undecided: the header puts the first voxel at the origin, no scanner position (a file '
                   "without a pose, as OAI-ZIB's); pass --laterality to name compartments medial and lateral")
@@ -831,9 +831,13 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   classes = remove_small_components(classes, spacing, config.predict.min_component_mm3,
                                     config.predict.min_component_fraction)
   side, why = decide_laterality(nii, info, laterality, header_sides=not orientation[0])
+  if side and orientation[0]:
+    why += ("; its halves named side1 and side2: the check took another of the header's axes for left-right, "
+            'in an unknown direction, so which is medial is not known')
+  sides = measures.side_names(side, sides_known=not orientation[0])
   fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
   table, thickness = measures.compartment_table(
-      fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, side))
+      fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, sides))
   paths = _report_paths(target, batch)
   _save(target, unorient(values[classes], orientation), nii)
   _save(paths['map'], unorient(thickness, orientation), nii)
@@ -846,7 +850,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   # A name in another encoding than the file system's (a Latin-1 folder name) holds surrogates, which
   # matplotlib cannot draw: shown with a replacement character instead.
   title = f'{os.fsencode(_stem(target)).decode(errors="replace")}: {knee}'
-  figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, side, title, paths['png'])
+  figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, sides, title, paths['png'])
   figures.plot_prediction_slices(image, classes, spacing, title, paths['slices'], truth)
   result = {'input': str(source), 'laterality': side, 'laterality_text': f'{knee} ({why})', 'regions': table,
             **_output_paths(target, batch, save_probabilities),

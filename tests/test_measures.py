@@ -75,19 +75,20 @@ def reference():
   return knee.reference()
 
 
-@pytest.mark.parametrize('laterality', ['R', 'L', None])
-def test_compartments_partition_the_plates(reference, laterality):
+@pytest.mark.parametrize('laterality, sides_known', [('R', True), ('L', True), (None, True), ('R', False)])
+def test_compartments_partition_the_plates(reference, laterality, sides_known):
   labels, spacing = reference
   fc, tc = labels == 2, labels == 4
-  parts = measures.compartments(fc, tc, spacing, laterality)
-  sides = {'R': ('medial', 'lateral'), 'L': ('medial', 'lateral'), None: ('left', 'right')}[laterality]
+  parts = measures.compartments(fc, tc, spacing, measures.side_names(laterality, sides_known))
+  sides = (('medial', 'lateral') if laterality and sides_known else
+           ('left', 'right') if sides_known else ('side1', 'side2'))
   assert sorted(parts) == sorted([f'fc_{s}' for s in (*sides, 'trochlea')] + [f'tc_{s}' for s in sides])
   for plate, mask in (('fc', fc), ('tc', tc)):
     mine = [m for name, m in parts.items() if name.startswith(plate)]
     assert np.array_equal(np.sum(mine, axis=0), mask)  # every voxel in exactly one compartment
     assert all(m.any() for m in mine)
   # The medial tibial plate of a right knee lies towards the patient's left: lower axis-0 indices.
-  if laterality:
+  if laterality and sides_known:
     medial, lateral = (np.nonzero(parts[f'tc_{s}'])[0].mean() for s in ('medial', 'lateral'))
     assert (medial < lateral) == (laterality == 'R')
 
@@ -95,7 +96,7 @@ def test_compartments_partition_the_plates(reference, laterality):
 def test_compartment_volumes_in_the_table_add_up_to_the_plates(reference):
   labels, spacing = reference
   fc, tc = labels == 2, labels == 4
-  regions = measures.compartment_regions(fc, tc, spacing, 'R')
+  regions = measures.compartment_regions(fc, tc, spacing, measures.side_names('R'))
   table, _ = measures.compartment_table(fc, tc, spacing, regions)
   for plate in ('fc', 'tc'):
     total = sum(row['volume_mm3'] for name, row in table.items() if name.startswith(plate + '_'))

@@ -568,7 +568,9 @@ def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, cap
               "the header's anterior")
   assert [(results[f'{name}.nii.gz']['orientation'], results[f'{name}.nii.gz']['rotation_deg'])
           for name in scans] == [('as the header', 0), (turned, 0), (resliced, 0), ('as the header', -30)]
-  assert results['resliced.nii.gz']['laterality'] is None  # the header's sides are another axis's
+  # The header's sides are another axis's: neither the knee's side nor which half is medial is known.
+  assert results['resliced.nii.gz']['laterality'] is None
+  assert {'fc_side1', 'fc_side2', 'tc_side1', 'tc_side2'} <= set(results['resliced.nii.gz']['regions'])
   labels = phantom.LABEL_OF_TISSUE[tissue]
   for k, value, least in ((1, 2, 70), (2, 4, 50)):  # Dice % of the upright knee (81 / 65 measured)
     assert metrics.segmentation_metrics(masks['upright'] == k, labels == value, spacing)['dice'] > least
