@@ -69,8 +69,12 @@ def test_reuse_and_rebuild_on_changed_setting(store, data_cfg, caplog):
   changed.train_slices = 'all'
   with caplog.at_level(logging.INFO):
     preprocess.ensure_slice_store(changed, store, seed=0, multiple=16)
-  assert 'train_slices' in caplog.text and 'rebuilding' in caplog.text
+  assert 'changed: train_slices)' in caplog.text and 'rebuilding' in caplog.text
   assert len(np.load(store / 'train' / 'labels.npy', mmap_mode='r')) == 3 * SHAPE[0]
+  caplog.clear()
+  with caplog.at_level(logging.INFO):  # without a split file, the seed draws the split
+    preprocess.ensure_slice_store(data_cfg, store, seed=1, multiple=16)
+  assert 'changed: seed, train_slices)' in caplog.text
   preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)  # back to the module's store
 
 
@@ -120,6 +124,12 @@ def test_split_file_and_its_errors(data_cfg, tmp_path):
   (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:2], 'val': ids[2:4], 'test': ids[4:]}))
   store = preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
   assert json.loads((store / 'splits.json').read_text())['val'] == ids[2:4]
+  # The split file decides the split: runs of another seed or data.split (a sweep's) share the store.
+  built = (store / 'fingerprint.json').stat().st_mtime_ns
+  other = cfg.copy_and_resolve_references()
+  other.split = (0.5, 0.25, 0.25)
+  preprocess.ensure_slice_store(other, store, seed=1, multiple=16)
+  assert (store / 'fingerprint.json').stat().st_mtime_ns == built
   (tmp_path / 'splits.json').write_text(json.dumps({'train': ['nope'], 'val': [], 'test': []}))
   with pytest.raises(DataError) as e:
     preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)

@@ -105,7 +105,7 @@ def test_dry_run_lists_points_and_passes_overrides(tmp_path):
     assert '--config.train.num_steps=7' in train and '--config.model.features=(4, 8, 16, 32, 64)' in train
     assert f'--config.seed={seed}' in train
     assert f'--config.data.split_file={tmp_path / "W" / "splits.json"}' in train
-    assert f'--config.data.cache_dir={tmp_path / "W" / "slices" / f"seed{seed}"}' in train
+    assert f'--config.data.cache_dir={tmp_path / "W" / "slices"}' in train
   assert not (tmp_path / 'W').exists()
 
 

@@ -123,7 +123,7 @@ def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: pathlib.Path | 
   split_dir = pathlib.Path(config.data.cache_dir or workdir / 'slices') / 'train'
   if not (split_dir / 'index.json').is_file():
     raise DataError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was trained '
-                    "at (a sweep point's store is <sweep>/slices/seed<N>: --config.data.cache_dir); pass "
+                    "at (a sweep point's store is <sweep>/slices: --config.data.cache_dir); pass "
                     "--config.predict.spacing='(<mm>, <mm>)' (or, to predict, "
                     '--config.predict.resample=False)')
   return tuple(_median_pixel_mm(split_dir))

@@ -121,15 +121,16 @@ def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigD
   files = [[str(p.resolve()), *((p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (None, None))]
            for p in paths]
   settings = {'label_map': [list(map(int, pair)) for pair in data_cfg.label_map],
-              'split': list(data_cfg.split),
-              'split_file': data_cfg.split_file, 'train_slices': data_cfg.train_slices, 'seed': seed,
-              'synth': data_cfg.synth,
-              'multiple': multiple}
+              'train_slices': data_cfg.train_slices, 'synth': data_cfg.synth, 'multiple': multiple}
+  # The split is all the seed, data.split or the split file decide of a store: with a split file, its
+  # contents alone, so that runs of other seeds (a sweep's) share one store.
   if data_cfg.split_file:
     try:
       settings['split_file_contents'] = pathlib.Path(data_cfg.split_file).read_text()
     except OSError as e:
       raise DataError(f'data.split_file {data_cfg.split_file}: cannot read ({e.strerror})') from None
+  else:
+    settings |= {'split': list(data_cfg.split), 'seed': seed}
   return {'sources': files, 'settings': settings}
 
 
@@ -332,7 +333,8 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
       return cache_dir
     changed = ['source files'] if old.get('sources') != fingerprint['sources'] else []
     old_settings = old.get('settings', {})
-    changed += [k for k, v in fingerprint['settings'].items() if old_settings.get(k) != v]
+    changed += [k for k in sorted(old_settings.keys() | fingerprint['settings'].keys())
+                if old_settings.get(k) != fingerprint['settings'].get(k)]
     logging.info('slice store %s is stale (changed: %s), rebuilding', cache_dir, ', '.join(changed))
   elif cache_dir.is_dir() and any(cache_dir.iterdir()):  # a build replaces the folder, whatever it holds
     raise DataError(f'data.cache_dir {cache_dir}: a folder of other files than a slice store (it has no '

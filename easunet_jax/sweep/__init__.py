@@ -17,7 +17,8 @@ sweep: the running points save a checkpoint and stop, and the same command goes 
 share main.py's compilation cache (W/.jax_cache).
 
 Every point sees the same subjects: the sweep writes W/splits.json once (unless data.split_file is given),
-and it builds the slice stores before any run starts, so that no two processes ever write one store.
+and it builds their one slice store (W/slices) before any run starts, so that no two processes ever write
+it.
 Results: W/table.md and W/table.csv (per variant and cartilage, mean ± sample std over seeds of each run's
 test-set mean, 2D per cartilage slice as the paper's Table 1 and 3D per volume) and W/dice.png.
 

@@ -39,7 +39,7 @@ def main(argv: Sequence[str], overrides: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  # This process builds the split and the slice stores (and draws a labels-only set's test images) on the
+  # This process builds the split and the slice store (and draws a labels-only set's test images) on the
   # CPU: a GPU backend here would take most of every GPU's memory from the points for the whole sweep.
   jax.config.update('jax_platforms', 'cpu')
   # The --config.* flags belong to the points; absl would reject them as this program's flags.

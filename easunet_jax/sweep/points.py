@@ -72,7 +72,7 @@ def point_args(point: Point, workdir: pathlib.Path, overrides: Sequence[str]) ->
   sweep's own (seed, the shared split and slice store)."""
   args = [f'--config={point.variant.config}', f'--workdir={workdir / point.name}', *overrides,
           *point.variant.overrides, f'--config.seed={point.seed}',
-          f'--config.data.cache_dir={workdir / "slices" / f"seed{point.seed}"}']
+          f'--config.data.cache_dir={workdir / "slices"}']
   if not any(o.startswith('--config.data.split_file=') for o in overrides):
     args.append(f'--config.data.split_file={workdir / "splits.json"}')
   return args

@@ -16,7 +16,7 @@ from easunet_jax.errors import ConfigError
 from easunet_jax.sweep import launch, table
 from easunet_jax.sweep.points import Point, load_config, load_sweep, point_args
 
-# Fields the sweep sets for every point: a user value would break the seeds or the shared slice stores.
+# Fields the sweep sets for every point: a user value would break the seeds or the shared slice store.
 _SWEEP_FIELDS = ('seed', 'data.cache_dir')
 
 
@@ -36,24 +36,19 @@ def evaluation(point_dir: pathlib.Path, config: ml_collections.ConfigDict) -> pa
 
 def prepare_shared_data(points: Sequence[Point], configs: dict[Point, ml_collections.ConfigDict],
                         workdir: pathlib.Path) -> None:
-  """The sweep's split file (unless data.split_file names the user's) and the slice stores of `points`,
-  each written once, by this process."""
+  """The sweep's split file (unless data.split_file names the user's) and the slice store all `points`
+  share, written once, by this process."""
   split_file = pathlib.Path(configs[points[0]].data.split_file)
   if split_file == workdir / 'splits.json' and not split_file.exists():
     first = min(configs, key=lambda p: p.seed)  # the split of the lowest seed, whichever points run now
     preprocess.write_split_file(configs[first], workdir / first.name, split_file)
-  # One store per seed: the store's fingerprint includes config.seed, so points of different seeds
-  # cannot share one without rebuilding it under each other's feet.
-  stores = {}
-  for point in points:
-    stores.setdefault(configs[point].data.cache_dir, point)
-  for point in stores.values():
-    preprocess.prepare_data(configs[point], workdir / point.name)
+  # One store for all points: with a split file, a store does not depend on the seed.
+  preprocess.prepare_data(configs[points[0]], workdir / points[0].name)
 
 
 def _check_same_data(configs: dict[Point, ml_collections.ConfigDict]) -> None:
   """A sweep compares its points on one data set: no variant may change a data field, nor the network's
-  stride, to which the shared slice stores pad their slices."""
+  stride, to which the shared slice store pads its slices."""
   def data_of(config):
     return {k: v for k, v in config.data.to_dict().items() if k != 'cache_dir'}
 
@@ -67,7 +62,7 @@ def _check_same_data(configs: dict[Point, ml_collections.ConfigDict]) -> None:
                         'a sweep must see the same data')
     if models.stride(config.model.features) != models.stride(first.model.features):
       raise ConfigError(f'variant {point.variant.name} has {len(config.model.features)} encoder stages, '
-                        f'{points[0].variant.name} {len(first.model.features)}: the shared slice stores pad '
+                        f'{points[0].variant.name} {len(first.model.features)}: the shared slice store pads '
                         "slices to one network stride")
 
 
@@ -86,7 +81,7 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
   for field in _SWEEP_FIELDS:
     if any(o.startswith(f'--config.{field}=') for o in overrides):
       raise ConfigError(f'--config.{field}: the sweep sets it for each point (seeds 0 .. --seeds - 1, one '
-                        'slice store per seed)')
+                        'slice store for all)')
   variants = load_sweep(spec)
   points = [Point(v, seed) for v in variants for seed in range(seeds)]
   args = {p: point_args(p, workdir, overrides) for p in points}
