@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   o.schedule = 'constant'  # 'constant' | 'poly' (lr * (1 - step / num_steps) ** 0.9)
 
   c.train = t = ml_collections.ConfigDict()
-  t.batch_size = 16  # global batch; must divide by the device count
+  t.batch_size = 16  # global batch; must divide by the device count, at least 2 (EAS BatchNorm)
   t.num_epochs = 50  # passes over the training slices; sets num_steps when that is 0
   t.num_steps = 0  # total optimiser steps; 0 = from num_epochs and the training-set size
   t.eval_every_steps = 500  # validation period

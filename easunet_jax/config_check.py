@@ -117,6 +117,11 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError(f'train.nan_policy: expected one of {NAN_POLICIES}, got {config.train.nan_policy!r}')
   if not config.model.features or min(config.model.features) <= 0:
     raise ConfigError(f'model.features: expected positive integers, got {tuple(config.model.features)}')
+  if mode == 'train' and config.model.name == 'eas_unet' and config.model.eas and config.train.batch_size < 2:
+    # The EAS image-pooling branch's BatchNorm sees one value per sample: over a batch of one its output
+    # is 0 and the branch learns nothing (PyTorch refuses such a batch).
+    raise ConfigError('train.batch_size: expected at least 2 for the EAS module (its image-pooling branch '
+                      'normalises over the batch), got 1')
   if mode == 'train' and config.train.batch_size % jax.device_count():
     raise ConfigError(f'train.batch_size: expected a multiple of the device count {jax.device_count()}, '
                       f'got {config.train.batch_size}')

@@ -172,6 +172,7 @@ BAD_VALUES = {
     'zero zoom': ({'predict.zoom': 0.0}, 'predict.zoom: expected a positive number'),
     'negative background weight': ({'predict.background_weight': -1.0},
                                    'predict.background_weight: expected a positive number'),
+    'batch of one': ({'train.batch_size': 1}, 'train.batch_size: expected at least 2 for the EAS module'),
     'negative learning rate': ({'optim.lr': -0.01}, 'optim.lr: expected a positive number'),
     'momentum of 1': ({'optim.momentum': 1.0}, 'optim.momentum: expected a number from 0 to below 1'),
     'negative weight decay': ({'optim.weight_decay': -1e-4}, 'optim.weight_decay: expected a non-negative'),
