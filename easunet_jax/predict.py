@@ -628,10 +628,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   those the mask's argmax was taken of (after the slice smoothing, before the background weight and the
   small components' removal), stored as uint8 with the scale factor 1/255.
 
-  A batch goes on past a scan that fails with a `DataError` (logged) and raises one naming the failed scans
-  at its end; its reports are rewritten after every scan, so a batch stopped part way keeps the measures of
-  the scans done. With `continue_prediction`, a batch keeps each scan that an earlier run with the same
-  model and settings finished (`_earlier_result`) and segments the rest.
+  A batch goes on past a scan that fails with a `DataError` (logged; the checks of its files before the model
+  loads included, which refuse a batch at once only if every scan fails them) and raises one naming the
+  failed scans at its end; its reports are rewritten after every scan, so a batch stopped part way keeps the
+  measures of the scans done. With `continue_prediction`, a batch keeps each scan that an earlier run with
+  the same model and settings finished (`_earlier_result`) and segments the rest.
 
   Beside the masks: each scan's thickness map (NIfTI in the scan's grid, and a PNG), its prediction on three
   sagittal slices (`figures.plot_prediction_slices`), and the measures of every scan per plate and
@@ -656,6 +657,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                     'overwrite each other; keep one')
   label_files = _label_files(pairs, labels, batch) if labels else {}
   inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
+  refused = {}  # {scan of a batch: why its files fail the checks}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
     paths = _report_paths(target, batch)
     outputs = [target, paths['map']] + ([paths['probabilities']] if save_probabilities else [])
@@ -669,14 +671,23 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         raise DataError(f'{written.parent}: cannot make the output folder ({e.strerror})') from None
       if not os.access(written.parent, os.W_OK):
         raise DataError(f'{written.parent}: the output folder is not writable')
-    if source.is_dir():
-      dicom.find_series(source)
-      if source in label_files:
-        volumes.open_volume(label_files[source])
-    elif series:
-      raise DataError(f'{source}: a volume file, and --series picks a series of DICOM input')
-    else:
-      volumes.check_headers(volumes.Case(source.name, source, label_files.get(source)))
+    try:
+      if source.is_dir():
+        dicom.find_series(source)
+        if source in label_files:
+          volumes.open_volume(label_files[source])
+      elif series:
+        raise DataError(f'{source}: a volume file, and --series picks a series of DICOM input')
+      else:
+        volumes.check_headers(volumes.Case(source.name, source, label_files.get(source)))
+    except DataError as e:
+      if not batch:
+        raise
+      refused[source] = ' '.join(str(e).split())  # the batch goes on without it, and ends in an error
+  if refused and len(refused) == len(pairs):
+    raise DataError(f'all {len(pairs)} scans fail their checks, e.g. {next(iter(refused.values()))}')
+  for error in refused.values():
+    logging.error('%s', error)
   step, network, pixel = load_network(config, workdir, model_file)
   logging.info('predict: step %d of %s, %d scan(s), pixel %s mm', step, model_file or workdir, len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel))
@@ -695,15 +706,18 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   kept = {}
   if continue_prediction and batch:
     kept = {target: result for source, target in pairs
-            if (result := _earlier_result(source, target, settings)) is not None}
+            if source not in refused and (result := _earlier_result(source, target, settings)) is not None}
     logging.info('predict: %d of %d scan(s) kept from an earlier run with the same model and settings',
                  len(kept), len(pairs))
-  done, failed, progress = {}, [], Progress(len(pairs), done=len(kept))
+  done, failed, progress = {}, set(refused), Progress(len(pairs), done=len(kept))
 
   def reported() -> list[dict]:  # in input order: the scans done, and those kept the loop is yet to reach
     return [r for _, target in pairs if (r := done.get(target) or kept.get(target))]
 
   for source, target in pairs:
+    if source in refused:
+      progress.update()
+      continue
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
     try:
       label = label_files.get(source)
@@ -725,7 +739,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     except DataError as e:
       if not batch:
         raise
-      failed.append(source.name)  # the others go on; the batch ends in an error naming this one
+      failed.add(source)  # the others go on; the batch ends in an error naming this one
       logging.error('%s', ' '.join(str(e).split()))
       if target not in kept:
         progress.update()
@@ -754,7 +768,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
             f'mean of FC and TC {np.mean([fc, tc]):.2f} %', flush=True)
     print(f'measures of {len(results)} scan(s): {", ".join(map(str, written))}', flush=True)
   if failed:
-    raise DataError(f'{len(failed)} of {len(pairs)} scans failed (their errors above): {", ".join(failed)}; '
+    names = ', '.join(source.name for source, _ in pairs if source in failed)
+    raise DataError(f'{len(failed)} of {len(pairs)} scans failed (their errors above): {names}; '
                     f'the others are written to {output_path}')
   return results
 

@@ -380,6 +380,28 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   assert (out / 'a.nii.gz').stat().st_mtime_ns != written['a.nii.gz']
 
 
+def test_a_batch_goes_past_scans_whose_files_fail_the_checks(run, tmp_path, monkeypatch):
+  """A scan or label map refused by the checks before the model loads fails that scan alone; a batch of
+  which every scan fails them is refused at once."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  scans, labels = tmp_path / 'scans', tmp_path / 'labels'
+  scans.mkdir(), labels.mkdir()
+  nii = nib.load(canonical)
+  for name in ('a', 'b', 'c'):
+    (scans / f'{name}.nii.gz').write_bytes(canonical.read_bytes())
+    nib.save(nib.Nifti1Image(np.zeros(nii.shape, np.uint8), nii.affine), labels / f'{name}.nii.gz')
+  (scans / 'a.nii.gz').write_bytes(b'not a volume')
+  (labels / 'c.nii.gz').write_bytes(b'not a volume either')
+  _one_line_error(DataError, r'2 of 3 scans failed \(their errors above\): a.nii.gz, c.nii.gz; the others',
+                  _config(), workdir, scans, tmp_path / 'out', labels=labels)
+  assert _scans_in_csv(tmp_path / 'out' / 'measures.csv') == ['b.nii.gz']
+  (scans / 'b.nii.gz').write_bytes(b'')
+  _one_line_error(DataError, r'all 3 scans fail their checks, e.g. .*a.nii.gz', _config(), workdir, scans,
+                  tmp_path / 'out2', labels=labels)
+  assert not (tmp_path / 'out2' / 'measures.csv').exists()
+
+
 def test_continuing_keeps_only_what_a_stop_or_a_replaced_scan_left_true(run, tmp_path, monkeypatch):
   """--continue_prediction after a run stopped while it rewrote a mask, into the output folder named another
   way, with a scan replaced by another of an older time stamp: only the scans whose files and settings match
