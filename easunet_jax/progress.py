@@ -7,7 +7,11 @@ import time
 
 
 def _clock(seconds: float) -> str:
-  return time.strftime('%H:%M:%S', time.gmtime(seconds)) if math.isfinite(seconds) else '?'
+  """HH:MM:SS, the hours past 24 too (a CPU training of the paper's 50 epochs takes days)."""
+  if not math.isfinite(seconds):
+    return '?'
+  minutes, secs = divmod(max(int(seconds), 0), 60)
+  return f'{minutes // 60:02d}:{minutes % 60:02d}:{secs:02d}'
 
 
 class Progress:
@@ -31,7 +35,7 @@ class Progress:
   def eta_s(self) -> float:
     """Seconds left at the mean rate since the start; NaN before the first unit."""
     done = self.done - self._first
-    return self.spent_s / done * (self.total - self.done) if done else float('nan')
+    return self.spent_s / done * max(self.total - self.done, 0) if done else float('nan')
 
   def rate(self) -> float:
     """Units per second since the previous call (the first interval includes compilation)."""
@@ -41,10 +45,10 @@ class Progress:
     return rate
 
   def status(self, unit: str = '') -> str:
-    """'[####......] ' on a terminal, then '<unit> done/total (spent H:MM:SS, ETA H:MM:SS)'."""
+    """'[####......] ' on a terminal, then '<unit> done/total (spent HH:MM:SS, ETA HH:MM:SS)'."""
     parts = [unit, f'{self.done}/{self.total}',
              f'(spent {_clock(self.spent_s)}, ETA {_clock(self.eta_s())})']
     if self._bar:
-      filled = int(30 * self.done / max(self.total, 1))
+      filled = min(int(30 * self.done / max(self.total, 1)), 30)
       parts.insert(0, f"[{'#' * filled}{'.' * (30 - filled)}]")
     return ' '.join(part for part in parts if part)

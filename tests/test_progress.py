@@ -38,3 +38,12 @@ def test_rate_is_per_interval_and_update_counts_one(clock):
 def test_a_bar_on_a_terminal(clock):
   progress = Progress(total=4, done=1, bar=True)
   assert progress.status('case').startswith('[' + '#' * 7 + '.' * 23 + '] case 1/4 ')
+
+
+def test_days_of_work_count_their_hours_and_no_eta_goes_below_zero(clock):
+  progress = Progress(total=4, bar=False)
+  clock[0] += 27 * 3600 + 61.0  # a day and more for one unit: a CPU training of the paper's epochs
+  progress.update()
+  assert progress.status() == '1/4 (spent 27:01:01, ETA 81:03:03)'
+  progress.update(5)  # past the total (a count that overshoots): no ETA of a negative time
+  assert progress.status().endswith('ETA 00:00:00)')
