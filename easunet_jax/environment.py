@@ -17,7 +17,7 @@ def with_settings(env: Mapping[str, str]) -> dict[str, str]:
   """`env` with both settings added where they are missing."""
   env = dict(env)
   tunables, flags = env.get('GLIBC_TUNABLES', ''), env.get('XLA_FLAGS', '')
-  if _HUGE_PAGES not in tunables:
+  if _HUGE_PAGES.partition('=')[0] + '=' not in tunables:  # the user's own setting stays
     env['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, _HUGE_PAGES]))
   if _XLA_CPU_FLAG.partition('=')[0] not in flags:
     env['XLA_FLAGS'] = f'{flags} {_XLA_CPU_FLAG}'.strip()
@@ -31,7 +31,7 @@ def configure() -> None:
   huge_pages_missing = env['GLIBC_TUNABLES'] != os.environ.get('GLIBC_TUNABLES')
   os.environ.update(env)
   if huge_pages_missing and sys.platform.startswith('linux'):
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    os.execv(sys.executable, sys.orig_argv)  # the interpreter's own options (-O, -X, -c ...) too
 
 
 def benchmark_env(threads: int) -> dict[str, str]:
