@@ -96,19 +96,22 @@ MORPHOMETRY = ('thickness_error_mm', 'thickness_abs_error_mm', 'volume_error_pct
 
 def morphometry_errors(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float]) -> dict[str, dict]:
   """{region: truth and prediction of mean thickness (mm) and volume (mm^3), and the signed (prediction -
-  truth) and absolute errors of thickness (mm) and of volume (% of the truth's; NaN for an empty truth)} for
-  'fc', 'tc' and their compartments. The compartments are the ground truth's, applied to both masks, so that
-  both measure the same region; the store keeps no laterality, so sides are the patient's left and right."""
+  truth) and absolute errors of thickness (mm) and of volume (% of the truth's)} for 'fc', 'tc' and their
+  compartments. Where the truth's region is empty (a small test volume's), its thickness and every error are
+  NaN, which the summaries and the Bland-Altman plot leave out. The compartments are the ground truth's,
+  applied to both masks, so that both measure the same region; the store keeps no laterality, so sides are
+  the patient's left and right."""
   truth_plates = (label == CLASSES['fc'], label == CLASSES['tc'])
   regions = measures.compartment_regions(*truth_plates, spacing, measures.side_names(None))
   truth, _ = measures.compartment_table(*truth_plates, spacing, regions)
   found, _ = measures.compartment_table(pred == CLASSES['fc'], pred == CLASSES['tc'], spacing, regions)
   errors = {}
   for region, true in truth.items():
-    thickness = found[region]['thickness_mean_mm'] - true['thickness_mean_mm']
+    true_thickness = true['thickness_mean_mm'] if true['volume_mm3'] else float('nan')
+    thickness = found[region]['thickness_mean_mm'] - true_thickness
     volume = (100 * (found[region]['volume_mm3'] / true['volume_mm3'] - 1) if true['volume_mm3']
               else float('nan'))
-    errors[region] = {'thickness_true_mm': true['thickness_mean_mm'],
+    errors[region] = {'thickness_true_mm': true_thickness,
                       'thickness_pred_mm': found[region]['thickness_mean_mm'],
                       'volume_true_mm3': true['volume_mm3'], 'volume_pred_mm3': found[region]['volume_mm3'],
                       'thickness_error_mm': thickness, 'thickness_abs_error_mm': abs(thickness),

@@ -154,14 +154,18 @@ def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequ
 def plot_bland_altman(truth: Sequence[float], measured: Sequence[float], groups: Sequence[str],
                       unit: str, out: pathlib.Path) -> None:
   """Bland-Altman plot: the difference measured - truth against their mean, one colour per group (e.g. a
-  compartment), with the mean difference (bias) and its 95 % limits of agreement (bias ± 1.96 SD)."""
+  compartment), with the mean difference (bias) and its 95 % limits of agreement (bias ± 1.96 SD). Pairs
+  with a NaN (a region empty in the truth) are left out."""
   truth, measured = np.asarray(truth, float), np.asarray(measured, float)
-  mean, difference = (truth + measured) / 2, measured - truth
+  kept = np.isfinite(truth) & np.isfinite(measured)
+  mean, difference = ((truth + measured) / 2)[kept], (measured - truth)[kept]
+  groups = np.asarray(groups)[kept]
   fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
   for group in dict.fromkeys(groups):
-    chosen = np.asarray(groups) == group
+    chosen = groups == group
     ax.scatter(mean[chosen], difference[chosen], s=18, label=group)
-  bias, sd = difference.mean(), difference.std(ddof=1) if len(difference) > 1 else 0.0
+  bias = difference.mean() if difference.size else float('nan')
+  sd = difference.std(ddof=1) if difference.size > 1 else 0.0
   for value, style, label in ((bias, '-', f'bias {bias:+.2f} {unit}'),
                               (bias + 1.96 * sd, '--', f'+1.96 SD {bias + 1.96 * sd:+.2f}'),
                               (bias - 1.96 * sd, '--', f'-1.96 SD {bias - 1.96 * sd:+.2f}')):

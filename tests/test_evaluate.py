@@ -84,8 +84,8 @@ def test_morphometry_csv_and_report_hold_the_thickness_and_volume_errors(run):
   assert len(rows) == 2 * len(regions)
   for r in rows:
     signed = float(r['thickness_pred_mm']) - float(r['thickness_true_mm'])
-    assert float(r['thickness_error_mm']) == pytest.approx(signed, abs=1e-6)
-    assert float(r['thickness_abs_error_mm']) == pytest.approx(abs(signed), abs=1e-6)
+    assert float(r['thickness_error_mm']) == pytest.approx(signed, abs=1e-6, nan_ok=True)
+    assert float(r['thickness_abs_error_mm']) == pytest.approx(abs(signed), abs=1e-6, nan_ok=True)
   fc_errors = [float(r['thickness_error_mm']) for r in rows if r['region'] == 'fc']
   assert metrics['morphometry']['fc']['thickness_error_mm']['mean'] == pytest.approx(np.mean(fc_errors))
   report = (out / 'report.md').read_text()
@@ -109,6 +109,11 @@ def test_morphometry_errors_of_the_reference_knee():
   assert errors['fc']['volume_error_pct'] == 0
   assert errors['tc_left']['volume_pred_mm3'] + errors['tc_right']['volume_pred_mm3'] == pytest.approx(
       errors['tc']['volume_pred_mm3'])
+  # A truth without tibial cartilage: no thickness to compare with, not a truth of thickness 0.
+  errors = evaluate.morphometry_errors(classes, np.where(classes == 2, 0, classes), spacing)
+  assert all(np.isnan(errors[r][m]) for r in ('tc', 'tc_left', 'tc_right')
+             for m in ('thickness_true_mm', 'thickness_error_mm', 'volume_error_pct'))
+  assert errors['fc']['thickness_error_mm'] == 0
 
 
 def test_keep_largest_component_is_per_class_and_face_connected():
