@@ -231,7 +231,8 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
     scores['morphometry'].append({'case': case, 'regions': morphometry_errors(pred, label, spacing)})
     for name in CLASSES:
       scores['slices'][name] += per_slice[name]
-    scores['samples'] += [{'case': case, 'slice': rows[r]['slice'], 'pred': pred[i], 'label': label[i],
+    scores['samples'] += [{'case': case, 'slice': rows[r]['slice'], 'pixel_mm': spacing[1:],
+                           'pred': pred[i], 'label': label[i],
                            'image': _crop(images[r], rows[r]['pad']).astype(np.float32)}
                           for i, r in enumerate(case_rows) if r in figure_rows]
     progress.update()

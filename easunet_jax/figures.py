@@ -60,7 +60,8 @@ def plot_overlays(samples: Sequence[dict], out: pathlib.Path) -> None:
     titles = (f"{s['case']} slice {s['slice']}", 'label', 'prediction')
     for ax, panel, title in zip(row, panels, titles):
       # Store slices are (anterior, superior) in RAS order: show superior up and anterior right.
-      ax.imshow(np.swapaxes(panel, 0, 1)[::-1], interpolation='nearest')
+      extent = (0, panel.shape[0] * s['pixel_mm'][0], 0, panel.shape[1] * s['pixel_mm'][1])  # true aspect
+      ax.imshow(np.swapaxes(panel, 0, 1)[::-1], extent=extent, interpolation='nearest')
       ax.set_title(title, fontsize=9)
       ax.axis('off')
   handles = [matplotlib.patches.Patch(color=COLOURS[n], label=n.upper()) for n in CLASSES]
@@ -69,15 +70,16 @@ def plot_overlays(samples: Sequence[dict], out: pathlib.Path) -> None:
 
 
 def dice_bars(rows: Sequence[dict], out: pathlib.Path) -> None:
-  """Bars of each variant's 2D Dice, FC and TC side by side, with the std over seeds as error bars."""
-  models = list(dict.fromkeys(r['model'] for r in rows))
-  x = np.arange(len(models))
-  fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(models)), 4), dpi=120)
+  """Bars of each variant's 2D Dice, FC and TC side by side, with the std over seeds as error bars; a
+  variant per bar pair (two may share a title), labelled by its title."""
+  variants = {r['variant']: r['model'] for r in rows}
+  x = np.arange(len(variants))
+  fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(variants)), 4), dpi=120)
   for offset, cartilage in ((-0.2, 'fc'), (0.2, 'tc')):
     chosen = [r for r in rows if r['cartilage'] == cartilage]
     ax.bar(x + offset, [r['dice_mean'] for r in chosen], width=0.4, label=cartilage.upper(),
            yerr=[0 if math.isnan(r['dice_std']) else r['dice_std'] for r in chosen], capsize=3)
-  ax.set_xticks(x, models, rotation=20, ha='right')
+  ax.set_xticks(x, list(variants.values()), rotation=20, ha='right')
   ax.set_ylabel('DSC % (2D, per cartilage slice)')
   ax.set_title('Test-set Dice, mean ± std over seeds')
   ax.grid(axis='y', alpha=0.3)
@@ -114,12 +116,13 @@ def plot_thickness_maps(thickness: np.ndarray, plates: dict[str, np.ndarray], sp
 def cartilage_slices(classes: np.ndarray, count: int = 3) -> list[int]:
   """Sagittal slices (axis 0) at the quantiles 1/(count+1) .. count/(count+1) of the cartilage's left-right
   extent, voxel-weighted: through both condyles and the notch of a knee; even quantiles of the volume when
-  there is no cartilage."""
+  there is no cartilage. A slice that falls at two quantiles (cartilage in few slices) is given once."""
   weights = (classes > 0).sum(axis=(1, 2)).astype(np.float64)
   if not weights.any():
     weights[:] = 1
   cumulative = np.cumsum(weights) / weights.sum()
-  return [int(np.searchsorted(cumulative, q)) for q in np.arange(1, count + 1) / (count + 1)]
+  quantiles = np.arange(1, count + 1) / (count + 1)
+  return list(dict.fromkeys(int(np.searchsorted(cumulative, q)) for q in quantiles))
 
 
 def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequence[float], title: str,
@@ -142,7 +145,7 @@ def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequ
       ax.imshow(np.swapaxes(panel, 0, 1)[::-1], extent=extent, interpolation='nearest')
       ax.set_xticks([])
       ax.set_yticks([])
-      if labels is not None and column == 0:
+      if column == 0:
         ax.set_ylabel(name, fontsize=9)
     axes[0, column].set_title(f'sagittal slice {x} of {image.shape[0]}', fontsize=9)
   handles = [matplotlib.patches.Patch(color=COLOURS[n], label=n.upper()) for n in CLASSES]

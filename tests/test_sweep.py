@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from absl import logging as absl_logging
 
+from easunet_jax import figures
 from easunet_jax.errors import ConfigError
 from easunet_jax.sweep import launch, points, run, table
 
@@ -184,6 +185,18 @@ def test_table_is_the_mean_and_std_over_seeds_of_each_evaluation(runs):
   assert table.count('| Tiny EAS U-Net |') == 4
   assert '| FC | Broken | 0 | n/a |' in runs['table_after_second']
   assert (workdir / 'dice.png').stat().st_size > 0
+
+
+def test_variants_of_one_title_get_a_bar_pair_each(tmp_path, monkeypatch):
+  drawn = []
+  monkeypatch.setattr(figures, '_save', lambda fig, out, **layout: drawn.append(fig))
+  rows = [{'variant': variant, 'model': 'EAS U-Net', 'cartilage': cartilage, 'dice_mean': dice,
+           'dice_std': float('nan')} for variant, dice in (('eas', 80.0), ('eas_sgd', 70.0))
+          for cartilage in ('fc', 'tc')]
+  figures.dice_bars(rows, tmp_path / 'dice.png')
+  ax = drawn[0].axes[0]
+  assert [label.get_text() for label in ax.get_xticklabels()] == ['EAS U-Net', 'EAS U-Net']
+  assert sorted(round(bar.get_x() + bar.get_width() / 2, 2) for bar in ax.patches) == [-0.2, 0.2, 0.8, 1.2]
 
 
 def test_a_distance_undefined_in_some_seeds_says_how_many_it_averages(tmp_path):
