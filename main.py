@@ -119,7 +119,11 @@ def main(argv):
     except UserError as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(e.exit_code)
-  if config.train.distributed:
+  # Predict and export run in one process: a model file trained on several hosts keeps the setting.
+  if config.train.distributed and FLAGS.mode in ('predict', 'export'):
+    logging.warning('train.distributed is for training, evaluation and preprocessing; --mode=%s runs in '
+                    'this process alone', FLAGS.mode)
+  elif config.train.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if jax.process_index() > 0:  # process 0 speaks for all: progress lines, validation and reports
     logging.set_verbosity(logging.WARNING)

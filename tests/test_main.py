@@ -242,7 +242,10 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
 
 def test_ctrl_c_in_a_predict_batch_is_one_line_and_keeps_the_scans_done(augmented_tiny, tmp_path):
   config, workdir, _ = augmented_tiny
-  pretrained.export(config, workdir, tmp_path / 'tiny.npz')  # a model that compiles in seconds
+  # A model that compiles in seconds, trained (as its file says) on several hosts: predict runs alone.
+  distributed = config.copy_and_resolve_references()
+  distributed.train.distributed = True
+  pretrained.export(distributed, workdir, tmp_path / 'tiny.npz')
   for i in range(2):
     image, _labels, affine = phantom.make_subject(20 + i, (8, 64, 64), (8.0, 2.0, 2.0))
     volumes.save_volume(tmp_path / 'in' / f'knee_{i}.nii.gz', image, affine)
