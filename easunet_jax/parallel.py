@@ -5,9 +5,12 @@ import contextlib
 from collections.abc import Iterator
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from easunet_jax.errors import UserError
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -29,11 +32,21 @@ def round_to_devices(batch_size: int, mesh: jax.sharding.Mesh) -> int:
 
 @contextlib.contextmanager
 def process_0_first(what: str) -> Iterator[None]:
-  """Process 0 runs the block first while the others wait at a barrier, then the others run it: e.g. the
-  slice store, which builders running at once would delete under each other. On a shared disk the others
-  then find the work done."""
+  """Process 0 runs the block first while the others wait, then the others run it: e.g. the slice store,
+  which builders running at once would delete under each other. On a shared disk the others then find the
+  work done. Where the block fails on process 0, the others stop with a one-line `UserError` that points
+  to its error, rather than time out at a barrier it never reaches."""
+  if jax.process_count() == 1:
+    yield
+    return
   if jax.process_index() > 0:
-    multihost_utils.sync_global_devices(what)
-  yield
-  if jax.process_index() == 0:
-    multihost_utils.sync_global_devices(what)
+    if not multihost_utils.broadcast_one_to_all(np.bool_(True)):  # process 0's outcome
+      raise UserError(f'process 0 failed before "{what}" (its error is in its log)')
+    yield
+    return
+  try:
+    yield
+  except BaseException:
+    multihost_utils.broadcast_one_to_all(np.bool_(False))
+    raise
+  multihost_utils.broadcast_one_to_all(np.bool_(True))

@@ -24,8 +24,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_two_processes(config, workdir: pathlib.Path) -> list[str]:
-  """Trains `augmented_tiny`'s `config` in `workdir` with two processes; returns each one's stderr."""
+def _two_processes(args: list[str]) -> list[tuple[int, str]]:
+  """(exit code, stderr) of each of two main.py processes of `args`, joined as train.distributed."""
   address = f'127.0.0.1:{_free_port()}'
   env = {**os.environ,
          'XLA_FLAGS': os.environ['XLA_FLAGS'].replace('device_count=4', 'device_count=2'),
@@ -33,20 +33,40 @@ def _run_two_processes(config, workdir: pathlib.Path) -> list[str]:
          # The coordinator listens on loopback only (JAX's default address, [::], needs IPv6).
          'JAX_COORDINATOR_BIND_ADDRESS': address, 'JAX_PLATFORMS': 'cpu'}
   procs = [subprocess.Popen(
-      [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}',
-       f'--config.data.phantom_dir={config.data.phantom_dir}', '--config.data.augment=true',
-       '--config.checkpoint.every_steps=2', f'--config.optim.lr={config.optim.lr}',
-       '--config.train.distributed=True', f'--coordinator_address={address}', '--num_processes=2',
-       f'--process_id={i}'], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+      [sys.executable, 'main.py', *args, '--config.train.distributed=True',
+       f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
     outputs = [p.communicate(timeout=600) for p in procs]
   finally:
     for p in procs:
       p.kill()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  return [err for _, err in outputs]
+  return [(p.returncode, err) for p, (_, err) in zip(procs, outputs)]
+
+
+def _run_two_processes(config, workdir: pathlib.Path) -> list[str]:
+  """Trains `augmented_tiny`'s `config` in `workdir` with two processes; returns each one's stderr."""
+  results = _two_processes([
+      '--config=configs/tiny.py', f'--workdir={workdir}',
+      f'--config.data.phantom_dir={config.data.phantom_dir}', '--config.data.augment=true',
+      '--config.checkpoint.every_steps=2', f'--config.optim.lr={config.optim.lr}'])
+  for code, err in results:
+    assert code == 0, err[-3000:]
+  return [err for _, err in results]
+
+
+def test_a_failure_of_process_0_stops_the_others_in_one_line(tmp_path):
+  """Process 0 builds the slice store while the others wait: its error (here, no data) stops them at once
+  with a line pointing to it, not with a barrier's time-out."""
+  for folder in ('images', 'labels'):
+    (tmp_path / 'data' / folder).mkdir(parents=True)
+  (code0, err0), (code1, err1) = _two_processes(
+      ['--config=configs/tiny.py', '--mode=preprocess', f'--workdir={tmp_path / "run"}',
+       f'--config.data.root={tmp_path / "data"}'])
+  assert code0 == code1 == 1
+  assert err0.splitlines()[-1].startswith('error: ') and 'no image found' in err0.splitlines()[-1]
+  assert err1.splitlines()[-1] == ('error: process 0 failed before "slice store built" (its error is in its '
+                                   'log)')
 
 
 def _max_abs_difference(a, b) -> float:
