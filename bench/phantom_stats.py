@@ -56,8 +56,8 @@ def main() -> None:
     _, tissue, _ = generator(phantom.subject_seed(0, i), shape, grid)
     subjects.append(_measures(phantom.LABEL_OF_TISSUE[tissue], grid))
   values = {k: np.array([s[k] for s in subjects]) for k, _ in ROWS}
-  print(f'| statistic | reference knee | {args.anatomy} phantom, mean of {args.num} (range) | CV % | '
-        'phantom / reference |')
+  print(f'| statistic | reference knee | {args.anatomy} phantom, mean of {args.num} (range) | '
+        'CV % (population std) | phantom / reference |')
   print('|---|---|---|---|---|')
   for key, text in ROWS:
     v = values[key]

@@ -208,7 +208,7 @@ def main() -> None:
   print(f'Model {args.weights} ({grids}, slices smoothed by {config.predict.slice_sigma_mm:g} mm, zoom '
         f'{config.predict.zoom:g}, background weight {config.predict.background_weight:g}), '
         f'{args.num} knees per set, 3D Dice % and error of mean thickness (prediction - truth, mm), '
-        'mean ± std over knees:\n')
+        'mean ± std over knees (the population std, ddof 0):\n')
   print('| test set | FC | TC | mean | FC thickness error | TC thickness error |')
   print('|---|---|---|---|---|---|')
   for name, cases in results.items():
