@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -278,6 +280,15 @@ def test_crash_leaves_no_store_and_no_build_folder(data_cfg, tmp_path, monkeypat
   with pytest.raises(MemoryError):
     preprocess.ensure_slice_store(data_cfg, tmp_path / 'slices', seed=0, multiple=16)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_builds_folder_goes_also_where_the_store_is_current(store, data_cfg):
+  gone = subprocess.Popen([sys.executable, '-c', ''])  # a process id no process has any more
+  gone.wait()
+  killed = store.with_name(f'{store.name}.tmp{gone.pid}')
+  (killed / 'train').mkdir(parents=True)
+  preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
+  assert not killed.exists() and (store / 'fingerprint.json').exists()
 
 
 def test_cases_in_worker_processes_build_the_same_store(data_cfg, tmp_path, monkeypatch):

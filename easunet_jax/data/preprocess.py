@@ -321,6 +321,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   if data_cfg.train_slices not in ('cartilage', 'all'):
     raise ConfigError(f"data.train_slices: expected 'cartilage' or 'all', got {data_cfg.train_slices!r}")
   cache_dir = pathlib.Path(cache_dir)
+  _remove_stale_builds(cache_dir)  # also where the store is current: a killed rebuild's is as large
   cases = volumes.discover_cases(data_cfg.root)
   fingerprint = _fingerprint(cases, data_cfg, seed, multiple)
   old_path = cache_dir / 'fingerprint.json'
@@ -358,7 +359,6 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
                     pixels.min(), pixels.max())
   by_id = {c.id: c for c in usable}
   # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.
-  _remove_stale_builds(cache_dir)
   tmp = cache_dir.with_name(f'{cache_dir.name}.tmp{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
