@@ -515,7 +515,8 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
 
   volumes.save_volume(labels / 'permuted.nii.gz', mask[:, :, :-1], nib.load(permuted).affine)
   _one_line_error(DataError, r'permuted.nii.gz: image shape \(42, 38, 6\) and label shape \(42, 38, 5\) '
-                  'differ', _config(), workdir, scans, out, labels=labels)
+                  'differ', _config(), workdir, scans / 'permuted.nii.gz', tmp_path / 'one.nii.gz',
+                  labels=labels / 'permuted.nii.gz')
   _one_line_error(DataError, 'would overwrite an input scan or label map', _config(), workdir, scans, labels,
                   labels=labels)
   (labels / 'permuted.nii.gz').unlink()
