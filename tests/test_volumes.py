@@ -251,7 +251,7 @@ def test_metaimage_and_nrrd_load_as_the_same_volume_in_nifti(tmp_path, kind):
   np.testing.assert_allclose(got[1], want[1])
 
 
-def test_nifti_pairs_and_misnamed_compression_load_as_the_nifti_file(tmp_path):
+def test_nifti_pairs_and_misnamed_compression_load_as_the_nifti_file(tmp_path, capfd, caplog):
   """A NIfTI pair (.hdr + .img, any case) is discovered and read as the .nii.gz of its voxels; an uncompressed
   file named .nii.gz and a gzipped one named .nii are read by their content, as ITK reads them; an Analyze
   7.5 .hdr (no orientation) and a truncated misnamed file are one-line errors."""
@@ -277,11 +277,15 @@ def test_nifti_pairs_and_misnamed_compression_load_as_the_nifti_file(tmp_path):
   np.testing.assert_array_equal(volumes.load_case(case, IDENTITY_MAP)[1], labels)
   nib.save(nib.AnalyzeImage(image, affine), tmp_path / 'analyze.hdr')
   (tmp_path / 'cut.nii.gz').write_bytes(raw[:200])
+  (tmp_path / 'noise.nii.gz').write_bytes(np.random.default_rng(0).bytes(5000))
+  capfd.readouterr()
   for path, message in (('analyze.hdr', 'an Analyze 7.5 header, without an orientation: convert it to NIfTI'),
-                        ('cut.nii.gz', 'not a readable NIfTI file')):
+                        ('cut.nii.gz', 'not a readable NIfTI file'), ('noise.nii.gz', 'not a readable NIfTI')):
     with pytest.raises(DataError, match=message) as error:
       volumes.load_image(tmp_path / path)
     assert '\n' not in str(error.value)
+  # The one-line error alone: nibabel's header checks of the noise ("sizeof_hdr should be 348") stay silent.
+  assert not capfd.readouterr().err and not caplog.records
 
 
 def _by_itk(path) -> tuple[np.ndarray, np.ndarray]:

@@ -3,12 +3,13 @@ checks, loading in canonical RAS order, label remapping, saving."""
 
 import bz2
 import collections
+import contextlib
 import gzip
 import os
 import pathlib
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import nibabel as nib
@@ -295,22 +296,35 @@ def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
   return nib.Nifti1Image(voxels, _NRRD_SPACES[space] @ affine, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _nibabel_silent() -> Iterator[None]:
+  """nibabel's header checks log each problem of a foreign or broken file (through its own handler and the
+  root logger: three lines before the one-line error that says the same); silent while reading."""
+  logger = nib.imageglobals.logger
+  disabled, logger.disabled = logger.disabled, True
+  try:
+    yield
+  finally:
+    logger.disabled = disabled
+
+
 def _nifti(path: pathlib.Path) -> nib.spatialimages.SpatialImage:
   """`nib.load`, and where the suffix misnames the compression (an uncompressed file named .nii.gz, a gzipped
   one named .nii, which ITK reads by their content) the file read by its content, whole."""
-  try:
-    return nib.load(path)
-  except _READ_ERRORS as e:
-    error = e
-  try:
-    with open(path, 'rb') as f:
-      gzipped = f.read(2) == b'\x1f\x8b'
-    if path.name.lower().endswith(NIFTI_SUFFIXES) and gzipped != path.name.lower().endswith('.gz'):
-      content = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
-      nifti2 = int.from_bytes(content[:4], 'little') == 540 or int.from_bytes(content[:4], 'big') == 540
-      return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(content)
-  except _READ_ERRORS:
-    pass
+  with _nibabel_silent():
+    try:
+      return nib.load(path)
+    except _READ_ERRORS as e:
+      error = e
+    try:
+      with open(path, 'rb') as f:
+        gzipped = f.read(2) == b'\x1f\x8b'
+      if path.name.lower().endswith(NIFTI_SUFFIXES) and gzipped != path.name.lower().endswith('.gz'):
+        content = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
+        nifti2 = int.from_bytes(content[:4], 'little') == 540 or int.from_bytes(content[:4], 'big') == 540
+        return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(content)
+    except _READ_ERRORS:
+      pass
   raise DataError(f'{path}: not a readable NIfTI file ({_one_line(error)})') from None
 
 
