@@ -161,6 +161,7 @@ BAD_FLAGS = {
     'batch vs devices': ('--config.train.batch_size=6',
                          'train.batch_size: expected a multiple of the device count 4, got 6'),
     'labels to train': ('--labels=labels/', '--labels scores the masks of --mode=predict'),
+    'stray argument': ('labels/', "unexpected arguments ['labels/']: every argument is a flag"),
 }
 # config_check's other start-up checks, called as main.py calls it (a process each would add ~6 s).
 BAD_VALUES = {

@@ -127,6 +127,16 @@ def test_a_config_every_point_would_refuse_is_refused_before_anything_runs(tmp_p
   assert '\n' not in str(error.value)
 
 
+@pytest.mark.parametrize('flag, message', [
+    ('--seeds=two', 'flag --seeds=two: invalid literal'),
+    ('extra', "unexpected arguments ['extra']: every argument is a flag")])
+def test_a_bad_flag_or_argument_is_one_line_and_exit_code_2(flag, message, tmp_path):
+  result = subprocess.run(_command('configs/sweep_table1.py', tmp_path / 'W', flag), capture_output=True,
+                          text=True, check=False)
+  assert result.returncode == 2 and result.stderr.startswith(f'error: {message}')
+  assert len(result.stderr.splitlines()) == 1
+
+
 @pytest.mark.parametrize('override', ['--config.seed=1', '--config.data.cache_dir=/tmp/store'])
 def test_fields_the_sweep_sets_are_refused(override, tmp_path):
   with pytest.raises(ConfigError, match='the sweep sets it'):

@@ -280,7 +280,8 @@ def test_nifti_pairs_and_misnamed_compression_load_as_the_nifti_file(tmp_path, c
   (tmp_path / 'noise.nii.gz').write_bytes(np.random.default_rng(0).bytes(5000))
   capfd.readouterr()
   for path, message in (('analyze.hdr', 'an Analyze 7.5 header, without an orientation: convert it to NIfTI'),
-                        ('cut.nii.gz', 'not a readable NIfTI file'), ('noise.nii.gz', 'not a readable NIfTI')):
+                        ('cut.nii.gz', 'not a readable NIfTI file'),
+                        ('noise.nii.gz', 'not a readable NIfTI file')):
     with pytest.raises(DataError, match=message) as error:
       volumes.load_image(tmp_path / path)
     assert '\n' not in str(error.value)

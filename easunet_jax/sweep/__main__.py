@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import jax
 from absl import app, flags
 
-from easunet_jax.errors import UserError
+from easunet_jax.errors import ConfigError, UserError
 from easunet_jax.sweep import run
 
 flags.DEFINE_string('sweep', None, 'Sweep file defining sweep(add), e.g. configs/sweep_table1.py[:demo].')
@@ -25,9 +25,23 @@ flags.mark_flags_as_required(['sweep', 'workdir'])
 FLAGS = flags.FLAGS
 
 
+def _exit_usage_error(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(ConfigError.exit_code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, a bad or missing flag in one line with ConfigError's exit code, as main.py's."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _exit_usage_error(' '.join(str(e).split()))
+
+
 def main(argv: Sequence[str], overrides: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]} (pass config fields as --config.<field>=<value>)')
+    _exit_usage_error(f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value> (config '
+                      'fields as --config.<field>=<value>)')
   try:
     finished = run.run_sweep(FLAGS.sweep, pathlib.Path(FLAGS.workdir).absolute(), FLAGS.seeds,
                              FLAGS.devices_per_run, FLAGS.dry_run, overrides)
@@ -45,4 +59,4 @@ if __name__ == '__main__':
   # The --config.* flags belong to the points; absl would reject them as this program's flags.
   config_overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
   app.run(functools.partial(main, overrides=config_overrides),
-          argv=[a for a in sys.argv if not a.startswith('--config.')])
+          argv=[a for a in sys.argv if not a.startswith('--config.')], flags_parser=_parse_flags)
