@@ -94,7 +94,8 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
   A scan is a NIfTI, MetaImage or NRRD file or a folder of DICOM files (one series is read from it,
   `dicom.read_series`). A directory holding such files is a batch of them, masks of the same names (a
   MetaImage's or NRRD's as <name>.nii.gz); one holding DICOM files is one scan; one whose subfolders hold
-  DICOM files is a batch of those, masks named <subfolder>.nii.gz.
+  DICOM files is a batch of those, masks named <subfolder>.nii.gz. A batch of one scan (a series exported
+  into a subfolder) with `output_path` naming a NIfTI file is that scan; of more, an error.
   """
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
   if not source.exists():
@@ -111,12 +112,10 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
     return single(_mask_name(source)), False
   entries = sorted(source.iterdir())
   files = [p for p in entries if volumes.volume_stem(p.name) and p.is_file()]
-  if files:
-    return [(p, target / _mask_name(p)) for p in files], True
-  if any(dicom.is_dicom_file(p) for p in entries if p.is_file()):
+  if not files and any(dicom.is_dicom_file(p) for p in entries if p.is_file()):
     return single(f'{source.name}.nii.gz'), False
-  folders = [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
-  if not folders:
+  folders = [] if files else [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
+  if not files and not folders:
     layout = next(((images, labels) for images, labels in (('images', 'labels'), ('imagesTr', 'labelsTr'))
                    if (source / images).is_dir()), None)
     hint = (f'; a data set: --input={source / layout[0]} (and --labels={source / layout[1]} to score the '
@@ -124,7 +123,13 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
     suffixes = ', '.join(f'*{suffix}' for suffix in volumes.VOLUME_SUFFIXES)
     raise DataError(f'{source}: no NIfTI, MetaImage or NRRD file ({suffixes}) and no DICOM series in this '
                     f'directory{hint}')
-  return [(p, target / f'{p.name}.nii.gz') for p in folders], True
+  pairs = [(p, target / _mask_name(p)) for p in files] or [(p, target / f'{p.name}.nii.gz') for p in folders]
+  if target.name.lower().endswith(volumes.NIFTI_SUFFIXES) and not target.is_dir():
+    if len(pairs) > 1:
+      raise DataError(f'--output={target}: a mask file, and --input={source} holds {len(pairs)} scans, whose '
+                      'masks go into a folder; name a folder')
+    return [(pairs[0][0], target)], False
+  return pairs, True
 
 
 def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, dict]:

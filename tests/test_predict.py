@@ -6,6 +6,7 @@ import csv
 import itertools
 import os
 import pathlib
+import shutil
 import time
 
 import dcm2niix
@@ -267,6 +268,13 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
   report = (tmp_path / 'out' / 'report.md').read_text()
   assert report.count('](thickness/') == 2 and (tmp_path / 'out' / 'thickness' / 'b.png').exists()
   assert report.count('](slices/') == 2 and (tmp_path / 'out' / 'slices' / 'b.png').exists()
+  # A mask file named for a folder of several series is refused; for one series in a subfolder (as a
+  # viewer exports it), it is that series' mask, not a folder of that name.
+  with pytest.raises(DataError, match=r'holds 2 scans, whose masks go into a folder; name a folder$'):
+    predict._inputs(tmp_path / 'scans', tmp_path / 'mask.nii.gz')
+  shutil.copytree(tmp_path / 'scans' / 'b', tmp_path / 'export' / 'SE1')
+  assert predict._inputs(tmp_path / 'export', tmp_path / 'mask.nii.gz') == (
+      [(tmp_path / 'export' / 'SE1', tmp_path / 'mask.nii.gz')], False)
   [given] = predict.predict(_config(), workdir, tmp_path / 'scans' / 'b', tmp_path / 'b_mask.nii.gz',
                             laterality='R')
   assert given['laterality'] == 'R' and 'given by --laterality' in given['laterality_text']
