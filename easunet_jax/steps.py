@@ -185,10 +185,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   updated = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
                           opt_state=opt_state)
-  # A step with a non-finite loss or gradient changes nothing but the step count: train.nan_policy 'skip'
-  # goes on from the last finite state, and 'stop' never has a non-finite state to save.
+  # A step with a non-finite loss or gradient changes nothing but the step count and the learning-rate
+  # schedule's (which follows the steps, as PyTorch's scheduler.step() each iteration or nnU-Net's poly of
+  # the epoch): train.nan_policy 'skip' goes on from the last finite state, and 'stop' never has a
+  # non-finite state to save.
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-  new_state = new_state.replace(step=state.step + 1)
+  schedule_count = optax.tree_utils.tree_get(updated.opt_state, 'count')
+  new_state = new_state.replace(step=state.step + 1, opt_state=optax.tree_utils.tree_set(
+      new_state.opt_state, count=schedule_count))
   # Per-step outputs of shape (1,), so that clu applies the mask to them.
   return new_state, TrainMetrics.single_from_model_output(
       loss=loss[None], loss_final=loss_final[None], mask=finite[None], step=new_state.step,
