@@ -634,10 +634,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   small components' removal), stored as uint8 with the scale factor 1/255.
 
   A batch goes on past a scan that fails with a `DataError` (logged; the checks of its files before the model
-  loads included, which refuse a batch at once only if every scan fails them) and raises one naming the
-  failed scans at its end; its reports are rewritten after every scan, so a batch stopped part way keeps the
-  measures of the scans done. With `continue_prediction`, a batch keeps each scan that an earlier run with
-  the same model and settings finished (`_earlier_result`) and segments the rest.
+  loads included, which refuse a batch at once only if every scan fails them; a label map they refuse
+  leaves its scan unscored) and raises one naming the failed and unscored scans at its end; its reports are
+  rewritten after every scan, so a batch stopped part way keeps the measures of the scans done. With
+  `continue_prediction`, a batch keeps each scan that an earlier run with the same model and settings
+  finished (`_earlier_result`) and segments the rest.
 
   Beside the masks: each scan's thickness map (NIfTI in the scan's grid, and a PNG), its prediction on three
   sagittal slices (`figures.plot_prediction_slices`), and the measures of every scan per plate and
@@ -662,7 +663,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                     'overwrite each other; keep one')
   label_files = _label_files(pairs, labels, batch) if labels else {}
   inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
-  refused = {}  # {scan of a batch: why its files fail the checks}
+  refused, unscored = {}, {}  # {scan of a batch: why its files, or its label map's, fail the checks}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
     paths = _report_paths(target, batch)
     outputs = [target, paths['map']] + ([paths['probabilities']] if save_probabilities else [])
@@ -679,19 +680,30 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     try:
       if source.is_dir():
         dicom.find_series(source)
-        if source in label_files:
-          volumes.open_volume(label_files[source])
       elif series:
         raise DataError(f'{source}: a volume file, and --series picks a series of DICOM input')
       else:
-        volumes.check_headers(volumes.Case(source.name, source, label_files.get(source)))
+        volumes.check_headers(volumes.Case(source.name, source, None))
     except DataError as e:
       if not batch:
         raise
       refused[source] = ' '.join(str(e).split())  # the batch goes on without it, and ends in an error
+      continue
+    if source in label_files:
+      try:
+        if source.is_dir():
+          volumes.open_volume(label_files[source])
+        else:
+          volumes.check_headers(volumes.Case(source.name, source, label_files[source]))
+      except DataError as e:
+        if not batch:
+          raise
+        # Segmented (or kept) unscored, and named at the end with the failed scans.
+        unscored[source] = f'{" ".join(str(e).split())}: {source.name} is not scored'
+        del label_files[source]
   if refused and len(refused) == len(pairs):
     raise DataError(f'all {len(pairs)} scans fail their checks, e.g. {next(iter(refused.values()))}')
-  for error in refused.values():
+  for error in [*refused.values(), *unscored.values()]:
     logging.error('%s', error)
   step, network, pixel = load_network(config, workdir, model_file)
   logging.info('predict: step %d of %s, %d scan(s), pixel %s mm', step, model_file or workdir, len(pairs),
@@ -772,10 +784,15 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       print(f'3D Dice against the labels, {len(scored)} scan(s): FC {_mean_std(fc)} %, TC {_mean_std(tc)} %, '
             f'mean of FC and TC {np.mean([fc, tc]):.2f} %', flush=True)
     print(f'measures of {len(results)} scan(s): {", ".join(map(str, written))}', flush=True)
-  if failed:
-    names = ', '.join(source.name for source, _ in pairs if source in failed)
-    raise DataError(f'{len(failed)} of {len(pairs)} scans failed (their errors above): {names}; '
-                    f'the others are written to {output_path}')
+  if failed or unscored:
+    def names(chosen) -> str:
+      return ', '.join(source.name for source, _ in pairs if source in chosen)
+
+    problems = ([f'{len(failed)} of {len(pairs)} scans failed (their errors above): {names(failed)}']
+                if failed else [])
+    problems += ([f'{len(unscored)} of {len(pairs)} scans not scored (their label maps refused above): '
+                  f'{names(unscored)}'] if unscored else [])
+    raise DataError(f'{"; ".join(problems)}; the others are written to {output_path}')
   return results
 
 
