@@ -197,6 +197,18 @@ def test_table_is_the_mean_and_std_over_seeds_of_each_evaluation(runs):
   assert (workdir / 'dice.png').stat().st_size > 0
 
 
+def test_the_per_seed_stores_of_an_earlier_sweep_make_way_for_the_shared_one(tmp_path):
+  for seed in (0, 1):
+    (tmp_path / 'slices' / f'seed{seed}').mkdir(parents=True)
+    (tmp_path / 'slices' / f'seed{seed}' / 'fingerprint.json').write_text('{}')
+  (tmp_path / 'other' / 'seed0').mkdir(parents=True)  # a folder that holds more than stores is kept
+  (tmp_path / 'other' / 'seed0' / 'fingerprint.json').write_text('{}')
+  (tmp_path / 'other' / 'notes.txt').write_text('mine')
+  run.remove_per_seed_stores(tmp_path / 'slices')
+  run.remove_per_seed_stores(tmp_path / 'other')
+  assert not (tmp_path / 'slices').exists() and (tmp_path / 'other' / 'notes.txt').exists()
+
+
 def test_variants_of_one_title_get_a_bar_pair_each(tmp_path, monkeypatch):
   drawn = []
   monkeypatch.setattr(figures, '_save', lambda fig, out, **layout: drawn.append(fig))

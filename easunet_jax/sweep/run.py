@@ -1,9 +1,10 @@
 """Runs a sweep: its points (`points`) that have no evaluation yet, after the shared split and slice
-stores; the points themselves as processes (`launch`); then the table (`table`)."""
+store; the points themselves as processes (`launch`); then the table (`table`)."""
 
 import json
 import pathlib
 import shlex
+import shutil
 from collections.abc import Sequence
 
 import ml_collections
@@ -43,7 +44,18 @@ def prepare_shared_data(points: Sequence[Point], configs: dict[Point, ml_collect
     first = min(configs, key=lambda p: p.seed)  # the split of the lowest seed, whichever points run now
     preprocess.write_split_file(configs[first], workdir / first.name, split_file)
   # One store for all points: with a split file, a store does not depend on the seed.
+  remove_per_seed_stores(pathlib.Path(configs[points[0]].data.cache_dir))
   preprocess.prepare_data(configs[points[0]], workdir / points[0].name)
+
+
+def remove_per_seed_stores(store: pathlib.Path) -> None:
+  """Removes the stores <store>/seed<N> that a sweep of an earlier version kept, one per seed, where `store`
+  holds nothing else, so that its shared store can be built in their place."""
+  per_seed = [p for p in store.glob('seed*') if p.name[4:].isdigit() and (p / 'fingerprint.json').exists()]
+  if per_seed and sorted(store.iterdir()) == sorted(per_seed):
+    logging.info('%s: the per-seed slice stores of an earlier version of the sweep replaced by one shared '
+                 'store', store)
+    shutil.rmtree(store)
 
 
 def _check_same_data(configs: dict[Point, ml_collections.ConfigDict]) -> None:
