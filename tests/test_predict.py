@@ -337,7 +337,11 @@ def test_a_scan_is_never_overwritten(run, tmp_path):
   for output in (scan, scans, scans / '.'):  # the scan itself, or a mask of the same name beside it
     _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, scan, output)
   _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, scans, scans)
-  _one_line_error(DataError, 'a file; the masks of a directory', _config(), workdir, scans, scan)
+  _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, scans, scan)  # its one scan
+  (tmp_path / 'notes.txt').write_text('mine')
+  _one_line_error(DataError, 'a file; the masks of a directory', _config(), workdir, scans,
+                  tmp_path / 'notes.txt')
+  assert (tmp_path / 'notes.txt').read_text() == 'mine'
   thickness = scans / 'knee_thickness.nii.gz'  # the thickness map of a mask named knee.nii.gz
   thickness.write_bytes(canonical.read_bytes())
   _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, thickness,
