@@ -132,6 +132,18 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
   return pairs, True
 
 
+def _check_files(source: pathlib.Path, label: pathlib.Path | None, series: str | None) -> None:
+  """The checks of a scan's files (and its label map's) that fail a bad one before the model loads."""
+  if source.is_dir():
+    dicom.find_series(source)
+    if label:
+      volumes.open_volume(label)
+  elif series:
+    raise DataError(f'{source}: a volume file, and --series picks a series of DICOM input')
+  else:
+    volumes.check_headers(volumes.Case(source.name, source, label))
+
+
 def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, dict]:
   """The scan as a NIfTI image (a DICOM series converted in memory) and what its DICOM headers say."""
   if source.is_dir():
@@ -678,29 +690,21 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       if not os.access(written.parent, os.W_OK):
         raise DataError(f'{written.parent}: the output folder is not writable')
     try:
-      if source.is_dir():
-        dicom.find_series(source)
-      elif series:
-        raise DataError(f'{source}: a volume file, and --series picks a series of DICOM input')
-      else:
-        volumes.check_headers(volumes.Case(source.name, source, None))
+      _check_files(source, label_files.get(source), series)
     except DataError as e:
       if not batch:
         raise
-      refused[source] = ' '.join(str(e).split())  # the batch goes on without it, and ends in an error
-      continue
-    if source in label_files:
-      try:
-        if source.is_dir():
-          volumes.open_volume(label_files[source])
-        else:
-          volumes.check_headers(volumes.Case(source.name, source, label_files[source]))
-      except DataError as e:
-        if not batch:
-          raise
-        # Segmented (or kept) unscored, and named at the end with the failed scans.
-        unscored[source] = f'{" ".join(str(e).split())}: {source.name} is not scored'
+      error, label_only = ' '.join(str(e).split()), source in label_files
+      if label_only:  # the scan's own files read again, alone: is its label map the bad file?
+        try:
+          _check_files(source, None, series)
+        except DataError:
+          label_only = False
+      if label_only:  # segmented (or kept) unscored, and named at the end
+        unscored[source] = f'{error}: {source.name} is not scored'
         del label_files[source]
+      else:  # the batch goes on without it, and ends in an error
+        refused[source] = error
   if refused and len(refused) == len(pairs):
     raise DataError(f'all {len(pairs)} scans fail their checks, e.g. {next(iter(refused.values()))}')
   for error in [*refused.values(), *unscored.values()]:
