@@ -16,7 +16,7 @@ from ml_collections import config_flags  # noqa: E402
 from configs import default  # noqa: E402
 from easunet_jax import config_check, evaluate, parallel, predict, pretrained, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
-from easunet_jax.errors import ConfigError, UserError  # noqa: E402
+from easunet_jax.errors import ConfigError, UserError, exit_with  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo]; '
                                 'without it, --mode=predict uses the shipped model.', lock_config=True)
@@ -57,11 +57,6 @@ flags.DEFINE_integer('process_id', None, 'train.distributed: this process, 0 .. 
 FLAGS = flags.FLAGS
 
 
-def _exit_config_error(message: str) -> None:
-  print(f'error: {" ".join(message.split())}', file=sys.stderr)
-  sys.exit(ConfigError.exit_code)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, where a bad flag or --config.<field> override ends the run with one line and
   ConfigError's exit code (absl prints two lines, and a traceback for an unknown config field)."""
@@ -73,11 +68,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except OSError as e:  # the config file: only the last line of the chained report says why
     if '--verbose' in argv or '--verbose=true' in argv:
       raise
-    _exit_config_error(f'--config: {str(e).strip().splitlines()[-1]}')
+    exit_with(ConfigError(f'--config: {str(e).strip().splitlines()[-1]}'))
   except (flags.Error, AttributeError, KeyError, TypeError) as e:
     if '--verbose' in argv or '--verbose=true' in argv:
       raise
-    _exit_config_error(config_check.override_error(e, argv, default.get_config()))
+    exit_with(ConfigError(config_check.override_error(e, argv, default.get_config())))
 
 
 # What a stop left on disk, in each mode where Ctrl-C ends the run (training saves a checkpoint instead).
@@ -101,7 +96,8 @@ def _quiet_libraries(record) -> bool:
 
 def main(argv):
   if len(argv) > 1:
-    _exit_config_error(f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value>')
+    exit_with(ConfigError(
+        f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value>'))
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   # A path not in the locale's encoding (a Latin-1 folder name from a Windows export, held as surrogates)
   # is printed escaped, as stderr prints it, instead of stopping a run with UnicodeEncodeError.
@@ -109,16 +105,15 @@ def main(argv):
   config, model_file = FLAGS.config, None
   if config is None or FLAGS.weights:
     if FLAGS.mode != 'predict':
-      _exit_config_error(
+      exit_with(ConfigError(
           '--config is needed, except by --mode=predict (which may take --weights, and without either uses '
           'the shipped model)' if config is None else
-          '--weights is for --mode=predict; a run starts from a model file with --config.train.init_weights')
+          '--weights is for --mode=predict; a run starts from a model file with --config.train.init_weights'))
     model_file = FLAGS.weights or pretrained.SHIPPED
     try:
       config = pretrained.config_of(model_file, config)
     except UserError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(e.exit_code)
+      exit_with(e)
   # Predict and export run in one process: a model file trained on several hosts keeps the setting.
   if config.train.distributed and FLAGS.mode in ('predict', 'export'):
     logging.warning('train.distributed is for training, evaluation and preprocessing; --mode=%s runs in '
@@ -163,8 +158,7 @@ def main(argv):
   except UserError as e:  # what the user can fix, in one line; any other exception is a bug: traceback
     if FLAGS.verbose:
       raise
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(e.exit_code)
+    exit_with(e)
   except train.Stopped as e:  # the log said where it saved and how to resume
     sys.exit(e.exit_code)
   except KeyboardInterrupt:  # training saves and stops by itself; a stop elsewhere is no bug either

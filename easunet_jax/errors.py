@@ -5,6 +5,9 @@ was expected. `main.py` prints that line alone and exits with `exit_code`; any o
 and shows its traceback.
 """
 
+import sys
+from typing import NoReturn
+
 
 class UserError(Exception):
   """Something the user gave cannot be used; the message says what and what was expected, in one line."""
@@ -22,3 +25,10 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
   """No checkpoint where one is needed, a corrupt one, or one trained with another model."""
+
+
+def exit_with(error: UserError) -> NoReturn:
+  """Ends a command line program (main.py, the sweep) on a user error: 'error: <its message>' in one line on
+  stderr, and its exit code."""
+  print(f'error: {" ".join(str(error).split())}', file=sys.stderr)
+  sys.exit(error.exit_code)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import jax
 from absl import app, flags
 
-from easunet_jax.errors import ConfigError, UserError
+from easunet_jax.errors import ConfigError, UserError, exit_with
 from easunet_jax.sweep import run
 
 flags.DEFINE_string('sweep', None, 'Sweep file defining sweep(add), e.g. configs/sweep_table1.py[:demo].')
@@ -25,29 +25,23 @@ flags.mark_flags_as_required(['sweep', 'workdir'])
 FLAGS = flags.FLAGS
 
 
-def _exit_usage_error(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(ConfigError.exit_code)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, a bad or missing flag in one line with ConfigError's exit code, as main.py's."""
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _exit_usage_error(' '.join(str(e).split()))
+    exit_with(ConfigError(str(e)))
 
 
 def main(argv: Sequence[str], overrides: Sequence[str]) -> None:
   if len(argv) > 1:
-    _exit_usage_error(f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value> (config '
-                      'fields as --config.<field>=<value>)')
+    exit_with(ConfigError(f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value> '
+                          '(config fields as --config.<field>=<value>)'))
   try:
     finished = run.run_sweep(FLAGS.sweep, pathlib.Path(FLAGS.workdir).absolute(), FLAGS.seeds,
                              FLAGS.devices_per_run, FLAGS.dry_run, overrides)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(e.exit_code)
+    exit_with(e)
   if not finished:
     sys.exit(1)
 
