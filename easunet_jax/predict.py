@@ -646,9 +646,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   small components' removal), stored as uint8 with the scale factor 1/255.
 
   A batch goes on past a scan that fails with a `DataError` (logged; the checks of its files before the model
-  loads included, which refuse a batch at once only if every scan fails them; a label map they refuse
-  leaves its scan unscored) and raises one naming the failed and unscored scans at its end; its reports are
-  rewritten after every scan, so a batch stopped part way keeps the measures of the scans done. With
+  loads included, which refuse a batch at once only if every scan fails them; a label map they refuse,
+  or one holding values data.label_map does not know, leaves its scan unscored) and raises one naming the
+  failed and unscored scans at its end; its reports are rewritten after every scan, so a batch stopped part
+  way keeps the measures of the scans done. With
   `continue_prediction`, a batch keeps each scan that an earlier run with the same model and settings
   finished (`_earlier_result`) and segments the rest.
 
@@ -701,7 +702,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         except DataError:
           label_only = False
       if label_only:  # segmented (or kept) unscored, and named at the end
-        unscored[source] = f'{error}: {source.name} is not scored'
+        unscored[source] = _not_scored(e, source)
         del label_files[source]
       else:  # the batch goes on without it, and ends in an error
         refused[source] = error
@@ -745,8 +746,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       if target in kept:  # scored from its mask; scores it has are of the labels given then
         result = {k: v for k, v in kept[target].items() if k not in ('labels', 'scores')}
         if label:
-          result.update(labels=str(label),
-                        scores=evaluate.score_mask(target, label, values, config.data.label_map))
+          try:
+            result.update(labels=str(label),
+                          scores=evaluate.score_mask(target, label, values, config.data.label_map))
+          except DataError as e:  # values the label map should not hold: kept unscored
+            result['unscored'] = _not_scored(e, source)
       else:
         if batch:  # not done any more: a stop while it is rewritten must not keep the old result
           _report_paths(target, batch)['result'].unlink(missing_ok=True)
@@ -755,7 +759,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         result['compile_s'] = network.compile_s - compile_before
         result['seconds'] = time.perf_counter() - case_start - result['compile_s']
         result['forward_s'] = network.forward_s - forward_before
-      if label:
+      if why := result.pop('unscored', None):
+        unscored[source] = why
+        logging.error('%s', why)
+      elif label:
         _print_scores(source, result)
     except DataError as e:
       if not batch:
@@ -800,6 +807,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   return results
 
 
+def _not_scored(error: DataError, source: pathlib.Path) -> str:
+  """Why a batch scan goes unscored: its label map's error, on one line."""
+  return f"{' '.join(str(error).split())}: {source.name} is not scored"
+
+
 def _mean_std(values: Sequence[float]) -> str:
   summary = metrics.summarize(values)
   return metrics.mean_std_text(summary['mean'], summary['std'])
@@ -811,10 +823,17 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
                   save_probabilities: bool) -> dict:
   """Segments one scan into `target` and writes its thickness map and figures (`_report_paths`; and its
   class probabilities if `save_probabilities`), scored against its `label` map if given; returns its
-  result (`predict`'s, less the timings)."""
+  result (`predict`'s, less the timings). A batch scan whose label map holds values that data.label_map does
+  not know, or lies on another grid, is segmented unscored: its result says why under 'unscored'."""
   nii, info = _read(source, series)
-  truth = None if label is None else volumes.labels_on_grid(
-      nii, volumes.Case(source.name, source, label), config.data.label_map)
+  truth, unscored = None, None
+  if label is not None:
+    try:
+      truth = volumes.labels_on_grid(nii, volumes.Case(source.name, source, label), config.data.label_map)
+    except DataError as e:
+      if not batch:
+        raise
+      label, unscored = None, _not_scored(e, source)
   if info:
     found = '; '.join(f"{s['name']} '{s['description']}' ({s['slices']} slices)"
                       for s in info['series_found'])
@@ -899,6 +918,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
             'rotation_deg': degrees}
   if truth is not None:
     result.update(labels=str(label), scores=evaluate.label_scores(classes, truth, spacing))
+  if unscored:
+    result['unscored'] = unscored
   print(f"{source.name}: {result['laterality_text']}; FC {table['fc']['volume_mm3']:.0f} mm^3, mean "
         f"thickness {table['fc']['thickness_mean_mm']:.2f} mm; TC {table['tc']['volume_mm3']:.0f} mm^3, "
         f"mean thickness {table['tc']['thickness_mean_mm']:.2f} mm -> {target}", flush=True)

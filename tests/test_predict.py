@@ -393,23 +393,27 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
 
 
 def test_a_batch_goes_past_scans_whose_files_fail_the_checks(run, tmp_path, monkeypatch):
-  """A scan refused by the checks before the model loads fails alone, a refused label map leaves its scan
+  """A scan refused by the checks before the model loads fails alone, a refused label map, or one of
+  unknown values (read only as the scan is segmented, or scored from its kept mask), leaves its scan
   unscored (its measures reported); a batch of which every scan fails them is refused at once."""
   workdir, canonical, _ = run
   monkeypatch.setattr(predict.Network, '__call__', _thresholds)
   scans, labels = tmp_path / 'scans', tmp_path / 'labels'
   scans.mkdir(), labels.mkdir()
   nii = nib.load(canonical)
-  for name in ('a', 'b', 'c'):
+  for name in ('a', 'b', 'c', 'd'):
     (scans / f'{name}.nii.gz').write_bytes(canonical.read_bytes())
     nib.save(nib.Nifti1Image(np.zeros(nii.shape, np.uint8), nii.affine), labels / f'{name}.nii.gz')
   (scans / 'a.nii.gz').write_bytes(b'not a volume')
   (labels / 'c.nii.gz').write_bytes(b'not a volume either')
-  _one_line_error(DataError, r'^1 of 3 scans failed \(their errors above\): a.nii.gz; 1 of 3 scans not '
-                  r'scored \(their label maps refused above\): c.nii.gz; the others', _config(), workdir,
-                  scans, tmp_path / 'out', labels=labels)
-  assert _scans_in_csv(tmp_path / 'out' / 'measures.csv') == ['b.nii.gz', 'c.nii.gz']
-  assert _scans_in_csv(tmp_path / 'out' / 'scores.csv') == ['b.nii.gz']
+  nib.save(nib.Nifti1Image(np.full(nii.shape, 9, np.uint8), nii.affine), labels / 'd.nii.gz')
+  for continuing in (False, True):  # d segmented, then kept
+    _one_line_error(DataError, r'^1 of 4 scans failed \(their errors above\): a.nii.gz; 2 of 4 scans not '
+                    r'scored \(their label maps refused above\): c.nii.gz, d.nii.gz; the others', _config(),
+                    workdir, scans, tmp_path / 'out', labels=labels, continue_prediction=continuing)
+    assert _scans_in_csv(tmp_path / 'out' / 'measures.csv') == ['b.nii.gz', 'c.nii.gz', 'd.nii.gz']
+    assert _scans_in_csv(tmp_path / 'out' / 'scores.csv') == ['b.nii.gz']
+  (scans / 'd.nii.gz').unlink()
   (scans / 'b.nii.gz').write_bytes(b'')
   (scans / 'c.nii.gz').write_bytes(b'')
   _one_line_error(DataError, r'all 3 scans fail their checks, e.g. .*a.nii.gz', _config(), workdir, scans,
