@@ -151,12 +151,13 @@ def training_batch(batch: dict[str, jax.Array], key: jax.Array, *, augment_range
                    synthesise: bool) -> dict[str, jax.Array]:
   """The batch a train step learns from: the store's compact dtypes widened; augmented within
   `augment_ranges` unless None (`augment_ranges(config.data)`); with `synthesise` its images drawn from its
-  tissue maps (`data.synth`, after the spatial augmentation, which moves tissue and labels alike)."""
-  batch = {'image': batch['image'].astype(jnp.float32), 'label': batch['label'].astype(jnp.int32),
-           **({'tissue': batch['tissue'].astype(jnp.int32)} if synthesise else {})}
+  tissue maps (`data.synth`, after the spatial augmentation, which moves tissue and labels alike; the
+  store holds no training images then)."""
   if synthesise:
-    del batch['image']  # drawn below from the (augmented) tissue map
+    batch = {'label': batch['label'].astype(jnp.int32), 'tissue': batch['tissue'].astype(jnp.int32)}
     key, synth_key = jax.random.split(key)  # two streams: augmentation splits its key per slice
+  else:
+    batch = {'image': batch['image'].astype(jnp.float32), 'label': batch['label'].astype(jnp.int32)}
   if augment_ranges is not None:
     batch = augment.augment(key, batch, augment_ranges)
   if synthesise:

@@ -308,7 +308,7 @@ def test_cases_in_worker_processes_build_the_same_store(data_cfg, tmp_path, monk
   assert json.loads((two / 'skipped.json').read_text()).keys() == {'outside_map'}
   files = sorted(p.relative_to(one) for p in one.rglob('*') if p.is_file())
   assert files == sorted(p.relative_to(two) for p in two.rglob('*') if p.is_file())
-  assert pathlib.Path('val/images.npy') in files
+  assert pathlib.Path('val/images.npy') in files and pathlib.Path('train/images.npy') not in files
   for name in files:
     assert (one / name).read_bytes() == (two / name).read_bytes(), name
 

@@ -17,7 +17,8 @@ from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
 class SliceSource(grain.sources.RandomAccessDataSource):
   """Random access to one split of the slice store ({'image' (H, W, 1) float16, 'label' (H, W) uint8, and
-  'tissue' (H, W) uint8 when the store has tissue maps}), its .npy files memory-mapped."""
+  'tissue' (H, W) uint8 when the store has tissue maps; no 'image' in data.synth's training split}), its
+  .npy files memory-mapped."""
 
   def __init__(self, split_dir: str | pathlib.Path):
     self._dir = pathlib.Path(split_dir)
@@ -41,7 +42,8 @@ class SliceSource(grain.sources.RandomAccessDataSource):
     # The store's compact dtypes (float16, uint8) go to the devices as they are: 3 bytes a pixel to move
     # instead of 8, and no conversion on the host. The train step widens them.
     row = {kind: np.array(array[i]) for kind, array in self._arrays.items()}
-    row['image'] = row['image'][..., None]
+    if 'image' in row:
+      row['image'] = row['image'][..., None]
     return row
 
   def __repr__(self) -> str:

@@ -2,7 +2,8 @@
 
 Layout under the store directory: splits.json, fingerprint.json, skipped.json and per split
 <split>/images.npy (N, H, W) float16 in [0, 1], <split>/labels.npy (N, H, W) uint8 training classes, with
-data.synth <split>/tissues.npy (N, H, W) uint8 tissue codes (`synth`), and <split>/index.json (one entry
+data.synth <split>/tissues.npy (N, H, W) uint8 tissue codes (`synth`) and no training images (the train
+step draws them from the tissue maps), and <split>/index.json (one entry
 per row: case, slice, in-plane and sagittal spacing, whether it holds cartilage, and the zero padding that
 centres it in the store's slice size, a multiple of the network's stride).
 """
@@ -195,13 +196,15 @@ def _skip(skipped: dict[str, str], case_id: str, error: DataError) -> None:
 
 
 def _case_slices(case: volumes.Case, label_map: Sequence[Sequence[int]], synth_tissues: bool,
-                 keep_empty: bool, size: tuple[int, int], out: pathlib.Path) -> list[dict] | DataError:
+                 keep_empty: bool, with_images: bool, size: tuple[int, int], out: pathlib.Path
+                 ) -> list[dict] | DataError:
   """Writes one case's slices as <id>.<kind>.tmp.npy files into `out` and returns their index entries, or
-  the DataError that skips the case (returned, not raised: a worker process's other cases go on)."""
+  the DataError that skips the case (returned, not raised: a worker process's other cases go on). Without
+  `with_images` (data.synth's training split) its image is neither read nor synthesised."""
   try:
     if case.image is None and not synth_tissues:
       raise DataError('no image file (a label map alone trains only with data.synth=True)')
-    if case.image is None:
+    if case.image is None or not with_images:
       source, spacing = volumes.load_labels(case, label_map)
       labels = volumes.remap_labels(source, label_map)
     else:
@@ -209,14 +212,15 @@ def _case_slices(case: volumes.Case, label_map: Sequence[Sequence[int]], synth_t
     tissue = _tissues(case, label_map) if synth_tissues else None
     if tissue is not None and tissue.shape != labels.shape:
       raise DataError(f'tissue map {_tissue_path(case)} of shape {tissue.shape}, labels {labels.shape}')
-    if case.image is None:
+    if case.image is None and with_images:
       image = synthetic_image(tissue, case.id)
   except DataError as e:
     return e
   cartilage = labels.reshape(len(labels), -1).any(axis=1)
   rows = np.arange(len(labels)) if keep_empty else np.flatnonzero(cartilage)
   pad = [centred_padding(n, target) for n, target in zip(labels.shape[1:], size)]
-  np.save(out / f'{case.id}.images.tmp.npy', np.pad(normalise(image)[rows], [(0, 0), *pad]))
+  if with_images:
+    np.save(out / f'{case.id}.images.tmp.npy', np.pad(normalise(image)[rows], [(0, 0), *pad]))
   np.save(out / f'{case.id}.labels.tmp.npy', np.pad(labels[rows], [(0, 0), *pad]))
   if tissue is not None:
     np.save(out / f'{case.id}.tissues.tmp.npy', np.pad(tissue[rows], [(0, 0), *pad]))
@@ -235,13 +239,16 @@ def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]
   """Each split's slices under store/<split>/, every case's in one of `workers` processes (`_case_slices`);
   returns the ids written per split. A case failing its checks is skipped whole: per-case temporary files
   are written only after its checks pass, and give the row count before the memmap."""
-  jobs, parts, index = [], {}, {}
+  jobs, parts, index, kinds = [], {}, {}, {}
   label_map = tuple(map(tuple, data_cfg.label_map))
   for name, cases in split_cases.items():
     (store / name).mkdir()
     keep_empty = name != 'train' or data_cfg.train_slices == 'all'
-    jobs += [(name, (case, label_map, data_cfg.synth, keep_empty, size, store / name)) for case in cases]
+    with_images = name != 'train' or not data_cfg.synth
+    jobs += [(name, (case, label_map, data_cfg.synth, keep_empty, with_images, size, store / name))
+             for case in cases]
     parts[name], index[name] = [], []
+    kinds[name] = ['images'] * with_images + ['labels'] + ['tissues'] * data_cfg.synth
   progress = Progress(len(jobs))
   results = map_in_order(_case_slices, [job for _, job in jobs], workers, initializer=_jax_on_cpu)
   for (name, (case, *_)), rows in zip(jobs, results, strict=True):
@@ -253,16 +260,17 @@ def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]
     index[name] += rows
     _case_done(progress, f'{case.id}: {len(rows)} slices')
   for name in split_cases:
-    _gather(store / name, parts[name], len(index[name]), data_cfg.synth, size)
+    _gather(store / name, parts[name], len(index[name]), kinds[name], size)
     (store / name / 'index.json').write_text(json.dumps(index[name]))
   return parts
 
 
-def _gather(out: pathlib.Path, parts: Sequence[str], num_rows: int, with_tissues: bool,
+def _gather(out: pathlib.Path, parts: Sequence[str], num_rows: int, kinds: Sequence[str],
             size: tuple[int, int]) -> None:
-  """The split's per-case temporary files, in `parts` order, into one .npy file per kind."""
-  kinds = [('images', np.float16), ('labels', np.uint8)] + [('tissues', np.uint8)] * with_tissues
-  for kind, dtype in kinds:
+  """The split's per-case temporary files, in `parts` order, into one .npy file per kind ('images',
+  'labels', 'tissues')."""
+  for kind in kinds:
+    dtype = np.float16 if kind == 'images' else np.uint8
     if not num_rows:  # an empty split: np.memmap cannot map zero bytes
       np.save(out / f'{kind}.npy', np.zeros((0, *size), dtype))
       continue
