@@ -6,28 +6,33 @@ import json
 import math
 import pathlib
 from collections.abc import Sequence
+from typing import Any
 
-import matplotlib
+import matplotlib.figure
+import matplotlib.patches
 import numpy as np
 
 from easunet_jax.data.volumes import CLASSES
 
-matplotlib.use('Agg')  # files only: no display on servers and CI
-import matplotlib.pyplot as plt
-
 COLOURS = {'fc': (1.0, 0.25, 0.1), 'tc': (0.1, 0.6, 1.0)}  # overlay colours, far apart for colour-blind eyes
+
+
+def _subplots(*grid: int, figsize: tuple[float, float], **kwargs) -> tuple[matplotlib.figure.Figure, Any]:
+  """A figure of 120 dpi and its axes (`Figure.subplots`), made without pyplot: files only, so no display
+  is needed, and the backend and figure list of a program that imports this module stay its own."""
+  fig = matplotlib.figure.Figure(figsize=figsize, dpi=120)
+  return fig, fig.subplots(*grid, **kwargs)
 
 
 def _save(fig: matplotlib.figure.Figure, out: pathlib.Path, **layout) -> None:
   fig.tight_layout(**layout)
   fig.savefig(out)
-  plt.close(fig)
 
 
 def plot_loss_curves(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
   """loss_curves.png: the training and validation losses against step (paper Fig. 8/9)."""
   rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  fig, ax = _subplots(figsize=(6, 4))
   # val/loss is the final output's CE + Dice, like train/loss_final; train/loss adds the side outputs.
   curves = (('train/loss', '-', 'train/loss (with side outputs)'),
             ('train/loss_final', '--', 'train/loss_final'), ('val/loss', 'o-', 'val/loss'))
@@ -53,7 +58,7 @@ def _overlay(image_HW: np.ndarray, classes_HW: np.ndarray) -> np.ndarray:
 
 def plot_overlays(samples: Sequence[dict], out: pathlib.Path) -> None:
   """overlays.png: image | label | prediction for each sample slice (paper Fig. 10)."""
-  fig, axes = plt.subplots(len(samples), 3, figsize=(9, 3 * len(samples)), dpi=120, squeeze=False)
+  fig, axes = _subplots(len(samples), 3, figsize=(9, 3 * len(samples)), squeeze=False)
   for row, s in zip(axes, samples):
     panels = (np.repeat(s['image'][..., None], 3, axis=-1), _overlay(s['image'], s['label']),
               _overlay(s['image'], s['pred']))
@@ -74,7 +79,7 @@ def dice_bars(rows: Sequence[dict], out: pathlib.Path) -> None:
   variant per bar pair (two may share a title), labelled by its title."""
   variants = {r['variant']: r['model'] for r in rows}
   x = np.arange(len(variants))
-  fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(variants)), 4), dpi=120)
+  fig, ax = _subplots(figsize=(max(5, 1.4 * len(variants)), 4))
   for offset, cartilage in ((-0.2, 'fc'), (0.2, 'tc')):
     chosen = [r for r in rows if r['cartilage'] == cartilage]
     ax.bar(x + offset, [r['dice_mean'] for r in chosen], width=0.4, label=cartilage.upper(),
@@ -93,7 +98,7 @@ def plot_thickness_maps(thickness: np.ndarray, plates: dict[str, np.ndarray], sp
   below and of the tibial cartilage seen from above, the way readers look at them, anterior up, on one
   colour scale in mm. `thickness` and `plates` are (S, H, W) in closest-canonical RAS order; `sides` names
   the halves of the lower and the higher axis-0 index (`measures.side_names`)."""
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=120)
+  fig, axes = _subplots(1, 2, figsize=(10, 4.6))
   vmax = max(4.0, float(np.percentile(thickness[thickness > 0], 99))) if thickness.any() else 4.0
   extent = (0, thickness.shape[0] * spacing[0], 0, thickness.shape[1] * spacing[1])
   for ax, (name, view) in zip(axes, (('fc', 'femoral cartilage from below'),
@@ -110,7 +115,6 @@ def plot_thickness_maps(thickness: np.ndarray, plates: dict[str, np.ndarray], sp
   fig.colorbar(image, ax=axes, label='thickness (mm)', shrink=0.85)
   fig.suptitle(title, fontsize=11)
   fig.savefig(out, bbox_inches='tight')
-  plt.close(fig)
 
 
 def cartilage_slices(classes: np.ndarray, count: int = 3) -> list[int]:
@@ -135,8 +139,8 @@ def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequ
   low, high = np.percentile(image[chosen], (1, 99.5))
   grey = np.clip((image[chosen] - low) / max(high - low, 1e-6), 0, 1)
   rows = [('scan', None), ('prediction', classes)] + ([] if labels is None else [('labels', labels)])
-  fig, axes = plt.subplots(len(rows), len(chosen), figsize=(4 * len(chosen), 4.2 * len(rows)), dpi=120,
-                           squeeze=False)
+  fig, axes = _subplots(len(rows), len(chosen), figsize=(4 * len(chosen), 4.2 * len(rows)),
+                        squeeze=False)
   extent = (0, image.shape[1] * spacing[1], 0, image.shape[2] * spacing[2])
   for column, x in enumerate(chosen):
     for ax, (name, tinted) in zip(axes[:, column], rows):
@@ -163,7 +167,7 @@ def plot_bland_altman(truth: Sequence[float], measured: Sequence[float], groups:
   kept = np.isfinite(truth) & np.isfinite(measured)
   mean, difference = ((truth + measured) / 2)[kept], (measured - truth)[kept]
   groups = np.asarray(groups)[kept]
-  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+  fig, ax = _subplots(figsize=(6, 4.5))
   for group in dict.fromkeys(groups):
     chosen = groups == group
     ax.scatter(mean[chosen], difference[chosen], s=18, label=group)
