@@ -324,17 +324,24 @@ def test_a_cache_dir_of_other_files_is_not_deleted(data_cfg, tmp_path):
 
 def test_images_without_labels_are_skipped_also_with_synth(data_cfg, tmp_path):
   """An image without its label map, or a data set without its labels folder: the cases are skipped with
-  a warning (contrast synthesis too), not a traceback."""
+  a warning (contrast synthesis too), not a traceback. A label map without its image is a case for contrast
+  synthesis, and skipped without it."""
   root = tmp_path / 'data'
   for kind in ('images', 'labels', 'tissues'):
     (root / kind).mkdir(parents=True)
-    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir())[:4]:
+    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir())[:5]:
       (root / kind / path.name).symlink_to(path)
   (root / 'labels' / 'phantom_003.nii.gz').unlink()
+  (root / 'images' / 'phantom_004.nii.gz').unlink()
   cfg = data_cfg.copy_and_resolve_references()
   cfg.update(root=str(root), synth=True, split=(0.5, 0.25, 0.25))
   store = preprocess.ensure_slice_store(cfg, tmp_path / 'store', seed=0, multiple=16)
   assert list(json.loads((store / 'skipped.json').read_text())) == ['phantom_003']
+  assert 'phantom_004' in sum(json.loads((store / 'splits.json').read_text()).values(), [])
+  cfg.synth = False
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'store', seed=0, multiple=16)
+  skipped = json.loads((store / 'skipped.json').read_text())
+  assert list(skipped) == ['phantom_003', 'phantom_004'] and 'no image file' in skipped['phantom_004']
   no_labels = tmp_path / 'no_labels'
   (no_labels / 'images').mkdir(parents=True)
   (no_labels / 'images' / 'a.nii.gz').symlink_to(root / 'images' / 'phantom_000.nii.gz')

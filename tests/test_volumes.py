@@ -43,6 +43,22 @@ def test_discover_both_layouts_sorted_with_unlabelled_images(tmp_path, nnunet):
   assert volumes.load_image(cases[2].image)[0].shape == (4, 5, 6)  # still predictable
 
 
+@pytest.mark.parametrize('nnunet', [False, True])
+def test_label_maps_without_images_are_cases_of_their_own(tmp_path, nnunet):
+  """An empty image folder counts as none (label maps alone), and a label map beside images that has none
+  of its own is a case with image None (for data.synth), not dropped."""
+  image, labels, affine = _small_case(np.random.default_rng(1))
+  for case_id in ('a', 'b'):
+    _write_pair(tmp_path, case_id, image, labels, affine, nnunet)
+  image_dir = tmp_path / ('imagesTr' if nnunet else 'images')
+  for path in image_dir.iterdir():
+    path.unlink()
+  assert [(c.id, c.image) for c in volumes.discover_cases(tmp_path)] == [('a', None), ('b', None)]
+  volumes.save_volume(image_dir / ('b_0000.nii.gz' if nnunet else 'b.nii.gz'), image, affine)
+  assert [(c.id, c.image is None, c.label.name) for c in volumes.discover_cases(tmp_path)] == [
+      ('a', True, 'a.nii.gz'), ('b', False, 'b.nii.gz')]
+
+
 def test_a_case_in_two_files_is_an_error_and_misnamed_images_are_warned_of(tmp_path, caplog):
   image, labels, affine = _small_case(np.random.default_rng(8))
   _write_pair(tmp_path / 'twice', 'c0', image, labels, affine)

@@ -202,8 +202,6 @@ def _case_slices(case: volumes.Case, label_map: Sequence[Sequence[int]], synth_t
   the DataError that skips the case (returned, not raised: a worker process's other cases go on). Without
   `with_images` (data.synth's training split) its image is neither read nor synthesised."""
   try:
-    if case.image is None and not synth_tissues:
-      raise DataError('no image file (a label map alone trains only with data.synth=True)')
     if case.image is None or not with_images:
       source, spacing = volumes.load_labels(case, label_map)
       labels = volumes.remap_labels(source, label_map)
@@ -305,13 +303,17 @@ def _no_usable_case(root: str, total: int) -> DataError:
   return DataError(f'{root}: no usable case, all {total} skipped (see the warnings above)')
 
 
-def _usable(cases: Sequence[volumes.Case], skipped: dict[str, str]) -> list[volumes.Case]:
-  """The cases with a label whose headers pass the cheap checks; the others go to skipped."""
+def _usable(cases: Sequence[volumes.Case], skipped: dict[str, str], synth: bool) -> list[volumes.Case]:
+  """The cases with a label (and an image, unless `synth`) whose headers pass the cheap checks; the others
+  go to skipped."""
   usable = []
   for case in cases:
     try:
       if case.label is None:
         raise DataError(f'no label file for {case.image.name}')
+      if case.image is None and not synth:
+        raise DataError(f'no image file for {case.label.name} (a label map alone trains only with '
+                        'data.synth=True)')
       volumes.check_headers(case)
       usable.append(case)
     except DataError as e:
@@ -349,7 +351,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     raise DataError(f'data.cache_dir {cache_dir}: a folder of other files than a slice store (it has no '
                     'fingerprint.json), which building the store would delete; name a new or empty folder')
   skipped = {}
-  usable = _usable(cases, skipped)
+  usable = _usable(cases, skipped, data_cfg.synth)
   if not usable:
     raise _no_usable_case(data_cfg.root, len(cases))
   ids = [c.id for c in usable]

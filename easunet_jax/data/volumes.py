@@ -95,10 +95,10 @@ def label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
 def discover_cases(root: str | pathlib.Path) -> list[Case]:
   """Images under root (images/+labels/ or nnU-Net imagesTr/+labelsTr/) with their labels, sorted by id.
 
-  An image without a label is returned with label None: predictable, and for the caller to report. A root
-  with label maps only (labels/ or labelsTr/ and no image folder, or OAI-ZIB's release: its
-  [segmentation/]segmentation_masks/<id>.segmentation_masks.mhd) gives cases with image None, which
-  contrast synthesis (data.synth) trains on.
+  An image without a label is returned with label None: predictable, and for the caller to report. A label
+  map without an image (beside images, or in a root with label maps only: labels/ or labelsTr/ and no image
+  folder or an empty one, or OAI-ZIB's release: its [segmentation/]segmentation_masks/<id>.segmentation_masks
+  .mhd) is a case with image None, which contrast synthesis (data.synth) trains on.
   """
   root = pathlib.Path(root)
   nnunet = (root / 'imagesTr').is_dir() or (root / 'labelsTr').is_dir()
@@ -106,7 +106,8 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
     image_dir, label_dir, image_suffix = root / 'imagesTr', root / 'labelsTr', '_0000'
   else:
     image_dir, label_dir, image_suffix = root / 'images', root / 'labels', ''
-  if not image_dir.is_dir():
+  images = _volume_files(image_dir)
+  if not images:
     label_suffix = ''
     # OAI-ZIB's release (label maps without pose, of DESS scans stored sagittal, posterior, superior), at
     # its top folder or its segmentation/ folder; its classification/ folder labels bones only.
@@ -116,18 +117,14 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
         raise DataError(f"{root}: OAI-ZIB's classification/ masks label bones only (1 femur, 2 tibia, read "
                         'here as femoral cartilage); its segmentation/ folder holds the cartilage labels')
       label_dir, label_suffix = zib[0] / 'segmentation_masks', '.segmentation_masks'
-    if label_dir.is_dir():
-      cases = [Case(stem.removesuffix(label_suffix), None, path) for path in sorted(label_dir.iterdir())
-               if (stem := volume_stem(path.name)) and not path.name.startswith('.')]
-      if cases:
-        return _one_file_per_case(cases)
+    if cases := [Case(stem.removesuffix(label_suffix), None, path)
+                 for stem, path in _volume_files(label_dir)]:
+      return _one_file_per_case(cases)
     raise DataError(f'{root}: expected images/ + labels/ or imagesTr/ + labelsTr/ with .nii.gz volumes '
-                    "(or labels/ alone for data.synth, or OAI-ZIB's segmentation_masks/)")
+                    "(or labels/ alone for data.synth, or OAI-ZIB's segmentation_masks/)"
+                    + (f'; {image_dir.name}/ holds no volume file' if image_dir.is_dir() else ''))
   cases, ignored = [], []
-  for image in sorted(image_dir.iterdir()):
-    stem = volume_stem(image.name)
-    if not stem or image.name.startswith('.'):
-      continue
+  for stem, image in images:
     if not stem.endswith(image_suffix):
       ignored.append(image.name)
       continue
@@ -138,7 +135,18 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   if ignored:  # other channels (_0001, ...), which this one-channel model cannot use, or misnamed images
     logging.warning('%s: %d volume file(s) not named <id>_0000 ignored (other channels, or misnamed): %s',
                     image_dir, len(ignored), ', '.join(ignored[:5]) + (', ...' if len(ignored) > 5 else ''))
+  labelled = {c.label for c in cases}
+  cases += [Case(stem, None, path) for stem, path in _volume_files(label_dir) if path not in labelled]
   return _one_file_per_case(sorted(cases, key=lambda c: c.id))
+
+
+def _volume_files(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
+  """(stem, path) of `folder`'s volume files (`volume_stem`; hidden files left out), sorted; none where the
+  folder is missing."""
+  if not folder.is_dir():
+    return []
+  return [(stem, path) for path in sorted(folder.iterdir())
+          if (stem := volume_stem(path.name)) and not path.name.startswith('.')]
 
 
 def _one_file_per_case(cases: list[Case]) -> list[Case]:
