@@ -292,20 +292,25 @@ def test_a_killed_builds_folder_goes_also_where_the_store_is_current(store, data
 
 
 def test_cases_in_worker_processes_build_the_same_store(data_cfg, tmp_path, monkeypatch):
-  """Label maps alone (synthetic validation images: JAX in the workers) and a case that is skipped: two
-  worker processes write the store a single process writes, byte for byte."""
+  """Label maps alone (synthetic validation images: JAX in the workers) and cases that are skipped (a value
+  outside data.label_map, no cartilage under it): two worker processes write the store a single process
+  writes, byte for byte."""
   for path in sorted(pathlib.Path(data_cfg.root, 'labels').iterdir()):
     (tmp_path / 'labels').mkdir(exist_ok=True)
     (tmp_path / 'labels' / path.name).write_bytes(path.read_bytes())
   _, labels, affine = phantom.make_subject(1, SHAPE, SPACING)
   volumes.save_volume(tmp_path / 'labels' / 'outside_map.nii.gz', np.where(labels == 2, 9, labels), affine)
+  volumes.save_volume(tmp_path / 'labels' / 'no_cartilage.nii.gz', np.where(labels % 2, labels, 0), affine)
   cfg = default.get_config().data
   cfg.root, cfg.synth = str(tmp_path), True
   one = preprocess.ensure_slice_store(cfg, tmp_path / 'one', seed=0, multiple=16)
   monkeypatch.setattr(preprocess, '_PARALLEL_MIN_VOXELS', 0)
   monkeypatch.setattr(preprocess, 'cpus', lambda: 2)
   two = preprocess.ensure_slice_store(cfg, tmp_path / 'two', seed=0, multiple=16)
-  assert json.loads((two / 'skipped.json').read_text()).keys() == {'outside_map'}
+  skipped = json.loads((two / 'skipped.json').read_text())
+  assert skipped.keys() == {'outside_map', 'no_cartilage'}
+  assert skipped['no_cartilage'].endswith('holds none of the values data.label_map makes cartilage (2, 4): '
+                                          'check data.label_map')
   files = sorted(p.relative_to(one) for p in one.rglob('*') if p.is_file())
   assert files == sorted(p.relative_to(two) for p in two.rglob('*') if p.is_file())
   assert pathlib.Path('val/images.npy') in files and pathlib.Path('train/images.npy') not in files
