@@ -3,6 +3,7 @@ and label remapping."""
 
 
 import gzip
+import json
 import logging
 
 import metaimage
@@ -13,7 +14,7 @@ import SimpleITK as sitk
 
 from easunet_jax import predict
 from easunet_jax.data import knee, volumes
-from easunet_jax.errors import DataError
+from easunet_jax.errors import ConfigError, DataError
 
 IDENTITY_MAP = ((1, 1), (2, 2), (3, 3), (4, 4))
 
@@ -380,3 +381,25 @@ def test_a_mask_of_this_tools_own_values_given_as_labels_is_warned_of(tmp_path, 
   with caplog.at_level(logging.WARNING):
     volumes.load_labels(case, ((1, 1), (2, 2)))
   assert not caplog.records
+
+
+def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_path):
+  """nnU-Net's dataset.json (v2 {name: value}, v1 {value: name}) that names the cartilage by other values
+  than data.label_map maps is a one-line error giving the map its names make; names it cannot read as
+  cartilage say nothing."""
+  def check(labels, label_map=((2, 1), (4, 2))):
+    (tmp_path / 'dataset.json').write_text(json.dumps({'labels': labels, 'file_ending': '.nii.gz'}))
+    volumes.check_dataset_json(tmp_path, label_map)
+
+  volumes.check_dataset_json(tmp_path, ((2, 1), (4, 2)))  # none
+  check({'background': 0, 'femur': 1, 'femoral_cartilage': 2, 'tibia': 3, 'tibial_cartilage': 4})
+  check({'0': 'background', '1': 'Femur', '2': 'Femoral Cartilage', '3': 'Tibia', '4': 'Tibial Cartilage'})
+  check({'background': 0, 'label_a': 1, 'label_b': 2})
+  check({'background': 0, 'femur': 1, 'femoral cartilage': 2, 'tibia': 3, 'medial tibial cartilage': 4,
+         'lateral tibial cartilage': 5}, ((2, 1), (4, 2), (5, 2)))
+  with pytest.raises(ConfigError, match=r"^\S+dataset.json names the cartilage labels \(\(1, 1\), \(2, 2\)\) "
+                     r"\(value, class: 1 femoral, 2 tibial\), data.label_map gives \(\(2, 1\), \(4, 2\)\): "
+                     r"pass --config.data.label_map='\(\(1, 1\), \(2, 2\)\)'$"):
+    check({'background': 0, 'femoral_cartilage': 1, 'tibial_cartilage': 2, 'femur': 3, 'tibia': 4})
+  with pytest.raises(ConfigError, match=r"label_map='\(\(2, 1\), \(4, 2\), \(5, 2\)\)'"):
+    check({'background': 0, 'femur': 1, 'FC': 2, 'tibia': 3, 'MTC': 4, 'LTC': 5})

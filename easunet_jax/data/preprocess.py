@@ -337,6 +337,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   cache_dir = pathlib.Path(cache_dir)
   _remove_stale_builds(cache_dir)  # also where the store is current: a killed rebuild's is as large
   cases = volumes.discover_cases(data_cfg.root)
+  volumes.check_dataset_json(data_cfg.root, data_cfg.label_map)
   fingerprint = _fingerprint(cases, data_cfg, seed, multiple)
   old_path = cache_dir / 'fingerprint.json'
   if old_path.exists():

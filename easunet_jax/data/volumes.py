@@ -5,6 +5,7 @@ import bz2
 import collections
 import contextlib
 import gzip
+import json
 import os
 import pathlib
 import re
@@ -16,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 
-from easunet_jax.errors import DataError
+from easunet_jax.errors import ConfigError, DataError
 
 _AFFINE_TOL_MM = 1e-3  # image and label affines may differ by rounding only
 # OAI-ZIB's femur and tibia: expected in label files and sent to background by the usual label maps.
@@ -147,6 +148,39 @@ def _volume_files(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
     return []
   return [(stem, path) for path in sorted(folder.iterdir())
           if (stem := volume_stem(path.name)) and not path.name.startswith('.')]
+
+
+def _cartilage_class(name: str) -> int:
+  """The training class (`CLASSES`) a label's name in nnU-Net's dataset.json names, 0 for any other."""
+  words = re.sub('[^a-z]+', ' ', name.lower()).split()
+  if 'cartilage' in name.lower() or set(words) & {'fc', 'tc', 'mtc', 'ltc'}:
+    if any(w.startswith('fem') for w in words) or 'fc' in words:
+      return CLASSES['fc']
+    if any(w.startswith('tib') for w in words) or set(words) & {'tc', 'mtc', 'ltc'}:
+      return CLASSES['tc']
+  return 0
+
+
+def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[int]]) -> None:
+  """A ConfigError where root/dataset.json (nnU-Net's: {"labels": {name: value}}, or v1's {value: name})
+  names femoral or tibial cartilage by other values than `label_map` makes those classes, with the map its
+  names give; nothing where it names neither, or is absent."""
+  path = pathlib.Path(root) / 'dataset.json'
+  if not path.is_file():
+    return
+  try:
+    labels = json.loads(path.read_text()).get('labels', {})
+  except (ValueError, AttributeError, UnicodeDecodeError) as e:
+    raise DataError(f'{path}: not a readable dataset.json ({_one_line(e)})') from None
+  if all(str(key).isdigit() for key in labels):  # nnU-Net v1: {"0": "background", ...}
+    labels = {name: int(value) for value, name in labels.items()}
+  named = sorted((value, target) for name, value in labels.items()
+                 if isinstance(value, int) and (target := _cartilage_class(str(name))))
+  mapped = sorted((int(source), int(target)) for source, target in label_map if target)
+  if named and named != mapped:
+    named_text, mapped_text = (f"({', '.join(f'({a}, {b})' for a, b in pairs)})" for pairs in (named, mapped))
+    raise ConfigError(f'{path} names the cartilage labels {named_text} (value, class: 1 femoral, 2 tibial), '
+                      f"data.label_map gives {mapped_text}: pass --config.data.label_map='{named_text}'")
 
 
 def _one_file_per_case(cases: list[Case]) -> list[Case]:
