@@ -896,6 +896,10 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
             'in an unknown direction, so which is medial is not known')
   sides = measures.side_names(side, sides_known=not orientation[0])
   fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
+  if missing := [name for name, plate in (('femoral', fc), ('tibial', tc)) if not plate.any()]:
+    logging.warning('%s: no %s cartilage found: a scan of another joint, or a header whose voxel sizes or '
+                    'axes do not follow its voxels (an array saved in another axis order than its affine '
+                    'says)? The mask is written as found', source, ' or '.join(missing))
   table, thickness = measures.compartment_table(
       fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, sides))
   paths = _report_paths(target, batch)

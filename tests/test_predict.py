@@ -558,6 +558,24 @@ def test_a_header_without_orientation_is_warned_of(run, tmp_path, caplog, monkey
     assert ('gives no orientation (qform and sform codes 0)' in caplog.text) == (scan != canonical)
 
 
+def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, monkeypatch):
+  """A mask without femoral or tibial cartilage (a header whose voxel sizes do not follow its voxels makes
+  one) is written with a warning naming the plate missing."""
+  workdir, canonical, _ = run
+
+  def darker(self, image_SHW):  # no voxel reaches _thresholds' 0.6 of TC
+    return _thresholds(self, image_SHW * 0.5)
+
+  for network, missing in ((_thresholds, []), (darker, ['tibial'])):
+    monkeypatch.setattr(predict.Network, '__call__', network)
+    caplog.clear()
+    predict.predict(_config(), workdir, canonical, tmp_path / 'mask.nii.gz')
+    assert [r.getMessage() for r in caplog.records if 'cartilage found' in r.getMessage()] == [
+        f'{canonical}: no {plate} cartilage found: a scan of another joint, or a header whose voxel sizes or '
+        'axes do not follow its voxels (an array saved in another axis order than its affine says)? The mask '
+        'is written as found' for plate in missing]
+
+
 def test_a_label_map_given_as_the_scan_is_warned_of(run, tmp_path, caplog, monkeypatch):
   workdir, canonical, _ = run
   monkeypatch.setattr(predict.Network, '__call__', _thresholds)
