@@ -74,7 +74,7 @@ def test_tissues_from_labels_codes_rims_and_bands(pixel_mm):
   labels[:, 10:20, 10:30] = 1  # femur
   labels[:, 20:22, 10:30] = 2  # femoral cartilage
   labels[:, 30:32, 15:25] = 7  # another structure, e.g. a meniscus label
-  tissue = synth.tissues_from_labels(labels, (3.0, pixel_mm, pixel_mm))
+  tissue = synth.tissues_from_labels(labels, (3.0, pixel_mm, pixel_mm), ((2, 1), (4, 2)))
   assert tissue.dtype == np.uint8 and tissue.max() < synth.NUM_TISSUES
   assert (tissue[labels == 2] == phantom.FC).all()
   assert (tissue[:, 11:19, 11:29] == phantom.FEMUR).all()  # marrow inside
@@ -85,6 +85,13 @@ def test_tissues_from_labels_codes_rims_and_bands(pixel_mm):
   # Background bands: farther from the labelled structures, a higher code.
   row = tissue[0, 15, 0:10][::-1]  # from next to the femur outwards
   assert (np.diff(row.astype(int)) >= 0).all() and row[-1] > row[0]
+  # Another numbering (femoral cartilage 1, tibial cartilage 7): the cartilage by data.label_map, and the
+  # other labels, bones unknown, each a code of its own.
+  renumbered = synth.tissues_from_labels(np.where(labels == 1, 3, np.where(labels == 2, 1, labels)),
+                                         (3.0, pixel_mm, pixel_mm), ((1, 1), (7, 2)))
+  assert (renumbered[labels == 2] == phantom.FC).all() and (renumbered[labels == 7] == phantom.TC).all()
+  bone = renumbered[labels == 1]
+  assert len(set(bone)) == 1 and bone[0] not in (phantom.FEMUR, phantom.FEMUR_PLATE, phantom.TIBIA)
 
 
 @pytest.mark.parametrize('layout', ['oai-zib', 'oai-zib release', 'nnunet'])

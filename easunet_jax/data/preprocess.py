@@ -150,7 +150,7 @@ def _tissues(case: volumes.Case, label_map: Sequence[Sequence[int]]) -> np.ndarr
       raise DataError(f'{path}: tissue code {tissue.max()} outside 0..{synth.NUM_TISSUES - 1}')
     return tissue.astype(np.uint8)
   labels, spacing = volumes.load_labels(case, label_map)
-  return synth.tissues_from_labels(labels, spacing)
+  return synth.tissues_from_labels(labels, spacing, label_map)
 
 
 @functools.cache

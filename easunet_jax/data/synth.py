@@ -13,6 +13,7 @@ plus cortical rims and distance bands of the background.
 """
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +24,13 @@ from easunet_jax.data import phantom
 
 NUM_TISSUES = 24  # tissue codes a map may hold (0 .. NUM_TISSUES - 1): phantom codes and derived ones
 # Codes of `tissues_from_labels` beyond the phantoms': background bands by distance to the labelled
-# structures (mm), and labels other than OAI-ZIB's bone and cartilage.
+# structures (mm), and labels other than bone and cartilage.
 _BANDS_MM = (1.0, 3.0, 8.0, 20.0)
 _FIRST_BAND = 15
 _FIRST_OTHER = _FIRST_BAND + len(_BANDS_MM) + 1
-_OAI_ZIB_TISSUE = {1: phantom.FEMUR, 2: phantom.FC, 3: phantom.TIBIA, 4: phantom.TC}
+_CARTILAGE_TISSUE = {1: phantom.FC, 2: phantom.TC}  # training class -> tissue code
+# OAI-ZIB's bone labels (its femoral cartilage is 2): value -> the codes of marrow and cortical rim.
+_OAI_ZIB_BONES = {1: (phantom.FEMUR, phantom.FEMUR_PLATE), 3: (phantom.TIBIA, phantom.TIBIA_PLATE)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,25 +112,31 @@ def _bands(labelled: np.ndarray, spacing: tuple[float, float, float]) -> np.ndar
   return sum((squared > np.float32(band ** 2)).astype(np.uint8) for band in _BANDS_MM)
 
 
-def tissues_from_labels(labels: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+def tissues_from_labels(labels: np.ndarray, spacing: tuple[float, float, float],
+                        label_map: Sequence[Sequence[int]]) -> np.ndarray:
   """Tissue codes (uint8) of a label volume without tissue map (canonical order, source label values):
-  OAI-ZIB's bones and cartilage as the phantoms code them, bone rims within 0.8 mm of the bone surface
-  (at least one voxel) as cortical plates, other labels as codes of their own, and the background in
-  bands of distance to the labelled structures."""
+  the values `label_map` makes femoral or tibial cartilage, and in OAI-ZIB's numbering (femoral cartilage
+  2) its bones (1, 3), as the phantoms code them, bone rims within 0.8 mm of the bone surface (at least one
+  voxel) as cortical plates, other labels as codes of their own, and the background in bands of distance
+  to the labelled structures."""
   labels = np.asarray(labels)
+  cartilage = {int(source): _CARTILAGE_TISSUE[int(target)] for source, target in label_map
+               if int(target) in _CARTILAGE_TISSUE}
+  bones = _OAI_ZIB_BONES if cartilage.get(2) == phantom.FC else {}
+  known = {**{value: marrow for value, (marrow, _) in bones.items()}, **cartilage}
   tissue = np.full(labels.shape, _FIRST_BAND + len(_BANDS_MM), np.uint8)
   labelled = labels > 0
   if labelled.any():
     tissue[:] = _FIRST_BAND + _bands(labelled, spacing)
-  others = labelled & ~np.isin(labels, list(_OAI_ZIB_TISSUE))
+  others = labelled & ~np.isin(labels, list(known))
   tissue[others] = _FIRST_OTHER + labels[others] % (NUM_TISSUES - _FIRST_OTHER)
-  for value, code in _OAI_ZIB_TISSUE.items():
+  for value, code in known.items():
     tissue[labels == value] = code
   # The rim: bone voxels nearer than `rim` to a voxel outside the bone (the volume's edge is not one),
   # those that an erosion by a ball of that radius removes. A voxel's distance runs to the centre of the
   # nearest outside voxel, half a voxel beyond the surface.
   rim = _ball(phantom.PLATE_MM + min(spacing) / 2, spacing)
-  for value, plate in ((1, phantom.FEMUR_PLATE), (3, phantom.TIBIA_PLATE)):
+  for value, (_, plate) in bones.items():
     bone = labels == value
     if bone.any():
       tissue[bone & ~ndimage.binary_erosion(bone, rim, border_value=1)] = plate
