@@ -227,6 +227,19 @@ BAD = {'truncated': 'truncated', 'not_nifti': 'not a readable NIfTI', 'flat_2d':
        'unlabelled': 'no label', 'broken_link': 'No such file'}
 
 
+def test_cases_whose_header_lost_the_geometry_are_warned_of(tmp_path, caplog):
+  """An identity affine (1 mm voxels, axes as stored) is what a conversion that lost the geometry writes."""
+  image, labels, affine = phantom.make_subject(1, SHAPE, SPACING)
+  for case_id, case_affine in (('posed', affine), ('lost', np.eye(4))):
+    volumes.save_volume(tmp_path / 'knees' / 'images' / f'{case_id}.nii.gz', image, case_affine)
+    volumes.save_volume(tmp_path / 'knees' / 'labels' / f'{case_id}.nii.gz', labels, case_affine)
+  cfg = default.get_config().data
+  cfg.root, cfg.split = str(tmp_path / 'knees'), (1, 1, 0)
+  preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
+  assert ("1 case(s) with the identity for their header's voxel-to-world affine (1 mm voxels, axes as "
+          'stored, as a conversion that lost the geometry writes it): lost; they are sliced') in caplog.text
+
+
 def test_bad_cases_named_skipped_and_rest_processed(tmp_path, caplog):
   _bad_dataset(tmp_path / 'knees')
   cfg = default.get_config().data

@@ -45,16 +45,19 @@ def test_discover_both_layouts_sorted_with_unlabelled_images(tmp_path, nnunet):
 
 
 @pytest.mark.parametrize('nnunet', [False, True])
-def test_label_maps_without_images_are_cases_of_their_own(tmp_path, nnunet):
+def test_label_maps_without_images_are_cases_of_their_own(tmp_path, nnunet, caplog):
   """An empty image folder counts as none (label maps alone), and a label map beside images that has none
-  of its own is a case with image None (for data.synth), not dropped."""
+  of its own is a case with image None (for data.synth), not dropped. nnU-Net's labelsTs/ is said to be
+  unread."""
   image, labels, affine = _small_case(np.random.default_rng(1))
   for case_id in ('a', 'b'):
     _write_pair(tmp_path, case_id, image, labels, affine, nnunet)
   image_dir = tmp_path / ('imagesTr' if nnunet else 'images')
   for path in image_dir.iterdir():
     path.unlink()
+  (tmp_path / 'labelsTs').mkdir()
   assert [(c.id, c.image) for c in volumes.discover_cases(tmp_path)] == [('a', None), ('b', None)]
+  assert ('labelsTs/ is not read; the test split is drawn from labelsTr/' in caplog.text) == nnunet
   volumes.save_volume(image_dir / ('b_0000.nii.gz' if nnunet else 'b.nii.gz'), image, affine)
   assert [(c.id, c.image is None, c.label.name) for c in volumes.discover_cases(tmp_path)] == [
       ('a', True, 'a.nii.gz'), ('b', False, 'b.nii.gz')]

@@ -367,6 +367,13 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   size = tuple(padded_size(int(n), multiple) for n in shapes[:, 1:].max(axis=0))
   # The store keeps each scan's pixel (no resampling), and a model learns one scale: say where they differ.
   pixels = np.array([nib.affines.voxel_sizes(affine)[1:] for affine in affines])
+  # What a conversion that lost the geometry writes: the slices are taken along the first stored axis as
+  # left-right, which only a sagittal scan stored slice first makes sagittal.
+  if lost := [c.id for c, affine in zip(usable, affines) if np.array_equal(affine[:3, :3], np.eye(3))]:
+    logging.warning("%d case(s) with the identity for their header's voxel-to-world affine (1 mm voxels, "
+                    'axes as stored, as a conversion that lost the geometry writes it): %s; they are sliced '
+                    'along their first axis as sagittal, at 1 mm', len(lost),
+                    ', '.join(lost[:5]) + (', ...' if len(lost) > 5 else ''))
   if pixels.max() > _PIXEL_SPREAD * pixels.min():
     logging.warning('the scans of %s have in-plane pixels from %.3g to %.3g mm, which the store keeps as '
                     'they are: the network learns slices at several scales and predict resamples to their '

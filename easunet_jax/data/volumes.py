@@ -105,6 +105,9 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   nnunet = (root / 'imagesTr').is_dir() or (root / 'labelsTr').is_dir()
   if nnunet:
     image_dir, label_dir, image_suffix = root / 'imagesTr', root / 'labelsTr', '_0000'
+    if (root / 'labelsTs').is_dir():
+      logging.warning('%s: labelsTs/ is not read; the test split is drawn from labelsTr/ (data.split), or '
+                      'named by data.split_file', root)
   else:
     image_dir, label_dir, image_suffix = root / 'images', root / 'labels', ''
   images = _volume_files(image_dir)
