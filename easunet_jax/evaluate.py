@@ -175,6 +175,10 @@ def write_report(path: pathlib.Path, summary: dict) -> None:
       'a case with exactly one empty mask scores Dice, precision and recall 0 and is counted as *empty*; '
       'a case with both empty scores 100 and 0 mm. The paper row is EAS U-Net of its Table 1 (OAI-ZIB, per '
       'cartilage slice, no HD95 or ASSD given).', '']
+  if summary['synthetic_images']:
+    lines += [f"**{summary['synthetic_images']} of the {summary['num_volumes']} test volumes have no image "
+              '(label maps alone): they are scored on images synthesised from their label maps (one draw '
+              'per case), not on scans.**', '']
   spacings = ', '.join(dict.fromkeys(' × '.join(f'{x:g}' for x in s) for s in summary['spacing_mm'].values()))
   titles = {'3d': f'## 3D, per volume (voxel spacing {spacings} mm)',
             '2d': "## 2D, per slice with cartilage (in-plane spacing; the paper's Table 1 protocol)"}
@@ -241,6 +245,13 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
   return scores
 
 
+def _synthetic_test_images(config: ml_collections.ConfigDict, workdir: pathlib.Path, case_ids: Sequence[str]
+                           ) -> int:
+  """How many of the test cases `case_ids` have no image in the data set: the store synthesised theirs."""
+  root, test = preprocess.resolve_data_root(config.data, workdir, config.seed), set(case_ids)
+  return sum(case.image is None for case in volumes.discover_cases(root) if case.id in test)
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   """Evaluates the checkpoint `config.eval.checkpoint` of `workdir` on the test split; returns the folder
   `<workdir>/eval/<step>` it wrote metrics.json, per_case.csv, morphometry.csv, report.md and the figures
@@ -265,6 +276,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
       'name': config.name, 'step': step, 'requested': str(config.eval.checkpoint),
       'checkpoint_dir': str(workdir.absolute() / 'checkpoints' / str(step)),
       'largest_component': bool(config.eval.largest_component), 'num_volumes': len(per_case),
+      'synthetic_images': _synthetic_test_images(config, workdir, [c['case'] for c in per_case]),
       'num_cartilage_slices': len(scores['slices']['fc']),
       'spacing_mm': scores['spacing_mm'],
       '3d': {n: _summary([c[n] for c in per_case]) for n in CLASSES},

@@ -37,6 +37,7 @@ def test_files_written(run):
   for name in ('loss_curves.png', 'overlays.png', 'bland_altman_thickness.png'):
     assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert metrics['requested'] == 'best' and metrics['largest_component'] is False
+  assert metrics['synthetic_images'] == 0  # the phantom's test cases have images
   rows = pipeline.read_index(workdir / 'slices' / 'test')
   assert metrics['num_volumes'] == len({row['case'] for row in rows}) == 2
   assert metrics['num_cartilage_slices'] == sum(row['cartilage'] for row in rows)

@@ -3,6 +3,7 @@ tissue maps derived from label maps; training from label maps alone in the OAI-Z
 labels/, and ZIB's own release of MetaImage files) and nnU-Net's."""
 
 import functools
+import json
 
 import jax
 import metaimage
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from easunet_jax import steps, train
+from easunet_jax import evaluate, steps, train
 from easunet_jax.data import augment, phantom, pipeline, preprocess, synth, volumes
 from easunet_jax.errors import DataError
 
@@ -127,6 +128,12 @@ def test_training_from_label_maps_alone(layout, tmp_path):
     config.train.num_steps = 2
     state = train.train_and_evaluate(config, tmp_path / 'run')
     assert int(state.step) == 2
+    out = evaluate.evaluate(config, tmp_path / 'run')
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert metrics['synthetic_images'] == metrics['num_volumes'] > 0
+    n = metrics['num_volumes']
+    assert (f'**{n} of the {n} test volumes have no image (label maps alone): they are scored on images '
+            'synthesised') in (out / 'report.md').read_text()
   without = tiny.get_config()
   without.data.root = str(root)
   with pytest.raises(DataError, match='no usable case'):
