@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -225,6 +226,29 @@ def _bad_dataset(root):
 BAD = {'truncated': 'truncated', 'not_nifti': 'not a readable NIfTI', 'flat_2d': '2D', 'time_4d': '4D',
        'shapes': 'shape', 'affines': 'affines', 'nan': 'NaN', 'constant': 'constant', 'outside_map': '[9]',
        'unlabelled': 'no label', 'broken_link': 'No such file'}
+
+
+def test_a_split_that_late_checks_emptied_is_split_again(data_cfg, tmp_path, caplog):
+  """A case whose label values fail (read with the voxels, after the split) was the seeded split's only
+  validation case: the cases that passed are split again, so validation is not left empty."""
+  root = tmp_path / 'data'
+  for kind in ('images', 'labels'):
+    (root / kind).mkdir(parents=True)
+    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir()):
+      (root / kind / path.name).symlink_to(path)
+  planned = preprocess.split_cases([f'phantom_00{i}' for i in range(5)], (0.6, 0.2, 0.2), seed=0)
+  [bad] = planned['val']
+  nii = nib.load(root / 'labels' / f'{bad}.nii.gz')
+  labels = np.asarray(nii.dataobj)
+  (root / 'labels' / f'{bad}.nii.gz').unlink()  # the link; then a file of its own
+  volumes.save_volume(root / 'labels' / f'{bad}.nii.gz', np.where(labels == 2, 9, labels), nii.affine)
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.update(root=str(root), split=(0.6, 0.2, 0.2))
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'store', seed=0, multiple=16)
+  splits = json.loads((store / 'splits.json').read_text())
+  assert list(json.loads((store / 'skipped.json').read_text())) == [bad]
+  assert [len(splits[name]) for name in preprocess.SPLITS] == [2, 1, 1] and bad not in splits['val']
+  assert 'the cases of the val split were all skipped: the 4 cases that passed are split again' in caplog.text
 
 
 def test_cases_whose_header_lost_the_geometry_are_warned_of(tmp_path, caplog):

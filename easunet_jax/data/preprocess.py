@@ -388,8 +388,21 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     # Cases in parallel where there is much to do. At most 8 processes (nnU-Net's default), each holding
     # one volume and its transforms (~2 GB at OAI-ZIB's size).
     workers = min(cpus(), 8) if shapes.prod(axis=1).sum() >= _PARALLEL_MIN_VOXELS else 1
-    splits = _write_splits(tmp, {name: [by_id[i] for i in splits[name]] for name in SPLITS}, data_cfg, size,
-                           skipped, workers)
+    written = _write_splits(tmp, {name: [by_id[i] for i in splits[name]] for name in SPLITS}, data_cfg, size,
+                            skipped, workers)
+    if any(written.values()) and not data_cfg.split_file and (
+        emptied := [name for name in SPLITS if splits[name] and not written[name]]):
+      # The checks that read the voxels (label values, a truncated file) skipped every case of a split that
+      # the headers' checks had given cases: the cases that passed are split again, and written again.
+      ids = [i for i in ids if i not in skipped]
+      logging.warning('the cases of the %s split were all skipped: the %d cases that passed are split again',
+                      ' and '.join(emptied), len(ids))
+      shutil.rmtree(tmp)
+      tmp.mkdir()
+      written = _write_splits(tmp, {name: [by_id[i] for i in cases] for name, cases in
+                                    split_cases(ids, data_cfg.split, seed).items()}, data_cfg, size, skipped,
+                              workers)
+    splits = written
     if not any(splits.values()):
       raise _no_usable_case(data_cfg.root, len(cases))
     (tmp / 'splits.json').write_text(json.dumps(splits, indent=1))
