@@ -251,10 +251,30 @@ def test_a_split_that_late_checks_emptied_is_split_again(data_cfg, tmp_path, cap
   assert 'the cases of the val split were all skipped: the 4 cases that passed are split again' in caplog.text
 
 
+def test_a_split_file_holds_label_maps_without_images_only_for_synthesis(data_cfg, tmp_path):
+  """The sweep's split file: a label map beside images without its own image is split only with data.synth
+  (the stores of other runs skip it, which could leave a split empty)."""
+  root = tmp_path / 'data'
+  for kind in ('images', 'labels'):
+    (root / kind).mkdir(parents=True)
+    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir()):
+      (root / kind / path.name).symlink_to(path)
+  (root / 'images' / 'phantom_004.nii.gz').unlink()
+  config = default.get_config()
+  config.data.root = str(root)
+  for synth in (False, True):
+    config.data.synth = synth
+    preprocess.write_split_file(config, tmp_path, tmp_path / 'splits.json')
+    ids = sorted(i for part in json.loads((tmp_path / 'splits.json').read_text()).values() for i in part)
+    assert ids == [f'phantom_00{i}' for i in range(4 + synth)]
+
+
 def test_cases_whose_header_lost_the_geometry_are_warned_of(tmp_path, caplog):
-  """An identity affine (1 mm voxels, axes as stored) is what a conversion that lost the geometry writes."""
+  """An identity affine (1 mm voxels, axes as stored) is what a conversion that lost the geometry writes; a
+  1 mm header in another orientation is not one."""
   image, labels, affine = phantom.make_subject(1, SHAPE, SPACING)
-  for case_id, case_affine in (('posed', affine), ('lost', np.eye(4))):
+  one_mm_lps = np.diag([-1.0, -1.0, 1.0, 1.0])  # as ITK writes a 1 mm scan: not an identity header
+  for case_id, case_affine in (('posed', affine), ('lost', np.eye(4)), ('lps', one_mm_lps)):
     volumes.save_volume(tmp_path / 'knees' / 'images' / f'{case_id}.nii.gz', image, case_affine)
     volumes.save_volume(tmp_path / 'knees' / 'labels' / f'{case_id}.nii.gz', labels, case_affine)
   cfg = default.get_config().data

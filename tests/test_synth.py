@@ -93,6 +93,10 @@ def test_tissues_from_labels_codes_rims_and_bands(pixel_mm):
   assert (renumbered[labels == 2] == phantom.FC).all() and (renumbered[labels == 7] == phantom.TC).all()
   bone = renumbered[labels == 1]
   assert len(set(bone)) == 1 and bone[0] not in (phantom.FEMUR, phantom.FEMUR_PLATE, phantom.TIBIA)
+  # SKM-TEA's numbering (1 patellar, 2 femoral, 3 medial tibial cartilage): 3 is cartilage, not tibia.
+  skm_tea = synth.tissues_from_labels(np.where(labels == 7, 3, labels), (3.0, pixel_mm, pixel_mm),
+                                      ((2, 1), (3, 2)))
+  assert (skm_tea[labels == 7] == phantom.TC).all() and phantom.FEMUR_PLATE not in skm_tea
 
 
 @pytest.mark.parametrize('layout', ['oai-zib', 'oai-zib release', 'nnunet'])

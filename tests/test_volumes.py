@@ -387,9 +387,9 @@ def test_a_mask_of_this_tools_own_values_given_as_labels_is_warned_of(tmp_path, 
 
 
 def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_path):
-  """nnU-Net's dataset.json (v2 {name: value}, v1 {value: name}) that names the cartilage by other values
-  than data.label_map maps is a one-line error giving the map its names make; names it cannot read as
-  cartilage say nothing."""
+  """nnU-Net's dataset.json (v2 {name: value}, v1 {value: name}) that names a label femoral or tibial
+  cartilage which data.label_map leaves out or makes another class is a one-line error giving a map that
+  follows the names; names it cannot read, region lists, extra classes and other tools' JSON say nothing."""
   def check(labels, label_map=((2, 1), (4, 2))):
     (tmp_path / 'dataset.json').write_text(json.dumps({'labels': labels, 'file_ending': '.nii.gz'}))
     volumes.check_dataset_json(tmp_path, label_map)
@@ -400,9 +400,17 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
   check({'background': 0, 'label_a': 1, 'label_b': 2})
   check({'background': 0, 'femur': 1, 'femoral cartilage': 2, 'tibia': 3, 'medial tibial cartilage': 4,
          'lateral tibial cartilage': 5}, ((2, 1), (4, 2), (5, 2)))
-  with pytest.raises(ConfigError, match=r"^\S+dataset.json names the cartilage labels \(\(1, 1\), \(2, 2\)\) "
-                     r"\(value, class: 1 femoral, 2 tibial\), data.label_map gives \(\(2, 1\), \(4, 2\)\): "
-                     r"pass --config.data.label_map='\(\(1, 1\), \(2, 2\)\)'$"):
+  check({'background': 0, 'femoral cartilage': 2, 'tibial cartilage': [4, 5]}, ((2, 1), (4, 2), (5, 2)))
+  check({'background': 0, 'FemCart': 2, 'TibCart': 4, 'patellar cartilage': 5}, ((2, 1), (4, 2), (5, 3)))
+  with pytest.raises(ConfigError, match=r"^\S+dataset.json names label 1 'femoral_cartilage', class 1 \(1 "
+                     r"femoral, 2 tibial cartilage\), and data.label_map leaves it out: pass "
+                     r"--config.data.label_map='\(\(1, 1\), \(2, 2\)\)'$"):
     check({'background': 0, 'femoral_cartilage': 1, 'tibial_cartilage': 2, 'femur': 3, 'tibia': 4})
-  with pytest.raises(ConfigError, match=r"label_map='\(\(2, 1\), \(4, 2\), \(5, 2\)\)'"):
-    check({'background': 0, 'femur': 1, 'FC': 2, 'tibia': 3, 'MTC': 4, 'LTC': 5})
+  with pytest.raises(ConfigError, match=r"label 5 'LTC', class 2 .* makes it class 1: .*label_map="
+                     r"'\(\(2, 1\), \(4, 2\), \(5, 2\)\)'"):
+    check({'background': 0, 'femur': 1, 'FC': 2, 'tibia': 3, 'MTC': 4, 'LTC': 5}, ((2, 1), (4, 2), (5, 1)))
+  with pytest.raises(ConfigError, match=r"label_map='\(\(1, 1\),\)'"):  # one pair: a tuple all the same
+    check({'background': 0, 'femoral cart': 1, 'femur': 2, 'tibia': 4})
+  for other in ([{'image': 'a.nii.gz'}], {'labels': ['background', 'femur']}, {'labels': None}):
+    (tmp_path / 'dataset.json').write_text(json.dumps(other))
+    volumes.check_dataset_json(tmp_path, ((2, 1), (4, 2)))

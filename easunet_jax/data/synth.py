@@ -116,13 +116,15 @@ def tissues_from_labels(labels: np.ndarray, spacing: tuple[float, float, float],
                         label_map: Sequence[Sequence[int]]) -> np.ndarray:
   """Tissue codes (uint8) of a label volume without tissue map (canonical order, source label values):
   the values `label_map` makes femoral or tibial cartilage, and in OAI-ZIB's numbering (femoral cartilage
-  2) its bones (1, 3), as the phantoms code them, bone rims within 0.8 mm of the bone surface (at least one
-  voxel) as cortical plates, other labels as codes of their own, and the background in bands of distance
-  to the labelled structures."""
+  2, neither 1 nor 3 cartilage) its bones (1, 3), as the phantoms code them, bone rims within 0.8 mm of the
+  bone surface (at least one voxel) as cortical plates, other labels as codes of their own, and the
+  background in bands of distance to the labelled structures."""
   labels = np.asarray(labels)
   cartilage = {int(source): _CARTILAGE_TISSUE[int(target)] for source, target in label_map
                if int(target) in _CARTILAGE_TISSUE}
-  bones = _OAI_ZIB_BONES if cartilage.get(2) == phantom.FC else {}
+  # OAI-ZIB's numbering: femoral cartilage 2, and 1 and 3 no cartilage (SKM-TEA's 1-4 are all cartilage).
+  oai_zib = cartilage.get(2) == phantom.FC and not cartilage.keys() & _OAI_ZIB_BONES.keys()
+  bones = _OAI_ZIB_BONES if oai_zib else {}
   known = {**{value: marrow for value, (marrow, _) in bones.items()}, **cartilage}
   tissue = np.full(labels.shape, _FIRST_BAND + len(_BANDS_MM), np.uint8)
   labelled = labels > 0

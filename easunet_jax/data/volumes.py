@@ -139,8 +139,9 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   if ignored:  # other channels (_0001, ...), which this one-channel model cannot use, or misnamed images
     logging.warning('%s: %d volume file(s) not named <id>_0000 ignored (other channels, or misnamed): %s',
                     image_dir, len(ignored), ', '.join(ignored[:5]) + (', ...' if len(ignored) > 5 else ''))
-  labelled = {c.label for c in cases}
-  cases += [Case(stem, None, path) for stem, path in _volume_files(label_dir) if path not in labelled]
+  # By id, not path: on a case-insensitive file system label_file's c0.nii.gz is the folder's c0.NII.GZ.
+  ids = {c.id for c in cases}
+  cases += [Case(stem, None, path) for stem, path in _volume_files(label_dir) if stem not in ids]
   return _one_file_per_case(sorted(cases, key=lambda c: c.id))
 
 
@@ -154,36 +155,45 @@ def _volume_files(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
 
 
 def _cartilage_class(name: str) -> int:
-  """The training class (`CLASSES`) a label's name in nnU-Net's dataset.json names, 0 for any other."""
-  words = re.sub('[^a-z]+', ' ', name.lower()).split()
-  if 'cartilage' in name.lower() or set(words) & {'fc', 'tc', 'mtc', 'ltc'}:
-    if any(w.startswith('fem') for w in words) or 'fc' in words:
-      return CLASSES['fc']
-    if any(w.startswith('tib') for w in words) or set(words) & {'tc', 'mtc', 'ltc'}:
-      return CLASSES['tc']
-  return 0
+  """The training class (`CLASSES`) of femoral or tibial cartilage that a label's name in nnU-Net's
+  dataset.json names ('femoral_cartilage', 'Tibial Cartilage medial', 'femoral cart', 'MTC', ...); 0 for any
+  other name (bones, patellar cartilage, menisci, a name it cannot read)."""
+  name = name.lower()
+  words = set(re.findall('[a-z]+', name))
+  femoral = bool(words & {'fc', 'mfc', 'lfc'}) or ('cart' in name and 'fem' in name)
+  tibial = bool(words & {'tc', 'mtc', 'ltc'}) or ('cart' in name and 'tib' in name)
+  if femoral == tibial:  # neither, or both ('femorotibial cartilage')
+    return 0
+  return CLASSES['fc'] if femoral else CLASSES['tc']
 
 
 def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[int]]) -> None:
   """A ConfigError where root/dataset.json (nnU-Net's: {"labels": {name: value}}, or v1's {value: name})
-  names femoral or tibial cartilage by other values than `label_map` makes those classes, with the map its
-  names give; nothing where it names neither, or is absent."""
+  names a label femoral or tibial cartilage that `label_map` leaves out or makes another class, with a map
+  that follows the names; nothing where the file is absent or not nnU-Net's."""
   path = pathlib.Path(root) / 'dataset.json'
   if not path.is_file():
     return
   try:
-    labels = json.loads(path.read_text()).get('labels', {})
-  except (ValueError, AttributeError, UnicodeDecodeError) as e:
-    raise DataError(f'{path}: not a readable dataset.json ({_one_line(e)})') from None
+    labels = json.loads(path.read_text()).get('labels')
+  except (ValueError, AttributeError, UnicodeDecodeError):  # another tool's JSON: not ours to judge
+    return
+  if not isinstance(labels, dict):
+    return
   if all(str(key).isdigit() for key in labels):  # nnU-Net v1: {"0": "background", ...}
-    labels = {name: int(value) for value, name in labels.items()}
-  named = sorted((value, target) for name, value in labels.items()
-                 if isinstance(value, int) and (target := _cartilage_class(str(name))))
-  mapped = sorted((int(source), int(target)) for source, target in label_map if target)
-  if named and named != mapped:
-    named_text, mapped_text = (f"({', '.join(f'({a}, {b})' for a, b in pairs)})" for pairs in (named, mapped))
-    raise ConfigError(f'{path} names the cartilage labels {named_text} (value, class: 1 femoral, 2 tibial), '
-                      f"data.label_map gives {mapped_text}: pass --config.data.label_map='{named_text}'")
+    labels = {str(name): int(value) for value, name in labels.items()}
+  named = {value: target for name, value in labels.items()  # region lists ([4, 5]) left out
+           if isinstance(value, int) and (target := _cartilage_class(str(name)))}
+  mapped = {int(source): int(target) for source, target in label_map}
+  if wrong := [value for value, target in named.items() if mapped.get(value, 0) != target]:
+    unnamed = {value: target for value, target in mapped.items()
+               if target and value not in labels.values()}
+    suggested = repr(tuple(sorted({**unnamed, **named}.items())))
+    value = wrong[0]
+    name = next(name for name, v in labels.items() if v == value)
+    given = f'makes it class {mapped[value]}' if mapped.get(value) else 'leaves it out'
+    raise ConfigError(f'{path} names label {value} {name!r}, class {named[value]} (1 femoral, 2 tibial '
+                      f"cartilage), and data.label_map {given}: pass --config.data.label_map='{suggested}'")
 
 
 def _one_file_per_case(cases: list[Case]) -> list[Case]:
