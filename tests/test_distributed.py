@@ -64,7 +64,8 @@ def test_a_failure_of_process_0_stops_the_others_in_one_line(tmp_path):
       ['--config=configs/tiny.py', '--mode=preprocess', f'--workdir={tmp_path / "run"}',
        f'--config.data.root={tmp_path / "data"}'])
   assert code0 == code1 == 1
-  assert err0.splitlines()[-1].startswith('error: ') and 'no image found' in err0.splitlines()[-1]
+  last = err0.splitlines()[-1]
+  assert last.startswith('error: ') and last.endswith('images/ holds no volume file')
   assert err1.splitlines()[-1] == ('error: process 0 failed before "slice store built" (its error is in its '
                                    'log)')
 
