@@ -87,19 +87,21 @@ def _mask_name(scan: pathlib.Path) -> str:
   return stem + (suffix if suffix in volumes.NIFTI_SUFFIXES else '.nii.gz')
 
 
-def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
+def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, series: str | None = None
             ) -> tuple[list[tuple[pathlib.Path, pathlib.Path]], bool]:
   """((scan, mask file) pairs, whether they are a batch written into the directory `output_path`).
 
   A scan is a NIfTI, MetaImage or NRRD file or a folder of DICOM files (one series is read from it,
-  `dicom.read_series`). A directory holding such files is a batch of them, masks of the same names (a
-  MetaImage's or NRRD's as <name>.nii.gz); one holding DICOM files is one scan; one whose subfolders hold
-  DICOM files is a batch of those, masks named <subfolder>.nii.gz. A batch of one scan (a series exported
-  into a subfolder) with `output_path` naming a NIfTI file is that scan; of more, an error.
+  `dicom.read_series`, its subfolders searched too). A directory holding such files is a batch of them,
+  masks of the same names (a MetaImage's or NRRD's as <name>.nii.gz); one holding DICOM files is one scan;
+  one whose subfolders hold DICOM files is a batch of those, masks named <subfolder>.nii.gz, unless
+  `series` (--series) picks one series of its tree: then it is one scan. A batch of one scan (a series
+  exported into a subfolder) with `output_path` naming a NIfTI file is that scan; of more, an error.
   """
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
   if not source.exists():
     raise DataError(f'{source}: no such input file or directory')
+  name = source.resolve().name  # of a folder given as '.' or 'SE3/..'
 
   def single(name: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
     to_folder = target.is_dir() or not target.name.lower().endswith(volumes.NIFTI_SUFFIXES)
@@ -109,11 +111,14 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
     return [(source, target / name if to_folder else target)]
 
   if source.is_file():
+    if not volumes.volume_stem(source.name) and dicom.is_dicom_file(source):
+      raise DataError(f'{source}: a DICOM file; give its folder, --input={source.parent} (with --series to '
+                      'pick one of the series there)')
     return single(_mask_name(source)), False
   entries = sorted(source.iterdir())
   files = [p for p in entries if volumes.volume_stem(p.name) and p.is_file()]
-  if not files and any(dicom.is_dicom_file(p) for p in entries if p.is_file()):
-    return single(f'{source.name}.nii.gz'), False
+  if not files and (series or any(dicom.is_dicom_file(p) for p in entries if p.is_file())):
+    return single(f'{name}.nii.gz'), False
   folders = [] if files else [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
   if not files and not folders:
     layout = next(((images, labels) for images, labels in (('images', 'labels'), ('imagesTr', 'labelsTr'))
@@ -127,7 +132,8 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path
   if target.name.lower().endswith(volumes.NIFTI_SUFFIXES) and not target.is_dir():
     if len(pairs) > 1:
       raise DataError(f'--output={target}: a mask file, and --input={source} holds {len(pairs)} scans, whose '
-                      'masks go into a folder; name a folder')
+                      'masks go into a folder; name a folder' + ('' if files else ', or pick one DICOM '
+                                                                 'series of them with --series'))
     return [(pairs[0][0], target)], False
   return pairs, True
 
@@ -666,7 +672,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
                       f'got {config.predict.label_values!r}')
   values = np.array(LABEL_VALUES[config.predict.label_values], np.uint8)
-  pairs, batch = _inputs(input_path, output_path)
+  pairs, batch = _inputs(input_path, output_path, series)
   if batch and pathlib.Path(output_path).is_file():
     raise DataError(f'{output_path}: a file; the masks of a directory of scans go into a directory')
   stems = collections.Counter(_stem(target) for _, target in pairs)

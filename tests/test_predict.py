@@ -268,13 +268,23 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
   report = (tmp_path / 'out' / 'report.md').read_text()
   assert report.count('](thickness/') == 2 and (tmp_path / 'out' / 'thickness' / 'b.png').exists()
   assert report.count('](slices/') == 2 and (tmp_path / 'out' / 'slices' / 'b.png').exists()
-  # A mask file named for a folder of several series is refused; for one series in a subfolder (as a
-  # viewer exports it), it is that series' mask, not a folder of that name.
-  with pytest.raises(DataError, match=r'holds 2 scans, whose masks go into a folder; name a folder$'):
+  # A mask file named for a folder of several series is refused, unless --series picks one of its tree; for
+  # one series in a subfolder (as a viewer exports it), it is that series' mask, not a folder of that name.
+  with pytest.raises(DataError, match=r'holds 2 scans, whose masks go into a folder; name a folder, or pick '
+                     r'one DICOM series of them with --series$'):
     predict._inputs(tmp_path / 'scans', tmp_path / 'mask.nii.gz')
+  assert predict._inputs(tmp_path / 'scans', tmp_path / 'mask.nii.gz', series='1.2.3') == (
+      [(tmp_path / 'scans', tmp_path / 'mask.nii.gz')], False)
   shutil.copytree(tmp_path / 'scans' / 'b', tmp_path / 'export' / 'SE1')
   assert predict._inputs(tmp_path / 'export', tmp_path / 'mask.nii.gz') == (
       [(tmp_path / 'export' / 'SE1', tmp_path / 'mask.nii.gz')], False)
+  monkeypatch.chdir(tmp_path / 'export' / 'SE1')  # --input=. is the folder's series, named after it
+  assert predict._inputs('.', tmp_path / 'out') == (
+      [(pathlib.Path('.'), tmp_path / 'out' / 'SE1.nii.gz')], False)
+  one_file = next(tmp_path.glob('export/SE1/*'))  # a DICOM file given alone: its folder is what reads
+  with pytest.raises(DataError, match=rf'^{one_file}: a DICOM file; give its folder, '
+                     rf'--input={one_file.parent} \(with --series to pick one of the series there\)$'):
+    predict._inputs(one_file, tmp_path / 'mask.nii.gz')
   [given] = predict.predict(_config(), workdir, tmp_path / 'scans' / 'b', tmp_path / 'b_mask.nii.gz',
                             laterality='R')
   assert given['laterality'] == 'R' and 'given by --laterality' in given['laterality_text']
