@@ -195,23 +195,31 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, heade
   `header_sides` (the header's left-right axis is the knee's) and the header gives a position (its first
   voxel not at the origin, where a file without a pose puts it), the scan's position: a knee centred at least
   10 mm to the patient's right (RAS x > 0) of the scanner's midline is a right knee. None when none of these
-  decides; compartments are then named by the patient's side."""
+  decides; compartments are then named by the patient's side. A Laterality tag that the position
+  contradicts decides, with a warning."""
   if given:
     return given, 'given by --laterality'
-  if info.get('laterality'):
-    return info['laterality'], 'from the DICOM Laterality tag'
   if not header_sides:
-    return None, ("undecided: the header's left-right axis is not the knee's, so the knee's halves are named "
-                  'side1 and side2')
-  if not nii.affine[:3, 3].any():
-    return None, ('undecided: the header puts the first voxel at the origin, no scanner position (a file '
-                  "without a pose, as OAI-ZIB's); pass --laterality to name compartments medial and lateral")
-  x = float((nii.affine @ [*((np.array(nii.shape[:3]) - 1) / 2), 1])[0]) * volumes.mm_per_unit(nii)
-  if abs(x) >= _SIDE_MIN_MM:
-    side = 'R' if x > 0 else 'L'
-    return side, f"from the position: centred {abs(x):.0f} mm to the patient's {SIDES[side]}"
-  return None, (f'undecided: the scan is centred {abs(x):.0f} mm from the midline (RAS x); pass '
-                '--laterality to name compartments medial and lateral')
+    side, why = None, ("undecided: the header's left-right axis is not the knee's, so the knee's halves are "
+                       'named side1 and side2')
+  elif not nii.affine[:3, 3].any():
+    side, why = None, ('undecided: the header puts the first voxel at the origin, no scanner position (a '
+                       "file without a pose, as OAI-ZIB's); pass --laterality to name compartments medial "
+                       'and lateral')
+  else:
+    x = float((nii.affine @ [*((np.array(nii.shape[:3]) - 1) / 2), 1])[0]) * volumes.mm_per_unit(nii)
+    side = ('R' if x > 0 else 'L') if abs(x) >= _SIDE_MIN_MM else None
+    why = (f"from the position: centred {abs(x):.0f} mm to the patient's {SIDES[side]}" if side else
+           f'undecided: the scan is centred {abs(x):.0f} mm from the midline (RAS x); pass --laterality to '
+           'name compartments medial and lateral')
+  if tag := info.get('laterality'):
+    if side and side != tag:
+      position = why.removeprefix('from the position: ')
+      logging.warning("the DICOM Laterality tag says %s knee, the scan's position %s: the tag is taken; "
+                      'pass --laterality if it is wrong', SIDES[tag], position)
+      return tag, f'from the DICOM Laterality tag, against its position ({position})'
+    return tag, 'from the DICOM Laterality tag'
+  return side, why
 
 
 @functools.partial(jax.jit, static_argnames='axis')

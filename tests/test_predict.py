@@ -695,8 +695,23 @@ def test_a_header_without_a_position_decides_no_side():
   side, why = predict.decide_laterality(nib.Nifti1Image(np.zeros((160, 5, 6), np.float32), affine), {}, None)
   assert side is None and why.startswith('undecided: the header puts the first voxel at the origin')
   affine[0, 3] = 60.0
-  side, why = predict.decide_laterality(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine), {}, None)
+  right = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
+  side, why = predict.decide_laterality(right, {}, None)
   assert side == 'R' and why.startswith("from the position: centred 61 mm to the patient's right")
+
+
+def test_a_laterality_tag_against_the_position_decides_with_a_warning(caplog):
+  affine = np.diag([0.7, 0.4, 0.4, 1.0])
+  affine[0, 3] = 60.0
+  right = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
+  assert predict.decide_laterality(right, {'laterality': 'R'}, None) == ('R', 'from the DICOM Laterality tag')
+  assert not caplog.records
+  side, why = predict.decide_laterality(right, {'laterality': 'L'}, None)
+  assert (side, why) == ('L', "from the DICOM Laterality tag, against its position (centred 61 mm to the "
+                              "patient's right)")
+  assert caplog.records[0].getMessage() == ("the DICOM Laterality tag says left knee, the scan's position "
+                                            "centred 61 mm to the patient's right: the tag is taken; pass "
+                                            '--laterality if it is wrong')
 
 
 def test_orient_and_unorient_are_inverse_in_all_24_orientations():
