@@ -101,7 +101,7 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
   if not source.exists():
     raise DataError(f'{source}: no such input file or directory')
-  name = source.resolve().name  # of a folder given as '.' or 'SE3/..'
+  folder_name = source.resolve().name  # also of a folder given as '.' or 'SE3/..'
 
   def single(name: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
     to_folder = target.is_dir() or not target.name.lower().endswith(volumes.NIFTI_SUFFIXES)
@@ -118,7 +118,7 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   entries = sorted(source.iterdir())
   files = [p for p in entries if volumes.volume_stem(p.name) and p.is_file()]
   if not files and (series or any(dicom.is_dicom_file(p) for p in entries if p.is_file())):
-    return single(f'{name}.nii.gz'), False
+    return single(f'{folder_name}.nii.gz'), False
   folders = [] if files else [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
   if not files and not folders:
     layout = next(((images, labels) for images, labels in (('images', 'labels'), ('imagesTr', 'labelsTr'))
