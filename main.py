@@ -36,7 +36,7 @@ flags.DEFINE_string('series', None, 'predict: the SeriesInstanceUID of the DICOM
                     'folder holds several (default: the one with most slices); <uid>:<echo> for one echo of '
                     'a multi-echo series (default: its first).')
 flags.DEFINE_enum('laterality', None, ['left', 'right'], 'predict: the knee scanned, overriding the DICOM '
-                  'Laterality tag and the scan position.')
+                  'Laterality tag or series description and the scan position.')
 flags.DEFINE_bool('continue_prediction', False, 'predict: of a directory of scans, keep those that an '
                   'earlier run into the same --output finished with the same model and settings, and '
                   'segment the rest.')

@@ -151,10 +151,24 @@ def _check_files(source: pathlib.Path, label: pathlib.Path | None, series: str |
 
 
 def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, dict]:
-  """The scan as a NIfTI image (a DICOM series converted in memory) and what its DICOM headers say."""
+  """The scan as a NIfTI image (a DICOM series converted in memory) and what its DICOM headers say, or for a
+  volume file the knee's side from a dcm2niix (BIDS) sidecar beside it, `<scan>.json`: its SeriesDescription
+  (`dicom.description_side`; dcm2niix writes no Laterality tag there)."""
   if source.is_dir():
     return dicom.read_series(source, series)
-  return volumes.open_volume(source), {}
+  sidecar = source.with_name(volumes.volume_stem(source.name) + '.json')
+  info = {}
+  if sidecar.is_file():
+    try:
+      description = str(json.loads(sidecar.read_text()).get('SeriesDescription') or '')
+    except (ValueError, AttributeError, UnicodeDecodeError):
+      logging.warning('%s: not a JSON object with a SeriesDescription; the knee side is not read from it',
+                      sidecar)
+    else:
+      if side := dicom.description_side(description):
+        info = {'laterality': side,
+                'laterality_from': f"the series description '{description}' of {sidecar.name}"}
+  return volumes.open_volume(source), info
 
 
 def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path: str | pathlib.Path,
@@ -191,12 +205,13 @@ def _print_scores(source: pathlib.Path, result: dict) -> None:
 
 def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, header_sides: bool = True
                       ) -> tuple[str | None, str]:
-  """('R', 'L' or None, why): `given` (--laterality), else the DICOM Laterality tag, else, where
+  """('R', 'L' or None, why): `given` (--laterality), else the DICOM series' side (`info['laterality']`, from
+  its Laterality tag or description, `info['laterality_from']`), else, where
   `header_sides` (the header's left-right axis is the knee's) and the header gives a position (its first
   voxel not at the origin, where a file without a pose puts it), the scan's position: a knee centred at least
   10 mm to the patient's right (RAS x > 0) of the scanner's midline is a right knee. None when none of these
-  decides; compartments are then named by the patient's side. A Laterality tag that the position
-  contradicts decides, with a warning."""
+  decides; compartments are then named by the patient's side. A DICOM side that the position contradicts
+  decides, with a warning."""
   if given:
     return given, 'given by --laterality'
   if not header_sides:
@@ -213,12 +228,13 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, heade
            f'undecided: the scan is centred {abs(x):.0f} mm from the midline (RAS x); pass --laterality to '
            'name compartments medial and lateral')
   if tag := info.get('laterality'):
+    source = info['laterality_from']
     if side and side != tag:
       position = why.removeprefix('from the position: ')
-      logging.warning("the DICOM Laterality tag says %s knee, the scan's position %s: the tag is taken; "
-                      'pass --laterality if it is wrong', SIDES[tag], position)
-      return tag, f'from the DICOM Laterality tag, against its position ({position})'
-    return tag, 'from the DICOM Laterality tag'
+      logging.warning("%s says %s knee, the scan's position %s: the DICOM side is taken; pass --laterality "
+                      'if it is wrong', source, SIDES[tag], position)
+      return tag, f'from {source}, against its position ({position})'
+    return tag, f'from {source}'
   return side, why
 
 

@@ -90,6 +90,21 @@ def test_two_series_choice_and_unknown_uid(tmp_path):
   assert large in str(e.value) and small in str(e.value) and '6 slices' in str(e.value)
 
 
+@pytest.mark.parametrize('description, side', [
+    ('SAG_3D_DESS_RIGHT', 'R'), ('SAG_IW_TSE_LEFT', 'L'), ('Knee Lt PD', 'L'), ('RT KNEE 3D DESS', 'R'),
+    ('DESS R', None), ('LEFT vs RIGHT', None), ('SAG_3D_DESS_WE', None)])
+def test_a_series_description_names_the_side_where_no_tag_does(tmp_path, description, side):
+  def describe(n, ds):
+    ds.SeriesDescription = description
+  write_series(tmp_path / 'plain', edit=describe)
+  report = dicom.read_series(tmp_path / 'plain')[1]
+  assert report['laterality'] == side
+  assert report['laterality_from'] == (f"the series description '{description}'" if side else None)
+  write_series(tmp_path / 'tagged', laterality='L', edit=describe)  # the tag wins
+  report = dicom.read_series(tmp_path / 'tagged')[1]
+  assert (report['laterality'], report['laterality_from']) == ('L', 'the DICOM Laterality tag')
+
+
 def _echo(number):
   def edit(n, ds):
     ds.EchoNumbers = number

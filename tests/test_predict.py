@@ -704,14 +704,36 @@ def test_a_laterality_tag_against_the_position_decides_with_a_warning(caplog):
   affine = np.diag([0.7, 0.4, 0.4, 1.0])
   affine[0, 3] = 60.0
   right = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
-  assert predict.decide_laterality(right, {'laterality': 'R'}, None) == ('R', 'from the DICOM Laterality tag')
+  tag = {'laterality_from': 'the DICOM Laterality tag'}
+  side, why = predict.decide_laterality(right, tag | {'laterality': 'R'}, None)
+  assert (side, why) == ('R', 'from the DICOM Laterality tag')
   assert not caplog.records
-  side, why = predict.decide_laterality(right, {'laterality': 'L'}, None)
+  side, why = predict.decide_laterality(right, tag | {'laterality': 'L'}, None)
   assert (side, why) == ('L', "from the DICOM Laterality tag, against its position (centred 61 mm to the "
                               "patient's right)")
   assert caplog.records[0].getMessage() == ("the DICOM Laterality tag says left knee, the scan's position "
-                                            "centred 61 mm to the patient's right: the tag is taken; pass "
-                                            '--laterality if it is wrong')
+                                            "centred 61 mm to the patient's right: the DICOM side is taken; "
+                                            'pass --laterality if it is wrong')
+
+
+def test_a_dcm2niix_sidecar_names_the_side_of_a_volume_file(tmp_path, caplog):
+  """dcm2niix writes the series description, not the Laterality tag, into the JSON beside its NIfTI: OAI's
+  SAG_3D_DESS_LEFT names a left knee, against a position on the patient's right, with the warning."""
+  affine = np.diag([0.7, 0.4, 0.4, 1.0])
+  affine[0, 3] = 60.0
+  scan = tmp_path / 'knee.nii.gz'
+  nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine), scan)
+  (tmp_path / 'knee.json').write_text('{"SeriesDescription": "SAG_3D_DESS_LEFT", "Modality": "MR"}')
+  nii, info = predict._read(scan, None)
+  side, why = predict.decide_laterality(nii, info, None)
+  assert (side, why) == ('L', "from the series description 'SAG_3D_DESS_LEFT' of knee.json, against its "
+                              "position (centred 61 mm to the patient's right)")
+  assert caplog.records[0].getMessage().startswith("the series description 'SAG_3D_DESS_LEFT' of knee.json "
+                                                   'says left knee')
+  (tmp_path / 'knee.json').write_text('["not", "a", "sidecar"]')
+  nii, info = predict._read(scan, None)
+  assert info == {} and predict.decide_laterality(nii, info, None)[0] == 'R'
+  assert caplog.records[-1].getMessage().endswith('the knee side is not read from it')
 
 
 def test_orient_and_unorient_are_inverse_in_all_24_orientations():

@@ -10,6 +10,7 @@ affine and voxels against SimpleITK.
 
 import collections
 import pathlib
+import re
 import struct
 import zlib
 from typing import NamedTuple
@@ -48,6 +49,7 @@ _FRAME_MACROS = {
 }
 _FILE_TAGS = ('SeriesInstanceUID', 'SOPInstanceUID', 'SeriesDescription', 'SeriesNumber', 'Manufacturer',
               'Laterality', 'Rows', 'Columns')
+_DESCRIPTION_SIDES = {'RIGHT': 'R', 'RT': 'R', 'LEFT': 'L', 'LT': 'L'}
 # ImageType values (its third and later) of a classic image that is not a magnitude image: Siemens' and
 # Philips' phase, real and imaginary images, which may share a series with the magnitude ones.
 _NOT_MAGNITUDE = {'P', 'PHASE', 'PHASE MAP', 'R', 'REAL', 'I', 'IMAGINARY'}
@@ -375,12 +377,23 @@ def _volume(members: Members) -> np.ndarray:
   return np.stack(slices, axis=-1)
 
 
-def _laterality(ds: pydicom.Dataset) -> str | None:
+def description_side(description: str) -> str | None:
+  """'R' or 'L' where a series description's words name one side only (OAI's SAG_3D_DESS_RIGHT; RIGHT, RT,
+  LEFT and LT count, single letters do not), else None."""
+  sides = {_DESCRIPTION_SIDES[word] for word in re.findall('[A-Z]+', description.upper())
+           if word in _DESCRIPTION_SIDES}
+  return sides.pop() if len(sides) == 1 else None
+
+
+def _laterality(ds: pydicom.Dataset, description: str) -> tuple[str | None, str | None]:
+  """(side, where it was read): the Laterality tags, else `description_side`; (None, None) without."""
   for keyword in ('Laterality', 'ImageLaterality', 'FrameLaterality'):
     value = str(ds.get(keyword) or '').strip().upper()
     if value in ('L', 'R'):
-      return value
-  return None
+      return value, 'the DICOM Laterality tag'
+  if side := description_side(description):
+    return side, f"the series description '{description}'"
+  return None, None
 
 
 def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[nib.Nifti1Image, dict]:
@@ -390,7 +403,8 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
   rescaled by its own RescaleSlope and RescaleIntercept. `series` is a `Series.name` (a SeriesInstanceUID,
   its first echo where it holds several; '<uid>:<echo>' for another); without it the series with most slices
   is read. The report holds 'series_found' (a dict of name, description, number and slice count per
-  series), 'series_used' (a name), 'laterality' ('L', 'R' or None), 'description', 'manufacturer' and
+  series), 'series_used' (a name), 'laterality' ('L', 'R' or None) and 'laterality_from' (where it was
+  read: the Laterality tag, else the series description), 'description', 'manufacturer' and
   'slice_spacing_mm'.
   """
   folder = pathlib.Path(folder)
@@ -417,11 +431,13 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
   nii.set_sform(affine, code=1)
   nii.header.set_xyzt_units('mm')
   first = members[0][1]
+  side, side_from = _laterality(first, chosen.description)
   report = {
     'series_found': [{'name': s.name, 'description': s.description, 'number': s.number,
                       'slices': len(s.slices)} for s in found],
     'series_used': chosen.name,
-    'laterality': _laterality(first),
+    'laterality': side,
+    'laterality_from': side_from,
     'description': chosen.description,
     'manufacturer': str(first.get('Manufacturer') or ''),
     'slice_spacing_mm': slice_spacing,
