@@ -160,8 +160,8 @@ def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, di
   info = {}
   if sidecar.is_file():
     try:
-      description = str(json.loads(sidecar.read_text()).get('SeriesDescription') or '')
-    except (ValueError, AttributeError, UnicodeDecodeError):
+      description = str(json.loads(sidecar.read_bytes()).get('SeriesDescription') or '')  # UTF-8, -16, -32
+    except (OSError, ValueError, AttributeError):
       logging.warning('%s: not a JSON object with a SeriesDescription; the knee side is not read from it',
                       sidecar)
     else:
@@ -864,7 +864,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
       if not batch:
         raise
       label, unscored = None, _not_scored(e, source)
-  if info:
+  if source.is_dir():
     found = '; '.join(f"{s['name']} '{s['description']}' ({s['slices']} slices)"
                       for s in info['series_found'])
     print(f"{source}: {len(info['series_found'])} DICOM series: {found}; used {info['series_used']}",
@@ -875,7 +875,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
                     'as a conversion that lost the geometry writes it: the model resamples by the voxel '
                     'size, so unless the voxels are 1 mm the mask will be wrong; give the scan its voxel '
                     'size', source)
-  elif not (nii.header.get('qform_code') or nii.header.get('sform_code') or info):
+  elif not (nii.header.get('qform_code') or nii.header.get('sform_code') or source.is_dir()):
     logging.warning("%s: the header gives no orientation (qform and sform codes 0), so nibabel's default "
                     "is taken: the patient's left along the first axis; medial and lateral follow it only "
                     'if that is right', source)

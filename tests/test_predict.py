@@ -716,9 +716,16 @@ def test_a_laterality_tag_against_the_position_decides_with_a_warning(caplog):
                                             'pass --laterality if it is wrong')
 
 
-def test_a_dcm2niix_sidecar_names_the_side_of_a_volume_file(tmp_path, caplog):
+def test_a_dcm2niix_sidecar_names_the_side_of_a_volume_file(run, tmp_path, monkeypatch, caplog):
   """dcm2niix writes the series description, not the Laterality tag, into the JSON beside its NIfTI: OAI's
-  SAG_3D_DESS_LEFT names a left knee, against a position on the patient's right, with the warning."""
+  SAG_3D_DESS_LEFT names a left knee, also against a position on the patient's right, with the warning."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  shutil.copy(canonical, tmp_path / 'oai.nii.gz')
+  (tmp_path / 'oai.json').write_bytes(b'\xef\xbb\xbf{"SeriesDescription": "SAG_3D_DESS_LEFT"}')  # with a BOM
+  [result] = predict.predict(_config(), workdir, tmp_path / 'oai.nii.gz', tmp_path / 'oai_mask.nii.gz')
+  assert result['laterality'] == 'L' and set(result['regions']) >= {'fc_medial', 'tc_lateral'}
+  assert "from the series description 'SAG_3D_DESS_LEFT' of oai.json" in result['laterality_text']
   affine = np.diag([0.7, 0.4, 0.4, 1.0])
   affine[0, 3] = 60.0
   scan = tmp_path / 'knee.nii.gz'
