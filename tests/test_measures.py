@@ -1,6 +1,6 @@
 """Cartilage measures: the thickness of a flat sheet and of a tilted one, volumes, the share of slices and
 voxels; on the real reference knee, compartments that partition the plates and a thickness that agrees with
-surface-to-surface distances."""
+surface-to-surface distances and stays put when a voxel size changes in its last digits."""
 
 import numpy as np
 import pytest
@@ -101,6 +101,23 @@ def test_compartment_volumes_in_the_table_add_up_to_the_plates(reference):
   for plate in ('fc', 'tc'):
     total = sum(row['volume_mm3'] for name, row in table.items() if name.startswith(plate + '_'))
     assert total == pytest.approx(table[plate]['volume_mm3'], rel=1e-12)
+
+
+def test_thickness_does_not_hang_on_the_last_digits_of_the_voxel_size(reference):
+  # The reference knee's header gives its two in-plane voxel sizes as 0.36458337 and 0.36458334 mm; a
+  # float32 header or an oblique affine's column norms differ from the scanner's sizes in such digits.
+  labels, spacing = reference
+  tc = labels == 4
+  exact = measures.thickness_map_mm(tc, spacing, tie_tolerance=0)
+  means = []
+  for size in (spacing[1], spacing[2], spacing[2] * (1 + 1e-6), spacing[2] * (1 - 1e-6)):
+    thickness, ridge = measures.thickness_map_mm(tc, (spacing[0], spacing[1], size))
+    means.append(thickness[ridge].mean())
+  assert max(means) - min(means) < 1e-4
+  # Without the tolerance the same sizes split the plate's ties differently.
+  thickness, ridge = measures.thickness_map_mm(tc, (spacing[0], spacing[1], spacing[2] * (1 + 1e-6)),
+                                               tie_tolerance=0)
+  assert abs(exact[0][exact[1]].mean() - thickness[ridge].mean()) > 0.01
 
 
 def test_thickness_agrees_with_surface_to_surface_distances(reference):
