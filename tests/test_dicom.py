@@ -61,6 +61,7 @@ def test_voxel_order_rescale_per_slice_and_report(tmp_path):
   np.testing.assert_allclose(nii.affine, [[-0.4, 0, 0, 60], [0, -0.5, 0, -5], [0, 0, 0.7, 30], [0, 0, 0, 1]],
                              atol=1e-6)
   assert report['laterality'] == 'R' and report['series_used'] == uid and report['manufacturer'] == 'ACME'
+  assert report['laterality_from'] == 'the DICOM ImageLaterality tag'
   assert report['description'] == 'DESS 8' and report['slice_spacing_mm'] == pytest.approx(0.7)
   assert report['series_found'] == [{'name': uid, 'description': 'DESS 8', 'number': 3, 'slices': 8}]
 

@@ -254,7 +254,7 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
   _dicom_knee(tmp_path / 'scans' / 'b', canonical, knee_x=3.0)  # too near the midline: undecided
   results = predict.predict(_config(), workdir, tmp_path / 'scans', tmp_path / 'out')
   assert [r['laterality'] for r in results] == ['L', None]
-  assert 'DICOM Laterality tag' in results[0]['laterality_text']
+  assert 'from the DICOM FrameLaterality tag' in results[0]['laterality_text']
   assert 'undecided' in results[1]['laterality_text']
   with open(tmp_path / 'out' / 'measures.csv') as f:
     rows = list(csv.DictReader(f))

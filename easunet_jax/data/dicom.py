@@ -386,11 +386,12 @@ def description_side(description: str) -> str | None:
 
 
 def _laterality(ds: pydicom.Dataset, description: str) -> tuple[str | None, str | None]:
-  """(side, where it was read): the Laterality tags, else `description_side`; (None, None) without."""
+  """(side, where it was read, e.g. 'the DICOM ImageLaterality tag'): the laterality tags, else
+  `description_side`; (None, None) without."""
   for keyword in ('Laterality', 'ImageLaterality', 'FrameLaterality'):
     value = str(ds.get(keyword) or '').strip().upper()
     if value in ('L', 'R'):
-      return value, 'the DICOM Laterality tag'
+      return value, f'the DICOM {keyword} tag'
   if side := description_side(description):
     return side, f"the series description '{description}'"
   return None, None
