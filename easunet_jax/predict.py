@@ -205,12 +205,13 @@ def _print_scores(source: pathlib.Path, result: dict) -> None:
 
 def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, header_sides: bool = True
                       ) -> tuple[str | None, str]:
-  """('R', 'L' or None, why): `given` (--laterality), else the DICOM series' side (`info['laterality']`, from
-  its Laterality tag or description, `info['laterality_from']`), else, where
+  """('R', 'L' or None, why): `given` (--laterality), else the side the DICOM series or a volume file's
+  sidecar names (`info['laterality']`, read from `info['laterality_from']`: a laterality tag or a series
+  description), else, where
   `header_sides` (the header's left-right axis is the knee's) and the header gives a position (its first
   voxel not at the origin, where a file without a pose puts it), the scan's position: a knee centred at least
   10 mm to the patient's right (RAS x > 0) of the scanner's midline is a right knee. None when none of these
-  decides; compartments are then named by the patient's side. A DICOM side that the position contradicts
+  decides; compartments are then named by the patient's side. A named side that the position contradicts
   decides, with a warning."""
   if given:
     return given, 'given by --laterality'
@@ -231,7 +232,7 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, heade
     source = info['laterality_from']
     if side and side != tag:
       position = why.removeprefix('from the position: ')
-      logging.warning("%s says %s knee, the scan's position %s: the DICOM side is taken; pass --laterality "
+      logging.warning("%s says %s knee, the scan's position %s: the named side is taken; pass --laterality "
                       'if it is wrong', source, SIDES[tag], position)
       return tag, f'from {source}, against its position ({position})'
     return tag, f'from {source}'

@@ -712,7 +712,7 @@ def test_a_laterality_tag_against_the_position_decides_with_a_warning(caplog):
   assert (side, why) == ('L', "from the DICOM Laterality tag, against its position (centred 61 mm to the "
                               "patient's right)")
   assert caplog.records[0].getMessage() == ("the DICOM Laterality tag says left knee, the scan's position "
-                                            "centred 61 mm to the patient's right: the DICOM side is taken; "
+                                            "centred 61 mm to the patient's right: the named side is taken; "
                                             'pass --laterality if it is wrong')
 
 

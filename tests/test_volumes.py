@@ -411,6 +411,11 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
     check({'background': 0, 'femur': 1, 'FC': 2, 'tibia': 3, 'MTC': 4, 'LTC': 5}, ((2, 1), (4, 2), (5, 1)))
   with pytest.raises(ConfigError, match=r"label_map='\(\(1, 1\),\)'"):  # one pair: a tuple all the same
     check({'background': 0, 'femoral cart': 1, 'femur': 2, 'tibia': 4})
+  # Saved with a byte-order mark, as Windows editors do: read all the same.
+  bom = b'\xef\xbb\xbf'
+  (tmp_path / 'dataset.json').write_bytes(bom + json.dumps({'labels': {'femoral_cartilage': 1}}).encode())
+  with pytest.raises(ConfigError, match="names label 1 'femoral_cartilage'"):
+    volumes.check_dataset_json(tmp_path, ((2, 1), (4, 2)))
   for other in ([{'image': 'a.nii.gz'}], {'labels': ['background', 'femur']}, {'labels': None}):
     (tmp_path / 'dataset.json').write_text(json.dumps(other))
     volumes.check_dataset_json(tmp_path, ((2, 1), (4, 2)))

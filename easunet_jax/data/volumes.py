@@ -175,8 +175,8 @@ def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[in
   if not path.is_file():
     return
   try:
-    labels = json.loads(path.read_text()).get('labels')
-  except (ValueError, AttributeError, UnicodeDecodeError):  # another tool's JSON: not ours to judge
+    labels = json.loads(path.read_bytes()).get('labels')  # UTF-8 (with or without a BOM), -16, -32
+  except (ValueError, AttributeError):  # another tool's JSON: not ours to judge
     return
   if not isinstance(labels, dict):
     return
