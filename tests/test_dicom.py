@@ -50,6 +50,25 @@ def test_compressed_series_reads_like_the_uncompressed(tmp_path, syntax):
   np.testing.assert_array_equal(compressed.get_fdata(), plain.get_fdata())
 
 
+@pytest.mark.parametrize('file_meta', [False, True], ids=['bare-implicit', 'meta-explicit'])
+def test_files_without_preamble_read_like_the_others(tmp_path, file_meta):
+  # Data sets stored without the 128-byte preamble and 'DICM' (PACS and ACR-NEMA-style exports): bare, in
+  # implicit VR, or starting at their file meta.
+  write_series(tmp_path / 'dcm')
+  plain, _ = dicom.read_series(tmp_path / 'dcm')
+  for path in (tmp_path / 'dcm').iterdir():
+    ds = pydicom.dcmread(path)
+    ds.preamble = None
+    if not file_meta:
+      del ds.file_meta
+    pydicom.dcmwrite(path, ds, implicit_vr=not file_meta)
+  assert path.read_bytes()[:2] == (b'\x02\x00' if file_meta else b'\x08\x00')
+  assert dicom.is_dicom_folder(tmp_path / 'dcm')
+  bare, _ = dicom.read_series(tmp_path / 'dcm')
+  np.testing.assert_array_equal(bare.get_fdata(), plain.get_fdata())
+  np.testing.assert_array_equal(bare.affine, plain.affine)
+
+
 def test_voxel_order_rescale_per_slice_and_report(tmp_path):
   def per_slice(n, ds):
     ds.RescaleIntercept = str(10 * n)

@@ -53,6 +53,8 @@ _DESCRIPTION_SIDES = {'RIGHT': 'R', 'RT': 'R', 'LEFT': 'L', 'LT': 'L'}
 # ImageType values (its third and later) of a classic image that is not a magnitude image: Siemens' and
 # Philips' phase, real and imaginary images, which may share a series with the magnitude ones.
 _NOT_MAGNITUDE = {'P', 'PHASE', 'PHASE MAP', 'R', 'REAL', 'I', 'IMAGINARY'}
+# The first two bytes of a DICOM data set stored without preamble: group 0002 or 0008, little-endian.
+_BARE_GROUPS = (b'\x02\x00', b'\x08\x00')
 
 
 class Slice(NamedTuple):
@@ -85,13 +87,28 @@ def _one_line(e: BaseException) -> str:
 
 
 def is_dicom_file(path: pathlib.Path) -> bool:
-  """Whether the file has the DICOM file format's 128-byte preamble and 'DICM' marker: exactly what pydicom's
-  dcmread(force=False) accepts, checked without parsing the file."""
+  """Whether the file is DICOM, checked without parsing it: the file format's 128-byte preamble and 'DICM'
+  marker, or a data set stored without them, as some PACS and older ACR-NEMA exports are (dcm2niix and GDCM
+  read these too): one that starts at a little-endian element of the identifying group 0008, or of the file
+  meta (group 0002)."""
   try:
     with open(path, 'rb') as f:
-      return f.read(132)[128:] == b'DICM'
+      head = f.read(132)
   except OSError:
     return False
+  return head[128:] == b'DICM' or (len(head) >= 8 and head[:2] in _BARE_GROUPS
+                                   and int.from_bytes(head[2:4], 'little') < 0x100)
+
+
+def _read(path: pathlib.Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+  """A DICOM file's data set (`is_dicom_file`). One without file meta gets the transfer syntax its encoding
+  shows, which pydicom needs to decode its pixels."""
+  ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+  if 'TransferSyntaxUID' not in ds.file_meta:  # little-endian: `is_dicom_file` takes no other bare data set
+    implicit_vr, _ = ds.original_encoding
+    ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit_vr else
+                                      pydicom.uid.ExplicitVRLittleEndian)
+  return ds
 
 
 def files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -100,8 +117,7 @@ def files(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def is_dicom_folder(path: str | pathlib.Path) -> bool:
-  """A directory holding at least one DICOM file (searched recursively; a file is DICOM if it has the 'DICM'
-  marker at byte 128, which is what pydicom's dcmread with force=False reads)."""
+  """A directory holding at least one DICOM file (`is_dicom_file`), searched recursively."""
   path = pathlib.Path(path)
   return path.is_dir() and any(is_dicom_file(p) for p in files(path))
 
@@ -211,7 +227,7 @@ def _scan(folder: pathlib.Path) -> _Scan:
       continue
     uid = None
     try:
-      ds = pydicom.dcmread(path, stop_before_pixels=True)
+      ds = _read(path, stop_before_pixels=True)
       uid = str(ds.get('SeriesInstanceUID') or '') or None
       if 'Rows' not in ds or uid is None:
         # Images only: a DICOMDIR, a structured report or a presentation state has no Rows and no pixels; an
@@ -347,7 +363,7 @@ def _geometry(where: str, members: Members) -> tuple[np.ndarray, float]:
 def _pixels(path: pathlib.Path, multi_frame: bool) -> np.ndarray:
   """A file's stored values: (rows, columns), or (frames, rows, columns) for a multi-frame file."""
   try:
-    ds = pydicom.dcmread(path)
+    ds = _read(path)
     pixels = ds.pixel_array
     shape = (int(ds.Rows), int(ds.Columns))
   except (*_READ_ERRORS, AttributeError, NotImplementedError, RuntimeError) as e:
