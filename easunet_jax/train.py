@@ -190,7 +190,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
       accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
 
       stop = stop_signal() or (mngr.reached_preemption(step) and 'preemption')
-      is_log = step % config.log.every_steps == 0 or step == num_steps
+      # A stop logs the steps since the last row: their losses would be lost, and a resumed run starts
+      # its first period after the stop.
+      is_log = step % config.log.every_steps == 0 or step == num_steps or bool(stop)
       is_eval = step % config.train.eval_every_steps == 0 or step == num_steps
       is_save = is_eval or step % config.checkpoint.every_steps == 0 or stop
       if not (is_log or is_save):

@@ -135,22 +135,25 @@ def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no
 
 def test_sigterm_saves_the_current_step_exits_143_and_the_run_resumes(augmented_tiny, tmp_path, caplog):
   workdir = tmp_path / 'run'
-  # Checkpoints only at the end: the one saved before it is the signal's. The signal comes as the third
-  # training batch is fetched, while an earlier step runs.
+  # Checkpoints and log rows only at the end: the ones written before it are the signal's. The signal
+  # comes as the third training batch is fetched, while an earlier step runs.
   config = augmented_tiny[0].copy_and_resolve_references()
-  config.checkpoint.every_steps = config.train.eval_every_steps = 1000
+  config.checkpoint.every_steps = config.train.eval_every_steps = config.log.every_steps = 1000
   apart = ['--config.checkpoint.every_steps=1000', '--config.train.eval_every_steps=1000',
-           f'--config.optim.lr={config.optim.lr}']
+           '--config.log.every_steps=1000', f'--config.optim.lr={config.optim.lr}']
   stopped = _run(workdir, config.data.phantom_dir, *apart, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGTERM'))
   assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr  # unfinished: `&& evaluate` stops here
   step = checkpoints.manager(workdir, 2).latest_step()
   assert 1 <= step < 6
   saved = workdir / 'checkpoints' / str(step)
   assert f'Stopped by SIGTERM at step {step} of 6; checkpoint saved in {saved}' in stopped.stderr
+  # The steps trained before the stop are logged (the loss of steps 1..step), not lost with the run.
+  assert [row['step'] for row in _logged(workdir)] == [step] and 'train/loss' in _logged(workdir)[0]
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, workdir)
   assert f'Resumed from {saved} at step {step}' in caplog.text
   assert checkpoints.manager(workdir, 2).latest_step() == 6
+  assert [row['step'] for row in _logged(workdir) if 'train/loss' in row] == [step, 6]
 
 
 # Through main.py: absl's flag parsing, and one check of config_check, each with exit code 2 and one line.
