@@ -8,11 +8,20 @@ import jax
 import tensorboardX
 
 
+def _step(row: str) -> float:
+  """A JSONL row's step; infinite for a row that does not parse (written in part by a killed run)."""
+  try:
+    return json.loads(row)['step']
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return float('inf')
+
+
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` (one object per step) and TensorBoard event files.
 
   A run resumed from step `start` first drops the JSONL rows past it, which the killed run logged
-  after its last checkpoint and the resumed run logs again. Only JAX process 0 writes.
+  after its last checkpoint and the resumed run logs again, and a last row the kill cut short; TensorBoard
+  hides the killed run's events past it (its `purge_step`). Only JAX process 0 writes.
   """
 
   def __init__(self, workdir: str | pathlib.Path, start: int = 0):
@@ -22,10 +31,10 @@ class MetricWriter:
       workdir.mkdir(parents=True, exist_ok=True)
       path = workdir / 'metrics.jsonl'
       rows = path.read_text().splitlines() if path.exists() else []
-      kept = [row for row in rows if json.loads(row)['step'] <= start]
+      kept = [row for row in rows if _step(row) <= start]
       path.write_text(''.join(row + '\n' for row in kept))
       self._jsonl = open(path, 'a')  # noqa: SIM115 - appended to for the whole run, closed by close()
-      self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
+      self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'), purge_step=start + 1)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:

@@ -1,0 +1,41 @@
+"""Tests of the training log on resume: JSONL rows past the checkpoint and a row cut short by a kill are
+dropped, and TensorBoard is told to hide the killed run's events past it."""
+
+import json
+import struct
+
+from tensorboardX.proto import event_pb2
+
+from easunet_jax.metric_writer import MetricWriter
+
+
+def _events(path) -> list[event_pb2.Event]:
+  """The events of one TFRecord event file (length, its CRC, the record, its CRC)."""
+  data, offset, events = path.read_bytes(), 0, []
+  while offset < len(data):
+    (length,) = struct.unpack('<Q', data[offset:offset + 8])
+    events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+    offset += 12 + length + 4
+  return events
+
+
+def test_a_resumed_log_drops_later_rows_and_a_cut_row_and_purges_later_events(tmp_path):
+  writer = MetricWriter(tmp_path)
+  for step in (1, 2, 3):
+    writer.write_scalars(step, {'train/loss': float(step)})
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 4, "train/lo')  # the kill came mid-write
+  # tensorboardX names an event file by the second it opens; a resumed run starts seconds later.
+  (first,) = (tmp_path / 'tensorboard').iterdir()
+  first = first.rename(first.with_name('events.out.tfevents.0000000001.killed'))
+  writer = MetricWriter(tmp_path, start=2)  # resumed from the checkpoint of step 2
+  writer.write_scalars(3, {'train/loss': 30.0})
+  writer.close()
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [(row['step'], row['train/loss']) for row in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+  (resumed,) = set((tmp_path / 'tensorboard').iterdir()) - {first}
+  assert sorted(e.step for e in _events(first) if e.summary.value) == [1, 2, 3]
+  # TensorBoard hides the events of step 3 on that earlier files hold: the session restarts at step 3.
+  starts = [e.step for e in _events(resumed) if e.session_log.status == event_pb2.SessionLog.START]
+  assert starts == [3]
