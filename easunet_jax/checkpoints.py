@@ -186,6 +186,14 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | path
   return step, state
 
 
+def unreadable_to_resume(mngr: ocp.CheckpointManager, step: int) -> contextlib.AbstractContextManager:
+  """Reads of the checkpoint a run resumes from (`step`), whose failure is one line with the way out: its
+  removal resumes the run from the step before (a file cut short by a full disk or a copy)."""
+  earlier = [s for s in mngr.all_steps() if s < step]
+  way_out = f'; remove it to resume from step {max(earlier)}' if earlier else '; remove it to start afresh'
+  return _unreadable_as_one_line(mngr.directory / str(step), way_out)
+
+
 def _drop_closed_loop_errors() -> None:
   """Silences the reads that a failed orbax restore leaves in flight: each one that completes later calls
   back into the event loop orbax has closed, and Python would print a 'RuntimeError: Event loop is closed'
@@ -204,14 +212,16 @@ def _drop_closed_loop_errors() -> None:
 
 
 @contextlib.contextmanager
-def _unreadable_as_one_line(path: pathlib.Path) -> Iterator[None]:
+def _unreadable_as_one_line(path: pathlib.Path, way_out: str = '') -> Iterator[None]:
   """Turns what orbax and tensorstore raise on missing, truncated or foreign checkpoint files into one line
-  that names `path`."""
+  that names `path` (and ends with `way_out`)."""
   try:
     yield
   except Exception as e:  # tensorstore reports a truncated array file as a bare Exception
     # Only orbax reads run in this block, so whatever fails here is the checkpoint's files.
     _drop_closed_loop_errors()
+    while e.__cause__:  # orbax wraps tensorstore's error, which says what is wrong, in a generic one
+      e = e.__cause__
     reason = ' '.join(str(e).split()) or type(e).__name__
-    reason = reason if len(reason) <= 160 else reason[:160] + '...'  # tensorstore's run to pages
-    raise CheckpointError(f'{path}: unreadable or corrupt checkpoint ({reason})') from None
+    reason = reason if len(reason) <= 280 else reason[:280] + '...'  # tensorstore's run to pages
+    raise CheckpointError(f'{path}: unreadable or corrupt checkpoint ({reason}){way_out}') from None

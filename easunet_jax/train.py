@@ -119,7 +119,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   mesh = parallel.make_mesh()
   # Before anything slow: a workdir or a model file of another network is refused at once.
   if start:
-    saved = checkpoints.saved_config(mngr, start)
+    with checkpoints.unreadable_to_resume(mngr, start):
+      saved = checkpoints.saved_config(mngr, start)
     checkpoints.check_same_model(saved, config.model, mngr.directory / str(start), instead='another workdir')
     checkpoints.check_same_split(saved, config, mngr.directory / str(start))
   elif config.train.init_weights:
@@ -152,7 +153,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   eval_batch_size = parallel.round_to_devices(config.eval.batch_size, mesh)
   train_graphdef, eval_graphdef = steps.graphdefs(config)
   if start:
-    state = checkpoints.restore(mngr, start, steps.abstract_state(config, tx, replicated))
+    with checkpoints.unreadable_to_resume(mngr, start):
+      state = checkpoints.restore(mngr, start, steps.abstract_state(config, tx, replicated))
     logging.info('Resumed from %s at step %d.', mngr.directory / str(start), start)
   else:
     state = steps.init_state(config, tx, replicated)

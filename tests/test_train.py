@@ -6,6 +6,7 @@ import fcntl
 import json
 import pathlib
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -104,6 +105,24 @@ def test_finished_run_is_not_trained_again(augmented_tiny):
   before = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
   assert train.train_and_evaluate(config, workdir) is None
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before
+
+
+@pytest.mark.parametrize('part', ['state', 'config'])
+def test_a_corrupt_checkpoint_to_resume_is_one_line_naming_the_one_before(augmented_tiny, tmp_path, part):
+  # Its files cut short, as a full disk or a broken copy leaves them.
+  config, workdir, _ = augmented_tiny
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  for chunk in (copy / 'checkpoints' / '6' / part).rglob('*'):
+    if chunk.is_file():
+      chunk.write_bytes(chunk.read_bytes()[:10])
+  earlier = max(s for s in checkpoints.manager(copy, config.checkpoint.keep).all_steps() if s < 6)
+  longer = config.copy_and_resolve_references()
+  longer.train.num_steps = 8
+  with pytest.raises(CheckpointError, match=r'checkpoints/6: unreadable or corrupt checkpoint \(.*\); '
+                     rf'remove it to resume from step {earlier}$') as error:
+    train.train_and_evaluate(longer, copy)
+  assert '\n' not in str(error.value)
 
 
 @pytest.mark.parametrize('split, which', [((0.75, 0.0, 0.25), 'validation'), ((0.0, 0.5, 0.5), 'training')])
