@@ -3,11 +3,13 @@ error of mean thickness and volume per plate and compartment, a Table-1-shaped r
 numbers, loss curves, prediction overlays and a Bland-Altman plot of thickness; the same scores of any mask
 against its scan's expert labels (for predict --labels)."""
 
+import contextlib
 import csv
 import functools
 import json
 import math
 import pathlib
+import shutil
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -171,10 +173,10 @@ def write_report(path: pathlib.Path, summary: dict) -> None:
       f"Checkpoint `{summary['checkpoint_dir']}` (eval.checkpoint = {summary['requested']!r}); "
       f"{summary['num_volumes']} test volumes, {summary['num_cartilage_slices']} slices with cartilage.", '',
       f'Post-processing (largest connected component per class): **{post}**.', '',
-      'Mean ± sample std over cases. HD, HD95 and ASSD average the cases where both masks are non-empty; '
-      'a case with exactly one empty mask scores Dice, precision and recall 0 and is counted as *empty*; '
-      'a case with both empty scores 100 and 0 mm. The paper row is EAS U-Net of its Table 1 (OAI-ZIB, per '
-      'cartilage slice, no HD95 or ASSD given).', '']
+      'Mean ± sample std over cases. A case with exactly one empty mask scores Dice, precision and recall 0, '
+      'has no HD, HD95 or ASSD (their means leave it out) and is counted as *empty*; a case with both masks '
+      'empty scores 100 and 0 mm, and counts in every mean. The paper row is EAS U-Net of its Table 1 '
+      '(OAI-ZIB, per cartilage slice, no HD95 or ASSD given).', '']
   if summary['synthetic_images']:
     lines += [f"**{summary['synthetic_images']} of the {summary['num_volumes']} test volumes have no image "
               '(label maps alone): they are scored on images synthesised from their label maps (one draw '
@@ -254,8 +256,10 @@ def _synthetic_test_images(config: ml_collections.ConfigDict, workdir: pathlib.P
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
   """Evaluates the checkpoint `config.eval.checkpoint` of `workdir` on the test split; returns the folder
-  `<workdir>/eval/<step>` it wrote metrics.json, per_case.csv, morphometry.csv, report.md and the figures
-  to."""
+  `<workdir>/eval/<step>` (`<step>-largest_component` with eval.largest_component) it wrote metrics.json,
+  per_case.csv, morphometry.csv, report.md and the figures to. The folder is written whole under another
+  name and then takes the place of an earlier one, so a stopped evaluation leaves the earlier one as it
+  was."""
   workdir = pathlib.Path(workdir)
   mesh = parallel.make_mesh()
   step, graphdef, state = steps.restore_for_inference(config, workdir, mesh, same_split=True)
@@ -267,10 +271,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
                     'test cases')
   scores = score_test_set(config, graphdef, state, store_dir, mesh)
 
-  out = workdir / 'eval' / str(step)
+  final = workdir / 'eval' / (f'{step}-largest_component' if config.eval.largest_component else str(step))
   if jax.process_index() > 0:  # every process scored the whole test set; process 0 writes it
-    return out
-  out.mkdir(parents=True, exist_ok=True)
+    return final
+  out = workdir / 'eval' / '.partial' / final.name
+  shutil.rmtree(out, ignore_errors=True)  # left by an evaluation stopped while writing
+  out.mkdir(parents=True)
   per_case, morphometry = scores['per_case'], scores['morphometry']
   summary = _json_ready({
       'name': config.name, 'step': step, 'requested': str(config.eval.checkpoint),
@@ -309,6 +315,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     logging.warning('no %s: loss_curves.png not drawn', workdir / 'metrics.jsonl')
   if scores['samples']:
     figures.plot_overlays(scores['samples'], out / 'overlays.png')
-  logging.info('evaluation of step %d written to %s: 3D Dice FC %s TC %s', step, out,
+  if final.exists():
+    logging.warning('%s held an earlier evaluation of step %d: replaced', final, step)
+    shutil.rmtree(final)
+  out.rename(final)
+  with contextlib.suppress(OSError):  # another evaluation may be writing beside it
+    out.parent.rmdir()
+  logging.info('evaluation of step %d written to %s: 3D Dice FC %s TC %s', step, final,
                _cell(summary['3d']['fc']['dice']), _cell(summary['3d']['tc']['dice']))
-  return out
+  return final

@@ -3,6 +3,7 @@ largest-component filter, and one-line errors for a missing, absent, corrupt or 
 
 import csv
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -168,14 +169,30 @@ def test_corrupt_checkpoint_is_one_line(run, config, tmp_path):
   _one_line_error(CheckpointError, config, copy, 'checkpoints/6: unreadable or corrupt checkpoint')
 
 
-def test_largest_component_run_says_so(run, config, tmp_path):
+def test_largest_component_run_is_kept_apart_says_so_and_a_stopped_rerun_keeps_the_earlier(
+    run, config, tmp_path, caplog, monkeypatch):
   workdir, _ = run
   copy = tmp_path / 'tiny'
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval'))
   config.data.phantom_dir = str(workdir.parent / 'phantom')  # the same sources: the copied store is reused
-  config.eval.largest_component = True
   config.eval.checkpoint = '3'
+  plain = evaluate.evaluate(config, copy)
+  config.eval.largest_component = True
   out = evaluate.evaluate(config, copy)
-  assert out == copy / 'eval' / '3'
+  assert (plain, out) == (copy / 'eval' / '3', copy / 'eval' / '3-largest_component')
+  assert json.loads((plain / 'metrics.json').read_text())['largest_component'] is False
   assert json.loads((out / 'metrics.json').read_text())['largest_component'] is True
   assert '(largest connected component per class): **on**' in (out / 'report.md').read_text()
+  with caplog.at_level(logging.WARNING):
+    assert evaluate.evaluate(config, copy) == out
+  assert f'{out} held an earlier evaluation of step 3: replaced' in caplog.text
+  assert sorted(p.name for p in (copy / 'eval').iterdir()) == ['3', '3-largest_component']
+  # Ctrl-C while the files are written: the earlier evaluation stays whole.
+  written = {p.name: p.read_bytes() for p in out.iterdir()}
+
+  def interrupted(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(evaluate, 'write_report', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    evaluate.evaluate(config, copy)
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == written
