@@ -1,5 +1,6 @@
 """Entry point: parse flags, then dispatch on --mode. Everything else lives in the easunet_jax package."""
 
+import errno
 import os
 import pathlib
 import signal
@@ -85,6 +86,10 @@ _AFTER_A_STOP = {
 }
 
 
+# What a full disk or a folder that cannot be written raises: the machine's state, not a bug.
+_NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
 def _quiet_libraries(record) -> bool:
   """Drops the INFO chatter of orbax and the TPU probe, and orbax's warning at every checkpoint saved
   between validations (those carry no Dice by design), keeping all other warnings and errors."""
@@ -159,6 +164,10 @@ def main(argv):
     if FLAGS.verbose:
       raise
     exit_with(e)
+  except OSError as e:
+    if FLAGS.verbose or e.errno not in _NOT_WRITABLE:
+      raise
+    exit_with(UserError(f'{e.filename}: {e.strerror}' if e.filename else str(e)))
   except train.Stopped as e:  # the log said where it saved and how to resume
     sys.exit(e.exit_code)
   except KeyboardInterrupt:  # training saves and stops by itself; a stop elsewhere is no bug either

@@ -64,6 +64,13 @@ def interrupted_segment_scan(*args, **kwargs):
 predict._segment_scan = interrupted_segment_scan
 """
 
+DISK_FULL = """
+import errno
+from easunet_jax import train
+def disk_full(*args, **kwargs):
+  raise OSError(errno.ENOSPC, 'No space left on device', '/data/run/checkpoints/4')
+train.train_and_evaluate = disk_full
+"""
 
 
 @pytest.fixture(scope='module')
@@ -212,6 +219,12 @@ def test_bad_config_values_are_one_line_config_errors(name):
   with pytest.raises(ConfigError, match=f'^{re.escape(message)}') as error:
     config_check.check_config(config, default.get_config(), 'train')
   assert '\n' not in str(error.value)
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(phantom_dir, tmp_path):
+  result = _run(tmp_path / 'run', phantom_dir, hook=DISK_FULL)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.splitlines()[-1] == 'error: /data/run/checkpoints/4: No space left on device'
 
 
 def test_verbose_shows_the_traceback_of_a_bad_config(phantom_dir, tmp_path):
