@@ -37,6 +37,13 @@ case "${1:-}" in
         .whl/*.whl
       export PYTHONPATH=/tmp/easunet_site:$PWD
     fi
+    # A missing package (no .whl carried) stops here, seconds into the lease rather than minutes; the
+    # versions and devices go on record.
+    python3 -c 'import sys, jax, flax, optax, grain, clu.metrics, ml_collections, nibabel, tensorboardX, pydicom
+print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "optax",
+      optax.__version__, "grain", grain.__version__, jax.devices())' \
+      || { echo 'gpu_train: a package is missing: run `bash bench/gpu_train.sh wheels` here, carry .whl' >&2
+           exit 1; }
     every=${GPU_TRAIN_EVAL_EVERY:-2000}
     flags=(--config=configs/eas.py:knee --workdir="$RUN" "--config.data.phantom_num=${GPU_TRAIN_PHANTOMS:-96}"
            "--config.train.num_steps=${GPU_TRAIN_STEPS:-12000}" "--config.train.batch_size=${GPU_TRAIN_BATCH:-16}"
