@@ -316,6 +316,8 @@ def test_folder_without_dicom_files(tmp_path):
   (tmp_path / 'notes.txt').write_text('not an image')
   (tmp_path / 'sub').mkdir()
   (tmp_path / 'sub' / 'blob').write_bytes(bytes(range(256)))
+  # Raw pixels whose first value is 8, as a DICOM data set without preamble would start: no element follows.
+  np.array([8, 0, 0, 0, 7, 9] * 40, np.uint16).tofile(tmp_path / 'sub' / 'raw.bin')
   assert not dicom.is_dicom_folder(tmp_path)
   with pytest.raises(DataError, match='no DICOM image file'):
     dicom.find_series(tmp_path)

@@ -33,7 +33,7 @@ _SPACING_TOL, _SPACING_TOL_MM = 0.01, 0.01  # a step may differ from the median 
 _PLANE_COS = float(np.cos(np.radians(10)))
 # What a truncated, corrupt or foreign file raises inside pydicom, on reading or on converting a value.
 _READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, struct.error, zlib.error,
-                InvalidDicomError)
+                InvalidDicomError, RecursionError)  # the last: sequences nested without end
 
 # Functional-group macros of an enhanced (multi-frame) image and the classic tags each gives a frame; a
 # per-frame macro overrides the shared one.
@@ -55,6 +55,7 @@ _DESCRIPTION_SIDES = {'RIGHT': 'R', 'RT': 'R', 'LEFT': 'L', 'LT': 'L'}
 _NOT_MAGNITUDE = {'P', 'PHASE', 'PHASE MAP', 'R', 'REAL', 'I', 'IMAGINARY'}
 # The first two bytes of a DICOM data set stored without preamble: group 0002 or 0008, little-endian.
 _BARE_GROUPS = (b'\x02\x00', b'\x08\x00')
+_VRS = {vr.value.encode() for vr in pydicom.valuerep.VR if len(vr.value) == 2}
 
 
 class Slice(NamedTuple):
@@ -96,8 +97,12 @@ def is_dicom_file(path: pathlib.Path) -> bool:
       head = f.read(132)
   except OSError:
     return False
-  return head[128:] == b'DICM' or (len(head) >= 8 and head[:2] in _BARE_GROUPS
-                                   and int.from_bytes(head[2:4], 'little') < 0x100)
+  if head[128:] == b'DICM':
+    return True
+  if len(head) < 8 or head[:2] not in _BARE_GROUPS or int.from_bytes(head[2:4], 'little') >= 0x100:
+    return False
+  # Then the element's VR (explicit VR; the file meta always is) or its short length (implicit VR).
+  return head[4:6] in _VRS or (head[:2] == b'\x08\x00' and 0 < int.from_bytes(head[4:8], 'little') < 1024)
 
 
 def _read(path: pathlib.Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
