@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from scipy import ndimage
 
-from easunet_jax import figures, measures, metrics, parallel, steps
+from easunet_jax import figures, measures, metric_writer, metrics, parallel, steps
 from easunet_jax.data import pipeline, preprocess, volumes
 from easunet_jax.data.volumes import CLASSES
 from easunet_jax.errors import DataError
@@ -310,15 +310,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
                             'mm', out / 'bland_altman_thickness.png')
   write_report(out / 'report.md', summary)
   if (workdir / 'metrics.jsonl').exists():
-    figures.plot_loss_curves(workdir / 'metrics.jsonl', out / 'loss_curves.png')
+    figures.plot_loss_curves(metric_writer.read_rows(workdir / 'metrics.jsonl'), out / 'loss_curves.png')
   else:
     logging.warning('no %s: loss_curves.png not drawn', workdir / 'metrics.jsonl')
   if scores['samples']:
     figures.plot_overlays(scores['samples'], out / 'overlays.png')
+  earlier = out.with_name(f'{final.name}.earlier')  # moved aside, not deleted, until the new one is in place
   if final.exists():
     logging.warning('%s held an earlier evaluation of step %d: replaced', final, step)
-    shutil.rmtree(final)
+    shutil.rmtree(earlier, ignore_errors=True)
+    final.rename(earlier)
   out.rename(final)
+  shutil.rmtree(earlier, ignore_errors=True)
   with contextlib.suppress(OSError):  # another evaluation may be writing beside it
     out.parent.rmdir()
   logging.info('evaluation of step %d written to %s: 3D Dice FC %s TC %s', step, final,

@@ -2,7 +2,6 @@
 thickness (evaluation), cartilage thickness maps and sagittal outlines (prediction), Dice bars over seeds
 (sweeps)."""
 
-import json
 import math
 import pathlib
 from collections.abc import Sequence
@@ -29,9 +28,9 @@ def _save(fig: matplotlib.figure.Figure, out: pathlib.Path, **layout) -> None:
   fig.savefig(out)
 
 
-def plot_loss_curves(metrics_path: pathlib.Path, out: pathlib.Path) -> None:
-  """loss_curves.png: the training and validation losses against step (paper Fig. 8/9)."""
-  rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+def plot_loss_curves(rows: Sequence[dict], out: pathlib.Path) -> None:
+  """loss_curves.png: the training and validation losses of metrics.jsonl's `rows` against step (paper
+  Fig. 8/9)."""
   fig, ax = _subplots(figsize=(6, 4))
   # val/loss is the final output's CE + Dice, like train/loss_final; train/loss adds the side outputs.
   curves = (('train/loss', '-', 'train/loss (with side outputs)'),

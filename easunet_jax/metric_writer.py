@@ -8,12 +8,18 @@ import jax
 import tensorboardX
 
 
-def _step(row: str) -> float:
-  """A JSONL row's step; infinite for a row that does not parse (written in part by a killed run)."""
-  try:
-    return json.loads(row)['step']
-  except (json.JSONDecodeError, KeyError, TypeError):
-    return float('inf')
+def read_rows(path: pathlib.Path) -> list[dict]:
+  """The rows of a metrics.jsonl, each with its 'step'; a row that does not parse (written in part by a
+  killed run) is left out."""
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and 'step' in row:
+      rows.append(row)
+  return rows
 
 
 class MetricWriter:
@@ -30,9 +36,8 @@ class MetricWriter:
       workdir = pathlib.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
       path = workdir / 'metrics.jsonl'
-      rows = path.read_text().splitlines() if path.exists() else []
-      kept = [row for row in rows if _step(row) <= start]
-      path.write_text(''.join(row + '\n' for row in kept))
+      kept = [row for row in read_rows(path) if row['step'] <= start] if path.exists() else []
+      path.write_text(''.join(json.dumps(row) + '\n' for row in kept))
       self._jsonl = open(path, 'a')  # noqa: SIM115 - appended to for the whole run, closed by close()
       self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'), purge_step=start + 1)
 
