@@ -91,9 +91,12 @@ _NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def _quiet_libraries(record) -> bool:
-  """Drops the INFO chatter of orbax and the TPU probe, and orbax's warning at every checkpoint saved
-  between validations (those carry no Dice by design), keeping all other warnings and errors."""
-  if record.getMessage().startswith('Requested `tracked_metric`'):
+  """Drops the INFO chatter of orbax and the TPU probe, orbax's warning at every checkpoint saved between
+  validations (those carry no Dice by design) and its tracebacks of a full disk (the run ends with a line
+  that says so), keeping all other warnings and errors."""
+  message = record.getMessage()
+  if message.startswith('Requested `tracked_metric`') or (
+      '/orbax/' in record.pathname and 'No space left on device' in message):
     return False
   return record.levelno >= logging.converter.STANDARD_WARNING or not any(
       part in record.pathname for part in ('/orbax/', 'xla_bridge.py'))
@@ -167,7 +170,8 @@ def main(argv):
   except OSError as e:
     if FLAGS.verbose or e.errno not in _NOT_WRITABLE:
       raise
-    exit_with(UserError(f'{e.filename}: {e.strerror}' if e.filename else str(e)))
+    where = e.filename or (FLAGS.output if FLAGS.mode in ('predict', 'export') else workdir)
+    exit_with(UserError(f'{where}: {e.strerror}'))
   except train.Stopped as e:  # the log said where it saved and how to resume
     sys.exit(e.exit_code)
   except KeyboardInterrupt:  # training saves and stops by itself; a stop elsewhere is no bug either

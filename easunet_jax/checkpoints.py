@@ -81,7 +81,13 @@ def _empty_deleting(mngr: ocp.CheckpointManager) -> None:
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
          metrics: dict[str, float] | None = None) -> None:
   args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
-  mngr.save(step, args=args, metrics=metrics, force=True)
+  try:
+    mngr.save(step, args=args, metrics=metrics, force=True)
+  except ValueError as e:  # tensorstore's write errors; the next start removes the half-written step
+    if 'No space left on device' not in str(e):
+      raise
+    raise CheckpointError(f'{mngr.directory / str(step)}: No space left on device while saving; free space '
+                          'and run the same command to resume from the last checkpoint') from None
   _empty_deleting(mngr)
 
 
@@ -217,11 +223,14 @@ def _unreadable_as_one_line(path: pathlib.Path, way_out: str = '') -> Iterator[N
   that names `path` (and ends with `way_out`)."""
   try:
     yield
-  except Exception as e:  # tensorstore reports a truncated array file as a bare Exception
-    # Only orbax reads run in this block, so whatever fails here is the checkpoint's files.
+  except Exception as error:  # tensorstore reports a truncated array file as a bare Exception
+    # Only orbax reads run in this block, so whatever fails here is the checkpoint's files, bar the memory.
     _drop_closed_loop_errors()
-    while e.__cause__:  # orbax wraps tensorstore's error, which says what is wrong, in a generic one
-      e = e.__cause__
+    e = error
+    for _ in range(8):  # orbax wraps tensorstore's error, which says what is wrong, in a generic one
+      e = e.__cause__ or e
     reason = ' '.join(str(e).split()) or type(e).__name__
+    if 'RESOURCE_EXHAUSTED' in reason:  # out of memory restoring it: the files may well be whole
+      raise
     reason = reason if len(reason) <= 280 else reason[:280] + '...'  # tensorstore's run to pages
     raise CheckpointError(f'{path}: unreadable or corrupt checkpoint ({reason}){way_out}') from None

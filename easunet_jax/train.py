@@ -153,8 +153,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   eval_batch_size = parallel.round_to_devices(config.eval.batch_size, mesh)
   train_graphdef, eval_graphdef = steps.graphdefs(config)
   if start:
+    abstract = steps.abstract_state(config, tx, replicated)
     with checkpoints.unreadable_to_resume(mngr, start):
-      state = checkpoints.restore(mngr, start, steps.abstract_state(config, tx, replicated))
+      state = checkpoints.restore(mngr, start, abstract)
     logging.info('Resumed from %s at step %d.', mngr.directory / str(start), start)
   else:
     state = steps.init_state(config, tx, replicated)

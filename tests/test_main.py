@@ -68,7 +68,7 @@ DISK_FULL = """
 import errno
 from easunet_jax import train
 def disk_full(*args, **kwargs):
-  raise OSError(errno.ENOSPC, 'No space left on device', '/data/run/checkpoints/4')
+  raise OSError(errno.ENOSPC, 'No space left on device', *{filename})
 train.train_and_evaluate = disk_full
 """
 
@@ -221,10 +221,12 @@ def test_bad_config_values_are_one_line_config_errors(name):
   assert '\n' not in str(error.value)
 
 
-def test_a_full_disk_is_one_line_not_a_traceback(phantom_dir, tmp_path):
-  result = _run(tmp_path / 'run', phantom_dir, hook=DISK_FULL)
+@pytest.mark.parametrize('filename', [('/data/run/checkpoints/4',), ()], ids=['file', 'no-file'])
+def test_a_full_disk_is_one_line_not_a_traceback(phantom_dir, tmp_path, filename):
+  result = _run(tmp_path / 'run', phantom_dir, hook=DISK_FULL.format(filename=filename))
   assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
-  assert result.stderr.splitlines()[-1] == 'error: /data/run/checkpoints/4: No space left on device'
+  where = filename[0] if filename else tmp_path / 'run'  # without a file named, the workdir
+  assert result.stderr.splitlines()[-1] == f'error: {where}: No space left on device'
 
 
 def test_verbose_shows_the_traceback_of_a_bad_config(phantom_dir, tmp_path):

@@ -125,6 +125,29 @@ def test_a_corrupt_checkpoint_to_resume_is_one_line_naming_the_one_before(augmen
   assert '\n' not in str(error.value)
 
 
+def test_checkpoint_errors_name_the_cause_and_a_full_disk_while_saving(tmp_path):
+  # What orbax raises: tensorstore's error (the cause) wrapped in a bare Exception.
+  with (pytest.raises(CheckpointError, match=r'^/ckpt/6: unreadable or corrupt checkpoint \(OUT_OF_RANGE: '
+                      r'Requested byte range\)$'),
+        checkpoints._unreadable_as_one_line(pathlib.Path('/ckpt/6'))):
+    raise Exception('Encountered error while reading array index') from ValueError(
+        'OUT_OF_RANGE: Requested byte range')
+  # Out of memory while restoring says nothing of the files: no advice to remove them.
+  with (pytest.raises(ValueError, match='RESOURCE_EXHAUSTED: Out of memory'),
+        checkpoints._unreadable_as_one_line(pathlib.Path('/ckpt/6'), '; remove it')):
+    raise ValueError('RESOURCE_EXHAUSTED: Out of memory allocating 1 GiB')
+
+  class FullDisk:
+    directory = tmp_path / 'checkpoints'
+
+    def save(self, *args, **kwargs):
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database: Failed to write 16255 '
+                       "bytes to file 24: No space left on device [os_error_code='28']")
+  with pytest.raises(CheckpointError, match=r'checkpoints/4: No space left on device while saving; free '
+                     'space and run the same command to resume from the last checkpoint$'):
+    checkpoints.save(FullDisk(), 4, {}, tiny.get_config())
+
+
 @pytest.mark.parametrize('split, which', [((0.75, 0.0, 0.25), 'validation'), ((0.0, 0.5, 0.5), 'training')])
 def test_a_split_without_cases_is_refused_before_any_step(augmented_tiny, tmp_path, split, which):
   """Validation picks the best checkpoint: without a validation case a run would fail at its first round,
