@@ -269,14 +269,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   if not pipeline.read_index(store_dir / 'test'):
     raise DataError(f'the test split of {store_dir} is empty: set data.split or data.split_file to hold '
                     'test cases')
-  scores = score_test_set(config, graphdef, state, store_dir, mesh)
-
   final = workdir / 'eval' / (f'{step}-largest_component' if config.eval.largest_component else str(step))
+  out = workdir / 'eval' / '.partial' / final.name
+  if jax.process_index() == 0:  # made before the scoring: a workdir that cannot be written fails at once
+    shutil.rmtree(out, ignore_errors=True)  # left by an evaluation stopped while writing
+    out.mkdir(parents=True)
+  scores = score_test_set(config, graphdef, state, store_dir, mesh)
   if jax.process_index() > 0:  # every process scored the whole test set; process 0 writes it
     return final
-  out = workdir / 'eval' / '.partial' / final.name
-  shutil.rmtree(out, ignore_errors=True)  # left by an evaluation stopped while writing
-  out.mkdir(parents=True)
   per_case, morphometry = scores['per_case'], scores['morphometry']
   summary = _json_ready({
       'name': config.name, 'step': step, 'requested': str(config.eval.checkpoint),
