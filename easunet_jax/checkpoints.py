@@ -78,16 +78,22 @@ def _empty_deleting(mngr: ocp.CheckpointManager) -> None:
     shutil.rmtree(pathlib.Path(mngr.directory) / _DELETING, ignore_errors=True)
 
 
+# How a full disk reads in the errors of a write (strerror of ENOSPC and EDQUOT).
+_DISK_FULL = ('No space left on device', 'Disk quota exceeded')
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
          metrics: dict[str, float] | None = None) -> None:
   args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
   try:
     mngr.save(step, args=args, metrics=metrics, force=True)
-  except ValueError as e:  # tensorstore's write errors; the next start removes the half-written step
-    if 'No space left on device' not in str(e):
+  except (ValueError, OSError) as e:  # tensorstore's write errors are ValueErrors, orbax's own OSErrors
+    full = next((text for text in _DISK_FULL if text in str(e)), None)
+    if full is None:
       raise
-    raise CheckpointError(f'{mngr.directory / str(step)}: No space left on device while saving; free space '
-                          'and run the same command to resume from the last checkpoint') from None
+    # The next start removes the half-written step.
+    raise CheckpointError(f'{mngr.directory / str(step)}: {full} while saving; free space and run the same '
+                          'command to resume from the last checkpoint') from None
   _empty_deleting(mngr)
 
 

@@ -271,9 +271,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
                     'test cases')
   final = workdir / 'eval' / (f'{step}-largest_component' if config.eval.largest_component else str(step))
   out = workdir / 'eval' / '.partial' / final.name
-  if jax.process_index() == 0:  # made before the scoring: a workdir that cannot be written fails at once
-    shutil.rmtree(out, ignore_errors=True)  # left by an evaluation stopped while writing
-    out.mkdir(parents=True)
+  # Made before the scoring, so that a workdir that cannot be written fails at once (on every process).
+  with parallel.process_0_first('evaluation folder made'):
+    if jax.process_index() == 0:
+      shutil.rmtree(out, ignore_errors=True)  # left by an evaluation stopped while writing
+      out.mkdir(parents=True)
   scores = score_test_set(config, graphdef, state, store_dir, mesh)
   if jax.process_index() > 0:  # every process scored the whole test set; process 0 writes it
     return final
@@ -320,7 +322,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     logging.warning('%s held an earlier evaluation of step %d: replaced', final, step)
     shutil.rmtree(earlier, ignore_errors=True)
     final.rename(earlier)
-  out.rename(final)
+  try:
+    out.rename(final)
+  except BaseException:
+    if earlier.exists() and not final.exists():
+      earlier.rename(final)
+    raise
   shutil.rmtree(earlier, ignore_errors=True)
   with contextlib.suppress(OSError):  # another evaluation may be writing beside it
     out.parent.rmdir()

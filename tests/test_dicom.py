@@ -50,10 +50,11 @@ def test_compressed_series_reads_like_the_uncompressed(tmp_path, syntax):
   np.testing.assert_array_equal(compressed.get_fdata(), plain.get_fdata())
 
 
-@pytest.mark.parametrize('file_meta', [False, True], ids=['bare-implicit', 'meta-explicit'])
-def test_files_without_preamble_read_like_the_others(tmp_path, file_meta):
+@pytest.mark.parametrize('file_meta, first', [(False, None), (False, ''), (True, None)],
+                         ids=['bare-implicit', 'bare-implicit-empty-first', 'meta-explicit'])
+def test_files_without_preamble_read_like_the_others(tmp_path, file_meta, first):
   # Data sets stored without the 128-byte preamble and 'DICM' (PACS and ACR-NEMA-style exports): bare, in
-  # implicit VR, or starting at their file meta.
+  # implicit VR (its first element empty, or not), or starting at their file meta.
   write_series(tmp_path / 'dcm')
   plain, _ = dicom.read_series(tmp_path / 'dcm')
   for path in (tmp_path / 'dcm').iterdir():
@@ -61,8 +62,11 @@ def test_files_without_preamble_read_like_the_others(tmp_path, file_meta):
     ds.preamble = None
     if not file_meta:
       del ds.file_meta
+    if first is not None:
+      ds.SpecificCharacterSet = first
     pydicom.dcmwrite(path, ds, implicit_vr=not file_meta)
   assert path.read_bytes()[:2] == (b'\x02\x00' if file_meta else b'\x08\x00')
+  assert first is None or path.read_bytes()[2:8] == b'\x05\x00\x00\x00\x00\x00'  # (0008,0005), empty
   assert dicom.is_dicom_folder(tmp_path / 'dcm')
   bare, _ = dicom.read_series(tmp_path / 'dcm')
   np.testing.assert_array_equal(bare.get_fdata(), plain.get_fdata())

@@ -4,6 +4,7 @@ largest-component filter, and one-line errors for a missing, absent, corrupt or 
 import csv
 import json
 import logging
+import pathlib
 import shutil
 
 import numpy as np
@@ -200,3 +201,15 @@ def test_largest_component_run_is_kept_apart_says_so_and_a_stopped_rerun_keeps_t
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate(config, copy)
   assert files() == written and (copy / 'eval' / '.partial' / out.name / 'metrics.json').exists()
+  # ... and while the new one is moved into place, once the earlier one was moved aside.
+  monkeypatch.undo()
+  rename = pathlib.Path.rename
+
+  def interrupted_rename(self, target):
+    if self == copy / 'eval' / '.partial' / out.name:
+      raise KeyboardInterrupt
+    return rename(self, target)
+  monkeypatch.setattr(pathlib.Path, 'rename', interrupted_rename)
+  with pytest.raises(KeyboardInterrupt):
+    evaluate.evaluate(config, copy)
+  assert files() == written

@@ -2,6 +2,7 @@
 without cases, NaN in the data (stop, or skip and count), fine-tuning from a model file. A killed run's
 resume is test_main's (a real kill -9)."""
 
+import errno
 import fcntl
 import json
 import pathlib
@@ -137,15 +138,18 @@ def test_checkpoint_errors_name_the_cause_and_a_full_disk_while_saving(tmp_path)
         checkpoints._unreadable_as_one_line(pathlib.Path('/ckpt/6'), '; remove it')):
     raise ValueError('RESOURCE_EXHAUSTED: Out of memory allocating 1 GiB')
 
-  class FullDisk:
-    directory = tmp_path / 'checkpoints'
+  # A full disk as tensorstore reports it (writing arrays) and as orbax does (writing metadata).
+  for error in (ValueError('RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database: Failed to write '
+                           "16255 bytes to file 24: No space left on device [os_error_code='28']"),
+                OSError(errno.ENOSPC, 'No space left on device')):
+    class FullDisk:
+      directory = tmp_path / 'checkpoints'
 
-    def save(self, *args, **kwargs):
-      raise ValueError('RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database: Failed to write 16255 '
-                       "bytes to file 24: No space left on device [os_error_code='28']")
-  with pytest.raises(CheckpointError, match=r'checkpoints/4: No space left on device while saving; free '
-                     'space and run the same command to resume from the last checkpoint$'):
-    checkpoints.save(FullDisk(), 4, {}, tiny.get_config())
+      def save(self, *args, error=error, **kwargs):
+        raise error
+    with pytest.raises(CheckpointError, match=r'checkpoints/4: No space left on device while saving; free '
+                       'space and run the same command to resume from the last checkpoint$'):
+      checkpoints.save(FullDisk(), 4, {}, tiny.get_config())
 
 
 @pytest.mark.parametrize('split, which', [((0.75, 0.0, 0.25), 'validation'), ((0.0, 0.5, 0.5), 'training')])

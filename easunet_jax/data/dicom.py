@@ -99,10 +99,19 @@ def is_dicom_file(path: pathlib.Path) -> bool:
     return False
   if head[128:] == b'DICM':
     return True
-  if len(head) < 8 or head[:2] not in _BARE_GROUPS or int.from_bytes(head[2:4], 'little') >= 0x100:
+  element = int.from_bytes(head[2:4], 'little')
+  if len(head) < 12 or head[:2] not in _BARE_GROUPS or element >= 0x100:
     return False
-  # Then the element's VR (explicit VR; the file meta always is) or its short length (implicit VR).
-  return head[4:6] in _VRS or (head[:2] == b'\x08\x00' and 0 < int.from_bytes(head[4:8], 'little') < 1024)
+  if head[4:6] in _VRS:  # explicit VR, as the file meta always is
+    return True
+  if head[:2] != b'\x08\x00':
+    return False
+  # Implicit VR: a short length; an empty value followed by the group's next element; or a sequence of
+  # undefined length, followed by its first item or its end.
+  length = int.from_bytes(head[4:8], 'little')
+  return (0 < length < 1024
+          or (length == 0 and head[8:10] == b'\x08\x00' and int.from_bytes(head[10:12], 'little') > element)
+          or (length == 0xFFFFFFFF and head[8:12] in (b'\xfe\xff\x00\xe0', b'\xfe\xff\xdd\xe0')))
 
 
 def _read(path: pathlib.Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
