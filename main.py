@@ -15,7 +15,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import default  # noqa: E402
-from easunet_jax import config_check, evaluate, parallel, predict, pretrained, train  # noqa: E402
+from easunet_jax import checkpoints, config_check, evaluate, parallel, predict, pretrained, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
 from easunet_jax.errors import ConfigError, UserError, exit_with  # noqa: E402
 
@@ -92,11 +92,12 @@ _NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 def _quiet_libraries(record) -> bool:
   """Drops the INFO chatter of orbax and the TPU probe, orbax's warning at every checkpoint saved between
-  validations (those carry no Dice by design) and its tracebacks of a full disk (the run ends with a line
-  that says so), keeping all other warnings and errors."""
+  validations (those carry no Dice by design) and its (and asyncio's) tracebacks of a full disk (the run ends
+  with a line that says so), keeping all other warnings and errors."""
   message = record.getMessage()
   if message.startswith('Requested `tracked_metric`') or (
-      '/orbax/' in record.pathname and 'No space left on device' in message):
+      ('/orbax/' in record.pathname or record.name == 'asyncio')
+      and any(text in message for text in checkpoints.DISK_FULL)):
     return False
   return record.levelno >= logging.converter.STANDARD_WARNING or not any(
       part in record.pathname for part in ('/orbax/', 'xla_bridge.py'))

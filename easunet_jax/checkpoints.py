@@ -79,16 +79,17 @@ def _empty_deleting(mngr: ocp.CheckpointManager) -> None:
 
 
 # How a full disk reads in the errors of a write (strerror of ENOSPC and EDQUOT).
-_DISK_FULL = ('No space left on device', 'Disk quota exceeded')
+DISK_FULL = ('No space left on device', 'Disk quota exceeded')
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
          metrics: dict[str, float] | None = None) -> None:
   args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
+  _drop_closed_loop_errors()  # a failed write (a full disk) leaves others in flight
   try:
     mngr.save(step, args=args, metrics=metrics, force=True)
   except (ValueError, OSError) as e:  # tensorstore's write errors are ValueErrors, orbax's own OSErrors
-    full = next((text for text in _DISK_FULL if text in str(e)), None)
+    full = next((text for text in DISK_FULL if text in str(e)), None)
     if full is None:
       raise
     # The next start removes the half-written step.
@@ -207,9 +208,10 @@ def unreadable_to_resume(mngr: ocp.CheckpointManager, step: int) -> contextlib.A
 
 
 def _drop_closed_loop_errors() -> None:
-  """Silences the reads that a failed orbax restore leaves in flight: each one that completes later calls
-  back into the event loop orbax has closed, and Python would print a 'RuntimeError: Event loop is closed'
-  traceback for each (hundreds) after the one-line error. Other unraisable errors still reach the hook."""
+  """Silences the reads or writes that a failed orbax restore or save leaves in flight: each one that
+  completes later calls back into the event loop orbax has closed, and Python would print a 'RuntimeError:
+  Event loop is closed' traceback for each (hundreds) around the one-line error. Other unraisable errors
+  still reach the hook."""
   previous = sys.unraisablehook
   if getattr(previous, 'drops_closed_loop_errors', False):
     return
