@@ -31,7 +31,8 @@ def table_rows(variants: Sequence[Variant], points: Sequence[Point],
         row = {'protocol': protocol, 'cartilage': cartilage, 'variant': variant.name, 'model': variant.title,
                'seeds': len(runs)}
         for column in COLUMNS:
-          # metrics.json writes an undefined mean (a distance with no non-empty case) as null.
+          # metrics.json writes an undefined mean (a distance where every case had exactly one mask empty)
+          # as null.
           values = [run[protocol][cartilage][column]['mean'] for run in runs]
           stats = metrics.summarize([np.nan if v is None else v for v in values])
           row[f'{column}_mean'], row[f'{column}_std'] = stats['mean'], stats['std']
@@ -51,9 +52,9 @@ def write_table(rows: Sequence[dict], failures: dict[Point, str], sweep: str, wo
   """table.md (Table-1-shaped, one section per protocol), table.csv (the same rows) and dice.png."""
   lines = [f'# Sweep `{sweep}`', '',
            ("Mean ± sample std over seeds of each run's test-set mean (`<point>/eval/<step>/metrics.json`); "
-            '*Seeds* counts the runs that finished. HD and HD95 average the cases where both masks are '
-            'non-empty, and a run without such a case leaves the mean of its seeds to the others (their '
-            'count in brackets).'), '']
+            "*Seeds* counts the runs that finished. A run's HD and HD95 count a case with both masks empty "
+            'as 0 mm and leave out a case with exactly one empty (no distance); a run with no case left '
+            'leaves the mean of its seeds to the others (their count in brackets).'), '']
   for protocol, title in PROTOCOLS.items():
     lines += [f'## {title}', '', '| Cartilage | Model | Seeds | ' + ' | '.join(COLUMNS.values()) + ' |',
               '|---|---|---|' + '---|' * len(COLUMNS)]
