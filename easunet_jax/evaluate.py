@@ -134,17 +134,6 @@ def label_scores(classes: np.ndarray, truth: np.ndarray, spacing: Sequence[float
           for name in CLASSES}
 
 
-def score_mask(mask: pathlib.Path, label: pathlib.Path, values: np.ndarray,
-               label_map: Sequence[Sequence[int]]) -> dict[str, dict]:
-  """`label_scores` of a written `mask` (class k written as values[k]) against its scan's `label` map
-  (mapped to classes by `label_map`; on the mask's grid)."""
-  mask_nii = volumes.open_volume(mask)
-  written, spacing = volumes.read_canonical(mask_nii, mask)
-  classes = volumes.remap_labels(written, [(v, k) for k, v in enumerate(values) if k])
-  truth = volumes.labels_on_grid(mask_nii, volumes.Case(label.name, mask, label), label_map)
-  return label_scores(classes, truth, spacing)
-
-
 def _summary(cases: Sequence[dict]) -> dict:
   """Per metric mean/std/n/n_empty over `cases`, and how many of them had both masks empty."""
   return {**{m: metrics.summarize([c[m] for c in cases]) for m in METRICS},

@@ -557,6 +557,22 @@ def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) 
           **_output_paths(target, True, settings['save_probabilities'])}
 
 
+def _score_kept(result: dict, label: pathlib.Path, values: np.ndarray, label_map: Sequence[Sequence[int]]
+                ) -> dict[str, dict]:
+  """`evaluate.label_scores` of a kept scan's written mask (`result['output']`, class k written as
+  values[k]) against its `label` map (mapped to classes by `label_map`; on the mask's grid), in the
+  orientation it was segmented in, as `_segment_scan` scored it: the 2D Dice averages that orientation's
+  sagittal slices."""
+  mask = pathlib.Path(result['output'])
+  orientation = tuple(result.get('orientation_code', HEADER))  # a result written before the field: HEADER
+  mask_nii = volumes.open_volume(mask)
+  written, spacing = volumes.read_canonical(mask_nii, mask)
+  classes = volumes.remap_labels(written, [(v, k) for k, v in enumerate(values) if k])
+  truth = volumes.labels_on_grid(mask_nii, volumes.Case(label.name, mask, label), label_map)
+  return evaluate.label_scores(orient(classes, orientation), orient(truth, orientation),
+                               oriented_spacing(spacing, orientation))
+
+
 def _output_paths(target: pathlib.Path, batch: bool, save_probabilities: bool) -> dict[str, str]:
   """A scan's result's paths of its mask, thickness map, figures and class probabilities."""
   paths = _report_paths(target, batch)
@@ -671,7 +687,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   'L') overrides `decide_laterality`. With `labels` (a label file of the one scan, or a directory of the
   scans' label maps, `_label_files`), each mask is scored against its scan's expert labels
   (`evaluate.label_scores`; labels mapped by data.label_map), a kept scan's from its file
-  (`evaluate.score_mask`). With `save_probabilities`, each scan's class probabilities go beside its mask
+  (`_score_kept`). With `save_probabilities`, each scan's class probabilities go beside its mask
   (`_report_paths`) as a 4D NIfTI in the scan's grid, classes (background, FC, TC) on the fourth axis:
   those the mask's argmax was taken of (after the slice smoothing, before the background weight and the
   small components' removal), stored as uint8 with the scale factor 1/255.
@@ -778,8 +794,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         result = {k: v for k, v in kept[target].items() if k not in ('labels', 'scores')}
         if label:
           try:
-            result.update(labels=str(label),
-                          scores=evaluate.score_mask(target, label, values, config.data.label_map))
+            result.update(labels=str(label), scores=_score_kept(result, label, values, config.data.label_map))
           except DataError as e:  # values the label map should not hold: kept unscored
             result['unscored'] = _not_scored(e, source)
       else:
@@ -950,7 +965,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   result = {'input': str(source), 'laterality': side, 'laterality_text': f'{knee} ({why})', 'regions': table,
             **_output_paths(target, batch, save_probabilities),
             'orientation': describe_orientation(orientation) if any(orientation) else _AS_THE_HEADER,
-            'rotation_deg': degrees}
+            'orientation_code': orientation, 'rotation_deg': degrees}
   if truth is not None:
     result.update(labels=str(label), scores=evaluate.label_scores(classes, truth, spacing))
   if unscored:

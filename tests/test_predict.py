@@ -657,6 +657,18 @@ def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, cap
                           'plane') and 'rotated by -30 degrees' in m for m in warned)
   report = (tmp_path / 'masks' / 'report.md').read_text()
   assert report.count('turned against its header') == 2 and report.count('rotated by -30 degrees') == 1
+  # Scored later from the kept masks, each against the labels stored as its voxels are: the scores of the
+  # orientation it was segmented in, the upright knee's (the 2D Dice over the knee's sagittal slices).
+  stored_labels = {'upright': labels, 'turned': labels.swapaxes(1, 2)[:, ::-1],
+                   'resliced': labels.transpose(1, 2, 0), 'flexed': labels}
+  for name, voxels in stored_labels.items():
+    volumes.save_volume(tmp_path / 'labels' / f'{name}.nii.gz', voxels, scans[name][1])
+  scored = {pathlib.Path(r['input']).name: r['scores'] for r in predict.predict(
+      config, None, tmp_path / 'scans', tmp_path / 'masks', pretrained.SHIPPED, continue_prediction=True,
+      labels=tmp_path / 'labels')}
+  for name in ('turned', 'resliced'):
+    for plate in ('fc', 'tc'):
+      assert scored[f'{name}.nii.gz'][plate] == pytest.approx(scored['upright.nii.gz'][plate], nan_ok=True)
 
 
 def test_isotropic_voxels_have_their_left_right_axis_questioned(tmp_path):
