@@ -158,15 +158,21 @@ def test_a_split_file_listing_a_case_twice_or_leaving_cases_out_is_told(data_cfg
 
 
 def test_scans_of_different_pixel_sizes_are_warned_of(tmp_path, caplog):
+  """Scans of different in-plane pixels are; scans of one pixel that is not square are not."""
   cfg = default.get_config().data
-  cfg.root = str(tmp_path / 'knees')
-  for i, pixel in enumerate((1.6, 1.6, 2.0)):
-    image, labels, affine = phantom.make_subject(i, shape=(4, 40, 35), spacing=(7.0, pixel, pixel))
-    volumes.save_volume(tmp_path / 'knees' / 'images' / f'k{i}.nii.gz', image, affine)
-    volumes.save_volume(tmp_path / 'knees' / 'labels' / f'k{i}.nii.gz', labels, affine)
-  with caplog.at_level(logging.WARNING):
-    preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
-  assert 'have in-plane pixels from 1.6 to 2 mm' in caplog.text
+  for name, pixels in (('one', [(1.6, 2.0)] * 3), ('several', [(1.6, 1.6), (1.6, 1.6), (2.0, 2.0)])):
+    cfg.root = str(tmp_path / name)
+    for i, pixel in enumerate(pixels):
+      image, labels, affine = phantom.make_subject(i, shape=(4, 40, 35), spacing=(7.0, *pixel))
+      volumes.save_volume(tmp_path / name / 'images' / f'k{i}.nii.gz', image, affine)
+      volumes.save_volume(tmp_path / name / 'labels' / f'k{i}.nii.gz', labels, affine)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      preprocess.ensure_slice_store(cfg, tmp_path / f'slices_{name}', seed=0, multiple=16)
+    if name == 'several':
+      assert 'have in-plane pixels from 1.6 x 1.6 to 2 x 2 mm' in caplog.text
+    else:
+      assert 'in-plane pixels' not in caplog.text
 
 
 def test_a_split_file_may_name_cases_by_number(tmp_path):

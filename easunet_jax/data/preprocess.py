@@ -375,11 +375,13 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
                     'axes as stored, as a conversion that lost the geometry writes it): %s; they are sliced '
                     'along their first axis as sagittal, at 1 mm', len(lost),
                     ', '.join(lost[:5]) + (', ...' if len(lost) > 5 else ''))
-  if pixels.max() > _PIXEL_SPREAD * pixels.min():
-    logging.warning('the scans of %s have in-plane pixels from %.3g to %.3g mm, which the store keeps as '
+  # Per axis, scan against scan: one pixel that is not square is one scale.
+  if np.any(pixels.max(axis=0) > _PIXEL_SPREAD * pixels.min(axis=0)):
+    logging.warning('the scans of %s have in-plane pixels from %s to %s mm, which the store keeps as '
                     'they are: the network learns slices at several scales and predict resamples to their '
                     'median; resample the scans to one pixel size for one scale', data_cfg.root,
-                    pixels.min(), pixels.max())
+                    *(' x '.join(f'{size:.3g}' for size in sizes) for sizes in (pixels.min(axis=0),
+                                                                                 pixels.max(axis=0))))
   by_id = {c.id: c for c in usable}
   # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.
   tmp = cache_dir.with_name(f'{cache_dir.name}.tmp{os.getpid()}')
