@@ -207,10 +207,12 @@ def forward(state: TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef)
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
               num_classes: int, dice_eps: float) -> dict[str, jax.Array]:
-  """Per-sample confusion counts (B, K-1, 3) = (TP, FP, FN) of each foreground class, and the loss."""
+  """Per-sample confusion counts (B, K-1, 3) = (TP, FP, FN) of each foreground class, and the loss. The
+  counts leave out the store's padding (batch['valid'] False), as evaluation crops it off."""
   logits = forward(state, batch['image'], graphdef=graphdef)
   label = batch['label']
-  counts = metrics.confusion_counts(jnp.argmax(logits, axis=-1), label, num_classes)
+  counts = metrics.confusion_counts(jnp.where(batch['valid'], jnp.argmax(logits, axis=-1), 0), label,
+                                    num_classes)
   loss = losses.segmentation_loss(logits, label, dice_eps, valid_B=batch['mask'])
   return {'counts': counts, 'loss': loss, 'num_valid': jnp.sum(batch['mask'])}
 

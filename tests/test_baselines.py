@@ -61,7 +61,8 @@ def test_every_model_trains_and_evaluates_through_the_training_code_path(name):
   assert np.all(np.isfinite(losses))
   assert losses[-1] < losses[0], losses
 
-  eval_batch = pipeline.put_on_mesh({**_batch(), 'mask': np.ones(4, bool)}, data_sharding)
+  eval_batch = pipeline.put_on_mesh(
+      {**_batch(), 'valid': np.ones((4, 32, 32), bool), 'mask': np.ones(4, bool)}, data_sharding)
   out = jax.device_get(p_eval_step(state, eval_batch))
   assert out['counts'].shape == (4, config.model.num_classes - 1, 3)
   assert np.isfinite(out['loss'])

@@ -128,3 +128,18 @@ def test_bfloat16_step_computes_in_bfloat16_and_keeps_a_float32_state():
   matmuls = [line.split('=')[0] for line in str(forward).splitlines() if 'dot_general[' in line]
   assert len(matmuls) > 10 and all(':bf16[' in out for out in matmuls), matmuls
   assert forward.out_avals[0].dtype == jnp.float32
+
+
+def test_validation_counts_leave_out_the_store_padding(monkeypatch):
+  """Femoral cartilage predicted everywhere: only the slices' own pixels (batch['valid']) count, as
+  evaluation crops the padding off."""
+  label = np.zeros((2, 8, 8), np.int32)
+  label[:, 2:4, 2:4] = 1
+  valid = np.zeros((2, 8, 8), bool)
+  valid[:, 1:7, 1:7] = True
+  femoral_everywhere = jax.nn.one_hot(jnp.ones((2, 8, 8), int), 3)
+  monkeypatch.setattr(steps, 'forward', lambda state, image, graphdef: femoral_everywhere)
+  out = steps.eval_step(None, {'image': np.zeros((2, 8, 8, 1), np.float32), 'label': label, 'valid': valid,
+                               'mask': np.ones(2, bool)}, graphdef=None, num_classes=3, dice_eps=1.0)
+  # (TP, FP, FN) per slice: FC 4 labelled pixels found, 32 more of the 6 x 6 marked; TC none.
+  np.testing.assert_array_equal(out['counts'], [[[4, 32, 0], [0, 0, 0]]] * 2)

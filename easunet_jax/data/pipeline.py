@@ -131,21 +131,25 @@ def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: pathlib.Path | 
   return tuple(_median_pixel_mm(split_dir))
 
 
-def eval_batches(store_dir: str | pathlib.Path, batch_size: int, split: str = 'val',
-                 cartilage_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
-  """Batches of one split in store order; the last is zero-padded with mask False, so all have one shape."""
+def eval_batches(store_dir: str | pathlib.Path, batch_size: int, split: str = 'val'
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of one split in store order: 'image', 'label', 'valid' (B, H, W) (the pixel is the slice's,
+  not the store's zero padding) and 'mask' (B,) (the row is a slice: the last batch is zero-padded with
+  mask False, so all have one shape)."""
   split_dir = pathlib.Path(store_dir) / split
   images = np.load(split_dir / 'images.npy', mmap_mode='r')
   labels = np.load(split_dir / 'labels.npy', mmap_mode='r')
-  rows = np.arange(len(labels))
-  if cartilage_only:
-    rows = rows[[row['cartilage'] for row in read_index(split_dir)]]
-  for start in range(0, len(rows), batch_size):
-    take = rows[start:start + batch_size]
-    pad = batch_size - len(take)
-    yield {'image': np.pad(images[take].astype(np.float32), [(0, pad), (0, 0), (0, 0)])[..., None],
-           'label': np.pad(labels[take].astype(np.int32), [(0, pad), (0, 0), (0, 0)]),
-           'mask': np.arange(batch_size) < len(take)}
+  pads = np.array([row['pad'] for row in read_index(split_dir)]).reshape(-1, 4)  # top, bottom, left, right
+  height, width = labels.shape[1:]
+  for start in range(0, len(labels), batch_size):
+    top, bottom, left, right = pads[start:start + batch_size, :, None].transpose(1, 0, 2)  # each (n, 1)
+    inside_nH = (np.arange(height) >= top) & (np.arange(height) < height - bottom)
+    inside_nW = (np.arange(width) >= left) & (np.arange(width) < width - right)
+    fill = [(0, batch_size - len(inside_nH)), (0, 0), (0, 0)]
+    yield {'image': np.pad(images[start:start + batch_size].astype(np.float32), fill)[..., None],
+           'label': np.pad(labels[start:start + batch_size].astype(np.int32), fill),
+           'valid': np.pad(inside_nH[:, :, None] & inside_nW[:, None, :], fill),
+           'mask': np.arange(batch_size) < len(inside_nH)}
 
 
 def put_on_mesh(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
