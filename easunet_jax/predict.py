@@ -156,7 +156,7 @@ def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, di
   (`dicom.description_side`; dcm2niix writes no Laterality tag there)."""
   if source.is_dir():
     return dicom.read_series(source, series)
-  sidecar = source.with_name(volumes.volume_stem(source.name) + '.json')
+  sidecar = _sidecar(source)
   info = {}
   if sidecar.is_file():
     try:
@@ -169,6 +169,11 @@ def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, di
         info = {'laterality': side,
                 'laterality_from': f"the series description '{description}' of {sidecar.name}"}
   return volumes.open_volume(source), info
+
+
+def _sidecar(source: pathlib.Path) -> pathlib.Path:
+  """Where dcm2niix writes a volume file's JSON sidecar: `<scan>.json` beside it."""
+  return source.with_name(volumes.volume_stem(source.name) + '.json')
 
 
 def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path: str | pathlib.Path,
@@ -533,8 +538,12 @@ def _report_paths(target: pathlib.Path, batch: bool) -> dict[str, pathlib.Path]:
 
 def _source_stamp(source: pathlib.Path) -> list:
   """What identifies a scan's files as they are now: the path, size and modification time of the file (and
-  of the data file its header names) or of every file of a DICOM folder."""
-  files = dicom.files(source) if source.is_dir() else dict.fromkeys((source, volumes.data_file(source)))
+  of the data file its header names, and of its JSON sidecar, which may name the knee's side) or of every
+  file of a DICOM folder."""
+  if source.is_dir():
+    files = dicom.files(source)
+  else:
+    files = dict.fromkeys(p for p in (source, volumes.data_file(source), _sidecar(source)) if p.is_file())
   return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 

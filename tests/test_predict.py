@@ -755,6 +755,24 @@ def test_a_dcm2niix_sidecar_names_the_side_of_a_volume_file(run, tmp_path, monke
   assert caplog.records[-1].getMessage().endswith('the knee side is not read from it')
 
 
+def test_continuing_segments_again_a_scan_whose_sidecar_came_later(run, tmp_path, monkeypatch):
+  """A sidecar written after a scan was segmented names its side: --continue_prediction segments it again,
+  and keeps it the time after."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  scans, out = tmp_path / 'scans', tmp_path / 'out'
+  scans.mkdir()
+  shutil.copy(canonical, scans / 'knee.nii.gz')
+  [first] = predict.predict(_config(), workdir, scans, out)
+  side = 'L' if first['laterality'] != 'L' else 'R'
+  (scans / 'knee.json').write_text(f'{{"SeriesDescription": "SAG_3D_DESS_{predict.SIDES[side].upper()}"}}')
+  [second] = predict.predict(_config(), workdir, scans, out, continue_prediction=True)
+  assert second['laterality'] == side
+  written = (out / 'knee.nii.gz').stat().st_mtime_ns
+  [third] = predict.predict(_config(), workdir, scans, out, continue_prediction=True)
+  assert third['laterality'] == second['laterality'] and (out / 'knee.nii.gz').stat().st_mtime_ns == written
+
+
 def test_orient_and_unorient_are_inverse_in_all_24_orientations():
   array = np.arange(2 * 3 * 4 * 2).reshape(2, 3, 4, 2)
   seen = set()
