@@ -160,7 +160,11 @@ def _read(source: pathlib.Path, series: str | None) -> tuple[nib.Nifti1Image, di
   info = {}
   if sidecar.is_file():
     try:
-      description = str(json.loads(sidecar.read_bytes()).get('SeriesDescription') or '')  # UTF-8, -16, -32
+      raw = sidecar.read_bytes()
+      # UTF-8, -16 or -32 as JSON detects it; a byte that is not (a description in the scanner's Latin-1)
+      # is replaced, the words naming a side kept.
+      description = str(json.loads(raw.decode(json.detect_encoding(raw), errors='replace'))
+                        .get('SeriesDescription') or '')
     except (OSError, ValueError, AttributeError):
       logging.warning('%s: not a JSON object with a SeriesDescription; the knee side is not read from it',
                       sidecar)

@@ -749,6 +749,8 @@ def test_a_dcm2niix_sidecar_names_the_side_of_a_volume_file(run, tmp_path, monke
                               "position (centred 61 mm to the patient's right)")
   assert caplog.records[0].getMessage().startswith("the series description 'SAG_3D_DESS_LEFT' of knee.json "
                                                    'says left knee')
+  (tmp_path / 'knee.json').write_bytes(b'{"SeriesDescription": "SAG_3D_DESS_LEFT GEN\xc9RIQUE"}')  # Latin-1
+  assert predict._read(scan, None)[1]['laterality'] == 'L'
   (tmp_path / 'knee.json').write_text('["not", "a", "sidecar"]')
   nii, info = predict._read(scan, None)
   assert info == {} and predict.decide_laterality(nii, info, None)[0] == 'R'
