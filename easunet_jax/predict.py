@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import time
 from collections.abc import Sequence
 
@@ -116,7 +117,13 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
                       'pick one of the series there)')
     return single(_mask_name(source)), False
   entries = sorted(source.iterdir())
-  files = [p for p in entries if volumes.volume_stem(p.name) and p.is_file()]
+  # Named as volumes, also what is not a readable file (a broken link, a folder): their checks fail them.
+  files = [p for _, p in volumes.volume_files(source)]
+  if channels := _other_channels(files):
+    logging.warning("%s: %d file(s) read as other channels of nnU-Net's <id>_0000 scans, which this "
+                    'one-channel model does not use, left out: %s', source, len(channels),
+                    ', '.join(p.name for p in channels[:5]) + (', ...' if len(channels) > 5 else ''))
+    files = [p for p in files if p not in channels]
   if not files and (series or any(dicom.is_dicom_file(p) for p in entries if p.is_file())):
     return single(f'{folder_name}.nii.gz'), False
   folders = [] if files else [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
@@ -136,6 +143,18 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
                                                                  'series of them with --series'))
     return [(pairs[0][0], target)], False
   return pairs, True
+
+
+def _other_channels(files: Sequence[pathlib.Path]) -> list[pathlib.Path]:
+  """The files of a folder of nnU-Net scans (<id>_0000, <id>_0001, ...) that are not the first channel:
+  each <id>_NNNN whose <id>_0000 is there, where two ids or more have one (scans numbered scan_0000,
+  scan_0001, ... have one)."""
+  stems = {path: volumes.volume_stem(path.name) for path in files}
+  ids = {stem[:-5] for stem in stems.values() if stem.endswith('_0000')}
+  if len(ids) < 2:
+    return []
+  return [path for path, stem in stems.items()
+          if re.fullmatch(r'.+_\d{4}', stem) and not stem.endswith('_0000') and stem[:-5] in ids]
 
 
 def _check_files(source: pathlib.Path, label: pathlib.Path | None, series: str | None) -> None:

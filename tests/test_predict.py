@@ -411,9 +411,11 @@ def test_a_batch_goes_past_scans_whose_files_fail_the_checks(run, tmp_path, monk
   scans, labels = tmp_path / 'scans', tmp_path / 'labels'
   scans.mkdir(), labels.mkdir()
   nii = nib.load(canonical)
+  femoral = np.zeros(nii.shape, np.uint8)
+  femoral[1:3, 10:20, 10:20] = 2
   for name in ('a', 'b', 'c', 'd'):
     (scans / f'{name}.nii.gz').write_bytes(canonical.read_bytes())
-    nib.save(nib.Nifti1Image(np.zeros(nii.shape, np.uint8), nii.affine), labels / f'{name}.nii.gz')
+    nib.save(nib.Nifti1Image(femoral, nii.affine), labels / f'{name}.nii.gz')
   (scans / 'a.nii.gz').write_bytes(b'not a volume')
   (labels / 'c.nii.gz').write_bytes(b'not a volume either')
   nib.save(nib.Nifti1Image(np.full(nii.shape, 9, np.uint8), nii.affine), labels / 'd.nii.gz')
@@ -773,6 +775,27 @@ def test_continuing_segments_again_a_scan_whose_sidecar_came_later(run, tmp_path
   written = (out / 'knee.nii.gz').stat().st_mtime_ns
   [third] = predict.predict(_config(), workdir, scans, out, continue_prediction=True)
   assert third['laterality'] == second['laterality'] and (out / 'knee.nii.gz').stat().st_mtime_ns == written
+
+
+def test_a_batch_holds_what_is_named_as_a_scan_less_hidden_files_and_other_channels(tmp_path, caplog):
+  """nnU-Net's other channels (<id>_0001 beside <id>_0000) are left out with a warning, scans numbered
+  scan_0000, scan_0001 are not; a broken link named as a scan is one (its check fails it), a hidden file
+  (macOS's ._ copies) is not."""
+  channels, numbered = tmp_path / 'imagesTs', tmp_path / 'numbered'
+  for folder, names in ((channels, ('a_0000', 'a_0001', 'b_0000', 'b_0001', '._a_0000')),
+                        (numbered, ('scan_0000', 'scan_0001'))):
+    folder.mkdir()
+    for name in names:
+      (folder / f'{name}.nii.gz').touch()
+  (channels / 'gone.nii.gz').symlink_to(tmp_path / 'missing.nii.gz')
+  pairs, batch = predict._inputs(channels, tmp_path / 'out')
+  assert batch and [p.name for p, _ in pairs] == ['a_0000.nii.gz', 'b_0000.nii.gz', 'gone.nii.gz']
+  assert "2 file(s) read as other channels of nnU-Net's <id>_0000 scans" in caplog.text
+  assert 'left out: a_0001.nii.gz, b_0001.nii.gz' in caplog.text
+  with pytest.raises(DataError, match=r'gone\.nii\.gz: not a readable NIfTI file'):
+    predict._check_files(channels / 'gone.nii.gz', None, None)
+  assert [p.name for p, _ in predict._inputs(numbered, tmp_path / 'out')[0]] == ['scan_0000.nii.gz',
+                                                                                 'scan_0001.nii.gz']
 
 
 def test_orient_and_unorient_are_inverse_in_all_24_orientations():

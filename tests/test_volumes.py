@@ -140,6 +140,21 @@ def test_non_integer_labels_rejected(tmp_path):
     volumes.load_case(volumes.discover_cases(tmp_path)[0], IDENTITY_MAP)
 
 
+def test_colour_complex_and_cartilage_free_label_maps_are_one_line_errors(tmp_path):
+  """A label map of RGB or complex voxels is refused as one; scoring against one without the values
+  data.label_map makes cartilage (a binary mask read with OAI-ZIB's map) is refused, not scored 0."""
+  image, labels, affine = _small_case(np.random.default_rng(0))
+  nii = nib.Nifti1Image(image, affine)
+  rgb = np.zeros(labels.shape, [('R', 'u1'), ('G', 'u1'), ('B', 'u1')])
+  for name, voxels, message in (('rgb', rgb, 'holds R/G/B colour voxels'),
+                                ('complex', labels.astype(np.complex64), 'holds complex voxels'),
+                                ('binary', (labels > 0).astype(np.uint8),
+                                 r'holds none of the values data.label_map makes cartilage \(2, 4\)')):
+    nib.save(nib.Nifti1Image(voxels, affine), tmp_path / f'{name}.nii.gz')
+    with pytest.raises(DataError, match=message):
+      volumes.labels_on_grid(nii, volumes.Case(name, None, tmp_path / f'{name}.nii.gz'), ((2, 1), (4, 2)))
+
+
 def test_remap_labels():
   labels = np.array([[0, 1, 2, 3, 4, 5, 7]])
   out = volumes.remap_labels(labels, ((2, 1), (4, 2), (5, 2)))
@@ -269,6 +284,42 @@ def test_metaimage_and_nrrd_load_as_the_same_volume_in_nifti(tmp_path, kind):
   got, want = volumes.load_image(path), volumes.load_image(tmp_path / 'k.nii.gz')
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_allclose(got[1], want[1])
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('ElementSpacing', '0 0.6 0.6', 'degenerate voxel-to-world affine'),
+    ('TransformMatrix', '0 0 0 0 0 0 0 0 0', 'degenerate voxel-to-world affine'),
+    ('ElementSpacing', '0.6 0.6', '3 axes, and 2 spacings, 3 origin coordinates and 9 direction numbers'),
+    ('Offset', '0 0', '3 axes, and 3 spacings, 2 origin coordinates and 9 direction numbers'),
+    ('TransformMatrix', '1 0 0 1', '3 axes, and 3 spacings, 3 origin coordinates and 4 direction numbers'),
+    ('space directions', '(0,0,0) (0,0.6,0) (0,0,0.6)', 'degenerate voxel-to-world affine'),
+    ('space directions', '(nan,0,0) (0,0.6,0) (0,0,0.6)', 'degenerate voxel-to-world affine'),
+    ('space directions', '(1,0) (0,0.6) (0,0)', r'directions or spacings of shape \(2, 3\)'),
+    ('space origin', '(0,0)', '2 origin coordinates'),
+])
+def test_a_metaimage_or_nrrd_header_of_broken_geometry_is_one_line(tmp_path, field, value, message):
+  image, _, affine = _small_case(np.random.default_rng(5))
+  path = tmp_path / ('k.nhdr' if field.startswith('space') else 'k.mhd')
+  metaimage.write(path, image, affine)
+  lines = path.read_text().splitlines()
+  separator = ': ' if path.suffix == '.nhdr' else ' = '
+  [line] = [i for i, text in enumerate(lines) if text.lower().startswith(field.lower())]
+  lines[line] = f'{field}{separator}{value}'
+  path.write_text('\n'.join(lines) + '\n')
+  with pytest.raises(DataError, match=f'{path.name}: .*{message}'):
+    volumes.load_image(path)
+
+
+def test_a_header_claiming_more_voxels_than_memory_holds_is_one_line(tmp_path):
+  """A corrupt header's shape (4 TB of float32 voxels in a file of a few bytes): one line, however the
+  machine's memory refuses it (at the allocation, or at the short read)."""
+  nii = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+  nii.header.set_data_shape((32000, 32000, 1000))
+  path = tmp_path / 'huge.nii'
+  path.write_bytes(nii.header.binaryblock + bytes(4 + 32))
+  with pytest.raises(DataError, match=r'huge.nii: (its header gives a shape of .* GiB of voxels, more than '
+                                      r'memory holds|voxel data unreadable, truncated or corrupt)'):
+    volumes.load_image(path)
 
 
 def test_nifti_pairs_and_misnamed_compression_load_as_the_nifti_file(tmp_path, capfd, caplog):

@@ -207,10 +207,7 @@ def _case_slices(case: volumes.Case, label_map: Sequence[Sequence[int]], synth_t
       labels = volumes.remap_labels(source, label_map)
     else:
       image, labels, spacing = volumes.load_case(case, label_map)
-    if not labels.any():  # a wrong data.label_map (binary masks, another numbering), or an unlabelled knee
-      cartilage_values = sorted(int(source) for source, target in label_map if target)
-      raise DataError(f'{case.label.name} holds none of the values data.label_map makes cartilage '
-                      f'({", ".join(map(str, cartilage_values))}): check data.label_map')
+    volumes.check_has_cartilage(labels, case.label, label_map)
     tissue = _tissues(case, label_map) if synth_tissues else None
     if tissue is not None and tissue.shape != labels.shape:
       raise DataError(f'tissue map {_tissue_path(case)} of shape {tissue.shape}, labels {labels.shape}')

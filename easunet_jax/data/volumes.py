@@ -110,7 +110,7 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
                       'named by data.split_file', root)
   else:
     image_dir, label_dir, image_suffix = root / 'images', root / 'labels', ''
-  images = _volume_files(image_dir)
+  images = volume_files(image_dir)
   if not images:
     label_suffix = ''
     # OAI-ZIB's release (label maps without pose, of DESS scans stored sagittal, posterior, superior), at
@@ -122,7 +122,7 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
                         'here as femoral cartilage); its segmentation/ folder holds the cartilage labels')
       label_dir, label_suffix = zib[0] / 'segmentation_masks', '.segmentation_masks'
     if cases := [Case(stem.removesuffix(label_suffix), None, path)
-                 for stem, path in _volume_files(label_dir)]:
+                 for stem, path in volume_files(label_dir)]:
       return _one_file_per_case(cases)
     raise DataError(f'{root}: expected images/ + labels/ or imagesTr/ + labelsTr/ with .nii.gz volumes '
                     "(or labels/ alone for data.synth, or OAI-ZIB's segmentation_masks/)"
@@ -141,11 +141,11 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
                     image_dir, len(ignored), ', '.join(ignored[:5]) + (', ...' if len(ignored) > 5 else ''))
   # By id, not path: on a case-insensitive file system label_file's c0.nii.gz is the folder's c0.NII.GZ.
   ids = {c.id for c in cases}
-  cases += [Case(stem, None, path) for stem, path in _volume_files(label_dir) if stem not in ids]
+  cases += [Case(stem, None, path) for stem, path in volume_files(label_dir) if stem not in ids]
   return _one_file_per_case(sorted(cases, key=lambda c: c.id))
 
 
-def _volume_files(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
+def volume_files(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
   """(stem, path) of `folder`'s volume files (`volume_stem`; hidden files left out), sorted; none where the
   folder is missing."""
   if not folder.is_dir():
@@ -283,16 +283,20 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
     origin = next((fields[k] for k in ('Offset', 'Origin', 'Position') if k in fields), '0 ' * n).split()
     matrix = next((fields[k] for k in ('TransformMatrix', 'Rotation', 'Orientation') if k in fields),
                   ' '.join(str(float(i == j)) for i in range(n) for j in range(n))).split()
+    if n < 3:
+      raise DataError(f'{path}: {n}D volume of shape {tuple(shape)}, expected 3D')
+    if len(spacing) != n or len(origin) != n or len(matrix) != n * n:
+      raise ValueError(f'{n} axes, and {len(spacing)} spacings, {len(origin)} origin coordinates and '
+                       f'{len(matrix)} direction numbers (expected {n}, {n} and {n * n})')
+    affine = np.eye(4)
+    # Each run of n numbers in TransformMatrix is the direction of one voxel axis (a column of the affine).
+    affine[:3, :3] = np.reshape(np.array(matrix, float), (n, n))[:3, :3].T * spacing[:3]
+    affine[:3, 3] = np.array(origin, float)[:3]
   except KeyError as e:
     raise DataError(f'{path}: not a readable MetaImage file (no {e.args[0]} field)') from None
   except (OSError, ValueError, zlib.error) as e:
     raise DataError(f'{path}: not a readable MetaImage file ({_one_line(e)})') from None
-  if n < 3:
-    raise DataError(f'{path}: {n}D volume of shape {tuple(shape)}, expected 3D')
-  affine = np.eye(4)
-  # Each run of n numbers in TransformMatrix is the direction of one voxel axis (a column of the affine).
-  affine[:3, :3] = np.reshape(np.array(matrix, float), (n, n))[:3, :3].T * spacing[:3]
-  affine[:3, 3] = np.array(origin, float)[:3]
+  _check_affine(path, affine)
   return nib.Nifti1Image(voxels, _LPS_TO_RAS @ affine, dtype=dtype)  # the dtype: nibabel refuses int64 else
 
 
@@ -337,17 +341,21 @@ def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
       spatial = list(range(len(sizes)))
       columns = np.diag([float(v) for v in fields.get('spacings', ' '.join(['1'] * len(sizes))).split()])
     origin = [float(v) for v in fields.get('space origin', '(0,0,0)').strip('()').split(',')]
+    if len(spatial) != 3 or any(sizes[i] != 1 for i in range(len(sizes)) if i not in spatial):
+      raise DataError(f'{path}: volume of sizes {tuple(sizes)} with {len(spatial)} spatial axes, expected 3D')
+    if columns.shape != (3, 3) or len(origin) != 3:
+      raise ValueError(f'3 spatial axes, and directions or spacings of shape {columns.shape} and '
+                       f'{len(origin)} origin coordinates (expected 3 x 3 and 3)')
+    affine = np.eye(4)
+    affine[:3, :3] = columns
+    affine[:3, 3] = origin
   except KeyError as e:
     raise DataError(f'{path}: not a readable NRRD file (no {e.args[0]} field)') from None
   except (OSError, ValueError, EOFError, zlib.error) as e:
     raise DataError(f'{path}: not a readable NRRD file ({_one_line(e)})') from None
-  if len(spatial) != 3 or any(sizes[i] != 1 for i in range(len(sizes)) if i not in spatial):
-    raise DataError(f'{path}: volume of sizes {tuple(sizes)} with {len(spatial)} spatial axes, expected 3D')
+  _check_affine(path, affine)
   if len(sizes) > 3:  # axes of length 1 that are not spatial (a vector or list axis of one component)
     voxels = np.asarray(voxels).reshape([sizes[i] for i in spatial])
-  affine = np.eye(4)
-  affine[:3, :3] = columns[:3, :3]
-  affine[:3, 3] = origin[:3]
   return nib.Nifti1Image(voxels, _NRRD_SPACES[space] @ affine, dtype=dtype)
 
 
@@ -406,10 +414,15 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
         if len(nii.shape) > 3 else ''))
   if min(nii.shape) < 1:
     raise DataError(f'{path}: volume of shape {nii.shape}, an axis without voxels (a corrupt header?)')
-  affine = nii.affine
-  if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) * mm_per_unit(nii) ** 3 < 1e-9:
-    raise DataError(f'{path}: degenerate voxel-to-world affine {affine[:3].tolist()}')
+  _check_affine(path, nii.affine, mm_per_unit(nii))
   return nii
+
+
+def _check_affine(path: pathlib.Path, affine: np.ndarray, mm_per_unit: float = 1.0) -> None:
+  """A voxel-to-world affine (in a unit of `mm_per_unit` mm) that is not finite, or whose voxels have no
+  volume (a spacing or direction of 0), is an error."""
+  if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) * mm_per_unit ** 3 < 1e-9:
+    raise DataError(f'{path}: degenerate voxel-to-world affine {affine[:3].tolist()}')
 
 
 def check_headers(case: Case) -> None:
@@ -474,6 +487,10 @@ def read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray
     array = np.asarray(canonical.dataobj)
   except _READ_ERRORS as e:
     raise DataError(f'{path}: voxel data unreadable, truncated or corrupt ({_one_line(e)})') from None
+  except MemoryError:
+    gigabytes = np.prod(nii.shape, dtype=float) * nii.get_data_dtype().itemsize / 2 ** 30
+    raise DataError(f'{path}: its header gives a shape of {nii.shape}, {gigabytes:.3g} GiB of voxels, more '
+                    'than memory holds (a corrupt header?)') from None
   return array, tuple(float(s) * mm_per_unit(nii) for s in nib.affines.voxel_sizes(canonical.affine))
 
 
@@ -503,6 +520,9 @@ def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[n
 
 def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequence[int]]) -> np.ndarray:
   """Integer labels whose values are all background, a bone label or a key of label_map."""
+  if labels.dtype.names or np.iscomplexobj(labels):
+    kind = f'{"/".join(labels.dtype.names)} colour' if labels.dtype.names else 'complex'
+    raise DataError(f'{case.id}: label file {case.label} holds {kind} voxels (expected integers)')
   if not np.issubdtype(labels.dtype, np.integer):
     if not np.array_equal(labels, np.round(labels)):
       raise DataError(f'{case.id}: label file {case.label} holds non-integer values (expected integers)')
@@ -558,7 +578,18 @@ def labels_on_grid(nii: nib.Nifti1Image, case: Case, label_map: Sequence[Sequenc
   label_nii = open_volume(case.label)
   _check_same_grid(nii, label_nii, case)
   labels, _ = read_canonical(label_nii, case.label)
-  return remap_labels(_check_label_values(labels, case, label_map), label_map)
+  classes = remap_labels(_check_label_values(labels, case, label_map), label_map)
+  check_has_cartilage(classes, case.label, label_map)
+  return classes
+
+
+def check_has_cartilage(classes: np.ndarray, label: pathlib.Path, label_map: Sequence[Sequence[int]]) -> None:
+  """Training classes (`remap_labels`') of a `label` file without any cartilage are an error: a wrong
+  data.label_map (binary masks, another numbering), or an unlabelled knee."""
+  if not classes.any():
+    cartilage_values = sorted(int(source) for source, target in label_map if target)
+    raise DataError(f'{label.name} holds none of the values data.label_map makes cartilage '
+                    f'({", ".join(map(str, cartilage_values))}): check data.label_map')
 
 
 def remap_labels(labels: np.ndarray, label_map: Sequence[Sequence[int]]) -> np.ndarray:
