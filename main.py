@@ -86,8 +86,10 @@ _AFTER_A_STOP = {
 }
 
 
-# What a full disk or a folder that cannot be written raises: the machine's state, not a bug.
-_NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# What a full disk, a folder that cannot be written, or a file given where a folder goes (or a folder where a
+# file goes) raises: the machine's state or a path to correct, not a bug.
+_NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EISDIR,
+                 errno.EEXIST)
 
 
 def _quiet_libraries(record) -> bool:
@@ -145,8 +147,11 @@ def main(argv):
     if FLAGS.labels and FLAGS.mode != 'predict':
       raise ConfigError("--labels scores the masks of --mode=predict; --mode=evaluate scores the test split "
                         'against its own labels')
-    if FLAGS.mode == 'export' and not FLAGS.output:
-      raise ConfigError('--mode=export needs --output (the model file to write, e.g. model.npz)')
+    if FLAGS.mode == 'export' and (not FLAGS.output or os.path.isdir(FLAGS.output)):
+      raise ConfigError('--mode=export needs --output, the model file to write, e.g. model.npz' +
+                        (f'; {FLAGS.output} is a folder' if FLAGS.output else ''))
+    if not model_file and os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise ConfigError(f'--workdir={workdir}: a file; expected a folder (made if missing)')
     logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
                  jax.devices())
     if FLAGS.mode == 'preprocess':

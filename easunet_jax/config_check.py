@@ -1,6 +1,7 @@
 """Start-up checks of a run's config, before anything is compiled: a field the run cannot use ends it with
 one line that names the field and what was expected (ConfigError; main.py exits with code 2)."""
 
+import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,8 @@ _TRACE_STRIDES = 16
 _POSITIVE = ('train.batch_size', 'train.eval_every_steps', 'eval.batch_size', 'predict.batch_size',
              'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'data.phantom_num')
 _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict.min_component_mm3',
-                 'predict.slice_sigma_mm', 'optim.weight_decay', 'data.phantom_elastic_mm')
+                 'predict.slice_sigma_mm', 'optim.weight_decay', 'data.phantom_elastic_mm',
+                 'eval.num_figure_slices')
 NAN_POLICIES = ('stop', 'skip')
 
 
@@ -94,13 +96,20 @@ def _has_kind(value: Any, default: Any) -> bool:
 
 def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
   fields = leaves(config)
+  # NaN passes every comparison below (all are False), and no field means anything at infinity.
+  for name, value in fields.items():
+    numbers = value if isinstance(value, tuple | list) else (value,)
+    if not all(math.isfinite(v) for v in numbers if isinstance(v, float)):
+      raise ConfigError(f'{name}: expected finite numbers, got {value!r}')
+  if not 0 <= config.seed < 2 ** 32:
+    raise ConfigError(f'seed: expected an integer from 0 to 2**32 - 1, got {config.seed}')
   for name in _POSITIVE:
     if fields[name] <= 0:
       raise ConfigError(f'{name}: expected a positive integer, got {fields[name]}')
   for name in _NON_NEGATIVE:
     if fields[name] < 0:
       raise ConfigError(f'{name}: expected a non-negative number, got {fields[name]}')
-  for name in ('predict.zoom', 'predict.background_weight', 'optim.lr'):
+  for name in ('predict.zoom', 'predict.background_weight', 'optim.lr', 'loss.dice_eps'):
     if fields[name] <= 0:
       raise ConfigError(f'{name}: expected a positive number, got {fields[name]}')
   if not 0 <= config.optim.momentum < 1:
@@ -115,8 +124,22 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError('train.num_steps and train.num_epochs: expected one of them positive, got both 0')
   if config.train.nan_policy not in NAN_POLICIES:
     raise ConfigError(f'train.nan_policy: expected one of {NAN_POLICIES}, got {config.train.nan_policy!r}')
-  if not config.model.features or min(config.model.features) <= 0:
-    raise ConfigError(f'model.features: expected positive integers, got {tuple(config.model.features)}')
+  if len(config.model.features) < 2 or min(config.model.features) <= 0:
+    raise ConfigError(f'model.features: expected positive integers, one width per resolution level, two or '
+                      f'more, got {tuple(config.model.features)}')
+  if not config.model.aspp_rates or min(config.model.aspp_rates) <= 0:
+    raise ConfigError(f'model.aspp_rates: expected positive integers (the atrous branches\' dilations), got '
+                      f'{tuple(config.model.aspp_rates)}')
+  if min(config.loss.side_weights, default=0) < 0:
+    raise ConfigError(f'loss.side_weights: expected non-negative numbers, got '
+                      f'{tuple(config.loss.side_weights)}')
+  spacing = tuple(config.predict.spacing)
+  if len(spacing) != 2 or not (all(s > 0 for s in spacing) or not any(spacing)):
+    raise ConfigError(f"predict.spacing: expected the in-plane pixel in mm the model was trained at, two "
+                      f"positive numbers, or (0.0, 0.0) for the training slice store's, got {spacing}")
+  if str(config.eval.checkpoint) not in ('best', 'latest') and not str(config.eval.checkpoint).isdigit():
+    raise ConfigError(f"eval.checkpoint: expected 'best', 'latest' or a step number, got "
+                      f'{config.eval.checkpoint!r}')
   if mode == 'train' and config.model.name == 'eas_unet' and config.model.eas and config.train.batch_size < 2:
     # The EAS image-pooling branch's BatchNorm sees one value per sample: over a batch of one its output
     # is 0 and the branch learns nothing (PyTorch refuses such a batch).
@@ -130,10 +153,14 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
                       f'{config.train.init_weights!r}, which is not a file')
   data = config.data
   classes = config.model.num_classes
-  if any(len(pair) != 2 or not 0 <= pair[0] <= 255 or not 0 <= pair[1] < classes for pair in data.label_map):
+  if any(len(pair) != 2 or not 0 <= pair[0] <= 255 or not 0 <= pair[1] < classes for pair in data.label_map
+         ) or not any(pair[1] for pair in data.label_map):
     raise ConfigError(f'data.label_map: expected (source label, training class) pairs, labels 0-255 and '
-                      f'classes 0-{classes - 1} (model.num_classes {classes}), got '
+                      f'classes 0-{classes - 1} (model.num_classes {classes}), one class at least not 0, got '
                       f'{tuple(map(tuple, data.label_map))}')
+  for name in ('data.cache_dir', 'data.phantom_dir'):
+    if fields[name] and pathlib.Path(fields[name]).exists() and not pathlib.Path(fields[name]).is_dir():
+      raise ConfigError(f"{name}: expected a folder (made if missing) or '', got {fields[name]!r}, a file")
   # Predict and export read no data set: a model file's or a copied workdir's paths are the training
   # machine's.
   reads_data = mode not in ('predict', 'export')
@@ -150,6 +177,9 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     if len(shape) != 3 or min(shape) <= 0 or shape[1] % multiple or shape[2] % multiple:
       raise ConfigError(f'data.phantom_shape: expected 3 positive sizes, the last two (the sagittal slice) '
                         f'multiples of the network stride {multiple}, got {shape}')
+    if len(data.phantom_spacing) != 3 or min(data.phantom_spacing) <= 0:
+      raise ConfigError(f'data.phantom_spacing: expected 3 positive voxel sizes in mm, got '
+                        f'{tuple(data.phantom_spacing)}')
     image_HW = shape[1:]
   if mode != 'preprocess':
     try:

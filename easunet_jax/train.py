@@ -136,9 +136,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
     if not slices:  # validation picks the best checkpoint, and would fail only at its first round
       raise DataError(f'{store_dir}: no {split} slices (data.split or data.split_file gives that split no '
                       'case, or its cases were skipped)')
-  num_steps = config.train.num_steps or config.train.num_epochs * train_slices // batch_size
-  if num_steps <= 0:
+  # A batch larger than the training set would hold its slices several times over.
+  if train_slices < batch_size:
     raise DataError(f'{train_slices} training slices give no full batch of train.batch_size {batch_size}')
+  num_steps = config.train.num_steps or config.train.num_epochs * train_slices // batch_size
   if start >= num_steps:
     logging.info('Training in %s already finished at step %d of %d; nothing to do.', workdir, start,
                  num_steps)

@@ -197,8 +197,27 @@ BAD_VALUES = {
                                            'data.label_map: expected (source label, training class) pairs'),
     'label map source beyond uint8': ({'data.label_map': ((2, 1), (300, 2))},
                                       'data.label_map: expected (source label, training class) pairs, labels '
-                                      '0-255 and classes 0-2 (model.num_classes 3), got ((2, 1), (300, 2))'),
+                                      '0-255 and classes 0-2 (model.num_classes 3), one class at least not '
+                                      '0, got ((2, 1), (300, 2))'),
     'label map triple': ({'data.label_map': ((2, 1, 0),)}, 'data.label_map: expected (source label'),
+    'label map without cartilage': ({'data.label_map': ((2, 0),)}, 'data.label_map: expected (source label'),
+    'not-a-number zoom': ({'predict.zoom': float('nan')}, 'predict.zoom: expected finite numbers, got nan'),
+    'infinite learning rate': ({'optim.lr': float('inf')}, 'optim.lr: expected finite numbers, got inf'),
+    'negative seed': ({'seed': -1}, 'seed: expected an integer from 0 to 2**32 - 1, got -1'),
+    'one width': ({'model.features': (4,)}, 'model.features: expected positive integers, one width per'),
+    'dilation 0': ({'model.aspp_rates': (0, 6, 12)}, 'model.aspp_rates: expected positive integers'),
+    'negative side weight': ({'loss.side_weights': (0.5, -1.0, 0.1)},
+                             'loss.side_weights: expected non-negative numbers'),
+    'zero Dice smoothing': ({'loss.dice_eps': 0.0}, 'loss.dice_eps: expected a positive number'),
+    'one-number pixel': ({'predict.spacing': (0.5,)}, 'predict.spacing: expected the in-plane pixel in mm'),
+    'negative pixel': ({'predict.spacing': (-1.0, -1.0)}, 'predict.spacing: expected the in-plane pixel'),
+    'phantom voxel of two sizes': ({'data.phantom_spacing': (2.0, 2.0)},
+                                   'data.phantom_spacing: expected 3 positive voxel sizes in mm'),
+    'negative figure slices': ({'eval.num_figure_slices': -1},
+                               'eval.num_figure_slices: expected a non-negative number'),
+    'checkpoint name': ({'eval.checkpoint': 'last'}, "eval.checkpoint: expected 'best', 'latest' or a step"),
+    'slice store a file': ({'data.cache_dir': __file__},
+                           'data.cache_dir: expected a folder (made if missing)'),
 }
 
 
@@ -219,6 +238,18 @@ def test_bad_config_values_are_one_line_config_errors(name):
   with pytest.raises(ConfigError, match=f'^{re.escape(message)}') as error:
     config_check.check_config(config, default.get_config(), 'train')
   assert '\n' not in str(error.value)
+
+
+def test_a_file_given_for_a_folder_or_a_folder_for_a_file_is_one_line(phantom_dir, tmp_path):
+  notes = tmp_path / 'notes.txt'
+  notes.write_text('')
+  result = _run(notes, phantom_dir)
+  assert result.returncode == 2
+  assert result.stderr == f'error: --workdir={notes}: a file; expected a folder (made if missing)\n'
+  result = _run(tmp_path / 'run', phantom_dir, '--mode=export', f'--output={tmp_path}')
+  assert result.returncode == 2
+  assert result.stderr == (f'error: --mode=export needs --output, the model file to write, e.g. model.npz; '
+                           f'{tmp_path} is a folder\n')
 
 
 @pytest.mark.parametrize('filename', [('/data/run/checkpoints/4',), ()], ids=['file', 'no-file'])
