@@ -86,10 +86,8 @@ _AFTER_A_STOP = {
 }
 
 
-# What a full disk, a folder that cannot be written, or a file given where a folder goes (or a folder where a
-# file goes) raises: the machine's state or a path to correct, not a bug.
-_NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EISDIR,
-                 errno.EEXIST)
+# What a full disk or a folder that cannot be written raises: the machine's state, not a bug.
+_NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def _quiet_libraries(record) -> bool:
@@ -103,6 +101,15 @@ def _quiet_libraries(record) -> bool:
     return False
   return record.levelno >= logging.converter.STANDARD_WARNING or not any(
       part in record.pathname for part in ('/orbax/', 'xla_bridge.py'))
+
+
+def _file_in_the_way(folder: str) -> str | None:
+  """The nearest path that exists at or above `folder` where it is not a folder (a file where a folder is to
+  be made), else None."""
+  path = os.path.abspath(folder)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return None if os.path.isdir(path) else path
 
 
 def main(argv):
@@ -150,8 +157,10 @@ def main(argv):
     if FLAGS.mode == 'export' and (not FLAGS.output or os.path.isdir(FLAGS.output)):
       raise ConfigError('--mode=export needs --output, the model file to write, e.g. model.npz' +
                         (f'; {FLAGS.output} is a folder' if FLAGS.output else ''))
-    if not model_file and os.path.exists(workdir) and not os.path.isdir(workdir):
-      raise ConfigError(f'--workdir={workdir}: a file; expected a folder (made if missing)')
+    if FLAGS.mode == 'export' and (file := _file_in_the_way(os.path.dirname(os.path.abspath(FLAGS.output)))):
+      raise ConfigError(f'--output={FLAGS.output}: {file} is a file; expected a folder (made if missing)')
+    if not model_file and (file := _file_in_the_way(workdir)):
+      raise ConfigError(f'--workdir={workdir}: {file} is a file; expected a folder (made if missing)')
     logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
                  jax.devices())
     if FLAGS.mode == 'preprocess':

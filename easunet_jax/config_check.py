@@ -2,6 +2,7 @@
 one line that names the field and what was expected (ConfigError; main.py exits with code 2)."""
 
 import math
+import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -127,7 +128,7 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
   if len(config.model.features) < 2 or min(config.model.features) <= 0:
     raise ConfigError(f'model.features: expected positive integers, one width per resolution level, two or '
                       f'more, got {tuple(config.model.features)}')
-  if not config.model.aspp_rates or min(config.model.aspp_rates) <= 0:
+  if min(config.model.aspp_rates, default=1) <= 0:
     raise ConfigError(f'model.aspp_rates: expected positive integers (the atrous branches\' dilations), got '
                       f'{tuple(config.model.aspp_rates)}')
   if min(config.loss.side_weights, default=0) < 0:
@@ -158,15 +159,15 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError(f'data.label_map: expected (source label, training class) pairs, labels 0-255 and '
                       f'classes 0-{classes - 1} (model.num_classes {classes}), one class at least not 0, got '
                       f'{tuple(map(tuple, data.label_map))}')
-  for name in ('data.cache_dir', 'data.phantom_dir'):
-    if fields[name] and pathlib.Path(fields[name]).exists() and not pathlib.Path(fields[name]).is_dir():
-      raise ConfigError(f"{name}: expected a folder (made if missing) or '', got {fields[name]!r}, a file")
   # Predict and export read no data set: a model file's or a copied workdir's paths are the training
   # machine's.
   reads_data = mode not in ('predict', 'export')
   if reads_data and data.root and not pathlib.Path(data.root).is_dir():
     raise ConfigError(f'data.root: expected a dataset directory (images/ + labels/ or imagesTr/ + labelsTr/) '
                       f"or '' for the built-in phantom, got {data.root!r}, which is not a directory")
+  for name in ('data.cache_dir', 'data.phantom_dir'):
+    if reads_data and fields[name] and os.path.exists(fields[name]) and not os.path.isdir(fields[name]):
+      raise ConfigError(f"{name}: expected a folder (made if missing) or '', got {fields[name]!r}, a file")
   if reads_data and data.split_file and not pathlib.Path(data.split_file).is_file():
     raise ConfigError(f"data.split_file: expected a JSON file or '', got {data.split_file!r}, which is not a "
                       'file')

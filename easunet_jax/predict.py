@@ -121,8 +121,8 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   files = [p for _, p in volumes.volume_files(source)]
   if channels := _other_channels(files):
     logging.warning("%s: %d file(s) read as other channels of nnU-Net's <id>_0000 scans, which this "
-                    'one-channel model does not use, left out: %s', source, len(channels),
-                    ', '.join(p.name for p in channels[:5]) + (', ...' if len(channels) > 5 else ''))
+                    'one-channel model does not use, left out (rename scans to segment them): %s', source,
+                    len(channels), ', '.join(p.name for p in channels[:5]) + ', ...' * (len(channels) > 5))
     files = [p for p in files if p not in channels]
   if not files and (series or any(dicom.is_dicom_file(p) for p in entries if p.is_file())):
     return single(f'{folder_name}.nii.gz'), False
@@ -146,19 +146,27 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
 
 
 def _other_channels(files: Sequence[pathlib.Path]) -> list[pathlib.Path]:
-  """The files of a folder of nnU-Net scans (<id>_0000, <id>_0001, ...) that are not the first channel:
-  each <id>_NNNN whose <id>_0000 is there, where two ids or more have one (scans numbered scan_0000,
-  scan_0001, ... have one)."""
+  """The files of a folder in nnU-Net's layout that are not a scan's first channel: where every file is
+  <id>_NNNN and two ids or more have the same channels 0000, 0001, ... (scans numbered scan_0000,
+  scan_0001, or visits 9001104_0000, 9001104_0012, are not), their <id>_0001, ...; else none."""
   stems = {path: volumes.volume_stem(path.name) for path in files}
-  ids = {stem[:-5] for stem in stems.values() if stem.endswith('_0000')}
-  if len(ids) < 2:
+  channels = collections.defaultdict(set)
+  for stem in stems.values():
+    if not re.fullmatch(r'.+_\d{4}', stem):
+      return []
+    channels[stem[:-5]].add(int(stem[-4:]))
+  if len(channels) < 2 or len({frozenset(c) for c in channels.values()}) != 1:
     return []
-  return [path for path, stem in stems.items()
-          if re.fullmatch(r'.+_\d{4}', stem) and not stem.endswith('_0000') and stem[:-5] in ids]
+  numbers = next(iter(channels.values()))
+  if len(numbers) < 2 or numbers != set(range(len(numbers))):
+    return []
+  return [path for path, stem in stems.items() if not stem.endswith('_0000')]
 
 
 def _check_files(source: pathlib.Path, label: pathlib.Path | None, series: str | None) -> None:
   """The checks of a scan's files (and its label map's) that fail a bad one before the model loads."""
+  if source.is_dir() and volumes.volume_stem(source.name):
+    raise DataError(f'{source}: a folder named as a volume file')
   if source.is_dir():
     dicom.find_series(source)
     if label:

@@ -243,9 +243,11 @@ def test_bad_config_values_are_one_line_config_errors(name):
 def test_a_file_given_for_a_folder_or_a_folder_for_a_file_is_one_line(phantom_dir, tmp_path):
   notes = tmp_path / 'notes.txt'
   notes.write_text('')
-  result = _run(notes, phantom_dir)
-  assert result.returncode == 2
-  assert result.stderr == f'error: --workdir={notes}: a file; expected a folder (made if missing)\n'
+  model = notes / 'models' / 'm.npz'
+  for workdir, flag in ((notes, f'--workdir={notes}'), (tmp_path / 'run', f'--output={model}')):
+    result = _run(workdir, phantom_dir, *(['--mode=export', flag] if flag.startswith('--output') else []))
+    assert result.returncode == 2
+    assert result.stderr == f'error: {flag}: {notes} is a file; expected a folder (made if missing)\n'
   result = _run(tmp_path / 'run', phantom_dir, '--mode=export', f'--output={tmp_path}')
   assert result.returncode == 2
   assert result.stderr == (f'error: --mode=export needs --output, the model file to write, e.g. model.npz; '

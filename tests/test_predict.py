@@ -778,24 +778,29 @@ def test_continuing_segments_again_a_scan_whose_sidecar_came_later(run, tmp_path
 
 
 def test_a_batch_holds_what_is_named_as_a_scan_less_hidden_files_and_other_channels(tmp_path, caplog):
-  """nnU-Net's other channels (<id>_0001 beside <id>_0000) are left out with a warning, scans numbered
-  scan_0000, scan_0001 are not; a broken link named as a scan is one (its check fails it), a hidden file
-  (macOS's ._ copies) is not."""
-  channels, numbered = tmp_path / 'imagesTs', tmp_path / 'numbered'
-  for folder, names in ((channels, ('a_0000', 'a_0001', 'b_0000', 'b_0001', '._a_0000')),
-                        (numbered, ('scan_0000', 'scan_0001'))):
-    folder.mkdir()
+  """nnU-Net's other channels (<id>_0001 beside <id>_0000, for every id) are left out with a warning; scans
+  numbered scan_0000, scan_0001 or by visit (<id>_0000, <id>_0012) are not; a broken link or a folder named
+  as a scan is one (its check fails it), a hidden file (macOS's ._ copies) is not."""
+  folders = {'channels': ('a_0000', 'a_0001', 'b_0000', 'b_0001', '._a_0000'),
+             'numbered': ('scan_0000', 'scan_0001'),
+             'visits': ('9001104_0000', '9001104_0012', '9002116_0000', '9002116_0012')}
+  for folder, names in folders.items():
+    (tmp_path / folder).mkdir()
     for name in names:
-      (folder / f'{name}.nii.gz').touch()
-  (channels / 'gone.nii.gz').symlink_to(tmp_path / 'missing.nii.gz')
-  pairs, batch = predict._inputs(channels, tmp_path / 'out')
-  assert batch and [p.name for p, _ in pairs] == ['a_0000.nii.gz', 'b_0000.nii.gz', 'gone.nii.gz']
+      (tmp_path / folder / f'{name}.nii.gz').touch()
+  (tmp_path / 'numbered' / 'gone.nii.gz').symlink_to(tmp_path / 'missing.nii.gz')
+  (tmp_path / 'numbered' / 'folder.nii.gz').mkdir()
+  scans = {folder: [p.name for p, _ in predict._inputs(tmp_path / folder, tmp_path / 'out')[0]]
+           for folder in folders}
+  assert scans == {'channels': ['a_0000.nii.gz', 'b_0000.nii.gz'],
+                   'numbered': ['folder.nii.gz', 'gone.nii.gz', 'scan_0000.nii.gz', 'scan_0001.nii.gz'],
+                   'visits': [f'{name}.nii.gz' for name in folders['visits']]}
   assert "2 file(s) read as other channels of nnU-Net's <id>_0000 scans" in caplog.text
-  assert 'left out: a_0001.nii.gz, b_0001.nii.gz' in caplog.text
-  with pytest.raises(DataError, match=r'gone\.nii\.gz: not a readable NIfTI file'):
-    predict._check_files(channels / 'gone.nii.gz', None, None)
-  assert [p.name for p, _ in predict._inputs(numbered, tmp_path / 'out')[0]] == ['scan_0000.nii.gz',
-                                                                                 'scan_0001.nii.gz']
+  assert 'left out (rename scans to segment them): a_0001.nii.gz, b_0001.nii.gz' in caplog.text
+  for name, message in (('gone', r'gone\.nii\.gz: not a readable NIfTI file'),
+                        ('folder', r'folder\.nii\.gz: a folder named as a volume file')):
+    with pytest.raises(DataError, match=message):
+      predict._check_files(tmp_path / 'numbered' / f'{name}.nii.gz', None, None)
 
 
 def test_orient_and_unorient_are_inverse_in_all_24_orientations():

@@ -310,6 +310,19 @@ def test_a_metaimage_or_nrrd_header_of_broken_geometry_is_one_line(tmp_path, fie
     volumes.load_image(path)
 
 
+def test_a_metaimage_header_with_more_spacings_than_axes_reads_as_itk_reads_it(tmp_path):
+  """ITK reads the first NDims numbers of ElementSpacing and Offset, and ignores the rest."""
+  image, _, affine = _small_case(np.random.default_rng(5))
+  path = tmp_path / 'k.mhd'
+  metaimage.write(path, image, affine)
+  expected = volumes.open_volume(path).affine
+  lines = [f'{line} 1' if line.startswith(('ElementSpacing', 'Offset')) else line
+           for line in path.read_text().splitlines()]
+  path.write_text('\n'.join(lines) + '\n')
+  np.testing.assert_allclose(volumes.open_volume(path).affine, expected)
+  np.testing.assert_allclose(sitk.ReadImage(str(path)).GetSpacing(), np.linalg.norm(affine[:3, :3], axis=0))
+
+
 def test_a_header_claiming_more_voxels_than_memory_holds_is_one_line(tmp_path):
   """A corrupt header's shape (4 TB of float32 voxels in a file of a few bytes): one line, however the
   machine's memory refuses it (at the allocation, or at the short read)."""

@@ -285,7 +285,8 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
                   ' '.join(str(float(i == j)) for i in range(n) for j in range(n))).split()
     if n < 3:
       raise DataError(f'{path}: {n}D volume of shape {tuple(shape)}, expected 3D')
-    if len(spacing) != n or len(origin) != n or len(matrix) != n * n:
+    # As ITK reads them: the first n spacings and origin coordinates, more ignored.
+    if len(spacing) < n or len(origin) < n or len(matrix) != n * n:
       raise ValueError(f'{n} axes, and {len(spacing)} spacings, {len(origin)} origin coordinates and '
                        f'{len(matrix)} direction numbers (expected {n}, {n} and {n * n})')
     affine = np.eye(4)
