@@ -38,8 +38,9 @@ def override_error(error: Exception, argv: Sequence[str], reference: ml_collecti
   if not unknown:
     return ' '.join(message.split())
   group = unknown[0].rpartition('.')[0]
-  # A misspelt group has no fields of its own: then the names at the top.
-  fields = [k for k in known if k.rpartition('.')[0] == group] or list(
+  # A misspelt group has no fields of its own, and a field at the top may be a group's name misspelt: then
+  # the names at the top, groups included.
+  fields = (group and [k for k in known if k.rpartition('.')[0] == group]) or list(
       dict.fromkeys(k.partition('.')[0] for k in known))
   return f'--config.{unknown[0]}: no such config field (expected one of {", ".join(fields)})'
 

@@ -221,6 +221,16 @@ BAD_VALUES = {
 }
 
 
+def test_an_unknown_field_is_told_with_the_fields_of_its_group_or_the_top():
+  reference = default.get_config()
+  for override, expected in (('--config.optim.l=1', 'optim.lr, optim.momentum'),
+                             ('--config.optm.lr=1', 'loss, model, name, optim'),
+                             ('--config.lr=1', 'loss, model, name, optim')):
+    message = config_check.override_error(KeyError('unknown'), [override], reference)
+    assert message.startswith(f'{override.partition("=")[0]}: no such config field (expected one of ')
+    assert expected in message
+
+
 @pytest.mark.parametrize('name', BAD_FLAGS)
 def test_bad_config_is_exit_code_2_and_one_line(name, phantom_dir, tmp_path):
   override, message = BAD_FLAGS[name]

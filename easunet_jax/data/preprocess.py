@@ -72,7 +72,7 @@ def split_cases(ids: Sequence[str], fractions: Sequence[float], seed: int) -> di
   fractions = np.asarray(fractions, np.float64)
   if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
     raise ConfigError('data.split: expected three non-negative train/val/test fractions, got '
-                      f'{tuple(fractions)}')
+                      f'{tuple(fractions.tolist())}')
   n = len(ids)
   share = fractions / fractions.sum() * n
   counts = np.floor(share).astype(int)
