@@ -209,6 +209,13 @@ def test_a_header_in_metres_or_microns_is_read_in_mm_as_itk_reads_it(tmp_path, u
   labels = nib.Nifti1Image(np.zeros((4, 5, 6), np.uint8), affine)  # the same grid, in mm
   nib.save(labels, tmp_path / 'labels.nii.gz')
   volumes.check_headers(volumes.Case('k', tmp_path / 'scan.nii.gz', tmp_path / 'labels.nii.gz'))
+  if unit == 'micron':  # millimetre values under the micron's code: voxels of 0.0007 mm, said so
+    nii = nib.Nifti1Image(np.ones((4, 5, 6), np.float32), affine)
+    nii.header.set_xyzt_units(unit)
+    nib.save(nii, tmp_path / 'mislabelled.nii.gz')
+    with pytest.raises(DataError, match=r'in microns as its header says \(voxels of 0.0007 x 0.0004 x 0.0004 '
+                                        r'mm\)'):
+      volumes.open_volume(tmp_path / 'mislabelled.nii.gz')
 
 
 def test_trailing_axes_of_one_are_a_3d_volume_and_more_volumes_an_error(tmp_path):

@@ -423,7 +423,10 @@ def _check_affine(path: pathlib.Path, affine: np.ndarray, mm_per_unit: float = 1
   """A voxel-to-world affine (in a unit of `mm_per_unit` mm) that is not finite, or whose voxels have no
   volume (a spacing or direction of 0), is an error."""
   if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) * mm_per_unit ** 3 < 1e-9:
-    raise DataError(f'{path}: degenerate voxel-to-world affine {affine[:3].tolist()}')
+    unit = {1000.0: 'metres', 0.001: 'microns'}.get(mm_per_unit)
+    sizes = ' x '.join(f'{size:.3g}' for size in nib.affines.voxel_sizes(affine) * mm_per_unit)
+    raise DataError(f'{path}: degenerate voxel-to-world affine {affine[:3].tolist()}' + (
+        f', in {unit} as its header says (voxels of {sizes} mm)' if unit else ''))
 
 
 def check_headers(case: Case) -> None:
