@@ -86,8 +86,10 @@ _AFTER_A_STOP = {
 }
 
 
-# What a full disk or a folder that cannot be written raises: the machine's state, not a bug.
-_NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# What a full disk, a folder that cannot be written, or a file where a folder is to be made (a broken link,
+# a file named as a folder the run makes: slices/, measures/) raises: the machine's state or a path to
+# correct, not a bug.
+_NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EEXIST)
 
 
 def _quiet_libraries(record) -> bool:

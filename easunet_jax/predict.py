@@ -165,7 +165,7 @@ def _other_channels(files: Sequence[pathlib.Path]) -> list[pathlib.Path]:
 
 def _check_files(source: pathlib.Path, label: pathlib.Path | None, series: str | None) -> None:
   """The checks of a scan's files (and its label map's) that fail a bad one before the model loads."""
-  if source.is_dir() and volumes.volume_stem(source.name):
+  if source.is_dir() and volumes.volume_stem(source.name) and not dicom.is_dicom_folder(source):
     raise DataError(f'{source}: a folder named as a volume file')
   if source.is_dir():
     dicom.find_series(source)

@@ -801,6 +801,8 @@ def test_a_batch_holds_what_is_named_as_a_scan_less_hidden_files_and_other_chann
                         ('folder', r'folder\.nii\.gz: a folder named as a volume file')):
     with pytest.raises(DataError, match=message):
       predict._check_files(tmp_path / 'numbered' / f'{name}.nii.gz', None, None)
+  write_series(tmp_path / 'T2_SAG.nii')  # a DICOM series' folder, whatever its name
+  predict._check_files(tmp_path / 'T2_SAG.nii', None, None)
 
 
 def test_orient_and_unorient_are_inverse_in_all_24_orientations():
