@@ -105,15 +105,6 @@ def _quiet_libraries(record) -> bool:
       part in record.pathname for part in ('/orbax/', 'xla_bridge.py'))
 
 
-def _file_in_the_way(folder: str) -> str | None:
-  """The nearest path that exists at or above `folder` where it is not a folder (a file where a folder is to
-  be made), else None."""
-  path = os.path.abspath(folder)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  return None if os.path.isdir(path) else path
-
-
 def main(argv):
   if len(argv) > 1:
     exit_with(ConfigError(
@@ -159,9 +150,10 @@ def main(argv):
     if FLAGS.mode == 'export' and (not FLAGS.output or os.path.isdir(FLAGS.output)):
       raise ConfigError('--mode=export needs --output, the model file to write, e.g. model.npz' +
                         (f'; {FLAGS.output} is a folder' if FLAGS.output else ''))
-    if FLAGS.mode == 'export' and (file := _file_in_the_way(os.path.dirname(os.path.abspath(FLAGS.output)))):
+    if FLAGS.mode == 'export' and (file := config_check.file_in_the_way(os.path.dirname(
+        os.path.abspath(FLAGS.output)))):
       raise ConfigError(f'--output={FLAGS.output}: {file} is a file; expected a folder (made if missing)')
-    if not model_file and (file := _file_in_the_way(workdir)):
+    if not model_file and (file := config_check.file_in_the_way(workdir)):
       raise ConfigError(f'--workdir={workdir}: {file} is a file; expected a folder (made if missing)')
     logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
                  jax.devices())

@@ -167,8 +167,9 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError(f'data.root: expected a dataset directory (images/ + labels/ or imagesTr/ + labelsTr/) '
                       f"or '' for the built-in phantom, got {data.root!r}, which is not a directory")
   for name in ('data.cache_dir', 'data.phantom_dir'):
-    if reads_data and fields[name] and os.path.exists(fields[name]) and not os.path.isdir(fields[name]):
-      raise ConfigError(f"{name}: expected a folder (made if missing) or '', got {fields[name]!r}, a file")
+    if reads_data and fields[name] and (file := file_in_the_way(fields[name])):
+      raise ConfigError(f"{name}: expected a folder (made if missing) or '', got {fields[name]!r}: {file} is "
+                        'a file')
   if reads_data and data.split_file and not pathlib.Path(data.split_file).is_file():
     raise ConfigError(f"data.split_file: expected a JSON file or '', got {data.split_file!r}, which is not a "
                       'file')
@@ -188,6 +189,15 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
       trace_model_loss(config, image_HW)
     except (ValueError, TypeError) as e:  # jax's shape errors, e.g. of widths the network cannot join
       raise ConfigError(' '.join(str(e).split())) from e
+
+
+def file_in_the_way(folder: str | pathlib.Path) -> str | None:
+  """The nearest path that exists at or above `folder` where it is not a folder (a file where a folder is to
+  be made), else None."""
+  path = os.path.abspath(folder)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return None if os.path.isdir(path) else path
 
 
 def trace_model_loss(config: ml_collections.ConfigDict, image_HW: tuple[int, int]) -> None:
