@@ -70,7 +70,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if '--verbose' in argv or '--verbose=true' in argv:
       raise
     exit_with(ConfigError(f'--config: {str(e).strip().splitlines()[-1]}'))
-  except (flags.Error, AttributeError, KeyError, TypeError) as e:
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
     if '--verbose' in argv or '--verbose=true' in argv:
       raise
     exit_with(ConfigError(config_check.override_error(e, argv, default.get_config())))

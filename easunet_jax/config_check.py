@@ -37,12 +37,23 @@ def override_error(error: Exception, argv: Sequence[str], reference: ml_collecti
   unknown = [name for name in overrides if name not in known]
   if not unknown:
     return ' '.join(message.split())
-  group = unknown[0].rpartition('.')[0]
+  return f'--config.{_unknown_field(unknown[0], known)}'
+
+
+def _unknown_field(name: str, known: dict[str, Any]) -> str:
+  """Why `name` is not one of the fields `known` ({'group.field': default}), with the fields to use."""
+  whole = next((field for field in known if name.startswith((f'{field}.', f'{field}['))), None)
+  if whole:  # an element of a sequence (features.0, features[0]): absl sets a field only as a whole
+    return f'{name}: {whole} is set whole, e.g. --config.{whole}="{known[whole]}"'
+  members = [field for field in known if field.startswith(f'{name}.')]
+  if members:
+    return f'{name}: a group of fields, set one of them ({", ".join(members)})'
+  group = name.rpartition('.')[0]
   # A misspelt group has no fields of its own, and a field at the top may be a group's name misspelt: then
   # the names at the top, groups included.
-  fields = (group and [k for k in known if k.rpartition('.')[0] == group]) or list(
-      dict.fromkeys(k.partition('.')[0] for k in known))
-  return f'--config.{unknown[0]}: no such config field (expected one of {", ".join(fields)})'
+  fields = (group and [field for field in known if field.rpartition('.')[0] == group]) or list(
+      dict.fromkeys(field.partition('.')[0] for field in known))
+  return f'{name}: no such config field (expected one of {", ".join(fields)})'
 
 
 def leaves(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
@@ -62,9 +73,7 @@ def check_config(config: ml_collections.ConfigDict, reference: ml_collections.Co
   given, expected = leaves(config), leaves(reference)
   for name, value in given.items():
     if name not in expected:
-      group = name.rpartition('.')[0]
-      known = sorted(k for k in expected if k.rpartition('.')[0] == group)
-      raise ConfigError(f'{name}: no such config field (expected one of {", ".join(known)})')
+      raise ConfigError(_unknown_field(name, expected))
     if not _has_kind(value, expected[name]):
       raise ConfigError(f'{name}: expected {_kind(expected[name])}, got {value!r}')
   _check_values(config, mode)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import nibabel as nib
 import numpy as np
 import orbax.checkpoint as ocp
@@ -172,6 +173,9 @@ BAD_FLAGS = {
                          'train.batch_size: expected a multiple of the device count 4, got 6'),
     'labels to train': ('--labels=labels/', '--labels scores the masks of --mode=predict'),
     'stray argument': ('labels/', "unexpected arguments ['labels/']: every argument is a flag"),
+    'element of a sequence': ('--config.model.features.0=3',
+                              '--config.model.features.0: model.features is set whole, e.g. '
+                              '--config.model.features="(32, 64, 128, 256, 512)"'),
 }
 # config_check's other start-up checks, called as main.py calls it (a process each would add ~6 s).
 BAD_VALUES = {
@@ -229,6 +233,14 @@ def test_an_unknown_field_is_told_with_the_fields_of_its_group_or_the_top():
     message = config_check.override_error(KeyError('unknown'), [override], reference)
     assert message.startswith(f'{override.partition("=")[0]}: no such config field (expected one of ')
     assert expected in message
+  message = config_check.override_error(KeyError('unknown'), ['--config.optim=1'], reference)
+  assert message == ('--config.optim: a group of fields, set one of them '
+                     '(optim.lr, optim.momentum, optim.schedule, optim.weight_decay)')
+  # A config file's misspelt group: the groups there are.
+  config = tiny.get_config()
+  config.trian = ml_collections.ConfigDict({'num_steps': 1})
+  with pytest.raises(ConfigError, match=r'^trian.num_steps: no such config field \(expected one of check'):
+    config_check.check_config(config, reference, 'train')
 
 
 @pytest.mark.parametrize('name', BAD_FLAGS)
