@@ -152,9 +152,9 @@ def main(argv):
                         (f'; {FLAGS.output} is a folder' if FLAGS.output else ''))
     if FLAGS.mode == 'export' and (file := config_check.file_in_the_way(os.path.dirname(
         os.path.abspath(FLAGS.output)))):
-      raise ConfigError(f'--output={FLAGS.output}: {file} is a file; expected a folder (made if missing)')
+      raise ConfigError(f'--output={FLAGS.output}: {file}; expected a folder (made if missing)')
     if not model_file and (file := config_check.file_in_the_way(workdir)):
-      raise ConfigError(f'--workdir={workdir}: {file} is a file; expected a folder (made if missing)')
+      raise ConfigError(f'--workdir={workdir}: {file}; expected a folder (made if missing)')
     logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
                  jax.devices())
     if FLAGS.mode == 'preprocess':

@@ -177,8 +177,7 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
                       f"or '' for the built-in phantom, got {data.root!r}, which is not a directory")
   for name in ('data.cache_dir', 'data.phantom_dir'):
     if reads_data and fields[name] and (file := file_in_the_way(fields[name])):
-      raise ConfigError(f"{name}: expected a folder (made if missing) or '', got {fields[name]!r}: {file} is "
-                        'a file')
+      raise ConfigError(f"{name}: expected a folder (made if missing) or '', got {fields[name]!r}: {file}")
   if reads_data and data.split_file and not pathlib.Path(data.split_file).is_file():
     raise ConfigError(f"data.split_file: expected a JSON file or '', got {data.split_file!r}, which is not a "
                       'file')
@@ -201,12 +200,14 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
 
 
 def file_in_the_way(folder: str | pathlib.Path) -> str | None:
-  """The nearest path that exists at or above `folder` where it is not a folder (a file where a folder is to
-  be made), else None."""
+  """What stops `folder` from being made, as '<path> is a file' or '<path> is a broken link (to ...)': the
+  nearest path at or above it that is there but not a folder; None where nothing is in the way."""
   path = os.path.abspath(folder)
-  while not os.path.exists(path):
+  while not os.path.lexists(path):
     path = os.path.dirname(path)
-  return None if os.path.isdir(path) else path
+  if os.path.islink(path) and not os.path.exists(path):
+    return f'{path} is a broken link (to {os.readlink(path)})'
+  return None if os.path.isdir(path) else f'{path} is a file'
 
 
 def trace_model_loss(config: ml_collections.ConfigDict, image_HW: tuple[int, int]) -> None:

@@ -262,6 +262,15 @@ def test_bad_config_values_are_one_line_config_errors(name):
   assert '\n' not in str(error.value)
 
 
+def test_what_is_in_the_way_of_a_folder_is_named(tmp_path):
+  (tmp_path / 'notes.txt').write_text('')
+  (tmp_path / 'old run').symlink_to(tmp_path / 'unmounted')
+  assert config_check.file_in_the_way(tmp_path / 'new' / 'run') is None
+  assert config_check.file_in_the_way(tmp_path / 'notes.txt' / 'run') == f'{tmp_path}/notes.txt is a file'
+  assert config_check.file_in_the_way(tmp_path / 'old run' / 'slices') == (
+      f'{tmp_path}/old run is a broken link (to {tmp_path}/unmounted)')
+
+
 def test_a_file_given_for_a_folder_or_a_folder_for_a_file_is_one_line(phantom_dir, tmp_path):
   notes = tmp_path / 'notes.txt'
   notes.write_text('')
