@@ -25,7 +25,17 @@ from absl import logging
 from flax import nnx
 from scipy import ndimage
 
-from easunet_jax import evaluate, figures, measures, metrics, models, parallel, pretrained, steps
+from easunet_jax import (
+  config_check,
+  evaluate,
+  figures,
+  measures,
+  metrics,
+  models,
+  parallel,
+  pretrained,
+  steps,
+)
 from easunet_jax.data import dicom, pipeline, preprocess, volumes
 from easunet_jax.errors import ConfigError, DataError
 from easunet_jax.progress import Progress
@@ -766,12 +776,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   refused, unscored = {}, {}  # {scan of a batch: why its files, or its label map's, fail the checks}
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
     paths = _report_paths(target, batch)
-    outputs = [target, paths['map']] + ([paths['probabilities']] if save_probabilities else [])
+    outputs = [target, paths['map'], paths['slices'], *([paths['result']] if batch else []),
+               *([paths['probabilities']] if save_probabilities else [])]
     for written in outputs:
       if written.resolve() in inputs:
         raise DataError(f'{written}: the output would overwrite an input scan or label map; choose another '
                         '--output')
-      try:  # a folder that cannot be made or written to fails now, not after the segmentation
+      # A folder that cannot be made or written to fails now, not after the segmentation.
+      if why := config_check.file_in_the_way(written.parent):
+        raise DataError(f'{written.parent}: cannot make the output folder: {why}')
+      try:
         written.parent.mkdir(parents=True, exist_ok=True)
       except OSError as e:
         raise DataError(f'{written.parent}: cannot make the output folder ({e.strerror})') from None

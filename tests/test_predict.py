@@ -358,8 +358,14 @@ def test_a_scan_is_never_overwritten(run, tmp_path):
                   scans / 'knee.nii.gz')
   assert scan.read_bytes() == canonical.read_bytes() and thickness.read_bytes() == canonical.read_bytes()
   # Refused before segmenting: an output folder that a file blocks, and a mask named as another format.
-  _one_line_error(DataError, f'{scan}: cannot make the output folder', _config(), workdir, scan,
-                  scan / 'mask.nii.gz')
+  _one_line_error(DataError, f'{scan}: cannot make the output folder: {scan} is a file', _config(), workdir,
+                  scan, scan / 'mask.nii.gz')
+  blocked = tmp_path / 'out' / 'slices'  # where a batch's slice figures go
+  blocked.parent.mkdir()
+  blocked.write_text('mine')
+  _one_line_error(DataError, f'{blocked}: cannot make the output folder: {blocked} is a file', _config(),
+                  workdir, scans, blocked.parent)
+  assert not (blocked.parent / 'knee.nii.gz').exists()
   _one_line_error(DataError, 'masks are written as NIfTI', _config(), workdir, scan, tmp_path / 'mask.mha')
   assert not (tmp_path / 'mask.mha').exists()
 
