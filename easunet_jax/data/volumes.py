@@ -514,9 +514,12 @@ def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[n
   image, spacing = read_canonical(nii, source)
   if image.dtype.names:
     raise DataError(f'{source}: {"/".join(image.dtype.names)} colour voxels, expected a greyscale scan')
-  image = (np.abs(image) if np.iscomplexobj(image) else image).astype(np.float32, copy=False)
+  image = np.abs(image) if np.iscomplexobj(image) else image
   if not np.isfinite(image).all():
     raise DataError(f'{source}: image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite voxels')
+  if (peak := np.abs(image).max()) > np.finfo(np.float32).max:  # float64 voxels that float32 cannot hold
+    raise DataError(f'{source}: image values reach {peak:.3g}, beyond float32 (3.4e38); rescale the scan')
+  image = image.astype(np.float32, copy=False)
   if image.min() == image.max():
     raise DataError(f'{source}: image is constant ({image.flat[0]}), nothing to segment')
   return image, spacing
