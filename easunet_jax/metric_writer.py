@@ -39,7 +39,10 @@ class MetricWriter:
       kept = [row for row in read_rows(path) if row['step'] <= start] if path.exists() else []
       path.write_text(''.join(json.dumps(row) + '\n' for row in kept))
       self._jsonl = open(path, 'a')  # noqa: SIM115 - appended to for the whole run, closed by close()
-      self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'), purge_step=start + 1)
+      # tensorboardX names an event file by the second it opens: the start step keeps a run resumed within
+      # that second from overwriting the file of the steps before it.
+      self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'), purge_step=start + 1,
+                                            filename_suffix=f'.from_step_{start}')
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:

@@ -3,6 +3,7 @@ dropped, and TensorBoard is told to hide the killed run's events past it."""
 
 import json
 import struct
+import time
 
 from tensorboardX.proto import event_pb2
 
@@ -19,16 +20,16 @@ def _events(path) -> list[event_pb2.Event]:
   return events
 
 
-def test_a_resumed_log_drops_later_rows_and_a_cut_row_and_purges_later_events(tmp_path):
+def test_a_resumed_log_drops_later_rows_and_a_cut_row_and_purges_later_events(tmp_path, monkeypatch):
   writer = MetricWriter(tmp_path)
   for step in (1, 2, 3):
     writer.write_scalars(step, {'train/loss': float(step)})
   writer.close()
   with open(tmp_path / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 4, "train/lo')  # the kill came mid-write
-  # tensorboardX names an event file by the second it opens; a resumed run starts seconds later.
   (first,) = (tmp_path / 'tensorboard').iterdir()
-  first = first.rename(first.with_name('events.out.tfevents.0000000001.killed'))
+  # tensorboardX names an event file by the second it opens: the resumed run opens its file in the same one.
+  monkeypatch.setattr(time, 'time', lambda: float(first.name.split('.')[3]))
   writer = MetricWriter(tmp_path, start=2)  # resumed from the checkpoint of step 2
   writer.write_scalars(3, {'train/loss': 30.0})
   writer.close()
