@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import jax
 import tensorboardX
 
+from easunet_jax import atomic
+
 
 def read_rows(path: pathlib.Path) -> list[dict]:
   """The rows of a metrics.jsonl, each with its 'step'; a row that does not parse (written in part by a
@@ -37,7 +39,7 @@ class MetricWriter:
       workdir.mkdir(parents=True, exist_ok=True)
       path = workdir / 'metrics.jsonl'
       kept = [row for row in read_rows(path) if row['step'] <= start] if path.exists() else []
-      path.write_text(''.join(json.dumps(row) + '\n' for row in kept))
+      atomic.write_text(path, ''.join(json.dumps(row) + '\n' for row in kept))  # a kill here loses none
       self._jsonl = open(path, 'a')  # noqa: SIM115 - appended to for the whole run, closed by close()
       # tensorboardX names an event file by the second it opens: the start step keeps a run resumed within
       # that second from overwriting the file of the steps before it.

@@ -26,6 +26,7 @@ from flax import nnx
 from scipy import ndimage
 
 from easunet_jax import (
+  atomic,
   config_check,
   evaluate,
   figures,
@@ -653,7 +654,8 @@ def _score_lines(scored: Sequence[dict]) -> list[str]:
 def write_scores(scored: Sequence[dict], path: pathlib.Path) -> None:
   """One CSV row per scan scored against labels and plate: its `evaluate.label_scores`."""
   columns = list(scored[0]['scores']['fc'])
-  with open(path, 'w', newline='', encoding='utf-8', errors='surrogateescape') as f:
+  with atomic.replaced(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8',
+                                         errors='surrogateescape') as f:
     writer = csv.writer(f)
     writer.writerow(['scan', 'mask', 'labels', 'plate', *columns])
     writer.writerows([r['input'], r['output'], r['labels'], plate, *(f'{row[c]:.6g}' for c in columns)]
@@ -667,7 +669,8 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
   csv_path, markdown_path = paths['measures'], paths['report']
   columns = list(results[0]['regions']['fc'])
   # File names in another encoding than UTF-8 (held as surrogates) are written back as their bytes.
-  with open(csv_path, 'w', newline='', encoding='utf-8', errors='surrogateescape') as f:
+  with atomic.replaced(csv_path) as tmp, open(tmp, 'w', newline='', encoding='utf-8',
+                                             errors='surrogateescape') as f:
     writer = csv.writer(f)
     writer.writerow(['scan', 'mask', 'laterality', 'region', *columns])
     writer.writerows([r['input'], r['output'], SIDES.get(r['laterality'], 'unknown'), region,
@@ -705,7 +708,7 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
     png, slices = pathlib.Path(r['thickness_png']), pathlib.Path(r['slices_png'])
     lines += ['', f'![thickness map of {png.name}]({png.relative_to(markdown_path.parent)})', '',
               f'![sagittal slices of {slices.name}]({slices.relative_to(markdown_path.parent)})', '']
-  markdown_path.write_text('\n'.join(lines), encoding='utf-8', errors='surrogateescape')
+  atomic.write_text(markdown_path, '\n'.join(lines), encoding='utf-8', errors='surrogateescape')
 
 
 def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
@@ -774,6 +777,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   label_files = _label_files(pairs, labels, batch) if labels else {}
   inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
   refused, unscored = {}, {}  # {scan of a batch: why its files, or its label map's, fail the checks}
+  folders = set()
   for source, target in pairs:  # checks first: a bad file fails before the checkpoint is restored
     paths = _report_paths(target, batch)
     outputs = [target, paths['map'], paths['slices'], *([paths['result']] if batch else []),
@@ -791,6 +795,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         raise DataError(f'{written.parent}: cannot make the output folder ({e.strerror})') from None
       if not os.access(written.parent, os.W_OK):
         raise DataError(f'{written.parent}: the output folder is not writable')
+      folders.add(written.parent)
     try:
       _check_files(source, label_files.get(source), series)
     except DataError as e:
@@ -807,6 +812,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         del label_files[source]
       else:  # the batch goes on without it, and ends in an error
         refused[source] = error
+  for folder in folders:  # the half-written files of a killed run
+    atomic.remove_left_by_dead(folder)
   if refused and len(refused) == len(pairs):
     raise DataError(f'all {len(pairs)} scans fail their checks, e.g. {next(iter(refused.values()))}')
   for error in [*refused.values(), *unscored.values()]:
@@ -877,9 +884,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       continue
     if batch:  # written last: a scan is done when its result is (what --continue_prediction reads)
       record = _report_paths(target, batch)['result']
-      record.parent.mkdir(exist_ok=True)
-      record.write_text(json.dumps({'model': str(model_file or workdir), 'step': step, 'settings': settings,
-                                    'source': _source_stamp(source), 'result': result}, default=float))
+      atomic.write_text(record, json.dumps({'model': str(model_file or workdir), 'step': step,
+                                           'settings': settings, 'source': _source_stamp(source),
+                                           'result': result}, default=float))
       # The reports so far: a batch stopped part way keeps the measures of its done and kept scans.
       write_reports(reported(), reports)
     progress.update()

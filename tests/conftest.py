@@ -7,6 +7,7 @@ whole on one worker, so its fixtures are made once; the modules that read one of
 runs share a worker, so it trains once."""
 
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -56,6 +57,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
       return RUN_READERS.get(module, module)
 
   return Scheduling(config, log)
+
+
+@pytest.fixture
+def killed_mid_write(monkeypatch):
+  """`pathlib.Path.write_text` killed half way: half the text written, then KeyboardInterrupt."""
+  def write_half(self, text, **kwargs):
+    pathlib.Path.write_bytes(self, text[:len(text) // 2].encode())
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(pathlib.Path, 'write_text', write_half)
 
 
 @pytest.fixture(scope='session')

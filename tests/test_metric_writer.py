@@ -5,6 +5,7 @@ import json
 import struct
 import time
 
+import pytest
 from tensorboardX.proto import event_pb2
 
 from easunet_jax.metric_writer import MetricWriter
@@ -40,3 +41,15 @@ def test_a_resumed_log_drops_later_rows_and_a_cut_row_and_purges_later_events(tm
   # TensorBoard hides the events of step 3 on that earlier files hold: the session restarts at step 3.
   starts = [e.step for e in _events(resumed) if e.session_log.status == event_pb2.SessionLog.START]
   assert starts == [3]
+
+
+def test_a_kill_while_a_resumed_run_rewrites_the_log_loses_no_row(tmp_path, request):
+  writer = MetricWriter(tmp_path)
+  for step in (1, 2, 3):
+    writer.write_scalars(step, {'train/loss': float(step)})
+  writer.close()
+  before = (tmp_path / 'metrics.jsonl').read_text()
+  request.getfixturevalue('killed_mid_write')
+  with pytest.raises(KeyboardInterrupt):
+    MetricWriter(tmp_path, start=3)
+  assert (tmp_path / 'metrics.jsonl').read_text() == before

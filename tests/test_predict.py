@@ -391,7 +391,11 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   written = {name: (out / name).stat().st_mtime_ns for name in ('a.nii.gz', 'c.nii.gz')}
 
   (scans / 'b.nii.gz').write_bytes(canonical.read_bytes())  # mended: a rerun segments b alone
+  left = [out / '.tmp999999999.b.nii.gz', out / 'measures' / '.tmp999999999.b.json']  # by a killed run
+  for path in left:
+    path.write_bytes(b'half')
   results = predict.predict(_config(), workdir, scans, out, continue_prediction=True)
+  assert not any(path.exists() for path in left)
   assert [pathlib.Path(r['output']).name for r in results] == ['a.nii.gz', 'b.nii.gz', 'c.nii.gz']
   assert {name: (out / name).stat().st_mtime_ns for name in written} == written
   for region, row in results[0]['regions'].items():  # a's from its file, b's segmented: the same image

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -79,6 +80,28 @@ def test_reuse_and_rebuild_on_changed_setting(store, data_cfg, caplog):
     preprocess.ensure_slice_store(data_cfg, store, seed=1, multiple=16)
   assert 'changed: seed, train_slices)' in caplog.text
   preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)  # back to the module's store
+
+
+def test_a_kill_while_a_stale_store_is_deleted_leaves_the_new_store_whole(data_cfg, tmp_path, monkeypatch):
+  store = preprocess.ensure_slice_store(data_cfg, tmp_path / 'slices', seed=0, multiple=16)
+  changed = data_cfg.copy_and_resolve_references()
+  changed.train_slices = 'all'
+  remove = shutil.rmtree
+
+  def killed_deleting_the_stale_store(path, ignore_errors=False):
+    if '.tmp' in pathlib.Path(path).name:  # the new build's folder, or nothing
+      return remove(path, ignore_errors=ignore_errors)
+    (pathlib.Path(path) / 'fingerprint.json').unlink()  # the first file deleted, then the kill
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(shutil, 'rmtree', killed_deleting_the_stale_store)
+  with pytest.raises(KeyboardInterrupt):
+    preprocess.ensure_slice_store(changed, store, seed=0, multiple=16)
+  monkeypatch.undo()
+  built = (store / 'fingerprint.json').stat().st_mtime_ns  # the new store, whole
+  assert preprocess.ensure_slice_store(changed, store, seed=0, multiple=16) == store
+  assert (store / 'fingerprint.json').stat().st_mtime_ns == built  # reused
+  assert len(np.load(store / 'train' / 'labels.npy', mmap_mode='r')) == 3 * SHAPE[0]
 
 
 def test_a_metaimage_data_file_rewritten_in_place_makes_the_store_stale(data_cfg, tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 from absl import app, flags
 from scipy import ndimage
 
+from easunet_jax import atomic
 from easunet_jax.data import volumes
 from easunet_jax.data.workers import cpus, map_in_order
 
@@ -249,7 +250,7 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
   recorded = json.loads(record.read_text()) if record.exists() and len(todo) < num else made_with
   if len(todo) == num:  # no earlier subjects (where some are and no record, how they were made is unknown)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(made_with))
+    atomic.write_text(record, json.dumps(made_with))
   # Compared on the fields both give: a record of an earlier version names no generator.
   elif any(made_with.get(k, v) != v for k, v in recorded.items()):
     logging.warning('%s holds phantoms made with %s, not %s: its existing subjects are used as they are '

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from easunet_jax import atomic
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
 
@@ -92,7 +93,7 @@ def _median_pixel_mm(split_dir: pathlib.Path) -> list[float]:
 def record_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path) -> None:
   """Writes <workdir>/trained_on.json (`TRAINED_ON`) of the store a training starts on."""
   splits = json.loads((store_dir / 'splits.json').read_text())
-  (workdir / TRAINED_ON).write_text(json.dumps(
+  atomic.write_text(workdir / TRAINED_ON, json.dumps(
       {'splits': splits, 'pixel_mm': _median_pixel_mm(store_dir / 'train')}, indent=1))
 
 

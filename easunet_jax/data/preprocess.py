@@ -23,7 +23,7 @@ import ml_collections
 import nibabel as nib
 import numpy as np
 
-from easunet_jax import models
+from easunet_jax import atomic, models
 from easunet_jax.data import knee, phantom, synth, volumes
 from easunet_jax.data.workers import cpus, map_in_order
 from easunet_jax.errors import ConfigError, DataError
@@ -287,17 +287,12 @@ def _gather(out: pathlib.Path, parts: Sequence[str], num_rows: int, kinds: Seque
 
 
 def _remove_stale_builds(cache_dir: pathlib.Path) -> None:
-  """Removes the build folders of killed runs (<cache_dir>.tmp<pid> whose process is gone)."""
-  for tmp in cache_dir.parent.glob(f'{cache_dir.name}.tmp*'):
-    pid = tmp.name[len(cache_dir.name) + 4:]
-    if not pid.isdigit():
-      continue
-    try:
-      os.kill(int(pid), 0)
-    except ProcessLookupError:
-      shutil.rmtree(tmp, ignore_errors=True)
-    except PermissionError:  # alive, another user's
-      pass
+  """Removes what killed runs left beside the store: their builds (<cache_dir>.tmp<pid>) and the stores
+  they were replacing (<cache_dir>.old<pid>), where the process is gone."""
+  for left in cache_dir.parent.glob(f'{cache_dir.name}.*'):
+    kind, pid = left.name[len(cache_dir.name) + 1:][:3], left.name[len(cache_dir.name) + 4:]
+    if kind in ('tmp', 'old') and pid.isdigit() and atomic.process_gone(int(pid)):
+      shutil.rmtree(left, ignore_errors=True)
 
 
 def _no_usable_case(root: str, total: int) -> DataError:
@@ -408,8 +403,13 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     (tmp / 'splits.json').write_text(json.dumps(splits, indent=1))
     (tmp / 'skipped.json').write_text(json.dumps(skipped, indent=1))
     (tmp / 'fingerprint.json').write_text(json.dumps(fingerprint))
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    # The stale store is moved aside before it is deleted, not deleted in place: a kill part way through
+    # the deletion would leave half a store where the next run looks for one.
+    aside = cache_dir.with_name(f'{cache_dir.name}.old{os.getpid()}')
+    if cache_dir.exists():
+      cache_dir.rename(aside)
     tmp.rename(cache_dir)
+    shutil.rmtree(aside, ignore_errors=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   rows = {n: len(json.loads((cache_dir / n / 'index.json').read_text())) for n in SPLITS}
@@ -438,7 +438,5 @@ def write_split_file(config: ml_collections.ConfigDict, workdir: str | pathlib.P
          if case.label is not None and (case.image is not None or config.data.synth)]
   if not ids:
     raise DataError(f'{root}: no labelled case to split')
-  tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
-  tmp.write_text(json.dumps(split_cases(ids, config.data.split, config.seed), indent=1))
-  tmp.rename(path)
+  atomic.write_text(path, json.dumps(split_cases(ids, config.data.split, config.seed), indent=1))
   logging.info('split written to %s', path)

@@ -6,7 +6,6 @@ import collections
 import contextlib
 import gzip
 import json
-import os
 import pathlib
 import re
 import zlib
@@ -17,6 +16,7 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 
+from easunet_jax import atomic
 from easunet_jax.errors import ConfigError, DataError
 
 _AFFINE_TOL_MM = 1e-3  # image and label affines may differ by rounding only
@@ -619,13 +619,7 @@ def save_volume(path: str | pathlib.Path, array: np.ndarray, affine: np.ndarray)
 
 
 def write_nifti(nii: nib.Nifti1Image, path: str | pathlib.Path) -> None:
-  """`nib.save` under a hidden temporary name that keeps the extension (nibabel picks the format from it),
-  then a rename: a crash or a stop leaves the earlier file or none, never half a file. Makes the folder."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.tmp{os.getpid()}.{path.name}')
-  try:
+  """`nib.save` through `atomic.replaced`: a crash or a stop leaves the earlier file or none, never half a
+  file. Makes the folder."""
+  with atomic.replaced(path) as tmp:
     nib.save(nii, tmp)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
