@@ -1,5 +1,5 @@
 """Single-file models: a trained checkpoint exported as one .npz (evaluation weights in float16, batch
-statistics in float32, the config and what the model was trained on and measured on), and the shipped
+statistics in float32, the config, the step and the in-plane pixel size it was trained at), and the shipped
 model, `weights/eas_knee.npz`, that `--mode=predict` uses when no --config is given: the recipe
 `configs/eas.py:knee`, then fine-tuning stages from it; the README's "The shipped model" gives the
 commands that regenerate it.
@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from configs import default
-from easunet_jax import checkpoints, parallel, steps
+from easunet_jax import atomic, checkpoints, parallel, steps
 from easunet_jax.data import pipeline
 from easunet_jax.errors import CheckpointError
 from easunet_jax.models import abstract_model
@@ -31,26 +31,20 @@ def _named_leaves(tree) -> dict[str, jax.Array]:
   return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, output: str | pathlib.Path,
-           about: dict | None = None) -> dict:
-  """Writes the checkpoint eval.checkpoint names in `workdir` to `output` (.npz); returns its metadata:
-  the step, the config, the in-plane pixel size it was trained at and `about` (free text fields)."""
+def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, output: str | pathlib.Path
+           ) -> dict:
+  """Writes the checkpoint eval.checkpoint names in `workdir` to `output` (.npz), whole or not at all;
+  returns its metadata: the step, the config and the in-plane pixel size it was trained at."""
   workdir = pathlib.Path(workdir)
   step, _, state = steps.restore_for_inference(config, workdir, parallel.make_mesh())
   pixel = list(pipeline.trained_pixel_mm(config, workdir))
-  meta = {'step': int(step), 'config': config.to_dict(), 'pixel_mm': pixel, **(about or {})}
+  meta = {'step': int(step), 'config': config.to_dict(), 'pixel_mm': pixel}
   arrays = {f'params{k}': np.asarray(v, np.float16) for k, v in _named_leaves(state.params).items()}
   arrays |= {f'batch_stats{k}': np.asarray(v, np.float32)
              for k, v in _named_leaves(state.batch_stats).items()}
-  output = pathlib.Path(output)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  tmp = output.with_name(f'.tmp.{output.name}')
-  try:  # through a file object: savez would add .npz to a name without it
-    with open(tmp, 'wb') as f:
-      np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
-    tmp.rename(output)
-  finally:
-    tmp.unlink(missing_ok=True)
+  # Through a file object: savez would add .npz to a name without it.
+  with atomic.replaced(output) as tmp, open(tmp, 'wb') as f:
+    np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
   return meta
 
 

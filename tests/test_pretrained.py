@@ -30,8 +30,8 @@ def workdir(tmp_path_factory):
 
 def test_export_then_load_gives_the_same_forward_pass(workdir, tmp_path):
   config = tiny.get_config()
-  meta = pretrained.export(config, workdir, tmp_path / 'model.npz', {'trained_on': 'nothing'})
-  assert meta['step'] == 3 and meta['pixel_mm'] == [0.5, 0.6] and meta['trained_on'] == 'nothing'
+  meta = pretrained.export(config, workdir, tmp_path / 'model.npz')
+  assert meta['step'] == 3 and meta['pixel_mm'] == [0.5, 0.6] and meta['config'] == config.to_dict()
   loaded = pretrained.config_of(tmp_path / 'model.npz')
   assert tuple(loaded.predict.spacing) == (0.5, 0.6)
   assert tuple(loaded.model.features) == tuple(config.model.features)
