@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = m = ml_collections.ConfigDict()
   m.name = 'eas_unet'  # network: 'eas_unet' | 'unet' | 'unetpp' (U-Net++) | 'attention_unet'
   m.features = (32, 64, 128, 256, 512)  # widths of the five encoder stages
-  m.num_classes = 3  # background, femoral cartilage, tibial cartilage
+  m.num_classes = 3  # background, femoral cartilage, tibial cartilage (the only classes scored: fixed)
   m.aspp_rates = (6, 12, 18)  # dilations of the EAS module's atrous branches
   # 'auto' | 'native' (C++, CPU training) | 'shift' (shifted multiply-adds) | 'xla' | 'pallas' (GPU)
   m.depthwise_impl = 'auto'

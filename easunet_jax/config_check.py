@@ -162,6 +162,9 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
   if mode == 'train' and config.train.init_weights and not pathlib.Path(config.train.init_weights).is_file():
     raise ConfigError(f'train.init_weights: expected a model file (--mode=export), got '
                       f'{config.train.init_weights!r}, which is not a file')
+  if config.model.num_classes != 3:  # validation, evaluation, predict and the reports score FC and TC
+    raise ConfigError(f'model.num_classes: expected 3 (background, femoral and tibial cartilage), got '
+                      f'{config.model.num_classes}')
   data = config.data
   classes = config.model.num_classes
   if any(len(pair) != 2 or not 0 <= pair[0] <= 255 or not 0 <= pair[1] < classes for pair in data.label_map

@@ -213,6 +213,7 @@ BAD_VALUES = {
     'negative side weight': ({'loss.side_weights': (0.5, -1.0, 0.1)},
                              'loss.side_weights: expected non-negative numbers'),
     'zero Dice smoothing': ({'loss.dice_eps': 0.0}, 'loss.dice_eps: expected a positive number'),
+    'a fourth class': ({'model.num_classes': 4}, 'model.num_classes: expected 3 (background, femoral and'),
     'one-number pixel': ({'predict.spacing': (0.5,)}, 'predict.spacing: expected the in-plane pixel in mm'),
     'negative pixel': ({'predict.spacing': (-1.0, -1.0)}, 'predict.spacing: expected the in-plane pixel'),
     'phantom voxel of two sizes': ({'data.phantom_spacing': (2.0, 2.0)},
