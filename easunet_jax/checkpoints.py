@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from configs import default
-from easunet_jax.errors import CheckpointError, ConfigError
+from easunet_jax.errors import CheckpointError, ConfigError, one_line
 
 BEST_METRIC = 'val/dice_mean'
 # Fields of the `model` group that choose only how the network is computed, not its weights: a checkpoint
@@ -237,7 +237,7 @@ def _unreadable_as_one_line(path: pathlib.Path, way_out: str = '') -> Iterator[N
     e = error
     for _ in range(8):  # orbax wraps tensorstore's error, which says what is wrong, in a generic one
       e = e.__cause__ or e
-    reason = ' '.join(str(e).split()) or type(e).__name__
+    reason = one_line(e)
     if 'RESOURCE_EXHAUSTED' in reason:  # out of memory restoring it: the files may well be whole
       raise
     reason = reason if len(reason) <= 280 else reason[:280] + '...'  # tensorstore's run to pages

@@ -13,7 +13,7 @@ import ml_collections
 from flax import nnx
 
 from easunet_jax import models, steps
-from easunet_jax.errors import ConfigError
+from easunet_jax.errors import ConfigError, one_line
 
 # Slices of this many strides trace the step for real data: their slice store pads slices to a multiple.
 _TRACE_STRIDES = 16
@@ -199,7 +199,7 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     try:
       trace_model_loss(config, image_HW)
     except (ValueError, TypeError) as e:  # jax's shape errors, e.g. of widths the network cannot join
-      raise ConfigError(' '.join(str(e).split())) from e
+      raise ConfigError(one_line(e)) from e
 
 
 def file_in_the_way(folder: str | pathlib.Path) -> str | None:

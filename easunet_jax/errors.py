@@ -27,8 +27,14 @@ class CheckpointError(UserError):
   """No checkpoint where one is needed, a corrupt one, or one trained with another model."""
 
 
+def one_line(error: BaseException) -> str:
+  """`error`'s message on one line (its whitespace runs made single spaces), or its type's name where it
+  has none."""
+  return ' '.join(str(error).split()) or type(error).__name__
+
+
 def exit_with(error: UserError) -> NoReturn:
   """Ends a command line program (main.py, the sweep) on a user error: 'error: <its message>' in one line on
   stderr, and its exit code."""
-  print(f'error: {" ".join(str(error).split())}', file=sys.stderr)
+  print(f'error: {one_line(error)}', file=sys.stderr)
   sys.exit(error.exit_code)

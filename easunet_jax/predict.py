@@ -38,7 +38,7 @@ from easunet_jax import (
   steps,
 )
 from easunet_jax.data import dicom, pipeline, preprocess, volumes
-from easunet_jax.errors import ConfigError, DataError
+from easunet_jax.errors import ConfigError, DataError, one_line
 from easunet_jax.progress import Progress
 
 # Written value of each training class (background, FC, TC).
@@ -801,7 +801,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     except DataError as e:
       if not batch:
         raise
-      error, label_only = ' '.join(str(e).split()), source in label_files
+      error, label_only = one_line(e), source in label_files
       if label_only:  # the scan's own files read again, alone: is its label map the bad file?
         try:
           _check_files(source, None, series)
@@ -875,7 +875,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       if not batch:
         raise
       failed.add(source)  # the others go on; the batch ends in an error naming this one
-      logging.error('%s', ' '.join(str(e).split()))
+      logging.error('%s', one_line(e))
       if target not in kept:
         progress.update()
       continue
@@ -916,7 +916,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
 
 def _not_scored(error: DataError, source: pathlib.Path) -> str:
   """Why a batch scan goes unscored: its label map's error, on one line."""
-  return f"{' '.join(str(error).split())}: {source.name} is not scored"
+  return f'{one_line(error)}: {source.name} is not scored'
 
 
 def _mean_std(values: Sequence[float]) -> str:

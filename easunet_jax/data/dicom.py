@@ -21,7 +21,7 @@ import pydicom
 from absl import logging
 from pydicom.errors import InvalidDicomError
 
-from easunet_jax.errors import DataError
+from easunet_jax.errors import DataError, one_line
 
 # DICOM's patient x and y axes point left and posterior, NIfTI's right and anterior.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -81,10 +81,6 @@ class Series(NamedTuple):
   def name(self) -> str:
     """What --series takes: the SeriesInstanceUID, with ':<echo>' for one echo of a multi-echo series."""
     return self.uid if self.echo is None else f'{self.uid}:{self.echo}'
-
-
-def _one_line(e: BaseException) -> str:
-  return ' '.join(str(e).split()) or type(e).__name__
 
 
 def is_dicom_file(path: pathlib.Path) -> bool:
@@ -255,7 +251,7 @@ def _scan(folder: pathlib.Path) -> _Scan:
       skipped.setdefault(uid, []).append(str(e))
       continue
     except _READ_ERRORS as e:
-      skipped.setdefault(uid, []).append(f'{path}: DICOM header unreadable ({_one_line(e)})')
+      skipped.setdefault(uid, []).append(f'{path}: DICOM header unreadable ({one_line(e)})')
       continue
     series.setdefault(uid, []).extend(members)
   groups: dict[tuple[str, int | None], Members] = {}
@@ -381,7 +377,7 @@ def _pixels(path: pathlib.Path, multi_frame: bool) -> np.ndarray:
     pixels = ds.pixel_array
     shape = (int(ds.Rows), int(ds.Columns))
   except (*_READ_ERRORS, AttributeError, NotImplementedError, RuntimeError) as e:
-    raise DataError(f'{path}: pixel data unreadable ({_one_line(e)})') from None
+    raise DataError(f'{path}: pixel data unreadable ({one_line(e)})') from None
   if multi_frame:
     shape = (_int(ds, 'NumberOfFrames') or 1, *shape)
   if pixels.size != np.prod(shape):
@@ -402,7 +398,7 @@ def _volume(members: Members) -> np.ndarray:
       slope, intercept = (float(header.get(keyword) or default)
                           for keyword, default in (('RescaleSlope', 1.0), ('RescaleIntercept', 0.0)))
     except (TypeError, ValueError) as e:
-      raise DataError(f'{slice_}: unreadable RescaleSlope or RescaleIntercept ({_one_line(e)})') from None
+      raise DataError(f'{slice_}: unreadable RescaleSlope or RescaleIntercept ({one_line(e)})') from None
     slices.append((pixels.T.astype(np.float64) * slope + intercept).astype(np.float32))
   return np.stack(slices, axis=-1)
 

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from easunet_jax import atomic
-from easunet_jax.errors import ConfigError, DataError
+from easunet_jax.errors import ConfigError, DataError, one_line
 
 _AFFINE_TOL_MM = 1e-3  # image and label affines may differ by rounding only
 # OAI-ZIB's femur and tibia: expected in label files and sent to background by the usual label maps.
@@ -78,10 +78,6 @@ def volume_stem(name: str) -> str:
     if name.lower().endswith(suffix):
       return name[:-len(suffix)]
   return ''
-
-
-def _one_line(e: BaseException) -> str:
-  return ' '.join(str(e).split()) or type(e).__name__
 
 
 def label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
@@ -296,7 +292,7 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
   except KeyError as e:
     raise DataError(f'{path}: not a readable MetaImage file (no {e.args[0]} field)') from None
   except (OSError, ValueError, zlib.error) as e:
-    raise DataError(f'{path}: not a readable MetaImage file ({_one_line(e)})') from None
+    raise DataError(f'{path}: not a readable MetaImage file ({one_line(e)})') from None
   _check_affine(path, affine)
   return nib.Nifti1Image(voxels, _LPS_TO_RAS @ affine, dtype=dtype)  # the dtype: nibabel refuses int64 else
 
@@ -353,7 +349,7 @@ def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
   except KeyError as e:
     raise DataError(f'{path}: not a readable NRRD file (no {e.args[0]} field)') from None
   except (OSError, ValueError, EOFError, zlib.error) as e:
-    raise DataError(f'{path}: not a readable NRRD file ({_one_line(e)})') from None
+    raise DataError(f'{path}: not a readable NRRD file ({one_line(e)})') from None
   _check_affine(path, affine)
   if len(sizes) > 3:  # axes of length 1 that are not spatial (a vector or list axis of one component)
     voxels = np.asarray(voxels).reshape([sizes[i] for i in spatial])
@@ -389,7 +385,7 @@ def _nifti(path: pathlib.Path) -> nib.spatialimages.SpatialImage:
         return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(content)
     except _READ_ERRORS:
       pass
-  raise DataError(f'{path}: not a readable NIfTI file ({_one_line(error)})') from None
+  raise DataError(f'{path}: not a readable NIfTI file ({one_line(error)})') from None
 
 
 def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
@@ -490,7 +486,7 @@ def read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray
     canonical = nib.as_closest_canonical(nii)
     array = np.asarray(canonical.dataobj)
   except _READ_ERRORS as e:
-    raise DataError(f'{path}: voxel data unreadable, truncated or corrupt ({_one_line(e)})') from None
+    raise DataError(f'{path}: voxel data unreadable, truncated or corrupt ({one_line(e)})') from None
   except MemoryError:
     gigabytes = np.prod(nii.shape, dtype=float) * nii.get_data_dtype().itemsize / 2 ** 30
     raise DataError(f'{path}: its header gives a shape of {nii.shape}, {gigabytes:.3g} GiB of voxels, more '
