@@ -9,7 +9,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Lowest first. A module belongs to the layer of the longest prefix that names it.
 LAYERS = (
-    ('configs', 'easunet_jax.errors', 'easunet_jax.environment'),
+    ('configs', 'easunet_jax.errors', 'easunet_jax.environment', 'easunet_jax.atomic'),
     ('easunet_jax.data', 'easunet_jax.models', 'easunet_jax.metrics', 'easunet_jax.losses',
      'easunet_jax.measures', 'easunet_jax.checkpoints', 'easunet_jax.parallel', 'easunet_jax.progress',
      'easunet_jax.metric_writer', 'easunet_jax.records', 'easunet_jax.figures'),
