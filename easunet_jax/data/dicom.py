@@ -21,10 +21,9 @@ import pydicom
 from absl import logging
 from pydicom.errors import InvalidDicomError
 
+from easunet_jax.data import volumes
 from easunet_jax.errors import DataError, one_line
 
-# DICOM's patient x and y axes point left and posterior, NIfTI's right and anterior.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GEOMETRY_TAGS = {'ImagePositionPatient': 3, 'ImageOrientationPatient': 6, 'PixelSpacing': 2}
 _SAME_TOL = 1e-4  # cosines and pixel spacings (mm) of one series differ by header rounding only
 _DUPLICATE_TOL_MM = 1e-3
@@ -452,7 +451,7 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
   headers = dict(groups[chosen.uid, chosen.echo])
   members = [(slice_, headers[slice_]) for slice_ in chosen.slices]
   affine, slice_spacing = _geometry(f'{folder}: series {_describe(chosen)}', members)
-  affine = _LPS_TO_RAS @ affine
+  affine = volumes.LPS_TO_RAS @ affine  # DICOM's patient x and y point left and posterior, NIfTI's right
   nii = nib.Nifti1Image(_volume(members), affine)
   nii.set_qform(affine, code=1)
   nii.set_sform(affine, code=1)

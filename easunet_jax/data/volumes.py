@@ -53,9 +53,9 @@ _NRRD_TYPES = {
                     'u8'),
     'float': 'f4', 'double': 'f8'}
 # ITK's world coordinates are LPS, NIfTI's RAS: the first two change sign. NRRD names its space.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _NRRD_SPACES = {'right-anterior-superior': np.eye(4), 'ras': np.eye(4),
-                'left-posterior-superior': _LPS_TO_RAS, 'lps': _LPS_TO_RAS,
+                'left-posterior-superior': LPS_TO_RAS, 'lps': LPS_TO_RAS,
                 'left-anterior-superior': np.diag([-1.0, 1.0, 1.0, 1.0]),
                 'las': np.diag([-1.0, 1.0, 1.0, 1.0])}
 # NIfTI's spatial unit codes other than mm (2): the metre (1) and the micron (3), in xyzt_units' low bits.
@@ -294,7 +294,7 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
   except (OSError, ValueError, zlib.error) as e:
     raise DataError(f'{path}: not a readable MetaImage file ({one_line(e)})') from None
   _check_affine(path, affine)
-  return nib.Nifti1Image(voxels, _LPS_TO_RAS @ affine, dtype=dtype)  # the dtype: nibabel refuses int64 else
+  return nib.Nifti1Image(voxels, LPS_TO_RAS @ affine, dtype=dtype)  # the dtype: nibabel refuses int64 else
 
 
 def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:

@@ -43,10 +43,6 @@ BLOCK_C = 32
 NUM_WARPS = 4
 
 
-def _next_power_of_2(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
-
-
 def live_taps(size: int, dilation: int) -> tuple[int, ...]:
   """Offsets (-1, 0, 1) whose dilated tap can touch the map; farther ones only see zero padding (every
   depthwise path skips those: `layers` uses this one too)."""
@@ -73,13 +69,13 @@ def _plan(shape: tuple[int, int, int, int], dilation: int, blocks: tuple[int, in
   padded out to a whole default tile.
   """
   _, h, w, c = shape
-  bh, bw, bc = (min(b, _next_power_of_2(s)) for b, s in zip(blocks, (h, w, c)))
+  bh, bw, bc = (min(b, pl.next_power_of_2(s)) for b, s in zip(blocks, (h, w, c)))
   live_h, live_w = live_taps(h, dilation), live_taps(w, dilation)
   taps = tuple((i, j) for i in live_h for j in live_w)
   # Only an axis with an off-centre live tap needs a halo: a dilation past the map skips those taps.
   halo_h = dilation if len(live_h) > 1 else 0
   halo_w = dilation if len(live_w) > 1 else 0
-  nh, nw, nc = -(-h // bh), -(-w // bw), -(-c // bc)
+  nh, nw, nc = pl.cdiv(h, bh), pl.cdiv(w, bw), pl.cdiv(c, bc)
   return _Plan(bh, bw, bc, nh, nw, nc, halo_h, halo_w, taps)
 
 

@@ -17,8 +17,8 @@ class AtrousSeparable(nnx.Module):
     self.bn2 = layers.batch_norm(channels, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = layers.hard_swish(self.bn1(self.depthwise(x)))
-    return layers.hard_swish(self.bn2(self.pointwise(x)))
+    x = jax.nn.hard_swish(self.bn1(self.depthwise(x)))
+    return jax.nn.hard_swish(self.bn2(self.pointwise(x)))
 
 
 class ConvBnHswish(nnx.Module):
@@ -29,7 +29,7 @@ class ConvBnHswish(nnx.Module):
     self.bn = layers.batch_norm(c_out, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return layers.hard_swish(self.bn(self.conv(x)))
+    return jax.nn.hard_swish(self.bn(self.conv(x)))
 
 
 class EAS(nnx.Module):

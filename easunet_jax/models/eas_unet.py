@@ -19,7 +19,7 @@ def _block_factory(block: str, impl: str):
   """The encoder/decoder block, called (c_in, c_out, dtype=, rngs=): 'separable' is the DS block;
   'standard' a full 3x3 convolution, BN, h-swish (the DS block's output activation)."""
   return {'separable': functools.partial(layers.SeparableBlock, impl=impl),
-          'standard': functools.partial(ConvBnAct, act=layers.hard_swish)}[block]
+          'standard': functools.partial(ConvBnAct, act=jax.nn.hard_swish)}[block]
 
 
 class EncoderStage(nnx.Module):

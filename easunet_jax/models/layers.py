@@ -22,11 +22,6 @@ BN_EPS = 1e-5
 LEAKY_SLOPE = 0.01
 
 
-def hard_swish(x: jax.Array) -> jax.Array:
-  """h-swish(x) = x * relu6(x + 3) / 6 (MobileNetV3)."""
-  return jax.nn.hard_swish(x)
-
-
 def leaky_relu(x: jax.Array) -> jax.Array:
   return jax.nn.leaky_relu(x, LEAKY_SLOPE)
 
@@ -199,7 +194,7 @@ class SeparableBlock(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = leaky_relu(self.bn1(self.depthwise(x)))
-    return hard_swish(self.bn2(self.pointwise(x)))
+    return jax.nn.hard_swish(self.bn2(self.pointwise(x)))
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
