@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from absl import flags
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from easunet_jax import measures
 from easunet_jax.data import phantom
@@ -135,14 +136,6 @@ def with_defects(labels: np.ndarray, scales: dict[int, float],
   return out
 
 
-def _rotation(angles: np.ndarray) -> np.ndarray:
-  (ca, cb, cc), (sa, sb, sc) = np.cos(angles), np.sin(angles)
-  rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
-  ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
-  rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
-  return rx @ ry @ rz
-
-
 def _warp(labels: np.ndarray, ref_spacing: np.ndarray, shape: Sequence[int], spacing: Sequence[float],
           k: dict) -> np.ndarray:
   """The reference labels resampled (nearest) into the output grid through the subject's inverse map:
@@ -151,7 +144,7 @@ def _warp(labels: np.ndarray, ref_spacing: np.ndarray, shape: Sequence[int], spa
   fc_low = np.argwhere(labels == 2)[:, 2].min() * ref_spacing[2]
   tc_top = np.argwhere(labels == 4)[:, 2].max() * ref_spacing[2]
   centre = np.array([*cartilage[:, :2].mean(0), (fc_low + tc_top) / 2])
-  inverse = np.linalg.inv(_rotation(k['angles']) * k['scale'])
+  inverse = np.linalg.inv(Rotation.from_euler('XYZ', k['angles']).as_matrix() * k['scale'])
   axes = [((np.arange(n) - (n - 1) / 2) * d) for n, d in zip(shape, spacing)]
   # Elastic field: 5 Gaussian bumps per axis over the field of view, separable, in mm.
   bases = [np.exp(-0.5 * ((a[:, None] - np.linspace(a[0], a[-1], 5)[None]) / (max(a[-1] - a[0], 1) / 4)) ** 2)
