@@ -6,7 +6,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = 'default'  # run name; --workdir defaults to runs/<name>
-  c.seed = 0  # seeds model init, data splits and the data order
+  c.seed = 0  # seeds model init, data splits, the data order and the phantom's subjects
 
   c.data = d = ml_collections.ConfigDict()
   d.root = ''  # dataset root (images/+labels/ or imagesTr/+labelsTr/); '' = the built-in phantom
@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   # trains on label maps alone (data.root with labels/ only) as well.
   d.synth = False
   d.workers = 0  # Grain worker processes (0 = load in the training process)
-  d.phantom_dir = ''  # where the phantom is generated once; '' = <workdir>/../phantom
+  # Where the phantom is generated once; '' = beside the workdir: phantom/, or for 'reference' anatomy
+  # phantom_reference[_oa<fraction>][_elastic<mm>]/.
+  d.phantom_dir = ''
   d.phantom_anatomy = 'schematic'  # 'schematic' shapes | 'reference': knees warped from a real label map
   d.phantom_num = 20  # phantom subjects
   # 'reference' only: the fraction of subjects that are osteoarthritic (thinner plates, focal defects)

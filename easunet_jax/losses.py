@@ -18,7 +18,8 @@ def soft_dice(probs_BHWK: jax.Array, onehot_BHWK: jax.Array, eps: float = 1e-5) 
 
 def segmentation_loss(logits_BHWK: jax.Array, labels_BHW: jax.Array, eps: float = 1e-5,
                       valid_B: jax.Array | None = None) -> jax.Array:
-  """CE (mean over all pixels) + 1 - mean foreground soft Dice; float32 whatever the logits' dtype.
+  """CE (mean over the pixels of the valid samples) + 1 - mean foreground soft Dice; float32 whatever the
+  logits' dtype.
 
   valid_B, when given, drops the samples marked False (padding of a last, partial batch).
   """

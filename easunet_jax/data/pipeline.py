@@ -76,7 +76,8 @@ def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, wo
 
 
 def read_index(split_dir: str | pathlib.Path) -> list[dict]:
-  """The store's row index of one split: {'case', 'slice', 'spacing', 'cartilage', 'pad'} per row."""
+  """The store's row index of one split: {'case', 'slice', 'spacing', 'sagittal_spacing', 'cartilage', 'pad'}
+  per row."""
   return json.loads((pathlib.Path(split_dir) / 'index.json').read_text())
 
 

@@ -49,7 +49,7 @@ class DecoderStage(nnx.Module):
 
 
 class EASUNet(nnx.Module):
-  """Input (B, H, W, C_in), H and W multiples of 16.
+  """Input (B, H, W, C_in), H and W multiples of `stride(features)` (16 for the default widths).
 
   Training mode (`model.train()`) returns (final, [side_d1, ..., side_d4]), all (B, H, W, K) logits
   (no sides without deep supervision); evaluation mode (`model.eval()`) returns the final logits alone.

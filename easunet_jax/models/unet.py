@@ -83,7 +83,7 @@ def network_output(final_BHWK: jax.Array, sides: list[jax.Array], deterministic:
 
 
 class UNet(nnx.Module):
-  """Input (B, H, W, C_in), H and W multiples of 16.
+  """Input (B, H, W, C_in), H and W multiples of `stride(features)` (16 for the default widths).
 
   Training mode returns (final, []) (no side outputs), evaluation mode the final (B, H, W, K) logits.
   """
