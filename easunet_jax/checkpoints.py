@@ -67,7 +67,7 @@ def manager(workdir: str | pathlib.Path, keep: int, *, for_training: bool = Fals
   if for_training and jax.process_index() == 0:
     for half_written in directory.glob(f'*{_HALF_WRITTEN}*'):
       shutil.rmtree(half_written, ignore_errors=True)
-  mngr = ocp.CheckpointManager(directory, options=options, item_names=('state', 'config'))
+  mngr = ocp.CheckpointManager(directory, options=options)
   if for_training:
     _empty_deleting(mngr)
   return mngr
