@@ -10,7 +10,7 @@ import json
 import math
 import pathlib
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ def _predict_step(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: n
   return jnp.argmax(steps.forward(state, image_BHW1, graphdef=graphdef), axis=-1).astype(jnp.uint8)
 
 
-def predict_volumes(predict, state: steps.TrainState, store_dir: pathlib.Path, batch_size: int,
+def predict_volumes(predict: Callable, state: steps.TrainState, store_dir: pathlib.Path, batch_size: int,
                     data_sharding: NamedSharding) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
   """(store rows, predicted classes, label classes) of each test volume in store order, the slices cropped
   to the source's in-plane size and stacked into (slices, H, W); one volume is held at a time."""

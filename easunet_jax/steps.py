@@ -5,6 +5,7 @@ and the benchmarks all build on it.
 
 import functools
 import pathlib
+from collections.abc import Callable
 
 import flax
 import jax
@@ -223,7 +224,7 @@ def augment_ranges(data_cfg: ml_collections.ConfigDict) -> augment.Ranges | None
 
 
 def jit_steps(config: ml_collections.ConfigDict, train_graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
-              tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+              tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
   """The train step (state donated; augmenting its batch when data.augment, synthesising its images when
   data.synth) and eval step, compiled for
   batches sharded over `mesh`."""

@@ -34,7 +34,7 @@ class Stopped(Exception):
     self.exit_code = 128 + getattr(signal, cause, signal.SIGTERM)  # a preemption comes as a SIGTERM
 
 
-def validate(p_eval_step, state: steps.TrainState, store_dir: pathlib.Path, batch_size: int,
+def validate(p_eval_step: Callable, state: steps.TrainState, store_dir: pathlib.Path, batch_size: int,
              data_sharding: NamedSharding) -> dict[str, float]:
   """Validation loss and the mean over validation volumes of their 3D Dice (FC, TC)."""
   cases = [row['case'] for row in pipeline.read_index(store_dir / 'val')]

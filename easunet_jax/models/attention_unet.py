@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from easunet_jax.models import layers
-from easunet_jax.models.unet import UNet, check_input, network_output
+from easunet_jax.models.unet import Output, UNet, check_input, network_output
 
 
 class AttentionGate(nnx.Module):
@@ -17,7 +18,7 @@ class AttentionGate(nnx.Module):
   and the gate returns x * alpha. The intermediate width is the skip's, as in Oktay's U-Net.
   """
 
-  def __init__(self, skip_channels: int, gate_channels: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, skip_channels: int, gate_channels: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
     self.skip_proj = nnx.Conv(skip_channels, skip_channels, kernel_size=(2, 2), strides=(2, 2),
                               padding='VALID', use_bias=False, dtype=dtype, rngs=rngs)
     self.gate_proj = layers.pointwise(gate_channels, skip_channels, dtype, rngs, use_bias=True)
@@ -40,14 +41,14 @@ class AttentionUNet(UNet):
   """
 
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
-               in_channels: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+               in_channels: int = 1, dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
     super().__init__(features=features, num_classes=num_classes, in_channels=in_channels, dtype=dtype,
                      rngs=rngs)
     f = tuple(features)
     # gates[s] belongs to the skip e_{s+1}, like decoder[s]: index 0 is full resolution.
     self.gates = nnx.List([AttentionGate(f[s], f[s + 1], dtype=dtype, rngs=rngs) for s in range(len(f) - 1)])
 
-  def __call__(self, x_BHWC: jax.Array):
+  def __call__(self, x_BHWC: jax.Array) -> Output:
     check_input(x_BHWC, self.stride, 'AttentionUNet')
     *skips, x = self.encoder(x_BHWC.astype(self.dtype))
     for stage, gate, skip in zip(reversed(self.decoder), reversed(self.gates), reversed(skips)):

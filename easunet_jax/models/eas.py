@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from easunet_jax.models import layers
 
@@ -10,7 +11,7 @@ from easunet_jax.models import layers
 class AtrousSeparable(nnx.Module):
   """Atrous separable branch (DeepLabv3+): depthwise 3x3 at a dilation, BN, h-swish, 1x1, BN, h-swish."""
 
-  def __init__(self, channels: int, rate: int, *, impl: str, dtype, rngs: nnx.Rngs):
+  def __init__(self, channels: int, rate: int, *, impl: str, dtype: DTypeLike, rngs: nnx.Rngs):
     self.depthwise = layers.DepthwiseConv(channels, dilation=rate, impl=impl, dtype=dtype, rngs=rngs)
     self.bn1 = layers.batch_norm(channels, dtype, rngs)
     self.pointwise = layers.pointwise(channels, channels, dtype, rngs)
@@ -24,7 +25,7 @@ class AtrousSeparable(nnx.Module):
 class ConvBnHswish(nnx.Module):
   """1x1 convolution, BN, h-swish."""
 
-  def __init__(self, c_in: int, c_out: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
     self.conv = layers.pointwise(c_in, c_out, dtype, rngs)
     self.bn = layers.batch_norm(c_out, dtype, rngs)
 
@@ -38,7 +39,7 @@ class EAS(nnx.Module):
   Without `eca` the 1x1 branch ends at its h-swish, as in plain ASPP.
   """
 
-  def __init__(self, channels: int, rates: tuple[int, ...], *, eca: bool = True, impl: str, dtype,
+  def __init__(self, channels: int, rates: tuple[int, ...], *, eca: bool = True, impl: str, dtype: DTypeLike,
                rngs: nnx.Rngs):
     self.b0 = ConvBnHswish(channels, channels, dtype=dtype, rngs=rngs)
     self.eca = layers.ECA(channels, dtype=dtype, rngs=rngs) if eca else None

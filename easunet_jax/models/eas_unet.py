@@ -5,14 +5,16 @@ these parts out or swap it for the plain alternative; their defaults build the p
 """
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from easunet_jax.models import heads, layers
 from easunet_jax.models.eas import EAS
-from easunet_jax.models.unet import ConvBnAct, check_input, network_output, stride
+from easunet_jax.models.unet import ConvBnAct, Output, check_input, network_output, stride
 
 
 def _block_factory(block: str, impl: str):
@@ -25,7 +27,8 @@ def _block_factory(block: str, impl: str):
 class EncoderStage(nnx.Module):
   """[2x2 max-pool], block(c_in -> c_out), block(c_out -> c_out)."""
 
-  def __init__(self, c_in: int, c_out: int, *, pool: bool, block, dtype, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, *, pool: bool, block: Callable[..., nnx.Module], dtype: DTypeLike,
+               rngs: nnx.Rngs):
     self.pool = pool
     self.block1 = block(c_in, c_out, dtype=dtype, rngs=rngs)
     self.block2 = block(c_out, c_out, dtype=dtype, rngs=rngs)
@@ -39,7 +42,8 @@ class EncoderStage(nnx.Module):
 class DecoderStage(nnx.Module):
   """2x2 transposed conv c_in -> c_out, concat [up, skip], block(2 c_out -> c_out), block(c_out -> c_out)."""
 
-  def __init__(self, c_in: int, c_out: int, *, block, dtype, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, *, block: Callable[..., nnx.Module], dtype: DTypeLike,
+               rngs: nnx.Rngs):
     self.up = layers.UpConv(c_in, c_out, dtype=dtype, rngs=rngs)
     self.block1 = block(2 * c_out, c_out, dtype=dtype, rngs=rngs)
     self.block2 = block(c_out, c_out, dtype=dtype, rngs=rngs)
@@ -58,7 +62,8 @@ class EASUNet(nnx.Module):
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
                in_channels: int = 1, aspp_rates: tuple[int, ...] = (6, 12, 18),
                depthwise_impl: str = 'auto', block: str = 'separable', eca: bool = True, eas: bool = True,
-               deep_supervision: bool = True, fusion: str = 'concat', dtype=jnp.float32, rngs: nnx.Rngs):
+               deep_supervision: bool = True, fusion: str = 'concat', dtype: DTypeLike = jnp.float32,
+               rngs: nnx.Rngs):
     f = tuple(features)
     make_block = _block_factory(block, depthwise_impl)
     self.stride = stride(f)
@@ -79,7 +84,7 @@ class EASUNet(nnx.Module):
     self.dtype = dtype
     self.deterministic = False  # set by model.train() / model.eval()
 
-  def __call__(self, x_BHWC: jax.Array):
+  def __call__(self, x_BHWC: jax.Array) -> Output:
     check_input(x_BHWC, self.stride, 'EASUNet')
     skips = []
     x = self.stem(x_BHWC.astype(self.dtype))

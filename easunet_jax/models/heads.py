@@ -4,6 +4,7 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from easunet_jax.models import layers
 
@@ -12,8 +13,8 @@ class OutputFusion(nnx.Module):
   """A 1x1 head on each of d1..d4, bilinear up-sampling to H x W, then the final logits:
   fusion 'concat', concat and a 1x1 convolution 4K -> K; fusion 'add', the sum of the side logits."""
 
-  def __init__(self, stage_channels: tuple[int, ...], num_classes: int, *, fusion: str = 'concat', dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, stage_channels: tuple[int, ...], num_classes: int, *, fusion: str = 'concat',
+               dtype: DTypeLike, rngs: nnx.Rngs):
     self.heads = nnx.List([layers.pointwise(c, num_classes, dtype, rngs, use_bias=True)
                            for c in stage_channels])
     self.fusion = layers.pointwise(len(stage_channels) * num_classes, num_classes, dtype, rngs,

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from easunet_jax.errors import ConfigError
 from easunet_jax.models import depthwise_cpu, depthwise_pallas
@@ -26,7 +27,7 @@ def leaky_relu(x: jax.Array) -> jax.Array:
   return jax.nn.leaky_relu(x, LEAKY_SLOPE)
 
 
-def batch_norm(channels: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+def batch_norm(channels: int, dtype: DTypeLike, rngs: nnx.Rngs) -> nnx.BatchNorm:
   return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype, rngs=rngs)
 
 
@@ -69,13 +70,13 @@ def _last_axis_dot_general(x, kernel, dimension_numbers, precision=None, preferr
   return matmul_2d(x, kernel)
 
 
-def pointwise(c_in: int, c_out: int, dtype, rngs: nnx.Rngs, use_bias: bool = False) -> nnx.Linear:
+def pointwise(c_in: int, c_out: int, dtype: DTypeLike, rngs: nnx.Rngs, use_bias: bool = False) -> nnx.Linear:
   """1x1 convolution on NHWC maps: a matmul over the channel axis (`matmul_2d`)."""
   return nnx.Linear(c_in, c_out, use_bias=use_bias, dtype=dtype, rngs=rngs,
                     dot_general=_last_axis_dot_general)
 
 
-def resolve_depthwise_impl(impl: str, dtype=jnp.float32) -> str:
+def resolve_depthwise_impl(impl: str, dtype: DTypeLike = jnp.float32) -> str:
   """'auto' -> on CPU 'native' (float32, when the C++ kernel compiled) else 'shift'; elsewhere 'xla'.
 
   'native' runs the C++ kernel (`depthwise_cpu`) in training and XLA's stencil ('shift') in evaluation.
@@ -164,7 +165,7 @@ def depthwise_xla(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
 class DepthwiseConv(nnx.Module):
   """3x3 depthwise convolution (groups = channels), no bias, optional dilation."""
 
-  def __init__(self, channels: int, *, dilation: int = 1, impl: str = 'auto', dtype=jnp.float32,
+  def __init__(self, channels: int, *, dilation: int = 1, impl: str = 'auto', dtype: DTypeLike = jnp.float32,
                rngs: nnx.Rngs):
     # Same initialiser and fan-in as nnx.Conv with feature_group_count=channels: lecun_normal, fan_in 9.
     init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
@@ -186,7 +187,7 @@ class DepthwiseConv(nnx.Module):
 class SeparableBlock(nnx.Module):
   """DS block: depthwise 3x3, BN, LeakyReLU(0.01), pointwise 1x1, BN, h-swish."""
 
-  def __init__(self, c_in: int, c_out: int, *, impl: str, dtype, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, *, impl: str, dtype: DTypeLike, rngs: nnx.Rngs):
     self.depthwise = DepthwiseConv(c_in, impl=impl, dtype=dtype, rngs=rngs)
     self.bn1 = batch_norm(c_in, dtype, rngs)
     self.pointwise = pointwise(c_in, c_out, dtype, rngs)
@@ -206,7 +207,7 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 class ECA(nnx.Module):
   """Efficient channel attention: GAP, 1-D conv across channels (k taps, no bias), sigmoid, rescale."""
 
-  def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
     self.k = eca_kernel_size(channels)
     self.conv = nnx.Conv(1, 1, kernel_size=(self.k,), padding=(self.k - 1) // 2, use_bias=False,
                          dtype=dtype, rngs=rngs)
@@ -220,7 +221,7 @@ class ECA(nnx.Module):
 class UpConv(nnx.Module):
   """2x2 transposed convolution, stride 2, with bias: one (N, C_in) @ (C_in, 4 C_out) + depth-to-space."""
 
-  def __init__(self, c_in: int, c_out: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
     self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (c_in, 2, 2, c_out)))
     self.bias = nnx.Param(jnp.zeros((c_out,)))
     self.dtype = dtype

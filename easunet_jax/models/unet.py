@@ -5,6 +5,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from easunet_jax.models import layers
 
@@ -13,7 +14,7 @@ class ConvBnAct(nnx.Module):
   """3x3 convolution (no bias, BN follows), BN, activation."""
 
   def __init__(self, c_in: int, c_out: int, *, act: Callable[[jax.Array], jax.Array] = jax.nn.relu,
-               dtype, rngs: nnx.Rngs):
+               dtype: DTypeLike, rngs: nnx.Rngs):
     self.conv = nnx.Conv(c_in, c_out, kernel_size=(3, 3), padding='SAME', use_bias=False, dtype=dtype,
                          rngs=rngs)
     self.bn = layers.batch_norm(c_out, dtype, rngs)
@@ -26,7 +27,7 @@ class ConvBnAct(nnx.Module):
 class DoubleConv(nnx.Module):
   """The baselines' block: (3x3 conv, BN, ReLU) twice, c_in -> c_out -> c_out."""
 
-  def __init__(self, c_in: int, c_out: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
     self.conv1 = ConvBnAct(c_in, c_out, dtype=dtype, rngs=rngs)
     self.conv2 = ConvBnAct(c_out, c_out, dtype=dtype, rngs=rngs)
 
@@ -37,7 +38,7 @@ class DoubleConv(nnx.Module):
 class Encoder(nnx.Module):
   """Stage s: [2x2 max-pool for s > 0], DoubleConv(C_{s-1} -> C_s). Returns every stage's output e1..e5."""
 
-  def __init__(self, in_channels: int, features: tuple[int, ...], *, dtype, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, features: tuple[int, ...], *, dtype: DTypeLike, rngs: nnx.Rngs):
     widths = (in_channels,) + tuple(features)
     self.stages = nnx.List([DoubleConv(widths[s], widths[s + 1], dtype=dtype, rngs=rngs)
                             for s in range(len(features))])
@@ -56,7 +57,7 @@ class UpStage(nnx.Module):
   U-Net passes one skip; U-Net++'s nested nodes pass all earlier nodes of their level.
   """
 
-  def __init__(self, c_in: int, c_out: int, num_skips: int = 1, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, c_in: int, c_out: int, num_skips: int = 1, *, dtype: DTypeLike, rngs: nnx.Rngs):
     self.up = layers.UpConv(c_in, c_out, dtype=dtype, rngs=rngs)
     self.block = DoubleConv((num_skips + 1) * c_out, c_out, dtype=dtype, rngs=rngs)
 
@@ -76,7 +77,11 @@ def check_input(x_BHWC: jax.Array, multiple: int, name: str) -> None:
     raise ValueError(f'{name} expects (B, H, W, C) with H, W multiples of {multiple}, got {x_BHWC.shape}')
 
 
-def network_output(final_BHWK: jax.Array, sides: list[jax.Array], deterministic: bool):
+# What a network returns: the final logits in evaluation mode, (final, side outputs) in training mode.
+Output = jax.Array | tuple[jax.Array, list[jax.Array]]
+
+
+def network_output(final_BHWK: jax.Array, sides: list[jax.Array], deterministic: bool) -> Output:
   """Float32 logits: `final` in evaluation mode, (final, sides) in training mode (the loss's input)."""
   final_BHWK = final_BHWK.astype(jnp.float32)
   return final_BHWK if deterministic else (final_BHWK, [s.astype(jnp.float32) for s in sides])
@@ -89,7 +94,7 @@ class UNet(nnx.Module):
   """
 
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
-               in_channels: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+               in_channels: int = 1, dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
     f = tuple(features)
     self.stride = stride(f)
     self.encoder = Encoder(in_channels, f, dtype=dtype, rngs=rngs)
@@ -99,7 +104,7 @@ class UNet(nnx.Module):
     self.dtype = dtype
     self.deterministic = False  # set by model.train() / model.eval()
 
-  def __call__(self, x_BHWC: jax.Array):
+  def __call__(self, x_BHWC: jax.Array) -> Output:
     check_input(x_BHWC, self.stride, 'UNet')
     *skips, x = self.encoder(x_BHWC.astype(self.dtype))
     for stage, skip in zip(reversed(self.decoder), reversed(skips)):

@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from easunet_jax.models import layers
-from easunet_jax.models.unet import Encoder, UpStage, check_input, network_output, stride
+from easunet_jax.models.unet import Encoder, Output, UpStage, check_input, network_output, stride
 
 
 class UNetPlusPlus(nnx.Module):
@@ -18,7 +19,8 @@ class UNetPlusPlus(nnx.Module):
   """
 
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
-               in_channels: int = 1, deep_supervision: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               in_channels: int = 1, deep_supervision: bool = False, dtype: DTypeLike = jnp.float32,
+               rngs: nnx.Rngs):
     f = tuple(features)
     self.stride = stride(f)
     self.encoder = Encoder(in_channels, f, dtype=dtype, rngs=rngs)
@@ -32,7 +34,7 @@ class UNetPlusPlus(nnx.Module):
     self.dtype = dtype
     self.deterministic = False  # set by model.train() / model.eval()
 
-  def __call__(self, x_BHWC: jax.Array):
+  def __call__(self, x_BHWC: jax.Array) -> Output:
     check_input(x_BHWC, self.stride, 'UNetPlusPlus')
     grid = [[e] for e in self.encoder(x_BHWC.astype(self.dtype))]  # grid[i][j] is X^{i,j}
     for j, column in enumerate(self.nested, start=1):
