@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 import transfer  # noqa: E402
 
 from easunet_jax import measures, parallel, pretrained, steps  # noqa: E402
-from easunet_jax.data import knee, phantom, preprocess, synth  # noqa: E402
+from easunet_jax.data import knee, phantom, preprocess, synth, volumes  # noqa: E402
 
-PLATES = (('fc', 1, 2), ('tc', 2, 4))  # (name, training class, OAI-ZIB label)
+PLATES = [(name, k, volumes.OAI_ZIB_CARTILAGE[name]) for name, k in volumes.CLASSES.items()]  # class, label
 
 
 def main() -> None:

@@ -19,8 +19,10 @@ def main() -> None:
   parser.add_argument('--labels', default=str(knee.REFERENCE), help='an OAI-ZIB label map')
   parser.add_argument('--laterality', choices=('R', 'L'), default='R', help='the knee (the reference: R)')
   args = parser.parse_args()
-  labels, spacing = volumes.load_labels(volumes.Case('labels', None, args.labels), [(2, 2), (4, 4)])
-  fc, tc = labels == 2, labels == 4
+  plates = volumes.OAI_ZIB_CARTILAGE
+  labels, spacing = volumes.load_labels(volumes.Case('labels', None, args.labels),
+                                        [(value, value) for value in plates.values()])
+  fc, tc = labels == plates['fc'], labels == plates['tc']
   regions = measures.compartment_regions(fc, tc, spacing, measures.side_names(args.laterality))
   table, _ = measures.compartment_table(fc, tc, spacing, regions)
   print('| Region | Volume mm³ | Mean thickness mm (ridge) | Median | P95 | Area mm² | < 1 mm |')

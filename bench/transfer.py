@@ -155,7 +155,8 @@ def score(classes: np.ndarray, labels: np.ndarray, spacing: Sequence[float]) -> 
   """3D Dice (%) of training classes (1 FC, 2 TC) against OAI-ZIB labels (2 FC, 4 TC), per plate ('fc',
   'tc'), and the error of their mean thickness (prediction - truth, mm; 'fc_thickness_error_mm', ...)."""
   result = {}
-  for plate, k, value in (('fc', 1, 2), ('tc', 2, 4)):
+  for plate, k in volumes.CLASSES.items():
+    value = volumes.OAI_ZIB_CARTILAGE[plate]
     result[plate] = metrics.segmentation_metrics(classes == k, labels == value, spacing)['dice']
     result[f'{plate}_thickness_error_mm'] = (measures.mean_thickness_mm(classes == k, spacing)
                                              - measures.mean_thickness_mm(labels == value, spacing))
