@@ -158,14 +158,6 @@ def compartment_regions(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float]
   return dict(sorted(regions.items()))
 
 
-def compartments(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float], sides: tuple[str, str]
-                 ) -> dict[str, np.ndarray]:
-  """Masks of the plates' compartments: each plate within its `compartment_regions`."""
-  plates = {'fc': fc, 'tc': tc}
-  return {name: plates[name[:2]] & region
-          for name, region in compartment_regions(fc, tc, spacing, sides).items()}
-
-
 def region_measures(mask: np.ndarray, thickness: np.ndarray, ridge: np.ndarray, spacing: Sequence[float]
                     ) -> dict[str, float]:
   """Volume (mm^3), thickness statistics (mm) over the region's ridge voxels (mean, median, 95th percentile,

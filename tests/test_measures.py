@@ -79,7 +79,8 @@ def reference():
 def test_compartments_partition_the_plates(reference, laterality, sides_known):
   labels, spacing = reference
   fc, tc = labels == 2, labels == 4
-  parts = measures.compartments(fc, tc, spacing, measures.side_names(laterality, sides_known))
+  regions = measures.compartment_regions(fc, tc, spacing, measures.side_names(laterality, sides_known))
+  parts = {name: {'fc': fc, 'tc': tc}[name[:2]] & region for name, region in regions.items()}
   sides = (('medial', 'lateral') if laterality and sides_known else
            ('left', 'right') if sides_known else ('side1', 'side2'))
   assert sorted(parts) == sorted([f'fc_{s}' for s in (*sides, 'trochlea')] + [f'tc_{s}' for s in sides])
