@@ -1,20 +1,36 @@
-"""Files written so that a crash or a stop leaves the earlier file or none, never half of one, and the
-temporary files that killed runs left behind."""
+"""Files written so that a crash or a stop leaves the earlier file or none, never half of one, and what
+killed runs left behind.
+
+Temporary files and folders carry a mark: 'easunet', the machine and the process id (`mark`). Only marked
+paths of this machine whose process is gone are removed (`remove_left_by_dead`): never a user's file, nor
+the write in progress of a run on another machine sharing the folder.
+"""
 
 import contextlib
 import os
 import pathlib
+import re
+import shutil
+import socket
 from collections.abc import Iterator
+
+_HOST = socket.gethostname()
+
+
+def mark(prefix: str) -> str:
+  """`prefix` + this process's mark: a temporary path's name starts so (`left_by_dead`)."""
+  return f'{prefix}easunet-{_HOST}-{os.getpid()}.'
 
 
 @contextlib.contextmanager
 def replaced(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
-  """A hidden temporary path beside `path` to write to, renamed to `path` when the block ends without an
-  error (and removed when it raises). Its name keeps `path`'s ending, from which nibabel reads the format,
-  and this process's id (`remove_left_by_dead`). Makes the folder."""
+  """A hidden temporary path beside `path` (a link: beside the file it points to) to write to, renamed to
+  `path` when the block ends without an error and removed when it raises. Its name ends in `path`'s, from
+  which nibabel reads the format. Makes the folder."""
   path = pathlib.Path(path)
+  path = path.resolve() if path.is_symlink() else path
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.tmp{os.getpid()}.{path.name}')
+  tmp = path.with_name(mark('.') + path.name)
   try:
     yield tmp
     os.replace(tmp, path)
@@ -28,20 +44,25 @@ def write_text(path: str | pathlib.Path, text: str, **kwargs) -> None:
     tmp.write_text(text, **kwargs)
 
 
-def process_gone(pid: int) -> bool:
-  """Whether no process `pid` runs on this machine (a process of another user's runs)."""
+def _process_gone(pid: int) -> bool:
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return True
-  except PermissionError:
+  except PermissionError:  # another user's
     return False
   return False
 
 
-def remove_left_by_dead(folder: str | pathlib.Path) -> None:
-  """Removes the temporary files of `replaced` in `folder` whose process is gone: a kill mid-write."""
-  for tmp in pathlib.Path(folder).glob('.tmp*.*'):
-    pid = tmp.name[len('.tmp'):].partition('.')[0]
-    if pid.isdigit() and process_gone(int(pid)):
-      tmp.unlink(missing_ok=True)
+def remove_left_by_dead(folder: str | pathlib.Path, prefix: str = '.') -> None:
+  """Removes what processes of this machine that are gone (killed) left in `folder` named `mark(prefix)` +
+  anything: `replaced`'s temporary files by default."""
+  folder = pathlib.Path(folder)
+  pattern = re.compile(rf'{re.escape(prefix)}easunet-{re.escape(_HOST)}-([0-9]{{1,9}})\.')
+  left = [path for path in (folder.iterdir() if folder.is_dir() else [])
+          if (found := pattern.match(path.name)) and _process_gone(int(found[1]))]
+  for path in left:
+    if path.is_dir() and not path.is_symlink():
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      path.unlink(missing_ok=True)

@@ -32,12 +32,17 @@ def override_error(error: Exception, argv: Sequence[str], reference: ml_collecti
   # A config file that raised: its traceback is in the message, and the last line says why.
   before, traceback, _ = str(error).partition('Traceback (most recent call last):')
   message = before + str(error).strip().splitlines()[-1] if traceback else str(error)
-  known = leaves(reference)
-  overrides = [arg.removeprefix('--config.').partition('=')[0] for arg in argv if arg.startswith('--config.')]
-  unknown = [name for name in overrides if name not in known]
+  unknown = unknown_overrides(argv, reference)
   if not unknown:
     return ' '.join(message.split())
-  return f'--config.{_unknown_field(unknown[0], known)}'
+  return f'--config.{_unknown_field(unknown[0], leaves(reference))}'
+
+
+def unknown_overrides(argv: Sequence[str], reference: ml_collections.ConfigDict) -> list[str]:
+  """The fields of `argv`'s --config.<field> overrides that `reference` does not have."""
+  known = leaves(reference)
+  overrides = [arg.removeprefix('--config.').partition('=')[0] for arg in argv if arg.startswith('--config.')]
+  return [name for name in overrides if name not in known]
 
 
 def _unknown_field(name: str, known: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ class MetricWriter:
       # tensorboardX names an event file by the second it opens: the start step keeps a run resumed within
       # that second from overwriting the file of the steps before it.
       self._tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'), purge_step=start + 1,
-                                            filename_suffix=f'.from_step_{start}')
+                                            filename_suffix=f'.from_step_{start:010d}')  # in step order
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:

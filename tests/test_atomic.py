@@ -1,7 +1,9 @@
 """Tests of files written whole or not at all: a kill mid-write keeps the earlier file, and what a killed
-process left half-written is removed, while a running process's is kept."""
+process of this machine left is removed, while a running process's, another machine's and the user's own
+files are kept."""
 
 import os
+import socket
 
 import pytest
 
@@ -17,11 +19,22 @@ def test_a_kill_mid_write_keeps_the_earlier_file(tmp_path, request):
   assert path.read_text() == 'earlier report\n' and os.listdir(path.parent) == ['report.md']
 
 
-def test_only_the_files_of_a_process_that_is_gone_are_removed(tmp_path):
-  dead = tmp_path / '.tmp999999999.knee.nii.gz'  # no process has such an id
-  running = tmp_path / f'.tmp{os.getpid()}.knee.nii.gz'
-  mine = [tmp_path / '.tmpnotes.txt', tmp_path / 'knee.nii.gz']
-  for path in (dead, running, *mine):
+def test_a_link_is_written_through(tmp_path):
+  (tmp_path / 'report.md').write_text('earlier')
+  (tmp_path / 'latest.md').symlink_to(tmp_path / 'report.md')
+  atomic.write_text(tmp_path / 'latest.md', 'later')
+  assert (tmp_path / 'latest.md').is_symlink() and (tmp_path / 'report.md').read_text() == 'later'
+
+
+def test_only_what_a_process_of_this_machine_that_is_gone_left_is_removed(tmp_path):
+  gone = f'easunet-{socket.gethostname()}-999999999.'  # no process has such an id
+  left = [tmp_path / f'.{gone}knee.nii.gz', tmp_path / f'slices.{gone}build']
+  (tmp_path / f'slices.{gone}build').mkdir()
+  kept = [tmp_path / (atomic.mark('.') + 'knee.nii.gz'),  # this process's, being written
+          tmp_path / '.easunet-another-machine-999999999.knee.nii.gz',
+          tmp_path / '.tmp999999999.notes.txt', tmp_path / 'knee.nii.gz', tmp_path / f'{gone}notes.txt']
+  for path in [left[0], *kept]:
     path.write_text('')
   atomic.remove_left_by_dead(tmp_path)
-  assert sorted(tmp_path.iterdir()) == sorted([running, *mine])
+  atomic.remove_left_by_dead(tmp_path, 'slices.')
+  assert sorted(tmp_path.iterdir()) == sorted(kept)

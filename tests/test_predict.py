@@ -7,6 +7,7 @@ import itertools
 import os
 import pathlib
 import shutil
+import socket
 import time
 
 import dcm2niix
@@ -391,7 +392,8 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   written = {name: (out / name).stat().st_mtime_ns for name in ('a.nii.gz', 'c.nii.gz')}
 
   (scans / 'b.nii.gz').write_bytes(canonical.read_bytes())  # mended: a rerun segments b alone
-  left = [out / '.tmp999999999.b.nii.gz', out / 'measures' / '.tmp999999999.b.json']  # by a killed run
+  gone = f'.easunet-{socket.gethostname()}-999999999.'  # a killed run's mark: no process has its id
+  left = [out / f'{gone}b.nii.gz', out / 'measures' / f'{gone}b.json']
   for path in left:
     path.write_bytes(b'half')
   results = predict.predict(_config(), workdir, scans, out, continue_prediction=True)

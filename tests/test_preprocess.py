@@ -5,6 +5,7 @@ import logging
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from easunet_jax import atomic
 from easunet_jax.data import phantom, preprocess, volumes
 from easunet_jax.errors import ConfigError, DataError
 
@@ -34,7 +36,7 @@ def store(data_cfg, tmp_path_factory):
 
 
 def test_layout_dtypes_and_ranges(store):
-  assert not list(store.parent.glob('*.tmp*'))
+  assert list(store.parent.iterdir()) == [store]
   splits = json.loads((store / 'splits.json').read_text())
   assert [len(splits[s]) for s in preprocess.SPLITS] == [3, 1, 1]
   for name in preprocess.SPLITS:
@@ -89,7 +91,7 @@ def test_a_kill_while_a_stale_store_is_deleted_leaves_the_new_store_whole(data_c
   remove = shutil.rmtree
 
   def killed_deleting_the_stale_store(path, ignore_errors=False):
-    if '.tmp' in pathlib.Path(path).name:  # the new build's folder, or nothing
+    if pathlib.Path(path).name.endswith('.build') or not pathlib.Path(path).exists():
       return remove(path, ignore_errors=ignore_errors)
     (pathlib.Path(path) / 'fingerprint.json').unlink()  # the first file deleted, then the kill
     raise KeyboardInterrupt
@@ -102,6 +104,19 @@ def test_a_kill_while_a_stale_store_is_deleted_leaves_the_new_store_whole(data_c
   assert preprocess.ensure_slice_store(changed, store, seed=0, multiple=16) == store
   assert (store / 'fingerprint.json').stat().st_mtime_ns == built  # reused
   assert len(np.load(store / 'train' / 'labels.npy', mmap_mode='r')) == 3 * SHAPE[0]
+  # The half-deleted store is left by a process of this id: the next rebuild goes ahead all the same.
+  assert (store.parent / (atomic.mark('slices.') + 'old')).is_dir()
+  preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['slices']
+
+
+def test_a_store_named_by_a_link_is_built_where_it_points(data_cfg, tmp_path):
+  (tmp_path / 'big disk' / 'slices').mkdir(parents=True)
+  (tmp_path / 'slices').symlink_to(tmp_path / 'big disk' / 'slices')
+  for seed in (0, 1):  # built, then rebuilt
+    preprocess.ensure_slice_store(data_cfg, tmp_path / 'slices', seed=seed, multiple=16)
+  assert (tmp_path / 'slices').is_symlink() and (tmp_path / 'slices' / 'fingerprint.json').is_file()
+  assert sorted(p.name for p in (tmp_path / 'big disk').iterdir()) == ['slices']
 
 
 def test_a_metaimage_data_file_rewritten_in_place_makes_the_store_stale(data_cfg, tmp_path):
@@ -319,7 +334,7 @@ def test_bad_cases_named_skipped_and_rest_processed(tmp_path, caplog):
   _bad_dataset(tmp_path / 'knees')
   cfg = default.get_config().data
   cfg.root, cfg.split = str(tmp_path / 'knees'), (1, 1, 0)
-  killed_build = tmp_path / 'cache' / 'slices.tmp999999999'  # left by a killed run: no such process
+  killed_build = tmp_path / 'cache' / f'slices.easunet-{socket.gethostname()}-999999999.build'  # killed
   killed_build.mkdir(parents=True)
   (killed_build / 'images.npy').write_bytes(b'half')
   with caplog.at_level(logging.INFO):
@@ -373,7 +388,7 @@ def test_crash_leaves_no_store_and_no_build_folder(data_cfg, tmp_path, monkeypat
 def test_a_killed_builds_folder_goes_also_where_the_store_is_current(store, data_cfg):
   gone = subprocess.Popen([sys.executable, '-c', ''])  # a process id no process has any more
   gone.wait()
-  killed = store.with_name(f'{store.name}.tmp{gone.pid}')
+  killed = store.with_name(f'{store.name}.easunet-{socket.gethostname()}-{gone.pid}.build')
   (killed / 'train').mkdir(parents=True)
   preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
   assert not killed.exists() and (store / 'fingerprint.json').exists()

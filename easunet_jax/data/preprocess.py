@@ -12,7 +12,6 @@ import collections
 import functools
 import json
 import logging
-import os
 import pathlib
 import shutil
 import zlib
@@ -286,15 +285,6 @@ def _gather(out: pathlib.Path, parts: Sequence[str], num_rows: int, kinds: Seque
     del array
 
 
-def _remove_stale_builds(cache_dir: pathlib.Path) -> None:
-  """Removes what killed runs left beside the store: their builds (<cache_dir>.tmp<pid>) and the stores
-  they were replacing (<cache_dir>.old<pid>), where the process is gone."""
-  for left in cache_dir.parent.glob(f'{cache_dir.name}.*'):
-    kind, pid = left.name[len(cache_dir.name) + 1:][:3], left.name[len(cache_dir.name) + 4:]
-    if kind in ('tmp', 'old') and pid.isdigit() and atomic.process_gone(int(pid)):
-      shutil.rmtree(left, ignore_errors=True)
-
-
 def _no_usable_case(root: str, total: int) -> DataError:
   return DataError(f'{root}: no usable case, all {total} skipped (see the warnings above)')
 
@@ -326,8 +316,10 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   """
   if data_cfg.train_slices not in ('cartilage', 'all'):
     raise ConfigError(f"data.train_slices: expected 'cartilage' or 'all', got {data_cfg.train_slices!r}")
-  cache_dir = pathlib.Path(cache_dir)
-  _remove_stale_builds(cache_dir)  # also where the store is current: a killed rebuild's is as large
+  cache_dir = pathlib.Path(cache_dir).resolve()  # a link to a folder elsewhere: the store is built there
+  # What killed runs left beside the store (their builds, the stores they were replacing: `atomic.mark`),
+  # also where the store is current: a killed rebuild's is as large.
+  atomic.remove_left_by_dead(cache_dir.parent, f'{cache_dir.name}.')
   cases = volumes.discover_cases(data_cfg.root)
   volumes.check_dataset_json(data_cfg.root, data_cfg.label_map)
   fingerprint = _fingerprint(cases, data_cfg, seed, multiple)
@@ -376,7 +368,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
                                                                                  pixels.max(axis=0))))
   by_id = {c.id: c for c in usable}
   # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.
-  tmp = cache_dir.with_name(f'{cache_dir.name}.tmp{os.getpid()}')
+  tmp, aside = (cache_dir.with_name(atomic.mark(f'{cache_dir.name}.') + kind) for kind in ('build', 'old'))
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
   try:
@@ -405,7 +397,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     (tmp / 'fingerprint.json').write_text(json.dumps(fingerprint))
     # The stale store is moved aside before it is deleted, not deleted in place: a kill part way through
     # the deletion would leave half a store where the next run looks for one.
-    aside = cache_dir.with_name(f'{cache_dir.name}.old{os.getpid()}')
+    shutil.rmtree(aside, ignore_errors=True)  # one a run of the same process id left (a container's)
     if cache_dir.exists():
       cache_dir.rename(aside)
     tmp.rename(cache_dir)
