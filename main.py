@@ -139,10 +139,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   workdir = FLAGS.workdir or os.path.join('runs', config.name)
   # Programs compiled once, and on GPUs XLA's autotuning results with them, are read back by later starts
-  # and by the other points of a sweep (unless JAX_COMPILATION_CACHE_DIR chose a place).
+  # and by the other points of a sweep (unless JAX_COMPILATION_CACHE_DIR chose a place). A model file's
+  # predict has no workdir: its programs go to the user's cache, not into the folder it was started in.
   if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir',
-                      str(pathlib.Path(workdir).absolute().parent / '.jax_cache'))
+    user_cache = pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache')
+    cache = (user_cache / 'easunet_jax' / 'jax' if model_file else
+             pathlib.Path(workdir).absolute().parent / '.jax_cache')
+    jax.config.update('jax_compilation_cache_dir', str(cache))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   try:
     config_check.check_config(config, default.get_config(), FLAGS.mode)
