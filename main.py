@@ -71,10 +71,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
       raise
     exit_with(ConfigError(f'--config: {str(e).strip().splitlines()[-1]}'))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
-    # absl reads an override of a sequence's element (features.0) as a path it cannot parse (ValueError,
-    # IndexError); those raised by a config file's own code keep their traceback.
-    foreign = isinstance(e, ValueError | IndexError) and not isinstance(e, flags.Error) and not (
-        config_check.unknown_overrides(argv, default.get_config()))
+    # An unknown field, or an element of a sequence (features.0, which absl cannot parse), is one line; an
+    # error of a config file's own code keeps its traceback.
+    foreign = not isinstance(e, flags.Error | TypeError) and not config_check.unknown_overrides(
+        argv, default.get_config())
     if foreign or '--verbose' in argv or '--verbose=true' in argv:
       raise
     exit_with(ConfigError(config_check.override_error(e, argv, default.get_config())))

@@ -1,12 +1,14 @@
 """Files written so that a crash or a stop leaves the earlier file or none, never half of one, and what
 killed runs left behind.
 
-Temporary files and folders carry a mark: 'easunet', the machine and the process id (`mark`). Only marked
+Temporary files and folders carry a mark: 'easunet', the machine (a hash of its name: 8 hex digits, of one
+length whatever the name) and the process id (`mark`). Only marked
 paths of this machine whose process is gone are removed (`remove_left_by_dead`): never a user's file, nor
 the write in progress of a run on another machine sharing the folder.
 """
 
 import contextlib
+import hashlib
 import os
 import pathlib
 import re
@@ -14,7 +16,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 
-_HOST = socket.gethostname()
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def mark(prefix: str) -> str:

@@ -28,7 +28,7 @@ import pytest
 from absl import flags
 
 from configs import tiny
-from easunet_jax import train
+from easunet_jax import atomic, train
 
 flags.FLAGS.mark_as_parsed()
 
@@ -57,6 +57,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
       return RUN_READERS.get(module, module)
 
   return Scheduling(config, log)
+
+
+@pytest.fixture
+def dead_mark():
+  """`atomic.mark(prefix)` of a process of this machine that is gone: (prefix, pid=an id no process has)."""
+  def mark(prefix: str, pid: int = 999999999) -> str:
+    return atomic.mark(prefix).replace(f'-{os.getpid()}.', f'-{pid}.')
+  return mark
 
 
 @pytest.fixture

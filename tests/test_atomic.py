@@ -3,7 +3,6 @@ process of this machine left is removed, while a running process's, another mach
 files are kept."""
 
 import os
-import socket
 
 import pytest
 
@@ -26,12 +25,12 @@ def test_a_link_is_written_through(tmp_path):
   assert (tmp_path / 'latest.md').is_symlink() and (tmp_path / 'report.md').read_text() == 'later'
 
 
-def test_only_what_a_process_of_this_machine_that_is_gone_left_is_removed(tmp_path):
-  gone = f'easunet-{socket.gethostname()}-999999999.'  # no process has such an id
+def test_only_what_a_process_of_this_machine_that_is_gone_left_is_removed(tmp_path, dead_mark):
+  gone = dead_mark('')
   left = [tmp_path / f'.{gone}knee.nii.gz', tmp_path / f'slices.{gone}build']
   (tmp_path / f'slices.{gone}build').mkdir()
   kept = [tmp_path / (atomic.mark('.') + 'knee.nii.gz'),  # this process's, being written
-          tmp_path / '.easunet-another-machine-999999999.knee.nii.gz',
+          tmp_path / '.easunet-0123abcd-999999999.knee.nii.gz',  # another machine's
           tmp_path / '.tmp999999999.notes.txt', tmp_path / 'knee.nii.gz', tmp_path / f'{gone}notes.txt']
   for path in [left[0], *kept]:
     path.write_text('')

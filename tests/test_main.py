@@ -244,6 +244,14 @@ def test_an_unknown_field_is_told_with_the_fields_of_its_group_or_the_top():
     config_check.check_config(config, reference, 'train')
 
 
+def test_a_config_files_own_error_shows_its_traceback(tmp_path):
+  config = tmp_path / 'sizes.py'
+  config.write_text("SIZES = {'small': 4}\n\ndef get_config():\n  return SIZES['large']\n")
+  result = subprocess.run([sys.executable, 'main.py', f'--config={config}', f'--workdir={tmp_path / "run"}'],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 1 and "return SIZES['large']" in result.stderr and 'KeyError' in result.stderr
+
+
 @pytest.mark.parametrize('name', BAD_FLAGS)
 def test_bad_config_is_exit_code_2_and_one_line(name, phantom_dir, tmp_path):
   override, message = BAD_FLAGS[name]

@@ -7,7 +7,6 @@ import itertools
 import os
 import pathlib
 import shutil
-import socket
 import time
 
 import dcm2niix
@@ -376,7 +375,8 @@ def _scans_in_csv(path) -> list[str]:
     return sorted({pathlib.Path(row['scan']).name for row in csv.DictReader(f)})
 
 
-def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp_path, monkeypatch):
+def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp_path, monkeypatch,
+                                                                        dead_mark):
   workdir, canonical, permuted = run
   monkeypatch.setattr(predict.Network, '__call__', _thresholds)
   scans, out = tmp_path / 'scans', tmp_path / 'out'
@@ -392,7 +392,7 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   written = {name: (out / name).stat().st_mtime_ns for name in ('a.nii.gz', 'c.nii.gz')}
 
   (scans / 'b.nii.gz').write_bytes(canonical.read_bytes())  # mended: a rerun segments b alone
-  gone = f'.easunet-{socket.gethostname()}-999999999.'  # a killed run's mark: no process has its id
+  gone = dead_mark('.')  # a killed run's
   left = [out / f'{gone}b.nii.gz', out / 'measures' / f'{gone}b.json']
   for path in left:
     path.write_bytes(b'half')

@@ -5,7 +5,6 @@ import logging
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -110,13 +109,19 @@ def test_a_kill_while_a_stale_store_is_deleted_leaves_the_new_store_whole(data_c
   assert sorted(p.name for p in tmp_path.iterdir()) == ['slices']
 
 
-def test_a_store_named_by_a_link_is_built_where_it_points(data_cfg, tmp_path):
+def test_a_store_named_by_a_link_is_built_where_it_points_and_never_over_the_current_folder(
+    data_cfg, tmp_path, monkeypatch):
   (tmp_path / 'big disk' / 'slices').mkdir(parents=True)
   (tmp_path / 'slices').symlink_to(tmp_path / 'big disk' / 'slices')
   for seed in (0, 1):  # built, then rebuilt
     preprocess.ensure_slice_store(data_cfg, tmp_path / 'slices', seed=seed, multiple=16)
   assert (tmp_path / 'slices').is_symlink() and (tmp_path / 'slices' / 'fingerprint.json').is_file()
   assert sorted(p.name for p in (tmp_path / 'big disk').iterdir()) == ['slices']
+  (tmp_path / 'empty').mkdir()
+  monkeypatch.chdir(tmp_path / 'empty')
+  for store in ('.', tmp_path):
+    with pytest.raises(ConfigError, match='holds the current folder, which building the store would replace'):
+      preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
 
 
 def test_a_metaimage_data_file_rewritten_in_place_makes_the_store_stale(data_cfg, tmp_path):
@@ -330,11 +335,11 @@ def test_cases_whose_header_lost_the_geometry_are_warned_of(tmp_path, caplog):
           'stored, as a conversion that lost the geometry writes it): lost; they are sliced') in caplog.text
 
 
-def test_bad_cases_named_skipped_and_rest_processed(tmp_path, caplog):
+def test_bad_cases_named_skipped_and_rest_processed(tmp_path, caplog, dead_mark):
   _bad_dataset(tmp_path / 'knees')
   cfg = default.get_config().data
   cfg.root, cfg.split = str(tmp_path / 'knees'), (1, 1, 0)
-  killed_build = tmp_path / 'cache' / f'slices.easunet-{socket.gethostname()}-999999999.build'  # killed
+  killed_build = tmp_path / 'cache' / (dead_mark('slices.') + 'build')  # left by a killed run
   killed_build.mkdir(parents=True)
   (killed_build / 'images.npy').write_bytes(b'half')
   with caplog.at_level(logging.INFO):
@@ -385,10 +390,10 @@ def test_crash_leaves_no_store_and_no_build_folder(data_cfg, tmp_path, monkeypat
   assert list(tmp_path.iterdir()) == []
 
 
-def test_a_killed_builds_folder_goes_also_where_the_store_is_current(store, data_cfg):
+def test_a_killed_builds_folder_goes_also_where_the_store_is_current(store, data_cfg, dead_mark):
   gone = subprocess.Popen([sys.executable, '-c', ''])  # a process id no process has any more
   gone.wait()
-  killed = store.with_name(f'{store.name}.easunet-{socket.gethostname()}-{gone.pid}.build')
+  killed = store.with_name(dead_mark(f'{store.name}.', gone.pid) + 'build')
   (killed / 'train').mkdir(parents=True)
   preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
   assert not killed.exists() and (store / 'fingerprint.json').exists()

@@ -317,6 +317,9 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   if data_cfg.train_slices not in ('cartilage', 'all'):
     raise ConfigError(f"data.train_slices: expected 'cartilage' or 'all', got {data_cfg.train_slices!r}")
   cache_dir = pathlib.Path(cache_dir).resolve()  # a link to a folder elsewhere: the store is built there
+  if pathlib.Path.cwd().is_relative_to(cache_dir):
+    raise ConfigError(f'data.cache_dir: {cache_dir} holds the current folder, which building the store would '
+                      'replace; name a folder of its own')
   # What killed runs left beside the store (their builds, the stores they were replacing: `atomic.mark`),
   # also where the store is current: a killed rebuild's is as large.
   atomic.remove_left_by_dead(cache_dir.parent, f'{cache_dir.name}.')
