@@ -1,10 +1,10 @@
 """Files written so that a crash or a stop leaves the earlier file or none, never half of one, and what
 killed runs left behind.
 
-Temporary files and folders carry a mark: 'easunet', the machine (a hash of its name: 8 hex digits, of one
-length whatever the name) and the process id (`mark`). Only marked
-paths of this machine whose process is gone are removed (`remove_left_by_dead`): never a user's file, nor
-the write in progress of a run on another machine sharing the folder.
+Temporary files and folders carry a mark: 'easunet', the machine (8 hex digits of its name's hash, one
+length whatever the name) and the process id (`mark`). Only marked paths of this machine whose process is
+gone are removed (`remove_left_by_dead`): never a user's file, nor the write in progress of a run on
+another machine sharing the folder.
 """
 
 import contextlib
@@ -20,7 +20,7 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def mark(prefix: str) -> str:
-  """`prefix` + this process's mark: a temporary path's name starts so (`left_by_dead`)."""
+  """`prefix` + this process's mark: a temporary path's name starts so (`remove_left_by_dead`)."""
   return f'{prefix}easunet-{_HOST}-{os.getpid()}.'
 
 
