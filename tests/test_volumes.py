@@ -192,6 +192,31 @@ def test_voxel_sizes_are_the_affines_where_pixdim_disagrees(tmp_path, first_axis
   np.testing.assert_allclose(volumes.load_image(tmp_path / 'scan.nii.gz')[1], (0.7, 0.4, 0.4))
 
 
+@pytest.mark.parametrize('sform', [False, True])
+@pytest.mark.parametrize('name', ['scan.nii.gz', 'scan.hdr', 'misnamed.nii'])
+def test_a_voxel_size_of_0_read_as_1_mm_is_warned_of_without_a_sform(tmp_path, caplog, sform, name):
+  """pixdim 0.5 x 0 x 2 with only a qform: nibabel and ITK read 0.5 x 1 x 2 mm, and the user is told; with a
+  sform of 0.5 x 0.4 x 2 mm, the sform's spacing is read and nothing said."""
+  nii = nib.Nifti1Image(np.random.default_rng(0).random((4, 5, 6), np.float32), np.diag([0.5, 0.4, 2.0, 1.0]))
+  if not sform:
+    nii.set_sform(None, code=0)
+  header_file = tmp_path / ('scan.hdr' if name == 'scan.hdr' else 'scan.nii')
+  nib.save(nii, header_file)  # it writes pixdim from the affine: the 0 is written into the bytes
+  header = bytearray(header_file.read_bytes())
+  header[84:88] = np.float32(0.0).tobytes()  # pixdim[2], the second axis's voxel size
+  header_file.write_bytes(header)
+  if name != header_file.name:  # gzipped, as .nii.gz, and as .nii (misnamed: read whole from its bytes)
+    (tmp_path / name).write_bytes(gzip.compress(header_file.read_bytes()))
+  with caplog.at_level(logging.WARNING):
+    spacing = volumes.load_image(tmp_path / name)[1]
+  np.testing.assert_allclose(spacing, (0.5, 0.4, 2.0) if sform else (0.5, 1.0, 2.0))
+  if not sform:
+    np.testing.assert_allclose(sitk.ReadImage(str(header_file)).GetSpacing(),
+                               spacing)
+  assert (f'{name}: its header gives voxel sizes 0.5 x 0 x 2 (pixdim) and no sform: 0 is read as 1 mm'
+          in caplog.text) != sform
+
+
 @pytest.mark.parametrize('unit, per_mm', [('meter', 0.001), ('micron', 1000.0), ('mm', 1.0)])
 def test_a_header_in_metres_or_microns_is_read_in_mm_as_itk_reads_it(tmp_path, unit, per_mm):
   """A knee centred 50 mm to the right, of 0.7 x 0.4 x 0.4 mm voxels, its affine in the header's unit."""

@@ -5,6 +5,7 @@ import bz2
 import collections
 import contextlib
 import gzip
+import io
 import json
 import pathlib
 import re
@@ -373,19 +374,39 @@ def _nifti(path: pathlib.Path) -> nib.spatialimages.SpatialImage:
   one named .nii, which ITK reads by their content) the file read by its content, whole."""
   with _nibabel_silent():
     try:
-      return nib.load(path)
+      nii = nib.load(path)
     except _READ_ERRORS as e:
       error = e
+    else:
+      if isinstance(nii, nib.Nifti1Pair) and nii.header['sform_code'] == 0:  # pixdim then sizes the voxels
+        with nib.openers.ImageOpener(nii.file_map.get('header', nii.file_map['image']).filename) as f:
+          _warn_of_zero_voxel_sizes(path, type(nii.header).from_fileobj(f, check=False))
+      return nii
     try:
       with open(path, 'rb') as f:
         gzipped = f.read(2) == b'\x1f\x8b'
       if path.name.lower().endswith(NIFTI_SUFFIXES) and gzipped != path.name.lower().endswith('.gz'):
         content = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
         nifti2 = int.from_bytes(content[:4], 'little') == 540 or int.from_bytes(content[:4], 'big') == 540
-        return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(content)
+        image_type = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+        nii = image_type.from_bytes(content)
+        if nii.header['sform_code'] == 0:
+          unchecked = image_type.header_class.from_fileobj(io.BytesIO(content), check=False)
+          _warn_of_zero_voxel_sizes(path, unchecked)
+        return nii
     except _READ_ERRORS:
       pass
   raise DataError(f'{path}: not a readable NIfTI file ({one_line(error)})') from None
+
+
+def _warn_of_zero_voxel_sizes(path: pathlib.Path, unchecked_header: nib.Nifti1Header) -> None:
+  """nibabel, as ITK, reads a voxel size of 0 in pixdim as 1 mm, silently; without a sform that 1 mm is the
+  spacing, so it is said."""
+  zooms = unchecked_header['pixdim'][1:4]
+  if not zooms.all():
+    logging.warning('%s: its header gives voxel sizes %s (pixdim) and no sform: 0 is read as 1 mm, as '
+                    'nibabel and ITK read it; if the voxels are not 1 mm, sizes and segmentation are wrong '
+                    '(convert the scan again, e.g. with dcm2niix)', path, ' x '.join(f'{z:g}' for z in zooms))
 
 
 def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
