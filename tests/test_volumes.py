@@ -263,6 +263,10 @@ def test_complex_voxels_load_as_their_magnitude(tmp_path):
   nib.save(nib.Nifti1Image((np.abs(image) * phase).astype(np.complex64), affine), tmp_path / 'complex.nii.gz')
   got, _ = volumes.load_image(tmp_path / 'complex.nii.gz')
   np.testing.assert_allclose(got, np.abs(image), rtol=1e-6)
+  # MetaImage has no complex type: ITK writes (and reads back) two channels, which are named as such.
+  sitk.WriteImage(sitk.GetImageFromArray(image * phase.astype(np.complex64)), tmp_path / 'complex.mha')
+  with pytest.raises(DataError, match=r"2 channels per voxel, expected 1 .*a complex scan's two parts"):
+    volumes.load_image(tmp_path / 'complex.mha')
 
 
 def test_colour_empty_axis_and_nonstandard_units_headers(tmp_path):

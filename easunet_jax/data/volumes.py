@@ -256,7 +256,8 @@ def _metaimage(path: pathlib.Path) -> nib.Nifti1Image:
     compressed = fields.get('CompressedData', 'False').lower() in ('true', '1')
     shape = [int(n) for n in fields['DimSize'].split()]
     if int(fields.get('ElementNumberOfChannels', 1)) != 1:
-      raise ValueError(f'{fields["ElementNumberOfChannels"]} channels per voxel, expected 1')
+      raise ValueError(f'{fields["ElementNumberOfChannels"]} channels per voxel, expected 1 (a colour or '
+                       "vector image, or a complex scan's two parts as ITK writes it: save its magnitude)")
     big_endian = fields.get('BinaryDataByteOrderMSB', fields.get('ElementByteOrderMSB', 'False'))
     if fields['ElementType'] not in _METAIMAGE_TYPES:
       raise ValueError(f'element type {fields["ElementType"]} not supported')
