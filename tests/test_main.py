@@ -226,6 +226,21 @@ BAD_VALUES = {
 }
 
 
+# The edges of the ranges BAD_VALUES refuses beyond: allowed (plain SGD has momentum 0).
+EDGE_VALUES = {'optim.momentum': 0.0, 'optim.weight_decay': 0.0, 'predict.min_component_fraction': 0.0,
+               'data.phantom_oa_fraction': 1.0, 'predict.slice_sigma_mm': 0.0, 'data.phantom_elastic_mm': 0.0,
+               'eval.num_figure_slices': 0, 'seed': 2 ** 32 - 1, 'predict.spacing': (0.0, 0.0),
+               'eval.checkpoint': '100',
+               'loss.side_weights': (0.0,) * len(tiny.get_config().loss.side_weights)}
+
+
+@pytest.mark.parametrize('field', EDGE_VALUES)
+def test_the_edge_of_each_allowed_range_passes(field):
+  config = tiny.get_config()
+  config.update_from_flattened_dict({field: EDGE_VALUES[field]})
+  config_check.check_config(config, default.get_config(), 'train')
+
+
 def test_an_unknown_field_is_told_with_the_fields_of_its_group_or_the_top():
   reference = default.get_config()
   for override, expected in (('--config.optim.l=1', 'optim.lr, optim.momentum'),

@@ -92,6 +92,21 @@ def test_compartments_partition_the_plates(reference, laterality, sides_known):
   if laterality and sides_known:
     medial, lateral = (np.nonzero(parts[f'tc_{s}'])[0].mean() for s in ('medial', 'lateral'))
     assert (medial < lateral) == (laterality == 'R')
+  # The trochlea lies anterior (higher axis-1 indices) of the condyles.
+  condyles = parts[f'fc_{sides[0]}'] | parts[f'fc_{sides[1]}']
+  assert np.nonzero(parts['fc_trochlea'])[1].mean() > np.nonzero(condyles)[1].mean() + 20
+
+
+def test_the_split_is_the_middle_of_the_tibial_gap():
+  """Plates on slices 2-9 and 15-27: the gap is 10-14, its middle 12; with no tibial cartilage, the
+  femoral cartilage's gap (one slice, 20) is taken; with none, None."""
+  tc = np.zeros((30, 4, 4), bool)
+  tc[2:10] = tc[15:28] = True
+  fc = np.ones_like(tc)
+  fc[20] = False
+  assert measures.medial_lateral_split(fc, tc) == 12.0
+  assert measures.medial_lateral_split(fc, np.zeros_like(tc)) == 20.0
+  assert measures.medial_lateral_split(np.zeros_like(tc), np.zeros_like(tc)) is None
 
 
 def test_compartment_volumes_in_the_table_add_up_to_the_plates(reference):

@@ -849,10 +849,12 @@ def test_small_components_are_dropped_per_class():
   classes[2:8, 30:35, 5:10] = 2  # a tibial plate of 150 mm^3
   classes[1, 36, 36] = 1  # specks on skin
   classes[9, 0:2, 0:2] = 2
+  classes[1, 25, 10] = 1  # touching the plate's corner (2, 24, 9) only: a component of its own
   kept = predict.remove_small_components(classes, (1.0, 1.0, 1.0), 100.0, 0.0)
   expected = classes.copy()
   expected[1, 36, 36] = 0
   expected[9, 0:2, 0:2] = 0
+  expected[1, 25, 10] = 0
   np.testing.assert_array_equal(kept, expected)
   np.testing.assert_array_equal(predict.remove_small_components(classes, (1.0, 1.0, 1.0), 0.0, 0.0), classes)
   # Millimetres, not voxels: at 2 mm voxels the 150-voxel plate holds 1200 mm^3, the 4-voxel speck 32.
