@@ -913,6 +913,13 @@ def test_to_classes_weighs_the_background():
   np.testing.assert_array_equal(predict.to_classes(probabilities, 1.0), [1, 2, 0])
   np.testing.assert_array_equal(predict.to_classes(probabilities, 2.0), [0, 2, 0])
   np.testing.assert_array_equal(predict.to_classes(probabilities, 0.5), [1, 2, 1])
+  # Ties go to the lower class, as np.argmax gives them; any shape of (..., K) is the weighted argmax.
+  ties = np.array([[0.4, 0.4, 0.2], [0.2, 0.4, 0.4], [1 / 3, 1 / 3, 1 / 3]], np.float32)
+  np.testing.assert_array_equal(predict.to_classes(ties, 1.0), [0, 1, 0])
+  volume = np.random.default_rng(0).dirichlet(np.ones(3), size=(4, 5, 6)).astype(np.float32)
+  for weight in (1.0, 1.5):
+    np.testing.assert_array_equal(predict.to_classes(volume, weight),
+                                  np.argmax(volume * np.float32([weight, 1.0, 1.0]), axis=-1))
 
 
 @pytest.mark.parametrize('edge', range(3, 12))
