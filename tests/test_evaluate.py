@@ -133,6 +133,21 @@ def test_keep_largest_component_is_per_class_and_face_connected():
   np.testing.assert_array_equal(kept, expected)
 
 
+def test_slice_scores_are_in_the_in_plane_pixels_mm():
+  """Voxels of 4 mm (left-right) x 1 mm x 0.5 mm: a femoral plate shifted 2 pixels along H and a tibial one
+  2 pixels along W score HD95 2 mm and 1 mm on their slice, not in the slice thickness's 4 mm."""
+  label = np.zeros((3, 20, 20), np.uint8)
+  label[0, 3:8, 3:9] = 1
+  label[0, 12:17, 10:16] = 2
+  pred = np.zeros_like(label)
+  pred[0, 5:10, 3:9] = 1
+  pred[0, 12:17, 12:18] = 2
+  _, per_slice = evaluate.volume_metrics(pred, label, [True, False, False], (4.0, 1.0, 0.5))
+  assert [len(per_slice[name]) for name in ('fc', 'tc')] == [1, 1]
+  assert per_slice['fc'][0]['hd95'] == pytest.approx(2.0)
+  assert per_slice['tc'][0]['hd95'] == pytest.approx(1.0)
+
+
 def _one_line_error(error_type, config, workdir, match):
   with pytest.raises(error_type, match=match) as info:
     evaluate.evaluate(config, workdir)

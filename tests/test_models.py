@@ -12,6 +12,7 @@ from easunet_jax import steps
 from easunet_jax.errors import ConfigError
 from easunet_jax.models import abstract_model, depthwise_cpu, layers
 from easunet_jax.models.eas_unet import EASUNet
+from easunet_jax.models.heads import OutputFusion
 
 
 def _count(module) -> int:
@@ -155,6 +156,17 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   final, _ = _forward_shapes(model, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
   assert final.dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_add_fusion_is_the_sum_of_the_side_logits():
+  """Fusion 'add' (an ablation): the final logits are the four side outputs' sum, each side at full size."""
+  fusion = OutputFusion((4, 8, 16, 32), 3, fusion='add', dtype=jnp.float32, rngs=nnx.Rngs(0))
+  maps = [jax.random.normal(jax.random.key(i), (2, 32 // 2 ** i, 32 // 2 ** i, c))
+          for i, c in enumerate((4, 8, 16, 32))]
+  final, sides = fusion(maps)
+  assert [s.shape for s in sides] == [(2, 32, 32, 3)] * 4
+  np.testing.assert_allclose(final, sum(sides), rtol=1e-6)
+  assert not np.allclose(final, sides[0], atol=0.1)
 
 
 # Each EAS U-Net ablation: (field, value, parameter change against the paper's network at the default widths).

@@ -39,6 +39,31 @@ def test_train_batches(store):
   assert set(np.unique(batch['label'])) == {0, 1, 2}
 
 
+def test_each_epoch_is_a_new_permutation_of_the_rows(store):
+  src = pipeline.SliceSource(store / 'train')
+  row_of = {src[i]['image'].tobytes(): i for i in range(len(src))}
+  assert len(row_of) == len(src)  # the rows tell apart by their images
+  it = pipeline.train_iterator(store, batch_size=1, seed=0, workers=0)
+  epochs = [[row_of[next(it)['image'][0].tobytes()] for _ in range(len(src))] for _ in range(2)]
+  assert all(sorted(epoch) == list(range(len(src))) for epoch in epochs)  # every row once an epoch
+  assert epochs[0] != list(range(len(src))) and epochs[1] != epochs[0]
+
+
+def test_the_trained_pixel_keeps_the_order_of_its_axes(tmp_path):
+  """Pixels of 0.5 mm (anterior) by 0.7 mm (superior), as the store's rows give them: recorded and read
+  back in that order, from the workdir's record and from the store."""
+  store = tmp_path / 'slices'
+  (store / 'train').mkdir(parents=True)
+  (store / 'splits.json').write_text(json.dumps({'train': ['a'], 'val': [], 'test': []}))
+  rows = [{'spacing': [0.5, 0.7]}, {'spacing': [0.5, 0.7]}, {'spacing': [0.6, 0.9]}]
+  (store / 'train' / 'index.json').write_text(json.dumps(rows))
+  config = default.get_config()
+  config.data.cache_dir = str(store)
+  assert pipeline.trained_pixel_mm(config, None) == (0.5, 0.7)
+  pipeline.record_trained_on(tmp_path, store)
+  assert pipeline.trained_pixel_mm(config, tmp_path) == (0.5, 0.7)
+
+
 def test_iterator_resumed_at_a_step_gives_the_same_batches_whatever_the_workers(store):
   """A run resumed at step 12 (past the end of the first epoch: train has ~20 cartilage slices) reads the
   batches an uninterrupted run reads, with or without worker processes, whichever the run before had."""

@@ -716,7 +716,8 @@ def test_a_way_the_header_finds_no_sure_cartilage_in_is_said_in_words():
 
 def test_a_header_without_a_position_decides_no_side():
   """A file without a pose (OAI-ZIB's MetaImage files: the first voxel at the origin) tells no side, however
-  far from the midline its centre then lies; a scanner's position of 60 mm to the right does."""
+  far from the midline its centre then lies; a scanner's position of 60 mm to the right or the left does,
+  and one 6 mm from the midline does not."""
   affine = np.diag([0.7, 0.4, 0.4, 1.0])
   side, why = predict.decide_laterality(nib.Nifti1Image(np.zeros((160, 5, 6), np.float32), affine), {}, None)
   assert side is None and why.startswith('undecided: the header puts the first voxel at the origin')
@@ -724,6 +725,12 @@ def test_a_header_without_a_position_decides_no_side():
   right = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
   side, why = predict.decide_laterality(right, {}, None)
   assert side == 'R' and why.startswith("from the position: centred 61 mm to the patient's right")
+  for first_voxel_x, want_side, want_why in (
+      (-60.0, 'L', "from the position: centred 59 mm to the patient's left"),
+      (5.0, None, 'undecided: the scan is centred 6 mm from the midline (RAS x)')):
+    affine[0, 3] = first_voxel_x
+    side, why = predict.decide_laterality(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine), {}, None)
+    assert side == want_side and why.startswith(want_why)
 
 
 def test_a_laterality_tag_against_the_position_decides_with_a_warning(caplog):

@@ -151,6 +151,9 @@ def test_normalise_does_not_depend_on_the_intensities_unit():
   mostly_zero = np.zeros((6, 20, 20), np.float32)
   mostly_zero[0, 0, :3] = (1.0, 2.0, 4.0)  # the 0.5 and 99.5 percentiles are both 0
   assert preprocess.normalise(mostly_zero).max() == 1.0 and preprocess.normalise(mostly_zero)[0, 0, 0] == 0.25
+  # One bright voxel (a vessel, an artefact) beyond the 99.5th percentile does not darken the rest.
+  ramp = np.r_[np.linspace(0.0, 1.0, 999), 1000.0].astype(np.float32)
+  assert preprocess.normalise(ramp)[500] == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize('n', [3, 5, 10, 31])

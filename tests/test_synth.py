@@ -53,6 +53,23 @@ def test_draws_differ_in_contrast_and_keep_the_labels(knee):
   np.testing.assert_array_equal(again['image'], draws[0]['image'])
 
 
+def test_air_is_dark_in_the_draws_ranges_say(knee):
+  """All else plain (no spread, blur, bias, gamma, noise or saturation), the image is the sub-regions'
+  means over the brightest's: air drawn in [0, 0.1] is then below 0.2 (the brightest of some twenty means is
+  over 0.5) in every draw; air drawn as a tissue is above it in most."""
+  tissue = knee[0][8].copy()
+  tissue[:16] = 0  # air beside the leg (the phantom's leg fills its slices)
+  plain = {'spread': 0.0, 'blur_px': 0.0, 'bias': 0.0, 'log_gamma': 0.0, 'noise': (0.0, 0.0),
+           'saturation': (1.0, 1.0)}
+
+  def air_means(dark_air):
+    draw = jax.jit(lambda key: synth.render(key, tissue, synth.Ranges(dark_air=dark_air, **plain)))
+    return np.array([np.asarray(draw(jax.random.key(i)))[tissue == 0].mean() for i in range(20)])
+
+  assert (air_means(1.0) < 0.2).all()
+  assert (air_means(0.0) > 0.2).sum() >= 10
+
+
 def test_augmentation_moves_tissue_and_labels_together(knee):
   tissue, labels = knee
   batch = {'label': labels.astype(np.int32), 'tissue': tissue.astype(np.int32)}
