@@ -53,8 +53,6 @@ _COARSE_PIXEL_RATIO = 2.0
 # (another unit than mm, a scaled affine), and the slice would be a few pixels or exhaust memory.
 _SLICE_PIXELS = (16, 4096)
 SIDES = {'R': 'right', 'L': 'left'}
-# An MR image has hundreds of grey levels; a scan with fewer distinct values is likely a label map or mask.
-_MIN_GREY_LEVELS = 16
 # The orientation check (`sagittal_orientation`) runs the network on this many central sagittal slices in
 # each of the eight in-plane orientations (of each axis taken as left-right, unless _SLICE_AXIS_RATIO says
 # otherwise); it overrides the header only where another orientation holds at
@@ -961,10 +959,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
     logging.warning("%s: the header gives no orientation (qform and sform codes 0), so nibabel's default "
                     "is taken: the patient's left along the first axis; medial and lateral follow it only "
                     'if that is right', source)
-  # Every third voxel along each axis first: an MR image has hundreds of grey levels there, so np.unique of
-  # the whole volume (seconds) runs only for what may be a label map or mask given in place of a scan.
-  if len(np.unique(image[::3, ::3, ::3])) < _MIN_GREY_LEVELS and (
-      len(levels := np.unique(image)) < _MIN_GREY_LEVELS):
+  if (levels := volumes.few_grey_levels(image)) is not None:
     logging.warning('%s: the image holds only %d distinct values (%s): a label map or mask given as the '
                     'scan? Expect a meaningless mask', source, len(levels),
                     ', '.join(f'{v:g}' for v in levels))

@@ -133,6 +133,20 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
   np.testing.assert_array_equal(volumes.load_case(cases['z'], IDENTITY_MAP)[1], expected)
 
 
+def test_an_image_of_few_values_is_warned_of_as_a_label_map_in_place_of_the_scan(tmp_path, caplog):
+  image, labels, affine = _small_case(np.random.default_rng(1))
+  _write_pair(tmp_path / 'scan', 'k', image, labels, affine)
+  _write_pair(tmp_path / 'mask', 'k', labels.astype(np.float32), labels, affine)
+  for root in ('scan', 'mask'):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      volumes.load_case(volumes.discover_cases(tmp_path / root)[0], IDENTITY_MAP)
+    warned = [r.getMessage() for r in caplog.records if 'distinct values' in r.getMessage()]
+    assert len(warned) == (root == 'mask')
+  assert warned[0].startswith(f'k: image {tmp_path / "mask" / "images" / "k.nii.gz"} holds only 5 distinct '
+                              'values (0, 1, 2, 3, 4): a label map or mask in place of the scan?')
+
+
 def test_non_integer_labels_rejected(tmp_path):
   image, _, affine = _small_case(np.random.default_rng(0))
   _write_pair(tmp_path, 'f', image, image + 0.5, affine)

@@ -584,6 +584,21 @@ def load_labels(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndar
   return _check_label_values(labels, case, label_map), spacing
 
 
+# An MR image has hundreds of grey levels; a scan with fewer distinct values is likely a label map or mask.
+_MIN_GREY_LEVELS = 16
+
+
+def few_grey_levels(image: np.ndarray) -> np.ndarray | None:
+  """The distinct values of an image that has fewer than _MIN_GREY_LEVELS (a label map or mask given in
+  place of a scan), else None."""
+  # Every third voxel along each axis first: an MR image has hundreds of grey levels there, so np.unique of
+  # the whole volume (seconds) runs only for what may be a label map or mask.
+  if len(np.unique(image[::3, ::3, ::3])) < _MIN_GREY_LEVELS and (
+      len(levels := np.unique(image)) < _MIN_GREY_LEVELS):
+    return levels
+  return None
+
+
 def load_case(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, Spacing]:
   """Image (float32) and remapped labels (uint8) in closest-canonical RAS order, and the voxel spacing in mm.
 
@@ -593,6 +608,10 @@ def load_case(case: Case, label_map: Sequence[Sequence[int]]) -> tuple[np.ndarra
   if case.image is None:
     raise DataError(f'{case.id}: no image file (a label map alone trains only with data.synth=True)')
   image, spacing = load_image(case.image)
+  if (levels := few_grey_levels(image)) is not None:
+    logging.warning('%s: image %s holds only %d distinct values (%s): a label map or mask in place of the '
+                    'scan? It trains as given', case.id, case.image, len(levels),
+                    ', '.join(f'{v:g}' for v in levels))
   return image, remap_labels(labels, label_map), spacing
 
 
