@@ -148,6 +148,13 @@ def test_slice_scores_are_in_the_in_plane_pixels_mm():
   assert per_slice['tc'][0]['hd95'] == pytest.approx(1.0)
 
 
+def test_both_empty_is_only_where_neither_mask_has_a_voxel():
+  empty, blob = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+  blob[1:3, 1:3] = True
+  assert [evaluate._scores(a, b, (1.0, 1.0))['both_empty'] for a, b in
+          ((empty, empty), (empty, blob), (blob, empty), (blob, blob))] == [True, False, False, False]
+
+
 def _one_line_error(error_type, config, workdir, match):
   with pytest.raises(error_type, match=match) as info:
     evaluate.evaluate(config, workdir)

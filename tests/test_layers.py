@@ -1,4 +1,5 @@
-"""Layer-level checks of the hand-written gradients in models/layers.py against plain autodiff."""
+"""Layer-level checks: the hand-written gradients in models/layers.py against plain autodiff, and what the
+blocks and the EAS module compute."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 from flax import nnx
 
 from easunet_jax.models import layers
+from easunet_jax.models.eas import EAS
 
 
 def test_matmul_2d_values_and_gradients_match_autodiff():
@@ -49,3 +51,36 @@ def test_max_pool_takes_each_windows_maximum_and_sends_its_gradient_to_one_eleme
   np.testing.assert_array_equal(windows.sum(axis=(2, 4)), cotangent)
   chosen = np.where(windows != 0, x.reshape(windows.shape), -np.inf).max(axis=(2, 4))
   np.testing.assert_array_equal(chosen, expected)  # and it is a maximum
+
+
+def test_separable_block_is_depthwise_bn_leaky_relu_pointwise_bn_hard_swish():
+  """One channel, the depthwise kernel its centre tap, the pointwise weight 1, BatchNorm at its start
+  (mean 0, variance 1): an input of -1 gives hard_swish(leaky_relu(-1)) = -0.01 * 2.99 / 6."""
+  block = layers.SeparableBlock(1, 1, impl='shift', dtype=jnp.float32, rngs=nnx.Rngs(0))
+  block.depthwise.kernel[...] = jnp.zeros((3, 3, 1)).at[1, 1, 0].set(1.0)
+  block.pointwise.kernel[...] = jnp.ones((1, 1))
+  block.eval()
+  out = block(-jnp.ones((1, 4, 4, 1)))
+  np.testing.assert_allclose(out, -0.01 * 2.99 / 6, rtol=1e-3)
+
+
+def test_eca_weighs_each_channel_by_the_sigmoid_of_its_mean():
+  """One channel, its one tap 1: a map of mean 1 (values 0 and 2) is scaled by sigmoid(1)."""
+  eca = layers.ECA(1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  eca.conv.kernel[...] = jnp.ones_like(eca.conv.kernel[...])
+  x = jnp.array([[0.0, 2.0], [0.0, 2.0]]).reshape(1, 2, 2, 1)
+  np.testing.assert_allclose(eca(x), x * jax.nn.sigmoid(1.0), rtol=1e-6)
+
+
+def test_eas_module_uses_its_rates_eca_and_the_images_mean():
+  module = EAS(4, (6, 12, 18), impl='shift', dtype=jnp.float32, rngs=nnx.Rngs(0))
+  module.eval()
+  assert [branch.depthwise.dilation for branch in module.atrous] == [6, 12, 18]
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+  seen = []
+  image_pool = module.image_pool
+  module.image_pool = lambda pooled: seen.append(pooled) or image_pool(pooled)
+  with_eca = module(x)
+  np.testing.assert_allclose(seen[0], x.mean(axis=(1, 2), keepdims=True), rtol=1e-6)  # the mean, not max
+  module.eca = None
+  assert not np.allclose(module(x), with_eca, atol=1e-3)  # the 1x1 branch's attention counts

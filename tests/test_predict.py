@@ -168,8 +168,9 @@ def test_probabilities_are_those_of_the_mask_in_the_scans_grid(run, tmp_path, mo
                                 np.asarray(saved.dataobj))
 
 
-def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
+def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path, monkeypatch):
   workdir, canonical, permuted = run
+  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
   inputs = tmp_path / 'in'
   inputs.mkdir()
   for path in (canonical, permuted):
@@ -185,7 +186,12 @@ def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path):
   for path, mask_path in zip((canonical, canonical, canonical, permuted), masks, strict=True):
     mask = nib.load(mask_path)
     assert mask.shape == nib.load(path).shape
-    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 2, 4}
+    assert set(np.unique(np.asarray(mask.dataobj))) == {0, 2, 4}
+  # FC is written 2 and TC 4: the compact mask's 1 and 2.
+  predict.predict(_config(), workdir, canonical, tmp_path / 'compact.nii.gz')
+  compact = np.asarray(nib.load(tmp_path / 'compact.nii.gz').dataobj)
+  assert set(np.unique(compact)) == {0, 1, 2}
+  np.testing.assert_array_equal(nib.load(masks[0]).dataobj, np.array([0, 2, 4])[compact])
   for other in masks[1:3]:
     assert type(nib.load(other)) is nib.Nifti1Image
     np.testing.assert_array_equal(nib.load(other).dataobj, nib.load(masks[0]).dataobj)

@@ -80,6 +80,12 @@ def test_reuse_and_rebuild_on_changed_setting(store, data_cfg, caplog):
   with caplog.at_level(logging.INFO):  # without a split file, the seed draws the split
     preprocess.ensure_slice_store(data_cfg, store, seed=1, multiple=16)
   assert 'changed: seed, train_slices)' in caplog.text
+  caplog.clear()
+  swapped = data_cfg.copy_and_resolve_references()
+  swapped.label_map = ((4, 1), (2, 2))  # femoral and tibial cartilage swapped
+  with caplog.at_level(logging.INFO):
+    preprocess.ensure_slice_store(swapped, store, seed=1, multiple=16)
+  assert 'changed: label_map)' in caplog.text
   preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)  # back to the module's store
 
 

@@ -101,6 +101,14 @@ def test_another_set_of_cases_is_refused_on_evaluation_and_the_trained_pixel_kep
   assert pipeline.trained_pixel_mm(other, workdir) == tuple(trained_on['pixel_mm'])
 
 
+def test_the_latest_keep_steps_and_the_best_by_validation_dice_are_kept(tmp_path):
+  mngr = checkpoints.manager(tmp_path, keep=2, for_training=True)
+  for step, dice in enumerate([0.1, 0.9, 0.3, 0.2, 0.4], start=1):
+    checkpoints.save(mngr, step, {'w': jax.numpy.full(2, step, np.float32)}, tiny.get_config(),
+                     {checkpoints.BEST_METRIC: dice})
+  assert sorted(mngr.all_steps()) == [2, 4, 5] and mngr.best_step() == 2
+
+
 def test_finished_run_is_not_trained_again(augmented_tiny):
   config, workdir, _ = augmented_tiny
   before = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
