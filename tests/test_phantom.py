@@ -5,6 +5,7 @@ import logging
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from configs import default
 from easunet_jax import measures
@@ -45,6 +46,10 @@ def test_anatomy_and_contrast(subject):
   assert centre_of(1) > centre_of(2) > centre_of(4) > centre_of(3)  # femur, FC, TC, tibia from the top
   means = [image[labels == k].mean() for k in range(5)]
   assert means[2] > means[1] and means[4] > means[3]  # cartilage brighter than bone marrow
+  # Cartilage lies on its bone, whose label holds the bone plate as OAI-ZIB's does: at these 1 mm pixels
+  # and 7 mm slices, 44 % of FC's voxels and 71 % of TC's touch it (17 % and 45 % with the plate unlabelled).
+  for plate, bone, share in ((2, 1, 0.3), (4, 3, 0.6)):
+    assert np.mean(ndimage.binary_dilation(labels == bone)[labels == plate]) > share
 
 
 def test_cartilage_thickness_mm():

@@ -416,8 +416,12 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   predict.predict(_config(), workdir, scans, out, continue_prediction=True)
   assert (out / 'a.nii.gz').stat().st_mtime_ns == written['a.nii.gz']
   assert (out / 'c.nii.gz').stat().st_mtime_ns != written['c.nii.gz']
+  (out / 'slices' / 'a.png').unlink()  # one of a scan's outputs gone: it is segmented again
+  predict.predict(_config(), workdir, scans, out, continue_prediction=True)
+  rewritten = (out / 'a.nii.gz').stat().st_mtime_ns
+  assert rewritten != written['a.nii.gz'] and (out / 'slices' / 'a.png').exists()
   predict.predict(_config(background_weight=2.0), workdir, scans, out, continue_prediction=True)
-  assert (out / 'a.nii.gz').stat().st_mtime_ns != written['a.nii.gz']
+  assert (out / 'a.nii.gz').stat().st_mtime_ns != rewritten
 
 
 def test_a_batch_goes_past_scans_whose_files_fail_the_checks(run, tmp_path, monkeypatch):
@@ -548,6 +552,7 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   assert [(pathlib.Path(r['scan']).name, r['plate']) for r in rows] == [
       (scan, plate) for scan in ('knee_0000.nii.gz', 'permuted.nii.gz') for plate in ('fc', 'tc')]
   assert float(rows[0]['dice']) == pytest.approx(knee['fc']['dice'], rel=1e-5)
+  assert (rows[0]['mask'], rows[0]['labels']) == (str(out / 'knee_0000.nii.gz'), str(labels / 'knee.nii.gz'))
   report = (out / 'report.md').read_text()
   assert f'| mean ± std (2 scans) | {(knee["fc"]["dice"] + 100) / 2:.2f} ± ' in report
   assert '](bland_altman_thickness.png)' in report and (out / 'bland_altman_thickness.png').stat().st_size
@@ -919,6 +924,19 @@ class _Step:
 def _segment(network, image, spacing, pixel, subpixel_tta, slice_sigma_mm):
   return predict.to_classes(predict.class_probabilities(network, image, spacing, pixel, subpixel_tta,
                                                         slice_sigma_mm), 1.0)
+
+
+def test_an_orientation_is_taken_only_where_it_beats_the_headers_by_the_margin():
+  """Share 0 is the header's way: another must be 1.5 times surer and above the floor of 1e-3."""
+  assert predict._beats(np.array([0.1, 0.14])) == (0, 1.0)
+  assert predict._beats(np.array([0.1, 0.16, 0.12])) == (1, pytest.approx(1.6))
+  assert predict._beats(np.array([0.0, 5e-4])) == (0, 1.0)
+  assert predict._beats(np.array([0.0, 0.2])) == (1, float('inf'))
+
+
+def test_resampled_size_rounds_to_the_nearest_pixel():
+  assert predict.resampled_size((100, 101), (0.5, 0.5), (0.3, 0.3)) == (167, 168)  # 166.7 and 168.3
+  assert predict.resampled_size((3, 400), (0.1, 0.5), (1.0, 0.5)) == (1, 400)  # never below one pixel
 
 
 def test_to_classes_weighs_the_background():

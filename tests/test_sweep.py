@@ -5,6 +5,7 @@ re-runs in this process: the command line's part is the first run's and the dry 
 import csv
 import json
 import logging
+import pathlib
 import re
 import shlex
 import signal
@@ -108,6 +109,13 @@ def test_dry_run_lists_points_and_passes_overrides(tmp_path):
     assert f'--config.data.split_file={tmp_path / "W" / "splits.json"}' in train
     assert f'--config.data.cache_dir={tmp_path / "W" / "slices"}' in train
   assert not (tmp_path / 'W').exists()
+
+
+def test_a_users_split_file_is_the_points_split_not_the_sweeps():
+  point = points.Point(points.Variant('v', 'v', 'configs/tiny.py', ()), 0)
+  args = points.point_args(point, pathlib.Path('/W'), ['--config.data.split_file=/mine.json'])
+  assert [a for a in args if 'split_file' in a] == ['--config.data.split_file=/mine.json']
+  assert '--config.data.split_file=/W/splits.json' in points.point_args(point, pathlib.Path('/W'), [])
 
 
 def test_a_config_file_that_does_not_load_is_one_config_error():

@@ -81,9 +81,11 @@ def test_augmentation_moves_tissue_and_labels_together(knee):
   # And the training batch's labels are those moved labels.
   full = {'image': np.zeros((*tissue.shape, 1), np.float16), 'label': labels, 'tissue': tissue}
   drawn = jax.device_get(_batch_fn(True)(full, augment.step_key(0, 5)))
-  augment_key, _ = jax.random.split(augment.step_key(0, 5))  # the other half draws the contrast
+  augment_key, synth_key = jax.random.split(augment.step_key(0, 5))  # the other half draws the contrast
   moved = jax.device_get(jax.jit(augment.apply)(augment.sample_parameters(augment_key, len(labels)), batch))
   np.testing.assert_array_equal(drawn['label'], moved['label'])
+  np.testing.assert_allclose(drawn['image'], jax.jit(synth.render_batch)(synth_key, moved['tissue']),
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize('pixel_mm', [1.0, 1.7])  # 1.7: pixels coarser than the rim's 0.8 mm + half a pixel
