@@ -939,6 +939,26 @@ def test_resampled_size_rounds_to_the_nearest_pixel():
   assert predict.resampled_size((3, 400), (0.1, 0.5), (1.0, 0.5)) == (1, 400)  # never below one pixel
 
 
+def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path):
+  """The Markdown table in mm, mm^3, mm^2 and the thin fraction in %; the CSV as measured."""
+  row = {'volume_mm3': 1234.0, 'thickness_mean_mm': 2.0, 'thickness_median_mm': 1.9, 'thickness_p95_mm': 3.1,
+         'thickness_max_mm': 4.0, 'area_mm2': 617.0, 'thin_fraction': 0.25}
+  result = {'input': 'a.nii.gz', 'output': str(tmp_path / 'a.nii.gz'), 'laterality': 'R',
+            'laterality_text': 'right knee', 'orientation': predict._AS_THE_HEADER, 'rotation_deg': 0,
+            'regions': {'fc': row, 'tc': row | {'thin_fraction': 0.0}},
+            'thickness_png': str(tmp_path / 'thickness' / 'a.png'),
+            'slices_png': str(tmp_path / 'slices' / 'a.png')}
+  paths = {name: tmp_path / file for name, file in (('measures', 'measures.csv'), ('report', 'report.md'),
+                                                    ('scores', 'scores.csv'), ('bland_altman', 'ba.png'))}
+  predict.write_reports([result], paths)
+  report = paths['report'].read_text()
+  assert '| fc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 25.0 % |' in report
+  assert '| tc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 0.0 % |' in report
+  rows = list(csv.DictReader(paths['measures'].open()))
+  assert [(r['laterality'], r['region'], r['thin_fraction'], r['area_mm2']) for r in rows] == [
+      ('right', 'fc', '0.25', '617'), ('right', 'tc', '0', '617')]
+
+
 def test_to_classes_weighs_the_background():
   probabilities = np.array([[0.4, 0.55, 0.05], [0.2, 0.1, 0.7], [0.5, 0.4, 0.1]], np.float32)
   np.testing.assert_array_equal(predict.to_classes(probabilities, 1.0), [1, 2, 0])
