@@ -81,6 +81,23 @@ def test_thickness_scaling():
                                                                                         v_thick)
 
 
+def test_the_joint_shift_widens_or_narrows_the_joint_space():
+  """The reference knee unmoved but for the joint shift: the centres of femur and tibia (with their plates)
+  lie 0.57 mm farther apart for +1.2 mm and 0.38 mm nearer for -1.2 mm (the tibia moves, partly)."""
+  labels, spacing = knee.reference()
+  still = {'left': False, 'scale': np.ones(3), 'angles': np.zeros(3), 'shift': np.zeros(3),
+           'elastic': np.zeros((3, 5, 5, 5))}
+  shape, out_spacing = (12, 160, 160), (2.0, 0.9, 0.9)
+  z = np.arange(shape[2]) * out_spacing[2]
+
+  def gap(joint):
+    out = knee._warp(labels, spacing, shape, out_spacing, still | {'joint': joint})
+    femur, tibia = np.isin(out, (1, 2)).sum((0, 1)), np.isin(out, (3, 4)).sum((0, 1))
+    return (z * femur).sum() / femur.sum() - (z * tibia).sum() / tibia.sum()
+
+  assert gap(-1.2) < gap(0.0) - 0.3 and gap(1.2) > gap(0.0) + 0.3
+
+
 def test_left_knee_is_the_mirror_of_the_right():
   labels, spacing = knee.reference()
   k = dict(left=False, scale=np.ones(3), angles=np.zeros(3), shift=np.zeros(3),
