@@ -65,6 +65,9 @@ def test_3d_mean_dice_is_the_mean_of_per_case_csv(run):
 def test_report_is_a_markdown_table_beside_the_paper(run):
   _, out = run
   text = (out / 'report.md').read_text()
+  metrics = json.loads((out / 'metrics.json').read_text())  # the step evaluated, 'best' named it
+  assert text.startswith(f"# Test-set evaluation of `{metrics['name']}`, step {metrics['step']}\n")
+  assert "(eval.checkpoint = 'best')" in text
   tables = [block.splitlines() for block in text.split('\n\n') if block.startswith('|')]
   assert len(tables) == 3  # 3D, 2D, then thickness and volume errors
   for table in tables[:2]:

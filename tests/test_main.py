@@ -65,6 +65,13 @@ def interrupted_segment_scan(*args, **kwargs):
 predict._segment_scan = interrupted_segment_scan
 """
 
+REPORT_PREDICT = """
+from easunet_jax import predict
+def report(config, workdir, input_path, output_path, model_file=None, **kwargs):
+  print('predict', workdir, model_file, kwargs['laterality'])
+predict.predict = report
+"""
+
 DISK_FULL = """
 import errno
 from easunet_jax import train
@@ -350,6 +357,20 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
   refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=train'],
                            capture_output=True, text=True, check=False)
   assert refused.returncode == 2 and refused.stderr.startswith('error: --config is needed')
+
+
+@pytest.mark.parametrize('given', [False, True])
+def test_predict_gets_the_model_file_and_the_side_given(tmp_path, given):
+  """--weights names the model file (without it, the shipped one) and --laterality=right reaches predict as
+  'R'."""
+  (tmp_path / 'model.npz').symlink_to(pretrained.SHIPPED)
+  flags = ['--weights=' + str(tmp_path / 'model.npz'), '--laterality=right'] if given else []
+  result = subprocess.run([sys.executable, '-c', _RUN_MAIN.format(hook=REPORT_PREDICT), '--mode=predict',
+                           '--input=scan.nii.gz', '--output=mask.nii.gz', *flags], cwd=REPO,
+                          capture_output=True, text=True, check=False, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  model, side = (tmp_path / 'model.npz', 'R') if given else (pretrained.SHIPPED, None)
+  assert result.stdout.splitlines()[-1] == f'predict None {model} {side}'
 
 
 def test_ctrl_c_in_a_predict_batch_is_one_line_and_keeps_the_scans_done(augmented_tiny, tmp_path):

@@ -111,6 +111,20 @@ def test_dry_run_lists_points_and_passes_overrides(tmp_path):
   assert not (tmp_path / 'W').exists()
 
 
+def test_the_launcher_runs_one_point_per_device_group_at_once(monkeypatch, tmp_path):
+  """Two groups, two points: both start together, each seeing only its group's devices."""
+  script = ('import os, pathlib, sys, time; '
+            "(pathlib.Path(sys.argv[1]) / f\"{os.environ['CUDA_VISIBLE_DEVICES']}@{time.time()}\").touch(); "
+            'time.sleep(1.5)')
+  monkeypatch.setattr(launch, 'main_command', lambda *_: [sys.executable, '-c', script, str(tmp_path)])
+  two = [points.Point(points.Variant('v', 'v', 'configs/tiny.py', ()), seed) for seed in range(2)]
+  assert not launch.Launcher(['0', '1,2'], tmp_path).run(two, {point: [] for point in two})
+  starts = [path.name.split('@') for path in tmp_path.glob('*@*')]
+  assert sorted({group for group, _ in starts}) == ['0', '1,2']
+  first, second = sorted(float(t) for _, t in starts)[:2]
+  assert second - first < 1.0  # at once, not one after the other
+
+
 def test_a_users_split_file_is_the_points_split_not_the_sweeps():
   point = points.Point(points.Variant('v', 'v', 'configs/tiny.py', ()), 0)
   args = points.point_args(point, pathlib.Path('/W'), ['--config.data.split_file=/mine.json'])
