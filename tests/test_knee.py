@@ -98,6 +98,27 @@ def test_the_joint_shift_widens_or_narrows_the_joint_space():
   assert gap(-1.2) < gap(0.0) - 0.3 and gap(1.2) > gap(0.0) + 0.3
 
 
+def test_bone_size_scales_the_knee_along_each_axis():
+  """The reference knee unmoved but for its size: 1.1 on every axis gives plates 1.1^3 = 1.33 times the
+  volume; 1.2 along the vertical axis only makes them 1.2 times as tall and no wider or deeper."""
+  labels, spacing = knee.reference()
+  still = {'left': False, 'angles': np.zeros(3), 'shift': np.zeros(3), 'elastic': np.zeros((3, 5, 5, 5)),
+           'joint': 0.0}
+  shape, out_spacing = (64, 160, 160), (2.0, 1.0, 1.0)  # the whole knee, with room for it to grow
+
+  def plates(scale):
+    out = knee._warp(labels, spacing, shape, out_spacing, still | {'scale': np.asarray(scale, float)})
+    cartilage = np.nonzero(np.isin(out, (2, 4)))
+    return np.array([np.count_nonzero(out == 2), np.count_nonzero(out == 4)]), np.ptp(cartilage, axis=1)
+
+  sizes, extent = plates([1.0, 1.0, 1.0])
+  larger, _ = plates([1.1, 1.1, 1.1])
+  np.testing.assert_allclose(larger / sizes, 1.1 ** 3, rtol=0.05)
+  _, taller = plates([1.0, 1.0, 1.2])
+  assert abs(taller[2] / extent[2] - 1.2) < 0.06, (taller, extent)
+  assert np.abs(taller[:2] - extent[:2]).max() <= 1, (taller, extent)
+
+
 def test_left_knee_is_the_mirror_of_the_right():
   labels, spacing = knee.reference()
   k = dict(left=False, scale=np.ones(3), angles=np.zeros(3), shift=np.zeros(3),

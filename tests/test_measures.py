@@ -70,6 +70,16 @@ def test_region_measures_of_a_sheet_half_thinner_than_1_mm():
   assert got['area_mm2'] == pytest.approx(got['volume_mm3'] / got['thickness_mean_mm'])
 
 
+def test_region_measures_of_given_thicknesses_count_1_mm_as_not_thinner_than_1_mm():
+  mask = np.zeros((1, 1, 5), bool)
+  mask[..., :4] = True
+  thickness = np.array([[[0.5, 1.0, 1.5, 2.0, 0.0]]], np.float32)
+  got = measures.region_measures(mask, thickness, mask, (1.0, 0.5, 0.5))
+  assert got == pytest.approx({'volume_mm3': 1.0, 'thickness_mean_mm': 1.25, 'thickness_median_mm': 1.25,
+                               'thickness_p95_mm': 1.925, 'thickness_max_mm': 2.0, 'area_mm2': 0.8,
+                               'thin_fraction': 0.25})
+
+
 @pytest.fixture(scope='module')
 def reference():
   return knee.reference()

@@ -37,7 +37,9 @@ def test_a_resumed_log_drops_later_rows_and_a_cut_row_and_purges_later_events(tm
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [(row['step'], row['train/loss']) for row in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
   (resumed,) = set((tmp_path / 'tensorboard').iterdir()) - {first}
-  assert sorted(e.step for e in _events(first) if e.summary.value) == [1, 2, 3]
+  # TensorBoard shows each scalar under its JSONL key, at its step.
+  assert [(e.step, v.tag, v.simple_value) for e in _events(first) for v in e.summary.value] == [
+      (1, 'train/loss', 1.0), (2, 'train/loss', 2.0), (3, 'train/loss', 3.0)]
   # TensorBoard hides the events of step 3 on that earlier files hold: the session restarts at step 3.
   starts = [e.step for e in _events(resumed) if e.session_log.status == event_pb2.SessionLog.START]
   assert starts == [3]

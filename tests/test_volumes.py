@@ -301,6 +301,17 @@ def test_colour_empty_axis_and_nonstandard_units_headers(tmp_path):
   np.testing.assert_array_equal(volumes.load_image(tmp_path / 'units.nii.gz')[0], image)
 
 
+def test_a_saved_volume_gives_its_orientation_in_both_qform_and_sform(tmp_path):
+  # Code 1 (scanner) in both: ITK reads the qform, nibabel and FSL the sform; a code of 0 is no orientation.
+  affine = np.array([[0, 0, -0.7, 50], [-0.36, 0, 0, 20], [0, 0.36, 0, -10], [0, 0, 0, 1]])
+  volumes.save_volume(tmp_path / 'mask.nii.gz', np.zeros((2, 3, 4), np.uint8), affine)
+  nii = nib.load(tmp_path / 'mask.nii.gz')
+  assert nii.header['qform_code'] == nii.header['sform_code'] == 1
+  np.testing.assert_allclose(nii.get_qform(), affine, atol=1e-6)
+  np.testing.assert_allclose(nii.get_sform(), affine, atol=1e-6)
+  assert nii.get_data_dtype() == np.uint8
+
+
 def test_reference_knee_orientation():
   case = volumes.Case('ref', knee.REFERENCE, knee.REFERENCE)
   _, labels, spacing = volumes.load_case(case, IDENTITY_MAP)
