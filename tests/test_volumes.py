@@ -38,6 +38,7 @@ def test_discover_both_layouts_sorted_with_unlabelled_images(tmp_path, nnunet):
   for case_id in ('b', 'a', 'c'):
     _write_pair(tmp_path, case_id, image, labels, affine, nnunet)
   (tmp_path / ('labelsTr/c.nii.gz' if nnunet else 'labels/c.nii.gz')).unlink()
+  (tmp_path / ('labelsTr/c.nii' if nnunet else 'labels/c.nii')).mkdir()  # a folder is no label file
   cases = volumes.discover_cases(tmp_path)
   assert [c.id for c in cases] == ['a', 'b', 'c'] and cases[2].label is None
   assert cases[0].image.name == ('a_0000.nii.gz' if nnunet else 'a.nii.gz')
@@ -108,8 +109,10 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
   image, labels, affine = _small_case(np.random.default_rng(0))
   volumes.save_volume(tmp_path / 'images/x.nii.gz', image, affine)
   volumes.save_volume(tmp_path / 'labels/x.nii.gz', labels[:, :, :5], affine)
-  volumes.save_volume(tmp_path / 'images/y.nii.gz', image, affine)
-  shifted = affine.copy()
+  posed = affine.copy()
+  posed[:3, 3] = (60.0, -20.0, 15.0)
+  volumes.save_volume(tmp_path / 'images/y.nii.gz', image, posed)
+  shifted = posed.copy()
   shifted[0, 3] += 0.01
   volumes.save_volume(tmp_path / 'labels/y.nii.gz', labels, shifted)
   # The same grid stored in another voxel order (axes permuted and flipped, the affine with them) is no
@@ -119,8 +122,6 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
   volumes.save_volume(tmp_path / 'labels/z.nii.gz', nib.orientations.apply_orientation(labels, ornt),
                       affine @ nib.orientations.inv_ornt_aff(ornt, labels.shape))
   # A scan with a pose and a label map without one, as OAI-ZIB's beside images converted from OAI's DICOM.
-  posed = affine.copy()
-  posed[:3, 3] = (60.0, -20.0, 15.0)
   volumes.save_volume(tmp_path / 'images/w.nii.gz', image, posed)
   volumes.save_volume(tmp_path / 'labels/w.nii.gz', labels, affine)
   cases = {c.id: c for c in volumes.discover_cases(tmp_path)}
@@ -128,7 +129,8 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
     with pytest.raises(DataError) as e:
       volumes.load_case(cases[case_id], IDENTITY_MAP)
     assert '\n' not in str(e.value) and case_id in str(e.value) and word in str(e.value)
-    assert ('the label map has no pose' in str(e.value)) == (case_id == 'w')
+    # Only one of the two files without a pose is a hint: x's have none, y's both.
+    assert ('no pose' in str(e.value)) == ('the label map has no pose' in str(e.value)) == (case_id == 'w')
   expected = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).dataobj)
   np.testing.assert_array_equal(volumes.load_case(cases['z'], IDENTITY_MAP)[1], expected)
 
@@ -152,6 +154,16 @@ def test_non_integer_labels_rejected(tmp_path):
   _write_pair(tmp_path, 'f', image, image + 0.5, affine)
   with pytest.raises(DataError, match='non-integer'):
     volumes.load_case(volumes.discover_cases(tmp_path)[0], IDENTITY_MAP)
+
+
+@pytest.mark.parametrize('value', [-1, 5, 255, 256, 1000])
+def test_label_values_outside_the_label_map_are_one_line_errors(tmp_path, value):
+  _, labels, affine = _small_case(np.random.default_rng(0))
+  labels = labels.astype(np.int16)
+  labels[0, 0, 0] = value
+  volumes.save_volume(tmp_path / 'k.nii.gz', labels, affine)
+  with pytest.raises(DataError, match=rf'k: label file \S+ holds values \[{value}\] outside data.label_map'):
+    volumes.load_labels(volumes.Case('k', None, tmp_path / 'k.nii.gz'), IDENTITY_MAP)
 
 
 def test_colour_complex_and_cartilage_free_label_maps_are_one_line_errors(tmp_path):
@@ -445,7 +457,9 @@ def _by_itk(path) -> tuple[np.ndarray, np.ndarray]:
 
 def test_files_other_writers_make_load_as_itk_reads_them(tmp_path):
   """64-bit integer voxels (numpy's default integer, as SimpleITK writes it), MetaIO's 4-byte MET_LONG, a
-  MetaImage header giving ElementSize but no ElementSpacing, and a NRRD file naming no space (ITK's LPS)."""
+  MetaImage header giving ElementSize but no ElementSpacing, a NRRD file naming no space (ITK's LPS), NRRD's
+  big-endian voxels, `line skip`, `byte skip` (of compressed data) and the LAS space by either name, and a
+  MetaImage's HeaderSize -1 (the voxels are the data file's last bytes)."""
   labels = np.random.default_rng(7).integers(0, 5, size=(4, 5, 6))
   paths = [tmp_path / 'int64.mha', tmp_path / 'int64.nrrd']
   for path in paths:
@@ -461,6 +475,24 @@ def test_files_other_writers_make_load_as_itk_reads_them(tmp_path):
   paths[-1].write_bytes(b'NRRD0004\ntype: int\ndimension: 3\nsizes: 4 5 6\nendian: little\nencoding: raw\n'
                         b'space dimension: 3\nspace directions: (0.7,0,0) (0,0.4,0) (0,0,0.4)\n'
                         b'space origin: (10,20,30)\n\n' + voxels)
+
+  def nrrd(name, fields, data, space='left-posterior-superior'):
+    paths.append(tmp_path / name)
+    paths[-1].write_bytes(f'NRRD0004\ntype: short\ndimension: 3\nspace: {space}\nsizes: 4 5 6\n'
+                          'space directions: (0.7,0,0) (0,0.4,0) (0,0,0.4)\nspace origin: (10,20,30)\n'
+                          f'{fields}'.encode() + data)
+
+  shorts = labels.astype('<i2').tobytes(order='F')
+  nrrd('big.nrrd', 'endian: big\nencoding: raw\n\n', labels.astype('>i2').tobytes(order='F'))
+  nrrd('byte_skip.nrrd', 'endian: little\nencoding: gzip\nbyte skip: 3\n\n', gzip.compress(b'abc' + shorts))
+  (tmp_path / 'lines.raw').write_bytes(b'a line\nanother\n' + shorts)
+  nrrd('line_skip.nhdr', 'endian: little\nencoding: raw\nline skip: 2\ndata file: lines.raw\n', b'')
+  for space in ('LAS', 'left-anterior-superior'):
+    nrrd(f'{space}.nrrd', 'endian: little\nencoding: raw\n\n', shorts, space)
+  (tmp_path / 'tail.raw').write_bytes(b'0123456789' + shorts)
+  paths.append(tmp_path / 'tail.mhd')
+  paths[-1].write_text(f'{header}ElementSpacing = 0.7 0.4 0.4\nElementType = MET_SHORT\nHeaderSize = -1\n'
+                       'ElementDataFile = tail.raw\n')
   for path in paths:
     nii, (itk_voxels, itk_affine) = volumes.open_volume(path), _by_itk(path)
     np.testing.assert_array_equal(np.asarray(nii.dataobj), labels, err_msg=path.name)
@@ -509,6 +541,10 @@ def test_a_mask_of_this_tools_own_values_given_as_labels_is_warned_of(tmp_path, 
   with caplog.at_level(logging.WARNING):
     volumes.load_labels(case, ((1, 1), (2, 2)))
   assert not caplog.records
+  _write_pair(tmp_path / 'femur', 'k', image, np.minimum(mask, 1), affine)  # 0 and 1 only: a bone, say
+  with caplog.at_level(logging.WARNING):
+    volumes.load_labels(volumes.discover_cases(tmp_path / 'femur')[0], ((2, 1), (4, 2)))
+  assert not caplog.records
 
 
 def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_path):
@@ -523,6 +559,7 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
   check({'background': 0, 'femur': 1, 'femoral_cartilage': 2, 'tibia': 3, 'tibial_cartilage': 4})
   check({'0': 'background', '1': 'Femur', '2': 'Femoral Cartilage', '3': 'Tibia', '4': 'Tibial Cartilage'})
   check({'background': 0, 'label_a': 1, 'label_b': 2})
+  check({'background': 0, 'femorotibial cartilage': 1, 'FC': 2, 'TC': 4})  # both plates: neither class
   check({'background': 0, 'femur': 1, 'femoral cartilage': 2, 'tibia': 3, 'medial tibial cartilage': 4,
          'lateral tibial cartilage': 5}, ((2, 1), (4, 2), (5, 2)))
   check({'background': 0, 'femoral cartilage': 2, 'tibial cartilage': [4, 5]}, ((2, 1), (4, 2), (5, 2)))
@@ -534,6 +571,9 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
   with pytest.raises(ConfigError, match=r"label 5 'LTC', class 2 .* makes it class 1: .*label_map="
                      r"'\(\(2, 1\), \(4, 2\), \(5, 2\)\)'"):
     check({'background': 0, 'femur': 1, 'FC': 2, 'tibia': 3, 'MTC': 4, 'LTC': 5}, ((2, 1), (4, 2), (5, 1)))
+  with pytest.raises(ConfigError, match=r"names label 1 'femoral_cartilage', .* leaves it out: pass "
+                     r"--config.data.label_map='\(\(1, 1\), \(2, 2\), \(4, 2\)\)'$"):  # v1's {value: name}
+    check({'0': 'background', '1': 'femoral_cartilage', '2': 'tibial_cartilage', '3': 'femur'})
   with pytest.raises(ConfigError, match=r"label_map='\(\(1, 1\),\)'"):  # one pair: a tuple all the same
     check({'background': 0, 'femoral cart': 1, 'femur': 2, 'tibia': 4})
   # Saved with a byte-order mark, as Windows editors do: read all the same.

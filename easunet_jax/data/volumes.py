@@ -84,7 +84,7 @@ def volume_stem(name: str) -> str:
 def label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
   """`label_dir`'s volume file of `case_id` (<case_id> with one of `VOLUME_SUFFIXES`, in any case), or
   None."""
-  named = (p for suffix in VOLUME_SUFFIXES if (p := label_dir / f'{case_id}{suffix}').exists())
+  named = (p for suffix in VOLUME_SUFFIXES if (p := label_dir / f'{case_id}{suffix}').is_file())
   # Upper-case suffixes only where no lower-case one is: listing the folder for every case is the slow way.
   return next(named, None) or next(
       (p for p in sorted(label_dir.iterdir()) if volume_stem(p.name) == case_id and p.is_file()), None)
