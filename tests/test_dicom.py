@@ -114,6 +114,18 @@ def test_two_series_choice_and_unknown_uid(tmp_path):
   assert large in str(e.value) and small in str(e.value) and '6 slices' in str(e.value)
 
 
+def test_series_of_as_many_slices_are_taken_in_series_number_order(tmp_path):
+  def number(value):
+    def edit(n, ds):
+      ds.SeriesNumber = value
+    return edit
+
+  _, later = write_series(tmp_path / 'a', edit=number(5))
+  _, first = write_series(tmp_path / 'b', edit=number(2), seed=1)
+  assert [(s.number, s.uid) for s in dicom.find_series(tmp_path)] == [(2, first), (5, later)]
+  assert dicom.read_series(tmp_path)[1]['series_used'] == first
+
+
 @pytest.mark.parametrize('description, side', [
     ('SAG_3D_DESS_RIGHT', 'R'), ('SAG_IW_TSE_LEFT', 'L'), ('Knee Lt PD', 'L'), ('RT KNEE 3D DESS', 'R'),
     ('DESS R', None), ('LEFT vs RIGHT', None), ('SAG_3D_DESS_WE', None)])
@@ -190,12 +202,16 @@ def test_enhanced_echoes_in_a_file_each_are_the_volumes_of_one_file(tmp_path):
     np.testing.assert_array_equal(ours.get_fdata(), reference.get_fdata())
 
 
-def test_enhanced_phase_frames_and_per_frame_rescaling(tmp_path):
-  """Magnitude frames beside phase ones are the volume, that of the classic series of the same slices; a
-  frame's own rescaling overrides the shared one."""
+@pytest.mark.parametrize('component', ['PHASE', 'REAL', 'IMAGINARY'])
+def test_enhanced_phase_frames_and_per_frame_rescaling(tmp_path, component):
+  """Magnitude frames beside phase (or real, or imaginary) ones are the volume, that of the classic series
+  of the same slices; a frame's own rescaling overrides the shared one."""
   voxels, _ = write_series(tmp_path / 'classic', OBLIQUE, slope=1.5, intercept=-10)
 
   def rescale(echo, n, groups):
+    frame_type = groups.MRImageFrameTypeSequence[0]
+    if frame_type.ComplexImageComponent == 'PHASE':
+      frame_type.ComplexImageComponent = component
     if n == 5:
       groups.PixelValueTransformationSequence = [pydicom.Dataset()]
       groups.PixelValueTransformationSequence[0].RescaleSlope = '2'
@@ -209,6 +225,19 @@ def test_enhanced_phase_frames_and_per_frame_rescaling(tmp_path):
   expected = classic.get_fdata()
   expected[:, :, 5] = voxels[:, :, 5] * 2.0
   np.testing.assert_array_equal(enhanced.get_fdata(), expected)
+
+
+def test_an_enhanced_file_of_other_frame_counts_is_one_line(tmp_path):
+  """NumberOfFrames and the per-frame functional groups disagree, one fewer or one more: refused, not read
+  with frames out of place."""
+  voxels = np.random.default_rng(0).integers(0, 4000, (24, 20, 8), dtype=np.uint16)
+  for frames in (7, 9):
+    write_enhanced(tmp_path / str(frames) / 'IM1', [voxels])
+    ds = pydicom.dcmread(tmp_path / str(frames) / 'IM1')
+    ds.NumberOfFrames = frames
+    ds.save_as(tmp_path / str(frames) / 'IM1')
+    with pytest.raises(DataError, match=f'IM1: {frames} frames but 8 per-frame functional groups'):
+      dicom.read_series(tmp_path / str(frames))
 
 
 def test_classic_echoes_by_echo_time_and_phase_images_by_image_type(tmp_path):
@@ -246,9 +275,11 @@ def test_localizers_under_the_series_uid_are_left_out(tmp_path, caplog):
   def localizer(n, ds):
     ds.ImageType = ['ORIGINAL', 'PRIMARY', 'LOCALIZER']
   write_series(tmp_path, offsets=[40.0], uid=uid, seed=3, edit=localizer)
+  halfway = np.sqrt(0.5)  # a plane 45 degrees from the stack's
+  write_series(tmp_path, ((0, 1, 0), (halfway, 0, -halfway)), offsets=STEPS[:1], uid=uid, seed=4)
   nii, _ = dicom.read_series(tmp_path)
   np.testing.assert_array_equal(nii.get_fdata(), voxels)
-  assert '3 localizer slice(s) (marked so, or in another plane than its other 8) left out' in caplog.text
+  assert '4 localizer slice(s) (marked so, or in another plane than its other 8) left out' in caplog.text
 
 
 def test_copies_of_a_series_are_one_volume(tmp_path):
@@ -300,13 +331,15 @@ def _multi_frame(n, ds):
 
 @pytest.mark.parametrize('kwargs, message', [
   (dict(offsets=[0, 0.7, 1.4, 2.1, 2.8, 3.5, 4.2, 5.2]), 'uneven slice spacing, steps from 0.7 to 1 mm'),
+  (dict(offsets=[0, 0.7, 1.4, 2.1, 2.8, 3.53, 4.2]), 'uneven slice spacing, steps from 0.67 to 0.73 mm'),
   (dict(offsets=[0, 0.7, 1.4, 1.4, 2.1, 2.8]), 'duplicate slice positions'),
   (dict(edit=_swap_size), 'mixed-size series, Rows/Columns'),
   (dict(edit=_del_position), 'lacks ImagePositionPatient'),
   (dict(offsets=[0.0]), 'at least 2'),
   (dict(edit=_multi_frame), 'multi-frame file without per-frame functional groups'),
   (dict(spacing=(0.0, 0.0)), r'PixelSpacing \[0.0, 0.0\] in .*, expected two positive sizes'),
-], ids=['uneven', 'duplicate', 'mixed', 'no-position', 'one-slice', 'multi-frame', 'zero-spacing'])
+], ids=['uneven', 'slightly-uneven', 'duplicate', 'mixed', 'no-position', 'one-slice', 'multi-frame',
+        'zero-spacing'])
 def test_broken_series_are_one_line_errors(tmp_path, kwargs, message):
   write_series(tmp_path / 'dcm', **kwargs)
   with pytest.raises(DataError, match=message) as e:
@@ -322,6 +355,8 @@ def test_folder_without_dicom_files(tmp_path):
   (tmp_path / 'sub' / 'blob').write_bytes(bytes(range(256)))
   # Raw pixels whose first value is 8, as a DICOM data set without preamble would start: no element follows.
   np.array([8, 0, 0, 0, 7, 9] * 40, np.uint16).tofile(tmp_path / 'sub' / 'raw.bin')
+  # ... and one whose second value is no element number of a group's first elements (0x4000 >= 0x100).
+  np.array([8, 0x4000, 10, 0] * 60, np.uint16).tofile(tmp_path / 'sub' / 'raw2.bin')
   assert not dicom.is_dicom_folder(tmp_path)
   with pytest.raises(DataError, match='no DICOM image file'):
     dicom.find_series(tmp_path)
