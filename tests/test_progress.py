@@ -38,6 +38,9 @@ def test_rate_is_per_interval_and_update_counts_one(clock):
 def test_a_bar_on_a_terminal(clock):
   progress = Progress(total=4, done=1, bar=True)
   assert progress.status('case').startswith('[' + '#' * 7 + '.' * 23 + '] case 1/4 ')
+  progress.update(5)  # past the total (a count that overshoots): the bar stays 30 wide
+  assert progress.status().startswith('[' + '#' * 30 + '] 5/4 ')
+  assert Progress(total=0, bar=True).status() == '[' + '.' * 30 + '] 0/0 (spent 00:00:00, ETA ?)'  # no work
 
 
 def test_days_of_work_count_their_hours_and_no_eta_goes_below_zero(clock):

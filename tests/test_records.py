@@ -1,0 +1,28 @@
+"""Run records: each start appends its line to runs.jsonl; the code version is git's, or the package's
+outside a checkout."""
+
+import importlib.metadata
+import json
+import subprocess
+
+from configs import tiny
+from easunet_jax import records
+
+
+def test_each_start_appends_its_record(tmp_path):
+  config = tiny.get_config()
+  for start in (0, 3):
+    records.record_start(tmp_path, config, start)
+  starts = [json.loads(line) for line in (tmp_path / 'runs.jsonl').read_text().splitlines()]
+  assert [s['start_step'] for s in starts] == [0, 3]
+  assert starts[0]['config'] == json.loads(json.dumps(config.to_dict())) and starts[0]['devices'] == 4
+
+
+def test_the_code_version_outside_a_git_checkout_is_the_packages(tmp_path, monkeypatch):
+  monkeypatch.setattr(records, '__file__', str(tmp_path / 'records.py'))  # git describe fails there
+  assert subprocess.run(['git', 'describe', '--always'], cwd=tmp_path, capture_output=True).returncode
+  try:
+    expected = importlib.metadata.version('easunet_jax')
+  except importlib.metadata.PackageNotFoundError:
+    expected = 'unknown (neither a git checkout nor an installed package)'
+  assert records.code_version() == expected
