@@ -43,3 +43,35 @@ def test_the_slices_drawn_show_the_labels_cartilage_too(drawn, tmp_path):
   figures.plot_prediction_slices(image, classes, (1.0, 1.0, 1.0), 'knee', tmp_path / 's.png', labels=labels)
   titles = [ax.get_title() for ax in drawn[0].axes if ax.get_title()]
   assert titles[0] == 'sagittal slice 5 of 40' and any(t.startswith('sagittal slice 3') for t in titles[1:])
+
+
+def test_slices_are_drawn_superior_up_and_anterior_right(drawn, tmp_path):
+  classes = np.zeros((3, 8, 8), np.uint8)
+  classes[1, 6:, 6:] = 1  # FC in the anterior (axis 1) and superior (axis 2) corner of slice 1
+  image = np.random.default_rng(0).random(classes.shape)
+  figures.plot_prediction_slices(image, classes, (1.0, 1.0, 1.0), 'knee', tmp_path / 's.png')
+  panel = drawn[0].axes[1].images[0].get_array()  # the prediction's
+  red = panel[..., 0] - panel[..., 2] > 0.2  # grey has equal red and blue
+  assert {tuple(p) for p in np.argwhere(red)} == {(0, 6), (0, 7), (1, 6), (1, 7)}
+
+
+def test_thickness_maps_are_anterior_up_the_femur_seen_from_below(monkeypatch, tmp_path):
+  """Both plates' cartilage in the anterior columns of the lower axis-0 (medial) half: at the top of both
+  maps, on the viewer's right from below (FC) and on the left from above (TC), on a scale up to the
+  thickest (6 mm, above the 4 mm floor)."""
+  kept = []
+  monkeypatch.setattr(figures.matplotlib.figure.Figure, 'savefig', lambda fig, *args, **kw: kept.append(fig))
+  thickness = np.zeros((10, 20, 6), np.float32)
+  fc, tc = np.zeros(thickness.shape, bool), np.zeros(thickness.shape, bool)
+  fc[:3, 15:, 4], tc[:3, 15:, 1] = True, True
+  thickness[fc], thickness[tc] = 6.0, 2.0
+  figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, (1.0, 1.0, 1.0), ('medial', 'lateral'), 'knee',
+                              tmp_path / 't.png')
+  fc_ax, tc_ax = kept[0].axes[:2]
+  for ax, columns, value in ((fc_ax, [7, 8, 9], 6.0), (tc_ax, [0, 1, 2], 2.0)):
+    shown = ax.images[0].get_array()
+    rows, cols = np.nonzero(~np.ma.getmaskarray(shown))
+    assert set(rows) == {0, 1, 2, 3, 4} and set(cols) == set(columns), ax.get_title()
+    assert shown.max() == value and ax.images[0].get_clim() == (0, 6.0)
+  assert fc_ax.get_xlabel() == 'lateral  ←  mm  →  medial'
+  assert tc_ax.get_xlabel() == 'medial  ←  mm  →  lateral'

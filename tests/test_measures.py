@@ -55,6 +55,28 @@ def test_thickness_map_holds_the_sheet_thickness_at_every_voxel():
   assert not thickness[~mask].any()
 
 
+def test_thickness_map_takes_the_nearest_ridge_voxel_in_mm():
+  """Sagittal slices of 2 mm, pixels of 0.3: a plate 0.9 mm thick in slices 1-3 and 3 mm in slices 4-6. Every
+  voxel of a thick slice lies within 1.5 mm of its own slice's ridge, 2 mm or more from the thin slices':
+  each slice holds its own thickness (in voxel units, the thick slices' edges took the thin one's)."""
+  mask = np.zeros((8, 30, 30), bool)
+  mask[1:4, 5:25, 10:13] = True
+  mask[4:7, 5:25, 10:20] = True
+  thickness, _ = measures.thickness_map_mm(mask, (2.0, 0.3, 0.3))
+  np.testing.assert_allclose(thickness[1:4][mask[1:4]], 0.9, rtol=1e-6)
+  np.testing.assert_allclose(thickness[4:7][mask[4:7]], 3.0, rtol=1e-6)
+
+
+def test_a_region_over_a_whole_plate_measures_as_the_plate():
+  fc, tc = np.zeros((6, 40, 40), bool), np.zeros((6, 40, 40), bool)
+  fc[1:5, 5:35, 25:30] = True
+  tc[1:5, 5:35, 5:12] = True
+  everywhere = np.ones(fc.shape, bool)
+  table, _ = measures.compartment_table(fc, tc, (1.0, 0.4, 0.4), {'fc_all': everywhere, 'tc_all': everywhere})
+  assert table['tc_all'] == table['tc'] and table['fc_all'] == table['fc']
+  assert table['tc']['thickness_mean_mm'] == pytest.approx(2.8) and table['fc']['area_mm2'] > 0
+
+
 def test_region_measures_of_a_sheet_half_thinner_than_1_mm():
   # Odd pixel counts across: one ridge voxel per row (an even count has two, which weighs it double).
   mask = np.zeros((22, 60, 60), bool)
@@ -73,10 +95,10 @@ def test_region_measures_of_a_sheet_half_thinner_than_1_mm():
 def test_region_measures_of_given_thicknesses_count_1_mm_as_not_thinner_than_1_mm():
   mask = np.zeros((1, 1, 5), bool)
   mask[..., :4] = True
-  thickness = np.array([[[0.5, 1.0, 1.5, 2.0, 0.0]]], np.float32)
+  thickness = np.array([[[0.5, 1.0, 1.5, 3.0, 0.0]]], np.float32)
   got = measures.region_measures(mask, thickness, mask, (1.0, 0.5, 0.5))
-  assert got == pytest.approx({'volume_mm3': 1.0, 'thickness_mean_mm': 1.25, 'thickness_median_mm': 1.25,
-                               'thickness_p95_mm': 1.925, 'thickness_max_mm': 2.0, 'area_mm2': 0.8,
+  assert got == pytest.approx({'volume_mm3': 1.0, 'thickness_mean_mm': 1.5, 'thickness_median_mm': 1.25,
+                               'thickness_p95_mm': 2.775, 'thickness_max_mm': 3.0, 'area_mm2': 1 / 1.5,
                                'thin_fraction': 0.25})
 
 
