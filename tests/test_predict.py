@@ -940,23 +940,38 @@ def test_resampled_size_rounds_to_the_nearest_pixel():
 
 
 def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path):
-  """The Markdown table in mm, mm^3, mm^2 and the thin fraction in %; the CSV as measured."""
+  """The Markdown table in mm, mm^3, mm^2 and the thin fraction in %; the CSV as measured; a scan read as
+  its header says it and one turned against it; the figures linked; a scored scan's row of scores."""
   row = {'volume_mm3': 1234.0, 'thickness_mean_mm': 2.0, 'thickness_median_mm': 1.9, 'thickness_p95_mm': 3.1,
          'thickness_max_mm': 4.0, 'area_mm2': 617.0, 'thin_fraction': 0.25}
-  result = {'input': 'a.nii.gz', 'output': str(tmp_path / 'a.nii.gz'), 'laterality': 'R',
-            'laterality_text': 'right knee', 'orientation': predict._AS_THE_HEADER, 'rotation_deg': 0,
-            'regions': {'fc': row, 'tc': row | {'thin_fraction': 0.0}},
-            'thickness_png': str(tmp_path / 'thickness' / 'a.png'),
-            'slices_png': str(tmp_path / 'slices' / 'a.png')}
+  results = [{'input': f'{name}.nii.gz', 'output': str(tmp_path / f'{name}.nii.gz'),
+              'regions': {'fc': row, 'tc': row | {'thin_fraction': 0.0}},
+              'thickness_png': str(tmp_path / 'thickness' / f'{name}.png'),
+              'slices_png': str(tmp_path / 'slices' / f'{name}.png')} for name in ('a', 'b')]
+  results[0] |= {'laterality': 'R', 'laterality_text': 'right knee', 'orientation': predict._AS_THE_HEADER,
+                 'rotation_deg': 0}
+  results[1] |= {'laterality': 'L', 'laterality_text': 'left knee', 'rotation_deg': -30,
+                 'orientation': "its anterior the header's superior", 'labels': 'b_labels.nii.gz',
+                 'scores': {plate: {'dice': dice, 'hd95': hd95, 'thickness_error_mm': error,
+                                    'thickness_true_mm': 2.0, 'thickness_pred_mm': 2.0 + error}
+                            for plate, dice, hd95, error in (('fc', 80.0, 1.0, 0.1),
+                                                             ('tc', 60.0, 2.0, -0.2))}}
   paths = {name: tmp_path / file for name, file in (('measures', 'measures.csv'), ('report', 'report.md'),
                                                     ('scores', 'scores.csv'), ('bland_altman', 'ba.png'))}
-  predict.write_reports([result], paths)
+  predict.write_reports(results, paths)
   report = paths['report'].read_text()
   assert '| fc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 25.0 % |' in report
   assert '| tc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 0.0 % |' in report
+  assert f"Mask `{tmp_path / 'a.nii.gz'}`; right knee.\n" in report
+  assert (f"Mask `{tmp_path / 'b.nii.gz'}`; left knee; turned against its header (its anterior the header's "
+          'superior); segmented with its sagittal slices rotated by -30 degrees.\n') in report
+  assert '![thickness map of a.png](thickness/a.png)' in report
+  assert '![sagittal slices of b.png](slices/b.png)' in report
+  assert '| b.nii.gz | 80.00 | 60.00 | 70.00 | 1.00 | 2.00 | 0.10 | -0.20 |' in report
   rows = list(csv.DictReader(paths['measures'].open()))
   assert [(r['laterality'], r['region'], r['thin_fraction'], r['area_mm2']) for r in rows] == [
-      ('right', 'fc', '0.25', '617'), ('right', 'tc', '0', '617')]
+      ('right', 'fc', '0.25', '617'), ('right', 'tc', '0', '617'), ('left', 'fc', '0.25', '617'),
+      ('left', 'tc', '0', '617')]
 
 
 def test_to_classes_weighs_the_background():
