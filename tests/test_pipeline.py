@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from easunet_jax.data import phantom, pipeline, preprocess
-from easunet_jax.errors import ConfigError
+from easunet_jax.errors import CheckpointError, ConfigError
 
 
 @pytest.fixture(scope='module')
@@ -62,6 +62,18 @@ def test_the_trained_pixel_keeps_the_order_of_its_axes(tmp_path):
   assert pipeline.trained_pixel_mm(config, None) == (0.5, 0.7)
   pipeline.record_trained_on(tmp_path, store)
   assert pipeline.trained_pixel_mm(config, tmp_path) == (0.5, 0.7)
+
+
+def test_another_split_of_the_cases_names_the_cases_added_and_removed(store, tmp_path):
+  pipeline.record_trained_on(tmp_path, store)
+  splits = json.loads((store / 'splits.json').read_text())
+  assert pipeline.check_trained_on(tmp_path, store)
+  other = tmp_path / 'other'
+  other.mkdir()
+  (other / 'splits.json').write_text(json.dumps(
+      {'train': splits['train'] + ['new_1', 'new_2'], 'val': splits['val'][1:], 'test': splits['test']}))
+  with pytest.raises(CheckpointError, match=r'\(train \+2 -0 cases, val \+0 -1 cases; '):
+    pipeline.check_trained_on(tmp_path, other)
 
 
 def test_iterator_resumed_at_a_step_gives_the_same_batches_whatever_the_workers(store):

@@ -196,6 +196,23 @@ def test_split_file_and_its_errors(data_cfg, tmp_path):
       preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)
 
 
+def test_a_split_file_may_list_a_case_the_checks_skip(data_cfg, tmp_path):
+  """A case the split file lists whose label map is gone: skipped as unusable, and in no split."""
+  root = tmp_path / 'data'
+  for kind in ('images', 'labels'):
+    (root / kind).mkdir(parents=True)
+    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir()):
+      (root / kind / path.name).symlink_to(path)
+  (root / 'labels' / 'phantom_004.nii.gz').unlink()
+  ids = [f'phantom_{i:03d}' for i in range(5)]
+  (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:3], 'val': ids[3:4], 'test': ids[4:]}))
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.update(root=str(root), split_file=str(tmp_path / 'splits.json'))
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'store', seed=0, multiple=16)
+  assert list(json.loads((store / 'skipped.json').read_text())) == ['phantom_004']
+  assert json.loads((store / 'splits.json').read_text()) == {'train': ids[:3], 'val': ids[3:4], 'test': []}
+
+
 def test_a_split_file_listing_a_case_twice_or_leaving_cases_out_is_told(data_cfg, tmp_path, caplog):
   cfg = data_cfg.copy_and_resolve_references()
   cfg.split_file = str(tmp_path / 'splits.json')

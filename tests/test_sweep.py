@@ -132,6 +132,15 @@ def test_a_users_split_file_is_the_points_split_not_the_sweeps():
   assert '--config.data.split_file=/W/splits.json' in points.point_args(point, pathlib.Path('/W'), [])
 
 
+def test_a_variants_fields_win_over_the_users_and_the_sweeps_seed_over_both():
+  """A user's flag for a field a variant sets (a model name, say) would make every variant the same one."""
+  variant = points.Variant('v', 'v', 'configs/tiny.py', ('--config.train.num_steps=5', '--config.seed=9'))
+  args = points.point_args(points.Point(variant, 2), pathlib.Path('/W'),
+                           ['--config.train.num_steps=7', '--config.train.batch_size=2'])
+  config = points.load_config(args)
+  assert (config.train.num_steps, config.train.batch_size, config.seed) == (5, 2, 2)
+
+
 def test_a_config_file_that_does_not_load_is_one_config_error():
   with pytest.raises(ConfigError, match=r'^--config=no/such/config\.py: .*No such file') as error:
     points.load_config(['--config=no/such/config.py'])

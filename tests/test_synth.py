@@ -70,6 +70,27 @@ def test_air_is_dark_in_the_draws_ranges_say(knee):
   assert (air_means(0.0) > 0.2).sum() >= 10
 
 
+def test_the_blur_smooths_both_axes_and_the_noise_is_rician():
+  """One tissue's white within-region noise under a blur of up to 50 pixels: as smooth from column to
+  column as from row to row (blurred along one axis only, 3x rougher). On dark air, noise of sigma 0.1
+  adds 2 sigma^2 to the mean square, as a complex signal's magnitude does (its real part's alone: sigma^2)."""
+  plain = {'bias': 0.0, 'log_gamma': 0.0, 'noise': (0.0, 0.0), 'saturation': (1.0, 1.0)}
+  tissue = np.full((64, 64), 5, np.int32)
+  for seed in range(8):
+    image = np.asarray(synth.render(jax.random.key(seed), tissue, synth.Ranges(spread=0.3, blur_px=50.0,
+                                                                                **plain)))
+    across, down = (np.abs(np.diff(image, axis=axis)).mean() for axis in (1, 0))
+    assert 0.6 < across / down < 1.6, (seed, across / down)
+  tissue = np.zeros((64, 64), np.int32)
+  tissue[32:] = 3  # marrow beside dark air
+  air = tissue == 0
+  for seed in range(4):
+    clean, noisy = (np.asarray(synth.render(jax.random.key(seed), tissue, synth.Ranges(
+        spread=0.0, blur_px=0.0, dark_air=1.0, **plain | {'noise': (sigma, sigma)})))[air]
+        for sigma in (0.0, 0.1))
+    assert 1.7 < np.mean(noisy ** 2 - clean ** 2) / 0.1 ** 2 < 2.3, seed
+
+
 def test_augmentation_moves_tissue_and_labels_together(knee):
   tissue, labels = knee
   batch = {'label': labels.astype(np.int32), 'tissue': tissue.astype(np.int32)}
@@ -94,14 +115,16 @@ def test_tissues_from_labels_codes_rims_and_bands(pixel_mm):
   labels[:, 10:20, 10:30] = 1  # femur
   labels[:, 20:22, 10:30] = 2  # femoral cartilage
   labels[:, 30:32, 15:25] = 7  # another structure, e.g. a meniscus label
+  labels[:, 34:36, 15:25] = 8  # and one more: a contrast of its own
   tissue = synth.tissues_from_labels(labels, (3.0, pixel_mm, pixel_mm), ((2, 1), (4, 2)))
   assert tissue.dtype == np.uint8 and tissue.max() < synth.NUM_TISSUES
   assert (tissue[labels == 2] == phantom.FC).all()
   assert (tissue[:, 11:19, 11:29] == phantom.FEMUR).all()  # marrow inside
   assert (tissue[:, 10, 10:30] == phantom.FEMUR_PLATE).all()  # the rim: one voxel
   assert (tissue[:, 11:19, 10] == phantom.FEMUR_PLATE).all()
-  other = tissue[labels == 7]
-  assert len(set(other)) == 1 and other[0] not in tissue[labels != 7]
+  for value in (7, 8):
+    other = tissue[labels == value]
+    assert len(set(other)) == 1 and other[0] not in tissue[labels != value]
   # Background bands: farther from the labelled structures, a higher code.
   row = tissue[0, 15, 0:10][::-1]  # from next to the femur outwards
   assert (np.diff(row.astype(int)) >= 0).all() and row[-1] > row[0]

@@ -70,6 +70,19 @@ def test_workdir_of_another_model_refuses_to_mix_checkpoints(augmented_tiny):
   assert [s['config']['model']['features'] for s in starts] == [[4, 8, 16]]
 
 
+def test_a_checkpoint_serves_any_dtype_and_depthwise_implementation():
+  """The fields that choose only how the network is computed may differ from the checkpoint's; a field of
+  the network's own may not."""
+  saved = {'model': tiny.get_config().model.to_dict()}
+  asked = tiny.get_config().model
+  asked.dtype, asked.depthwise_impl = 'bfloat16', 'shift'
+  checkpoints.check_same_model(saved, asked, pathlib.Path('ckpt'), instead='another workdir')
+  asked.deep_supervision = False
+  with pytest.raises(CheckpointError, match=r'ckpt was trained with model name=eas_unet, '
+                     r'deep_supervision=True but the config asks for .*deep_supervision=False'):
+    checkpoints.check_same_model(saved, asked, pathlib.Path('ckpt'), instead='another workdir')
+
+
 def test_another_split_of_the_cases_is_refused_on_resume_and_evaluation(augmented_tiny):
   """Another seed (or data.split) would put cases the model trained on into its validation and test sets."""
   config, workdir, _ = augmented_tiny
