@@ -17,6 +17,7 @@ from easunet_jax import parallel, steps
 from easunet_jax.data import pipeline
 from easunet_jax.models import MODELS, abstract_model
 from easunet_jax.models.attention_unet import AttentionGate
+from easunet_jax.models.unet import ConvBnAct, UpStage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -129,6 +130,33 @@ def test_unetpp_deep_supervision_adds_a_head_on_each_of_x01_to_x03():
   model.train()
   final, sides = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
   assert final.shape == (2, 32, 32, 3) and [s.shape for s in sides] == [final.shape] * 3
+
+
+def test_a_baseline_block_is_relu_and_its_up_stage_puts_the_up_sampled_map_before_the_skip():
+  block = ConvBnAct(1, 1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  block.eval()
+  block.conv.kernel[...] = jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0)
+  np.testing.assert_allclose(block(jnp.array([-1.0, 2.0]).reshape(1, 1, 2, 1)).ravel(), [0.0, 2.0], atol=1e-4)
+  stage = UpStage(4, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  seen = []
+  stage.block = seen.append
+  x = jax.random.normal(jax.random.key(0), (1, 2, 2, 4))
+  skip = jax.random.normal(jax.random.key(1), (1, 4, 4, 2))
+  stage(x, skip)
+  np.testing.assert_allclose(seen[0], jnp.concatenate([stage.up(x), skip], axis=-1))
+
+
+def test_attention_unet_passes_each_skip_through_its_gate():
+  """Other gate weights give other logits: a network that skipped its gates would be a plain U-Net."""
+  model = MODELS['attention_unet'](features=(4, 8, 16), rngs=nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (1, 16, 16, 1))
+  before = model(x)
+  for gate in model.gates:
+    nnx.update(gate, jax.tree.map(lambda p: p * 2 + 0.5, nnx.state(gate, nnx.Param)))
+    after = model(x)
+    assert not np.allclose(after, before, atol=1e-4)
+    before = after
 
 
 def test_attention_gate_scales_the_skip_by_coefficients_in_0_1():

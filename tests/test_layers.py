@@ -34,6 +34,19 @@ def test_pointwise_layer_is_a_channel_matmul_and_bfloat16_keeps_float32_gradient
     assert grad.kernel[...].dtype == jnp.float32 and grad.kernel[...].shape == (3, 5)
 
 
+def test_up_convolution_puts_each_kernel_tap_in_its_place_of_the_2x2_cell():
+  up = layers.UpConv(1, 1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  up.kernel[...] = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
+  y = up(jnp.array([1.0, 10.0]).reshape(1, 1, 2, 1))[0, :, :, 0]
+  np.testing.assert_array_equal(y, [[1, 2, 10, 20], [3, 4, 30, 40]])
+
+
+def test_batch_norm_running_statistics_move_a_tenth_of_the_way_as_pytorchs():
+  bn = layers.batch_norm(1, jnp.float32, nnx.Rngs(0))
+  bn(jnp.full((1, 2, 2, 1), 5.0))
+  np.testing.assert_allclose(bn.mean[...], [0.5], rtol=1e-6)
+
+
 def test_max_pool_takes_each_windows_maximum_and_sends_its_gradient_to_one_element():
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, 6, 8, 3)).astype(np.float32)

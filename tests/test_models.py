@@ -57,8 +57,9 @@ def test_output_shapes_train_and_eval():
   logits = _forward_shapes(model, x)
   assert logits.shape == (2, 32, 48, 3)
   model.train()
-  with pytest.raises(ValueError, match='multiples of 16'):
-    _forward_shapes(model, jax.ShapeDtypeStruct((2, 40, 32, 1), jnp.float32))
+  for shape in ((2, 40, 32, 1), (2, 32, 40, 1)):  # height, then width, off the stride
+    with pytest.raises(ValueError, match='multiples of 16'):
+      _forward_shapes(model, jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
 def test_side_outputs_are_resized_with_half_pixel_centres():
@@ -153,9 +154,21 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   cfg = tiny.get_config().model
   cfg.dtype = 'bfloat16'
   model = abstract_model(cfg)
-  final, _ = _forward_shapes(model, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
-  assert final.dtype == jnp.float32
+  final, sides = _forward_shapes(model, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
+  assert final.dtype == jnp.float32 and sides and all(s.dtype == jnp.float32 for s in sides)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_the_eas_module_is_on_the_path_and_the_stem_is_leaky():
+  """Other EAS weights give other logits (a module built and counted but skipped would not); the stem's
+  activation passes negative values scaled, not cut."""
+  model = EASUNet(features=(4, 8, 16), rngs=nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 1))
+  before = model(x)
+  nnx.update(model.eas, jax.tree.map(lambda p: p * 2 + 0.1, nnx.state(model.eas, nnx.Param)))
+  assert not np.allclose(model(x), before, atol=1e-4)
+  np.testing.assert_allclose(model.stem.act(jnp.array([-1.0, 2.0])), [-layers.LEAKY_SLOPE, 2.0])
 
 
 def test_add_fusion_is_the_sum_of_the_side_logits():
@@ -165,6 +178,9 @@ def test_add_fusion_is_the_sum_of_the_side_logits():
           for i, c in enumerate((4, 8, 16, 32))]
   final, sides = fusion(maps)
   assert [s.shape for s in sides] == [(2, 32, 32, 3)] * 4
+  for head, side, x in zip(fusion.heads, sides, maps):  # each head's logits up-sampled bilinearly
+    np.testing.assert_allclose(side, jax.image.resize(head(x), (2, 32, 32, 3), 'bilinear'), rtol=1e-5,
+                               atol=1e-6)
   np.testing.assert_allclose(final, sum(sides), rtol=1e-6)
   assert not np.allclose(final, sides[0], atol=0.1)
 
