@@ -37,3 +37,11 @@ def test_only_what_a_process_of_this_machine_that_is_gone_left_is_removed(tmp_pa
   atomic.remove_left_by_dead(tmp_path)
   atomic.remove_left_by_dead(tmp_path, 'slices.')
   assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+def test_another_users_process_is_not_gone(monkeypatch):
+  """os.kill(pid, 0) on another user's process is refused: it runs, and its files stay."""
+  def refused(pid, signal):
+    raise PermissionError
+  monkeypatch.setattr(atomic.os, 'kill', refused)
+  assert not atomic._process_gone(1)

@@ -72,3 +72,9 @@ def test_a_network_without_side_outputs_scores_the_final_logits_alone():
   total, loss_final = losses.deep_supervision_loss(final, [], labels, (0.5, 0.25, 0.125, 0.0625))
   np.testing.assert_allclose(total, losses.segmentation_loss(final, labels), rtol=1e-6)
   np.testing.assert_allclose(loss_final, total, rtol=1e-6)
+
+
+def test_soft_dice_of_a_class_absent_from_labels_and_prediction_is_one():
+  """A batch without tibial cartilage, predicted without it: no penalty (Dice 1, not 0)."""
+  background = jax.nn.one_hot(jnp.zeros((2, 4, 4), int), 3)
+  np.testing.assert_allclose(losses.soft_dice(background, background), 1.0, rtol=1e-6)

@@ -217,3 +217,9 @@ def test_dice_from_counts_of_confusion_counts_and_empty_cases():
   np.testing.assert_allclose(dice, [[2 * 6 / (2 * 6 + 3), 1.0], [1.0, 1.0]], rtol=1e-12)
   np.testing.assert_allclose(metrics.dice_from_counts(np.array([[0, 5, 0], [0, 0, 4], [3, 1, 2]])),
                              [0.0, 0.0, 6 / 9], rtol=1e-12)
+
+
+def test_mean_std_text_leaves_out_an_undefined_spread_and_says_na_without_a_mean():
+  assert metrics.mean_std_text(1.234, 0.5) == '1.23 ± 0.50'
+  assert metrics.mean_std_text(1.234, float('nan')) == metrics.mean_std_text(1.234, None) == '1.23'
+  assert metrics.mean_std_text(float('nan'), 1.0) == metrics.mean_std_text(None, None) == 'n/a'

@@ -10,6 +10,7 @@ from scipy import ndimage
 from configs import default
 from easunet_jax import measures
 from easunet_jax.data import knee, phantom, preprocess, volumes
+from easunet_jax.errors import DataError
 
 SHAPE, SPACING = (16, 64, 64), (7.0, 1.0, 1.0)
 
@@ -102,9 +103,19 @@ def test_write_dataset_and_reuse(tmp_path):
   tissue = np.asarray(nib.load(tmp_path / 'tissues' / 'phantom_001.nii.gz').dataobj)
   np.testing.assert_array_equal(phantom.LABEL_OF_TISSUE[tissue], np.asarray(nib.load(cases[1].label).dataobj))
   assert {phantom.FAT, phantom.MUSCLE, phantom.FLUID} <= set(np.unique(tissue))
+  first = np.asarray(nib.load(cases[0].label).dataobj)
+  assert np.mean(first != np.asarray(nib.load(cases[1].label).dataobj)) > 0.01  # two knees, not one twice
   mtime = cases[0].image.stat().st_mtime_ns
   phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
   assert cases[0].image.stat().st_mtime_ns == mtime
+
+
+def test_the_labels_of_the_tissues_are_oai_zibs():
+  """Bone and its plate femur 1 / tibia 3, femoral cartilage 2, tibial 4; patellar cartilage, the patella
+  and every soft tissue background."""
+  bones = {phantom.FEMUR: 1, phantom.FEMUR_PLATE: 1, phantom.TIBIA: 3, phantom.TIBIA_PLATE: 3, phantom.FC: 2,
+           phantom.TC: 4}
+  assert phantom.LABEL_OF_TISSUE.tolist() == [bones.get(code, 0) for code in range(15)]
 
 
 def test_write_dataset_says_when_its_folder_holds_more_subjects(tmp_path, caplog):
@@ -129,6 +140,12 @@ def test_write_dataset_says_when_it_keeps_subjects_of_another_seed(tmp_path, cap
   with caplog.at_level(logging.WARNING):  # the record of an earlier version names no generator
     phantom.write_dataset(tmp_path, 1, (8, 32, 32), (7.0, 2.0, 2.0), seed=1, made_by={'anatomy': 'schematic'})
     assert not caplog.records
+  # More subjects of other settings would mix two kinds in one folder: refused, nothing written.
+  with pytest.raises(DataError, match=r"holds phantoms made with .*'shape': \[8, 32, 32\].* not .*'shape': "
+                     r'\[8, 16, 16\].*, and 1 more were asked for'):
+    phantom.write_dataset(tmp_path, 2, (8, 16, 16), (7.0, 4.0, 4.0), seed=1)
+  assert not (tmp_path / 'images' / 'phantom_001.nii.gz').exists()
+  assert phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)[1] == 'phantom_001'
 
 
 def test_a_run_is_warned_of_a_phantom_folder_of_another_anatomy_or_fraction(tmp_path, caplog):

@@ -17,6 +17,7 @@ from scipy import ndimage
 from easunet_jax import atomic
 from easunet_jax.data import volumes
 from easunet_jax.data.workers import cpus, map_in_order
+from easunet_jax.errors import DataError
 
 DEFAULT_SHAPE = (160, 384, 384)
 DEFAULT_SPACING = (0.7, 0.3646, 0.3646)
@@ -238,7 +239,7 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
 
   The folder's phantom.json records the seed, shape and spacing its subjects were made with, and `made_by`
   (what the generator draws: its anatomy and settings); a later call asking for others keeps them all the
-  same, and says so.
+  same, and says so, but refuses to add subjects to them (a DataError): a folder holds one kind of subject.
   """
   out_dir = pathlib.Path(out_dir)
   ids = [f'phantom_{i:03d}' for i in range(num)]
@@ -253,6 +254,10 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
     atomic.write_text(record, json.dumps(made_with))
   # Compared on the fields both give: a record of an earlier version names no generator.
   elif any(made_with.get(k, v) != v for k, v in recorded.items()):
+    if todo:
+      raise DataError(f'{out_dir} holds phantoms made with {recorded}, not {made_with}, and {len(todo)} more '
+                      'were asked for, which would mix the two in one data set: name a folder of its own '
+                      '(data.phantom_dir), or ask for its settings')
     logging.warning('%s holds phantoms made with %s, not %s: its existing subjects are used as they are '
                     '(data.phantom_dir names a folder of its own)', out_dir, recorded, made_with)
   jobs = [(out_dir, ids[i], subject_seed(seed, i), tuple(shape), tuple(spacing), generator) for i in todo]
