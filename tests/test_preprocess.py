@@ -172,6 +172,15 @@ def test_split_is_by_subject_and_seeded(n):
   assert n < 10 or splits != preprocess.split_cases(ids, (0.7, 0.1, 0.2), seed=2)
 
 
+def _linked_copy(source, root):
+  """A data root of links to `source`'s images and labels, whose files a test may replace or remove."""
+  for kind in ('images', 'labels'):
+    (root / kind).mkdir(parents=True)
+    for path in sorted((pathlib.Path(source) / kind).iterdir()):
+      (root / kind / path.name).symlink_to(path)
+  return root
+
+
 def test_split_file_and_its_errors(data_cfg, tmp_path):
   cfg = data_cfg.copy_and_resolve_references()
   cfg.split_file = str(tmp_path / 'splits.json')
@@ -198,11 +207,7 @@ def test_split_file_and_its_errors(data_cfg, tmp_path):
 
 def test_a_split_file_may_list_a_case_the_checks_skip(data_cfg, tmp_path):
   """A case the split file lists whose label map is gone: skipped as unusable, and in no split."""
-  root = tmp_path / 'data'
-  for kind in ('images', 'labels'):
-    (root / kind).mkdir(parents=True)
-    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir()):
-      (root / kind / path.name).symlink_to(path)
+  root = _linked_copy(data_cfg.root, tmp_path / 'data')
   (root / 'labels' / 'phantom_004.nii.gz').unlink()
   ids = [f'phantom_{i:03d}' for i in range(5)]
   (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:3], 'val': ids[3:4], 'test': ids[4:]}))
@@ -308,11 +313,7 @@ BAD = {'truncated': 'truncated', 'not_nifti': 'not a readable NIfTI', 'flat_2d':
 def test_a_split_that_late_checks_emptied_is_split_again(data_cfg, tmp_path, caplog):
   """A case whose label values fail (read with the voxels, after the split) was the seeded split's only
   validation case: the cases that passed are split again, so validation is not left empty."""
-  root = tmp_path / 'data'
-  for kind in ('images', 'labels'):
-    (root / kind).mkdir(parents=True)
-    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir()):
-      (root / kind / path.name).symlink_to(path)
+  root = _linked_copy(data_cfg.root, tmp_path / 'data')
   planned = preprocess.split_cases([f'phantom_00{i}' for i in range(5)], (0.6, 0.2, 0.2), seed=0)
   [bad] = planned['val']
   nii = nib.load(root / 'labels' / f'{bad}.nii.gz')
@@ -331,11 +332,7 @@ def test_a_split_that_late_checks_emptied_is_split_again(data_cfg, tmp_path, cap
 def test_a_split_file_holds_label_maps_without_images_only_for_synthesis(data_cfg, tmp_path):
   """The sweep's split file: a label map beside images without its own image is split only with data.synth
   (the stores of other runs skip it, which could leave a split empty)."""
-  root = tmp_path / 'data'
-  for kind in ('images', 'labels'):
-    (root / kind).mkdir(parents=True)
-    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir()):
-      (root / kind / path.name).symlink_to(path)
+  root = _linked_copy(data_cfg.root, tmp_path / 'data')
   (root / 'images' / 'phantom_004.nii.gz').unlink()
   config = default.get_config()
   config.data.root = str(root)
