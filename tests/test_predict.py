@@ -643,7 +643,7 @@ def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, cap
   the knee rotated by 30 degrees in the sagittal plane, segmented rotated back, its mask the upright one's
   rotated."""
   spacing = (2.0, 0.9, 0.9)
-  image, tissue, affine = knee.make_tissues(3, shape=(12, 160, 160), spacing=spacing)
+  image, tissue, affine = knee.make_tissues(3, shape=(12, 128, 128), spacing=spacing)
   resliced_affine = affine.copy()  # voxel axes (AP, SI, LR) read as (LR, AP, SI)
   resliced_affine[:3, :3] = affine[:3, :3] / spacing * np.array(spacing)[[1, 2, 0]]
   scans = {'upright': (image, affine),
@@ -667,7 +667,7 @@ def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, cap
   assert results['resliced.nii.gz']['laterality'] is None
   assert {'fc_side1', 'fc_side2', 'tc_side1', 'tc_side2'} <= set(results['resliced.nii.gz']['regions'])
   labels = phantom.LABEL_OF_TISSUE[tissue]
-  for k, value, least in ((1, 2, 70), (2, 4, 50)):  # Dice % of the upright knee (81 / 65 measured)
+  for k, value, least in ((1, 2, 70), (2, 4, 60)):  # Dice % of the upright knee (81 / 76 measured)
     assert metrics.segmentation_metrics(masks['upright'] == k, labels == value, spacing)['dice'] > least
   np.testing.assert_array_equal(masks['turned'], predict.orient(masks['upright'], (0, True, True, False)))
   np.testing.assert_array_equal(masks['resliced'], masks['upright'].transpose(1, 2, 0))
@@ -701,7 +701,7 @@ def test_isotropic_voxels_have_their_left_right_axis_questioned(tmp_path):
   sizes do not name: kept as its header says, and stored in another axis order under a header that takes
   the stored axes for its own, segmented with its own left-right axis, the mask the first's transposed."""
   spacing = (0.9, 0.9, 0.9)
-  image, tissue, affine = knee.make_tissues(3, shape=(28, 160, 160), spacing=spacing)
+  image, tissue, affine = knee.make_tissues(3, shape=(28, 128, 128), spacing=spacing)
   (tmp_path / 'scans').mkdir()
   for name, voxels in (('upright', image), ('stored', image.transpose(2, 0, 1))):
     nib.save(nib.Nifti1Image(np.ascontiguousarray(voxels), affine), tmp_path / 'scans' / f'{name}.nii.gz')
@@ -714,7 +714,7 @@ def test_isotropic_voxels_have_their_left_right_axis_questioned(tmp_path):
            for name in ('upright', 'stored')}
   np.testing.assert_array_equal(masks['stored'], masks['upright'].transpose(2, 0, 1))
   labels = phantom.LABEL_OF_TISSUE[tissue]
-  for k, value, least in ((1, 2, 70), (2, 4, 60)):  # Dice % (82 / 78 measured)
+  for k, value, least in ((1, 2, 70), (2, 4, 60)):  # Dice % (83 / 78 measured)
     assert metrics.segmentation_metrics(masks['upright'] == k, labels == value, spacing)['dice'] > least
 
 
