@@ -21,8 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   # trains on label maps alone (data.root with labels/ only) as well.
   d.synth = False
   d.workers = 0  # Grain worker processes (0 = load in the training process)
-  # Where the phantom is generated once; '' = beside the workdir: phantom/, or for 'reference' anatomy
-  # phantom_reference[_oa<fraction>][_elastic<mm>]/.
+  # Where the phantom is generated once; '' = beside the workdir: phantom_<shape>/ (phantom_160x384x384/),
+  # or for 'reference' anatomy phantom_reference[_oa<fraction>][_elastic<mm>]_<shape>/.
   d.phantom_dir = ''
   d.phantom_anatomy = 'schematic'  # 'schematic' shapes | 'reference': knees warped from a real label map
   d.phantom_num = 20  # phantom subjects

@@ -270,11 +270,20 @@ def test_bad_train_slices_setting(data_cfg, tmp_path):
     preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
 
 
-def test_resolve_data_root_generates_phantom(tmp_path):
+def test_resolve_data_root_generates_phantom(tmp_path, monkeypatch):
   cfg = default.get_config().data
   cfg.phantom_num, cfg.phantom_shape, cfg.phantom_spacing = 1, (4, 16, 16), (7.0, 4.0, 4.0)
   root = preprocess.resolve_data_root(cfg, tmp_path / 'runs' / 'demo', seed=0)
-  assert root == tmp_path / 'runs' / 'phantom' and len(volumes.discover_cases(root)) == 1
+  assert root == tmp_path / 'runs' / 'phantom_4x16x16' and len(volumes.discover_cases(root)) == 1
+  # A run of another grid beside it (the demo's and the paper's) makes its own; one of another seed shares it.
+  cfg.phantom_shape = (4, 16, 12)
+  for run, seed in (('full', 0), ('seed1', 1)):
+    root = preprocess.resolve_data_root(cfg, tmp_path / 'runs' / run, seed)
+    assert root == tmp_path / 'runs' / 'phantom_4x16x12' and len(volumes.discover_cases(root)) == 1
+  cfg.phantom_anatomy, cfg.phantom_oa_fraction, cfg.phantom_elastic_mm = 'reference', 0.5, 3.0
+  monkeypatch.setattr(phantom, 'write_dataset', lambda *args, **kwargs: None)  # 8 s a real-anatomy knee
+  assert preprocess.resolve_data_root(cfg, tmp_path / 'runs' / 'knee', seed=0).name == (
+      'phantom_reference_oa0.5_elastic3_4x16x12')
   cfg.root = '/somewhere/OAI-ZIB'
   assert str(preprocess.resolve_data_root(cfg, tmp_path, seed=0)) == '/somewhere/OAI-ZIB'
 

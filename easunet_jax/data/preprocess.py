@@ -48,12 +48,15 @@ def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathli
   if data_cfg.phantom_anatomy not in generators:
     raise ConfigError(f'data.phantom_anatomy: expected one of {sorted(generators)}, '
                       f'got {data_cfg.phantom_anatomy!r}')
+  # The default folder is named by what its subjects are, so that runs of other kinds beside each other
+  # (the demo's phantom and the paper's) each make their own; one of another seed shares it, as a sweep does.
   name = 'phantom' if data_cfg.phantom_anatomy == 'schematic' else f'phantom_{data_cfg.phantom_anatomy}'
-  if data_cfg.phantom_anatomy == 'reference':  # other subjects: not those of another fraction or field
+  if data_cfg.phantom_anatomy == 'reference':
     if data_cfg.phantom_oa_fraction:
       name += f'_oa{data_cfg.phantom_oa_fraction:g}'
     if data_cfg.phantom_elastic_mm != knee.ELASTIC_MM:
       name += f'_elastic{data_cfg.phantom_elastic_mm:g}'
+  name += '_' + 'x'.join(str(int(n)) for n in data_cfg.phantom_shape)
   default_dir = pathlib.Path(workdir).parent / name
   out = pathlib.Path(data_cfg.phantom_dir or default_dir)
   logging.info('data.root is unset: using the built-in %s phantom (%d subjects in %s); for OAI-ZIB pass '
