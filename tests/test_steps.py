@@ -143,3 +143,23 @@ def test_validation_counts_leave_out_the_store_padding(monkeypatch):
                                'mask': np.ones(2, bool)}, graphdef=None, num_classes=3, dice_eps=1.0)
   # (TP, FP, FN) per slice: FC 4 labelled pixels found, 32 more of the 6 x 6 marked; TC none.
   np.testing.assert_array_equal(out['counts'], [[[4, 32, 0], [0, 0, 0]]] * 2)
+
+
+def test_validation_loss_leaves_out_the_batch_padding(monkeypatch):
+  """The samples that pad the last batch (batch['mask'] False) count neither in the loss nor in
+  num_valid: the loss of a real slice and a padding slice is the real slice's alone."""
+  label = np.zeros((2, 8, 8), np.int32)
+  label[0, 2:4, 2:4] = 1  # the padding sample (a copy of nothing) has no cartilage
+  femoral_everywhere = jax.nn.one_hot(jnp.ones((2, 8, 8), int), 3)
+  monkeypatch.setattr(steps, 'forward', lambda state, image, graphdef: femoral_everywhere[:len(image)])
+
+  def step(mask):
+    n = len(mask)
+    return steps.eval_step(None, {'image': np.zeros((n, 8, 8, 1), np.float32), 'label': label[:n],
+                                  'valid': np.ones((n, 8, 8), bool), 'mask': np.array(mask)},
+                           graphdef=None, num_classes=3, dice_eps=1.0)
+
+  padded, alone, both = step([True, False]), step([True]), step([True, True])
+  assert int(padded['num_valid']) == 1
+  np.testing.assert_allclose(padded['loss'], alone['loss'], rtol=1e-6)
+  assert abs(float(both['loss']) - float(alone['loss'])) > 0.01

@@ -32,6 +32,9 @@ def test_metrics_log_and_checkpoints(augmented_tiny):
           'val/dice_fc', 'val/dice_tc', 'val/dice_mean'} <= keys
   assert [r['step'] for r in rows if 'val/dice_mean' in r] == [3, 6]
   assert all(0.0 <= r['val/dice_fc'] <= 1.0 for r in rows if 'val/dice_fc' in r)
+  # The logged loss adds the side outputs' weighted losses to the final output's (loss_final).
+  losses = [(r['train/loss'], r['train/loss_final']) for r in rows if 'train/loss' in r]
+  assert len(losses) == config.train.num_steps and all(total > final > 0 for total, final in losses)
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   mngr = checkpoints.manager(workdir, config.checkpoint.keep)
   assert mngr.latest_step() == int(state.step) == config.train.num_steps
