@@ -18,6 +18,7 @@ from easunet_jax.data import pipeline
 from easunet_jax.models import MODELS, abstract_model
 from easunet_jax.models.attention_unet import AttentionGate
 from easunet_jax.models.unet import ConvBnAct, UpStage
+from easunet_jax.models.unetpp import UNetPlusPlus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -130,6 +131,34 @@ def test_unetpp_deep_supervision_adds_a_head_on_each_of_x01_to_x03():
   model.train()
   final, sides = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
   assert final.shape == (2, 32, 32, 3) and [s.shape for s in sides] == [final.shape] * 3
+
+
+def test_unetpp_nodes_are_nested_and_each_head_reads_its_own_node():
+  """Three levels: the output read from X^{0,k} (the side output k = 1, the final logits k = 2) changes with
+  the parameters of node X^{i,j} exactly where i + j <= k, as each node up-samples the node below it of the
+  column before and concatenates every node of its row before it."""
+  model = UNetPlusPlus(features=(4, 8, 16), deep_supervision=True, rngs=nnx.Rngs(0))
+  model.train()
+  graphdef, _ = nnx.split(model)
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 1))
+
+  @jax.jit
+  def outputs(state):
+    final, sides = nnx.merge(graphdef, state)(x)
+    return jnp.stack([*sides, final])
+
+  before = outputs(nnx.state(model))
+  nodes = [(i, j) for j in range(1, 3) for i in range(3 - j)]
+  reached = {k: [] for k in (1, 2)}
+  for i, j in nodes:
+    changed = nnx.clone(model)
+    node = changed.nested[j - 1][i]
+    nnx.update(node, jax.tree.map(lambda p: p + 0.5, nnx.state(node, nnx.Param)))
+    moved = np.abs(outputs(nnx.state(changed)) - before).max(axis=(1, 2, 3, 4)) > 1e-4
+    for k in reached:
+      if moved[k - 1]:
+        reached[k].append((i, j))
+  assert reached == {k: [(i, j) for i, j in nodes if i + j <= k] for k in reached}
 
 
 def test_a_baseline_block_is_relu_and_its_up_stage_puts_the_up_sampled_map_before_the_skip():
