@@ -53,6 +53,23 @@ def test_anatomy_and_contrast(subject):
     assert np.mean(ndimage.binary_dilation(labels == bone)[labels == plate]) > share
 
 
+def test_render_multiplies_the_bias_field_and_adds_rician_noise():
+  """One tissue of intensity 2 without blur: the bias field's five coefficients each along its own axis (70 mm
+  their scale, centred on the volume), and noise whose magnitude keeps the mean square at 4 + 2 sigma^2."""
+  tissue = np.ones((5, 16, 24), np.uint8)
+  intensity, spacing = np.array([0.0, 2.0]), (1.0, 2.0, 3.0)
+  c = np.array([0.7, -0.4, 0.3, 0.5, -0.6])
+  biased = phantom.render(tissue, intensity, spacing, np.random.default_rng(0), blur=0.0, bias=c, noise=0.0)
+  x, y, z = ((np.arange(n) - (n - 1) / 2) * d / 70 for n, d in zip(tissue.shape, spacing))
+  expected = (c[0] * x[:, None, None] + (c[1] * y + c[3] * y ** 2)[None, :, None]
+              + (c[2] * z + c[4] * z ** 2)[None, None, :])
+  np.testing.assert_allclose(np.log(biased / 2.0), expected, atol=1e-5)
+  noisy = phantom.render(np.ones((8, 64, 64), np.uint8), intensity, spacing, np.random.default_rng(0),
+                         blur=0.0, bias=np.zeros(5), noise=0.1)  # sigma 0.2
+  assert np.mean(noisy ** 2) == pytest.approx(4.0 + 2 * 0.2 ** 2, abs=0.02)
+  assert noisy.min() >= 0 and np.std(noisy) == pytest.approx(0.2, rel=0.1)
+
+
 def test_cartilage_thickness_mm():
   # Fine sagittal pixels; thickness = vertical run of cartilage through the middle of each condyle.
   spacing = (2.0, 0.1, 0.1)
