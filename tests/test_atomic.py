@@ -7,6 +7,7 @@ import os
 import pytest
 
 from easunet_jax import atomic
+from easunet_jax.data import volumes
 
 
 def test_a_kill_mid_write_keeps_the_earlier_file(tmp_path, request):
@@ -16,6 +17,16 @@ def test_a_kill_mid_write_keeps_the_earlier_file(tmp_path, request):
   with pytest.raises(KeyboardInterrupt):
     atomic.write_text(path, 'later report, longer\n')
   assert path.read_text() == 'earlier report\n' and os.listdir(path.parent) == ['report.md']
+
+
+def test_the_file_being_written_is_hidden_beside_it_and_ends_in_its_name(tmp_path):
+  """Hidden from a user's listing (and the volume files a data set's folder is read for), in the same folder
+  (one file system, so the rename is atomic), ending in the file's name (nibabel reads the format from it)."""
+  with atomic.replaced(tmp_path / 'knee.nii.gz') as tmp:
+    assert tmp.parent == tmp_path and tmp.name.startswith('.easunet-') and tmp.name.endswith('.knee.nii.gz')
+    tmp.write_text('mask')
+    assert not volumes.volume_files(tmp_path)
+  assert os.listdir(tmp_path) == ['knee.nii.gz']
 
 
 def test_a_link_is_written_through(tmp_path):
