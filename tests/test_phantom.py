@@ -1,6 +1,9 @@
 """Tests of the synthetic knee generator: labels, geometry in millimetres, determinism, dataset writing."""
 
 import logging
+import pathlib
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -11,6 +14,8 @@ from configs import default
 from easunet_jax import measures
 from easunet_jax.data import knee, phantom, preprocess, volumes
 from easunet_jax.errors import DataError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SHAPE, SPACING = (16, 64, 64), (7.0, 1.0, 1.0)
 
@@ -214,3 +219,13 @@ def test_statistics_within_1_5x_of_the_reference_knee():
   for key in ('slices_with_cartilage', 'fc_share_pct', 'tc_share_pct', 'fc_thickness_mm', 'tc_thickness_mm'):
     want, got = reference[key], np.mean([s[key] for s in subjects])
     assert want / 1.5 <= got <= want * 1.5, (key, got, want)
+
+
+def test_the_command_line_writes_the_subjects_asked_for_and_refuses_two_values(tmp_path):
+  command = [sys.executable, '-m', 'easunet_jax.data.phantom', f'--out={tmp_path}', '--num=2',
+             '--spacing=7,4,4']
+  done = subprocess.run([*command, '--shape=4,16,16'], capture_output=True, text=True, check=False, cwd=REPO)
+  assert done.returncode == 0 and done.stdout == f'2 phantom subjects in {tmp_path}\n', done.stderr[-2000:]
+  assert [nib.load(p).shape for p in sorted((tmp_path / 'images').glob('*.nii.gz'))] == [(4, 16, 16)] * 2
+  refused = subprocess.run([*command, '--shape=16,16'], capture_output=True, text=True, check=False, cwd=REPO)
+  assert refused.returncode == 1 and 'three comma-separated values' in refused.stderr
