@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from configs import tiny
 from easunet_jax import evaluate
-from easunet_jax.data import knee, pipeline
+from easunet_jax.data import knee, pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError
 
 
@@ -154,8 +154,18 @@ def test_slice_scores_are_in_the_in_plane_pixels_mm():
 def test_both_empty_is_only_where_neither_mask_has_a_voxel():
   empty, blob = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
   blob[1:3, 1:3] = True
-  assert [evaluate._scores(a, b, (1.0, 1.0))['both_empty'] for a, b in
-          ((empty, empty), (empty, blob), (blob, empty), (blob, blob))] == [True, False, False, False]
+  scores = [evaluate._scores(a, b, (1.0, 1.0)) for a, b in
+            ((empty, empty), (empty, blob), (blob, empty), (blob, blob))]
+  assert [s['both_empty'] for s in scores] == [True, False, False, False]
+  assert evaluate._summary(scores)['n_both_empty'] == 1
+
+
+def test_a_slice_is_cropped_of_the_padding_the_store_gave_it():
+  """Padding uneven on both sides of both axes (5 rows centred in 8, 7 columns in 12)."""
+  original = np.arange(35).reshape(5, 7)
+  pad = [preprocess.centred_padding(5, 8), preprocess.centred_padding(7, 12)]
+  assert pad == [(1, 2), (2, 3)]
+  np.testing.assert_array_equal(evaluate._crop(np.pad(original, pad), pad), original)
 
 
 def _one_line_error(error_type, config, workdir, match):
