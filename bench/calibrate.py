@@ -7,7 +7,7 @@ python bench/calibrate.py [--weights easunet_jax/weights/eas_knee.npz] [--num 3]
 The five real-anatomy sets of bench/transfer.py (DESS-like, TSE-like and labels only; osteoarthritic
 DESS-like and labels only), made from dataset `--seed` (the shipped model trained on seeds 0, 2, 4
 to 8, 11 and 12, the transfer bench tests on 1000), are segmented by predict's pipeline with the model's
-settings (`predict.class_probabilities` once per knee, then `predict.to_classes` and
+settings (`inference.class_probabilities` once per knee, then `predict.to_classes` and
 `predict.remove_small_components` for each weight) and scored as bench/transfer.py scores them. Prints a
 Markdown table per weight (3D Dice %, mean over knees, and the error of mean thickness in mm), the weight
 of the best mean Dice over all sets and plates, and one JSON line.
@@ -25,7 +25,7 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 import transfer  # noqa: E402
 
-from easunet_jax import predict, pretrained  # noqa: E402
+from easunet_jax import inference, predict, pretrained  # noqa: E402
 from easunet_jax.data import volumes  # noqa: E402
 
 SEED = 3000
@@ -54,8 +54,8 @@ def main() -> None:
       image, spacing = volumes.canonical_image(volumes.open_volume(image_path), image_path)
       label_path = folder / 'labels' / image_path.name
       labels, _ = volumes.load_labels(volumes.Case(image_path.name, None, label_path), ((2, 2), (4, 4)))
-      probabilities = predict.class_probabilities(network, image, spacing, pixel, config.predict.subpixel_tta,
-                                                  config.predict.slice_sigma_mm)
+      probabilities = inference.class_probabilities(
+          network, image, spacing, pixel, config.predict.subpixel_tta, config.predict.slice_sigma_mm)
       for w in weights:
         classes = predict.remove_small_components(predict.to_classes(probabilities, w), spacing,
                                                   config.predict.min_component_mm3,

@@ -3,12 +3,12 @@
 python bench/pose.py --scan knee_000.nii.gz --labels knee_000_labels.nii.gz [--weights FILE] [--out DIR]
                      [--degrees 20,30]
 
-The scan's voxels in each of the eight in-plane orientations (`predict.orient`) under the scan's own header,
+The scan's voxels in each of the eight in-plane orientations (`pose.orient`) under the scan's own header,
 as a header that flips or swaps the knee's in-plane axes gives them to the network (square in-plane pixels
 keep the header's voxel size right), stored in the two other cyclic axis orders under a header that takes
 the stored axes for its own (the voxel sizes following the voxels), as a header that names another axis
 left-right gives them, and rotated in the sagittal plane by each of `--degrees` both ways
-(`predict.rotate_slices`: a knee scanned more flexed or tilted than the model learnt); the labels posed
+(`pose.rotate_slices`: a knee scanned more flexed or tilted than the model learnt); the labels posed
 alike (rotated through their one-hot maps and the argmax). Every pose is segmented by `predict.predict` with
 the model's settings, as `--mode=predict --labels` does, once with `predict.orientation_check` and once
 without. Prints a Markdown table (the pose, what the check decided, 3D Dice % FC / TC with the check and
@@ -28,7 +28,7 @@ import tempfile  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from easunet_jax import predict, pretrained  # noqa: E402
+from easunet_jax import pose, predict, pretrained  # noqa: E402
 from easunet_jax.data import volumes  # noqa: E402
 
 
@@ -47,14 +47,14 @@ def write_poses(scan: pathlib.Path, labels: pathlib.Path, out: pathlib.Path,
   def undoing(posed_probe: np.ndarray) -> str:
     """The turn of a header that turns a posed knee: the orientation that undoes the pose, which the check
     should find, in words."""
-    undo = next(o for o in orientations if np.array_equal(predict.orient(posed_probe, o), probe))
-    return f'turned: {predict.describe_orientation(undo)}'
+    undo = next(o for o in orientations if np.array_equal(pose.orient(posed_probe, o), probe))
+    return f'turned: {pose.describe_orientation(undo)}'
 
   for orientation in orientations[:8]:  # left-right kept
     name = '_'.join(['turned'] + [part for part, on in zip(('swapped', 'ap', 'si'), orientation[1:]) if on]
                     if any(orientation) else ['as_scanned'])
-    poses[name] = (predict.orient(image, orientation), predict.orient(truth, orientation), nii.affine,
-                   undoing(predict.orient(probe, orientation)) if any(orientation) else 'as scanned')
+    poses[name] = (pose.orient(image, orientation), pose.orient(truth, orientation), nii.affine,
+                   undoing(pose.orient(probe, orientation)) if any(orientation) else 'as scanned')
   for axes in ((1, 2, 0), (2, 0, 1)):
     affine = nii.affine.copy()
     affine[:3, :3] = nii.affine[:3, :3] / np.asarray(spacing) * np.asarray(spacing)[list(axes)]
@@ -62,8 +62,8 @@ def write_poses(scan: pathlib.Path, labels: pathlib.Path, out: pathlib.Path,
         image.transpose(axes), truth.transpose(axes), affine, undoing(probe.transpose(axes)))
   for angle in (a for d in degrees for a in (d, -d)):
     one_hot = np.stack([(truth == v).astype(np.float32) for v in values], -1)
-    rotated = values[np.argmax(predict.rotate_slices(one_hot, angle, spacing), -1)]
-    poses[f'rotated_{angle:+g}'] = (predict.rotate_slices(image, angle, spacing), rotated, nii.affine,
+    rotated = values[np.argmax(pose.rotate_slices(one_hot, angle, spacing), -1)]
+    poses[f'rotated_{angle:+g}'] = (pose.rotate_slices(image, angle, spacing), rotated, nii.affine,
                                     f'rotated {angle:+g} degrees in the sagittal plane')
   for name, (voxels, label_voxels, affine, _) in poses.items():
     if (out / 'images' / f'{name}.nii.gz').exists():  # a pose already there is kept, and with it its masks

@@ -1,4 +1,4 @@
-"""Seconds `predict`'s slice resampling takes (`predict._resize`: gathers and interpolation fused by XLA)
+"""Seconds `predict`'s slice resampling takes (`inference._resize`: gathers and interpolation fused by XLA)
 against the same linear interpolation written in numpy (two gathers and three passes over the output per
 axis, what predict ran before), on a volume's class probabilities resampled from the network's pixels back
 to the scan's (the four sub-pixel grids of a prediction each do this once) and on the scan resampled to the
@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from easunet_jax import predict
+from easunet_jax import inference
 
 
 def _numpy_resize(array: np.ndarray, size: Sequence[int], offset: Sequence[float]) -> np.ndarray:
-  """The baseline: the same grid and edge rule as `predict._resize`, in numpy."""
+  """The baseline: the same grid and edge rule as `inference._resize`, in numpy."""
   for axis, n_out, shift in zip((1, 2), size, offset):
     n_in = array.shape[axis]
     x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5 + shift, 0, n_in - 1)
@@ -53,7 +53,7 @@ def main() -> None:
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   scan, network = (args.scan, args.scan), (args.network, args.network)
-  cases = {  # offsets as the third sub-pixel grid of `predict.class_probabilities` uses them
+  cases = {  # offsets as the third sub-pixel grid of `inference.class_probabilities` uses them
       'probabilities back to the scan': (rng.random((args.slices, *network, 3), np.float32), scan,
                                          (-0.5, 0.0)),
       "scan to the network's pixels": (rng.random((args.slices, *scan), np.float32), network,
@@ -61,7 +61,7 @@ def main() -> None:
   results = {}
   for name, (array, size, offset) in cases.items():
     numpy_s, expected = _median_s(_numpy_resize, array, size, offset, args.repeats)
-    fused_s, found = _median_s(predict._resize, array, size, offset, args.repeats)
+    fused_s, found = _median_s(inference._resize, array, size, offset, args.repeats)
     results[name] = {'from': list(array.shape), 'to': list(found.shape), 'numpy_s': round(numpy_s, 4),
                      'predict_s': round(fused_s, 4), 'speedup': round(numpy_s / fused_s, 1),
                      'max_abs_difference': float(np.abs(found - expected).max())}

@@ -6,9 +6,6 @@ prediction on three sagittal slices; scores the masks against expert labels when
 
 import collections
 import csv
-import functools
-import hashlib
-import itertools
 import json
 import os
 import pathlib
@@ -16,13 +13,10 @@ import re
 import time
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import nibabel as nib
 import numpy as np
 from absl import logging
-from flax import nnx
 from scipy import ndimage
 
 from easunet_jax import (
@@ -30,14 +24,15 @@ from easunet_jax import (
   config_check,
   evaluate,
   figures,
+  inference,
   measures,
   metrics,
-  models,
   parallel,
+  pose,
   pretrained,
   steps,
 )
-from easunet_jax.data import dicom, pipeline, preprocess, volumes
+from easunet_jax.data import dicom, pipeline, volumes
 from easunet_jax.errors import ConfigError, DataError, one_line
 from easunet_jax.progress import Progress
 
@@ -49,44 +44,8 @@ _SIDE_MIN_MM = 10.0
 # A scan whose sagittal slices have pixels this many times coarser than the network's along an axis was
 # acquired in another plane (its slice thickness lies in the sagittal plane): the masks will be poor.
 _COARSE_PIXEL_RATIO = 2.0
-# Network pixels per in-plane axis a resampled slice may span: outside, the header's voxel size is wrong
-# (another unit than mm, a scaled affine), and the slice would be a few pixels or exhaust memory.
-_SLICE_PIXELS = (16, 4096)
 SIDES = {'R': 'right', 'L': 'left'}
-# The orientation check (`sagittal_orientation`) runs the network on this many central sagittal slices in
-# each of the eight in-plane orientations (of each axis taken as left-right, unless _SLICE_AXIS_RATIO says
-# otherwise); it overrides the header only where another orientation holds at
-# least _ORIENTATION_MARGIN times the header's share of voxels where the network is sure of cartilage, and
-# at least _ORIENTATION_FLOOR of all voxels (a network that finds no cartilage anywhere decides nothing).
-_ORIENTATION_SLICES = 8
-_ORIENTATION_MARGIN = 1.5
-_ORIENTATION_FLOOR = 1e-3
-# Then, upright, the same slices rotated in the sagittal plane by these angles (degrees), with the same margin
-# and floor: a knee scanned flexed or tilted beyond the poses the network learnt (flexion within about 20
-# degrees of the reference knee's) loses its tibial plate first.
-_ROTATIONS_DEG = (-30.0, -15.0, 15.0, 30.0)
-# The check questions the header's left-right axis too (each of the three axes tried as the one the sagittal
-# slices are cut across) unless its voxels are over this many times coarser than the other two axes': a
-# sagittal scan of slices thicker than its pixels names its left-right axis by its voxels already, while a
-# header of isotropic voxels, or of thicker voxels along another axis, may name another axis left-right (an
-# array saved in another axis order than its affine says, as numpy's reversed order of an ITK image) or
-# belong to a scan acquired in another plane. The search costs 128 more slices through the network.
-_SLICE_AXIS_RATIO = 1.2
 _AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
-# Canonical (RAS) axes: their directions each way, and their lines.
-_DIRECTIONS = (('right', 'left'), ('anterior', 'posterior'), ('superior', 'inferior'))
-_AXIS_LINES = ('left-right', 'anterior-posterior', 'inferior-superior')
-# How a canonical-order volume is turned before its sagittal slices meet the network (`orient`): the
-# canonical axis taken as left-right, whether the two others swap, whether axis 1 and axis 2 then flip.
-Orientation = tuple[int, bool, bool, bool]
-HEADER: Orientation = (0, False, False, False)
-
-
-def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
-  """Softmax (B, H, W, K). No flip test-time augmentation: a head-foot flip makes the femur a tibia, and
-  a model trained without flips segments flipped knees badly (flip TTA cut the 6000-step shipped model's 3D
-  Dice on the DESS-like transfer set from 75 / 77 to 53 / 13, FC / TC)."""
-  return jax.nn.softmax(steps.forward(state, image_BHW1, graphdef=graphdef), axis=-1)
 
 
 def _mask_name(scan: pathlib.Path) -> str:
@@ -284,235 +243,6 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, heade
   return side, why
 
 
-@functools.partial(jax.jit, static_argnames='axis')
-def _interpolate(array: jax.Array, first: jax.Array, weight: jax.Array, axis: int) -> jax.Array:
-  """`array` linearly interpolated along `axis` between its entries `first` and `first` + 1 (the last entry
-  repeated past the end) by `weight`: one fused loop where numpy made five volume-sized arrays per axis, the
-  time a prediction spends outside the network cut to less than half (docs/performance.md)."""
-  weight = weight.reshape([-1 if a == axis else 1 for a in range(array.ndim)])
-  below = jnp.take(array, first, axis, mode='clip')
-  return below + weight * (jnp.take(array, first + 1, axis, mode='clip') - below)
-
-
-def _resize(array: np.ndarray, size: Sequence[int], offset: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
-  """`array` (S, H, W, ...) with each sagittal slice linearly resampled to `size` (H', W'), one in-plane axis
-  at a time. Pixel edges map onto pixel edges (the field of view is kept; scipy's zoom with grid_mode), the
-  grid moved by `offset` input pixels per axis, and the edge pixels extend outwards."""
-  for axis, n_out, shift in zip((1, 2), size, offset):
-    n_in = array.shape[axis]
-    if n_in == n_out and shift == 0:
-      continue
-    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5 + shift, 0, n_in - 1)
-    first = np.floor(x).astype(np.int32)
-    array = _interpolate(array, first, (x - first).astype(np.float32), axis=axis)
-  return np.asarray(array)
-
-
-class Network:
-  """The eval-mode network over a mesh, slice-batched, compiled once per padded slice shape; it keeps the
-  time spent in forward passes (compilation apart) for the timing line."""
-
-  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: steps.TrainState,
-               mesh: jax.sharding.Mesh):
-    self.state = state
-    self.stride = models.stride(config.model.features)
-    self.batch_size = parallel.round_to_devices(config.predict.batch_size, mesh)
-    self.data_sharding, replicated = parallel.shardings(mesh)
-    self._jitted = jax.jit(functools.partial(_probabilities, graphdef=graphdef),
-                           in_shardings=(replicated, self.data_sharding))
-    self._compiled = {}
-    self.forward_s = self.compile_s = 0.0
-
-  def weights_sha256(self) -> str:
-    """A digest of the parameters and batch statistics: the same digest, the same masks."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get((self.state.params, self.state.batch_stats))):
-      digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()
-
-  def __call__(self, image_SHW: np.ndarray) -> np.ndarray:
-    """Class probabilities (S, H, W, K) of slices whose H and W are multiples of the network's stride."""
-    shape = (self.batch_size, *image_SHW.shape[1:], 1)
-    if shape not in self._compiled:
-      start = time.perf_counter()
-      spec = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.data_sharding)
-      self._compiled[shape] = self._jitted.lower(self.state, spec).compile()
-      self.compile_s += time.perf_counter() - start
-    out = []
-    for first in range(0, len(image_SHW), self.batch_size):
-      chunk = image_SHW[first:first + self.batch_size]
-      batch = np.zeros(shape, np.float32)  # the last batch is zero-filled to the compiled shape
-      batch[:len(chunk), ..., 0] = chunk
-      batch = pipeline.put_on_mesh({'image': batch}, self.data_sharding)['image']
-      start = time.perf_counter()
-      probs = jax.block_until_ready(self._compiled[shape](self.state, batch))
-      self.forward_s += time.perf_counter() - start
-      out.append(np.asarray(probs)[:len(chunk)])
-    return np.concatenate(out)
-
-
-def resampled_size(size: Sequence[int], spacing: Sequence[float], pixel: Sequence[float]) -> tuple[int, ...]:
-  """In-plane size of a slice of `size` pixels of `spacing` mm resampled to `pixel` mm."""
-  return tuple(max(1, round(n * s / p)) for n, s, p in zip(size, spacing, pixel))
-
-
-def class_probabilities(network: Network, image: np.ndarray,
-                        spacing: Sequence[float], pixel: tuple[float, float] | None, subpixel_tta: bool,
-                        slice_sigma_mm: float) -> np.ndarray:
-  """Class probabilities (S, H, W, K) of a canonical-order volume: normalised like the slice store, each
-  sagittal slice resampled to `pixel` mm (None: kept) and padded to multiples of the network's stride. The
-  network's probabilities are resampled back with linear interpolation, which gives smoother boundaries
-  than resampling a label map. With `subpixel_tta` they are the mean over the sampling grids offset by half
-  a network pixel along each in-plane axis where the network's pixels are the coarser (four grids at most):
-  boundaries finer than the network's pixels. Then they are smoothed across sagittal slices by a Gaussian
-  of `slice_sigma_mm` (0: not at all): the network sees one slice at a time, and the smoothing lets
-  neighbouring slices outvote a slice's lone speck or gap."""
-  original = image.shape[1:]
-  size = original if pixel is None else resampled_size(original, spacing[1:], pixel)
-  image = preprocess.normalise(image).astype(np.float32)
-  pad = [(0, 0), *(preprocess.centred_padding(n, preprocess.padded_size(n, network.stride)) for n in size)]
-  crop = (slice(None), *(slice(before, before + n) for (before, _), n in zip(pad[1:], size)))
-
-  def probabilities(offset: tuple[float, float]) -> np.ndarray:  # offset in network pixels
-    probs = network(np.pad(_resize(image, size, [o * n / m for o, n, m in zip(offset, original, size)]), pad))
-    return _resize(probs[crop], original, [-o for o in offset])
-
-  offsets = list(itertools.product(*[(0.0, 0.5) if subpixel_tta and m < n else (0.0,)
-                                     for n, m in zip(original, size)]))
-  mean = sum(probabilities(offset) for offset in offsets) / len(offsets)
-  if slice_sigma_mm > 0:
-    mean = ndimage.gaussian_filter1d(mean, slice_sigma_mm / spacing[0], axis=0, mode='nearest')
-  return mean
-
-
-def orient(array: np.ndarray, orientation: Orientation) -> np.ndarray:
-  """`array` (S, H, W, ...) of canonical order in an `orientation`: canonical axis `orientation[0]` made axis
-  0 (the other two keep their order), then the two in-plane axes swapped or not, axis 1 flipped or not, axis
-  2 flipped or not; `unorient` undoes it."""
-  axis, swap, *flips = orientation
-  array = np.moveaxis(array, axis, 0)
-  if swap:
-    array = array.swapaxes(1, 2)
-  return array[(slice(None), *(slice(None, None, -1 if flip else 1) for flip in flips))]
-
-
-def unorient(array: np.ndarray, orientation: Orientation) -> np.ndarray:
-  axis, swap, *flips = orientation
-  array = array[(slice(None), *(slice(None, None, -1 if flip else 1) for flip in flips))]
-  return np.moveaxis(array.swapaxes(1, 2) if swap else array, 0, axis)
-
-
-def _in_plane_sources(orientation: Orientation) -> list[int]:
-  """The canonical axes that an `orient`ed volume's axes 1 and 2 come from."""
-  axis, swap = orientation[:2]
-  others = [a for a in range(3) if a != axis]
-  return others[::-1] if swap else others
-
-
-def oriented_spacing(spacing: Sequence[float], orientation: Orientation) -> tuple[float, float, float]:
-  """The voxel size of a volume of `spacing` (canonical order) `orient`ed."""
-  return (spacing[orientation[0]], *(spacing[a] for a in _in_plane_sources(orientation)))
-
-
-def describe_orientation(orientation: Orientation) -> str:
-  """Where the header puts an `orient`ed volume's left-right axis (where it is not the header's), anterior
-  and superior, in words."""
-  axis, _, *flips = orientation
-  moved = [f"its left-right the header's {_AXIS_LINES[axis]}"] if axis else []
-  return ', '.join(moved + [f"its {_DIRECTIONS[a][0]} the header's {_DIRECTIONS[source][flip]}"
-                            for a, source, flip in zip((1, 2), _in_plane_sources(orientation), flips)])
-
-
-def rotate_slices(array: np.ndarray, degrees: float, spacing: Sequence[float]) -> np.ndarray:
-  """`array` (S, H, W, ...) with each sagittal slice rotated by `degrees` about its centre in millimetres
-  (pixels of `spacing[1:]` mm, square or not), linearly interpolated, edges extended;
-  `rotate_slices(rotate_slices(a, d, s), -d, s)` is `a` up to the interpolation."""
-  if array.ndim > 3:  # a channel at a time: one 4D transform interpolates over 16 corners, twice as slow
-    return np.stack([rotate_slices(array[..., k], degrees, spacing) for k in range(array.shape[-1])], -1)
-  angle = np.deg2rad(degrees)
-  rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-  pixel = np.asarray(spacing[1:], float)
-  matrix = np.eye(3)
-  matrix[1:, 1:] = rotation * pixel[None, :] / pixel[:, None]  # output pixel -> mm -> rotated -> input pixel
-  centre = (np.asarray(array.shape, float) - 1) / 2
-  return ndimage.affine_transform(array, matrix, offset=centre - matrix @ centre, order=1, mode='nearest')
-
-
-def _central_slices(image: np.ndarray) -> np.ndarray:
-  """_ORIENTATION_SLICES sagittal slices spread over the central half of the left-right axis."""
-  central = np.linspace(0.25 * (len(image) - 1), 0.75 * (len(image) - 1), _ORIENTATION_SLICES)
-  return image[np.unique(central.round()).astype(int)]
-
-
-def _sure_shares(network: Network, variants: Sequence[np.ndarray], spacing: Sequence[float],
-                 pixel: tuple[float, float] | None) -> np.ndarray:
-  """For each of `variants` (slices of one shape), the share of its voxels where the network's cartilage
-  probability exceeds 0.9 (one grid, no slice smoothing; one call, so the variants batch together)."""
-  probs = class_probabilities(network, np.concatenate(variants), spacing, pixel, False, 0.0)
-  return (probs[..., 1:].sum(-1) > 0.9).reshape(len(variants), -1).mean(1)
-
-
-def _beats(shares: np.ndarray) -> tuple[int, float]:
-  """(index, ratio) of the share that beats share 0 (the header's, or no rotation) by _ORIENTATION_MARGIN
-  and _ORIENTATION_FLOOR; (0, 1.0) where none does."""
-  best = int(np.argmax(shares))
-  ratio = shares[best] / shares[0] if shares[0] > 0 else float('inf')
-  if best == 0 or ratio < _ORIENTATION_MARGIN or shares[best] < _ORIENTATION_FLOOR:
-    return 0, 1.0
-  return best, float(ratio)
-
-
-def _surer(ratio: float) -> str:
-  """`_beats`' ratio in words: infinite where the header's way (or no rotation) has no sure cartilage."""
-  return 'sure of cartilage only' if np.isinf(ratio) else f'{ratio:.1f}x surer of cartilage'
-
-
-def sagittal_rotation(network: Network, image: np.ndarray, spacing: Sequence[float],
-                      pixel: tuple[float, float] | None, upright_share: float) -> tuple[float, float]:
-  """(degrees, its ratio to no rotation's) of an upright canonical-order volume whose central slices
-  have `upright_share` (`sagittal_orientation`'s, not run again): of no rotation and _ROTATIONS_DEG
-  (`rotate_slices`), the one in which the network is surest of cartilage on the central slices, where it
-  beats no rotation by _ORIENTATION_MARGIN and _ORIENTATION_FLOOR; else 0."""
-  picked = _central_slices(image)
-  rotated = [rotate_slices(picked, angle, spacing) for angle in _ROTATIONS_DEG]
-  best, ratio = _beats(np.array([upright_share, *_sure_shares(network, rotated, spacing, pixel)]))
-  return (0.0, *_ROTATIONS_DEG)[best], ratio
-
-
-def _slices_fit(shape: Sequence[int], spacing: Sequence[float], pixel: tuple[float, float] | None) -> bool:
-  """Whether sagittal slices of `shape` (H, W) pixels of `spacing` (mm) resample to _SLICE_PIXELS."""
-  size = shape if pixel is None else resampled_size(shape, spacing, pixel)
-  return all(_SLICE_PIXELS[0] <= n <= _SLICE_PIXELS[1] for n in size)
-
-
-def sagittal_orientation(network: Network, image: np.ndarray, spacing: Sequence[float],
-                         pixel: tuple[float, float] | None) -> tuple[Orientation, float, float]:
-  """(orientation, its ratio to the header's, its share) of a canonical-order volume: of the eight in-plane
-  orientations (`orient`), the one in which the network is surest of cartilage, measured as the share of
-  voxels of _ORIENTATION_SLICES central sagittal slices where cartilage's probability exceeds 0.9 (no
-  sub-pixel grids, no slice smoothing). A 2D network trained on upright sagittal slices finds the most
-  cartilage in an upright knee, so a header that flips or swaps the knee's in-plane axes (an identity
-  direction written by a conversion, an array saved in another order than its affine's) shows as an
-  orientation far surer than the header's. Unless the header's left-right voxels are over _SLICE_AXIS_RATIO
-  times coarser than the others, the eight of each axis taken as left-right (24; slicings whose slices
-  would not fit _SLICE_PIXELS skipped). HEADER unless another beats it by _ORIENTATION_MARGIN
-  and _ORIENTATION_FLOOR."""
-  axes = (0,) if spacing[0] > _SLICE_AXIS_RATIO * max(spacing[1:]) else range(3)
-  orientations, shares = [], []
-  for axis in axes:
-    picked = _central_slices(np.moveaxis(image, axis, 0))
-    if axis and not _slices_fit(picked.shape[1:3], oriented_spacing(spacing, (axis, False, False, False))[1:],
-                                pixel):
-      continue
-    for swap in (False, True):  # one call per slice shape: the four flips of one shape batch together
-      of_shape = [(axis, swap, *flips) for flips in itertools.product((False, True), repeat=2)]
-      orientations += of_shape
-      variants = [orient(picked, (0, *o[1:])) for o in of_shape]
-      shares += list(_sure_shares(network, variants, oriented_spacing(spacing, of_shape[0]), pixel))
-  best, ratio = _beats(np.array(shares))  # orientations[0] is the header's
-  return orientations[best], ratio, shares[best]
-
-
 def to_classes(probabilities: np.ndarray, background_weight: float) -> np.ndarray:
   """Training classes (uint8) of class probabilities (..., K): the argmax with the background's probability
   multiplied by `background_weight` (1: the plain argmax; above 1 a voxel is cartilage only where the
@@ -618,13 +348,13 @@ def _score_kept(result: dict, label: pathlib.Path, values: np.ndarray, label_map
   orientation it was segmented in, as `_segment_scan` scored it: the 2D Dice averages that orientation's
   sagittal slices."""
   mask = pathlib.Path(result['output'])
-  orientation = tuple(result.get('orientation_code', HEADER))  # a result written before the field: HEADER
+  orientation = tuple(result.get('orientation_code', pose.HEADER))  # a result written before the field
   mask_nii = volumes.open_volume(mask)
   written, spacing = volumes.read_canonical(mask_nii, mask)
   classes = volumes.remap_labels(written, [(v, k) for k, v in enumerate(values) if k])
   truth = volumes.labels_on_grid(mask_nii, volumes.Case(label.name, mask, label), label_map)
-  return evaluate.label_scores(orient(classes, orientation), orient(truth, orientation),
-                               oriented_spacing(spacing, orientation))
+  return evaluate.label_scores(pose.orient(classes, orientation), pose.orient(truth, orientation),
+                               pose.oriented_spacing(spacing, orientation))
 
 
 def _output_paths(target: pathlib.Path, batch: bool, save_probabilities: bool) -> dict[str, str]:
@@ -716,7 +446,7 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
 
 def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
                  model_file: str | pathlib.Path | None = None
-                 ) -> tuple[int, Network, tuple[float, float] | None]:
+                 ) -> tuple[int, inference.Network, tuple[float, float] | None]:
   """(step, network, in-plane pixel (mm) its slices are resampled to; None: kept) of `model_file`, or of
   the checkpoint eval.checkpoint names in `workdir`."""
   mesh = parallel.make_mesh()
@@ -728,7 +458,7 @@ def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
   pixel = None
   if config.predict.resample:
     pixel = tuple(p / config.predict.zoom for p in pipeline.trained_pixel_mm(config, workdir))
-  return step, Network(config, graphdef, state, mesh), pixel
+  return step, inference.Network(config, graphdef, state, mesh), pixel
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
@@ -927,10 +657,10 @@ def _mean_std(values: Sequence[float]) -> str:
   return metrics.mean_std_text(summary['mean'], summary['std'])
 
 
-def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tuple[float, float] | None,
-                  source: pathlib.Path, target: pathlib.Path, batch: bool, series: str | None,
-                  laterality: str | None, values: np.ndarray, label: pathlib.Path | None,
-                  save_probabilities: bool) -> dict:
+def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
+                  pixel: tuple[float, float] | None, source: pathlib.Path, target: pathlib.Path,
+                  batch: bool, series: str | None, laterality: str | None, values: np.ndarray,
+                  label: pathlib.Path | None, save_probabilities: bool) -> dict:
   """Segments one scan into `target` and writes its thickness map and figures (`_report_paths`; and its
   class probabilities if `save_probabilities`), scored against its `label` map if given; returns its
   result (`predict`'s, less the timings). A batch scan whose label map holds values that data.label_map does
@@ -963,37 +693,37 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
     logging.warning('%s: the image holds only %d distinct values (%s): a label map or mask given as the '
                     'scan? Expect a meaningless mask', source, len(levels),
                     ', '.join(f'{v:g}' for v in levels))
-  if pixel is not None and not _slices_fit(image.shape[1:], spacing[1:], pixel):
-    size = resampled_size(image.shape[1:], spacing[1:], pixel)
+  if pixel is not None and not inference.slices_fit(image.shape[1:], spacing[1:], pixel):
+    size = inference.resampled_size(image.shape[1:], spacing[1:], pixel)
     raise DataError(f"{source}: voxel size {' x '.join(f'{s:g}' for s in spacing)} mm makes a sagittal "
                     f"slice {size[0]} x {size[1]} pixels of the model's {pixel[0]:.3g} mm; check the "
                     "header's voxel size and its unit (mm)")
-  orientation, degrees = HEADER, 0.0
+  orientation, degrees = pose.HEADER, 0.0
   if config.predict.orientation_check:
-    orientation, ratio, upright_share = sagittal_orientation(network, image, spacing, pixel)
+    orientation, ratio, upright_share = pose.sagittal_orientation(network, image, spacing, pixel)
     if any(orientation):
       logging.warning("%s: the knee lies turned against its header (%s: the network is %s that way) and "
                       "is segmented so; the mask is in the scan's voxel grid as always. Check the header "
                       '(its sides may be wrong too), or keep its orientation with '
                       'predict.orientation_check=False',
-                      source, describe_orientation(orientation), _surer(ratio))
-      image, spacing = orient(image, orientation), oriented_spacing(spacing, orientation)
-      truth = None if truth is None else orient(truth, orientation)
-    degrees, ratio = sagittal_rotation(network, image, spacing, pixel, upright_share)
+                      source, pose.describe_orientation(orientation), pose.surer(ratio))
+      image, spacing = pose.orient(image, orientation), pose.oriented_spacing(spacing, orientation)
+      truth = None if truth is None else pose.orient(truth, orientation)
+    degrees, ratio = pose.sagittal_rotation(network, image, spacing, pixel, upright_share)
     if degrees:
       logging.warning('%s: the knee lies rotated in the sagittal plane beyond the poses the model learnt '
                       '(the network is %s with the slices rotated by %+g degrees): segmented so rotated, '
-                      'the probabilities rotated back', source, _surer(ratio), degrees)
+                      'the probabilities rotated back', source, pose.surer(ratio), degrees)
   if pixel is not None and max(spacing[1:]) > _COARSE_PIXEL_RATIO * max(pixel):
     logging.warning("%s: sagittal slices of %s mm pixels, over %g times coarser than the model's "
                     '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '
                     'coarse masks',
                     source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
-  rotated = rotate_slices(image, degrees, spacing) if degrees else image
-  probabilities = class_probabilities(network, rotated, spacing, pixel, config.predict.subpixel_tta,
+  rotated = pose.rotate_slices(image, degrees, spacing) if degrees else image
+  probabilities = inference.class_probabilities(network, rotated, spacing, pixel, config.predict.subpixel_tta,
                                       config.predict.slice_sigma_mm)
   if degrees:
-    probabilities = rotate_slices(probabilities, -degrees, spacing)
+    probabilities = pose.rotate_slices(probabilities, -degrees, spacing)
   classes = to_classes(probabilities, config.predict.background_weight)
   classes = remove_small_components(classes, spacing, config.predict.min_component_mm3,
                                     config.predict.min_component_fraction)
@@ -1010,11 +740,11 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   table, thickness = measures.compartment_table(
       fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, sides))
   paths = _report_paths(target, batch)
-  _save(target, unorient(values[classes], orientation), nii)
-  _save(paths['map'], unorient(thickness, orientation), nii)
+  _save(target, pose.unorient(values[classes], orientation), nii)
+  _save(paths['map'], pose.unorient(thickness, orientation), nii)
   if save_probabilities:
-    _save(paths['probabilities'], unorient(np.round(probabilities * 255).astype(np.uint8), orientation), nii,
-          slope=1 / 255)
+    _save(paths['probabilities'],
+          pose.unorient(np.round(probabilities * 255).astype(np.uint8), orientation), nii, slope=1 / 255)
   for figure in ('png', 'slices'):
     paths[figure].parent.mkdir(parents=True, exist_ok=True)
   knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
@@ -1025,7 +755,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: Network, pixel: tu
   figures.plot_prediction_slices(image, classes, spacing, title, paths['slices'], truth)
   result = {'input': str(source), 'laterality': side, 'laterality_text': f'{knee} ({why})', 'regions': table,
             **_output_paths(target, batch, save_probabilities),
-            'orientation': describe_orientation(orientation) if any(orientation) else _AS_THE_HEADER,
+            'orientation': pose.describe_orientation(orientation) if any(orientation) else _AS_THE_HEADER,
             'orientation_code': orientation, 'rotation_deg': degrees}
   if truth is not None:
     result.update(labels=str(label), scores=evaluate.label_scores(classes, truth, spacing))

@@ -14,7 +14,7 @@ LAYERS = (
      'easunet_jax.measures', 'easunet_jax.checkpoints', 'easunet_jax.parallel', 'easunet_jax.progress',
      'easunet_jax.metric_writer', 'easunet_jax.records', 'easunet_jax.figures'),
     ('easunet_jax.steps',),
-    ('easunet_jax.train', 'easunet_jax.pretrained'),
+    ('easunet_jax.train', 'easunet_jax.pretrained', 'easunet_jax.inference', 'easunet_jax.pose'),
     ('easunet_jax.evaluate', 'easunet_jax.predict', 'easunet_jax.config_check'),
     ('main', 'easunet_jax.sweep', 'bench'),
 )

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from dicom_series import SAGITTAL, write_enhanced, write_series
 
 from configs import tiny
-from easunet_jax import figures, metrics, predict, pretrained
+from easunet_jax import figures, inference, metrics, pose, predict, pretrained
 from easunet_jax.data import knee, phantom, volumes
 from easunet_jax.errors import CheckpointError, DataError
 
@@ -90,7 +90,7 @@ def test_reorientation_is_exact(run, tmp_path, monkeypatch):
   """The permuted file's mask is the permuted canonical file's mask, voxel for voxel, through resampling and
   padding."""
   workdir, canonical, permuted = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   for path in (canonical, permuted):
     predict.predict(_config(), workdir, path, tmp_path / path.name)
   canonical_mask = np.asarray(nib.load(tmp_path / canonical.name).dataobj)
@@ -107,7 +107,7 @@ def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch):
     sizes.append(image_SHW.shape[1:])
     return _thresholds(self, image_SHW)
 
-  monkeypatch.setattr(predict.Network, '__call__', record)
+  monkeypatch.setattr(inference.Network, '__call__', record)
   for zoom in (1.0, 2.0):
     predict.predict(_config(zoom=zoom, subpixel_tta=False, orientation_check=False), workdir, canonical,
                     tmp_path / f'{zoom}.nii.gz')
@@ -127,7 +127,7 @@ def _unsure_of_fc(self, image_SHW):
 
 def test_background_weight_trims_unsure_cartilage_only(run, tmp_path, monkeypatch):
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _unsure_of_fc)
+  monkeypatch.setattr(inference.Network, '__call__', _unsure_of_fc)
   masks = {}
   for weight in (1.0, 2.0):
     predict.predict(_config(background_weight=weight), workdir, canonical, tmp_path / f'{weight}.nii.gz')
@@ -140,7 +140,7 @@ def test_background_weight_trims_unsure_cartilage_only(run, tmp_path, monkeypatc
 
 def test_probabilities_are_those_of_the_mask_in_the_scans_grid(run, tmp_path, monkeypatch):
   workdir, _, permuted = run
-  monkeypatch.setattr(predict.Network, '__call__', _unsure_of_fc)
+  monkeypatch.setattr(inference.Network, '__call__', _unsure_of_fc)
   [result] = predict.predict(_config(), workdir, permuted, tmp_path / 'mask.nii.gz', save_probabilities=True)
   source, saved = nib.load(permuted), nib.load(tmp_path / 'mask_probabilities.nii.gz')
   assert result['probabilities'] == str(tmp_path / 'mask_probabilities.nii.gz')
@@ -170,7 +170,7 @@ def test_probabilities_are_those_of_the_mask_in_the_scans_grid(run, tmp_path, mo
 
 def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path, monkeypatch):
   workdir, canonical, permuted = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   inputs = tmp_path / 'in'
   inputs.mkdir()
   for path in (canonical, permuted):
@@ -219,7 +219,7 @@ def test_dicom_series_predicts_in_its_own_grid(run, tmp_path, monkeypatch, capsy
   """A sagittal DICOM series of a right knee: the mask has SimpleITK's shape and affine, holds the mask of the
   same image given as canonical NIfTI, and the report says 'right knee'."""
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   image = _dicom_knee(tmp_path / 'dess', canonical, knee_x=-80.0)  # LPS x < 0: the patient's right
   nib.save(nib.Nifti1Image(image, nib.load(canonical).affine), tmp_path / 'same.nii.gz')
   [result] = predict.predict(_config(), workdir, tmp_path / 'dess', tmp_path / 'out' / 'dess_mask.nii.gz')
@@ -243,7 +243,7 @@ def test_a_scan_named_in_latin_1_is_written_under_its_name(run, tmp_path, monkey
   """A folder named in another encoding than UTF-8 (a Windows export's 'MÜLLER' in Latin-1, which Python
   holds with a surrogate): its mask, figures and reports are written, the reports with the name's bytes."""
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   name = os.fsdecode(b'M\xdcLLER')
   _dicom_knee(tmp_path / 'scans' / name, canonical, knee_x=-80.0)
   predict.predict(_config(), workdir, tmp_path / 'scans', tmp_path / 'out')
@@ -254,7 +254,7 @@ def test_a_scan_named_in_latin_1_is_written_under_its_name(run, tmp_path, monkey
 
 def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monkeypatch):
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   # An enhanced file, its frame laterality decides.
   _dicom_knee(tmp_path / 'scans' / 'a', canonical, knee_x=-80.0, laterality='L', enhanced=True)
   _dicom_knee(tmp_path / 'scans' / 'b', canonical, knee_x=3.0)  # too near the midline: undecided
@@ -384,7 +384,7 @@ def _scans_in_csv(path) -> list[str]:
 def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp_path, monkeypatch,
                                                                         dead_mark):
   workdir, canonical, permuted = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   scans, out = tmp_path / 'scans', tmp_path / 'out'
   scans.mkdir()
   for name, path in (('a.nii.gz', canonical), ('c.nii.gz', permuted)):
@@ -429,7 +429,7 @@ def test_a_batch_goes_past_scans_whose_files_fail_the_checks(run, tmp_path, monk
   unknown values (read only as the scan is segmented, or scored from its kept mask), leaves its scan
   unscored (its measures reported); a batch of which every scan fails them is refused at once."""
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   scans, labels = tmp_path / 'scans', tmp_path / 'labels'
   scans.mkdir(), labels.mkdir()
   nii = nib.load(canonical)
@@ -460,7 +460,7 @@ def test_continuing_keeps_only_what_a_stop_or_a_replaced_scan_left_true(run, tmp
   way, with a scan replaced by another of an older time stamp: only the scans whose files and settings match
   are kept; a stop keeps every done or kept scan in the reports."""
   workdir, canonical, permuted = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   monkeypatch.chdir(tmp_path)
   scans, out = tmp_path / 'scans', tmp_path / 'out'
   scans.mkdir()
@@ -513,7 +513,7 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   """--labels: each scan's mask against its label map (nnU-Net's <id>_0000 naming, any voxel order), kept
   scans of an earlier run scored from their masks; a label map on another grid or none is one line."""
   workdir, canonical, permuted = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   scans, labels, out = tmp_path / 'scans', tmp_path / 'labels', tmp_path / 'out'
   scans.mkdir()
   (scans / 'knee_0000.nii.gz').write_bytes(canonical.read_bytes())
@@ -581,7 +581,7 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
 def test_a_header_without_orientation_is_warned_of(run, tmp_path, caplog, monkeypatch):
   """qform and sform codes 0: nibabel's default orientation, which medial and lateral then follow."""
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   nii = nib.load(canonical)
   unoriented = nib.Nifti1Image(np.asarray(nii.dataobj), None, nii.header)
   unoriented.set_qform(None, code=0)
@@ -602,7 +602,7 @@ def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, monkeypatch):
     return _thresholds(self, image_SHW * 0.5)
 
   for network, missing in ((_thresholds, []), (darker, ['tibial'])):
-    monkeypatch.setattr(predict.Network, '__call__', network)
+    monkeypatch.setattr(inference.Network, '__call__', network)
     caplog.clear()
     predict.predict(_config(), workdir, canonical, tmp_path / 'mask.nii.gz')
     assert [r.getMessage() for r in caplog.records if 'cartilage found' in r.getMessage()] == [
@@ -613,7 +613,7 @@ def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, monkeypatch):
 
 def test_a_label_map_given_as_the_scan_is_warned_of(run, tmp_path, caplog, monkeypatch):
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   _, labels, affine = phantom.make_subject(7, shape=(6, 42, 38), spacing=(3.0, 1.6, 1.8))
   volumes.save_volume(tmp_path / 'labels.nii.gz', labels, affine)
   for scan in (canonical, tmp_path / 'labels.nii.gz'):
@@ -649,7 +649,7 @@ def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, cap
   scans = {'upright': (image, affine),
            'turned': (image.swapaxes(1, 2)[:, ::-1], affine),  # orient(image, (0, True, True, False))
            'resliced': (image.transpose(1, 2, 0), resliced_affine),
-           'flexed': (predict.rotate_slices(image, 30, spacing), affine)}
+           'flexed': (pose.rotate_slices(image, 30, spacing), affine)}
   (tmp_path / 'scans').mkdir()
   for name, (voxels, header_affine) in scans.items():
     nib.save(nib.Nifti1Image(np.ascontiguousarray(voxels), header_affine),
@@ -669,10 +669,10 @@ def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, cap
   labels = phantom.LABEL_OF_TISSUE[tissue]
   for k, value, least in ((1, 2, 70), (2, 4, 60)):  # Dice % of the upright knee (81 / 76 measured)
     assert metrics.segmentation_metrics(masks['upright'] == k, labels == value, spacing)['dice'] > least
-  np.testing.assert_array_equal(masks['turned'], predict.orient(masks['upright'], (0, True, True, False)))
+  np.testing.assert_array_equal(masks['turned'], pose.orient(masks['upright'], (0, True, True, False)))
   np.testing.assert_array_equal(masks['resliced'], masks['upright'].transpose(1, 2, 0))
   for k, least in ((1, 0.8), (2, 0.6)):  # Dice against the upright mask rotated (TC: a few hundred voxels)
-    expected = predict.rotate_slices((masks['upright'] == k).astype(np.float32), 30, spacing) > 0.5
+    expected = pose.rotate_slices((masks['upright'] == k).astype(np.float32), 30, spacing) > 0.5
     found = masks['flexed'] == k
     assert 2 * np.sum(expected & found) / (expected.sum() + found.sum()) > least
   warned = [r.getMessage() for r in caplog.records]
@@ -721,8 +721,8 @@ def test_isotropic_voxels_have_their_left_right_axis_questioned(tmp_path):
 def test_a_way_the_header_finds_no_sure_cartilage_in_is_said_in_words():
   """A knee stored in another axis order than its header's may leave the network no sure cartilage the
   header's way: the warning says so rather than "infx surer"."""
-  assert predict._surer(float('inf')) == 'sure of cartilage only'
-  assert predict._surer(46.94) == '46.9x surer of cartilage'
+  assert pose.surer(float('inf')) == 'sure of cartilage only'
+  assert pose.surer(46.94) == '46.9x surer of cartilage'
 
 
 def test_a_header_without_a_position_decides_no_side():
@@ -764,7 +764,7 @@ def test_a_dcm2niix_sidecar_names_the_side_of_a_volume_file(run, tmp_path, monke
   """dcm2niix writes the series description, not the Laterality tag, into the JSON beside its NIfTI: OAI's
   SAG_3D_DESS_LEFT names a left knee, also against a position on the patient's right, with the warning."""
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   shutil.copy(canonical, tmp_path / 'oai.nii.gz')
   (tmp_path / 'oai.json').write_bytes(b'\xef\xbb\xbf{"SeriesDescription": "SAG_3D_DESS_LEFT"}')  # with a BOM
   [result] = predict.predict(_config(), workdir, tmp_path / 'oai.nii.gz', tmp_path / 'oai_mask.nii.gz')
@@ -793,7 +793,7 @@ def test_continuing_segments_again_a_scan_whose_sidecar_came_later(run, tmp_path
   """A sidecar written after a scan was segmented names its side: --continue_prediction segments it again,
   and keeps it the time after."""
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   scans, out = tmp_path / 'scans', tmp_path / 'out'
   scans.mkdir()
   shutil.copy(canonical, scans / 'knee.nii.gz')
@@ -840,17 +840,17 @@ def test_orient_and_unorient_are_inverse_in_all_24_orientations():
   seen = set()
   for axis, *in_plane in itertools.product(range(3), *[(False, True)] * 3):
     orientation = (axis, *in_plane)
-    oriented = predict.orient(array, orientation)
-    assert oriented.shape[:3] == predict.oriented_spacing(array.shape[:3], orientation)
+    oriented = pose.orient(array, orientation)
+    assert oriented.shape[:3] == pose.oriented_spacing(array.shape[:3], orientation)
     assert oriented.shape[3] == 2
-    np.testing.assert_array_equal(predict.unorient(oriented, orientation), array)
+    np.testing.assert_array_equal(pose.unorient(oriented, orientation), array)
     seen.add((oriented.shape, oriented.tobytes()))
   assert len(seen) == 24
 
 
 def test_an_identity_affine_is_warned_of(run, tmp_path, caplog, monkeypatch):
   workdir, canonical, _ = run
-  monkeypatch.setattr(predict.Network, '__call__', _thresholds)
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   lost = tmp_path / 'lost.nii.gz'  # the geometry lost: 1 mm voxels, axes as stored
   nib.save(nib.Nifti1Image(np.asarray(nib.load(canonical).dataobj), np.eye(4)), lost)
   for scan in (canonical, lost):
@@ -905,9 +905,9 @@ def test_figure_slices_cross_the_cartilage_at_its_quartiles():
 
 def test_offset_grids_sample_where_the_network_pixels_lie():
   ramp = np.broadcast_to(np.arange(16, dtype=np.float32)[None, :, None], (1, 16, 3))  # value = coordinate
-  down = predict._resize(ramp, (8, 3), (1.0, 0.0))  # half a pixel of the 2x coarser grid
+  down = inference._resize(ramp, (8, 3), (1.0, 0.0))  # half a pixel of the 2x coarser grid
   np.testing.assert_allclose(down[0, :7, 0], 2 * np.arange(7) + 1.5)  # the last one clips at the edge
-  back = predict._resize(down, (16, 3), (-0.5, 0.0))
+  back = inference._resize(down, (16, 3), (-0.5, 0.0))
   np.testing.assert_allclose(back[0, 2:14, 0], np.arange(2, 14))
 
 
@@ -922,21 +922,21 @@ class _Step:
 
 
 def _segment(network, image, spacing, pixel, subpixel_tta, slice_sigma_mm):
-  return predict.to_classes(predict.class_probabilities(network, image, spacing, pixel, subpixel_tta,
+  return predict.to_classes(inference.class_probabilities(network, image, spacing, pixel, subpixel_tta,
                                                         slice_sigma_mm), 1.0)
 
 
 def test_an_orientation_is_taken_only_where_it_beats_the_headers_by_the_margin():
   """Share 0 is the header's way: another must be 1.5 times surer and above the floor of 1e-3."""
-  assert predict._beats(np.array([0.1, 0.14])) == (0, 1.0)
-  assert predict._beats(np.array([0.1, 0.16, 0.12])) == (1, pytest.approx(1.6))
-  assert predict._beats(np.array([0.0, 5e-4])) == (0, 1.0)
-  assert predict._beats(np.array([0.0, 0.2])) == (1, float('inf'))
+  assert pose._beats(np.array([0.1, 0.14])) == (0, 1.0)
+  assert pose._beats(np.array([0.1, 0.16, 0.12])) == (1, pytest.approx(1.6))
+  assert pose._beats(np.array([0.0, 5e-4])) == (0, 1.0)
+  assert pose._beats(np.array([0.0, 0.2])) == (1, float('inf'))
 
 
 def test_resampled_size_rounds_to_the_nearest_pixel():
-  assert predict.resampled_size((100, 101), (0.5, 0.5), (0.3, 0.3)) == (167, 168)  # 166.7 and 168.3
-  assert predict.resampled_size((3, 400), (0.1, 0.5), (1.0, 0.5)) == (1, 400)  # never below one pixel
+  assert inference.resampled_size((100, 101), (0.5, 0.5), (0.3, 0.3)) == (167, 168)  # 166.7 and 168.3
+  assert inference.resampled_size((3, 400), (0.1, 0.5), (1.0, 0.5)) == (1, 400)  # never below one pixel
 
 
 def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path):
