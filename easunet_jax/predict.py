@@ -568,7 +568,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       'laterality': laterality, 'save_probabilities': save_probabilities}))
   kept = {}
   if continue_prediction and batch:
-    kept = {target: result for source, target in pairs
+    # Without their scores, which are of the labels given then: a kept scan is scored again if labels are.
+    kept = {target: {k: v for k, v in result.items() if k not in ('labels', 'scores')}
+            for source, target in pairs
             if source not in refused and (result := _earlier_result(source, target, settings)) is not None}
     logging.info('predict: %d of %d scan(s) kept from an earlier run with the same model and settings',
                  len(kept), len(pairs))
@@ -577,6 +579,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   def reported() -> list[dict]:  # in input order: the scans done, and those kept the loop is yet to reach
     return [r for _, target in pairs if (r := done.get(target) or kept.get(target))]
 
+  if kept:  # the earlier run's reports also hold the scans to segment again: until each is done, they don't
+    write_reports(reported(), reports)
+
   for source, target in pairs:
     if source in refused:
       progress.update()
@@ -584,8 +589,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     case_start, forward_before, compile_before = time.perf_counter(), network.forward_s, network.compile_s
     try:
       label = label_files.get(source)
-      if target in kept:  # scored from its mask; scores it has are of the labels given then
-        result = {k: v for k, v in kept[target].items() if k not in ('labels', 'scores')}
+      if target in kept:  # scored from its mask
+        result = dict(kept[target])
         if label:
           try:
             result.update(labels=str(label), scores=_score_kept(result, label, values, config.data.label_map))

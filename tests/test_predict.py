@@ -148,6 +148,8 @@ def test_probabilities_are_those_of_the_mask_in_the_scans_grid(run, tmp_path, mo
   np.testing.assert_allclose(saved.affine, source.affine, atol=1e-6)
   probabilities = saved.get_fdata()
   np.testing.assert_allclose(probabilities.sum(-1), 1, atol=2 / 255)
+  stored_sum = saved.dataobj.get_unscaled().sum(-1, dtype=int)  # rounded to 1/255, not cut: 255 on average
+  assert abs(stored_sum.mean() - 255) < 0.2 and np.abs(stored_sum - 255).max() <= 1
   # Not one-hot: the stand-in network's own probabilities inside the plates.
   assert np.isclose(probabilities[..., 1], 0.6, atol=1 / 255).sum() > 10
   assert np.isclose(probabilities[..., 2], 0.8, atol=1 / 255).sum() > 10
@@ -196,6 +198,13 @@ def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path, monkeypatc
     assert type(nib.load(other)) is nib.Nifti1Image
     np.testing.assert_array_equal(nib.load(other).dataobj, nib.load(masks[0]).dataobj)
     np.testing.assert_allclose(nib.load(other).affine, nib.load(masks[0]).affine, atol=1e-6)
+  # Kept masks are scored in the values they were written in: each against itself, 100.
+  (tmp_path / 'labels').mkdir()
+  for mask in masks:
+    (tmp_path / 'labels' / mask.name).write_bytes(mask.read_bytes())
+  results = predict.predict(_config(label_values='oai-zib'), workdir, inputs, tmp_path / 'out',
+                            continue_prediction=True, labels=tmp_path / 'labels')
+  assert [r['scores'][plate]['dice'] for r in results for plate in ('fc', 'tc')] == [100.0] * 8
 
 
 def _dicom_knee(folder, canonical, knee_x, laterality=None, enhanced=False):
@@ -422,6 +431,16 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   assert rewritten != written['a.nii.gz'] and (out / 'slices' / 'a.png').exists()
   predict.predict(_config(background_weight=2.0), workdir, scans, out, continue_prediction=True)
   assert (out / 'a.nii.gz').stat().st_mtime_ns != rewritten
+  # So is a scan whose thickness map or its figure is gone, and every scan for other weights or another side.
+  for change in ('thickness/a.png', 'thickness/a.nii.gz', 'weights', 'laterality'):
+    before = (out / 'a.nii.gz').stat().st_mtime_ns
+    if change == 'weights':  # a model file or workdir trained again in place
+      monkeypatch.setattr(inference.Network, 'weights_sha256', lambda self: 'other')
+    elif change.startswith('thickness'):
+      (out / change).unlink()
+    predict.predict(_config(background_weight=2.0), workdir, scans, out, continue_prediction=True,
+                    laterality='R' if change == 'laterality' else None)
+    assert (out / 'a.nii.gz').stat().st_mtime_ns != before and (out / 'thickness' / 'a.png').exists(), change
 
 
 def test_a_batch_goes_past_scans_whose_files_fail_the_checks(run, tmp_path, monkeypatch):
@@ -502,6 +521,13 @@ def test_continuing_keeps_only_what_a_stop_or_a_replaced_scan_left_true(run, tmp
   assert sorted(name for name, result in kept.items() if result) == ['a.nii.gz', 'b.nii.gz', 'c.nii.gz']
   assert [r['output'] for r in results] == [str(out / f'{n}.nii.gz') for n in 'abcd']
   assert (out / 'report.md').read_text().count('](thickness/') == 4
+  # A stop in a continued batch keeps in the reports the kept scans it had not reached.
+  os.utime(scans / 'b.nii.gz', ns=(time.time_ns() + 10 ** 9,) * 2)
+  monkeypatch.setattr(predict, '_segment_scan', stop_at('b.nii.gz'))
+  kept.clear()
+  with pytest.raises(KeyboardInterrupt):
+    predict.predict(_config(), workdir, scans, out, continue_prediction=True)
+  assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'c.nii.gz', 'd.nii.gz']
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -544,6 +570,7 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
     assert same[plate]['hd95'] == same[plate]['thickness_error_mm'] == same[plate]['volume_error_pct'] == 0
   printed = capsys.readouterr().out
   assert f"knee_0000.nii.gz: against {labels / 'knee.nii.gz'}: Dice FC {knee['fc']['dice']:.1f} %" in printed
+  assert f"HD95 FC {knee['fc']['hd95']:.2f} TC {knee['tc']['hd95']:.2f} mm" in printed
   mean = (knee['fc']['dice'] + knee['tc']['dice'] + 200) / 4
   assert '3D Dice against the labels, 2 scan(s): FC ' in printed
   assert f'mean of FC and TC {mean:.2f} %' in printed
@@ -566,6 +593,8 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   heights = [matplotlib.image.imread(folder / 'slices' / 'knee_0000.png').shape[0]
              for folder in (out, tmp_path / 'fresh')]
   assert heights[1] > 1.4 * heights[0]
+  predict.predict(_config(), workdir, scans, tmp_path / 'fresh', continue_prediction=True)  # kept, unscored
+  assert not (tmp_path / 'fresh' / 'scores.csv').exists()
 
   volumes.save_volume(labels / 'permuted.nii.gz', mask[:, :, :-1], nib.load(permuted).affine)
   _one_line_error(DataError, r'permuted.nii.gz: image shape \(42, 38, 6\) and label shape \(42, 38, 5\) '
