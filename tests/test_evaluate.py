@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from configs import tiny
-from easunet_jax import evaluate
+from easunet_jax import evaluate, figures
 from easunet_jax.data import knee, pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError
 
@@ -160,6 +160,32 @@ def test_both_empty_is_only_where_neither_mask_has_a_voxel():
   assert evaluate._summary(scores)['n_both_empty'] == 1
 
 
+def test_the_report_counts_the_cases_with_one_mask_empty(tmp_path):
+  """A case whose prediction alone is empty scores Dice 0, which counts, and no distances, which leave it
+  out: the report counts it as one with one mask empty, apart from one with both empty."""
+  empty, blob = np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4), bool)
+  blob[0, 1:3, 1:3] = True
+  cases = [evaluate._scores(a, b, (1.0, 1.0, 1.0)) for a, b in ((empty, blob), (blob, blob), (empty, empty))]
+  summary = {'name': 'tiny', 'step': 6, 'checkpoint_dir': 'checkpoints/6', 'requested': 'best',
+             'largest_component': False, 'num_volumes': 3, 'num_cartilage_slices': 2, 'synthetic_images': 0,
+             'spacing_mm': {'a': [1.0, 1.0, 1.0]}, 'morphometry': {},
+             **{protocol: dict.fromkeys(('fc', 'tc'), evaluate._summary(cases)) for protocol in ('3d', '2d')}}
+  evaluate.write_report(tmp_path / 'report.md', evaluate._json_ready(summary))
+  assert 'Counts: FC 3 volumes, 1 with one mask empty, 1 with both empty; TC 3 volumes' in (
+      tmp_path / 'report.md').read_text()
+
+
+def test_2d_dice_averages_the_slices_whose_labels_hold_cartilage():
+  """The paper's protocol: a speck predicted on a slice without cartilage in the labels leaves the 2D
+  Dice at 100 (the 3D Dice pays for it)."""
+  truth = np.zeros((3, 8, 8), np.uint8)
+  truth[0, 2:6, 2:6] = 1
+  pred = truth.copy()
+  pred[1, 0, 0] = 1
+  scores = evaluate.label_scores(pred, truth, (1.0, 1.0, 1.0))['fc']
+  assert scores['dice_2d'] == 100 and scores['dice'] < 100
+
+
 def test_a_slice_is_cropped_of_the_padding_the_store_gave_it():
   """Padding uneven on both sides of both axes (5 rows centred in 8, 7 columns in 12)."""
   original = np.arange(35).reshape(5, 7)
@@ -214,7 +240,16 @@ def test_largest_component_run_is_kept_apart_says_so_and_a_stopped_rerun_keeps_t
   config.eval.checkpoint = '3'
   with open(copy / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 7, "train/lo')  # a killed run's last row, cut short: the loss curves leave it out
+  plotted, plot = [], figures.plot_bland_altman
+  monkeypatch.setattr(figures, 'plot_bland_altman', lambda *args: (plotted.append(args), plot(*args)))
   plain = evaluate.evaluate(config, copy)
+  # The Bland-Altman plot of every compartment row of morphometry.csv, the truth first.
+  with open(plain / 'morphometry.csv') as f:
+    rows = [r for r in csv.DictReader(f) if r['region'] not in ('fc', 'tc')]
+  truth, found, groups = plotted[0][:3]
+  np.testing.assert_allclose(truth, [float(r['thickness_true_mm']) for r in rows])
+  np.testing.assert_allclose(found, [float(r['thickness_pred_mm']) for r in rows])
+  assert list(groups) == [r['region'] for r in rows] and len(rows) == 10
   config.eval.largest_component = True
   out = evaluate.evaluate(config, copy)
   assert (plain, out) == (copy / 'eval' / '3', copy / 'eval' / '3-largest_component')

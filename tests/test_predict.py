@@ -767,10 +767,21 @@ def test_a_header_without_a_position_decides_no_side():
   assert side == 'R' and why.startswith("from the position: centred 61 mm to the patient's right")
   for first_voxel_x, want_side, want_why in (
       (-60.0, 'L', "from the position: centred 59 mm to the patient's left"),
+      (20.0, 'R', "from the position: centred 21 mm to the patient's right"),
       (5.0, None, 'undecided: the scan is centred 6 mm from the midline (RAS x)')):
     affine[0, 3] = first_voxel_x
     side, why = predict.decide_laterality(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine), {}, None)
     assert side == want_side and why.startswith(want_why)
+
+
+def test_the_position_is_read_in_the_headers_unit():
+  """A header in metres: a first voxel 0.06 m right puts the volume's centre 61 mm right, a right knee."""
+  affine = np.diag([0.0007, 0.0004, 0.0004, 1.0])
+  affine[0, 3] = 0.06
+  nii = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
+  nii.header.set_xyzt_units('meter')
+  side, why = predict.decide_laterality(nii, {}, None)
+  assert side == 'R' and why.startswith("from the position: centred 61 mm to the patient's right")
 
 
 def test_a_laterality_tag_against_the_position_decides_with_a_warning(caplog):
@@ -968,7 +979,7 @@ def test_resampled_size_rounds_to_the_nearest_pixel():
   assert inference.resampled_size((3, 400), (0.1, 0.5), (1.0, 0.5)) == (1, 400)  # never below one pixel
 
 
-def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path):
+def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, monkeypatch):
   """The Markdown table in mm, mm^3, mm^2 and the thin fraction in %; the CSV as measured; a scan read as
   its header says it and one turned against it; the figures linked; a scored scan's row of scores."""
   row = {'volume_mm3': 1234.0, 'thickness_mean_mm': 2.0, 'thickness_median_mm': 1.9, 'thickness_p95_mm': 3.1,
@@ -987,7 +998,10 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path):
                                                              ('tc', 60.0, 2.0, -0.2))}}
   paths = {name: tmp_path / file for name, file in (('measures', 'measures.csv'), ('report', 'report.md'),
                                                     ('scores', 'scores.csv'), ('bland_altman', 'ba.png'))}
+  plotted, plot = [], figures.plot_bland_altman
+  monkeypatch.setattr(figures, 'plot_bland_altman', lambda *args: (plotted.append(args), plot(*args)))
   predict.write_reports(results, paths)
+  assert [tuple(a) for a in plotted[0][:3]] == [(2.0, 2.0), (2.1, 1.8), ('FC', 'TC')]  # truth first
   report = paths['report'].read_text()
   assert '| fc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 25.0 % |' in report
   assert '| tc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 0.0 % |' in report
