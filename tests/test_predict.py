@@ -69,14 +69,17 @@ def test_a_nifti2_scan_gets_a_nifti2_mask_without_its_display_range_and_intent(r
   workdir, canonical, _ = run
   source = nib.load(canonical)
   scan = nib.Nifti2Image(np.asarray(source.dataobj), source.affine)
-  scan.header['cal_max'] = 1000.0
+  scan.header['cal_min'], scan.header['cal_max'] = -5.0, 1000.0
   scan.header.set_intent('estimate')
   nib.save(scan, tmp_path / 'scan.nii.gz')
-  predict.predict(_config(), workdir, tmp_path / 'scan.nii.gz', tmp_path / 'mask.nii.gz')
-  for name in ('mask.nii.gz', 'mask_thickness.nii.gz'):
-    written = nib.load(tmp_path / name)
-    assert isinstance(written, nib.Nifti2Image) and written.shape == source.shape
-    assert written.header['cal_max'] == 0 and written.header.get_intent()[0] == 'none'
+  nib.save(nib.Nifti2Pair(scan.dataobj, scan.affine, scan.header), tmp_path / 'pair.hdr')  # .hdr + .img
+  for name in ('scan.nii.gz', 'pair.hdr'):
+    predict.predict(_config(), workdir, tmp_path / name, tmp_path / 'mask.nii.gz')
+    for output in ('mask.nii.gz', 'mask_thickness.nii.gz'):
+      written = nib.load(tmp_path / output)
+      assert isinstance(written, nib.Nifti2Image) and written.shape == source.shape
+      assert written.header['cal_min'] == written.header['cal_max'] == 0
+      assert written.header.get_intent()[0] == 'none'
 
 
 def _thresholds(self, image_SHW):
