@@ -201,13 +201,19 @@ def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path, monkeypatc
     assert type(nib.load(other)) is nib.Nifti1Image
     np.testing.assert_array_equal(nib.load(other).dataobj, nib.load(masks[0]).dataobj)
     np.testing.assert_allclose(nib.load(other).affine, nib.load(masks[0]).affine, atol=1e-6)
-  # Kept masks are scored in the values they were written in: each against itself, 100.
+  # Kept masks are scored in the values they were written in: each against itself, 100; the pair's data
+  # file written again (the same voxels), its mask is made again.
   (tmp_path / 'labels').mkdir()
   for mask in masks:
     (tmp_path / 'labels' / mask.name).write_bytes(mask.read_bytes())
+  (inputs / 'pair.img').write_bytes((inputs / 'pair.img').read_bytes())
+  os.utime(inputs / 'pair.img', ns=(time.time_ns() + 10 ** 9,) * 2)
+  written = [mask.stat().st_mtime_ns for mask in masks]
   results = predict.predict(_config(label_values='oai-zib'), workdir, inputs, tmp_path / 'out',
                             continue_prediction=True, labels=tmp_path / 'labels')
   assert [r['scores'][plate]['dice'] for r in results for plate in ('fc', 'tc')] == [100.0] * 8
+  assert [mask.stat().st_mtime_ns != before for mask, before in zip(masks, written)] == [
+      False, False, True, False]
 
 
 def _dicom_knee(folder, canonical, knee_x, laterality=None, enhanced=False):
