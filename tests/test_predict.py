@@ -4,6 +4,7 @@ written beside the masks, and one-line errors."""
 
 import csv
 import itertools
+import json
 import os
 import pathlib
 import shutil
@@ -241,7 +242,10 @@ def test_dicom_series_predicts_in_its_own_grid(run, tmp_path, monkeypatch, capsy
   image = _dicom_knee(tmp_path / 'dess', canonical, knee_x=-80.0)  # LPS x < 0: the patient's right
   nib.save(nib.Nifti1Image(image, nib.load(canonical).affine), tmp_path / 'same.nii.gz')
   [result] = predict.predict(_config(), workdir, tmp_path / 'dess', tmp_path / 'out' / 'dess_mask.nii.gz')
-  assert 'right knee (from the position' in capsys.readouterr().out
+  printed, (fc, tc) = capsys.readouterr().out, (result['regions'][plate] for plate in ('fc', 'tc'))
+  assert 'right knee (from the position' in printed
+  assert (f"FC {fc['volume_mm3']:.0f} mm^3, mean thickness {fc['thickness_mean_mm']:.2f} mm; "
+          f"TC {tc['volume_mm3']:.0f} mm^3") in printed
   assert result['laterality'] == 'R' and set(result['regions']) >= {'fc_medial', 'tc_lateral', 'fc_trochlea'}
   reader = sitk.ImageSeriesReader()
   reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / 'dess')))
@@ -440,16 +444,20 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   assert rewritten != written['a.nii.gz'] and (out / 'slices' / 'a.png').exists()
   predict.predict(_config(background_weight=2.0), workdir, scans, out, continue_prediction=True)
   assert (out / 'a.nii.gz').stat().st_mtime_ns != rewritten
-  # So is a scan whose thickness map or its figure is gone, and every scan for other weights or another side.
-  for change in ('thickness/a.png', 'thickness/a.nii.gz', 'weights', 'laterality'):
-    before = (out / 'a.nii.gz').stat().st_mtime_ns
-    if change == 'weights':  # a model file or workdir trained again in place
-      monkeypatch.setattr(inference.Network, 'weights_sha256', lambda self: 'other')
-    elif change.startswith('thickness'):
-      (out / change).unlink()
-    predict.predict(_config(background_weight=2.0), workdir, scans, out, continue_prediction=True,
-                    laterality='R' if change == 'laterality' else None)
-    assert (out / 'a.nii.gz').stat().st_mtime_ns != before and (out / 'thickness' / 'a.png').exists(), change
+  # So is one whose thickness map or its figure is gone, and each for other weights (a model file or workdir
+  # trained again in place) or another side: the settings recorded name them.
+  settings = json.loads(predict._report_paths(out / 'a.nii.gz', True)['result'].read_text())['settings']
+  assert settings['laterality'] is None and len(settings['model_sha256']) == 64
+
+  def kept(**changed):
+    return predict._earlier_result(scans / 'a.nii.gz', out / 'a.nii.gz', settings | changed) is not None
+
+  assert kept()
+  for name in ('thickness/a.png', 'thickness/a.nii.gz'):
+    (out / name).rename(tmp_path / 'aside')
+    assert not kept(), name
+    (tmp_path / 'aside').rename(out / name)
+  assert not kept(laterality='R') and not kept(model_sha256='0' * 64)
 
 
 def test_a_batch_goes_past_scans_whose_files_fail_the_checks(run, tmp_path, monkeypatch):
