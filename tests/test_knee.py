@@ -40,10 +40,19 @@ def test_tissues_labels_and_affine(subject):
     return (z * (labels == k).sum((0, 1))).sum() / (labels == k).sum()
 
   assert centre_of(1) > centre_of(2) > centre_of(4) > centre_of(3)  # femur, FC, TC, tibia from the top
-  # The patella lies in front of (anterior to) the femoral cartilage.
+  # The patella lies in front of (anterior to) the femoral cartilage, its cartilage (of 2-3 mL, 2.5 here)
+  # behind it.
   y = np.arange(SHAPE[1])
-  assert (y * (tissue == phantom.PATELLA).sum((0, 2))).sum() / (tissue == phantom.PATELLA).sum() > (
-      y * (labels == 2).sum((0, 2))).sum() / (labels == 2).sum()
+  patella, patella_cartilage = tissue == phantom.PATELLA, tissue == phantom.PATELLA_CARTILAGE
+  patella_centre = (y * patella.sum((0, 2))).sum() / patella.sum()
+  assert patella_centre > (y * (labels == 2).sum((0, 2))).sum() / (labels == 2).sum()
+  assert np.nonzero(patella_cartilage)[1].max() < patella_centre
+  assert measures.volume_mm3(patella_cartilage, SPACING) > 1500
+
+
+def test_about_half_the_subjects_are_left_knees():
+  left = [knee._draw(np.random.default_rng(seed), knee.ELASTIC_MM)['left'] for seed in range(200)]
+  assert 80 < sum(left) < 120
 
 
 def test_deterministic_and_varied(subject):
@@ -142,6 +151,17 @@ def test_dess_and_tse_contrasts_of_one_knee():
   assert mean(tse_image, phantom.FAT) > mean(tse_image, phantom.FC)
   with pytest.raises(ValueError, match='contrast'):
     knee.make_tissues(5, SHAPE, SPACING, contrast='t1')
+
+
+def test_tse_intensities_are_a_proton_density_contrast():
+  """Bright fat and marrow, grey cartilage, fluid brighter than cartilage, dark muscle; black plates, menisci
+  and tendons: in every draw."""
+  for seed in range(10):
+    t = knee.tse_intensities(np.random.default_rng(seed))
+    for cartilage in (phantom.FC, phantom.TC, phantom.PATELLA_CARTILAGE):
+      assert min(t[phantom.FAT], t[phantom.FEMUR], t[phantom.FLUID]) > t[cartilage] > t[phantom.MUSCLE]
+    for black in (phantom.FEMUR_PLATE, phantom.TIBIA_PLATE, phantom.MENISCUS, phantom.TENDON):
+      assert t[black] < 0.1 * t.max()
 
 
 def test_defects_remove_weight_bearing_cartilage_to_the_depth_asked():

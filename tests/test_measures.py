@@ -139,6 +139,24 @@ def test_the_split_is_the_middle_of_the_tibial_gap():
   assert measures.medial_lateral_split(fc, tc) == 12.0
   assert measures.medial_lateral_split(fc, np.zeros_like(tc)) == 20.0
   assert measures.medial_lateral_split(np.zeros_like(tc), np.zeros_like(tc)) is None
+  # Two equally empty gaps: the one nearer the middle of the plates (slice 19.5) is the eminence.
+  tc = np.zeros((40, 4, 4), bool)
+  tc[2:38] = True
+  tc[12:14] = tc[19:22] = False
+  assert measures.medial_lateral_split(np.ones_like(tc), tc) == 20.0
+
+
+def test_the_trochlea_starts_at_the_median_posterior_cartilage_of_the_notch():
+  """Split at slice 10, 0.5 mm slices: the notch's slices are 6-14 (2 mm). Their cartilage starts at 20 on
+  six of them, at 25 on the three middle ones; the condyles' slices, farther out, start at 5."""
+  tc = np.zeros((21, 40, 4), bool)
+  tc[2:8] = tc[13:19] = True
+  fc = np.zeros_like(tc)
+  fc[:, 5:30] = True
+  fc[6:15, :20] = False
+  fc[9:12, :25] = False
+  regions = measures.compartment_regions(fc, tc, (0.5, 1.0, 1.0), ('medial', 'lateral'))
+  assert np.flatnonzero(regions['fc_trochlea'][0, :, 0])[0] == 20
 
 
 def test_compartment_volumes_in_the_table_add_up_to_the_plates(reference):

@@ -74,6 +74,19 @@ def test_another_split_of_the_cases_names_the_cases_added_and_removed(store, tmp
       {'train': splits['train'] + ['new_1', 'new_2'], 'val': splits['val'][1:], 'test': splits['test']}))
   with pytest.raises(CheckpointError, match=r'\(train \+2 -0 cases, val \+0 -1 cases; '):
     pipeline.check_trained_on(tmp_path, other)
+  # A hand-made split file without a validation split: all its cases removed.
+  (other / 'splits.json').write_text(json.dumps({'train': splits['train'], 'test': splits['test']}))
+  with pytest.raises(CheckpointError, match=rf"\(val \+0 -{len(splits['val'])} cases; "):
+    pipeline.check_trained_on(tmp_path, other)
+
+
+def test_an_older_workdir_gives_its_own_stores_pixel(tmp_path):
+  """A workdir from before trained_on.json, without data.cache_dir: the pixel of <workdir>/slices."""
+  (tmp_path / 'slices' / 'train').mkdir(parents=True)
+  (tmp_path / 'slices' / 'train' / 'index.json').write_text(json.dumps([{'spacing': [0.5, 0.7]}] * 3))
+  config = default.get_config()
+  config.data.cache_dir = ''
+  assert pipeline.trained_pixel_mm(config, tmp_path) == (0.5, 0.7)
 
 
 def test_iterator_resumed_at_a_step_gives_the_same_batches_whatever_the_workers(store):

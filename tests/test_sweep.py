@@ -132,6 +132,38 @@ def test_a_users_split_file_is_the_points_split_not_the_sweeps():
   assert '--config.data.split_file=/W/splits.json' in points.point_args(point, pathlib.Path('/W'), [])
 
 
+def test_a_sweep_files_argument_reaches_every_variants_config(tmp_path):
+  """--sweep=<file>:demo trains each variant's config at its demo size, and refuses a variant whose config
+  has an argument of its own."""
+  sweep = tmp_path / 'sweep.py'
+  sweep.write_text(TINY)
+  assert [v.config for v in points.load_sweep(str(sweep))] == ['configs/tiny.py']
+  assert [v.config for v in points.load_sweep(f'{sweep}:demo')] == ['configs/tiny.py:demo']
+  sweep.write_text("def sweep(add):\n  add('a', 'configs/tiny.py:x')\n")
+  with pytest.raises(ConfigError, match=r'variant a names config configs/tiny.py:x with an argument, and the '
+                     'sweep has :demo$'):
+    points.load_sweep(f'{sweep}:demo')
+
+
+class _Process:
+  def __init__(self):
+    self.sent = []
+
+  def send_signal(self, signum: int) -> None:
+    self.sent.append(signum)
+
+
+def test_a_closed_terminal_stops_the_points_as_sigterm_does(tmp_path):
+  """SIGHUP reaches the running points as SIGTERM (they save and stop); SIGINT as itself. Each is the
+  sweep's stop."""
+  launcher, process = launch.Launcher([None], tmp_path), _Process()
+  launcher.running.add(process)
+  launcher._pass_on(signal.SIGHUP, None)
+  assert process.sent == [signal.SIGTERM] and launcher.stopped_by == 'SIGHUP'
+  launcher._pass_on(signal.SIGINT, None)
+  assert process.sent == [signal.SIGTERM, signal.SIGINT] and launcher.stopped_by == 'SIGINT'
+
+
 def test_a_variants_fields_win_over_the_users_and_the_sweeps_seed_over_both():
   """A user's flag for a field a variant sets (a model name, say) would make every variant the same one."""
   variant = points.Variant('v', 'v', 'configs/tiny.py', ('--config.train.num_steps=5', '--config.seed=9'))
@@ -252,21 +284,25 @@ def test_variants_of_one_title_get_a_bar_pair_each(tmp_path, monkeypatch):
   assert sorted(round(bar.get_x() + bar.get_width() / 2, 2) for bar in ax.patches) == [-0.2, 0.2, 0.8, 1.2]
 
 
-def test_a_distance_undefined_in_some_seeds_says_how_many_it_averages(tmp_path):
+def test_a_distance_undefined_in_some_seeds_says_how_many_it_averages(tmp_path, monkeypatch):
   """A seed whose test set had no case with both masks non-empty has no HD; the table's HD is the other
-  seeds' mean, and says so."""
+  seeds' mean, and says so; undefined in every seed, it is n/a. The figure draws the paper's protocol, 2D."""
+  drawn = []
+  monkeypatch.setattr(figures, 'dice_bars', lambda rows, path: drawn.append(rows))
   variant = points.Variant('v', 'V', 'configs/tiny.py', ())
   seeds = [points.Point(variant, s) for s in range(3)]
-  evaluations = {}
-  for point, hd in zip(seeds, (4.0, None, 6.0), strict=True):
-    means = {column: {'mean': hd if column.startswith('hd') else 50.0} for column in table.COLUMNS}
-    result = {protocol: {'fc': means, 'tc': means} for protocol in table.PROTOCOLS}
-    evaluations[point] = tmp_path / f'{point.name}.json'
-    evaluations[point].write_text(json.dumps(result))
-  rows = table.table_rows([variant], seeds, evaluations)
-  table.write_table(rows, {}, 'sweep.py', tmp_path)
-  assert '| FC | V | 3 | 50.00 ± 0.00 | 50.00 ± 0.00 | 50.00 ± 0.00 | 5.00 ± 1.41 (2 of 3 seeds) |' in (
-      tmp_path / 'table.md').read_text()
+  for hds, want in (((4.0, None, 6.0), '5.00 ± 1.41 (2 of 3 seeds)'), ((None, None, None), 'n/a')):
+    evaluations = {}
+    for point, hd in zip(seeds, hds, strict=True):
+      means = {column: {'mean': hd if column.startswith('hd') else 50.0} for column in table.COLUMNS}
+      result = {protocol: {'fc': means, 'tc': means} for protocol in table.PROTOCOLS}
+      evaluations[point] = tmp_path / f'{point.name}.json'
+      evaluations[point].write_text(json.dumps(result))
+    rows = table.table_rows([variant], seeds, evaluations)
+    table.write_table(rows, {}, 'sweep.py', tmp_path)
+    assert f'| FC | V | 3 | 50.00 ± 0.00 | 50.00 ± 0.00 | 50.00 ± 0.00 | {want} |' in (
+        tmp_path / 'table.md').read_text()
+    assert [(row['protocol'], row['cartilage']) for row in drawn.pop()] == [('2d', 'fc'), ('2d', 'tc')]
 
 
 @pytest.mark.parametrize('visible, per_run, groups', [

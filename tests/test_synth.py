@@ -29,6 +29,11 @@ def _batch_fn(augment_batch: bool):
   return jax.jit(functools.partial(steps.training_batch, augment_ranges=ranges, synthesise=True))
 
 
+# A draw of the sub-regions' means alone.
+_PLAIN = {'spread': 0.0, 'blur_px': 0.0, 'bias': 0.0, 'log_gamma': 0.0, 'noise': (0.0, 0.0),
+          'saturation': (1.0, 1.0)}
+
+
 def _tissue_means(image, tissue):
   return np.array([image[tissue == code].mean() for code in (phantom.FAT, phantom.MUSCLE, phantom.FEMUR,
                                                               phantom.FC, phantom.FLUID)])
@@ -59,11 +64,9 @@ def test_air_is_dark_in_the_draws_ranges_say(knee):
   over 0.5) in every draw; air drawn as a tissue is above it in most."""
   tissue = knee[0][8].copy()
   tissue[:16] = 0  # air beside the leg (the phantom's leg fills its slices)
-  plain = {'spread': 0.0, 'blur_px': 0.0, 'bias': 0.0, 'log_gamma': 0.0, 'noise': (0.0, 0.0),
-           'saturation': (1.0, 1.0)}
 
   def air_means(dark_air):
-    draw = jax.jit(lambda key: synth.render(key, tissue, synth.Ranges(dark_air=dark_air, **plain)))
+    draw = jax.jit(lambda key: synth.render(key, tissue, synth.Ranges(dark_air=dark_air, **_PLAIN)))
     return np.array([np.asarray(draw(jax.random.key(i)))[tissue == 0].mean() for i in range(20)])
 
   assert (air_means(1.0) < 0.2).all()
@@ -86,9 +89,17 @@ def test_the_blur_smooths_both_axes_and_the_noise_is_rician():
   air = tissue == 0
   for seed in range(4):
     clean, noisy = (np.asarray(synth.render(jax.random.key(seed), tissue, synth.Ranges(
-        spread=0.0, blur_px=0.0, dark_air=1.0, **plain | {'noise': (sigma, sigma)})))[air]
-        for sigma in (0.0, 0.1))
+        dark_air=1.0, **_PLAIN | {'noise': (sigma, sigma)})))[air] for sigma in (0.0, 0.1))
     assert 1.7 < np.mean(noisy ** 2 - clean ** 2) / 0.1 ** 2 < 2.3, seed
+
+
+def test_one_tissue_is_two_sub_regions_the_brighter_at_one():
+  """All else plain, a slice of one tissue is its two sub-regions' means over the brighter's: two values,
+  the larger 1 (the store's normalisation), in the draws where the smooth field splits it."""
+  draw = jax.jit(lambda key: synth.render(key, np.full((64, 64), 5, np.int32), synth.Ranges(**_PLAIN)))
+  values = [np.unique(np.round(np.asarray(draw(jax.random.key(i))), 5)) for i in range(8)]
+  assert all(v.max() == pytest.approx(1.0, abs=1e-5) for v in values)
+  assert {len(v) for v in values} == {1, 2}, values  # some draws leave the tissue whole
 
 
 def test_augmentation_moves_tissue_and_labels_together(knee):
@@ -139,6 +150,17 @@ def test_tissues_from_labels_codes_rims_and_bands(pixel_mm):
   skm_tea = synth.tissues_from_labels(np.where(labels == 7, 3, labels), (3.0, pixel_mm, pixel_mm),
                                       ((2, 1), (3, 2)))
   assert (skm_tea[labels == 7] == phantom.TC).all() and phantom.FEMUR_PLATE not in skm_tea
+
+
+def test_background_bands_lie_at_their_distances_in_mm():
+  """A row of 1.7 mm voxels from a labelled one: each voxel's band counts the band edges (1, 3, 8, 20 mm)
+  its distance passes."""
+  labels = np.zeros((1, 1, 20), np.uint8)
+  labels[..., 0] = 7
+  tissue = synth.tissues_from_labels(labels, (1.0, 1.0, 1.7), ((2, 1),))
+  distance = np.arange(1, 20) * 1.7
+  np.testing.assert_array_equal(tissue[0, 0, 1:],
+                                synth._FIRST_BAND + np.searchsorted(synth._BANDS_MM, distance))
 
 
 @pytest.mark.parametrize('layout', ['oai-zib', 'oai-zib release', 'nnunet'])

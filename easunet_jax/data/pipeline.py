@@ -107,8 +107,11 @@ def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path) -> bool:
     return False
   trained = json.loads(record.read_text())['splits']
   now = json.loads((store_dir / 'splits.json').read_text())
-  if differ := [f'{name} +{len(set(now[name]) - set(ids))} -{len(set(ids) - set(now[name]))} cases'
-                for name, ids in trained.items() if set(now.get(name, [])) != set(ids)]:
+  # A split the store lacks (a hand-made split file's) holds no cases.
+  changes = {name: (set(now.get(name, [])) - set(ids), set(ids) - set(now.get(name, [])))
+             for name, ids in trained.items()}
+  if differ := [f'{name} +{len(added)} -{len(removed)} cases' for name, (added, removed) in changes.items()
+                if added or removed]:
     raise CheckpointError(f'{store_dir}: its split of the cases is not the one {workdir} trained on '
                           f'({", ".join(differ)}; {record}): cases were added, removed or skipped, or '
                           'data.root or data.split_file changed, so that its validation and test cases '
