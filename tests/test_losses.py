@@ -54,6 +54,11 @@ def test_deep_supervision_weights_side_losses():
       w * losses.segmentation_loss(s, labels) for w, s in zip(weights, sides))
   np.testing.assert_allclose(total, expected, rtol=1e-6)
   np.testing.assert_allclose(loss_final, losses.segmentation_loss(final, labels), rtol=1e-6)
+  # loss.dice_eps reaches every term.
+  total, loss_final = losses.deep_supervision_loss(final, sides, labels, weights, eps=10.0)
+  np.testing.assert_allclose(loss_final, losses.segmentation_loss(final, labels, 10.0), rtol=1e-6)
+  np.testing.assert_allclose(total, loss_final + sum(
+      w * losses.segmentation_loss(s, labels, 10.0) for w, s in zip(weights, sides)), rtol=1e-6)
   with pytest.raises(ConfigError, match='side_weights'):
     losses.deep_supervision_loss(final, sides[:3], labels, weights)
 

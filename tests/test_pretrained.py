@@ -2,6 +2,7 @@
 the shipped model's file and metadata."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -59,6 +60,12 @@ def test_foreign_and_missing_files_are_one_line_errors(workdir, tmp_path):
   other.model.features = (8, 16, 32)
   with pytest.raises(CheckpointError, match='trained with model'):
     pretrained.load(other, tmp_path / 'model.npz', parallel.make_mesh())
+  with np.load(tmp_path / 'model.npz') as f:
+    arrays = dict(f)
+  cut = sorted(name for name in arrays if name.startswith('params'))[:2]
+  np.savez(tmp_path / 'cut.npz', **{name: a for name, a in arrays.items() if name not in cut})
+  with pytest.raises(CheckpointError, match=rf'cut\.npz: no weights for {re.escape(cut[0])} \(and 1 more\)$'):
+    pretrained.load(config, tmp_path / 'cut.npz', parallel.make_mesh())
 
 
 def test_a_file_of_an_earlier_version_or_fine_tuned_elsewhere_predicts(workdir, tmp_path):

@@ -1,21 +1,39 @@
-"""Run records: each start appends its line to runs.jsonl; the code version is git's, or the package's
-outside a checkout."""
+"""Run records: each start appends its line to runs.jsonl; the code version is git's (marked when the
+checkout has changes), or the package's outside a checkout."""
 
 import importlib.metadata
 import json
 import subprocess
+import sys
+
+import jax
 
 from configs import tiny
 from easunet_jax import records
 
 
-def test_each_start_appends_its_record(tmp_path):
+def test_each_start_appends_its_record(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, 'argv', ['main.py', '--mode=train'])
   config = tiny.get_config()
   for start in (0, 3):
     records.record_start(tmp_path, config, start)
   starts = [json.loads(line) for line in (tmp_path / 'runs.jsonl').read_text().splitlines()]
   assert [s['start_step'] for s in starts] == [0, 3]
   assert starts[0]['config'] == json.loads(json.dumps(config.to_dict())) and starts[0]['devices'] == 4
+  assert starts[0]['command'] == ['main.py', '--mode=train'] and starts[0]['jax'] == jax.__version__
+  assert starts[0]['code_version'] == records.code_version() and starts[0]['time'].endswith('+00:00')
+
+
+def test_the_code_version_of_a_changed_checkout_says_so(tmp_path, monkeypatch):
+  """A run of uncommitted code is not recorded as its commit's."""
+  git = ['git', '-c', 'user.name=t', '-c', 'user.email=t@t', '-C', str(tmp_path)]
+  (tmp_path / 'records.py').write_text('a')
+  for args in (['init', '-q'], ['add', '.'], ['commit', '-qm', 'first']):
+    subprocess.run(git + args, check=True)
+  monkeypatch.setattr(records, '__file__', str(tmp_path / 'records.py'))
+  clean = records.code_version()
+  (tmp_path / 'records.py').write_text('b')
+  assert records.code_version() == clean + '-dirty'
 
 
 def test_the_code_version_outside_a_git_checkout_is_the_packages(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import tiny
-from easunet_jax import parallel, steps
+from easunet_jax import losses, parallel, steps
 from easunet_jax.data import augment, pipeline
 from easunet_jax.errors import ConfigError
 
@@ -83,8 +83,8 @@ def test_a_step_with_a_non_finite_loss_changes_only_the_step_counts():
   p_train_step, _ = steps.jit_steps(config, train_graphdef, eval_graphdef, tx, mesh)
   batch = _batch()
   batch['image'][1, 5, 7] = np.nan
-  state, metrics = p_train_step(state, pipeline.put_on_mesh(batch, parallel.shardings(mesh)[0]))
-  metrics = metrics.compute()
+  state, bad = p_train_step(state, pipeline.put_on_mesh(batch, parallel.shardings(mesh)[0]))
+  metrics = bad.compute()
   assert int(state.step) == 1
   assert (int(metrics['skipped_steps']), int(metrics['first_nonfinite_step'])) == (1, 1)
   # The learning-rate schedule follows the steps, skipped ones too; nothing else moves.
@@ -94,6 +94,25 @@ def test_a_step_with_a_non_finite_loss_changes_only_the_step_counts():
                   jax.tree.leaves((before.params, before.batch_stats,
                                    optax.tree_utils.tree_get(before.opt_state, 'trace')))):
     np.testing.assert_array_equal(np.asarray(a), b)
+  # A period with a skipped step logs the others' losses.
+  state, clean = p_train_step(state, pipeline.put_on_mesh(_batch(), parallel.shardings(mesh)[0]))
+  period = jax.device_get(bad.merge(clean).compute())
+  assert np.isfinite(period['loss']) and period['loss'] == pytest.approx(float(clean.compute()['loss']))
+  assert (int(period['skipped_steps']), int(period['first_nonfinite_step'])) == (1, 1)
+
+
+def test_a_period_counts_every_skipped_step_and_names_the_first():
+  def step_metrics(step, finite):
+    loss = jnp.array([float(step) if finite else jnp.nan])
+    return steps.TrainMetrics.single_from_model_output(loss=loss, loss_final=loss, mask=jnp.array([finite]),
+                                                       step=jnp.array(step), nonfinite=jnp.array(not finite))
+
+  period = step_metrics(1, True)
+  for step, finite in ((2, False), (3, False), (4, True)):
+    period = period.merge(step_metrics(step, finite))
+  summary = period.compute()
+  assert int(summary['first_nonfinite_step']) == 2 and int(summary['skipped_steps']) == 2
+  assert float(summary['loss']) == pytest.approx(2.5)  # steps 1 and 4
 
 
 def test_train_step_on_four_devices_equals_one_device():
@@ -153,13 +172,16 @@ def test_validation_loss_leaves_out_the_batch_padding(monkeypatch):
   femoral_everywhere = jax.nn.one_hot(jnp.ones((2, 8, 8), int), 3)
   monkeypatch.setattr(steps, 'forward', lambda state, image, graphdef: femoral_everywhere[:len(image)])
 
-  def step(mask):
+  def step(mask, dice_eps=1.0):
     n = len(mask)
     return steps.eval_step(None, {'image': np.zeros((n, 8, 8, 1), np.float32), 'label': label[:n],
                                   'valid': np.ones((n, 8, 8), bool), 'mask': np.array(mask)},
-                           graphdef=None, num_classes=3, dice_eps=1.0)
+                           graphdef=None, num_classes=3, dice_eps=dice_eps)
 
   padded, alone, both = step([True, False]), step([True]), step([True, True])
   assert int(padded['num_valid']) == 1
   np.testing.assert_allclose(padded['loss'], alone['loss'], rtol=1e-6)
   assert abs(float(both['loss']) - float(alone['loss'])) > 0.01
+  # The loss is the training loss, its loss.dice_eps included.
+  np.testing.assert_allclose(step([True, True], dice_eps=100.0)['loss'],
+                             losses.segmentation_loss(femoral_everywhere, label, 100.0), rtol=1e-6)

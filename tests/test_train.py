@@ -98,6 +98,21 @@ def test_another_split_of_the_cases_is_refused_on_resume_and_evaluation(augmente
   assert sorted(p.name for p in workdir.iterdir()) == before
 
 
+def test_a_split_file_gives_the_split_whatever_the_seed_and_wherever_it_moved():
+  """A sweep's seeds share one split file; a checkpoint trained on a split file is another split than one
+  split by seed."""
+  config = tiny.get_config()
+  config.data.split_file = '/moved/splits.json'
+  saved = json.loads(json.dumps(config.to_dict()))
+  saved['seed'] += 1
+  saved['data']['split_file'] = '/old/splits.json'
+  checkpoints.check_same_split(saved, config, pathlib.Path('ckpt'))
+  config.data.split_file = ''
+  with pytest.raises(CheckpointError, match=r'ckpt was trained on the cases split by data.split_file=given '
+                     r'but the config splits them by seed=0, data.split=\(0.7, 0.1, 0.2\)'):
+    checkpoints.check_same_split(saved, config, pathlib.Path('ckpt'))
+
+
 def test_a_workdir_that_trains_is_not_trained_twice_at_once(augmented_tiny):
   config, workdir, _ = augmented_tiny
   with open(workdir / '.training.lock', 'a+') as held:  # as another process training it holds the lock
