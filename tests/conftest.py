@@ -98,11 +98,13 @@ def augmented_tiny(tmp_path_factory):
   Its learning rate is tiny's / 100: tiny's amplifies rounding, so that runs whose cross-device sums add in
   another order part by 2e-2 in the parameters after 4 steps at 0.01 (one process on two devices against
   four) and by 8e-4 after 6 at 0.001 (two processes against one; both without augmentation). At 1e-4 two
-  processes and one part by 3e-8 after 6 steps, while the parameters move by 7e-4 from step 4 to 6 (CPU)."""
+  processes and one part by 3e-8 after 6 steps, while the parameters move by 7e-4 from step 4 to 6 (CPU,
+  constant rate). It decays by the poly schedule, which a resumed run must resume too."""
   root = tmp_path_factory.mktemp('augmented')
   config = tiny.get_config()
   config.data.phantom_dir = str(root / 'phantom')
   config.data.augment = True
   config.checkpoint.every_steps = 2
   config.optim.lr = 1e-4
+  config.optim.schedule = 'poly'
   return config, root / 'run', train.train_and_evaluate(config, root / 'run')

@@ -49,7 +49,8 @@ def _run_two_processes(config, workdir: pathlib.Path) -> list[str]:
   results = _two_processes([
       '--config=configs/tiny.py', f'--workdir={workdir}',
       f'--config.data.phantom_dir={config.data.phantom_dir}', '--config.data.augment=true',
-      '--config.checkpoint.every_steps=2', f'--config.optim.lr={config.optim.lr}'])
+      '--config.checkpoint.every_steps=2', f'--config.optim.lr={config.optim.lr}',
+      f'--config.optim.schedule={config.optim.schedule}'])
   for code, err in results:
     assert code == 0, err[-3000:]
   return [err for _, err in results]

@@ -87,8 +87,8 @@ def phantom_dir(tmp_path_factory):
 
 
 def _command(workdir, phantom_dir, *overrides, hook=''):
-  """main.py on configs/tiny.py with conftest's `augmented_tiny` settings bar its learning rate (an
-  override), which the checks of bad flags need not compile for."""
+  """main.py on configs/tiny.py with conftest's `augmented_tiny` settings bar its learning rate and schedule
+  (overrides), which the checks of bad flags need not compile for."""
   args = ['--config=configs/tiny.py', f'--workdir={workdir}', f'--config.data.phantom_dir={phantom_dir}',
           '--config.data.augment=true', '--config.checkpoint.every_steps=2', *overrides]
   if hook:
@@ -123,14 +123,14 @@ def test_kill_9_during_a_save_and_during_a_step_then_resume_ends_bitwise_like_no
     augmented_tiny, tmp_path, caplog):
   config, uninterrupted, _ = augmented_tiny  # trained in this process
   phantom_dir, workdir = config.data.phantom_dir, tmp_path / 'run'
-  lr = f'--config.optim.lr={config.optim.lr}'
-  killed = _run(workdir, phantom_dir, lr, hook=KILL_AT_FINALIZE.format(step=4))
+  lr = (f'--config.optim.lr={config.optim.lr}', f'--config.optim.schedule={config.optim.schedule}')
+  killed = _run(workdir, phantom_dir, *lr, hook=KILL_AT_FINALIZE.format(step=4))
   assert killed.returncode == -signal.SIGKILL
   half_written = list((workdir / 'checkpoints').glob('4.orbax-checkpoint-tmp*'))
   assert half_written and not (workdir / 'checkpoints' / '4').exists()
   # Checkpoints come at steps 2, 3 (validation), 4 and 6. Resumed from step 3, the run is killed again
   # in step 5, while the third batch it fetched (step 6's) was loading.
-  killed = _run(workdir, phantom_dir, lr, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGKILL'))
+  killed = _run(workdir, phantom_dir, *lr, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGKILL'))
   assert killed.returncode == -signal.SIGKILL
   assert f'Resumed from {workdir / "checkpoints" / "3"} at step 3' in killed.stderr
   assert not list((workdir / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
@@ -155,7 +155,8 @@ def test_sigterm_saves_the_current_step_exits_143_and_the_run_resumes(augmented_
   config = augmented_tiny[0].copy_and_resolve_references()
   config.checkpoint.every_steps = config.train.eval_every_steps = config.log.every_steps = 1000
   apart = ['--config.checkpoint.every_steps=1000', '--config.train.eval_every_steps=1000',
-           '--config.log.every_steps=1000', f'--config.optim.lr={config.optim.lr}']
+           '--config.log.every_steps=1000', f'--config.optim.lr={config.optim.lr}',
+           f'--config.optim.schedule={config.optim.schedule}']
   stopped = _run(workdir, config.data.phantom_dir, *apart, hook=SIGNAL_AT_BATCH.format(n=3, signal='SIGTERM'))
   assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr  # unfinished: `&& evaluate` stops here
   step = checkpoints.manager(workdir, 2).latest_step()

@@ -46,16 +46,19 @@ def test_metrics_log_and_checkpoints(augmented_tiny):
 
 
 def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny, tmp_path, monkeypatch):
-  """4 steps: validation every 3 and checkpoints every 2 steps, and both at the last (the augmented run's
-  program: compiled once)."""
+  """6 steps: validation every 4 and checkpoints every 5 steps, and both at the last (the augmented run's
+  program: compiled once). Each row logs the poly rate of its step's update, lr (1 - (step - 1) / 6)^0.9."""
   config = augmented_tiny[0].copy_and_resolve_references()
-  config.train.num_steps = 4
+  config.train.eval_every_steps, config.checkpoint.every_steps = 4, 5
   saved, save = [], checkpoints.save
   monkeypatch.setattr(checkpoints, 'save',
                       lambda mngr, step, *args: (saved.append(step), save(mngr, step, *args)))
   train.train_and_evaluate(config, tmp_path / 'run')
   rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in rows if 'val/dice_mean' in r] == [3, 4] and saved == [2, 3, 4]
+  assert [r['step'] for r in rows if 'val/dice_mean' in r] == [4, 6] and saved == [4, 5, 6]
+  rates = [(r['step'], r['train/lr']) for r in rows if 'train/lr' in r]
+  assert [step for step, _ in rates] == [1, 2, 3, 4, 5, 6]
+  assert [lr for _, lr in rates] == pytest.approx([1e-4 * (1 - s / 6) ** 0.9 for s in range(6)])
 
 
 def test_workdir_of_another_model_refuses_to_mix_checkpoints(augmented_tiny):
