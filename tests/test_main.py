@@ -189,6 +189,14 @@ BAD_FLAGS = {
 BAD_VALUES = {
     'widths': ({'model.features': (4, 8, 16, 32)}, '3 side outputs but 2 loss.side_weights'),
     'image size': ({'data.phantom_shape': (8, 42, 42)}, 'data.phantom_shape: expected 3 positive'),
+    'image width': ({'data.phantom_shape': (8, 64, 42)}, 'data.phantom_shape: expected 3 positive'),
+    'flat phantom voxel': ({'data.phantom_spacing': (0.0, 2.0, 2.0)},
+                           'data.phantom_spacing: expected 3 positive'),
+    'missing split file': ({'data.split_file': '/no/such/split.json'},
+                           "data.split_file: expected a JSON file or ''"),
+    'no validation cadence': ({'train.eval_every_steps': 0},
+                              'train.eval_every_steps: expected a positive integer, got 0'),
+    'no log cadence': ({'log.every_steps': 0}, 'log.every_steps: expected a positive integer, got 0'),
     'missing data.root': ({'data.root': '/no/such/dir'}, 'data.root: expected a dataset directory'),
     'negative smoothing': ({'predict.slice_sigma_mm': -1.0},
                            'predict.slice_sigma_mm: expected a non-negative number'),
@@ -240,7 +248,7 @@ BAD_VALUES = {
 EDGE_VALUES = {'optim.momentum': 0.0, 'optim.weight_decay': 0.0, 'predict.min_component_fraction': 0.0,
                'data.phantom_oa_fraction': 1.0, 'predict.slice_sigma_mm': 0.0, 'data.phantom_elastic_mm': 0.0,
                'eval.num_figure_slices': 0, 'seed': 2 ** 32 - 1, 'predict.spacing': (0.0, 0.0),
-               'eval.checkpoint': '100',
+               'eval.checkpoint': '100', 'data.label_map': ((1, 1), (255, 2)),
                'loss.side_weights': (0.0,) * len(tiny.get_config().loss.side_weights)}
 
 
@@ -267,6 +275,26 @@ def test_an_unknown_field_is_told_with_the_fields_of_its_group_or_the_top():
   config.trian = ml_collections.ConfigDict({'num_steps': 1})
   with pytest.raises(ConfigError, match=r'^trian.num_steps: no such config field \(expected one of check'):
     config_check.check_config(config, reference, 'train')
+
+
+def test_a_config_files_field_of_another_type_is_named():
+  """A config file may build its own ConfigDict, whose fields then hold any type."""
+  fields = tiny.get_config().to_dict()
+  fields['train']['batch_size'] = '8'
+  with pytest.raises(ConfigError, match=r"^train\.batch_size: expected an integer, got '8'$"):
+    config_check.check_config(ml_collections.ConfigDict(fields), default.get_config(), 'train')
+  fields['train']['batch_size'] = 8
+  fields['model']['features'] = (4, 8.5, 16)
+  with pytest.raises(ConfigError, match=r'^model\.features: expected a sequence like'):
+    config_check.check_config(ml_collections.ConfigDict(fields), default.get_config(), 'train')
+
+
+def test_predict_and_export_read_no_data_set():
+  """A workdir copied from another machine names a data.root that is not here."""
+  config = tiny.get_config()
+  config.data.root = '/no/such/dir'
+  for mode in ('predict', 'export'):
+    config_check.check_config(config, default.get_config(), mode)
 
 
 def test_a_config_files_own_error_shows_its_traceback(tmp_path):
@@ -364,10 +392,11 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
 
 @pytest.mark.parametrize('given', [False, True])
 def test_predict_gets_the_model_file_and_the_side_given(tmp_path, given):
-  """--weights names the model file (without it, the shipped one) and --laterality=right reaches predict as
-  'R'."""
+  """--weights names the model file, also beside a --config (whose predict settings it then takes; without
+  either, the shipped model), and --laterality=right reaches predict as 'R'."""
   (tmp_path / 'model.npz').symlink_to(pretrained.SHIPPED)
-  flags = ['--weights=' + str(tmp_path / 'model.npz'), '--laterality=right'] if given else []
+  flags = ['--config=configs/tiny.py', '--weights=' + str(tmp_path / 'model.npz'),
+           '--laterality=right'] if given else []
   result = subprocess.run([sys.executable, '-c', _RUN_MAIN.format(hook=REPORT_PREDICT), '--mode=predict',
                            '--input=scan.nii.gz', '--output=mask.nii.gz', *flags], cwd=REPO,
                           capture_output=True, text=True, check=False, timeout=600)

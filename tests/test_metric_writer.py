@@ -27,6 +27,7 @@ def test_a_resumed_log_drops_later_rows_and_a_cut_row_and_purges_later_events(tm
     writer.write_scalars(step, {'train/loss': float(step)})
   writer.close()
   with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"train/loss": 2.5}\n[4]\n')  # lines of no step (another tool's, say) are no rows
     f.write('{"step": 4, "train/lo')  # the kill came mid-write
   (first,) = (tmp_path / 'tensorboard').iterdir()
   # tensorboardX names an event file by the second it opens: the resumed run opens its file in the same one.

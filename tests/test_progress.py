@@ -19,7 +19,7 @@ def test_eta_counts_only_the_work_of_this_start(clock):
   assert progress.eta_s() != progress.eta_s()  # NaN: no unit done yet
   clock[0] += 30.0
   progress.update(6)  # two units in 30 s: 15 s a unit, four left
-  assert progress.eta_s() == pytest.approx(60.0)
+  assert progress.eta_s() == pytest.approx(60.0) and progress.rate() == pytest.approx(2 / 30)
   assert progress.status('step') == 'step 6/10 (spent 00:00:30, ETA 00:01:00)'
 
 
