@@ -18,9 +18,10 @@ def drawn(monkeypatch):
 
 
 def test_bland_altman_draws_the_bias_and_its_limits_of_agreement(drawn, tmp_path):
-  """Differences 0.5, 0, 0.5, 0.5 (a NaN pair left out): bias 0.375, SD 0.25, limits 0.375 ± 1.96 x 0.25."""
-  truth, measured = [1, 2, 3, 4, np.nan], [1.5, 2.0, 3.5, 4.5, 9]
-  figures.plot_bland_altman(truth, measured, ['FC'] * 5, 'mm', tmp_path / 'ba.png')
+  """Differences 0.5, 0, 0.5, 0.5 (the pairs of a NaN left out: an empty plate measures none): bias 0.375,
+  SD 0.25, limits 0.375 ± 1.96 x 0.25."""
+  truth, measured = [1, 2, 3, 4, np.nan, 5], [1.5, 2.0, 3.5, 4.5, 9, np.nan]
+  figures.plot_bland_altman(truth, measured, ['FC'] * 6, 'mm', tmp_path / 'ba.png')
   ax = drawn[0].axes[0]
   np.testing.assert_allclose([line.get_ydata()[0] for line in ax.lines], [0.375, 0.865, -0.115])
   assert [t.get_text() for t in ax.get_legend().get_texts()] == [
@@ -53,6 +54,33 @@ def test_slices_are_drawn_superior_up_and_anterior_right(drawn, tmp_path):
   panel = drawn[0].axes[1].images[0].get_array()  # the prediction's
   red = panel[..., 0] - panel[..., 2] > 0.2  # grey has equal red and blue
   assert {tuple(p) for p in np.argwhere(red)} == {(0, 6), (0, 7), (1, 6), (1, 7)}
+
+
+def test_slices_are_drawn_at_the_scans_pixel_aspect(drawn, tmp_path):
+  classes = np.zeros((3, 8, 4), np.uint8)
+  classes[1] = 1
+  image = np.random.default_rng(0).random(classes.shape)
+  figures.plot_prediction_slices(image, classes, (1.0, 0.5, 2.0), 'knee', tmp_path / 's.png')
+  assert drawn[0].axes[0].images[0].get_extent() == pytest.approx([0, 4.0, 0, 8.0])  # 4 mm AP, 8 mm SI
+
+
+def test_overlays_show_the_image_the_label_and_the_prediction(drawn, tmp_path):
+  """Labelled FC and predicted TC on one slice: the label's panel is tinted red, the prediction's blue."""
+  image = np.full((4, 4), 0.5, np.float32)
+  label, pred = np.ones((4, 4), np.uint8), np.full((4, 4), 2, np.uint8)
+  figures.plot_overlays([{'image': image, 'label': label, 'pred': pred, 'case': 'k', 'slice': 3,
+                          'pixel_mm': (1.0, 1.0)}], tmp_path / 'overlays.png')
+  axes = drawn[0].axes[:3]
+  assert [ax.get_title() for ax in axes] == ['k slice 3', 'label', 'prediction']
+  for ax, channel in zip(axes[1:], (0, 2)):
+    assert np.argmax(ax.images[0].get_array()[0, 0]) == channel
+
+
+def test_loss_curves_are_labelled_by_their_keys(drawn, tmp_path):
+  rows = [{'step': 1, 'train/loss': 3.0, 'train/loss_final': 2.0}, {'step': 2, 'val/loss': 1.0}]
+  figures.plot_loss_curves(rows, tmp_path / 'loss.png')
+  assert {line.get_label(): tuple(line.get_ydata()) for line in drawn[0].axes[0].lines} == {
+      'train/loss (with side outputs)': (3.0,), 'train/loss_final': (2.0,), 'val/loss': (1.0,)}
 
 
 def test_thickness_maps_are_anterior_up_the_femur_seen_from_below(monkeypatch, tmp_path):

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from dicom_series import SAGITTAL, write_enhanced, write_series
 
 from configs import tiny
-from easunet_jax import figures, inference, metrics, pose, predict, pretrained
+from easunet_jax import figures, inference, metrics, parallel, pose, predict, pretrained, steps
 from easunet_jax.data import knee, phantom, volumes
 from easunet_jax.errors import CheckpointError, DataError
 
@@ -762,6 +762,33 @@ def test_isotropic_voxels_have_their_left_right_axis_questioned(tmp_path):
   labels = phantom.LABEL_OF_TISSUE[tissue]
   for k, value, least in ((1, 2, 70), (2, 4, 60)):  # Dice % (83 / 78 measured)
     assert metrics.segmentation_metrics(masks['upright'] == k, labels == value, spacing)['dice'] > least
+
+
+def test_a_sagittal_rotation_turns_millimetres_on_pixels_of_two_sizes():
+  """0.5 x 1 mm pixels: a point 5 mm from the centre along axis 1 (10 pixels) turned by 90 degrees lies 5 mm
+  from it along axis 2 (5 pixels)."""
+  array = np.zeros((1, 41, 21), np.float32)
+  array[0, 30, 10] = 1.0
+  turned = pose.rotate_slices(array, 90, (1.0, 0.5, 1.0))
+  _, h, w = np.unravel_index(np.argmax(turned), turned.shape)
+  assert (h, abs(w - 10)) == (20, 5) and turned.max() == pytest.approx(1.0)
+
+
+def test_slices_of_too_few_pixels_at_the_networks_pixel_do_not_fit():
+  """A header in metres read as mm: a 384-pixel slice of 0.0004 "mm" is well under one network pixel."""
+  assert inference.slices_fit((384, 384), (0.36, 0.36), (0.36, 0.36))
+  assert not inference.slices_fit((384, 384), (0.0004, 0.0004), (0.36, 0.36))
+  assert not inference.slices_fit((15, 384), (0.36, 0.36), (0.36, 0.36))
+
+
+def test_the_weights_digest_covers_the_batch_statistics():
+  """A continued batch keeps masks of the same weights only: BatchNorm's statistics are weights too."""
+  def digest(mean):
+    state = steps.TrainState(step=0, params={'w': np.ones(3, np.float32)},
+                             batch_stats={'mean': np.full(3, mean, np.float32)}, opt_state=())
+    return inference.Network(tiny.get_config(), None, state, parallel.make_mesh()).weights_sha256()
+
+  assert digest(0.0) == digest(0.0) != digest(0.5)
 
 
 def test_a_way_the_header_finds_no_sure_cartilage_in_is_said_in_words():

@@ -149,6 +149,12 @@ def test_a_metaimage_data_file_rewritten_in_place_makes_the_store_stale(data_cfg
   assert preprocess._fingerprint(cases, data_cfg, seed=0, multiple=16) != before
 
 
+def test_a_network_of_another_stride_makes_the_store_stale():
+  """The slices are padded to a multiple of the network's stride."""
+  cfg = default.get_config().data
+  assert preprocess._fingerprint([], cfg, 0, 16) != preprocess._fingerprint([], cfg, 0, 32)
+
+
 def test_normalise_does_not_depend_on_the_intensities_unit():
   image = np.random.default_rng(0).gamma(2.0, 100.0, (6, 20, 20)).astype(np.float32)
   for scale in (1e-10, 1.0, 1e6):
@@ -160,6 +166,9 @@ def test_normalise_does_not_depend_on_the_intensities_unit():
   # One bright voxel (a vessel, an artefact) beyond the 99.5th percentile does not darken the rest.
   ramp = np.r_[np.linspace(0.0, 1.0, 999), 1000.0].astype(np.float32)
   assert preprocess.normalise(ramp)[500] == pytest.approx(0.5, abs=0.01)
+  # 0 and 1 at the 0.5th and 99.5th percentiles (4.995 and 994.005 of 0..999), as the shipped model saw.
+  out = preprocess.normalise(np.arange(1000, dtype=np.float32))
+  assert out[4] == 0 < out[6] and out[990] < 1 == out[995]
 
 
 @pytest.mark.parametrize('n', [3, 5, 10, 31])
@@ -170,6 +179,11 @@ def test_split_is_by_subject_and_seeded(n):
   assert all(parts) and sum(map(len, parts)) == n and set().union(*parts) == set(ids)
   assert splits == preprocess.split_cases(ids, (0.7, 0.1, 0.2), seed=1)
   assert n < 10 or splits != preprocess.split_cases(ids, (0.7, 0.1, 0.2), seed=2)
+
+
+def test_the_split_gives_a_leftover_case_to_the_largest_remainder():
+  splits = preprocess.split_cases([f'k{i}' for i in range(10)], (0.66, 0.24, 0.1), seed=0)
+  assert [len(splits[name]) for name in preprocess.SPLITS] == [7, 2, 1]  # shares 6.6, 2.4, 1.0
 
 
 def _linked_copy(source, root):
@@ -216,6 +230,23 @@ def test_a_split_file_may_list_a_case_the_checks_skip(data_cfg, tmp_path):
   store = preprocess.ensure_slice_store(cfg, tmp_path / 'store', seed=0, multiple=16)
   assert list(json.loads((store / 'skipped.json').read_text())) == ['phantom_004']
   assert json.loads((store / 'splits.json').read_text()) == {'train': ids[:3], 'val': ids[3:4], 'test': []}
+
+
+def test_a_split_file_whose_split_the_checks_empty_is_not_drawn_again(data_cfg, tmp_path, caplog):
+  """The split file's only validation case fails the voxel checks: validation stays empty (training then
+  refuses to start) rather than drawn again from cases the user set apart for testing."""
+  root = _linked_copy(data_cfg.root, tmp_path / 'data')
+  nii = nib.load(root / 'labels' / 'phantom_003.nii.gz')
+  unknown_values = np.where(np.asarray(nii.dataobj) == 2, 9, 0).astype(np.uint8)
+  (root / 'labels' / 'phantom_003.nii.gz').unlink()
+  volumes.save_volume(root / 'labels' / 'phantom_003.nii.gz', unknown_values, nii.affine)
+  ids = [f'phantom_{i:03d}' for i in range(5)]
+  (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:3], 'val': ids[3:4], 'test': ids[4:]}))
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.update(root=str(root), split_file=str(tmp_path / 'splits.json'))
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'store', seed=0, multiple=16)
+  assert json.loads((store / 'splits.json').read_text()) == {'train': ids[:3], 'val': [], 'test': ids[4:]}
+  assert 'again' not in caplog.text
 
 
 def test_a_split_file_listing_a_case_twice_or_leaving_cases_out_is_told(data_cfg, tmp_path, caplog):
