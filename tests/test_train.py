@@ -8,6 +8,7 @@ import json
 import pathlib
 import re
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -231,6 +232,25 @@ def test_a_split_without_cases_is_refused_before_any_step(augmented_tiny, tmp_pa
   with pytest.raises(DataError, match=f'no {which} slices'):
     train.train_and_evaluate(config, tmp_path / 'run')
   assert not checkpoints.manager(tmp_path / 'run', 2).all_steps()
+
+
+def test_a_batch_larger_than_the_training_slices_is_refused_before_any_step(augmented_tiny, tmp_path):
+  config = augmented_tiny[0].copy_and_resolve_references()
+  config.train.batch_size = 64
+  with pytest.raises(DataError, match=r'^\d+ training slices give no full batch of train.batch_size 64$'):
+    train.train_and_evaluate(config, tmp_path / 'run')
+
+
+def test_a_signal_asks_once_to_stop_and_a_second_acts_as_usual():
+  """The first SIGTERM is the loop's to act on; the handler before it is back at once (a second signal kills)
+  and both handlers are back when training ends."""
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  with train._stop_requests() as stop:
+    assert stop() is None
+    signal.raise_signal(signal.SIGTERM)
+    assert stop() == 'SIGTERM' and signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]
+  assert {s: signal.getsignal(s) for s in before} == before
 
 
 def _poison_a_training_slice(config, workdir, step: int) -> list[int]:
