@@ -360,3 +360,12 @@ def test_folder_without_dicom_files(tmp_path):
   assert not dicom.is_dicom_folder(tmp_path)
   with pytest.raises(DataError, match='no DICOM image file'):
     dicom.find_series(tmp_path)
+
+
+def test_a_slice_of_the_stacks_plane_with_its_normal_flipped_is_no_localizer(tmp_path):
+  """A slice in the stack's plane but with its row cosine reversed (normal flipped) is not left out as a
+  localizer (normals compared either way): the series is refused as mixed."""
+  _, uid = write_series(tmp_path)
+  write_series(tmp_path, ((0, -1, 0), (0, 0, -1)), offsets=[40.0], uid=uid, seed=1)
+  with pytest.raises(DataError, match='mixed-size series, ImageOrientationPatient'):
+    dicom.read_series(tmp_path)

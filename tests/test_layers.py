@@ -97,3 +97,32 @@ def test_eas_module_uses_its_rates_eca_and_the_images_mean():
   np.testing.assert_allclose(seen[0], x.mean(axis=(1, 2), keepdims=True), rtol=1e-6)  # the mean, not max
   module.eca = None
   assert not np.allclose(module(x), with_eca, atol=1e-3)  # the 1x1 branch's attention counts
+
+
+def test_eca_weighs_each_channel_by_its_own_neighbourhood():
+  """Eight channels (k = 3): channel c's weight is sigmoid of the conv of the channel means around c, so a
+  kernel of its centre tap alone weighs each channel by the sigmoid of its own mean."""
+  eca = layers.ECA(8, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert eca.k == 3
+  eca.conv.kernel[...] = jnp.zeros_like(eca.conv.kernel[...]).at[1].set(1.0)
+  x = jnp.broadcast_to(jnp.arange(8.0) - 4.0, (1, 2, 2, 8))
+  np.testing.assert_allclose(eca(x), x * jax.nn.sigmoid(jnp.arange(8.0) - 4.0), rtol=1e-6)
+  eca.conv.kernel[...] = jnp.zeros_like(eca.conv.kernel[...]).at[0].set(1.0)  # the previous channel's
+  means = jnp.concatenate([jnp.zeros(1), jnp.arange(7.0) - 4.0])
+  np.testing.assert_allclose(eca(x), x * jax.nn.sigmoid(means), rtol=1e-6)
+
+
+def test_batch_norm_epsilon_is_pytorchs():
+  """BatchNorm in evaluation: (x - mean) / sqrt(var + 1e-5), PyTorch's default eps."""
+  bn = layers.batch_norm(1, jnp.float32, nnx.Rngs(0))
+  bn.var[...] = jnp.full((1,), 1e-4)
+  bn.eval()
+  np.testing.assert_allclose(bn(jnp.ones((1, 1, 1, 1))).ravel(), [1 / np.sqrt(1e-4 + 1e-5)], rtol=1e-5)
+
+
+def test_up_convolution_adds_its_bias():
+  up = layers.UpConv(1, 2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  up.kernel[...] = jnp.zeros_like(up.kernel[...])
+  up.bias[...] = jnp.array([0.5, -2.0])
+  np.testing.assert_array_equal(up(jnp.ones((1, 1, 1, 1))), jnp.broadcast_to(jnp.array([0.5, -2.0]),
+                                                                          (1, 2, 2, 2)))

@@ -11,7 +11,7 @@ from configs import default, tiny
 from easunet_jax import steps
 from easunet_jax.errors import ConfigError
 from easunet_jax.models import abstract_model, depthwise_cpu, layers
-from easunet_jax.models.eas_unet import EASUNet
+from easunet_jax.models.eas_unet import DecoderStage, EASUNet
 from easunet_jax.models.heads import OutputFusion
 
 
@@ -224,3 +224,15 @@ def test_bad_ablation_values_are_refused(overrides, message):
     model_cfg.update(overrides)
   with pytest.raises(ConfigError, match=message):
     abstract_model(model_cfg)
+
+
+def test_eas_unet_decoder_stage_puts_the_up_sampled_map_before_the_skip():
+  stage = DecoderStage(4, 2, block=lambda c_in, c_out, **_: (lambda x: x), dtype=jnp.float32,
+                       rngs=nnx.Rngs(0))
+  seen = []
+  stage.block1 = seen.append
+  stage.block2 = lambda x: x
+  x = jax.random.normal(jax.random.key(0), (1, 2, 2, 4))
+  skip = jax.random.normal(jax.random.key(1), (1, 4, 4, 2))
+  stage(x, skip)
+  np.testing.assert_allclose(seen[0], jnp.concatenate([stage.up(x), skip], axis=-1))

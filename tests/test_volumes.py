@@ -584,3 +584,55 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
   for other in ([{'image': 'a.nii.gz'}], {'labels': ['background', 'femur']}, {'labels': None}):
     (tmp_path / 'dataset.json').write_text(json.dumps(other))
     volumes.check_dataset_json(tmp_path, ((2, 1), (4, 2)))
+
+
+def _noise() -> np.ndarray:
+  return np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+
+
+def test_a_header_in_metres_with_a_time_unit_is_still_read_in_mm(tmp_path):
+  """xyzt_units 9: metres (1) plus seconds (8), as a 4D-capable writer sets both; the spatial unit is the
+  low 3 bits alone."""
+  nii = nib.Nifti1Image(_noise(), np.diag([0.0007, 0.0004, 0.0004, 1.0]))
+  nii.header.set_xyzt_units('meter', 'sec')
+  assert int(nii.header['xyzt_units']) == 9
+  nib.save(nii, tmp_path / 'scan.nii.gz')
+  spacing = volumes.load_image(tmp_path / 'scan.nii.gz')[1]
+  np.testing.assert_allclose(spacing, (0.7, 0.4, 0.4), rtol=1e-6)
+  np.testing.assert_allclose(spacing, sitk.ReadImage(str(tmp_path / 'scan.nii.gz')).GetSpacing(), rtol=1e-6)
+
+
+def test_a_metaimage_giving_its_byte_order_as_element_byte_order_msb_alone(tmp_path):
+  """MetaIO's older field name ElementByteOrderMSB, without BinaryDataByteOrderMSB: big-endian voxels."""
+  image = (_noise() * 100).astype(np.int16)
+  path = tmp_path / 'k.mhd'
+  metaimage.write(path, image, np.diag([0.7, 0.4, 0.4, 1.0]))
+  lines = [line for line in path.read_text().splitlines() if 'ByteOrderMSB' not in line]
+  lines.insert(-1, 'ElementByteOrderMSB = True')  # before ElementDataFile, the header's last field
+  path.write_text('\n'.join(lines) + '\n')
+  raw = tmp_path / 'k.raw'
+  raw.write_bytes(np.frombuffer(raw.read_bytes(), '<i2').astype('>i2').tobytes())
+  np.testing.assert_array_equal(volumes.load_image(path)[0], image)
+
+
+def test_a_gzipped_nifti2_file_named_nii_is_read_by_its_content(tmp_path):
+  image = _noise()
+  nib.save(nib.Nifti2Image(image, np.diag([0.7, 0.4, 0.4, 1.0])), tmp_path / 'k2.nii.gz')
+  (tmp_path / 'zipped2.nii').write_bytes((tmp_path / 'k2.nii.gz').read_bytes())
+  got, spacing = volumes.load_image(tmp_path / 'zipped2.nii')
+  np.testing.assert_array_equal(got, image)
+  np.testing.assert_allclose(spacing, (0.7, 0.4, 0.4), rtol=1e-6)
+
+
+def test_the_memory_error_gives_the_size_of_the_voxels_in_gib(tmp_path, monkeypatch):
+  """(32000, 32000, 1000) float32 voxels: 3.81e+03 GiB (4 bytes each), as the message says."""
+  nii = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+  nii.header.set_data_shape((32000, 32000, 1000))
+  path = tmp_path / 'huge.nii'
+  path.write_bytes(nii.header.binaryblock + bytes(4 + 32))
+
+  def no_memory(*args, **kwargs):
+    raise MemoryError
+  monkeypatch.setattr(np, 'asarray', no_memory)  # read_canonical's read: the allocation refused
+  with pytest.raises(DataError, match=r'shape of \(32000, 32000, 1000\), 3.81e\+03 GiB of voxels'):
+    volumes.read_canonical(volumes.open_volume(path), path)
