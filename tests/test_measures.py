@@ -157,6 +157,12 @@ def test_the_trochlea_starts_at_the_median_posterior_cartilage_of_the_notch():
   fc[9:12, :25] = False
   regions = measures.compartment_regions(fc, tc, (0.5, 1.0, 1.0), ('medial', 'lateral'))
   assert np.flatnonzero(regions['fc_trochlea'][0, :, 0])[0] == 20
+  # Slices 6 and 14 lie exactly 2 mm from the split, and count: starting at 25 there too, five of nine.
+  fc[[6, 14], :25] = False
+  regions = measures.compartment_regions(fc, tc, (0.5, 1.0, 1.0), ('medial', 'lateral'))
+  assert np.flatnonzero(regions['fc_trochlea'][0, :, 0])[0] == 25
+  # The split's own slice (10) lies in the lower axis-0 index's half.
+  assert regions['tc_medial'][10].all() and not regions['tc_lateral'][10].any()
 
 
 def test_compartment_volumes_in_the_table_add_up_to_the_plates(reference):

@@ -717,6 +717,9 @@ def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, cap
     assert metrics.segmentation_metrics(masks['upright'] == k, labels == value, spacing)['dice'] > least
   np.testing.assert_array_equal(masks['turned'], pose.orient(masks['upright'], (0, True, True, False)))
   np.testing.assert_array_equal(masks['resliced'], masks['upright'].transpose(1, 2, 0))
+  for name in scans:  # each thickness map lies on its mask, in the scan's voxel order
+    thickness = np.asarray(nib.load(results[f'{name}.nii.gz']['thickness_map']).dataobj)
+    np.testing.assert_array_equal(thickness > 0, masks[name] > 0)
   for k, least in ((1, 0.8), (2, 0.6)):  # Dice against the upright mask rotated (TC: a few hundred voxels)
     expected = pose.rotate_slices((masks['upright'] == k).astype(np.float32), 30, spacing) > 0.5
     found = masks['flexed'] == k
@@ -816,6 +819,11 @@ def test_a_header_without_a_position_decides_no_side():
     affine[0, 3] = first_voxel_x
     side, why = predict.decide_laterality(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine), {}, None)
     assert side == want_side and why.startswith(want_why)
+  # The centre is the middle voxel's: 4 slices of 4 mm from x = 60 lie at 60-72 mm, centred at 66.
+  affine = np.diag([4.0, 0.4, 0.4, 1.0])
+  affine[0, 3] = 60.0
+  side, why = predict.decide_laterality(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine), {}, None)
+  assert why.startswith("from the position: centred 66 mm to the patient's right")
 
 
 def test_the_position_is_read_in_the_headers_unit():
@@ -961,6 +969,8 @@ def test_small_components_are_dropped_per_class():
   np.testing.assert_array_equal(predict.remove_small_components(classes, (1.0, 1.0, 1.0), 0.0, 0.0), classes)
   # Millimetres, not voxels: at 2 mm voxels the 150-voxel plate holds 1200 mm^3, the 4-voxel speck 32.
   assert (predict.remove_small_components(classes, (2.0, 2.0, 2.0), 100.0, 0.0) == 2).sum() == 150
+  # A component of exactly the floor is not smaller than it: the 150 mm^3 plate stays at a floor of 150.
+  assert (predict.remove_small_components(classes, (1.0, 1.0, 1.0), 150.0, 0.0) == 2).sum() == 150
 
 
 def test_components_small_beside_their_class_largest_are_dropped():
@@ -976,6 +986,10 @@ def test_components_small_beside_their_class_largest_are_dropped():
   expected[4:6, 50:55, 5:15] = 0
   np.testing.assert_array_equal(kept, expected)
   np.testing.assert_array_equal(predict.remove_small_components(classes, (1.0, 1.0, 1.0), 50.0, 0.0), classes)
+  # The fraction is of the largest component, not of the class: a tibial fragment of 60 mm^3 is 20 % of
+  # the larger plate (kept at 0.15), 11 % of the class.
+  classes[2:8, 50:55, 25:27] = 2
+  assert (predict.remove_small_components(classes, (1.0, 1.0, 1.0), 50.0, 0.15) == 2).sum() == 600
 
 
 def test_figure_slices_cross_the_cartilage_at_its_quartiles():
@@ -1059,6 +1073,10 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
   assert [(r['laterality'], r['region'], r['thin_fraction'], r['area_mm2']) for r in rows] == [
       ('right', 'fc', '0.25', '617'), ('right', 'tc', '0', '617'), ('left', 'fc', '0.25', '617'),
       ('left', 'tc', '0', '617')]
+  # The CSV keeps 6 significant digits: a volume of 12345.678 mm^3 is 12345.7, not 1.235e+04.
+  results[0]['regions']['fc'] = row | {'volume_mm3': 12345.678}
+  predict.write_reports(results, paths)
+  assert next(csv.DictReader(paths['measures'].open()))['volume_mm3'] == '12345.7'
 
 
 def test_to_classes_weighs_the_background():
