@@ -108,10 +108,9 @@ def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path) -> bool:
   trained = json.loads(record.read_text())['splits']
   now = json.loads((store_dir / 'splits.json').read_text())
   # A split the store lacks (a hand-made split file's) holds no cases.
-  changes = {name: (set(now.get(name, [])) - set(ids), set(ids) - set(now.get(name, [])))
-             for name, ids in trained.items()}
-  if differ := [f'{name} +{len(added)} -{len(removed)} cases' for name, (added, removed) in changes.items()
-                if added or removed]:
+  pairs = [(name, set(now.get(name, [])), set(ids)) for name, ids in trained.items()]
+  if differ := [f'{name} +{len(new - old)} -{len(old - new)} cases'
+                for name, new, old in pairs if new != old]:
     raise CheckpointError(f'{store_dir}: its split of the cases is not the one {workdir} trained on '
                           f'({", ".join(differ)}; {record}): cases were added, removed or skipped, or '
                           'data.root or data.split_file changed, so that its validation and test cases '
