@@ -74,10 +74,10 @@ predict.predict = report
 
 DISK_FULL = """
 import errno
-from easunet_jax import train
+from easunet_jax import pretrained, train
 def disk_full(*args, **kwargs):
   raise OSError(errno.ENOSPC, 'No space left on device', *{filename})
-train.train_and_evaluate = disk_full
+train.train_and_evaluate = pretrained.export = disk_full
 """
 
 
@@ -352,11 +352,15 @@ def test_a_file_given_for_a_folder_or_a_folder_for_a_file_is_one_line(phantom_di
                            f'{tmp_path} is a folder\n')
 
 
-@pytest.mark.parametrize('filename', [('/data/run/checkpoints/4',), ()], ids=['file', 'no-file'])
-def test_a_full_disk_is_one_line_not_a_traceback(phantom_dir, tmp_path, filename):
-  result = _run(tmp_path / 'run', phantom_dir, hook=DISK_FULL.format(filename=filename))
+@pytest.mark.parametrize('mode, filename', [('train', ('/data/run/checkpoints/4',)), ('train', ()),
+                                            ('export', ())], ids=['file', 'no-file', 'export-no-file'])
+def test_a_full_disk_is_one_line_not_a_traceback(phantom_dir, tmp_path, mode, filename):
+  output = tmp_path / 'model.npz'
+  flags = [f'--mode={mode}', *([f'--output={output}'] * (mode == 'export'))]
+  result = _run(tmp_path / 'run', phantom_dir, *flags, hook=DISK_FULL.format(filename=filename))
   assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
-  where = filename[0] if filename else tmp_path / 'run'  # without a file named, the workdir
+  # Without a file named, the run's own output: training's workdir, an export's model file.
+  where = filename[0] if filename else {'train': tmp_path / 'run', 'export': output}[mode]
   assert result.stderr.splitlines()[-1] == f'error: {where}: No space left on device'
 
 
