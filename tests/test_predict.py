@@ -711,6 +711,8 @@ def test_a_header_that_turns_the_knee_and_a_flexed_knee_are_caught(tmp_path, cap
           for name in scans] == [('as the header', 0), (turned, 0), (resliced, 0), ('as the header', -30)]
   # The header's sides are another axis's: neither the knee's side nor which half is medial is known.
   assert results['resliced.nii.gz']['laterality'] is None
+  assert ("(undecided: the header's left-right axis is not the knee's, so the knee's halves are named "
+          'side1 and side2)') in results['resliced.nii.gz']['laterality_text']
   assert {'fc_side1', 'fc_side2', 'tc_side1', 'tc_side2'} <= set(results['resliced.nii.gz']['regions'])
   labels = phantom.LABEL_OF_TISSUE[tissue]
   for k, value, least in ((1, 2, 70), (2, 4, 60)):  # Dice % of the upright knee (81 / 76 measured)
