@@ -77,10 +77,11 @@ def dice_bars(rows: Sequence[dict], out: pathlib.Path) -> None:
   """Bars of each variant's 2D Dice, FC and TC side by side, with the std over seeds as error bars; a
   variant per bar pair (two may share a title), labelled by its title."""
   variants = {r['variant']: r['model'] for r in rows}
+  row_of = {(r['variant'], r['cartilage']): r for r in rows}
   x = np.arange(len(variants))
   fig, ax = _subplots(figsize=(max(5, 1.4 * len(variants)), 4))
   for offset, cartilage in ((-0.2, 'fc'), (0.2, 'tc')):
-    chosen = [r for r in rows if r['cartilage'] == cartilage]
+    chosen = [row_of[variant, cartilage] for variant in variants]
     ax.bar(x + offset, [r['dice_mean'] for r in chosen], width=0.4, label=cartilage.upper(),
            yerr=[0 if math.isnan(r['dice_std']) else r['dice_std'] for r in chosen], capsize=3)
   ax.set_xticks(x, list(variants.values()), rotation=20, ha='right')

@@ -273,15 +273,18 @@ def test_the_per_seed_stores_of_an_earlier_sweep_make_way_for_the_shared_one(tmp
 
 
 def test_variants_of_one_title_get_a_bar_pair_each(tmp_path, monkeypatch):
+  """Each variant's FC bar left of its TC bar, whatever order the rows come in."""
   drawn = []
   monkeypatch.setattr(figures, '_save', lambda fig, out, **layout: drawn.append(fig))
-  rows = [{'variant': variant, 'model': 'EAS U-Net', 'cartilage': cartilage, 'dice_mean': dice,
-           'dice_std': float('nan')} for variant, dice in (('eas', 80.0), ('eas_sgd', 70.0))
-          for cartilage in ('fc', 'tc')]
-  figures.dice_bars(rows, tmp_path / 'dice.png')
+  dice = {('eas', 'fc'): 80.0, ('eas', 'tc'): 85.0, ('eas_sgd', 'fc'): 70.0, ('eas_sgd', 'tc'): 75.0}
+  rows = [{'variant': variant, 'model': 'EAS U-Net', 'cartilage': cartilage, 'dice_mean': value,
+           'dice_std': float('nan')} for (variant, cartilage), value in dice.items()]
+  figures.dice_bars([rows[3], rows[0], rows[2], rows[1]], tmp_path / 'dice.png')  # eas_sgd first, TC first
   ax = drawn[0].axes[0]
   assert [label.get_text() for label in ax.get_xticklabels()] == ['EAS U-Net', 'EAS U-Net']
-  assert sorted(round(bar.get_x() + bar.get_width() / 2, 2) for bar in ax.patches) == [-0.2, 0.2, 0.8, 1.2]
+  assert sorted((round(bar.get_x() + bar.get_width() / 2, 2), bar.get_height()) for bar in ax.patches) == [
+      (-0.2, 70.0), (0.2, 75.0), (0.8, 80.0), (1.2, 85.0)]
+  assert [text.get_text() for text in ax.get_legend().get_texts()] == ['FC', 'TC']
 
 
 def test_a_distance_undefined_in_some_seeds_says_how_many_it_averages(tmp_path, monkeypatch):
