@@ -3,6 +3,7 @@ runs main.py's program), bad configs, prediction with the shipped model, and Ctr
 
 import json
 import logging
+import os
 import pathlib
 import re
 import signal
@@ -375,11 +376,16 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
   image, labels, affine = phantom.make_subject(11, (8, 96, 96), (8.0, 1.4, 1.4))
   volumes.save_volume(tmp_path / 'scan.nii.gz', image, affine)
   volumes.save_volume(tmp_path / 'labels.nii.gz', labels, affine)
-  # From another directory, as a user would: the shipped model is found inside the package.
+  # From another directory, as a user would: the shipped model is found inside the package. Without a
+  # cache chosen, its compiled programs go to the user's cache, not into the folder it was started in.
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['XDG_CACHE_HOME'] = str(tmp_path / 'cache')
   result = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
                            '--output=mask.nii.gz', '--labels=labels.nii.gz'], cwd=tmp_path,
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=env)
   assert result.returncode == 0, result.stderr[-2000:]
+  assert any((tmp_path / 'cache' / 'easunet_jax' / 'jax').iterdir())
+  assert not (tmp_path / 'runs').exists()  # where a workdir's cache would have been
   mask = nib.load(tmp_path / 'mask.nii.gz')
   assert mask.shape == image.shape and np.allclose(mask.affine, affine)
   assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
