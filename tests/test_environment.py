@@ -21,7 +21,7 @@ def test_settings_are_added_once_beside_the_users():
   assert environment.benchmark_env(3) == {**environment.with_settings(os.environ), 'OMP_NUM_THREADS': '3'}
 
 
-def test_configure_starts_the_process_again_only_without_the_glibc_setting(monkeypatch):
+def test_configure_starts_the_process_again_only_on_linux_without_the_glibc_setting(monkeypatch):
   starts = []
   monkeypatch.setattr(os, 'execv', lambda *args: starts.append(args))
   monkeypatch.setattr(sys, 'platform', 'linux')
@@ -33,3 +33,7 @@ def test_configure_starts_the_process_again_only_without_the_glibc_setting(monke
   environment.configure()
   assert starts == [(sys.executable, sys.orig_argv)]
   assert os.environ['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
+  monkeypatch.setattr(sys, 'platform', 'darwin')  # no glibc: starting again would change nothing
+  monkeypatch.delenv('GLIBC_TUNABLES')
+  environment.configure()
+  assert len(starts) == 1
