@@ -45,9 +45,13 @@ def test_only_what_a_process_of_this_machine_that_is_gone_left_is_removed(tmp_pa
           tmp_path / '.tmp999999999.notes.txt', tmp_path / 'knee.nii.gz', tmp_path / f'{gone}notes.txt']
   for path in [left[0], *kept]:
     path.write_text('')
+  (tmp_path / 'store').mkdir()  # a marked link to a folder goes, the folder and what it holds stay
+  (tmp_path / 'store' / 'slices.npy').write_text('')
+  (tmp_path / f'.{gone}store').symlink_to(tmp_path / 'store')
   atomic.remove_left_by_dead(tmp_path)
   atomic.remove_left_by_dead(tmp_path, 'slices.')
-  assert sorted(tmp_path.iterdir()) == sorted(kept)
+  assert sorted(tmp_path.iterdir()) == sorted([*kept, tmp_path / 'store'])
+  assert [p.name for p in (tmp_path / 'store').iterdir()] == ['slices.npy']
 
 
 def test_another_users_process_is_not_gone(monkeypatch):
