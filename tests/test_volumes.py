@@ -70,6 +70,10 @@ def test_a_case_in_two_files_is_an_error_and_misnamed_images_are_warned_of(tmp_p
   volumes.save_volume(tmp_path / 'twice' / 'images' / 'c0.nii', image, affine)  # a decompressed copy
   with pytest.raises(DataError, match=r'case c0 comes as 2 files \(c0.nii, c0.nii.gz; 1 case\(s\) so\)'):
     volumes.discover_cases(tmp_path / 'twice')
+  _write_pair(tmp_path / 'labels_twice', 'c0', image, labels, affine, nnunet=True)
+  volumes.save_volume(tmp_path / 'labels_twice' / 'labelsTr' / 'c0.nii', labels, affine)  # a stale copy
+  with pytest.raises(DataError, match=r'labelsTr: case c0 comes as 2 files \(c0.nii, c0.nii.gz; '):
+    volumes.discover_cases(tmp_path / 'labels_twice')
   _write_pair(tmp_path / 'nnunet', 'k_1', image, labels, affine, nnunet=True)
   volumes.save_volume(tmp_path / 'nnunet' / 'imagesTr' / 'k_1_0001.nii.gz', image, affine)  # a second channel
   volumes.save_volume(tmp_path / 'nnunet' / 'imagesTr' / 'k_2.nii.gz', image, affine)  # no _0000

@@ -118,9 +118,9 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
         raise DataError(f"{root}: OAI-ZIB's classification/ masks label bones only (1 femur, 2 tibia, read "
                         'here as femoral cartilage); its segmentation/ folder holds the cartilage labels')
       label_dir, label_suffix = zib[0] / 'segmentation_masks', '.segmentation_masks'
-    if cases := [Case(stem.removesuffix(label_suffix), None, path)
-                 for stem, path in volume_files(label_dir)]:
-      return _one_file_per_case(cases)
+    if files := [(stem.removesuffix(label_suffix), path) for stem, path in volume_files(label_dir)]:
+      _one_file_per_case(files)
+      return [Case(case_id, None, path) for case_id, path in files]
     raise DataError(f'{root}: expected images/ + labels/ or imagesTr/ + labelsTr/ with .nii.gz volumes '
                     "(or labels/ alone for data.synth, or OAI-ZIB's segmentation_masks/)"
                     + (f'; {image_dir.name}/ holds no volume file' if image_dir.is_dir() else ''))
@@ -136,10 +136,13 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   if ignored:  # other channels (_0001, ...), which this one-channel model cannot use, or misnamed images
     logging.warning('%s: %d volume file(s) not named <id>_0000 ignored (other channels, or misnamed): %s',
                     image_dir, len(ignored), ', '.join(ignored[:5]) + (', ...' if len(ignored) > 5 else ''))
+  _one_file_per_case([(c.id, c.image) for c in cases])
+  labels = volume_files(label_dir)
+  _one_file_per_case(labels)  # else label_file would pick one of them unsaid
   # By id, not path: on a case-insensitive file system label_file's c0.nii.gz is the folder's c0.NII.GZ.
   ids = {c.id for c in cases}
-  cases += [Case(stem, None, path) for stem, path in volume_files(label_dir) if stem not in ids]
-  return _one_file_per_case(sorted(cases, key=lambda c: c.id))
+  cases += [Case(stem, None, path) for stem, path in labels if stem not in ids]
+  return sorted(cases, key=lambda c: c.id)
 
 
 def volume_files(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
@@ -193,14 +196,14 @@ def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[in
                       f"cartilage), and data.label_map {given}: pass --config.data.label_map='{suggested}'")
 
 
-def _one_file_per_case(cases: list[Case]) -> list[Case]:
-  """`cases`, unless one case id comes as two files (of .nii.gz, .nii, .mhd, ...): a DataError naming them."""
-  counts = collections.Counter(c.id for c in cases)
+def _one_file_per_case(files: Sequence[tuple[str, pathlib.Path]]) -> None:
+  """A DataError naming them where one case id of (case id, path) `files` (one folder's images, or its
+  label maps) comes as two files (of .nii.gz, .nii, .mhd, ...)."""
+  counts = collections.Counter(case_id for case_id, _ in files)
   if twice := sorted(i for i, n in counts.items() if n > 1):
-    files = [c.image or c.label for c in cases if c.id == twice[0]]
-    raise DataError(f'{files[0].parent}: case {twice[0]} comes as {len(files)} files '
-                    f'({", ".join(f.name for f in files)}; {len(twice)} case(s) so): keep one per case')
-  return cases
+    paths = [path for case_id, path in files if case_id == twice[0]]
+    raise DataError(f'{paths[0].parent}: case {twice[0]} comes as {len(paths)} files '
+                    f'({", ".join(p.name for p in paths)}; {len(twice)} case(s) so): keep one per case')
 
 
 def _metaimage_header(path: pathlib.Path) -> tuple[dict[str, str], int]:
