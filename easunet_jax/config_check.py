@@ -1,6 +1,7 @@
 """Start-up checks of a run's config, before anything is compiled: a field the run cannot use ends it with
 one line that names the field and what was expected (ConfigError; main.py exits with code 2)."""
 
+import collections
 import math
 import os
 import pathlib
@@ -177,6 +178,10 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError(f'data.label_map: expected (source label, training class) pairs, labels 0-255 and '
                       f'classes 0-{classes - 1} (model.num_classes {classes}), one class at least not 0, got '
                       f'{tuple(map(tuple, data.label_map))}')
+  sources = collections.Counter(pair[0] for pair in data.label_map)
+  if twice := sorted(source for source, n in sources.items() if n > 1):
+    raise ConfigError(f'data.label_map: source label {twice[0]} given {sources[twice[0]]} pairs, expected '
+                      f'one (each label maps to one class), got {tuple(map(tuple, data.label_map))}')
   # Predict and export read no data set: a model file's or a copied workdir's paths are the training
   # machine's.
   reads_data = mode not in ('predict', 'export')

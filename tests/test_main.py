@@ -222,6 +222,9 @@ BAD_VALUES = {
                                       '0, got ((2, 1), (300, 2))'),
     'label map triple': ({'data.label_map': ((2, 1, 0),)}, 'data.label_map: expected (source label'),
     'label map without cartilage': ({'data.label_map': ((2, 0),)}, 'data.label_map: expected (source label'),
+    'label of two classes': ({'data.label_map': ((2, 1), (2, 2), (4, 2))},
+                             'data.label_map: source label 2 given 2 pairs, expected one (each label maps to '
+                             'one class), got ((2, 1), (2, 2), (4, 2))'),
     'not-a-number zoom': ({'predict.zoom': float('nan')}, 'predict.zoom: expected finite numbers, got nan'),
     'infinite learning rate': ({'optim.lr': float('inf')}, 'optim.lr: expected finite numbers, got inf'),
     'negative seed': ({'seed': -1}, 'seed: expected an integer from 0 to 2**32 - 1, got -1'),
