@@ -208,10 +208,18 @@ def test_split_file_and_its_errors(data_cfg, tmp_path):
   other.split = (0.5, 0.25, 0.25)
   preprocess.ensure_slice_store(other, store, seed=1, multiple=16)
   assert (store / 'fingerprint.json').stat().st_mtime_ns == built
+  # As Windows Notepad saves it: UTF-8 with a byte-order mark.
+  (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:3], 'val': ids[3:4], 'test': ids[4:]}),
+                                        encoding='utf-8-sig')
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'slices_bom', seed=0, multiple=16)
+  assert json.loads((store / 'splits.json').read_text())['train'] == ids[:3]
   (tmp_path / 'splits.json').write_text(json.dumps({'train': ['nope'], 'val': [], 'test': []}))
   with pytest.raises(DataError) as e:
     preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)
   assert 'nope' in str(e.value) and '\n' not in str(e.value)
+  (tmp_path / 'splits.json').write_bytes(b'{"train": ["caf\xe9"], "val": [], "test": []}')  # Latin-1
+  with pytest.raises(DataError, match=r'^data.split_file .*splits.json: cannot read JSON \('):
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)
   for bad, message in (({'train': ids, 'val': None, 'test': []}, '"val": expected a list of case ids'),
                        ({'train': [ids], 'val': [], 'test': []}, '"train": expected a list of case ids')):
     (tmp_path / 'splits.json').write_text(json.dumps(bad))

@@ -16,6 +16,7 @@ import pathlib
 import shutil
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -88,12 +89,20 @@ def split_cases(ids: Sequence[str], fractions: Sequence[float], seed: int) -> di
   return {name: sorted(ids[i] for i in part) for name, part in zip(SPLITS, np.split(order, bounds))}
 
 
+def _split_file_json(path: str) -> Any:
+  """The split file's JSON, read as UTF-8 (with or without the byte-order mark Windows editors write), -16
+  or -32."""
+  try:
+    return json.loads(pathlib.Path(path).read_bytes())
+  except OSError as e:
+    raise DataError(f'data.split_file {path}: cannot read ({e.strerror})') from None
+  except ValueError as e:  # not JSON, or in none of those encodings
+    raise DataError(f'data.split_file {path}: cannot read JSON ({e})') from None
+
+
 def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> dict[str, list[str]]:
   """The split file's case ids; those of skipped (bad) cases are dropped, unknown ones are an error."""
-  try:
-    splits = json.loads(pathlib.Path(path).read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise DataError(f'data.split_file {path}: cannot read JSON ({e})') from None
+  splits = _split_file_json(path)
   if not isinstance(splits, dict) or set(splits) != set(SPLITS):
     raise DataError(f'data.split_file {path}: expected keys {list(SPLITS)}')
   for name in SPLITS:
@@ -128,10 +137,7 @@ def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigD
   # The split is all the seed, data.split or the split file decide of a store: with a split file, its
   # contents alone, so that runs of other seeds (a sweep's) share one store.
   if data_cfg.split_file:
-    try:
-      settings['split_file_contents'] = pathlib.Path(data_cfg.split_file).read_text()
-    except OSError as e:
-      raise DataError(f'data.split_file {data_cfg.split_file}: cannot read ({e.strerror})') from None
+    settings['split_file_contents'] = _split_file_json(data_cfg.split_file)
   else:
     settings |= {'split': list(data_cfg.split), 'seed': seed}
   return {'sources': files, 'settings': settings}
