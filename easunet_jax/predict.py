@@ -421,8 +421,8 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
     names, truth, found = zip(*[(plate.upper(), scores['thickness_true_mm'], scores['thickness_pred_mm'])
                                 for r in scored for plate, scores in r['scores'].items()])
     figures.plot_bland_altman(truth, found, names, 'mm', paths['bland_altman'])
-    figure = paths['bland_altman'].relative_to(markdown_path.parent)
-    lines += [f'![Bland-Altman plot of mean thickness, FC and TC of every scan]({figure})', '']
+    lines += [_image_link('Bland-Altman plot of mean thickness, FC and TC of every scan',
+                          paths['bland_altman'].relative_to(markdown_path.parent)), '']
   else:  # an earlier run's scores would sit beside masks they were not taken of
     for stale in (paths['scores'], paths['bland_altman']):
       stale.unlink(missing_ok=True)
@@ -439,9 +439,15 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
                    f'{row["thickness_max_mm"]:.2f} | {row["area_mm2"]:.0f} | '
                    f'{100 * row["thin_fraction"]:.1f} % |')
     png, slices = pathlib.Path(r['thickness_png']), pathlib.Path(r['slices_png'])
-    lines += ['', f'![thickness map of {png.name}]({png.relative_to(markdown_path.parent)})', '',
-              f'![sagittal slices of {slices.name}]({slices.relative_to(markdown_path.parent)})', '']
+    lines += ['', _image_link(f'thickness map of {png.name}', png.relative_to(markdown_path.parent)), '',
+              _image_link(f'sagittal slices of {slices.name}', slices.relative_to(markdown_path.parent)), '']
   atomic.write_text(markdown_path, '\n'.join(lines), encoding='utf-8', errors='surrogateescape')
+
+
+def _image_link(text: str, path: pathlib.Path) -> str:
+  """A Markdown image of `path`, its destination in angle brackets: CommonMark ends a bare one at a space
+  (a scan named 'knee 1.nii.gz') and at an unbalanced parenthesis."""
+  return f'![{text}](<{path}>)'
 
 
 def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,

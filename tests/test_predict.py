@@ -294,8 +294,8 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
       parts = sum(row['volume_mm3'] for name, row in r['regions'].items() if name.startswith(plate + '_'))
       assert parts == pytest.approx(r['regions'][plate]['volume_mm3'])
   report = (tmp_path / 'out' / 'report.md').read_text()
-  assert report.count('](thickness/') == 2 and (tmp_path / 'out' / 'thickness' / 'b.png').exists()
-  assert report.count('](slices/') == 2 and (tmp_path / 'out' / 'slices' / 'b.png').exists()
+  assert report.count('](<thickness/') == 2 and (tmp_path / 'out' / 'thickness' / 'b.png').exists()
+  assert report.count('](<slices/') == 2 and (tmp_path / 'out' / 'slices' / 'b.png').exists()
   # A mask file named for a folder of several series is refused, unless --series picks one of its tree; for
   # one series in a subfolder (as a viewer exports it), it is that series' mask, not a folder of that name.
   with pytest.raises(DataError, match=r'holds 2 scans, whose masks go into a folder; name a folder, or pick '
@@ -431,7 +431,7 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   for region, row in results[0]['regions'].items():  # a's from its file, b's segmented: the same image
     assert results[1]['regions'][region] == pytest.approx(row, nan_ok=True)
   assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'b.nii.gz', 'c.nii.gz']
-  assert (out / 'report.md').read_text().count('](thickness/') == 3
+  assert (out / 'report.md').read_text().count('](<thickness/') == 3
 
   # A scan changed since is segmented again; other settings make other masks: none is kept.
   os.utime(scans / 'c.nii.gz', ns=(time.time_ns() + 10 ** 9,) * 2)
@@ -537,7 +537,7 @@ def test_continuing_keeps_only_what_a_stop_or_a_replaced_scan_left_true(run, tmp
   results = predict.predict(_config(), workdir, scans, out, continue_prediction=True)
   assert sorted(name for name, result in kept.items() if result) == ['a.nii.gz', 'b.nii.gz', 'c.nii.gz']
   assert [r['output'] for r in results] == [str(out / f'{n}.nii.gz') for n in 'abcd']
-  assert (out / 'report.md').read_text().count('](thickness/') == 4
+  assert (out / 'report.md').read_text().count('](<thickness/') == 4
   # A stop in a continued batch keeps in the reports the kept scans it had not reached.
   os.utime(scans / 'b.nii.gz', ns=(time.time_ns() + 10 ** 9,) * 2)
   monkeypatch.setattr(predict, '_segment_scan', stop_at('b.nii.gz'))
@@ -599,7 +599,7 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   assert (rows[0]['mask'], rows[0]['labels']) == (str(out / 'knee_0000.nii.gz'), str(labels / 'knee.nii.gz'))
   report = (out / 'report.md').read_text()
   assert f'| mean ± std (2 scans) | {(knee["fc"]["dice"] + 100) / 2:.2f} ± ' in report
-  assert '](bland_altman_thickness.png)' in report and (out / 'bland_altman_thickness.png').stat().st_size
+  assert '](<bland_altman_thickness.png>)' in report and (out / 'bland_altman_thickness.png').stat().st_size
   predict.predict(_config(), workdir, scans, out, continue_prediction=True)  # no labels: no scores left
   assert not (out / 'scores.csv').exists() and not (out / 'bland_altman_thickness.png').exists()
   # Segmented afresh, scored in memory: the same scores, and the slice figure gains a row of the labels.
@@ -1047,11 +1047,11 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
   results = [{'input': f'{name}.nii.gz', 'output': str(tmp_path / f'{name}.nii.gz'),
               'regions': {'fc': row, 'tc': row | {'thin_fraction': 0.0}},
               'thickness_png': str(tmp_path / 'thickness' / f'{name}.png'),
-              'slices_png': str(tmp_path / 'slices' / f'{name}.png')} for name in ('a', 'b')]
+              'slices_png': str(tmp_path / 'slices' / f'{name}.png')} for name in ('a', 'knee b')]
   results[0] |= {'laterality': 'R', 'laterality_text': 'right knee', 'orientation': predict._AS_THE_HEADER,
                  'rotation_deg': 0}
   results[1] |= {'laterality': 'L', 'laterality_text': 'left knee', 'rotation_deg': -30,
-                 'orientation': "its anterior the header's superior", 'labels': 'b_labels.nii.gz',
+                 'orientation': "its anterior the header's superior", 'labels': 'knee b_labels.nii.gz',
                  'scores': {plate: {'dice': dice, 'hd95': hd95, 'thickness_error_mm': error,
                                     'thickness_true_mm': 2.0, 'thickness_pred_mm': 2.0 + error}
                             for plate, dice, hd95, error in (('fc', 80.0, 1.0, 0.1),
@@ -1066,11 +1066,12 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
   assert '| fc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 25.0 % |' in report
   assert '| tc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 0.0 % |' in report
   assert f"Mask `{tmp_path / 'a.nii.gz'}`; right knee.\n" in report
-  assert (f"Mask `{tmp_path / 'b.nii.gz'}`; left knee; turned against its header (its anterior the header's "
-          'superior); segmented with its sagittal slices rotated by -30 degrees.\n') in report
-  assert '![thickness map of a.png](thickness/a.png)' in report
-  assert '![sagittal slices of b.png](slices/b.png)' in report
-  assert '| b.nii.gz | 80.00 | 60.00 | 70.00 | 1.00 | 2.00 | 0.10 | -0.20 |' in report
+  assert (f"Mask `{tmp_path / 'knee b.nii.gz'}`; left knee; turned against its header (its anterior the "
+          "header's superior); segmented with its sagittal slices rotated by -30 degrees.\n") in report
+  assert '![thickness map of a.png](<thickness/a.png>)' in report
+  assert '![sagittal slices of knee b.png](<slices/knee b.png>)' in report  # a space, which ends a bare link
+  assert '![Bland-Altman plot of mean thickness, FC and TC of every scan](<ba.png>)' in report
+  assert '| knee b.nii.gz | 80.00 | 60.00 | 70.00 | 1.00 | 2.00 | 0.10 | -0.20 |' in report
   rows = list(csv.DictReader(paths['measures'].open()))
   assert [(r['laterality'], r['region'], r['thin_fraction'], r['area_mm2']) for r in rows] == [
       ('right', 'fc', '0.25', '617'), ('right', 'tc', '0', '617'), ('left', 'fc', '0.25', '617'),
