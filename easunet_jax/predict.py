@@ -61,10 +61,11 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   """((scan, mask file) pairs, whether they are a batch written into the directory `output_path`).
 
   A scan is a NIfTI, MetaImage or NRRD file or a folder of DICOM files (one series is read from it,
-  `dicom.read_series`, its subfolders searched too). A directory holding such files is a batch of them,
-  masks of the same names (a MetaImage's or NRRD's as <name>.nii.gz); one holding DICOM files is one scan;
-  one whose subfolders hold DICOM files is a batch of those, masks named <subfolder>.nii.gz, unless
-  `series` (--series) picks one series of its tree: then it is one scan. A batch of one scan (a series
+  `dicom.read_series`, its subfolders searched too). A directory holding DICOM files and no volume file is
+  one scan, and so is any directory with `series` (--series: one series of its tree). Any other directory
+  is a batch of its volume files, masks of the same names (a MetaImage's or NRRD's as <name>.nii.gz), and
+  of its subfolders that hold DICOM files, masks named <subfolder>.nii.gz; DICOM files beside its volume
+  files are not read, with a warning. A batch of one scan (a series
   exported into a subfolder) with `output_path` naming a NIfTI file is that scan; of more, an error.
   """
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
@@ -92,9 +93,15 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
                     'one-channel model does not use, left out (rename scans to segment them): %s', source,
                     len(channels), ', '.join(p.name for p in channels[:5]) + ', ...' * (len(channels) > 5))
     files = [p for p in files if p not in channels]
-  if not files and (series or any(dicom.is_dicom_file(p) for p in entries if p.is_file())):
+  # Not the volumes' own data files (an .mhd's .raw voxels may start like a DICOM data set without preamble).
+  volume_parts = {*files, *map(volumes.data_file, files)}
+  dicom_files = [p for p in entries if p.is_file() and p not in volume_parts and dicom.is_dicom_file(p)]
+  if not files and (series or dicom_files):
     return single(f'{folder_name}.nii.gz'), False
-  folders = [] if files else [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
+  if dicom_files:
+    logging.warning('%s: %d DICOM file(s) beside its volume files not read (a series segments as a folder '
+                    'of its own)', source, len(dicom_files))
+  folders = [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
   if not files and not folders:
     layout = next(((images, labels) for images, labels in (('images', 'labels'), ('imagesTr', 'labelsTr'))
                    if (source / images).is_dir()), None)
@@ -103,7 +110,7 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
     suffixes = ', '.join(f'*{suffix}' for suffix in volumes.VOLUME_SUFFIXES)
     raise DataError(f'{source}: no NIfTI, MetaImage or NRRD file ({suffixes}) and no DICOM series in this '
                     f'directory{hint}')
-  pairs = [(p, target / _mask_name(p)) for p in files] or [(p, target / f'{p.name}.nii.gz') for p in folders]
+  pairs = [(p, target / _mask_name(p)) for p in files] + [(p, target / f'{p.name}.nii.gz') for p in folders]
   if target.name.lower().endswith(volumes.NIFTI_SUFFIXES) and not target.is_dir():
     if len(pairs) > 1:
       raise DataError(f'--output={target}: a mask file, and --input={source} holds {len(pairs)} scans, whose '
@@ -510,9 +517,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     raise DataError(f'{output_path}: a file; the masks of a directory of scans go into a directory')
   stems = collections.Counter(_stem(target) for _, target in pairs)
   if twice := sorted(stem for stem, n in stems.items() if n > 1):
-    raise DataError(f'{input_path}: scans {", ".join(twice)} each come as two files (of '
-                    f'{", ".join(volumes.VOLUME_SUFFIXES)}), whose thickness maps and figures would '
-                    'overwrite each other; keep one')
+    raise DataError(f'{input_path}: scans {", ".join(twice)} each come twice (as two files of '
+                    f'{", ".join(volumes.VOLUME_SUFFIXES)}, or a file and a DICOM folder), whose masks, '
+                    'thickness maps and figures would overwrite each other; keep one')
   label_files = _label_files(pairs, labels, batch) if labels else {}
   inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
   refused, unscored = {}, {}  # {scan of a batch: why its files, or its label map's, fail the checks}

@@ -274,7 +274,7 @@ def test_a_scan_named_in_latin_1_is_written_under_its_name(run, tmp_path, monkey
   assert b'M\xdcLLER' in (tmp_path / 'out' / 'measures.csv').read_bytes()
 
 
-def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monkeypatch):
+def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monkeypatch, caplog):
   workdir, canonical, _ = run
   monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   # An enhanced file, its frame laterality decides.
@@ -313,6 +313,23 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
   with pytest.raises(DataError, match=rf'^{one_file}: a DICOM file; give its folder, '
                      rf'--input={one_file.parent} \(with --series to pick one of the series there\)$'):
     predict._inputs(one_file, tmp_path / 'mask.nii.gz')
+  # A volume file beside series folders is one more scan of the batch, but not one of a series' name; DICOM
+  # files beside a volume file are not read, and the warning says so.
+  shutil.copy(canonical, tmp_path / 'scans' / 'c.nii.gz')
+  assert predict._inputs(tmp_path / 'scans', tmp_path / 'out') == ([
+      (tmp_path / 'scans' / name, tmp_path / 'out' / mask) for name, mask in (
+          ('c.nii.gz', 'c.nii.gz'), ('a', 'a.nii.gz'), ('b', 'b.nii.gz'))], True)
+  shutil.copy(canonical, tmp_path / 'scans' / 'b.nii.gz')
+  _one_line_error(DataError, r'scans b each come twice \(as two files of .*, or a file and a DICOM folder\)',
+                  _config(), workdir, tmp_path / 'scans', tmp_path / 'out')
+  (tmp_path / 'scans' / 'b.nii.gz').unlink()
+  series_files = len(list((tmp_path / 'export' / 'SE1').iterdir()))
+  shutil.copy(canonical, tmp_path / 'export' / 'SE1' / 'converted.nii.gz')
+  assert predict._inputs(tmp_path / 'export' / 'SE1', tmp_path / 'out') == (
+      [(tmp_path / 'export' / 'SE1' / 'converted.nii.gz', tmp_path / 'out' / 'converted.nii.gz')], True)
+  assert (f"{tmp_path / 'export' / 'SE1'}: {series_files} DICOM file(s) beside its volume files not read"
+          in caplog.text)
+  (tmp_path / 'export' / 'SE1' / 'converted.nii.gz').unlink()
   [given] = predict.predict(_config(), workdir, tmp_path / 'scans' / 'b', tmp_path / 'b_mask.nii.gz',
                             laterality='R')
   assert given['laterality'] == 'R' and 'given by --laterality' in given['laterality_text']
