@@ -208,10 +208,15 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
 
 
 def _print_scores(source: pathlib.Path, result: dict) -> None:
-  fc, tc = result['scores']['fc'], result['scores']['tc']
-  print(f"{source.name}: against {result['labels']}: Dice FC {fc['dice']:.1f} % TC {tc['dice']:.1f} %, "
-        f"HD95 FC {fc['hd95']:.2f} TC {tc['hd95']:.2f} mm, mean thickness error "
-        f"FC {fc['thickness_error_mm']:+.2f} TC {tc['thickness_error_mm']:+.2f} mm", flush=True)
+  """The scan's scores in one line; n/a where undefined (a plate empty in the labels or the mask)."""
+  def text(plate: str, name: str, spec: str) -> str:
+    value = result['scores'][plate][name]
+    return 'n/a' if np.isnan(value) else format(value, spec)
+
+  print(f"{source.name}: against {result['labels']}: Dice FC {text('fc', 'dice', '.1f')} % TC "
+        f"{text('tc', 'dice', '.1f')} %, HD95 FC {text('fc', 'hd95', '.2f')} TC {text('tc', 'hd95', '.2f')} "
+        f"mm, mean thickness error FC {text('fc', 'thickness_error_mm', '+.2f')} TC "
+        f"{text('tc', 'thickness_error_mm', '+.2f')} mm", flush=True)
 
 
 def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, header_sides: bool = True
@@ -385,7 +390,8 @@ def _score_lines(scored: Sequence[dict]) -> list[str]:
            '| Scan | FC Dice % | TC Dice % | Mean Dice % | FC HD95 mm | TC HD95 mm | FC thickness error mm | '
            'TC thickness error mm |', '|---|---|---|---|---|---|---|---|']
   rows = [cells(r['scores']['fc'], r['scores']['tc']) for r in scored]
-  lines += [f"| {pathlib.Path(r['input']).name} | " + ' | '.join(f'{x:.2f}' for x in row) + ' |'
+  lines += [f"| {pathlib.Path(r['input']).name} | " + ' | '.join(metrics.mean_std_text(x, None) for x in row)
+            + ' |'
             for r, row in zip(scored, rows)]
   lines += [f'| mean ± std ({len(scored)} scans) | ' + ' | '.join(map(_mean_std, zip(*rows))) + ' |', '']
   return lines
@@ -671,8 +677,10 @@ def _not_scored(error: DataError, source: pathlib.Path) -> str:
 
 
 def _mean_std(values: Sequence[float]) -> str:
+  """'mean ± std' of the scans' defined values, saying how many those are where some are undefined."""
   summary = metrics.summarize(values)
-  return metrics.mean_std_text(summary['mean'], summary['std'])
+  text = metrics.mean_std_text(summary['mean'], summary['std'])
+  return f"{text} ({summary['n']} of {len(values)} scans)" if 0 < summary['n'] < len(values) else text
 
 
 def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,

@@ -1099,6 +1099,24 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
   assert next(csv.DictReader(paths['measures'].open()))['volume_mm3'] == '12345.7'
 
 
+def test_undefined_scores_read_n_a_and_a_mean_says_how_many_scans_it_averages(capsys):
+  """A plate empty in a scan's labels has no HD95 nor thickness error: n/a in the printed line and in the
+  report's row, and the report's mean of such a column says how many scans define it."""
+  def scores(hd95: float, error: float) -> dict:
+    return {'dice': 80.0, 'hd95': hd95, 'thickness_error_mm': error}
+
+  scored = [{'input': f'{name}.nii.gz', 'labels': f'{name}_labels.nii.gz',
+             'scores': {'fc': scores(1.0, 0.1), 'tc': scores(hd95, error)}}
+            for name, hd95, error in (('a', 2.0, -0.2), ('b', np.nan, np.nan), ('c', 4.0, 0.2))]
+  lines = predict._score_lines(scored)
+  assert '| b.nii.gz | 80.00 | 80.00 | 80.00 | 1.00 | n/a | 0.10 | n/a |' in lines
+  assert ('| mean ± std (3 scans) | 80.00 ± 0.00 | 80.00 ± 0.00 | 80.00 ± 0.00 | 1.00 ± 0.00 | 3.00 ± 1.41 '
+          '(2 of 3 scans) | 0.10 ± 0.00 | 0.00 ± 0.28 (2 of 3 scans) |') in lines
+  predict._print_scores(pathlib.Path('b.nii.gz'), scored[1])
+  assert capsys.readouterr().out == ('b.nii.gz: against b_labels.nii.gz: Dice FC 80.0 % TC 80.0 %, HD95 FC '
+                                     '1.00 TC n/a mm, mean thickness error FC +0.10 TC n/a mm\n')
+
+
 def test_to_classes_weighs_the_background():
   probabilities = np.array([[0.4, 0.55, 0.05], [0.2, 0.1, 0.7], [0.5, 0.4, 0.1]], np.float32)
   np.testing.assert_array_equal(predict.to_classes(probabilities, 1.0), [1, 2, 0])
