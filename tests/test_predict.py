@@ -377,8 +377,8 @@ def test_errors_are_one_line(run, tmp_path):
   twice.mkdir()
   for name in ('knee.nii', 'knee.nii.gz'):
     nib.save(nib.load(canonical), twice / name)
-  _one_line_error(DataError, r'scans knee each come as two files \(of \.nii\.gz, \.nii,', _config(), workdir,
-                  twice, tmp_path / 'masks')
+  _one_line_error(DataError, r'scans knee each come twice \(as two files of \.nii\.gz, \.nii,', _config(),
+                  workdir, twice, tmp_path / 'masks')
   _one_line_error(CheckpointError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
   assert not out.exists()
 
