@@ -71,20 +71,19 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
   if not source.exists():
     raise DataError(f'{source}: no such input file or directory')
-  folder_name = source.resolve().name  # also of a folder given as '.' or 'SE3/..'
 
-  def single(name: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+  def single(scan: pathlib.Path, name: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
     to_folder = target.is_dir() or not target.name.lower().endswith(volumes.NIFTI_SUFFIXES)
     if to_folder and volumes.volume_stem(target.name) and not target.is_dir():
       raise DataError(f'--output={target}: masks are written as NIfTI; name a .nii.gz or .nii file, or a '
                       'folder')
-    return [(source, target / name if to_folder else target)]
+    return [(scan, target / name if to_folder else target)]
 
   if source.is_file():
     if not volumes.volume_stem(source.name) and dicom.is_dicom_file(source):
       raise DataError(f'{source}: a DICOM file; give its folder, --input={source.parent} (with --series to '
                       'pick one of the series there)')
-    return single(_mask_name(source)), False
+    return single(source, _mask_name(source)), False
   entries = sorted(source.iterdir())
   # Named as volumes, also what is not a readable file (a broken link, a folder): their checks fail them.
   files = [p for _, p in volumes.volume_files(source)]
@@ -97,7 +96,8 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   volume_parts = {*files, *map(volumes.data_file, files)}
   dicom_files = [p for p in entries if p.is_file() and p not in volume_parts and dicom.is_dicom_file(p)]
   if not files and (series or dicom_files):
-    return single(f'{folder_name}.nii.gz'), False
+    folder = source.resolve()  # named as itself in what is printed and written, also where given as '.'
+    return single(folder, f'{folder.name}.nii.gz'), False
   if dicom_files:
     logging.warning('%s: %d DICOM file(s) beside its volume files not read (a series segments as a folder '
                     'of its own)', source, len(dicom_files))

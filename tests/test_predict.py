@@ -306,9 +306,12 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
   shutil.copytree(tmp_path / 'scans' / 'b', tmp_path / 'export' / 'SE1')
   assert predict._inputs(tmp_path / 'export', tmp_path / 'mask.nii.gz') == (
       [(tmp_path / 'export' / 'SE1', tmp_path / 'mask.nii.gz')], False)
-  monkeypatch.chdir(tmp_path / 'export' / 'SE1')  # --input=. is the folder's series, named after it
-  assert predict._inputs('.', tmp_path / 'out') == (
-      [(pathlib.Path('.'), tmp_path / 'out' / 'SE1.nii.gz')], False)
+  monkeypatch.chdir(tmp_path / 'export' / 'SE1')  # --input=. or SE1/sub/.. is the folder's series, named SE1
+  (tmp_path / 'export' / 'SE1' / 'sub').mkdir()
+  for given in ('.', 'sub/..'):
+    assert predict._inputs(given, tmp_path / 'out') == (
+        [((tmp_path / 'export' / 'SE1').resolve(), tmp_path / 'out' / 'SE1.nii.gz')], False)
+  (tmp_path / 'export' / 'SE1' / 'sub').rmdir()
   one_file = next(tmp_path.glob('export/SE1/*'))  # a DICOM file given alone: its folder is what reads
   with pytest.raises(DataError, match=rf'^{one_file}: a DICOM file; give its folder, '
                      rf'--input={one_file.parent} \(with --series to pick one of the series there\)$'):
