@@ -445,6 +445,13 @@ def test_no_usable_case_is_one_line_error(tmp_path):
   assert '\n' not in str(e.value) and not (tmp_path / 'slices').exists()
 
 
+def test_a_store_that_cannot_be_built_is_named_in_one_line(data_cfg, tmp_path):
+  (tmp_path / 'runs').write_text('')  # a file where the store's folder was meant to be
+  with pytest.raises(DataError, match=rf'^{tmp_path}/runs/slices: cannot build the slice store there '
+                     r'\(Not a directory\)$'):
+    preprocess.ensure_slice_store(data_cfg, tmp_path / 'runs' / 'slices', seed=0, multiple=16)
+
+
 def test_crash_leaves_no_store_and_no_build_folder(data_cfg, tmp_path, monkeypatch):
   load = volumes.load_case
   calls = []

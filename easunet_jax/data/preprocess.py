@@ -382,7 +382,10 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.
   tmp, aside = (cache_dir.with_name(atomic.mark(f'{cache_dir.name}.') + kind) for kind in ('build', 'old'))
   shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
+  try:
+    tmp.mkdir(parents=True)
+  except OSError as e:  # named as the store, not as the build folder the user never asked for
+    raise DataError(f'{cache_dir}: cannot build the slice store there ({e.strerror})') from None
   try:
     # Cases in parallel where there is much to do. At most 8 processes (nnU-Net's default), each holding
     # one volume and its transforms (~2 GB at OAI-ZIB's size).
