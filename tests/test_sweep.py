@@ -125,6 +125,44 @@ def test_the_launcher_runs_one_point_per_device_group_at_once(monkeypatch, tmp_p
   assert second - first < 1.0  # at once, not one after the other
 
 
+def test_a_failed_points_reason_is_its_own_error_line(monkeypatch, tmp_path):
+  """main.py's one-line error, not the log's last line, nor an earlier run's error in the same log."""
+  point = points.Point(points.Variant('v', 'v', 'configs/tiny.py', ()), 0)
+  (tmp_path / point.name).mkdir()
+  (tmp_path / point.name / 'sweep.log').write_text("error: an earlier run's\n")
+  script = "print('error: this run', flush=True); print('I1206 a later line of another process'); exit(1)"
+  monkeypatch.setattr(launch, 'main_command', lambda *_: [sys.executable, '-c', script])
+  failures = launch.Launcher([None], tmp_path).run([point], {point: []})
+  assert failures[point] == (f"train exited with status 1: error: this run (log: {tmp_path / point.name}/"
+                             'sweep.log)')
+
+
+def test_a_killed_sweeps_running_point_is_stopped(tmp_path):
+  """SIGKILL to the sweep (which no handler sees) still reaches its running point as SIGTERM: it saves
+  and stops, instead of training on in its own session."""
+  point_script = ('import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, '
+                  'lambda *_: (pathlib.Path(sys.argv[1]).touch(), sys.exit(0))); '
+                  'pathlib.Path(sys.argv[2]).touch(); time.sleep(120)')
+  stopped, started = tmp_path / 'stopped', tmp_path / 'started'
+  sweep_script = (
+      'import pathlib, sys\n'
+      'from easunet_jax.sweep import launch, points\n'
+      f'launch.main_command = lambda *_: [sys.executable, "-c", {point_script!r}, {str(stopped)!r}, '
+      f'{str(started)!r}]\n'
+      'point = points.Point(points.Variant("v", "v", "configs/tiny.py", ()), 0)\n'
+      f'launch.Launcher([None], pathlib.Path({str(tmp_path)!r})).run([point], {{point: []}})\n')
+  sweep = subprocess.Popen([sys.executable, '-c', sweep_script])
+  deadline = time.monotonic() + 120
+  while not started.exists() and sweep.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.1)
+  sweep.kill()
+  sweep.wait()
+  deadline = time.monotonic() + 30
+  while not stopped.exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert started.exists() and stopped.exists()
+
+
 def test_a_users_split_file_is_the_points_split_not_the_sweeps():
   point = points.Point(points.Variant('v', 'v', 'configs/tiny.py', ()), 0)
   args = points.point_args(point, pathlib.Path('/W'), ['--config.data.split_file=/mine.json'])
@@ -190,6 +228,20 @@ def test_a_config_every_point_would_refuse_is_refused_before_anything_runs(tmp_p
   assert '\n' not in str(error.value)
 
 
+@pytest.mark.parametrize('body', ['x = 1', 'sweep = 3', 'def sweep():\n  pass',
+                                  'def sweep(add, more):\n  pass'])
+def test_a_sweep_file_without_a_sweep_function_of_add_is_one_config_error(body, tmp_path):
+  (tmp_path / 'sweep.py').write_text(body + '\n')
+  with pytest.raises(ConfigError, match=r'sweep\.py: defines no function sweep\(add\) of one argument, add,'):
+    points.load_sweep(str(tmp_path / 'sweep.py'))
+
+
+def test_a_variant_name_that_is_no_string_is_one_config_error(tmp_path):
+  (tmp_path / 'sweep.py').write_text("def sweep(add):\n  add(1, 'configs/tiny.py')\n")
+  with pytest.raises(ConfigError, match=r"variant name 1 is not a folder name"):
+    points.load_sweep(str(tmp_path / 'sweep.py'))
+
+
 @pytest.mark.parametrize('flag, message', [
     ('--seeds=two', 'flag --seeds=two: invalid literal'),
     ('extra', "unexpected arguments ['extra']: every argument is a flag")])
@@ -233,6 +285,18 @@ def test_rerun_skips_every_finished_point(runs):
   assert '2 points, 2 finished before, 0 to run' in log and 'started' not in log
   evaluations = runs['workdir'].glob('*/eval/*/metrics.json')
   assert {p: p.stat().st_mtime_ns for p in evaluations} == runs['after_second']
+
+
+def test_a_point_trained_under_other_settings_is_refused_before_anything_runs(runs, tmp_path):
+  """A variant whose training setting changed since its points trained: each would be resumed or taken as
+  finished, and its model tabled under the new setting."""
+  changed = tmp_path / 'changed.py'
+  changed.write_text(TINY.replace("'Tiny EAS U-Net')", "'Tiny EAS U-Net', **{'optim.lr': 0.05})"))
+  mtimes = {p: p.stat().st_mtime_ns for p in runs['workdir'].rglob('*') if p.is_file()}
+  with pytest.raises(ConfigError, match=r'^sweep point tiny_seed0: .*/W/tiny_seed0 holds a training with '
+                     r'optim\.lr=0\.01, and the sweep now asks for optim\.lr=0\.05; remove that folder'):
+    run.run_sweep(str(changed), runs['workdir'], 2, 1, False, [])
+  assert {p: p.stat().st_mtime_ns for p in runs['workdir'].rglob('*') if p.is_file()} == mtimes
 
 
 def test_table_is_the_mean_and_std_over_seeds_of_each_evaluation(runs):

@@ -6,6 +6,7 @@
 
 import functools
 import pathlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +43,9 @@ def main(argv: Sequence[str], overrides: Sequence[str]) -> None:
                              FLAGS.devices_per_run, FLAGS.dry_run, overrides)
   except UserError as e:
     exit_with(e)
+  except KeyboardInterrupt:  # before the points start (a running point's stop is the launcher's), no bug
+    print('stopped (Ctrl-C); the same command resumes', file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
   if not finished:
     sys.exit(1)
 

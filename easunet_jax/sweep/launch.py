@@ -2,6 +2,7 @@
 passes SIGTERM, SIGINT and SIGHUP on to them."""
 
 import concurrent.futures
+import ctypes
 import os
 import pathlib
 import queue
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 
 from absl import logging
@@ -48,9 +50,23 @@ def device_groups(devices_per_run: int) -> list[str | None]:
           for i in range(0, len(gpus) - devices_per_run + 1, devices_per_run)]
 
 
-def _last_line(path: pathlib.Path) -> str:
-  lines = [line for line in path.read_text(errors='replace').splitlines() if line.strip()]
-  return lines[-1] if lines else ''
+# Linux: a point's process is sent SIGTERM (it saves and stops) when the sweep's thread that started it
+# dies, even by SIGKILL, which the point's own session would otherwise outlive, training on unwatched.
+_PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == 'linux' else None
+
+
+def _stop_with_the_sweep() -> None:
+  _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _why(log_path: pathlib.Path, offset: int) -> str:
+  """Why a point's process failed: main.py's one-line `error: ...` in what the log holds from `offset` on
+  (where the process began to append), else the last line there (a traceback's)."""
+  with log_path.open('rb') as f:
+    f.seek(offset)
+    lines = [line for line in f.read().decode(errors='replace').splitlines() if line.strip()]
+  return ([line for line in lines if line.startswith('error: ')] or lines or [''])[-1]
 
 
 class Launcher:
@@ -58,8 +74,8 @@ class Launcher:
   reaches the sweep only. SIGTERM or SIGINT to the sweep is passed on once to the running points (main.py
   then saves a checkpoint after the step in flight and exits) and stops the sweep: no point is evaluated
   or started after it, and the same command resumes. SIGHUP (a closed terminal; unless the sweep runs
-  under nohup) is passed on as SIGTERM, so that no point trains on unwatched. A second signal passed on
-  kills the points."""
+  under nohup) is passed on as SIGTERM, so that no point trains on unwatched; so is the sweep's own death
+  by SIGKILL, on Linux. A second signal passed on kills the points."""
 
   def __init__(self, groups: Sequence[str | None], workdir: pathlib.Path):
     self.groups, self.workdir = groups, workdir
@@ -119,9 +135,12 @@ class Launcher:
     log_path = self.workdir / point.name / 'sweep.log'
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for mode in MODES:
-      with log_path.open('a') as log, self.lock:
-        process = subprocess.Popen(main_command(args, mode), stdout=log,
-                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+      with log_path.open('a') as log, self.lock, warnings.catch_warnings():
+        # JAX warns of any fork in a process that initialised it; the child calls prctl only, then execs.
+        warnings.filterwarnings('ignore', r'os\.fork\(\) was called', RuntimeWarning)
+        offset = log.tell()
+        process = subprocess.Popen(main_command(args, mode), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True, preexec_fn=_PRCTL and _stop_with_the_sweep)
         self.running.add(process)
         if self.stopped_by:  # the signal came while it started
           process.send_signal(signal.SIGTERM)
@@ -131,5 +150,5 @@ class Launcher:
       if self.stopped_by:  # stopped by the sweep's signal: resumable, and not to be evaluated
         return f'stopped by {self.stopped_by} in {mode}; run the same command to resume'
       if status:
-        return f'{mode} exited with status {status}: {_last_line(log_path)} (log: {log_path})'
+        return f'{mode} exited with status {status}: {_why(log_path, offset)} (log: {log_path})'
     return None

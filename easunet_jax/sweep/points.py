@@ -3,6 +3,7 @@ the `main.py` arguments and config of each point."""
 
 import dataclasses
 import importlib.util
+import inspect
 import pathlib
 import re
 from collections.abc import Sequence
@@ -48,11 +49,12 @@ def load_sweep(spec: str) -> list[Variant]:
     raise ConfigError(f'--sweep: no file {path}')
   module_spec = importlib.util.spec_from_file_location('sweep_file', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module_spec.loader.exec_module(module)  # an error of the file's own code keeps its traceback, as a config's
+  sweep = getattr(module, 'sweep', None)
   variants = []
 
   def add(name: str, config: str, title: str = '', **fields) -> None:
-    if not re.fullmatch(r'[\w.-]+', name):
+    if not isinstance(name, str) or not re.fullmatch(r'[\w.-]+', name):
       raise ConfigError(f'{path}: variant name {name!r} is not a folder name (letters, digits, _ . -)')
     if arg and ':' in config:
       raise ConfigError(f'{path}: variant {name} names config {config} with an argument, and the sweep '
@@ -60,7 +62,12 @@ def load_sweep(spec: str) -> list[Variant]:
     variants.append(Variant(name, title or name, f'{config}:{arg}' if arg else config,
                             tuple(_flag(k, v) for k, v in fields.items())))
 
-  module.sweep(add)
+  try:
+    inspect.signature(sweep).bind(add)
+  except (TypeError, ValueError):  # none, not a function, or one that does not take `add`
+    raise ConfigError(f'{path}: defines no function sweep(add) of one argument, add, that adds the '
+                      'variants') from None
+  sweep(add)
   names = [v.name for v in variants]
   if not names or len(set(names)) != len(names):
     raise ConfigError(f'{path}: sweep(add) must add at least one variant and no name twice, got {names}')

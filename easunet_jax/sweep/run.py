@@ -35,6 +35,31 @@ def evaluation(point_dir: pathlib.Path, config: ml_collections.ConfigDict) -> pa
   return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
+# Fields a point's trained weights do not depend on (paths the sweep sets, compute and bookkeeping): a
+# re-run may change them and keep the point's training.
+_NOT_TRAINED_WITH = ('name', 'data.cache_dir', 'data.split_file', 'data.workers', 'data.phantom_dir',
+                     'model.depthwise_impl', 'train.distributed', 'eval.', 'predict.', 'checkpoint.', 'log.')
+
+
+def _check_trained_as_asked(point: Point, point_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses a point whose folder holds a training under other settings than the sweep now gives it (a
+  variant's or a --config field changed since): resumed or taken as finished, its model would be tabled
+  under settings it was not trained with."""
+  records = point_dir / 'runs.jsonl'
+  if not records.exists():
+    return
+  trained = config_check.leaves(ml_collections.ConfigDict(json.loads(records.read_text().splitlines()[-1])
+                                                          ['config']))
+  asked = config_check.leaves(ml_collections.ConfigDict(json.loads(config.to_json())))
+  differ = [k for k, v in asked.items()
+            if k in trained and trained[k] != v and not k.startswith(_NOT_TRAINED_WITH)]
+  if differ:
+    raise ConfigError(f'sweep point {point.name}: {point_dir} holds a training with '
+                      f'{", ".join(f"{k}={trained[k]}" for k in differ)}, and the sweep now asks for '
+                      f'{", ".join(f"{k}={asked[k]}" for k in differ)}; remove that folder to train the '
+                      'point anew, or ask for what it was trained with')
+
+
 def prepare_shared_data(points: Sequence[Point], configs: dict[Point, ml_collections.ConfigDict],
                         workdir: pathlib.Path) -> None:
   """The sweep's split file (unless data.split_file names the user's) and the slice store all `points`
@@ -109,6 +134,8 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
     _dry_run(points, args, evaluations)
     return True
   todo = [p for p in points if evaluations[p] is None]
+  for point in todo:
+    _check_trained_as_asked(point, workdir / point.name, configs[point])
   for point in points:
     if evaluations[point]:
       logging.info('sweep: %s finished before (%s), skipped', point.name, evaluations[point])

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from easunet_jax import figures, metrics
+from easunet_jax import atomic, figures, metrics
 from easunet_jax.data.volumes import CLASSES
 from easunet_jax.sweep.points import Point, Variant
 
@@ -63,8 +63,9 @@ def write_table(rows: Sequence[dict], failures: dict[Point, str], sweep: str, wo
     lines.append('')
   if failures:
     lines += ['## Failed points', ''] + [f'- `{p.name}`: {error}' for p, error in failures.items()] + ['']
-  (workdir / 'table.md').write_text('\n'.join(lines))
-  with open(workdir / 'table.csv', 'w', newline='') as f:
+  atomic.remove_left_by_dead(workdir)  # a killed sweep's half-written tables
+  atomic.write_text(workdir / 'table.md', '\n'.join(lines))
+  with atomic.replaced(workdir / 'table.csv') as tmp, open(tmp, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
