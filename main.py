@@ -154,9 +154,10 @@ def main(argv):
     if FLAGS.labels and FLAGS.mode != 'predict':
       raise ConfigError("--labels scores the masks of --mode=predict; --mode=evaluate scores the test split "
                         'against its own labels')
-    if FLAGS.mode == 'export' and (not FLAGS.output or os.path.isdir(FLAGS.output)):
+    if FLAGS.mode == 'export' and (not FLAGS.output or os.path.isdir(FLAGS.output) or
+                                   FLAGS.output.endswith(('/', os.sep))):
       raise ConfigError('--mode=export needs --output, the model file to write, e.g. model.npz' +
-                        (f'; {FLAGS.output} is a folder' if FLAGS.output else ''))
+                        (f'; {FLAGS.output} names a folder' if FLAGS.output else ''))
     if FLAGS.mode == 'export' and (file := config_check.file_in_the_way(os.path.dirname(
         os.path.abspath(FLAGS.output)))):
       raise ConfigError(f'--output={FLAGS.output}: {file}; expected a folder (made if missing)')

@@ -36,6 +36,10 @@ def replaced(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
   try:
     yield tmp
     os.replace(tmp, path)
+  except OSError as e:
+    if e.filename is not None and os.fspath(e.filename) == os.fspath(tmp):  # the one the user asked for
+      e.filename = os.fspath(path)
+    raise
   finally:
     tmp.unlink(missing_ok=True)
 

@@ -59,9 +59,12 @@ def read_meta(path: str | pathlib.Path) -> dict:
                           'or cut short)')
   try:
     with np.load(path) as f:
-      return json.loads(str(f['meta']))
+      meta = json.loads(str(f['meta']))
   except (OSError, ValueError, KeyError, *_ARCHIVE_ERRORS) as e:
     raise CheckpointError(f'{path}: not a model file of easunet_jax ({e})') from None
+  if missing := [k for k in ('step', 'config', 'pixel_mm') if not isinstance(meta, dict) or k not in meta]:
+    raise CheckpointError(f'{path}: not a model file of easunet_jax (its meta has no {", ".join(missing)})')
+  return meta
 
 
 def _known_fields(saved: dict, current: ml_collections.ConfigDict) -> dict:
@@ -104,7 +107,12 @@ def load(config: ml_collections.ConfigDict, path: str | pathlib.Path, mesh: jax.
         missing = [k for k in names if f'{prefix}{k}' not in f]
         if missing:
           raise CheckpointError(f'{path}: no weights for {prefix}{missing[0]} (and {len(missing) - 1} more)')
-        leaves = [jax.device_put(jnp.asarray(f[f'{prefix}{k}'], jnp.float32), replicated) for k in names]
+        arrays = {k: f[f'{prefix}{k}'] for k in names}
+        if wrong := [k for k, leaf in names.items() if arrays[k].shape != leaf.shape]:
+          raise CheckpointError(f'{path}: {prefix}{wrong[0]} has shape {arrays[wrong[0]].shape}, the network '
+                                f'{names[wrong[0]].shape} (and {len(wrong) - 1} more): weights of another '
+                                'network than its config describes')
+        leaves = [jax.device_put(jnp.asarray(arrays[k], jnp.float32), replicated) for k in names]
         return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
       state = steps.TrainState(step=jnp.asarray(meta['step'], jnp.int32), params=fill('params', params),

@@ -2,6 +2,7 @@
 process of this machine left is removed, while a running process's, another machine's and the user's own
 files are kept."""
 
+import errno
 import os
 
 import pytest
@@ -60,3 +61,10 @@ def test_another_users_process_is_not_gone(monkeypatch):
     raise PermissionError
   monkeypatch.setattr(atomic.os, 'kill', refused)
   assert not atomic._process_gone(1)
+
+
+def test_an_error_of_the_hidden_file_names_the_file_asked_for(tmp_path):
+  """A folder the user may not write to: the error names their file, not the hidden one beside it."""
+  with pytest.raises(PermissionError) as error, atomic.replaced(tmp_path / 'model.npz') as tmp:
+    raise PermissionError(errno.EACCES, 'Permission denied', str(tmp))
+  assert error.value.filename == str(tmp_path / 'model.npz')

@@ -350,10 +350,12 @@ def test_a_file_given_for_a_folder_or_a_folder_for_a_file_is_one_line(phantom_di
   assert result.returncode == 2
   assert result.stderr == (f"error: data.cache_dir: expected a folder (made if missing) or '', got "
                            f"'{store}': {notes} is a file\n")
-  result = _run(tmp_path / 'run', phantom_dir, '--mode=export', f'--output={tmp_path}')
-  assert result.returncode == 2
-  assert result.stderr == (f'error: --mode=export needs --output, the model file to write, e.g. model.npz; '
-                           f'{tmp_path} is a folder\n')
+  for folder in (tmp_path, f'{tmp_path}/new/'):  # one there, or one to make
+    result = _run(tmp_path / 'run', phantom_dir, '--mode=export', f'--output={folder}')
+    assert result.returncode == 2
+    assert result.stderr == (f'error: --mode=export needs --output, the model file to write, e.g. '
+                             f'model.npz; {folder} names a folder\n')
+  assert not (tmp_path / 'new').exists()
 
 
 @pytest.mark.parametrize('mode, filename', [('train', ('/data/run/checkpoints/4',)), ('train', ()),

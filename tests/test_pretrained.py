@@ -66,6 +66,20 @@ def test_foreign_and_missing_files_are_one_line_errors(workdir, tmp_path):
   np.savez(tmp_path / 'cut.npz', **{name: a for name, a in arrays.items() if name not in cut})
   with pytest.raises(CheckpointError, match=rf'cut\.npz: no weights for {re.escape(cut[0])} \(and 1 more\)$'):
     pretrained.load(config, tmp_path / 'cut.npz', parallel.make_mesh())
+  # Its metadata says this network, its arrays another's (a head cut to two classes, by hand).
+  head = next(name for name, a in arrays.items() if name.startswith('params') and a.shape[-1:] == (3,))
+  cut_head = arrays[head][..., :2]
+  np.savez(tmp_path / 'two_classes.npz', **{**arrays, head: cut_head})
+  with pytest.raises(CheckpointError, match=rf'two_classes\.npz: {re.escape(head)} has shape '
+                     rf'{re.escape(str(cut_head.shape))}, the network {re.escape(str(arrays[head].shape))} '
+                     r'\(and 0 more\): weights of another network'):
+    pretrained.load(config, tmp_path / 'two_classes.npz', parallel.make_mesh())
+  meta = json.loads(str(arrays['meta']))
+  del meta['pixel_mm']
+  np.savez(tmp_path / 'no_pixel.npz', **{**arrays, 'meta': np.array(json.dumps(meta))})
+  with pytest.raises(CheckpointError, match=r'no_pixel\.npz: not a model file of easunet_jax \(its meta has '
+                     r'no pixel_mm\)$'):
+    pretrained.config_of(tmp_path / 'no_pixel.npz')
 
 
 def test_a_file_of_an_earlier_version_or_fine_tuned_elsewhere_predicts(workdir, tmp_path):

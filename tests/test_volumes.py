@@ -166,7 +166,11 @@ def test_label_values_outside_the_label_map_are_one_line_errors(tmp_path, value)
   labels = labels.astype(np.int16)
   labels[0, 0, 0] = value
   volumes.save_volume(tmp_path / 'k.nii.gz', labels, affine)
-  with pytest.raises(DataError, match=rf'k: label file \S+ holds values \[{value}\] outside data.label_map'):
+  # A fix data.label_map can make (its sources are 0-255), else the file's.
+  fix = ('map a value to 0 in data.label_map' if 0 <= value <= 255 else
+         'data.label_map maps values 0-255: rewrite the file with its labels in that range')
+  with pytest.raises(DataError, match=rf'k: label file \S+ holds values \[{value}\] outside data.label_map '
+                     rf'\(known: .*; {fix}'):
     volumes.load_labels(volumes.Case('k', None, tmp_path / 'k.nii.gz'), IDENTITY_MAP)
 
 

@@ -564,8 +564,11 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
     unknown[[v for v in known if 0 <= v < 256]] = False
     outside = np.unique(labels[unknown[labels]]).tolist()
   if outside:
+    # data.label_map's sources are 0-255 (uint8 stores): a value outside is the label file's to change.
+    fix = ('map a value to 0 in data.label_map to make it background' if lo >= 0 and hi <= 255 else
+           'data.label_map maps values 0-255: rewrite the file with its labels in that range')
     raise DataError(f'{case.id}: label file {case.label} holds values {outside[:8]} outside data.label_map '
-                    f'(known: {sorted(known)}; map a value to 0 in data.label_map to make it background)')
+                    f'(known: {sorted(known)}; {fix})')
   if hi <= 2 and lo >= 0:  # only 0, 1, 2: this tool's own mask values (FC 1, TC 2), or the label map's?
     present = np.zeros(3, bool)
     present[labels.ravel()] = True
