@@ -220,9 +220,13 @@ def test_a_config_file_that_does_not_load_is_one_config_error():
 def test_a_config_every_point_would_refuse_is_refused_before_anything_runs(tmp_path):
   other = "  add('other', 'configs/tiny.py', **{'model.name': 'no_such'})\n"
   (tmp_path / 'sweep.py').write_text(TINY + other)
-  with pytest.raises(ConfigError, match=r'model\.name'):
+  with pytest.raises(ConfigError, match=r'^variant other: model\.name'):
     run.run_sweep(str(tmp_path / 'sweep.py'), tmp_path / 'W', 1, 1, False, [])
   assert not (tmp_path / 'W').exists()
+  (tmp_path / 'notes.txt').write_text('')
+  with pytest.raises(ConfigError, match=rf'^--workdir={tmp_path}/notes\.txt/W: {tmp_path}/notes\.txt is a '
+                     r'file; expected a folder \(made if missing\)$'):
+    run.run_sweep(str(tmp_path / 'sweep.py'), tmp_path / 'notes.txt' / 'W', 1, 1, False, [])
   with pytest.raises(ConfigError, match=r'--config.trian.num_steps: no such config field') as error:
     points.load_config(['--config=configs/tiny.py', '--config.trian.num_steps=3'])
   assert '\n' not in str(error.value)

@@ -119,6 +119,8 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
     if any(o.startswith(f'--config.{field}=') for o in overrides):
       raise ConfigError(f'--config.{field}: the sweep sets it for each point (seeds 0 .. --seeds - 1, one '
                         'slice store for all)')
+  if file := config_check.file_in_the_way(workdir):
+    raise ConfigError(f'--workdir={workdir}: {file}; expected a folder (made if missing)')
   variants = load_sweep(spec)
   points = [Point(v, seed) for v in variants for seed in range(seeds)]
   args = {p: point_args(p, workdir, overrides) for p in points}
@@ -128,7 +130,10 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
     config = configs[Point(variant, 0)].copy_and_resolve_references()
     if pathlib.Path(config.data.split_file) == workdir / 'splits.json':
       config.data.split_file = ''  # the sweep's own, written below
-    config_check.check_config(config, default.get_config(), 'train')
+    try:
+      config_check.check_config(config, default.get_config(), 'train')
+    except ConfigError as e:
+      raise ConfigError(f'variant {variant.name}: {e}') from None
   evaluations = {p: evaluation(workdir / p.name, configs[p]) for p in points}
   if dry_run:
     _dry_run(points, args, evaluations)
