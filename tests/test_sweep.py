@@ -223,6 +223,9 @@ def test_a_config_every_point_would_refuse_is_refused_before_anything_runs(tmp_p
   with pytest.raises(ConfigError, match=r'^variant other: model\.name'):
     run.run_sweep(str(tmp_path / 'sweep.py'), tmp_path / 'W', 1, 1, False, [])
   assert not (tmp_path / 'W').exists()
+  (tmp_path / 'missing.py').write_text(TINY + "  add('moved', 'no/such/config.py')\n")
+  with pytest.raises(ConfigError, match=r'^variant moved: --config=no/such/config\.py: .*No such file'):
+    run.run_sweep(str(tmp_path / 'missing.py'), tmp_path / 'W', 1, 1, False, [])
   (tmp_path / 'notes.txt').write_text('')
   with pytest.raises(ConfigError, match=rf'^--workdir={tmp_path}/notes\.txt/W: {tmp_path}/notes\.txt is a '
                      r'file; expected a folder \(made if missing\)$'):

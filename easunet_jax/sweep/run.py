@@ -124,7 +124,12 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
   variants = load_sweep(spec)
   points = [Point(v, seed) for v in variants for seed in range(seeds)]
   args = {p: point_args(p, workdir, overrides) for p in points}
-  configs = {p: load_config(args[p]) for p in points}
+  configs = {}
+  for point in points:
+    try:
+      configs[point] = load_config(args[point])
+    except ConfigError as e:  # a config path is relative to the current folder, not to the sweep file's
+      raise ConfigError(f'variant {point.variant.name}: {e}') from None
   _check_same_data(configs)
   for variant in variants:  # what each point's main.py would refuse at its start, before the slow stores
     config = configs[Point(variant, 0)].copy_and_resolve_references()
