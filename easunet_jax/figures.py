@@ -61,7 +61,8 @@ def plot_overlays(samples: Sequence[dict], out: pathlib.Path) -> None:
   for row, s in zip(axes, samples):
     panels = (np.repeat(s['image'][..., None], 3, axis=-1), _overlay(s['image'], s['label']),
               _overlay(s['image'], s['pred']))
-    titles = (f"{s['case']} slice {s['slice']}", 'label', 'prediction')
+    # The store's slices are in RAS order, whatever the file's: numbered from the patient's left.
+    titles = (f"{s['case']} slice {s['slice']} from the left", 'label', 'prediction')
     for ax, panel, title in zip(row, panels, titles):
       # Store slices are (anterior, superior) in RAS order: show superior up and anterior right.
       extent = (0, panel.shape[0] * s['pixel_mm'][0], 0, panel.shape[1] * s['pixel_mm'][1])  # true aspect
@@ -130,11 +131,14 @@ def cartilage_slices(classes: np.ndarray, count: int = 3) -> list[int]:
 
 
 def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequence[float], title: str,
-                           out: pathlib.Path, labels: np.ndarray | None = None) -> None:
+                           out: pathlib.Path, labels: np.ndarray | None = None,
+                           slice_numbers: Sequence[int] | None = None) -> None:
   """<name>.png: the sagittal slices of `cartilage_slices`, each as scanned and with the predicted FC and TC
   tinted, superior up and anterior right, at the scan's pixel aspect: whether the plates are outlined, and
   any cartilage marked on skin or fluid, at a glance; with expert `labels` (training classes), a row of them
-  tinted alike below. `image`, `classes` and `labels` are (S, H, W) in closest-canonical RAS order."""
+  tinted alike below. `image`, `classes` and `labels` are (S, H, W) in closest-canonical RAS order; each
+  slice is titled by its number in `slice_numbers` (the scan file's voxel index, which a viewer shows), else
+  its index in `image`."""
   chosen = cartilage_slices(classes if labels is None else np.maximum(classes, labels))
   low, high = np.percentile(image[chosen], (1, 99.5))
   grey = np.clip((image[chosen] - low) / max(high - low, 1e-6), 0, 1)
@@ -151,7 +155,8 @@ def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequ
       ax.set_yticks([])
       if column == 0:
         ax.set_ylabel(name, fontsize=9)
-    axes[0, column].set_title(f'sagittal slice {x} of {image.shape[0]}', fontsize=9)
+    number = x if slice_numbers is None else slice_numbers[x]
+    axes[0, column].set_title(f'sagittal slice {number} of {image.shape[0]}', fontsize=9)
   handles = [matplotlib.patches.Patch(color=COLOURS[n], label=n.upper()) for n in CLASSES]
   fig.legend(handles=handles, loc='lower center', ncol=2, frameon=False)
   fig.suptitle(title, fontsize=11)

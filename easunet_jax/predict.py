@@ -303,6 +303,13 @@ def _save(path: pathlib.Path, array: np.ndarray, nii: nib.Nifti1Image, slope: fl
   volumes.write_nifti(out, path)
 
 
+def _file_slices(nii: nib.Nifti1Image, orientation: pose.Orientation, count: int) -> np.ndarray:
+  """The scan file's voxel index, along its axis that they cut, of each of the `count` sagittal slices of
+  its canonical volume `pose.orient`ed (which leaves that axis's direction as it is)."""
+  back = nib.orientations.ornt_transform(_CANONICAL, nib.io_orientation(nii.affine))
+  return np.arange(count)[::-1] if back[orientation[0], 1] < 0 else np.arange(count)
+
+
 def _stem(path: pathlib.Path) -> str:
   return volumes.volume_stem(path.name) or path.name
 
@@ -778,7 +785,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
   # matplotlib cannot draw: shown with a replacement character instead.
   title = f'{os.fsencode(_stem(target)).decode(errors="replace")}: {knee}'
   figures.plot_thickness_maps(thickness, {'fc': fc, 'tc': tc}, spacing, sides, title, paths['png'])
-  figures.plot_prediction_slices(image, classes, spacing, title, paths['slices'], truth)
+  figures.plot_prediction_slices(image, classes, spacing, title, paths['slices'], truth,
+                                 _file_slices(nii, orientation, len(image)))
   result = {'input': str(source), 'laterality': side, 'laterality_text': f'{knee} ({why})', 'regions': table,
             **_output_paths(target, batch, save_probabilities),
             'orientation': pose.describe_orientation(orientation) if any(orientation) else _AS_THE_HEADER,

@@ -44,6 +44,10 @@ def test_the_slices_drawn_show_the_labels_cartilage_too(drawn, tmp_path):
   figures.plot_prediction_slices(image, classes, (1.0, 1.0, 1.0), 'knee', tmp_path / 's.png', labels=labels)
   titles = [ax.get_title() for ax in drawn[0].axes if ax.get_title()]
   assert titles[0] == 'sagittal slice 5 of 40' and any(t.startswith('sagittal slice 3') for t in titles[1:])
+  # Numbered as the file's voxels, where they run the other way.
+  figures.plot_prediction_slices(image, classes, (1.0, 1.0, 1.0), 'knee', tmp_path / 's.png', labels=labels,
+                                 slice_numbers=range(39, -1, -1))
+  assert next(ax.get_title() for ax in drawn[1].axes if ax.get_title()) == 'sagittal slice 34 of 40'
 
 
 def test_slices_are_drawn_superior_up_and_anterior_right(drawn, tmp_path):
@@ -71,7 +75,7 @@ def test_overlays_show_the_image_the_label_and_the_prediction(drawn, tmp_path):
   figures.plot_overlays([{'image': image, 'label': label, 'pred': pred, 'case': 'k', 'slice': 3,
                           'pixel_mm': (1.0, 1.0)}], tmp_path / 'overlays.png')
   axes = drawn[0].axes[:3]
-  assert [ax.get_title() for ax in axes] == ['k slice 3', 'label', 'prediction']
+  assert [ax.get_title() for ax in axes] == ['k slice 3 from the left', 'label', 'prediction']
   for ax, channel in zip(axes[1:], (0, 2)):
     assert np.argmax(ax.images[0].get_array()[0, 0]) == channel
 

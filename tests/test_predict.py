@@ -103,6 +103,23 @@ def test_reorientation_is_exact(run, tmp_path, monkeypatch):
                                 nib.orientations.apply_orientation(canonical_mask, ORNT))
 
 
+def test_the_slices_figure_numbers_each_slice_as_the_files_voxels(run, tmp_path, monkeypatch):
+  """A file whose voxels run from the patient's right to the left: its slices figure numbers each slice by
+  the file's voxel index (as a viewer shows it), not by the RAS order the figure is drawn from."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
+  numbers = []
+  monkeypatch.setattr(figures, 'plot_prediction_slices', lambda *args: numbers.append(list(args[6])))
+  nii = nib.load(canonical)
+  to_the_left = np.array([[0, -1], [1, 1], [2, 1]])
+  nib.save(nib.Nifti1Image(np.asarray(nii.dataobj)[::-1],
+                           nii.affine @ nib.orientations.inv_ornt_aff(to_the_left, nii.shape)),
+           tmp_path / 'to_the_left.nii.gz')
+  for path in (canonical, tmp_path / 'to_the_left.nii.gz'):
+    predict.predict(_config(), workdir, path, tmp_path / 'out' / path.name)
+  assert numbers == [list(range(nii.shape[0])), list(range(nii.shape[0]))[::-1]]
+
+
 def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch):
   workdir, canonical, _ = run
   sizes = []
