@@ -100,16 +100,17 @@ def morphometry_errors(pred: np.ndarray, label: np.ndarray, spacing: Sequence[fl
   """{region: truth and prediction of mean thickness (mm) and volume (mm^3), and the signed (prediction -
   truth) and absolute errors of thickness (mm) and of volume (% of the truth's)} for 'fc', 'tc' and their
   compartments. Where the truth's region is empty (a small test volume's), its thickness and every error are
-  NaN, which the summaries and the Bland-Altman plot leave out. The compartments are the ground truth's,
-  applied to both masks, so that both measure the same region; the store keeps no laterality, so sides are
-  the patient's left and right."""
+  NaN, which the summaries and the Bland-Altman plot leave out; so are the thickness and its errors where
+  the prediction's is (a missed region has no thickness; its volume error of -100 % tells the miss). The
+  compartments are the ground truth's, applied to both masks, so that both measure the same region; the
+  store keeps no laterality, so sides are the patient's left and right."""
   truth_plates = (label == CLASSES['fc'], label == CLASSES['tc'])
   regions = measures.compartment_regions(*truth_plates, spacing, measures.side_names(None))
   truth, _ = measures.compartment_table(*truth_plates, spacing, regions)
   found, _ = measures.compartment_table(pred == CLASSES['fc'], pred == CLASSES['tc'], spacing, regions)
   errors = {}
   for region, true in truth.items():
-    true_thickness = true['thickness_mean_mm'] if true['volume_mm3'] else float('nan')
+    true_thickness = true['thickness_mean_mm']
     thickness = found[region]['thickness_mean_mm'] - true_thickness
     volume = (100 * (found[region]['volume_mm3'] / true['volume_mm3'] - 1) if true['volume_mm3']
               else float('nan'))

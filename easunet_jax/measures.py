@@ -63,9 +63,9 @@ def thickness_map_mm(mask: np.ndarray, spacing: Sequence[float],
 
 
 def mean_thickness_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
-  """Mean of `thickness_map_mm` over the plate's ridge voxels (0 for an empty mask)."""
+  """Mean of `thickness_map_mm` over the plate's ridge voxels (NaN for an empty mask: no thickness)."""
   thickness, ridge = thickness_map_mm(mask, spacing)
-  return float(thickness[ridge].mean()) if ridge.any() else 0.0
+  return float(thickness[ridge].mean()) if ridge.any() else float('nan')
 
 
 def surface_thickness_mm(plate: np.ndarray, bone: np.ndarray, spacing: Sequence[float]) -> float:
@@ -162,12 +162,15 @@ def region_measures(mask: np.ndarray, thickness: np.ndarray, ridge: np.ndarray, 
                     ) -> dict[str, float]:
   """Volume (mm^3), thickness statistics (mm) over the region's ridge voxels (mean, median, 95th percentile,
   max), mid-surface area (mm^2: volume / mean thickness) and the fraction of the ridge thinner than 1 mm (a
-  proxy of denuded area) of a region of a plate whose `thickness_map_mm` is (thickness, ridge)."""
+  proxy of denuded area) of a region of a plate whose `thickness_map_mm` is (thickness, ridge). A region
+  without cartilage has volume 0 and the rest undefined (NaN), not 0 mm: a cohort's mean thickness leaves
+  it out."""
   volume = volume_mm3(mask, spacing)
   values = thickness[mask & ridge]
   if not values.size:
-    return {'volume_mm3': volume, 'thickness_mean_mm': 0.0, 'thickness_median_mm': 0.0,
-            'thickness_p95_mm': 0.0, 'thickness_max_mm': 0.0, 'area_mm2': 0.0, 'thin_fraction': 0.0}
+    return {'volume_mm3': volume} | dict.fromkeys(
+        ('thickness_mean_mm', 'thickness_median_mm', 'thickness_p95_mm', 'thickness_max_mm', 'area_mm2',
+         'thin_fraction'), float('nan'))
   mean = float(values.mean())
   return {'volume_mm3': volume, 'thickness_mean_mm': mean, 'thickness_median_mm': float(np.median(values)),
           'thickness_p95_mm': float(np.percentile(values, 95)), 'thickness_max_mm': float(values.max()),

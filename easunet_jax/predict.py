@@ -207,11 +207,15 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
   return found
 
 
+def _number(value: float, spec: str) -> str:
+  """`value` formatted by `spec`; n/a where undefined (NaN: a plate empty in the labels or the mask)."""
+  return 'n/a' if np.isnan(value) else format(value, spec)
+
+
 def _print_scores(source: pathlib.Path, result: dict) -> None:
-  """The scan's scores in one line; n/a where undefined (a plate empty in the labels or the mask)."""
+  """The scan's scores in one line; n/a where undefined."""
   def text(plate: str, name: str, spec: str) -> str:
-    value = result['scores'][plate][name]
-    return 'n/a' if np.isnan(value) else format(value, spec)
+    return _number(result['scores'][plate][name], spec)
 
   print(f"{source.name}: against {result['labels']}: Dice FC {text('fc', 'dice', '.1f')} % TC "
         f"{text('tc', 'dice', '.1f')} %, HD95 FC {text('fc', 'hd95', '.2f')} TC {text('tc', 'hd95', '.2f')} "
@@ -454,10 +458,10 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
               '| Region | Volume mm³ | Mean mm | Median mm | P95 mm | Max mm | Area mm² | < 1 mm |',
               '|---|---|---|---|---|---|---|---|']
     for region, row in r['regions'].items():
-      lines.append(f'| {region} | {row["volume_mm3"]:.0f} | {row["thickness_mean_mm"]:.2f} | '
-                   f'{row["thickness_median_mm"]:.2f} | {row["thickness_p95_mm"]:.2f} | '
-                   f'{row["thickness_max_mm"]:.2f} | {row["area_mm2"]:.0f} | '
-                   f'{100 * row["thin_fraction"]:.1f} % |')
+      cells = [f'{row["volume_mm3"]:.0f}', *(_number(row[f'thickness_{name}_mm'], '.2f')
+                                             for name in ('mean', 'median', 'p95', 'max')),
+               _number(row['area_mm2'], '.0f'), f'{_number(100 * row["thin_fraction"], ".1f")} %']
+      lines.append(f'| {region} | ' + ' | '.join(cells) + ' |')
     png, slices = pathlib.Path(r['thickness_png']), pathlib.Path(r['slices_png'])
     lines += ['', _image_link(f'thickness map of {png.name}', png.relative_to(markdown_path.parent)), '',
               _image_link(f'sagittal slices of {slices.name}', slices.relative_to(markdown_path.parent)), '']
@@ -795,7 +799,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
     result.update(labels=str(label), scores=evaluate.label_scores(classes, truth, spacing))
   if unscored:
     result['unscored'] = unscored
-  print(f"{source.name}: {result['laterality_text']}; FC {table['fc']['volume_mm3']:.0f} mm^3, mean "
-        f"thickness {table['fc']['thickness_mean_mm']:.2f} mm; TC {table['tc']['volume_mm3']:.0f} mm^3, "
-        f"mean thickness {table['tc']['thickness_mean_mm']:.2f} mm -> {target}", flush=True)
+  fc_text, tc_text = (f"{table[plate]['volume_mm3']:.0f} mm^3, mean thickness "
+                      f"{_number(table[plate]['thickness_mean_mm'], '.2f')} mm" for plate in ('fc', 'tc'))
+  print(f"{source.name}: {result['laterality_text']}; FC {fc_text}; TC {tc_text} -> {target}", flush=True)
   return result

@@ -28,7 +28,7 @@ def test_thickness_of_a_tilted_sheet_is_measured_across_it():
 
 
 def test_empty_plate_measures_zero():
-  assert measures.mean_thickness_mm(np.zeros((3, 8, 8), bool), (1.0, 1.0, 1.0)) == 0.0
+  assert np.isnan(measures.mean_thickness_mm(np.zeros((3, 8, 8), bool), (1.0, 1.0, 1.0)))
   assert measures.volume_mm3(np.zeros((3, 8, 8), bool), (1.0, 1.0, 1.0)) == 0.0
 
 
@@ -100,6 +100,8 @@ def test_region_measures_of_given_thicknesses_count_1_mm_as_not_thinner_than_1_m
   assert got == pytest.approx({'volume_mm3': 1.0, 'thickness_mean_mm': 1.5, 'thickness_median_mm': 1.25,
                                'thickness_p95_mm': 2.775, 'thickness_max_mm': 3.0, 'area_mm2': 1 / 1.5,
                                'thin_fraction': 0.25})
+  empty = measures.region_measures(np.zeros_like(mask), thickness, mask, (1.0, 0.5, 0.5))
+  assert empty['volume_mm3'] == 0 and all(np.isnan(v) for k, v in empty.items() if k != 'volume_mm3')
 
 
 @pytest.fixture(scope='module')

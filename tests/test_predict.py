@@ -676,9 +676,10 @@ def test_a_header_without_orientation_is_warned_of(run, tmp_path, caplog, monkey
     assert ('gives no orientation (qform and sform codes 0)' in caplog.text) == (scan != canonical)
 
 
-def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, monkeypatch):
+def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, capsys, monkeypatch):
   """A mask without femoral or tibial cartilage (a header whose voxel sizes do not follow its voxels makes
-  one) is written with a warning naming the plate missing."""
+  one) is written with a warning naming the plate missing; the plate's volume is 0 and its thickness n/a,
+  not 0 mm (which would pull down a cohort's mean)."""
   workdir, canonical, _ = run
 
   def darker(self, image_SHW):  # no voxel reaches _thresholds' 0.6 of TC
@@ -687,7 +688,10 @@ def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, monkeypatch):
   for network, missing in ((_thresholds, []), (darker, ['tibial'])):
     monkeypatch.setattr(inference.Network, '__call__', network)
     caplog.clear()
-    predict.predict(_config(), workdir, canonical, tmp_path / 'mask.nii.gz')
+    [result] = predict.predict(_config(), workdir, canonical, tmp_path / 'mask.nii.gz')
+    tc = result['regions']['tc']
+    assert (tc['volume_mm3'] == 0 and np.isnan(tc['thickness_mean_mm'])) == bool(missing)
+    assert ('TC 0 mm^3, mean thickness n/a mm' in capsys.readouterr().out) == bool(missing)
     assert [r.getMessage() for r in caplog.records if 'cartilage found' in r.getMessage()] == [
         f'{canonical}: no {plate} cartilage found: a scan of another joint, or a header whose voxel sizes or '
         'axes do not follow its voxels (an array saved in another axis order than its affine says)? The mask '
