@@ -111,6 +111,8 @@ def plot_thickness_maps(thickness: np.ndarray, plates: dict[str, np.ndarray], sp
       shown, named = shown[:, ::-1], sides[::-1]
     image = ax.imshow(shown, cmap='viridis', vmin=0, vmax=vmax, extent=extent, interpolation='nearest')
     ax.set_title(view, fontsize=10)
+    if not plates[name].any():  # an empty panel says why
+      ax.text(0.5, 0.5, 'none found', transform=ax.transAxes, ha='center', va='center')
     ax.set_xlabel(f'{named[0]}  ←  mm  →  {named[1]}')
     ax.set_ylabel('posterior  ←  mm  →  anterior')
   fig.colorbar(image, ax=axes, label='thickness (mm)', shrink=0.85)

@@ -107,3 +107,8 @@ def test_thickness_maps_are_anterior_up_the_femur_seen_from_below(monkeypatch, t
     assert shown.max() == value and ax.images[0].get_clim() == (0, 6.0)
   assert fc_ax.get_xlabel() == 'lateral  ←  mm  →  medial'
   assert tc_ax.get_xlabel() == 'medial  ←  mm  →  lateral'
+  assert not fc_ax.texts and not tc_ax.texts
+  tc[:] = False  # a plate the mask misses: its panel says so, not just blank
+  figures.plot_thickness_maps(thickness * fc, {'fc': fc, 'tc': tc}, (1.0, 1.0, 1.0), ('medial', 'lateral'),
+                              'knee', tmp_path / 't.png')
+  assert [[t.get_text() for t in ax.texts] for ax in kept[1].axes[:2]] == [[], ['none found']]
