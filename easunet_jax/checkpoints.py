@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from configs import default
+from easunet_jax import parallel
 from easunet_jax.errors import CheckpointError, ConfigError, one_line
 
 BEST_METRIC = 'val/dice_mean'
@@ -186,6 +187,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | path
     mngr = manager(workdir, config.checkpoint.keep)
   try:
     step = _requested_step(mngr, config.eval.checkpoint)
+    parallel.check_same_step(directory.parent, step, f'restoring eval.checkpoint={config.eval.checkpoint!r},')
     with _unreadable_as_one_line(directory / str(step)):
       saved = saved_config(mngr, step)
     check_same_model(saved, config.model, directory / str(step), instead='another workdir')

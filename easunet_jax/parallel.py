@@ -2,6 +2,8 @@
 fit it, and work that one process does while the others wait."""
 
 import contextlib
+import hashlib
+import pathlib
 from collections.abc import Iterator
 
 import jax
@@ -28,6 +30,23 @@ def round_to_devices(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   """The smallest multiple of the mesh's device count that holds `batch_size` (every device gets as many
   rows; evaluation pads the last batch)."""
   return -(-batch_size // mesh.size) * mesh.size
+
+
+def check_same_step(workdir: pathlib.Path, step: int, what: str) -> None:
+  """Refuses, on every process, a multi-process run whose processes find different checkpoints (`step`:
+  the one each `what`, 0 for none) or name different workdirs: restoring and initialising, or restoring
+  different steps, they would wait for each other in different collectives, for ever. The workdir must be
+  one folder on a disk all processes see."""
+  if jax.process_count() == 1:
+    return
+  # The path as a number a collective can carry: 3 bytes of its hash.
+  path = int.from_bytes(hashlib.sha256(str(workdir.resolve()).encode()).digest()[:3], 'little')
+  seen = multihost_utils.process_allgather(np.array([step, path], np.int32))
+  if (seen != seen[0]).any():
+    raise UserError(f'the processes would start from different checkpoints: {what} step '
+                    f'{", ".join(f"{s} (process {i})" for i, s in enumerate(seen[:, 0]))}'
+                    f'{", in different workdirs" if (seen[:, 1] != seen[0, 1]).any() else ""}; give every '
+                    'process the same --workdir, on a disk all of them see')
 
 
 @contextlib.contextmanager

@@ -116,6 +116,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
            ) -> steps.TrainState | None:
   batch_size = config.train.batch_size
   start = mngr.latest_step() or 0
+  parallel.check_same_step(workdir, start, 'resuming from')
   mesh = parallel.make_mesh()
   # Before anything slow: a workdir or a model file of another network is refused at once.
   if start:

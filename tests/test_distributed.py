@@ -24,8 +24,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(args: list[str]) -> list[tuple[int, str]]:
-  """(exit code, stderr) of each of two main.py processes of `args`, joined as train.distributed."""
+def _two_processes(args: list[str], own_args: tuple[list[str], list[str]] = ([], [])
+                   ) -> list[tuple[int, str]]:
+  """(exit code, stderr) of each of two main.py processes of `args` (and each its `own_args`), joined as
+  train.distributed."""
   address = f'127.0.0.1:{_free_port()}'
   env = {**os.environ,
          'XLA_FLAGS': os.environ['XLA_FLAGS'].replace('device_count=4', 'device_count=2'),
@@ -33,7 +35,7 @@ def _two_processes(args: list[str]) -> list[tuple[int, str]]:
          # The coordinator listens on loopback only (JAX's default address, [::], needs IPv6).
          'JAX_COORDINATOR_BIND_ADDRESS': address, 'JAX_PLATFORMS': 'cpu'}
   procs = [subprocess.Popen(
-      [sys.executable, 'main.py', *args, '--config.train.distributed=True',
+      [sys.executable, 'main.py', *args, *own_args[i], '--config.train.distributed=True',
        f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
@@ -69,6 +71,29 @@ def test_a_failure_of_process_0_stops_the_others_in_one_line(tmp_path):
   assert last.startswith('error: ') and last.endswith('images/ holds no volume file')
   assert err1.splitlines()[-1] == ('error: process 0 failed before "slice store built" (its error is in its '
                                    'log)')
+
+
+def test_processes_given_different_workdirs_stop_in_one_line(tmp_path):
+  """Each would find its own checkpoints (here: one a step, the other none) and wait for the other in
+  another collective, for ever."""
+  (tmp_path / 'a' / 'checkpoints' / '4').mkdir(parents=True)  # a step as orbax names it
+  results = _two_processes(['--config=configs/tiny.py'],
+                           ([f'--workdir={tmp_path / "a"}'], [f'--workdir={tmp_path / "b"}']))
+  for code, err in results:
+    assert code == 1 and err.splitlines()[-1] == (
+        'error: the processes would start from different checkpoints: resuming from step 4 (process 0), '
+        '0 (process 1), in different workdirs; give every process the same --workdir, on a disk all of them '
+        'see'), err[-2000:]
+
+
+def test_a_distributed_flag_out_of_range_is_one_line():
+  result = subprocess.run([sys.executable, 'main.py', '--config=configs/tiny.py',
+                           '--config.train.distributed=True', '--coordinator_address=127.0.0.1:1',
+                           '--num_processes=2', '--process_id=5'],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 2 and result.stderr.startswith('error: train.distributed: process_id and '
+                                                             'num_processes must be nonnegative')
+  assert len(result.stderr.splitlines()) == 1
 
 
 def _max_abs_difference(a, b) -> float:
