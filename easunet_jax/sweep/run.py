@@ -1,11 +1,12 @@
 """Runs a sweep: its points (`points`) that have no evaluation yet, after the shared split and slice
 store; the points themselves as processes (`launch`); then the table (`table`)."""
 
+import contextlib
 import json
 import pathlib
 import shlex
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 from absl import logging
@@ -15,7 +16,7 @@ from easunet_jax import config_check, models
 from easunet_jax.data import preprocess
 from easunet_jax.errors import ConfigError
 from easunet_jax.sweep import launch, table
-from easunet_jax.sweep.points import Point, load_config, load_sweep, point_args
+from easunet_jax.sweep.points import Point, Variant, load_config, load_sweep, point_args
 
 # Fields the sweep sets for every point: a user value would break the seeds or the shared slice store.
 _SWEEP_FIELDS = ('seed', 'data.cache_dir')
@@ -103,6 +104,15 @@ def _check_same_data(configs: dict[Point, ml_collections.ConfigDict]) -> None:
                         "slices to one network stride")
 
 
+@contextlib.contextmanager
+def _of_variant(variant: Variant) -> Iterator[None]:
+  """A ConfigError of the block names `variant`."""
+  try:
+    yield
+  except ConfigError as e:
+    raise ConfigError(f'variant {variant.name}: {e}') from None
+
+
 def _dry_run(points: Sequence[Point], args: dict[Point, list[str]],
              evaluations: dict[Point, pathlib.Path | None]) -> None:
   for point in points:
@@ -126,19 +136,15 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
   args = {p: point_args(p, workdir, overrides) for p in points}
   configs = {}
   for point in points:
-    try:
+    with _of_variant(point.variant):  # a config path is relative to the current folder, not the sweep file's
       configs[point] = load_config(args[point])
-    except ConfigError as e:  # a config path is relative to the current folder, not to the sweep file's
-      raise ConfigError(f'variant {point.variant.name}: {e}') from None
   _check_same_data(configs)
   for variant in variants:  # what each point's main.py would refuse at its start, before the slow stores
     config = configs[Point(variant, 0)].copy_and_resolve_references()
     if pathlib.Path(config.data.split_file) == workdir / 'splits.json':
       config.data.split_file = ''  # the sweep's own, written below
-    try:
+    with _of_variant(variant):
       config_check.check_config(config, default.get_config(), 'train')
-    except ConfigError as e:
-      raise ConfigError(f'variant {variant.name}: {e}') from None
   evaluations = {p: evaluation(workdir / p.name, configs[p]) for p in points}
   if dry_run:
     _dry_run(points, args, evaluations)
