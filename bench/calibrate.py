@@ -27,6 +27,7 @@ import transfer  # noqa: E402
 
 from easunet_jax import inference, predict, pretrained  # noqa: E402
 from easunet_jax.data import volumes  # noqa: E402
+from easunet_jax.errors import run_cli  # noqa: E402
 
 SEED = 3000
 
@@ -85,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  run_cli(main)

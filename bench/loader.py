@@ -21,6 +21,7 @@ from absl import flags
 from configs import default
 from easunet_jax import models
 from easunet_jax.data import phantom, pipeline, preprocess
+from easunet_jax.errors import run_cli
 
 
 def _rate(store: pathlib.Path, batch: int, batches: int, workers: int) -> float:
@@ -63,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  run_cli(main)

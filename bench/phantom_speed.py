@@ -38,6 +38,8 @@ def main(argv):
   shape = tuple(map(int, _SHAPE.value))
   cpus = data_workers.cpus()
   workers = _WORKERS.value or max(cpus, 2)
+  if workers > _NUM.value:  # write_dataset starts no more workers than there are subjects
+    raise app.UsageError(f'--num={_NUM.value}: fewer subjects than the {workers} workers to time')
   runs = {1: [], workers: []}
   for _ in range(_REPEATS.value):  # alternating, so that a change of the machine's load hits both
     for w in runs:

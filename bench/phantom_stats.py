@@ -19,6 +19,7 @@ import numpy as np
 
 from easunet_jax import measures
 from easunet_jax.data import knee, phantom, volumes
+from easunet_jax.errors import run_cli
 
 ROWS = (('slices_with_cartilage', 'sagittal slices with cartilage (fraction)'),
         ('fc_volume_mm3', 'femoral cartilage volume (mm^3)'),
@@ -69,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  run_cli(main)

@@ -27,15 +27,18 @@ import tempfile  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+import transfer  # noqa: E402
 
 from easunet_jax import pose, predict, pretrained  # noqa: E402
 from easunet_jax.data import volumes  # noqa: E402
+from easunet_jax.errors import run_cli  # noqa: E402
 
 
 def write_poses(scan: pathlib.Path, labels: pathlib.Path, out: pathlib.Path,
                 degrees: tuple[float, ...]) -> dict[str, str]:
   """Writes out/images/<pose>.nii.gz and out/labels/<pose>.nii.gz in the scan's canonical grid; returns
   {pose file stem: description}."""
+  transfer.check_made_with(out, {'scan': str(scan.resolve()), 'labels': str(labels.resolve())})
   nii = nib.as_closest_canonical(volumes.open_volume(scan))
   image, spacing = volumes.canonical_image(nii, scan)
   truth, _ = volumes.read_canonical(volumes.open_volume(labels), labels)
@@ -112,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  run_cli(main)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from easunet_jax import inference
+from easunet_jax.errors import run_cli
 
 
 def _numpy_resize(array: np.ndarray, size: Sequence[int], offset: Sequence[float]) -> np.ndarray:
@@ -69,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  run_cli(main)

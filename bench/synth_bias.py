@@ -30,6 +30,7 @@ import transfer  # noqa: E402
 
 from easunet_jax import measures, parallel, pretrained, steps  # noqa: E402
 from easunet_jax.data import knee, phantom, preprocess, synth, volumes  # noqa: E402
+from easunet_jax.errors import run_cli  # noqa: E402
 
 PLATES = [(name, k, volumes.OAI_ZIB_CARTILAGE[name]) for name, k in volumes.CLASSES.items()]  # class, label
 
@@ -89,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  run_cli(main)

@@ -12,6 +12,7 @@ import json
 
 from easunet_jax import measures
 from easunet_jax.data import knee, volumes
+from easunet_jax.errors import run_cli
 
 
 def main() -> None:
@@ -46,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  run_cli(main)

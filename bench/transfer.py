@@ -41,6 +41,7 @@ from scipy import ndimage  # noqa: E402
 
 from easunet_jax import measures, metrics, predict, pretrained  # noqa: E402
 from easunet_jax.data import knee, phantom, volumes  # noqa: E402
+from easunet_jax.errors import DataError, run_cli  # noqa: E402
 
 SEED = 1000  # the shipped model trained on dataset seeds 0, 2, 4 to 8, 11 and 12
 # --more_sets: intensity per OAI-ZIB label (background, femur, FC, tibia, TC) of the per-label synthesiser.
@@ -106,6 +107,16 @@ def _water_excitation(tissue: np.ndarray, spacing: Sequence[float], seed: int) -
                         bias=rng.uniform(-0.2, 0.2, 5), noise=rng.uniform(0.03, 0.05))
 
 
+def check_made_with(out: pathlib.Path, made_with: dict) -> None:
+  """Records in `out` the settings its volumes are made with, or refuses an `out` whose volumes were made
+  with others: a volume is kept once written, and would be taken for one of these settings."""
+  record = out / 'made_with.json'
+  if record.exists() and (recorded := json.loads(record.read_text())) != made_with:
+    raise DataError(f'{out} holds volumes made with {recorded}, not {made_with}: give another --out')
+  out.mkdir(parents=True, exist_ok=True)
+  record.write_text(json.dumps(made_with))
+
+
 def write_sets(out: pathlib.Path, num: int, every: int, more: bool, dataset_seed: int = SEED
                ) -> dict[str, pathlib.Path]:
   """The test sets of `dataset_seed` under `out`: {set name: folder with images/ and labels/}."""
@@ -120,6 +131,7 @@ def write_sets(out: pathlib.Path, num: int, every: int, more: bool, dataset_seed
     names += list(STRAYED_SETS)
     names += list(SCAN_GRID_SETS) + list(ARTEFACT_SETS)
   sets = {name: out / name for name in names}
+  check_made_with(out, {'every': every, 'dataset_seed': dataset_seed})
   for i in range(num):
     case = f'knee_{i:03d}'
     if all((folder / 'images' / f'{case}.nii.gz').exists() for folder in sets.values()):
@@ -226,4 +238,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  run_cli(main)

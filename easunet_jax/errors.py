@@ -6,6 +6,7 @@ and shows its traceback.
 """
 
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 
@@ -31,6 +32,15 @@ def one_line(error: BaseException) -> str:
   """`error`'s message on one line (its whitespace runs made single spaces), or its type's name where it
   has none."""
   return ' '.join(str(error).split()) or type(error).__name__
+
+
+def run_cli(main: Callable[[], None]) -> None:
+  """Runs a command line program's `main` (the bench scripts'), a UserError ending it in one line
+  (`exit_with`)."""
+  try:
+    main()
+  except UserError as e:
+    exit_with(e)
 
 
 def exit_with(error: UserError) -> NoReturn:

@@ -72,12 +72,12 @@ def surface_thickness_mm(plate: np.ndarray, bone: np.ndarray, spacing: Sequence[
   """Mean thickness of a plate measured another way than `thickness_map_mm`, to check it on label maps that
   hold the bone: from each plate voxel on the bone interface, the 3D distance to the nearest plate voxel on
   the articular surface (touching neither plate nor bone), plus one in-plane pixel for the half voxel beyond
-  each of the two voxel centres. 0 without an interface."""
+  each of the two voxel centres. NaN without an interface (no plate, or no bone beside it)."""
   spacing = np.asarray(spacing, float)
   inner = plate & ndimage.binary_dilation(bone)
   outer = plate & ndimage.binary_dilation(~plate & ~bone)
   if not inner.any() or not outer.any():
-    return 0.0
+    return float('nan')
   distance, _ = spatial.cKDTree(np.argwhere(outer) * spacing).query(np.argwhere(inner) * spacing)
   return float(distance.mean() + spacing[1:].min())
 

@@ -200,4 +200,5 @@ def test_thickness_agrees_with_surface_to_surface_distances(reference):
     ridge = measures.mean_thickness_mm(labels == plate, spacing)
     surface = measures.surface_thickness_mm(labels == plate, labels == bone, spacing)
     assert 1.2 < surface < 3.5
+    assert np.isnan(measures.surface_thickness_mm(labels == plate, labels < 0, spacing))  # no bone
     assert ridge == pytest.approx(surface, rel=0.03)  # as the docstring says (+1.1 % FC, -2.9 % TC measured)
