@@ -45,13 +45,16 @@ class _Log(logging.Handler):
 
 def _run_in_process(sweep_file, workdir) -> tuple[bool, str]:
   """`run.run_sweep` as the command line calls it with --seeds=2: (finished, its log)."""
-  log, logger, verbosity = _Log(), absl_logging.get_absl_logger(), absl_logging.get_verbosity()
+  # The logger's own level, not absl's verbosity, is put back: restoring the verbosity would leave it a level
+  # of its own, which a later test's caplog.at_level (of the root logger) no longer lowers.
+  log, logger = _Log(), absl_logging.get_absl_logger()
+  level = logger.level
   logger.addHandler(log)
-  absl_logging.set_verbosity(absl_logging.INFO)
+  logger.setLevel(logging.INFO)
   try:
     return run.run_sweep(str(sweep_file), workdir, 2, 1, False, []), log.text
   finally:
-    absl_logging.set_verbosity(verbosity)
+    logger.setLevel(level)
     logger.removeHandler(log)
 
 
