@@ -401,7 +401,7 @@ def _score_lines(scored: Sequence[dict]) -> list[str]:
            '| Scan | FC Dice % | TC Dice % | Mean Dice % | FC HD95 mm | TC HD95 mm | FC thickness error mm | '
            'TC thickness error mm |', '|---|---|---|---|---|---|---|---|']
   rows = [cells(r['scores']['fc'], r['scores']['tc']) for r in scored]
-  lines += [f"| {pathlib.Path(r['input']).name} | " + ' | '.join(metrics.mean_std_text(x, None) for x in row)
+  lines += [f"| {pathlib.Path(r['input']).name} | " + ' | '.join(_number(x, '.2f') for x in row)
             + ' |'
             for r, row in zip(scored, rows)]
   lines += [f'| mean ± std ({len(scored)} scans) | ' + ' | '.join(map(_mean_std, zip(*rows))) + ' |', '']
