@@ -27,7 +27,7 @@ from easunet_jax.errors import CheckpointError, ConfigError, one_line
 BEST_METRIC = 'val/dice_mean'
 # Fields of the `model` group that choose only how the network is computed, not its weights: a checkpoint
 # serves any of them. Every other field must match the checkpoint's.
-_COMPUTE_ONLY_FIELDS = ('dtype', 'depthwise_impl')
+COMPUTE_ONLY_FIELDS = ('dtype', 'depthwise_impl')
 _DELETING = 'deleting'
 # What orbax names a step while it writes it (<step>.orbax-checkpoint-tmp-<time>), renamed when complete.
 _HALF_WRITTEN = '.orbax-checkpoint-tmp'
@@ -115,7 +115,7 @@ def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, source: 
   describes, naming both; the message offers `instead` (e.g. 'another workdir') as the other way out."""
   # A field the file predates: it was trained as the field's default behaves.
   trained = {**default.get_config().model.to_dict(), **saved.get('model', {})}
-  fields = [k for k in model_cfg if k not in _COMPUTE_ONLY_FIELDS]
+  fields = [k for k in model_cfg if k not in COMPUTE_ONLY_FIELDS]
   differ = [k for k in fields if _plain(trained.get(k)) != _plain(model_cfg.get(k))]
   if differ:
     shown = dict.fromkeys(['name', *differ])

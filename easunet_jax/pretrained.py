@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from configs import default
-from easunet_jax import atomic, checkpoints, parallel, steps
+from easunet_jax import atomic, checkpoints, parallel, records, steps
 from easunet_jax.data import pipeline
 from easunet_jax.errors import CheckpointError
 from easunet_jax.models import abstract_model
@@ -34,11 +34,20 @@ def _named_leaves(tree) -> dict[str, jax.Array]:
 def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, output: str | pathlib.Path
            ) -> dict:
   """Writes the checkpoint eval.checkpoint names in `workdir` to `output` (.npz), whole or not at all;
-  returns its metadata: the step, the config and the in-plane pixel size it was trained at."""
+  returns its metadata: the step, the config and the in-plane pixel size it was trained at.
+
+  The config stored is the one the workdir's latest training ran with (its `runs.jsonl`), so that a file
+  exported under a shorter --config still scores --labels by the label map it learnt; `config` gives its
+  predict settings and how the network is computed (`config` is stored whole where the workdir has no
+  record)."""
   workdir = pathlib.Path(workdir)
   step, _, state = steps.restore_for_inference(config, workdir, parallel.make_mesh())
   pixel = list(pipeline.trained_pixel_mm(config, workdir))
-  meta = {'step': int(step), 'config': config.to_dict(), 'pixel_mm': pixel}
+  stored = config.to_dict()
+  if (trained := records.last_config(workdir)) is not None:
+    computed_as = {k: stored['model'][k] for k in checkpoints.COMPUTE_ONLY_FIELDS}
+    stored = trained | {'predict': stored['predict'], 'model': trained['model'] | computed_as}
+  meta = {'step': int(step), 'config': stored, 'pixel_mm': pixel}
   arrays = {f'params{k}': np.asarray(v, np.float16) for k, v in _named_leaves(state.params).items()}
   arrays |= {f'batch_stats{k}': np.asarray(v, np.float32)
              for k, v in _named_leaves(state.batch_stats).items()}

@@ -35,3 +35,18 @@ def record_start(workdir: pathlib.Path, config: ml_collections.ConfigDict, start
             'jax': jax.__version__, 'devices': jax.device_count(), 'config': config.to_dict()}
   with open(workdir / 'runs.jsonl', 'a') as f:
     f.write(json.dumps(record) + '\n')
+
+
+def last_config(workdir: pathlib.Path) -> dict | None:
+  """The config of the workdir's latest training start, or None where it has no record (a workdir of
+  checkpoints copied alone). A line cut short by a crash while it was written is passed over."""
+  try:
+    lines = (workdir / 'runs.jsonl').read_text().splitlines()
+  except FileNotFoundError:
+    return None
+  for line in reversed(lines):
+    try:
+      return json.loads(line)['config']
+    except (ValueError, KeyError, TypeError):
+      continue
+  return None

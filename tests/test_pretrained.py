@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default, tiny
-from easunet_jax import checkpoints, config_check, parallel, pretrained, steps
+from easunet_jax import checkpoints, config_check, parallel, pretrained, records, steps
 from easunet_jax.errors import CheckpointError, DataError
 
 
@@ -124,6 +124,26 @@ def test_damaged_files_and_odd_names_are_one_line_errors_or_work(workdir, tmp_pa
     pretrained.export(config, without_store, tmp_path / 'no_store.npz')
   config.predict.spacing = (0.7, 0.7)
   assert pretrained.export(config, without_store, tmp_path / 'no_store.npz')['pixel_mm'] == [0.7, 0.7]
+
+
+def test_the_file_keeps_the_training_config_and_takes_the_export_predict_settings(workdir, tmp_path):
+  """Exported under a shorter --config than it was trained with, the file still holds the training's label
+  map (by which --labels are scored); the export's config gives the predict settings and how the network is
+  computed. A record cut short by a crash is passed over."""
+  copied = tmp_path / 'workdir'
+  shutil.copytree(workdir, copied)
+  trained = tiny.get_config()
+  trained.data.label_map = ((2, 1), (4, 2), (5, 2))  # OAIZIB-CM's two tibial labels
+  trained.model.depthwise_impl = 'xla'
+  records.record_start(copied, trained, 0)
+  with open(copied / 'runs.jsonl', 'a') as f:
+    f.write('{"time": "2026-12-06T10:0')
+  given = tiny.get_config()
+  given.predict.subpixel_tta = False
+  pretrained.export(given, copied, tmp_path / 'model.npz')
+  config = pretrained.config_of(tmp_path / 'model.npz')
+  assert [tuple(pair) for pair in config.data.label_map] == [(2, 1), (4, 2), (5, 2)]
+  assert not config.predict.subpixel_tta and config.model.depthwise_impl == given.model.depthwise_impl
 
 
 def test_a_config_beside_the_file_gives_the_predict_settings(workdir, tmp_path):

@@ -12,7 +12,7 @@ import ml_collections
 from absl import logging
 
 from configs import default
-from easunet_jax import config_check, models
+from easunet_jax import config_check, models, records
 from easunet_jax.data import preprocess
 from easunet_jax.errors import ConfigError
 from easunet_jax.sweep import launch, table
@@ -46,11 +46,9 @@ def _check_trained_as_asked(point: Point, point_dir: pathlib.Path, config: ml_co
   """Refuses a point whose folder holds a training under other settings than the sweep now gives it (a
   variant's or a --config field changed since): resumed or taken as finished, its model would be tabled
   under settings it was not trained with."""
-  records = point_dir / 'runs.jsonl'
-  if not records.exists():
+  if (trained_config := records.last_config(point_dir)) is None:
     return
-  trained = config_check.leaves(ml_collections.ConfigDict(json.loads(records.read_text().splitlines()[-1])
-                                                          ['config']))
+  trained = config_check.leaves(ml_collections.ConfigDict(trained_config))
   asked = config_check.leaves(ml_collections.ConfigDict(json.loads(config.to_json())))
   differ = [k for k, v in asked.items()
             if k in trained and trained[k] != v and not k.startswith(_NOT_TRAINED_WITH)]
