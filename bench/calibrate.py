@@ -27,7 +27,7 @@ import transfer  # noqa: E402
 
 from easunet_jax import inference, predict, pretrained  # noqa: E402
 from easunet_jax.data import volumes  # noqa: E402
-from easunet_jax.errors import run_cli  # noqa: E402
+from easunet_jax.errors import positive_int, run_cli  # noqa: E402
 
 SEED = 3000
 
@@ -35,8 +35,9 @@ SEED = 3000
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--weights', default=str(pretrained.SHIPPED), help='a model file (--mode=export)')
-  parser.add_argument('--num', type=int, default=3, help='knees per set')
-  parser.add_argument('--every', type=int, default=2, help='every N-th sagittal slice only (N x faster)')
+  parser.add_argument('--num', type=positive_int, default=3, help='knees per set')
+  parser.add_argument('--every', type=positive_int, default=2,
+                      help='every N-th sagittal slice only (N x faster)')
   parser.add_argument('--seed', type=int, default=SEED, help='dataset seed of the knees')
   parser.add_argument('--out', default='', help='where the knees go (default: a temp dir); knees already '
                       'there are reused')

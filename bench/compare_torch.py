@@ -27,14 +27,15 @@ from easunet_jax import environment
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TORCH_VENV = REPO / '.bench' / 'torch-venv'
 
-_CONFIG = flags.DEFINE_string('config', 'configs/eas.py',
+_CONFIG = flags.DEFINE_string('config', str(REPO / 'configs' / 'eas.py'),
                               "Our configuration (the reference is EAS U-Net at configs/eas.py's widths).")
-_BATCH = flags.DEFINE_integer('batch', 4, 'Slices per step, both sides.')
-_SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width, both sides.')
-_PAIRS = flags.DEFINE_integer('pairs', 3, 'Alternating rounds of ours and the reference.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps of each run (its median is used).')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
-_THREADS = flags.DEFINE_integer('threads', 2, 'Threads of both sides (XLA:CPU uses one per core).')
+_BATCH = flags.DEFINE_integer('batch', 4, 'Slices per step, both sides.', lower_bound=1)
+_SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width, both sides.', lower_bound=1)
+_PAIRS = flags.DEFINE_integer('pairs', 3, 'Alternating rounds of ours and the reference.', lower_bound=1)
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps of each run (its median is used).', lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first.', lower_bound=0)
+_THREADS = flags.DEFINE_integer('threads', 2, 'Threads of both sides (XLA:CPU uses one per core).',
+                               lower_bound=1)
 _TORCH_LAYOUTS = flags.DEFINE_list('torch_layouts', ['channels_last', 'nchw'],
                                    'Memory layouts the reference runs in; the faster counts.')
 _TORCH_BENCH = flags.DEFINE_string('torch_bench', str(REPO.parent / 'shared' / 'bench' / 'torch_bench.py'),
@@ -65,18 +66,26 @@ def run_json(cmd: list[str], env: dict[str, str]) -> dict:
 
 def main(argv):
   del argv
+  if not os.path.isfile(_TORCH_BENCH.value):
+    raise app.UsageError(f"--torch_bench={_TORCH_BENCH.value}: no such file (the PyTorch reference's "
+                         'benchmark script)')
+  config = os.path.abspath(_CONFIG.value)  # step_time.py runs in the repo root, not here
   env = environment.benchmark_env(_THREADS.value)
   common = [f'--batch={_BATCH.value}', f'--size={_SIZE.value}', f'--steps={_STEPS.value}',
             f'--warmup={_WARMUP.value}']
   ours = [sys.executable, '-u']
-  torch_cmd = [torch_python(), _TORCH_BENCH.value, '--model', 'eas_unet', '--batch', str(_BATCH.value),
+  python = torch_python()
+  # Before our side is timed: a Python without torch would fail only after it.
+  if subprocess.run([python, '-c', 'import torch'], env=env, capture_output=True, check=False).returncode:
+    raise app.UsageError(f'{python} cannot import torch; set $TORCH_PYTHON to a Python that can')
+  torch_cmd = [python, _TORCH_BENCH.value, '--model', 'eas_unet', '--batch', str(_BATCH.value),
                '--size', str(_SIZE.value), '--steps', str(_STEPS.value), '--warmup', str(_WARMUP.value),
                '--threads', str(_THREADS.value)]
   pairs = []
   for pair in range(_PAIRS.value):
-    train = run_json(ours + ['bench/step_time.py', '--step=train', f'--config={_CONFIG.value}',
+    train = run_json(ours + ['bench/step_time.py', '--step=train', f'--config={config}',
                              f'--cache_dir={_CACHE_DIR.value}'] + common, env)
-    infer = run_json(ours + ['bench/step_time.py', '--step=inference', f'--config={_CONFIG.value}'] + common,
+    infer = run_json(ours + ['bench/step_time.py', '--step=inference', f'--config={config}'] + common,
                      env)
     torch_runs = {layout: run_json(torch_cmd + ['--channels-last'] * (layout == 'channels_last'), env)
                   for layout in _TORCH_LAYOUTS.value}
@@ -99,7 +108,7 @@ def main(argv):
           f"({row['torch_infer_layout']}) = {row['infer_ratio']}; our compile {row['ours_compile_s']} s",
           flush=True)
   print(json.dumps({
-      'config': _CONFIG.value, 'batch': _BATCH.value, 'size': _SIZE.value, 'threads': _THREADS.value,
+      'config': config, 'batch': _BATCH.value, 'size': _SIZE.value, 'threads': _THREADS.value,
       'device': train['device'], 'dtype': train['dtype'], 'torch': torch_train['torch'],
       'train_ratio_median': statistics.median(r['train_ratio'] for r in pairs),
       'infer_ratio_median': statistics.median(r['infer_ratio'] for r in pairs), 'pairs': pairs}))

@@ -21,7 +21,7 @@ from absl import flags
 from configs import default
 from easunet_jax import models
 from easunet_jax.data import phantom, pipeline, preprocess
-from easunet_jax.errors import run_cli
+from easunet_jax.errors import positive_int, run_cli
 
 
 def _rate(store: pathlib.Path, batch: int, batches: int, workers: int) -> float:
@@ -39,10 +39,11 @@ def _rate(store: pathlib.Path, batch: int, batches: int, workers: int) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--subjects', type=int, default=3, help='phantom subjects at OAI-ZIB geometry')
-  parser.add_argument('--batch', type=int, default=16, help='slices per batch (configs/eas.py: 16)')
-  parser.add_argument('--batches', type=int, default=8, help='batches timed per repeat')
-  parser.add_argument('--repeats', type=int, default=3, help='repeats per setting; the median is reported')
+  parser.add_argument('--subjects', type=positive_int, default=3, help='phantom subjects at OAI-ZIB geometry')
+  parser.add_argument('--batch', type=positive_int, default=16, help='slices per batch (configs/eas.py: 16)')
+  parser.add_argument('--batches', type=positive_int, default=8, help='batches timed per repeat')
+  parser.add_argument('--repeats', type=positive_int, default=3,
+                      help='repeats per setting; the median is reported')
   args = parser.parse_args()
   flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags
   with tempfile.TemporaryDirectory(prefix='loader_bench_') as tmp:

@@ -15,9 +15,10 @@ from absl import app, flags
 from flax import nnx
 
 from configs import attention_unet, eas, unet, unetpp
-from easunet_jax.models import abstract_model
+from easunet_jax.models import abstract_model, stride
 
-_SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width.')
+_SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width (a multiple of the networks\' stride).',
+                            lower_bound=1)
 _DEPTHWISE = flags.DEFINE_enum('depthwise_impl', 'xla', ['xla', 'shift'],
                                "EAS U-Net's depthwise convolution as XLA counts it.")
 
@@ -42,6 +43,8 @@ def params_and_gflops(model_cfg: ml_collections.ConfigDict, size: int) -> tuple[
 
 def main(argv):
   del argv
+  if _SIZE.value % (multiple := max(stride(c.get_config().model.features) for _, c, _ in ROWS)):
+    raise app.UsageError(f'--size={_SIZE.value}: not a multiple of the networks\' stride, {multiple}')
   print(f'| model / ablation | params | GFLOPs ({_SIZE.value} x {_SIZE.value}, batch 1) |')
   print('|---|---:|---:|')
   for label, config_module, overrides in ROWS:

@@ -18,11 +18,11 @@ from absl import app, flags
 from easunet_jax.data import phantom
 from easunet_jax.data import workers as data_workers
 
-_NUM = flags.DEFINE_integer('num', 4, 'Phantom subjects per run.')
+_NUM = flags.DEFINE_integer('num', 4, 'Phantom subjects per run.', lower_bound=1)
 _SHAPE = flags.DEFINE_list('shape', [str(n) for n in phantom.DEFAULT_SHAPE], 'Voxels of a subject.')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Worker processes of the parallel run; default one per CPU.',
                                 lower_bound=2)
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Runs of each setting; the median is reported.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Runs of each setting; the median is reported.', lower_bound=1)
 
 
 def _seconds(shape: tuple[int, ...], workers: int) -> float:

@@ -19,7 +19,7 @@ import numpy as np
 
 from easunet_jax import measures
 from easunet_jax.data import knee, phantom, volumes
-from easunet_jax.errors import run_cli
+from easunet_jax.errors import positive_int, run_cli
 
 ROWS = (('slices_with_cartilage', 'sagittal slices with cartilage (fraction)'),
         ('fc_volume_mm3', 'femoral cartilage volume (mm^3)'),
@@ -37,9 +37,9 @@ def _measures(labels: np.ndarray, spacing) -> dict[str, float]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--anatomy', choices=sorted(GENERATORS), default='reference')
-  parser.add_argument('--num', type=int, default=5, help='phantom subjects')
+  parser.add_argument('--num', type=positive_int, default=5, help='phantom subjects')
   parser.add_argument('--reference', default=str(knee.REFERENCE), help='a real label map in OAI-ZIB labels')
-  parser.add_argument('--every', type=int, default=1, help='generate every N-th sagittal slice only')
+  parser.add_argument('--every', type=positive_int, default=1, help='generate every N-th sagittal slice only')
   parser.add_argument('--oa_fraction', type=float, default=0.0,
                       help='reference anatomy: the fraction of osteoarthritic subjects')
   args = parser.parse_args()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from easunet_jax import inference
-from easunet_jax.errors import run_cli
+from easunet_jax.errors import positive_int, run_cli
 
 
 def _numpy_resize(array: np.ndarray, size: Sequence[int], offset: Sequence[float]) -> np.ndarray:
@@ -47,10 +47,13 @@ def _median_s(resize: Callable, array: np.ndarray, size: Sequence[int], offset: 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--slices', type=int, default=80, help='sagittal slices (the 3D DESS grid: 80)')
-  parser.add_argument('--scan', type=int, default=512, help="the scan's in-plane pixels per axis")
-  parser.add_argument('--network', type=int, default=256, help="the network's in-plane pixels per axis")
-  parser.add_argument('--repeats', type=int, default=5, help='timed calls per case; the median is reported')
+  parser.add_argument('--slices', type=positive_int, default=80,
+                      help='sagittal slices (the 3D DESS grid: 80)')
+  parser.add_argument('--scan', type=positive_int, default=512, help="the scan's in-plane pixels per axis")
+  parser.add_argument('--network', type=positive_int, default=256,
+                      help="the network's in-plane pixels per axis")
+  parser.add_argument('--repeats', type=positive_int, default=5,
+                      help='timed calls per case; the median is reported')
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   scan, network = (args.scan, args.scan), (args.network, args.network)

@@ -20,6 +20,7 @@ import functools  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import pathlib  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -29,13 +30,16 @@ from ml_collections import config_flags  # noqa: E402
 
 from easunet_jax import parallel, steps  # noqa: E402
 from easunet_jax.data import pipeline  # noqa: E402
+from easunet_jax.models import stride  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/eas.py', 'Configuration file.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'eas.py'), 'Configuration file.')
 _STEP = flags.DEFINE_enum('step', 'train', ['train', 'inference'], 'What is timed.')
-_BATCH = flags.DEFINE_integer('batch', 4, 'Global batch.')
-_SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (the median is reported).')
-_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+_BATCH = flags.DEFINE_integer('batch', 4, 'Global batch.', lower_bound=1)
+_SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width (a multiple of the network\'s stride).',
+                            lower_bound=1)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (the median is reported).', lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
 _CACHE_DIR = flags.DEFINE_string('cache_dir', '', "JAX's persistent compilation cache; '' = none.")
 
 
@@ -46,6 +50,8 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   config = _CONFIG.value
   batch_size, size = _BATCH.value, _SIZE.value
+  if size % (multiple := stride(config.model.features)):
+    raise app.UsageError(f'--size={size}: not a multiple of the network\'s stride, {multiple}')
   mesh = parallel.make_mesh()
   data_sharding, replicated = parallel.shardings(mesh)
   tx = steps.make_optimizer(config.optim, num_steps=1000)

@@ -30,7 +30,7 @@ import transfer  # noqa: E402
 
 from easunet_jax import measures, parallel, pretrained, steps  # noqa: E402
 from easunet_jax.data import knee, phantom, preprocess, synth, volumes  # noqa: E402
-from easunet_jax.errors import run_cli  # noqa: E402
+from easunet_jax.errors import positive_int, run_cli  # noqa: E402
 
 PLATES = [(name, k, volumes.OAI_ZIB_CARTILAGE[name]) for name, k in volumes.CLASSES.items()]  # class, label
 
@@ -38,13 +38,13 @@ PLATES = [(name, k, volumes.OAI_ZIB_CARTILAGE[name]) for name, k in volumes.CLAS
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--weights', default=str(pretrained.SHIPPED), help='a model file (--mode=export)')
-  parser.add_argument('--num', type=int, default=6, help='knees')
+  parser.add_argument('--num', type=positive_int, default=6, help='knees')
   parser.add_argument('--seed', type=int, default=3000, help='dataset seed of the knees')
   parser.add_argument('--oa_fraction', type=float, default=0.5, help='share of osteoarthritic knees')
-  parser.add_argument('--draws', type=int, default=2, help='renderings per knee (--render=synth)')
+  parser.add_argument('--draws', type=positive_int, default=2, help='renderings per knee (--render=synth)')
   parser.add_argument('--render', choices=('synth', *knee.CONTRASTS), default='synth',
                       help="the training synthesis, or the phantom's DESS-like or TSE-like renderer")
-  parser.add_argument('--batch', type=int, default=16, help='slices per forward pass')
+  parser.add_argument('--batch', type=positive_int, default=16, help='slices per forward pass')
   args = parser.parse_args()
   config = pretrained.config_of(args.weights)
   _, graphdef, state = pretrained.load(config, args.weights, parallel.make_mesh())

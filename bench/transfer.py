@@ -41,7 +41,7 @@ from scipy import ndimage  # noqa: E402
 
 from easunet_jax import measures, metrics, predict, pretrained  # noqa: E402
 from easunet_jax.data import knee, phantom, volumes  # noqa: E402
-from easunet_jax.errors import DataError, run_cli  # noqa: E402
+from easunet_jax.errors import DataError, positive_int, run_cli  # noqa: E402
 
 SEED = 1000  # the shipped model trained on dataset seeds 0, 2, 4 to 8, 11 and 12
 # --more_sets: intensity per OAI-ZIB label (background, femur, FC, tibia, TC) of the per-label synthesiser.
@@ -178,10 +178,11 @@ def score(classes: np.ndarray, labels: np.ndarray, spacing: Sequence[float]) -> 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--weights', default=str(pretrained.SHIPPED), help='a model file (--mode=export)')
-  parser.add_argument('--num', type=int, default=3, help='test knees per set')
+  parser.add_argument('--num', type=positive_int, default=3, help='test knees per set')
   parser.add_argument('--out', default='', help='where the test sets and masks go (default: a temp dir); '
                       'test knees already there are reused, and masks the same model and settings made')
-  parser.add_argument('--every', type=int, default=1, help='every N-th sagittal slice only (N x faster)')
+  parser.add_argument('--every', type=positive_int, default=1,
+                      help='every N-th sagittal slice only (N x faster)')
   parser.add_argument('--single_grid', action='store_true',
                       help='predict on one sampling grid (predict.subpixel_tta=False)')
   parser.add_argument('--slice_sigma_mm', type=float, default=None,

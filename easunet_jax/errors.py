@@ -5,6 +5,7 @@ was expected. `main.py` prints that line alone and exits with `exit_code`; any o
 and shows its traceback.
 """
 
+import argparse
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -32,6 +33,18 @@ def one_line(error: BaseException) -> str:
   """`error`'s message on one line (its whitespace runs made single spaces), or its type's name where it
   has none."""
   return ' '.join(str(error).split()) or type(error).__name__
+
+
+def positive_int(text: str) -> int:
+  """An argparse type of the bench scripts' counts (knees, slices, repeats): a whole number >= 1, or
+  argparse's one-line usage error."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number >= 1')
+  return value
 
 
 def run_cli(main: Callable[[], None]) -> None:
