@@ -17,7 +17,7 @@ from ml_collections import config_flags  # noqa: E402
 from configs import default  # noqa: E402
 from easunet_jax import checkpoints, config_check, evaluate, parallel, predict, pretrained, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
-from easunet_jax.errors import ConfigError, UserError, exit_with, one_line  # noqa: E402
+from easunet_jax.errors import ConfigError, UserError, exit_with  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo]; '
                                 'without it, --mode=predict uses the shipped model.', lock_config=True)
@@ -135,10 +135,9 @@ def main(argv):
                     'this process alone', FLAGS.mode)
   elif config.train.distributed:
     try:
-      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    except ValueError as e:  # a flag missing (outside a cluster JAX reads them from) or out of range
-      exit_with(ConfigError(f'train.distributed: {one_line(e)} (--coordinator_address, --num_processes, '
-                            '--process_id)'))
+      parallel.join_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ConfigError as e:
+      exit_with(e)
   if jax.process_index() > 0:  # process 0 speaks for all: progress lines, validation and reports
     logging.set_verbosity(logging.WARNING)
   workdir = FLAGS.workdir or os.path.join('runs', config.name)

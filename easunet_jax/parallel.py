@@ -4,15 +4,61 @@ fit it, and work that one process does while the others wait."""
 import contextlib
 import hashlib
 import pathlib
+import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from easunet_jax.errors import UserError
+from easunet_jax.errors import ConfigError, UserError, one_line
+
+# How long the processes wait for each other to join: JAX's default.
+JOIN_TIMEOUT_S = 300
+
+
+def join_processes(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
+                   timeout_s: int = JOIN_TIMEOUT_S, say_after_s: float = 10) -> None:
+  """jax.distributed.initialize, with what a user needs to hear: after `say_after_s` of waiting, a line
+  saying for what and for how long; and, for a process other than 0, an address where nothing answers ends
+  in one line after `timeout_s` (JAX's own client would abort the process with a C++ stack trace). Bad
+  flags are one ConfigError line."""
+  def waiting():
+    logging.warning('process %s of %s: waiting for the processes to join at --coordinator_address=%s (%d s '
+                    'at most)', process_id, num_processes, coordinator_address, timeout_s)
+  timer = threading.Timer(say_after_s, waiting)
+  timer.start()
+  try:
+    if coordinator_address and num_processes and process_id is not None and 0 < process_id < num_processes:
+      _wait_for_coordinator(coordinator_address, timeout_s)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=timeout_s)
+  except ValueError as e:  # a flag missing (outside a cluster JAX reads them from) or out of range
+    raise ConfigError(f'train.distributed: {one_line(e)} (--coordinator_address, --num_processes, '
+                      '--process_id)') from None
+  finally:
+    timer.cancel()
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  host, _, port = address.rpartition(':')
+  if not port.isdigit():
+    raise ConfigError(f'--coordinator_address={address}: expected host:port')
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host.strip('[]'), int(port)), timeout=5).close()
+      return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise ConfigError(f'--coordinator_address={address}: nothing answered there in {timeout_s:g} s '
+                          f'({one_line(e)}); start process 0 on that host, or give its address') from None
+      time.sleep(1)
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:

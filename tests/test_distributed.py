@@ -5,6 +5,7 @@ coordinator, train configs/tiny.py (augmented) through main.py like a one-proces
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from easunet_jax import checkpoints
+from easunet_jax import checkpoints, parallel
+from easunet_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -94,6 +96,16 @@ def test_a_distributed_flag_out_of_range_is_one_line():
   assert result.returncode == 2 and result.stderr.startswith('error: train.distributed: process_id and '
                                                              'num_processes must be nonnegative')
   assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_process_that_finds_no_coordinator_says_it_waits_then_stops_in_one_line(caplog):
+  """JAX's own client waits its time-out in silence, then aborts the process with a C++ stack trace."""
+  address = f'127.0.0.1:{_free_port()}'
+  with pytest.raises(ConfigError, match=rf'^--coordinator_address={re.escape(address)}: nothing answered '
+                     r'there in 2 s \(.*\); start process 0 on that host, or give its address$'):
+    parallel.join_processes(address, 2, 1, timeout_s=2, say_after_s=0.5)
+  assert (f'process 1 of 2: waiting for the processes to join at --coordinator_address={address} (2 s at '
+          'most)') in caplog.text
 
 
 def _max_abs_difference(a, b) -> float:
