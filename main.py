@@ -58,28 +58,6 @@ flags.DEFINE_integer('process_id', None, 'train.distributed: this process, 0 .. 
 FLAGS = flags.FLAGS
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, where a bad flag or --config.<field> override ends the run with one line and
-  ConfigError's exit code (absl prints two lines, and a traceback for an unknown config field)."""
-  try:
-    argv = FLAGS(argv)
-    if FLAGS.config is not None:
-      FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read
-    return argv
-  except OSError as e:  # the config file: only the last line of the chained report says why
-    if '--verbose' in argv or '--verbose=true' in argv:
-      raise
-    exit_with(ConfigError(f'--config: {str(e).strip().splitlines()[-1]}'))
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
-    # An unknown field, or an element of a sequence (features.0, which absl cannot parse), is one line; an
-    # error of a config file's own code keeps its traceback.
-    foreign = not isinstance(e, flags.Error | TypeError) and not config_check.unknown_overrides(
-        argv, default.get_config())
-    if foreign or '--verbose' in argv or '--verbose=true' in argv:
-      raise
-    exit_with(ConfigError(config_check.override_error(e, argv, default.get_config())))
-
-
 # What a stop left on disk, in each mode where Ctrl-C ends the run (training saves a checkpoint instead).
 _AFTER_A_STOP = {
     'predict': ': the scans finished are in --output; of a directory of scans, the same command with '
@@ -202,4 +180,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_check.parse_flags)

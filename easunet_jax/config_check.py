@@ -11,10 +11,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import flags
 from flax import nnx
 
+from configs import default
 from easunet_jax import models, steps
-from easunet_jax.errors import ConfigError, one_line
+from easunet_jax.errors import ConfigError, exit_with, one_line
 
 # Slices of this many strides trace the step for real data: their slice store pads slices to a multiple.
 _TRACE_STRIDES = 16
@@ -24,6 +26,47 @@ _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict
                  'predict.slice_sigma_mm', 'optim.weight_decay', 'data.phantom_elastic_mm',
                  'eval.num_figure_slices')
 NAN_POLICIES = ('stop', 'skip')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for a program with a --config flag (main.py, `python -m easunet_jax.models`), where a
+  bad flag or --config.<field> override ends the run with one line and ConfigError's exit code (absl prints
+  two lines, and a traceback for an unknown config field)."""
+  verbose = '--verbose' in argv or '--verbose=true' in argv
+  try:
+    check_given_once(argv, default.get_config())
+    argv = flags.FLAGS(argv)
+    if flags.FLAGS.config is not None:
+      flags.FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read
+    return argv
+  except ConfigError as e:
+    exit_with(e)
+  except OSError as e:  # the config file: only the last line of the chained report says why
+    if verbose:
+      raise
+    exit_with(ConfigError(f'--config: {str(e).strip().splitlines()[-1]}'))
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
+    # An unknown field, or an element of a sequence (features.0, which absl cannot parse), is one line; an
+    # error of a config file's own code keeps its traceback.
+    foreign = not isinstance(e, flags.Error | TypeError) and not unknown_overrides(argv, default.get_config())
+    if foreign or verbose:
+      raise
+    exit_with(ConfigError(override_error(e, argv, default.get_config())))
+
+
+def check_given_once(argv: Sequence[str], reference: ml_collections.ConfigDict) -> None:
+  """Refuses a tuple field (`reference`'s) given twice among `argv`'s --config.<field> overrides: absl would
+  join the two tuples into one (a network of both widths), where a scalar field's last value wins."""
+  given = collections.defaultdict(list)
+  for arg in argv:
+    if arg.startswith('--config.'):
+      name, _, value = arg.removeprefix('--config.').partition('=')
+      given[name].append(value)
+  tuples = {name for name, value in leaves(reference).items() if isinstance(value, tuple | list)}
+  for name, values in given.items():
+    if name in tuples and len(values) > 1:
+      raise ConfigError(f'--config.{name} is given {len(values)} times ({", then ".join(values)}), and absl '
+                        'would join them into one tuple; give it once')
 
 
 def override_error(error: Exception, argv: Sequence[str], reference: ml_collections.ConfigDict) -> str:

@@ -214,3 +214,15 @@ def test_models_command_prints_the_overview_of_a_baseline_config_with_its_argume
   assert model_cfg.features == (16, 32, 64, 128, 256)
   assert 'nested/0/0/up/kernel' in out
   assert out.strip().splitlines()[-1] == f'params: {_config_count(model_cfg)}'
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.model.eca=False'], "model.eca is an EAS U-Net ablation; model.name 'unet' needs model.eca"),
+    (['--config.model.nosuch=1'], '--config.model.nosuch: no such config field (expected one of model.'),
+    (['--config.model.features=(8, 16, 32)', '--config.model.features=(4, 8)'],
+     '--config.model.features is given 2 times ((8, 16, 32), then (4, 8)), and absl would join them')])
+def test_models_command_refuses_a_config_it_cannot_build_in_one_line(overrides, message):
+  result = subprocess.run([sys.executable, '-m', 'easunet_jax.models', '--config=configs/unet.py',
+                           *overrides], cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 2 and result.stderr.startswith(f'error: {message}'), result.stderr[-2000:]
+  assert len(result.stderr.splitlines()) == 1

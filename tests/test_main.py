@@ -185,6 +185,9 @@ BAD_FLAGS = {
     'element of a sequence': ('--config.model.features.0=3',
                               '--config.model.features.0: model.features is set whole, e.g. '
                               '--config.model.features="(32, 64, 128, 256, 512)"'),
+    'a tuple field twice': (('--config.model.features=(8, 16, 32)', '--config.model.features=(8, 16)'),
+                            '--config.model.features is given 2 times ((8, 16, 32), then (8, 16)), and absl '
+                            'would join them into one tuple; give it once'),
 }
 # config_check's other start-up checks, called as main.py calls it (a process each would add ~6 s).
 BAD_VALUES = {
@@ -311,8 +314,8 @@ def test_a_config_files_own_error_shows_its_traceback(tmp_path):
 
 @pytest.mark.parametrize('name', BAD_FLAGS)
 def test_bad_config_is_exit_code_2_and_one_line(name, phantom_dir, tmp_path):
-  override, message = BAD_FLAGS[name]
-  result = _run(tmp_path / 'run', phantom_dir, override)
+  overrides, message = BAD_FLAGS[name]
+  result = _run(tmp_path / 'run', phantom_dir, *([overrides] if isinstance(overrides, str) else overrides))
   assert result.returncode == 2
   assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f'error: {message}')
   assert not (tmp_path / 'run').exists()  # stopped before anything was written

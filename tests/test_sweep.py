@@ -206,12 +206,23 @@ def test_a_closed_terminal_stops_the_points_as_sigterm_does(tmp_path):
 
 
 def test_a_variants_fields_win_over_the_users_and_the_sweeps_seed_over_both():
-  """A user's flag for a field a variant sets (a model name, say) would make every variant the same one."""
-  variant = points.Variant('v', 'v', 'configs/tiny.py', ('--config.train.num_steps=5', '--config.seed=9'))
+  """A user's flag for a field a variant sets (a model name, say) would make every variant the same one; of
+  a tuple field, absl would join the two values into one network of both widths."""
+  variant = points.Variant('v', 'v', 'configs/tiny.py', ('--config.train.num_steps=5', '--config.seed=9',
+                                                         '--config.model.features=(4, 8, 16)'))
   args = points.point_args(points.Point(variant, 2), pathlib.Path('/W'),
-                           ['--config.train.num_steps=7', '--config.train.batch_size=2'])
+                           ['--config.train.num_steps=7', '--config.train.batch_size=2',
+                            '--config.model.features=(2, 4)'])
   config = points.load_config(args)
   assert (config.train.num_steps, config.train.batch_size, config.seed) == (5, 2, 2)
+  assert tuple(config.model.features) == (4, 8, 16)
+
+
+def test_a_users_tuple_field_given_twice_is_refused(tmp_path):
+  with pytest.raises(ConfigError, match=r'^--config\.model\.features is given 2 times \(\(2, 4\), then '
+                     r'\(4, 8\)\), and absl would join them into one tuple; give it once$'):
+    run.run_sweep('configs/sweep_table1.py', tmp_path, 1, 1, True,
+                  ['--config.model.features=(2, 4)', '--config.model.features=(4, 8)'])
 
 
 def test_a_config_file_that_does_not_load_is_one_config_error():
@@ -306,6 +317,8 @@ def test_a_point_trained_under_other_settings_is_refused_before_anything_runs(ru
   with pytest.raises(ConfigError, match=r'^sweep point tiny_seed0: .*/W/tiny_seed0 holds a training with '
                      r'optim\.lr=0\.01, and the sweep now asks for optim\.lr=0\.05; remove that folder'):
     run.run_sweep(str(changed), runs['workdir'], 2, 1, False, [])
+  with pytest.raises(ConfigError, match=r'^sweep point tiny_seed0: '):  # as the run would: not "to run"
+    run.run_sweep(str(changed), runs['workdir'], 2, 1, True, [])
   assert {p: p.stat().st_mtime_ns for p in runs['workdir'].rglob('*') if p.is_file()} == mtimes
 
 

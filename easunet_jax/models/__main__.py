@@ -5,19 +5,27 @@ from clu import parameter_overview
 from flax import nnx
 from ml_collections import config_flags
 
+from easunet_jax import config_check
+from easunet_jax.errors import ConfigError, UserError, exit_with
 from easunet_jax.models import abstract_model
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
 
 
 def main(argv):
-  del argv
-  # Shapes alone, no initialisation: instant for any width, and the overview needs no values.
-  model = abstract_model(_CONFIG.value.model)
+  if len(argv) > 1:
+    exit_with(ConfigError(f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value>'))
+  if _CONFIG.value is None:
+    exit_with(ConfigError('--config is needed, e.g. --config=configs/eas.py'))
+  try:
+    # Shapes alone, no initialisation: instant for any width, and the overview needs no values.
+    model = abstract_model(_CONFIG.value.model)
+  except UserError as e:
+    exit_with(e)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   print(parameter_overview.get_parameter_overview(params, include_stats=False))
   print(f'params: {parameter_overview.count_parameters(params)}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_check.parse_flags)

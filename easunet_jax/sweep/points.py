@@ -75,9 +75,12 @@ def load_sweep(spec: str) -> list[Variant]:
 
 
 def point_args(point: Point, workdir: pathlib.Path, overrides: Sequence[str]) -> list[str]:
-  """main.py's arguments for `point` (without --mode): the user's overrides, then the variant's, then the
-  sweep's own (seed, the shared split and slice store)."""
-  args = [f'--config={point.variant.config}', f'--workdir={workdir / point.name}', *overrides,
+  """main.py's arguments for `point` (without --mode): the user's overrides of fields the variant leaves, the
+  variant's, then the sweep's own (seed, the shared split and slice store). (Both given, absl would join a
+  tuple field's two values into one.)"""
+  variant_fields = {o.partition('=')[0] for o in point.variant.overrides}
+  args = [f'--config={point.variant.config}', f'--workdir={workdir / point.name}',
+          *(o for o in overrides if o.partition('=')[0] not in variant_fields),
           *point.variant.overrides, f'--config.seed={point.seed}',
           f'--config.data.cache_dir={workdir / "slices"}']
   if not any(o.startswith('--config.data.split_file=') for o in overrides):

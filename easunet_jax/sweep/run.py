@@ -127,6 +127,7 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
     if any(o.startswith(f'--config.{field}=') for o in overrides):
       raise ConfigError(f'--config.{field}: the sweep sets it for each point (seeds 0 .. --seeds - 1, one '
                         'slice store for all)')
+  config_check.check_given_once(overrides, default.get_config())
   if file := config_check.file_in_the_way(workdir):
     raise ConfigError(f'--workdir={workdir}: {file}; expected a folder (made if missing)')
   variants = load_sweep(spec)
@@ -144,12 +145,12 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
     with _of_variant(variant):
       config_check.check_config(config, default.get_config(), 'train')
   evaluations = {p: evaluation(workdir / p.name, configs[p]) for p in points}
-  if dry_run:
-    _dry_run(points, args, evaluations)
-    return True
   todo = [p for p in points if evaluations[p] is None]
   for point in todo:
     _check_trained_as_asked(point, workdir / point.name, configs[point])
+  if dry_run:
+    _dry_run(points, args, evaluations)
+    return True
   for point in points:
     if evaluations[point]:
       logging.info('sweep: %s finished before (%s), skipped', point.name, evaluations[point])
