@@ -24,7 +24,7 @@ _POSITIVE = ('train.batch_size', 'train.eval_every_steps', 'eval.batch_size', 'p
              'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'data.phantom_num')
 _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict.min_component_mm3',
                  'predict.slice_sigma_mm', 'optim.weight_decay', 'data.phantom_elastic_mm',
-                 'eval.num_figure_slices')
+                 'eval.num_figure_slices', 'data.augment_rotate_deg')
 NAN_POLICIES = ('stop', 'skip')
 
 
@@ -163,6 +163,11 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
       raise ConfigError(f'{name}: expected finite numbers, got {value!r}')
   if not 0 <= config.seed < 2 ** 32:
     raise ConfigError(f'seed: expected an integer from 0 to 2**32 - 1, got {config.seed}')
+  # runs/<name> is the default workdir: '', '.' or '..' would make it runs/ itself or the folder above.
+  name = pathlib.PurePath(config.name)
+  if not name.parts or name.is_absolute() or '..' in name.parts:
+    raise ConfigError(f'name: expected a folder name under runs/ (the default --workdir), got '
+                      f'{config.name!r}')
   for name in _POSITIVE:
     if fields[name] <= 0:
       raise ConfigError(f'{name}: expected a positive integer, got {fields[name]}')

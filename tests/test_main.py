@@ -246,6 +246,11 @@ BAD_VALUES = {
     'negative figure slices': ({'eval.num_figure_slices': -1},
                                'eval.num_figure_slices: expected a non-negative number'),
     'checkpoint name': ({'eval.checkpoint': 'last'}, "eval.checkpoint: expected 'best', 'latest' or a step"),
+    'empty run name': ({'name': ''},
+                       "name: expected a folder name under runs/ (the default --workdir), got ''"),
+    'run name above runs/': ({'name': '../x'}, 'name: expected a folder name under runs/'),
+    'negative rotation': ({'data.augment_rotate_deg': -10.0},
+                          'data.augment_rotate_deg: expected a non-negative'),
     'slice store a file': ({'data.cache_dir': __file__},
                            'data.cache_dir: expected a folder (made if missing)'),
 }
