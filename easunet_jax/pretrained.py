@@ -85,13 +85,17 @@ def _known_fields(saved: dict, current: ml_collections.ConfigDict) -> dict:
 def config_of(path: str | pathlib.Path, config: ml_collections.ConfigDict | None = None
               ) -> ml_collections.ConfigDict:
   """The config a model file was trained with (fields added since take their defaults, fields removed
-  since are dropped), its predict.spacing set to the file's pixel size; or, given `config` (a --config
-  beside --weights: its predict settings apply), that config with the file's pixel size where its
-  predict.spacing is unset."""
+  since are dropped, model.depthwise_impl the default's), its predict.spacing set to the file's pixel
+  size; or, given `config` (a --config beside --weights: its predict settings apply), that config with the
+  file's pixel size where its predict.spacing is unset."""
   meta = read_meta(path)
   if config is None:
     config = default.get_config()
-    config.update(_known_fields(meta['config'], config))
+    saved = _known_fields(meta['config'], config)
+    # How the depthwise convolutions run is this machine's choice ('pallas' runs on GPUs only, 'native' on
+    # CPUs only), not the exporting one's.
+    saved.get('model', {}).pop('depthwise_impl', None)
+    config.update(saved)
     config.predict.spacing = tuple(meta['pixel_mm'])
   elif not all(s > 0 for s in config.predict.spacing):
     config.predict.spacing = tuple(meta['pixel_mm'])

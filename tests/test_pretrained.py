@@ -91,10 +91,12 @@ def test_a_file_of_an_earlier_version_or_fine_tuned_elsewhere_predicts(workdir, 
   del meta['config']['model']['fusion']  # a field added since, whose default it was trained as
   meta['config']['train']['init_weights'] = 'on/another/machine.npz'  # where its training started
   meta['config']['data'].update(root='on/another/machine', split_file='on/another/machine/splits.json')
+  meta['config']['model']['depthwise_impl'] = 'pallas'  # exported on a GPU
   arrays['meta'] = np.array(json.dumps(meta))
   np.savez(tmp_path / 'old.npz', **arrays)
   config = pretrained.config_of(tmp_path / 'old.npz')
   assert 'tta' not in config.predict and tuple(config.predict.spacing) == (0.5, 0.6)
+  assert config.model.depthwise_impl == default.get_config().model.depthwise_impl
   config_check.check_config(config, default.get_config(), 'predict')
   assert pretrained.load(config, tmp_path / 'old.npz', parallel.make_mesh())[0] == 3
 
