@@ -167,7 +167,10 @@ def test_label_values_outside_the_label_map_are_one_line_errors(tmp_path, value)
   labels[0, 0, 0] = value
   volumes.save_volume(tmp_path / 'k.nii.gz', labels, affine)
   # A fix data.label_map can make (its sources are 0-255), else the file's.
-  fix = ('map a value to 0 in data.label_map' if 0 <= value <= 255 else
+  fix = (r'add each to data.label_map with its class, 0 \(background\), 1 \(femoral\) or 2 \(tibial '
+         r"cartilage\): OAIZIB-CM's lateral tibial cartilage 5 as "
+         r"data.label_map='\(\(2, 1\), \(4, 2\), \(5, 2\)\)'"
+         if 0 <= value <= 255 else
          'data.label_map maps values 0-255: rewrite the file with its labels in that range')
   with pytest.raises(DataError, match=rf'k: label file \S+ holds values \[{value}\] outside data.label_map '
                      rf'\(known: .*; {fix}'):

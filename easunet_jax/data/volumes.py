@@ -565,7 +565,9 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
     outside = np.unique(labels[unknown[labels]]).tolist()
   if outside:
     # data.label_map's sources are 0-255 (uint8 stores): a value outside is the label file's to change.
-    fix = ('map a value to 0 in data.label_map to make it background' if lo >= 0 and hi <= 255 else
+    fix = ("add each to data.label_map with its class, 0 (background), 1 (femoral) or 2 (tibial cartilage): "
+           "OAIZIB-CM's lateral tibial cartilage 5 as data.label_map='((2, 1), (4, 2), (5, 2))'"
+           if lo >= 0 and hi <= 255 else
            'data.label_map maps values 0-255: rewrite the file with its labels in that range')
     raise DataError(f'{case.id}: label file {case.label} holds values {outside[:8]} outside data.label_map '
                     f'(known: {sorted(known)}; {fix})')
