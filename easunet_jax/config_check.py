@@ -252,6 +252,9 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     if len(data.phantom_spacing) != 3 or min(data.phantom_spacing) <= 0:
       raise ConfigError(f'data.phantom_spacing: expected 3 positive voxel sizes in mm, got '
                         f'{tuple(data.phantom_spacing)}')
+    if data.phantom_oa_fraction and data.phantom_anatomy != 'reference':
+      raise ConfigError(f"data.phantom_oa_fraction: osteoarthritic knees are drawn with data.phantom_anatomy="
+                        f"'reference', got {data.phantom_anatomy!r}")
     image_HW = shape[1:]
   if mode != 'preprocess':
     try:

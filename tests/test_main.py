@@ -249,6 +249,9 @@ BAD_VALUES = {
     'empty run name': ({'name': ''},
                        "name: expected a folder name under runs/ (the default --workdir), got ''"),
     'run name above runs/': ({'name': '../x'}, 'name: expected a folder name under runs/'),
+    'osteoarthritic schematic knees': ({'data.phantom_oa_fraction': 0.5},
+                                       "data.phantom_oa_fraction: osteoarthritic knees are drawn with "
+                                       "data.phantom_anatomy='reference', got 'schematic'"),
     'negative rotation': ({'data.augment_rotate_deg': -10.0},
                           'data.augment_rotate_deg: expected a non-negative'),
     'slice store a file': ({'data.cache_dir': __file__},
@@ -267,6 +270,7 @@ EDGE_VALUES = {'optim.momentum': 0.0, 'optim.weight_decay': 0.0, 'predict.min_co
 @pytest.mark.parametrize('field', EDGE_VALUES)
 def test_the_edge_of_each_allowed_range_passes(field):
   config = tiny.get_config()
+  config.data.phantom_anatomy = 'reference'  # whose knees may be osteoarthritic
   config.update_from_flattened_dict({field: EDGE_VALUES[field]})
   config_check.check_config(config, default.get_config(), 'train')
 
