@@ -41,6 +41,7 @@ def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, outpu
   predict settings and how the network is computed (`config` is stored whole where the workdir has no
   record)."""
   workdir = pathlib.Path(workdir)
+  atomic.remove_left_by_dead(pathlib.Path(output).parent)  # a killed export's half-written file
   step, _, state = steps.restore_for_inference(config, workdir, parallel.make_mesh())
   pixel = list(pipeline.trained_pixel_mm(config, workdir))
   stored = config.to_dict()

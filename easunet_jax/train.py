@@ -17,7 +17,7 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from easunet_jax import checkpoints, metrics, parallel, pretrained, records, steps
+from easunet_jax import atomic, checkpoints, metrics, parallel, pretrained, records, steps
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, DataError, UserError
 from easunet_jax.metric_writer import MetricWriter
@@ -95,6 +95,7 @@ def _sole_training(workdir: pathlib.Path) -> Iterator[None]:
     lock.truncate()
     lock.write(f'process {os.getpid()} on {socket.gethostname()}')
     lock.flush()
+    atomic.remove_left_by_dead(workdir)  # what a killed training left half-written (metrics.jsonl's rewrite)
     yield  # closing the file releases the lock, also when the process dies
 
 

@@ -114,8 +114,12 @@ def test_same_knee_at_other_spacing():
   assert abs(v_fine - v_coarse) / v_fine < 0.15
 
 
-def test_write_dataset_and_reuse(tmp_path):
+def test_write_dataset_and_reuse(tmp_path, dead_mark):
+  (tmp_path / 'images').mkdir()
+  left = tmp_path / 'images' / (dead_mark('.') + 'phantom_000.nii.gz')  # a killed generation's half volume
+  left.write_bytes(b'half')
   ids = phantom.write_dataset(tmp_path, 2, (8, 32, 32), (7.0, 2.0, 2.0), seed=1)
+  assert not left.exists()
   assert ids == ['phantom_000', 'phantom_001']
   cases = volumes.discover_cases(tmp_path)
   assert [c.id for c in cases] == ids

@@ -128,6 +128,13 @@ def test_damaged_files_and_odd_names_are_one_line_errors_or_work(workdir, tmp_pa
   assert pretrained.export(config, without_store, tmp_path / 'no_store.npz')['pixel_mm'] == [0.7, 0.7]
 
 
+def test_an_export_removes_what_a_killed_export_left_beside_its_file(workdir, tmp_path, dead_mark):
+  left = tmp_path / (dead_mark('.') + 'model.npz')
+  left.write_bytes(b'half a model')
+  pretrained.export(tiny.get_config(), workdir, tmp_path / 'model.npz')
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['model.npz']
+
+
 def test_the_file_keeps_the_training_config_and_takes_the_export_predict_settings(workdir, tmp_path):
   """Exported under a shorter --config than it was trained with, the file still holds the training's label
   map (by which --labels are scored); the export's config gives the predict settings and how the network is

@@ -144,6 +144,15 @@ def test_a_workdir_that_trains_is_not_trained_twice_at_once(augmented_tiny):
       train.train_and_evaluate(config, workdir)
 
 
+def test_a_training_removes_what_a_killed_one_left_half_written(augmented_tiny, dead_mark):
+  """metrics.jsonl's rewrite on resume, say; the run itself is finished and trains nothing again."""
+  config, workdir, _ = augmented_tiny
+  left = workdir / (dead_mark('.') + 'metrics.jsonl')
+  left.write_text('{"step": 1')
+  assert train.train_and_evaluate(config, workdir) is None
+  assert not left.exists()
+
+
 def test_another_set_of_cases_is_refused_on_evaluation_and_the_trained_pixel_kept(augmented_tiny, tmp_path):
   """A case added to the data (the same seed and data.split, which the split check compares) reshuffles the
   seeded split, and would put training cases into the test set: refused against the workdir's record of

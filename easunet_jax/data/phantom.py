@@ -242,6 +242,8 @@ def write_dataset(out_dir: str | pathlib.Path, num: int, shape: Sequence[int] = 
   same, and says so, but refuses to add subjects to them (a DataError): a folder holds one kind of subject.
   """
   out_dir = pathlib.Path(out_dir)
+  for folder in (out_dir, *(out_dir / kind for kind in ('images', 'labels', 'tissues'))):
+    atomic.remove_left_by_dead(folder)  # the volumes a killed generation left half-written
   ids = [f'phantom_{i:03d}' for i in range(num)]
   todo = [i for i, case_id in enumerate(ids) if not all(
       (out_dir / kind / f'{case_id}.nii.gz').exists() for kind in ('images', 'labels', 'tissues'))]
