@@ -88,9 +88,7 @@ def _quiet_libraries(record) -> bool:
 
 
 def main(argv):
-  if len(argv) > 1:
-    exit_with(ConfigError(
-        f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value>'))
+  del argv  # config_check.parse_flags refused any argument that is not a flag
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   # A path not in the locale's encoding (a Latin-1 folder name from a Windows export, held as surrogates)
   # is printed escaped, as stderr prints it, instead of stopping a run with UnicodeEncodeError.

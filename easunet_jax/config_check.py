@@ -30,14 +30,17 @@ NAN_POLICIES = ('stop', 'skip')
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for a program with a --config flag (main.py, `python -m easunet_jax.models`), where a
-  bad flag or --config.<field> override ends the run with one line and ConfigError's exit code (absl prints
-  two lines, and a traceback for an unknown config field)."""
+  bad flag, --config.<field> override or stray argument ends the run with one line and ConfigError's exit
+  code (absl prints two lines, and a traceback for an unknown config field)."""
   verbose = '--verbose' in argv or '--verbose=true' in argv
+  reference = default.get_config()
   try:
-    check_given_once(argv, default.get_config())
+    check_given_once(argv, reference)
     argv = flags.FLAGS(argv)
     if flags.FLAGS.config is not None:
       flags.FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read
+    if len(argv) > 1:
+      raise ConfigError(f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value>')
     return argv
   except ConfigError as e:
     exit_with(e)
@@ -48,10 +51,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
     # An unknown field, or an element of a sequence (features.0, which absl cannot parse), is one line; an
     # error of a config file's own code keeps its traceback.
-    foreign = not isinstance(e, flags.Error | TypeError) and not unknown_overrides(argv, default.get_config())
+    foreign = not isinstance(e, flags.Error | TypeError) and not unknown_overrides(argv, reference)
     if foreign or verbose:
       raise
-    exit_with(ConfigError(override_error(e, argv, default.get_config())))
+    exit_with(ConfigError(override_error(e, argv, reference)))
 
 
 def check_given_once(argv: Sequence[str], reference: ml_collections.ConfigDict) -> None:

@@ -13,8 +13,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
 
 
 def main(argv):
-  if len(argv) > 1:
-    exit_with(ConfigError(f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value>'))
+  del argv  # config_check.parse_flags refused any argument that is not a flag
   if _CONFIG.value is None:
     exit_with(ConfigError('--config is needed, e.g. --config=configs/eas.py'))
   try:
