@@ -75,8 +75,8 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   def single(scan: pathlib.Path, name: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
     to_folder = target.is_dir() or not target.name.lower().endswith(volumes.NIFTI_SUFFIXES)
     if to_folder and volumes.volume_stem(target.name) and not target.is_dir():
-      raise DataError(f'--output={target}: masks are written as NIfTI; name a .nii.gz or .nii file, or a '
-                      'folder')
+      raise ConfigError(f'--output={target}: masks are written as NIfTI; name a .nii.gz or .nii file, or '
+                        'a folder')
     return [(scan, target / name if to_folder else target)]
 
   if source.is_file():
@@ -113,9 +113,9 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   pairs = [(p, target / _mask_name(p)) for p in files] + [(p, target / f'{p.name}.nii.gz') for p in folders]
   if target.name.lower().endswith(volumes.NIFTI_SUFFIXES) and not target.is_dir():
     if len(pairs) > 1:
-      raise DataError(f'--output={target}: a mask file, and --input={source} holds {len(pairs)} scans, whose '
-                      'masks go into a folder; name a folder' + ('' if files else ', or pick one DICOM '
-                                                                 'series of them with --series'))
+      raise ConfigError(f'--output={target}: a mask file, and --input={source} holds {len(pairs)} scans, '
+                        'whose masks go into a folder; name a folder'
+                        + ('' if files else ', or pick one DICOM series of them with --series'))
     return [(pairs[0][0], target)], False
   return pairs, True
 
@@ -531,7 +531,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   values = np.array(LABEL_VALUES[config.predict.label_values], np.uint8)
   pairs, batch = _inputs(input_path, output_path, series)
   if batch and pathlib.Path(output_path).is_file():
-    raise DataError(f'{output_path}: a file; the masks of a directory of scans go into a directory')
+    raise ConfigError(f'{output_path}: a file; the masks of a directory of scans go into a directory')
   stems = collections.Counter(_stem(target) for _, target in pairs)
   if twice := sorted(stem for stem, n in stems.items() if n > 1):
     raise DataError(f'{input_path}: scans {", ".join(twice)} each come twice (as two files of '
@@ -547,16 +547,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                *([paths['probabilities']] if save_probabilities else [])]
     for written in outputs:
       if written.resolve() in inputs:
-        raise DataError(f'{written}: the output would overwrite an input scan or label map; choose another '
-                        '--output')
-      # A folder that cannot be made or written to fails now, not after the segmentation.
+        raise ConfigError(f'{written}: the output would overwrite an input scan or label map; choose '
+                          'another --output')
+      # A folder that cannot be made or written to fails now, not after the segmentation; it is made once
+      # the model has loaded, so that a refused model leaves no empty folders behind.
       if why := config_check.file_in_the_way(written.parent):
         raise DataError(f'{written.parent}: cannot make the output folder: {why}')
-      try:
-        written.parent.mkdir(parents=True, exist_ok=True)
-      except OSError as e:
-        raise DataError(f'{written.parent}: cannot make the output folder ({e.strerror})') from None
-      if not os.access(written.parent, os.W_OK):
+      if not os.access(next(p for p in (written.parent, *written.parent.parents) if p.exists()), os.W_OK):
         raise DataError(f'{written.parent}: the output folder is not writable')
       folders.add(written.parent)
     try:
@@ -575,13 +572,17 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         del label_files[source]
       else:  # the batch goes on without it, and ends in an error
         refused[source] = error
-  for folder in folders:  # the half-written files of a killed run
-    atomic.remove_left_by_dead(folder)
   if refused and len(refused) == len(pairs):
     raise DataError(f'all {len(pairs)} scans fail their checks, e.g. {next(iter(refused.values()))}')
   for error in [*refused.values(), *unscored.values()]:
     logging.error('%s', error)
   step, network, pixel = load_network(config, workdir, model_file)
+  for folder in folders:
+    try:
+      folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise DataError(f'{folder}: cannot make the output folder ({e.strerror})') from None
+    atomic.remove_left_by_dead(folder)  # the half-written files of a killed run
   logging.info('predict: step %d of %s, %d scan(s), pixel %s mm', step, model_file or workdir, len(pairs),
                'as given' if pixel is None else ' x '.join(f'{p:g}' for p in pixel))
   files = (('measures', 'measures.csv'), ('report', 'report.md'), ('scores', 'scores.csv'),

@@ -22,7 +22,7 @@ from dicom_series import SAGITTAL, write_enhanced, write_series
 from configs import tiny
 from easunet_jax import figures, inference, metrics, parallel, pose, predict, pretrained, steps
 from easunet_jax.data import knee, phantom, volumes
-from easunet_jax.errors import CheckpointError, DataError
+from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
 # Canonical axis i goes to axis ORNT[i, 0], flipped where ORNT[i, 1] = -1: the sagittal axis ends last and
 # anterior-posterior runs backwards, as in many scanners' files.
@@ -315,8 +315,8 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
   assert report.count('](<slices/') == 2 and (tmp_path / 'out' / 'slices' / 'b.png').exists()
   # A mask file named for a folder of several series is refused, unless --series picks one of its tree; for
   # one series in a subfolder (as a viewer exports it), it is that series' mask, not a folder of that name.
-  with pytest.raises(DataError, match=r'holds 2 scans, whose masks go into a folder; name a folder, or pick '
-                     r'one DICOM series of them with --series$'):
+  with pytest.raises(ConfigError, match=r'holds 2 scans, whose masks go into a folder; name a folder, or '
+                     r'pick one DICOM series of them with --series$'):
     predict._inputs(tmp_path / 'scans', tmp_path / 'mask.nii.gz')
   assert predict._inputs(tmp_path / 'scans', tmp_path / 'mask.nii.gz', series='1.2.3') == (
       [(tmp_path / 'scans', tmp_path / 'mask.nii.gz')], False)
@@ -401,6 +401,10 @@ def test_errors_are_one_line(run, tmp_path):
                   workdir, twice, tmp_path / 'masks')
   _one_line_error(CheckpointError, 'no checkpoint', _config(), tmp_path / 'untrained', canonical, out)
   assert not out.exists()
+  # Output folders are made only once the model has loaded: a refused model leaves none behind.
+  _one_line_error(CheckpointError, 'no checkpoint', _config(), tmp_path / 'untrained', twice / 'knee.nii',
+                  tmp_path / 'batch_out' / 'masks')
+  assert not (tmp_path / 'batch_out').exists()
 
 
 def test_a_scan_is_never_overwritten(run, tmp_path):
@@ -410,16 +414,16 @@ def test_a_scan_is_never_overwritten(run, tmp_path):
   scan = scans / canonical.name
   scan.write_bytes(canonical.read_bytes())
   for output in (scan, scans, scans / '.'):  # the scan itself, or a mask of the same name beside it
-    _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, scan, output)
-  _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, scans, scans)
-  _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, scans, scan)  # its one scan
+    _one_line_error(ConfigError, 'would overwrite an input scan', _config(), workdir, scan, output)
+  _one_line_error(ConfigError, 'would overwrite an input scan', _config(), workdir, scans, scans)
+  _one_line_error(ConfigError, 'would overwrite an input scan', _config(), workdir, scans, scan)  # its only
   (tmp_path / 'notes.txt').write_text('mine')
-  _one_line_error(DataError, 'a file; the masks of a directory', _config(), workdir, scans,
+  _one_line_error(ConfigError, 'a file; the masks of a directory', _config(), workdir, scans,
                   tmp_path / 'notes.txt')
   assert (tmp_path / 'notes.txt').read_text() == 'mine'
   thickness = scans / 'knee_thickness.nii.gz'  # the thickness map of a mask named knee.nii.gz
   thickness.write_bytes(canonical.read_bytes())
-  _one_line_error(DataError, 'would overwrite an input scan', _config(), workdir, thickness,
+  _one_line_error(ConfigError, 'would overwrite an input scan', _config(), workdir, thickness,
                   scans / 'knee.nii.gz')
   assert scan.read_bytes() == canonical.read_bytes() and thickness.read_bytes() == canonical.read_bytes()
   # Refused before segmenting: an output folder that a file blocks, and a mask named as another format.
@@ -431,7 +435,7 @@ def test_a_scan_is_never_overwritten(run, tmp_path):
   _one_line_error(DataError, f'{blocked}: cannot make the output folder: {blocked} is a file', _config(),
                   workdir, scans, blocked.parent)
   assert not (blocked.parent / 'knee.nii.gz').exists()
-  _one_line_error(DataError, 'masks are written as NIfTI', _config(), workdir, scan, tmp_path / 'mask.mha')
+  _one_line_error(ConfigError, 'masks are written as NIfTI', _config(), workdir, scan, tmp_path / 'mask.mha')
   assert not (tmp_path / 'mask.mha').exists()
 
 
@@ -654,8 +658,8 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   _one_line_error(DataError, r'permuted.nii.gz: image shape \(42, 38, 6\) and label shape \(42, 38, 5\) '
                   'differ', _config(), workdir, scans / 'permuted.nii.gz', tmp_path / 'one.nii.gz',
                   labels=labels / 'permuted.nii.gz')
-  _one_line_error(DataError, 'would overwrite an input scan or label map', _config(), workdir, scans, labels,
-                  labels=labels)
+  _one_line_error(ConfigError, 'would overwrite an input scan or label map', _config(), workdir, scans,
+                  labels, labels=labels)
   (labels / 'permuted.nii.gz').unlink()
   _one_line_error(DataError, r'no label map for 1 scan\(s\) \(permuted.nii.gz\)', _config(), workdir, scans,
                   out, labels=labels)
