@@ -66,7 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.num_steps = 0  # total optimiser steps; 0 = from num_epochs and the training-set size
   t.eval_every_steps = 500  # validation period
   t.distributed = False  # call jax.distributed.initialize() (multi-host)
-  t.nan_policy = 'stop'  # non-finite loss or gradients: 'stop' the run (naming the step) or 'skip' the update
+  # Non-finite loss or gradients: 'stop' the run (naming the step) or 'skip' the update (stopping after 100
+  # skipped in a row).
+  t.nan_policy = 'stop'
   # A model file (--mode=export; the shipped one: easunet_jax/weights/eas_knee.npz) whose weights and batch
   # statistics start a new run: fine-tuning. The optimiser starts afresh; a resumed run ignores it.
   t.init_weights = ''

@@ -1,6 +1,7 @@
 """Training scalars to `<workdir>/metrics.jsonl` (one object per step) and TensorBoard event files."""
 
 import json
+import math
 import pathlib
 from collections.abc import Mapping
 
@@ -50,7 +51,9 @@ class MetricWriter:
     if not self._active:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    # A NaN or infinite value as null: JSON has no such numbers, and other readers (jq) refuse Python's NaN.
+    finite = {k: v if math.isfinite(v) else None for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': int(step), **finite}, allow_nan=False) + '\n')
     self._jsonl.flush()  # a crash must not lose logged steps
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, int(step))

@@ -23,6 +23,11 @@ from easunet_jax.errors import CheckpointError, DataError, UserError
 from easunet_jax.metric_writer import MetricWriter
 from easunet_jax.progress import Progress
 
+# train.nan_policy='skip' gives up after this many skipped steps in a row (whole logging periods counted):
+# a model whose every update is refused has diverged, or every batch holds a bad slice, and would finish
+# as if trained.
+MAX_SKIPPED_IN_A_ROW = 100
+
 
 class Stopped(Exception):
   """Training saved a checkpoint and stopped before its last step, at a signal (or a preemption): resumable
@@ -179,7 +184,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
 
   writer = MetricWriter(workdir, start)
   progress = Progress(num_steps, done=start)
-  accumulated = None
+  accumulated, last_log_step, skipped_in_a_row = None, start, 0
   # Worker processes (data.workers) start with the first batch, and keep the SIGINT ignored here (spawned
   # processes do): a terminal's Ctrl-C reaches its whole process group, and only this process is to stop.
   previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -224,7 +229,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
         if summary['skipped_steps']:
           logging.warning('%d step(s) up to step %d skipped for a non-finite loss or gradient '
                           '(train.nan_policy=skip)', summary['skipped_steps'], step)
-        accumulated = None
+        all_skipped = summary['skipped_steps'] == step - last_log_step
+        skipped_in_a_row = skipped_in_a_row + step - last_log_step if all_skipped else 0
+        if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+          last = mngr.latest_step()
+          raise UserError(
+              f'the last {skipped_in_a_row} steps (to step {step}) were all skipped for a non-finite loss or '
+              f'gradients (train.nan_policy=skip): the model no longer trains; the last checkpoint is '
+              f'{mngr.directory / str(last) if last else "none"}. Lower optim.lr or check the data')
+        accumulated, last_log_step = None, step
       if is_save:
         val = validate(p_eval_step, state, store_dir, eval_batch_size, data_sharding) if is_eval else None
         if val:

@@ -56,3 +56,13 @@ def test_a_kill_while_a_resumed_run_rewrites_the_log_loses_no_row(tmp_path, requ
   with pytest.raises(KeyboardInterrupt):
     MetricWriter(tmp_path, start=3)
   assert (tmp_path / 'metrics.jsonl').read_text() == before
+
+
+def test_a_value_that_is_not_finite_is_written_as_json_null(tmp_path):
+  writer = MetricWriter(tmp_path)
+  writer.write_scalars(1, {'val/loss': float('nan'), 'train/loss': float('inf'), 'train/lr': 0.01})
+  writer.close()
+  line = (tmp_path / 'metrics.jsonl').read_text()
+  # Strict JSON (jq, JavaScript): NaN and Infinity are no JSON numbers.
+  assert json.loads(line, parse_constant=pytest.fail) == {
+      'step': 1, 'val/loss': None, 'train/loss': None, 'train/lr': 0.01}

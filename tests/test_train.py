@@ -316,6 +316,21 @@ def test_nan_policy_skip_trains_through_a_nan_slice_and_counts_the_skips(tmp_pat
   assert _saved_state_is_finite(tmp_path / 'run', 6)
 
 
+def test_nan_policy_skip_stops_when_every_step_is_skipped(tmp_path, monkeypatch):
+  config = _nan_config(tmp_path / 'phantom')
+  config.train.nan_policy = 'skip'
+  store = preprocess.prepare_data(config, tmp_path / 'run')
+  images = np.load(store / 'train' / 'images.npy', mmap_mode='r+')
+  images[:] = np.nan  # every batch: no step can be taken
+  images.flush()
+  monkeypatch.setattr(train, 'MAX_SKIPPED_IN_A_ROW', 4)
+  with pytest.raises(UserError, match=re.escape(
+      'the last 4 steps (to step 4) were all skipped for a non-finite loss or gradients '
+      '(train.nan_policy=skip): the model no longer trains; the last checkpoint is '
+      f"{(tmp_path / 'run' / 'checkpoints' / '3').absolute()}. Lower optim.lr or check the data")):
+    train.train_and_evaluate(config, tmp_path / 'run')
+
+
 def test_init_weights_start_a_new_run_from_a_model_file(augmented_tiny, tmp_path, monkeypatch):
   config, workdir, _ = augmented_tiny
   model_file = tmp_path / 'model.npz'
