@@ -279,8 +279,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
       'spacing_mm': scores['spacing_mm'],
       '3d': {n: _summary([c[n] for c in per_case]) for n in CLASSES},
       '2d': {n: _summary(scores['slices'][n]) for n in CLASSES},
-      'morphometry': {region: {m: metrics.summarize([c['regions'][region][m] for c in morphometry])
-                               for m in MORPHOMETRY} for region in morphometry[0]['regions']},
+      # A case whose truth has no gap between the knee's halves has no compartments (`compartment_regions`).
+      'morphometry': {region: {m: metrics.summarize([c['regions'][region][m] for c in morphometry
+                                                     if region in c['regions']]) for m in MORPHOMETRY}
+                      for region in dict.fromkeys(r for c in morphometry for r in c['regions'])},
       'config': json.loads(config.to_json()),
   })
   (out / 'metrics.json').write_text(json.dumps(summary, indent=1))

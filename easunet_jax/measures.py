@@ -15,6 +15,10 @@ from scipy import ndimage, spatial
 
 THIN_MM = 1.0  # thinner than this counts towards the denuded-area proxy
 _NOTCH_HALF_WIDTH_MM = 2.0  # sagittal slices this close to the medial-lateral split show the notch
+# The emptiest slices part two plates only where they hold at most this share of the fullest slice on either
+# side: the reference knee's tibial gap holds none, its femoral notch 0.43 (the trochlea bridges it), and one
+# plate alone (a half field of view, a plate denuded or missed) has no dip at all.
+_GAP_SHARE = 0.5
 
 
 def volume_mm3(mask: np.ndarray, spacing: Sequence[float]) -> float:
@@ -101,8 +105,10 @@ def cartilage_measures(plates: Mapping[str, np.ndarray], spacing: Sequence[float
 def medial_lateral_split(fc: np.ndarray, tc: np.ndarray) -> float | None:
   """The sagittal slice position (axis-0 index, may be half-way) that parts the knee's medial and lateral
   halves: the middle of the emptiest run of slices of the tibial cartilage (the intercondylar eminence
-  between its two plates) within the central half of its extent; the femoral cartilage's (the notch) when
-  the tibial is empty. None when both are empty."""
+  between its two plates) within the central half of its extent; the femoral cartilage's (the notch) where
+  the tibial has no such gap. A run is a gap only where it dips to `_GAP_SHARE` of the fullest slice on
+  either side. None where neither plate has one: both empty, or one plate alone (a field of view that holds
+  half the knee, a plate denuded or missed), whose halves are not the knee's."""
   for plate in (tc, fc):
     counts = plate.sum(axis=(1, 2))
     occupied = np.flatnonzero(counts)
@@ -115,7 +121,9 @@ def medial_lateral_split(fc: np.ndarray, tc: np.ndarray) -> float | None:
       runs = np.split(emptiest, np.flatnonzero(np.diff(emptiest) > 1) + 1)
       middle = (first + last) / 2
       run = min(runs, key=lambda r: min(abs(r - middle)))
-      return float(run[0] + run[-1]) / 2
+      beside = min(counts[:run[0]].max(initial=0), counts[run[-1] + 1:].max(initial=0))
+      if counts[run[0]] <= _GAP_SHARE * beside:
+        return float(run[0] + run[-1]) / 2
   return None
 
 
@@ -134,7 +142,8 @@ def compartment_regions(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float]
                         ) -> dict[str, np.ndarray]:
   """The regions of space, as boolean masks that broadcast against the plates, of the compartments
   'fc_<side>' and 'tc_<side>' of both `sides` (`side_names`) and 'fc_trochlea'; each plate's regions part
-  space, and so any mask of that plate, exactly.
+  space, and so any mask of that plate, exactly. None (an empty dict) where `medial_lateral_split` finds no
+  gap between the knee's halves.
 
   The sides are the two halves of `medial_lateral_split`, sides[0] the lower axis-0 index's. The trochlea is
   the femoral cartilage anterior to the intercondylar notch: anterior of the median posterior-most femoral
@@ -142,15 +151,15 @@ def compartment_regions(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float]
   cartilage.
   """
   split = medial_lateral_split(fc, tc)
-  x = np.arange(fc.shape[0])[:, None, None]
-  upper = x > (split if split is not None else fc.shape[0])
+  if split is None:
+    return {}
+  upper = np.arange(fc.shape[0])[:, None, None] > split
   halves = dict(zip(sides, (~upper, upper)))
   trochlea = np.zeros((1, fc.shape[1], 1), bool)
-  if split is not None:
-    near = np.flatnonzero(np.abs(np.arange(fc.shape[0]) - split) <= _NOTCH_HALF_WIDTH_MM / spacing[0])
-    posterior_most = [np.flatnonzero(fc[i].any(axis=1))[0] for i in near if fc[i].any()]
-    if posterior_most:
-      trochlea[:, int(np.median(posterior_most)):] = True
+  near = np.flatnonzero(np.abs(np.arange(fc.shape[0]) - split) <= _NOTCH_HALF_WIDTH_MM / spacing[0])
+  posterior_most = [np.flatnonzero(fc[i].any(axis=1))[0] for i in near if fc[i].any()]
+  if posterior_most:
+    trochlea[:, int(np.median(posterior_most)):] = True
   regions = {'fc_trochlea': trochlea}
   for side, mask in halves.items():
     regions[f'fc_{side}'] = mask & ~trochlea

@@ -775,8 +775,12 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
     logging.warning('%s: no %s cartilage found: a scan of another joint, or a header whose voxel sizes or '
                     'axes do not follow its voxels (an array saved in another axis order than its affine '
                     'says)? The mask is written as found', source, ' or '.join(missing))
-  table, thickness = measures.compartment_table(
-      fc, tc, spacing, measures.compartment_regions(fc, tc, spacing, sides))
+  regions = measures.compartment_regions(fc, tc, spacing, sides)
+  if not regions and (fc.any() or tc.any()):
+    logging.warning('%s: no gap between medial and lateral plates in the tibial or femoral cartilage (a '
+                    'field of view that holds half the knee, or a plate denuded or missed?): its '
+                    'compartments are not measured, only its plates', source)
+  table, thickness = measures.compartment_table(fc, tc, spacing, regions)
   paths = _report_paths(target, batch)
   _save(target, pose.unorient(values[classes], orientation), nii)
   _save(paths['map'], pose.unorient(thickness, orientation), nii)

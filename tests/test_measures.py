@@ -148,6 +148,22 @@ def test_the_split_is_the_middle_of_the_tibial_gap():
   assert measures.medial_lateral_split(np.ones_like(tc), tc) == 20.0
 
 
+def test_one_plate_alone_is_not_split_into_halves(reference):
+  """The reference knee (a right knee: medial plates at low axis-0 indices, split 86.5) cut to one side of
+  its tibial gap: with the femur whole, its notch parts the halves; with the femur cut too (a field of view
+  of half the knee), nothing does, and no compartment is measured, instead of one plate named two."""
+  labels, spacing = reference
+  fc, tc = labels == 2, labels == 4
+  assert measures.medial_lateral_split(fc, tc) == 86.5
+  medial = np.arange(len(labels))[:, None, None] < 87
+  assert measures.medial_lateral_split(fc, tc & medial) == 88.0
+  for side in (medial, ~medial):
+    assert measures.medial_lateral_split(fc & side, tc & side) is None
+    assert measures.compartment_regions(fc & side, tc & side, spacing, measures.side_names('R')) == {}
+    table, _ = measures.compartment_table(fc & side, tc & side, spacing, {})
+    assert list(table) == ['fc', 'tc']
+
+
 def test_the_trochlea_starts_at_the_median_posterior_cartilage_of_the_notch():
   """Split at slice 10, 0.5 mm slices: the notch's slices are 6-14 (2 mm). Their cartilage starts at 20 on
   six of them, at 25 on the three middle ones; the condyles' slices, farther out, start at 5."""
