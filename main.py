@@ -29,8 +29,8 @@ flags.DEFINE_enum('mode', 'train', ['train', 'preprocess', 'evaluate', 'predict'
                   'predict: segment --input into --output with that checkpoint (or --weights, or with '
                   'no --config the shipped model); '
                   'export: write that checkpoint to --output as one model file (.npz) for --weights.')
-flags.DEFINE_string('input', None, 'predict: a NIfTI file, a folder of DICOM files (one series), or a '
-                    'directory of NIfTI files or of DICOM folders.')
+flags.DEFINE_string('input', None, 'predict: a NIfTI, MetaImage or NRRD file, a folder of DICOM files (one '
+                    'series), or a directory of such files or of DICOM folders.')
 flags.DEFINE_string('output', None, 'predict: the mask file (one input) or a directory (created); '
                     'export: the model file.')
 flags.DEFINE_string('series', None, 'predict: the SeriesInstanceUID of the DICOM series to read when a '
@@ -42,8 +42,9 @@ flags.DEFINE_bool('continue_prediction', False, 'predict: of a directory of scan
                   'earlier run into the same --output finished with the same model and settings, and '
                   'segment the rest.')
 flags.DEFINE_string('labels', None, 'predict: expert labels to score the masks against: the label map of '
-                    "the one --input scan, or a directory of the scans' label maps (<name>.nii.gz, or "
-                    "<id>.nii.gz for nnU-Net's <id>_0000 images), read with data.label_map.")
+                    "the one --input scan, or a directory of the scans' label maps (each named as its scan, "
+                    "or <id> for nnU-Net's <id>_0000 images, with any volume suffix), read with "
+                    'data.label_map.')
 flags.DEFINE_bool('save_probabilities', False, "predict: also write each scan's class probabilities "
                   '(background, FC, TC) as a 4D NIfTI in its grid, beside its mask.')
 flags.DEFINE_string('weights', None, 'predict: a model file of --mode=export; without --config, its own '

@@ -34,7 +34,7 @@ _SIZE = flags.DEFINE_integer('size', 384, 'Slice height and width, both sides.',
 _PAIRS = flags.DEFINE_integer('pairs', 3, 'Alternating rounds of ours and the reference.', lower_bound=1)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps of each run (its median is used).', lower_bound=1)
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first.', lower_bound=0)
-_THREADS = flags.DEFINE_integer('threads', 2, 'Threads of both sides (XLA:CPU uses one per core).',
+_THREADS = flags.DEFINE_integer('threads', 2, "PyTorch's threads (XLA:CPU uses one per core).",
                                lower_bound=1)
 _TORCH_LAYOUTS = flags.DEFINE_list('torch_layouts', ['channels_last', 'nchw'],
                                    'Memory layouts the reference runs in; the faster counts.')

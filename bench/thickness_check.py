@@ -1,6 +1,7 @@
 """The reference knee's measures checked two ways: compartment volumes against plate volumes, and the mean
-thickness of `measures.thickness_map_mm` (sagittal medial ridge) against surface-to-surface distances from
-the bone interface to the articular surface in 3D (`measures.surface_thickness_mm`).
+thickness of `measures.thickness_map_mm` (3D local thickness on the medial-surface ridge) against
+surface-to-surface distances from the bone interface to the articular surface in 3D
+(`measures.surface_thickness_mm`).
 
 python bench/thickness_check.py [--labels easunet_jax/data/reference/knee_labels_oaizib.nii.gz]
   [--laterality R]: any OAI-ZIB label map (femur 1, FC 2, tibia 3, TC 4); prints a Markdown table per region

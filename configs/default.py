@@ -66,8 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.num_steps = 0  # total optimiser steps; 0 = from num_epochs and the training-set size
   t.eval_every_steps = 500  # validation period
   t.distributed = False  # call jax.distributed.initialize() (multi-host)
-  # Non-finite loss or gradients: 'stop' the run (naming the step) or 'skip' the update (stopping after 100
-  # skipped in a row).
+  # Non-finite loss or gradients: 'stop' the run (naming the step) or 'skip' the update (stopping once 100
+  # or more were skipped in a row, counted in whole logging periods).
   t.nan_policy = 'stop'
   # A model file (--mode=export; the shipped one: easunet_jax/weights/eas_knee.npz) whose weights and batch
   # statistics start a new run: fine-tuning. The optimiser starts afresh; a resumed run ignores it.
@@ -102,6 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Run the network on a few central slices in each of the eight in-plane orientations and segment in the
   # one where it is far surer of cartilage than in the header's: a header that flips or swaps the knee's
   # in-plane axes (written by a conversion that lost the geometry) still gives a true mask, with a warning.
+  # Unless the left-right voxels are much coarser than the others, every axis is tried as left-right (24
+  # orientations); sagittal slices are also tried rotated by 15 and 30 degrees either way. False: none.
   c.predict.orientation_check = True
 
   c.checkpoint = ml_collections.ConfigDict()

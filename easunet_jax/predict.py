@@ -1,5 +1,5 @@
-"""Segments new knee MRI volumes (NIfTI files or DICOM series, any voxel order and in-plane size) with a
-trained checkpoint and writes uint8 cartilage masks in the input's voxel grid (its orientation
+"""Segments new knee MRI volumes (NIfTI, MetaImage or NRRD files, DICOM series; any voxel order and in-plane
+size) with a trained checkpoint and writes uint8 cartilage masks in the input's voxel grid (its orientation
 checked against the image); decides the knee's laterality and reports volume, thickness and area per plate
 and compartment (CSV and Markdown), with a thickness map of each scan (NIfTI and PNG) and a figure of its
 prediction on three sagittal slices; scores the masks against expert labels when given."""
@@ -62,10 +62,10 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
 
   A scan is a NIfTI, MetaImage or NRRD file or a folder of DICOM files (one series is read from it,
   `dicom.read_series`, its subfolders searched too). A directory holding DICOM files and no volume file is
-  one scan, and so is any directory with `series` (--series: one series of its tree). Any other directory
-  is a batch of its volume files, masks of the same names (a MetaImage's or NRRD's as <name>.nii.gz), and
-  of its subfolders that hold DICOM files, masks named <subfolder>.nii.gz; DICOM files beside its volume
-  files are not read, with a warning. A batch of one scan (a series
+  one scan, and so is a directory without volume files given `series` (--series: one series of its tree).
+  Any other directory is a batch of its volume files, masks of the same names (a MetaImage's or NRRD's as
+  <name>.nii.gz), and of its subfolders that hold DICOM files, masks named <subfolder>.nii.gz; DICOM files
+  beside its volume files are not read, with a warning. A batch of one scan (a series
   exported into a subfolder) with `output_path` naming a NIfTI file is that scan; of more, an error.
   """
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
@@ -321,7 +321,7 @@ def _stem(path: pathlib.Path) -> str:
 def _report_paths(target: pathlib.Path, batch: bool) -> dict[str, pathlib.Path]:
   """Where a scan's thickness maps, slice figure and class probabilities go: beside a single mask
   (<mask>_thickness.*, <mask>_slices.png, <mask>_probabilities.nii.gz), in thickness/, slices/ and
-  probabilities/ of a batch."""
+  probabilities/ of a batch, whose scans' results also go into measures/<scan>.json ('result')."""
   if batch:
     return {'map': target.parent / 'thickness' / f'{_stem(target)}.nii.gz',
             'png': target.parent / 'thickness' / f'{_stem(target)}.png',
@@ -496,7 +496,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
             model_file: str | pathlib.Path | None = None, *, series: str | None = None,
             laterality: str | None = None, continue_prediction: bool = False,
             labels: str | pathlib.Path | None = None, save_probabilities: bool = False) -> list[dict]:
-  """Segments one scan or a directory of them (`_inputs`: NIfTI files, DICOM folders) into `output_path` (a
+  """Segments one scan or a directory of them (`_inputs`: volume files, DICOM folders) into `output_path` (a
   mask file, or a directory) with the checkpoint eval.checkpoint names in `workdir`, or with `model_file`
   (`pretrained`: then config is the file's, `pretrained.config_of`). `series` picks a DICOM series by its
   SeriesInstanceUID (`dicom.read_series`; '<uid>:<echo>' for one echo of several), `laterality` ('R' or
@@ -522,8 +522,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   measures.csv and report.md of a batch, and each batch scan's result as measures/<scan>.json; the scores
   against labels as <mask>_scores.csv or scores.csv, and in the report). Returns per scan {'input',
   'output', 'laterality', 'laterality_text', 'regions': `measures.compartment_table`, paths of the maps and
-  figures, the seconds spent in all and in the network's forward passes, and with labels 'labels' and
-  'scores'}.
+  figures, 'orientation', 'orientation_code' and 'rotation_deg' (how the scan was turned to be segmented),
+  the seconds spent outside compilation ('seconds'), in it ('compile_s') and in the network's forward
+  passes ('forward_s'), and with labels 'labels' and 'scores'}.
   """
   if config.predict.label_values not in LABEL_VALUES:
     raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '

@@ -428,10 +428,10 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
   Voxel (i, j, k) is (column, row, slice), slices ascending along cross(row cosine, column cosine), each
   rescaled by its own RescaleSlope and RescaleIntercept. `series` is a `Series.name` (a SeriesInstanceUID,
   its first echo where it holds several; '<uid>:<echo>' for another); without it the series with most slices
-  is read. The report holds 'series_found' (a dict of name, description, number and slice count per
-  series), 'series_used' (a name), 'laterality' ('L', 'R' or None) and 'laterality_from' (where it was
-  read: the Laterality tag, else the series description), 'description', 'manufacturer' and
-  'slice_spacing_mm'.
+  is read. The report holds 'series_found' (a list of dicts of name, description, number and slice
+  count, one per series), 'series_used' (a name), 'laterality' ('L', 'R' or None) and 'laterality_from'
+  (where it was read: the Laterality, ImageLaterality or FrameLaterality tag, else the series
+  description), 'description', 'manufacturer' and 'slice_spacing_mm'.
   """
   folder = pathlib.Path(folder)
   groups, skipped, localizers = _scan(folder)

@@ -284,7 +284,8 @@ def cli(generator: Callable[[], Generator] = lambda: make_tissues) -> None:
                             'voxels: left-right, anterior, superior')
   spacing = flags.DEFINE_list('spacing', [str(d) for d in DEFAULT_SPACING], 'voxel size in mm')
   seed = flags.DEFINE_integer('seed', 0, 'dataset seed')
-  workers = flags.DEFINE_integer('workers', None, 'worker processes; default one per CPU', lower_bound=1)
+  workers = flags.DEFINE_integer('workers', None, 'worker processes; default one per CPU (one for a small '
+                                 'phantom)', lower_bound=1)
 
   def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:

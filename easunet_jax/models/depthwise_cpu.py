@@ -1,7 +1,7 @@
 """The CPU depthwise convolution of `depthwise_cpu.cc`, compiled on first use and called through jax.ffi.
 
 The shared library is built with the machine's C++ compiler for its own CPU (-march=native) into
-$EASUNET_CACHE (default ~/.cache/easunet_jax), keyed by the source, the compiler command, the jaxlib
+$EASUNET_CACHE (default ~/.cache/easunet_jax), keyed by the source, the compiler command, the jax
 version and the CPU's feature flags, so a second start loads it in milliseconds. Without a compiler
 `available()` is False and `model.depthwise_impl='auto'` uses the pure-JAX stencil instead. The model
 uses it in training only (`layers.DepthwiseConv`).
