@@ -15,7 +15,7 @@ from absl import flags
 from flax import nnx
 
 from configs import default
-from easunet_jax import models, steps
+from easunet_jax import models, pretrained, steps
 from easunet_jax.errors import ConfigError, exit_with, one_line
 
 # Slices of this many strides trace the step for real data: their slice store pads slices to a multiple.
@@ -36,6 +36,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   reference = default.get_config()
   try:
     check_given_once(argv, reference)
+    overrides = [arg.partition('=')[0] for arg in argv if arg.startswith('--config.')]
+    if overrides and not any(arg == '--config' or arg.startswith('--config=') for arg in argv):
+      # absl knows no --config.<field> without --config: 'Unknown command line flag' would not say why.
+      shipped = pathlib.Path(default.__file__).with_name('eas.py')
+      raise ConfigError(f'{overrides[0]}: a config field, set with --config only; the shipped model is '
+                        f'--config={shipped}:knee --weights={pretrained.SHIPPED}')
     argv = flags.FLAGS(argv)
     if flags.FLAGS.config is not None:
       flags.FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read

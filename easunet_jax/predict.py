@@ -539,6 +539,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                     f'{", ".join(volumes.VOLUME_SUFFIXES)}, or a file and a DICOM folder), whose masks, '
                     'thickness maps and figures would overwrite each other; keep one')
   label_files = _label_files(pairs, labels, batch) if labels else {}
+  if labels:  # what an nnU-Net data set's dataset.json, beside its labelsTr/, says its labels are
+    folder = pathlib.Path(labels) if pathlib.Path(labels).is_dir() else pathlib.Path(labels).parent
+    volumes.check_dataset_json(folder.parent, config.data.label_map)
   inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
   refused, unscored = {}, {}  # {scan of a batch: why its files, or its label map's, fail the checks}
   folders = set()

@@ -415,6 +415,13 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
   refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=train'],
                            capture_output=True, text=True, check=False)
   assert refused.returncode == 2 and refused.stderr.startswith('error: --config is needed')
+  # A config field without --config: absl knows no such flag; the shipped model's config is named.
+  refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
+                            '--output=mask.nii.gz', "--config.data.label_map=((1, 1), (2, 2))"], cwd=tmp_path,
+                           capture_output=True, text=True, check=False)
+  assert refused.returncode == 2 and refused.stderr == (
+      f"error: --config.data.label_map: a config field, set with --config only; the shipped model is "
+      f"--config={REPO / 'configs' / 'eas.py'}:knee --weights={pretrained.SHIPPED}\n")
 
 
 @pytest.mark.parametrize('given', [False, True])

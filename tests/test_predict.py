@@ -661,6 +661,14 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   (labels / 'permuted.nii.gz').unlink()
   _one_line_error(DataError, r'no label map for 1 scan\(s\) \(permuted.nii.gz\)', _config(), workdir, scans,
                   out, labels=labels)
+  # nnU-Net's dataset.json, a folder above the label maps, names their labels: labels it names otherwise
+  # than data.label_map reads them (SKM-TEA's, medial tibial cartilage 3) are refused before segmenting.
+  (tmp_path / 'dataset.json').write_text(json.dumps({'labels': {
+      'background': 0, 'femoral cartilage': 2, 'medial tibial cartilage': 3, 'lateral tibial cartilage': 4}}))
+  for given in (labels, labels / 'knee.nii.gz'):
+    _one_line_error(ConfigError, "dataset.json names label 3 'medial tibial cartilage', class 2", _config(),
+                    workdir, scans / 'knee_0000.nii.gz', tmp_path / 'skm.nii.gz', labels=given)
+  assert not (tmp_path / 'skm.nii.gz').exists()
 
 
 def test_a_header_without_orientation_is_warned_of(run, tmp_path, caplog, monkeypatch):

@@ -5,6 +5,7 @@ and label remapping."""
 import gzip
 import json
 import logging
+import re
 
 import metaimage
 import nibabel as nib
@@ -168,8 +169,8 @@ def test_label_values_outside_the_label_map_are_one_line_errors(tmp_path, value)
   volumes.save_volume(tmp_path / 'k.nii.gz', labels, affine)
   # A fix data.label_map can make (its sources are 0-255), else the file's.
   fix = (r'add each to data.label_map with its class, 0 \(background\), 1 \(femoral\) or 2 \(tibial '
-         r"cartilage\): OAIZIB-CM's lateral tibial cartilage 5 as "
-         r"data.label_map='\(\(2, 1\), \(4, 2\), \(5, 2\)\)'"
+         r"cartilage\), as the data set names it: OAIZIB-CM's lateral tibial cartilage 5 as "
+         r"data.label_map='\(\(2, 1\), \(4, 2\), \(5, 2\)\)', a meniscus or patellar cartilage as class 0"
          if 0 <= value <= 255 else
          'data.label_map maps values 0-255: rewrite the file with its labels in that range')
   with pytest.raises(DataError, match=rf'k: label file \S+ holds values \[{value}\] outside data.label_map '
@@ -589,7 +590,7 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
   check({'background': 0, 'FemCart': 2, 'TibCart': 4, 'patellar cartilage': 5}, ((2, 1), (4, 2), (5, 3)))
   with pytest.raises(ConfigError, match=r"^\S+dataset.json names label 1 'femoral_cartilage', class 1 \(1 "
                      r"femoral, 2 tibial cartilage\), and data.label_map leaves it out: pass "
-                     r"--config.data.label_map='\(\(1, 1\), \(2, 2\)\)'$"):
+                     r"--config.data.label_map='\(\(1, 1\), \(2, 2\), \(4, 0\)\)'$"):  # 4: read, as bone
     check({'background': 0, 'femoral_cartilage': 1, 'tibial_cartilage': 2, 'femur': 3, 'tibia': 4})
   with pytest.raises(ConfigError, match=r"label 5 'LTC', class 2 .* makes it class 1: .*label_map="
                      r"'\(\(2, 1\), \(4, 2\), \(5, 2\)\)'"):
@@ -597,8 +598,18 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
   with pytest.raises(ConfigError, match=r"names label 1 'femoral_cartilage', .* leaves it out: pass "
                      r"--config.data.label_map='\(\(1, 1\), \(2, 2\), \(4, 2\)\)'$"):  # v1's {value: name}
     check({'0': 'background', '1': 'femoral_cartilage', '2': 'tibial_cartilage', '3': 'femur'})
-  with pytest.raises(ConfigError, match=r"label_map='\(\(1, 1\),\)'"):  # one pair: a tuple all the same
+  with pytest.raises(ConfigError, match=r"label_map='\(\(1, 1\), \(2, 0\), \(4, 0\)\)'"):
     check({'background': 0, 'femoral cart': 1, 'femur': 2, 'tibia': 4})
+  with pytest.raises(ConfigError, match=r"label_map='\(\(1, 1\),\)'"):  # one pair: a tuple all the same
+    check({'background': 0, 'femoral cart': 1}, ((1, 2),))
+  # SKM-TEA's labels: its menisci become background, also where the given map has them, and the map
+  # suggested reads every value of its label maps (patellar cartilage 1 as OAI-ZIB's femur: background).
+  skm_tea = {'background': 0, 'patellar cartilage': 1, 'femoral cartilage': 2, 'medial tibial cartilage': 3,
+             'lateral tibial cartilage': 4, 'medial meniscus': 5, 'lateral meniscus': 6}
+  for given in (((2, 1), (4, 2)), ((2, 1), (4, 2), (5, 0), (6, 0))):
+    with pytest.raises(ConfigError, match=re.escape("label_map='((2, 1), (3, 2), (4, 2), (5, 0), (6, 0))'")):
+      check(skm_tea, given)
+  check(skm_tea, ((2, 1), (3, 2), (4, 2), (5, 0), (6, 0)))
   # Saved with a byte-order mark, as Windows editors do: read all the same.
   bom = b'\xef\xbb\xbf'
   (tmp_path / 'dataset.json').write_bytes(bom + json.dumps({'labels': {'femoral_cartilage': 1}}).encode())

@@ -170,7 +170,8 @@ def _cartilage_class(name: str) -> int:
 def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[int]]) -> None:
   """A ConfigError where root/dataset.json (nnU-Net's: {"labels": {name: value}}, or v1's {value: name})
   names a label femoral or tibial cartilage that `label_map` leaves out or makes another class, with a map
-  that follows the names; nothing where the file is absent or not nnU-Net's."""
+  that follows the names and reads every label the file names; nothing where the file is absent or not
+  nnU-Net's."""
   path = pathlib.Path(root) / 'dataset.json'
   if not path.is_file():
     return
@@ -186,9 +187,12 @@ def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[in
            if isinstance(value, int) and (target := _cartilage_class(str(name)))}
   mapped = {int(source): int(target) for source, target in label_map}
   if wrong := [value for value, target in named.items() if mapped.get(value, 0) != target]:
-    unnamed = {value: target for value, target in mapped.items()
-               if target and value not in labels.values()}
-    suggested = repr(tuple(sorted({**unnamed, **named}.items())))
+    # The map suggested reads every value the file names: its other labels (menisci, patellar cartilage,
+    # bones other than OAI-ZIB's) as background, and keeps the given pairs of values it does not name.
+    others = {value: 0 for value in labels.values()
+              if isinstance(value, int) and value > 0 and value not in named and value not in BONE_LABELS}
+    unnamed = {value: target for value, target in mapped.items() if value not in labels.values()}
+    suggested = repr(tuple(sorted({**unnamed, **others, **named}.items())))
     value = wrong[0]
     name = next(name for name, v in labels.items() if v == value)
     given = f'makes it class {mapped[value]}' if mapped.get(value) else 'leaves it out'
@@ -565,8 +569,9 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
     outside = np.unique(labels[unknown[labels]]).tolist()
   if outside:
     # data.label_map's sources are 0-255 (uint8 stores): a value outside is the label file's to change.
-    fix = ("add each to data.label_map with its class, 0 (background), 1 (femoral) or 2 (tibial cartilage): "
-           "OAIZIB-CM's lateral tibial cartilage 5 as data.label_map='((2, 1), (4, 2), (5, 2))'"
+    fix = ("add each to data.label_map with its class, 0 (background), 1 (femoral) or 2 (tibial cartilage), "
+           "as the data set names it: OAIZIB-CM's lateral tibial cartilage 5 as "
+           "data.label_map='((2, 1), (4, 2), (5, 2))', a meniscus or patellar cartilage as class 0"
            if lo >= 0 and hi <= 255 else
            'data.label_map maps values 0-255: rewrite the file with its labels in that range')
     raise DataError(f'{case.id}: label file {case.label} holds values {outside[:8]} outside data.label_map '
