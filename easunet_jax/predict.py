@@ -791,8 +791,6 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
   if save_probabilities:
     _save(paths['probabilities'],
           pose.unorient(np.round(probabilities * 255).astype(np.uint8), orientation), nii, slope=1 / 255)
-  for figure in ('png', 'slices'):
-    paths[figure].parent.mkdir(parents=True, exist_ok=True)
   knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
   # A name in another encoding than the file system's (a Latin-1 folder name) holds surrogates, which
   # matplotlib cannot draw: shown with a replacement character instead.
