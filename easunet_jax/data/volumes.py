@@ -436,7 +436,8 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
     nii = type(nii)(nii.dataobj.reshape(nii.shape[:3]), nii.affine, nii.header)  # still lazy
   if len(nii.shape) != 3:
     raise DataError(f'{path}: {len(nii.shape)}D volume of shape {nii.shape}, expected 3D' + (
-        ' (a series of several volumes, echoes or time points: save the one to use as its own file)'
+        ' (a series of several volumes, echoes or time points: save the one to use as its own file; a label '
+        'map of a channel per class, one-hot: save its argmax, one volume of label values)'
         if len(nii.shape) > 3 else ''))
   if min(nii.shape) < 1:
     raise DataError(f'{path}: volume of shape {nii.shape}, an axis without voxels (a corrupt header?)')
