@@ -47,6 +47,23 @@ def test_discover_both_layouts_sorted_with_unlabelled_images(tmp_path, nnunet):
 
 
 @pytest.mark.parametrize('nnunet', [False, True])
+def test_the_layout_read_is_the_one_that_holds_volumes(tmp_path, nnunet):
+  """Empty folders of the other layout beside a filled one (an nnU-Net conversion begun in the same folder)
+  are not read in its place; volumes in both layouts, label maps alone too, are an error."""
+  image, labels, affine = _small_case(np.random.default_rng(0))
+  for case_id in ('a', 'b', 'c'):
+    _write_pair(tmp_path, case_id, image, labels, affine, nnunet)
+  other = ('images', 'labels') if nnunet else ('imagesTr', 'labelsTr')
+  for folder in other:
+    (tmp_path / folder).mkdir()
+  cases = volumes.discover_cases(tmp_path)
+  assert [c.id for c in cases] == ['a', 'b', 'c'] and all(c.image and c.label for c in cases)
+  volumes.save_volume(tmp_path / other[1] / 'a.nii.gz', labels, affine)
+  with pytest.raises(DataError, match=r'volumes in both images/ \+ labels/ and imagesTr/ \+ labelsTr/; keep'):
+    volumes.discover_cases(tmp_path)
+
+
+@pytest.mark.parametrize('nnunet', [False, True])
 def test_label_maps_without_images_are_cases_of_their_own(tmp_path, nnunet, caplog):
   """An empty image folder counts as none (label maps alone), and a label map beside images that has none
   of its own is a case with image None (for data.synth), not dropped. nnU-Net's labelsTs/ is said to be

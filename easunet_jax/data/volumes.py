@@ -99,7 +99,14 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   .mhd) is a case with image None, which contrast synthesis (data.synth) trains on.
   """
   root = pathlib.Path(root)
-  nnunet = (root / 'imagesTr').is_dir() or (root / 'labelsTr').is_dir()
+  # The layout whose folders hold volumes: an empty or partial folder of the other is no reason to read it.
+  filled = {layout: any(volume_files(root / folder) for folder in folders)
+            for layout, folders in (('nnunet', ('imagesTr', 'labelsTr')), ('plain', ('images', 'labels')))}
+  if all(filled.values()):
+    raise DataError(f'{root}: volumes in both images/ + labels/ and imagesTr/ + labelsTr/; keep one layout, '
+                    'or give data.root a folder of its own for each')
+  nnunet = filled['nnunet'] or (not filled['plain'] and any(
+      (root / folder).is_dir() for folder in ('imagesTr', 'labelsTr')))
   if nnunet:
     image_dir, label_dir, image_suffix = root / 'imagesTr', root / 'labelsTr', '_0000'
     if (root / 'labelsTs').is_dir():
