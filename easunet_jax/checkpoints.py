@@ -129,13 +129,18 @@ def check_same_model(saved: dict, model_cfg: ml_collections.ConfigDict, source: 
 
 def check_same_split(saved: dict, config: ml_collections.ConfigDict, source: pathlib.Path) -> None:
   """Refuses to resume or evaluate a checkpoint (`source`) under another split of the cases than it was
-  trained with (seed and data.split, unless a data.split_file gives the split, whose path may move): its
-  validation and test cases would then hold cases it trained on."""
+  trained with (seed and data.split, unless a data.split_file gives the split, whose path may move), or
+  without the data.root it was trained on (whose path may move too): its validation and test cases would
+  then hold cases it trained on."""
   def split(cfg) -> dict:
     if cfg['data'].get('split_file'):
       return {'data.split_file': 'given'}
     return {'seed': cfg['seed'], 'data.split': _plain(cfg['data']['split'])}
 
+  # A data.root left out of the command: the built-in phantom would be generated and its store built first.
+  if (root := saved['data'].get('root')) and not config.data.root:
+    raise CheckpointError(f'{source} was trained on data.root={root}, and data.root is unset (the built-in '
+                          f'phantom): give --config.data.root={root}')
   trained, asked = split(saved), split(config)
   if trained != asked:
     def describe(group: dict) -> str:

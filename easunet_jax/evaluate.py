@@ -254,7 +254,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   mesh = parallel.make_mesh()
   step, graphdef, state = steps.restore_for_inference(config, workdir, mesh, same_split=True)
   with parallel.process_0_first('slice store built'):
-    store_dir = preprocess.prepare_data(config, workdir)
+    store_dir = preprocess.prepare_data(config, workdir, as_trained=True)
   pipeline.check_trained_on(workdir, store_dir)
   if not pipeline.read_index(store_dir / 'test'):
     raise DataError(f'the test split of {store_dir} is empty: set data.split or data.split_file to hold '

@@ -136,7 +136,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   # Process 0 builds the store while the others wait: builders running at once would delete each other's
   # half-built stores. The others then find it up to date on a shared disk, or build their own copy.
   with parallel.process_0_first('slice store built'):
-    store_dir = preprocess.prepare_data(config, workdir)
+    store_dir = preprocess.prepare_data(config, workdir, as_trained=bool(start))
   train_slices = len(pipeline.SliceSource(store_dir / 'train'))
   val_slices = len(pipeline.SliceSource(store_dir / 'val'))
   for split, slices in (('training', train_slices), ('validation', val_slices)):

@@ -130,6 +130,15 @@ def test_a_split_file_gives_the_split_whatever_the_seed_and_wherever_it_moved():
   with pytest.raises(CheckpointError, match=r'ckpt was trained on the cases split by data.split_file=given '
                      r'but the config splits them by seed=0, data.split=\(0.7, 0.1, 0.2\)'):
     checkpoints.check_same_split(saved, config, pathlib.Path('ckpt'))
+  # A data.root left out of the command, where the checkpoint names one (wherever it moved).
+  saved['data']['root'] = '/old/OAI-ZIB'
+  config.data.update(root='/moved/OAI-ZIB', split_file='/moved/splits.json')
+  checkpoints.check_same_split(saved, config, pathlib.Path('ckpt'))
+  config.data.root = ''
+  with pytest.raises(CheckpointError, match=re.escape(
+      'ckpt was trained on data.root=/old/OAI-ZIB, and data.root is unset (the built-in phantom): give '
+      '--config.data.root=/old/OAI-ZIB')):
+    checkpoints.check_same_split(saved, config, pathlib.Path('ckpt'))
 
 
 def test_a_workdir_that_trains_is_not_trained_twice_at_once(augmented_tiny):
@@ -171,6 +180,16 @@ def test_another_set_of_cases_is_refused_on_evaluation_and_the_trained_pixel_kep
     evaluate.evaluate(other, workdir)
   trained_on = json.loads((workdir / pipeline.TRAINED_ON).read_text())
   assert pipeline.trained_pixel_mm(other, workdir) == tuple(trained_on['pixel_mm'])
+  # In the workdir's own store (a copy of the workdir): refused before the rebuilt store replaces it, on
+  # evaluation and on resuming a finished run alike.
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval'))
+  other.data.cache_dir = ''
+  splits = (copy / 'slices' / 'splits.json').read_text()
+  for run in (evaluate.evaluate, train.train_and_evaluate):
+    with pytest.raises(CheckpointError, match=r'its split of the cases is not the one .* trained on'):
+      run(other, copy)
+    assert (copy / 'slices' / 'splits.json').read_text() == splits
 
 
 def test_the_latest_keep_steps_and_the_best_by_validation_dice_are_kept(tmp_path):

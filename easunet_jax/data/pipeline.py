@@ -98,15 +98,17 @@ def record_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path) -> None:
       {'splits': splits, 'pixel_mm': _median_pixel_mm(store_dir / 'train')}, indent=1))
 
 
-def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path) -> bool:
+def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path,
+                     splits: dict[str, list[str]] | None = None) -> bool:
   """Whether `workdir` records what it trained on (an older one does not); a CheckpointError when the
-  store's split of the cases is not that one: cases added, removed or skipped (a seeded split then
-  reshuffles), another data.root or split file, which would put training cases into validation and test."""
+  store's split of the cases (`splits`, of a store about to replace the one in `store_dir`, or that one's)
+  is not that one: cases added, removed or skipped (a seeded split then reshuffles), another data.root or
+  split file, which would put training cases into validation and test."""
   record = workdir / TRAINED_ON
   if not record.exists():
     return False
   trained = json.loads(record.read_text())['splits']
-  now = json.loads((store_dir / 'splits.json').read_text())
+  now = splits if splits is not None else json.loads((store_dir / 'splits.json').read_text())
   # A split the store lacks (a hand-made split file's) holds no cases.
   pairs = [(name, set(now.get(name, [])), set(ids)) for name, ids in trained.items()]
   if differ := [f'{name} +{len(new - old)} -{len(old - new)} cases'

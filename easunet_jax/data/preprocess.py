@@ -15,7 +15,7 @@ import logging
 import pathlib
 import shutil
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from easunet_jax import atomic, models
-from easunet_jax.data import knee, phantom, synth, volumes
+from easunet_jax.data import knee, phantom, pipeline, synth, volumes
 from easunet_jax.data.workers import cpus, map_in_order
 from easunet_jax.errors import ConfigError, DataError
 from easunet_jax.progress import Progress
@@ -317,9 +317,10 @@ def _usable(cases: Sequence[volumes.Case], skipped: dict[str, str], synth: bool)
 
 
 def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pathlib.Path, seed: int, *,
-                       multiple: int) -> pathlib.Path:
+                       multiple: int, check_splits: Callable[[dict], Any] | None = None) -> pathlib.Path:
   """Builds the slice store of the volumes under data_cfg.root in cache_dir, or reuses it if up to date.
-  Its slices are padded to a common size, a multiple of `multiple` (the network's stride).
+  Its slices are padded to a common size, a multiple of `multiple` (the network's stride). A new store's
+  splits are given to `check_splits` before it replaces the one there: what that raises leaves it as it was.
 
   Bad cases are named in one warning each and skipped (listed in skipped.json); none usable is a DataError.
   """
@@ -407,6 +408,8 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     splits = written
     if not any(splits.values()):
       raise _no_usable_case(data_cfg.root, len(cases))
+    if check_splits:
+      check_splits(splits)
     (tmp / 'splits.json').write_text(json.dumps(splits, indent=1))
     (tmp / 'skipped.json').write_text(json.dumps(skipped, indent=1))
     (tmp / 'fingerprint.json').write_text(json.dumps(fingerprint))
@@ -426,13 +429,18 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   return cache_dir
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> pathlib.Path:
+def prepare_data(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                 as_trained: bool = False) -> pathlib.Path:
   """The slice store of a run: data.root (or the phantom) preprocessed into data.cache_dir, its slices
-  padded to the stride of config.model's network."""
+  padded to the stride of config.model's network. With `as_trained` (a resumed training, an evaluation), a
+  store rebuilt with another split of the cases than the workdir trained on (`pipeline.check_trained_on`)
+  is refused before it replaces the one there."""
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.root = str(resolve_data_root(config.data, workdir, config.seed))
   cache_dir = config.data.cache_dir or pathlib.Path(workdir) / 'slices'
-  return ensure_slice_store(data_cfg, cache_dir, config.seed, multiple=models.stride(config.model.features))
+  check = functools.partial(pipeline.check_trained_on, pathlib.Path(workdir), pathlib.Path(cache_dir))
+  return ensure_slice_store(data_cfg, cache_dir, config.seed, multiple=models.stride(config.model.features),
+                            check_splits=check if as_trained else None)
 
 
 def write_split_file(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
