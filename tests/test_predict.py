@@ -5,6 +5,7 @@ written beside the masks, and one-line errors."""
 import csv
 import itertools
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -285,7 +286,13 @@ def test_a_scan_named_in_latin_1_is_written_under_its_name(run, tmp_path, monkey
   monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   name = os.fsdecode(b'M\xdcLLER')
   _dicom_knee(tmp_path / 'scans' / name, canonical, knee_x=-80.0)
-  predict.predict(_config(), workdir, tmp_path / 'scans', tmp_path / 'out')
+  # Its warnings name the scan (its one tibial plate has no compartments): pytest-xdist cannot send a report
+  # whose captured log holds the name's surrogate, so they are not logged here.
+  logging.disable(logging.WARNING)
+  try:
+    predict.predict(_config(), workdir, tmp_path / 'scans', tmp_path / 'out')
+  finally:
+    logging.disable(logging.NOTSET)
   for path in (f'{name}.nii.gz', f'slices/{name}.png', f'thickness/{name}.png', 'report.md'):
     assert (tmp_path / 'out' / path).exists()
   assert b'M\xdcLLER' in (tmp_path / 'out' / 'measures.csv').read_bytes()
