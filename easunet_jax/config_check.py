@@ -36,12 +36,6 @@ def parse_flags(argv: list[str]) -> list[str]:
   reference = default.get_config()
   try:
     check_given_once(argv, reference)
-    overrides = [arg.partition('=')[0] for arg in argv if arg.startswith('--config.')]
-    if overrides and not any(arg == '--config' or arg.startswith('--config=') for arg in argv):
-      # absl knows no --config.<field> without --config: 'Unknown command line flag' would not say why.
-      shipped = pathlib.Path(default.__file__).with_name('eas.py')
-      raise ConfigError(f'{overrides[0]}: a config field, set with --config only; the shipped model is '
-                        f'--config={shipped}:knee --weights={pretrained.SHIPPED}')
     argv = flags.FLAGS(argv)
     if flags.FLAGS.config is not None:
       flags.FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read
@@ -54,6 +48,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     if verbose:
       raise
     exit_with(ConfigError(f'--config: {str(e).strip().splitlines()[-1]}'))
+  except flags.UnrecognizedFlagError as e:
+    if verbose or not e.flagname.startswith('config.'):
+      raise
+    # absl knows no --config.<field> without --config: 'Unknown command line flag' would not say why.
+    shipped = pathlib.Path(default.__file__).with_name('eas.py')
+    exit_with(ConfigError(f'--{e.flagname}: a config field, set only beside --config=<file> (the shipped '
+                          f'model\'s: --config={shipped}:knee, and --weights={pretrained.SHIPPED} to predict '
+                          'with it)'))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
     # An unknown field, or an element of a sequence (features.0, which absl cannot parse), is one line; an
     # error of a config file's own code keeps its traceback.

@@ -540,8 +540,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                     'thickness maps and figures would overwrite each other; keep one')
   label_files = _label_files(pairs, labels, batch) if labels else {}
   if labels:  # what an nnU-Net data set's dataset.json, beside its labelsTr/, says its labels are
-    folder = pathlib.Path(labels) if pathlib.Path(labels).is_dir() else pathlib.Path(labels).parent
-    volumes.check_dataset_json(folder.parent, config.data.label_map)
+    folder = pathlib.Path(labels).resolve()  # also when given as '.' or a file name in labelsTr/
+    volumes.check_dataset_json((folder if folder.is_dir() else folder.parent).parent, config.data.label_map)
   inputs = {path.resolve() for path in [source for source, _ in pairs] + list(label_files.values())}
   refused, unscored = {}, {}  # {scan of a batch: why its files, or its label map's, fail the checks}
   folders = set()
@@ -557,8 +557,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       # the model has loaded, so that a refused model leaves no empty folders behind.
       if why := config_check.file_in_the_way(written.parent):
         raise DataError(f'{written.parent}: cannot make the output folder: {why}')
-      if not os.access(next(p for p in (written.parent, *written.parent.parents) if p.exists()), os.W_OK):
-        raise DataError(f'{written.parent}: the output folder is not writable')
+      nearest = next(p for p in (written.parent, *written.parent.parents) if p.exists())
+      if not os.access(nearest, os.W_OK):
+        raise DataError(f'{written.parent}: the output folder is not writable' if nearest == written.parent
+                        else f'{written.parent}: cannot make the output folder: {nearest} is not writable')
       folders.add(written.parent)
     try:
       _check_files(source, label_files.get(source), series)

@@ -420,8 +420,16 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
                             '--output=mask.nii.gz', "--config.data.label_map=((1, 1), (2, 2))"], cwd=tmp_path,
                            capture_output=True, text=True, check=False)
   assert refused.returncode == 2 and refused.stderr == (
-      f"error: --config.data.label_map: a config field, set with --config only; the shipped model is "
-      f"--config={REPO / 'configs' / 'eas.py'}:knee --weights={pretrained.SHIPPED}\n")
+      "error: --config.data.label_map: a config field, set only beside --config=<file> (the shipped "
+      f"model's: --config={REPO / 'configs' / 'eas.py'}:knee, and --weights={pretrained.SHIPPED} to predict "
+      'with it)\n')
+  # absl's other spellings of --config (one dash, a --flagfile) give the override its config.
+  (tmp_path / 'flags.txt').write_text(f"--config={REPO / 'configs' / 'tiny.py'}\n")
+  for spelling in (f"-config={REPO / 'configs' / 'tiny.py'}", f"--flagfile={tmp_path / 'flags.txt'}"):
+    refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=preprocess', spelling,
+                              '--config.data.root=no_such_folder'], cwd=tmp_path, capture_output=True,
+                             text=True, check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith('error: data.root: expected a dataset')
 
 
 @pytest.mark.parametrize('given', [False, True])

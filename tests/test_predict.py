@@ -672,7 +672,8 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   # than data.label_map reads them (SKM-TEA's, medial tibial cartilage 3) are refused before segmenting.
   (tmp_path / 'dataset.json').write_text(json.dumps({'labels': {
       'background': 0, 'femoral cartilage': 2, 'medial tibial cartilage': 3, 'lateral tibial cartilage': 4}}))
-  for given in (labels, labels / 'knee.nii.gz'):
+  monkeypatch.chdir(labels)  # also where given from inside the labels' folder
+  for given in (labels, labels / 'knee.nii.gz', pathlib.Path('knee.nii.gz'), pathlib.Path('.')):
     _one_line_error(ConfigError, "dataset.json names label 3 'medial tibial cartilage', class 2", _config(),
                     workdir, scans / 'knee_0000.nii.gz', tmp_path / 'skm.nii.gz', labels=given)
   assert not (tmp_path / 'skm.nii.gz').exists()
