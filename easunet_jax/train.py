@@ -118,6 +118,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return _train(config, workdir, mngr)
 
 
+def _latest_checkpoint(mngr: ocp.CheckpointManager) -> str:
+  """The folder of the newest checkpoint, or 'none', for the errors that stop a run."""
+  last = mngr.latest_step()
+  return str(mngr.directory / str(last)) if last else 'none'
+
+
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.CheckpointManager
            ) -> steps.TrainState | None:
   batch_size = config.train.batch_size
@@ -210,11 +216,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
         continue  # no host sync on the other steps: the device runs ahead
       summary = jax.device_get(accumulated.compute())
       if summary['first_nonfinite_step'] and config.train.nan_policy == 'stop':
-        last = mngr.latest_step()
         raise UserError(
             f'non-finite loss or gradients at step {summary["first_nonfinite_step"]} (found at step '
             f'{step}); stopped without saving (train.nan_policy=stop), the last good checkpoint is '
-            f'{mngr.directory / str(last) if last else "none"}. Lower optim.lr, check the data, or set '
+            f'{_latest_checkpoint(mngr)}. Lower optim.lr, check the data, or set '
             'train.nan_policy=skip')
       if is_log:
         progress.update(step)
@@ -232,11 +237,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
         all_skipped = summary['skipped_steps'] == step - last_log_step
         skipped_in_a_row = skipped_in_a_row + step - last_log_step if all_skipped else 0
         if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-          last = mngr.latest_step()
           raise UserError(
               f'the last {skipped_in_a_row} steps (to step {step}) were all skipped for a non-finite loss or '
               f'gradients (train.nan_policy=skip): the model no longer trains; the last checkpoint is '
-              f'{mngr.directory / str(last) if last else "none"}. Lower optim.lr or check the data')
+              f'{_latest_checkpoint(mngr)}. Lower optim.lr or check the data')
         accumulated, last_log_step = None, step
       if is_save:
         val = validate(p_eval_step, state, store_dir, eval_batch_size, data_sharding) if is_eval else None
