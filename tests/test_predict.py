@@ -660,7 +660,7 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   assert not (tmp_path / 'fresh' / 'scores.csv').exists()
 
   volumes.save_volume(labels / 'permuted.nii.gz', mask[:, :, :-1], nib.load(permuted).affine)
-  _one_line_error(DataError, r'permuted.nii.gz: image shape \(42, 38, 6\) and label shape \(42, 38, 5\) '
+  _one_line_error(DataError, r'permuted.nii.gz: image shape \(42, 38, 6\) and label map shape \(42, 38, 5\) '
                   'differ', _config(), workdir, scans / 'permuted.nii.gz', tmp_path / 'one.nii.gz',
                   labels=labels / 'permuted.nii.gz')
   _one_line_error(ConfigError, 'would overwrite an input scan or label map', _config(), workdir, scans,

@@ -513,6 +513,33 @@ def test_a_cache_dir_of_other_files_is_not_deleted(data_cfg, tmp_path):
   assert (tmp_path / 'notes.txt').read_text() == 'precious'
 
 
+def test_a_tissue_map_off_its_label_maps_grid_skips_its_case(data_cfg, tmp_path):
+  """A tissue map is the anatomy a synthesised image draws: one whose header lies on another grid than its
+  label map's (the same voxels with the anterior axis reversed: another place in the world; or
+  another shape) would draw it elsewhere than the
+  labels, and skips its case, named."""
+  root = tmp_path / 'data'
+  for kind in ('images', 'labels', 'tissues'):
+    (root / kind).mkdir(parents=True)
+    for path in sorted((pathlib.Path(data_cfg.root) / kind).iterdir()):
+      (root / kind / path.name).symlink_to(path)
+  for case_id, change in (('phantom_000', lambda v, a: (v, a @ np.diag([1.0, -1.0, 1.0, 1.0]))),
+                          ('phantom_001', lambda v, a: (v[:, :, 1:], a))):
+    path = root / 'tissues' / f'{case_id}.nii.gz'
+    nii = nib.load(path)
+    voxels, affine = change(np.asarray(nii.dataobj), nii.affine)
+    path.unlink()
+    nib.save(nib.Nifti1Image(voxels, affine), path)
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.update(root=str(root), synth=True)
+  store = preprocess.ensure_slice_store(cfg, tmp_path / 'store', seed=0, multiple=16)
+  skipped = json.loads((store / 'skipped.json').read_text())
+  assert sorted(skipped) == ['phantom_000', 'phantom_001']
+  assert 'phantom_000: label map and tissue map affines differ by' in skipped['phantom_000']
+  assert 'tissues/phantom_000.nii.gz' in skipped['phantom_000']
+  assert 'phantom_001: label map shape' in skipped['phantom_001']
+
+
 def test_images_without_labels_are_skipped_also_with_synth(data_cfg, tmp_path):
   """An image without its label map, or a data set without its labels folder: the cases are skipped with
   a warning (contrast synthesis too), not a traceback. A label map without its image is a case for contrast

@@ -153,6 +153,9 @@ def _tissues(case: volumes.Case, label_map: Sequence[Sequence[int]]) -> np.ndarr
   from its source labels (`synth.tissues_from_labels`)."""
   path = _tissue_path(case)
   if path.exists():
+    # On the label map's grid, or a synthesised image would draw its anatomy elsewhere than its labels.
+    volumes.check_same_grid(volumes.open_volume(case.label), volumes.open_volume(path),
+                            volumes.Case(case.id, case.label, path), ('label map', 'tissue map'))
     tissue, _ = volumes.load_labels(volumes.Case(case.id, None, path), [(v, 0) for v in range(256)])
     if tissue.max() >= synth.NUM_TISSUES:
       raise DataError(f'{path}: tissue code {tissue.max()} outside 0..{synth.NUM_TISSUES - 1}')
@@ -217,8 +220,6 @@ def _case_slices(case: volumes.Case, label_map: Sequence[Sequence[int]], synth_t
       image, labels, spacing = volumes.load_case(case, label_map)
     volumes.check_has_cartilage(labels, case.label, label_map)
     tissue = _tissues(case, label_map) if synth_tissues else None
-    if tissue is not None and tissue.shape != labels.shape:
-      raise DataError(f'tissue map {_tissue_path(case)} of shape {tissue.shape}, labels {labels.shape}')
     if case.image is None and with_images:
       image = synthetic_image(tissue, case.id)
   except DataError as e:

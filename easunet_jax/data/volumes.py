@@ -471,7 +471,7 @@ def check_headers(case: Case) -> None:
   image_nii = open_volume(case.image)
   if case.label is None:
     return
-  _check_same_grid(image_nii, open_volume(case.label), case)
+  check_same_grid(image_nii, open_volume(case.label), case)
 
 
 def canonical_grid(nii: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
@@ -485,23 +485,24 @@ def canonical_grid(nii: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
   return tuple(shape), to_mm @ nii.affine @ nib.orientations.inv_ornt_aff(ornt, nii.shape[:3])
 
 
-def _check_same_grid(image_nii: nib.Nifti1Image, label_nii: nib.Nifti1Image, case: Case) -> None:
+def check_same_grid(image_nii: nib.Nifti1Image, label_nii: nib.Nifti1Image, case: Case,
+                    kinds: tuple[str, str] = ('image', 'label map')) -> None:
   """The label map covers the image's voxels: the same grid in world space, each file in its own voxel order
-  (one tool's NIfTI flips or permutes another's: dcm2niix's against ITK's), compared in canonical order."""
+  (one tool's NIfTI flips or permutes another's: dcm2niix's against ITK's), compared in canonical order.
+  `kinds` names the two files in the errors (a label map and its tissue map are checked so too)."""
   (image_shape, image_affine), (label_shape, label_affine) = map(canonical_grid, (image_nii, label_nii))
   # One file without a pose (its first voxel at the origin) beside one with: OAI-ZIB's label maps against
   # images converted from OAI's DICOM. Their voxel orders need not agree, so they are not paired by index.
-  unposed = [kind for kind, nii in (('image', image_nii), ('label map', label_nii))
-             if not nii.affine[:3, 3].any()]
+  unposed = [kind for kind, nii in zip(kinds, (image_nii, label_nii)) if not nii.affine[:3, 3].any()]
   hint = (f"; the {unposed[0]} has no pose (its first voxel at the origin, as OAI-ZIB's segmentation_masks), "
           "the other has: give both in one world grid, as a release of images with labels comes (OAIZIB-CM's "
           'NIfTI)' if len(unposed) == 1 else '')
   if image_shape != label_shape:
-    raise DataError(f'{case.id}: image shape {image_nii.shape} and label shape {label_nii.shape} '
+    raise DataError(f'{case.id}: {kinds[0]} shape {image_nii.shape} and {kinds[1]} shape {label_nii.shape} '
                     f'differ{hint}')
   if not np.allclose(image_affine, label_affine, atol=_AFFINE_TOL_MM):
     diff = np.abs(image_affine - label_affine).max()
-    raise DataError(f'{case.id}: image and label affines differ by {diff:.3g} mm '
+    raise DataError(f'{case.id}: {kinds[0]} and {kinds[1]} affines differ by {diff:.3g} mm '
                     f'(more than {_AFFINE_TOL_MM}): {case.image} vs {case.label}{hint}')
 
 
@@ -643,7 +644,7 @@ def labels_on_grid(nii: nib.Nifti1Image, case: Case, label_map: Sequence[Sequenc
   a mask written in its grid), in closest-canonical RAS order as `canonical_image` gives the volume; the
   label map must lie on the volume's grid (in any voxel order) and hold known values."""
   label_nii = open_volume(case.label)
-  _check_same_grid(nii, label_nii, case)
+  check_same_grid(nii, label_nii, case)
   labels, _ = read_canonical(label_nii, case.label)
   classes = remap_labels(_check_label_values(labels, case, label_map), label_map)
   check_has_cartilage(classes, case.label, label_map)
