@@ -13,15 +13,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 from scipy import ndimage
 
 from easunet_jax import models, parallel, steps
 from easunet_jax.data import pipeline, preprocess
+from easunet_jax.progress import Progress
 
 # Network pixels per in-plane axis a resampled slice may span: outside, the header's voxel size is wrong
 # (another unit than mm, a scaled affine), and the slice would be a few pixels or exhaust memory.
 _SLICE_PIXELS = (16, 4096)
+# A scan segmented for minutes (a CPU's; a laptop's 80 slices take two) says how far it is this often.
+PROGRESS_EVERY_S = 30.0
 
 
 def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
@@ -114,7 +118,7 @@ def slices_fit(shape: Sequence[int], spacing: Sequence[float], pixel: tuple[floa
 
 def class_probabilities(network: Network, image: np.ndarray,
                         spacing: Sequence[float], pixel: tuple[float, float] | None, subpixel_tta: bool,
-                        slice_sigma_mm: float) -> np.ndarray:
+                        slice_sigma_mm: float, name: str = '') -> np.ndarray:
   """Class probabilities (S, H, W, K) of a canonical-order volume: normalised like the slice store, each
   sagittal slice resampled to `pixel` mm (None: kept) and padded to multiples of the network's stride. The
   network's probabilities are resampled back with linear interpolation, which gives smoother boundaries
@@ -122,7 +126,8 @@ def class_probabilities(network: Network, image: np.ndarray,
   a network pixel along each in-plane axis where the network's pixels are the coarser (four grids at most):
   boundaries finer than the network's pixels. Then they are smoothed across sagittal slices by a Gaussian
   of `slice_sigma_mm` (0: not at all): the network sees one slice at a time, and the smoothing lets
-  neighbouring slices outvote a slice's lone speck or gap."""
+  neighbouring slices outvote a slice's lone speck or gap. With a `name`, a status line with the ETA of the
+  scan so named is logged every PROGRESS_EVERY_S seconds."""
   original = image.shape[1:]
   size = original if pixel is None else resampled_size(original, spacing[1:], pixel)
   image = preprocess.normalise(image).astype(np.float32)
@@ -130,11 +135,18 @@ def class_probabilities(network: Network, image: np.ndarray,
   crop = (slice(None), *(slice(before, before + n) for (before, _), n in zip(pad[1:], size)))
 
   def probabilities(offset: tuple[float, float]) -> np.ndarray:  # offset in network pixels
-    probs = network(np.pad(_resize(image, size, [o * n / m for o, n, m in zip(offset, original, size)]), pad))
-    return _resize(probs[crop], original, [-o for o in offset])
+    slices = np.pad(_resize(image, size, [o * n / m for o, n, m in zip(offset, original, size)]), pad)
+    probs = []
+    for first in range(0, len(slices), network.batch_size):  # the network's own batches, counted
+      probs.append(network(slices[first:first + network.batch_size]))
+      progress.update(progress.done + len(probs[-1]))
+      if name and progress.due(PROGRESS_EVERY_S):
+        logging.info('%s', progress.status(f'{name}: slices segmented'))
+    return _resize(np.concatenate(probs)[crop], original, [-o for o in offset])
 
   offsets = list(itertools.product(*[(0.0, 0.5) if subpixel_tta and m < n else (0.0,)
                                      for n, m in zip(original, size)]))
+  progress = Progress(len(offsets) * len(image))
   mean = sum(probabilities(offset) for offset in offsets) / len(offsets)
   if slice_sigma_mm > 0:
     mean = ndimage.gaussian_filter1d(mean, slice_sigma_mm / spacing[0], axis=0, mode='nearest')

@@ -765,7 +765,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
                     source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
   rotated = pose.rotate_slices(image, degrees, spacing) if degrees else image
   probabilities = inference.class_probabilities(network, rotated, spacing, pixel, config.predict.subpixel_tta,
-                                      config.predict.slice_sigma_mm)
+                                                config.predict.slice_sigma_mm, source.name)
   if degrees:
     probabilities = pose.rotate_slices(probabilities, -degrees, spacing)
   classes = to_classes(probabilities, config.predict.background_weight)

@@ -22,6 +22,7 @@ class Progress:
     self.total, self.done = total, done
     self._first, self._start = done, time.perf_counter()
     self._last_done, self._last_time = done, self._start
+    self._shown = self._start
     self._bar = sys.stderr.isatty() if bar is None else bar
 
   def update(self, done: int | None = None) -> None:
@@ -43,6 +44,15 @@ class Progress:
     rate = (self.done - self._last_done) / max(now - self._last_time, 1e-9)
     self._last_done, self._last_time = self.done, now
     return rate
+
+  def due(self, seconds: float) -> bool:
+    """Whether `seconds` have passed since this last said so (or since the start): a status line that long
+    work shows every so often, not at every unit."""
+    now = time.perf_counter()
+    if now - self._shown < seconds:
+      return False
+    self._shown = now
+    return True
 
   def status(self, unit: str = '') -> str:
     """'[####......] ' on a terminal, then '<unit> done/total (spent HH:MM:SS, ETA HH:MM:SS)'."""

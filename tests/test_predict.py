@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import time
 
@@ -1074,6 +1075,7 @@ def test_offset_grids_sample_where_the_network_pixels_lie():
 class _Step:
   """A stand-in network for one class boundary: foreground where the normalised image is above half."""
   stride = 4
+  batch_size = 8
   calls = 0
 
   def __call__(self, image_SHW):
@@ -1193,6 +1195,22 @@ def test_subpixel_tta_is_one_grid_where_the_network_pixels_are_the_scans():
   classes = _segment(network, image, (1.0, 1.0, 1.0), (1.0, 1.0), True, 0.0)
   np.testing.assert_array_equal(classes[0], np.arange(16 * 12).reshape(16, 12) >= 16 * 12 / 2)
   assert network.calls == 1
+
+
+def test_a_named_scan_logs_how_far_its_slices_are(monkeypatch, caplog):
+  """Every PROGRESS_EVERY_S seconds (here at every batch of the network's 8 slices) a named scan's status
+  line: slices segmented over all sampling grids, with the ETA; an unnamed one (the pose check's) is quiet."""
+  monkeypatch.setattr(inference, 'PROGRESS_EVERY_S', 0.0)
+  image = np.arange(20 * 16 * 16, dtype=np.float32).reshape(20, 16, 16)
+  with caplog.at_level(logging.INFO):
+    unnamed = _segment(_Step(), image, (1.0, 1.0, 1.0), (1.0, 1.0), True, 0.0)
+    assert not caplog.records
+    named = predict.to_classes(inference.class_probabilities(
+        _Step(), image, (1.0, 1.0, 1.0), (1.0, 1.0), True, 0.0, 'knee.nii.gz'), 1.0)
+  np.testing.assert_array_equal(named, unnamed)
+  assert [re.sub(r' \(spent.*', '', r.getMessage()) for r in caplog.records] == [
+      f'knee.nii.gz: slices segmented {n}/20' for n in (8, 16, 20)]
+  assert 'ETA 00:00:00' in caplog.records[-1].getMessage()
 
 
 def test_slice_smoothing_fills_a_one_slice_gap_drops_a_one_slice_speck_and_keeps_the_plate_ends():

@@ -50,3 +50,15 @@ def test_days_of_work_count_their_hours_and_no_eta_goes_below_zero(clock):
   assert progress.status() == '1/4 (spent 27:01:01, ETA 81:03:03)'
   progress.update(5)  # past the total (a count that overshoots): no ETA of a negative time
   assert progress.status().endswith('ETA 00:00:00)')
+
+
+def test_due_says_so_once_per_interval(clock):
+  progress = Progress(total=100, bar=False)
+  clock[0] += 10.0
+  assert not progress.due(30.0)
+  clock[0] += 25.0
+  assert progress.due(30.0) and not progress.due(30.0)  # 35 s after the start, then 0 after saying so
+  clock[0] += 29.0
+  assert not progress.due(30.0)
+  clock[0] += 1.0
+  assert progress.due(30.0)
