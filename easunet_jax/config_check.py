@@ -51,7 +51,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.UnrecognizedFlagError as e:
     if verbose or not e.flagname.startswith('config.'):
       raise
-    # absl knows no --config.<field> without --config: 'Unknown command line flag' would not say why.
+    # absl knows no --config.<field> without --config: 'Unknown command line flag' would not say why. The
+    # flags absl knows are set all the same: a model file of the user's own needs its training's config.
+    weights = flags.FLAGS['weights'].value if 'weights' in flags.FLAGS else None
+    if weights and pathlib.Path(weights).resolve() != pretrained.SHIPPED.resolve():
+      exit_with(ConfigError(f'--{e.flagname}: a config field, set only beside --config=<file> (beside '
+                            f'--weights={weights}: the config file it was trained with)'))
     shipped = pathlib.Path(default.__file__).with_name('eas.py')
     exit_with(ConfigError(f'--{e.flagname}: a config field, set only beside --config=<file> (the shipped '
                           f'model\'s: --config={shipped}:knee, and --weights={pretrained.SHIPPED} to predict '

@@ -423,6 +423,13 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
       "error: --config.data.label_map: a config field, set only beside --config=<file> (the shipped "
       f"model's: --config={REPO / 'configs' / 'eas.py'}:knee, and --weights={pretrained.SHIPPED} to predict "
       'with it)\n')
+  # Beside a model file of one's own, its training's config (the shipped one's would not fit its network).
+  refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
+                            '--config.predict.zoom=1', '--weights=mine.npz', '--output=mask.nii.gz'],
+                           cwd=tmp_path, capture_output=True, text=True, check=False)
+  assert refused.returncode == 2 and refused.stderr == (
+      'error: --config.predict.zoom: a config field, set only beside --config=<file> (beside '
+      '--weights=mine.npz: the config file it was trained with)\n')
   # absl's other spellings of --config (one dash, a --flagfile) give the override its config.
   (tmp_path / 'flags.txt').write_text(f"--config={REPO / 'configs' / 'tiny.py'}\n")
   for spelling in (f"-config={REPO / 'configs' / 'tiny.py'}", f"--flagfile={tmp_path / 'flags.txt'}"):
