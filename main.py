@@ -75,6 +75,16 @@ _AFTER_A_STOP = {
 _NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EEXIST)
 
 
+class _Terminated(BaseException):
+  """A SIGTERM (a scheduler's stop or time limit, `kill`) outside a training loop, which saves and stops by
+  itself: raised where the work stands, as Ctrl-C's KeyboardInterrupt is, so that it ends in one line."""
+
+
+def _terminated(signum, frame):
+  del signum, frame
+  raise _Terminated
+
+
 def _quiet_libraries(record) -> bool:
   """Drops the INFO chatter of orbax and the TPU probe, orbax's warning at every checkpoint saved between
   validations (those carry no Dice by design) and its (and asyncio's) tracebacks of a full disk (the run ends
@@ -115,6 +125,8 @@ def main(argv):
       parallel.join_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ConfigError as e:
       exit_with(e)
+  if not config.train.distributed or FLAGS.mode in ('predict', 'export'):  # else JAX's preemption service's
+    signal.signal(signal.SIGTERM, _terminated)
   if jax.process_index() > 0:  # process 0 speaks for all: progress lines, validation and reports
     logging.set_verbosity(logging.WARNING)
   workdir = FLAGS.workdir or os.path.join('runs', config.name)
@@ -171,11 +183,13 @@ def main(argv):
     exit_with(UserError(f'{where}: {e.strerror}'))
   except train.Stopped as e:  # the log said where it saved and how to resume
     sys.exit(e.exit_code)
-  except KeyboardInterrupt:  # training saves and stops by itself; a stop elsewhere is no bug either
+  except (KeyboardInterrupt, _Terminated) as e:  # training saves and stops by itself; elsewhere no bug either
     if FLAGS.verbose:
       raise
-    print(f'stopped (Ctrl-C){_AFTER_A_STOP.get(FLAGS.mode, "")}', file=sys.stderr)
-    sys.exit(128 + signal.SIGINT)  # as a shell reports a command that SIGINT ended
+    ctrl_c = isinstance(e, KeyboardInterrupt)
+    print(f'stopped ({"Ctrl-C" if ctrl_c else "SIGTERM"}){_AFTER_A_STOP.get(FLAGS.mode, "")}',
+          file=sys.stderr)
+    sys.exit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM))  # as a shell reports a command so ended
 
 
 if __name__ == '__main__':

@@ -55,13 +55,13 @@ def signalling_put_on_mesh(batch, *args, **kwargs):
 pipeline.put_on_mesh = signalling_put_on_mesh
 """
 
-SIGINT_AT_SECOND_SCAN = """
+SIGNAL_AT_SECOND_SCAN = """
 from easunet_jax import predict
 segment_scan, calls = predict._segment_scan, []
 def interrupted_segment_scan(*args, **kwargs):
   calls.append(0)
   if len(calls) == 2:
-    signal.raise_signal(signal.SIGINT)  # Ctrl-C, as the second scan begins, raised in this thread at once
+    signal.raise_signal(signal.{signal})  # as the second scan begins, raised in this thread at once
   return segment_scan(*args, **kwargs)
 predict._segment_scan = interrupted_segment_scan
 """
@@ -454,7 +454,9 @@ def test_predict_gets_the_model_file_and_the_side_given(tmp_path, given):
   assert result.stdout.splitlines()[-1] == f'predict None {model} {side}'
 
 
-def test_ctrl_c_in_a_predict_batch_is_one_line_and_keeps_the_scans_done(augmented_tiny, tmp_path):
+@pytest.mark.parametrize('stop', ['SIGINT', 'SIGTERM'])
+def test_a_stop_of_a_predict_batch_is_one_line_and_keeps_the_scans_done(stop, augmented_tiny, tmp_path):
+  """Ctrl-C, or a scheduler's SIGTERM (a batch job's time limit)."""
   config, workdir, _ = augmented_tiny
   # A model that compiles in seconds, trained (as its file says) on several hosts: predict runs alone.
   distributed = config.copy_and_resolve_references()
@@ -463,11 +465,14 @@ def test_ctrl_c_in_a_predict_batch_is_one_line_and_keeps_the_scans_done(augmente
   for i in range(2):
     image, _labels, affine = phantom.make_subject(20 + i, (8, 64, 64), (8.0, 2.0, 2.0))
     volumes.save_volume(tmp_path / 'in' / f'knee_{i}.nii.gz', image, affine)
-  result = subprocess.run([sys.executable, '-c', _RUN_MAIN.format(hook=SIGINT_AT_SECOND_SCAN),
-                           '--mode=predict', f'--weights={tmp_path / "tiny.npz"}',
-                           f'--input={tmp_path / "in"}', f'--output={tmp_path / "out"}'],
+  hook = SIGNAL_AT_SECOND_SCAN.format(signal=stop)
+  result = subprocess.run([sys.executable, '-c', _RUN_MAIN.format(hook=hook), '--mode=predict',
+                           f'--weights={tmp_path / "tiny.npz"}', f'--input={tmp_path / "in"}',
+                           f'--output={tmp_path / "out"}'],
                           cwd=REPO, capture_output=True, text=True, check=False, timeout=600)
-  assert result.returncode == 128 + signal.SIGINT and 'Traceback' not in result.stderr, result.stderr[-2000:]
-  assert result.stderr.splitlines()[-1].startswith('stopped (Ctrl-C): the scans finished are in --output')
+  assert result.returncode == 128 + signal.Signals[stop], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.splitlines()[-1].startswith(
+      f'stopped ({"Ctrl-C" if stop == "SIGINT" else stop}): the scans finished are in --output')
   assert (tmp_path / 'out' / 'knee_0.nii.gz').exists() and not (tmp_path / 'out' / 'knee_1.nii.gz').exists()
   assert 'knee_0' in (tmp_path / 'out' / 'measures.csv').read_text()
