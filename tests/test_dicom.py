@@ -1,6 +1,7 @@
 """Tests of reading a DICOM series: geometry, voxel order and values against SimpleITK, series choice, and
 the one-line errors of broken series."""
 
+import logging
 import shutil
 
 import dcm2niix
@@ -114,7 +115,8 @@ def test_two_series_choice_and_unknown_uid(tmp_path):
   assert large in str(e.value) and small in str(e.value) and '6 slices' in str(e.value)
 
 
-def test_series_of_as_many_slices_are_taken_in_series_number_order(tmp_path):
+def test_series_of_as_many_slices_are_taken_in_series_number_order(tmp_path, caplog):
+  """The first by SeriesNumber, warned of: a study's DESS of both knees has two series of one size."""
   def number(value):
     def edit(n, ds):
       ds.SeriesNumber = value
@@ -123,7 +125,52 @@ def test_series_of_as_many_slices_are_taken_in_series_number_order(tmp_path):
   _, later = write_series(tmp_path / 'a', edit=number(5))
   _, first = write_series(tmp_path / 'b', edit=number(2), seed=1)
   assert [(s.number, s.uid) for s in dicom.find_series(tmp_path)] == [(2, first), (5, later)]
-  assert dicom.read_series(tmp_path)[1]['series_used'] == first
+  with caplog.at_level(logging.WARNING):
+    assert dicom.read_series(tmp_path)[1]['series_used'] == first
+  assert (f"2 series of 8 slices: {first} ('DESS 8', 8 slices) used (the lowest SeriesNumber), not {later}"
+          in caplog.text)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    dicom.read_series(tmp_path, later)
+  assert not caplog.text
+
+
+def test_series_of_several_patients_are_refused_unless_one_is_picked(tmp_path):
+  """A folder of two patients' studies (OAI's release folder): which knee of whom would be arbitrary."""
+  def patient(name):
+    def edit(n, ds):
+      ds.PatientID = name
+    return edit
+
+  _, uid = write_series(tmp_path / '9000099', edit=patient('9000099'))
+  write_series(tmp_path / '9000296', edit=patient('9000296'), seed=1)
+  with pytest.raises(DataError, match=r"DICOM series of 2 patients \(9000099, 9000296\): give each patient's "
+                     'folder as a scan'):
+    dicom.read_series(tmp_path)
+  assert dicom.read_series(tmp_path, uid)[1]['series_used'] == uid
+  assert dicom.read_series(tmp_path / '9000099')[1]['series_used'] == uid
+
+
+@pytest.mark.parametrize('signed', [False, True])
+def test_monochrome1_is_turned_round_as_simpleitk_reads_it(tmp_path, signed):
+  """Values stored to be shown inverted (the lowest white) read as MONOCHROME2's, turned round within the
+  range of the 12 bits stored (signed: -2048..2047)."""
+  def inverted(n, ds):
+    ds.PhotometricInterpretation, ds.BitsStored, ds.HighBit = 'MONOCHROME1', 12, 11
+    ds.PixelRepresentation = int(signed)
+    if signed:
+      ds.PixelData = (np.frombuffer(ds.PixelData, np.uint16).astype(np.int16) - 2048).tobytes()
+  raw, _ = write_series(tmp_path, edit=inverted)
+  stored = raw.astype(np.int64) - 2048 * signed
+  expected = (-1 if signed else 4095) - stored
+  nii, _ = dicom.read_series(tmp_path)
+  np.testing.assert_array_equal(nii.get_fdata(), expected)
+  if signed:  # GDCM reads no signed 12-bit values stored in 16 bits
+    return
+  reader = sitk.ImageSeriesReader()
+  reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
+  itk = sitk.GetArrayFromImage(reader.Execute())  # (slice, row, column)
+  np.testing.assert_array_equal(np.sort(itk.ravel()), np.sort(expected.ravel()))
 
 
 @pytest.mark.parametrize('description, side', [

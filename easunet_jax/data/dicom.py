@@ -381,6 +381,13 @@ def _pixels(path: pathlib.Path, multi_frame: bool) -> np.ndarray:
     shape = (_int(ds, 'NumberOfFrames') or 1, *shape)
   if pixels.size != np.prod(shape):
     raise DataError(f'{path}: pixel array of shape {pixels.shape}, expected grayscale images of {shape}')
+  if str(ds.get('PhotometricInterpretation') or '').strip() == 'MONOCHROME1':
+    # Stored to be shown inverted (the lowest value white): turned round within the stored values' range,
+    # as GDCM (SimpleITK) reads it, so that the image has the contrast the model learnt.
+    bits = _int(ds, 'BitsStored') or pixels.dtype.itemsize * 8
+    low, high = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if _int(ds, 'PixelRepresentation') else
+                 (0, (1 << bits) - 1))
+    pixels = (low + high) - pixels.astype(np.int64)
   return pixels.reshape(shape)
 
 
@@ -439,6 +446,16 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
   chosen = found[0] if series is None else next((s for s in found if series in (s.name, s.uid)), None)
   if chosen is None:
     raise DataError(f'{folder}: no series {series}; found {"; ".join(_describe(s) for s in found)}')
+  if series is None:
+    patients = sorted({str(members[0][1].get('PatientID') or '') for members in groups.values()} - {''})
+    if len(patients) > 1:  # one knee of one of them would be taken
+      raise DataError(f'{folder}: DICOM series of {len(patients)} patients ({", ".join(patients)}): give '
+                      "each patient's folder as a scan (a directory of them with an --output folder segments "
+                      'each), or pick a series with --series')
+    if tied := [s for s in found[1:] if len(s.slices) == len(chosen.slices) and s.uid != chosen.uid]:
+      logging.warning('%s: %d series of %d slices: %s used (the lowest SeriesNumber), not %s (both knees of '
+                      'one study?); --series=<uid> takes another', folder, len(tied) + 1, len(chosen.slices),
+                      _describe(chosen), '; '.join(_describe(s) for s in tied))
   if chosen.uid in skipped:  # a file of this very series: its slices would be missing
     raise DataError(skipped[chosen.uid][0])
   if chosen.uid in localizers:
