@@ -272,6 +272,26 @@ def test_a_voxel_size_of_0_read_as_1_mm_is_warned_of_without_a_sform(tmp_path, c
           in caplog.text) != sform
 
 
+@pytest.mark.parametrize('name', ['scan.nii', 'misnamed.nii.gz'])
+def test_a_negative_voxel_size_is_warned_of_as_itk_reads_it_as_a_flip(tmp_path, caplog, name):
+  """pixdim -0.5 x 0.4 x 2 beside a qform alone: nibabel reads 0.5 mm, ITK a flip of the first axis, and the
+  user is told that the two disagree."""
+  nii = nib.Nifti1Image(np.random.default_rng(0).random((4, 5, 6), np.float32), np.diag([0.5, 0.4, 2.0, 1.0]))
+  nii.set_sform(None, code=0)
+  nib.save(nii, tmp_path / 'scan.nii')
+  header = bytearray((tmp_path / 'scan.nii').read_bytes())
+  header[80:84] = np.float32(-0.5).tobytes()  # pixdim[1], the first axis's voxel size
+  (tmp_path / 'scan.nii').write_bytes(header)
+  if name != 'scan.nii':  # uncompressed under a .nii.gz name: read whole from its bytes
+    (tmp_path / 'scan.nii').rename(tmp_path / name)
+  with caplog.at_level(logging.WARNING):
+    spacing = volumes.load_image(tmp_path / name)[1]
+  np.testing.assert_allclose(spacing, (0.5, 0.4, 2.0))
+  assert f'{name}: its header gives negative voxel sizes -0.5 x 0.4 x 2 (pixdim)' in caplog.text
+  if name == 'scan.nii':
+    assert sitk.ReadImage(str(tmp_path / name)).GetDirection()[0] == -1.0  # ITK's reading: flipped
+
+
 @pytest.mark.parametrize('unit, per_mm', [('meter', 0.001), ('micron', 1000.0), ('mm', 1.0)])
 def test_a_header_in_metres_or_microns_is_read_in_mm_as_itk_reads_it(tmp_path, unit, per_mm):
   """A knee centred 50 mm to the right, of 0.7 x 0.4 x 0.4 mm voxels, its affine in the header's unit."""

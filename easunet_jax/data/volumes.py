@@ -393,9 +393,9 @@ def _nifti(path: pathlib.Path) -> nib.spatialimages.SpatialImage:
     except _READ_ERRORS as e:
       error = e
     else:
-      if isinstance(nii, nib.Nifti1Pair) and nii.header['sform_code'] == 0:  # pixdim then sizes the voxels
+      if isinstance(nii, nib.Nifti1Pair):  # the header as written: nibabel's checks have mended pixdim
         with nib.openers.ImageOpener(nii.file_map.get('header', nii.file_map['image']).filename) as f:
-          _warn_of_zero_voxel_sizes(path, type(nii.header).from_fileobj(f, check=False))
+          _warn_of_odd_voxel_sizes(path, type(nii.header).from_fileobj(f, check=False))
       return nii
     try:
       with open(path, 'rb') as f:
@@ -405,23 +405,28 @@ def _nifti(path: pathlib.Path) -> nib.spatialimages.SpatialImage:
         nifti2 = int.from_bytes(content[:4], 'little') == 540 or int.from_bytes(content[:4], 'big') == 540
         image_type = nib.Nifti2Image if nifti2 else nib.Nifti1Image
         nii = image_type.from_bytes(content)
-        if nii.header['sform_code'] == 0:
-          unchecked = image_type.header_class.from_fileobj(io.BytesIO(content), check=False)
-          _warn_of_zero_voxel_sizes(path, unchecked)
+        _warn_of_odd_voxel_sizes(path, image_type.header_class.from_fileobj(io.BytesIO(content), check=False))
         return nii
     except _READ_ERRORS:
       pass
   raise DataError(f'{path}: not a readable NIfTI file ({one_line(error)})') from None
 
 
-def _warn_of_zero_voxel_sizes(path: pathlib.Path, unchecked_header: nib.Nifti1Header) -> None:
+def _warn_of_odd_voxel_sizes(path: pathlib.Path, unchecked_header: nib.Nifti1Header) -> None:
   """nibabel, as ITK, reads a voxel size of 0 in pixdim as 1 mm, silently; without a sform that 1 mm is the
-  spacing, so it is said."""
+  spacing, so it is said. A negative one nibabel reads as its size, ITK (without a sform it takes) as a flip
+  of its axis: the masks, written in nibabel's reading, then lie mirrored on the scan in ITK's tools."""
   zooms = unchecked_header['pixdim'][1:4]
-  if not zooms.all():
+  sizes = ' x '.join(f'{z:g}' for z in zooms)
+  if not zooms.all() and unchecked_header['sform_code'] == 0:
     logging.warning('%s: its header gives voxel sizes %s (pixdim) and no sform: 0 is read as 1 mm, as '
                     'nibabel and ITK read it; if the voxels are not 1 mm, sizes and segmentation are wrong '
-                    '(convert the scan again, e.g. with dcm2niix)', path, ' x '.join(f'{z:g}' for z in zooms))
+                    '(convert the scan again, e.g. with dcm2niix)', path, sizes)
+  if (zooms < 0).any():
+    logging.warning('%s: its header gives negative voxel sizes %s (pixdim), which the NIfTI standard does '
+                    'not allow: read as their sizes, as nibabel reads them, while ITK-based viewers (3D '
+                    'Slicer, ITK-SNAP) may flip those axes, and the masks written then lie mirrored on the '
+                    'scan there (convert the scan again, e.g. with dcm2niix)', path, sizes)
 
 
 def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
