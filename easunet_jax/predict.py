@@ -655,15 +655,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         progress.update()
       continue
     done[target] = result
-    if target in kept:
-      continue
-    if batch:  # written last: a scan is done when its result is (what --continue_prediction reads)
+    if batch:  # written last: a scan is done when its result is (what --continue_prediction reads); a kept
+      # scan's again, with this run's paths and scores, as the reports have them
       record = _report_paths(target, batch)['result']
       atomic.write_text(record, json.dumps({'model': str(model_file or workdir), 'step': step,
                                            'settings': settings, 'source': _source_stamp(source),
                                            'result': result}, default=float))
-      # The reports so far: a batch stopped part way keeps the measures of its done and kept scans.
-      write_reports(reported(), reports)
+      if target not in kept:  # the reports so far: a batch stopped part way keeps its done and kept scans
+        write_reports(reported(), reports)
+    if target in kept:
+      continue
     progress.update()
     logging.info('%s: %s in %.1f s (forward passes %.1f s, compilation %.1f s)', progress.status('predict'),
                  source.name, result['seconds'], result['forward_s'], result['compile_s'])

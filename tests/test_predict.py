@@ -622,6 +622,9 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   results = predict.predict(_config(), workdir, scans, out, continue_prediction=True, labels=labels)
   assert {name: (out / name).stat().st_mtime_ns for name in written} == written  # kept, scored from disk
   knee, same = (r['scores'] for r in results)
+  # Each kept scan's record holds this run's scores, as scores.csv and the report do.
+  for stem, scores in (('knee_0000', knee), ('permuted', same)):
+    assert json.loads((out / 'measures' / f'{stem}.json').read_text())['result']['scores'] == scores
   for plate, k, truth_value in (('fc', 1, 2), ('tc', 2, 4)):
     found = np.asarray(nib.load(out / 'knee_0000.nii.gz').dataobj) == k
     assert knee[plate]['dice'] == pytest.approx(_dice(found, truth == truth_value))
@@ -649,6 +652,7 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   assert '](<bland_altman_thickness.png>)' in report and (out / 'bland_altman_thickness.png').stat().st_size
   predict.predict(_config(), workdir, scans, out, continue_prediction=True)  # no labels: no scores left
   assert not (out / 'scores.csv').exists() and not (out / 'bland_altman_thickness.png').exists()
+  assert not any('scores' in json.loads(path.read_text())['result'] for path in (out / 'measures').iterdir())
   # Segmented afresh, scored in memory: the same scores, and the slice figure gains a row of the labels.
   fresh = predict.predict(_config(), workdir, scans, tmp_path / 'fresh', labels=labels)
   for result, scores in zip(fresh, (knee, same), strict=True):
