@@ -11,6 +11,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from easunet_jax import atomic
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
@@ -102,8 +103,9 @@ def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path,
                      splits: dict[str, list[str]] | None = None) -> bool:
   """Whether `workdir` records what it trained on (an older one does not); a CheckpointError when the
   store's split of the cases (`splits`, of a store about to replace the one in `store_dir`, or that one's)
-  is not that one: cases added, removed or skipped (a seeded split then reshuffles), another data.root or
-  split file, which would put training cases into validation and test."""
+  moves a case between training and validation or test: cases added, removed or skipped (a seeded split
+  then reshuffles), another data.root or split file, which would put training cases into validation and
+  test. Cases added or removed alone (a test image lost under a split file) are warned of."""
   record = workdir / TRAINED_ON
   if not record.exists():
     return False
@@ -113,10 +115,17 @@ def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path,
   pairs = [(name, set(now.get(name, [])), set(ids)) for name, ids in trained.items()]
   if differ := [f'{name} +{len(new - old)} -{len(old - new)} cases'
                 for name, new, old in pairs if new != old]:
-    raise CheckpointError(f'{store_dir}: its split of the cases is not the one {workdir} trained on '
-                          f'({", ".join(differ)}; {record}): cases were added, removed or skipped, or '
-                          'data.root or data.split_file changed, so that its validation and test cases '
-                          'would hold cases it trained on; use the data it trained on, or another workdir')
+    def held_out(split: dict[str, list[str]]) -> set[str]:
+      return {case for name, ids in split.items() if name != 'train' for case in ids}
+
+    if (held_out(now) & set(trained.get('train', []))) or (set(now.get('train', [])) & held_out(trained)):
+      raise CheckpointError(f'{store_dir}: its split of the cases is not the one {workdir} trained on '
+                            f'({", ".join(differ)}; {record}): cases were added, removed or skipped, or '
+                            'data.root or data.split_file changed, so that its validation and test cases '
+                            'would hold cases it trained on; use the data it trained on, or another workdir')
+    logging.warning('%s: its split of the cases differs from the one %s trained on (%s; %s) by cases added '
+                    'or removed alone, none moved between training and validation or test: going on with '
+                    'the cases it has', store_dir, workdir, ', '.join(differ), record)
   return True
 
 
