@@ -199,6 +199,21 @@ def write_report(path: pathlib.Path, summary: dict) -> None:
   path.write_text('\n'.join(lines + ['']))
 
 
+def figure_slices(rows: Sequence[dict], count: int) -> set[int]:
+  """`count` rows of the test store's index (`pipeline.read_index`) for the overlay figure, shared among
+  the cases in turn, each case's at the centres of equal parts of its slices with cartilage: its plates'
+  middle, not the edge slices where cartilage is a sliver."""
+  by_case: dict[str, list[int]] = {}
+  for i, row in enumerate(rows):
+    if row['cartilage']:
+      by_case.setdefault(row['case'], []).append(i)
+  chosen = set()
+  for n, case_rows in enumerate(by_case.values()):
+    share = min(count // len(by_case) + (n < count % len(by_case)), len(case_rows))
+    chosen |= {case_rows[int((j + 0.5) * len(case_rows) / share)] for j in range(share)}
+  return chosen
+
+
 def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: steps.TrainState,
                    store_dir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
   """Predicts every test volume and scores it: {'per_case': [{'case', 'fc', 'tc'}] of 3D scores,
@@ -210,9 +225,7 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
   predict = jax.jit(functools.partial(_predict_step, graphdef=graphdef),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
   batch_size = parallel.round_to_devices(config.eval.batch_size, mesh)
-  cartilage_rows = [i for i, row in enumerate(rows) if row['cartilage']]
-  figure_rows = {cartilage_rows[int(i)] for i in np.linspace(
-      0, len(cartilage_rows) - 1, min(config.eval.num_figure_slices, len(cartilage_rows)))}
+  figure_rows = figure_slices(rows, config.eval.num_figure_slices)
   progress = Progress(len(dict.fromkeys(row['case'] for row in rows)))
   scores = {'per_case': [], 'slices': {n: [] for n in CLASSES}, 'spacing_mm': {}, 'samples': [],
             'morphometry': []}

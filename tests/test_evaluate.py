@@ -289,3 +289,15 @@ def test_largest_component_run_is_kept_apart_says_so_and_a_stopped_rerun_keeps_t
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate(config, copy)
   assert files() == written
+
+
+def test_figure_slices_are_each_cases_middle_not_the_edges():
+  """Three test cases of 10, 10 and 4 slices with cartilage (rows of other slices between): four figure
+  slices, two of the first case at a quarter and three quarters of its plates, one of each other at its
+  middle; more than a case has, all of its slices."""
+  rows = [{'case': case, 'cartilage': 0 < k < n + 1} for case, n in (('a', 10), ('b', 10), ('c', 4))
+          for k in range(n + 2)]
+  picked = sorted(evaluate.figure_slices(rows, 4))
+  assert [(rows[i]['case'], i) for i in picked] == [('a', 3), ('a', 8), ('b', 18), ('c', 27)]
+  assert len(evaluate.figure_slices(rows, 40)) == 24
+  assert len(evaluate.figure_slices(rows, 2)) == 2
