@@ -178,15 +178,22 @@ def plot_bland_altman(truth: Sequence[float], measured: Sequence[float], groups:
   for group in dict.fromkeys(groups):
     chosen = groups == group
     ax.scatter(mean[chosen], difference[chosen], s=18, label=group)
-  bias = difference.mean() if difference.size else float('nan')
-  sd = difference.std(ddof=1) if difference.size > 1 else 0.0
-  for value, style, label in ((bias, '-', f'bias {bias:+.2f} {unit}'),
-                              (bias + 1.96 * sd, '--', f'+1.96 SD {bias + 1.96 * sd:+.2f}'),
-                              (bias - 1.96 * sd, '--', f'-1.96 SD {bias - 1.96 * sd:+.2f}')):
-    ax.axhline(value, color='k', linestyle=style, linewidth=1, label=label)
+  if not difference.size:  # a model that found no cartilage: nothing to draw, and said so
+    ax.text(0.5, 0.5, 'no region measured in both prediction and ground truth', transform=ax.transAxes,
+            ha='center', va='center')
+  else:
+    bias = difference.mean()
+    lines = [(bias, '-', f'bias {bias:+.2f} {unit}')]
+    if difference.size > 1:  # limits of agreement need a spread
+      sd = difference.std(ddof=1)
+      lines += [(bias + 1.96 * sd, '--', f'+1.96 SD {bias + 1.96 * sd:+.2f}'),
+                (bias - 1.96 * sd, '--', f'-1.96 SD {bias - 1.96 * sd:+.2f}')]
+    for value, style, label in lines:
+      ax.axhline(value, color='k', linestyle=style, linewidth=1, label=label)
   ax.set_xlabel(f'mean of prediction and ground truth ({unit})')
   ax.set_ylabel(f'prediction - ground truth ({unit})')
   ax.set_title('Bland-Altman: mean cartilage thickness')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc='best')
+  if difference.size:
+    ax.legend(fontsize=7, loc='best')
   _save(fig, out)

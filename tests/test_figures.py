@@ -28,6 +28,15 @@ def test_bland_altman_draws_the_bias_and_its_limits_of_agreement(drawn, tmp_path
       'FC', 'bias +0.38 mm', '+1.96 SD +0.86', '-1.96 SD -0.11']
 
 
+def test_bland_altman_of_one_pair_draws_no_limits_and_of_none_says_so(drawn, tmp_path):
+  figures.plot_bland_altman([2.0, np.nan], [2.5, 1.0], ['FC', 'TC'], 'mm', tmp_path / 'ba.png')
+  assert [t.get_text() for t in drawn[0].axes[0].get_legend().get_texts()] == ['FC', 'bias +0.50 mm']
+  figures.plot_bland_altman([2.0, 3.0], [np.nan, np.nan], ['FC', 'TC'], 'mm', tmp_path / 'ba.png')
+  ax = drawn[1].axes[0]
+  assert not ax.lines and ax.get_legend() is None
+  assert [t.get_text() for t in ax.texts] == ['no region measured in both prediction and ground truth']
+
+
 def test_fc_is_tinted_red_and_tc_blue():
   rgb = figures._overlay(np.full((1, 3), 0.5, np.float32), np.array([[0, 1, 2]]))[0]
   np.testing.assert_allclose(rgb[0], 0.5)  # background keeps its grey
