@@ -102,6 +102,17 @@ def cartilage_measures(plates: Mapping[str, np.ndarray], spacing: Sequence[float
   return measures
 
 
+# An adult knee's cartilage spans 60-100 mm from left to right; wider, the field of view holds both knees.
+ONE_KNEE_MAX_WIDTH_MM = 130.0
+
+
+def left_right_width_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
+  """How far (mm) a canonical-order mask spans along axis 0, left to right: its first to last sagittal slice
+  holding any of it, both whole; 0 for an empty mask."""
+  occupied = np.flatnonzero(np.asarray(mask).any(axis=(1, 2)))
+  return float((occupied[-1] - occupied[0] + 1) * spacing[0]) if occupied.size else 0.0
+
+
 def medial_lateral_split(fc: np.ndarray, tc: np.ndarray) -> float | None:
   """The sagittal slice position (axis-0 index, may be half-way) that parts the knee's medial and lateral
   halves: the middle of the emptiest run of slices of the tibial cartilage (the intercondylar eminence

@@ -782,8 +782,13 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
     logging.warning('%s: no %s cartilage found: a scan of another joint, or a header whose voxel sizes or '
                     'axes do not follow its voxels (an array saved in another axis order than its affine '
                     'says)? The mask is written as found', source, ' or '.join(missing))
-  regions = measures.compartment_regions(fc, tc, spacing, sides)
-  if not regions and (fc.any() or tc.any()):
+  if (width := measures.left_right_width_mm(fc | tc, spacing)) > measures.ONE_KNEE_MAX_WIDTH_MM:
+    logging.warning("%s: cartilage spans %.0f mm from left to right, more than one knee's (under %g mm): "
+                    "both knees in the field of view? The plates' measures add both knees, compartments are "
+                    "not measured, and its side is the field of view's; segment each knee's half of the scan "
+                    'on its own', source, width, measures.ONE_KNEE_MAX_WIDTH_MM)
+    regions = {}
+  elif not (regions := measures.compartment_regions(fc, tc, spacing, sides)) and (fc.any() or tc.any()):
     logging.warning('%s: no gap between medial and lateral plates in the tibial or femoral cartilage (a '
                     'field of view that holds half the knee, or a plate denuded or missed?): its '
                     'compartments are not measured, only its plates', source)

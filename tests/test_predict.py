@@ -68,6 +68,25 @@ def test_permuted_input_predicts_in_its_own_grid(run, tmp_path):
     assert (tmp_path / name).stat().st_size > 0
 
 
+def test_both_knees_in_view_are_warned_of_and_get_no_compartments(run, tmp_path, monkeypatch, caplog):
+  """A knee and its mirror image 40 slices of 3 mm apart: cartilage over 150 mm from left to right, no one
+  knee's. Its plates are measured (both knees'), its compartments, which would each be a whole knee, not."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
+  source = nib.load(canonical)
+  knee = np.asarray(source.dataobj)
+  both = np.concatenate([knee[::-1], np.zeros((40, *knee.shape[1:]), knee.dtype), knee])
+  nib.save(nib.Nifti1Image(both, source.affine), tmp_path / 'both.nii.gz')
+  with caplog.at_level(logging.WARNING):
+    [result] = predict.predict(_config(), workdir, tmp_path / 'both.nii.gz', tmp_path / 'mask.nii.gz')
+  assert set(result['regions']) == {'fc', 'tc'}
+  mask = np.asarray(nib.load(tmp_path / 'mask.nii.gz').dataobj) > 0
+  width = (np.flatnonzero(mask.any(axis=(1, 2)))[[0, -1]] @ [-1, 1] + 1) * 3.0
+  assert width > 150 and (f"both.nii.gz: cartilage spans {width:.0f} mm from left to right, more than one "
+                          "knee's (under 130 mm): both knees in the field of view?") in caplog.text
+  assert 'no gap between medial and lateral' not in caplog.text
+
+
 def test_a_nifti2_scan_gets_a_nifti2_mask_without_its_display_range_and_intent(run, tmp_path):
   workdir, canonical, _ = run
   source = nib.load(canonical)
