@@ -39,6 +39,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     argv = flags.FLAGS(argv)
     if flags.FLAGS.config is not None:
       flags.FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read
+    if flags.FLAGS['config'].present:
+      check_complete(flags.FLAGS.config, reference)
     if len(argv) > 1:
       raise ConfigError(f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value>')
     return argv
@@ -130,6 +132,20 @@ def leaves(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any
     else:
       flat[f'{prefix}{key}'] = value
   return flat
+
+
+def check_complete(config: Any, reference: ml_collections.ConfigDict) -> None:
+  """A config file's get_config() gave a ConfigDict with every field of the default config: a copy of an
+  older version's file, or a group assigned whole, lacks some, which would fail deep in a run."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'--config: its get_config() returned {type(config).__name__}, expected an '
+                      "ml_collections.ConfigDict: start from configs/default.py's get_config() and set "
+                      'fields on it')
+  given = leaves(config)
+  if missing := [name for name in leaves(reference) if name not in given]:
+    raise ConfigError(f'--config: its config lacks {len(missing)} field(s) ({", ".join(missing[:4])}'
+                      f'{", ..." if len(missing) > 4 else ""}): a file of an older version, or a group '
+                      "assigned whole? Start from configs/default.py's get_config() and set fields on it")
 
 
 def check_config(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, mode: str) -> None:

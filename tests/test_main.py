@@ -321,6 +321,25 @@ def test_a_config_files_own_error_shows_its_traceback(tmp_path):
   assert result.returncode == 1 and "return SIZES['large']" in result.stderr and 'KeyError' in result.stderr
 
 
+@pytest.mark.parametrize('body, message', [
+    ("c = tiny.get_config()\n  del c.train['nan_policy']\n  c.optim = {'lr': 0.1}\n  return c",
+     r'--config: its config lacks 4 field\(s\) \(optim\.momentum, optim\.schedule, optim\.weight_decay, '
+     r"train\.nan_policy\): a file of an older version, or a group assigned whole\? Start from "
+     r"configs/default\.py's get_config\(\)"),
+    ('return dict(tiny.get_config())', r'--config: its get_config\(\) returned dict, expected an '),
+    ('tiny.get_config()', r'--config: its get_config\(\) returned NoneType, expected an ')])
+def test_a_config_file_without_every_field_is_one_line(body, message, tmp_path):
+  """A researcher's own config file that lacks fields (copied from an older version), or returns another
+  type (a dict, or nothing: after absl's own warning of it): one line, not a traceback where the field is
+  first read."""
+  config = tmp_path / 'mine.py'
+  config.write_text(f'from configs import tiny\n\ndef get_config():\n  {body}\n')
+  result = subprocess.run([sys.executable, 'main.py', f'--config={config}', f'--workdir={tmp_path / "run"}'],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+  assert re.match(f'error: {message}', result.stderr.splitlines()[-1]), result.stderr
+
+
 @pytest.mark.parametrize('name', BAD_FLAGS)
 def test_bad_config_is_exit_code_2_and_one_line(name, phantom_dir, tmp_path):
   overrides, message = BAD_FLAGS[name]
