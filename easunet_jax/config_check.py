@@ -134,16 +134,17 @@ def leaves(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any
   return flat
 
 
-def check_complete(config: Any, reference: ml_collections.ConfigDict) -> None:
-  """A config file's get_config() gave a ConfigDict with every field of the default config: a copy of an
-  older version's file, or a group assigned whole, lacks some, which would fail deep in a run."""
+def check_complete(config: Any, reference: ml_collections.ConfigDict, given_as: str = '--config') -> None:
+  """A config file's get_config() (the file of the flag `given_as`) gave a ConfigDict with every field of
+  the default config: a copy of an older version's file, or a group assigned whole, lacks some, which would
+  fail deep in a run."""
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f'--config: its get_config() returned {type(config).__name__}, expected an '
+    raise ConfigError(f'{given_as}: its get_config() returned {type(config).__name__}, expected an '
                       "ml_collections.ConfigDict: start from configs/default.py's get_config() and set "
                       'fields on it')
   given = leaves(config)
   if missing := [name for name in leaves(reference) if name not in given]:
-    raise ConfigError(f'--config: its config lacks {len(missing)} field(s) ({", ".join(missing[:4])}'
+    raise ConfigError(f'{given_as}: its config lacks {len(missing)} field(s) ({", ".join(missing[:4])}'
                       f'{", ..." if len(missing) > 4 else ""}): a file of an older version, or a group '
                       "assigned whole? Start from configs/default.py's get_config() and set fields on it")
 

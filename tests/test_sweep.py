@@ -166,11 +166,44 @@ def test_a_killed_sweeps_running_point_is_stopped(tmp_path):
   assert started.exists() and stopped.exists()
 
 
-def test_a_users_split_file_is_the_points_split_not_the_sweeps():
-  point = points.Point(points.Variant('v', 'v', 'configs/tiny.py', ()), 0)
-  args = points.point_args(point, pathlib.Path('/W'), ['--config.data.split_file=/mine.json'])
-  assert [a for a in args if 'split_file' in a] == ['--config.data.split_file=/mine.json']
-  assert '--config.data.split_file=/W/splits.json' in points.point_args(point, pathlib.Path('/W'), [])
+def test_a_split_file_of_the_user_or_the_config_file_is_the_points_split_not_the_sweeps(tmp_path, capsys):
+  """The sweep's W/splits.json only where neither --config nor the variant's config file names a split."""
+  mine = tmp_path / 'mine.json'
+  mine.write_text('{}')
+  config_file, sweep = tmp_path / 'split_config.py', tmp_path / 'sweep.py'
+  config_file.write_text('from configs import tiny\n\ndef get_config():\n  c = tiny.get_config()\n'
+                         f'  c.data.split_file = {str(mine)!r}\n  return c\n')
+  sweep.write_text(f"def sweep(add):\n  add('own', {str(config_file)!r})\n")
+  tiny = tmp_path / 'tiny_sweep.py'
+  tiny.write_text(TINY)
+  for spec, overrides in ((sweep, []), (tiny, [f'--config.data.split_file={mine}'])):
+    assert run.run_sweep(str(spec), tmp_path / 'W', 1, 1, True, overrides)
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith(' ')]
+    assert commands and all('splits.json' not in ' '.join(command) for command in commands)
+    config = points.load_config(commands[0])
+    assert config.data.split_file == str(mine)
+  assert run.run_sweep(str(tiny), tmp_path / 'W', 1, 1, True, [])
+  assert f'--config.data.split_file={tmp_path / "W" / "splits.json"}' in capsys.readouterr().out
+
+
+def test_a_variant_setting_a_field_the_sweep_sets_is_refused(tmp_path):
+  sweep = tmp_path / 'sweep.py'
+  for field in points.SWEEP_FIELDS:
+    sweep.write_text(f"def sweep(add):\n  add('v', 'configs/tiny.py', **{{{field!r}: 5}})\n")
+    with pytest.raises(ConfigError, match=rf'^{sweep}: variant v sets {field}, which the sweep sets for each '
+                       r'point \(seeds 0 \.\. --seeds - 1, one slice store for all\)$'):
+      points.load_sweep(str(sweep))
+
+
+def test_a_variants_config_file_lacking_fields_is_one_config_error(tmp_path):
+  """A copy of an older version's config file: one line naming what it lacks, not a KeyError in a check."""
+  old = tmp_path / 'old.py'
+  old.write_text('import ml_collections\nfrom configs import tiny\n\ndef get_config():\n'
+                 '  c = tiny.get_config()\n'
+                 "  c.optim = ml_collections.ConfigDict({'lr': 0.01, 'momentum': 0.9})\n  return c\n")
+  with pytest.raises(ConfigError, match=rf'^--config={old}: its config lacks 2 field\(s\) \(optim.schedule, '
+                     r'optim.weight_decay\): a file of an older version'):
+    points.load_config([f'--config={old}'])
 
 
 def test_a_sweep_files_argument_reaches_every_variants_config(tmp_path):
@@ -205,10 +238,10 @@ def test_a_closed_terminal_stops_the_points_as_sigterm_does(tmp_path):
   assert process.sent == [signal.SIGTERM, signal.SIGINT] and launcher.stopped_by == 'SIGINT'
 
 
-def test_a_variants_fields_win_over_the_users_and_the_sweeps_seed_over_both():
+def test_a_variants_fields_win_over_the_users():
   """A user's flag for a field a variant sets (a model name, say) would make every variant the same one; of
   a tuple field, absl would join the two values into one network of both widths."""
-  variant = points.Variant('v', 'v', 'configs/tiny.py', ('--config.train.num_steps=5', '--config.seed=9',
+  variant = points.Variant('v', 'v', 'configs/tiny.py', ('--config.train.num_steps=5',
                                                          '--config.model.features=(4, 8, 16)'))
   args = points.point_args(points.Point(variant, 2), pathlib.Path('/W'),
                            ['--config.train.num_steps=7', '--config.train.batch_size=2',

@@ -17,6 +17,9 @@ from easunet_jax import config_check
 from easunet_jax.errors import ConfigError
 
 MAIN = pathlib.Path(__file__).resolve().parents[2] / 'main.py'
+# Fields the sweep sets for every point: a variant's or user's value would break the seeds or the shared
+# slice store.
+SWEEP_FIELDS = ('seed', 'data.cache_dir')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,9 @@ def load_sweep(spec: str) -> list[Variant]:
     if arg and ':' in config:
       raise ConfigError(f'{path}: variant {name} names config {config} with an argument, and the sweep '
                         f'has :{arg}')
+    if taken := [field for field in SWEEP_FIELDS if field in fields]:
+      raise ConfigError(f'{path}: variant {name} sets {taken[0]}, which the sweep sets for each point (seeds '
+                        '0 .. --seeds - 1, one slice store for all)')
     variants.append(Variant(name, title or name, f'{config}:{arg}' if arg else config,
                             tuple(_flag(k, v) for k, v in fields.items())))
 
@@ -76,16 +82,13 @@ def load_sweep(spec: str) -> list[Variant]:
 
 def point_args(point: Point, workdir: pathlib.Path, overrides: Sequence[str]) -> list[str]:
   """main.py's arguments for `point` (without --mode): the user's overrides of fields the variant leaves, the
-  variant's, then the sweep's own (seed, the shared split and slice store). (Both given, absl would join a
-  tuple field's two values into one.)"""
+  variant's, then the sweep's own (seed, the shared slice store). (Both given, absl would join a tuple
+  field's two values into one.)"""
   variant_fields = {o.partition('=')[0] for o in point.variant.overrides}
-  args = [f'--config={point.variant.config}', f'--workdir={workdir / point.name}',
+  return [f'--config={point.variant.config}', f'--workdir={workdir / point.name}',
           *(o for o in overrides if o.partition('=')[0] not in variant_fields),
           *point.variant.overrides, f'--config.seed={point.seed}',
           f'--config.data.cache_dir={workdir / "slices"}']
-  if not any(o.startswith('--config.data.split_file=') for o in overrides):
-    args.append(f'--config.data.split_file={workdir / "splits.json"}')
-  return args
 
 
 def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
@@ -101,4 +104,5 @@ def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
     raise ConfigError(f'{args[0]}: {config_check.override_error(e, argv, default.get_config())}') from None
   except OSError as e:  # the config file: the last line of the chained report says why
     raise ConfigError(f'{args[0]}: {str(e).strip().splitlines()[-1].strip()}') from None
+  config_check.check_complete(flag_values.config, default.get_config(), args[0])
   return flag_values.config

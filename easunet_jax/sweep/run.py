@@ -16,10 +16,7 @@ from easunet_jax import config_check, models, records
 from easunet_jax.data import preprocess
 from easunet_jax.errors import ConfigError
 from easunet_jax.sweep import launch, table
-from easunet_jax.sweep.points import Point, Variant, load_config, load_sweep, point_args
-
-# Fields the sweep sets for every point: a user value would break the seeds or the shared slice store.
-_SWEEP_FIELDS = ('seed', 'data.cache_dir')
+from easunet_jax.sweep.points import SWEEP_FIELDS, Point, Variant, load_config, load_sweep, point_args
 
 
 def evaluation(point_dir: pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path | None:
@@ -123,7 +120,7 @@ def _dry_run(points: Sequence[Point], args: dict[Point, list[str]],
 def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int, dry_run: bool,
               overrides: Sequence[str]) -> bool:
   """Runs the sweep `spec` in `workdir` (see the module docstring); True when every point finished."""
-  for field in _SWEEP_FIELDS:
+  for field in SWEEP_FIELDS:
     if any(o.startswith(f'--config.{field}=') for o in overrides):
       raise ConfigError(f'--config.{field}: the sweep sets it for each point (seeds 0 .. --seeds - 1, one '
                         'slice store for all)')
@@ -137,6 +134,9 @@ def run_sweep(spec: str, workdir: pathlib.Path, seeds: int, devices_per_run: int
   for point in points:
     with _of_variant(point.variant):  # a config path is relative to the current folder, not the sweep file's
       configs[point] = load_config(args[point])
+    if not configs[point].data.split_file:  # the sweep's, unless a config file, variant or --config names one
+      configs[point].data.split_file = str(workdir / 'splits.json')
+      args[point].append(f'--config.data.split_file={workdir / "splits.json"}')
   _check_same_data(configs)
   for variant in variants:  # what each point's main.py would refuse at its start, before the slow stores
     config = configs[Point(variant, 0)].copy_and_resolve_references()
