@@ -7,6 +7,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+import matplotlib.axes
 import matplotlib.figure
 import matplotlib.patches
 import numpy as np
@@ -55,6 +56,13 @@ def _overlay(image_HW: np.ndarray, classes_HW: np.ndarray) -> np.ndarray:
   return np.clip(rgb, 0, 1)
 
 
+def _show_sagittal(ax: matplotlib.axes.Axes, panel: np.ndarray, pixel_mm: Sequence[float]) -> None:
+  """Draws a sagittal slice `panel` ((anterior, superior, RGB) as slices are in RAS order) superior up and
+  anterior right, at its pixels' true aspect."""
+  extent = (0, panel.shape[0] * pixel_mm[0], 0, panel.shape[1] * pixel_mm[1])
+  ax.imshow(np.swapaxes(panel, 0, 1)[::-1], extent=extent, interpolation='nearest')
+
+
 def plot_overlays(samples: Sequence[dict], out: pathlib.Path) -> None:
   """overlays.png: image | label | prediction for each sample slice (paper Fig. 10)."""
   fig, axes = _subplots(len(samples), 3, figsize=(9, 3 * len(samples)), squeeze=False)
@@ -64,9 +72,7 @@ def plot_overlays(samples: Sequence[dict], out: pathlib.Path) -> None:
     # The store's slices are in RAS order, whatever the file's: numbered from the patient's left.
     titles = (f"{s['case']} slice {s['slice']} from the left", 'label', 'prediction')
     for ax, panel, title in zip(row, panels, titles):
-      # Store slices are (anterior, superior) in RAS order: show superior up and anterior right.
-      extent = (0, panel.shape[0] * s['pixel_mm'][0], 0, panel.shape[1] * s['pixel_mm'][1])  # true aspect
-      ax.imshow(np.swapaxes(panel, 0, 1)[::-1], extent=extent, interpolation='nearest')
+      _show_sagittal(ax, panel, s['pixel_mm'])
       ax.set_title(title, fontsize=9)
       ax.axis('off')
   handles = [matplotlib.patches.Patch(color=COLOURS[n], label=n.upper()) for n in CLASSES]
@@ -147,12 +153,11 @@ def plot_prediction_slices(image: np.ndarray, classes: np.ndarray, spacing: Sequ
   rows = [('scan', None), ('prediction', classes)] + ([] if labels is None else [('labels', labels)])
   fig, axes = _subplots(len(rows), len(chosen), figsize=(4 * len(chosen), 4.2 * len(rows)),
                         squeeze=False)
-  extent = (0, image.shape[1] * spacing[1], 0, image.shape[2] * spacing[2])
   for column, x in enumerate(chosen):
     for ax, (name, tinted) in zip(axes[:, column], rows):
       panel = (np.repeat(grey[column, ..., None], 3, axis=-1) if tinted is None
                else _overlay(grey[column], tinted[x]))
-      ax.imshow(np.swapaxes(panel, 0, 1)[::-1], extent=extent, interpolation='nearest')
+      _show_sagittal(ax, panel, spacing[1:])
       ax.set_xticks([])
       ax.set_yticks([])
       if column == 0:

@@ -61,12 +61,14 @@ def test_the_slices_drawn_show_the_labels_cartilage_too(drawn, tmp_path):
 
 def test_slices_are_drawn_superior_up_and_anterior_right(drawn, tmp_path):
   classes = np.zeros((3, 8, 8), np.uint8)
-  classes[1, 6:, 6:] = 1  # FC in the anterior (axis 1) and superior (axis 2) corner of slice 1
+  # FC along the anterior (axis 1) end of the most superior row (axis 2) of slice 1: a shape that a swap of
+  # the two axes would draw elsewhere.
+  classes[1, 5:, 7] = 1
   image = np.random.default_rng(0).random(classes.shape)
   figures.plot_prediction_slices(image, classes, (1.0, 1.0, 1.0), 'knee', tmp_path / 's.png')
   panel = drawn[0].axes[1].images[0].get_array()  # the prediction's
   red = panel[..., 0] - panel[..., 2] > 0.2  # grey has equal red and blue
-  assert {tuple(p) for p in np.argwhere(red)} == {(0, 6), (0, 7), (1, 6), (1, 7)}
+  assert {tuple(p) for p in np.argwhere(red)} == {(0, 5), (0, 6), (0, 7)}  # top row, right end
 
 
 def test_slices_are_drawn_at_the_scans_pixel_aspect(drawn, tmp_path):
@@ -78,15 +80,19 @@ def test_slices_are_drawn_at_the_scans_pixel_aspect(drawn, tmp_path):
 
 
 def test_overlays_show_the_image_the_label_and_the_prediction(drawn, tmp_path):
-  """Labelled FC and predicted TC on one slice: the label's panel is tinted red, the prediction's blue."""
+  """Labelled FC and predicted TC on one slice, each in the anterior (axis 0) end of the most superior row
+  (axis 1): the label's panel tinted red there, the prediction's blue, superior up and anterior right."""
   image = np.full((4, 4), 0.5, np.float32)
-  label, pred = np.ones((4, 4), np.uint8), np.full((4, 4), 2, np.uint8)
+  label, pred = np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8)
+  label[2:, 3], pred[2:, 3] = 1, 2
   figures.plot_overlays([{'image': image, 'label': label, 'pred': pred, 'case': 'k', 'slice': 3,
                           'pixel_mm': (1.0, 1.0)}], tmp_path / 'overlays.png')
   axes = drawn[0].axes[:3]
   assert [ax.get_title() for ax in axes] == ['k slice 3 from the left', 'label', 'prediction']
   for ax, channel in zip(axes[1:], (0, 2)):
-    assert np.argmax(ax.images[0].get_array()[0, 0]) == channel
+    tinted = np.argmax(ax.images[0].get_array(), axis=-1) == channel
+    tinted &= np.ptp(ax.images[0].get_array(), axis=-1) > 0.2  # grey has equal channels
+    assert {tuple(p) for p in np.argwhere(tinted)} == {(0, 2), (0, 3)}  # top row, right end
 
 
 def test_loss_curves_are_labelled_by_their_keys(drawn, tmp_path):

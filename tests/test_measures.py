@@ -4,7 +4,6 @@ surface-to-surface distances and stays put when a voxel size changes in its last
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from easunet_jax import measures
 from easunet_jax.data import knee
@@ -27,23 +26,24 @@ def test_thickness_of_a_tilted_sheet_is_measured_across_it():
   assert measures.mean_thickness_mm(sheet, (1.0, 0.25, 0.25)) == pytest.approx(3.0, rel=0.1)
 
 
-def test_empty_plate_measures_zero():
+def test_an_empty_plate_has_no_volume_and_no_thickness():
   assert np.isnan(measures.mean_thickness_mm(np.zeros((3, 8, 8), bool), (1.0, 1.0, 1.0)))
   assert measures.volume_mm3(np.zeros((3, 8, 8), bool), (1.0, 1.0, 1.0)) == 0.0
 
 
 def test_cartilage_measures_of_two_plates():
-  fc, tc = np.zeros((4, 10, 10), bool), np.zeros((4, 10, 10), bool)
-  fc[1, 2:4, 2:8] = True  # 12 voxels in slice 1
-  tc[2, 6:9, 1:5] = True  # 12 voxels in slice 2
-  tc[2] = ndimage.binary_dilation(tc[2])  # grown in-plane only
+  """Two slabs along the grid, each measured as itself: 15 mm long, 4 mm wide (two sagittal slices), FC
+  8 voxels = 2.0 mm and TC 12 voxels = 3.0 mm thick."""
+  fc, tc = np.zeros((5, 40, 40), bool), np.zeros((5, 40, 40), bool)
+  fc[0:2, 5:35, 10:18] = True  # 480 voxels in slices 0-1
+  tc[2:4, 5:35, 25:37] = True  # 720 voxels in slices 2-3
   spacing = (2.0, 0.5, 0.25)
   got = measures.cartilage_measures({'fc': fc, 'tc': tc}, spacing)
-  assert got['slices_with_cartilage'] == 0.5
-  assert got['fc_volume_mm3'] == pytest.approx(12 * 2.0 * 0.5 * 0.25)
-  assert got['tc_volume_mm3'] == pytest.approx(tc.sum() * 2.0 * 0.5 * 0.25)
-  assert got['fc_share_pct'] == pytest.approx(100 * 12 / 400)
-  assert got['fc_thickness_mm'] == pytest.approx(measures.mean_thickness_mm(fc, spacing))
+  assert got['slices_with_cartilage'] == 0.8
+  assert got['fc_volume_mm3'] == pytest.approx(480 * 2.0 * 0.5 * 0.25)
+  assert got['tc_volume_mm3'] == pytest.approx(720 * 2.0 * 0.5 * 0.25)
+  assert (got['fc_share_pct'], got['tc_share_pct']) == pytest.approx((100 * 480 / 8000, 100 * 720 / 8000))
+  assert (got['fc_thickness_mm'], got['tc_thickness_mm']) == pytest.approx((2.0, 3.0))
 
 
 def test_thickness_map_holds_the_sheet_thickness_at_every_voxel():

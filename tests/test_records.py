@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from configs import tiny
 from easunet_jax import records
@@ -36,11 +37,16 @@ def test_the_code_version_of_a_changed_checkout_says_so(tmp_path, monkeypatch):
   assert records.code_version() == clean + '-dirty'
 
 
-def test_the_code_version_outside_a_git_checkout_is_the_packages(tmp_path, monkeypatch):
+@pytest.mark.parametrize('installed', [True, False])
+def test_the_code_version_outside_a_git_checkout_is_the_packages(tmp_path, monkeypatch, installed):
   monkeypatch.setattr(records, '__file__', str(tmp_path / 'records.py'))  # git describe fails there
   assert subprocess.run(['git', 'describe', '--always'], cwd=tmp_path, capture_output=True).returncode
-  try:
-    expected = importlib.metadata.version('easunet_jax')
-  except importlib.metadata.PackageNotFoundError:
-    expected = 'unknown (neither a git checkout nor an installed package)'
-  assert records.code_version() == expected
+
+  def version(name):
+    if not installed:
+      raise importlib.metadata.PackageNotFoundError(name)
+    return {'easunet_jax': '1.2.3'}[name]
+
+  monkeypatch.setattr(importlib.metadata, 'version', version)
+  assert records.code_version() == (
+      '1.2.3' if installed else 'unknown (neither a git checkout nor an installed package)')
