@@ -67,14 +67,19 @@ def test_max_pool_takes_each_windows_maximum_and_sends_its_gradient_to_one_eleme
 
 
 def test_separable_block_is_depthwise_bn_leaky_relu_pointwise_bn_hard_swish():
-  """One channel, the depthwise kernel its centre tap, the pointwise weight 1, BatchNorm at its start
-  (mean 0, variance 1): an input of -1 gives hard_swish(leaky_relu(-1)) = -0.01 * 2.99 / 6."""
+  """One channel, the depthwise kernel its centre tap 2, the pointwise weight -100, each BatchNorm with
+  statistics and an affine of its own: an input of -1 goes -2 (depthwise), (-2 - 1) / 2 = -1.5 (BN 1),
+  -0.015 (LeakyReLU), 1.5 (pointwise), 2 (1.5 - 0.5) + 0.25 = 2.25 (BN 2), 2.25 * 5.25 / 6 (h-swish). Any
+  step left out or moved gives another value."""
   block = layers.SeparableBlock(1, 1, impl='shift', dtype=jnp.float32, rngs=nnx.Rngs(0))
-  block.depthwise.kernel[...] = jnp.zeros((3, 3, 1)).at[1, 1, 0].set(1.0)
-  block.pointwise.kernel[...] = jnp.ones((1, 1))
+  block.depthwise.kernel[...] = jnp.zeros((3, 3, 1)).at[1, 1, 0].set(2.0)
+  block.pointwise.kernel[...] = jnp.full((1, 1), -100.0)
+  for bn, (mean, var, scale, bias) in ((block.bn1, (1.0, 4.0, 1.0, 0.0)), (block.bn2, (0.5, 1.0, 2.0, 0.25))):
+    bn.mean[...], bn.var[...] = jnp.full((1,), mean), jnp.full((1,), var - layers.BN_EPS)
+    bn.scale[...], bn.bias[...] = jnp.full((1,), scale), jnp.full((1,), bias)
   block.eval()
   out = block(-jnp.ones((1, 4, 4, 1)))
-  np.testing.assert_allclose(out, -0.01 * 2.99 / 6, rtol=1e-3)
+  np.testing.assert_allclose(out, 2.25 * 5.25 / 6, rtol=1e-5)
 
 
 def test_eca_weighs_each_channel_by_the_sigmoid_of_its_mean():

@@ -37,9 +37,12 @@ def test_eca_kernel_size(channels, k):
 
 
 def test_eca_kernel_of_the_model_comes_from_the_widest_stage():
-  model = abstract_model(default.get_config().model)
-  assert model.eas.eca.k == 5
-  assert model.eas.eca.conv.kernel.shape == (5, 1, 1)
+  config = default.get_config().model
+  model = abstract_model(config)
+  assert model.eas.eca.k == 5 and model.eas.eca.conv.kernel.shape == (5, 1, 1)
+  config.features = (16, 32, 64, 128, 2048)  # a widest stage whose kernel no narrower width has
+  model = abstract_model(config)
+  assert model.eas.eca.k == 7 and model.eas.eca.conv.kernel.shape == (7, 1, 1)
 
 
 def _forward_shapes(model, x):
@@ -63,10 +66,13 @@ def test_output_shapes_train_and_eval():
 
 
 def test_side_outputs_are_resized_with_half_pixel_centres():
-  # 1-D check of jax.image.resize against PyTorch's bilinear align_corners=False up-sampling by 2.
-  y = jnp.array([0., 4.]).reshape(1, 1, 2, 1)
-  up = jax.image.resize(y, (1, 1, 4, 1), 'bilinear')[0, 0, :, 0]
-  np.testing.assert_allclose(up, [0., 1., 3., 4.])
+  """A side output of half the width, [0, 4], is up-sampled as PyTorch's bilinear interpolate with
+  align_corners=False does it: [0, 1, 3, 4] (align_corners=True: [0, 4/3, 8/3, 4]; nearest: [0, 0, 4, 4])."""
+  fusion = OutputFusion((1, 1), 1, fusion='add', dtype=jnp.float32, rngs=nnx.Rngs(0))
+  for head in fusion.heads:  # the identity
+    head.kernel[...], head.bias[...] = jnp.ones((1, 1)), jnp.zeros((1,))
+  _, sides = fusion([jnp.zeros((1, 1, 4, 1)), jnp.array([0., 4.]).reshape(1, 1, 2, 1)])
+  np.testing.assert_allclose(sides[1][0, 0, :, 0], [0., 1., 3., 4.])
 
 
 @pytest.mark.parametrize('dilation, size', [(1, 8), (2, 8), (6, 8), (12, 8), (18, 24)])

@@ -57,11 +57,13 @@ def test_layout_dtypes_and_ranges(store):
 
 
 def test_rows_match_the_volumes(store, data_cfg):
+  """The first validation case's rows are its slices in order, image and labels, inside their padding."""
   index = json.loads((store / 'val' / 'index.json').read_text())
   case = next(c for c in volumes.discover_cases(data_cfg.root) if c.id == index[0]['case'])
-  _, labels, _ = volumes.load_case(case, data_cfg.label_map)
-  stored = np.load(store / 'val' / 'labels.npy')[:SHAPE[0], 4:-4, 6:-7]
-  np.testing.assert_array_equal(stored, labels)
+  image, labels, _ = volumes.load_case(case, data_cfg.label_map)
+  inside = (slice(0, SHAPE[0]), slice(4, -4), slice(6, -7))
+  np.testing.assert_array_equal(np.load(store / 'val' / 'labels.npy')[inside], labels)
+  np.testing.assert_array_equal(np.load(store / 'val' / 'images.npy')[inside], preprocess.normalise(image))
 
 
 def test_reuse_and_rebuild_on_changed_setting(store, data_cfg, caplog):
