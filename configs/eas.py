@@ -6,9 +6,15 @@ a 64 mm field of view on the joint at 0.5 mm (128 x 128 slices), narrower widths
 contrasts.
 """
 
+import pathlib
+
 import ml_collections
 
 from configs import default
+
+# The model `:knee` trains, shipped with the package, and the flags that predict with it from any folder.
+SHIPPED = pathlib.Path(__file__).resolve().parents[1] / 'easunet_jax' / 'weights' / 'eas_knee.npz'
+SHIPPED_FLAGS = f'--config={pathlib.Path(__file__).resolve()}:knee --weights={SHIPPED}'
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -14,7 +14,7 @@ import ml_collections
 from absl import flags
 from flax import nnx
 
-from configs import default
+from configs import default, eas
 from easunet_jax import models, pretrained, steps
 from easunet_jax.errors import ConfigError, exit_with, one_line
 
@@ -59,10 +59,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     if weights and pathlib.Path(weights).resolve() != pretrained.SHIPPED.resolve():
       exit_with(ConfigError(f'--{e.flagname}: a config field, set only beside --config=<file> (beside '
                             f'--weights={weights}: the config file it was trained with)'))
-    shipped = pathlib.Path(default.__file__).with_name('eas.py')
-    exit_with(ConfigError(f'--{e.flagname}: a config field, set only beside --config=<file> (the shipped '
-                          f'model\'s: --config={shipped}:knee, and --weights={pretrained.SHIPPED} to predict '
-                          'with it)'))
+    exit_with(ConfigError(f'--{e.flagname}: a config field, set only beside --config=<file> (to predict '
+                          f'with the shipped model: {eas.SHIPPED_FLAGS})'))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
     # An unknown field, or an element of a sequence (features.0, which absl cannot parse), is one line; an
     # error of a config file's own code keeps its traceback.

@@ -41,9 +41,10 @@ def predict_volumes(predict: Callable, state: steps.TrainState, store_dir: pathl
                     data_sharding: NamedSharding) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
   """(store rows, predicted classes, label classes) of each test volume in store order, the slices cropped
   to the source's in-plane size and stacked into (slices, H, W); one volume is held at a time."""
-  rows = pipeline.read_index(store_dir / 'test')
+  test = pipeline.read_split(store_dir, 'test')
+  rows = test.index
   done, case_rows, case_pred, case_label = 0, [], [], []
-  for batch in pipeline.eval_batches(store_dir, batch_size, split='test'):
+  for batch in pipeline.eval_batches(test, batch_size):
     image = pipeline.put_on_mesh({'image': batch['image']}, data_sharding)['image']
     pred_BHW = jax.device_get(predict(state, image))
     for pred_HW, label_HW in zip(pred_BHW[batch['mask']], batch['label'][batch['mask']]):
@@ -245,8 +246,8 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
                            'image': _crop(images[r], rows[r]['pad']).astype(np.float32)}
                           for i, r in enumerate(case_rows) if r in figure_rows]
     progress.update()
-    logging.info('%s: %s Dice FC %.2f TC %.2f', progress.status('evaluate'), case, per_volume['fc']['dice'],
-                 per_volume['tc']['dice'])
+    logging.info('%s: %s Dice FC %.2f %% TC %.2f %%', progress.status('evaluate'), case,
+                 per_volume['fc']['dice'], per_volume['tc']['dice'])
   return scores
 
 
@@ -336,6 +337,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   shutil.rmtree(earlier, ignore_errors=True)
   with contextlib.suppress(OSError):  # another evaluation may be writing beside it
     out.parent.rmdir()
-  logging.info('evaluation of step %d written to %s: 3D Dice FC %s TC %s', step, final,
+  logging.info('evaluation of step %d written to %s: 3D Dice (%%) FC %s TC %s', step, final,
                _cell(summary['3d']['fc']['dice']), _cell(summary['3d']['tc']['dice']))
   return final

@@ -17,12 +17,12 @@ import numpy as np
 from flax import nnx
 
 from configs import default
+from configs.eas import SHIPPED
 from easunet_jax import atomic, checkpoints, parallel, records, steps
 from easunet_jax.data import pipeline
 from easunet_jax.errors import CheckpointError
 from easunet_jax.models import abstract_model
 
-SHIPPED = pathlib.Path(__file__).resolve().parent / 'weights' / 'eas_knee.npz'
 # What reading a damaged .npz raises: a bad member (CRC), a cut deflate stream.
 _ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
 

@@ -39,13 +39,13 @@ class Stopped(Exception):
     self.exit_code = 128 + getattr(signal, cause, signal.SIGTERM)  # a preemption comes as a SIGTERM
 
 
-def validate(p_eval_step: Callable, state: steps.TrainState, store_dir: pathlib.Path, batch_size: int,
+def validate(p_eval_step: Callable, state: steps.TrainState, val: pipeline.Split, batch_size: int,
              data_sharding: NamedSharding) -> dict[str, float]:
   """Validation loss and the mean over validation volumes of their 3D Dice (FC, TC)."""
-  cases = [row['case'] for row in pipeline.read_index(store_dir / 'val')]
+  cases = [row['case'] for row in val.index]
   per_case: dict[str, np.ndarray] = {}
   loss_sum, row = 0.0, 0
-  for batch in pipeline.eval_batches(store_dir, batch_size, split='val'):
+  for batch in pipeline.eval_batches(val, batch_size):
     out = jax.device_get(p_eval_step(state, pipeline.put_on_mesh(batch, data_sharding)))
     n = int(out['num_valid'])
     loss_sum += float(out['loss']) * n
@@ -144,8 +144,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   with parallel.process_0_first('slice store built'):
     store_dir = preprocess.prepare_data(config, workdir, as_trained=bool(start))
   train_slices = len(pipeline.SliceSource(store_dir / 'train'))
-  val_slices = len(pipeline.SliceSource(store_dir / 'val'))
-  for split, slices in (('training', train_slices), ('validation', val_slices)):
+  val_split = pipeline.read_split(store_dir, 'val')
+  for split, slices in (('training', train_slices), ('validation', len(val_split.index))):
     if not slices:  # validation picks the best checkpoint, and would fail only at its first round
       raise DataError(f'{store_dir}: no {split} slices (data.split or data.split_file gives that split no '
                       'case, or its cases were skipped)')
@@ -243,7 +243,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
               f'{_latest_checkpoint(mngr)}. Lower optim.lr or check the data')
         accumulated, last_log_step = None, step
       if is_save:
-        val = validate(p_eval_step, state, store_dir, eval_batch_size, data_sharding) if is_eval else None
+        val = validate(p_eval_step, state, val_split, eval_batch_size, data_sharding) if is_eval else None
         if val:
           writer.write_scalars(step, val)
           logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],

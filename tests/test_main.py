@@ -439,9 +439,8 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
                             '--output=mask.nii.gz', "--config.data.label_map=((1, 1), (2, 2))"], cwd=tmp_path,
                            capture_output=True, text=True, check=False)
   assert refused.returncode == 2 and refused.stderr == (
-      "error: --config.data.label_map: a config field, set only beside --config=<file> (the shipped "
-      f"model's: --config={REPO / 'configs' / 'eas.py'}:knee, and --weights={pretrained.SHIPPED} to predict "
-      'with it)\n')
+      'error: --config.data.label_map: a config field, set only beside --config=<file> (to predict with the '
+      f"shipped model: --config={REPO / 'configs' / 'eas.py'}:knee --weights={pretrained.SHIPPED})\n")
   # Beside a model file of one's own, its training's config (the shipped one's would not fit its network).
   refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
                             '--config.predict.zoom=1', '--weights=mine.npz', '--output=mask.nii.gz'],

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import jax
 import numpy as np
@@ -81,13 +82,20 @@ def test_another_split_of_the_cases_names_the_cases_added_and_removed(store, tmp
     pipeline.check_trained_on(tmp_path, other)
   lost_test = {'train': splits['train'] + ['new_1'], 'val': splits['val'], 'test': splits['test'][1:]}
   no_val = {'train': splits['train'], 'test': splits['test']}
-  for now, differ in ((lost_test, 'train +1 -0 cases, test +0 -1 cases'),
-                      (no_val, f"val +0 -{len(splits['val'])} cases")):
+  # A validation case now in test: the best checkpoint was chosen on it.
+  val_to_test = {'train': splits['train'], 'val': splits['val'][1:],
+                 'test': splits['test'] + splits['val'][:1]}
+  alone = 'by cases added or removed alone, none moved between training and validation or test'
+  for now, differ, why in ((lost_test, 'train +1 -0 cases, test +0 -1 cases', alone),
+                           (no_val, f"val +0 -{len(splits['val'])} cases", alone),
+                           (val_to_test, 'val +0 -1 cases, test +1 -0 cases',
+                            f"by {splits['val'][0]} val -> test: a case moved between validation and test")):
     (other / 'splits.json').write_text(json.dumps(now))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
       assert pipeline.check_trained_on(tmp_path, other)
     assert f'its split of the cases differs from the one {tmp_path} trained on ({differ}; ' in caplog.text
+    assert why in caplog.text
 
 
 def test_an_older_workdir_gives_its_own_stores_pixel(tmp_path):
@@ -138,7 +146,7 @@ def test_process_shards_make_up_the_one_process_batches(store, monkeypatch):
 
 def test_eval_batches_padded_in_store_order(store):
   labels = np.load(store / 'val' / 'labels.npy')
-  batches = list(pipeline.eval_batches(store, 3, 'val'))
+  batches = list(pipeline.eval_batches(pipeline.read_split(store, 'val'), 3))
   assert len(batches) == -(-len(labels) // 3)
   assert all(b['image'].shape == (3, 64, 64, 1) and b['label'].shape == (3, 64, 64) for b in batches)
   mask = np.concatenate([b['mask'] for b in batches])
@@ -155,9 +163,27 @@ def test_eval_batches_padded_in_store_order(store):
   assert not valid.all(axis=(1, 2)).any() and valid.any(axis=(1, 2))[:len(labels)].all()
 
 
+def test_a_split_read_before_its_store_is_rebuilt_keeps_its_rows(store, tmp_path):
+  """A training validates on the split it started with, though another run on the same data.cache_dir
+  (another seed, another data.root) replaces the store meanwhile, as a rebuild does: renamed aside and
+  deleted."""
+  copy = tmp_path / 'slices'
+  shutil.copytree(store, copy)
+  val = pipeline.read_split(copy, 'val')
+  labels, index = np.array(val.labels), val.index
+  copy.rename(tmp_path / 'aside')
+  shutil.copytree(store, copy)
+  np.save(copy / 'val' / 'labels.npy', np.zeros_like(labels))
+  (copy / 'val' / 'index.json').write_text('[]')
+  shutil.rmtree(tmp_path / 'aside')
+  batches = list(pipeline.eval_batches(val, 3))
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[:len(labels)], labels)
+  assert val.index == index and labels.any()
+
+
 def test_put_on_mesh(store):
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
-  batch = next(pipeline.eval_batches(store, 4, 'val'))
+  batch = next(pipeline.eval_batches(pipeline.read_split(store, 'val'), 4))
   arrays = pipeline.put_on_mesh(batch, NamedSharding(mesh, P('data')))
   assert arrays['image'].shape == (4, 64, 64, 1)
   assert len(arrays['image'].sharding.device_set) == jax.device_count()

@@ -515,6 +515,49 @@ def test_a_cache_dir_of_other_files_is_not_deleted(data_cfg, tmp_path):
   assert (tmp_path / 'notes.txt').read_text() == 'precious'
 
 
+def test_files_put_in_a_store_since_it_was_built_are_not_deleted_by_its_rebuild(data_cfg, tmp_path):
+  """A workdir made inside a store (data.cache_dir = --workdir, preprocessed first) survives the store going
+  stale: the rebuild is refused, and the store and the workdir are kept."""
+  store = preprocess.ensure_slice_store(data_cfg, tmp_path / 'S', seed=0, multiple=16)
+  (store / 'run' / 'checkpoints').mkdir(parents=True)
+  changed = data_cfg.copy_and_resolve_references()
+  changed.train_slices = 'all'
+  with pytest.raises(DataError, match=rf'^data.cache_dir {store}: holds run beside its slice store, which '
+                     'rebuilding the store would delete; move them out, or name another folder$'):
+    preprocess.ensure_slice_store(changed, store, seed=0, multiple=16)
+  assert (store / 'run' / 'checkpoints').is_dir() and (store / 'fingerprint.json').exists()
+
+
+def test_a_workdir_inside_the_cache_dir_is_refused(tmp_path):
+  config = default.get_config()
+  config.data.cache_dir = str(tmp_path / 'C')
+  for workdir in (tmp_path / 'C', tmp_path / 'C' / 'run'):
+    with pytest.raises(ConfigError, match=rf'^data.cache_dir: {tmp_path / "C"} holds the workdir {workdir}, '
+                       'which building the store would replace; name a folder of its own$'):
+      preprocess.prepare_data(config, workdir)
+
+
+@pytest.mark.parametrize('damage', ['cut short', 'missing', 'another row count'])
+def test_an_up_to_date_store_with_a_damaged_file_is_rebuilt(data_cfg, tmp_path, caplog, damage):
+  """A store that a full disk or a broken copy left incomplete is rebuilt, where reusing it would end in a
+  traceback of the first read."""
+  store = preprocess.ensure_slice_store(data_cfg, tmp_path / 'S', seed=0, multiple=16)
+  whole = {path: path.read_bytes() for path in store.rglob('*.npy')}
+  damaged = store / 'val' / 'labels.npy'
+  if damage == 'cut short':
+    os.truncate(damaged, damaged.stat().st_size // 2)
+  elif damage == 'missing':
+    damaged.unlink()
+  else:
+    np.save(damaged, np.load(damaged)[1:])
+  with caplog.at_level(logging.INFO):
+    preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
+  why = ('holds other rows than its index.json' if damage == 'another row count' else
+         'is missing or cut short: ')
+  assert f'slice store {store} is stale ({damaged} {why}' in caplog.text and 'rebuilding' in caplog.text
+  assert {path: path.read_bytes() for path in store.rglob('*.npy')} == whole
+
+
 def test_a_tissue_map_off_its_label_maps_grid_skips_its_case(data_cfg, tmp_path):
   """A tissue map is the anatomy a synthesised image draws: one whose header lies on another grid than its
   label map's (the same voxels with the anterior axis reversed: another place in the world; or

@@ -66,13 +66,13 @@ def test_validation_weighs_each_batchs_loss_by_its_slices_and_scores_each_case(m
   """Three validation slices, of cases a, a and b, in batches of two (the second padded): the loss is the
   mean over slices (1 for the two of the first batch, 4 for the third), and each case's Dice sums its slices'
   counts: FC found wherever it is (Dice 1), TC nowhere (Dice 0)."""
-  monkeypatch.setattr(pipeline, 'read_index', lambda path: [{'case': 'a'}, {'case': 'a'}, {'case': 'b'}])
   found_fc = np.array([[5, 0, 0], [0, 0, 5]])  # (TP, FP, FN) of FC and TC
   outputs = [{'num_valid': 2, 'loss': 1.0, 'counts': np.stack([found_fc, found_fc])},
              {'num_valid': 1, 'loss': 4.0, 'counts': np.stack([found_fc, np.zeros((2, 3), int)])}]
   monkeypatch.setattr(pipeline, 'eval_batches', lambda *args, **kwargs: iter(outputs))
   monkeypatch.setattr(pipeline, 'put_on_mesh', lambda batch, sharding: batch)
-  scores = train.validate(lambda state, out: out, None, pathlib.Path('store'), 2, None)
+  val = pipeline.Split(None, None, [{'case': 'a'}, {'case': 'a'}, {'case': 'b'}])
+  scores = train.validate(lambda state, out: out, None, val, 2, None)
   assert scores == {'val/loss': pytest.approx(2.0), 'val/dice_fc': 1.0, 'val/dice_tc': 0.0,
                     'val/dice_mean': 0.5}
 

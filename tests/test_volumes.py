@@ -5,6 +5,7 @@ and label remapping."""
 import gzip
 import json
 import logging
+import pathlib
 import re
 
 import metaimage
@@ -16,6 +17,8 @@ import SimpleITK as sitk
 from easunet_jax import predict
 from easunet_jax.data import knee, volumes
 from easunet_jax.errors import ConfigError, DataError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 IDENTITY_MAP = ((1, 1), (2, 2), (3, 3), (4, 4))
 
@@ -596,8 +599,9 @@ def test_a_mask_of_this_tools_own_values_given_as_labels_is_warned_of(tmp_path, 
   assert 'holds only the values 0, 1 and 2, and data.label_map ((2, 1), (4, 2)) reads none as TC' in (
       caplog.text)
   # The flags that read it so also where predict runs the shipped model, which takes no --config.* alone.
-  assert ('(predict with the shipped model: --config=configs/eas.py:knee '
-          '--weights=easunet_jax/weights/eas_knee.npz --config.data.label_map=...)') in caplog.text
+  assert (f"(predict with the shipped model: --config={REPO / 'configs' / 'eas.py'}:knee "
+          f'--weights={REPO / "easunet_jax" / "weights" / "eas_knee.npz"} --config.data.label_map=...)'
+          ) in caplog.text
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     volumes.load_labels(case, ((1, 1), (2, 2)))

@@ -6,6 +6,7 @@ import json
 import pathlib
 import statistics
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import grain
 import jax
@@ -123,9 +124,14 @@ def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path,
                             f'({", ".join(differ)}; {record}): cases were added, removed or skipped, or '
                             'data.root or data.split_file changed, so that its validation and test cases '
                             'would hold cases it trained on; use the data it trained on, or another workdir')
-    logging.warning('%s: its split of the cases differs from the one %s trained on (%s; %s) by cases added '
-                    'or removed alone, none moved between training and validation or test: going on with '
-                    'the cases it has', store_dir, workdir, ', '.join(differ), record)
+    was = {case: name for name, ids in trained.items() for case in ids}
+    moved = [f'{case} {was[case]} -> {name}' for name, ids in now.items() for case in ids
+             if was.get(case, name) != name]
+    why = (f'{", ".join(moved)}: a case moved between validation and test, where the best checkpoint, chosen '
+           'on validation, would be scored on a case it was chosen on' if moved else
+           'cases added or removed alone, none moved between training and validation or test')
+    logging.warning('%s: its split of the cases differs from the one %s trained on (%s; %s) by %s: going on '
+                    'with the cases it has', store_dir, workdir, ', '.join(differ), record, why)
   return True
 
 
@@ -146,15 +152,29 @@ def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: pathlib.Path | 
   return tuple(_median_pixel_mm(split_dir))
 
 
-def eval_batches(store_dir: str | pathlib.Path, batch_size: int, split: str = 'val'
-                 ) -> Iterator[dict[str, np.ndarray]]:
+class Split(NamedTuple):
+  """One split of the slice store as `read_split` found it: images and labels (N, H, W) memory-mapped, and
+  the row index (`read_index`)."""
+  images: np.ndarray
+  labels: np.ndarray
+  index: list[dict]
+
+
+def read_split(store_dir: str | pathlib.Path, split: str) -> Split:
+  """One split of the store, mapped now: a store that another run rebuilds in its place later (another seed
+  or data.root on the same data.cache_dir) leaves it as it was, since mapped files outlive their deletion,
+  so that a training validates on the cases it started with to its end."""
+  split_dir = pathlib.Path(store_dir) / split
+  images, labels = (np.load(split_dir / f'{kind}.npy', mmap_mode='r') for kind in ('images', 'labels'))
+  return Split(images, labels, read_index(split_dir))
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """Batches of one split in store order: 'image', 'label', 'valid' (B, H, W) (the pixel is the slice's,
   not the store's zero padding) and 'mask' (B,) (the row is a slice: the last batch is zero-padded with
   mask False, so all have one shape)."""
-  split_dir = pathlib.Path(store_dir) / split
-  images = np.load(split_dir / 'images.npy', mmap_mode='r')
-  labels = np.load(split_dir / 'labels.npy', mmap_mode='r')
-  pads = np.array([row['pad'] for row in read_index(split_dir)]).reshape(-1, 4)  # top, bottom, left, right
+  images, labels = split.images, split.labels
+  pads = np.array([row['pad'] for row in split.index]).reshape(-1, 4)  # top, bottom, left, right
   height, width = labels.shape[1:]
   for start in range(0, len(labels), batch_size):
     top, bottom, left, right = pads[start:start + batch_size, :, None].transpose(1, 0, 2)  # each (n, 1)

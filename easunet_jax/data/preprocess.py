@@ -26,10 +26,11 @@ import numpy as np
 from easunet_jax import atomic, models
 from easunet_jax.data import knee, phantom, pipeline, synth, volumes
 from easunet_jax.data.workers import cpus, map_in_order
-from easunet_jax.errors import ConfigError, DataError
+from easunet_jax.errors import ConfigError, DataError, one_line
 from easunet_jax.progress import Progress
 
 SPLITS = ('train', 'val', 'test')
+_STORE_ENTRIES = ('fingerprint.json', 'skipped.json', 'splits.json', *SPLITS)
 # Below this many voxels in all, one process builds the store faster: a worker process's start and its own
 # compilation of `synthetic_image` cost ~20 s. Measured on 2 cores with OAI-ZIB label maps alone (23.6 M
 # voxels each): 3 cases 46 s in one process, 65 s in two; 8 cases 153 s and 107 s.
@@ -241,6 +242,12 @@ def _jax_on_cpu() -> None:
   jax.config.update('jax_platforms', 'cpu')
 
 
+def _kinds(split: str, data_cfg: ml_collections.ConfigDict) -> list[str]:
+  """The arrays of a split of the store: data.synth trains on images drawn from the tissue maps."""
+  with_images = split != 'train' or not data_cfg.synth
+  return ['images'] * with_images + ['labels'] + ['tissues'] * data_cfg.synth
+
+
 def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]],
                   data_cfg: ml_collections.ConfigDict, size: tuple[int, int], skipped: dict[str, str],
                   workers: int) -> dict[str, list[str]]:
@@ -252,11 +259,11 @@ def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]
   for name, cases in split_cases.items():
     (store / name).mkdir()
     keep_empty = name != 'train' or data_cfg.train_slices == 'all'
-    with_images = name != 'train' or not data_cfg.synth
+    kinds[name] = _kinds(name, data_cfg)
+    with_images = 'images' in kinds[name]
     jobs += [(name, (case, label_map, data_cfg.synth, keep_empty, with_images, size, store / name))
              for case in cases]
     parts[name], index[name] = [], []
-    kinds[name] = ['images'] * with_images + ['labels'] + ['tissues'] * data_cfg.synth
   progress = Progress(len(jobs))
   results = map_in_order(_case_slices, [job for _, job in jobs], workers, initializer=_jax_on_cpu)
   for (name, (case, *_)), rows in zip(jobs, results, strict=True):
@@ -317,6 +324,24 @@ def _usable(cases: Sequence[volumes.Case], skipped: dict[str, str], synth: bool)
   return usable
 
 
+def _damaged(store: pathlib.Path, data_cfg: ml_collections.ConfigDict) -> str:
+  """What of an up-to-date store is missing or cut short (a disk that filled, a copy broken off), '' when
+  every file is whole: each split's arrays hold as many rows as its index."""
+  path = store / 'skipped.json'
+  try:
+    json.loads(path.read_text())
+    for name in SPLITS:
+      path = store / name / 'index.json'
+      rows = len(pipeline.read_index(path.parent))
+      for kind in _kinds(name, data_cfg):
+        path = store / name / f'{kind}.npy'
+        if len(np.load(path, mmap_mode='r')) != rows:
+          return f'{path} holds other rows than its index.json'
+  except (OSError, ValueError, EOFError) as e:  # missing; cut short: fails to map, or to parse
+    return f'{path} is missing or cut short: {one_line(e)}'
+  return ''
+
+
 def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pathlib.Path, seed: int, *,
                        multiple: int, check_splits: Callable[[dict], Any] | None = None) -> pathlib.Path:
   """Builds the slice store of the volumes under data_cfg.root in cache_dir, or reuses it if up to date.
@@ -340,16 +365,23 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   old_path = cache_dir / 'fingerprint.json'
   if old_path.exists():
     old = json.loads(old_path.read_text())
-    if old == fingerprint and (cache_dir / 'skipped.json').exists():
+    damaged = _damaged(cache_dir, data_cfg) if old == fingerprint else ''
+    if old == fingerprint and not damaged:
       skipped = json.loads((cache_dir / 'skipped.json').read_text())
       logging.info('slice store %s is up to date, reused (%d cases were skipped: %s)', cache_dir,
                    len(skipped), cache_dir / 'skipped.json')
       return cache_dir
+    # A build replaces the folder whole: a workdir or other files put in it since would go with it.
+    if foreign := sorted(p.name for p in cache_dir.iterdir() if p.name not in _STORE_ENTRIES):
+      raise DataError(f'data.cache_dir {cache_dir}: holds {", ".join(foreign[:3])}'
+                      f'{", ..." if len(foreign) > 3 else ""} beside its slice store, which rebuilding the '
+                      'store would delete; move them out, or name another folder')
     changed = ['source files'] if old.get('sources') != fingerprint['sources'] else []
     old_settings = old.get('settings', {})
     changed += [k for k in sorted(old_settings.keys() | fingerprint['settings'].keys())
                 if old_settings.get(k) != fingerprint['settings'].get(k)]
-    logging.info('slice store %s is stale (changed: %s), rebuilding', cache_dir, ', '.join(changed))
+    logging.info('slice store %s is stale (%s), rebuilding', cache_dir,
+                 damaged or f'changed: {", ".join(changed)}')
   elif cache_dir.is_dir() and any(cache_dir.iterdir()):  # a build replaces the folder, whatever it holds
     raise DataError(f'data.cache_dir {cache_dir}: a folder of other files than a slice store (it has no '
                     'fingerprint.json), which building the store would delete; name a new or empty folder')
@@ -436,9 +468,12 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   padded to the stride of config.model's network. With `as_trained` (a resumed training, an evaluation), a
   store rebuilt with another split of the cases than the workdir trained on (`pipeline.check_trained_on`)
   is refused before it replaces the one there."""
+  cache_dir = config.data.cache_dir or pathlib.Path(workdir) / 'slices'
+  if pathlib.Path(workdir).resolve().is_relative_to(pathlib.Path(cache_dir).resolve()):
+    raise ConfigError(f'data.cache_dir: {cache_dir} holds the workdir {workdir}, which building the store '
+                      'would replace; name a folder of its own')
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.root = str(resolve_data_root(config.data, workdir, config.seed))
-  cache_dir = config.data.cache_dir or pathlib.Path(workdir) / 'slices'
   check = functools.partial(pipeline.check_trained_on, pathlib.Path(workdir), pathlib.Path(cache_dir))
   return ensure_slice_store(data_cfg, cache_dir, config.seed, multiple=models.stride(config.model.features),
                             check_splits=check if as_trained else None)

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from absl import logging
 
+from configs import eas
 from easunet_jax import atomic
 from easunet_jax.errors import ConfigError, DataError, one_line
 
@@ -597,10 +598,10 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
                                                if int(source) < 3 and present[int(source)]]:
       logging.warning('%s: label file %s holds only the values 0, 1 and 2, and data.label_map %s reads none '
                       "as TC: a mask in this tool's own values (FC 1, TC 2)? Then read it with "
-                      "data.label_map='((1, 1), (2, 2))' (predict with the shipped model: --config=configs/"
-                      'eas.py:knee --weights=easunet_jax/weights/eas_knee.npz --config.data.label_map=...); '
-                      'an OAI-ZIB label map without tibia (femur 1, FC 2) is read right as it is', case.id,
-                      case.label, tuple(map(tuple, label_map)))
+                      "data.label_map='((1, 1), (2, 2))' (predict with the shipped model: %s "
+                      '--config.data.label_map=...); an OAI-ZIB label map without tibia (femur 1, FC 2) is '
+                      'read right as it is', case.id, case.label, tuple(map(tuple, label_map)),
+                      eas.SHIPPED_FLAGS)
   return labels
 
 
