@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage, spatial
 
+from easunet_jax import metrics
+
 THIN_MM = 1.0  # thinner than this counts towards the denuded-area proxy
 _NOTCH_HALF_WIDTH_MM = 2.0  # sagittal slices this close to the medial-lateral split show the notch
 # The emptiest slices part two plates only where they hold at most this share of the fullest slice on either
@@ -23,7 +25,8 @@ _GAP_SHARE = 0.5
 
 def volume_mm3(mask: np.ndarray, spacing: Sequence[float]) -> float:
   """Voxel count times voxel volume."""
-  return float(np.count_nonzero(mask) * np.prod(spacing))
+  mask = metrics.as_mask(mask, 'mask')
+  return float(np.count_nonzero(mask) * np.prod(metrics.check_spacing(spacing, mask.ndim)))
 
 
 def thickness_map_mm(mask: np.ndarray, spacing: Sequence[float],
@@ -45,6 +48,8 @@ def thickness_map_mm(mask: np.ndarray, spacing: Sequence[float],
   rounding (on the reference knee, one in-plane voxel size changed by a millionth of itself moved the tibial
   plate's mean by 2 %). 0 keeps exact ties only.
   """
+  mask = metrics.as_mask(mask, 'mask')
+  spacing = metrics.check_spacing(spacing, mask.ndim)
   thickness = np.zeros(mask.shape, np.float32)
   ridge = np.zeros(mask.shape, bool)
   if not mask.any():
@@ -77,7 +82,8 @@ def surface_thickness_mm(plate: np.ndarray, bone: np.ndarray, spacing: Sequence[
   hold the bone: from each plate voxel on the bone interface, the 3D distance to the nearest plate voxel on
   the articular surface (touching neither plate nor bone), plus one in-plane pixel for the half voxel beyond
   each of the two voxel centres. NaN without an interface (no plate, or no bone beside it)."""
-  spacing = np.asarray(spacing, float)
+  plate, bone = metrics.as_mask(plate, 'plate'), metrics.as_mask(bone, 'bone')
+  spacing = np.asarray(metrics.check_spacing(spacing, plate.ndim))
   inner = plate & ndimage.binary_dilation(bone)
   outer = plate & ndimage.binary_dilation(~plate & ~bone)
   if not inner.any() or not outer.any():
@@ -93,7 +99,7 @@ def cartilage_measures(plates: Mapping[str, np.ndarray], spacing: Sequence[float
   <name>_share_pct: the plate's voxels per 100 voxels of the volume.
   <name>_volume_mm3, <name>_thickness_mm: `volume_mm3` and `mean_thickness_mm` of the plate.
   """
-  masks = [np.asarray(mask, bool) for mask in plates.values()]
+  masks = [metrics.as_mask(mask, name) for name, mask in plates.items()]
   measures = {'slices_with_cartilage': float(np.logical_or.reduce(masks).any(axis=(1, 2)).mean())}
   for name, mask in zip(plates, masks):
     measures[f'{name}_share_pct'] = float(100 * mask.mean())
@@ -185,6 +191,7 @@ def region_measures(mask: np.ndarray, thickness: np.ndarray, ridge: np.ndarray, 
   proxy of denuded area) of a region of a plate whose `thickness_map_mm` is (thickness, ridge). A region
   without cartilage has volume 0 and the rest undefined (NaN), not 0 mm: a cohort's mean thickness leaves
   it out."""
+  mask = metrics.as_mask(mask, 'mask')
   volume = volume_mm3(mask, spacing)
   values = thickness[mask & ridge]
   if not values.size:
@@ -202,6 +209,7 @@ def compartment_table(fc: np.ndarray, tc: np.ndarray, spacing: Sequence[float],
   """({region: `region_measures`} for 'fc', 'tc' and each of their compartments, the plates within
   `regions` (`compartment_regions`, of these plates or of another segmentation of the same knee), and the
   thickness map of both plates (mm, 0 outside))."""
+  fc, tc = metrics.as_mask(fc, 'fc'), metrics.as_mask(tc, 'tc')
   table, thickness, ridges = {}, np.zeros(fc.shape, np.float32), {}
   for name, plate in (('fc', fc), ('tc', tc)):
     plate_thickness, ridges[name] = thickness_map_mm(plate, spacing)

@@ -7,7 +7,30 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
+
+
+def as_mask(array: ArrayLike, name: str) -> np.ndarray:
+  """`array` as a boolean mask: booleans, or numbers all 0 or 1 (a mask read as floats, say). Other values
+  (a label map's, probabilities) are a ValueError naming `name`: read as "any non-zero", a label map's
+  classes would be scored or measured as one."""
+  array = np.asarray(array)
+  if array.dtype != bool and (other := (array != 0) & (array != 1)).any():
+    raise ValueError(f'{name}: expected a boolean mask (True/False or 0/1), got values such as '
+                     f'{np.unique(array[other])[:4].tolist()}; pass one class of a label map, e.g. '
+                     'labels == 2')
+  return array.astype(bool, copy=False)
+
+
+def check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
+  """`spacing` as `ndim` voxel sizes in mm, each positive: a negative one (an affine's diagonal entry of an
+  LPS file) or 0 would give distances and volumes in no unit, so it is a ValueError."""
+  sizes = np.ravel(np.asarray(spacing, float))
+  if len(sizes) != ndim or not np.all(np.isfinite(sizes) & (sizes > 0)):
+    raise ValueError(f'spacing: expected {ndim} positive voxel sizes in mm, one per axis, got {spacing!r} '
+                     "(nibabel's header.get_zooms() gives them)")
+  return tuple(sizes.tolist())
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -59,10 +82,10 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[flo
   swapping pred and gt swaps precision and recall, as it does for non-empty masks. NaN distances are meant to
   be left out of means and counted as "empty" beside them (see `summarize`).
   """
-  pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
-  if pred.shape != gt.shape or pred.ndim != len(spacing):
-    raise ValueError(f'pred {pred.shape} and gt {gt.shape} must have one shape, with one spacing entry '
-                     f'per axis; got spacing {tuple(spacing)}')
+  pred, gt = as_mask(pred, 'pred'), as_mask(gt, 'gt')
+  if pred.shape != gt.shape:
+    raise ValueError(f'pred {pred.shape} and gt {gt.shape} must have one shape')
+  spacing = check_spacing(spacing, pred.ndim)
   pred_any, gt_any = bool(pred.any()), bool(gt.any())
   if not pred_any and not gt_any:
     return {'dice': 100.0, 'precision': 100.0, 'recall': 100.0, 'hd': 0.0, 'hd95': 0.0, 'assd': 0.0}

@@ -526,6 +526,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   the seconds spent outside compilation ('seconds'), in it ('compile_s') and in the network's forward
   passes ('forward_s'), and with labels 'labels' and 'scores'}.
   """
+  if model_file is not None:  # a config of one's own beside it: the file's pixel size where it sets none
+    config = pretrained.config_of(model_file, config.copy_and_resolve_references())
+  elif workdir is None:
+    raise ConfigError('predict: expected a model file (model_file=, e.g. pretrained.SHIPPED) or the workdir '
+                      'of a training (workdir=)')
+  if laterality not in (None, 'R', 'L'):
+    raise ConfigError(f"laterality: expected 'R', 'L' or None, got {laterality!r}")
   if config.predict.label_values not in LABEL_VALUES:
     raise ConfigError(f'predict.label_values: expected one of {sorted(LABEL_VALUES)}, '
                       f'got {config.predict.label_values!r}')

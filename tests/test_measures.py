@@ -46,6 +46,27 @@ def test_cartilage_measures_of_two_plates():
   assert (got['fc_thickness_mm'], got['tc_thickness_mm']) == pytest.approx((2.0, 3.0))
 
 
+def test_a_users_masks_of_0_and_1_measure_as_booleans_and_other_values_are_refused():
+  """Plates as uint8 or float 0/1 (a user's arrays, nibabel's get_fdata) measure as boolean ones did; a plate
+  of another value (a label map's FC 2: an even value had no thickness, a uint8 one indexed slices in the
+  compartments' table) and a voxel size that is not positive are refused."""
+  fc, tc = np.zeros((5, 40, 40), bool), np.zeros((5, 40, 40), bool)
+  fc[0:2, 5:35, 10:18] = True
+  tc[2:4, 5:35, 25:37] = True
+  spacing = (2.0, 0.5, 0.25)
+  expected, _ = measures.compartment_table(fc, tc, spacing, {})
+  assert expected['fc']['thickness_mean_mm'] == pytest.approx(2.0)
+  for dtype in (np.uint8, np.float32):
+    got, _ = measures.compartment_table(fc.astype(dtype), tc.astype(dtype), spacing, {})
+    assert got == expected
+    assert measures.mean_thickness_mm(tc.astype(dtype), spacing) == pytest.approx(3.0)
+  with pytest.raises(ValueError, match=r'^mask: expected a boolean mask .* got values such as \[2\]'):
+    measures.mean_thickness_mm(fc * np.uint8(2), spacing)
+  for bad in ((-2.0, 0.5, 0.25), (2.0, 0.5), 0.5):
+    with pytest.raises(ValueError, match=r'^spacing: expected 3 positive voxel sizes in mm'):
+      measures.volume_mm3(fc, bad)
+
+
 def test_thickness_map_holds_the_sheet_thickness_at_every_voxel():
   mask = np.zeros((2, 60, 60), bool)
   mask[:, 10:50, 20:25] = True

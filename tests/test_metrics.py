@@ -189,6 +189,28 @@ def test_mismatched_shapes_or_spacing_raise():
     metrics.segmentation_metrics(np.ones((3, 4), bool), np.ones((4, 3), bool), (1.0, 1.0))
 
 
+def test_masks_of_0_and_1_score_as_booleans_and_label_maps_or_bad_spacing_are_refused():
+  """A user's masks as uint8 or floats (nibabel's get_fdata) score as booleans; a label map (FC 2 and TC 4
+  would score as one class) or probabilities are refused, and so is a voxel size that is not positive (an
+  LPS affine's diagonal) or of another count than the axes."""
+  gt = np.zeros((4, 9, 9), bool)
+  gt[1:3, 2:7, 3:6] = True
+  pred = np.roll(gt, 1, axis=1)
+  spacing = (2.0, 0.5, 0.5)
+  expected = metrics.segmentation_metrics(pred, gt, spacing)
+  assert expected['dice'] == pytest.approx(80.0)
+  for dtype in (np.uint8, np.float32):
+    assert metrics.segmentation_metrics(pred.astype(dtype), gt.astype(dtype), spacing) == expected
+  with pytest.raises(ValueError, match=r'^pred: expected a boolean mask \(True/False or 0/1\), got values '
+                     r'such as \[2, 4\]; pass one class of a label map, e\.g\. labels == 2$'):
+    metrics.segmentation_metrics(np.where(pred, 2, 0) + 4 * np.roll(pred, 2, axis=0), gt, spacing)
+  with pytest.raises(ValueError, match=r'^gt: expected a boolean mask .* got values such as \[0\.5\]'):
+    metrics.segmentation_metrics(pred, gt * 0.5, spacing)
+  for bad in ((-2.0, 0.5, 0.5), (0.0, 0.5, 0.5), (np.nan, 0.5, 0.5), (0.5, 0.5), 0.5):
+    with pytest.raises(ValueError, match=r'^spacing: expected 3 positive voxel sizes in mm, one per axis, '):
+      metrics.segmentation_metrics(pred, gt, bad)
+
+
 def test_summarize_leaves_nan_out_and_counts_it():
   assert metrics.summarize([1.0, np.nan, 2.0, 3.0, np.nan]) == {'mean': 2.0, 'std': 1.0, 'n': 3, 'n_empty': 2}
   one = metrics.summarize([4.0])

@@ -21,7 +21,7 @@ import pytest
 import SimpleITK as sitk
 from dicom_series import SAGITTAL, write_enhanced, write_series
 
-from configs import tiny
+from configs import default, eas, tiny
 from easunet_jax import figures, inference, metrics, parallel, pose, predict, pretrained, steps
 from easunet_jax.data import knee, phantom, volumes
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
@@ -1248,3 +1248,39 @@ def test_slice_smoothing_fills_a_one_slice_gap_drops_a_one_slice_speck_and_keeps
   for sigma_mm, expected in ((0.0, image > 50), (1.0, truth)):
     classes = _segment(_Step(), image, (0.7, 2.0, 2.0), None, False, sigma_mm)
     np.testing.assert_array_equal(classes == 1, expected, err_msg=f'sigma {sigma_mm} mm')
+
+
+def test_a_config_of_ones_own_beside_a_model_file_takes_the_files_pixel_size(tmp_path, monkeypatch):
+  """main.py's --config beside --weights, from Python: predict.predict(eas.get_config('knee'), None, scan,
+  mask, SHIPPED) predicts at the model file's pixel size, which the config leaves unset (a TypeError after
+  the model loaded before); the config given is left as it was."""
+  scan = tmp_path / 'scan.nii.gz'
+  nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 48, 48), np.float32), np.eye(4)), scan)
+  loaded = []
+
+  class Loaded(Exception):  # what the network would do is not this test's
+    pass
+
+  def load_network(config, workdir, model_file=None):
+    loaded.append(config)
+    raise Loaded
+
+  monkeypatch.setattr(predict, 'load_network', load_network)
+  config = eas.get_config('knee')
+  with pytest.raises(Loaded):
+    predict.predict(config, None, scan, tmp_path / 'mask.nii.gz', pretrained.SHIPPED)
+  assert tuple(loaded[0].predict.spacing) == tuple(pretrained.read_meta(pretrained.SHIPPED)['pixel_mm'])
+  assert config.to_dict() == eas.get_config('knee').to_dict()
+
+
+def test_a_bad_laterality_or_no_model_is_refused_before_any_work(tmp_path):
+  """From Python, where main.py's flags do not check them: a laterality other than 'R' or 'L' (it ended in a
+  KeyError after the segmentation, the mask written and no reports), and neither a model file nor a
+  workdir."""
+  with pytest.raises(ConfigError, match=r"^laterality: expected 'R', 'L' or None, got 'left'$"):
+    predict.predict(pretrained.config_of(pretrained.SHIPPED), None, tmp_path / 'scan.nii.gz',
+                    tmp_path / 'mask.nii.gz', pretrained.SHIPPED, laterality='left')
+  with pytest.raises(ConfigError, match=r'^predict: expected a model file \(model_file=, e\.g\. '
+                     r'pretrained\.SHIPPED\) or the workdir of a training \(workdir=\)$'):
+    predict.predict(default.get_config(), None, tmp_path / 'scan.nii.gz', tmp_path / 'mask.nii.gz')
+  assert not list(tmp_path.iterdir())
