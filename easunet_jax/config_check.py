@@ -244,9 +244,6 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
   if mode == 'train' and config.train.batch_size % jax.device_count():
     raise ConfigError(f'train.batch_size: expected a multiple of the device count {jax.device_count()}, '
                       f'got {config.train.batch_size}')
-  if mode == 'train' and config.train.init_weights and not pathlib.Path(config.train.init_weights).is_file():
-    raise ConfigError(f'train.init_weights: expected a model file (--mode=export), got '
-                      f'{config.train.init_weights!r}, which is not a file')
   if config.model.num_classes != 3:  # validation, evaluation, predict and the reports score FC and TC
     raise ConfigError(f'model.num_classes: expected 3 (background, femoral and tibial cartilage), got '
                       f'{config.model.num_classes}')

@@ -61,6 +61,9 @@ def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, outpu
 def read_meta(path: str | pathlib.Path) -> dict:
   """The metadata of a model file (`export`), with a one-line error for a missing or foreign file."""
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise CheckpointError(f'{path}: a folder, not a model file (the .npz that --mode=export writes from a '
+                          "training's workdir)")
   if not path.is_file():
     hint = "; make it with the commands of the README's \"The shipped model\"" if path == SHIPPED else ''
     raise CheckpointError(f'{path}: no such model file{hint}')

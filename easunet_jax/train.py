@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 
 from easunet_jax import atomic, checkpoints, metrics, parallel, pretrained, records, steps
 from easunet_jax.data import pipeline, preprocess
-from easunet_jax.errors import CheckpointError, DataError, UserError
+from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 from easunet_jax.metric_writer import MetricWriter
 from easunet_jax.progress import Progress
 
@@ -136,7 +136,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
       saved = checkpoints.saved_config(mngr, start)
     checkpoints.check_same_model(saved, config.model, mngr.directory / str(start), instead='another workdir')
     checkpoints.check_same_split(saved, config, mngr.directory / str(start))
-  elif config.train.init_weights:
+  elif config.train.init_weights:  # checked here, not at the start: a resumed run ignores it, moved or not
+    if not pathlib.Path(config.train.init_weights).is_file():
+      raise ConfigError(f'train.init_weights: expected a model file (--mode=export), got '
+                        f'{config.train.init_weights!r}, which is not a file')
     init_step, _, initial = pretrained.load(config, config.train.init_weights, mesh)
 
   # Process 0 builds the store while the others wait: builders running at once would delete each other's

@@ -52,6 +52,10 @@ def test_foreign_and_missing_files_are_one_line_errors(workdir, tmp_path):
   config = tiny.get_config()
   with pytest.raises(CheckpointError, match='no such model file'):
     pretrained.read_meta(tmp_path / 'absent.npz')
+  # A workdir or checkpoint folder given as --weights is there: it is named a folder, not "no such" file.
+  with pytest.raises(CheckpointError, match=rf"^{workdir}: a folder, not a model file \(the \.npz that "
+                     r"--mode=export writes from a training's workdir\)$"):
+    pretrained.read_meta(workdir)
   (tmp_path / 'foreign.npz').write_bytes(b'not a zip')
   with pytest.raises(CheckpointError, match='not a model file'):
     pretrained.read_meta(tmp_path / 'foreign.npz')

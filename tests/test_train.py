@@ -382,6 +382,13 @@ def test_init_weights_start_a_new_run_from_a_model_file(augmented_tiny, tmp_path
                      r'.*or a model file of this network$'):
     train.train_and_evaluate(other, tmp_path / 'other')
   assert not (tmp_path / 'other' / 'slices').exists()  # refused before the slice store is built
+  # A model file moved away: a new run is refused before its store is built; a resumed (here a finished) run
+  # ignores it, and the start-up checks leave it to the run.
   tuned.train.init_weights = str(tmp_path / 'absent.npz')
-  with pytest.raises(ConfigError, match=r'train\.init_weights: .*absent\.npz.*not a file'):
-    config_check.check_config(tuned, default.get_config(), 'train')
+  config_check.check_config(tuned, default.get_config(), 'train')
+  with pytest.raises(ConfigError, match=r'^train\.init_weights: expected a model file \(--mode=export\), got '
+                     r'.*absent\.npz\', which is not a file$'):
+    train.train_and_evaluate(tuned, tmp_path / 'fresh')
+  assert not (tmp_path / 'fresh' / 'slices').exists()
+  shutil.copytree(workdir, tmp_path / 'resumed')
+  assert train.train_and_evaluate(tuned, tmp_path / 'resumed') is None  # finished: nothing to do
