@@ -520,12 +520,16 @@ def test_files_put_in_a_store_since_it_was_built_are_not_deleted_by_its_rebuild(
   stale: the rebuild is refused, and the store and the workdir are kept."""
   store = preprocess.ensure_slice_store(data_cfg, tmp_path / 'S', seed=0, multiple=16)
   (store / 'run' / 'checkpoints').mkdir(parents=True)
+  (store / '.DS_Store').write_bytes(b'')  # what macOS's Finder leaves in a folder it showed: not in the way
   changed = data_cfg.copy_and_resolve_references()
   changed.train_slices = 'all'
   with pytest.raises(DataError, match=rf'^data.cache_dir {store}: holds run beside its slice store, which '
                      'rebuilding the store would delete; move them out, or name another folder$'):
     preprocess.ensure_slice_store(changed, store, seed=0, multiple=16)
   assert (store / 'run' / 'checkpoints').is_dir() and (store / 'fingerprint.json').exists()
+  shutil.rmtree(store / 'run')
+  preprocess.ensure_slice_store(changed, store, seed=0, multiple=16)
+  assert json.loads((store / 'fingerprint.json').read_text())['settings']['train_slices'] == 'all'
 
 
 def test_a_workdir_inside_the_cache_dir_is_refused(tmp_path):

@@ -30,7 +30,10 @@ from easunet_jax.errors import ConfigError, DataError, one_line
 from easunet_jax.progress import Progress
 
 SPLITS = ('train', 'val', 'test')
-_STORE_ENTRIES = ('fingerprint.json', 'skipped.json', 'splits.json', *SPLITS)
+# What a store folder holds, and what file browsers leave in folders they show (macOS, Windows): a rebuild
+# deletes these, and refuses to where the folder holds anything else.
+_STORE_ENTRIES = ('fingerprint.json', 'skipped.json', 'splits.json', *SPLITS, '.DS_Store', 'Thumbs.db',
+                  'desktop.ini')
 # Below this many voxels in all, one process builds the store faster: a worker process's start and its own
 # compilation of `synthetic_image` cost ~20 s. Measured on 2 cores with OAI-ZIB label maps alone (23.6 M
 # voxels each): 3 cases 46 s in one process, 65 s in two; 8 cases 153 s and 107 s.
