@@ -510,7 +510,8 @@ def test_a_cache_dir_of_other_files_is_not_deleted(data_cfg, tmp_path):
   """A store build replaces its folder: a data.cache_dir that holds anything but a store (the data set, a
   workdir, a shared folder) is refused, and kept."""
   (tmp_path / 'notes.txt').write_text('precious')
-  with pytest.raises(DataError, match=r'a folder of other files than a slice store .* name a new or empty'):
+  with pytest.raises(DataError, match=rf'^slice store folder {tmp_path}: holds notes\.txt and no slice '
+                     r'store \(no fingerprint\.json\), which building the store would delete; name a new '):
     preprocess.ensure_slice_store(data_cfg, tmp_path, seed=0, multiple=16)
   assert (tmp_path / 'notes.txt').read_text() == 'precious'
 
@@ -523,8 +524,8 @@ def test_files_put_in_a_store_since_it_was_built_are_not_deleted_by_its_rebuild(
   (store / '.DS_Store').write_bytes(b'')  # what macOS's Finder leaves in a folder it showed: not in the way
   changed = data_cfg.copy_and_resolve_references()
   changed.train_slices = 'all'
-  with pytest.raises(DataError, match=rf'^data.cache_dir {store}: holds run beside its slice store, which '
-                     'rebuilding the store would delete; move them out, or name another folder$'):
+  with pytest.raises(DataError, match=rf'^slice store folder {store}: holds run beside its slice store, '
+                     r'which rebuilding the store would delete; move them out, or name another folder \('):
     preprocess.ensure_slice_store(changed, store, seed=0, multiple=16)
   assert (store / 'run' / 'checkpoints').is_dir() and (store / 'fingerprint.json').exists()
   shutil.rmtree(store / 'run')
@@ -541,23 +542,38 @@ def test_a_workdir_inside_the_cache_dir_is_refused(tmp_path):
       preprocess.prepare_data(config, workdir)
 
 
-@pytest.mark.parametrize('damage', ['cut short', 'missing', 'another row count'])
+def test_a_store_without_its_fingerprint_is_refused_and_a_folder_of_browser_files_used(data_cfg, tmp_path):
+  store = preprocess.ensure_slice_store(data_cfg, tmp_path / 'S', seed=0, multiple=16)
+  (store / 'fingerprint.json').unlink()
+  with pytest.raises(DataError, match=rf'^slice store folder {store}: a slice store without its '
+                     r'fingerprint\.json \(removed, or a copy broken off\), or a folder of other data'):
+    preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
+  assert (store / 'train').is_dir()
+  (tmp_path / 'new').mkdir()
+  (tmp_path / 'new' / '.DS_Store').write_bytes(b'')
+  preprocess.ensure_slice_store(data_cfg, tmp_path / 'new', seed=0, multiple=16)
+  assert (tmp_path / 'new' / 'fingerprint.json').exists()
+
+
+@pytest.mark.parametrize('damage', ['cut short', 'missing', 'another row count', 'fingerprint cut short',
+                                    'splits missing'])
 def test_an_up_to_date_store_with_a_damaged_file_is_rebuilt(data_cfg, tmp_path, caplog, damage):
   """A store that a full disk or a broken copy left incomplete is rebuilt, where reusing it would end in a
   traceback of the first read."""
   store = preprocess.ensure_slice_store(data_cfg, tmp_path / 'S', seed=0, multiple=16)
   whole = {path: path.read_bytes() for path in store.rglob('*.npy')}
-  damaged = store / 'val' / 'labels.npy'
-  if damage == 'cut short':
+  damaged = store / {'fingerprint cut short': 'fingerprint.json', 'splits missing': 'splits.json'}.get(
+      damage, 'val/labels.npy')
+  if damage in ('cut short', 'fingerprint cut short'):
     os.truncate(damaged, damaged.stat().st_size // 2)
-  elif damage == 'missing':
+  elif damage in ('missing', 'splits missing'):
     damaged.unlink()
   else:
     np.save(damaged, np.load(damaged)[1:])
   with caplog.at_level(logging.INFO):
     preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)
-  why = ('holds other rows than its index.json' if damage == 'another row count' else
-         'is missing or cut short: ')
+  why = {'another row count': 'holds other rows than its index.json',
+         'fingerprint cut short': 'is cut short: '}.get(damage, 'is missing or cut short: ')
   assert f'slice store {store} is stale ({damaged} {why}' in caplog.text and 'rebuilding' in caplog.text
   assert {path: path.read_bytes() for path in store.rglob('*.npy')} == whole
 

@@ -327,12 +327,16 @@ def _usable(cases: Sequence[volumes.Case], skipped: dict[str, str], synth: bool)
   return usable
 
 
+def _names(names: Sequence[str]) -> str:
+  return ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
+
+
 def _damaged(store: pathlib.Path, data_cfg: ml_collections.ConfigDict) -> str:
   """What of an up-to-date store is missing or cut short (a disk that filled, a copy broken off), '' when
   every file is whole: each split's arrays hold as many rows as its index."""
-  path = store / 'skipped.json'
   try:
-    json.loads(path.read_text())
+    for path in (store / 'skipped.json', store / 'splits.json'):
+      json.loads(path.read_text())
     for name in SPLITS:
       path = store / name / 'index.json'
       rows = len(pipeline.read_index(path.parent))
@@ -366,28 +370,38 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   volumes.check_dataset_json(data_cfg.root, data_cfg.label_map)
   fingerprint = _fingerprint(cases, data_cfg, seed, multiple)
   old_path = cache_dir / 'fingerprint.json'
+  foreign = sorted(p.name for p in cache_dir.iterdir() if p.name not in _STORE_ENTRIES) if (
+      cache_dir.is_dir()) else []
   if old_path.exists():
-    old = json.loads(old_path.read_text())
-    damaged = _damaged(cache_dir, data_cfg) if old == fingerprint else ''
+    try:
+      old = json.loads(old_path.read_text())
+      damaged = _damaged(cache_dir, data_cfg) if old == fingerprint else ''
+    except (OSError, ValueError) as e:
+      old, damaged = {}, f'{old_path} is cut short: {one_line(e)}'
     if old == fingerprint and not damaged:
       skipped = json.loads((cache_dir / 'skipped.json').read_text())
       logging.info('slice store %s is up to date, reused (%d cases were skipped: %s)', cache_dir,
                    len(skipped), cache_dir / 'skipped.json')
       return cache_dir
     # A build replaces the folder whole: a workdir or other files put in it since would go with it.
-    if foreign := sorted(p.name for p in cache_dir.iterdir() if p.name not in _STORE_ENTRIES):
-      raise DataError(f'data.cache_dir {cache_dir}: holds {", ".join(foreign[:3])}'
-                      f'{", ..." if len(foreign) > 3 else ""} beside its slice store, which rebuilding the '
-                      'store would delete; move them out, or name another folder')
+    if foreign:
+      raise DataError(f'slice store folder {cache_dir}: holds {_names(foreign)} beside its slice store, '
+                      'which rebuilding the store would delete; move them out, or name another folder '
+                      '(data.cache_dir)')
     changed = ['source files'] if old.get('sources') != fingerprint['sources'] else []
     old_settings = old.get('settings', {})
     changed += [k for k in sorted(old_settings.keys() | fingerprint['settings'].keys())
                 if old_settings.get(k) != fingerprint['settings'].get(k)]
     logging.info('slice store %s is stale (%s), rebuilding', cache_dir,
                  damaged or f'changed: {", ".join(changed)}')
-  elif cache_dir.is_dir() and any(cache_dir.iterdir()):  # a build replaces the folder, whatever it holds
-    raise DataError(f'data.cache_dir {cache_dir}: a folder of other files than a slice store (it has no '
-                    'fingerprint.json), which building the store would delete; name a new or empty folder')
+  elif foreign:  # a build replaces the folder, whatever it holds
+    raise DataError(f'slice store folder {cache_dir}: holds {_names(foreign)} and no slice store (no '
+                    'fingerprint.json), which building the store would delete; name a new or empty folder '
+                    '(data.cache_dir)')
+  elif cache_dir.is_dir() and any(p.name in SPLITS for p in cache_dir.iterdir()):
+    raise DataError(f'slice store folder {cache_dir}: a slice store without its fingerprint.json (removed, '
+                    'or a copy broken off), or a folder of other data; remove it to build the store anew, or '
+                    'name another folder (data.cache_dir)')
   skipped = {}
   usable = _usable(cases, skipped, data_cfg.synth)
   if not usable:
