@@ -98,13 +98,25 @@ def _quiet_libraries(record) -> bool:
       part in record.pathname for part in ('/orbax/', 'xla_bridge.py'))
 
 
+_PATH_FLAGS = ('workdir', 'input', 'output', 'labels', 'weights')
+_PATH_FIELDS = (('data', 'root'), ('data', 'cache_dir'), ('data', 'phantom_dir'), ('data', 'split_file'),
+                ('train', 'init_weights'))
+
+
 def main(argv):
   del argv  # config_check.parse_flags refused any argument that is not a flag
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   # A path not in the locale's encoding (a Latin-1 folder name from a Windows export, held as surrogates)
   # is printed escaped, as stderr prints it, instead of stopping a run with UnicodeEncodeError.
   sys.stdout.reconfigure(errors='backslashreplace')
+  # A shell expands ~ only at a word's start, not after --flag=: expanded here, one home for every path.
+  for name in _PATH_FLAGS:
+    if FLAGS[name].value:
+      FLAGS[name].value = os.path.expanduser(FLAGS[name].value)
   config, model_file = FLAGS.config, None
+  for group, field in _PATH_FIELDS:
+    if config is not None and isinstance(config[group][field], str):
+      config[group][field] = os.path.expanduser(config[group][field])
   if config is None or FLAGS.weights:
     if FLAGS.mode != 'predict':
       exit_with(ConfigError(

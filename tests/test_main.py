@@ -368,6 +368,19 @@ def test_what_is_in_the_way_of_a_folder_is_named(tmp_path):
       f'{tmp_path}/old run is a broken link (to {tmp_path}/unmounted)')
 
 
+def test_a_tilde_after_a_flags_equals_sign_is_the_home_folder(phantom_dir, tmp_path):
+  """`--workdir=~/run` and `--config.data.cache_dir=~/store`, which no shell expands: the home folder's, not
+  a folder named ~ in the current one (masks and reports went to both before)."""
+  home = tmp_path / 'home'
+  home.mkdir()
+  command = [sys.executable, str(REPO / 'main.py'), f"--config={REPO / 'configs' / 'tiny.py'}",
+             *_command('~/run', phantom_dir, '--mode=preprocess', '--config.data.cache_dir=~/store')[3:]]
+  result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'HOME': str(home)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (home / 'store' / 'fingerprint.json').exists() and not (tmp_path / '~').exists()
+
+
 def test_a_file_given_for_a_folder_or_a_folder_for_a_file_is_one_line(phantom_dir, tmp_path):
   notes = tmp_path / 'notes.txt'
   notes.write_text('')
