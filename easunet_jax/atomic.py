@@ -17,6 +17,7 @@ import socket
 from collections.abc import Iterator
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+NAME_MAX = 255  # bytes of a file's name that Linux's and macOS's file systems allow
 
 
 def mark(prefix: str) -> str:
@@ -28,11 +29,15 @@ def mark(prefix: str) -> str:
 def replaced(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
   """A hidden temporary path beside `path` (a link: beside the file it points to) to write to, renamed to
   `path` when the block ends without an error and removed when it raises. Its name ends in `path`'s, from
-  which nibabel reads the format. Makes the folder."""
+  which nibabel reads the format (its start is left out where the mark would make it longer than a file
+  system allows). Makes the folder."""
   path = pathlib.Path(path)
   path = path.resolve() if path.is_symlink() else path
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(mark('.') + path.name)
+  name = path.name
+  while len(os.fsencode(mark('.') + name)) > NAME_MAX:
+    name = name[1:]
+  tmp = path.with_name(mark('.') + name)
   try:
     yield tmp
     os.replace(tmp, path)

@@ -556,6 +556,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     paths = _report_paths(target, batch)
     outputs = [target, paths['map'], paths['slices'], *([paths['result']] if batch else []),
                *([paths['probabilities']] if save_probabilities else [])]
+    if too_long := [w.name for w in outputs if len(os.fsencode(w.name)) > atomic.NAME_MAX]:
+      error = (f'{source}: its output {too_long[0]} would be named in {len(os.fsencode(too_long[0]))} bytes, '
+               f'over the {atomic.NAME_MAX} a file system allows; give the scan a shorter name')
+      if not batch:
+        raise DataError(error)
+      refused[source] = error
+      continue
     for written in outputs:
       if written.resolve() in inputs:
         raise ConfigError(f'{written}: the output would overwrite an input scan or label map; choose '

@@ -68,3 +68,10 @@ def test_an_error_of_the_hidden_file_names_the_file_asked_for(tmp_path):
   with pytest.raises(PermissionError) as error, atomic.replaced(tmp_path / 'model.npz') as tmp:
     raise PermissionError(errno.EACCES, 'Permission denied', str(tmp))
   assert error.value.filename == str(tmp_path / 'model.npz')
+
+
+def test_a_name_near_the_file_systems_limit_is_written(tmp_path):
+  """The temporary name's mark would push a legal name past 255 bytes: its start is left out there."""
+  path = tmp_path / ('k' * 240 + '.nii.gz')
+  atomic.write_text(path, 'x')
+  assert path.read_text() == 'x' and list(tmp_path.iterdir()) == [path]

@@ -1284,3 +1284,15 @@ def test_a_bad_laterality_or_no_model_is_refused_before_any_work(tmp_path):
                      r'pretrained\.SHIPPED\) or the workdir of a training \(workdir=\)$'):
     predict.predict(default.get_config(), None, tmp_path / 'scan.nii.gz', tmp_path / 'mask.nii.gz')
   assert not list(tmp_path.iterdir())
+
+
+def test_a_scan_whose_outputs_names_would_be_too_long_is_refused_before_any_work(tmp_path, monkeypatch):
+  """A legal scan name of 240 characters: its thickness map's name would pass the file system's 255 bytes
+  (an OSError after the segmentation, the batch's other scans never segmented, before)."""
+  monkeypatch.setattr(predict, 'load_network', lambda *args: pytest.fail('the model was loaded'))
+  scan = tmp_path / ('k' * 240 + '.nii.gz')
+  nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 48, 48), np.float32), np.eye(4)), scan)
+  with pytest.raises(DataError, match=rf"^{scan}: its output k+_thickness\.nii\.gz would be named in 257 "
+                     'bytes, over the 255 a file system allows; give the scan a shorter name$'):
+    predict.predict(pretrained.config_of(pretrained.SHIPPED), None, scan, tmp_path / 'out' / scan.name,
+                    pretrained.SHIPPED)
