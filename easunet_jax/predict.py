@@ -77,6 +77,9 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
     if to_folder and volumes.volume_stem(target.name) and not target.is_dir():
       raise ConfigError(f'--output={target}: masks are written as NIfTI; name a .nii.gz or .nii file, or '
                         'a folder')
+    if not to_folder and not volumes.nibabel_opens(target.name):
+      raise ConfigError(f'--output={target}: write its suffix in one case, .nii.gz or .nii (nibabel would '
+                        'write another name)')
     return [(scan, target / name if to_folder else target)]
 
   if source.is_file():

@@ -1296,3 +1296,14 @@ def test_a_scan_whose_outputs_names_would_be_too_long_is_refused_before_any_work
                      'bytes, over the 255 a file system allows; give the scan a shorter name$'):
     predict.predict(pretrained.config_of(pretrained.SHIPPED), None, scan, tmp_path / 'out' / scan.name,
                     pretrained.SHIPPED)
+
+
+def test_a_mask_named_with_a_suffix_in_mixed_case_is_refused_before_any_work(tmp_path):
+  """nibabel writes mask.Nii.gz as mask.nii.gz: the rename of the finished file failed, after the
+  segmentation."""
+  scan = tmp_path / 'scan.nii.gz'
+  nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 48, 48), np.float32), np.eye(4)), scan)
+  with pytest.raises(ConfigError, match=r'^--output=.*mask\.Nii\.gz: write its suffix in one case, '):
+    predict.predict(pretrained.config_of(pretrained.SHIPPED), None, scan, tmp_path / 'mask.Nii.gz',
+                    pretrained.SHIPPED)
+  assert list(tmp_path.iterdir()) == [scan]

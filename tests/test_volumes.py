@@ -676,3 +676,15 @@ def test_a_metaimage_giving_its_byte_order_as_element_byte_order_msb_alone(tmp_p
   raw = tmp_path / 'k.raw'
   raw.write_bytes(np.frombuffer(raw.read_bytes(), '<i2').astype('>i2').tobytes())
   np.testing.assert_array_equal(volumes.load_image(path)[0], image)
+
+
+def test_a_nifti_suffix_in_mixed_case_is_read_as_its_own_file(tmp_path):
+  """nibabel lowers a suffix of mixed case (.Nii.gz) and opens that name: "no such file", or the other file
+  where both are there. Such a file is read by its content."""
+  image = np.random.default_rng(0).random((4, 6, 5)).astype(np.float32)
+  nib.save(nib.Nifti1Image(image, np.diag([2.0, 1.0, 1.0, 1.0])), tmp_path / 'k.nii.gz')
+  (tmp_path / 'k.nii.gz').rename(tmp_path / 'k.Nii.gz')
+  nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4)), tmp_path / 'k.nii.gz')
+  nii = volumes.open_volume(tmp_path / 'k.Nii.gz')
+  np.testing.assert_array_equal(np.asarray(nii.dataobj), image)
+  assert nii.affine[0, 0] == 2.0

@@ -385,23 +385,34 @@ def _nibabel_silent() -> Iterator[None]:
     logger.disabled = disabled
 
 
+def nibabel_opens(name: str) -> bool:
+  """Whether nibabel opens or writes the NIfTI file `name` under that name: its suffix is in one case (of
+  .Nii.gz, nibabel lowers it)."""
+  return name.endswith((*NIFTI_SUFFIXES, *(suffix.upper() for suffix in NIFTI_SUFFIXES)))
+
+
 def _nifti(path: pathlib.Path) -> nib.spatialimages.SpatialImage:
   """`nib.load`, and where the suffix misnames the compression (an uncompressed file named .nii.gz, a gzipped
-  one named .nii, which ITK reads by their content) the file read by its content, whole."""
+  one named .nii, which ITK reads by their content) or is in mixed case (.Nii.gz, which nibabel lowers, then
+  opening another name) the file read by its content, whole."""
+  mixed_case = not path.name.endswith(('.hdr', '.HDR', '.img', '.IMG')) and not nibabel_opens(path.name)
+  error = 'read by its content: a suffix in mixed case'
   with _nibabel_silent():
-    try:
-      nii = nib.load(path)
-    except _READ_ERRORS as e:
-      error = e
-    else:
-      if isinstance(nii, nib.Nifti1Pair):  # the header as written: nibabel's checks have mended pixdim
-        with nib.openers.ImageOpener(nii.file_map.get('header', nii.file_map['image']).filename) as f:
-          _warn_of_odd_voxel_sizes(path, type(nii.header).from_fileobj(f, check=False))
-      return nii
+    if not mixed_case:
+      try:
+        nii = nib.load(path)
+      except _READ_ERRORS as e:
+        error = one_line(e)
+      else:
+        if isinstance(nii, nib.Nifti1Pair):  # the header as written: nibabel's checks have mended pixdim
+          with nib.openers.ImageOpener(nii.file_map.get('header', nii.file_map['image']).filename) as f:
+            _warn_of_odd_voxel_sizes(path, type(nii.header).from_fileobj(f, check=False))
+        return nii
     try:
       with open(path, 'rb') as f:
         gzipped = f.read(2) == b'\x1f\x8b'
-      if path.name.lower().endswith(NIFTI_SUFFIXES) and gzipped != path.name.lower().endswith('.gz'):
+      if path.name.lower().endswith(NIFTI_SUFFIXES) and (
+          mixed_case or gzipped != path.name.lower().endswith('.gz')):
         content = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
         nifti2 = int.from_bytes(content[:4], 'little') == 540 or int.from_bytes(content[:4], 'big') == 540
         image_type = nib.Nifti2Image if nifti2 else nib.Nifti1Image
@@ -410,7 +421,7 @@ def _nifti(path: pathlib.Path) -> nib.spatialimages.SpatialImage:
         return nii
     except _READ_ERRORS:
       pass
-  raise DataError(f'{path}: not a readable NIfTI file ({one_line(error)})') from None
+  raise DataError(f'{path}: not a readable NIfTI file ({error})') from None
 
 
 def _warn_of_odd_voxel_sizes(path: pathlib.Path, unchecked_header: nib.Nifti1Header) -> None:
