@@ -64,7 +64,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
     # An unknown field, or an element of a sequence (features.0, which absl cannot parse), is one line; an
     # error of a config file's own code keeps its traceback.
-    foreign = not isinstance(e, flags.Error | TypeError) and not unknown_overrides(argv, reference)
+    foreign = not isinstance(e, flags.Error | TypeError) and not unknown_overrides(argv, reference) and not (
+        lacked_override(e, argv))
     if foreign or verbose:
       raise
     exit_with(ConfigError(override_error(e, argv, reference)))
@@ -93,9 +94,23 @@ def override_error(error: Exception, argv: Sequence[str], reference: ml_collecti
   before, traceback, _ = str(error).partition('Traceback (most recent call last):')
   message = before + str(error).strip().splitlines()[-1] if traceback else str(error)
   unknown = unknown_overrides(argv, reference)
+  if not unknown and (lacked := lacked_override(error, argv)):
+    return (f'--config.{lacked}: its config file lacks the field, which the default config has: a file of an '
+            "older version, or a group assigned whole? Start from configs/default.py's get_config() and set "
+            'fields on it')
   if not unknown:
     return ' '.join(message.split())
   return f'--config.{_unknown_field(unknown[0], leaves(reference))}'
+
+
+def lacked_override(error: Exception, argv: Sequence[str]) -> str | None:
+  """The --config.<field> of `argv` that `error` (absl's, as it set the overrides) says the config file
+  lacks: ml_collections raises a bare KeyError of the field's last name."""
+  if not isinstance(error, AttributeError | KeyError):
+    return None
+  key = str(error).strip('\'"')
+  overrides = [arg.removeprefix('--config.').partition('=')[0] for arg in argv if arg.startswith('--config.')]
+  return next((name for name in overrides if name.rpartition('.')[2] == key), None)
 
 
 def unknown_overrides(argv: Sequence[str], reference: ml_collections.ConfigDict) -> list[str]:

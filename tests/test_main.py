@@ -340,6 +340,21 @@ def test_a_config_file_without_every_field_is_one_line(body, message, tmp_path):
   assert re.match(f'error: {message}', result.stderr.splitlines()[-1]), result.stderr
 
 
+def test_an_override_of_a_field_the_config_file_lacks_is_one_line(tmp_path):
+  """absl sets the override before the file's fields are checked, and ml_collections' bare KeyError read as
+  an error of the file's own code (a traceback of "'nan_policy'"; in a sweep, that word alone)."""
+  config = tmp_path / 'mine.py'
+  config.write_text("from configs import tiny\n\ndef get_config():\n  c = tiny.get_config()\n"
+                    "  del c.train['nan_policy']\n  return c\n")
+  result = subprocess.run([sys.executable, 'main.py', f'--config={config}', '--config.train.nan_policy=skip',
+                           f'--workdir={tmp_path / "run"}'],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert (result.returncode, result.stderr) == (2, (
+      'error: --config.train.nan_policy: its config file lacks the field, which the default config has: a '
+      "file of an older version, or a group assigned whole? Start from configs/default.py's get_config() and "
+      'set fields on it\n'))
+
+
 @pytest.mark.parametrize('name', BAD_FLAGS)
 def test_bad_config_is_exit_code_2_and_one_line(name, phantom_dir, tmp_path):
   overrides, message = BAD_FLAGS[name]

@@ -204,6 +204,13 @@ def test_a_variants_config_file_lacking_fields_is_one_config_error(tmp_path):
   with pytest.raises(ConfigError, match=rf'^--config={old}: its config lacks 2 field\(s\) \(optim.schedule, '
                      r'optim.weight_decay\): a file of an older version'):
     points.load_config([f'--config={old}'])
+  # A group the sweep's own override sets (data.cache_dir), assigned whole: absl fails on the override first.
+  old.write_text('import ml_collections\nfrom configs import tiny\n\ndef get_config():\n'
+                 '  c = tiny.get_config()\n'
+                 "  c.data = ml_collections.ConfigDict({'root': '', 'split_file': ''})\n  return c\n")
+  with pytest.raises(ConfigError, match=rf'^--config={old}: --config\.data\.cache_dir: its config file lacks '
+                     'the field, which the default config has'):
+    points.load_config([f'--config={old}', '--config.data.cache_dir=/W/slices'])
 
 
 def test_a_sweep_files_argument_reaches_every_variants_config(tmp_path):
