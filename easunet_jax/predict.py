@@ -87,6 +87,8 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
       raise DataError(f'{source}: a DICOM file; give its folder, --input={source.parent} (with --series to '
                       'pick one of the series there)')
     return single(source, _mask_name(source)), False
+  if target.resolve() == source.resolve():  # a rerun would take the masks for scans
+    raise ConfigError(f'--output={target}: the input folder; the masks go into a folder of their own')
   entries = sorted(source.iterdir())
   # Named as volumes, also what is not a readable file (a broken link, a folder): their checks fail them.
   files = [p for _, p in volumes.volume_files(source)]

@@ -440,7 +440,9 @@ def test_a_scan_is_never_overwritten(run, tmp_path):
   scan.write_bytes(canonical.read_bytes())
   for output in (scan, scans, scans / '.'):  # the scan itself, or a mask of the same name beside it
     _one_line_error(ConfigError, 'would overwrite an input scan', _config(), workdir, scan, output)
-  _one_line_error(ConfigError, 'would overwrite an input scan', _config(), workdir, scans, scans)
+  # A folder's masks into the folder itself, of any format's scans: a rerun would take them for scans.
+  _one_line_error(ConfigError, 'the input folder; the masks go into a folder of their own', _config(),
+                  workdir, scans, scans)
   _one_line_error(ConfigError, 'would overwrite an input scan', _config(), workdir, scans, scan)  # its scan
   (tmp_path / 'notes.txt').write_text('mine')
   _one_line_error(ConfigError, 'a file; the masks of a directory', _config(), workdir, scans,
