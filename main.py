@@ -17,7 +17,7 @@ from ml_collections import config_flags  # noqa: E402
 from configs import default  # noqa: E402
 from easunet_jax import checkpoints, config_check, evaluate, parallel, predict, pretrained, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
-from easunet_jax.errors import CheckpointError, ConfigError, UserError, exit_with  # noqa: E402
+from easunet_jax.errors import ConfigError, UserError, exit_with  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo]; '
                                 'without it, --mode=predict uses the shipped model.', lock_config=True)
@@ -158,22 +158,8 @@ def main(argv):
     if FLAGS.labels and FLAGS.mode != 'predict':
       raise ConfigError("--labels scores the masks of --mode=predict; --mode=evaluate scores the test split "
                         'against its own labels')
-    if FLAGS.mode == 'export' and (not FLAGS.output or os.path.isdir(FLAGS.output) or
-                                   FLAGS.output.endswith(('/', os.sep))):
-      raise ConfigError('--mode=export needs --output, the model file to write, e.g. model.npz' +
-                        (f'; {FLAGS.output} names a folder' if FLAGS.output else ''))
-    if FLAGS.mode == 'export' and (file := config_check.file_in_the_way(os.path.dirname(
-        os.path.abspath(FLAGS.output)))):
-      raise ConfigError(f'--output={FLAGS.output}: {file}; expected a folder (made if missing)')
-    if FLAGS.mode == 'export':  # never over a scan, a label map or another program's file
-      if not FLAGS.output.endswith('.npz'):
-        raise ConfigError(f'--output={FLAGS.output}: expected a model file name ending in .npz')
-      if os.path.isfile(FLAGS.output):
-        try:
-          pretrained.read_meta(FLAGS.output)
-        except CheckpointError:
-          raise ConfigError(f'--output={FLAGS.output}: a file that is not a model file of easunet_jax, which '
-                            'export would overwrite; name another') from None
+    if FLAGS.mode == 'export':
+      config_check.check_export_output(FLAGS.output)
     if not model_file and (file := config_check.file_in_the_way(workdir)):
       raise ConfigError(f'--workdir={workdir}: {file}; expected a folder (made if missing)')
     logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),

@@ -16,7 +16,7 @@ from flax import nnx
 
 from configs import default, eas
 from easunet_jax import models, pretrained, steps
-from easunet_jax.errors import ConfigError, exit_with, one_line
+from easunet_jax.errors import CheckpointError, ConfigError, exit_with, one_line
 
 # Slices of this many strides trace the step for real data: their slice store pads slices to a multiple.
 _TRACE_STRIDES = 16
@@ -304,6 +304,24 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
       trace_model_loss(config, image_HW)
     except (ValueError, TypeError) as e:  # jax's shape errors, e.g. of widths the network cannot join
       raise ConfigError(one_line(e)) from e
+
+
+def check_export_output(output: str | None) -> None:
+  """--mode=export's --output: a model file (.npz) in a folder that can be made, written over no file but a
+  model file (never a scan or a label map given by another mode's habit)."""
+  if not output or os.path.isdir(output) or output.endswith(('/', os.sep)):
+    raise ConfigError('--mode=export needs --output, the model file to write, e.g. model.npz' +
+                      (f'; {output} names a folder' if output else ''))
+  if file := file_in_the_way(os.path.dirname(os.path.abspath(output))):
+    raise ConfigError(f'--output={output}: {file}; expected a folder (made if missing)')
+  if not output.endswith('.npz'):
+    raise ConfigError(f'--output={output}: expected a model file name ending in .npz')
+  if os.path.isfile(output):
+    try:
+      pretrained.read_meta(output)
+    except CheckpointError:
+      raise ConfigError(f'--output={output}: a file that is not a model file of easunet_jax, which export '
+                        'would overwrite; name another') from None
 
 
 def file_in_the_way(folder: str | pathlib.Path) -> str | None:

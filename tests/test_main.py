@@ -415,16 +415,21 @@ def test_a_file_given_for_a_folder_or_a_folder_for_a_file_is_one_line(phantom_di
     assert result.stderr == (f'error: --mode=export needs --output, the model file to write, e.g. '
                              f'model.npz; {folder} names a folder\n')
   assert not (tmp_path / 'new').exists()
-  # --output of another mode's habit (a scan, a label map) or a file of other data is never overwritten.
-  scan, data = tmp_path / 'knee.nii.gz', tmp_path / 'data.npz'
+
+
+def test_export_writes_over_no_scan_label_map_or_other_data(tmp_path):
+  """--output of another mode's habit (a scan, a label map) or a file of other data is refused; a model file
+  is written over."""
+  scan, data, model = tmp_path / 'knee.nii.gz', tmp_path / 'data.npz', tmp_path / 'model.npz'
   scan.write_bytes(b'a scan')
   np.savez(data, x=np.zeros(3))
   for output, why in ((scan, 'expected a model file name ending in .npz'),
                       (data, 'a file that is not a model file of easunet_jax, which export would overwrite; '
                              'name another')):
-    result = _run(tmp_path / 'run', phantom_dir, '--mode=export', f'--output={output}')
-    assert (result.returncode, result.stderr) == (2, f'error: --output={output}: {why}\n')
-  assert scan.read_bytes() == b'a scan' and np.load(data)['x'].shape == (3,)
+    with pytest.raises(ConfigError, match=f'^--output={re.escape(str(output))}: {re.escape(why)}$'):
+      config_check.check_export_output(str(output))
+  model.symlink_to(pretrained.SHIPPED)
+  config_check.check_export_output(str(model))
 
 
 @pytest.mark.parametrize('mode, filename', [('train', ('/data/run/checkpoints/4',)), ('train', ()),
