@@ -532,6 +532,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   passes ('forward_s'), and with labels 'labels' and 'scores'}.
   """
   if model_file is not None:  # a config of one's own beside it: the file's pixel size where it sets none
+    # (a config that names it, as main.py's does, leaves the file unread)
     config = pretrained.config_of(model_file, config.copy_and_resolve_references())
   elif workdir is None:
     raise ConfigError('predict: expected a model file (model_file=, e.g. pretrained.SHIPPED) or the workdir '

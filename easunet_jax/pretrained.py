@@ -92,8 +92,8 @@ def config_of(path: str | pathlib.Path, config: ml_collections.ConfigDict | None
   since are dropped, model.depthwise_impl the default's), its predict.spacing set to the file's pixel
   size; or, given `config` (a --config beside --weights: its predict settings apply), that config with the
   file's pixel size where its predict.spacing is unset."""
-  meta = read_meta(path)
   if config is None:
+    meta = read_meta(path)
     config = default.get_config()
     saved = _known_fields(meta['config'], config)
     # How the depthwise convolutions run is this machine's choice ('pallas' runs on GPUs only, 'native' on
@@ -101,8 +101,8 @@ def config_of(path: str | pathlib.Path, config: ml_collections.ConfigDict | None
     saved.get('model', {}).pop('depthwise_impl', None)
     config.update(saved)
     config.predict.spacing = tuple(meta['pixel_mm'])
-  elif not all(s > 0 for s in config.predict.spacing):
-    config.predict.spacing = tuple(meta['pixel_mm'])
+  elif not all(s > 0 for s in config.predict.spacing):  # the file is read only where it has this to give
+    config.predict.spacing = tuple(read_meta(path)['pixel_mm'])
   return config
 
 
