@@ -207,15 +207,17 @@ def forward(state: TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef)
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-              num_classes: int, dice_eps: float) -> dict[str, jax.Array]:
-  """Per-sample confusion counts (B, K-1, 3) = (TP, FP, FN) of each foreground class, and the loss. The
-  counts leave out the store's padding (batch['valid'] False), as evaluation crops it off."""
+              num_classes: int) -> dict[str, jax.Array]:
+  """Per-sample confusion counts (B, K-1, 3) = (TP, FP, FN) of each foreground class, and the loss's sums
+  (`losses.loss_sums`: summed over batches, the validation set's loss however it is batched and sharded).
+  Both leave out the store's padding (batch['valid'] False), as evaluation crops it off."""
   logits = forward(state, batch['image'], graphdef=graphdef)
   label = batch['label']
   counts = metrics.confusion_counts(jnp.where(batch['valid'], jnp.argmax(logits, axis=-1), 0), label,
                                     num_classes)
-  loss = losses.segmentation_loss(logits, label, dice_eps, valid_B=batch['mask'])
-  return {'counts': counts, 'loss': loss, 'num_valid': jnp.sum(batch['mask'])}
+  valid = batch['valid'] & batch['mask'][:, None, None]
+  return {'counts': counts, 'loss_sums': losses.loss_sums(logits, label, valid),
+          'num_valid': jnp.sum(batch['mask'])}
 
 
 def augment_ranges(data_cfg: ml_collections.ConfigDict) -> augment.Ranges | None:
@@ -236,7 +238,6 @@ def jit_steps(config: ml_collections.ConfigDict, train_graphdef: nnx.GraphDef, e
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
   p_eval_step = jax.jit(
-      functools.partial(eval_step, graphdef=eval_graphdef, num_classes=config.model.num_classes,
-                        dice_eps=config.loss.dice_eps),
+      functools.partial(eval_step, graphdef=eval_graphdef, num_classes=config.model.num_classes),
       in_shardings=(replicated, data_sharding), out_shardings=replicated)
   return p_train_step, p_eval_step

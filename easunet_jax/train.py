@@ -17,7 +17,7 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from easunet_jax import atomic, checkpoints, metrics, parallel, pretrained, records, steps
+from easunet_jax import atomic, checkpoints, losses, metrics, parallel, pretrained, records, steps
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 from easunet_jax.metric_writer import MetricWriter
@@ -40,21 +40,23 @@ class Stopped(Exception):
 
 
 def validate(p_eval_step: Callable, state: steps.TrainState, val: pipeline.Split, batch_size: int,
-             data_sharding: NamedSharding) -> dict[str, float]:
-  """Validation loss and the mean over validation volumes of their 3D Dice (FC, TC)."""
+             data_sharding: NamedSharding, dice_eps: float) -> dict[str, float]:
+  """The loss of the validation set as one batch (whatever eval.batch_size and the device count: the
+  curves of a laptop's run and of a cluster's compare) and the mean over validation volumes of their 3D
+  Dice (FC, TC)."""
   cases = [row['case'] for row in val.index]
   per_case: dict[str, np.ndarray] = {}
-  loss_sum, row = 0.0, 0
+  loss_sums, row = None, 0
   for batch in pipeline.eval_batches(val, batch_size):
     out = jax.device_get(p_eval_step(state, pipeline.put_on_mesh(batch, data_sharding)))
-    n = int(out['num_valid'])
-    loss_sum += float(out['loss']) * n
-    for counts in out['counts'][:n]:
+    sums = jax.tree.map(lambda x: np.asarray(x, np.float64), out['loss_sums'])
+    loss_sums = sums if loss_sums is None else jax.tree.map(np.add, loss_sums, sums)
+    for counts in out['counts'][:int(out['num_valid'])]:
       per_case[cases[row]] = per_case.get(cases[row], 0) + counts
       row += 1
   dice = metrics.dice_from_counts(np.stack(list(per_case.values())).astype(np.float64)).mean(axis=0)
-  return {'val/loss': loss_sum / row, 'val/dice_fc': dice[0], 'val/dice_tc': dice[1],
-          'val/dice_mean': dice.mean()}
+  return {'val/loss': float(losses.loss_of_sums(loss_sums, dice_eps)), 'val/dice_fc': dice[0],
+          'val/dice_tc': dice[1], 'val/dice_mean': dice.mean()}
 
 
 @contextlib.contextmanager
@@ -246,7 +248,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
               f'{_latest_checkpoint(mngr)}. Lower optim.lr or check the data')
         accumulated, last_log_step = None, step
       if is_save:
-        val = validate(p_eval_step, state, val_split, eval_batch_size, data_sharding) if is_eval else None
+        val = (validate(p_eval_step, state, val_split, eval_batch_size, data_sharding, config.loss.dice_eps)
+               if is_eval else None)
         if val:
           writer.write_scalars(step, val)
           logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],

@@ -24,10 +24,16 @@ def test_loss_is_zero_on_perfect_one_hot_logits():
 
 
 def test_dice_of_identical_masks_is_one_and_of_disjoint_masks_zero():
-  mask = jax.nn.one_hot(_labels(), 3)
-  np.testing.assert_allclose(losses.soft_dice(mask, mask), 1.0, rtol=1e-6)
+  labels = _labels()
+
+  def dice(logits):
+    sums = losses.loss_sums(logits, labels)
+    return sums['intersection'] * 2 / sums['denominator']
+
+  mask = jax.nn.one_hot(labels, 3)
+  np.testing.assert_allclose(dice(100.0 * mask), 1.0, rtol=1e-6)
   shifted = jnp.roll(mask, 1, axis=-1)  # every pixel moved to another class
-  np.testing.assert_allclose(losses.soft_dice(shifted, mask), 0.0, atol=1e-7)
+  np.testing.assert_allclose(dice(100.0 * shifted), 0.0, atol=1e-7)
 
 
 def test_uniform_logits_give_log_k_cross_entropy_plus_dice_term():
@@ -38,11 +44,29 @@ def test_uniform_logits_give_log_k_cross_entropy_plus_dice_term():
   np.testing.assert_allclose(loss, np.log(3) + 1 - dice[1:].mean(), rtol=1e-5)
 
 
-def test_padding_samples_marked_invalid_do_not_change_the_loss():
+def test_pixels_marked_invalid_do_not_change_the_loss():
+  """A partial batch's padded sample and a slice's store padding (its border here)."""
   logits = _normal(1, (3, 8, 8, 3))
   labels = _labels(2, (3, 8, 8))
-  padded = losses.segmentation_loss(logits, labels, valid_B=jnp.array([True, True, False]))
-  np.testing.assert_allclose(padded, losses.segmentation_loss(logits[:2], labels[:2]), rtol=1e-6)
+  valid = np.zeros((3, 8, 8), bool)
+  valid[:2, 1:7, 2:8] = True
+  padded = losses.segmentation_loss(logits, labels, valid_BHW=valid)
+  np.testing.assert_allclose(padded, losses.segmentation_loss(logits[:2, 1:7, 2:8], labels[:2, 1:7, 2:8]),
+                             rtol=1e-6)
+  assert abs(float(padded) - float(losses.segmentation_loss(logits, labels))) > 0.01
+
+
+def test_the_sums_of_batches_give_the_loss_of_all_as_one_batch():
+  """A validation set's loss however it is batched: the sums of its batches, not the mean of their losses
+  (soft Dice pools its sums over a batch), which differs."""
+  logits = _normal(6, (5, 8, 8, 3))
+  labels = _labels(7, (5, 8, 8))
+  parts = [losses.loss_sums(logits[i:i + 2], labels[i:i + 2]) for i in (0, 2, 4)]
+  summed = jax.tree.map(lambda *x: sum(x), *parts)
+  whole = losses.segmentation_loss(logits, labels)
+  np.testing.assert_allclose(losses.loss_of_sums(summed), whole, rtol=1e-6)
+  mean_of_losses = np.average([losses.loss_of_sums(p) for p in parts], weights=(2, 2, 1))
+  assert abs(mean_of_losses - float(whole)) > 1e-4
 
 
 def test_deep_supervision_weights_side_losses():
@@ -80,6 +104,7 @@ def test_a_network_without_side_outputs_scores_the_final_logits_alone():
 
 
 def test_soft_dice_of_a_class_absent_from_labels_and_prediction_is_one():
-  """A batch without tibial cartilage, predicted without it: no penalty (Dice 1, not 0)."""
-  background = jax.nn.one_hot(jnp.zeros((2, 4, 4), int), 3)
-  np.testing.assert_allclose(losses.soft_dice(background, background), 1.0, rtol=1e-6)
+  """A batch without cartilage, predicted without it: no penalty (Dice 1, not 0)."""
+  background = jnp.zeros((2, 4, 4), int)
+  assert float(losses.segmentation_loss(100.0 * jax.nn.one_hot(background, 3), background)) == pytest.approx(
+      0.0, abs=1e-6)

@@ -159,7 +159,7 @@ def test_validation_counts_leave_out_the_store_padding(monkeypatch):
   femoral_everywhere = jax.nn.one_hot(jnp.ones((2, 8, 8), int), 3)
   monkeypatch.setattr(steps, 'forward', lambda state, image, graphdef: femoral_everywhere)
   out = steps.eval_step(None, {'image': np.zeros((2, 8, 8, 1), np.float32), 'label': label, 'valid': valid,
-                               'mask': np.ones(2, bool)}, graphdef=None, num_classes=3, dice_eps=1.0)
+                               'mask': np.ones(2, bool)}, graphdef=None, num_classes=3)
   # (TP, FP, FN) per slice: FC 4 labelled pixels found, 32 more of the 6 x 6 marked; TC none.
   np.testing.assert_array_equal(out['counts'], [[[4, 32, 0], [0, 0, 0]]] * 2)
 
@@ -172,16 +172,19 @@ def test_validation_loss_leaves_out_the_batch_padding(monkeypatch):
   femoral_everywhere = jax.nn.one_hot(jnp.ones((2, 8, 8), int), 3)
   monkeypatch.setattr(steps, 'forward', lambda state, image, graphdef: femoral_everywhere[:len(image)])
 
-  def step(mask, dice_eps=1.0):
+  def step(mask):
     n = len(mask)
     return steps.eval_step(None, {'image': np.zeros((n, 8, 8, 1), np.float32), 'label': label[:n],
                                   'valid': np.ones((n, 8, 8), bool), 'mask': np.array(mask)},
-                           graphdef=None, num_classes=3, dice_eps=dice_eps)
+                           graphdef=None, num_classes=3)
+
+  def loss(out, dice_eps=1.0):
+    return losses.loss_of_sums(out['loss_sums'], dice_eps)
 
   padded, alone, both = step([True, False]), step([True]), step([True, True])
   assert int(padded['num_valid']) == 1
-  np.testing.assert_allclose(padded['loss'], alone['loss'], rtol=1e-6)
-  assert abs(float(both['loss']) - float(alone['loss'])) > 0.01
+  np.testing.assert_allclose(loss(padded), loss(alone), rtol=1e-6)
+  assert abs(float(loss(both)) - float(loss(alone))) > 0.01
   # The loss is the training loss, its loss.dice_eps included.
-  np.testing.assert_allclose(step([True, True], dice_eps=100.0)['loss'],
+  np.testing.assert_allclose(loss(both, dice_eps=100.0),
                              losses.segmentation_loss(femoral_everywhere, label, 100.0), rtol=1e-6)

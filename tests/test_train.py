@@ -62,19 +62,24 @@ def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny
   assert [lr for _, lr in rates] == pytest.approx([1e-4 * (1 - s / 6) ** 0.9 for s in range(6)])
 
 
-def test_validation_weighs_each_batchs_loss_by_its_slices_and_scores_each_case(monkeypatch):
+def test_validation_sums_the_loss_over_the_batches_and_scores_each_case(monkeypatch):
   """Three validation slices, of cases a, a and b, in batches of two (the second padded): the loss is the
-  mean over slices (1 for the two of the first batch, 4 for the third), and each case's Dice sums its slices'
-  counts: FC found wherever it is (Dice 1), TC nowhere (Dice 0)."""
+  validation set's as one batch (the batches' sums added, `losses.loss_sums`), and each case's Dice sums its
+  slices' counts: FC found wherever it is (Dice 1), TC nowhere (Dice 0)."""
   found_fc = np.array([[5, 0, 0], [0, 0, 5]])  # (TP, FP, FN) of FC and TC
-  outputs = [{'num_valid': 2, 'loss': 1.0, 'counts': np.stack([found_fc, found_fc])},
-             {'num_valid': 1, 'loss': 4.0, 'counts': np.stack([found_fc, np.zeros((2, 3), int)])}]
+  sums = [{'ce': 2.0, 'pixels': 4.0, 'intersection': np.array([1.0, 2.0, 0.0]),
+           'denominator': np.array([2.0, 4.0, 1.0])},
+          {'ce': 6.0, 'pixels': 2.0, 'intersection': np.array([1.0, 1.0, 0.5]),
+           'denominator': np.array([2.0, 4.0, 3.0])}]
+  outputs = [{'num_valid': 2, 'loss_sums': sums[0], 'counts': np.stack([found_fc, found_fc])},
+             {'num_valid': 1, 'loss_sums': sums[1], 'counts': np.stack([found_fc, np.zeros((2, 3), int)])}]
   monkeypatch.setattr(pipeline, 'eval_batches', lambda *args, **kwargs: iter(outputs))
   monkeypatch.setattr(pipeline, 'put_on_mesh', lambda batch, sharding: batch)
   val = pipeline.Split(None, None, [{'case': 'a'}, {'case': 'a'}, {'case': 'b'}])
-  scores = train.validate(lambda state, out: out, None, val, 2, None)
-  assert scores == {'val/loss': pytest.approx(2.0), 'val/dice_fc': 1.0, 'val/dice_tc': 0.0,
-                    'val/dice_mean': 0.5}
+  scores = train.validate(lambda state, out: out, None, val, 2, None, dice_eps=0.0)
+  # CE 8 / 6 pixels; Dice FC 2 * 3 / 8, TC 2 * 0.5 / 4.
+  assert scores == {'val/loss': pytest.approx(8 / 6 + 1 - (6 / 8 + 1 / 4) / 2), 'val/dice_fc': 1.0,
+                    'val/dice_tc': 0.0, 'val/dice_mean': 0.5}
 
 
 def test_workdir_of_another_model_refuses_to_mix_checkpoints(augmented_tiny):
