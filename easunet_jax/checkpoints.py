@@ -151,6 +151,19 @@ def check_same_split(saved: dict, config: ml_collections.ConfigDict, source: pat
                           'trained on; use the values it was trained with, or another workdir')
 
 
+def check_same_label_map(saved: dict, config: ml_collections.ConfigDict, source: pathlib.Path) -> None:
+  """Refuses to resume a checkpoint (`source`) under another data.label_map than it was trained with: its
+  classes would go on learning other labels (FC and TC swapped, a plate merged into another) from where
+  they stopped. (Evaluation and prediction may map another data set's values to the same classes.)"""
+  trained = sorted(map(tuple, saved['data'].get('label_map', default.get_config().data.label_map)))
+  asked = sorted(map(tuple, config.data.label_map))
+  if trained != asked:
+    raise CheckpointError(f'{source} was trained with data.label_map={tuple(trained)} but the config gives '
+                          f'{tuple(asked)}, whose classes are other labels; resume with the label map it was '
+                          'trained with, or start another workdir (from its weights: --mode=export, then '
+                          '--config.train.init_weights=<the exported file>)')
+
+
 def _plain(value):
   """JSON and ConfigDict spell sequences as lists or tuples: compare and print them one way."""
   return tuple(value) if isinstance(value, list | tuple) else value

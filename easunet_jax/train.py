@@ -138,6 +138,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
       saved = checkpoints.saved_config(mngr, start)
     checkpoints.check_same_model(saved, config.model, mngr.directory / str(start), instead='another workdir')
     checkpoints.check_same_split(saved, config, mngr.directory / str(start))
+    checkpoints.check_same_label_map(saved, config, mngr.directory / str(start))
   elif config.train.init_weights:  # checked here, not at the start: a resumed run ignores it, moved or not
     if not pathlib.Path(config.train.init_weights).is_file():
       raise ConfigError(f'train.init_weights: expected a model file (--mode=export), got '

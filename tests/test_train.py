@@ -122,6 +122,24 @@ def test_another_split_of_the_cases_is_refused_on_resume_and_evaluation(augmente
   assert sorted(p.name for p in workdir.iterdir()) == before
 
 
+def test_another_label_map_is_refused_on_resume(augmented_tiny):
+  """FC and TC swapped (or a plate merged into another) would train the classes on other labels from the
+  step the run stopped at; a label map of the same pairs in another order is the same."""
+  config, workdir, _ = augmented_tiny
+  before = sorted(p.name for p in workdir.iterdir())
+  other = config.copy_and_resolve_references()
+  other.train.num_steps += 2
+  other.data.label_map = ((2, 2), (4, 1))
+  with pytest.raises(CheckpointError, match=re.escape(
+      'was trained with data.label_map=((2, 1), (4, 2)) but the config gives ((2, 2), (4, 1)), whose classes '
+      'are other labels; resume with the label map it was trained with, or start another workdir')):
+    train.train_and_evaluate(other, workdir)
+  assert sorted(p.name for p in workdir.iterdir()) == before
+  saved = {'data': {'label_map': [[4, 2], [2, 1]]}}
+  checkpoints.check_same_label_map(saved, config, pathlib.Path('ckpt'))
+  checkpoints.check_same_label_map({'data': {}}, config, pathlib.Path('ckpt'))  # a checkpoint predating it
+
+
 def test_a_split_file_gives_the_split_whatever_the_seed_and_wherever_it_moved():
   """A sweep's seeds share one split file; a checkpoint trained on a split file is another split than one
   split by seed."""
