@@ -352,12 +352,15 @@ def _bad_dataset(root):
   (root / 'labels/unlabelled.nii.gz').unlink()
   (root / 'images/broken_link.nii.gz').symlink_to(root / 'purged' / 'scan.nii.gz')  # a link to a removed file
   (root / 'labels/broken_link.nii.gz').symlink_to(root / 'labels/good_a.nii.gz')
+  volumes.save_volume(root / 'images/label_link_broken.nii.gz', image, affine)  # its label map unmounted
+  (root / 'labels/label_link_broken.nii.gz').symlink_to(root / 'unmounted' / 'label.nii.gz')
 
 
 BAD = {'truncated': 'truncated', 'not_nifti': 'not a readable NIfTI', 'flat_2d': '2D', 'time_4d': '4D',
        'shapes': 'shape', 'affines': 'affines', 'nan': 'NaN',
        'huge': 'image values reach 1e+300, beyond float32', 'constant': 'constant', 'outside_map': '[9]',
-       'unlabelled': 'no label', 'broken_link': 'No such file'}
+       'unlabelled': 'no label', 'broken_link': 'images/broken_link.nii.gz: a broken link (to ',
+       'label_link_broken': 'labels/label_link_broken.nii.gz: a broken link (to '}
 
 
 def test_a_split_that_late_checks_emptied_is_split_again(data_cfg, tmp_path, caplog):

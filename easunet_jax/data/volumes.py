@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import io
 import json
+import os
 import pathlib
 import re
 import zlib
@@ -85,10 +86,13 @@ def volume_stem(name: str) -> str:
 def label_file(label_dir: pathlib.Path, case_id: str) -> pathlib.Path | None:
   """`label_dir`'s volume file of `case_id` (<case_id> with one of `VOLUME_SUFFIXES`, in any case), or
   None."""
-  named = (p for suffix in VOLUME_SUFFIXES if (p := label_dir / f'{case_id}{suffix}').is_file())
+  def is_file(path: pathlib.Path) -> bool:  # or a link to a file that is gone, for its check to name
+    return path.is_file() or path.is_symlink()
+
+  named = (p for suffix in VOLUME_SUFFIXES if is_file(p := label_dir / f'{case_id}{suffix}'))
   # Upper-case suffixes only where no lower-case one is: listing the folder for every case is the slow way.
   return next(named, None) or next(
-      (p for p in sorted(label_dir.iterdir()) if volume_stem(p.name) == case_id and p.is_file()), None)
+      (p for p in sorted(label_dir.iterdir()) if volume_stem(p.name) == case_id and is_file(p)), None)
 
 
 def discover_cases(root: str | pathlib.Path) -> list[Case]:
@@ -447,6 +451,8 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
   file, or one not 3D, is an error. Trailing axes of length 1 (x, y, z, 1), as some converters write a 3D
   volume, are dropped."""
   path = pathlib.Path(path)
+  if path.is_symlink() and not path.exists():  # an unmounted disk, a moved data set
+    raise DataError(f'{path}: a broken link (to {os.readlink(path)})')
   if path.name.lower().endswith(METAIMAGE_SUFFIXES):
     nii = _metaimage(path)
   elif path.name.lower().endswith(NRRD_SUFFIXES):
