@@ -298,6 +298,11 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
     if data.phantom_oa_fraction and data.phantom_anatomy != 'reference':
       raise ConfigError(f"data.phantom_oa_fraction: osteoarthritic knees are drawn with data.phantom_anatomy="
                         f"'reference', got {data.phantom_anatomy!r}")
+    if (data.phantom_elastic_mm != default.get_config().data.phantom_elastic_mm
+        and data.phantom_anatomy != 'reference'):
+      raise ConfigError(f'data.phantom_elastic_mm: knees are warped from the real one with '
+                        f"data.phantom_anatomy='reference', got {data.phantom_anatomy!r}, whose shapes it "
+                        'would leave as they are')
     image_HW = shape[1:]
   if mode != 'preprocess':
     try:

@@ -252,6 +252,9 @@ BAD_VALUES = {
     'osteoarthritic schematic knees': ({'data.phantom_oa_fraction': 0.5},
                                        "data.phantom_oa_fraction: osteoarthritic knees are drawn with "
                                        "data.phantom_anatomy='reference', got 'schematic'"),
+    'warped schematic knees': ({'data.phantom_elastic_mm': 3.0},
+                               "data.phantom_elastic_mm: knees are warped from the real one with "
+                               "data.phantom_anatomy='reference', got 'schematic'"),
     'negative rotation': ({'data.augment_rotate_deg': -10.0},
                           'data.augment_rotate_deg: expected a non-negative'),
     'slice store a file': ({'data.cache_dir': __file__},
