@@ -44,6 +44,9 @@ _SIDE_MIN_MM = 10.0
 # A scan whose sagittal slices have pixels this many times coarser than the network's along an axis was
 # acquired in another plane (its slice thickness lies in the sagittal plane): the masks will be poor.
 _COARSE_PIXEL_RATIO = 2.0
+# A knee MRI's sagittal field of view spans 120-160 mm (the shipped model learnt 140 mm); where one side of
+# it is under this, a plate not found may be cropped away or lack the bones around it the network reads.
+_SMALL_FOV_MM = 80.0
 SIDES = {'R': 'right', 'L': 'left'}
 _AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
 
@@ -764,7 +767,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
                     f"slice {size[0]} x {size[1]} pixels of the model's {pixel[0]:.3g} mm; check the "
                     "header's voxel size and its unit (mm)")
   orientation, degrees = pose.HEADER, 0.0
-  if config.predict.orientation_check:
+  if config.predict.orientation_check:  # a minute on a CPU for a large scan: said before it starts
+    logging.info('%s: checking how the knee lies against its header', source.name)
     orientation, ratio, upright_share = pose.sagittal_orientation(network, image, spacing, pixel)
     if any(orientation):
       logging.warning("%s: the knee lies turned against its header (%s: the network is %s that way) and "
@@ -799,9 +803,12 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
   sides = measures.side_names(side, sides_known=not orientation[0])
   fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
   if missing := [name for name, plate in (('femoral', fc), ('tibial', tc)) if not plate.any()]:
-    logging.warning('%s: no %s cartilage found: a scan of another joint, or a header whose voxel sizes or '
+    fov_mm = [n * s for n, s in zip(image.shape[1:], spacing[1:])]
+    small = (f'a field of view too small (sagittal slices of {fov_mm[0]:.0f} x {fov_mm[1]:.0f} mm, where a '
+             "knee MRI's span 120-160 mm), " if min(fov_mm) < _SMALL_FOV_MM else '')
+    logging.warning('%s: no %s cartilage found: %sa scan of another joint, or a header whose voxel sizes or '
                     'axes do not follow its voxels (an array saved in another axis order than its affine '
-                    'says)? The mask is written as found', source, ' or '.join(missing))
+                    'says)? The mask is written as found', source, ' or '.join(missing), small)
   if (width := measures.left_right_width_mm(fc | tc, spacing)) > measures.ONE_KNEE_MAX_WIDTH_MM:
     logging.warning("%s: cartilage spans %.0f mm from left to right, more than one knee's (under %g mm): "
                     "both knees in the field of view? The plates' measures add both knees, compartments are "

@@ -737,9 +737,18 @@ def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, capsys, monkeypat
     assert (tc['volume_mm3'] == 0 and np.isnan(tc['thickness_mean_mm'])) == bool(missing)
     assert ('TC 0 mm^3, mean thickness n/a mm' in capsys.readouterr().out) == bool(missing)
     assert [r.getMessage() for r in caplog.records if 'cartilage found' in r.getMessage()] == [
-        f'{canonical}: no {plate} cartilage found: a scan of another joint, or a header whose voxel sizes or '
-        'axes do not follow its voxels (an array saved in another axis order than its affine says)? The mask '
-        'is written as found' for plate in missing]
+        f'{canonical}: no {plate} cartilage found: a field of view too small (sagittal slices of 67 x 68 mm, '
+        "where a knee MRI's span 120-160 mm), a scan of another joint, or a header whose voxel sizes or axes "
+        'do not follow its voxels (an array saved in another axis order than its affine says)? The mask is '
+        'written as found' for plate in missing]
+  # The same voxels twice as large in the sagittal plane: a knee MRI's field of view.
+  nii = nib.load(canonical)
+  wide = tmp_path / 'wide.nii.gz'
+  nib.save(nib.Nifti1Image(np.asarray(nii.dataobj), nii.affine @ np.diag([1, 2, 2, 1])), wide)
+  caplog.clear()
+  predict.predict(_config(), workdir, wide, tmp_path / 'wide_mask.nii.gz')
+  [warned] = [r.getMessage() for r in caplog.records if 'cartilage found' in r.getMessage()]
+  assert warned.startswith(f'{wide}: no tibial cartilage found: a scan of another joint'), warned
 
 
 def test_a_label_map_given_as_the_scan_is_warned_of(run, tmp_path, caplog, monkeypatch):
