@@ -26,6 +26,12 @@ from easunet_jax.progress import Progress
 _SLICE_PIXELS = (16, 4096)
 # A scan segmented for minutes (a CPU's; a laptop's 80 slices take two) says how far it is this often.
 PROGRESS_EVERY_S = 30.0
+# The compiled forward passes of this process's Networks, by all the program depends on (network, weights'
+# shapes and shardings, slice shape), the last used last: a notebook's next `predict.predict` of the same
+# model compiles nothing (1.5-2 s of the shipped model's 5 s on a small scan). A few: each holds its
+# executable.
+_PROGRAMS: dict[tuple, jax.stages.Compiled] = {}
+_PROGRAMS_KEPT = 8
 
 
 def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
@@ -60,8 +66,8 @@ def _resize(array: np.ndarray, size: Sequence[int], offset: Sequence[float] = (0
 
 
 class Network:
-  """The eval-mode network over a mesh, slice-batched, compiled once per padded slice shape; it keeps the
-  time spent in forward passes (compilation apart) for the timing line."""
+  """The eval-mode network over a mesh, slice-batched, compiled once per padded slice shape in a process
+  (`_PROGRAMS`); it keeps the time spent in forward passes and in compiling for the timing line."""
 
   def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: steps.TrainState,
                mesh: jax.sharding.Mesh):
@@ -71,7 +77,9 @@ class Network:
     self.data_sharding, replicated = parallel.shardings(mesh)
     self._jitted = jax.jit(functools.partial(_probabilities, graphdef=graphdef),
                            in_shardings=(replicated, self.data_sharding))
-    self._compiled = {}
+    self._program_key = (graphdef, jax.tree.structure(state), self.data_sharding,
+                         tuple((np.shape(x), jnp.result_type(x), getattr(x, 'sharding', None))
+                               for x in jax.tree.leaves(state)))
     self.forward_s = self.compile_s = 0.0
 
   def weights_sha256(self) -> str:
@@ -84,14 +92,18 @@ class Network:
   def __call__(self, image_SHW: np.ndarray) -> np.ndarray:
     """Class probabilities (S, H, W, K) of slices whose H and W are multiples of the network's stride."""
     shape = (self.batch_size, *image_SHW.shape[1:], 1)
-    if shape not in self._compiled:
+    key = (*self._program_key, shape)
+    program = _PROGRAMS.pop(key, None)
+    if program is None:
       start = time.perf_counter()
       spec = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.data_sharding)
       # XLA's default backend optimisation, whatever XLA_FLAGS say: a volume runs the program over many
       # batches (the test suite turns it off to compile faster, which made these forward passes 2.6x slower).
-      self._compiled[shape] = self._jitted.lower(self.state, spec).compile(
-          {'xla_backend_optimization_level': 3})
+      program = self._jitted.lower(self.state, spec).compile({'xla_backend_optimization_level': 3})
       self.compile_s += time.perf_counter() - start
+    _PROGRAMS[key] = program  # the last used last
+    if len(_PROGRAMS) > _PROGRAMS_KEPT:
+      del _PROGRAMS[next(iter(_PROGRAMS))]
     out = []
     for first in range(0, len(image_SHW), self.batch_size):
       chunk = image_SHW[first:first + self.batch_size]
@@ -99,7 +111,7 @@ class Network:
       batch[:len(chunk), ..., 0] = chunk
       batch = pipeline.put_on_mesh({'image': batch}, self.data_sharding)['image']
       start = time.perf_counter()
-      probs = jax.block_until_ready(self._compiled[shape](self.state, batch))
+      probs = jax.block_until_ready(program(self.state, batch))
       self.forward_s += time.perf_counter() - start
       out.append(np.asarray(probs)[:len(chunk)])
     return np.concatenate(out)

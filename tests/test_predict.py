@@ -87,6 +87,23 @@ def test_both_knees_in_view_are_warned_of_and_get_no_compartments(run, tmp_path,
   assert 'no gap between medial and lateral' not in caplog.text
 
 
+def test_a_second_call_of_the_same_model_compiles_nothing(run, tmp_path, monkeypatch):
+  """A notebook's loop over predict.predict: the network compiled for a slice shape by one call is the next
+  call's (the same masks), until _PROGRAMS_KEPT other programs have been compiled since."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(inference, '_PROGRAMS', {})
+  [first] = predict.predict(_config(), workdir, canonical, tmp_path / 'first.nii.gz')
+  [again] = predict.predict(_config(), workdir, canonical, tmp_path / 'again.nii.gz')
+  assert first['compile_s'] > 0 and again['compile_s'] == 0
+  np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / 'again.nii.gz').dataobj),
+                                np.asarray(nib.load(tmp_path / 'first.nii.gz').dataobj))
+  monkeypatch.setattr(inference, '_PROGRAMS_KEPT', 1)
+  [zoomed] = predict.predict(_config(zoom=2.0), workdir, canonical, tmp_path / 'zoomed.nii.gz')
+  assert zoomed['compile_s'] > 0  # slices of another shape
+  [evicted] = predict.predict(_config(), workdir, canonical, tmp_path / 'evicted.nii.gz')
+  assert evicted['compile_s'] > 0 and len(inference._PROGRAMS) == 1
+
+
 def test_a_nifti2_scan_gets_a_nifti2_mask_without_its_display_range_and_intent(run, tmp_path):
   workdir, canonical, _ = run
   source = nib.load(canonical)
