@@ -5,6 +5,7 @@ against its scan's expert labels (for predict --labels)."""
 
 import contextlib
 import csv
+import errno
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from scipy import ndimage
 
-from easunet_jax import figures, measures, metric_writer, metrics, parallel, steps
+from easunet_jax import atomic, figures, measures, metric_writer, metrics, parallel, steps
 from easunet_jax.data import pipeline, preprocess, volumes
 from easunet_jax.data.volumes import CLASSES
 from easunet_jax.errors import DataError
@@ -274,11 +275,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     raise DataError(f'the test split of {store_dir} is empty: set data.split or data.split_file to hold '
                     'test cases')
   final = workdir / 'eval' / (f'{step}-largest_component' if config.eval.largest_component else str(step))
-  out = workdir / 'eval' / '.partial' / final.name
+  # Named by the process: two evaluations of one step at once (two terminals watching a run) each write
+  # their own, and the one renamed into place last stays.
+  out = workdir / 'eval' / '.partial' / (atomic.mark('') + final.name)
   # Made before the scoring, so that a workdir that cannot be written fails at once (on every process).
   with parallel.process_0_first('evaluation folder made'):
     if jax.process_index() == 0:
-      shutil.rmtree(out, ignore_errors=True)  # left by an evaluation stopped while writing
+      atomic.remove_left_by_dead(out.parent, '')  # left by evaluations killed while writing
+      shutil.rmtree(out, ignore_errors=True)  # left by one of this process stopped while writing
       out.mkdir(parents=True)
   scores = score_test_set(config, graphdef, state, store_dir, mesh)
   if jax.process_index() > 0:  # every process scored the whole test set; process 0 writes it
@@ -323,13 +327,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     logging.warning('no %s: loss_curves.png not drawn', workdir / 'metrics.jsonl')
   if scores['samples']:
     figures.plot_overlays(scores['samples'], out / 'overlays.png')
-  earlier = out.with_name(f'{final.name}.earlier')  # moved aside, not deleted, until the new one is in place
+  earlier = out.with_name(f'{out.name}.earlier')  # moved aside, not deleted, until the new one is in place
   if final.exists():
     logging.warning('%s held an earlier evaluation of step %d: replaced', final, step)
-    shutil.rmtree(earlier, ignore_errors=True)
-    final.rename(earlier)
+    with contextlib.suppress(FileNotFoundError):  # another evaluation of the step moved it first
+      final.rename(earlier)
   try:
-    out.rename(final)
+    try:
+      out.rename(final)
+    except OSError as e:  # another evaluation of the step put its own in place meanwhile: the same scores
+      if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        raise
+      logging.warning('%s: written by another evaluation of step %d meanwhile; kept', final, step)
+      shutil.rmtree(out)
   except BaseException:
     if earlier.exists() and not final.exists():
       earlier.rename(final)

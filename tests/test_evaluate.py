@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from configs import tiny
-from easunet_jax import evaluate, figures
+from easunet_jax import atomic, checkpoints, evaluate, figures
 from easunet_jax.data import knee, pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError
 
@@ -276,19 +276,59 @@ def test_largest_component_run_is_kept_apart_says_so_and_a_stopped_rerun_keeps_t
   monkeypatch.setattr(evaluate, 'write_report', interrupted)
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate(config, copy)
-  assert files() == written and (copy / 'eval' / '.partial' / out.name / 'metrics.json').exists()
+  partial = copy / 'eval' / '.partial' / (atomic.mark('') + out.name)
+  assert files() == written and (partial / 'metrics.json').exists()
   # ... and while the new one is moved into place, once the earlier one was moved aside.
   monkeypatch.undo()
   rename = pathlib.Path.rename
 
   def interrupted_rename(self, target):
-    if self == copy / 'eval' / '.partial' / out.name:
+    if self == partial:
       raise KeyboardInterrupt
     return rename(self, target)
   monkeypatch.setattr(pathlib.Path, 'rename', interrupted_rename)
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate(config, copy)
   assert files() == written
+
+
+def test_two_evaluations_of_a_step_at_once_keep_the_one_in_place_first(run, config, tmp_path, caplog,
+                                                                       monkeypatch, dead_mark):
+  """Two terminals watching a run: each evaluation writes its own folder; the one renamed into place last
+  finds the other's there, keeps it and says so. A killed evaluation's folder is removed by the next."""
+  workdir, _ = run
+  copy = tmp_path / 'tiny'
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval'))
+  config.data.phantom_dir = str(workdir.parent / 'phantom')
+  config.eval.checkpoint = '3'
+  (copy / 'eval' / '.partial' / (dead_mark('') + '3')).mkdir(parents=True)
+  final, rename = copy / 'eval' / '3', pathlib.Path.rename
+
+  def the_other_first(self, target):  # the other evaluation's folder goes into place just before this one's
+    if pathlib.Path(target) == final and self.parent.name == '.partial':
+      final.mkdir()
+      (final / 'metrics.json').write_text('{"the other": 1}')
+    return rename(self, target)
+
+  monkeypatch.setattr(pathlib.Path, 'rename', the_other_first)
+  with caplog.at_level(logging.WARNING):
+    assert evaluate.evaluate(config, copy) == final
+  assert f'{final}: written by another evaluation of step 3 meanwhile; kept' in caplog.text
+  assert (final / 'metrics.json').read_text() == '{"the other": 1}'
+  assert sorted(p.name for p in (copy / 'eval').iterdir()) == ['3']
+
+
+def test_a_checkpoint_removed_while_it_is_read_is_not_called_corrupt(tmp_path):
+  """The training running in the workdir deletes a checkpoint an evaluation picked (its keep policy)."""
+  step = tmp_path / '60'
+  with pytest.raises(CheckpointError, match=r'/60: removed while it was read \(by the training running in '
+                     r'this workdir, which keeps its newest and best checkpoints only\); run again'
+                     ), checkpoints._unreadable_as_one_line(step):
+    raise FileNotFoundError(f'Checkpoint at {step} not found.')
+  step.mkdir()  # there, its files cut short
+  with pytest.raises(CheckpointError, match='/60: unreadable or corrupt checkpoint'
+                     ), checkpoints._unreadable_as_one_line(step):
+    raise ValueError('a file cut short')
 
 
 def test_figure_slices_are_each_cases_middle_not_the_edges():
