@@ -72,6 +72,7 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   exported into a subfolder) with `output_path` naming a NIfTI file is that scan; of more, an error.
   """
   source, target = pathlib.Path(input_path), pathlib.Path(output_path)
+  volumes.check_not_broken_link(source)
   if not source.exists():
     raise DataError(f'{source}: no such input file or directory')
 
@@ -109,6 +110,9 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   if dicom_files:
     logging.warning('%s: %d DICOM file(s) beside its volume files not read (a series segments as a folder '
                     'of its own)', source, len(dicom_files))
+  if broken := [p for p in entries if p.is_symlink() and not p.exists() and p not in files]:
+    logging.warning('%s: %d broken link(s) left out (a series folder moved or unmounted?): %s', source,
+                    len(broken), ', '.join(f'{p.name} (to {os.readlink(p)})' for p in broken[:5]))
   folders = [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
   if not files and not folders:
     layout = next(((images, labels) for images, labels in (('images', 'labels'), ('imagesTr', 'labelsTr'))
@@ -196,6 +200,7 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
   under the scan's name (<name> with one of `volumes.VOLUME_SUFFIXES`), or under <id> for nnU-Net's <id>_0000
   images."""
   labels = pathlib.Path(labels_path)
+  volumes.check_not_broken_link(labels)
   if labels.is_file():
     if batch:
       raise DataError(f'--labels={labels}: a file, and --input a directory of scans; give the directory of '

@@ -7,6 +7,7 @@ import json
 import logging
 import pathlib
 import re
+import shutil
 
 import metaimage
 import nibabel as nib
@@ -63,6 +64,20 @@ def test_the_layout_read_is_the_one_that_holds_volumes(tmp_path, nnunet):
   assert [c.id for c in cases] == ['a', 'b', 'c'] and all(c.image and c.label for c in cases)
   volumes.save_volume(tmp_path / other[1] / 'a.nii.gz', labels, affine)
   with pytest.raises(DataError, match=r'volumes in both images/ \+ labels/ and imagesTr/ \+ labelsTr/; keep'):
+    volumes.discover_cases(tmp_path)
+
+
+@pytest.mark.parametrize('nnunet', [False, True])
+@pytest.mark.parametrize('gone', ['images', 'labels'])
+def test_a_layout_folder_that_is_a_broken_link_is_named(tmp_path, nnunet, gone):
+  """An unmounted images/ would make the label maps a data set of their own (data.synth trains on them), an
+  unmounted labels/ every case unlabelled."""
+  image, labels, affine = _small_case(np.random.default_rng(2))
+  _write_pair(tmp_path, 'a', image, labels, affine, nnunet)
+  folder = tmp_path / (f'{gone}Tr' if nnunet else gone)
+  shutil.rmtree(folder)
+  folder.symlink_to(tmp_path / 'unmounted')
+  with pytest.raises(DataError, match=f'{folder}: a broken link \\(to {tmp_path}/unmounted\\)$'):
     volumes.discover_cases(tmp_path)
 
 

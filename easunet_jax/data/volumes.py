@@ -74,6 +74,13 @@ class Case(NamedTuple):
   label: pathlib.Path | None  # None: an image without a label, predictable but not usable for training
 
 
+def check_not_broken_link(path: pathlib.Path) -> None:
+  """A link to what is gone (an unmounted disk, a moved data set) is a DataError naming its target, not a
+  missing file or folder."""
+  if path.is_symlink() and not path.exists():
+    raise DataError(f'{path}: a broken link (to {os.readlink(path)})')
+
+
 def volume_stem(name: str) -> str:
   """The file name without its volume suffix (`VOLUME_SUFFIXES`, in any case: some exports are named
   .NII.GZ, which nibabel and ITK read); '' for any other file."""
@@ -104,6 +111,8 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
   .mhd) is a case with image None, which contrast synthesis (data.synth) trains on.
   """
   root = pathlib.Path(root)
+  for folder in ('images', 'labels', 'imagesTr', 'labelsTr'):  # else read as missing, and the layout changes
+    check_not_broken_link(root / folder)
   # The layout whose folders hold volumes: an empty or partial folder of the other is no reason to read it.
   filled = {layout: any(volume_files(root / folder) for folder in folders)
             for layout, folders in (('nnunet', ('imagesTr', 'labelsTr')), ('plain', ('images', 'labels')))}
@@ -451,8 +460,7 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
   file, or one not 3D, is an error. Trailing axes of length 1 (x, y, z, 1), as some converters write a 3D
   volume, are dropped."""
   path = pathlib.Path(path)
-  if path.is_symlink() and not path.exists():  # an unmounted disk, a moved data set
-    raise DataError(f'{path}: a broken link (to {os.readlink(path)})')
+  check_not_broken_link(path)
   if path.name.lower().endswith(METAIMAGE_SUFFIXES):
     nii = _metaimage(path)
   elif path.name.lower().endswith(NRRD_SUFFIXES):
