@@ -254,15 +254,15 @@ def _unreadable_as_one_line(path: pathlib.Path, way_out: str = '') -> Iterator[N
   except Exception as error:  # tensorstore reports a truncated array file as a bare Exception
     # Only orbax reads run in this block, so whatever fails here is the checkpoint's files, bar the memory.
     _drop_closed_loop_errors()
-    if not path.exists():  # deleted under the read: not corrupt
-      raise CheckpointError(f'{path}: removed while it was read (by the training running in this workdir, '
-                            'which keeps its newest and best checkpoints only); run again to read one it '
-                            'keeps') from None
     e = error
     for _ in range(8):  # orbax wraps tensorstore's error, which says what is wrong, in a generic one
       e = e.__cause__ or e
     reason = one_line(e)
     if 'RESOURCE_EXHAUSTED' in reason:  # out of memory restoring it: the files may well be whole
       raise
+    if not path.exists():  # deleted under the read: not corrupt
+      raise CheckpointError(f'{path}: removed while it was read (by the training running in this workdir, '
+                            'which keeps its newest and best checkpoints only); run again to read one it '
+                            'keeps') from None
     reason = reason if len(reason) <= 280 else reason[:280] + '...'  # tensorstore's run to pages
     raise CheckpointError(f'{path}: unreadable or corrupt checkpoint ({reason}){way_out}') from None

@@ -250,9 +250,11 @@ def test_a_corrupt_checkpoint_to_resume_is_one_line_naming_the_one_before(augmen
 
 def test_checkpoint_errors_name_the_cause_and_a_full_disk_while_saving(tmp_path):
   # What orbax raises: tensorstore's error (the cause) wrapped in a bare Exception.
-  with (pytest.raises(CheckpointError, match=r'^/ckpt/6: unreadable or corrupt checkpoint \(OUT_OF_RANGE: '
+  step = tmp_path / 'ckpt' / '6'
+  step.mkdir(parents=True)  # there: a file of it cut short
+  with (pytest.raises(CheckpointError, match=f'^{step}: unreadable or corrupt checkpoint \\(OUT_OF_RANGE: '
                       r'Requested byte range\)$'),
-        checkpoints._unreadable_as_one_line(pathlib.Path('/ckpt/6'))):
+        checkpoints._unreadable_as_one_line(step)):
     raise Exception('Encountered error while reading array index') from ValueError(
         'OUT_OF_RANGE: Requested byte range')
   # Out of memory while restoring says nothing of the files: no advice to remove them.
