@@ -26,7 +26,7 @@ from easunet_jax.errors import positive_int, run_cli
 
 def _rate(store: pathlib.Path, batch: int, batches: int, workers: int) -> float:
   """Slices/s over `batches` batches, after one batch that starts the workers and fills the read-ahead."""
-  it = pipeline.train_iterator(store, batch, seed=0, workers=workers)
+  it = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch, seed=0, workers=workers)
   next(it)
   start = time.perf_counter()
   for _ in range(batches):

@@ -149,8 +149,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   # half-built stores. The others then find it up to date on a shared disk, or build their own copy.
   with parallel.process_0_first('slice store built'):
     store_dir = preprocess.prepare_data(config, workdir, as_trained=bool(start))
-  train_slices = len(pipeline.SliceSource(store_dir / 'train'))
-  val_split = pipeline.read_split(store_dir, 'val')
+    # Mapped at once: a store that another run on the same data.cache_dir renames into its place later
+    # leaves them as they are, and is told (`is_current`) before the first step.
+    train_source = pipeline.SliceSource(store_dir / 'train')
+    val_split = pipeline.read_split(store_dir, 'val')
+  train_slices = len(train_source)
   for split, slices in (('training', train_slices), ('validation', len(val_split.index))):
     if not slices:  # validation picks the best checkpoint, and would fail only at its first round
       raise DataError(f'{store_dir}: no {split} slices (data.split or data.split_file gives that split no '
@@ -166,6 +169,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   # What it trains on: a resumed run on the cases it started with (or an older workdir, from now on).
   if not (start and pipeline.check_trained_on(workdir, store_dir)) and jax.process_index() == 0:
     pipeline.record_trained_on(workdir, store_dir)
+  if not train_source.is_current():  # which store the splits and the record above were read from is unsure
+    raise DataError(f'{store_dir}: another run rebuilt this slice store (data.cache_dir) for other data or '
+                    'another split as this one started; give each run a data.cache_dir of its own')
   records.record_start(workdir, config, start)
 
   tx = steps.make_optimizer(config.optim, num_steps)
@@ -201,7 +207,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   # processes do): a terminal's Ctrl-C reaches its whole process group, and only this process is to stop.
   previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:
-    train_iter = pipeline.train_iterator(store_dir, batch_size, config.seed, config.data.workers, start)
+    train_iter = pipeline.train_iterator(train_source, batch_size, config.seed, config.data.workers, start)
     batch = next_batch()
   finally:
     signal.signal(signal.SIGINT, previous)

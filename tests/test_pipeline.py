@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pickle
 import shutil
 
 import jax
@@ -12,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from easunet_jax.data import phantom, pipeline, preprocess
-from easunet_jax.errors import CheckpointError, ConfigError
+from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +35,7 @@ def test_source_items(store):
 
 
 def test_train_batches(store):
-  it = pipeline.train_iterator(store, batch_size=4, seed=0, workers=0)
+  it = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=4, seed=0, workers=0)
   batch = next(it)
   assert batch['image'].shape == (4, 64, 64, 1) and batch['image'].dtype == np.float16
   assert batch['label'].shape == (4, 64, 64) and batch['label'].dtype == np.uint8
@@ -45,7 +46,7 @@ def test_each_epoch_is_a_new_permutation_of_the_rows(store):
   src = pipeline.SliceSource(store / 'train')
   row_of = {src[i]['image'].tobytes(): i for i in range(len(src))}
   assert len(row_of) == len(src)  # the rows tell apart by their images
-  it = pipeline.train_iterator(store, batch_size=1, seed=0, workers=0)
+  it = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=1, seed=0, workers=0)
   epochs = [[row_of[next(it)['image'][0].tobytes()] for _ in range(len(src))] for _ in range(2)]
   assert all(sorted(epoch) == list(range(len(src))) for epoch in epochs)  # every row once an epoch
   assert epochs[0] != list(range(len(src))) and epochs[1] != epochs[0]
@@ -110,30 +111,52 @@ def test_an_older_workdir_gives_its_own_stores_pixel(tmp_path):
 def test_iterator_resumed_at_a_step_gives_the_same_batches_whatever_the_workers(store):
   """A run resumed at step 12 (past the end of the first epoch: train has ~20 cartilage slices) reads the
   batches an uninterrupted run reads, with or without worker processes, whichever the run before had."""
-  it = pipeline.train_iterator(store, batch_size=3, seed=7, workers=0)
+  it = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=3, seed=7, workers=0)
   for _ in range(12):
     next(it)
   expected = [next(it) for _ in range(4)]
   for workers in (0, 1):
-    resumed = pipeline.train_iterator(store, batch_size=3, seed=7, workers=workers, start=12)
+    resumed = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=3, seed=7,
+                                      workers=workers, start=12)
     for want, got in zip(expected, [next(resumed) for _ in range(4)]):
       np.testing.assert_array_equal(got['image'], want['image'])
       np.testing.assert_array_equal(got['label'], want['label'])
     if hasattr(resumed, 'close'):
       resumed.close()
-  fresh = pipeline.train_iterator(store, batch_size=3, seed=7, workers=0)
+  fresh = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=3, seed=7, workers=0)
   assert not np.array_equal(next(fresh)['image'], expected[0]['image'])
+
+
+def _rebuilt(store, tmp_path):
+  """`store` replaced as a build replaces it: a new folder renamed into its place."""
+  shutil.copytree(store, tmp_path / 'rebuilt')
+  store.rename(tmp_path / 'stale')
+  (tmp_path / 'rebuilt').rename(store)
+
+
+def test_a_split_rebuilt_in_its_place_is_told_and_refused_to_worker_processes(store, tmp_path):
+  """The training's split stays mapped; a worker process, which maps it again by its path, would read
+  another run's store: refused."""
+  copy = tmp_path / 'store'
+  shutil.copytree(store, copy)
+  source = pipeline.SliceSource(copy / 'train')
+  assert source.is_current() and pickle.loads(pickle.dumps(source)).is_current()
+  _rebuilt(copy, tmp_path)
+  assert not source.is_current()
+  with pytest.raises(DataError, match=r'/store/train: another run rebuilt this slice store while this one '
+                     r'trained \(its data.workers read it by its path\)'):
+    pickle.loads(pickle.dumps(source))
 
 
 def test_process_shards_make_up_the_one_process_batches(store, monkeypatch):
   """Each of two processes reads the contiguous half of every global batch."""
-  whole = pipeline.train_iterator(store, batch_size=4, seed=3, workers=0)
+  whole = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=4, seed=3, workers=0)
   expected = [next(whole) for _ in range(7)]  # past the end of the first epoch
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   halves = []
   for index in (0, 1):
     monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
-    it = pipeline.train_iterator(store, batch_size=4, seed=3, workers=0)
+    it = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=4, seed=3, workers=0)
     halves.append([next(it) for _ in range(7)])
     assert it.get_state() == whole.get_state()  # so process 0's state resumes every process
   for want, first, second in zip(expected, *halves):
@@ -141,7 +164,7 @@ def test_process_shards_make_up_the_one_process_batches(store, monkeypatch):
     for key in ('image', 'label'):
       np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), want[key])
   with pytest.raises(ConfigError, match=r'train\.batch_size'):
-    pipeline.train_iterator(store, batch_size=3, seed=3, workers=0)
+    pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=3, seed=3, workers=0)
 
 
 def test_eval_batches_padded_in_store_order(store):

@@ -140,6 +140,27 @@ def test_another_label_map_is_refused_on_resume(augmented_tiny):
   checkpoints.check_same_label_map({'data': {}}, config, pathlib.Path('ckpt'))  # a checkpoint predating it
 
 
+def test_a_store_another_run_renames_in_as_the_training_starts_stops_it(augmented_tiny, tmp_path,
+                                                                         monkeypatch):
+  """Two runs on one data.cache_dir for other data, started together: a store renamed into place after this
+  run's was built would be trained on, under this run's record of its split; it stops instead."""
+  config = augmented_tiny[0].copy_and_resolve_references()
+  config.data.cache_dir = str(tmp_path / 'cache')
+  record = pipeline.record_trained_on
+
+  def and_another_runs_rebuild(workdir, store_dir):
+    record(workdir, store_dir)
+    shutil.copytree(store_dir, tmp_path / 'other')
+    store_dir.rename(tmp_path / 'stale')
+    (tmp_path / 'other').rename(store_dir)
+
+  monkeypatch.setattr(pipeline, 'record_trained_on', and_another_runs_rebuild)
+  with pytest.raises(DataError, match=r'cache: another run rebuilt this slice store \(data.cache_dir\) for '
+                     'other data or another split as this one started; give each run a data.cache_dir of'):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert not list((tmp_path / 'run').glob('checkpoints/*'))  # before the first step
+
+
 def test_a_split_file_gives_the_split_whatever_the_seed_and_wherever_it_moved():
   """A sweep's seeds share one split file; a checkpoint trained on a split file is another split than one
   split by seed."""
@@ -311,7 +332,8 @@ def _poison_a_training_slice(config, workdir, step: int) -> list[int]:
   `step` (1-based); returns the steps (of the first six) whose batch holds it."""
   store = preprocess.prepare_data(config, workdir)
   images = np.load(store / 'train' / 'images.npy', mmap_mode='r+')
-  batches = pipeline.train_iterator(store, config.train.batch_size, config.seed, workers=0)
+  batches = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), config.train.batch_size,
+                                    config.seed, workers=0)
   order = [next(batches)['image'][..., 0] for _ in range(6)]
   row = next(r for r in range(len(images))
              if np.array_equal(images[r].astype(np.float32), order[step - 1][0]))

@@ -3,6 +3,7 @@ placement on the devices. It only reads, shuffles and batches: training augmenta
 (`data.augment`, inside the train step)."""
 
 import json
+import os
 import pathlib
 import statistics
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ from easunet_jax.errors import CheckpointError, ConfigError, DataError
 class SliceSource(grain.sources.RandomAccessDataSource):
   """Random access to one split of the slice store ({'image' (H, W, 1) float16, 'label' (H, W) uint8, and
   'tissue' (H, W) uint8 when the store has tissue maps; no 'image' in data.synth's training split}), its
-  .npy files memory-mapped."""
+  .npy files memory-mapped: a store another run rebuilds in its place later leaves them as they were
+  (`is_current` tells)."""
 
   def __init__(self, split_dir: str | pathlib.Path):
     self._dir = pathlib.Path(split_dir)
@@ -30,13 +32,21 @@ class SliceSource(grain.sources.RandomAccessDataSource):
     # with ast: "SystemError: AST constructor recursion depth mismatch").
     self._arrays = {kind: np.load(self._dir / f'{kind}s.npy', mmap_mode='r')
                     for kind in ('image', 'label', 'tissue') if (self._dir / f'{kind}s.npy').exists()}
+    self._folder = os.stat(self._dir).st_ino  # a rebuild renames a new folder into its place
+
+  def is_current(self) -> bool:
+    """Whether the split mapped is still the one at its path (no other run rebuilt the store since)."""
+    return os.stat(self._dir).st_ino == self._folder
 
   def __getstate__(self) -> dict:
     # Worker processes get the path and map the files themselves, instead of a pickled copy of the data.
-    return {'split_dir': self._dir}
+    return {'split_dir': self._dir, 'folder': self._folder}
 
   def __setstate__(self, state: dict) -> None:
     self.__init__(state['split_dir'])
+    if self._folder != state['folder']:
+      raise DataError(f'{self._dir}: another run rebuilt this slice store while this one trained (its '
+                      'data.workers read it by its path); give each run a data.cache_dir of its own')
 
   def __len__(self) -> int:
     return len(self._arrays['label'])
@@ -53,7 +63,7 @@ class SliceSource(grain.sources.RandomAccessDataSource):
     return f'SliceSource({self._dir})'
 
 
-def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, workers: int, start: int = 0
+def train_iterator(source: SliceSource, batch_size: int, seed: int, workers: int, start: int = 0
                    ) -> grain.DatasetIterator:
   """Endless shuffled training batches of this process's rows, from global batch `start` on.
 
@@ -66,7 +76,7 @@ def train_iterator(store_dir: str | pathlib.Path, batch_size: int, seed: int, wo
   processes = jax.process_count()
   if batch_size % processes:
     raise ConfigError(f'train.batch_size: {batch_size} does not divide by the {processes} processes')
-  ds = grain.MapDataset.source(SliceSource(pathlib.Path(store_dir) / 'train')).seed(seed).shuffle().repeat()
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   # A MapDataset batch reads its elements only when indexed, so the slice below reads only this
   # process's blocks: block k * P + p of size b is rows [p * b, (p + 1) * b) of global batch k.
   ds = ds.batch(batch_size // processes, drop_remainder=True)[jax.process_index()::processes][start:]
