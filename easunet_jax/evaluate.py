@@ -276,7 +276,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
                     'test cases')
   final = workdir / 'eval' / (f'{step}-largest_component' if config.eval.largest_component else str(step))
   # Named by the process: two evaluations of one step at once (two terminals watching a run) each write
-  # their own, and the one renamed into place last stays.
+  # their own, and the one in place first stays.
   out = workdir / 'eval' / '.partial' / (atomic.mark('') + final.name)
   # Made before the scoring, so that a workdir that cannot be written fails at once (on every process).
   with parallel.process_0_first('evaluation folder made'):
@@ -330,6 +330,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   earlier = out.with_name(f'{out.name}.earlier')  # moved aside, not deleted, until the new one is in place
   if final.exists():
     logging.warning('%s held an earlier evaluation of step %d: replaced', final, step)
+    shutil.rmtree(earlier, ignore_errors=True)  # one this process left
     with contextlib.suppress(FileNotFoundError):  # another evaluation of the step moved it first
       final.rename(earlier)
   try:
