@@ -16,6 +16,7 @@ from flax import nnx
 
 from configs import default, eas
 from easunet_jax import models, pretrained, steps
+from easunet_jax.data import volumes
 from easunet_jax.errors import CheckpointError, ConfigError, exit_with, one_line
 
 # Slices of this many strides trace the step for real data: their slice store pads slices to a multiple.
@@ -335,8 +336,8 @@ def file_in_the_way(folder: str | pathlib.Path) -> str | None:
   path = os.path.abspath(folder)
   while not os.path.lexists(path):
     path = os.path.dirname(path)
-  if os.path.islink(path) and not os.path.exists(path):
-    return f'{path} is a broken link (to {os.readlink(path)})'
+  if why := volumes.broken_link(path):
+    return f'{path} is {why}'
   return None if os.path.isdir(path) else f'{path} is a file'
 
 

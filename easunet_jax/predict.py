@@ -110,9 +110,9 @@ def _inputs(input_path: str | pathlib.Path, output_path: str | pathlib.Path, ser
   if dicom_files:
     logging.warning('%s: %d DICOM file(s) beside its volume files not read (a series segments as a folder '
                     'of its own)', source, len(dicom_files))
-  if broken := [p for p in entries if p.is_symlink() and not p.exists() and p not in files]:
-    logging.warning('%s: %d broken link(s) left out (a series folder moved or unmounted?): %s', source,
-                    len(broken), ', '.join(f'{p.name} (to {os.readlink(p)})' for p in broken[:5]))
+  if broken := [f'{p.name}: {why}' for p in entries if p not in files and (why := volumes.broken_link(p))]:
+    logging.warning('%s: %d link(s) to what is gone left out (a series folder moved or unmounted?): %s',
+                    source, len(broken), ', '.join(broken[:5]))
   folders = [p for p in entries if p.is_dir() and dicom.is_dicom_folder(p)]
   if not files and not folders:
     layout = next(((images, labels) for images, labels in (('images', 'labels'), ('imagesTr', 'labelsTr'))

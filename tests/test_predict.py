@@ -1029,8 +1029,8 @@ def test_a_batch_holds_what_is_named_as_a_scan_less_hidden_files_and_other_chann
   (tmp_path / 'numbered' / 'series 2').symlink_to(tmp_path / 'unmounted')  # a DICOM folder's link
   scans = {folder: [p.name for p, _ in predict._inputs(tmp_path / folder, tmp_path / 'out')[0]]
            for folder in folders}
-  assert ('1 broken link(s) left out (a series folder moved or unmounted?): series 2 (to '
-          f'{tmp_path}/unmounted)') in caplog.text
+  assert ('1 link(s) to what is gone left out (a series folder moved or unmounted?): series 2: a broken link '
+          f'(to {tmp_path}/unmounted)') in caplog.text
   for given in (predict._inputs, lambda gone, _: predict._label_files([], gone, True)):
     with pytest.raises(DataError, match=r'numbered/series 2: a broken link \(to .*/unmounted\)$'):
       given(tmp_path / 'numbered' / 'series 2', tmp_path / 'out')

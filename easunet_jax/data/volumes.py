@@ -74,11 +74,18 @@ class Case(NamedTuple):
   label: pathlib.Path | None  # None: an image without a label, predictable but not usable for training
 
 
+def broken_link(path: str | pathlib.Path) -> str | None:
+  """'a broken link (to <its target>)' where `path` links to what is gone (an unmounted disk, a moved data
+  set), else None."""
+  if os.path.islink(path) and not os.path.exists(path):
+    return f'a broken link (to {os.readlink(path)})'
+  return None
+
+
 def check_not_broken_link(path: pathlib.Path) -> None:
-  """A link to what is gone (an unmounted disk, a moved data set) is a DataError naming its target, not a
-  missing file or folder."""
-  if path.is_symlink() and not path.exists():
-    raise DataError(f'{path}: a broken link (to {os.readlink(path)})')
+  """A broken link (`broken_link`) is a DataError naming its target, not a missing file or folder."""
+  if why := broken_link(path):
+    raise DataError(f'{path}: {why}')
 
 
 def volume_stem(name: str) -> str:
