@@ -38,11 +38,11 @@ def _predict_step(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: n
   return jnp.argmax(steps.forward(state, image_BHW1, graphdef=graphdef), axis=-1).astype(jnp.uint8)
 
 
-def predict_volumes(predict: Callable, state: steps.TrainState, store_dir: pathlib.Path, batch_size: int,
+def predict_volumes(predict: Callable, state: steps.TrainState, test: pipeline.Split, batch_size: int,
                     data_sharding: NamedSharding) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
-  """(store rows, predicted classes, label classes) of each test volume in store order, the slices cropped
-  to the source's in-plane size and stacked into (slices, H, W); one volume is held at a time."""
-  test = pipeline.read_split(store_dir, 'test')
+  """(store rows, predicted classes, label classes) of each volume of the split `test` in store order, the
+  slices cropped to the source's in-plane size and stacked into (slices, H, W); one volume is held at a
+  time."""
   rows = test.index
   done, case_rows, case_pred, case_label = 0, [], [], []
   for batch in pipeline.eval_batches(test, batch_size):
@@ -217,12 +217,11 @@ def figure_slices(rows: Sequence[dict], count: int) -> set[int]:
 
 
 def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, state: steps.TrainState,
-                   store_dir: pathlib.Path, mesh: jax.sharding.Mesh) -> dict:
+                   test: pipeline.Split, mesh: jax.sharding.Mesh) -> dict:
   """Predicts every test volume and scores it: {'per_case': [{'case', 'fc', 'tc'}] of 3D scores,
   'slices': {class: [2D scores]}, 'spacing_mm': {case: 3D spacing}, 'samples': slices for the figure,
   'morphometry': [{'case', 'regions': `morphometry_errors`}]}."""
-  rows = pipeline.read_index(store_dir / 'test')
-  images = np.load(store_dir / 'test' / 'images.npy', mmap_mode='r')
+  rows, images = test.index, test.images
   data_sharding, replicated = parallel.shardings(mesh)
   predict = jax.jit(functools.partial(_predict_step, graphdef=graphdef),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
@@ -231,7 +230,7 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
   progress = Progress(len(dict.fromkeys(row['case'] for row in rows)))
   scores = {'per_case': [], 'slices': {n: [] for n in CLASSES}, 'spacing_mm': {}, 'samples': [],
             'morphometry': []}
-  for case_rows, pred, label in predict_volumes(predict, state, store_dir, batch_size, data_sharding):
+  for case_rows, pred, label in predict_volumes(predict, state, test, batch_size, data_sharding):
     case = rows[case_rows[0]]['case']
     if config.eval.largest_component:
       pred = keep_largest_component(pred, config.model.num_classes)
@@ -270,8 +269,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   step, graphdef, state = steps.restore_for_inference(config, workdir, mesh, same_split=True)
   with parallel.process_0_first('slice store built'):
     store_dir = preprocess.prepare_data(config, workdir, as_trained=True)
+    # Mapped at once: a store that another run on the same data.cache_dir renames into its place later
+    # leaves it as it is, and is told (`is_current`) before the scoring.
+    test = pipeline.read_split(store_dir, 'test')
   pipeline.check_trained_on(workdir, store_dir)
-  if not pipeline.read_index(store_dir / 'test'):
+  pipeline.check_not_rebuilt(test, store_dir)
+  if not test.index:
     raise DataError(f'the test split of {store_dir} is empty: set data.split or data.split_file to hold '
                     'test cases')
   final = workdir / 'eval' / (f'{step}-largest_component' if config.eval.largest_component else str(step))
@@ -284,7 +287,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
       atomic.remove_left_by_dead(out.parent, '')  # left by evaluations killed while writing
       shutil.rmtree(out, ignore_errors=True)  # left by one of this process stopped while writing
       out.mkdir(parents=True)
-  scores = score_test_set(config, graphdef, state, store_dir, mesh)
+  scores = score_test_set(config, graphdef, state, test, mesh)
   if jax.process_index() > 0:  # every process scored the whole test set; process 0 writes it
     return final
   per_case, morphometry = scores['per_case'], scores['morphometry']

@@ -169,9 +169,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   # What it trains on: a resumed run on the cases it started with (or an older workdir, from now on).
   if not (start and pipeline.check_trained_on(workdir, store_dir)) and jax.process_index() == 0:
     pipeline.record_trained_on(workdir, store_dir)
-  if not train_source.is_current():  # which store the splits and the record above were read from is unsure
-    raise DataError(f'{store_dir}: another run rebuilt this slice store (data.cache_dir) for other data or '
-                    'another split as this one started; give each run a data.cache_dir of its own')
+  pipeline.check_not_rebuilt(train_source, store_dir)
   records.record_start(workdir, config, start)
 
   tx = steps.make_optimizer(config.optim, num_steps)

@@ -14,7 +14,7 @@ from scipy import ndimage
 from configs import tiny
 from easunet_jax import atomic, checkpoints, evaluate, figures
 from easunet_jax.data import knee, pipeline, preprocess
-from easunet_jax.errors import CheckpointError, ConfigError
+from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
 
 @pytest.fixture(scope='module')
@@ -316,6 +316,32 @@ def test_two_evaluations_of_a_step_at_once_keep_the_one_in_place_first(run, conf
   assert f'{final}: written by another evaluation of step 3 meanwhile; kept' in caplog.text
   assert (final / 'metrics.json').read_text() == '{"the other": 1}'
   assert sorted(p.name for p in (copy / 'eval').iterdir()) == ['3']
+
+
+def test_a_store_another_run_renames_in_as_the_evaluation_starts_stops_it(run, config, tmp_path, monkeypatch):
+  """Two runs on one data.cache_dir: a store renamed into place after the check of what the workdir trained
+  on would be scored as its test set; the evaluation stops instead, before writing anything."""
+  workdir, _ = run
+  copy = tmp_path / 'tiny'
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval'))
+  config.data.phantom_dir = str(workdir.parent / 'phantom')
+  check = pipeline.check_trained_on
+
+  def and_another_runs_rebuild(workdir, store_dir, *splits):
+    checked = check(workdir, store_dir, *splits)
+    if splits:  # the check of a store about to be built
+      return checked
+    shutil.copytree(store_dir, tmp_path / 'other')
+    store_dir.rename(tmp_path / 'stale')
+    (tmp_path / 'other').rename(store_dir)
+    return checked
+
+  monkeypatch.setattr(pipeline, 'check_trained_on', and_another_runs_rebuild)
+  with pytest.raises(DataError, match=r'tiny/slices: another run rebuilt this slice store \(data.cache_dir\) '
+                     'for other data or another split as this one started; give each run a data.cache_dir '
+                     'of its own$'):
+    evaluate.evaluate(config, copy)
+  assert not (copy / 'eval').exists()
 
 
 def test_a_checkpoint_removed_while_it_is_read_is_not_called_corrupt(tmp_path):

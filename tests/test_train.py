@@ -75,7 +75,7 @@ def test_validation_sums_the_loss_over_the_batches_and_scores_each_case(monkeypa
              {'num_valid': 1, 'loss_sums': sums[1], 'counts': np.stack([found_fc, np.zeros((2, 3), int)])}]
   monkeypatch.setattr(pipeline, 'eval_batches', lambda *args, **kwargs: iter(outputs))
   monkeypatch.setattr(pipeline, 'put_on_mesh', lambda batch, sharding: batch)
-  val = pipeline.Split(None, None, [{'case': 'a'}, {'case': 'a'}, {'case': 'b'}])
+  val = pipeline.Split(None, None, [{'case': 'a'}, {'case': 'a'}, {'case': 'b'}], None, None)
   scores = train.validate(lambda state, out: out, None, val, 2, None, dice_eps=0.0)
   # CE 8 / 6 pixels; Dice FC 2 * 3 / 8, TC 2 * 0.5 / 4.
   assert scores == {'val/loss': pytest.approx(8 / 6 + 1 - (6 / 8 + 1 / 4) / 2), 'val/dice_fc': 1.0,

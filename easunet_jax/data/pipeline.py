@@ -19,6 +19,14 @@ from easunet_jax import atomic
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
 
+def _inode(folder: pathlib.Path) -> int | None:
+  """The folder's inode (a store rebuilt renames a new folder into its place); None while there is none."""
+  try:
+    return os.stat(folder).st_ino
+  except FileNotFoundError:
+    return None
+
+
 class SliceSource(grain.sources.RandomAccessDataSource):
   """Random access to one split of the slice store ({'image' (H, W, 1) float16, 'label' (H, W) uint8, and
   'tissue' (H, W) uint8 when the store has tissue maps; no 'image' in data.synth's training split}), its
@@ -27,16 +35,16 @@ class SliceSource(grain.sources.RandomAccessDataSource):
 
   def __init__(self, split_dir: str | pathlib.Path):
     self._dir = pathlib.Path(split_dir)
+    self._folder = _inode(self._dir)  # before the files: a store renamed into place meanwhile is not current
     # Mapped here, once, in the thread that builds the source: Grain reads from several threads, and two
     # threads mapping at once failed in the test suite on CPython 3.11.7 (np.load parses the .npy header
     # with ast: "SystemError: AST constructor recursion depth mismatch").
     self._arrays = {kind: np.load(self._dir / f'{kind}s.npy', mmap_mode='r')
                     for kind in ('image', 'label', 'tissue') if (self._dir / f'{kind}s.npy').exists()}
-    self._folder = os.stat(self._dir).st_ino  # a rebuild renames a new folder into its place
 
   def is_current(self) -> bool:
     """Whether the split mapped is still the one at its path (no other run rebuilt the store since)."""
-    return os.stat(self._dir).st_ino == self._folder
+    return _inode(self._dir) == self._folder
 
   def __getstate__(self) -> dict:
     # Worker processes get the path and map the files themselves, instead of a pickled copy of the data.
@@ -163,11 +171,26 @@ def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: pathlib.Path | 
 
 
 class Split(NamedTuple):
-  """One split of the slice store as `read_split` found it: images and labels (N, H, W) memory-mapped, and
-  the row index (`read_index`)."""
+  """One split of the slice store as `read_split` found it: images and labels (N, H, W) memory-mapped, the
+  row index (`read_index`), and the split folder's inode (`is_current` tells whether a store another run
+  rebuilt has taken its place since)."""
   images: np.ndarray
   labels: np.ndarray
   index: list[dict]
+  path: pathlib.Path
+  folder: int
+
+  def is_current(self) -> bool:
+    """Whether the split mapped is still the one at its path (no other run rebuilt the store since)."""
+    return _inode(self.path) == self.folder
+
+
+def check_not_rebuilt(split: SliceSource | Split, store_dir: pathlib.Path) -> None:
+  """A DataError when another run on the same data.cache_dir renamed a rebuilt store into `store_dir` since
+  `split` was mapped: which store the run's split checks and records read is then unsure."""
+  if not split.is_current():
+    raise DataError(f'{store_dir}: another run rebuilt this slice store (data.cache_dir) for other data or '
+                    'another split as this one started; give each run a data.cache_dir of its own')
 
 
 def read_split(store_dir: str | pathlib.Path, split: str) -> Split:
@@ -175,8 +198,9 @@ def read_split(store_dir: str | pathlib.Path, split: str) -> Split:
   or data.root on the same data.cache_dir) leaves it as it was, since mapped files outlive their deletion,
   so that a training validates on the cases it started with to its end."""
   split_dir = pathlib.Path(store_dir) / split
+  folder = _inode(split_dir)  # before the files: a store renamed into place meanwhile is not current
   images, labels = (np.load(split_dir / f'{kind}.npy', mmap_mode='r') for kind in ('images', 'labels'))
-  return Split(images, labels, read_index(split_dir))
+  return Split(images, labels, read_index(split_dir), split_dir, folder)
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
