@@ -62,14 +62,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                             f'--weights={weights}: the config file it was trained with)'))
     exit_with(ConfigError(f'--{e.flagname}: a config field, set only beside --config=<file> (to predict '
                           f'with the shipped model: {eas.SHIPPED_FLAGS})'))
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
-    # An unknown field, or an element of a sequence (features.0, which absl cannot parse), is one line; an
-    # error of a config file's own code keeps its traceback.
-    foreign = not isinstance(e, flags.Error | TypeError) and not unknown_overrides(argv, reference) and not (
-        lacked_override(e, argv))
-    if foreign or verbose:
+  except OVERRIDE_ERRORS as e:
+    if verbose or (line := override_error(e, argv, reference)) is None:
       raise
-    exit_with(ConfigError(override_error(e, argv, reference)))
+    exit_with(ConfigError(line))
 
 
 def check_given_once(argv: Sequence[str], reference: ml_collections.ConfigDict) -> None:
@@ -87,15 +83,23 @@ def check_given_once(argv: Sequence[str], reference: ml_collections.ConfigDict) 
                         'would join them into one tuple; give it once')
 
 
-def override_error(error: Exception, argv: Sequence[str], reference: ml_collections.ConfigDict) -> str:
-  """One line for `error`, raised while absl parsed `argv`'s --config flags (a bad value, an unknown field,
-  a config file that raised): the unknown field with the fields its group has (`reference`'s), else the
-  error's own last line."""
+# What absl and ml_collections raise parsing --config flags: `override_error` tells which are the user's.
+OVERRIDE_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, IndexError)
+
+
+def override_error(error: Exception, argv: Sequence[str], reference: ml_collections.ConfigDict) -> str | None:
+  """One line for `error` (one of `OVERRIDE_ERRORS`), raised while absl parsed `argv`'s --config flags (a
+  bad value, an unknown field or an element of a sequence such as features.0, a config file that raised):
+  the unknown field with the fields its group has (`reference`'s), else the error's own last line. None for
+  an error of a config file's own code, which keeps its traceback."""
+  unknown = unknown_overrides(argv, reference)
+  lacked = None if unknown else lacked_override(error, argv)
+  if not (isinstance(error, flags.Error | TypeError) or unknown or lacked):
+    return None
   # A config file that raised: its traceback is in the message, and the last line says why.
   before, traceback, _ = str(error).partition('Traceback (most recent call last):')
   message = before + str(error).strip().splitlines()[-1] if traceback else str(error)
-  unknown = unknown_overrides(argv, reference)
-  if not unknown and (lacked := lacked_override(error, argv)):
+  if lacked:
     return (f'--config.{lacked}: its config file lacks the field, which the default config has: a file of an '
             "older version, or a group assigned whole? Start from configs/default.py's get_config() and set "
             'fields on it')

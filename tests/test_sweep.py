@@ -287,6 +287,9 @@ def test_a_config_every_point_would_refuse_is_refused_before_anything_runs(tmp_p
   with pytest.raises(ConfigError, match=r'--config.trian.num_steps: no such config field') as error:
     points.load_config(['--config=configs/tiny.py', '--config.trian.num_steps=3'])
   assert '\n' not in str(error.value)
+  with pytest.raises(ConfigError, match=r'^--config=configs/tiny.py: --config.model.features.0: model.'
+                     r'features is set whole, e.g. --config.model.features="\(32, 64, 128, 256, 512\)"$'):
+    points.load_config(['--config=configs/tiny.py', '--config.model.features.0=8'])
 
 
 @pytest.mark.parametrize('body', ['x = 1', 'sweep = 3', 'def sweep():\n  pass',

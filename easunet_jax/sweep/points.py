@@ -100,8 +100,10 @@ def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
   try:
     flag_values(argv)
     flag_values.config.keys()  # a config file that failed to load raises only when it is read
-  except (flags.Error, AttributeError, KeyError, TypeError) as e:  # as main.py reports them
-    raise ConfigError(f'{args[0]}: {config_check.override_error(e, argv, default.get_config())}') from None
+  except config_check.OVERRIDE_ERRORS as e:  # as main.py reports them
+    if (line := config_check.override_error(e, argv, default.get_config())) is None:
+      raise
+    raise ConfigError(f'{args[0]}: {line}') from None
   except OSError as e:  # the config file: the last line of the chained report says why
     raise ConfigError(f'{args[0]}: {str(e).strip().splitlines()[-1].strip()}') from None
   config_check.check_complete(flag_values.config, default.get_config(), args[0])
