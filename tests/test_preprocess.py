@@ -91,6 +91,22 @@ def test_reuse_and_rebuild_on_changed_setting(store, data_cfg, caplog):
   preprocess.ensure_slice_store(data_cfg, store, seed=0, multiple=16)  # back to the module's store
 
 
+def test_a_store_of_another_version_is_rebuilt_saying_so(store, data_cfg, tmp_path, caplog):
+  """A store of an earlier version (no version recorded) may hold what that version's code got wrong: it is
+  rebuilt, named as such, not reported as settings the user never changed."""
+  old = tmp_path / 'slices'
+  shutil.copytree(store, old)
+  fingerprint = json.loads((old / 'fingerprint.json').read_text())
+  assert fingerprint.pop('version') == preprocess.STORE_VERSION
+  fingerprint['settings'].pop('train_slices')  # as an earlier version wrote its settings
+  (old / 'fingerprint.json').write_text(json.dumps(fingerprint))
+  with caplog.at_level(logging.INFO):
+    preprocess.ensure_slice_store(data_cfg, old, seed=0, multiple=16)
+  assert (f'slice store {old} is stale (built by another version of easunet_jax: store version 1, this one '
+          f'builds {preprocess.STORE_VERSION}), rebuilding') in caplog.text
+  assert json.loads((old / 'fingerprint.json').read_text())['version'] == preprocess.STORE_VERSION
+
+
 def test_a_kill_while_a_stale_store_is_deleted_leaves_the_new_store_whole(data_cfg, tmp_path, monkeypatch):
   store = preprocess.ensure_slice_store(data_cfg, tmp_path / 'slices', seed=0, multiple=16)
   changed = data_cfg.copy_and_resolve_references()

@@ -34,6 +34,11 @@ SPLITS = ('train', 'val', 'test')
 # deletes these, and refuses to where the folder holds anything else.
 _STORE_ENTRIES = ('fingerprint.json', 'skipped.json', 'splits.json', *SPLITS, '.DS_Store', 'Thumbs.db',
                   'desktop.ini')
+# The version of what a store holds, in its fingerprint: raise it with any change to the code that makes a
+# store hold other slices, labels, tissue codes or rows for the same sources and settings, so that the
+# stores of earlier versions are rebuilt, not read as current. 1: the stores that record no version (among
+# them data.synth stores of renumbered label maps whose cartilage got the tissue codes of bone).
+STORE_VERSION = 2
 # Below this many voxels in all, one process builds the store faster: a worker process's start and its own
 # compilation of `synthetic_image` cost ~20 s. Measured on 2 cores with OAI-ZIB label maps alone (23.6 M
 # voxels each): 3 cases 46 s in one process, 65 s in two; 8 cases 153 s and 107 s.
@@ -144,7 +149,7 @@ def _fingerprint(cases: Sequence[volumes.Case], data_cfg: ml_collections.ConfigD
     settings['split_file_contents'] = _split_file_json(data_cfg.split_file)
   else:
     settings |= {'split': list(data_cfg.split), 'seed': seed}
-  return {'sources': files, 'settings': settings}
+  return {'version': STORE_VERSION, 'sources': files, 'settings': settings}
 
 
 def _tissue_path(case: volumes.Case) -> pathlib.Path:
@@ -392,6 +397,9 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     old_settings = old.get('settings', {})
     changed += [k for k in sorted(old_settings.keys() | fingerprint['settings'].keys())
                 if old_settings.get(k) != fingerprint['settings'].get(k)]
+    if not damaged and old.get('version', 1) != STORE_VERSION:  # its settings as that version wrote them
+      damaged = (f'built by another version of easunet_jax: store version {old.get("version", 1)}, this one '
+                 f'builds {STORE_VERSION}')
     logging.info('slice store %s is stale (%s), rebuilding', cache_dir,
                  damaged or f'changed: {", ".join(changed)}')
   elif foreign:  # a build replaces the folder, whatever it holds
