@@ -49,6 +49,11 @@ _COARSE_PIXEL_RATIO = 2.0
 _SMALL_FOV_MM = 80.0
 SIDES = {'R': 'right', 'L': 'left'}
 _AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
+# The version of what predict makes of a scan (mask, measures, thickness map) with a given model and
+# settings, recorded with each scan's result: raise it with any change to the code that makes them otherwise,
+# so that --continue_prediction segments the scans an earlier version did again instead of keeping their
+# results. 1: the results that record none.
+RESULT_VERSION = 2
 
 
 def _mask_name(scan: pathlib.Path) -> str:
@@ -630,7 +635,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   # model by its weights, not its path: a model file or a workdir may be overwritten by another training.
   settings = json.loads(json.dumps({
       'model_sha256': network.weights_sha256(), 'predict': config.predict.to_dict(), 'series': series,
-      'laterality': laterality, 'save_probabilities': save_probabilities}))
+      'laterality': laterality, 'save_probabilities': save_probabilities, 'version': RESULT_VERSION}))
   kept = {}
   if continue_prediction and batch:
     # Without their scores, which are of the labels given then: a kept scan is scored again if labels are.

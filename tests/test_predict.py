@@ -538,6 +538,7 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
     return predict._earlier_result(scans / 'a.nii.gz', out / 'a.nii.gz', settings | changed) is not None
 
   assert kept()
+  assert settings['version'] == predict.RESULT_VERSION and not kept(version=1)  # made by another version
   for name in ('thickness/a.png', 'thickness/a.nii.gz'):
     (out / name).rename(tmp_path / 'aside')
     assert not kept(), name
