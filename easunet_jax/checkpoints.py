@@ -265,4 +265,10 @@ def _unreadable_as_one_line(path: pathlib.Path, way_out: str = '') -> Iterator[N
                             'which keeps its newest and best checkpoints only); run again to read one it '
                             'keeps') from None
     reason = reason if len(reason) <= 280 else reason[:280] + '...'  # tensorstore's run to pages
+    if 'Structure mismatch' in reason or 'not compatible with the stored shape' in reason:
+      # Whole files of a training state laid out otherwise (the model is checked before): every checkpoint
+      # of the workdir is so, and removing this one would not help.
+      raise CheckpointError(f'{path}: a training state laid out otherwise than this version of easunet_jax '
+                            f'lays it out ({reason}); read it with the version that wrote it, or start '
+                            'another workdir') from None
     raise CheckpointError(f'{path}: unreadable or corrupt checkpoint ({reason}){way_out}') from None

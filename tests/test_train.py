@@ -269,6 +269,21 @@ def test_a_corrupt_checkpoint_to_resume_is_one_line_naming_the_one_before(augmen
   assert '\n' not in str(error.value)
 
 
+def test_a_checkpoint_of_another_state_layout_is_not_called_corrupt(tmp_path):
+  """Whole files of a state another version laid out otherwise: removing the checkpoint would not help."""
+  mngr = checkpoints.manager(tmp_path, 2)
+  for step in (1, 2):
+    checkpoints.save(mngr, step, {'params': {'w': jax.numpy.zeros(3)}}, default.get_config())
+  mngr.wait_until_finished()
+  for abstract in ({'params': {'w': jax.ShapeDtypeStruct((4,), np.float32)}},
+                   {'params': {'w': jax.ShapeDtypeStruct((3,), np.float32)},
+                    'opt_state': {'mu': jax.ShapeDtypeStruct((3,), np.float32)}}):
+    with (pytest.raises(CheckpointError, match=r'checkpoints/2: a training state laid out otherwise '
+                        r'than this version of easunet_jax lays it out \(.*\); read it with the version that '
+                        r'wrote it, or start another workdir$'), checkpoints.unreadable_to_resume(mngr, 2)):
+      checkpoints.restore(mngr, 2, abstract)
+
+
 def test_checkpoint_errors_name_the_cause_and_a_full_disk_while_saving(tmp_path):
   # What orbax raises: tensorstore's error (the cause) wrapped in a bare Exception.
   step = tmp_path / 'ckpt' / '6'
