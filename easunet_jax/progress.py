@@ -1,9 +1,11 @@
 """Progress of long work (training steps, cases preprocessed, evaluated or predicted): done / total, time
 spent, and the ETA at the mean rate so far; a bar on a terminal."""
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 
 
 def _clock(seconds: float) -> str:
@@ -44,6 +46,16 @@ class Progress:
     rate = (self.done - self._last_done) / max(now - self._last_time, 1e-9)
     self._last_done, self._last_time = self.done, now
     return rate
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Leaves the time spent in the block (a training's validation and checkpoints) out of the next `rate`,
+    which then measures the work alone; the ETA keeps it, as the work to come holds more of it."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._last_time += time.perf_counter() - start
 
   def due(self, seconds: float) -> bool:
     """Whether `seconds` have passed since this last said so (or since the start): a status line that long

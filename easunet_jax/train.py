@@ -253,14 +253,15 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
               f'{_latest_checkpoint(mngr)}. Lower optim.lr or check the data')
         accumulated, last_log_step = None, step
       if is_save:
-        val = (validate(p_eval_step, state, val_split, eval_batch_size, data_sharding, config.loss.dice_eps)
-               if is_eval else None)
-        if val:
-          writer.write_scalars(step, val)
-          logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],
-                       val['val/dice_fc'], val['val/dice_tc'])
-        checkpoints.save(mngr, step, state, config,
-                         {k: float(v) for k, v in val.items()} if val else None)
+        with progress.paused():  # train/steps_per_s is of the training steps alone
+          val = (validate(p_eval_step, state, val_split, eval_batch_size, data_sharding, config.loss.dice_eps)
+                 if is_eval else None)
+          if val:
+            writer.write_scalars(step, val)
+            logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],
+                         val['val/dice_fc'], val['val/dice_tc'])
+          checkpoints.save(mngr, step, state, config,
+                           {k: float(v) for k, v in val.items()} if val else None)
       if stop:
         logging.warning('Stopped by %s at step %d of %d; checkpoint saved in %s. Run the same command '
                         'to resume.', stop, step, num_steps, mngr.directory / str(step))

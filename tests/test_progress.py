@@ -35,6 +35,20 @@ def test_rate_is_per_interval_and_update_counts_one(clock):
   assert progress.status() == '3/5 (spent 00:00:05, ETA 00:00:03)'
 
 
+def test_time_paused_is_left_out_of_the_rate_not_the_eta(clock):
+  """A training's validation and checkpoints between two logged periods: steps/s is of the steps alone."""
+  progress = Progress(total=20, bar=False)
+  clock[0] += 4.0
+  progress.update(4)
+  assert progress.rate() == pytest.approx(1.0)
+  with progress.paused():
+    clock[0] += 6.0
+  clock[0] += 2.0
+  progress.update(6)
+  assert progress.rate() == pytest.approx(1.0)
+  assert progress.eta_s() == pytest.approx(12 / 6 * 14)
+
+
 def test_a_bar_on_a_terminal(clock):
   progress = Progress(total=4, done=1, bar=True)
   assert progress.status('case').startswith('[' + '#' * 7 + '.' * 23 + '] case 1/4 ')
