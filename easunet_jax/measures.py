@@ -54,8 +54,7 @@ def thickness_map_mm(mask: np.ndarray, spacing: Sequence[float],
   ridge = np.zeros(mask.shape, bool)
   if not mask.any():
     return thickness, ridge
-  corners = np.argwhere(mask)
-  box = tuple(slice(lo, hi + 1) for lo, hi in zip(corners.min(0), corners.max(0)))
+  box = metrics.bounding_box(mask)
   plate = np.pad(mask[box], 1)  # background all round: the distance transform measures to it
   halves = plate.repeat(2, 0).repeat(2, 1).repeat(2, 2)
   distance = ndimage.distance_transform_edt(halves, sampling=np.asarray(spacing, float) / 2)

@@ -40,7 +40,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
   return mask & ~ndimage.binary_erosion(mask, structure, border_value=0)
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
   """The smallest box holding every voxel of a non-empty `mask`."""
   box = []
   for axis in range(mask.ndim):
@@ -94,7 +94,7 @@ def segmentation_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[flo
   # Cropping to the bounding box of pred | gt changes no result: every voxel just outside it is background,
   # which is what the erosion's border_value=0 assumes, and every surface voxel lies inside it. It makes the
   # distance transforms of thin cartilage in a full volume affordable.
-  box = _bounding_box(pred | gt)
+  box = bounding_box(pred | gt)
   pred, gt = pred[box], gt[box]
   n_pred, n_gt = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
   tp = int(np.count_nonzero(pred & gt))

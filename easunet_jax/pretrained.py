@@ -129,7 +129,7 @@ def load(config: ml_collections.ConfigDict, path: str | pathlib.Path, mesh: jax.
           raise CheckpointError(f'{path}: {prefix}{wrong[0]} has shape {arrays[wrong[0]].shape}, the network '
                                 f'{names[wrong[0]].shape} (and {len(wrong) - 1} more): weights of another '
                                 'network than its config describes')
-        leaves = [jax.device_put(jnp.asarray(arrays[k], jnp.float32), replicated) for k in names]
+        leaves = [jax.device_put(np.asarray(arrays[k], np.float32), replicated) for k in names]
         return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
       state = steps.TrainState(step=jnp.asarray(meta['step'], jnp.int32), params=fill('params', params),

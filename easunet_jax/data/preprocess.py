@@ -173,16 +173,14 @@ def _tissues(case: volumes.Case, label_map: Sequence[Sequence[int]]) -> np.ndarr
   return synth.tissues_from_labels(labels, spacing, label_map)
 
 
-@functools.cache
-def _render_jit():
-  return jax.jit(synth.render_batch)
+_render = jax.jit(synth.render_batch)
 
 
 def synthetic_image(tissue: np.ndarray, case_id: str) -> np.ndarray:
   """A fixed synthetic image (float32 in [0, 1]) of a volume's tissue map, one draw per sagittal slice from
   a key of the case id: the validation and test images of a data set of label maps alone."""
   key = jax.random.key(zlib.crc32(case_id.encode()))
-  return np.asarray(_render_jit()(key, tissue))[..., 0]
+  return np.asarray(_render(key, tissue))[..., 0]
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
