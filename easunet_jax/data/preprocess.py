@@ -186,8 +186,19 @@ def synthetic_image(tissue: np.ndarray, case_id: str) -> np.ndarray:
 def normalise(image: np.ndarray) -> np.ndarray:
   """Clips to the 0.5 / 99.5 percentiles of the volume and scales to [0, 1], whatever the intensities'
   unit (a scan scaled by 1e-10 normalises as the scan); over the full range where the two percentiles are
-  one value (a volume 99 % background)."""
+  one value (a volume 99 % background). A value at an end of the range on more voxels than the clip leaves
+  out, whose other voxels lie further from it than they spread, is a fill (an oblique reformat's corners at
+  -32768, a region masked bright): the percentiles are of the other voxels, and it clips to 0 or 1."""
   lo, hi = np.percentile(image, (0.5, 99.5))
+  low_end, high_end = lo == image.min(), hi == image.max()
+  if (low_end or high_end) and (rest := image[(image > lo if low_end else True) &
+                                              (image < hi if high_end else True)]).size:
+    rest_lo, rest_hi = np.percentile(rest, (0.5, 99.5))
+    low_fill = low_end and rest_lo - lo > rest_hi - rest_lo
+    high_fill = high_end and hi - rest_hi > rest_hi - rest_lo
+    if low_fill or high_fill:
+      lo, hi = np.percentile(image[(image > lo if low_fill else True) & (image < hi if high_fill else True)],
+                             (0.5, 99.5))
   if hi <= lo:
     lo, hi = image.min(), image.max()
   return np.clip((image - lo) / max(hi - lo, np.finfo(np.float32).tiny), 0, 1).astype(np.float16)
