@@ -90,6 +90,17 @@ def test_voxel_order_rescale_per_slice_and_report(tmp_path):
   assert report['series_found'] == [{'name': uid, 'description': 'DESS 8', 'number': 3, 'slices': 8}]
 
 
+@pytest.mark.parametrize('slope, shown', [('NaN', 'nan'), ('1e36', r'1e\+36')])
+def test_a_rescale_slope_giving_no_float32_values_is_named(tmp_path, slope, shown):
+  """Not blamed on the voxels ('image holds NaN or infinite voxels'), with no overflow warning."""
+  def bad_slope(n, ds):
+    ds.RescaleSlope = slope
+  write_series(tmp_path, edit=bad_slope)
+  with pytest.raises(DataError, match=rf'RescaleSlope {shown} and RescaleIntercept 0 give values '
+                     r'that are not finite or beyond float32 \(3.4e38\)$'):
+    dicom.read_series(tmp_path)
+
+
 def test_sheared_stack_keeps_slice_positions(tmp_path):
   def shear(n, ds):
     # Each slice also 0.2 mm posterior of the one before.

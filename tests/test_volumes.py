@@ -228,6 +228,29 @@ def test_colour_complex_and_cartilage_free_label_maps_are_one_line_errors(tmp_pa
       volumes.labels_on_grid(nii, volumes.Case(name, None, tmp_path / f'{name}.nii.gz'), ((2, 1), (4, 2)))
 
 
+def test_non_finite_or_huge_label_values_and_vector_voxels_are_named(tmp_path):
+  """A float label map holding inf or 1e20 (not a wrapped int64 after a cast warning); a NIfTI of vector
+  (RGB) voxels; a scan with NaN voxels says what to do."""
+  image, labels, affine = _small_case(np.random.default_rng(0))
+  for value, message in ((np.inf, 'holds NaN or infinite values'), (1e20, r'holds values up to 1e\+20')):
+    voxels = labels.astype(np.float32)
+    voxels[0, 0, 0] = value
+    nib.save(nib.Nifti1Image(voxels, affine), tmp_path / 'k.nii.gz')
+    with pytest.raises(DataError, match=rf'^k: label file \S+ {message} \(expected'):
+      volumes.load_labels(volumes.Case('k', None, tmp_path / 'k.nii.gz'), ((2, 1), (4, 2)))
+  vector = nib.Nifti1Image(np.zeros((*image.shape, 1, 3), np.uint8), affine)
+  vector.header.set_intent('vector')
+  nib.save(vector, tmp_path / 'rgb.nii.gz')
+  with pytest.raises(DataError, match=r'rgb.nii.gz: vector voxels of 3 components \(shape \(4, 5, 6, 1, '
+                     r'3\)\), expected a greyscale scan or label map: save one component$'):
+    volumes.load_image(tmp_path / 'rgb.nii.gz')
+  image[0, 0, 0] = np.nan
+  nib.save(nib.Nifti1Image(image, affine), tmp_path / 'nan.nii.gz')
+  with pytest.raises(DataError, match=r'nan.nii.gz: image holds 1 NaN or infinite voxels; replace them '
+                     r'\(e.g. by 0\) and run again$'):
+    volumes.load_image(tmp_path / 'nan.nii.gz')
+
+
 def test_remap_labels():
   labels = np.array([[0, 1, 2, 3, 4, 5, 7]])
   out = volumes.remap_labels(labels, ((2, 1), (4, 2), (5, 2)))

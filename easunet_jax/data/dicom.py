@@ -405,7 +405,11 @@ def _volume(members: Members) -> np.ndarray:
                           for keyword, default in (('RescaleSlope', 1.0), ('RescaleIntercept', 0.0)))
     except (TypeError, ValueError) as e:
       raise DataError(f'{slice_}: unreadable RescaleSlope or RescaleIntercept ({one_line(e)})') from None
-    slices.append((pixels.T.astype(np.float64) * slope + intercept).astype(np.float32))
+    values = pixels.T.astype(np.float64) * slope + intercept
+    if not np.isfinite(values).all() or np.abs(values).max() > np.finfo(np.float32).max:
+      raise DataError(f'{slice_}: RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give values '
+                      'that are not finite or beyond float32 (3.4e38)')
+    slices.append(values.astype(np.float32))
   return np.stack(slices, axis=-1)
 
 

@@ -479,11 +479,14 @@ def open_volume(path: str | pathlib.Path) -> nib.Nifti1Image:
                     if isinstance(nii, nib.AnalyzeImage) else f'{path}: {type(nii).__name__} is not NIfTI')
   if len(nii.shape) > 3 and all(n == 1 for n in nii.shape[3:]):
     nii = type(nii)(nii.dataobj.reshape(nii.shape[:3]), nii.affine, nii.header)  # still lazy
+  if len(nii.shape) > 3 and nii.header.get_intent()[0] in ('vector', 'rgb vector', 'rgba vector'):
+    raise DataError(f'{path}: {nii.header.get_intent()[0]} voxels of {np.prod(nii.shape[3:])} components '
+                    f'(shape {nii.shape}), expected a greyscale scan or label map: save one component')
   if len(nii.shape) != 3:
     raise DataError(f'{path}: {len(nii.shape)}D volume of shape {nii.shape}, expected 3D' + (
         ' (a series of several volumes, echoes or time points: save the one to use as its own file; a label '
-        'map of a channel per class, one-hot: save its argmax, one volume of label values)'
-        if len(nii.shape) > 3 else ''))
+        'map of a channel per class, one-hot: save its argmax, one volume of label values; colour voxels: '
+        'save a greyscale volume)' if len(nii.shape) > 3 else ''))
   if min(nii.shape) < 1:
     raise DataError(f'{path}: volume of shape {nii.shape}, an axis without voxels (a corrupt header?)')
   _check_affine(path, nii.affine, mm_per_unit(nii))
@@ -588,7 +591,8 @@ def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[n
     raise DataError(f'{source}: {"/".join(image.dtype.names)} colour voxels, expected a greyscale scan')
   image = np.abs(image) if np.iscomplexobj(image) else image
   if not np.isfinite(image).all():
-    raise DataError(f'{source}: image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite voxels')
+    raise DataError(f'{source}: image holds {np.count_nonzero(~np.isfinite(image))} NaN or infinite voxels; '
+                    'replace them (e.g. by 0) and run again')
   if (peak := np.abs(image).max()) > np.finfo(np.float32).max:  # float64 voxels that float32 cannot hold
     raise DataError(f'{source}: image values reach {peak:.3g}, beyond float32 (3.4e38); rescale the scan')
   image = image.astype(np.float32, copy=False)
@@ -603,8 +607,13 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
     kind = f'{"/".join(labels.dtype.names)} colour' if labels.dtype.names else 'complex'
     raise DataError(f'{case.id}: label file {case.label} holds {kind} voxels (expected integers)')
   if not np.issubdtype(labels.dtype, np.integer):
+    if not np.isfinite(labels).all():
+      raise DataError(f'{case.id}: label file {case.label} holds NaN or infinite values (expected integers)')
     if not np.array_equal(labels, np.round(labels)):
       raise DataError(f'{case.id}: label file {case.label} holds non-integer values (expected integers)')
+    if (peak := np.abs(labels).max()) >= 2 ** 31:  # no label value; beyond int64 the cast would wrap
+      raise DataError(f'{case.id}: label file {case.label} holds values up to {peak:.3g} (expected label '
+                      'values, integers 0-255)')
     labels = labels.astype(np.int64)
   known = {0, *BONE_LABELS, *(int(source) for source, _ in label_map)}
   lo, hi = int(labels.min()), int(labels.max())
