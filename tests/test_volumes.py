@@ -586,6 +586,10 @@ def test_files_other_writers_make_load_as_itk_reads_them(tmp_path):
   nrrd('byte_skip.nrrd', 'endian: little\nencoding: gzip\nbyte skip: 3\n\n', gzip.compress(b'abc' + shorts))
   (tmp_path / 'lines.raw').write_bytes(b'a line\nanother\n' + shorts)
   nrrd('line_skip.nhdr', 'endian: little\nencoding: raw\nline skip: 2\ndata file: lines.raw\n', b'')
+  # Lines skipped after a header in the same file: those that follow it, before the data (compressed or not).
+  nrrd('line_skip.nrrd', 'endian: little\nencoding: raw\nline skip: 1\n\n', b'a line\n' + shorts)
+  nrrd('line_skip_gz.nrrd', 'endian: little\nencoding: gzip\nline skip: 1\n\n',
+       b'a line\n' + gzip.compress(shorts))
   for space in ('LAS', 'left-anterior-superior'):
     nrrd(f'{space}.nrrd', 'endian: little\nencoding: raw\n\n', shorts, space)
   (tmp_path / 'tail.raw').write_bytes(b'0123456789' + shorts)

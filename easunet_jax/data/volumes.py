@@ -352,6 +352,7 @@ def _nrrd(path: pathlib.Path) -> nib.Nifti1Image:
     data_path = path.parent / fields['data file'] if 'data file' in fields else path
     offset = 0 if 'data file' in fields else header_end
     with open(data_path, 'rb') as f:  # a missing data file is an error here, not at the first read
+      f.seek(offset)  # the lines skipped follow the header (in the data file: its first)
       for _ in range(int(fields.get('line skip', 0))):
         offset += len(f.readline())
     nbytes, byte_skip = int(np.prod(sizes)) * dtype.itemsize, int(fields.get('byte skip', 0))
