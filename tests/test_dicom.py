@@ -160,6 +160,16 @@ def test_series_of_several_patients_are_refused_unless_one_is_picked(tmp_path):
     dicom.read_series(tmp_path)
   assert dicom.read_series(tmp_path, uid)[1]['series_used'] == uid
   assert dicom.read_series(tmp_path / '9000099')[1]['series_used'] == uid
+  # Enhanced (multi-frame) files: each frame's header keeps its file's PatientID.
+  rng = np.random.default_rng(0)
+  for seed, name in enumerate(('9000099', '9000296')):
+    path = tmp_path / 'enhanced' / name / 'IM1'
+    write_enhanced(path, [rng.integers(0, 4000, (24, 20, 8), dtype=np.uint16)], seed=seed)
+    ds = pydicom.dcmread(path)
+    ds.PatientID = name
+    ds.save_as(path)
+  with pytest.raises(DataError, match=r"DICOM series of 2 patients \(9000099, 9000296\)"):
+    dicom.read_series(tmp_path / 'enhanced')
 
 
 @pytest.mark.parametrize('signed', [False, True])

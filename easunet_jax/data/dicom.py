@@ -47,7 +47,7 @@ _FRAME_MACROS = {
   'FrameAnatomySequence': ('FrameLaterality',),
 }
 _FILE_TAGS = ('SeriesInstanceUID', 'SOPInstanceUID', 'SeriesDescription', 'SeriesNumber', 'Manufacturer',
-              'Laterality', 'Rows', 'Columns')
+              'Laterality', 'Rows', 'Columns', 'PatientID', 'ImageType')
 _DESCRIPTION_SIDES = {'RIGHT': 'R', 'RT': 'R', 'LEFT': 'L', 'LT': 'L'}
 # ImageType values (its third and later) of a classic image that is not a magnitude image: Siemens' and
 # Philips' phase, real and imaginary images, which may share a series with the magnitude ones.
