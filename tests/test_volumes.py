@@ -730,3 +730,8 @@ def test_a_nifti_suffix_in_mixed_case_is_read_as_its_own_file(tmp_path):
   nii = volumes.open_volume(tmp_path / 'k.Nii.gz')
   np.testing.assert_array_equal(np.asarray(nii.dataobj), image)
   assert nii.affine[0, 0] == 2.0
+  # Cut short, it is named so.
+  whole = (tmp_path / 'k.Nii.gz').read_bytes()
+  (tmp_path / 'k.Nii.gz').write_bytes(whole[:len(whole) // 2])
+  with pytest.raises(DataError, match=r'k.Nii.gz: not a readable NIfTI file \(Compressed file ended before'):
+    volumes.open_volume(tmp_path / 'k.Nii.gz')

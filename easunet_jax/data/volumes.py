@@ -440,8 +440,8 @@ def _nifti(path: pathlib.Path) -> nib.spatialimages.SpatialImage:
         nii = image_type.from_bytes(content)
         _warn_of_odd_voxel_sizes(path, image_type.header_class.from_fileobj(io.BytesIO(content), check=False))
         return nii
-    except _READ_ERRORS:
-      pass
+    except _READ_ERRORS as e:  # read by its content and found cut short or corrupt
+      error = one_line(e)
   raise DataError(f'{path}: not a readable NIfTI file ({error})') from None
 
 
