@@ -58,6 +58,18 @@ def test_draws_differ_in_contrast_and_keep_the_labels(knee):
   np.testing.assert_array_equal(again['image'], draws[0]['image'])
 
 
+def test_a_volumes_fixed_image_draws_each_slice_by_its_index_in_one_program(knee):
+  """A labels-only set's validation and test images: slice i is drawn alike whatever the slice count, and
+  one compilation serves every slice count of an in-plane size."""
+  tissue, _ = knee
+  whole = preprocess.synthetic_image(tissue, 'case')
+  assert whole.shape == tissue.shape and whole.dtype == np.float32 and 0 <= whole.min() < whole.max() <= 1
+  compiled = preprocess._render_slices._cache_size()
+  np.testing.assert_array_equal(preprocess.synthetic_image(tissue[:11], 'case'), whole[:11])
+  assert preprocess._render_slices._cache_size() == compiled
+  assert not np.array_equal(preprocess.synthetic_image(tissue, 'other case'), whole)
+
+
 def test_air_is_dark_in_the_draws_ranges_say(knee):
   """All else plain (no spread, blur, bias, gamma, noise or saturation), the image is the sub-regions'
   means over the brightest's: air drawn in [0, 0.1] is then below 0.2 (the brightest of some twenty means is

@@ -173,14 +173,26 @@ def _tissues(case: volumes.Case, label_map: Sequence[Sequence[int]]) -> np.ndarr
   return synth.tissues_from_labels(labels, spacing, label_map)
 
 
-_render = jax.jit(synth.render_batch)
+# Slices rendered by one program: its compilation (~4 s on one core at 128 x 128) depends on the in-plane
+# size alone, not on each volume's slice count.
+_RENDER_SLICES = 16
+
+
+@jax.jit
+def _render_slices(case_key: jax.Array, rows: jax.Array, tissue_BHW: jax.Array) -> jax.Array:
+  return jax.vmap(lambda row, tissue: synth.render(jax.random.fold_in(case_key, row), tissue))(
+      rows, tissue_BHW)
 
 
 def synthetic_image(tissue: np.ndarray, case_id: str) -> np.ndarray:
   """A fixed synthetic image (float32 in [0, 1]) of a volume's tissue map, one draw per sagittal slice from
-  a key of the case id: the validation and test images of a data set of label maps alone."""
+  a key of the case id and the slice's index: the validation and test images of a data set of label maps
+  alone."""
   key = jax.random.key(zlib.crc32(case_id.encode()))
-  return np.asarray(_render(key, tissue))[..., 0]
+  # The last chunk filled up with the last slice, drawn again and dropped.
+  rows = np.minimum(np.arange(padded_size(len(tissue), _RENDER_SLICES)), len(tissue) - 1)
+  images = [_render_slices(key, chunk, tissue[chunk]) for chunk in rows.reshape(-1, _RENDER_SLICES)]
+  return np.concatenate(images)[:len(tissue)]
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
