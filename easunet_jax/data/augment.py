@@ -37,7 +37,7 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
 
 
 def sample_parameters(key: jax.Array, batch_size: int, ranges: Ranges = Ranges()) -> dict[str, jax.Array]:
-  """One draw per slice: {'angle' (radians), 'zoom', 'shift' (B, 2) in pixels per unit size, 'gamma',
+  """One draw per slice: {'angle' (radians), 'zoom', 'shift' (B, 2) as fractions of the slice size, 'gamma',
   'intensity'}, each of leading size batch_size."""
   def one(key):
     k_angle, k_zoom, k_shift, k_gamma, k_intensity = jax.random.split(key, 5)

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
-from absl import flags
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 

@@ -41,9 +41,8 @@ class AttentionUNet(UNet):
   """
 
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
-               in_channels: int = 1, dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
-    super().__init__(features=features, num_classes=num_classes, in_channels=in_channels, dtype=dtype,
-                     rngs=rngs)
+               dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+    super().__init__(features=features, num_classes=num_classes, dtype=dtype, rngs=rngs)
     f = tuple(features)
     # gates[s] belongs to the skip e_{s+1}, like decoder[s]: index 0 is full resolution.
     self.gates = nnx.List([AttentionGate(f[s], f[s + 1], dtype=dtype, rngs=rngs) for s in range(len(f) - 1)])

@@ -60,15 +60,16 @@ class EASUNet(nnx.Module):
   """
 
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
-               in_channels: int = 1, aspp_rates: tuple[int, ...] = (6, 12, 18),
+               aspp_rates: tuple[int, ...] = (6, 12, 18),
                depthwise_impl: str = 'auto', block: str = 'separable', eca: bool = True, eas: bool = True,
                deep_supervision: bool = True, fusion: str = 'concat', dtype: DTypeLike = jnp.float32,
                rngs: nnx.Rngs):
     f = tuple(features)
     make_block = _block_factory(block, depthwise_impl)
     self.stride = stride(f)
-    # A depthwise convolution of one input channel is degenerate: the stem is a full 3x3 convolution.
-    self.stem = ConvBnAct(in_channels, f[0], act=layers.leaky_relu, dtype=dtype, rngs=rngs)
+    # A depthwise convolution of the one input channel (the scan) is degenerate: the stem is a full 3x3
+    # convolution.
+    self.stem = ConvBnAct(1, f[0], act=layers.leaky_relu, dtype=dtype, rngs=rngs)
     self.encoder = nnx.List([EncoderStage(f[max(s - 1, 0)], f[s], pool=s > 0, block=make_block, dtype=dtype,
                                           rngs=rngs) for s in range(len(f))])
     self.eas = EAS(f[-1], tuple(aspp_rates), eca=eca, impl=depthwise_impl, dtype=dtype,

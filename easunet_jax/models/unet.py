@@ -94,10 +94,10 @@ class UNet(nnx.Module):
   """
 
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
-               in_channels: int = 1, dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+               dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
     f = tuple(features)
     self.stride = stride(f)
-    self.encoder = Encoder(in_channels, f, dtype=dtype, rngs=rngs)
+    self.encoder = Encoder(1, f, dtype=dtype, rngs=rngs)  # one input channel: the scan
     # decoder[0] is d1 (full resolution), decoder[-1] the deepest.
     self.decoder = nnx.List([UpStage(f[s + 1], f[s], dtype=dtype, rngs=rngs) for s in range(len(f) - 1)])
     self.head = layers.pointwise(f[0], num_classes, dtype, rngs, use_bias=True)

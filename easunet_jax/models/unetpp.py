@@ -19,11 +19,10 @@ class UNetPlusPlus(nnx.Module):
   """
 
   def __init__(self, *, features: tuple[int, ...] = (32, 64, 128, 256, 512), num_classes: int = 3,
-               in_channels: int = 1, deep_supervision: bool = False, dtype: DTypeLike = jnp.float32,
-               rngs: nnx.Rngs):
+               deep_supervision: bool = False, dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
     f = tuple(features)
     self.stride = stride(f)
-    self.encoder = Encoder(in_channels, f, dtype=dtype, rngs=rngs)
+    self.encoder = Encoder(1, f, dtype=dtype, rngs=rngs)  # one input channel: the scan
     # nested[j - 1][i] is X^{i,j}: up-samples X^{i+1,j-1} and concatenates the j nodes X^{i,0..j-1}.
     self.nested = nnx.List([
         nnx.List([UpStage(f[i + 1], f[i], num_skips=j, dtype=dtype, rngs=rngs) for i in range(len(f) - j)])
