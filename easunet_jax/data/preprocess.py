@@ -438,15 +438,16 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   ids = [c.id for c in usable]
   splits = _read_split_file(data_cfg.split_file, ids, list(skipped)) if data_cfg.split_file else split_cases(
       ids, data_cfg.split, seed)
-  headers = [volumes.open_volume(c.image or c.label) for c in usable]
-  shapes, affines = zip(*map(volumes.canonical_grid, headers))
+  # One volume open at a time: a compressed MetaImage's or NRRD's voxels are read as it opens.
+  shapes, affines, stored = zip(*((*volumes.canonical_grid(nii), nii.affine)
+                                  for nii in map(volumes.open_volume, (c.image or c.label for c in usable))))
   shapes = np.array(shapes)
   size = tuple(padded_size(int(n), multiple) for n in shapes[:, 1:].max(axis=0))
   # The store keeps each scan's pixel (no resampling), and a model learns one scale: say where they differ.
   pixels = np.array([nib.affines.voxel_sizes(affine)[1:] for affine in affines])
   # What a conversion that lost the geometry writes: the slices are taken along the first stored axis as
   # left-right, which only a sagittal scan stored slice first makes sagittal.
-  if lost := [c.id for c, nii in zip(usable, headers) if np.array_equal(nii.affine[:3, :3], np.eye(3))]:
+  if lost := [c.id for c, affine in zip(usable, stored) if np.array_equal(affine[:3, :3], np.eye(3))]:
     logging.warning("%d case(s) with the identity for their header's voxel-to-world affine (1 mm voxels, "
                     'axes as stored, as a conversion that lost the geometry writes it): %s; they are sliced '
                     'along their first axis as sagittal, at 1 mm', len(lost),
