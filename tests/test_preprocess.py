@@ -1,5 +1,6 @@
 """Tests of the slice store: layout, dtypes, ranges, subject-level splits, reuse and rebuild."""
 
+import errno
 import json
 import logging
 import os
@@ -506,6 +507,34 @@ def test_crash_leaves_no_store_and_no_build_folder(data_cfg, tmp_path, monkeypat
   with pytest.raises(MemoryError):
     preprocess.ensure_slice_store(data_cfg, tmp_path / 'slices', seed=0, multiple=16)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_the_store_is_written_is_one_line_naming_the_store(data_cfg, tmp_path, monkeypatch):
+  """numpy's 'Not enough free space' (no file named) as a case is written, and the space of a split's file
+  found missing as it is reserved (a memory map written on a full disk would end the process, a bus
+  error): one line naming the store, the build folder gone."""
+  save = np.save
+
+  def full_disk(path, array):
+    if len(list((tmp_path / 'a').glob('*.build/*/*.tmp.npy'))) >= 2:
+      raise OSError(f'Not enough free space to write {array.nbytes} bytes after offset 128')
+    save(path, array)
+
+  monkeypatch.setattr(np, 'save', full_disk)
+  with pytest.raises(DataError, match=r'/a/slices: cannot write the slice store \(Not enough free space to '
+                     r'write \d+ bytes after offset 128\); make room there, or name another folder '
+                     r'\(data.cache_dir\)$'):
+    preprocess.ensure_slice_store(data_cfg, tmp_path / 'a' / 'slices', seed=0, multiple=16)
+  assert list((tmp_path / 'a').iterdir()) == []
+  monkeypatch.undo()
+
+  def no_space(fd, offset, length):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(os, 'posix_fallocate', no_space, raising=False)
+  with pytest.raises(DataError, match=r'/b/slices: cannot write the slice store \(No space left on device\)'):
+    preprocess.ensure_slice_store(data_cfg, tmp_path / 'b' / 'slices', seed=0, multiple=16)
+  assert list((tmp_path / 'b').iterdir()) == []
 
 
 def test_a_killed_builds_folder_goes_also_where_the_store_is_current(store, data_cfg, dead_mark):

@@ -9,9 +9,11 @@ centres it in the store's slice size, a multiple of the network's stride).
 """
 
 import collections
+import errno
 import functools
 import json
 import logging
+import os
 import pathlib
 import shutil
 import zlib
@@ -309,6 +311,20 @@ def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]
   return parts
 
 
+def _reserve(path: pathlib.Path) -> None:
+  """Allocates the disk space of a file made sparse (a new memory map): a full disk then raises here, not
+  a bus error that ends the process as the map is written. Where the system cannot (macOS, some network
+  file systems), the file stays as it is."""
+  if not hasattr(os, 'posix_fallocate'):
+    return
+  with open(path, 'r+b') as f:
+    try:
+      os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+      if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+        raise
+
+
 def _gather(out: pathlib.Path, parts: Sequence[str], num_rows: int, kinds: Sequence[str],
             size: tuple[int, int]) -> None:
   """The split's per-case temporary files, in `parts` order, into one .npy file per kind ('images',
@@ -319,6 +335,7 @@ def _gather(out: pathlib.Path, parts: Sequence[str], num_rows: int, kinds: Seque
       np.save(out / f'{kind}.npy', np.zeros((0, *size), dtype))
       continue
     array = np.lib.format.open_memmap(out / f'{kind}.npy', mode='w+', dtype=dtype, shape=(num_rows, *size))
+    _reserve(out / f'{kind}.npy')
     start = 0
     for case_id in parts:
       tmp = out / f'{case_id}.{kind}.tmp.npy'
@@ -500,6 +517,12 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
       cache_dir.rename(aside)
     tmp.rename(cache_dir)
     shutil.rmtree(aside, ignore_errors=True)
+  except OSError as e:
+    # Writing the store: a full disk (numpy's message names no file), a folder made read-only meanwhile.
+    if e.filename is not None and not pathlib.Path(e.filename).is_relative_to(tmp):
+      raise
+    raise DataError(f'{cache_dir}: cannot write the slice store ({e.strerror or one_line(e)}); make room '
+                    'there, or name another folder (data.cache_dir)') from None
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   rows = {n: len(json.loads((cache_dir / n / 'index.json').read_text())) for n in SPLITS}
