@@ -19,13 +19,11 @@ from scipy import ndimage
 
 from easunet_jax import models, parallel, steps
 from easunet_jax.data import pipeline, preprocess
-from easunet_jax.progress import Progress
+from easunet_jax.progress import EVERY_S, Progress
 
 # Network pixels per in-plane axis a resampled slice may span: outside, the header's voxel size is wrong
 # (another unit than mm, a scaled affine), and the slice would be a few pixels or exhaust memory.
 _SLICE_PIXELS = (16, 4096)
-# A scan segmented for minutes (a CPU's; a laptop's 80 slices take two) says how far it is this often.
-PROGRESS_EVERY_S = 30.0
 # The compiled forward passes of this process's Networks, by all the program depends on (network, weights'
 # shapes and shardings, slice shape), the last used last: a notebook's next `predict.predict` of the same
 # model compiles nothing (1.5-2 s of the shipped model's 5 s on a small scan). A few: each holds its
@@ -139,7 +137,7 @@ def class_probabilities(network: Network, image: np.ndarray,
   boundaries finer than the network's pixels. Then they are smoothed across sagittal slices by a Gaussian
   of `slice_sigma_mm` (0: not at all): the network sees one slice at a time, and the smoothing lets
   neighbouring slices outvote a slice's lone speck or gap. With a `name`, a status line with the ETA of the
-  scan so named is logged every PROGRESS_EVERY_S seconds."""
+  scan so named is logged every `progress.EVERY_S` seconds."""
   original = image.shape[1:]
   size = original if pixel is None else resampled_size(original, spacing[1:], pixel)
   image = preprocess.normalise(image).astype(np.float32)
@@ -152,7 +150,7 @@ def class_probabilities(network: Network, image: np.ndarray,
     for first in range(0, len(slices), network.batch_size):  # the network's own batches, counted
       probs.append(network(slices[first:first + network.batch_size]))
       progress.update(progress.done + len(probs[-1]))
-      if name and progress.due(PROGRESS_EVERY_S):
+      if name and progress.due(EVERY_S):
         logging.info('%s', progress.status(f'{name}: slices segmented'))
     return _resize(np.concatenate(probs)[crop], original, [-o for o in offset])
 

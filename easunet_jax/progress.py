@@ -7,6 +7,10 @@ import sys
 import time
 from collections.abc import Iterator
 
+# Long work between its own status lines (a scan segmented for minutes on a CPU, a training's steps between
+# log rows, a validation) says how far it is this often.
+EVERY_S = 30.0
+
 
 def _clock(seconds: float) -> str:
   """HH:MM:SS, the hours past 24 too (a CPU training of the paper's 50 epochs takes days)."""
@@ -58,8 +62,8 @@ class Progress:
       self._last_time += time.perf_counter() - start
 
   def due(self, seconds: float) -> bool:
-    """Whether `seconds` have passed since this last said so (or since the start): a status line that long
-    work shows every so often, not at every unit."""
+    """Whether `seconds` have passed since this last said so or gave a `status` (or since the start): a
+    status line that long work shows every so often, not at every unit."""
     now = time.perf_counter()
     if now - self._shown < seconds:
       return False
@@ -68,6 +72,7 @@ class Progress:
 
   def status(self, unit: str = '') -> str:
     """'[####......] ' on a terminal, then '<unit> done/total (spent HH:MM:SS, ETA HH:MM:SS)'."""
+    self._shown = time.perf_counter()
     parts = [unit, f'{self.done}/{self.total}',
              f'(spent {_clock(self.spent_s)}, ETA {_clock(self.eta_s())})']
     if self._bar:

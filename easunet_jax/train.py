@@ -21,7 +21,7 @@ from easunet_jax import atomic, checkpoints, losses, metrics, parallel, pretrain
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 from easunet_jax.metric_writer import MetricWriter
-from easunet_jax.progress import Progress
+from easunet_jax.progress import EVERY_S, Progress
 
 # train.nan_policy='skip' gives up after this many skipped steps in a row (whole logging periods counted):
 # a model whose every update is refused has diverged, or every batch holds a bad slice, and would finish
@@ -47,6 +47,7 @@ def validate(p_eval_step: Callable, state: steps.TrainState, val: pipeline.Split
   cases = [row['case'] for row in val.index]
   per_case: dict[str, np.ndarray] = {}
   loss_sums, row = None, 0
+  progress = Progress(len(cases))  # a study's validation set takes minutes on a CPU
   for batch in pipeline.eval_batches(val, batch_size):
     out = jax.device_get(p_eval_step(state, pipeline.put_on_mesh(batch, data_sharding)))
     sums = jax.tree.map(lambda x: np.asarray(x, np.float64), out['loss_sums'])
@@ -54,6 +55,9 @@ def validate(p_eval_step: Callable, state: steps.TrainState, val: pipeline.Split
     for counts in out['counts'][:int(out['num_valid'])]:
       per_case[cases[row]] = per_case.get(cases[row], 0) + counts
       row += 1
+    progress.update(row)
+    if progress.due(EVERY_S):
+      logging.info('%s', progress.status('validation slices'))
   dice = metrics.dice_from_counts(np.stack(list(per_case.values())).astype(np.float64)).mean(axis=0)
   return {'val/loss': float(losses.loss_of_sums(loss_sums, dice_eps)), 'val/dice_fc': dice[0],
           'val/dice_tc': dice[1], 'val/dice_mean': dice.mean()}
@@ -223,7 +227,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
       is_eval = step % config.train.eval_every_steps == 0 or step == num_steps
       is_save = is_eval or step % config.checkpoint.every_steps == 0 or stop
       if not (is_log or is_save):
-        continue  # no host sync on the other steps: the device runs ahead
+        if progress.due(EVERY_S):  # steps of a minute (the paper's network on a CPU): no silence till a log
+          jax.block_until_ready(state.step)
+          progress.update(step)
+          logging.info('%s', progress.status('step'))
+        continue  # no other host sync on these steps: the device runs ahead
       summary = jax.device_get(accumulated.compute())
       if summary['first_nonfinite_step'] and config.train.nan_policy == 'stop':
         raise UserError(

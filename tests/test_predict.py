@@ -1256,9 +1256,9 @@ def test_subpixel_tta_is_one_grid_where_the_network_pixels_are_the_scans():
 
 
 def test_a_named_scan_logs_how_far_its_slices_are(monkeypatch, caplog):
-  """Every PROGRESS_EVERY_S seconds (here at every batch of the network's 8 slices) a named scan's status
+  """Every progress.EVERY_S seconds (here at every batch of the network's 8 slices) a named scan's status
   line: slices segmented over all sampling grids, with the ETA; an unnamed one (the pose check's) is quiet."""
-  monkeypatch.setattr(inference, 'PROGRESS_EVERY_S', 0.0)
+  monkeypatch.setattr(inference, 'EVERY_S', 0.0)
   image = np.arange(20 * 16 * 16, dtype=np.float32).reshape(20, 16, 16)
   with caplog.at_level(logging.INFO):
     unnamed = _segment(_Step(), image, (1.0, 1.0, 1.0), (1.0, 1.0), True, 0.0)

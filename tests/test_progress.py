@@ -76,3 +76,7 @@ def test_due_says_so_once_per_interval(clock):
   assert not progress.due(30.0)
   clock[0] += 1.0
   assert progress.due(30.0)
+  clock[0] += 40.0
+  progress.status()  # a status line shown by other means (a training's log row): the interval starts anew
+  clock[0] += 20.0
+  assert not progress.due(30.0)

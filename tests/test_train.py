@@ -5,6 +5,7 @@ resume is test_main's (a real kill -9)."""
 import errno
 import fcntl
 import json
+import logging
 import pathlib
 import re
 import shutil
@@ -46,20 +47,27 @@ def test_metrics_log_and_checkpoints(augmented_tiny):
   assert saved['model']['features'] == list(config.model.features)
 
 
-def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny, tmp_path, monkeypatch):
-  """6 steps: validation every 4 and checkpoints every 5 steps, and both at the last (the augmented run's
-  program: compiled once). Each row logs the poly rate of its step's update, lr (1 - (step - 1) / 6)^0.9."""
+def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny, tmp_path, monkeypatch,
+                                                                   caplog):
+  """6 steps: rows every 2, validation every 4 and checkpoints every 5 steps, and all at the last (the
+  augmented run's program: compiled once). Each row logs the poly rate of its step's update, lr (1 - (step
+  - 1) / 6)^0.9. Steps and validations that take long (here: every time) say how far they are between."""
   config = augmented_tiny[0].copy_and_resolve_references()
-  config.train.eval_every_steps, config.checkpoint.every_steps = 4, 5
+  config.train.eval_every_steps, config.checkpoint.every_steps, config.log.every_steps = 4, 5, 2
   saved, save = [], checkpoints.save
   monkeypatch.setattr(checkpoints, 'save',
                       lambda mngr, step, *args: (saved.append(step), save(mngr, step, *args)))
-  train.train_and_evaluate(config, tmp_path / 'run')
+  monkeypatch.setattr(train, 'EVERY_S', 0.0)
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, tmp_path / 'run')
   rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if 'val/dice_mean' in r] == [4, 6] and saved == [4, 5, 6]
   rates = [(r['step'], r['train/lr']) for r in rows if 'train/lr' in r]
-  assert [step for step, _ in rates] == [1, 2, 3, 4, 5, 6]
-  assert [lr for _, lr in rates] == pytest.approx([1e-4 * (1 - s / 6) ** 0.9 for s in range(6)])
+  assert [step for step, _ in rates] == [2, 4, 6]
+  assert [lr for _, lr in rates] == pytest.approx([1e-4 * (1 - s / 6) ** 0.9 for s in (1, 3, 5)])
+  status = [m for r in caplog.records if ' (spent ' in (m := r.getMessage())]
+  assert [re.sub(r' \(spent.*', '', m) for m in status if 'loss' not in m and 'preprocess' not in m] == [
+      'step 1/6', 'step 3/6', *(['validation slices 4/8', 'validation slices 8/8'] * 2)]
 
 
 def test_validation_sums_the_loss_over_the_batches_and_scores_each_case(monkeypatch):
