@@ -148,7 +148,7 @@ def main(argv):
   if not jax.config.jax_compilation_cache_dir:
     user_cache = pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache')
     cache = (user_cache / 'easunet_jax' / 'jax' if model_file else
-             pathlib.Path(os.path.abspath(workdir)).parent / '.jax_cache')
+             pathlib.Path(workdir).absolute().parent / '.jax_cache')
     jax.config.update('jax_compilation_cache_dir', str(cache))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   try:

@@ -94,10 +94,8 @@ def runs(tmp_path_factory):
 
 
 def test_dry_run_lists_points_and_passes_overrides(tmp_path):
-  # A workdir given with '..' (README's ../runs/...): the points' folders are named without it.
-  dry = subprocess.run(_command('configs/sweep_table1.py', tmp_path / 'x' / '..' / 'W', '--seeds=2',
-                                '--dry_run', '--config.train.num_steps=7',
-                                "--config.model.features=(4, 8, 16, 32, 64)"),
+  dry = subprocess.run(_command('configs/sweep_table1.py', tmp_path / 'W', '--seeds=2', '--dry_run',
+                                '--config.train.num_steps=7', "--config.model.features=(4, 8, 16, 32, 64)"),
                        capture_output=True, text=True, check=True)
   lines = dry.stdout.splitlines()
   points = [line.split(':')[0] for line in lines if not line.startswith(' ')]

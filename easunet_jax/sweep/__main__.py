@@ -5,7 +5,6 @@
 """
 
 import functools
-import os
 import pathlib
 import signal
 import sys
@@ -40,7 +39,7 @@ def main(argv: Sequence[str], overrides: Sequence[str]) -> None:
     exit_with(ConfigError(f'unexpected arguments {argv[1:]}: every argument is a flag, --<name>=<value> '
                           '(config fields as --config.<field>=<value>)'))
   try:
-    finished = run.run_sweep(FLAGS.sweep, pathlib.Path(os.path.abspath(FLAGS.workdir)), FLAGS.seeds,
+    finished = run.run_sweep(FLAGS.sweep, pathlib.Path(FLAGS.workdir).absolute(), FLAGS.seeds,
                              FLAGS.devices_per_run, FLAGS.dry_run, overrides)
   except UserError as e:
     exit_with(e)
