@@ -227,33 +227,44 @@ def unreadable_to_resume(mngr: ocp.CheckpointManager, step: int) -> contextlib.A
   return _unreadable_as_one_line(mngr.directory / str(step), way_out)
 
 
+def _closed_loop(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
 def _drop_closed_loop_errors() -> None:
   """Silences the reads or writes that a failed orbax restore or save leaves in flight: each one that
   completes later calls back into the event loop orbax has closed, and Python would print a 'RuntimeError:
-  Event loop is closed' traceback for each (hundreds) around the one-line error. Other unraisable errors
-  still reach the hook."""
-  previous = sys.unraisablehook
+  Event loop is closed' traceback for each (hundreds) around the one-line error, as an unraisable error or,
+  from tensorstore's threads, through sys.excepthook; and asyncio would log the failed reads' errors that
+  nobody awaits. Other errors still reach the hooks."""
+  previous, previous_excepthook = sys.unraisablehook, sys.excepthook
   if getattr(previous, 'drops_closed_loop_errors', False):
     return
 
   def hook(unraisable) -> None:
-    error = unraisable.exc_value
-    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+    if not _closed_loop(unraisable.exc_value):
       previous(unraisable)
 
+  def excepthook(kind, error, traceback) -> None:
+    if not _closed_loop(error):
+      previous_excepthook(kind, error, traceback)
+
   hook.drops_closed_loop_errors = True
-  sys.unraisablehook = hook
+  sys.unraisablehook, sys.excepthook = hook, excepthook
+  # The reads' own errors, which orbax no longer awaits, asyncio logs as it collects them.
+  logging.getLogger('asyncio').addFilter(
+      lambda record: not record.getMessage().startswith('Future exception was never retrieved'))
 
 
 @contextlib.contextmanager
 def _unreadable_as_one_line(path: pathlib.Path, way_out: str = '') -> Iterator[None]:
   """Turns what orbax and tensorstore raise on missing, truncated or foreign checkpoint files into one line
   that names `path` (and ends with `way_out`)."""
+  _drop_closed_loop_errors()  # before: the reads a failed one leaves in flight end as orbax gives up
   try:
     yield
   except Exception as error:  # tensorstore reports a truncated array file as a bare Exception
     # Only orbax reads run in this block, so whatever fails here is the checkpoint's files, bar the memory.
-    _drop_closed_loop_errors()
     e = error
     for _ in range(8):  # orbax wraps tensorstore's error, which says what is wrong, in a generic one
       e = e.__cause__ or e
@@ -265,7 +276,8 @@ def _unreadable_as_one_line(path: pathlib.Path, way_out: str = '') -> Iterator[N
                             'which keeps its newest and best checkpoints only); run again to read one it '
                             'keeps') from None
     reason = reason if len(reason) <= 280 else reason[:280] + '...'  # tensorstore's run to pages
-    if 'Structure mismatch' in reason or 'not compatible with the stored shape' in reason:
+    if any(text in reason for text in ('Structure mismatch', 'tree structures do not match',
+                                       'not compatible with the stored shape')):
       # Whole files of a training state laid out otherwise (the model is checked before): every checkpoint
       # of the workdir is so, and removing this one would not help.
       raise CheckpointError(f'{path}: a training state laid out otherwise than this version of easunet_jax '

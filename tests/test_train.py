@@ -10,6 +10,7 @@ import pathlib
 import re
 import shutil
 import signal
+import sys
 
 import jax
 import numpy as np
@@ -283,13 +284,32 @@ def test_a_checkpoint_of_another_state_layout_is_not_called_corrupt(tmp_path):
   for step in (1, 2):
     checkpoints.save(mngr, step, {'params': {'w': jax.numpy.zeros(3)}}, default.get_config())
   mngr.wait_until_finished()
-  for abstract in ({'params': {'w': jax.ShapeDtypeStruct((4,), np.float32)}},
-                   {'params': {'w': jax.ShapeDtypeStruct((3,), np.float32)},
-                    'opt_state': {'mu': jax.ShapeDtypeStruct((3,), np.float32)}}):
+  # As training restores: each leaf with its sharding (orbax words a structure mismatch otherwise then).
+  replicated = parallel.shardings(parallel.make_mesh())[1]
+  for abstract in ({'params': {'w': jax.ShapeDtypeStruct((4,), np.float32, sharding=replicated)}},
+                   {'params': {'w': jax.ShapeDtypeStruct((3,), np.float32, sharding=replicated)},
+                    'opt_state': {'mu': jax.ShapeDtypeStruct((3,), np.float32, sharding=replicated)}},
+                   {'params': {'v': jax.ShapeDtypeStruct((3,), np.float32, sharding=replicated)}}):
     with (pytest.raises(CheckpointError, match=r'checkpoints/2: a training state laid out otherwise '
                         r'than this version of easunet_jax lays it out \(.*\); read it with the version that '
                         r'wrote it, or start another workdir$'), checkpoints.unreadable_to_resume(mngr, 2)):
       checkpoints.restore(mngr, 2, abstract)
+
+
+def test_the_reads_a_failed_restore_leaves_in_flight_are_silent(tmp_path, capsys, caplog):
+  """Each read still running as orbax gives up ends in 'Event loop is closed' (as an unraisable error, or
+  through sys.excepthook from tensorstore's threads) or in an error asyncio logs as nobody awaits it:
+  hundreds of tracebacks around the one-line error, from the first read on."""
+  with checkpoints._unreadable_as_one_line(tmp_path):
+    pass
+  closed = RuntimeError('Event loop is closed')
+  sys.excepthook(RuntimeError, closed, None)
+  sys.unraisablehook(type('Unraisable', (), {'exc_value': closed})())
+  with caplog.at_level(logging.ERROR):
+    logging.getLogger('asyncio').error('Future exception was never retrieved\nfuture: <Future finished>')
+    logging.getLogger('asyncio').error('another asyncio error')
+  assert capsys.readouterr().err == ''
+  assert [r.getMessage() for r in caplog.records] == ['another asyncio error']
 
 
 def test_checkpoint_errors_name_the_cause_and_a_full_disk_while_saving(tmp_path):
