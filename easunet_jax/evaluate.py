@@ -272,8 +272,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     # Mapped at once: a store that another run on the same data.cache_dir renames into its place later
     # leaves it as it is, and is told (`is_current`) before the scoring.
     test = pipeline.read_split(store_dir, 'test')
-  pipeline.check_trained_on(workdir, store_dir)
-  pipeline.check_not_rebuilt(test, store_dir)
+  try:
+    pipeline.check_trained_on(workdir, store_dir)
+  finally:  # a store rebuilt meanwhile is named as such, also where the check took it for another split
+    pipeline.check_not_rebuilt(test, store_dir)
   if not test.index:
     raise DataError(f'the test split of {store_dir} is empty: set data.split or data.split_file to hold '
                     'test cases')

@@ -171,9 +171,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
                  num_steps)
     return None
   # What it trains on: a resumed run on the cases it started with (or an older workdir, from now on).
-  if not (start and pipeline.check_trained_on(workdir, store_dir)) and jax.process_index() == 0:
-    pipeline.record_trained_on(workdir, store_dir)
-  pipeline.check_not_rebuilt(train_source, store_dir)
+  try:
+    if not (start and pipeline.check_trained_on(workdir, store_dir)) and jax.process_index() == 0:
+      pipeline.record_trained_on(workdir, store_dir)
+  finally:  # a store rebuilt meanwhile is named as such, also where the check took it for another split
+    pipeline.check_not_rebuilt(train_source, store_dir)
   records.record_start(workdir, config, start)
 
   tx = steps.make_optimizer(config.optim, num_steps)

@@ -2,6 +2,7 @@
 largest-component filter, and one-line errors for a missing, absent, corrupt or foreign checkpoint."""
 
 import csv
+import functools
 import json
 import logging
 import pathlib
@@ -327,21 +328,26 @@ def test_a_store_another_run_renames_in_as_the_evaluation_starts_stops_it(run, c
   config.data.phantom_dir = str(workdir.parent / 'phantom')
   check = pipeline.check_trained_on
 
-  def and_another_runs_rebuild(workdir, store_dir, *splits):
+  def and_another_runs_rebuild(workdir, store_dir, *splits, as_another_split=False):
     checked = check(workdir, store_dir, *splits)
     if splits:  # the check of a store about to be built
       return checked
+    shutil.rmtree(tmp_path / 'stale', ignore_errors=True)
     shutil.copytree(store_dir, tmp_path / 'other')
     store_dir.rename(tmp_path / 'stale')
     (tmp_path / 'other').rename(store_dir)
+    if as_another_split:  # the check read the other run's store: named as the rebuild it is
+      raise CheckpointError(f'{store_dir}: its split of the cases is not the one {workdir} trained on')
     return checked
 
-  monkeypatch.setattr(pipeline, 'check_trained_on', and_another_runs_rebuild)
-  with pytest.raises(DataError, match=r'tiny/slices: another run rebuilt this slice store \(data.cache_dir\) '
-                     'for other data or another split as this one started; give each run a data.cache_dir '
-                     'of its own$'):
-    evaluate.evaluate(config, copy)
-  assert not (copy / 'eval').exists()
+  for as_another_split in (False, True):
+    monkeypatch.setattr(pipeline, 'check_trained_on',
+                        functools.partial(and_another_runs_rebuild, as_another_split=as_another_split))
+    with pytest.raises(DataError, match=r'tiny/slices: another run rebuilt this slice store '
+                       r'\(data.cache_dir\) for other data or another split as this one started; give each '
+                       'run a data.cache_dir of its own$'):
+      evaluate.evaluate(config, copy)
+    assert not (copy / 'eval').exists()
 
 
 def test_a_checkpoint_removed_while_it_is_read_is_not_called_corrupt(tmp_path):

@@ -100,15 +100,18 @@ def test_another_split_of_the_cases_names_the_cases_added_and_removed(store, tmp
 
 
 def test_an_older_workdir_is_checked_against_the_store_a_rebuild_would_replace(store, tmp_path):
-  """A workdir from before trained_on.json: the store in place is what it ran on, and a rebuild that would
-  move its training cases into test (cases skipped by a newer version's checks, reshuffled) is refused."""
+  """A workdir from before trained_on.json: the store in place, if of the same source files, is what it ran
+  on, and a rebuild that would move its training cases into test (cases skipped by a newer version's
+  checks, reshuffled) is refused; a store of other files (another run's on a shared data.cache_dir) says
+  nothing of it."""
   splits = json.loads((store / 'splits.json').read_text())
   assert not pipeline.check_trained_on(tmp_path, store)  # no record, and no store about to be replaced
   reshuffled = {'train': splits['train'][1:], 'val': splits['val'], 'test': splits['train'][:1]}
   with pytest.raises(CheckpointError, match=rf'not the one {tmp_path} trained on \(train \+0 -1 cases, test '
                      rf'\+1 -{len(splits["test"])} cases; {store}/splits.json\): '):
-    pipeline.check_trained_on(tmp_path, store, reshuffled)
-  assert pipeline.check_trained_on(tmp_path, store, splits)
+    pipeline.check_trained_on(tmp_path, store, reshuffled, True)
+  assert pipeline.check_trained_on(tmp_path, store, splits, True)
+  assert not pipeline.check_trained_on(tmp_path, store, reshuffled, False)
 
 
 def test_an_older_workdir_gives_its_own_stores_pixel(tmp_path):

@@ -101,11 +101,19 @@ def test_a_store_of_another_version_is_rebuilt_saying_so(store, data_cfg, tmp_pa
   assert fingerprint.pop('version') == preprocess.STORE_VERSION
   fingerprint['settings'].pop('train_slices')  # as an earlier version wrote its settings
   (old / 'fingerprint.json').write_text(json.dumps(fingerprint))
+  checked = []  # what a workdir's check learns: whether the store replaced was of the same source files
   with caplog.at_level(logging.INFO):
-    preprocess.ensure_slice_store(data_cfg, old, seed=0, multiple=16)
+    preprocess.ensure_slice_store(data_cfg, old, seed=0, multiple=16,
+                                  check_splits=lambda splits, same: checked.append(same))
   assert (f'slice store {old} is stale (built by another version of easunet_jax: store version 1, this one '
           f'builds {preprocess.STORE_VERSION}), rebuilding') in caplog.text
   assert json.loads((old / 'fingerprint.json').read_text())['version'] == preprocess.STORE_VERSION
+  other = data_cfg.copy_and_resolve_references()
+  other.root = str(tmp_path / 'other')
+  phantom.write_dataset(other.root, 3, SHAPE, SPACING, seed=1)
+  preprocess.ensure_slice_store(other, old, seed=0, multiple=16,
+                                check_splits=lambda splits, same: checked.append(same))
+  assert checked == [True, False]
 
 
 def test_a_kill_while_a_stale_store_is_deleted_leaves_the_new_store_whole(data_cfg, tmp_path, monkeypatch):

@@ -119,17 +119,18 @@ def record_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path) -> None:
 
 
 def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path,
-                     splits: dict[str, list[str]] | None = None) -> bool:
+                     splits: dict[str, list[str]] | None = None, same_sources: bool = False) -> bool:
   """Whether there is a record of what `workdir` trained on: its own (an older workdir has none) or, for a
-  store about to replace the one in `store_dir` (`splits` given) in a workdir without one, that store's
-  split. A CheckpointError when the store's split of the cases (`splits`, or that of the store in
+  store about to replace the one in `store_dir` (`splits` given) built from the same source files
+  (`same_sources`: not another run's of other data on a shared data.cache_dir), in a workdir without one,
+  that store's split. A CheckpointError when the store's split of the cases (`splits`, or that of the store in
   `store_dir`) moves a case between training and validation or test: cases added, removed or skipped (a
   seeded split then reshuffles), another data.root or split file, which would put training cases into
   validation and test. Cases added or removed alone (a test image lost under a split file) are warned of."""
   record = workdir / TRAINED_ON
   if record.exists():
     trained = json.loads(record.read_text())['splits']
-  elif splits is not None and (store_dir / 'splits.json').exists():
+  elif splits is not None and same_sources and (store_dir / 'splits.json').exists():
     # A workdir of a version that kept no record: the store it ran on is the one about to be replaced.
     record = store_dir / 'splits.json'
     trained = json.loads(record.read_text())

@@ -393,10 +393,12 @@ def _damaged(store: pathlib.Path, data_cfg: ml_collections.ConfigDict) -> str:
 
 
 def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pathlib.Path, seed: int, *,
-                       multiple: int, check_splits: Callable[[dict], Any] | None = None) -> pathlib.Path:
+                       multiple: int, check_splits: Callable[[dict, bool], Any] | None = None
+                       ) -> pathlib.Path:
   """Builds the slice store of the volumes under data_cfg.root in cache_dir, or reuses it if up to date.
   Its slices are padded to a common size, a multiple of `multiple` (the network's stride). A new store's
-  splits are given to `check_splits` before it replaces the one there: what that raises leaves it as it was.
+  splits are given to `check_splits`, with whether the one there was built from the same source files,
+  before it replaces that one: what that raises leaves it as it was.
 
   Bad cases are named in one warning each and skipped (listed in skipped.json); none usable is a DataError.
   """
@@ -413,6 +415,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   volumes.check_dataset_json(data_cfg.root, data_cfg.label_map)
   fingerprint = _fingerprint(cases, data_cfg, seed, multiple)
   old_path = cache_dir / 'fingerprint.json'
+  old = {}
   foreign = sorted(p.name for p in cache_dir.iterdir() if p.name not in _STORE_ENTRIES) if (
       cache_dir.is_dir()) else []
   if old_path.exists():
@@ -506,7 +509,7 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     if not any(splits.values()):
       raise _no_usable_case(data_cfg.root, len(cases))
     if check_splits:
-      check_splits(splits)
+      check_splits(splits, old.get('sources') == fingerprint['sources'])
     (tmp / 'splits.json').write_text(json.dumps(splits, indent=1))
     (tmp / 'skipped.json').write_text(json.dumps(skipped, indent=1))
     (tmp / 'fingerprint.json').write_text(json.dumps(fingerprint))
