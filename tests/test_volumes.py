@@ -232,7 +232,8 @@ def test_non_finite_or_huge_label_values_and_vector_voxels_are_named(tmp_path):
   """A float label map holding inf or 1e20 (not a wrapped int64 after a cast warning); a NIfTI of vector
   (RGB) voxels; a scan with NaN voxels says what to do."""
   image, labels, affine = _small_case(np.random.default_rng(0))
-  for value, message in ((np.inf, 'holds NaN or infinite values'), (1e20, r'holds values up to 1e\+20')):
+  for value, message in ((np.inf, 'holds NaN or infinite values'), (1e20, r'holds values as far as 1e\+20'),
+                         (-1e20, 'holds values as far as -1e\\+20')):
     voxels = labels.astype(np.float32)
     voxels[0, 0, 0] = value
     nib.save(nib.Nifti1Image(voxels, affine), tmp_path / 'k.nii.gz')

@@ -612,9 +612,9 @@ def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequ
       raise DataError(f'{case.id}: label file {case.label} holds NaN or infinite values (expected integers)')
     if not np.array_equal(labels, np.round(labels)):
       raise DataError(f'{case.id}: label file {case.label} holds non-integer values (expected integers)')
-    if (peak := np.abs(labels).max()) >= 2 ** 31:  # no label value, and beyond int64 the cast would wrap
-      raise DataError(f'{case.id}: label file {case.label} holds values up to {peak:.3g} (expected label '
-                      'values, integers 0-255)')
+    if abs(extreme := labels.flat[np.abs(labels).argmax()]) >= 2 ** 31:  # beyond int64 the cast would wrap
+      raise DataError(f'{case.id}: label file {case.label} holds values as far as {extreme:.3g} (expected '
+                      'label values, integers 0-255)')
     labels = labels.astype(np.int64)
   known = {0, *BONE_LABELS, *(int(source) for source, _ in label_map)}
   lo, hi = int(labels.min()), int(labels.max())
