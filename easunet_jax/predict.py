@@ -5,7 +5,6 @@ and compartment (CSV and Markdown), with a thickness map of each scan (NIfTI and
 prediction on three sagittal slices; scores the masks against expert labels when given."""
 
 import collections
-import csv
 import json
 import os
 import pathlib
@@ -26,10 +25,10 @@ from easunet_jax import (
   figures,
   inference,
   measures,
-  metrics,
   parallel,
   pose,
   pretrained,
+  reports,
   steps,
 )
 from easunet_jax.data import dicom, pipeline, volumes
@@ -47,8 +46,6 @@ _COARSE_PIXEL_RATIO = 2.0
 # A knee MRI's sagittal field of view spans 120-160 mm (the shipped model learnt 140 mm); where one side of
 # it is under this, a plate not found may be cropped away or lack the bones around it the network reads.
 _SMALL_FOV_MM = 80.0
-SIDES = {'R': 'right', 'L': 'left'}
-_AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
 # The version of what predict makes of a scan (mask, measures, thickness map) with a given model and
 # settings, recorded with each scan's result: raise it with any change to the code that makes them otherwise,
 # so that --continue_prediction segments the scans an earlier version did again instead of keeping their
@@ -225,22 +222,6 @@ def _label_files(pairs: Sequence[tuple[pathlib.Path, pathlib.Path]], labels_path
   return found
 
 
-def _number(value: float, spec: str) -> str:
-  """`value` formatted by `spec`; n/a where undefined (NaN: a plate empty in the labels or the mask)."""
-  return 'n/a' if np.isnan(value) else format(value, spec)
-
-
-def _print_scores(source: pathlib.Path, result: dict) -> None:
-  """The scan's scores in one line; n/a where undefined."""
-  def text(plate: str, name: str, spec: str) -> str:
-    return _number(result['scores'][plate][name], spec)
-
-  print(f"{source.name}: against {result['labels']}: Dice FC {text('fc', 'dice', '.1f')} % TC "
-        f"{text('tc', 'dice', '.1f')} %, HD95 FC {text('fc', 'hd95', '.2f')} TC {text('tc', 'hd95', '.2f')} "
-        f"mm, mean thickness error FC {text('fc', 'thickness_error_mm', '+.2f')} TC "
-        f"{text('tc', 'thickness_error_mm', '+.2f')} mm", flush=True)
-
-
 def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, header_sides: bool = True
                       ) -> tuple[str | None, str]:
   """('R', 'L' or None, why): `given` (--laterality), else the side the DICOM series or a volume file's
@@ -263,7 +244,7 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, heade
   else:
     x = float((nii.affine @ [*((np.array(nii.shape[:3]) - 1) / 2), 1])[0]) * volumes.mm_per_unit(nii)
     side = ('R' if x > 0 else 'L') if abs(x) >= _SIDE_MIN_MM else None
-    why = (f"from the position: centred {abs(x):.0f} mm to the patient's {SIDES[side]}" if side else
+    why = (f"from the position: centred {abs(x):.0f} mm to the patient's {reports.SIDES[side]}" if side else
            f'undecided: the scan is centred {abs(x):.0f} mm from the midline (RAS x); pass --laterality to '
            'name compartments medial and lateral')
   if tag := info.get('laterality'):
@@ -271,7 +252,7 @@ def decide_laterality(nii: nib.Nifti1Image, info: dict, given: str | None, heade
     if side and side != tag:
       position = why.removeprefix('from the position: ')
       logging.warning("%s says %s knee, the scan's position %s: the named side is taken; pass --laterality "
-                      'if it is wrong', source, SIDES[tag], position)
+                      'if it is wrong', source, reports.SIDES[tag], position)
       return tag, f'from {source}, against its position ({position})'
     return tag, f'from {source}'
   return side, why
@@ -406,92 +387,6 @@ def _output_paths(target: pathlib.Path, batch: bool, save_probabilities: bool) -
           **({'probabilities': str(paths['probabilities'])} if save_probabilities else {})}
 
 
-def _score_lines(scored: Sequence[dict]) -> list[str]:
-  """The Markdown section of the scans scored against expert labels: per scan and the mean ± std."""
-  def cells(fc: dict, tc: dict) -> list[float]:
-    return [fc['dice'], tc['dice'], (fc['dice'] + tc['dice']) / 2, fc['hd95'], tc['hd95'],
-            fc['thickness_error_mm'], tc['thickness_error_mm']]
-
-  lines = ['## Against the expert labels', '',
-           '3D, per scan: Dice (%), HD95 (mm) and the error of mean thickness (mm, prediction - labels) of '
-           'each plate; precision, recall, HD, ASSD, volumes and the mean 2D Dice of the sagittal slices '
-           "with cartilage (the paper's protocol) in the scores CSV.", '',
-           '| Scan | FC Dice % | TC Dice % | Mean Dice % | FC HD95 mm | TC HD95 mm | FC thickness error mm | '
-           'TC thickness error mm |', '|---|---|---|---|---|---|---|---|']
-  rows = [cells(r['scores']['fc'], r['scores']['tc']) for r in scored]
-  lines += [f"| {pathlib.Path(r['input']).name} | " + ' | '.join(_number(x, '.2f') for x in row)
-            + ' |'
-            for r, row in zip(scored, rows)]
-  lines += [f'| mean ± std ({len(scored)} scans) | ' + ' | '.join(map(_mean_std, zip(*rows))) + ' |', '']
-  return lines
-
-
-def write_scores(scored: Sequence[dict], path: pathlib.Path) -> None:
-  """One CSV row per scan scored against labels and plate: its `evaluate.label_scores`."""
-  columns = list(scored[0]['scores']['fc'])
-  with atomic.replaced(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8',
-                                         errors='surrogateescape') as f:
-    writer = csv.writer(f)
-    writer.writerow(['scan', 'mask', 'labels', 'plate', *columns])
-    writer.writerows([r['input'], r['output'], r['labels'], plate, *(f'{row[c]:.6g}' for c in columns)]
-                     for r in scored for plate, row in r['scores'].items())
-
-
-def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> None:
-  """One CSV row per scan and region (plate or compartment) of `measures.region_measures`, and a Markdown
-  summary of the same with each scan's thickness map; of scans scored against labels, their scores
-  (`write_scores`), a section of the summary and a Bland-Altman plot of each plate's mean thickness."""
-  csv_path, markdown_path = paths['measures'], paths['report']
-  columns = list(results[0]['regions']['fc'])
-  # File names in another encoding than UTF-8 (held as surrogates) are written back as their bytes.
-  with atomic.replaced(csv_path) as tmp, open(tmp, 'w', newline='', encoding='utf-8',
-                                             errors='surrogateescape') as f:
-    writer = csv.writer(f)
-    writer.writerow(['scan', 'mask', 'laterality', 'region', *columns])
-    writer.writerows([r['input'], r['output'], SIDES.get(r['laterality'], 'unknown'), region,
-                      *(f'{row[c]:.6g}' for c in columns)]
-                     for r in results for region, row in r['regions'].items())
-  lines = ['# Cartilage measures', '',
-           "Per plate and compartment: volume, 3D local thickness over the plate's medial surface "
-           'ridge (mean, median, 95th percentile, max), mid-surface area (volume / mean thickness) and the '
-           f'fraction of the ridge thinner than {measures.THIN_MM:g} mm. Thickness maps: femur from below, '
-           'tibia from above.',
-           '']
-  if scored := [r for r in results if 'scores' in r]:
-    write_scores(scored, paths['scores'])
-    lines += _score_lines(scored)
-    names, truth, found = zip(*[(plate.upper(), scores['thickness_true_mm'], scores['thickness_pred_mm'])
-                                for r in scored for plate, scores in r['scores'].items()])
-    figures.plot_bland_altman(truth, found, names, 'mm', paths['bland_altman'])
-    lines += [_image_link('Bland-Altman plot of mean thickness, FC and TC of every scan',
-                          paths['bland_altman'].relative_to(markdown_path.parent)), '']
-  else:  # an earlier run's scores would sit beside masks they were not taken of
-    for stale in (paths['scores'], paths['bland_altman']):
-      stale.unlink(missing_ok=True)
-  for r in results:
-    turned = '' if r['orientation'] == _AS_THE_HEADER else f"; turned against its header ({r['orientation']})"
-    if r['rotation_deg']:
-      turned += f"; segmented with its sagittal slices rotated by {r['rotation_deg']:+g} degrees"
-    lines += [f"## {r['input']}", '', f"Mask `{r['output']}`; {r['laterality_text']}{turned}.", '',
-              '| Region | Volume mm³ | Mean mm | Median mm | P95 mm | Max mm | Area mm² | < 1 mm |',
-              '|---|---|---|---|---|---|---|---|']
-    for region, row in r['regions'].items():
-      cells = [f'{row["volume_mm3"]:.0f}', *(_number(row[f'thickness_{name}_mm'], '.2f')
-                                             for name in ('mean', 'median', 'p95', 'max')),
-               _number(row['area_mm2'], '.0f'), f'{_number(100 * row["thin_fraction"], ".1f")} %']
-      lines.append(f'| {region} | ' + ' | '.join(cells) + ' |')
-    png, slices = pathlib.Path(r['thickness_png']), pathlib.Path(r['slices_png'])
-    lines += ['', _image_link(f'thickness map of {png.name}', png.relative_to(markdown_path.parent)), '',
-              _image_link(f'sagittal slices of {slices.name}', slices.relative_to(markdown_path.parent)), '']
-  atomic.write_text(markdown_path, '\n'.join(lines), encoding='utf-8', errors='surrogateescape')
-
-
-def _image_link(text: str, path: pathlib.Path) -> str:
-  """A Markdown image of `path`, its destination in angle brackets: CommonMark ends a bare one at a space
-  (a scan named 'knee 1.nii.gz') and at an unbalanced parenthesis."""
-  return f'![{text}](<{path}>)'
-
-
 def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None,
                  model_file: str | pathlib.Path | None = None
                  ) -> tuple[int, inference.Network, tuple[float, float] | None]:
@@ -536,9 +431,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
 
   Beside the masks: each scan's thickness map (NIfTI in the scan's grid, and a PNG), its prediction on three
   sagittal slices (`figures.plot_prediction_slices`), and the measures of every scan per plate and
-  compartment as CSV and Markdown (`write_reports`: <mask>_measures.csv and <mask>_report.md for one scan;
-  measures.csv and report.md of a batch, and each batch scan's result as measures/<scan>.json; the scores
-  against labels as <mask>_scores.csv or scores.csv, and in the report). Returns per scan {'input',
+  compartment as CSV and Markdown (`reports.write_reports`: <mask>_measures.csv and <mask>_report.md for
+  one scan; measures.csv and report.md of a batch, and each batch scan's result as measures/<scan>.json; the
+  scores against labels as <mask>_scores.csv or scores.csv, and in the report). Returns per scan {'input',
   'output', 'laterality', 'laterality_text', 'regions': `measures.compartment_table`, paths of the maps and
   figures, 'orientation', 'orientation_code' and 'rotation_deg' (how the scan was turned to be segmented),
   the seconds spent outside compilation ('seconds'), in it ('compile_s') and in the network's forward
@@ -627,10 +522,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   files = (('measures', 'measures.csv'), ('report', 'report.md'), ('scores', 'scores.csv'),
            ('bland_altman', 'bland_altman_thickness.png'))
   if batch:
-    reports = {name: pathlib.Path(output_path) / file for name, file in files}
+    report_files = {name: pathlib.Path(output_path) / file for name, file in files}
   else:
     stem = pairs[0][1].with_name(_stem(pairs[0][1]))
-    reports = {name: stem.with_name(f'{stem.name}_{file}') for name, file in files}
+    report_files = {name: stem.with_name(f'{stem.name}_{file}') for name, file in files}
   # What made a batch's masks: --continue_prediction keeps a scan's earlier result only if they match. The
   # model by its weights, not its path: a model file or a workdir may be overwritten by another training.
   settings = json.loads(json.dumps({
@@ -650,7 +545,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     return [r for _, target in pairs if (r := done.get(target) or kept.get(target))]
 
   if kept:  # the earlier run's reports also hold the scans to segment again: until each is done, they don't
-    write_reports(reported(), reports)
+    reports.write_reports(reported(), report_files)
 
   for source, target in pairs:
     if source in refused:
@@ -678,7 +573,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
         unscored[source] = why
         logging.error('%s', why)
       elif label:
-        _print_scores(source, result)
+        reports.print_scores(source, result)
     except DataError as e:
       if not batch:
         raise
@@ -695,7 +590,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                                            'settings': settings, 'source': _source_stamp(source),
                                            'result': result}, default=float))
       if target not in kept:  # the reports so far: a batch stopped part way keeps its done and kept scans
-        write_reports(reported(), reports)
+        reports.write_reports(reported(), report_files)
     if target in kept:
       continue
     progress.update()
@@ -703,13 +598,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                  source.name, result['seconds'], result['forward_s'], result['compile_s'])
   results = list(done.values())
   if results:
-    write_reports(results, reports)  # a single scan's; a batch's also when every scan was kept
-    written = [reports['measures'], reports['report']]
+    reports.write_reports(results, report_files)  # a single scan's; a batch's also when every scan was kept
+    written = [report_files['measures'], report_files['report']]
     if scored := [r['scores'] for r in results if 'scores' in r]:
-      written += [reports['scores'], reports['bland_altman']]
+      written += [report_files['scores'], report_files['bland_altman']]
       fc, tc = ([s[plate]['dice'] for s in scored] for plate in ('fc', 'tc'))
-      print(f'3D Dice against the labels, {len(scored)} scan(s): FC {_mean_std(fc)} %, TC {_mean_std(tc)} %, '
-            f'mean of FC and TC {np.mean([fc, tc]):.2f} %', flush=True)
+      print(f'3D Dice against the labels, {len(scored)} scan(s): FC {reports.mean_std(fc)} %, '
+            f'TC {reports.mean_std(tc)} %, mean of FC and TC {np.mean([fc, tc]):.2f} %', flush=True)
     print(f'measures of {len(results)} scan(s): {", ".join(map(str, written))}', flush=True)
   if failed or unscored:
     def names(chosen) -> str:
@@ -726,13 +621,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
 def _not_scored(error: DataError, source: pathlib.Path) -> str:
   """Why a batch scan goes unscored: its label map's error, on one line."""
   return f'{one_line(error)}: {source.name} is not scored'
-
-
-def _mean_std(values: Sequence[float]) -> str:
-  """'mean ± std' of the scans' defined values, saying how many those are where some are undefined."""
-  summary = metrics.summarize(values)
-  text = metrics.mean_std_text(summary['mean'], summary['std'])
-  return f"{text} ({summary['n']} of {len(values)} scans)" if 0 < summary['n'] < len(values) else text
 
 
 def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
@@ -836,7 +724,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
   if save_probabilities:
     _save(paths['probabilities'],
           pose.unorient(np.round(probabilities * 255).astype(np.uint8), orientation), nii, slope=1 / 255)
-  knee = f'{SIDES[side]} knee' if side else 'knee of unknown side'
+  knee = f'{reports.SIDES[side]} knee' if side else 'knee of unknown side'
   # A name in another encoding than the file system's (a Latin-1 folder name) holds surrogates, which
   # matplotlib cannot draw: shown with a replacement character instead.
   title = f'{os.fsencode(_stem(target)).decode(errors="replace")}: {knee}'
@@ -845,13 +733,15 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
                                  _file_slices(nii, orientation, len(image)))
   result = {'input': str(source), 'laterality': side, 'laterality_text': f'{knee} ({why})', 'regions': table,
             **_output_paths(target, batch, save_probabilities),
-            'orientation': pose.describe_orientation(orientation) if any(orientation) else _AS_THE_HEADER,
+            'orientation': (pose.describe_orientation(orientation) if any(orientation)
+                            else reports.AS_THE_HEADER),
             'orientation_code': orientation, 'rotation_deg': degrees}
   if truth is not None:
     result.update(labels=str(label), scores=evaluate.label_scores(classes, truth, spacing))
   if unscored:
     result['unscored'] = unscored
   fc_text, tc_text = (f"{table[plate]['volume_mm3']:.0f} mm^3, mean thickness "
-                      f"{_number(table[plate]['thickness_mean_mm'], '.2f')} mm" for plate in ('fc', 'tc'))
+                      f"{reports.number(table[plate]['thickness_mean_mm'], '.2f')} mm"
+                      for plate in ('fc', 'tc'))
   print(f"{source.name}: {result['laterality_text']}; FC {fc_text}; TC {tc_text} -> {target}", flush=True)
   return result

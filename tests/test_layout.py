@@ -15,7 +15,7 @@ LAYERS = (
      'easunet_jax.metric_writer', 'easunet_jax.records', 'easunet_jax.figures'),
     ('easunet_jax.steps',),
     ('easunet_jax.train', 'easunet_jax.pretrained', 'easunet_jax.inference', 'easunet_jax.pose'),
-    ('easunet_jax.evaluate', 'easunet_jax.predict', 'easunet_jax.config_check'),
+    ('easunet_jax.evaluate', 'easunet_jax.predict', 'easunet_jax.reports', 'easunet_jax.config_check'),
     ('main', 'easunet_jax.sweep', 'easunet_jax.models.__main__', 'bench'),
 )
 

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from dicom_series import SAGITTAL, write_enhanced, write_series
 
 from configs import default, eas, tiny
-from easunet_jax import figures, inference, metrics, parallel, pose, predict, pretrained, steps
+from easunet_jax import figures, inference, metrics, parallel, pose, predict, pretrained, reports, steps
 from easunet_jax.data import knee, phantom, volumes
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
@@ -1006,7 +1006,7 @@ def test_continuing_segments_again_a_scan_whose_sidecar_came_later(run, tmp_path
   shutil.copy(canonical, scans / 'knee.nii.gz')
   [first] = predict.predict(_config(), workdir, scans, out)
   side = 'L' if first['laterality'] != 'L' else 'R'
-  (scans / 'knee.json').write_text(f'{{"SeriesDescription": "SAG_3D_DESS_{predict.SIDES[side].upper()}"}}')
+  (scans / 'knee.json').write_text(f'{{"SeriesDescription": "SAG_3D_DESS_{reports.SIDES[side].upper()}"}}')
   [second] = predict.predict(_config(), workdir, scans, out, continue_prediction=True)
   assert second['laterality'] == side
   written = (out / 'knee.nii.gz').stat().st_mtime_ns
@@ -1168,7 +1168,7 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
               'regions': {'fc': row, 'tc': row | {'thin_fraction': 0.0}},
               'thickness_png': str(tmp_path / 'thickness' / f'{name}.png'),
               'slices_png': str(tmp_path / 'slices' / f'{name}.png')} for name in ('a', 'knee b')]
-  results[0] |= {'laterality': 'R', 'laterality_text': 'right knee', 'orientation': predict._AS_THE_HEADER,
+  results[0] |= {'laterality': 'R', 'laterality_text': 'right knee', 'orientation': reports.AS_THE_HEADER,
                  'rotation_deg': 0}
   results[1] |= {'laterality': 'L', 'laterality_text': 'left knee', 'rotation_deg': -30,
                  'orientation': "its anterior the header's superior", 'labels': 'knee b_labels.nii.gz',
@@ -1180,7 +1180,7 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
                                                     ('scores', 'scores.csv'), ('bland_altman', 'ba.png'))}
   plotted, plot = [], figures.plot_bland_altman
   monkeypatch.setattr(figures, 'plot_bland_altman', lambda *args: (plotted.append(args), plot(*args)))
-  predict.write_reports(results, paths)
+  reports.write_reports(results, paths)
   assert [tuple(a) for a in plotted[0][:3]] == [(2.0, 2.0), (2.1, 1.8), ('FC', 'TC')]  # truth first
   report = paths['report'].read_text()
   assert '| fc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 25.0 % |' in report
@@ -1198,7 +1198,7 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
       ('left', 'tc', '0', '617')]
   # The CSV keeps 6 significant digits: a volume of 12345.678 mm^3 is 12345.7, not 1.235e+04.
   results[0]['regions']['fc'] = row | {'volume_mm3': 12345.678}
-  predict.write_reports(results, paths)
+  reports.write_reports(results, paths)
   assert next(csv.DictReader(paths['measures'].open()))['volume_mm3'] == '12345.7'
 
 
@@ -1211,11 +1211,11 @@ def test_undefined_scores_read_n_a_and_a_mean_says_how_many_scans_it_averages(ca
   scored = [{'input': f'{name}.nii.gz', 'labels': f'{name}_labels.nii.gz',
              'scores': {'fc': scores(1.0, 0.1), 'tc': scores(hd95, error)}}
             for name, hd95, error in (('a', 2.0, -0.2), ('b', np.nan, np.nan), ('c', 4.0, 0.2))]
-  lines = predict._score_lines(scored)
+  lines = reports.score_lines(scored)
   assert '| b.nii.gz | 80.00 | 80.00 | 80.00 | 1.00 | n/a | 0.10 | n/a |' in lines
   assert ('| mean ± std (3 scans) | 80.00 ± 0.00 | 80.00 ± 0.00 | 80.00 ± 0.00 | 1.00 ± 0.00 | 3.00 ± 1.41 '
           '(2 of 3 scans) | 0.10 ± 0.00 | 0.00 ± 0.28 (2 of 3 scans) |') in lines
-  predict._print_scores(pathlib.Path('b.nii.gz'), scored[1])
+  reports.print_scores(pathlib.Path('b.nii.gz'), scored[1])
   assert capsys.readouterr().out == ('b.nii.gz: against b_labels.nii.gz: Dice FC 80.0 % TC 80.0 %, HD95 FC '
                                      '1.00 TC n/a mm, mean thickness error FC +0.10 TC n/a mm\n')
 
