@@ -1,9 +1,11 @@
 """Devices and hosts: the ('data',) mesh that batches are split over, its two shardings, batch sizes that
-fit it, and work that one process does while the others wait."""
+fit it, the memory a device has free, and work that one process does while the others wait."""
 
 import contextlib
 import hashlib
+import os
 import pathlib
+import re
 import socket
 import threading
 import time
@@ -76,6 +78,63 @@ def round_to_devices(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   """The smallest multiple of the mesh's device count that holds `batch_size` (every device gets as many
   rows; evaluation pads the last batch)."""
   return -(-batch_size // mesh.size) * mesh.size
+
+
+# A cgroup v1 memory limit at or above this is none (the kernel writes 2^63 rounded down to a page).
+_NO_CGROUP_LIMIT = 2**60
+
+
+def _cgroup_limits(root: pathlib.Path) -> list[int]:
+  """The memory limits (bytes) of this process's memory cgroups and of every cgroup above them, cgroup v2's
+  memory.max and v1's memory.limit_in_bytes. Inside a container the path /proc/self/cgroup names may not
+  be mounted: the walk up then reaches the container's own limit at the mount's top."""
+  try:
+    lines = (root / 'proc/self/cgroup').read_text().splitlines()
+  except OSError:
+    return []
+  limits = []
+  for line in lines:
+    _, controllers, path = line.split(':', 2)
+    if controllers == '':
+      top, name = root / 'sys/fs/cgroup', 'memory.max'
+    elif 'memory' in controllers.split(','):
+      top, name = root / 'sys/fs/cgroup/memory', 'memory.limit_in_bytes'
+    else:
+      continue
+    folder = top / path.lstrip('/')
+    for level in [folder, *folder.parents]:
+      try:
+        value = (level / name).read_text().strip()
+      except OSError:
+        value = 'max'
+      if value.isdigit() and int(value) < _NO_CGROUP_LIMIT:
+        limits.append(int(value))
+      if level == top:
+        break
+  return limits
+
+
+def host_memory_free(root: pathlib.Path = pathlib.Path('/')) -> int | None:
+  """Bytes this process may still allocate before Linux's out-of-memory killer ends it: the kernel's
+  MemAvailable, or less where a memory cgroup (a container's, a cluster job's) holds the process to a
+  limit (less what the process holds now); None where the system does not say (not Linux)."""
+  try:
+    meminfo = (root / 'proc/meminfo').read_text()
+    resident = int((root / 'proc/self/statm').read_text().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+  except OSError:
+    return None
+  if not (available := re.search(r'^MemAvailable:\s+(\d+) kB', meminfo, re.M)):
+    return None
+  return max(min([int(available[1]) * 1024, *(limit - resident for limit in _cgroup_limits(root))]), 0)
+
+
+def memory_free(device: jax.Device) -> int | None:
+  """Bytes a program may still allocate on `device`: a GPU's free memory; on a CPU the host's
+  (`host_memory_free`), which the host's CPU devices share; None where unknown."""
+  if device.platform == 'cpu':
+    return host_memory_free()
+  stats = device.memory_stats() or {}
+  return stats['bytes_limit'] - stats['bytes_in_use'] if 'bytes_limit' in stats else None
 
 
 def check_same_step(workdir: pathlib.Path, step: int, what: str) -> None:

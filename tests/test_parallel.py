@@ -1,7 +1,12 @@
-"""The ('data',) mesh: its shardings, batch sizes rounded to the device count, process-0-first."""
+"""The ('data',) mesh: its shardings, batch sizes rounded to the device count, the memory a host has free,
+process-0-first."""
+
+import os
+import pathlib
 
 import jax
 import numpy as np
+import pytest
 
 from easunet_jax import parallel
 
@@ -27,3 +32,39 @@ def test_process_0_first_runs_the_block_once_in_one_process():
   with parallel.process_0_first('test'):
     ran.append(jax.process_index())
   assert ran == [0]
+
+
+def _system(root: pathlib.Path, cgroup: str, limits: dict[str, str], available_kb: int = 8_000_000,
+            resident_pages: int = 1000) -> pathlib.Path:
+  """A /proc and /sys/fs/cgroup under `root`: MemAvailable, this process's resident pages, its cgroup
+  lines and the limit files {path under sys/fs/cgroup: content}."""
+  (root / 'proc/self').mkdir(parents=True)
+  (root / 'proc/meminfo').write_text(f'MemTotal: 16000000 kB\nMemAvailable: {available_kb} kB\n')
+  (root / 'proc/self/statm').write_text(f'5000 {resident_pages} 300 1 0 2000 0\n')
+  (root / 'proc/self/cgroup').write_text(cgroup)
+  for path, content in limits.items():
+    (root / 'sys/fs/cgroup' / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / 'sys/fs/cgroup' / path).write_text(content)
+  return root
+
+
+@pytest.mark.parametrize('cgroup, limits, free', [
+    # No memory limit anywhere: the kernel's MemAvailable.
+    ('0::/user.slice\n', {'user.slice/memory.max': 'max\n', 'memory.max': 'max\n'}, 8_000_000 * 1024),
+    # A cluster job's cgroup v2 limit two levels above the process's cgroup, less what the process holds.
+    ('0::/job_1/step_0/task_0\n', {'job_1/memory.max': '2000000000\n', 'job_1/step_0/memory.max': 'max\n'},
+     2_000_000_000 - 1000 * os.sysconf('SC_PAGE_SIZE')),
+    # A container's cgroup v1 limit: the path the process's cgroup names is not mounted in it.
+    ('4:memory:/process_api/abc\n3:cpuset:/\n', {'memory/memory.limit_in_bytes': '3000000000\n'},
+     3_000_000_000 - 1000 * os.sysconf('SC_PAGE_SIZE')),
+    # cgroup v1 without a limit (2^63 rounded down to a page), and the process over its limit.
+    ('4:memory:/\n', {'memory/memory.limit_in_bytes': '9223372036854771712\n'}, 8_000_000 * 1024),
+    ('0::/\n', {'memory.max': '1000\n'}, 0),
+])
+def test_the_memory_a_host_has_free_is_its_tightest_limit(tmp_path, cgroup, limits, free):
+  assert parallel.host_memory_free(_system(tmp_path, cgroup, limits)) == free
+
+
+def test_a_system_that_does_not_say_its_free_memory_gives_none(tmp_path):
+  assert parallel.host_memory_free(tmp_path) is None
+  assert parallel.host_memory_free(pathlib.Path('/')) > 0  # Linux: the suite's machine

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, tiny
-from easunet_jax import checkpoints, config_check, evaluate, parallel, pretrained, steps, train
+from easunet_jax import checkpoints, config_check, evaluate, parallel, pretrained, train
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 
@@ -52,15 +52,22 @@ def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny
                                                                    caplog):
   """6 steps: rows every 2, validation every 4 and checkpoints every 5 steps, and all at the last (the
   augmented run's program: compiled once). Each row logs the poly rate of its step's update, lr (1 - (step
-  - 1) / 6)^0.9. Steps and validations that take long (here: every time) say how far they are between."""
+  - 1) / 6)^0.9. Steps and validations that take long (here: every time) say how far they are between. A
+  step that asks for more memory than the machine has free (here: 1 MB) is warned of before it runs."""
   config = augmented_tiny[0].copy_and_resolve_references()
   config.train.eval_every_steps, config.checkpoint.every_steps, config.log.every_steps = 4, 5, 2
   saved, save = [], checkpoints.save
   monkeypatch.setattr(checkpoints, 'save',
                       lambda mngr, step, *args: (saved.append(step), save(mngr, step, *args)))
   monkeypatch.setattr(train, 'EVERY_S', 0.0)
+  monkeypatch.setattr(parallel, 'host_memory_free', lambda: 10**6)
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, tmp_path / 'run')
+  [short] = [m for r in caplog.records if 'GB free' in (m := r.getMessage())]
+  need = float(re.match(r'a training step asks for (\S+) GB', short)[1])
+  assert 0.001 < need < 1 and short.endswith(
+      ' GB of memory beyond the model and this machine has 0.001 GB free: the run may end for want of memory '
+      f'(on a CPU without a message but "Killed"); lower train.batch_size (now {config.train.batch_size})')
   rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if 'val/dice_mean' in r] == [4, 6] and saved == [4, 5, 6]
   rates = [(r['step'], r['train/lr']) for r in rows if 'train/lr' in r]
@@ -448,15 +455,12 @@ def test_init_weights_start_a_new_run_from_a_model_file(augmented_tiny, tmp_path
   tuned = config.copy_and_resolve_references()
   tuned.train.init_weights = str(model_file)
   first = {}
-  jit_steps = steps.jit_steps
 
-  def first_step_only(*args, **kwargs):
-    def record_and_stop(state, batch):
-      first['state'] = state
-      raise Killed
-    return record_and_stop, jit_steps(*args, **kwargs)[1]
+  def record_and_stop(state, batch):
+    first['state'] = state
+    raise Killed
 
-  monkeypatch.setattr(steps, 'jit_steps', first_step_only)
+  monkeypatch.setattr(train, '_compile_checked', lambda *args: record_and_stop)
   with pytest.raises(Killed):
     train.train_and_evaluate(tuned, tmp_path / 'run')
   state = first['state']
