@@ -27,6 +27,25 @@ _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict
                  'predict.slice_sigma_mm', 'optim.weight_decay', 'data.phantom_elastic_mm',
                  'eval.num_figure_slices', 'data.augment_rotate_deg')
 NAN_POLICIES = ('stop', 'skip')
+# The folder that holds this project's configs/: a checkout's root, or an installed easunet_jax's
+# site-packages.
+_PROJECT = pathlib.Path(default.__file__).resolve().parents[1]
+
+
+def project_file(spec: str) -> str:
+  """`spec`, a config or sweep file (`path[:arg]`), read in this project's folder where its relative path
+  names no file in the working directory: `configs/eas.py` is the project's config from any folder, also
+  where easunet_jax is installed without its checkout. A file of the working directory's comes first."""
+  path, colon, arg = spec.partition(':')
+  if path and not os.path.isabs(path) and not os.path.exists(path) and (_PROJECT / path).is_file():
+    return f'{_PROJECT / path}{colon}{arg}'
+  return spec
+
+
+def project_config(argv: Sequence[str]) -> list[str]:
+  """`argv` with its --config=<file> read by `project_file`."""
+  return [f'--config={project_file(a.removeprefix("--config="))}' if a.startswith('--config=') else a
+          for a in argv]
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -35,6 +54,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   code (absl prints two lines, and a traceback for an unknown config field)."""
   verbose = '--verbose' in argv or '--verbose=true' in argv
   reference = default.get_config()
+  argv = project_config(argv)
   try:
     check_given_once(argv, reference)
     argv = flags.FLAGS(argv)

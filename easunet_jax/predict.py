@@ -682,9 +682,9 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
                       '(the network is %s with the slices rotated by %+g degrees): segmented so rotated, '
                       'the probabilities rotated back', source, pose.surer(ratio), degrees)
   if pixel is not None and max(spacing[1:]) > _COARSE_PIXEL_RATIO * max(pixel):
-    logging.warning("%s: sagittal slices of %s mm pixels, over %g times coarser than the model's "
-                    '%.3g mm: acquired in another plane? The model segments sagittal slices; expect '
-                    'coarse masks',
+    logging.warning('%s: sagittal slices of %s mm pixels, over %g times coarser than the %.3g mm pixels '
+                    'the network reads them at: acquired in another plane? The model segments sagittal '
+                    'slices; expect coarse masks',
                     source, ' x '.join(f'{s:g}' for s in spacing[1:]), _COARSE_PIXEL_RATIO, pixel[0])
   rotated = pose.rotate_slices(image, degrees, spacing) if degrees else image
   probabilities = inference.class_probabilities(network, rotated, spacing, pixel, config.predict.subpixel_tta,

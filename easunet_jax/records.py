@@ -14,10 +14,15 @@ import ml_collections
 
 def code_version() -> str:
   """`git describe` of the package's checkout, else the installed package's version."""
+  here = pathlib.Path(__file__)
+  git = ['git', '-C', str(here.parent)]
   try:
-    return subprocess.run(['git', 'describe', '--always', '--dirty', '--tags'], capture_output=True,
-                          text=True, check=True, timeout=30,
-                          cwd=pathlib.Path(__file__).parent).stdout.strip()
+    # An installed package inside another repository (a project's .venv, a home kept in git) is a file that
+    # repository does not track: its commit is not this code's.
+    subprocess.run([*git, 'ls-files', '--error-unmatch', here.name], capture_output=True, check=True,
+                   timeout=30)
+    return subprocess.run([*git, 'describe', '--always', '--dirty', '--tags'], capture_output=True,
+                          text=True, check=True, timeout=30).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     try:
       return importlib.metadata.version('easunet_jax')

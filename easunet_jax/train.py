@@ -126,19 +126,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 def _compile_checked(train_step: Callable, state: steps.TrainState, batch: dict[str, jax.Array],
                      mesh: jax.sharding.Mesh) -> jax.stages.Compiled:
-  """`train_step` compiled for `state` and `batch`, with a warning where the memory it asks for beyond its
-  arguments exceeds what a device has free: the run would end part way, on a CPU without a message (Linux's
-  out-of-memory killer prints none)."""
+  """`train_step` compiled for `state` and `batch`. The memory it asks for beyond its arguments is logged, as
+  a warning where it exceeds what a device has free: the run would end part way, on a CPU without a message
+  (Linux's out-of-memory killer prints none)."""
   compiled = train_step.lower(state, batch).compile()
   analysis, device = compiled.memory_analysis(), mesh.local_devices[0]
-  free = parallel.memory_free(device)
-  if analysis is None or free is None:
+  if analysis is None:
     return compiled
   need = analysis.temp_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
   where = f'{device.platform.upper()} {device.id}'
   if device.platform == 'cpu':  # the host's CPU devices run their programs side by side, in its memory
     need, where = need * len(mesh.local_devices), 'this machine'
-  if need > free:
+  free = parallel.memory_free(device)
+  if free is None or need <= free:
+    logging.info('a training step asks for %.3g GB of memory beyond the model%s', need / 1e9,
+                 '' if free is None else f' ({where} has {free / 1e9:.3g} GB free)')
+  else:
     logging.warning('a training step asks for %.3g GB of memory beyond the model and %s has %.3g GB free: '
                     'the run may end for want of memory (on a CPU without a message but "Killed"); lower '
                     'train.batch_size (now %d)', need / 1e9, where, free / 1e9, len(batch['label']))

@@ -16,7 +16,7 @@ LAYERS = (
     ('easunet_jax.steps',),
     ('easunet_jax.train', 'easunet_jax.pretrained', 'easunet_jax.inference', 'easunet_jax.pose'),
     ('easunet_jax.evaluate', 'easunet_jax.predict', 'easunet_jax.reports', 'easunet_jax.config_check'),
-    ('main', 'easunet_jax.sweep', 'easunet_jax.models.__main__', 'bench'),
+    ('main', 'easunet_jax.__main__', 'easunet_jax.sweep', 'easunet_jax.models.__main__', 'bench'),
 )
 
 

@@ -386,6 +386,30 @@ def test_what_is_in_the_way_of_a_folder_is_named(tmp_path):
       f'{tmp_path}/old run is a broken link (to {tmp_path}/unmounted)')
 
 
+def test_the_package_runs_from_any_folder_with_the_projects_configs(tmp_path):
+  """`python -m easunet_jax` is main.py (an installed easunet_jax has no main.py), and `--config=configs/...`,
+  a sweep file and the configs it names are the project's from any working directory, unless that
+  directory has such a file."""
+  def run(*args):
+    return subprocess.run([sys.executable, '-m', *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': str(REPO)}, timeout=600)
+
+  result = run('easunet_jax', '--config=configs/tiny.py', '--mode=predict')
+  assert (result.returncode, result.stderr.splitlines()[-1]) == (
+      2, 'error: --mode=predict needs --input and --output'), result.stderr
+  assert run('easunet_jax.models', '--config=configs/tiny.py').stdout.endswith('params: 5834\n')
+  (tmp_path / 'configs').mkdir()  # a folder of the user's own configs, no package
+  (tmp_path / 'configs' / 'tiny.py').write_text(
+      'from configs import tiny\n\ndef get_config():\n  config = tiny.get_config()\n'
+      '  config.model.features = (8, 16, 32)\n  return config\n')
+  assert not run('easunet_jax.models', '--config=configs/tiny.py').stdout.endswith('params: 5834\n')
+  sweep = run('easunet_jax.sweep', '--sweep=configs/sweep_ablation.py:demo', '--workdir=sweep', '--seeds=1',
+              '--dry_run')
+  assert sweep.returncode == 0, sweep.stderr
+  assert f"{sys.executable} -m easunet_jax --config=configs/eas.py:demo --workdir={tmp_path / 'sweep'}" in (
+      sweep.stdout)
+
+
 def test_a_tilde_after_a_flags_equals_sign_is_the_home_folder(phantom_dir, tmp_path):
   """`--workdir=~/run` and `--config.data.cache_dir=~/store`, which no shell expands: the home folder's, not
   a folder named ~ in the current one (masks and reports went to both before)."""

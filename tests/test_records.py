@@ -37,10 +37,21 @@ def test_the_code_version_of_a_changed_checkout_says_so(tmp_path, monkeypatch):
   assert records.code_version() == clean + '-dirty'
 
 
-@pytest.mark.parametrize('installed', [True, False])
-def test_the_code_version_outside_a_git_checkout_is_the_packages(tmp_path, monkeypatch, installed):
-  monkeypatch.setattr(records, '__file__', str(tmp_path / 'records.py'))  # git describe fails there
-  assert subprocess.run(['git', 'describe', '--always'], cwd=tmp_path, capture_output=True).returncode
+@pytest.mark.parametrize('installed, in_a_repository', [(True, False), (False, False), (True, True)])
+def test_the_code_version_outside_a_git_checkout_is_the_packages(tmp_path, monkeypatch, installed,
+                                                                 in_a_repository):
+  """Also where the installed package lies in another repository (a venv inside a project's checkout),
+  which does not track it: that repository's commit is not the code's."""
+  monkeypatch.setattr(records, '__file__', str(tmp_path / 'site-packages' / 'records.py'))
+  (tmp_path / 'site-packages').mkdir()
+  (tmp_path / 'site-packages' / 'records.py').write_text('a')
+  if in_a_repository:
+    git = ['git', '-c', 'user.name=t', '-c', 'user.email=t@t', '-C', str(tmp_path)]
+    (tmp_path / 'README').write_text('a project')
+    for args in (['init', '-q'], ['add', 'README'], ['commit', '-qm', 'first']):
+      subprocess.run(git + args, check=True)
+  assert (subprocess.run(['git', 'describe', '--always'], cwd=tmp_path, capture_output=True).returncode
+          == (0 if in_a_repository else 128))
 
   def version(name):
     if not installed:

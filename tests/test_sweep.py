@@ -24,7 +24,7 @@ from easunet_jax.sweep import launch, points, run, table
 TINY = "def sweep(add):\n  add('tiny', 'configs/tiny.py', 'Tiny EAS U-Net')\n"
 # A file to start from that is there (the config passes the sweep's checks) but no model file: the point
 # fails in its own process, at start-up.
-BROKEN = f"  add('broken', 'configs/tiny.py', 'Broken', **{{'train.init_weights': '{points.MAIN}'}})\n"
+BROKEN = "  add('broken', 'configs/tiny.py', 'Broken', **{'train.init_weights': 'main.py'})\n"
 TIMEOUT_S = 900
 
 

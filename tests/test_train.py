@@ -78,6 +78,25 @@ def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny
       'step 1/6', 'step 3/6', *(['validation slices 4/8', 'validation slices 8/8'] * 2)]
 
 
+def test_the_memory_a_training_step_asks_for_is_logged(caplog):
+  """XLA's figure for the compiled step, beside what the machine has free (a warning where it is short:
+  test_a_run_off_its_cadences_validates_and_saves_its_last_step); the compiled step is the step."""
+  mesh = parallel.make_mesh()
+  data, replicated = parallel.shardings(mesh)
+  step = jax.jit(lambda state, batch: (state + 1, (batch['label'] * 2.0).sum()),
+                 in_shardings=(replicated, data), donate_argnums=0)
+  state = jax.device_put(np.zeros(3, np.float32), replicated)
+  batch = {'label': jax.device_put(np.ones((8, 256, 256), np.float32), data)}
+  with caplog.at_level(logging.INFO):
+    compiled = train._compile_checked(step, state, batch, mesh)
+  [line] = [m for r in caplog.records if 'a training step asks' in (m := r.getMessage())]
+  asked, free = map(float, re.fullmatch(r'a training step asks for (\S+) GB of memory beyond the model '
+                                        r'\(this machine has (\S+) GB free\)', line).groups())
+  assert 0 < asked < 0.1 and free == pytest.approx(parallel.host_memory_free() / 1e9, rel=0.2)
+  state, total = compiled(state, batch)
+  assert float(total) == 2 * 8 * 256 * 256 and np.asarray(state).tolist() == [1, 1, 1]
+
+
 def test_validation_sums_the_loss_over_the_batches_and_scores_each_case(monkeypatch):
   """Three validation slices, of cases a, a and b, in batches of two (the second padded): the loss is the
   validation set's as one batch (the batches' sums added, `losses.loss_sums`), and each case's Dice sums its

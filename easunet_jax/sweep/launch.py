@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from absl import logging
 
 from easunet_jax.errors import ConfigError
-from easunet_jax.sweep.points import MAIN, Point
+from easunet_jax.sweep.points import Point
 
 MODES = ('train', 'evaluate')
 
 
 def main_command(args: Sequence[str], mode: str) -> list[str]:
-  """The `main.py` command line of one point's `mode`."""
-  return [sys.executable, str(MAIN), *args, f'--mode={mode}']
+  """The command line of one point's `mode`: `python -m easunet_jax`, as main.py runs it."""
+  return [sys.executable, '-m', 'easunet_jax', *args, f'--mode={mode}']
 
 
 def device_groups(devices_per_run: int) -> list[str | None]:

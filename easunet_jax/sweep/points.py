@@ -16,7 +16,6 @@ from configs import default
 from easunet_jax import config_check
 from easunet_jax.errors import ConfigError
 
-MAIN = pathlib.Path(__file__).resolve().parents[2] / 'main.py'
 # Fields the sweep sets for every point: a variant's or user's value would break the seeds or the shared
 # slice store.
 SWEEP_FIELDS = ('seed', 'data.cache_dir')
@@ -47,7 +46,7 @@ def _flag(field: str, value) -> str:
 
 def load_sweep(spec: str) -> list[Variant]:
   """The variants that `sweep(add)` of the file `spec` (`path[:arg]`) adds."""
-  path, _, arg = spec.partition(':')
+  path, _, arg = config_check.project_file(spec).partition(':')
   if not pathlib.Path(path).is_file():
     raise ConfigError(f'--sweep: no file {path}')
   module_spec = importlib.util.spec_from_file_location('sweep_file', path)
@@ -93,7 +92,7 @@ def point_args(point: Point, workdir: pathlib.Path, overrides: Sequence[str]) ->
 
 def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
   """The config main.py builds from `args`, parsed the same way (config_flags, locked)."""
-  argv = [str(MAIN), *(a for a in args if a.startswith('--config'))]
+  argv = config_check.project_config(['easunet_jax', *(a for a in args if a.startswith('--config'))])
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'config', flag_values=flag_values, lock_config=True,
                                   sys_argv=argv)

@@ -1,0 +1,204 @@
+"""The command line, `python -m easunet_jax` (or a checkout's `python main.py`): parse flags, then dispatch
+on --mode. Everything else lives in the rest of the package."""
+
+import errno
+import os
+import pathlib
+import signal
+import sys
+
+from easunet_jax import environment
+
+environment.configure()  # before jax is imported: it may start this process again
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from configs import default  # noqa: E402
+from easunet_jax import checkpoints, config_check, evaluate, parallel, predict, pretrained, train  # noqa: E402
+from easunet_jax.data import preprocess  # noqa: E402
+from easunet_jax.errors import ConfigError, UserError, exit_with  # noqa: E402
+
+config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo]; '
+                                'without it, --mode=predict uses the shipped model.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory; default runs/<config.name>.')
+flags.DEFINE_enum('mode', 'train', ['train', 'preprocess', 'evaluate', 'predict', 'export'],
+                  'train: train with periodic validation (builds the slice store when missing); '
+                  'preprocess: only build the slice store; '
+                  'evaluate: test-set report of the checkpoint eval.checkpoint names; '
+                  'predict: segment --input into --output with that checkpoint (or --weights, or with '
+                  'no --config the shipped model); '
+                  'export: write that checkpoint to --output as one model file (.npz) for --weights.')
+flags.DEFINE_string('input', None, 'predict: a NIfTI, MetaImage or NRRD file, a folder of DICOM files (one '
+                    'series), or a directory of such files or of DICOM folders.')
+flags.DEFINE_string('output', None, 'predict: the mask file (one input) or a directory (created); '
+                    'export: the model file.')
+flags.DEFINE_string('series', None, 'predict: the SeriesInstanceUID of the DICOM series to read when a '
+                    'folder holds several (default: the one with most slices); <uid>:<echo> for one echo of '
+                    'a multi-echo series (default: its first).')
+flags.DEFINE_enum('laterality', None, ['left', 'right'], 'predict: the knee scanned, overriding the DICOM '
+                  'Laterality tag or series description and the scan position.')
+flags.DEFINE_bool('continue_prediction', False, 'predict: of a directory of scans, keep those that an '
+                  'earlier run into the same --output finished with the same model and settings, and '
+                  'segment the rest.')
+flags.DEFINE_string('labels', None, 'predict: expert labels to score the masks against: the label map of '
+                    "the one --input scan, or a directory of the scans' label maps (each named as its scan, "
+                    "or <id> for nnU-Net's <id>_0000 images, with any volume suffix), read with "
+                    'data.label_map.')
+flags.DEFINE_bool('save_probabilities', False, "predict: also write each scan's class probabilities "
+                  '(background, FC, TC) as a 4D NIfTI in its grid, beside its mask.')
+flags.DEFINE_string('weights', None, 'predict: a model file of --mode=export; without --config, its own '
+                    "config; with it, the config's predict settings; without either, the shipped model "
+                    '(easunet_jax/weights/eas_knee.npz).')
+flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
+# JAX reads the coordinator's address from JAX_COORDINATOR_ADDRESS too, and all three from SLURM or Open MPI
+# itself; the process count and id have no variable of their own, hence these flags for other launchers.
+flags.DEFINE_string('coordinator_address', None, 'train.distributed: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'train.distributed: the number of processes.')
+flags.DEFINE_integer('process_id', None, 'train.distributed: this process, 0 .. num_processes - 1.')
+FLAGS = flags.FLAGS
+
+
+# What a stop left on disk, in each mode where Ctrl-C ends the run (training saves a checkpoint instead).
+_AFTER_A_STOP = {
+    'predict': ': the scans finished are in --output; of a directory of scans, the same command with '
+               '--continue_prediction segments the rest',
+    'preprocess': ': no slice store written (nothing half-built is kept)',
+    'evaluate': ': no report written',
+    'export': ': no model file written',
+}
+
+
+# What a full disk, a folder that cannot be written, or a file where a folder is to be made (a broken link,
+# a file named as a folder the run makes: slices/, measures/) raises: the machine's state or a path to
+# correct, not a bug.
+_NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EEXIST)
+
+
+class _Terminated(BaseException):
+  """A SIGTERM (a scheduler's stop or time limit, `kill`) outside a training loop, which saves and stops by
+  itself: raised where the work stands, as Ctrl-C's KeyboardInterrupt is, so that it ends in one line."""
+
+
+def _terminated(signum, frame):
+  del signum, frame
+  raise _Terminated
+
+
+def _quiet_libraries(record) -> bool:
+  """Drops the INFO chatter of orbax and the TPU probe, orbax's warning at every checkpoint saved between
+  validations (those carry no Dice by design) and its (and asyncio's) tracebacks of a full disk (the run ends
+  with a line that says so), keeping all other warnings and errors."""
+  message = record.getMessage()
+  if message.startswith('Requested `tracked_metric`') or (
+      ('/orbax/' in record.pathname or record.name == 'asyncio')
+      and any(text in message for text in checkpoints.DISK_FULL)):
+    return False
+  return record.levelno >= logging.converter.STANDARD_WARNING or not any(
+      part in record.pathname for part in ('/orbax/', 'xla_bridge.py'))
+
+
+_PATH_FLAGS = ('workdir', 'input', 'output', 'labels', 'weights')
+_PATH_FIELDS = (('data', 'root'), ('data', 'cache_dir'), ('data', 'phantom_dir'), ('data', 'split_file'),
+                ('train', 'init_weights'))
+
+
+def main(argv):
+  del argv  # config_check.parse_flags refused any argument that is not a flag
+  logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+  # A path not in the locale's encoding (a Latin-1 folder name from a Windows export, held as surrogates)
+  # is printed escaped, as stderr prints it, instead of stopping a run with UnicodeEncodeError.
+  sys.stdout.reconfigure(errors='backslashreplace')
+  # A shell expands ~ only at a word's start, not after --flag=: expanded here, one home for every path.
+  for name in _PATH_FLAGS:
+    if FLAGS[name].value:
+      FLAGS[name].value = os.path.expanduser(FLAGS[name].value)
+  config, model_file = FLAGS.config, None
+  for group, field in _PATH_FIELDS:
+    if config is not None and isinstance(config[group][field], str):
+      config[group][field] = os.path.expanduser(config[group][field])
+  if config is None or FLAGS.weights:
+    if FLAGS.mode != 'predict':
+      exit_with(ConfigError(
+          '--config is needed, except by --mode=predict (which may take --weights, and without either uses '
+          'the shipped model)' if config is None else
+          '--weights is for --mode=predict; a run starts from a model file with --config.train.init_weights'))
+    model_file = FLAGS.weights or pretrained.SHIPPED
+    try:
+      config = pretrained.config_of(model_file, config)
+    except UserError as e:
+      exit_with(e)
+  # Predict and export run in one process: a model file trained on several hosts keeps the setting.
+  if config.train.distributed and FLAGS.mode in ('predict', 'export'):
+    logging.warning('train.distributed is for training, evaluation and preprocessing; --mode=%s runs in '
+                    'this process alone', FLAGS.mode)
+  elif config.train.distributed:
+    try:
+      parallel.join_processes(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ConfigError as e:
+      exit_with(e)
+  if not config.train.distributed or FLAGS.mode in ('predict', 'export'):  # else JAX's preemption service's
+    signal.signal(signal.SIGTERM, _terminated)
+  if jax.process_index() > 0:  # process 0 speaks for all: progress lines, validation and reports
+    logging.set_verbosity(logging.WARNING)
+  workdir = FLAGS.workdir or os.path.join('runs', config.name)
+  # Programs compiled once, and on GPUs XLA's autotuning results with them, are read back by later starts
+  # and by the other points of a sweep (unless JAX_COMPILATION_CACHE_DIR chose a place). A model file's
+  # predict has no workdir: its programs go to the user's cache, not into the folder it was started in.
+  if not jax.config.jax_compilation_cache_dir:
+    user_cache = pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache')
+    cache = (user_cache / 'easunet_jax' / 'jax' if model_file else
+             pathlib.Path(workdir).absolute().parent / '.jax_cache')
+    jax.config.update('jax_compilation_cache_dir', str(cache))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  try:
+    config_check.check_config(config, default.get_config(), FLAGS.mode)
+    if FLAGS.mode == 'predict' and not (FLAGS.input and FLAGS.output):
+      raise ConfigError('--mode=predict needs --input and --output')
+    if FLAGS.labels and FLAGS.mode != 'predict':
+      raise ConfigError("--labels scores the masks of --mode=predict; --mode=evaluate scores the test split "
+                        'against its own labels')
+    if FLAGS.mode == 'export':
+      config_check.check_export_output(FLAGS.output)
+    if not model_file and (file := config_check.file_in_the_way(workdir)):
+      raise ConfigError(f'--workdir={workdir}: {file}; expected a folder (made if missing)')
+    logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
+                 jax.devices())
+    if FLAGS.mode == 'preprocess':
+      with parallel.process_0_first('slice store built'):
+        preprocess.prepare_data(config, workdir)
+    elif FLAGS.mode == 'evaluate':
+      evaluate.evaluate(config, workdir)
+    elif FLAGS.mode == 'predict':
+      predict.predict(config, None if model_file else workdir, FLAGS.input, FLAGS.output, model_file,
+                      series=FLAGS.series, laterality=FLAGS.laterality and FLAGS.laterality[0].upper(),
+                      continue_prediction=FLAGS.continue_prediction, labels=FLAGS.labels,
+                      save_probabilities=FLAGS.save_probabilities)
+    elif FLAGS.mode == 'export':
+      meta = pretrained.export(config, workdir, FLAGS.output)
+      print(f'{FLAGS.output}: step {meta["step"]} of {workdir}, pixel {meta["pixel_mm"]} mm')
+    else:
+      train.train_and_evaluate(config, workdir)
+  except UserError as e:  # what the user can fix, in one line; any other exception is a bug: traceback
+    if FLAGS.verbose:
+      raise
+    exit_with(e)
+  except OSError as e:
+    if FLAGS.verbose or e.errno not in _NOT_WRITABLE:
+      raise
+    where = e.filename or (FLAGS.output if FLAGS.mode in ('predict', 'export') else workdir)
+    exit_with(UserError(f'{where}: {e.strerror}'))
+  except train.Stopped as e:  # the log said where it saved and how to resume
+    sys.exit(e.exit_code)
+  except (KeyboardInterrupt, _Terminated) as e:  # training saves and stops by itself; elsewhere no bug either
+    if FLAGS.verbose:
+      raise
+    ctrl_c = isinstance(e, KeyboardInterrupt)
+    print(f'stopped ({"Ctrl-C" if ctrl_c else "SIGTERM"}){_AFTER_A_STOP.get(FLAGS.mode, "")}',
+          file=sys.stderr)
+    sys.exit(128 + (signal.SIGINT if ctrl_c else signal.SIGTERM))  # as a shell reports a command so ended
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=config_check.parse_flags)
