@@ -156,6 +156,22 @@ def test_native_depthwise_runs_the_kernel_in_training_and_xla_stencil_in_evaluat
   assert 'ffi_call' in str(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x)[0])(state, x))
 
 
+def test_auto_depthwise_builds_the_native_kernel_only_to_train(tiny_weights, monkeypatch):
+  """Evaluation (and so predict) never asks for the kernel (a machine without a C++ compiler heard of it
+  in every predict); a training where it cannot be built runs XLA's stencil."""
+  asked = []
+  monkeypatch.setattr(depthwise_cpu, 'available', lambda: asked.append(1) or False)
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 1), np.float32)
+  model = _tiny_network(tiny_weights, depthwise_impl='auto')
+  model.eval()
+  model(x)
+  assert not asked
+  model.train()
+  graphdef, state = nnx.split(model)
+  assert 'ffi_call' not in str(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x)[0])(state, x))
+  assert asked
+
+
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
   cfg = tiny.get_config().model
   cfg.dtype = 'bfloat16'

@@ -1,10 +1,10 @@
 """The CPU depthwise convolution of `depthwise_cpu.cc`, compiled on first use and called through jax.ffi.
 
 The shared library is built with the machine's C++ compiler for its own CPU (-march=native) into
-$EASUNET_CACHE (default ~/.cache/easunet_jax), keyed by the source, the compiler command, the jax
-version and the CPU's feature flags, so a second start loads it in milliseconds. Without a compiler
-`available()` is False and `model.depthwise_impl='auto'` uses the pure-JAX stencil instead. The model
-uses it in training only (`layers.DepthwiseConv`).
+$EASUNET_CACHE (default $XDG_CACHE_HOME/easunet_jax, or ~/.cache/easunet_jax), keyed by the source, the
+compiler command, the jax version and the CPU's feature flags, so a second start loads it in milliseconds.
+Without a compiler `available()` is False and `model.depthwise_impl='auto'` uses the pure-JAX stencil
+instead. The model uses it in training only (`layers.DepthwiseConv`), and builds it only there.
 """
 
 import ctypes
@@ -48,7 +48,8 @@ def build() -> pathlib.Path:
   compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
   if compiler is None:
     raise RuntimeError('no C++ compiler (g++, c++, clang++ or $CXX) found')
-  cache = pathlib.Path(os.environ.get('EASUNET_CACHE', pathlib.Path.home() / '.cache' / 'easunet_jax'))
+  cache = pathlib.Path(os.environ.get('EASUNET_CACHE') or pathlib.Path(
+      os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache') / 'easunet_jax')
   key = hashlib.sha256('\n'.join([SOURCE.read_text(), ' '.join(_compile_command(compiler, pathlib.Path())),
                                   jax.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
   library = cache / f'depthwise_cpu-{key}.so'
@@ -78,7 +79,8 @@ def available() -> bool:
   try:
     _register()
   except (RuntimeError, OSError) as e:
-    logging.warning('native CPU depthwise convolution unavailable, using the JAX stencil: %s', e)
+    logging.warning('native CPU depthwise convolution unavailable, using the JAX stencil: %s%s', e,
+                    ' (EASUNET_CACHE names another folder for it)' if isinstance(e, OSError) else '')
     return False
   return True
 

@@ -77,9 +77,11 @@ def pointwise(c_in: int, c_out: int, dtype: DTypeLike, rngs: nnx.Rngs, use_bias:
 
 
 def resolve_depthwise_impl(impl: str, dtype: DTypeLike = jnp.float32) -> str:
-  """'auto' -> on CPU 'native' (float32, when the C++ kernel compiled) else 'shift'; elsewhere 'xla'.
+  """'auto' -> on CPU 'native' (float32) else 'shift'; elsewhere 'xla'.
 
-  'native' runs the C++ kernel (`depthwise_cpu`) in training and XLA's stencil ('shift') in evaluation.
+  'native' runs the C++ kernel (`depthwise_cpu`) in training and XLA's stencil ('shift') in evaluation;
+  from 'auto', the kernel is compiled as a training first traces it, and where it cannot be (no C++
+  compiler) training runs the stencil too: evaluation and predict never build it.
   'pallas' runs the Pallas (Triton) kernel of `depthwise_pallas`, on a GPU backend, or anywhere in
   Pallas' interpreter when `depthwise_pallas.INTERPRET` is set (tests). 'auto' stays 'xla' on GPU until
   the Pallas kernel is measured to beat it there.
@@ -91,7 +93,7 @@ def resolve_depthwise_impl(impl: str, dtype: DTypeLike = jnp.float32) -> str:
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'xla'
-    return 'native' if native_ok and depthwise_cpu.available() else 'shift'
+    return 'native' if native_ok else 'shift'
   if impl == 'native' and not (native_ok and depthwise_cpu.available()):
     raise ConfigError("model.depthwise_impl='native' needs the CPU backend, float32 and a C++ compiler")
   if impl == 'pallas' and jax.default_backend() != 'gpu' and not depthwise_pallas.INTERPRET:
@@ -178,7 +180,9 @@ class DepthwiseConv(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     # Without a backward pass to feed, XLA's own stencil beats the native kernel: it fuses the BatchNorm
     # and activation around it into the same loop, which it cannot do across a custom call.
-    impl = 'shift' if self.impl == 'native' and self.deterministic else self.impl
+    impl = self.impl
+    if impl == 'native' and (self.deterministic or not depthwise_cpu.available()):
+      impl = 'shift'
     fn = {'shift': depthwise_shift, 'xla': depthwise_xla, 'native': depthwise_cpu.depthwise,
           'pallas': depthwise_pallas.depthwise}[impl]
     return fn(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.dilation)
