@@ -10,6 +10,7 @@ import sys
 from easunet_jax import environment
 
 environment.configure()  # before jax is imported: it may start this process again
+environment.check_own_configs()
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

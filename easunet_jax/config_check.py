@@ -43,9 +43,9 @@ def project_file(spec: str) -> str:
 
 
 def project_config(argv: Sequence[str]) -> list[str]:
-  """`argv` with its --config=<file> read by `project_file`."""
-  return [f'--config={project_file(a.removeprefix("--config="))}' if a.startswith('--config=') else a
-          for a in argv]
+  """`argv` with its --config=<file> (or --config <file>) read by `project_file`."""
+  return [f'--config={project_file(a.removeprefix("--config="))}' if a.startswith('--config=') else
+          project_file(a) if i and argv[i - 1] == '--config' else a for i, a in enumerate(argv)]
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -370,7 +370,10 @@ def trace_model_loss(config: ml_collections.ConfigDict, image_HW: tuple[int, int
   whole step): raises at start-up what the model, the loss or the optimiser would raise for `config` at
   the first step (widths, switches, side outputs)."""
   steps.make_optimizer(config.optim, num_steps=1)
-  graphdef, params = nnx.split(models.abstract_model(config.model))
+  model_cfg = config.model.copy_and_resolve_references()
+  if model_cfg.depthwise_impl == 'auto':  # the same shapes as the native kernel, which only training builds
+    model_cfg.depthwise_impl = 'shift'
+  graphdef, params = nnx.split(models.abstract_model(model_cfg))
   batch = {'image': jax.ShapeDtypeStruct((1, *image_HW, 1), jnp.float32),
            'label': jax.ShapeDtypeStruct((1, *image_HW), jnp.int32)}
   jax.eval_shape(lambda p, b: steps.model_loss(nnx.merge(graphdef, p), b, config.loss), params, batch)

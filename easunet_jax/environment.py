@@ -1,10 +1,14 @@
 """Process settings that XLA:CPU reads only at start-up; `main.py` and the benchmarks call `configure()`
 before they import jax, so that all of them run the same program (docs/performance.md says what each
-setting is worth)."""
+setting is worth). And the check, at each command line's start, that the project's configs are the ones
+imported."""
 
+import importlib
 import os
 import sys
 from collections.abc import Mapping
+
+from easunet_jax.errors import ConfigError, exit_with
 
 # XLA:CPU maps a fresh multi-GB scratch buffer every training step; with glibc's transparent huge pages
 # its page faults stop eating into the step. glibc reads the setting only when a process starts.
@@ -38,3 +42,16 @@ def benchmark_env(threads: int) -> dict[str, str]:
   """The environment of a benchmark subprocess (ours or the PyTorch reference): both settings, so it needs
   no restart, and `threads` threads for PyTorch."""
   return {**with_settings(os.environ), 'OMP_NUM_THREADS': str(threads)}
+
+
+def check_own_configs() -> None:
+  """Exits with one line where `configs`, the project's package of configs, cannot be imported: `python -m`
+  puts the working directory first on the path, where a package of the user's own named configs (a folder
+  with an __init__.py) hides the one an installed easunet_jax has beside it."""
+  try:
+    for name in ('configs.default', 'configs.eas'):
+      importlib.import_module(name)
+  except ImportError as e:
+    found = getattr(sys.modules.get('configs'), '__file__', None) or 'a package named configs'
+    exit_with(ConfigError(f"{found}: hides easunet_jax's own configs ({e}); run from another folder, or "
+                          'rename that package'))

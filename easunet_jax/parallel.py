@@ -84,40 +84,55 @@ def round_to_devices(batch_size: int, mesh: jax.sharding.Mesh) -> int:
 _NO_CGROUP_LIMIT = 2**60
 
 
-def _cgroup_limits(root: pathlib.Path) -> list[int]:
-  """The memory limits (bytes) of this process's memory cgroups and of every cgroup above them, cgroup v2's
-  memory.max and v1's memory.limit_in_bytes. Inside a container the path /proc/self/cgroup names may not
-  be mounted: the walk up then reaches the container's own limit at the mount's top."""
+def _read_int(path: pathlib.Path) -> int | None:
+  try:
+    value = path.read_text().strip()
+  except OSError:
+    return None
+  return int(value) if value.isdigit() else None
+
+
+def _cgroup_room(root: pathlib.Path, resident: int) -> list[int]:
+  """What this process's memory cgroups, and every cgroup above them, leave of their limits: cgroup v2's
+  memory.max (v1's memory.limit_in_bytes) less the group's working set, its usage less the file cache the
+  kernel can drop (as the kubelet counts it), or, where the group's usage cannot be read, less this
+  process's `resident` bytes. Inside a container the path /proc/self/cgroup names may not be mounted: the
+  walk up then reaches the container's own limit at the mount's top."""
   try:
     lines = (root / 'proc/self/cgroup').read_text().splitlines()
   except OSError:
     return []
-  limits = []
+  room = []
   for line in lines:
     _, controllers, path = line.split(':', 2)
     if controllers == '':
-      top, name = root / 'sys/fs/cgroup', 'memory.max'
+      top, names = root / 'sys/fs/cgroup', ('memory.max', 'memory.current', 'inactive_file')
     elif 'memory' in controllers.split(','):
-      top, name = root / 'sys/fs/cgroup/memory', 'memory.limit_in_bytes'
+      top, names = (root / 'sys/fs/cgroup/memory',
+                    ('memory.limit_in_bytes', 'memory.usage_in_bytes', 'total_inactive_file'))
     else:
       continue
     folder = top / path.lstrip('/')
     for level in [folder, *folder.parents]:
-      try:
-        value = (level / name).read_text().strip()
-      except OSError:
-        value = 'max'
-      if value.isdigit() and int(value) < _NO_CGROUP_LIMIT:
-        limits.append(int(value))
+      limit = _read_int(level / names[0])
+      if limit is not None and limit < _NO_CGROUP_LIMIT:
+        used = _read_int(level / names[1])
+        try:
+          stat = (level / 'memory.stat').read_text()
+        except OSError:
+          stat = ''
+        droppable = re.search(rf'^{names[2]} (\d+)$', stat, re.M)
+        room.append(limit - (resident if used is None else used - int(droppable[1]) if droppable else used))
       if level == top:
         break
-  return limits
+  return room
 
 
 def host_memory_free(root: pathlib.Path = pathlib.Path('/')) -> int | None:
   """Bytes this process may still allocate before Linux's out-of-memory killer ends it: the kernel's
-  MemAvailable, or less where a memory cgroup (a container's, a cluster job's) holds the process to a
-  limit (less what the process holds now); None where the system does not say (not Linux)."""
+  MemAvailable, or less where a memory cgroup (a container's, a cluster job's) holds the process and its
+  neighbours (data workers, a sweep's other points) to a limit; None where the system does not say (not
+  Linux)."""
   try:
     meminfo = (root / 'proc/meminfo').read_text()
     resident = int((root / 'proc/self/statm').read_text().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -125,7 +140,7 @@ def host_memory_free(root: pathlib.Path = pathlib.Path('/')) -> int | None:
     return None
   if not (available := re.search(r'^MemAvailable:\s+(\d+) kB', meminfo, re.M)):
     return None
-  return max(min([int(available[1]) * 1024, *(limit - resident for limit in _cgroup_limits(root))]), 0)
+  return max(min([int(available[1]) * 1024, *_cgroup_room(root, resident)]), 0)
 
 
 def memory_free(device: jax.Device) -> int | None:

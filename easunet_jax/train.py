@@ -239,8 +239,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
     batch = next_batch()
   finally:
     signal.signal(signal.SIGINT, previous)
-  p_train_step = _compile_checked(p_train_step, state, batch, mesh)
   with _stop_requests() as stop_signal:
+    # Compiled under the stop requests: a stop that comes while it compiles (minutes of the paper's network)
+    # saves after the first step, as one during any step does.
+    p_train_step = _compile_checked(p_train_step, state, batch, mesh)
     for step in range(start + 1, num_steps + 1):
       state, step_metrics = p_train_step(state, batch)
       if step < num_steps and not stop_signal():  # loaded and sent while the step runs

@@ -1,7 +1,11 @@
 """Process settings: the XLA:CPU and glibc settings are added once, beside the user's own; a process
-without glibc's setting starts again once, one with it does not."""
+without glibc's setting starts again once, one with it does not; a package of the user's named configs
+that hides the project's is one line."""
 
 import os
+import pathlib
+import site
+import subprocess
 import sys
 
 from easunet_jax import environment
@@ -37,3 +41,25 @@ def test_configure_starts_the_process_again_only_on_linux_without_the_glibc_sett
   monkeypatch.delenv('GLIBC_TUNABLES')
   environment.configure()
   assert len(starts) == 1
+
+
+def test_a_package_of_the_users_named_configs_is_one_line(tmp_path):
+  """`python -m easunet_jax` puts the working directory first on the path: a package of the user's named
+  configs there hides the project's, as a non-editable install has it (no editable finder: python -S, the
+  site-packages added as plain folders)."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+
+  def check(*folders: pathlib.Path) -> subprocess.CompletedProcess:
+    path = [*map(str, folders), str(repo), *site.getsitepackages()]
+    code = (f'import sys; sys.path[:0] = {path!r}; from easunet_jax import environment; '
+            'environment.check_own_configs()')
+    return subprocess.run([sys.executable, '-S', '-c', code], capture_output=True, text=True, timeout=60)
+
+  assert check().returncode == 0
+  (tmp_path / 'configs').mkdir()
+  assert check(tmp_path).returncode == 0  # a folder of configs, no package: the project's still found
+  (tmp_path / 'configs' / '__init__.py').write_text('')
+  result = check(tmp_path)
+  assert (result.returncode, result.stderr) == (
+      2, f"error: {tmp_path}/configs/__init__.py: hides easunet_jax's own configs (No module named "
+         "'configs.default'); run from another folder, or rename that package\n")

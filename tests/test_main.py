@@ -397,7 +397,7 @@ def test_the_package_runs_from_any_folder_with_the_projects_configs(tmp_path):
   result = run('easunet_jax', '--config=configs/tiny.py', '--mode=predict')
   assert (result.returncode, result.stderr.splitlines()[-1]) == (
       2, 'error: --mode=predict needs --input and --output'), result.stderr
-  assert run('easunet_jax.models', '--config=configs/tiny.py').stdout.endswith('params: 5834\n')
+  assert run('easunet_jax.models', '--config', 'configs/tiny.py').stdout.endswith('params: 5834\n')
   (tmp_path / 'configs').mkdir()  # a folder of the user's own configs, no package
   (tmp_path / 'configs' / 'tiny.py').write_text(
       'from configs import tiny\n\ndef get_config():\n  config = tiny.get_config()\n'

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import default, tiny
-from easunet_jax import steps
+from easunet_jax import config_check, steps
 from easunet_jax.errors import ConfigError
 from easunet_jax.models import abstract_model, depthwise_cpu, layers
 from easunet_jax.models.eas_unet import DecoderStage, EASUNet
@@ -158,9 +158,11 @@ def test_native_depthwise_runs_the_kernel_in_training_and_xla_stencil_in_evaluat
 
 def test_auto_depthwise_builds_the_native_kernel_only_to_train(tiny_weights, monkeypatch):
   """Evaluation (and so predict) never asks for the kernel (a machine without a C++ compiler heard of it
-  in every predict); a training where it cannot be built runs XLA's stencil."""
+  in every predict), nor does the start-up check of a config; a training where it cannot be built runs
+  XLA's stencil."""
   asked = []
   monkeypatch.setattr(depthwise_cpu, 'available', lambda: asked.append(1) or False)
+  config_check.trace_model_loss(tiny.get_config(), (32, 32))
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 1), np.float32)
   model = _tiny_network(tiny_weights, depthwise_impl='auto')
   model.eval()

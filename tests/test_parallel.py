@@ -51,12 +51,18 @@ def _system(root: pathlib.Path, cgroup: str, limits: dict[str, str], available_k
 @pytest.mark.parametrize('cgroup, limits, free', [
     # No memory limit anywhere: the kernel's MemAvailable.
     ('0::/user.slice\n', {'user.slice/memory.max': 'max\n', 'memory.max': 'max\n'}, 8_000_000 * 1024),
-    # A cluster job's cgroup v2 limit two levels above the process's cgroup, less what the process holds.
-    ('0::/job_1/step_0/task_0\n', {'job_1/memory.max': '2000000000\n', 'job_1/step_0/memory.max': 'max\n'},
-     2_000_000_000 - 1000 * os.sysconf('SC_PAGE_SIZE')),
-    # A container's cgroup v1 limit: the path the process's cgroup names is not mounted in it.
+    # A cluster job's cgroup v2 limit two levels above the process's cgroup, less the job's working set
+    # (its usage less the file cache the kernel can drop: a slice store's pages).
+    ('0::/job_1/step_0/task_0\n', {'job_1/memory.max': '2000000000\n', 'job_1/step_0/memory.max': 'max\n',
+                                    'job_1/memory.current': '500000000\n',
+                                    'job_1/memory.stat': 'anon 400000000\ninactive_file 100000000\n'},
+     1_600_000_000),
+    # A container's cgroup v1 limit: the path the process's cgroup names is not mounted in it; its usage
+    # unreadable, less what this process holds.
     ('4:memory:/process_api/abc\n3:cpuset:/\n', {'memory/memory.limit_in_bytes': '3000000000\n'},
      3_000_000_000 - 1000 * os.sysconf('SC_PAGE_SIZE')),
+    ('4:memory:/\n', {'memory/memory.limit_in_bytes': '3000000000\n', 'memory/memory.usage_in_bytes': '10\n',
+                      'memory/memory.stat': 'cache 7\ntotal_inactive_file 4\n'}, 3_000_000_000 - 6),
     # cgroup v1 without a limit (2^63 rounded down to a page), and the process over its limit.
     ('4:memory:/\n', {'memory/memory.limit_in_bytes': '9223372036854771712\n'}, 8_000_000 * 1024),
     ('0::/\n', {'memory.max': '1000\n'}, 0),

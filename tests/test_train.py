@@ -97,6 +97,32 @@ def test_the_memory_a_training_step_asks_for_is_logged(caplog):
   assert float(total) == 2 * 8 * 256 * 256 and np.asarray(state).tolist() == [1, 1, 1]
 
 
+def test_a_stop_while_the_step_compiles_saves_after_the_first_step(augmented_tiny, tmp_path, monkeypatch):
+  """A SIGTERM (a scheduler's time limit) as the step compiles, which takes minutes for the paper's network:
+  saved and stopped after step 1, as main.py's handler, which raises (here: Interrupted), never hears it."""
+  class Interrupted(Exception):
+    pass
+
+  def interrupted(signum, frame):
+    raise Interrupted
+
+  compile_checked = train._compile_checked
+
+  def signalled_compile(*args):
+    signal.raise_signal(signal.SIGTERM)  # handled before the call returns
+    return compile_checked(*args)
+
+  monkeypatch.setattr(train, '_compile_checked', signalled_compile)
+  previous = signal.signal(signal.SIGTERM, interrupted)
+  try:
+    with pytest.raises(train.Stopped) as stopped:
+      train.train_and_evaluate(augmented_tiny[0], tmp_path / 'run')
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert stopped.value.exit_code == 143
+  assert checkpoints.manager(tmp_path / 'run', 3).all_steps() == [1]
+
+
 def test_validation_sums_the_loss_over_the_batches_and_scores_each_case(monkeypatch):
   """Three validation slices, of cases a, a and b, in batches of two (the second padded): the loss is the
   validation set's as one batch (the batches' sums added, `losses.loss_sums`), and each case's Dice sums its

@@ -5,9 +5,13 @@ from clu import parameter_overview
 from flax import nnx
 from ml_collections import config_flags
 
-from easunet_jax import config_check
+from easunet_jax import environment
 from easunet_jax.errors import ConfigError, UserError, exit_with
-from easunet_jax.models import abstract_model
+
+environment.check_own_configs()
+
+from easunet_jax import config_check  # noqa: E402
+from easunet_jax.models import abstract_model  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
 

@@ -54,9 +54,14 @@ def build() -> pathlib.Path:
                                   jax.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
   library = cache / f'depthwise_cpu-{key}.so'
   if not library.exists():
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+      cache.mkdir(parents=True, exist_ok=True)
+      building = tempfile.TemporaryDirectory(dir=cache)
+    except OSError as e:
+      raise RuntimeError(f'{cache}: cannot be written ({e.strerror}); EASUNET_CACHE names another folder for '
+                         'the kernel') from None
     # Built under a temporary name and renamed: processes starting together never load a partial file.
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+    with building as tmp:
       partial = pathlib.Path(tmp) / library.name
       result = subprocess.run(_compile_command(compiler, partial), capture_output=True, text=True,
                               check=False)
@@ -79,8 +84,7 @@ def available() -> bool:
   try:
     _register()
   except (RuntimeError, OSError) as e:
-    logging.warning('native CPU depthwise convolution unavailable, using the JAX stencil: %s%s', e,
-                    ' (EASUNET_CACHE names another folder for it)' if isinstance(e, OSError) else '')
+    logging.warning('native CPU depthwise convolution unavailable, using the JAX stencil: %s', e)
     return False
   return True
 

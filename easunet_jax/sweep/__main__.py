@@ -13,8 +13,12 @@ from collections.abc import Sequence
 import jax
 from absl import app, flags
 
+from easunet_jax import environment
 from easunet_jax.errors import ConfigError, UserError, exit_with
-from easunet_jax.sweep import run
+
+environment.check_own_configs()
+
+from easunet_jax.sweep import run  # noqa: E402
 
 flags.DEFINE_string('sweep', None, 'Sweep file defining sweep(add), e.g. configs/sweep_table1.py[:demo].')
 flags.DEFINE_string('workdir', None, 'Sweep directory: one sub-folder per point, the tables beside them.')
