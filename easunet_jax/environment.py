@@ -13,7 +13,8 @@ from easunet_jax.errors import ConfigError, exit_with
 # XLA:CPU maps a fresh multi-GB scratch buffer every training step; with glibc's transparent huge pages
 # its page faults stop eating into the step. glibc reads the setting only when a process starts.
 _HUGE_PAGES = 'glibc.malloc.hugetlb=1'
-# XLA:CPU's concurrency-optimised scheduler more than doubles a training step's scratch memory.
+# XLA:CPU's concurrency-optimised scheduler nearly triples a training step's scratch memory where the
+# depthwise convolution is XLA's stencil (docs/performance.md).
 _XLA_CPU_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
