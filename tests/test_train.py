@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, tiny
-from easunet_jax import checkpoints, config_check, evaluate, parallel, pretrained, train
+from easunet_jax import checkpoints, config_check, evaluate, parallel, pretrained, steps, train
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 
@@ -80,7 +80,8 @@ def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny
 
 def test_the_memory_a_training_step_asks_for_is_logged(caplog):
   """XLA's figure for the compiled step, beside what the machine has free (a warning where it is short:
-  test_a_run_off_its_cadences_validates_and_saves_its_last_step); the compiled step is the step."""
+  test_a_run_off_its_cadences_validates_and_saves_its_last_step); the step's first call compiles nothing
+  more."""
   mesh = parallel.make_mesh()
   data, replicated = parallel.shardings(mesh)
   step = jax.jit(lambda state, batch: (state + 1, (batch['label'] * 2.0).sum()),
@@ -88,13 +89,16 @@ def test_the_memory_a_training_step_asks_for_is_logged(caplog):
   state = jax.device_put(np.zeros(3, np.float32), replicated)
   batch = {'label': jax.device_put(np.ones((8, 256, 256), np.float32), data)}
   with caplog.at_level(logging.INFO):
-    compiled = train._compile_checked(step, state, batch, mesh)
+    train._compile_and_size(step, state, batch, mesh)
   [line] = [m for r in caplog.records if 'a training step asks' in (m := r.getMessage())]
   asked, free = map(float, re.fullmatch(r'a training step asks for (\S+) GB of memory beyond the model '
                                         r'\(this machine has (\S+) GB free\)', line).groups())
   assert 0 < asked < 0.1 and free == pytest.approx(parallel.host_memory_free() / 1e9, rel=0.2)
-  state, total = compiled(state, batch)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    caplog.clear()
+    state, total = step(state, batch)
   assert float(total) == 2 * 8 * 256 * 256 and np.asarray(state).tolist() == [1, 1, 1]
+  assert not [r for r in caplog.records if 'Compiling' in r.getMessage()]
 
 
 def test_a_stop_while_the_step_compiles_saves_after_the_first_step(augmented_tiny, tmp_path, monkeypatch):
@@ -106,13 +110,13 @@ def test_a_stop_while_the_step_compiles_saves_after_the_first_step(augmented_tin
   def interrupted(signum, frame):
     raise Interrupted
 
-  compile_checked = train._compile_checked
+  compile_and_size = train._compile_and_size
 
   def signalled_compile(*args):
     signal.raise_signal(signal.SIGTERM)  # handled before the call returns
-    return compile_checked(*args)
+    compile_and_size(*args)
 
-  monkeypatch.setattr(train, '_compile_checked', signalled_compile)
+  monkeypatch.setattr(train, '_compile_and_size', signalled_compile)
   previous = signal.signal(signal.SIGTERM, interrupted)
   try:
     with pytest.raises(train.Stopped) as stopped:
@@ -500,12 +504,16 @@ def test_init_weights_start_a_new_run_from_a_model_file(augmented_tiny, tmp_path
   tuned = config.copy_and_resolve_references()
   tuned.train.init_weights = str(model_file)
   first = {}
+  jit_steps = steps.jit_steps
 
-  def record_and_stop(state, batch):
-    first['state'] = state
-    raise Killed
+  def first_step_only(*args, **kwargs):
+    def record_and_stop(state, batch):
+      first['state'] = state
+      raise Killed
+    return record_and_stop, jit_steps(*args, **kwargs)[1]
 
-  monkeypatch.setattr(train, '_compile_checked', lambda *args: record_and_stop)
+  monkeypatch.setattr(steps, 'jit_steps', first_step_only)
+  monkeypatch.setattr(train, '_compile_and_size', lambda *args: None)
   with pytest.raises(Killed):
     train.train_and_evaluate(tuned, tmp_path / 'run')
   state = first['state']
