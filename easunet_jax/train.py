@@ -126,11 +126,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 def _compile_and_size(train_step: Callable, state: steps.TrainState, batch: dict[str, jax.Array],
                       mesh: jax.sharding.Mesh) -> None:
-  """Compiles the jitted `train_step` for `state` and `batch` (jit keeps the program for its first call)
-  and logs the memory it asks for beyond its arguments, as a warning where that exceeds what a device has
-  free: the run would end part way, on a CPU without a message (Linux's out-of-memory killer prints none).
-  The step is called as jitted, not as the compiled object, whose calls took 0.3-0.4 of the demo's 3.2
-  steps/s."""
+  """Compiles the jitted `train_step` for `state` and `batch` (jit keeps the program for its first call,
+  which only traces it again: 1.3 s for the demo) and logs the memory it asks for beyond its arguments, as a
+  warning where that exceeds what a device has free: the run would end part way, on a CPU without a
+  message (Linux's out-of-memory killer prints none). The step is called as jitted, not as the compiled
+  object, whose calls took 0.3-0.4 of the demo's 3.2 steps/s."""
   analysis, device = train_step.lower(state, batch).compile().memory_analysis(), mesh.local_devices[0]
   if analysis is None:
     return
