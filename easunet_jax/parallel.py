@@ -121,8 +121,11 @@ def _cgroup_room(root: pathlib.Path, resident: int) -> list[int]:
           stat = (level / 'memory.stat').read_text()
         except OSError:
           stat = ''
-        droppable = re.search(rf'^{names[2]} (\d+)$', stat, re.M)
-        room.append(limit - (resident if used is None else used - int(droppable[1]) if droppable else used))
+        if used is None:
+          used = resident
+        elif droppable := re.search(rf'^{names[2]} (\d+)$', stat, re.M):
+          used -= int(droppable[1])
+        room.append(limit - used)
       if level == top:
         break
   return room
