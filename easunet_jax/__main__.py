@@ -19,7 +19,7 @@ from ml_collections import config_flags  # noqa: E402
 from configs import default  # noqa: E402
 from easunet_jax import checkpoints, config_check, evaluate, parallel, predict, pretrained, train  # noqa: E402
 from easunet_jax.data import preprocess  # noqa: E402
-from easunet_jax.errors import ConfigError, UserError, exit_with  # noqa: E402
+from easunet_jax.errors import ConfigError, UserError, exit_with, one_line  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Configuration file, e.g. configs/eas.py[:demo]; '
                                 'without it, --mode=predict uses the shipped model.', lock_config=True)
@@ -100,6 +100,19 @@ def _quiet_libraries(record) -> bool:
       part in record.pathname for part in ('/orbax/', 'xla_bridge.py'))
 
 
+def _start_backend() -> int:
+  """Starts JAX's backend and returns this process's index; where JAX_PLATFORMS names platforms that cannot
+  start here (cuda on a node without a GPU, where JAX fails a bare assertion), one line instead."""
+  try:
+    return jax.process_index()
+  except (RuntimeError, AssertionError) as e:
+    if not jax.config.jax_platforms:  # JAX's own choice failed: a broken install, its traceback
+      raise
+    reason = one_line(e) if str(e) else 'no NVIDIA GPU is visible'  # the one platform JAX skips silently
+    exit_with(ConfigError(f'JAX found no backend for JAX_PLATFORMS={jax.config.jax_platforms} ({reason}); '
+                          'unset JAX_PLATFORMS, or install jax with CUDA on a GPU node'))
+
+
 _PATH_FLAGS = ('workdir', 'input', 'output', 'labels', 'weights')
 _PATH_FIELDS = (('data', 'root'), ('data', 'cache_dir'), ('data', 'phantom_dir'), ('data', 'split_file'),
                 ('train', 'init_weights'))
@@ -141,7 +154,7 @@ def main(argv):
       exit_with(e)
   if not config.train.distributed or FLAGS.mode in ('predict', 'export'):  # else JAX's preemption service's
     signal.signal(signal.SIGTERM, _terminated)
-  if jax.process_index() > 0:  # process 0 speaks for all: progress lines, validation and reports
+  if _start_backend() > 0:  # process 0 speaks for all: progress lines, validation and reports
     logging.set_verbosity(logging.WARNING)
   workdir = FLAGS.workdir or os.path.join('runs', config.name)
   # Programs compiled once, and on GPUs XLA's autotuning results with them, are read back by later starts

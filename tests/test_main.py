@@ -527,6 +527,18 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
     assert refused.returncode == 2 and refused.stderr.startswith('error: data.root: expected a dataset')
 
 
+@pytest.mark.skipif(any(pathlib.Path('/dev').glob('nvidia[0-9]*')), reason='a GPU node')
+def test_platforms_that_cannot_start_are_one_line(tmp_path):
+  """JAX_PLATFORMS=cuda on a node without a GPU (a batch job on a CPU node): JAX fails a bare assertion at
+  its first call; the user hears which setting and what to do."""
+  result = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
+                           '--output=out'], cwd=tmp_path, capture_output=True, text=True, check=False,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cuda'})
+  assert (result.returncode, result.stderr) == (2, (
+      'error: JAX found no backend for JAX_PLATFORMS=cuda (no NVIDIA GPU is visible); unset JAX_PLATFORMS, '
+      'or install jax with CUDA on a GPU node\n'))
+
+
 @pytest.mark.parametrize('given', [False, True])
 def test_predict_gets_the_model_file_and_the_side_given(tmp_path, given):
   """--weights names the model file, also beside a --config (whose predict settings it then takes; without
