@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,29 +23,67 @@ from easunet_jax.errors import ConfigError, UserError, one_line
 
 # How long the processes wait for each other to join: JAX's default.
 JOIN_TIMEOUT_S = 300
+# JAX's own client aborts the process with a C++ stack trace at its deadline: it gets this much longer
+# than the watchdog that ends the process in one line before it.
+_JAX_GRACE_S = 30
+# Where jax.distributed reads what the flags leave out (jax/_src/clusters): the coordinator from its own
+# variable, Slurm's or Open MPI's; the process count and this process's id from Slurm's or Open MPI's.
+_FROM_ENVIRONMENT = (('JAX_COORDINATOR_ADDRESS', 'SLURM_STEP_NODELIST', 'OMPI_MCA_orte_hnp_uri'),
+                     ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'), ('SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'))
+
+
+def _joining(coordinator_address: str | None, num_processes: int | None, process_id: int | None
+             ) -> tuple[str, str]:
+  """('process <id> of <count>', '<where>=<coordinator>') from the flags, or where they leave one out, from
+  the first variable JAX reads it from, named ('?' where none is set)."""
+  values, names = [], []
+  for value, variables in zip((coordinator_address, num_processes, process_id), _FROM_ENVIRONMENT):
+    name = next((name for name in variables if name in os.environ), None) if value is None else None
+    values.append(os.environ[name] if name else '?' if value is None else value)
+    names.append(name)
+  address, count, index = values
+  read = [name for name in (names[2], names[1]) if name]
+  return (f'process {index} of {count}' + (f' ({", ".join(read)})' if read else ''),
+          f'{names[0] or "--coordinator_address"}={address}')
 
 
 def join_processes(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
                    timeout_s: int = JOIN_TIMEOUT_S, say_after_s: float = 10) -> None:
   """jax.distributed.initialize, with what a user needs to hear: after `say_after_s` of waiting, a line
-  saying for what and for how long; and, for a process other than 0, an address where nothing answers ends
-  in one line after `timeout_s` (JAX's own client would abort the process with a C++ stack trace). Bad
-  flags are one ConfigError line."""
+  saying who waits, for what and for how long, from the flags or the cluster's variables JAX reads instead;
+  a process other than 0 given an address where nothing answers stops in one ConfigError line after
+  `timeout_s`, and any process whose others did not join by then ends in one line and exit code 1 (JAX's own
+  client would abort it with a C++ stack trace). Bad flags are one ConfigError line."""
+  who, coordinator = _joining(coordinator_address, num_processes, process_id)
+
   def waiting():
-    logging.warning('process %s of %s: waiting for the processes to join at --coordinator_address=%s (%d s '
-                    'at most)', process_id, num_processes, coordinator_address, timeout_s)
+    logging.warning('%s: waiting for the processes to join at %s (%d s at most)', who, coordinator, timeout_s)
+
+  def not_joined():  # the main thread waits inside JAX's C++ client: only leaving the process ends it
+    hint = ('under Slurm start every task with srun' if 'SLURM_JOB_ID' in os.environ else
+            'start every process, each with its --process_id')
+    print(f'error: {who}: the other processes did not join at {coordinator} in {timeout_s} s; {hint}',
+          file=sys.stderr, flush=True)
+    os._exit(UserError.exit_code)
+
+  deadline = time.monotonic() + timeout_s
   timer = threading.Timer(say_after_s, waiting)
   timer.start()
+  watchdog = None
   try:
     if coordinator_address and num_processes and process_id is not None and 0 < process_id < num_processes:
       _wait_for_coordinator(coordinator_address, timeout_s)
+    watchdog = threading.Timer(max(deadline - time.monotonic(), 0), not_joined)
+    watchdog.start()
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=timeout_s)
+                               initialization_timeout=timeout_s + _JAX_GRACE_S)
   except ValueError as e:  # a flag missing (outside a cluster JAX reads them from) or out of range
     raise ConfigError(f'train.distributed: {one_line(e)} (--coordinator_address, --num_processes, '
                       '--process_id)') from None
   finally:
     timer.cancel()
+    if watchdog:
+      watchdog.cancel()
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:

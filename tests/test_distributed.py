@@ -108,6 +108,25 @@ def test_a_process_that_finds_no_coordinator_says_it_waits_then_stops_in_one_lin
           'most)') in caplog.text
 
 
+def test_a_slurm_task_whose_others_never_start_stops_in_one_line():
+  """An sbatch --ntasks=2 script without srun: one task, its place read from Slurm's variables, waits for a
+  process that never comes; JAX's own client would abort it at its deadline with a C++ stack trace."""
+  address = f'127.0.0.1:{_free_port()}'
+  env = {**os.environ, 'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0',
+         'SLURM_STEP_NODELIST': 'localhost', 'JAX_COORDINATOR_ADDRESS': address,
+         'JAX_COORDINATOR_BIND_ADDRESS': address, 'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run(
+      [sys.executable, '-c', 'from easunet_jax import parallel\n'
+       'parallel.join_processes(None, None, None, timeout_s=2, say_after_s=0.5)'],
+      cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=60)
+  who = 'process 0 of 2 (SLURM_PROCID, SLURM_NTASKS)'
+  assert (f'{who}: waiting for the processes to join at JAX_COORDINATOR_ADDRESS={address} (2 s at most)'
+          in result.stderr)
+  assert (result.returncode, result.stderr.splitlines()[-1]) == (1, (
+      f'error: {who}: the other processes did not join at JAX_COORDINATOR_ADDRESS={address} in 2 s; under '
+      'Slurm start every task with srun')), result.stderr[-2000:]
+
+
 def _max_abs_difference(a, b) -> float:
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
                                           a, b)))
