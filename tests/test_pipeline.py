@@ -5,6 +5,7 @@ import logging
 import pickle
 import shutil
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from easunet_jax.data import phantom, pipeline, preprocess
+from easunet_jax.data import workers as data_workers
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
 
@@ -140,6 +142,19 @@ def test_iterator_resumed_at_a_step_gives_the_same_batches_whatever_the_workers(
       resumed.close()
   fresh = pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=3, seed=7, workers=0)
   assert not np.array_equal(next(fresh)['image'], expected[0]['image'])
+
+
+def test_the_workers_are_at_most_the_cpus(store, monkeypatch, caplog):
+  """data.workers above the CPUs this process may run on (a batch job's allotment, taskset) would only
+  take turns on them: lowered, with a line."""
+  asked = []
+  options = grain.MultiprocessingOptions
+  monkeypatch.setattr(grain, 'MultiprocessingOptions', lambda **kw: asked.append(kw) or options(**kw))
+  monkeypatch.setattr(data_workers, 'cpus', lambda: 1)
+  with caplog.at_level(logging.WARNING):
+    pipeline.train_iterator(pipeline.SliceSource(store / 'train'), batch_size=3, seed=7, workers=4)
+  assert asked == [{'num_workers': 1}]
+  assert 'data.workers=4 lowered to 1: this process may run on 1 CPU(s)' in caplog.text
 
 
 def _rebuilt(store, tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from easunet_jax import atomic
+from easunet_jax.data.workers import at_most_cpus
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
 
@@ -91,7 +92,7 @@ def train_iterator(source: SliceSource, batch_size: int, seed: int, workers: int
   # A small read-ahead: a batch of full-size slices is ~10 MB, and the machines may have few cores.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if workers > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=at_most_cpus(workers, 'data.workers')))
   return iter(it_ds)
 
 
