@@ -2,6 +2,7 @@
 
 import contextlib
 import fcntl
+import gc
 import os
 import pathlib
 import signal
@@ -304,6 +305,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
                         'to resume.', stop, step, num_steps, mngr.directory / str(step))
         break
   writer.close()
+  # JAX hands a batch it read in place back only at a garbage collection: with data.workers, the last one
+  # would keep its Grain shared memory to the process's end, where Python warns of it as leaked.
+  del batch
+  gc.collect()
   if stop:
     raise Stopped(stop)
   return state
