@@ -6,6 +6,7 @@ import os
 import pathlib
 import signal
 import sys
+import tempfile
 
 from easunet_jax import environment
 
@@ -113,6 +114,31 @@ def _start_backend() -> int:
                           'unset JAX_PLATFORMS, or install jax with CUDA on a GPU node'))
 
 
+def _keep_compiled_programs(workdir: str, model_file: str | None) -> None:
+  """Keeps compiled programs, and on GPUs XLA's autotuning results with them, in a folder where later starts
+  and the other points of a sweep read them back: JAX_COMPILATION_CACHE_DIR, or beside the workdir, or for a
+  model file's predict, which has no workdir, in the user's cache (not in the folder it was started in).
+  Where that folder cannot be made or written, one warning line, and no cache: JAX would warn at every
+  program."""
+  if jax.config.jax_compilation_cache_dir:
+    cache, other = pathlib.Path(jax.config.jax_compilation_cache_dir), ''
+  elif model_file:
+    user_cache = pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache')
+    cache, other = user_cache / 'easunet_jax' / 'jax', ', or XDG_CACHE_HOME'
+  else:
+    cache, other = pathlib.Path(workdir).absolute().parent / '.jax_cache', ', or --workdir'
+  try:
+    cache.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=cache).close()
+  except OSError as e:
+    logging.warning('%s: compiled programs cannot be kept there (%s), so each run compiles them again; set '
+                    'JAX_COMPILATION_CACHE_DIR to a folder that can be written%s', cache, e.strerror, other)
+    jax.config.update('jax_enable_compilation_cache', False)
+    return
+  jax.config.update('jax_compilation_cache_dir', str(cache))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
 _PATH_FLAGS = ('workdir', 'input', 'output', 'labels', 'weights')
 _PATH_FIELDS = (('data', 'root'), ('data', 'cache_dir'), ('data', 'phantom_dir'), ('data', 'split_file'),
                 ('train', 'init_weights'))
@@ -157,15 +183,6 @@ def main(argv):
   if _start_backend() > 0:  # process 0 speaks for all: progress lines, validation and reports
     logging.set_verbosity(logging.WARNING)
   workdir = FLAGS.workdir or os.path.join('runs', config.name)
-  # Programs compiled once, and on GPUs XLA's autotuning results with them, are read back by later starts
-  # and by the other points of a sweep (unless JAX_COMPILATION_CACHE_DIR chose a place). A model file's
-  # predict has no workdir: its programs go to the user's cache, not into the folder it was started in.
-  if not jax.config.jax_compilation_cache_dir:
-    user_cache = pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache')
-    cache = (user_cache / 'easunet_jax' / 'jax' if model_file else
-             pathlib.Path(workdir).absolute().parent / '.jax_cache')
-    jax.config.update('jax_compilation_cache_dir', str(cache))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   try:
     config_check.check_config(config, default.get_config(), FLAGS.mode)
     if FLAGS.mode == 'predict' and not (FLAGS.input and FLAGS.output):
@@ -177,6 +194,8 @@ def main(argv):
       config_check.check_export_output(FLAGS.output)
     if not model_file and (file := config_check.file_in_the_way(workdir)):
       raise ConfigError(f'--workdir={workdir}: {file}; expected a folder (made if missing)')
+    # Before anything compiles (the checks above compile nothing): JAX decides at its first compilation.
+    _keep_compiled_programs(workdir, model_file)
     logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),
                  jax.devices())
     if FLAGS.mode == 'preprocess':

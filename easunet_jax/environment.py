@@ -1,11 +1,15 @@
 """Process settings that XLA:CPU reads only at start-up; `main.py` and the benchmarks call `configure()`
 before they import jax, so that all of them run the same program (docs/performance.md says what each
-setting is worth). And the check, at each command line's start, that the project's configs are the ones
-imported."""
+setting is worth); matplotlib's folder where its own cannot be written. And the check, at each command
+line's start, that the project's configs are the ones imported."""
 
+import atexit
 import importlib
 import os
+import pathlib
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 
 from easunet_jax.errors import ConfigError, exit_with
@@ -37,6 +41,25 @@ def configure() -> None:
   os.environ.update(env)
   if huge_pages_missing and sys.platform.startswith('linux'):
     os.execv(sys.executable, sys.orig_argv)  # the interpreter's own options (-O, -X, -c ...) too
+  _matplotlib_folder()
+
+
+def _matplotlib_folder() -> None:
+  """Gives matplotlib a temporary folder (MPLCONFIGDIR, removed at exit) where it is unset and the folders
+  matplotlib keeps its settings and font cache in, under XDG_CONFIG_HOME and XDG_CACHE_HOME (or ~/.config
+  and ~/.cache), cannot be made or written (a read-only home on a cluster node): matplotlib would make one
+  too, with warnings at every start."""
+  if 'MPLCONFIGDIR' in os.environ:
+    return
+  for variable, default in (('XDG_CONFIG_HOME', '.config'), ('XDG_CACHE_HOME', '.cache')):
+    folder = pathlib.Path(os.environ.get(variable) or pathlib.Path.home() / default) / 'matplotlib'
+    try:
+      folder.mkdir(parents=True, exist_ok=True)
+      tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+      os.environ['MPLCONFIGDIR'] = tempfile.mkdtemp(prefix='easunet_jax_matplotlib_')
+      atexit.register(shutil.rmtree, os.environ['MPLCONFIGDIR'], ignore_errors=True)
+      return
 
 
 def benchmark_env(threads: int) -> dict[str, str]:

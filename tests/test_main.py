@@ -73,6 +73,14 @@ def report(config, workdir, input_path, output_path, model_file=None, **kwargs):
 predict.predict = report
 """
 
+COMPILE_IN_PREDICT = """
+from easunet_jax import environment
+environment.configure()  # as main.py does first: before predict imports matplotlib
+import jax
+from easunet_jax import predict
+predict.predict = lambda *args, **kwargs: print(jax.jit(lambda x: x + 1)(1))
+"""
+
 DISK_FULL = """
 import errno
 from easunet_jax import pretrained, train
@@ -525,6 +533,25 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
                               '--config.data.root=no_such_folder'], cwd=tmp_path, capture_output=True,
                              text=True, check=False)
     assert refused.returncode == 2 and refused.stderr.startswith('error: data.root: expected a dataset')
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_warning(tmp_path):
+  """XDG_CACHE_HOME where nothing can be made (a read-only home on a cluster node; here, under a file): one
+  line for the compiled programs, which are then not kept, and no warnings of JAX at each program it
+  compiles, nor of matplotlib, whose font cache is there too."""
+  (tmp_path / 'afile').write_text('')
+  env = {k: v for k, v in os.environ.items() if k not in ('JAX_COMPILATION_CACHE_DIR', 'MPLCONFIGDIR')}
+  env['XDG_CACHE_HOME'] = str(tmp_path / 'afile' / 'cache')
+  result = subprocess.run([sys.executable, '-c', _RUN_MAIN.format(hook=COMPILE_IN_PREDICT), '--mode=predict',
+                           '--input=scan.nii.gz', '--output=out'], cwd=REPO, capture_output=True, text=True,
+                          check=False, env=env)
+  assert (result.returncode, result.stdout) == (0, '2\n'), result.stderr[-2000:]
+  [warning] = [line for line in result.stderr.splitlines() if not line.startswith('I')]
+  cache = tmp_path / 'afile' / 'cache' / 'easunet_jax' / 'jax'
+  assert warning.endswith(
+      f'] {cache}: compiled programs cannot be kept there (Not a directory), so each run compiles them '
+      'again; set JAX_COMPILATION_CACHE_DIR to a folder that can be written, or XDG_CACHE_HOME'), (
+          result.stderr)
 
 
 @pytest.mark.skipif(any(pathlib.Path('/dev').glob('nvidia[0-9]*')), reason='a GPU node')
