@@ -5,12 +5,14 @@ and compartment (CSV and Markdown), with a thickness map of each scan (NIfTI and
 prediction on three sagittal slices; scores the masks against expert labels when given."""
 
 import collections
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import nibabel as nib
@@ -344,23 +346,65 @@ def _source_stamp(source: pathlib.Path) -> list:
   return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) -> dict | None:
-  """A batch scan's result from an earlier run (`_report_paths`' 'result', written after its mask, maps and
-  figures), if that run segmented these same `source` files (`_source_stamp`) with `settings`, and its
-  outputs are all there, with the paths of this run's `target`; else None."""
-  paths = _report_paths(target, batch=True)
+def _finished(record_path: pathlib.Path, settings: dict) -> tuple[dict | None, bool]:
+  """(the record, measures/<scan>.json, of a batch scan whose mask, maps and figures are all beside it;
+  whether it was written with `settings`). (None, False) where the record or an output is missing."""
   try:
-    earlier = json.loads(paths['result'].read_text())
-    unchanged = earlier.get('source') == _source_stamp(source)
-  except (OSError, ValueError):
-    return None
+    record = json.loads(record_path.read_text())
+    target = record_path.parent.parent / pathlib.PurePath(record['result']['output']).name
+  except (OSError, ValueError, KeyError, TypeError):
+    return None, False
+  paths = _report_paths(target, batch=True)
   outputs = [target, paths['map'], paths['png'], paths['slices']] + (
-      [paths['probabilities']] if settings['save_probabilities'] else [])
-  if not unchanged or earlier.get('settings') != settings or not all(path.is_file() for path in outputs):
-    return None
+      [paths['probabilities']] if 'probabilities' in record['result'] else [])
+  if not all(path.is_file() for path in outputs):
+    return None, False
   # The output folder may have been given another way (relative, moved): its paths are this run's.
-  return {**earlier['result'], 'input': str(source),
-          **_output_paths(target, True, settings['save_probabilities'])}
+  record['result'].update(_output_paths(target, True, 'probabilities' in record['result']))
+  return record, record.get('settings') == settings
+
+
+def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) -> dict | None:
+  """A batch scan's result from an earlier run (`_finished`), if that run segmented these same `source`
+  files (`_source_stamp`) with `settings`, with the paths of this run's `target`; else None."""
+  record, same_settings = _finished(_report_paths(target, batch=True)['result'], settings)
+  try:
+    unchanged = record is not None and record.get('source') == _source_stamp(source)
+  except OSError:
+    return None
+  if not (unchanged and same_settings and record['result']['output'] == str(target)):
+    return None
+  return {**record['result'], 'input': str(source)}
+
+
+def _others_in_folder(folder: pathlib.Path, ours: set[str], settings: dict) -> tuple[list[dict], list[str]]:
+  """The results of the scans finished in a batch's output `folder` (`_finished`) other than those named
+  `ours` (stems): (those made with `settings`, by name; the names of those made otherwise). Another job
+  writing into the same folder (a job array) or an earlier batch left them there."""
+  same, other = [], []
+  for record_path in sorted((folder / 'measures').glob('*.json')):
+    if record_path.name.startswith('.') or record_path.stem in ours:  # a temporary file, or this batch's
+      continue
+    record, same_settings = _finished(record_path, settings)
+    if record is not None and same_settings:
+      same.append(record['result'])
+    elif record is not None:
+      other.append(record_path.stem)
+  return same, other
+
+
+@contextlib.contextmanager
+def _reports_locked(folder: pathlib.Path) -> Iterator[None]:
+  """Holds the batch output `folder`'s lock (flock on the folder itself) while its reports are read and
+  rewritten: each job of an array writing into one folder lists the others' scans, and the last one written
+  lists all. Where the file system has no locks (some network mounts), unlocked."""
+  fd = os.open(folder, os.O_RDONLY)
+  try:
+    with contextlib.suppress(OSError):
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def _score_kept(result: dict, label: pathlib.Path, values: np.ndarray, label_map: Sequence[Sequence[int]]
@@ -425,7 +469,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   loads included, which refuse a batch at once only if every scan fails them; a label map they refuse,
   or one holding values data.label_map does not know, leaves its scan unscored) and raises one naming the
   failed and unscored scans at its end; its reports are rewritten after every scan, so a batch stopped part
-  way keeps the measures of the scans done. With
+  way keeps the measures of the scans done, and list the output folder's other scans made with the same
+  model and settings (`_others_in_folder`: another job of an array, an earlier batch) after its own. With
   `continue_prediction`, a batch keeps each scan that an earlier run with the same model and settings
   finished (`_earlier_result`) and segments the rest.
 
@@ -540,12 +585,25 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     logging.info('predict: %d of %d scan(s) kept from an earlier run with the same model and settings',
                  len(kept), len(pairs))
   done, failed, progress = {}, set(refused), Progress(len(pairs), done=len(kept))
+  ours = {_stem(target) for _, target in pairs}
+  if batch and (otherwise := _others_in_folder(pathlib.Path(output_path), ours, settings)[1]):
+    logging.warning('%s: %d scan(s) in it were segmented with another model or other settings and are left '
+                    'out of its reports: %s', output_path, len(otherwise), ', '.join(otherwise))
 
-  def reported() -> list[dict]:  # in input order: the scans done, and those kept the loop is yet to reach
-    return [r for _, target in pairs if (r := done.get(target) or kept.get(target))]
+  def write_reports() -> int:
+    """Rewrites the reports: in input order the scans done and those kept that the loop is yet to reach,
+    then a batch folder's other scans made alike (`_others_in_folder`); returns how many of those."""
+    reported = [r for _, target in pairs if (r := done.get(target) or kept.get(target))]
+    if not batch:
+      reports.write_reports(reported, report_files)
+      return 0
+    with _reports_locked(pathlib.Path(output_path)):
+      others = _others_in_folder(pathlib.Path(output_path), ours, settings)[0]
+      reports.write_reports(reported + others, report_files)
+    return len(others)
 
   if kept:  # the earlier run's reports also hold the scans to segment again: until each is done, they don't
-    reports.write_reports(reported(), report_files)
+    write_reports()
 
   for source, target in pairs:
     if source in refused:
@@ -590,7 +648,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                                            'settings': settings, 'source': _source_stamp(source),
                                            'result': result}, default=float))
       if target not in kept:  # the reports so far: a batch stopped part way keeps its done and kept scans
-        reports.write_reports(reported(), report_files)
+        write_reports()
     if target in kept:
       continue
     progress.update()
@@ -598,14 +656,15 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                  source.name, result['seconds'], result['forward_s'], result['compile_s'])
   results = list(done.values())
   if results:
-    reports.write_reports(results, report_files)  # a single scan's; a batch's also when every scan was kept
+    others = write_reports()  # a single scan's; a batch's also when every scan was kept
     written = [report_files['measures'], report_files['report']]
     if scored := [r['scores'] for r in results if 'scores' in r]:
       written += [report_files['scores'], report_files['bland_altman']]
       fc, tc = ([s[plate]['dice'] for s in scored] for plate in ('fc', 'tc'))
       print(f'3D Dice against the labels, {len(scored)} scan(s): FC {reports.mean_std(fc)} %, '
             f'TC {reports.mean_std(tc)} %, mean of FC and TC {np.mean([fc, tc]):.2f} %', flush=True)
-    print(f'measures of {len(results)} scan(s): {", ".join(map(str, written))}', flush=True)
+    more = f' and of {others} more already in {output_path} (the same model and settings)' if others else ''
+    print(f'measures of {len(results)} scan(s){more}: {", ".join(map(str, written))}', flush=True)
   if failed or unscored:
     def names(chosen) -> str:
       return ', '.join(source.name for source, _ in pairs if source in chosen)

@@ -3,6 +3,7 @@ label values, directories, DICOM series (grid as SimpleITK converts it, laterali
 written beside the masks, and one-line errors."""
 
 import csv
+import fcntl
 import itertools
 import json
 import logging
@@ -631,6 +632,47 @@ def test_continuing_keeps_only_what_a_stop_or_a_replaced_scan_left_true(run, tmp
   with pytest.raises(KeyboardInterrupt):
     predict.predict(_config(), workdir, scans, out, continue_prediction=True)
   assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'c.nii.gz', 'd.nii.gz']
+
+
+def test_a_batchs_reports_list_the_folders_scans_made_alike(run, tmp_path, monkeypatch, caplog):
+  """Jobs of an array, each segmenting scans of its own into one folder: each job's reports list every scan of
+  the folder made with the same model and settings; those made otherwise are named in a warning and left
+  out; a plain rerun stopped part way still lists the scans it had not reached."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
+  out = tmp_path / 'out'
+  for job, names in (('one', 'ab'), ('two', 'c'), ('three', 'd')):
+    (tmp_path / job).mkdir()
+    for name in names:
+      (tmp_path / job / f'{name}.nii.gz').write_bytes(canonical.read_bytes())
+  predict.predict(_config(), workdir, tmp_path / 'one', out)
+  [result] = predict.predict(_config(), workdir, tmp_path / 'two', out)
+  assert result['output'] == str(out / 'c.nii.gz')
+  assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'b.nii.gz', 'c.nii.gz']
+  assert (out / 'report.md').read_text().count('](<thickness/') == 3
+  predict.predict(_config(background_weight=2.0), workdir, tmp_path / 'three', out)
+  assert _scans_in_csv(out / 'measures.csv') == ['d.nii.gz']
+  assert 'left out of its reports: a, b, c' in caplog.text
+  segment = predict._segment_scan
+
+  def stop_at_b(config, network, pixel, source, target, *args):
+    if source.name == 'b.nii.gz':
+      raise KeyboardInterrupt
+    return segment(config, network, pixel, source, target, *args)
+
+  monkeypatch.setattr(predict, '_segment_scan', stop_at_b)
+  with pytest.raises(KeyboardInterrupt):
+    predict.predict(_config(), workdir, tmp_path / 'one', out)
+  assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'c.nii.gz']  # b's record went as it began
+
+
+def test_a_batch_folders_reports_are_rewritten_under_its_lock(tmp_path):
+  with predict._reports_locked(tmp_path):
+    other = os.open(tmp_path, os.O_RDONLY)
+    with pytest.raises(BlockingIOError):
+      fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  os.close(other)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
