@@ -110,8 +110,10 @@ def _start_backend() -> int:
     if not jax.config.jax_platforms:  # JAX's own choice failed: a broken install, its traceback
       raise
     reason = one_line(e) if str(e) else 'no NVIDIA GPU is visible'  # the one platform JAX skips silently
+    gpu = {'cuda', 'gpu'} & set(jax.config.jax_platforms.split(','))
+    hint = 'unset JAX_PLATFORMS' + (', or install jax with CUDA on a GPU node' if gpu else '')
     exit_with(ConfigError(f'JAX found no backend for JAX_PLATFORMS={jax.config.jax_platforms} ({reason}); '
-                          'unset JAX_PLATFORMS, or install jax with CUDA on a GPU node'))
+                          f'{hint}'))
 
 
 def _keep_compiled_programs(workdir: str, model_file: str | None) -> None:

@@ -66,14 +66,13 @@ def join_processes(coordinator_address: str | None, num_processes: int | None, p
           file=sys.stderr, flush=True)
     os._exit(UserError.exit_code)
 
-  deadline = time.monotonic() + timeout_s
   timer = threading.Timer(say_after_s, waiting)
   timer.start()
   watchdog = None
   try:
     if coordinator_address and num_processes and process_id is not None and 0 < process_id < num_processes:
       _wait_for_coordinator(coordinator_address, timeout_s)
-    watchdog = threading.Timer(max(deadline - time.monotonic(), 0), not_joined)
+    watchdog = threading.Timer(timeout_s, not_joined)  # counted from the coordinator's answer
     watchdog.start()
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=timeout_s + _JAX_GRACE_S)

@@ -346,9 +346,15 @@ def _source_stamp(source: pathlib.Path) -> list:
   return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+def _mask_stamp(mask: pathlib.Path) -> list[int]:
+  """Size and modification time of a mask: a record is of the mask it was written with."""
+  return [mask.stat().st_size, mask.stat().st_mtime_ns]
+
+
 def _finished(record_path: pathlib.Path, settings: dict) -> tuple[dict | None, bool]:
-  """(the record, measures/<scan>.json, of a batch scan whose mask, maps and figures are all beside it;
-  whether it was written with `settings`). (None, False) where the record or an output is missing."""
+  """(the record, measures/<scan>.json, of a batch scan whose mask, maps and figures are all beside it, the
+  mask the one it was written with (`_mask_stamp`: not replaced since); whether it was written with
+  `settings`). (None, False) where the record or an output is missing, or the mask was replaced."""
   try:
     record = json.loads(record_path.read_text())
     target = record_path.parent.parent / pathlib.PurePath(record['result']['output']).name
@@ -357,7 +363,7 @@ def _finished(record_path: pathlib.Path, settings: dict) -> tuple[dict | None, b
   paths = _report_paths(target, batch=True)
   outputs = [target, paths['map'], paths['png'], paths['slices']] + (
       [paths['probabilities']] if 'probabilities' in record['result'] else [])
-  if not all(path.is_file() for path in outputs):
+  if not all(path.is_file() for path in outputs) or record.get('mask') != _mask_stamp(target):
     return None, False
   # The output folder may have been given another way (relative, moved): its paths are this run's.
   record['result'].update(_output_paths(target, True, 'probabilities' in record['result']))
@@ -375,6 +381,18 @@ def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) 
   if not (unchanged and same_settings and record['result']['output'] == str(target)):
     return None
   return {**record['result'], 'input': str(source)}
+
+
+def _warn_if_of_another_scan(record_path: pathlib.Path, source: pathlib.Path) -> None:
+  """Warns where a batch scan's outputs are about to replace those a record says another scan's files made
+  (a scan of the same name in another job's input)."""
+  try:
+    earlier = [path for path, *_ in json.loads(record_path.read_text())['source']]
+  except (OSError, ValueError, KeyError, TypeError):
+    return
+  if earlier != [path for path, *_ in _source_stamp(source)]:
+    logging.warning('%s: its mask replaces one of another scan of that name (%s) in %s', source,
+                    earlier[0] if earlier else '?', record_path.parent.parent)
 
 
 def _others_in_folder(folder: pathlib.Path, ours: set[str], settings: dict) -> tuple[list[dict], list[str]]:
@@ -395,16 +413,16 @@ def _others_in_folder(folder: pathlib.Path, ours: set[str], settings: dict) -> t
 
 @contextlib.contextmanager
 def _reports_locked(folder: pathlib.Path) -> Iterator[None]:
-  """Holds the batch output `folder`'s lock (flock on the folder itself) while its reports are read and
+  """Holds the batch output `folder`'s lock (measures/.reports.lock) while its reports are read and
   rewritten: each job of an array writing into one folder lists the others' scans, and the last one written
-  lists all. Where the file system has no locks (some network mounts), unlocked."""
-  fd = os.open(folder, os.O_RDONLY)
-  try:
-    with contextlib.suppress(OSError):
-      fcntl.flock(fd, fcntl.LOCK_EX)
-    yield
-  finally:
-    os.close(fd)  # releases the lock
+  lists all. Where the file system gives no locks, a warning, and unlocked."""
+  with open(folder / 'measures' / '.reports.lock', 'a') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError as e:
+      logging.warning('%s: cannot lock its reports (%s); jobs writing into it at the same moment may each '
+                      "leave reports that miss the other's scans", folder, e)
+    yield  # closing the file releases the lock
 
 
 def _score_kept(result: dict, label: pathlib.Path, values: np.ndarray, label_map: Sequence[Sequence[int]]
@@ -590,17 +608,17 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     logging.warning('%s: %d scan(s) in it were segmented with another model or other settings and are left '
                     'out of its reports: %s', output_path, len(otherwise), ', '.join(otherwise))
 
-  def write_reports() -> int:
+  def write_reports() -> list[dict]:
     """Rewrites the reports: in input order the scans done and those kept that the loop is yet to reach,
-    then a batch folder's other scans made alike (`_others_in_folder`); returns how many of those."""
+    then a batch folder's other scans made alike (`_others_in_folder`); returns the results reported."""
     reported = [r for _, target in pairs if (r := done.get(target) or kept.get(target))]
     if not batch:
       reports.write_reports(reported, report_files)
-      return 0
+      return reported
     with _reports_locked(pathlib.Path(output_path)):
-      others = _others_in_folder(pathlib.Path(output_path), ours, settings)[0]
-      reports.write_reports(reported + others, report_files)
-    return len(others)
+      reported += _others_in_folder(pathlib.Path(output_path), ours, settings)[0]
+      reports.write_reports(reported, report_files)
+    return reported
 
   if kept:  # the earlier run's reports also hold the scans to segment again: until each is done, they don't
     write_reports()
@@ -621,6 +639,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
             result['unscored'] = _not_scored(e, source)
       else:
         if batch:  # not done any more: a stop while it is rewritten must not keep the old result
+          _warn_if_of_another_scan(_report_paths(target, batch)['result'], source)
           _report_paths(target, batch)['result'].unlink(missing_ok=True)
         result = _segment_scan(config, network, pixel, source, target, batch, series, laterality, values,
                                label, save_probabilities)
@@ -644,9 +663,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     if batch:  # written last: a scan is done when its result is (what --continue_prediction reads); a kept
       # scan's again, with this run's paths and scores, as the reports have them
       record = _report_paths(target, batch)['result']
+      # The scan's path made absolute: the reports of other runs into the folder list it too.
       atomic.write_text(record, json.dumps({'model': str(model_file or workdir), 'step': step,
                                            'settings': settings, 'source': _source_stamp(source),
-                                           'result': result}, default=float))
+                                           'mask': _mask_stamp(target),
+                                           'result': {**result, 'input': str(source.absolute())}},
+                                          default=float))
       if target not in kept:  # the reports so far: a batch stopped part way keeps its done and kept scans
         write_reports()
     if target in kept:
@@ -656,13 +678,15 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
                  source.name, result['seconds'], result['forward_s'], result['compile_s'])
   results = list(done.values())
   if results:
-    others = write_reports()  # a single scan's; a batch's also when every scan was kept
+    reported = write_reports()  # a single scan's; a batch's also when every scan was kept
     written = [report_files['measures'], report_files['report']]
-    if scored := [r['scores'] for r in results if 'scores' in r]:
+    if any('scores' in r for r in reported):
       written += [report_files['scores'], report_files['bland_altman']]
+    if scored := [r['scores'] for r in results if 'scores' in r]:
       fc, tc = ([s[plate]['dice'] for s in scored] for plate in ('fc', 'tc'))
       print(f'3D Dice against the labels, {len(scored)} scan(s): FC {reports.mean_std(fc)} %, '
             f'TC {reports.mean_std(tc)} %, mean of FC and TC {np.mean([fc, tc]):.2f} %', flush=True)
+    others = len(reported) - len(results)
     more = f' and of {others} more already in {output_path} (the same model and settings)' if others else ''
     print(f'measures of {len(results)} scan(s){more}: {", ".join(map(str, written))}', flush=True)
   if failed or unscored:

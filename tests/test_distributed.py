@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -125,6 +126,17 @@ def test_a_slurm_task_whose_others_never_start_stops_in_one_line():
   assert (result.returncode, result.stderr.splitlines()[-1]) == (1, (
       f'error: {who}: the other processes did not join at JAX_COORDINATOR_ADDRESS={address} in 2 s; under '
       'Slurm start every task with srun')), result.stderr[-2000:]
+
+
+def test_a_process_given_the_join_time_after_the_coordinator_answered(monkeypatch):
+  """A process other than 0 that found process 0 late still has the whole time-out for the join."""
+  exits = []
+  monkeypatch.setattr(parallel, '_wait_for_coordinator', lambda address, timeout_s: time.sleep(0.6))
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *args, **kwargs: time.sleep(0.6))
+  monkeypatch.setattr(os, '_exit', exits.append)
+  parallel.join_processes('127.0.0.1:1', 2, 1, timeout_s=1, say_after_s=5)
+  time.sleep(0.5)  # past where a time-out counted from the start would have fired
+  assert exits == []
 
 
 def _max_abs_difference(a, b) -> float:

@@ -637,7 +637,8 @@ def test_continuing_keeps_only_what_a_stop_or_a_replaced_scan_left_true(run, tmp
 def test_a_batchs_reports_list_the_folders_scans_made_alike(run, tmp_path, monkeypatch, caplog):
   """Jobs of an array, each segmenting scans of its own into one folder: each job's reports list every scan of
   the folder made with the same model and settings; those made otherwise are named in a warning and left
-  out; a plain rerun stopped part way still lists the scans it had not reached."""
+  out, as is a scan whose mask was replaced since; a plain rerun stopped part way still lists the scans it
+  had not reached; a mask that replaces another scan's of the same name is warned of."""
   workdir, canonical, _ = run
   monkeypatch.setattr(inference.Network, '__call__', _thresholds)
   out = tmp_path / 'out'
@@ -664,15 +665,25 @@ def test_a_batchs_reports_list_the_folders_scans_made_alike(run, tmp_path, monke
   with pytest.raises(KeyboardInterrupt):
     predict.predict(_config(), workdir, tmp_path / 'one', out)
   assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'c.nii.gz']  # b's record went as it began
+  monkeypatch.setattr(predict, '_segment_scan', segment)
+  predict.predict(_config(), workdir, tmp_path / 'three' / 'd.nii.gz', out / 'c.nii.gz')  # c replaced
+  predict.predict(_config(), workdir, tmp_path / 'one', out)
+  assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'b.nii.gz']
+  assert 'replaces one of another scan' not in caplog.text
+  (tmp_path / 'four').mkdir()
+  (tmp_path / 'four' / 'a.nii.gz').write_bytes(canonical.read_bytes())
+  predict.predict(_config(), workdir, tmp_path / 'four', out)
+  replaced = tmp_path / 'four' / 'a.nii.gz'
+  assert f'{replaced}: its mask replaces one of another scan of that name' in caplog.text
 
 
 def test_a_batch_folders_reports_are_rewritten_under_its_lock(tmp_path):
-  with predict._reports_locked(tmp_path):
-    other = os.open(tmp_path, os.O_RDONLY)
-    with pytest.raises(BlockingIOError):
-      fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  os.close(other)
+  (tmp_path / 'measures').mkdir()
+  with (predict._reports_locked(tmp_path), open(tmp_path / 'measures' / '.reports.lock') as other,
+        pytest.raises(BlockingIOError)):
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  with open(tmp_path / 'measures' / '.reports.lock') as other:
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -733,7 +744,8 @@ def test_masks_are_scored_against_expert_labels(run, tmp_path, monkeypatch, caps
   assert '](<bland_altman_thickness.png>)' in report and (out / 'bland_altman_thickness.png').stat().st_size
   predict.predict(_config(), workdir, scans, out, continue_prediction=True)  # no labels: no scores left
   assert not (out / 'scores.csv').exists() and not (out / 'bland_altman_thickness.png').exists()
-  assert not any('scores' in json.loads(path.read_text())['result'] for path in (out / 'measures').iterdir())
+  records = (out / 'measures').glob('*.json')
+  assert not any('scores' in json.loads(path.read_text())['result'] for path in records)
   # Segmented afresh, scored in memory: the same scores, and the slice figure gains a row of the labels.
   fresh = predict.predict(_config(), workdir, scans, tmp_path / 'fresh', labels=labels)
   for result, scores in zip(fresh, (knee, same), strict=True):
