@@ -384,15 +384,15 @@ def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) 
 
 
 def _warn_if_of_another_scan(record_path: pathlib.Path, source: pathlib.Path) -> None:
-  """Warns where a batch scan's outputs are about to replace those a record says another scan's files made
-  (a scan of the same name in another job's input)."""
+  """Warns where a batch scan's outputs are about to replace those a record says another scan made (a scan
+  of the same name in another job's input)."""
   try:
-    earlier = [path for path, *_ in json.loads(record_path.read_text())['source']]
+    earlier = pathlib.Path(json.loads(record_path.read_text())['result']['input'])
   except (OSError, ValueError, KeyError, TypeError):
     return
-  if earlier != [path for path, *_ in _source_stamp(source)]:
-    logging.warning('%s: its mask replaces one of another scan of that name (%s) in %s', source,
-                    earlier[0] if earlier else '?', record_path.parent.parent)
+  if earlier.resolve() != source.resolve():
+    logging.warning('%s: its mask replaces one of another scan of that name (%s) in %s', source, earlier,
+                    record_path.parent.parent)
 
 
 def _others_in_folder(folder: pathlib.Path, ours: set[str], settings: dict) -> tuple[list[dict], list[str]]:
