@@ -144,7 +144,7 @@ def _warp(labels: np.ndarray, ref_spacing: np.ndarray, shape: Sequence[int], spa
   tc_top = np.argwhere(labels == 4)[:, 2].max() * ref_spacing[2]
   centre = np.array([*cartilage[:, :2].mean(0), (fc_low + tc_top) / 2])
   inverse = np.linalg.inv(Rotation.from_euler('XYZ', k['angles']).as_matrix() * k['scale'])
-  axes = [((np.arange(n) - (n - 1) / 2) * d) for n, d in zip(shape, spacing)]
+  axes = phantom.centred_mm(shape, spacing)
   # Elastic field: 5 Gaussian bumps per axis over the field of view, separable, in mm.
   bases = [np.exp(-0.5 * ((a[:, None] - np.linspace(a[0], a[-1], 5)[None]) / (max(a[-1] - a[0], 1) / 4)) ** 2)
            for a in axes]
@@ -174,8 +174,8 @@ def _edt(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
 def _tissues(labels: np.ndarray, spacing: Sequence[float], k: dict) -> np.ndarray:
   """Tissue codes around a subject's bones and cartilage (labels 1-4 in its own grid)."""
   P = phantom
-  x, y, z = np.meshgrid(*(((np.arange(n) - (n - 1) / 2) * d).astype(np.float32)
-                          for n, d in zip(labels.shape, spacing)), indexing='ij', sparse=True)
+  x, y, z = np.meshgrid(*(axis.astype(np.float32) for axis in phantom.centred_mm(labels.shape, spacing)),
+                        indexing='ij', sparse=True)
   femur, fc, tibia, tc = (labels == v for v in (1, 2, 3, 4))
   tissue = np.zeros(labels.shape, np.uint8)
   d_femoral, d_tibial = _edt(femur | fc, spacing), _edt(tibia | tc, spacing)

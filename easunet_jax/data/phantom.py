@@ -159,13 +159,18 @@ def affine_for(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
   return affine
 
 
+def centred_mm(shape: Sequence[int], spacing: Sequence[float]) -> list[np.ndarray]:
+  """Per axis of a volume of `shape`, its voxel centres in mm from the volume's centre (float64)."""
+  return [(np.arange(n) - (n - 1) / 2) * d for n, d in zip(shape, spacing)]
+
+
 def render(tissue: np.ndarray, intensity: np.ndarray, spacing: Sequence[float], rng: np.random.Generator, *,
            blur: float, bias: np.ndarray, noise: float) -> np.ndarray:
   """An MR-like image (float32) of a tissue-code volume: `intensity[code]`, partial volume (Gaussian blur of
   `blur` voxels), a smooth multiplicative bias field (`bias`: 5 coefficients, separable in the three axes)
   and Rician noise of `noise` times the brightest tissue."""
   shape = tissue.shape
-  x, y, z = (((np.arange(n) - (n - 1) / 2) * d).astype(np.float32) for n, d in zip(shape, spacing))
+  x, y, z = (axis.astype(np.float32) for axis in centred_mm(shape, spacing))
   image = intensity.astype(np.float32)[tissue]
   # Partial volume: about one voxel of blur in every axis (voxel units, so anisotropic in mm).
   image = ndimage.gaussian_filter(image, blur, truncate=3.0, output=np.float32)
@@ -188,7 +193,7 @@ def make_tissues(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Seque
   rng = np.random.default_rng(seed)
   k = _knee(rng)
   shape = tuple(int(n) for n in shape)
-  x, y, z = (((np.arange(n) - (n - 1) / 2) * d).astype(np.float32) for n, d in zip(shape, spacing))
+  x, y, z = (axis.astype(np.float32) for axis in centred_mm(shape, spacing))
   tissue = np.concatenate([_tissue(x[i:i + _CHUNK, None, None], y[None, :, None], z[None, None, :], k)
                            for i in range(0, shape[0], _CHUNK)])
   image = render(tissue, k['intensity'], spacing, rng, blur=k['blur'], bias=k['bias'], noise=k['noise'])
