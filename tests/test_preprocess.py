@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -266,6 +267,21 @@ def test_split_file_and_its_errors(data_cfg, tmp_path):
   (tmp_path / 'splits.json').write_bytes(b'{"train": ["caf\xe9"], "val": [], "test": []}')  # Latin-1
   with pytest.raises(DataError, match=r'^data.split_file .*splits.json: cannot read JSON \('):
     preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)
+  # nnU-Net's splits_final.json: five folds of train and val, no test.
+  (tmp_path / 'splits.json').write_text(json.dumps([{'train': ids[:4], 'val': ids[4:]}] * 5))
+  with pytest.raises(DataError, match=re.escape(
+      "splits.json: a list of 5 fold(s), as nnU-Net's splits_final.json; expected one split "
+      '{"train": [...], "val": [...], "test": [...]}: write one fold so, with test cases from imagesTr/ '
+      '(imagesTs/ is not read)')):
+    preprocess.ensure_slice_store(cfg, tmp_path / 'slices2', seed=0, multiple=16)
+  # Test cases named from nnU-Net's imagesTs/, which the store does not read.
+  (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:3], 'val': ids[3:], 'test': ['knee07']}))
+  (tmp_path / 'nnunet' / 'imagesTs').mkdir(parents=True)
+  for root, hint in ((cfg.root, False), (tmp_path / 'nnunet', True)):
+    with pytest.raises(DataError, match=r"case ids not found under data.root: \['knee07'\]") as e:
+      preprocess._read_split_file(cfg.split_file, root, ids, [])
+    assert str(e.value).endswith(' (imagesTs/ is not read: move the test cases into imagesTr/ and '
+                                 'labelsTr/)') == hint
   for bad, message in (({'train': ids, 'val': None, 'test': []}, '"val": expected a list of case ids'),
                        ({'train': [ids], 'val': [], 'test': []}, '"train": expected a list of case ids')):
     (tmp_path / 'splits.json').write_text(json.dumps(bad))
@@ -675,7 +691,7 @@ def test_a_tissue_map_off_its_label_maps_grid_skips_its_case(data_cfg, tmp_path)
   store = preprocess.ensure_slice_store(cfg, tmp_path / 'store', seed=0, multiple=16)
   skipped = json.loads((store / 'skipped.json').read_text())
   assert sorted(skipped) == ['phantom_000', 'phantom_001']
-  assert 'phantom_000: label map and tissue map affines differ by' in skipped['phantom_000']
+  assert 'phantom_000: label map and tissue map grids place a voxel up to' in skipped['phantom_000']
   assert 'tissues/phantom_000.nii.gz' in skipped['phantom_000']
   assert 'phantom_001: label map shape' in skipped['phantom_001']
 

@@ -84,17 +84,23 @@ def test_a_layout_folder_that_is_a_broken_link_is_named(tmp_path, nnunet, gone):
 @pytest.mark.parametrize('nnunet', [False, True])
 def test_label_maps_without_images_are_cases_of_their_own(tmp_path, nnunet, caplog):
   """An empty image folder counts as none (label maps alone), and a label map beside images that has none
-  of its own is a case with image None (for data.synth), not dropped. nnU-Net's labelsTs/ is said to be
-  unread."""
+  of its own is a case with image None (for data.synth), not dropped. nnU-Net's imagesTs/ and labelsTs/
+  are said to be unread, with the command that scores them."""
   image, labels, affine = _small_case(np.random.default_rng(1))
   for case_id in ('a', 'b'):
     _write_pair(tmp_path, case_id, image, labels, affine, nnunet)
   image_dir = tmp_path / ('imagesTr' if nnunet else 'images')
   for path in image_dir.iterdir():
     path.unlink()
-  (tmp_path / 'labelsTs').mkdir()
+  (tmp_path / 'imagesTs').mkdir()
   assert [(c.id, c.image) for c in volumes.discover_cases(tmp_path)] == [('a', None), ('b', None)]
-  assert ('labelsTs/ is not read; the test split is drawn from labelsTr/' in caplog.text) == nnunet
+  assert ('imagesTs/ not read; the test split is drawn from labelsTr/' in caplog.text) == nnunet
+  caplog.clear()
+  (tmp_path / 'labelsTs').mkdir()
+  volumes.discover_cases(tmp_path)
+  assert (f'imagesTs/ and labelsTs/ not read; the test split is drawn from labelsTr/ (data.split), or named '
+          f'by data.split_file; score imagesTs/ with --mode=predict --input={tmp_path / "imagesTs"} '
+          f'--labels={tmp_path / "labelsTs"}' in caplog.text) == nnunet
   volumes.save_volume(image_dir / ('b_0000.nii.gz' if nnunet else 'b.nii.gz'), image, affine)
   assert [(c.id, c.image is None, c.label.name) for c in volumes.discover_cases(tmp_path)] == [
       ('a', True, 'a.nii.gz'), ('b', False, 'b.nii.gz')]
@@ -164,7 +170,18 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
   # A scan with a pose and a label map without one, as OAI-ZIB's beside images converted from OAI's DICOM.
   volumes.save_volume(tmp_path / 'images/w.nii.gz', image, posed)
   volumes.save_volume(tmp_path / 'labels/w.nii.gz', labels, affine)
+  # A label map of other voxel sizes (resampled elsewhere, its shape kept): off by many mm at the far side.
+  volumes.save_volume(tmp_path / 'images/v.nii.gz', image, np.diag([2.0, 0.5, 0.5, 1.0]))
+  volumes.save_volume(tmp_path / 'labels/v.nii.gz', labels, np.diag([2.0, 0.4, 0.4, 1.0]))
   cases = {c.id: c for c in volumes.discover_cases(tmp_path)}
+  far = 0.1 * np.hypot(*(n - 1 for n in image.shape[1:]))
+  with pytest.raises(DataError, match=rf'^v: image and label map grids place a voxel up to {far:.3g} mm '
+                     r'apart \(affines differ by more than 0.001 mm\); voxels of 2 x 0.5 x 0.5 and '
+                     r'2 x 0.4 x 0.4 mm: '):
+    volumes.load_case(cases['v'], IDENTITY_MAP)
+  with pytest.raises(DataError, match=r'^y: image and label map grids place a voxel up to 0.01 mm apart '
+                     r'\(affines differ by more than 0.001 mm\): '):
+    volumes.load_case(cases['y'], IDENTITY_MAP)
   for case_id, word in (('x', 'shape'), ('y', 'affine'), ('w', 'affine')):
     with pytest.raises(DataError) as e:
       volumes.load_case(cases[case_id], IDENTITY_MAP)
@@ -657,8 +674,9 @@ def test_a_mask_of_this_tools_own_values_given_as_labels_is_warned_of(tmp_path, 
 
 def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_path):
   """nnU-Net's dataset.json (v2 {name: value}, v1 {value: name}) that names a label femoral or tibial
-  cartilage which data.label_map leaves out or makes another class is a one-line error giving a map that
-  follows the names; names it cannot read, region lists, extra classes and other tools' JSON say nothing."""
+  cartilage which data.label_map leaves out or makes another class, or another label that it does not read
+  (every case holding it would be skipped), is a one-line error giving a map that follows the names; names
+  it cannot read, region lists, extra classes the map reads and other tools' JSON say nothing."""
   def check(labels, label_map=((2, 1), (4, 2))):
     (tmp_path / 'dataset.json').write_text(json.dumps({'labels': labels, 'file_ending': '.nii.gz'}))
     volumes.check_dataset_json(tmp_path, label_map)
@@ -694,6 +712,15 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
     with pytest.raises(ConfigError, match=re.escape("label_map='((2, 1), (3, 2), (4, 2), (5, 0), (6, 0))'")):
       check(skm_tea, given)
   check(skm_tea, ((2, 1), (3, 2), (4, 2), (5, 0), (6, 0)))
+  # Menisci and patellar cartilage beside OAI-ZIB's labels, which the default map does not read.
+  with pytest.raises(ConfigError, match=re.escape(
+      "names label 5 'meniscus', which data.label_map ((2, 1), (4, 2)) does not read (every case holding it "
+      "would be skipped): pass --config.data.label_map='((2, 1), (4, 2), (5, 0), (6, 0))', its labels other "
+      'than cartilage as background')):
+    check({'background': 0, 'femur': 1, 'femoral cartilage': 2, 'tibia': 3, 'tibial cartilage': 4,
+           'meniscus': 5, 'patellar cartilage': 6})
+  check({'background': 0, 'femoral cartilage': 2, 'tibial cartilage': 4, 'meniscus': 5,
+         'patellar cartilage': 6}, ((2, 1), (4, 2), (5, 0), (6, 0)))
   # Saved with a byte-order mark, as Windows editors do: read all the same.
   bom = b'\xef\xbb\xbf'
   (tmp_path / 'dataset.json').write_bytes(bom + json.dumps({'labels': {'femoral_cartilage': 1}}).encode())

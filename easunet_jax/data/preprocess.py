@@ -111,9 +111,16 @@ def _split_file_json(path: str) -> Any:
     raise DataError(f'data.split_file {path}: cannot read JSON ({e})') from None
 
 
-def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> dict[str, list[str]]:
-  """The split file's case ids; those of skipped (bad) cases are dropped, unknown ones are an error."""
+def _read_split_file(path: str, root: str, ids: Sequence[str], skipped: Sequence[str]
+                     ) -> dict[str, list[str]]:
+  """The split file's case ids (of `root`'s cases `ids`); those of skipped (bad) cases are dropped, unknown
+  ones are an error."""
   splits = _split_file_json(path)
+  if isinstance(splits, list) and splits and all(isinstance(fold, dict) and 'train' in fold
+                                                 for fold in splits):
+    raise DataError(f"data.split_file {path}: a list of {len(splits)} fold(s), as nnU-Net's "
+                    'splits_final.json; expected one split {"train": [...], "val": [...], "test": [...]}: '
+                    'write one fold so, with test cases from imagesTr/ (imagesTs/ is not read)')
   if not isinstance(splits, dict) or set(splits) != set(SPLITS):
     raise DataError(f'data.split_file {path}: expected keys {list(SPLITS)}')
   for name in SPLITS:
@@ -124,7 +131,9 @@ def _read_split_file(path: str, ids: Sequence[str], skipped: Sequence[str]) -> d
   listed = [i for name in SPLITS for i in splits[name]]
   unknown = sorted(set(listed) - set(ids) - set(skipped))
   if unknown:
-    raise DataError(f'data.split_file {path}: case ids not found under data.root: {unknown[:5]}')
+    raise DataError(f'data.split_file {path}: case ids not found under data.root: {unknown[:5]}'
+                    + (' (imagesTs/ is not read: move the test cases into imagesTr/ and labelsTr/)'
+                       if (pathlib.Path(root) / 'imagesTs').is_dir() else ''))
   if twice := sorted(i for i, n in collections.Counter(listed).items() if n > 1):
     raise DataError(f'data.split_file {path}: case ids listed more than once: {twice[:5]}')
   if left_out := sorted(set(ids) - set(listed)):
@@ -456,8 +465,8 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   if not usable:
     raise _no_usable_case(data_cfg.root, len(cases))
   ids = [c.id for c in usable]
-  splits = _read_split_file(data_cfg.split_file, ids, list(skipped)) if data_cfg.split_file else split_cases(
-      ids, data_cfg.split, seed)
+  splits = (_read_split_file(data_cfg.split_file, data_cfg.root, ids, list(skipped)) if data_cfg.split_file
+            else split_cases(ids, data_cfg.split, seed))
   # One volume open at a time: a compressed MetaImage's or NRRD's voxels are read as it opens.
   shapes, affines, stored = zip(*((*volumes.canonical_grid(nii), nii.affine)
                                   for nii in map(volumes.open_volume, (c.image or c.label for c in usable))))

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import gzip
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -130,9 +131,10 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
       (root / folder).is_dir() for folder in ('imagesTr', 'labelsTr')))
   if nnunet:
     image_dir, label_dir, image_suffix = root / 'imagesTr', root / 'labelsTr', '_0000'
-    if (root / 'labelsTs').is_dir():
-      logging.warning('%s: labelsTs/ is not read; the test split is drawn from labelsTr/ (data.split), or '
-                      'named by data.split_file', root)
+    if unread := [f'{folder}/' for folder in ('imagesTs', 'labelsTs') if (root / folder).is_dir()]:
+      logging.warning('%s: %s not read; the test split is drawn from labelsTr/ (data.split), or named by '
+                      'data.split_file; score imagesTs/ with --mode=predict --input=%s --labels=%s', root,
+                      ' and '.join(unread), root / 'imagesTs', root / 'labelsTs')
   else:
     image_dir, label_dir, image_suffix = root / 'images', root / 'labels', ''
   images = volume_files(image_dir)
@@ -197,9 +199,10 @@ def _cartilage_class(name: str) -> int:
 
 def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[int]]) -> None:
   """A ConfigError where root/dataset.json (nnU-Net's: {"labels": {name: value}}, or v1's {value: name})
-  names a label femoral or tibial cartilage that `label_map` leaves out or makes another class, with a map
-  that follows the names and reads every label the file names; nothing where the file is absent or not
-  nnU-Net's."""
+  names a label femoral or tibial cartilage that `label_map` leaves out or makes another class, or another
+  label (menisci, patellar cartilage) that it does not read, so that every case holding it would be skipped,
+  with a map that follows the names and reads every label the file names; nothing where the file is absent
+  or not nnU-Net's."""
   path = pathlib.Path(root) / 'dataset.json'
   if not path.is_file():
     return
@@ -214,18 +217,25 @@ def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[in
   named = {value: target for name, value in labels.items()  # region lists ([4, 5]) left out
            if isinstance(value, int) and (target := _cartilage_class(str(name)))}
   mapped = {int(source): int(target) for source, target in label_map}
+  # The map suggested reads every value the file names: its other labels (menisci, patellar cartilage,
+  # bones other than OAI-ZIB's) as background, and keeps the given pairs of values it does not name.
+  others = {value: 0 for value in labels.values()
+            if isinstance(value, int) and value > 0 and value not in named and value not in BONE_LABELS}
+  unnamed = {value: target for value, target in mapped.items() if value not in labels.values()}
+  suggested = f"pass --config.data.label_map='{tuple(sorted({**unnamed, **others, **named}.items()))}'"
+
+  def name_of(value: int) -> str:
+    return repr(next(name for name, v in labels.items() if v == value))
+
   if wrong := [value for value, target in named.items() if mapped.get(value, 0) != target]:
-    # The map suggested reads every value the file names: its other labels (menisci, patellar cartilage,
-    # bones other than OAI-ZIB's) as background, and keeps the given pairs of values it does not name.
-    others = {value: 0 for value in labels.values()
-              if isinstance(value, int) and value > 0 and value not in named and value not in BONE_LABELS}
-    unnamed = {value: target for value, target in mapped.items() if value not in labels.values()}
-    suggested = repr(tuple(sorted({**unnamed, **others, **named}.items())))
     value = wrong[0]
-    name = next(name for name, v in labels.items() if v == value)
     given = f'makes it class {mapped[value]}' if mapped.get(value) else 'leaves it out'
-    raise ConfigError(f'{path} names label {value} {name!r}, class {named[value]} (1 femoral, 2 tibial '
-                      f"cartilage), and data.label_map {given}: pass --config.data.label_map='{suggested}'")
+    raise ConfigError(f'{path} names label {value} {name_of(value)}, class {named[value]} (1 femoral, 2 '
+                      f'tibial cartilage), and data.label_map {given}: {suggested}')
+  if unread := sorted(set(others) - set(mapped)):
+    raise ConfigError(f'{path} names label {unread[0]} {name_of(unread[0])}, which data.label_map '
+                      f'{tuple(map(tuple, label_map))} does not read (every case holding it would be '
+                      f'skipped): {suggested}, its labels other than cartilage as background')
 
 
 def _one_file_per_case(files: Sequence[tuple[str, pathlib.Path]]) -> None:
@@ -543,9 +553,17 @@ def check_same_grid(image_nii: nib.Nifti1Image, label_nii: nib.Nifti1Image, case
     raise DataError(f'{case.id}: {kinds[0]} shape {image_nii.shape} and {kinds[1]} shape {label_nii.shape} '
                     f'differ{hint}')
   if not np.allclose(image_affine, label_affine, atol=_AFFINE_TOL_MM):
-    diff = np.abs(image_affine - label_affine).max()
-    raise DataError(f'{case.id}: {kinds[0]} and {kinds[1]} affines differ by {diff:.3g} mm '
-                    f'(more than {_AFFINE_TOL_MM}): {case.image} vs {case.label}{hint}')
+    # How far apart the two files put one voxel, at the worst corner: an entry of the affines differing by
+    # 0.1 mm (a voxel size) moves the far side of the volume by that times its voxels.
+    corners = np.array([[*corner, 1] for corner in itertools.product(*[(0, n - 1) for n in image_shape])])
+    apart = np.linalg.norm((corners @ (image_affine - label_affine).T)[:, :3], axis=1).max()
+    sizes = [np.linalg.norm(affine[:3, :3], axis=0) for affine in (image_affine, label_affine)]
+    voxels = ('' if np.allclose(*sizes, atol=_AFFINE_TOL_MM) else
+              f"; voxels of {' x '.join(f'{v:.4g}' for v in sizes[0])} and "
+              f"{' x '.join(f'{v:.4g}' for v in sizes[1])} mm")
+    raise DataError(f'{case.id}: {kinds[0]} and {kinds[1]} grids place a voxel up to {apart:.3g} mm apart '
+                    f'(affines differ by more than {_AFFINE_TOL_MM} mm){voxels}: {case.image} vs '
+                    f'{case.label}{hint}')
 
 
 Spacing = tuple[float, float, float]
