@@ -196,6 +196,8 @@ def main(argv):
       config_check.check_export_output(FLAGS.output)
     if not model_file and (file := config_check.file_in_the_way(workdir)):
       raise ConfigError(f'--workdir={workdir}: {file}; expected a folder (made if missing)')
+    if FLAGS.mode in ('evaluate', 'export') or (FLAGS.mode == 'predict' and not model_file):
+      checkpoints.trained_directory(workdir)  # a mistyped workdir: one line, and no folders made for it
     # Before anything compiles (the checks above compile nothing): JAX decides at its first compilation.
     _keep_compiled_programs(workdir, model_file)
     logging.info('JAX process %d of %d, devices: %s', jax.process_index(), jax.process_count(),

@@ -192,15 +192,22 @@ def _requested_step(mngr: ocp.CheckpointManager, requested: str | int) -> int:
   return int(requested)
 
 
+def trained_directory(workdir: str | pathlib.Path) -> pathlib.Path:
+  """`workdir`'s checkpoints folder; a CheckpointError where it has none (a workdir never trained or
+  mistyped), checked before anything would create it (Orbax's manager, the compile cache beside it)."""
+  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+  if not directory.is_dir():
+    raise CheckpointError(f'no checkpoint in {directory}: train this workdir first')
+  return directory
+
+
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                           target: Callable[[], Any], same_split: bool = False) -> tuple[int, Any]:
   """(step, state) of the checkpoint `config.eval.checkpoint` names in `workdir`, refused unless it was
   trained with `config.model`'s network (and, with `same_split`, on `config`'s split of the cases:
   `check_same_split`). `target()` gives the state to restore into (its structure and shardings); it is
   called only once those checks have passed."""
-  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
-  if not directory.is_dir():  # checked first: the manager would create the folder
-    raise CheckpointError(f'no checkpoint in {directory}: train this workdir first')
+  directory = trained_directory(workdir)
   with _unreadable_as_one_line(directory):  # the manager reads every step's metrics
     mngr = manager(workdir, config.checkpoint.keep)
   try:

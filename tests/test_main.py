@@ -479,6 +479,21 @@ def test_a_full_disk_is_one_line_not_a_traceback(phantom_dir, tmp_path, mode, fi
   assert result.stderr.splitlines()[-1] == f'error: {where}: No space left on device'
 
 
+def test_a_mistyped_workdir_is_one_line_and_makes_no_folders(tmp_path):
+  """Evaluate, export and predict from a workdir that was never trained (a typo): the error alone, with no
+  folder made for it (the compile cache beside it) nor in the folder it was started in."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  workdir = tmp_path / 'typo' / 'deeper' / 'run'
+  for mode in (['--mode=evaluate'], ['--mode=export', '--output=w.npz'],
+               ['--mode=predict', '--input=scan.nii.gz', '--output=mask.nii.gz']):
+    command = [sys.executable, str(REPO / 'main.py'), f"--config={REPO / 'configs' / 'tiny.py'}",
+               f'--workdir={workdir}', *mode]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, env=env)
+    assert result.returncode != 0 and result.stderr == (
+        f"error: no checkpoint in {workdir / 'checkpoints'}: train this workdir first\n"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], mode
+
+
 def test_verbose_shows_the_traceback_of_a_bad_config(phantom_dir, tmp_path):
   result = _run(tmp_path / 'run', phantom_dir, '--config.train.nan_policy=ignore', '--verbose')
   assert result.returncode != 0 and 'Traceback' in result.stderr and 'train.nan_policy' in result.stderr
