@@ -18,6 +18,7 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from configs import default
 from easunet_jax import atomic, checkpoints, losses, metrics, parallel, pretrained, records, steps
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
@@ -155,6 +156,26 @@ def _latest_checkpoint(mngr: ocp.CheckpointManager) -> str:
   return str(mngr.directory / str(last)) if last else 'none'
 
 
+def _warn_if_the_schedule_jumps(saved: dict, config: ml_collections.ConfigDict, start: int, num_steps: int,
+                                train_slices: int) -> None:
+  """A warning where a run resumed at `start` takes another learning rate there than the config it was
+  saved with gives (`saved`): a finished run given more train.num_steps, under the poly schedule, would
+  restart its decay from half the rate rather than go on from where it ended."""
+  fields = default.get_config()
+  trained = {**fields.train.to_dict(), **saved.get('train', {})}
+  trained_optim = ml_collections.ConfigDict({**fields.optim.to_dict(), **saved.get('optim', {})})
+  trained_steps = trained['num_steps'] or trained['num_epochs'] * train_slices // trained['batch_size']
+  was = float(steps.learning_rate_schedule(trained_optim, trained_steps)(start))
+  now = float(steps.learning_rate_schedule(config.optim, num_steps)(start))
+  if not np.isclose(was, now, rtol=1e-5, atol=0.0):
+    logging.warning(
+        'resuming at step %d with a learning rate of %.3g, where the config it was saved with gives %.3g '
+        '(train.num_steps %d, optim.lr %g, optim.schedule %r; now %d, %g, %r): the schedule jumps; to train '
+        'a finished run further, export it (--mode=export) and start another workdir from it '
+        '(--config.train.init_weights)', start, now, was, trained_steps, trained_optim.lr,
+        trained_optim.schedule, num_steps, config.optim.lr, config.optim.schedule)
+
+
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.CheckpointManager
            ) -> steps.TrainState | None:
   batch_size = config.train.batch_size
@@ -195,6 +216,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
     logging.info('Training in %s already finished at step %d of %d; nothing to do.', workdir, start,
                  num_steps)
     return None
+  if start:
+    _warn_if_the_schedule_jumps(saved, config, start, num_steps, train_slices)
   # What it trains on: a resumed run on the cases it started with (or an older workdir, from now on).
   try:
     if not (start and pipeline.check_trained_on(workdir, store_dir)) and jax.process_index() == 0:

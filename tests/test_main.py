@@ -179,6 +179,16 @@ def test_sigterm_saves_the_current_step_exits_143_and_the_run_resumes(augmented_
   assert f'Resumed from {saved} at step {step}' in caplog.text
   assert checkpoints.manager(workdir, 2).latest_step() == 6
   assert [row['step'] for row in _logged(workdir) if 'train/loss' in row] == [step, 6]
+  assert 'the schedule jumps' not in caplog.text  # resumed with the config it was saved with
+  # The finished run given more steps: its poly decay, at 0 by step 6, would start again near half the rate.
+  caplog.clear()
+  config.train.num_steps = 8
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(config, workdir)
+  assert (f'resuming at step 6 with a learning rate of {1e-4 * (2 / 8) ** 0.9:.3g}, where the config it was '
+          'saved with gives 0 (train.num_steps 6, optim.lr 0.0001, optim.schedule \'poly\'; now 8, 0.0001, '
+          "'poly'): the schedule jumps; to train a finished run further, export it (--mode=export) and start "
+          'another workdir from it (--config.train.init_weights)') in caplog.text
 
 
 # Through main.py: absl's flag parsing, and one check of config_check, each with exit code 2 and one line.
