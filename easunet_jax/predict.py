@@ -594,6 +594,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   settings = json.loads(json.dumps({
       'model_sha256': network.weights_sha256(), 'predict': config.predict.to_dict(), 'series': series,
       'laterality': laterality, 'save_probabilities': save_probabilities, 'version': RESULT_VERSION}))
+  made_by = f"step {step} of `{model_file or workdir}` (weights SHA-256 {settings['model_sha256'][:12]})"
   kept = {}
   if continue_prediction and batch:
     # Without their scores, which are of the labels given then: a kept scan is scored again if labels are.
@@ -613,11 +614,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     then a batch folder's other scans made alike (`_others_in_folder`); returns the results reported."""
     reported = [r for _, target in pairs if (r := done.get(target) or kept.get(target))]
     if not batch:
-      reports.write_reports(reported, report_files)
+      reports.write_reports(reported, report_files, made_by)
       return reported
     with _reports_locked(pathlib.Path(output_path)):
       reported += _others_in_folder(pathlib.Path(output_path), ours, settings)[0]
-      reports.write_reports(reported, report_files)
+      reports.write_reports(reported, report_files, made_by)
     return reported
 
   if kept:  # the earlier run's reports also hold the scans to segment again: until each is done, they don't

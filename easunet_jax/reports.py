@@ -62,10 +62,11 @@ def write_scores(scored: Sequence[dict], path: pathlib.Path) -> None:
                      for r in scored for plate, row in r['scores'].items())
 
 
-def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> None:
+def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path], model: str) -> None:
   """One CSV row per scan and region (plate or compartment) of `measures.region_measures`, and a Markdown
-  summary of the same with each scan's thickness map; of scans scored against labels, their scores
-  (`write_scores`), a section of the summary and a Bland-Altman plot of each plate's mean thickness."""
+  summary of the same with each scan's thickness map, saying which `model` made the masks; of scans scored
+  against labels, their scores (`write_scores`), a section of the summary and a Bland-Altman plot of each
+  plate's mean thickness."""
   csv_path, markdown_path = paths['measures'], paths['report']
   columns = list(results[0]['regions']['fc'])
   # File names in another encoding than UTF-8 (held as surrogates) are written back as their bytes.
@@ -81,7 +82,7 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path]) -> No
            'ridge (mean, median, 95th percentile, max), mid-surface area (volume / mean thickness) and the '
            f'fraction of the ridge thinner than {measures.THIN_MM:g} mm. Thickness maps: femur from below, '
            'tibia from above.',
-           '']
+           '', f'Masks made by {model}.', '']
   if scored := [r for r in results if 'scores' in r]:
     write_scores(scored, paths['scores'])
     lines += score_lines(scored)

@@ -354,6 +354,9 @@ def test_directory_of_dicom_scans_writes_one_csv_and_report(run, tmp_path, monke
   assert [r['region'] for r in rows] == ['fc', 'tc'] * 2
   assert caplog.text.count('no gap between medial and lateral plates') == 2
   report = (tmp_path / 'out' / 'report.md').read_text()
+  made_by = json.loads((tmp_path / 'out' / 'measures' / 'a.json').read_text())
+  assert (f"\nMasks made by step {made_by['step']} of `{workdir}` (weights SHA-256 "
+          f"{made_by['settings']['model_sha256'][:12]}).\n") in report
   assert report.count('](<thickness/') == 2 and (tmp_path / 'out' / 'thickness' / 'b.png').exists()
   assert report.count('](<slices/') == 2 and (tmp_path / 'out' / 'slices' / 'b.png').exists()
   # A mask file named for a folder of several series is refused, unless --series picks one of its tree; for
@@ -1234,11 +1237,12 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
                                                     ('scores', 'scores.csv'), ('bland_altman', 'ba.png'))}
   plotted, plot = [], figures.plot_bland_altman
   monkeypatch.setattr(figures, 'plot_bland_altman', lambda *args: (plotted.append(args), plot(*args)))
-  reports.write_reports(results, paths)
+  reports.write_reports(results, paths, 'step 7 of `run`')
   assert [tuple(a) for a in plotted[0][:3]] == [(2.0, 2.0), (2.1, 1.8), ('FC', 'TC')]  # truth first
   report = paths['report'].read_text()
   assert '| fc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 25.0 % |' in report
   assert '| tc | 1234 | 2.00 | 1.90 | 3.10 | 4.00 | 617 | 0.0 % |' in report
+  assert '\n\nMasks made by step 7 of `run`.\n\n' in report
   assert f"Mask `{tmp_path / 'a.nii.gz'}`; right knee.\n" in report
   assert (f"Mask `{tmp_path / 'knee b.nii.gz'}`; left knee; turned against its header (its anterior the "
           "header's superior); segmented with its sagittal slices rotated by -30 degrees.\n") in report
@@ -1252,7 +1256,7 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
       ('left', 'tc', '0', '617')]
   # The CSV keeps 6 significant digits: a volume of 12345.678 mm^3 is 12345.7, not 1.235e+04.
   results[0]['regions']['fc'] = row | {'volume_mm3': 12345.678}
-  reports.write_reports(results, paths)
+  reports.write_reports(results, paths, 'step 7 of `run`')
   assert next(csv.DictReader(paths['measures'].open()))['volume_mm3'] == '12345.7'
 
 
