@@ -159,8 +159,9 @@ def _latest_checkpoint(mngr: ocp.CheckpointManager) -> str:
 def _warn_if_the_schedule_jumps(saved: dict, config: ml_collections.ConfigDict, start: int, num_steps: int,
                                 train_slices: int) -> None:
   """A warning where a run resumed at `start` takes another learning rate there than the config it was
-  saved with gives (`saved`): a finished run given more train.num_steps, under the poly schedule, would
-  restart its decay from half the rate rather than go on from where it ended."""
+  saved with gives (`saved`; steps by num_epochs counted on today's `train_slices`): a finished run given
+  more train.num_steps under the poly schedule would decay again from a rate far above the one it ended
+  at, not go on from there."""
   fields = default.get_config()
   trained = {**fields.train.to_dict(), **saved.get('train', {})}
   trained_optim = ml_collections.ConfigDict({**fields.optim.to_dict(), **saved.get('optim', {})})
@@ -170,10 +171,11 @@ def _warn_if_the_schedule_jumps(saved: dict, config: ml_collections.ConfigDict, 
   if not np.isclose(was, now, rtol=1e-5, atol=0.0):
     logging.warning(
         'resuming at step %d with a learning rate of %.3g, where the config it was saved with gives %.3g '
-        '(train.num_steps %d, optim.lr %g, optim.schedule %r; now %d, %g, %r): the schedule jumps; to train '
-        'a finished run further, export it (--mode=export) and start another workdir from it '
-        '(--config.train.init_weights)', start, now, was, trained_steps, trained_optim.lr,
-        trained_optim.schedule, num_steps, config.optim.lr, config.optim.schedule)
+        '(%d steps, optim.lr %g, optim.schedule %r; now %d, %g, %r): the schedule jumps; to train a finished '
+        'run further, export it (--mode=export) and start another workdir from it '
+        '(--config.train.init_weights) with the learning rate to go on at (--config.optim.lr)', start, now,
+        was, trained_steps, trained_optim.lr, trained_optim.schedule, num_steps, config.optim.lr,
+        config.optim.schedule)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.CheckpointManager
@@ -216,14 +218,14 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
     logging.info('Training in %s already finished at step %d of %d; nothing to do.', workdir, start,
                  num_steps)
     return None
-  if start:
-    _warn_if_the_schedule_jumps(saved, config, start, num_steps, train_slices)
   # What it trains on: a resumed run on the cases it started with (or an older workdir, from now on).
   try:
     if not (start and pipeline.check_trained_on(workdir, store_dir)) and jax.process_index() == 0:
       pipeline.record_trained_on(workdir, store_dir)
   finally:  # a store rebuilt meanwhile is named as such, also where the check took it for another split
     pipeline.check_not_rebuilt(train_source, store_dir)
+  if start:  # on the cases it started with, so the slices that num_epochs counts are the run's
+    _warn_if_the_schedule_jumps(saved, config, start, num_steps, train_slices)
   records.record_start(workdir, config, start)
 
   tx = steps.make_optimizer(config.optim, num_steps)

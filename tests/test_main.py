@@ -186,9 +186,10 @@ def test_sigterm_saves_the_current_step_exits_143_and_the_run_resumes(augmented_
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, workdir)
   assert (f'resuming at step 6 with a learning rate of {1e-4 * (2 / 8) ** 0.9:.3g}, where the config it was '
-          'saved with gives 0 (train.num_steps 6, optim.lr 0.0001, optim.schedule \'poly\'; now 8, 0.0001, '
-          "'poly'): the schedule jumps; to train a finished run further, export it (--mode=export) and start "
-          'another workdir from it (--config.train.init_weights)') in caplog.text
+          "saved with gives 0 (6 steps, optim.lr 0.0001, optim.schedule 'poly'; now 8, 0.0001, 'poly'): the "
+          'schedule jumps; to train a finished run further, export it (--mode=export) and start another '
+          'workdir from it (--config.train.init_weights) with the learning rate to go on at '
+          '(--config.optim.lr)') in caplog.text
 
 
 # Through main.py: absl's flag parsing, and one check of config_check, each with exit code 2 and one line.
@@ -482,6 +483,7 @@ def test_export_writes_over_no_scan_label_map_or_other_data(tmp_path):
 def test_a_full_disk_is_one_line_not_a_traceback(phantom_dir, tmp_path, mode, filename):
   output = tmp_path / 'model.npz'
   flags = [f'--mode={mode}', *([f'--output={output}'] * (mode == 'export'))]
+  (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)  # a workdir trained, for export to read
   result = _run(tmp_path / 'run', phantom_dir, *flags, hook=DISK_FULL.format(filename=filename))
   assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   # Without a file named, the run's own output: training's workdir, an export's model file.

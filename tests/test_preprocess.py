@@ -277,7 +277,10 @@ def test_split_file_and_its_errors(data_cfg, tmp_path):
   # Test cases named from nnU-Net's imagesTs/, which the store does not read.
   (tmp_path / 'splits.json').write_text(json.dumps({'train': ids[:3], 'val': ids[3:], 'test': ['knee07']}))
   (tmp_path / 'nnunet' / 'imagesTs').mkdir(parents=True)
-  for root, hint in ((cfg.root, False), (tmp_path / 'nnunet', True)):
+  (tmp_path / 'typo' / 'imagesTs').mkdir(parents=True)
+  for root in ('nnunet', 'typo'):
+    (tmp_path / root / 'imagesTs' / f"{'knee07' if root == 'nnunet' else 'knee08'}_0000.nii.gz").touch()
+  for root, hint in ((cfg.root, False), (tmp_path / 'nnunet', True), (tmp_path / 'typo', False)):
     with pytest.raises(DataError, match=r"case ids not found under data.root: \['knee07'\]") as e:
       preprocess._read_split_file(cfg.split_file, root, ids, [])
     assert str(e.value).endswith(' (imagesTs/ is not read: move the test cases into imagesTr/ and '

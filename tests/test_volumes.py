@@ -92,15 +92,18 @@ def test_label_maps_without_images_are_cases_of_their_own(tmp_path, nnunet, capl
   image_dir = tmp_path / ('imagesTr' if nnunet else 'images')
   for path in image_dir.iterdir():
     path.unlink()
-  (tmp_path / 'imagesTs').mkdir()
-  assert [(c.id, c.image) for c in volumes.discover_cases(tmp_path)] == [('a', None), ('b', None)]
-  assert ('imagesTs/ not read; the test split is drawn from labelsTr/' in caplog.text) == nnunet
-  caplog.clear()
   (tmp_path / 'labelsTs').mkdir()
+  assert [(c.id, c.image) for c in volumes.discover_cases(tmp_path)] == [('a', None), ('b', None)]
+  assert (': labelsTs/ not read; the test split is drawn from labelsTr/ (data.split), or named by '
+          'data.split_file\n' in caplog.text) == nnunet
+  caplog.clear()
+  (tmp_path / 'imagesTs').mkdir()
   volumes.discover_cases(tmp_path)
-  assert (f'imagesTs/ and labelsTs/ not read; the test split is drawn from labelsTr/ (data.split), or named '
-          f'by data.split_file; score imagesTs/ with --mode=predict --input={tmp_path / "imagesTs"} '
-          f'--labels={tmp_path / "labelsTs"}' in caplog.text) == nnunet
+  assert (f': imagesTs/ and labelsTs/ not read; the test split is drawn from labelsTr/ (data.split), or '
+          f'named by data.split_file; to segment imagesTs/, add --mode=predict '
+          f'--input={tmp_path / "imagesTs"} --output=<a folder>'
+          f" --labels={tmp_path / 'labelsTs'} to this run's --config and --workdir\n"
+          in caplog.text) == nnunet
   volumes.save_volume(image_dir / ('b_0000.nii.gz' if nnunet else 'b.nii.gz'), image, affine)
   assert [(c.id, c.image is None, c.label.name) for c in volumes.discover_cases(tmp_path)] == [
       ('a', True, 'a.nii.gz'), ('b', False, 'b.nii.gz')]
@@ -173,7 +176,13 @@ def test_shape_and_affine_mismatch_are_one_line_errors(tmp_path):
   # A label map of other voxel sizes (resampled elsewhere, its shape kept): off by many mm at the far side.
   volumes.save_volume(tmp_path / 'images/v.nii.gz', image, np.diag([2.0, 0.5, 0.5, 1.0]))
   volumes.save_volume(tmp_path / 'labels/v.nii.gz', labels, np.diag([2.0, 0.4, 0.4, 1.0]))
+  # One sagittal slice, of other thickness: no voxel centre moves.
+  volumes.save_volume(tmp_path / 'images/u.nii.gz', image[:1], np.diag([3.0, 0.5, 0.5, 1.0]))
+  volumes.save_volume(tmp_path / 'labels/u.nii.gz', labels[:1], np.diag([1.0, 0.5, 0.5, 1.0]))
   cases = {c.id: c for c in volumes.discover_cases(tmp_path)}
+  with pytest.raises(DataError, match=r'^u: image and label map affines differ by 2 \(more than 0.001\); '
+                     r'voxels of 3 x 0.5 x 0.5 and 1 x 0.5 x 0.5 mm: '):
+    volumes.load_case(cases['u'], IDENTITY_MAP)
   far = 0.1 * np.hypot(*(n - 1 for n in image.shape[1:]))
   with pytest.raises(DataError, match=rf'^v: image and label map grids place a voxel up to {far:.3g} mm '
                      r'apart \(affines differ by more than 0.001 mm\); voxels of 2 x 0.5 x 0.5 and '
@@ -672,11 +681,13 @@ def test_a_mask_of_this_tools_own_values_given_as_labels_is_warned_of(tmp_path, 
   assert not caplog.records
 
 
-def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_path):
+def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_path, caplog):
   """nnU-Net's dataset.json (v2 {name: value}, v1 {value: name}) that names a label femoral or tibial
-  cartilage which data.label_map leaves out or makes another class, or another label that it does not read
-  (every case holding it would be skipped), is a one-line error giving a map that follows the names; names
-  it cannot read, region lists, extra classes the map reads and other tools' JSON say nothing."""
+  cartilage which data.label_map leaves out or makes another class is a one-line error giving a map that
+  follows the names, and one naming another label that the map does not read (its cases would be skipped)
+  a warning giving it; names it cannot read, region lists, extra classes the map reads and other tools'
+  JSON say nothing, and the map suggested keeps the given pairs of names it cannot read or that name
+  cartilage of another kind."""
   def check(labels, label_map=((2, 1), (4, 2))):
     (tmp_path / 'dataset.json').write_text(json.dumps({'labels': labels, 'file_ending': '.nii.gz'}))
     volumes.check_dataset_json(tmp_path, label_map)
@@ -712,15 +723,27 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
     with pytest.raises(ConfigError, match=re.escape("label_map='((2, 1), (3, 2), (4, 2), (5, 0), (6, 0))'")):
       check(skm_tea, given)
   check(skm_tea, ((2, 1), (3, 2), (4, 2), (5, 0), (6, 0)))
-  # Menisci and patellar cartilage beside OAI-ZIB's labels, which the default map does not read.
-  with pytest.raises(ConfigError, match=re.escape(
-      "names label 5 'meniscus', which data.label_map ((2, 1), (4, 2)) does not read (every case holding it "
-      "would be skipped): pass --config.data.label_map='((2, 1), (4, 2), (5, 0), (6, 0))', its labels other "
-      'than cartilage as background')):
+  # Menisci and patellar cartilage beside OAI-ZIB's labels, which the default map does not read: warned of
+  # (a workdir trained with the map goes on with it), with the map that reads them.
+  assert not caplog.records
+  with caplog.at_level(logging.WARNING):
     check({'background': 0, 'femur': 1, 'femoral cartilage': 2, 'tibia': 3, 'tibial cartilage': 4,
            'meniscus': 5, 'patellar cartilage': 6})
+  assert ("names label 5 'meniscus', which data.label_map ((2, 1), (4, 2)) does not read: a case holding it "
+          "is skipped; to read it as background, pass --config.data.label_map='((2, 1), (4, 2), (5, 0), "
+          "(6, 0))'") in caplog.text
+  caplog.clear()
   check({'background': 0, 'femoral cartilage': 2, 'tibial cartilage': 4, 'meniscus': 5,
          'patellar cartilage': 6}, ((2, 1), (4, 2), (5, 0), (6, 0)))
+  check({'background': 0, 'label_5': 5}, ((2, 1), (4, 2), (5, 2)))
+  assert not caplog.records
+  # Names it cannot read (another language), and patellar cartilage joined to the femoral plate on purpose:
+  # their given pairs stay in the map suggested.
+  with caplog.at_level(logging.WARNING):
+    check({'Hintergrund': 0, 'Femurknorpel': 2, 'Tibiaknorpel': 4, 'Meniskus': 5})
+  assert "label_map='((2, 1), (4, 2), (5, 0))'" in caplog.text
+  with pytest.raises(ConfigError, match=re.escape("label_map='((2, 1), (3, 2), (4, 2), (5, 1), (6, 0))'")):
+    check({'femoral cartilage': 2, 'TC': 3, 'patellar cartilage': 5, 'meniscus': 6}, ((2, 1), (4, 2), (5, 1)))
   # Saved with a byte-order mark, as Windows editors do: read all the same.
   bom = b'\xef\xbb\xbf'
   (tmp_path / 'dataset.json').write_bytes(bom + json.dumps({'labels': {'femoral_cartilage': 1}}).encode())

@@ -131,9 +131,11 @@ def _read_split_file(path: str, root: str, ids: Sequence[str], skipped: Sequence
   listed = [i for name in SPLITS for i in splits[name]]
   unknown = sorted(set(listed) - set(ids) - set(skipped))
   if unknown:
+    held_out = {stem.removesuffix('_0000')
+                for stem, _ in volumes.volume_files(pathlib.Path(root) / 'imagesTs')}
     raise DataError(f'data.split_file {path}: case ids not found under data.root: {unknown[:5]}'
                     + (' (imagesTs/ is not read: move the test cases into imagesTr/ and labelsTr/)'
-                       if (pathlib.Path(root) / 'imagesTs').is_dir() else ''))
+                       if held_out & set(unknown) else ''))
   if twice := sorted(i for i, n in collections.Counter(listed).items() if n > 1):
     raise DataError(f'data.split_file {path}: case ids listed more than once: {twice[:5]}')
   if left_out := sorted(set(ids) - set(listed)):

@@ -131,10 +131,13 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
       (root / folder).is_dir() for folder in ('imagesTr', 'labelsTr')))
   if nnunet:
     image_dir, label_dir, image_suffix = root / 'imagesTr', root / 'labelsTr', '_0000'
-    if unread := [f'{folder}/' for folder in ('imagesTs', 'labelsTs') if (root / folder).is_dir()]:
+    if unread := [folder for folder in ('imagesTs', 'labelsTs') if (root / folder).is_dir()]:
+      # The command that scores them: predict of this run's model (its --config and --workdir).
+      score = (f"; to segment imagesTs/, add --mode=predict --input={root / 'imagesTs'} --output=<a folder>"
+               + (f" --labels={root / 'labelsTs'}" if 'labelsTs' in unread else '')
+               + " to this run's --config and --workdir" if 'imagesTs' in unread else '')
       logging.warning('%s: %s not read; the test split is drawn from labelsTr/ (data.split), or named by '
-                      'data.split_file; score imagesTs/ with --mode=predict --input=%s --labels=%s', root,
-                      ' and '.join(unread), root / 'imagesTs', root / 'labelsTs')
+                      'data.split_file%s', root, ' and '.join(f'{folder}/' for folder in unread), score)
   else:
     image_dir, label_dir, image_suffix = root / 'images', root / 'labels', ''
   images = volume_files(image_dir)
@@ -184,6 +187,10 @@ def volume_files(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
           if (stem := volume_stem(path.name)) and not path.name.startswith('.')]
 
 
+_OTHER_TISSUES = {'background', 'femur', 'tibia', 'fibula', 'patella', 'bone', 'bones', 'fluid', 'effusion',
+                  'ligament', 'tendon', 'muscle', 'fat', 'marrow'}
+
+
 def _cartilage_class(name: str) -> int:
   """The training class (`CLASSES`) of femoral or tibial cartilage that a label's name in nnU-Net's
   dataset.json names ('femoral_cartilage', 'Tibial Cartilage medial', 'femoral cart', 'MTC', ...); 0 for any
@@ -197,12 +204,21 @@ def _cartilage_class(name: str) -> int:
   return CLASSES['fc'] if femoral else CLASSES['tc']
 
 
+def _other_tissue(name: str) -> bool:
+  """Whether a label's name in dataset.json names a tissue that is no cartilage of any kind: a bone, a
+  meniscus, fluid, background."""
+  words = set(re.findall('[a-z]+', name.lower()))
+  tissue = words & _OTHER_TISSUES or any(w.startswith('menisc') for w in words)
+  return 'cart' not in name.lower() and bool(tissue)
+
+
 def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[int]]) -> None:
   """A ConfigError where root/dataset.json (nnU-Net's: {"labels": {name: value}}, or v1's {value: name})
-  names a label femoral or tibial cartilage that `label_map` leaves out or makes another class, or another
-  label (menisci, patellar cartilage) that it does not read, so that every case holding it would be skipped,
-  with a map that follows the names and reads every label the file names; nothing where the file is absent
-  or not nnU-Net's."""
+  names a label femoral or tibial cartilage that `label_map` leaves out or makes another class, and a
+  warning where it names another label (menisci, patellar cartilage, a name it cannot read) that the map
+  does not read, whose cases would be skipped; each with a map that follows the names and reads every label
+  the file names. A warning, not an error: a workdir trained on the map resumes and evaluates with it, and
+  a label no case holds costs nothing. Nothing where the file is absent or not nnU-Net's."""
   path = pathlib.Path(root) / 'dataset.json'
   if not path.is_file():
     return
@@ -217,25 +233,30 @@ def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[in
   named = {value: target for name, value in labels.items()  # region lists ([4, 5]) left out
            if isinstance(value, int) and (target := _cartilage_class(str(name)))}
   mapped = {int(source): int(target) for source, target in label_map}
-  # The map suggested reads every value the file names: its other labels (menisci, patellar cartilage,
-  # bones other than OAI-ZIB's) as background, and keeps the given pairs of values it does not name.
+  # The map suggested reads every value the file names: the cartilage as named, tissues that are no
+  # cartilage (a tibia where OAI-ZIB's tibial cartilage is, menisci) as background, the given pairs of the
+  # other values (patellar cartilage joined to a plate, names it cannot read), and the labels the map leaves
+  # out (bones other than OAI-ZIB's) as background.
   others = {value: 0 for value in labels.values()
             if isinstance(value, int) and value > 0 and value not in named and value not in BONE_LABELS}
-  unnamed = {value: target for value, target in mapped.items() if value not in labels.values()}
-  suggested = f"pass --config.data.label_map='{tuple(sorted({**unnamed, **others, **named}.items()))}'"
+  tissues = {value: 0 for name, value in labels.items()
+             if isinstance(value, int) and (value in others or value in mapped) and _other_tissue(str(name))}
+  given = {value: target for value, target in mapped.items() if value not in named}
+  pairs = tuple(sorted({**others, **given, **tissues, **named}.items()))
+  suggested = f"pass --config.data.label_map='{pairs}'"
 
   def name_of(value: int) -> str:
     return repr(next(name for name, v in labels.items() if v == value))
 
   if wrong := [value for value, target in named.items() if mapped.get(value, 0) != target]:
     value = wrong[0]
-    given = f'makes it class {mapped[value]}' if mapped.get(value) else 'leaves it out'
+    does = f'makes it class {mapped[value]}' if mapped.get(value) else 'leaves it out'
     raise ConfigError(f'{path} names label {value} {name_of(value)}, class {named[value]} (1 femoral, 2 '
-                      f'tibial cartilage), and data.label_map {given}: {suggested}')
+                      f'tibial cartilage), and data.label_map {does}: {suggested}')
   if unread := sorted(set(others) - set(mapped)):
-    raise ConfigError(f'{path} names label {unread[0]} {name_of(unread[0])}, which data.label_map '
-                      f'{tuple(map(tuple, label_map))} does not read (every case holding it would be '
-                      f'skipped): {suggested}, its labels other than cartilage as background')
+    logging.warning('%s names label %d %s, which data.label_map %s does not read: a case holding it is '
+                    'skipped; to read it as background, %s', path, unread[0], name_of(unread[0]),
+                    tuple(map(tuple, label_map)), suggested)
 
 
 def _one_file_per_case(files: Sequence[tuple[str, pathlib.Path]]) -> None:
@@ -561,9 +582,13 @@ def check_same_grid(image_nii: nib.Nifti1Image, label_nii: nib.Nifti1Image, case
     voxels = ('' if np.allclose(*sizes, atol=_AFFINE_TOL_MM) else
               f"; voxels of {' x '.join(f'{v:.4g}' for v in sizes[0])} and "
               f"{' x '.join(f'{v:.4g}' for v in sizes[1])} mm")
-    raise DataError(f'{case.id}: {kinds[0]} and {kinds[1]} grids place a voxel up to {apart:.3g} mm apart '
-                    f'(affines differ by more than {_AFFINE_TOL_MM} mm){voxels}: {case.image} vs '
-                    f'{case.label}{hint}')
+    # Where no voxel centre moves (the grids differ only along an axis one voxel thick), the entries do.
+    differ = (f'grids place a voxel up to {apart:.3g} mm apart (affines differ by more than '
+              f'{_AFFINE_TOL_MM} mm)' if apart > _AFFINE_TOL_MM else
+              f'affines differ by {np.abs(image_affine - label_affine).max():.3g} (more than '
+              f'{_AFFINE_TOL_MM})')
+    raise DataError(f'{case.id}: {kinds[0]} and {kinds[1]} {differ}{voxels}: {case.image} vs {case.label}'
+                    f'{hint}')
 
 
 Spacing = tuple[float, float, float]
