@@ -142,6 +142,8 @@ def _keep_compiled_programs(workdir: str, model_file: str | None) -> None:
 
 
 _PATH_FLAGS = ('workdir', 'input', 'output', 'labels', 'weights')
+# The flags only --mode=predict reads (bar --labels and --output, told apart), refused in the other modes.
+_PREDICT_FLAGS = ('input', 'series', 'laterality', 'continue_prediction', 'save_probabilities')
 _PATH_FIELDS = (('data', 'root'), ('data', 'cache_dir'), ('data', 'phantom_dir'), ('data', 'split_file'),
                 ('train', 'init_weights'))
 
@@ -166,6 +168,11 @@ def main(argv):
           '--config is needed, except by --mode=predict (which may take --weights, and without either uses '
           'the shipped model)' if config is None else
           '--weights is for --mode=predict; a run starts from a model file with --config.train.init_weights'))
+    if FLAGS.workdir:  # it would go unused: the model is the file's
+      exit_with(ConfigError(
+          f'--workdir={FLAGS.workdir} and --weights={FLAGS.weights} name two models: give one'
+          if FLAGS.weights else f'--workdir={FLAGS.workdir}: predict from a workdir needs the --config it '
+          'was trained with (without --config and --weights, predict uses the shipped model)'))
     model_file = FLAGS.weights or pretrained.SHIPPED
     try:
       config = pretrained.config_of(model_file, config)
@@ -192,6 +199,10 @@ def main(argv):
     if FLAGS.labels and FLAGS.mode != 'predict':
       raise ConfigError("--labels scores the masks of --mode=predict; --mode=evaluate scores the test split "
                         'against its own labels')
+    if FLAGS.mode != 'predict' and (unused := [name for name in _PREDICT_FLAGS if FLAGS[name].present] + (
+        ['output'] if FLAGS['output'].present and FLAGS.mode != 'export' else [])):
+      raise ConfigError(f'--{unused[0]} is for --mode=predict, not --mode={FLAGS.mode}'
+                        + ('; --mode=evaluate scores the test split' if FLAGS.mode == 'evaluate' else ''))
     if FLAGS.mode == 'export':
       config_check.check_export_output(FLAGS.output)
     if not model_file and (file := config_check.file_in_the_way(workdir)):

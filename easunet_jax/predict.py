@@ -463,6 +463,10 @@ def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
   pixel = None
   if config.predict.resample:
     pixel = tuple(p / config.predict.zoom for p in pipeline.trained_pixel_mm(config, workdir))
+  elif config.predict.zoom != 1 or any(config.predict.spacing):
+    logging.warning('predict.resample=False segments the slices at their own pixels: predict.zoom=%g and '
+                    'predict.spacing=%s, which choose the pixel they are resampled to, are not used',
+                    config.predict.zoom, tuple(config.predict.spacing))
   return step, inference.Network(config, graphdef, state, mesh), pixel
 
 
@@ -592,7 +596,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   # What made a batch's masks: --continue_prediction keeps a scan's earlier result only if they match. The
   # model by its weights, not its path: a model file or a workdir may be overwritten by another training.
   settings = json.loads(json.dumps({
-      'model_sha256': network.weights_sha256(), 'predict': config.predict.to_dict(), 'series': series,
+      'model_sha256': network.weights_sha256(), 'dtype': config.model.dtype,  # bfloat16 moves edges
+      'predict': config.predict.to_dict(), 'series': series,
       'laterality': laterality, 'save_probabilities': save_probabilities, 'version': RESULT_VERSION}))
   made_by = f"step {step} of `{model_file or workdir}` (weights SHA-256 {settings['model_sha256'][:12]})"
   kept = {}
@@ -603,6 +608,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
             if source not in refused and (result := _earlier_result(source, target, settings)) is not None}
     logging.info('predict: %d of %d scan(s) kept from an earlier run with the same model and settings',
                  len(kept), len(pairs))
+  elif continue_prediction:
+    logging.warning('--continue_prediction keeps the scans of a folder that an earlier run finished; %s is '
+                    'one scan, segmented again', input_path)
   done, failed, progress = {}, set(refused), Progress(len(pairs), done=len(kept))
   ours = {_stem(target) for _, target in pairs}
   if batch and (otherwise := _others_in_folder(pathlib.Path(output_path), ours, settings)[1]):
@@ -808,6 +816,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
   if save_probabilities:
     _save(paths['probabilities'],
           pose.unorient(np.round(probabilities * 255).astype(np.uint8), orientation), nii, slope=1 / 255)
+  else:  # an earlier run's would sit beside a mask they were not taken of
+    paths['probabilities'].unlink(missing_ok=True)
   knee = f'{reports.SIDES[side]} knee' if side else 'knee of unknown side'
   # A name in another encoding than the file system's (a Latin-1 folder name) holds surrogates, which
   # matplotlib cannot draw: shown with a replacement character instead.

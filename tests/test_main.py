@@ -200,6 +200,7 @@ BAD_FLAGS = {
     'batch vs devices': ('--config.train.batch_size=6',
                          'train.batch_size: expected a multiple of the device count 4, got 6'),
     'labels to train': ('--labels=labels/', '--labels scores the masks of --mode=predict'),
+    'predict flag to train': ('--series=1.2.3', '--series is for --mode=predict, not --mode=train'),
     'stray argument': ('labels/', "unexpected arguments ['labels/']: every argument is a flag"),
     'element of a sequence': ('--config.model.features.0=3',
                               '--config.model.features.0: model.features is set whole, e.g. '
@@ -546,6 +547,15 @@ def test_predict_without_config_uses_the_shipped_model(tmp_path):
   assert refused.returncode == 2 and refused.stderr == (
       'error: --config.data.label_map: a config field, set only beside --config=<file> (to predict with the '
       f"shipped model: --config={REPO / 'configs' / 'eas.py'}:knee --weights={pretrained.SHIPPED})\n")
+  # A workdir beside no --config, or beside a model file: its model would go unused.
+  for flags, message in (
+      ([], '--workdir=runs/tiny: predict from a workdir needs the --config it was trained with (without '
+           '--config and --weights, predict uses the shipped model)'),
+      (['--weights=mine.npz'], '--workdir=runs/tiny and --weights=mine.npz name two models: give one')):
+    refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
+                              '--output=mask.nii.gz', '--workdir=runs/tiny', *flags], cwd=tmp_path,
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and refused.stderr == f'error: {message}\n'
   # Beside a model file of one's own, its training's config (the shipped one's would not fit its network).
   refused = subprocess.run([sys.executable, str(REPO / 'main.py'), '--mode=predict', '--input=scan.nii.gz',
                             '--config.predict.zoom=1', '--weights=mine.npz', '--output=mask.nii.gz'],

@@ -159,7 +159,7 @@ def test_the_slices_figure_numbers_each_slice_as_the_files_voxels(run, tmp_path,
   assert numbers == [list(range(nii.shape[0])), list(range(nii.shape[0]))[::-1]]
 
 
-def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch):
+def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch, caplog):
   workdir, canonical, _ = run
   sizes = []
 
@@ -172,9 +172,16 @@ def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch):
     predict.predict(_config(zoom=zoom, subpixel_tta=False, orientation_check=False), workdir, canonical,
                     tmp_path / f'{zoom}.nii.gz')
     assert nib.load(tmp_path / f'{zoom}.nii.gz').shape == nib.load(canonical).shape
-  (h1, w1), (h2, w2) = sizes
+  (h1, w1), (h2, w2) = sizes[:2]
   # Twice the pixels per axis, up to the padding to the tiny network's stride (4).
   assert abs(h2 - 2 * h1) <= 8 and abs(w2 - 2 * w1) <= 8 and h2 > 1.5 * h1 and w2 > 1.5 * w1, sizes
+  # Without resampling the slices keep their pixels: a zoom is not used, and said so.
+  with caplog.at_level(logging.WARNING):
+    predict.predict(_config(zoom=2.0, resample=False, subpixel_tta=False, orientation_check=False), workdir,
+                    canonical, tmp_path / 'kept.nii.gz')
+  assert ('predict.resample=False segments the slices at their own pixels: predict.zoom=2 and '
+          'predict.spacing=(0.0, 0.0), which choose the pixel they are resampled to, are not used'
+          ) in caplog.text
 
 
 def _unsure_of_fc(self, image_SHW):
@@ -198,7 +205,7 @@ def test_background_weight_trims_unsure_cartilage_only(run, tmp_path, monkeypatc
   assert np.all((masks[2.0] == 0) | (masks[2.0] == masks[1.0]))
 
 
-def test_probabilities_are_those_of_the_mask_in_the_scans_grid(run, tmp_path, monkeypatch):
+def test_probabilities_are_those_of_the_mask_in_the_scans_grid(run, tmp_path, monkeypatch, caplog):
   workdir, _, permuted = run
   monkeypatch.setattr(inference.Network, '__call__', _unsure_of_fc)
   [result] = predict.predict(_config(), workdir, permuted, tmp_path / 'mask.nii.gz', save_probabilities=True)
@@ -228,6 +235,15 @@ def test_probabilities_are_those_of_the_mask_in_the_scans_grid(run, tmp_path, mo
   predict.predict(_config(), workdir, scans, out, continue_prediction=True, save_probabilities=True)
   np.testing.assert_array_equal(np.asarray(nib.load(out / 'probabilities' / 'a.nii.gz').dataobj),
                                 np.asarray(saved.dataobj))
+  # Segmented again without them: the earlier probabilities, not of the new mask, are removed.
+  predict.predict(_config(background_weight=2.0), workdir, scans, out)
+  with caplog.at_level(logging.WARNING):  # one scan: nothing to keep, and said so
+    predict.predict(_config(background_weight=2.0), workdir, permuted, tmp_path / 'mask.nii.gz',
+                    continue_prediction=True)
+  assert (f'--continue_prediction keeps the scans of a folder that an earlier run finished; {permuted} is '
+          'one scan, segmented again') in caplog.text
+  assert not (out / 'probabilities' / 'a.nii.gz').exists()
+  assert not (tmp_path / 'mask_probabilities.nii.gz').exists()
 
 
 def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path, monkeypatch):
@@ -532,6 +548,11 @@ def test_a_batch_goes_past_a_failed_scan_and_continues_where_it_stopped(run, tmp
   rewritten = (out / 'a.nii.gz').stat().st_mtime_ns
   assert rewritten != written['a.nii.gz'] and (out / 'slices' / 'a.png').exists()
   predict.predict(_config(background_weight=2.0), workdir, scans, out, continue_prediction=True)
+  assert (out / 'a.nii.gz').stat().st_mtime_ns != rewritten
+  rewritten = (out / 'a.nii.gz').stat().st_mtime_ns
+  bfloat16 = _config(background_weight=2.0)
+  bfloat16.model.dtype = 'bfloat16'  # the same weights computed otherwise: other edges
+  predict.predict(bfloat16, workdir, scans, out, continue_prediction=True)
   assert (out / 'a.nii.gz').stat().st_mtime_ns != rewritten
   # So is one whose thickness map or its figure is gone, and each for other weights (a model file or workdir
   # trained again in place) or another side: the settings recorded name them.
