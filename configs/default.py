@@ -92,9 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   # ... and components smaller than this fraction of their class's largest (a ghost beside the plate); 0 = off
   c.predict.min_component_fraction = 0.1
   c.predict.batch_size = 16  # slices per forward pass (rounded up to the device count)
-  c.predict.spacing = (0.0, 0.0)  # in-plane mm the model was trained at; 0 = median of the train slice store
-  # Slices resampled to that pixel size divided by this zoom: the anatomy this much larger than in training
-  # (whose zoom augmentation spans 0.9-1.1), thin cartilage over more network pixels.
+  # With predict.resample, the in-plane mm the model was trained at; 0 = median of the train slice store.
+  c.predict.spacing = (0.0, 0.0)
+  # With predict.resample, slices resampled to that pixel size divided by this zoom: the anatomy this much
+  # larger than in training (whose zoom augmentation spans 0.9-1.1), thin cartilage over more network pixels.
   c.predict.zoom = 1.0
   # The background's probability is multiplied by this before the argmax: above 1, cartilage only where the
   # network is that much surer of it; it trims plates drawn too thick (bench/calibrate.py scores weights).

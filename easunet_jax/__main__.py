@@ -142,8 +142,8 @@ def _keep_compiled_programs(workdir: str, model_file: str | None) -> None:
 
 
 _PATH_FLAGS = ('workdir', 'input', 'output', 'labels', 'weights')
-# The flags only --mode=predict reads (bar --labels and --output, told apart), refused in the other modes.
-_PREDICT_FLAGS = ('input', 'series', 'laterality', 'continue_prediction', 'save_probabilities')
+# The flags only --mode=predict reads (and --output, which export reads too), refused in the other modes.
+_PREDICT_FLAGS = ('labels', 'input', 'series', 'laterality', 'continue_prediction', 'save_probabilities')
 _PATH_FIELDS = (('data', 'root'), ('data', 'cache_dir'), ('data', 'phantom_dir'), ('data', 'split_file'),
                 ('train', 'init_weights'))
 
@@ -196,13 +196,14 @@ def main(argv):
     config_check.check_config(config, default.get_config(), FLAGS.mode)
     if FLAGS.mode == 'predict' and not (FLAGS.input and FLAGS.output):
       raise ConfigError('--mode=predict needs --input and --output')
-    if FLAGS.labels and FLAGS.mode != 'predict':
-      raise ConfigError("--labels scores the masks of --mode=predict; --mode=evaluate scores the test split "
-                        'against its own labels')
-    if FLAGS.mode != 'predict' and (unused := [name for name in _PREDICT_FLAGS if FLAGS[name].present] + (
-        ['output'] if FLAGS['output'].present and FLAGS.mode != 'export' else [])):
-      raise ConfigError(f'--{unused[0]} is for --mode=predict, not --mode={FLAGS.mode}'
-                        + ('; --mode=evaluate scores the test split' if FLAGS.mode == 'evaluate' else ''))
+    # Given (a value, not an explicit false: a flag file shared by the modes may hold --nosave_probabilities)
+    # where they would go unused.
+    if FLAGS.mode != 'predict' and (unused := [name for name in _PREDICT_FLAGS if FLAGS[name].value] + (
+        ['output'] if FLAGS.output and FLAGS.mode != 'export' else [])):
+      raise ConfigError(
+          '--labels scores the masks of --mode=predict; --mode=evaluate scores the test split against its '
+          'own labels' if unused[0] == 'labels' else f'--{unused[0]} is for --mode=predict'
+          f"{' and --mode=export' if unused[0] == 'output' else ''}, not --mode={FLAGS.mode}")
     if FLAGS.mode == 'export':
       config_check.check_export_output(FLAGS.output)
     if not model_file and (file := config_check.file_in_the_way(workdir)):

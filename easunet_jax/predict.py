@@ -463,10 +463,6 @@ def load_network(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
   pixel = None
   if config.predict.resample:
     pixel = tuple(p / config.predict.zoom for p in pipeline.trained_pixel_mm(config, workdir))
-  elif config.predict.zoom != 1 or any(config.predict.spacing):
-    logging.warning('predict.resample=False segments the slices at their own pixels: predict.zoom=%g and '
-                    'predict.spacing=%s, which choose the pixel they are resampled to, are not used',
-                    config.predict.zoom, tuple(config.predict.spacing))
   return step, inference.Network(config, graphdef, state, mesh), pixel
 
 
@@ -537,6 +533,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     paths = _report_paths(target, batch)
     outputs = [target, paths['map'], paths['slices'], *([paths['result']] if batch else []),
                *([paths['probabilities']] if save_probabilities else [])]
+    if not save_probabilities and paths['probabilities'].resolve() in inputs:  # an earlier run's are removed
+      raise ConfigError(f"{paths['probabilities']}: predict removes a mask's earlier probabilities, and this "
+                        'is an input scan or label map; choose another --output')
     if too_long := [w.name for w in outputs if len(os.fsencode(w.name)) > atomic.NAME_MAX]:
       error = (f'{source}: its output {too_long[0]} would be named in {len(os.fsencode(too_long[0]))} bytes, '
                f'over the {atomic.NAME_MAX} a file system allows; give the scan a shorter name')

@@ -224,7 +224,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
       pipeline.record_trained_on(workdir, store_dir)
   finally:  # a store rebuilt meanwhile is named as such, also where the check took it for another split
     pipeline.check_not_rebuilt(train_source, store_dir)
-  if start:  # on the cases it started with, so the slices that num_epochs counts are the run's
+  if start:  # after the checks of its cases: a run refused for another split is not warned of first
     _warn_if_the_schedule_jumps(saved, config, start, num_steps, train_slices)
   records.record_start(workdir, config, start)
 

@@ -159,7 +159,7 @@ def test_the_slices_figure_numbers_each_slice_as_the_files_voxels(run, tmp_path,
   assert numbers == [list(range(nii.shape[0])), list(range(nii.shape[0]))[::-1]]
 
 
-def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch, caplog):
+def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch):
   workdir, canonical, _ = run
   sizes = []
 
@@ -172,16 +172,9 @@ def test_zoom_enlarges_the_slices_the_network_sees(run, tmp_path, monkeypatch, c
     predict.predict(_config(zoom=zoom, subpixel_tta=False, orientation_check=False), workdir, canonical,
                     tmp_path / f'{zoom}.nii.gz')
     assert nib.load(tmp_path / f'{zoom}.nii.gz').shape == nib.load(canonical).shape
-  (h1, w1), (h2, w2) = sizes[:2]
+  (h1, w1), (h2, w2) = sizes
   # Twice the pixels per axis, up to the padding to the tiny network's stride (4).
   assert abs(h2 - 2 * h1) <= 8 and abs(w2 - 2 * w1) <= 8 and h2 > 1.5 * h1 and w2 > 1.5 * w1, sizes
-  # Without resampling the slices keep their pixels: a zoom is not used, and said so.
-  with caplog.at_level(logging.WARNING):
-    predict.predict(_config(zoom=2.0, resample=False, subpixel_tta=False, orientation_check=False), workdir,
-                    canonical, tmp_path / 'kept.nii.gz')
-  assert ('predict.resample=False segments the slices at their own pixels: predict.zoom=2 and '
-          'predict.spacing=(0.0, 0.0), which choose the pixel they are resampled to, are not used'
-          ) in caplog.text
 
 
 def _unsure_of_fc(self, image_SHW):
@@ -244,6 +237,12 @@ def test_probabilities_are_those_of_the_mask_in_the_scans_grid(run, tmp_path, mo
           'one scan, segmented again') in caplog.text
   assert not (out / 'probabilities' / 'a.nii.gz').exists()
   assert not (tmp_path / 'mask_probabilities.nii.gz').exists()
+  # A scan named as a mask's probabilities would be: not removed as theirs.
+  (tmp_path / 'mask_probabilities.nii.gz').write_bytes(permuted.read_bytes())
+  _one_line_error(ConfigError, "mask_probabilities.nii.gz: predict removes a mask's earlier probabilities, "
+                  'and this is an input scan or label map; choose another --output', _config(), workdir,
+                  tmp_path / 'mask_probabilities.nii.gz', tmp_path / 'mask.nii.gz')
+  assert (tmp_path / 'mask_probabilities.nii.gz').exists()
 
 
 def test_oai_zib_values_and_directory_in_directory_out(run, tmp_path, monkeypatch):

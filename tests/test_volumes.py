@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from configs import eas
 from easunet_jax import predict
 from easunet_jax.data import knee, volumes
 from easunet_jax.errors import ConfigError, DataError
@@ -701,15 +702,17 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
          'lateral tibial cartilage': 5}, ((2, 1), (4, 2), (5, 2)))
   check({'background': 0, 'femoral cartilage': 2, 'tibial cartilage': [4, 5]}, ((2, 1), (4, 2), (5, 2)))
   check({'background': 0, 'FemCart': 2, 'TibCart': 4, 'patellar cartilage': 5}, ((2, 1), (4, 2), (5, 3)))
+  # 4, the file's tibia, read as background.
   with pytest.raises(ConfigError, match=r"^\S+dataset.json names label 1 'femoral_cartilage', class 1 \(1 "
                      r"femoral, 2 tibial cartilage\), and data.label_map leaves it out: pass "
-                     r"--config.data.label_map='\(\(1, 1\), \(2, 2\), \(4, 0\)\)'$"):  # 4: read, as bone
+                     r"--config.data.label_map='\(\(1, 1\), \(2, 2\), \(4, 0\)\)' \(predict with the "
+                     r"shipped model: --config=\S+:knee --weights=\S+ --config.data.label_map=...\)$"):
     check({'background': 0, 'femoral_cartilage': 1, 'tibial_cartilage': 2, 'femur': 3, 'tibia': 4})
   with pytest.raises(ConfigError, match=r"label 5 'LTC', class 2 .* makes it class 1: .*label_map="
                      r"'\(\(2, 1\), \(4, 2\), \(5, 2\)\)'"):
     check({'background': 0, 'femur': 1, 'FC': 2, 'tibia': 3, 'MTC': 4, 'LTC': 5}, ((2, 1), (4, 2), (5, 1)))
   with pytest.raises(ConfigError, match=r"names label 1 'femoral_cartilage', .* leaves it out: pass "
-                     r"--config.data.label_map='\(\(1, 1\), \(2, 2\), \(4, 2\)\)'$"):  # v1's {value: name}
+                     r"--config.data.label_map='\(\(1, 1\), \(2, 2\), \(4, 2\)\)' "):  # v1's {value: name}
     check({'0': 'background', '1': 'femoral_cartilage', '2': 'tibial_cartilage', '3': 'femur'})
   with pytest.raises(ConfigError, match=r"label_map='\(\(1, 1\), \(2, 0\), \(4, 0\)\)'"):
     check({'background': 0, 'femoral cart': 1, 'femur': 2, 'tibia': 4})
@@ -730,13 +733,22 @@ def test_dataset_json_names_that_disagree_with_the_label_map_are_refused(tmp_pat
     check({'background': 0, 'femur': 1, 'femoral cartilage': 2, 'tibia': 3, 'tibial cartilage': 4,
            'meniscus': 5, 'patellar cartilage': 6})
   assert ("names label 5 'meniscus', which data.label_map ((2, 1), (4, 2)) does not read: a case holding it "
-          "is skipped; to read it as background, pass --config.data.label_map='((2, 1), (4, 2), (5, 0), "
-          "(6, 0))'") in caplog.text
+          'is skipped (in training) or unscored (by predict --labels); to read it as background, pass '
+          "--config.data.label_map='((2, 1), (4, 2), (5, 0), (6, 0))' (predict with the shipped model: "
+          f'{eas.SHIPPED_FLAGS} --config.data.label_map=...)') in caplog.text
   caplog.clear()
   check({'background': 0, 'femoral cartilage': 2, 'tibial cartilage': 4, 'meniscus': 5,
          'patellar cartilage': 6}, ((2, 1), (4, 2), (5, 0), (6, 0)))
   check({'background': 0, 'label_5': 5}, ((2, 1), (4, 2), (5, 2)))
   assert not caplog.records
+  # A tissue the file names that the map reads as cartilage: OAI-ZIB's tibia as TC, a meniscus as TC.
+  with pytest.raises(ConfigError, match=re.escape(
+      "names label 3 'tibia', no cartilage, and data.label_map makes it class 2 (1 femoral, 2 tibial "
+      "cartilage): pass --config.data.label_map='((2, 1), (3, 0), (4, 2))'")):
+    check({'background': 0, 'femur': 1, 'femoral cartilage': 2, 'tibia': 3, 'tibial cartilage': 4},
+          ((2, 1), (3, 2), (4, 2)))
+  with pytest.raises(ConfigError, match=r"names label 5 'meniscus', no cartilage, .* makes it class 2"):
+    check({'femoral cartilage': 2, 'tibial cartilage': 4, 'meniscus': 5}, ((2, 1), (4, 2), (5, 2)))
   # Names it cannot read (another language), and patellar cartilage joined to the femoral plate on purpose:
   # their given pairs stay in the map suggested.
   with caplog.at_level(logging.WARNING):

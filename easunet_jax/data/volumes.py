@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -133,8 +134,9 @@ def discover_cases(root: str | pathlib.Path) -> list[Case]:
     image_dir, label_dir, image_suffix = root / 'imagesTr', root / 'labelsTr', '_0000'
     if unread := [folder for folder in ('imagesTs', 'labelsTs') if (root / folder).is_dir()]:
       # The command that scores them: predict of this run's model (its --config and --workdir).
-      score = (f"; to segment imagesTs/, add --mode=predict --input={root / 'imagesTs'} --output=<a folder>"
-               + (f" --labels={root / 'labelsTs'}" if 'labelsTs' in unread else '')
+      score = (f"; to segment imagesTs/, add --mode=predict --input={shlex.quote(str(root / 'imagesTs'))} "
+               '--output=<a folder>'
+               + (f" --labels={shlex.quote(str(root / 'labelsTs'))}" if 'labelsTs' in unread else '')
                + " to this run's --config and --workdir" if 'imagesTs' in unread else '')
       logging.warning('%s: %s not read; the test split is drawn from labelsTr/ (data.split), or named by '
                       'data.split_file%s', root, ' and '.join(f'{folder}/' for folder in unread), score)
@@ -214,7 +216,8 @@ def _other_tissue(name: str) -> bool:
 
 def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[int]]) -> None:
   """A ConfigError where root/dataset.json (nnU-Net's: {"labels": {name: value}}, or v1's {value: name})
-  names a label femoral or tibial cartilage that `label_map` leaves out or makes another class, and a
+  names a label femoral or tibial cartilage that `label_map` leaves out or makes another class, or a tissue
+  that is no cartilage (a bone, a meniscus) that it makes cartilage, and a
   warning where it names another label (menisci, patellar cartilage, a name it cannot read) that the map
   does not read, whose cases would be skipped; each with a map that follows the names and reads every label
   the file names. A warning, not an error: a workdir trained on the map resumes and evaluates with it, and
@@ -243,7 +246,8 @@ def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[in
              if isinstance(value, int) and (value in others or value in mapped) and _other_tissue(str(name))}
   given = {value: target for value, target in mapped.items() if value not in named}
   pairs = tuple(sorted({**others, **given, **tissues, **named}.items()))
-  suggested = f"pass --config.data.label_map='{pairs}'"
+  suggested = (f"pass --config.data.label_map='{pairs}' (predict with the shipped model: {eas.SHIPPED_FLAGS} "
+               '--config.data.label_map=...)')
 
   def name_of(value: int) -> str:
     return repr(next(name for name, v in labels.items() if v == value))
@@ -253,10 +257,14 @@ def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[in
     does = f'makes it class {mapped[value]}' if mapped.get(value) else 'leaves it out'
     raise ConfigError(f'{path} names label {value} {name_of(value)}, class {named[value]} (1 femoral, 2 '
                       f'tibial cartilage), and data.label_map {does}: {suggested}')
+  if as_cartilage := [value for value in tissues if mapped.get(value) in CLASSES.values()]:
+    value = as_cartilage[0]
+    raise ConfigError(f'{path} names label {value} {name_of(value)}, no cartilage, and data.label_map makes '
+                      f'it class {mapped[value]} (1 femoral, 2 tibial cartilage): {suggested}')
   if unread := sorted(set(others) - set(mapped)):
     logging.warning('%s names label %d %s, which data.label_map %s does not read: a case holding it is '
-                    'skipped; to read it as background, %s', path, unread[0], name_of(unread[0]),
-                    tuple(map(tuple, label_map)), suggested)
+                    'skipped (in training) or unscored (by predict --labels); to read it as background, %s',
+                    path, unread[0], name_of(unread[0]), tuple(map(tuple, label_map)), suggested)
 
 
 def _one_file_per_case(files: Sequence[tuple[str, pathlib.Path]]) -> None:
