@@ -124,6 +124,10 @@ def test_two_series_choice_and_unknown_uid(tmp_path):
   with pytest.raises(DataError, match=r'no series 1\.2\.3;') as e:
     dicom.read_series(tmp_path, '1.2.3')
   assert large in str(e.value) and small in str(e.value) and '6 slices' in str(e.value)
+  # An echo of a series of one echo, as '<uid>:<echo>' names one of a multi-echo series.
+  with pytest.raises(DataError, match=rf'series {small} holds one echo, which --series names by its UID '
+                     rf'alone: --series={small}$'):
+    dicom.read_series(tmp_path, f'{small}:1')
 
 
 def test_series_of_as_many_slices_are_taken_in_series_number_order(tmp_path, caplog):

@@ -449,6 +449,10 @@ def read_series(folder: str | pathlib.Path, series: str | None = None) -> tuple[
   found = _series_list(groups)
   chosen = found[0] if series is None else next((s for s in found if series in (s.name, s.uid)), None)
   if chosen is None:
+    uid, _, echo = series.partition(':')
+    if echo and any(s.uid == uid and s.echo is None for s in found):
+      raise DataError(f'{folder}: series {uid} holds one echo, which --series names by its UID alone: '
+                      f'--series={uid}')
     raise DataError(f'{folder}: no series {series}; found {"; ".join(_describe(s) for s in found)}')
   if series is None:
     patients = sorted({str(members[0][1].get('PatientID') or '') for members in groups.values()} - {''})
