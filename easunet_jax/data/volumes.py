@@ -217,11 +217,11 @@ def _other_tissue(name: str) -> bool:
 def check_dataset_json(root: str | pathlib.Path, label_map: Sequence[Sequence[int]]) -> None:
   """A ConfigError where root/dataset.json (nnU-Net's: {"labels": {name: value}}, or v1's {value: name})
   names a label femoral or tibial cartilage that `label_map` leaves out or makes another class, or a tissue
-  that is no cartilage (a bone, a meniscus) that it makes cartilage, and a
-  warning where it names another label (menisci, patellar cartilage, a name it cannot read) that the map
-  does not read, whose cases would be skipped; each with a map that follows the names and reads every label
-  the file names. A warning, not an error: a workdir trained on the map resumes and evaluates with it, and
-  a label no case holds costs nothing. Nothing where the file is absent or not nnU-Net's."""
+  that is no cartilage (a bone, a meniscus) that it makes cartilage; a warning where it names another label
+  (menisci, patellar cartilage, a name it cannot read) that the map does not read, whose cases would be
+  skipped; each with a map that follows the names and reads every label the file names. A warning, not an
+  error: a workdir trained on the map resumes and evaluates with it, and a label no case holds costs
+  nothing. Nothing where the file is absent or not nnU-Net's."""
   path = pathlib.Path(root) / 'dataset.json'
   if not path.is_file():
     return
