@@ -25,7 +25,7 @@ _POSITIVE = ('train.batch_size', 'train.eval_every_steps', 'eval.batch_size', 'p
              'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'data.phantom_num')
 _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict.min_component_mm3',
                  'predict.slice_sigma_mm', 'optim.weight_decay', 'data.phantom_elastic_mm',
-                 'eval.num_figure_slices', 'data.augment_rotate_deg')
+                 'eval.num_figure_slices')
 NAN_POLICIES = ('stop', 'skip')
 # The folder that holds this project's configs/: a checkout's root, or an installed easunet_jax's
 # site-packages.
@@ -253,6 +253,9 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
   if not 0 <= config.predict.min_component_fraction < 1:
     raise ConfigError(f'predict.min_component_fraction: expected a fraction from 0 to below 1 (1 would drop '
                       f'every plate), got {config.predict.min_component_fraction}')
+  if not 0 <= config.data.augment_rotate_deg <= 180:
+    raise ConfigError(f'data.augment_rotate_deg: expected degrees from 0 to 180 (rotations within +-this), '
+                      f'got {config.data.augment_rotate_deg}')
   if not 0 <= config.data.phantom_oa_fraction <= 1:
     raise ConfigError(f'data.phantom_oa_fraction: expected a fraction from 0 to 1, got '
                       f'{config.data.phantom_oa_fraction}')

@@ -276,7 +276,9 @@ BAD_VALUES = {
                                "data.phantom_elastic_mm: knees are warped from the real one with "
                                "data.phantom_anatomy='reference', got 'schematic'"),
     'negative rotation': ({'data.augment_rotate_deg': -10.0},
-                          'data.augment_rotate_deg: expected a non-negative'),
+                          'data.augment_rotate_deg: expected degrees from 0 to 180'),
+    'rotation past a half turn': ({'data.augment_rotate_deg': 400.0},
+                                  'data.augment_rotate_deg: expected degrees from 0 to 180'),
     'slice store a file': ({'data.cache_dir': __file__},
                            'data.cache_dir: expected a folder (made if missing)'),
 }
@@ -286,7 +288,8 @@ BAD_VALUES = {
 EDGE_VALUES = {'optim.momentum': 0.0, 'optim.weight_decay': 0.0, 'predict.min_component_fraction': 0.0,
                'data.phantom_oa_fraction': 1.0, 'predict.slice_sigma_mm': 0.0, 'data.phantom_elastic_mm': 0.0,
                'eval.num_figure_slices': 0, 'seed': 2 ** 32 - 1, 'predict.spacing': (0.0, 0.0),
-               'eval.checkpoint': '100', 'data.label_map': ((1, 1), (255, 2)),
+               'eval.checkpoint': '100', 'data.augment_rotate_deg': 180.0,
+               'data.label_map': ((1, 1), (255, 2)),
                'loss.side_weights': (0.0,) * len(tiny.get_config().loss.side_weights)}
 
 

@@ -105,6 +105,14 @@ def test_the_blur_smooths_both_axes_and_the_noise_is_rician():
     assert 1.7 < np.mean(noisy ** 2 - clean ** 2) / 0.1 ** 2 < 2.3, seed
 
 
+def test_the_smooth_field_changes_up_to_the_slices_edges():
+  """The field that splits tissues and biases the image slopes in every pixel, the edges' too: a field held
+  flat at the edges would split them along straight lines at right angles to the border."""
+  for seed in range(4):
+    field = np.asarray(synth._smooth_field(jax.random.key(seed), (96, 80)))
+    assert np.abs(np.diff(field, axis=0)).min() > 0 and np.abs(np.diff(field, axis=1)).min() > 0, seed
+
+
 def test_one_tissue_is_two_sub_regions_the_brighter_at_one():
   """All else plain, a slice of one tissue is its two sub-regions' means over the brighter's: two values,
   the larger 1 (the store's normalisation), in the draws where the smooth field splits it."""
