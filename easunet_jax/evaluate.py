@@ -25,7 +25,7 @@ from scipy import ndimage
 from easunet_jax import atomic, figures, measures, metric_writer, metrics, parallel, steps
 from easunet_jax.data import pipeline, preprocess, volumes
 from easunet_jax.data.volumes import CLASSES
-from easunet_jax.errors import DataError
+from easunet_jax.errors import CheckpointError, DataError
 from easunet_jax.progress import Progress
 
 METRICS = ('dice', 'precision', 'recall', 'hd', 'hd95', 'assd')
@@ -34,8 +34,11 @@ PAPER_EAS_UNET = {'fc': {'dice': 90.37, 'precision': 91.69, 'recall': 90.27, 'hd
                   'tc': {'dice': 89.90, 'precision': 89.09, 'recall': 90.37, 'hd': 4.34}}
 
 
-def _predict_step(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
-  return jnp.argmax(steps.forward(state, image_BHW1, graphdef=graphdef), axis=-1).astype(jnp.uint8)
+def _predict_step(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The classes of a batch, and whether all the logits were finite."""
+  logits = steps.forward(state, image_BHW1, graphdef=graphdef)
+  return jnp.argmax(logits, axis=-1).astype(jnp.uint8), jnp.isfinite(logits).all()
 
 
 def predict_volumes(predict: Callable, state: steps.TrainState, test: pipeline.Split, batch_size: int,
@@ -47,7 +50,11 @@ def predict_volumes(predict: Callable, state: steps.TrainState, test: pipeline.S
   done, case_rows, case_pred, case_label = 0, [], [], []
   for batch in pipeline.eval_batches(test, batch_size):
     image = pipeline.put_on_mesh({'image': batch['image']}, data_sharding)['image']
-    pred_BHW = jax.device_get(predict(state, image))
+    pred_BHW, finite = jax.device_get(predict(state, image))
+    if not finite:  # argmax would make them background, scored as a model that found no cartilage
+      raise CheckpointError(f'the network outputs NaN or infinite values on the slices of case '
+                            f'{rows[done]["case"]}: its weights diverged in training; evaluate an earlier '
+                            'checkpoint (eval.checkpoint=<step>)')
     for pred_HW, label_HW in zip(pred_BHW[batch['mask']], batch['label'][batch['mask']]):
       case_rows.append(done)
       case_pred.append(_crop(pred_HW, rows[done]['pad']))

@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from easunet_jax import models, parallel, steps
 from easunet_jax.data import pipeline, preprocess
+from easunet_jax.errors import CheckpointError
 from easunet_jax.progress import EVERY_S, Progress
 
 # Network pixels per in-plane axis a resampled slice may span: outside, the header's voxel size is wrong
@@ -112,6 +113,9 @@ class Network:
       probs = jax.block_until_ready(program(self.state, batch))
       self.forward_s += time.perf_counter() - start
       out.append(np.asarray(probs)[:len(chunk)])
+      if not np.isfinite(out[-1]).all():  # else empty masks, as of a scan without cartilage
+        raise CheckpointError('the network outputs NaN or infinite values: its weights diverged in training '
+                              '(or the model file is damaged); use an earlier checkpoint or another model')
     return np.concatenate(out)
 
 

@@ -49,7 +49,13 @@ def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, outpu
     computed_as = {k: stored['model'][k] for k in checkpoints.COMPUTE_ONLY_FIELDS}
     stored = trained | {'predict': stored['predict'], 'model': trained['model'] | computed_as}
   meta = {'step': int(step), 'config': stored, 'pixel_mm': pixel}
-  arrays = {f'params{k}': np.asarray(v, np.float16) for k, v in _named_leaves(state.params).items()}
+  params = {f'params{k}': np.asarray(v, np.float32) for k, v in _named_leaves(state.params).items()}
+  for name, value in params.items():
+    if not np.all(np.abs(value) <= np.finfo(np.float16).max):  # NaN fails it too
+      raise CheckpointError(f'{workdir}: step {step}\'s weights {name} reach {np.abs(value).max():.3g}, '
+                            'beyond the float16 a model file stores (65504): a diverged training; export an '
+                            'earlier checkpoint (eval.checkpoint=<step>)')
+  arrays = {name: value.astype(np.float16) for name, value in params.items()}
   arrays |= {f'batch_stats{k}': np.asarray(v, np.float32)
              for k, v in _named_leaves(state.batch_stats).items()}
   # Through a file object: savez would add .npz to a name without it.

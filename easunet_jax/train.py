@@ -150,10 +150,14 @@ def _compile_and_size(train_step: Callable, state: steps.TrainState, batch: dict
                     'train.batch_size (now %d)', need / 1e9, where, free / 1e9, len(batch['label']))
 
 
-def _latest_checkpoint(mngr: ocp.CheckpointManager) -> str:
-  """The folder of the newest checkpoint, or 'none', for the errors that stop a run."""
+def _diverged(mngr: ocp.CheckpointManager) -> str:
+  """The end of the errors that stop a diverged run: its newest checkpoint and what to do."""
   last = mngr.latest_step()
-  return str(mngr.directory / str(last)) if last else 'none'
+  if not last:
+    return 'no checkpoint was saved. Lower optim.lr or check the data'
+  # A run resumed here starts from that checkpoint's weights, which may be diverging already.
+  return (f'the last checkpoint is {mngr.directory / str(last)}. Train again in a new --workdir with a lower '
+          'optim.lr (a run resumed here starts from that checkpoint) or check the data')
 
 
 def _warn_if_the_schedule_jumps(saved: dict, config: ml_collections.ConfigDict, start: int, num_steps: int,
@@ -291,9 +295,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
       if summary['first_nonfinite_step'] and config.train.nan_policy == 'stop':
         raise UserError(
             f'non-finite loss or gradients at step {summary["first_nonfinite_step"]} (found at step '
-            f'{step}); stopped without saving (train.nan_policy=stop), the last good checkpoint is '
-            f'{_latest_checkpoint(mngr)}. Lower optim.lr, check the data, or set '
-            'train.nan_policy=skip')
+            f'{step}); stopped without saving (train.nan_policy=stop; train.nan_policy=skip skips such '
+            f'steps), {_diverged(mngr)}')
       if is_log:
         progress.update(step)
         # A period whose steps were all skipped has no loss to average: its row leaves the losses out.
@@ -312,13 +315,17 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
         if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
           raise UserError(
               f'the last {skipped_in_a_row} steps (to step {step}) were all skipped for a non-finite loss or '
-              f'gradients (train.nan_policy=skip): the model no longer trains; the last checkpoint is '
-              f'{_latest_checkpoint(mngr)}. Lower optim.lr or check the data')
+              f'gradients (train.nan_policy=skip): the model no longer trains; {_diverged(mngr)}')
         accumulated, last_log_step = None, step
       if is_save:
         with progress.paused():  # train/steps_per_s is of the training steps alone
           val = (validate(p_eval_step, state, val_split, eval_batch_size, data_sharding, config.loss.dice_eps)
                  if is_eval else None)
+          if val and not np.isfinite(val['val/loss']):  # whatever train.nan_policy: skipping steps cannot
+            # mend weights whose outputs are no longer finite
+            raise UserError(f'the validation loss at step {step} is not finite: the network\'s outputs on '
+                            f'the validation slices are NaN or infinite; stopped without saving, '
+                            f'{_diverged(mngr)}')
           if val:
             writer.write_scalars(step, val)
             logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],

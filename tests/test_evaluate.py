@@ -2,18 +2,20 @@
 largest-component filter, and one-line errors for a missing, absent, corrupt or foreign checkpoint."""
 
 import csv
+import dataclasses
 import functools
 import json
 import logging
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from configs import tiny
-from easunet_jax import atomic, checkpoints, evaluate, figures
+from easunet_jax import atomic, checkpoints, evaluate, figures, parallel, steps
 from easunet_jax.data import knee, pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
@@ -199,6 +201,19 @@ def test_a_slice_is_cropped_of_the_padding_the_store_gave_it():
   pad = [preprocess.centred_padding(5, 8), preprocess.centred_padding(7, 12)]
   assert pad == [(1, 2), (2, 3)]
   np.testing.assert_array_equal(evaluate._crop(np.pad(original, pad), pad), original)
+
+
+def test_a_network_whose_outputs_are_not_finite_is_refused(trained_tiny):
+  """Diverged weights give NaN logits, whose argmax is background: scored, a model that found nothing."""
+  config, workdir = trained_tiny
+  mesh = parallel.make_mesh()
+  _, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
+  diverged = dataclasses.replace(state, params=jax.tree.map(lambda w: w * np.inf, state.params))
+  test = pipeline.read_split(workdir / 'slices', 'test')
+  with pytest.raises(CheckpointError, match=r'^the network outputs NaN or infinite values on the slices of '
+                     rf"case {test.index[0]['case']}: its weights diverged in training; evaluate an earlier "
+                     r'checkpoint \(eval.checkpoint=<step>\)$'):
+    evaluate.score_test_set(config, graphdef, diverged, test, mesh)
 
 
 def _one_line_error(error_type, config, workdir, match):

@@ -396,7 +396,7 @@ def _bad_dataset(root):
   """Two good phantom cases and one case of each bad input, in the images/ + labels/ layout."""
   image, labels, affine = phantom.make_subject(1, SHAPE, SPACING)
   for case_id in ('good_a', 'good_b', 'truncated', 'not_nifti', 'flat_2d', 'time_4d', 'shapes', 'affines',
-                  'nan', 'huge', 'constant', 'outside_map', 'unlabelled'):
+                  'nan', 'huge', 'underflow', 'constant', 'outside_map', 'unlabelled'):
     volumes.save_volume(root / 'images' / f'{case_id}.nii.gz', image, affine)
     volumes.save_volume(root / 'labels' / f'{case_id}.nii.gz', labels, affine)
   data = (root / 'images/truncated.nii.gz').read_bytes()
@@ -405,6 +405,7 @@ def _bad_dataset(root):
   for case_id, bad_image in (('flat_2d', image[4]), ('time_4d', image[..., None].repeat(2, -1)),
                              ('shapes', image[:, :, :-1]), ('nan', np.where(labels == 2, np.nan, image)),
                              ('huge', np.where(labels == 2, 1e300, image.astype(np.float64))),
+                             ('underflow', image.astype(np.float64) * 1e-300),
                              ('constant', np.full_like(image, 7.0))):
     volumes.save_volume(root / 'images' / f'{case_id}.nii.gz', bad_image, affine)
   shifted = affine.copy()
@@ -421,7 +422,9 @@ def _bad_dataset(root):
 
 BAD = {'truncated': 'truncated', 'not_nifti': 'not a readable NIfTI', 'flat_2d': '2D', 'time_4d': '4D',
        'shapes': 'shape', 'affines': 'affines', 'nan': 'NaN',
-       'huge': 'image values reach 1e+300, beyond float32', 'constant': 'constant', 'outside_map': '[9]',
+       'huge': 'image values reach 1e+300, beyond float32',
+       'underflow': 'which float32 cannot tell apart; rescale the scan', 'constant': 'image is constant',
+       'outside_map': '[9]',
        'unlabelled': 'no label', 'broken_link': 'images/broken_link.nii.gz: a broken link (to ',
        'label_link_broken': 'labels/label_link_broken.nii.gz: a broken link (to '}
 

@@ -1,6 +1,7 @@
 """One-file models: export a checkpoint, load it back for the same forward pass, refuse foreign files, and
 the shipped model's file and metadata."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default, tiny
-from easunet_jax import checkpoints, config_check, parallel, pretrained, records, steps
+from easunet_jax import checkpoints, config_check, inference, parallel, pretrained, records, steps
 from easunet_jax.errors import CheckpointError, DataError
 
 
@@ -46,6 +47,28 @@ def test_export_then_load_gives_the_same_forward_pass(workdir, tmp_path):
   # Weights stored in float16: logits agree to its rounding.
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2, atol=2e-2)
   assert np.abs(np.asarray(got) - np.asarray(want)).max() > 0  # float16 really was stored
+
+
+def test_diverged_weights_are_neither_exported_nor_used(workdir, tmp_path):
+  """A checkpoint whose weights outgrew float16 is not exported (they would be stored as inf), and a network
+  whose outputs are NaN is not used: its masks would be empty, as of scans without cartilage."""
+  config = tiny.get_config()
+  mesh = parallel.make_mesh()
+  _, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
+  diverged = tmp_path / 'diverged'
+  shutil.copytree(workdir, diverged, ignore=shutil.ignore_patterns('checkpoints'))
+  huge = jax.tree.map(lambda w: w * 1e6, state.params)
+  mngr = checkpoints.manager(diverged, keep=1, for_training=True)
+  checkpoints.save(mngr, 7, dataclasses.replace(state, params=huge), config, {checkpoints.BEST_METRIC: 0.5})
+  mngr.close()
+  with pytest.raises(CheckpointError, match=rf"^{diverged}: step 7's weights params\S+ reach \S+, beyond "
+                     r'the float16 a model file stores \(65504\): a diverged training; export an earlier'):
+    pretrained.export(config, diverged, tmp_path / 'model.npz')
+  assert not (tmp_path / 'model.npz').exists()
+  network = inference.Network(config, graphdef, dataclasses.replace(state, params=jax.tree.map(
+      lambda w: w * np.nan, state.params)), mesh)
+  with pytest.raises(CheckpointError, match=r'^the network outputs NaN or infinite values: its weights'):
+    network(np.zeros((2, 32, 32), np.float32))
 
 
 def test_foreign_and_missing_files_are_one_line_errors(workdir, tmp_path):

@@ -506,8 +506,28 @@ def test_nan_policy_skip_stops_when_every_step_is_skipped(tmp_path, monkeypatch)
   with pytest.raises(UserError, match=re.escape(
       'the last 4 steps (to step 4) were all skipped for a non-finite loss or gradients '
       '(train.nan_policy=skip): the model no longer trains; the last checkpoint is '
-      f"{(tmp_path / 'run' / 'checkpoints' / '3').absolute()}. Lower optim.lr or check the data")):
+      f"{(tmp_path / 'run' / 'checkpoints' / '3').absolute()}. Train again in a new --workdir with a lower "
+      'optim.lr (a run resumed here starts from that checkpoint) or check the data')):
     train.train_and_evaluate(config, tmp_path / 'run')
+
+
+@pytest.mark.parametrize('nan_policy', ['stop', 'skip'])
+def test_a_validation_loss_not_finite_stops_the_run_without_its_checkpoint(tmp_path, nan_policy):
+  """Outputs on the validation slices that are NaN (here of NaN slices; in use, of diverged weights) stop
+  the run before the checkpoint of that step is saved or ranked, whatever train.nan_policy."""
+  config = _nan_config(tmp_path / 'phantom')
+  config.train.nan_policy = nan_policy
+  config.train.eval_every_steps = 4
+  store = preprocess.prepare_data(config, tmp_path / 'run')
+  images = np.load(store / 'val' / 'images.npy', mmap_mode='r+')
+  images[:] = np.nan
+  images.flush()
+  with pytest.raises(UserError, match=re.escape(
+      "the validation loss at step 4 is not finite: the network's outputs on the validation slices are NaN "
+      'or infinite; stopped without saving, the last checkpoint is '
+      f"{(tmp_path / 'run' / 'checkpoints' / '2').absolute()}. Train again in a new --workdir")):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert checkpoints.manager(tmp_path / 'run', 2).all_steps() == [2]
 
 
 def test_init_weights_start_a_new_run_from_a_model_file(augmented_tiny, tmp_path, monkeypatch):

@@ -647,9 +647,13 @@ def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[n
                     'replace them (e.g. by 0) and run again')
   if (peak := np.abs(image).max()) > np.finfo(np.float32).max:  # float64 voxels that float32 cannot hold
     raise DataError(f'{source}: image values reach {peak:.3g}, beyond float32 (3.4e38); rescale the scan')
-  image = image.astype(np.float32, copy=False)
   if image.min() == image.max():
     raise DataError(f'{source}: image is constant ({image.flat[0]}), nothing to segment')
+  image32 = image.astype(np.float32, copy=False)
+  if image32.min() == image32.max():  # float64 voxels below float32's smallest numbers
+    raise DataError(f'{source}: image values span {image.min():.3g} to {image.max():.3g}, which float32 '
+                    'cannot tell apart; rescale the scan')
+  image = image32
   return image, spacing
 
 
