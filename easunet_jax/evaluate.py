@@ -237,7 +237,9 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
   progress = Progress(len(dict.fromkeys(row['case'] for row in rows)))
   scores = {'per_case': [], 'slices': {n: [] for n in CLASSES}, 'spacing_mm': {}, 'samples': [],
             'morphometry': []}
+  labelled = set()  # the classes some test case's labels hold
   for case_rows, pred, label in predict_volumes(predict, state, test, batch_size, data_sharding):
+    labelled |= {name for name, k in CLASSES.items() if (label == k).any()}
     case = rows[case_rows[0]]['case']
     if config.eval.largest_component:
       pred = keep_largest_component(pred, config.model.num_classes)
@@ -255,6 +257,9 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
     progress.update()
     logging.info('%s: %s Dice FC %.2f %% TC %.2f %%', progress.status('evaluate'), case,
                  per_volume['fc']['dice'], per_volume['tc']['dice'])
+  for name in [n for n in CLASSES if n not in labelled]:
+    logging.warning("no test case's labels hold %s: its scores (100 where the model marks none of it) tell "
+                    'nothing; check data.label_map', name.upper())
   return scores
 
 

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 
 from configs import default
 from easunet_jax import atomic, checkpoints, losses, metrics, parallel, pretrained, records, steps
-from easunet_jax.data import pipeline, preprocess
+from easunet_jax.data import pipeline, preprocess, volumes
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 from easunet_jax.metric_writer import MetricWriter
 from easunet_jax.progress import EVERY_S, Progress
@@ -60,7 +60,12 @@ def validate(p_eval_step: Callable, state: steps.TrainState, val: pipeline.Split
     progress.update(row)
     if progress.due(EVERY_S):
       logging.info('%s', progress.status('validation slices'))
-  dice = metrics.dice_from_counts(np.stack(list(per_case.values())).astype(np.float64)).mean(axis=0)
+  counts = np.stack(list(per_case.values())).astype(np.float64)  # (cases, FC and TC, TP FP FN)
+  for name, true_voxels in zip(volumes.CLASSES, (counts[..., 0] + counts[..., 2]).sum(axis=0)):
+    if not true_voxels:
+      logging.warning("no validation case's labels hold %s: its validation Dice is 1 while the model marks "
+                      'none of it, and tells nothing; check data.label_map', name.upper())
+  dice = metrics.dice_from_counts(counts).mean(axis=0)
   return {'val/loss': float(losses.loss_of_sums(loss_sums, dice_eps)), 'val/dice_fc': dice[0],
           'val/dice_tc': dice[1], 'val/dice_mean': dice.mean()}
 

@@ -216,6 +216,22 @@ def test_a_network_whose_outputs_are_not_finite_is_refused(trained_tiny):
     evaluate.score_test_set(config, graphdef, diverged, test, mesh)
 
 
+def test_a_class_no_test_case_holds_is_warned_of(trained_tiny, caplog):
+  """A label map that reads no tibial cartilage (a wrong data.label_map) scores TC 100 wherever the model
+  marks none: a warning says the scores tell nothing."""
+  config, workdir = trained_tiny
+  mesh = parallel.make_mesh()
+  _, graphdef, state = steps.restore_for_inference(config, workdir, mesh)
+  test = pipeline.read_split(workdir / 'slices', 'test')
+  caplog.set_level(logging.WARNING)
+  evaluate.score_test_set(config, graphdef, state, test, mesh)
+  assert 'labels hold' not in caplog.text
+  without_tc = test._replace(labels=np.where(test.labels == 2, 0, test.labels))
+  evaluate.score_test_set(config, graphdef, state, without_tc, mesh)
+  assert ("no test case's labels hold TC: its scores (100 where the model marks none of it) tell nothing; "
+          'check data.label_map') in caplog.text and 'hold FC' not in caplog.text
+
+
 def _one_line_error(error_type, config, workdir, match):
   with pytest.raises(error_type, match=match) as info:
     evaluate.evaluate(config, workdir)

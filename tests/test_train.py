@@ -511,6 +511,22 @@ def test_nan_policy_skip_stops_when_every_step_is_skipped(tmp_path, monkeypatch)
     train.train_and_evaluate(config, tmp_path / 'run')
 
 
+def test_a_class_no_validation_case_holds_is_warned_of(tmp_path, caplog):
+  """Validation labels without femoral cartilage (a wrong data.label_map) give FC Dice 1 wherever the model
+  marks none: warned of at each validation (steps 3 and 4)."""
+  config = _nan_config(tmp_path / 'phantom')
+  config.train.num_steps = 4
+  store = preprocess.prepare_data(config, tmp_path / 'run')
+  labels = np.load(store / 'val' / 'labels.npy', mmap_mode='r+')
+  labels[labels == 1] = 0
+  labels.flush()
+  caplog.set_level(logging.WARNING)
+  train.train_and_evaluate(config, tmp_path / 'run')
+  warning = ("no validation case's labels hold FC: its validation Dice is 1 while the model marks none of "
+             'it, and tells nothing; check data.label_map')
+  assert caplog.text.count(warning) == 2 and 'hold TC' not in caplog.text
+
+
 @pytest.mark.parametrize('nan_policy', ['stop', 'skip'])
 def test_a_validation_loss_not_finite_stops_the_run_without_its_checkpoint(tmp_path, nan_policy):
   """Outputs on the validation slices that are NaN (here of NaN slices; in use, of diverged weights) stop
