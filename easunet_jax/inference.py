@@ -33,11 +33,14 @@ _PROGRAMS: dict[tuple, jax.stages.Compiled] = {}
 _PROGRAMS_KEPT = 8
 
 
-def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
-  """Softmax (B, H, W, K). No flip test-time augmentation: a head-foot flip makes the femur a tibia, and
-  a model trained without flips segments flipped knees badly (flip TTA cut the 6000-step shipped model's 3D
-  Dice on the DESS-like transfer set from 75 / 77 to 53 / 13, FC / TC)."""
-  return jax.nn.softmax(steps.forward(state, image_BHW1, graphdef=graphdef), axis=-1)
+def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Softmax (B, H, W, K), and whether all the logits were finite. No flip test-time augmentation: a
+  head-foot flip makes the femur a tibia, and a model trained without flips segments flipped knees badly
+  (flip TTA cut the 6000-step shipped model's 3D Dice on the DESS-like transfer set from 75 / 77 to 53 / 13,
+  FC / TC)."""
+  logits = steps.forward(state, image_BHW1, graphdef=graphdef)
+  return jax.nn.softmax(logits, axis=-1), jnp.isfinite(logits).all()
 
 
 @functools.partial(jax.jit, static_argnames='axis')
@@ -110,12 +113,12 @@ class Network:
       batch[:len(chunk), ..., 0] = chunk
       batch = pipeline.put_on_mesh({'image': batch}, self.data_sharding)['image']
       start = time.perf_counter()
-      probs = jax.block_until_ready(program(self.state, batch))
+      probs, finite = jax.block_until_ready(program(self.state, batch))
       self.forward_s += time.perf_counter() - start
-      out.append(np.asarray(probs)[:len(chunk)])
-      if not np.isfinite(out[-1]).all():  # else empty masks, as of a scan without cartilage
+      if not finite:  # else empty masks, as of a scan without cartilage
         raise CheckpointError('the network outputs NaN or infinite values: its weights diverged in training '
                               '(or the model file is damaged); use an earlier checkpoint or another model')
+      out.append(np.asarray(probs)[:len(chunk)])
     return np.concatenate(out)
 
 

@@ -50,14 +50,18 @@ def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, outpu
     stored = trained | {'predict': stored['predict'], 'model': trained['model'] | computed_as}
   meta = {'step': int(step), 'config': stored, 'pixel_mm': pixel}
   params = {f'params{k}': np.asarray(v, np.float32) for k, v in _named_leaves(state.params).items()}
-  for name, value in params.items():
-    if not np.all(np.abs(value) <= np.finfo(np.float16).max):  # NaN fails it too
-      raise CheckpointError(f'{workdir}: step {step}\'s weights {name} reach {np.abs(value).max():.3g}, '
-                            'beyond the float16 a model file stores (65504): a diverged training; export an '
+  batch_stats = {f'batch_stats{k}': np.asarray(v, np.float32)
+                 for k, v in _named_leaves(state.batch_stats).items()}
+  # The parameters are stored in float16, the batch statistics in float32.
+  for name, value, limit in [(n, v, np.finfo(np.float16).max) for n, v in params.items()] + [
+      (n, v, np.inf) for n, v in batch_stats.items()]:
+    if not np.all(np.abs(value) <= limit):  # NaN fails it too
+      worst = np.abs(value).max()
+      what = (f'reach {worst:.3g}, beyond the float16 a model file stores (65504)' if np.isfinite(worst) else
+              'hold NaN or infinite values')
+      raise CheckpointError(f'{workdir}: step {step}\'s {name} {what}: a diverged training; export an '
                             'earlier checkpoint (eval.checkpoint=<step>)')
-  arrays = {name: value.astype(np.float16) for name, value in params.items()}
-  arrays |= {f'batch_stats{k}': np.asarray(v, np.float32)
-             for k, v in _named_leaves(state.batch_stats).items()}
+  arrays = {name: value.astype(np.float16) for name, value in params.items()} | batch_stats
   # Through a file object: savez would add .npz to a name without it.
   with atomic.replaced(output) as tmp, open(tmp, 'wb') as f:
     np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)

@@ -60,12 +60,7 @@ def validate(p_eval_step: Callable, state: steps.TrainState, val: pipeline.Split
     progress.update(row)
     if progress.due(EVERY_S):
       logging.info('%s', progress.status('validation slices'))
-  counts = np.stack(list(per_case.values())).astype(np.float64)  # (cases, FC and TC, TP FP FN)
-  for name, true_voxels in zip(volumes.CLASSES, (counts[..., 0] + counts[..., 2]).sum(axis=0)):
-    if not true_voxels:
-      logging.warning("no validation case's labels hold %s: its validation Dice is 1 while the model marks "
-                      'none of it, and tells nothing; check data.label_map', name.upper())
-  dice = metrics.dice_from_counts(counts).mean(axis=0)
+  dice = metrics.dice_from_counts(np.stack(list(per_case.values())).astype(np.float64)).mean(axis=0)
   return {'val/loss': float(losses.loss_of_sums(loss_sums, dice_eps)), 'val/dice_fc': dice[0],
           'val/dice_tc': dice[1], 'val/dice_mean': dice.mean()}
 
@@ -155,11 +150,18 @@ def _compile_and_size(train_step: Callable, state: steps.TrainState, batch: dict
                     'train.batch_size (now %d)', need / 1e9, where, free / 1e9, len(batch['label']))
 
 
+def _classes_held(labels_NHW: np.ndarray) -> set[int]:
+  """The values of a split's label slices, counted a few slices at a time: a study's split is gigabytes."""
+  counts = sum(np.bincount(labels_NHW[first:first + 64].ravel(), minlength=256)
+               for first in range(0, len(labels_NHW), 64))
+  return set(np.flatnonzero(counts).tolist())
+
+
 def _diverged(mngr: ocp.CheckpointManager) -> str:
   """The end of the errors that stop a diverged run: its newest checkpoint and what to do."""
   last = mngr.latest_step()
   if not last:
-    return 'no checkpoint was saved. Lower optim.lr or check the data'
+    return 'the run has no checkpoint yet. Lower optim.lr or check the data'
   # A run resumed here starts from that checkpoint's weights, which may be diverging already.
   return (f'the last checkpoint is {mngr.directory / str(last)}. Train again in a new --workdir with a lower '
           'optim.lr (a run resumed here starts from that checkpoint) or check the data')
@@ -219,6 +221,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
     if not slices:  # validation picks the best checkpoint, and would fail only at its first round
       raise DataError(f'{store_dir}: no {split} slices (data.split or data.split_file gives that split no '
                       'case, or its cases were skipped)')
+  for name in [n for n, k in volumes.CLASSES.items() if k not in _classes_held(val_split.labels)]:
+    logging.warning("no validation case's labels hold %s: its validation Dice will be 1 wherever the model "
+                    'marks none of it, and tell nothing; check data.label_map', name.upper())
   # A batch larger than the training set would hold its slices several times over.
   if train_slices < batch_size:
     raise DataError(f'{train_slices} training slices give no full batch of train.batch_size {batch_size}')

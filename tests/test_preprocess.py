@@ -423,8 +423,8 @@ def _bad_dataset(root):
 BAD = {'truncated': 'truncated', 'not_nifti': 'not a readable NIfTI', 'flat_2d': '2D', 'time_4d': '4D',
        'shapes': 'shape', 'affines': 'affines', 'nan': 'NaN',
        'huge': 'image values reach 1e+300, beyond float32',
-       'underflow': 'which float32 cannot tell apart; rescale the scan', 'constant': 'image is constant',
-       'outside_map': '[9]',
+       'underflow': "below float32's normal numbers (from 1.2e-38); rescale the scan",
+       'constant': 'image is constant', 'outside_map': '[9]',
        'unlabelled': 'no label', 'broken_link': 'images/broken_link.nii.gz: a broken link (to ',
        'label_link_broken': 'labels/label_link_broken.nii.gz: a broken link (to '}
 

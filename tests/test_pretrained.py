@@ -61,8 +61,16 @@ def test_diverged_weights_are_neither_exported_nor_used(workdir, tmp_path):
   mngr = checkpoints.manager(diverged, keep=1, for_training=True)
   checkpoints.save(mngr, 7, dataclasses.replace(state, params=huge), config, {checkpoints.BEST_METRIC: 0.5})
   mngr.close()
-  with pytest.raises(CheckpointError, match=rf"^{diverged}: step 7's weights params\S+ reach \S+, beyond "
-                     r'the float16 a model file stores \(65504\): a diverged training; export an earlier'):
+  with pytest.raises(CheckpointError, match=rf"^{diverged}: step 7's params\S+ reach \S+, beyond the "
+                     r'float16 a model file stores \(65504\): a diverged training; export an earlier'):
+    pretrained.export(config, diverged, tmp_path / 'model.npz')
+  nan_statistics = jax.tree.map(lambda s: s * np.nan, state.batch_stats)
+  mngr = checkpoints.manager(diverged, keep=1, for_training=True)
+  checkpoints.save(mngr, 8, dataclasses.replace(state, batch_stats=nan_statistics), config,
+                   {checkpoints.BEST_METRIC: 0.5})
+  mngr.close()
+  with pytest.raises(CheckpointError, match=rf"^{diverged}: step 8's batch_stats\S+ hold NaN or infinite "
+                     r'values: a diverged training'):
     pretrained.export(config, diverged, tmp_path / 'model.npz')
   assert not (tmp_path / 'model.npz').exists()
   network = inference.Network(config, graphdef, dataclasses.replace(state, params=jax.tree.map(

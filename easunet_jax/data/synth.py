@@ -46,9 +46,10 @@ class Ranges:
 
 
 def _smooth_field(key: jax.Array, shape: tuple[int, int], coarse: int = 5) -> jax.Array:
-  """A smooth standard-normal-ish random field: a coarse grid upsampled bilinearly, its outer samples on the
-  slice's corner pixels (`jax.image.resize` holds the field flat beyond its outer sample centres, a tenth of
-  the slice at each edge: straight, axis-aligned region edges there)."""
+  """A smooth random field (standard deviation about 0.7): a coarse grid of standard normal samples
+  upsampled bilinearly, its outer samples on the slice's edge pixels (`jax.image.resize` holds the field
+  flat beyond its outer sample centres, half a coarse cell at each edge: straight, axis-aligned region edges
+  there)."""
   scale = (jnp.array(shape) - 1) / (coarse - 1)
   return jax.image.scale_and_translate(jax.random.normal(key, (coarse, coarse)), shape, (0, 1), scale,
                                        0.5 - 0.5 * scale, 'linear')

@@ -649,10 +649,13 @@ def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[n
     raise DataError(f'{source}: image values reach {peak:.3g}, beyond float32 (3.4e38); rescale the scan')
   if image.min() == image.max():
     raise DataError(f'{source}: image is constant ({image.flat[0]}), nothing to segment')
+  if peak < np.finfo(np.float32).tiny:  # float32 would hold them as zeros or imprecise subnormals
+    raise DataError(f'{source}: image values reach only {peak:.3g}, below float32\'s normal numbers (from '
+                    '1.2e-38); rescale the scan')
   image32 = image.astype(np.float32, copy=False)
-  if image32.min() == image32.max():  # float64 voxels below float32's smallest numbers
-    raise DataError(f'{source}: image values span {image.min():.3g} to {image.max():.3g}, which float32 '
-                    'cannot tell apart; rescale the scan')
+  if image32.min() == image32.max():  # values float32 rounds together: integers from 2**24 a unit apart
+    raise DataError(f'{source}: image values span {image.min():.9g} to {image.max():.9g}, which float32 '
+                    'rounds to one value; rescale the scan')
   image = image32
   return image, spacing
 
