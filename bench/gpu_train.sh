@@ -37,12 +37,17 @@ case "${1:-}" in
         .whl/*.whl
       export PYTHONPATH=/tmp/easunet_site:$PWD
     fi
-    # A missing package (no .whl carried) stops here, seconds into the lease rather than minutes; the
-    # versions and devices go on record.
-    python3 -c 'import sys, jax, flax, optax, grain, clu.metrics, ml_collections, nibabel, tensorboardX, pydicom
+    # The GPU or nothing: a CUDA plugin that fails to start would otherwise leave JAX on the CPU, training
+    # the lease away at a CPU's pace.
+    export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}  # JAX_PLATFORMS=cpu: a rehearsal on a CPU
+    # A missing package (no .whl carried) or no GPU stops here, seconds into the lease rather than minutes;
+    # the versions and devices go on record.
+    python3 -c 'import sys, jax, flax, optax, orbax.checkpoint, grain, clu.metrics, ml_collections, nibabel
+import tensorboardX, pydicom
 print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "optax",
-      optax.__version__, "grain", grain.__version__, jax.devices())' \
-      || { echo 'gpu_train: a package is missing: run `bash bench/gpu_train.sh wheels` here, carry .whl' >&2
+      optax.__version__, "orbax", orbax.checkpoint.__version__, "grain", grain.__version__, jax.devices())' \
+      || { echo 'gpu_train: a package is missing (run `bash bench/gpu_train.sh wheels` here, carry .whl) or' \
+                'JAX finds no GPU (the error above)' >&2
            exit 1; }
     every=${GPU_TRAIN_EVAL_EVERY:-2000}
     flags=(--config=configs/eas.py:knee --workdir="$RUN" "--config.data.phantom_num=${GPU_TRAIN_PHANTOMS:-96}"
@@ -53,12 +58,13 @@ print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__v
            "--config.train.eval_every_steps=$every" "--config.checkpoint.every_steps=$every"
            --config.log.every_steps=100 "$@")
     set +e
-    PYTHONUNBUFFERED=1 timeout -s TERM -k 60 "${GPU_TRAIN_S:-420}" python3 main.py "${flags[@]}" 2>&1 \
+    PYTHONUNBUFFERED=1 timeout -s TERM -k 60 "${GPU_TRAIN_S:-360}" python3 main.py "${flags[@]}" 2>&1 \
       | tee "$OUT/train.log"
     set -e
+    # First: a run stopped before its first checkpoint has no model to export, but its log rows.
+    cp "$RUN/metrics.jsonl" "$OUT/" 2>/dev/null || echo 'gpu_train: no metrics.jsonl (stopped before step 1)'
     python3 main.py "${flags[@]}" --mode=export --config.eval.checkpoint=latest --output="$OUT/eas_knee.npz" \
       2>&1 | tail -n 3
-    cp "$RUN/metrics.jsonl" "$OUT/"
     ;;
   *)
     echo "usage: bash bench/gpu_train.sh wheels | train [--config.<field>=<value> ...]" >&2

@@ -72,8 +72,10 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise
     exit_with(ConfigError(f'--config: {str(e).strip().splitlines()[-1]}'))
   except flags.UnrecognizedFlagError as e:
-    if verbose or not e.flagname.startswith('config.'):
+    if verbose:
       raise
+    if not e.flagname.startswith('config.'):  # absl's message names the flag and the ones it is close to
+      exit_with(ConfigError(str(e)))
     # absl knows no --config.<field> without --config: 'Unknown command line flag' would not say why. The
     # flags absl knows are set all the same: a model file of the user's own needs its training's config.
     weights = flags.FLAGS['weights'].value if 'weights' in flags.FLAGS else None

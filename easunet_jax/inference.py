@@ -158,12 +158,13 @@ def class_probabilities(network: Network, image: np.ndarray,
       probs.append(network(slices[first:first + network.batch_size]))
       progress.update(progress.done + len(probs[-1]))
       if name and progress.due(EVERY_S):
-        logging.info('%s', progress.status(f'{name}: slices segmented'))
+        logging.info('%s', progress.status(f'{name}: slices segmented{grids}'))
     return _resize(np.concatenate(probs)[crop], original, [-o for o in offset])
 
   offsets = list(itertools.product(*[(0.0, 0.5) if subpixel_tta and m < n else (0.0,)
                                      for n, m in zip(original, size)]))
   progress = Progress(len(offsets) * len(image))
+  grids = f' ({len(offsets)} sampling grids each)' if len(offsets) > 1 else ''  # counted in the progress
   mean = sum(probabilities(offset) for offset in offsets) / len(offsets)
   if slice_sigma_mm > 0:
     mean = ndimage.gaussian_filter1d(mean, slice_sigma_mm / spacing[0], axis=0, mode='nearest')

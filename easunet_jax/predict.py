@@ -682,8 +682,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     if target in kept:
       continue
     progress.update()
-    logging.info('%s: %s in %.1f s (forward passes %.1f s, compilation %.1f s)', progress.status('predict'),
-                 source.name, result['seconds'], result['forward_s'], result['compile_s'])
+    # The scan's time leaves out the network's compilation (the first scan of a slice size), said apart.
+    compiling = f', plus {result["compile_s"]:.1f} s compiling' if result['compile_s'] >= 0.05 else ''
+    logging.info('%s: %s in %.1f s (forward passes %.1f s)%s', progress.status('predict'), source.name,
+                 result['seconds'], result['forward_s'], compiling)
   results = list(done.values())
   if results:
     reported = write_reports()  # a single scan's; a batch's also when every scan was kept
@@ -834,7 +836,7 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
   if unscored:
     result['unscored'] = unscored
   fc_text, tc_text = (f"{table[plate]['volume_mm3']:.0f} mm^3, mean thickness "
-                      f"{reports.number(table[plate]['thickness_mean_mm'], '.2f')} mm"
+                      f"{reports.number(table[plate]['thickness_mean_mm'], '.2f', ' mm')}"
                       for plate in ('fc', 'tc'))
   print(f"{source.name}: {result['laterality_text']}; FC {fc_text}; TC {tc_text} -> {target}", flush=True)
   return result

@@ -15,9 +15,10 @@ SIDES = {'R': 'right', 'L': 'left'}
 AS_THE_HEADER = 'as the header'  # a result's orientation where the check kept the header's
 
 
-def number(value: float, spec: str) -> str:
-  """`value` formatted by `spec`; n/a where undefined (NaN: a plate empty in the labels or the mask)."""
-  return 'n/a' if np.isnan(value) else format(value, spec)
+def number(value: float, spec: str, unit: str = '') -> str:
+  """`value` formatted by `spec`, then `unit`; n/a where undefined (NaN: a plate empty in the labels or the
+  mask)."""
+  return 'n/a' if np.isnan(value) else format(value, spec) + unit
 
 
 def print_scores(source: pathlib.Path, result: dict) -> None:

@@ -353,4 +353,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   gc.collect()
   if stop:
     raise Stopped(stop)
+  logging.info('training finished at step %d: checkpoints in %s, the best by validation Dice at step %s; '
+               'score it on the test split with the same command and --mode=evaluate', num_steps,
+               mngr.directory, mngr.best_step())
   return state

@@ -202,6 +202,8 @@ BAD_FLAGS = {
     'labels to train': ('--labels=labels/', '--labels scores the masks of --mode=predict'),
     'predict flag to train': ('--series=1.2.3', '--series is for --mode=predict, not --mode=train'),
     'stray argument': ('labels/', "unexpected arguments ['labels/']: every argument is a flag"),
+    'mistyped flag': ('--save_probability', "Unknown command line flag 'save_probability'. Did you mean: "
+                                            'save_probabilities ?'),
     'element of a sequence': ('--config.model.features.0=3',
                               '--config.model.features.0: model.features is set whole, e.g. '
                               '--config.model.features="(32, 64, 128, 256, 512)"'),

@@ -830,7 +830,7 @@ def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, capsys, monkeypat
     [result] = predict.predict(_config(), workdir, canonical, tmp_path / 'mask.nii.gz')
     tc = result['regions']['tc']
     assert (tc['volume_mm3'] == 0 and np.isnan(tc['thickness_mean_mm'])) == bool(missing)
-    assert ('TC 0 mm^3, mean thickness n/a mm' in capsys.readouterr().out) == bool(missing)
+    assert ('TC 0 mm^3, mean thickness n/a ->' in capsys.readouterr().out) == bool(missing)
     assert [r.getMessage() for r in caplog.records if 'cartilage found' in r.getMessage()] == [
         f'{canonical}: no {plate} cartilage found: a field of view too small (sagittal slices of 67 x 68 mm, '
         "where a knee MRI's span 120-160 mm), a scan of another joint, or a header whose voxel sizes or axes "

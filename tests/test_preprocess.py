@@ -242,6 +242,35 @@ def _linked_copy(source, root):
   return root
 
 
+def test_a_case_skipped_on_its_voxels_neither_sizes_the_store_nor_is_warned_of(data_cfg, tmp_path, caplog):
+  """A case whose headers pass and whose voxels fail (a constant image) is skipped: the store's slices are
+  the size of the cases written (40 x 35 padded to 48 x 48), not of its larger ones, and its other pixel
+  size is no scale of the store to warn of."""
+  root = _linked_copy(data_cfg.root, tmp_path / 'data')
+  image, labels, affine = phantom.make_subject(9, (8, 150, 130), (7.0, 0.5, 0.5))
+  volumes.save_volume(root / 'images' / 'flat.nii.gz', np.full_like(image, 3.0), affine)
+  volumes.save_volume(root / 'labels' / 'flat.nii.gz', labels, affine)
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.root = str(root)
+  with caplog.at_level(logging.WARNING):
+    store = preprocess.ensure_slice_store(cfg, tmp_path / 'slices', seed=0, multiple=16)
+  assert 'case flat skipped' in caplog.text and 'in-plane pixels' not in caplog.text
+  for name in preprocess.SPLITS:
+    assert np.load(store / name / 'images.npy', mmap_mode='r').shape[1:] == (48, 48)
+    assert {tuple(map(tuple, row['pad'])) for row in json.loads((store / name / 'index.json').read_text())
+            } == {((4, 4), (6, 7))}
+
+
+def test_the_phantom_in_use_is_said_once(tmp_path, caplog):
+  """A run resolves its data root in several places (store, split file, evaluation): one line says that
+  the phantom stands in for data.root."""
+  cfg = default.get_config().data
+  cfg.update(phantom_num=2, phantom_shape=(4, 24, 24), phantom_dir=str(tmp_path / 'phantom'))
+  with caplog.at_level(logging.INFO):
+    roots = {preprocess.resolve_data_root(cfg, tmp_path / 'run', seed=0) for _ in range(3)}
+  assert roots == {tmp_path / 'phantom'} and caplog.text.count('data.root is unset') == 1
+
+
 def test_split_file_and_its_errors(data_cfg, tmp_path):
   cfg = data_cfg.copy_and_resolve_references()
   cfg.split_file = str(tmp_path / 'splits.json')

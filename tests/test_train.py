@@ -520,8 +520,14 @@ def test_a_class_no_validation_case_holds_is_warned_of(tmp_path, caplog):
   labels = np.load(store / 'val' / 'labels.npy', mmap_mode='r+')
   labels[labels == 1] = 0
   labels.flush()
-  caplog.set_level(logging.WARNING)
+  caplog.set_level(logging.INFO)
   train.train_and_evaluate(config, tmp_path / 'run')
+  # The run ends on a line that says where its checkpoints are and what to run next.
+  folder = (tmp_path / 'run' / 'checkpoints').absolute()
+  [done] = [r.getMessage() for r in caplog.records if r.getMessage().startswith('training finished')]
+  assert re.fullmatch(
+      re.escape(f'training finished at step 4: checkpoints in {folder}, the best by validation Dice at step ')
+      + '[34]' + re.escape('; score it on the test split with the same command and --mode=evaluate'), done)
   warning = ("no validation case's labels hold FC: its validation Dice will be 1 wherever the model marks "
              'none of it, and tell nothing; check data.label_map')
   assert caplog.text.count(warning) == 1 and 'hold TC' not in caplog.text

@@ -49,6 +49,12 @@ _PARALLEL_MIN_VOXELS = 2 ** 27
 _PIXEL_SPREAD = 1.1
 
 
+@functools.cache  # once per process and phantom: a run resolves its data root in several places
+def _say_the_phantom_is_used(anatomy: str, num: int, out: pathlib.Path) -> None:
+  logging.info('data.root is unset: using the built-in %s phantom (%d subjects in %s); for OAI-ZIB pass '
+               '--config.data.root=/path/to/OAI-ZIB', anatomy, num, out)
+
+
 def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, seed: int
                       ) -> pathlib.Path:
   """data_cfg.root, or the built-in phantom (generated once into phantom_dir) when root is ''."""
@@ -71,8 +77,7 @@ def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathli
   name += '_' + 'x'.join(str(int(n)) for n in data_cfg.phantom_shape)
   default_dir = pathlib.Path(workdir).parent / name
   out = pathlib.Path(data_cfg.phantom_dir or default_dir)
-  logging.info('data.root is unset: using the built-in %s phantom (%d subjects in %s); for OAI-ZIB pass '
-               '--config.data.root=/path/to/OAI-ZIB', data_cfg.phantom_anatomy, data_cfg.phantom_num, out)
+  _say_the_phantom_is_used(data_cfg.phantom_anatomy, data_cfg.phantom_num, out)
   made_by = {'anatomy': data_cfg.phantom_anatomy} | ({
       'oa_fraction': data_cfg.phantom_oa_fraction, 'elastic_mm': data_cfg.phantom_elastic_mm}
       if data_cfg.phantom_anatomy == 'reference' else {})
@@ -250,11 +255,11 @@ def _skip(skipped: dict[str, str], case_id: str, error: DataError) -> None:
 
 
 def _case_slices(case: volumes.Case, label_map: Sequence[Sequence[int]], synth_tissues: bool,
-                 keep_empty: bool, with_images: bool, size: tuple[int, int], out: pathlib.Path
-                 ) -> list[dict] | DataError:
-  """Writes one case's slices as <id>.<kind>.tmp.npy files into `out` and returns their index entries, or
-  the DataError that skips the case (returned, not raised: a worker process's other cases go on). Without
-  `with_images` (data.synth's training split) its image is neither read nor synthesised."""
+                 keep_empty: bool, with_images: bool, out: pathlib.Path) -> list[dict] | DataError:
+  """Writes one case's slices, unpadded, as <id>.<kind>.tmp.npy files into `out` and returns their index
+  entries (their 'pad' left to `_write_splits`), or the DataError that skips the case (returned, not raised:
+  a worker process's other cases go on). Without `with_images` (data.synth's training split) its image is
+  neither read nor synthesised."""
   try:
     if case.image is None or not with_images:
       source, spacing = volumes.load_labels(case, label_map)
@@ -269,14 +274,14 @@ def _case_slices(case: volumes.Case, label_map: Sequence[Sequence[int]], synth_t
     return e
   cartilage = labels.reshape(len(labels), -1).any(axis=1)
   rows = np.arange(len(labels)) if keep_empty else np.flatnonzero(cartilage)
-  pad = [centred_padding(n, target) for n, target in zip(labels.shape[1:], size)]
   if with_images:
-    np.save(out / f'{case.id}.images.tmp.npy', np.pad(normalise(image)[rows], [(0, 0), *pad]))
-  np.save(out / f'{case.id}.labels.tmp.npy', np.pad(labels[rows], [(0, 0), *pad]))
+    np.save(out / f'{case.id}.images.tmp.npy', normalise(image)[rows])
+  np.save(out / f'{case.id}.labels.tmp.npy', labels[rows])
   if tissue is not None:
-    np.save(out / f'{case.id}.tissues.tmp.npy', np.pad(tissue[rows], [(0, 0), *pad]))
+    np.save(out / f'{case.id}.tissues.tmp.npy', tissue[rows])
   return [{'case': case.id, 'slice': int(r), 'spacing': [spacing[1], spacing[2]],
-           'sagittal_spacing': spacing[0], 'cartilage': bool(cartilage[r]), 'pad': pad} for r in rows]
+           'sagittal_spacing': spacing[0], 'cartilage': bool(cartilage[r]), 'shape': labels.shape[1:]}
+          for r in rows]
 
 
 def _jax_on_cpu() -> None:
@@ -291,11 +296,12 @@ def _kinds(split: str, data_cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]],
-                  data_cfg: ml_collections.ConfigDict, size: tuple[int, int], skipped: dict[str, str],
+                  data_cfg: ml_collections.ConfigDict, multiple: int, skipped: dict[str, str],
                   workers: int) -> dict[str, list[str]]:
-  """Each split's slices under store/<split>/, every case's in one of `workers` processes (`_case_slices`);
-  returns the ids written per split. A case failing its checks is skipped whole: per-case temporary files
-  are written only after its checks pass, and give the row count before the memmap."""
+  """Each split's slices under store/<split>/, every case's in one of `workers` processes (`_case_slices`),
+  centred in one slice size for all splits, a multiple of `multiple`, of the cases written (not of those
+  skipped); returns the ids written per split. A case failing its checks is skipped whole: per-case
+  temporary files are written only after its checks pass, and give the row count before the memmap."""
   jobs, parts, index, kinds = [], {}, {}, {}
   label_map = tuple(map(tuple, data_cfg.label_map))
   for name, cases in split_cases.items():
@@ -303,7 +309,7 @@ def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]
     keep_empty = name != 'train' or data_cfg.train_slices == 'all'
     kinds[name] = _kinds(name, data_cfg)
     with_images = 'images' in kinds[name]
-    jobs += [(name, (case, label_map, data_cfg.synth, keep_empty, with_images, size, store / name))
+    jobs += [(name, (case, label_map, data_cfg.synth, keep_empty, with_images, store / name))
              for case in cases]
     parts[name], index[name] = [], []
   progress = Progress(len(jobs))
@@ -316,8 +322,12 @@ def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]
     parts[name].append(case.id)
     index[name] += rows
     _case_done(progress, f'{case.id}: {len(rows)} slices')
+  shapes = [row.pop('shape') for rows in index.values() for row in rows]
+  size = tuple(padded_size(max(n), multiple) for n in zip(*shapes)) if shapes else (multiple, multiple)
+  for row, shape in zip((row for rows in index.values() for row in rows), shapes):
+    row['pad'] = [centred_padding(n, target) for n, target in zip(shape, size)]
   for name in split_cases:
-    _gather(store / name, parts[name], len(index[name]), kinds[name], size)
+    _gather(store / name, parts[name], index[name], kinds[name], size)
     (store / name / 'index.json').write_text(json.dumps(index[name]))
   return parts
 
@@ -336,22 +346,24 @@ def _reserve(path: pathlib.Path) -> None:
         raise
 
 
-def _gather(out: pathlib.Path, parts: Sequence[str], num_rows: int, kinds: Sequence[str],
+def _gather(out: pathlib.Path, parts: Sequence[str], rows: Sequence[dict], kinds: Sequence[str],
             size: tuple[int, int]) -> None:
   """The split's per-case temporary files, in `parts` order, into one .npy file per kind ('images',
-  'labels', 'tissues')."""
+  'labels', 'tissues') of slices of `size`, each case's at its rows' 'pad' (the rest zero)."""
   for kind in kinds:
     dtype = np.float16 if kind == 'images' else np.uint8
-    if not num_rows:  # an empty split: np.memmap cannot map zero bytes
+    if not rows:  # an empty split: np.memmap cannot map zero bytes
       np.save(out / f'{kind}.npy', np.zeros((0, *size), dtype))
       continue
-    array = np.lib.format.open_memmap(out / f'{kind}.npy', mode='w+', dtype=dtype, shape=(num_rows, *size))
+    # A new file's bytes are zeros: the padding.
+    array = np.lib.format.open_memmap(out / f'{kind}.npy', mode='w+', dtype=dtype, shape=(len(rows), *size))
     _reserve(out / f'{kind}.npy')
     start = 0
     for case_id in parts:
       tmp = out / f'{case_id}.{kind}.tmp.npy'
       part = np.load(tmp, mmap_mode='r')
-      array[start:start + len(part)] = part
+      (top, _), (left, _) = rows[start]['pad']
+      array[start:start + len(part), top:top + part.shape[1], left:left + part.shape[2]] = part
       start += len(part)
       del part
       tmp.unlink()
@@ -473,9 +485,6 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
   shapes, affines, stored = zip(*((*volumes.canonical_grid(nii), nii.affine)
                                   for nii in map(volumes.open_volume, (c.image or c.label for c in usable))))
   shapes = np.array(shapes)
-  size = tuple(padded_size(int(n), multiple) for n in shapes[:, 1:].max(axis=0))
-  # The store keeps each scan's pixel (no resampling), and a model learns one scale: say where they differ.
-  pixels = np.array([nib.affines.voxel_sizes(affine)[1:] for affine in affines])
   # What a conversion that lost the geometry writes: the slices are taken along the first stored axis as
   # left-right, which only a sagittal scan stored slice first makes sagittal.
   if lost := [c.id for c, affine in zip(usable, stored) if np.array_equal(affine[:3, :3], np.eye(3))]:
@@ -483,13 +492,6 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
                     'axes as stored, as a conversion that lost the geometry writes it): %s; they are sliced '
                     'along their first axis as sagittal, at 1 mm', len(lost),
                     ', '.join(lost[:5]) + (', ...' if len(lost) > 5 else ''))
-  # Per axis, scan against scan: one pixel that is not square is one scale.
-  if np.any(pixels.max(axis=0) > _PIXEL_SPREAD * pixels.min(axis=0)):
-    logging.warning('the scans of %s have in-plane pixels from %s to %s mm, which the store keeps as '
-                    'they are: the network learns slices at several scales and predict resamples to their '
-                    'median; resample the scans to one pixel size for one scale', data_cfg.root,
-                    *(' x '.join(f'{size:.3g}' for size in sizes) for sizes in (pixels.min(axis=0),
-                                                                                 pixels.max(axis=0))))
   by_id = {c.id: c for c in usable}
   # Build beside the target and rename at the end, so a crash or a skip never leaves a half-written store.
   tmp, aside = (cache_dir.with_name(atomic.mark(f'{cache_dir.name}.') + kind) for kind in ('build', 'old'))
@@ -502,8 +504,8 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
     # Cases in parallel where there is much to do. At most 8 processes (nnU-Net's default), each holding
     # one volume and its transforms (~2 GB at OAI-ZIB's size).
     workers = min(cpus(), 8) if shapes.prod(axis=1).sum() >= _PARALLEL_MIN_VOXELS else 1
-    written = _write_splits(tmp, {name: [by_id[i] for i in splits[name]] for name in SPLITS}, data_cfg, size,
-                            skipped, workers)
+    written = _write_splits(tmp, {name: [by_id[i] for i in splits[name]] for name in SPLITS}, data_cfg,
+                            multiple, skipped, workers)
     if any(written.values()) and not data_cfg.split_file and (
         emptied := [name for name in SPLITS if splits[name] and not written[name]]):
       # The checks that read the voxels (label values, a truncated file) skipped every case of a split that
@@ -514,11 +516,22 @@ def ensure_slice_store(data_cfg: ml_collections.ConfigDict, cache_dir: str | pat
       shutil.rmtree(tmp)
       tmp.mkdir()
       written = _write_splits(tmp, {name: [by_id[i] for i in cases] for name, cases in
-                                    split_cases(ids, data_cfg.split, seed).items()}, data_cfg, size, skipped,
-                              workers)
+                                    split_cases(ids, data_cfg.split, seed).items()}, data_cfg, multiple,
+                              skipped, workers)
     splits = written
     if not any(splits.values()):
       raise _no_usable_case(data_cfg.root, len(cases))
+    # The store keeps each scan's pixel (no resampling), and a model learns one scale: say where the cases
+    # written differ, per axis, scan against scan (one pixel that is not square is one scale).
+    kept = {i for ids in splits.values() for i in ids}
+    pixels = np.array([nib.affines.voxel_sizes(affine)[1:] for c, affine in zip(usable, affines)
+                       if c.id in kept])
+    if np.any(pixels.max(axis=0) > _PIXEL_SPREAD * pixels.min(axis=0)):
+      logging.warning('the scans of %s have in-plane pixels from %s to %s mm, which the store keeps as '
+                      'they are: the network learns slices at several scales and predict resamples to their '
+                      'median; resample the scans to one pixel size for one scale', data_cfg.root,
+                      *(' x '.join(f'{size:.3g}' for size in sizes) for sizes in (pixels.min(axis=0),
+                                                                                   pixels.max(axis=0))))
     if check_splits:
       check_splits(splits, old.get('sources') == fingerprint['sources'])
     (tmp / 'splits.json').write_text(json.dumps(splits, indent=1))

@@ -1,6 +1,6 @@
 """`python -m easunet_jax.models --config=configs/eas.py`: the parameter overview of a config's network."""
 
-from absl import app
+from absl import app, logging
 from clu import parameter_overview
 from flax import nnx
 from ml_collections import config_flags
@@ -18,6 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.',
 
 def main(argv):
   del argv  # config_check.parse_flags refused any argument that is not a flag
+  logging.set_verbosity(logging.WARNING)  # JAX's INFO lines (its TPU probe) say nothing of the network
   if _CONFIG.value is None:
     exit_with(ConfigError('--config is needed, e.g. --config=configs/eas.py'))
   try:
