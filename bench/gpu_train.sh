@@ -40,15 +40,19 @@ case "${1:-}" in
     # The GPU or nothing: a CUDA plugin that fails to start would otherwise leave JAX on the CPU, training
     # the lease away at a CPU's pace.
     export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}  # JAX_PLATFORMS=cpu: a rehearsal on a CPU
-    # A missing package (no .whl carried) or no GPU stops here, seconds into the lease rather than minutes;
-    # the versions and devices go on record.
-    python3 -c 'import sys, jax, flax, optax, orbax.checkpoint, grain, clu.metrics, ml_collections, nibabel
-import tensorboardX, pydicom
+    # A missing package (no .whl carried) or no GPU stops here, seconds into the lease rather than minutes,
+    # in one line; the versions and devices go on record.
+    python3 -c 'import sys
+try:
+  import jax, flax, optax, orbax.checkpoint, grain, clu.metrics, ml_collections, nibabel, tensorboardX, pydicom
+except ImportError as e:
+  sys.exit(f"gpu_train: {e}: run `bash bench/gpu_train.sh wheels` here and carry .whl")
+try:
+  devices = jax.devices()
+except Exception as e:
+  sys.exit(f"gpu_train: JAX finds no {jax.config.jax_platforms} device ({e!r})")
 print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "optax",
-      optax.__version__, "orbax", orbax.checkpoint.__version__, "grain", grain.__version__, jax.devices())' \
-      || { echo 'gpu_train: a package is missing (run `bash bench/gpu_train.sh wheels` here, carry .whl) or' \
-                'JAX finds no GPU (the error above)' >&2
-           exit 1; }
+      optax.__version__, "orbax", orbax.checkpoint.__version__, "grain", grain.__version__, devices)'
     every=${GPU_TRAIN_EVAL_EVERY:-2000}
     flags=(--config=configs/eas.py:knee --workdir="$RUN" "--config.data.phantom_num=${GPU_TRAIN_PHANTOMS:-96}"
            "--config.train.num_steps=${GPU_TRAIN_STEPS:-12000}" "--config.train.batch_size=${GPU_TRAIN_BATCH:-16}"

@@ -105,7 +105,7 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path], model
     for region, row in r['regions'].items():
       cells = [f'{row["volume_mm3"]:.0f}', *(number(row[f'thickness_{name}_mm'], '.2f')
                                              for name in ('mean', 'median', 'p95', 'max')),
-               number(row['area_mm2'], '.0f'), f'{number(100 * row["thin_fraction"], ".1f")} %']
+               number(row['area_mm2'], '.0f'), number(100 * row['thin_fraction'], '.1f', ' %')]
       lines.append(f'| {region} | ' + ' | '.join(cells) + ' |')
     png, slices = pathlib.Path(r['thickness_png']), pathlib.Path(r['slices_png'])
     lines += ['', _image_link(f'thickness map of {png.name}', png.relative_to(markdown_path.parent)), '',

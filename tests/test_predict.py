@@ -88,14 +88,20 @@ def test_both_knees_in_view_are_warned_of_and_get_no_compartments(run, tmp_path,
   assert 'no gap between medial and lateral' not in caplog.text
 
 
-def test_a_second_call_of_the_same_model_compiles_nothing(run, tmp_path, monkeypatch):
+def test_a_second_call_of_the_same_model_compiles_nothing(run, tmp_path, monkeypatch, caplog):
   """A notebook's loop over predict.predict: the network compiled for a slice shape by one call is the next
-  call's (the same masks), until _PROGRAMS_KEPT other programs have been compiled since."""
+  call's (the same masks), until _PROGRAMS_KEPT other programs have been compiled since. The scan's timing
+  line gives the compilation apart from the scan's time."""
   workdir, canonical, _ = run
   monkeypatch.setattr(inference, '_PROGRAMS', {})
-  [first] = predict.predict(_config(), workdir, canonical, tmp_path / 'first.nii.gz')
-  [again] = predict.predict(_config(), workdir, canonical, tmp_path / 'again.nii.gz')
+  with caplog.at_level(logging.INFO):
+    [first] = predict.predict(_config(), workdir, canonical, tmp_path / 'first.nii.gz')
+    [again] = predict.predict(_config(), workdir, canonical, tmp_path / 'again.nii.gz')
   assert first['compile_s'] > 0 and again['compile_s'] == 0
+  timing = [m for r in caplog.records if (m := r.getMessage()).startswith('predict 1/1')]
+  assert [re.sub(r'[\d.]+ s', 'X s', m.split(': ', 1)[1]) for m in timing] == [
+      f'{canonical.name} in X s (forward passes X s), plus X s compiling',
+      f'{canonical.name} in X s (forward passes X s)']
   np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / 'again.nii.gz').dataobj),
                                 np.asarray(nib.load(tmp_path / 'first.nii.gz').dataobj))
   monkeypatch.setattr(inference, '_PROGRAMS_KEPT', 1)
@@ -831,6 +837,9 @@ def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, capsys, monkeypat
     tc = result['regions']['tc']
     assert (tc['volume_mm3'] == 0 and np.isnan(tc['thickness_mean_mm'])) == bool(missing)
     assert ('TC 0 mm^3, mean thickness n/a ->' in capsys.readouterr().out) == bool(missing)
+    report = (tmp_path / 'mask_report.md').read_text()
+    assert ('| tc | 0 | n/a | n/a | n/a | n/a | n/a | n/a |' in report) == bool(missing)
+    assert 'n/a %' not in report
     assert [r.getMessage() for r in caplog.records if 'cartilage found' in r.getMessage()] == [
         f'{canonical}: no {plate} cartilage found: a field of view too small (sagittal slices of 67 x 68 mm, '
         "where a knee MRI's span 120-160 mm), a scan of another joint, or a header whose voxel sizes or axes "
@@ -1347,6 +1356,13 @@ def test_a_named_scan_logs_how_far_its_slices_are(monkeypatch, caplog):
   assert [re.sub(r' \(spent.*', '', r.getMessage()) for r in caplog.records] == [
       f'knee.nii.gz: slices segmented {n}/20' for n in (8, 16, 20)]
   assert 'ETA 00:00:00' in caplog.records[-1].getMessage()
+  caplog.clear()
+  with caplog.at_level(logging.INFO):  # pixels of 0.5 mm for a network of 1 mm ones: four grids counted
+    inference.class_probabilities(_Step(), image, (1.0, 0.5, 0.5), (1.0, 1.0), True, 0.0, 'knee.nii.gz')
+  lines = [r.getMessage() for r in caplog.records]
+  assert [re.sub(r' \(spent.*', '', m) for m in lines if m.startswith('knee')] == [
+      f'knee.nii.gz: slices segmented (4 sampling grids each) {20 * grid + n}/80'
+      for grid in range(4) for n in (8, 16, 20)]
 
 
 def test_slice_smoothing_fills_a_one_slice_gap_drops_a_one_slice_speck_and_keeps_the_plate_ends():

@@ -362,7 +362,7 @@ def _gather(out: pathlib.Path, parts: Sequence[str], rows: Sequence[dict], kinds
     for case_id in parts:
       tmp = out / f'{case_id}.{kind}.tmp.npy'
       part = np.load(tmp, mmap_mode='r')
-      (top, _), (left, _) = rows[start]['pad']
+      (top, _), (left, _) = rows[start]['pad']  # a case written has a row: a slice with cartilage at least
       array[start:start + len(part), top:top + part.shape[1], left:left + part.shape[2]] = part
       start += len(part)
       del part
