@@ -44,7 +44,8 @@ case "${1:-}" in
     # in one line; the versions and devices go on record.
     python3 -c 'import sys
 try:
-  import jax, flax, optax, orbax.checkpoint, grain, clu.metrics, ml_collections, nibabel, tensorboardX, pydicom
+  import jax, flax, optax, orbax.checkpoint, grain, clu.metrics, ml_collections
+  import nibabel, tensorboardX, pydicom
 except ImportError as e:
   sys.exit(f"gpu_train: {e}: run `bash bench/gpu_train.sh wheels` here and carry .whl")
 try:

@@ -26,7 +26,8 @@ class DataError(UserError):
 
 
 class CheckpointError(UserError):
-  """No checkpoint where one is needed, a corrupt one, or one trained with another model."""
+  """No checkpoint where one is needed, a corrupt one, one trained with another model, or one whose weights
+  diverged."""
 
 
 def one_line(error: BaseException) -> str:

@@ -37,22 +37,23 @@ PAPER_EAS_UNET = {'fc': {'dice': 90.37, 'precision': 91.69, 'recall': 90.27, 'hd
 def _predict_step(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef
                   ) -> tuple[jax.Array, jax.Array]:
   """The classes of a batch, and whether all the logits were finite."""
-  logits = steps.forward(state, image_BHW1, graphdef=graphdef)
-  return jnp.argmax(logits, axis=-1).astype(jnp.uint8), jnp.isfinite(logits).all()
+  logits, finite = steps.forward_checked(state, image_BHW1, graphdef=graphdef)
+  return jnp.argmax(logits, axis=-1).astype(jnp.uint8), finite
 
 
 def predict_volumes(predict: Callable, state: steps.TrainState, test: pipeline.Split, batch_size: int,
                     data_sharding: NamedSharding) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
   """(store rows, predicted classes, label classes) of each volume of the split `test` in store order, the
   slices cropped to the source's in-plane size and stacked into (slices, H, W); one volume is held at a
-  time."""
+  time. `predict` (`_predict_step` jitted) gives a batch's classes and whether its logits were finite; a
+  batch whose logits were not is a CheckpointError (diverged weights)."""
   rows = test.index
   done, case_rows, case_pred, case_label = 0, [], [], []
   for batch in pipeline.eval_batches(test, batch_size):
     image = pipeline.put_on_mesh({'image': batch['image']}, data_sharding)['image']
     pred_BHW, finite = jax.device_get(predict(state, image))
     if not finite:  # argmax would make them background, scored as a model that found no cartilage
-      raise CheckpointError(f'the network outputs NaN or infinite values on the slices of case '
+      raise CheckpointError(f'{steps.NOT_FINITE} on the slices of case '
                             f'{rows[done]["case"]}: its weights diverged in training; evaluate an earlier '
                             'checkpoint (eval.checkpoint=<step>)')
     for pred_HW, label_HW in zip(pred_BHW[batch['mask']], batch['label'][batch['mask']]):
@@ -237,9 +238,8 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
   progress = Progress(len(dict.fromkeys(row['case'] for row in rows)))
   scores = {'per_case': [], 'slices': {n: [] for n in CLASSES}, 'spacing_mm': {}, 'samples': [],
             'morphometry': []}
-  labelled = set()  # the classes some test case's labels hold
+  pipeline.warn_of_absent_classes(test, 'test')
   for case_rows, pred, label in predict_volumes(predict, state, test, batch_size, data_sharding):
-    labelled |= {name for name, k in CLASSES.items() if (label == k).any()}
     case = rows[case_rows[0]]['case']
     if config.eval.largest_component:
       pred = keep_largest_component(pred, config.model.num_classes)
@@ -257,9 +257,6 @@ def score_test_set(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, st
     progress.update()
     logging.info('%s: %s Dice FC %.2f %% TC %.2f %%', progress.status('evaluate'), case,
                  per_volume['fc']['dice'], per_volume['tc']['dice'])
-  for name in [n for n in CLASSES if n not in labelled]:
-    logging.warning("no test case's labels hold %s: its scores (100 where the model marks none of it) tell "
-                    'nothing; check data.label_map', name.upper())
   return scores
 
 

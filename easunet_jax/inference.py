@@ -39,8 +39,8 @@ def _probabilities(state: steps.TrainState, image_BHW1: jax.Array, *, graphdef: 
   head-foot flip makes the femur a tibia, and a model trained without flips segments flipped knees badly
   (flip TTA cut the 6000-step shipped model's 3D Dice on the DESS-like transfer set from 75 / 77 to 53 / 13,
   FC / TC)."""
-  logits = steps.forward(state, image_BHW1, graphdef=graphdef)
-  return jax.nn.softmax(logits, axis=-1), jnp.isfinite(logits).all()
+  logits, finite = steps.forward_checked(state, image_BHW1, graphdef=graphdef)
+  return jax.nn.softmax(logits, axis=-1), finite
 
 
 @functools.partial(jax.jit, static_argnames='axis')
@@ -92,7 +92,8 @@ class Network:
     return digest.hexdigest()
 
   def __call__(self, image_SHW: np.ndarray) -> np.ndarray:
-    """Class probabilities (S, H, W, K) of slices whose H and W are multiples of the network's stride."""
+    """Class probabilities (S, H, W, K) of slices whose H and W are multiples of the network's stride; a
+    CheckpointError where the network's outputs are not finite (`steps.NOT_FINITE`)."""
     shape = (self.batch_size, *image_SHW.shape[1:], 1)
     key = (*self._program_key, shape)
     program = _PROGRAMS.pop(key, None)
@@ -116,8 +117,8 @@ class Network:
       probs, finite = jax.block_until_ready(program(self.state, batch))
       self.forward_s += time.perf_counter() - start
       if not finite:  # else empty masks, as of a scan without cartilage
-        raise CheckpointError('the network outputs NaN or infinite values: its weights diverged in training '
-                              '(or the model file is damaged); use an earlier checkpoint or another model')
+        raise CheckpointError(f'{steps.NOT_FINITE}: its weights diverged in training (or the model file is '
+                              'damaged); use an earlier checkpoint or another model')
       out.append(np.asarray(probs)[:len(chunk)])
     return np.concatenate(out)
 

@@ -682,7 +682,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
     if target in kept:
       continue
     progress.update()
-    # The scan's time leaves out the network's compilation (the first scan of a slice size), said apart.
+    # The scan's time leaves out the network's compilation (the first scan of a slice size), said apart
+    # where it took a tenth of a second as printed.
     compiling = f', plus {result["compile_s"]:.1f} s compiling' if result['compile_s'] >= 0.05 else ''
     logging.info('%s: %s in %.1f s (forward passes %.1f s)%s', progress.status('predict'), source.name,
                  result['seconds'], result['forward_s'], compiling)

@@ -34,7 +34,8 @@ def _named_leaves(tree) -> dict[str, jax.Array]:
 def export(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, output: str | pathlib.Path
            ) -> dict:
   """Writes the checkpoint eval.checkpoint names in `workdir` to `output` (.npz), whole or not at all;
-  returns its metadata: the step, the config and the in-plane pixel size it was trained at.
+  returns its metadata: the step, the config and the in-plane pixel size it was trained at. A checkpoint of
+  diverged weights (not finite, or parameters beyond the file's float16) is a CheckpointError.
 
   The config stored is the one the workdir's latest training ran with (its `runs.jsonl`), so that a file
   exported under a shorter --config still scores --labels by the label map it learnt; `config` gives its

@@ -206,6 +206,18 @@ def forward(state: TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef)
   return nnx.merge(graphdef, state.params, state.batch_stats)(image_BHW1)
 
 
+# The start of the errors of a network whose outputs are not finite: diverged weights give NaN logits,
+# whose argmax is background, so that masks would be empty as of scans without cartilage.
+NOT_FINITE = 'the network outputs NaN or infinite values'
+
+
+def forward_checked(state: TrainState, image_BHW1: jax.Array, *, graphdef: nnx.GraphDef
+                    ) -> tuple[jax.Array, jax.Array]:
+  """`forward`'s logits, and whether all of them are finite (`NOT_FINITE`)."""
+  logits = forward(state, image_BHW1, graphdef=graphdef)
+  return logits, jnp.isfinite(logits).all()
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
               num_classes: int) -> dict[str, jax.Array]:
   """Per-sample confusion counts (B, K-1, 3) = (TP, FP, FN) of each foreground class, and the loss's sums

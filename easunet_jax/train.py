@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 
 from configs import default
 from easunet_jax import atomic, checkpoints, losses, metrics, parallel, pretrained, records, steps
-from easunet_jax.data import pipeline, preprocess, volumes
+from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 from easunet_jax.metric_writer import MetricWriter
 from easunet_jax.progress import EVERY_S, Progress
@@ -150,14 +150,7 @@ def _compile_and_size(train_step: Callable, state: steps.TrainState, batch: dict
                     'train.batch_size (now %d)', need / 1e9, where, free / 1e9, len(batch['label']))
 
 
-def _classes_held(labels_NHW: np.ndarray) -> set[int]:
-  """The values of a split's label slices, counted a few slices at a time: a study's split is gigabytes."""
-  counts = sum(np.bincount(labels_NHW[first:first + 64].ravel(), minlength=256)
-               for first in range(0, len(labels_NHW), 64))
-  return set(np.flatnonzero(counts).tolist())
-
-
-def _diverged(mngr: ocp.CheckpointManager) -> str:
+def _divergence_advice(mngr: ocp.CheckpointManager) -> str:
   """The end of the errors that stop a diverged run: its newest checkpoint and what to do."""
   last = mngr.latest_step()
   if not last:
@@ -221,9 +214,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
     if not slices:  # validation picks the best checkpoint, and would fail only at its first round
       raise DataError(f'{store_dir}: no {split} slices (data.split or data.split_file gives that split no '
                       'case, or its cases were skipped)')
-  for name in [n for n, k in volumes.CLASSES.items() if k not in _classes_held(val_split.labels)]:
-    logging.warning("no validation case's labels hold %s: its validation Dice will be 1 wherever the model "
-                    'marks none of it, and tell nothing; check data.label_map', name.upper())
+  pipeline.warn_of_absent_classes(val_split, 'validation')
   # A batch larger than the training set would hold its slices several times over.
   if train_slices < batch_size:
     raise DataError(f'{train_slices} training slices give no full batch of train.batch_size {batch_size}')
@@ -306,7 +297,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
         raise UserError(
             f'non-finite loss or gradients at step {summary["first_nonfinite_step"]} (found at step '
             f'{step}); stopped without saving (train.nan_policy=stop; train.nan_policy=skip skips such '
-            f'steps), {_diverged(mngr)}')
+            f'steps), {_divergence_advice(mngr)}')
       if is_log:
         progress.update(step)
         # A period whose steps were all skipped has no loss to average: its row leaves the losses out.
@@ -325,7 +316,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
         if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
           raise UserError(
               f'the last {skipped_in_a_row} steps (to step {step}) were all skipped for a non-finite loss or '
-              f'gradients (train.nan_policy=skip): the model no longer trains; {_diverged(mngr)}')
+              f'gradients (train.nan_policy=skip): the model no longer trains; {_divergence_advice(mngr)}')
         accumulated, last_log_step = None, step
       if is_save:
         with progress.paused():  # train/steps_per_s is of the training steps alone
@@ -335,7 +326,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
             # mend weights whose outputs are no longer finite
             raise UserError(f'the validation loss at step {step} is not finite: the network\'s outputs on '
                             f'the validation slices are NaN or infinite; stopped without saving, '
-                            f'{_diverged(mngr)}')
+                            f'{_divergence_advice(mngr)}')
           if val:
             writer.write_scalars(step, val)
             logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],

@@ -228,8 +228,8 @@ def test_a_class_no_test_case_holds_is_warned_of(trained_tiny, caplog):
   assert 'labels hold' not in caplog.text
   without_tc = test._replace(labels=np.where(test.labels == 2, 0, test.labels))
   evaluate.score_test_set(config, graphdef, state, without_tc, mesh)
-  assert ("no test case's labels hold TC: its scores (100 where the model marks none of it) tell nothing; "
-          'check data.label_map') in caplog.text and 'hold FC' not in caplog.text
+  assert ("no test case's labels hold TC: its Dice is 1 (100 %) wherever the model marks none of it, and "
+          'tells nothing; check data.label_map') in caplog.text and 'hold FC' not in caplog.text
 
 
 def _one_line_error(error_type, config, workdir, match):

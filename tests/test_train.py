@@ -511,9 +511,9 @@ def test_nan_policy_skip_stops_when_every_step_is_skipped(tmp_path, monkeypatch)
     train.train_and_evaluate(config, tmp_path / 'run')
 
 
-def test_a_class_no_validation_case_holds_is_warned_of(tmp_path, caplog):
+def test_a_class_no_validation_case_holds_is_warned_of_and_the_run_ends_saying_where_it_is(tmp_path, caplog):
   """Validation labels without femoral cartilage (a wrong data.label_map) give FC Dice 1 wherever the model
-  marks none: warned of once, as training starts."""
+  marks none: warned of once, as training starts. The run's last line names its checkpoints."""
   config = _nan_config(tmp_path / 'phantom')
   config.train.num_steps = 4
   store = preprocess.prepare_data(config, tmp_path / 'run')
@@ -528,8 +528,8 @@ def test_a_class_no_validation_case_holds_is_warned_of(tmp_path, caplog):
   assert re.fullmatch(
       re.escape(f'training finished at step 4: checkpoints in {folder}, the best by validation Dice at step ')
       + '[34]' + re.escape('; score it on the test split with the same command and --mode=evaluate'), done)
-  warning = ("no validation case's labels hold FC: its validation Dice will be 1 wherever the model marks "
-             'none of it, and tell nothing; check data.label_map')
+  warning = ("no validation case's labels hold FC: its Dice is 1 (100 %) wherever the model marks none of "
+             'it, and tells nothing; check data.label_map')
   assert caplog.text.count(warning) == 1 and 'hold TC' not in caplog.text
 
 

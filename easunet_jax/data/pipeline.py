@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from easunet_jax import atomic
+from easunet_jax.data import volumes
 from easunet_jax.data.workers import at_most_cpus
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
@@ -227,6 +228,18 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray
            'label': np.pad(labels[start:start + batch_size].astype(np.int32), fill),
            'valid': np.pad(inside_nH[:, :, None] & inside_nW[:, None, :], fill),
            'mask': np.arange(batch_size) < len(inside_nH)}
+
+
+def warn_of_absent_classes(split: Split, split_name: str) -> None:
+  """Warns of each training class that no label slice of `split` holds (a wrong data.label_map): both masks
+  empty, it scores Dice 1 (100 %) wherever the model marks none of it. The labels are counted a few slices
+  at a time: a study's split is gigabytes."""
+  counts = sum((np.bincount(split.labels[first:first + 64].ravel(), minlength=256)
+                for first in range(0, len(split.labels), 64)), np.zeros(256, np.int64))
+  for name, k in volumes.CLASSES.items():
+    if not counts[k]:
+      logging.warning("no %s case's labels hold %s: its Dice is 1 (100 %%) wherever the model marks none "
+                      'of it, and tells nothing; check data.label_map', split_name, name.upper())
 
 
 def put_on_mesh(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,

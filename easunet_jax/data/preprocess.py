@@ -39,8 +39,9 @@ _STORE_ENTRIES = ('fingerprint.json', 'skipped.json', 'splits.json', *SPLITS, '.
 # The version of what a store holds, in its fingerprint: raise it with any change to the code that makes a
 # store hold other slices, labels, tissue codes or rows for the same sources and settings, so that the
 # stores of earlier versions are rebuilt, not read as current. 1: the stores that record no version (among
-# them data.synth stores of renumbered label maps whose cartilage got the tissue codes of bone).
-STORE_VERSION = 2
+# them data.synth stores of renumbered label maps whose cartilage got the tissue codes of bone). 3: slices
+# padded to the largest of the cases written, not of every case whose headers passed.
+STORE_VERSION = 3
 # Below this many voxels in all, one process builds the store faster: a worker process's start and its own
 # compilation of `synthetic_image` cost ~20 s. Measured on 2 cores with OAI-ZIB label maps alone (23.6 M
 # voxels each): 3 cases 46 s in one process, 65 s in two; 8 cases 153 s and 107 s.
@@ -255,11 +256,12 @@ def _skip(skipped: dict[str, str], case_id: str, error: DataError) -> None:
 
 
 def _case_slices(case: volumes.Case, label_map: Sequence[Sequence[int]], synth_tissues: bool,
-                 keep_empty: bool, with_images: bool, out: pathlib.Path) -> list[dict] | DataError:
+                 keep_empty: bool, with_images: bool, out: pathlib.Path
+                 ) -> tuple[list[dict], tuple[int, int]] | DataError:
   """Writes one case's slices, unpadded, as <id>.<kind>.tmp.npy files into `out` and returns their index
-  entries (their 'pad' left to `_write_splits`), or the DataError that skips the case (returned, not raised:
-  a worker process's other cases go on). Without `with_images` (data.synth's training split) its image is
-  neither read nor synthesised."""
+  entries (their 'pad' left to `_write_splits`) and in-plane shape, or the DataError that skips the case
+  (returned, not raised: a worker process's other cases go on). Without `with_images` (data.synth's
+  training split) its image is neither read nor synthesised."""
   try:
     if case.image is None or not with_images:
       source, spacing = volumes.load_labels(case, label_map)
@@ -280,8 +282,7 @@ def _case_slices(case: volumes.Case, label_map: Sequence[Sequence[int]], synth_t
   if tissue is not None:
     np.save(out / f'{case.id}.tissues.tmp.npy', tissue[rows])
   return [{'case': case.id, 'slice': int(r), 'spacing': [spacing[1], spacing[2]],
-           'sagittal_spacing': spacing[0], 'cartilage': bool(cartilage[r]), 'shape': labels.shape[1:]}
-          for r in rows]
+           'sagittal_spacing': spacing[0], 'cartilage': bool(cartilage[r])} for r in rows], labels.shape[1:]
 
 
 def _jax_on_cpu() -> None:
@@ -299,9 +300,10 @@ def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]
                   data_cfg: ml_collections.ConfigDict, multiple: int, skipped: dict[str, str],
                   workers: int) -> dict[str, list[str]]:
   """Each split's slices under store/<split>/, every case's in one of `workers` processes (`_case_slices`),
-  centred in one slice size for all splits, a multiple of `multiple`, of the cases written (not of those
-  skipped); returns the ids written per split. A case failing its checks is skipped whole: per-case
-  temporary files are written only after its checks pass, and give the row count before the memmap."""
+  centred in one slice size for all splits: the largest of the cases written (not of those skipped), padded
+  to a multiple of `multiple`; returns the ids written per split. A case failing its checks is skipped
+  whole: per-case temporary files are written only after its checks pass, and give the row count before the
+  memmap."""
   jobs, parts, index, kinds = [], {}, {}, {}
   label_map = tuple(map(tuple, data_cfg.label_map))
   for name, cases in split_cases.items():
@@ -314,18 +316,20 @@ def _write_splits(store: pathlib.Path, split_cases: dict[str, list[volumes.Case]
     parts[name], index[name] = [], []
   progress = Progress(len(jobs))
   results = map_in_order(_case_slices, [job for _, job in jobs], workers, initializer=_jax_on_cpu)
-  for (name, (case, *_)), rows in zip(jobs, results, strict=True):
-    if isinstance(rows, DataError):
-      _skip(skipped, case.id, rows)
+  shapes = {}  # of the cases written
+  for (name, (case, *_)), result in zip(jobs, results, strict=True):
+    if isinstance(result, DataError):
+      _skip(skipped, case.id, result)
       _case_done(progress, f'{case.id} skipped')
       continue
+    rows, shapes[case.id] = result
     parts[name].append(case.id)
     index[name] += rows
     _case_done(progress, f'{case.id}: {len(rows)} slices')
-  shapes = [row.pop('shape') for rows in index.values() for row in rows]
-  size = tuple(padded_size(max(n), multiple) for n in zip(*shapes)) if shapes else (multiple, multiple)
-  for row, shape in zip((row for rows in index.values() for row in rows), shapes):
-    row['pad'] = [centred_padding(n, target) for n, target in zip(shape, size)]
+  size = (tuple(padded_size(max(n), multiple) for n in zip(*shapes.values())) if shapes else
+          (multiple, multiple))
+  for row in (row for rows in index.values() for row in rows):
+    row['pad'] = [centred_padding(n, target) for n, target in zip(shapes[row['case']], size)]
   for name in split_cases:
     _gather(store / name, parts[name], index[name], kinds[name], size)
     (store / name / 'index.json').write_text(json.dumps(index[name]))

@@ -626,7 +626,8 @@ def read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray
 
 
 def load_image(path: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
-  """Image (float32) in closest-canonical RAS order, and the voxel spacing in mm; NaN or constant is an error.
+  """Image (float32) in closest-canonical RAS order, and the voxel spacing in mm; an image that is constant,
+  holds NaN or infinite values, or whose values float32 cannot hold apart is an error (`canonical_image`).
 
   Axis 0 is then left-right (the sagittal axis): a sagittal slice is array[i], an (anterior, superior) plane.
   """
@@ -656,8 +657,7 @@ def canonical_image(nii: nib.Nifti1Image, source: str | pathlib.Path) -> tuple[n
   if image32.min() == image32.max():  # values float32 rounds together: integers from 2**24 a unit apart
     raise DataError(f'{source}: image values span {image.min():.9g} to {image.max():.9g}, which float32 '
                     'rounds to one value; rescale the scan')
-  image = image32
-  return image, spacing
+  return image32, spacing
 
 
 def _check_label_values(labels: np.ndarray, case: Case, label_map: Sequence[Sequence[int]]) -> np.ndarray:
