@@ -8,7 +8,6 @@ import csv
 import errno
 import functools
 import json
-import math
 import pathlib
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -149,15 +148,6 @@ def _summary(cases: Sequence[dict]) -> dict:
   """Per metric mean/std/n/n_empty over `cases`, and how many of them had both masks empty."""
   return {**{m: metrics.summarize([c[m] for c in cases]) for m in METRICS},
           'n_both_empty': sum(c['both_empty'] for c in cases)}
-
-
-def _json_ready(value):
-  """NaN (a std of one case, a mean of none) as JSON null rather than the non-standard NaN."""
-  if isinstance(value, dict):
-    return {k: _json_ready(v) for k, v in value.items()}
-  if isinstance(value, float) and math.isnan(value):
-    return None
-  return value
 
 
 def _cell(stats: dict) -> str:
@@ -302,7 +292,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   if jax.process_index() > 0:  # every process scored the whole test set; process 0 writes it
     return final
   per_case, morphometry = scores['per_case'], scores['morphometry']
-  summary = _json_ready({
+  summary = metrics.nan_as_null({
       'name': config.name, 'step': step, 'requested': str(config.eval.checkpoint),
       'checkpoint_dir': str(workdir.absolute() / 'checkpoints' / str(step)),
       'largest_component': bool(config.eval.largest_component), 'num_volumes': len(per_case),

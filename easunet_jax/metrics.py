@@ -118,6 +118,19 @@ def summarize(values: Sequence[float]) -> dict[str, float | int]:
           'n': int(finite.size), 'n_empty': int(values.size - finite.size)}
 
 
+def nan_as_null(value):
+  """`value` with each NaN in it (in nested dicts, lists and tuples) as None, which json.dumps writes as
+  JSON's null where it would write the non-standard NaN (a std of one case, a plate's thickness where it is
+  empty)."""
+  if isinstance(value, dict):
+    return {k: nan_as_null(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [nan_as_null(v) for v in value]
+  if isinstance(value, float | np.floating) and np.isnan(value):
+    return None
+  return value
+
+
 def mean_std_text(mean: float | None, std: float | None) -> str:
   """'mean ± std' to two decimals for report tables; 'n/a' without a mean, the mean alone without a spread
   (None, as metrics.json writes them, or NaN: undefined)."""

@@ -27,6 +27,7 @@ from easunet_jax import (
   figures,
   inference,
   measures,
+  metrics,
   parallel,
   pose,
   pretrained,
@@ -367,6 +368,11 @@ def _finished(record_path: pathlib.Path, settings: dict) -> tuple[dict | None, b
     return None, False
   # The output folder may have been given another way (relative, moved): its paths are this run's.
   record['result'].update(_output_paths(target, True, 'probabilities' in record['result']))
+  # Undefined figures (an empty plate's thickness) are null in the record (`metrics.nan_as_null`): NaN again.
+  for table in ('regions', 'scores'):
+    if table in record['result']:
+      record['result'][table] = {name: {k: np.nan if v is None else v for k, v in row.items()}
+                                 for name, row in record['result'][table].items()}
   return record, record.get('settings') == settings
 
 
@@ -380,7 +386,7 @@ def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) 
     return None
   if not (unchanged and same_settings and record['result']['output'] == str(target)):
     return None
-  return {**record['result'], 'input': str(source)}
+  return {**record['result'], 'input': str(source.absolute())}
 
 
 def _warn_if_of_another_scan(record_path: pathlib.Path, source: pathlib.Path) -> None:
@@ -496,7 +502,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   sagittal slices (`figures.plot_prediction_slices`), and the measures of every scan per plate and
   compartment as CSV and Markdown (`reports.write_reports`: <mask>_measures.csv and <mask>_report.md for
   one scan; measures.csv and report.md of a batch, and each batch scan's result as measures/<scan>.json; the
-  scores against labels as <mask>_scores.csv or scores.csv, and in the report). Returns per scan {'input',
+  scores against labels as <mask>_scores.csv or scores.csv, and in the report). Returns per scan {'input' (a
+  batch's, and its 'labels', as absolute paths),
   'output', 'laterality', 'laterality_text', 'regions': `measures.compartment_table`, paths of the maps and
   figures, 'orientation', 'orientation_code' and 'rotation_deg' (how the scan was turned to be segmented),
   the seconds spent outside compilation ('seconds'), in it ('compile_s') and in the network's forward
@@ -667,16 +674,17 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       if target not in kept:
         progress.update()
       continue
+    if batch:  # its scan and label map by absolute paths: the reports also list other runs' scans
+      result['input'] = str(source.absolute())
+      if 'labels' in result:
+        result['labels'] = str(pathlib.Path(result['labels']).absolute())
     done[target] = result
     if batch:  # written last: a scan is done when its result is (what --continue_prediction reads); a kept
       # scan's again, with this run's paths and scores, as the reports have them
       record = _report_paths(target, batch)['result']
-      # The scan's path made absolute: the reports of other runs into the folder list it too.
-      atomic.write_text(record, json.dumps({'model': str(model_file or workdir), 'step': step,
-                                           'settings': settings, 'source': _source_stamp(source),
-                                           'mask': _mask_stamp(target),
-                                           'result': {**result, 'input': str(source.absolute())}},
-                                          default=float))
+      atomic.write_text(record, json.dumps(metrics.nan_as_null({
+          'model': str(model_file or workdir), 'step': step, 'settings': settings,
+          'source': _source_stamp(source), 'mask': _mask_stamp(target), 'result': result}), default=float))
       if target not in kept:  # the reports so far: a batch stopped part way keeps its done and kept scans
         write_reports()
     if target in kept:

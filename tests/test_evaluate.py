@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 
 from configs import tiny
-from easunet_jax import atomic, checkpoints, evaluate, figures, parallel, steps
+from easunet_jax import atomic, checkpoints, evaluate, figures, metrics, parallel, steps
 from easunet_jax.data import knee, pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError
 
@@ -179,7 +179,7 @@ def test_the_report_counts_the_cases_with_one_mask_empty(tmp_path):
              'largest_component': False, 'num_volumes': 3, 'num_cartilage_slices': 2, 'synthetic_images': 0,
              'spacing_mm': {'a': [1.0, 1.0, 1.0]}, 'morphometry': {},
              **{protocol: dict.fromkeys(('fc', 'tc'), evaluate._summary(cases)) for protocol in ('3d', '2d')}}
-  evaluate.write_report(tmp_path / 'report.md', evaluate._json_ready(summary))
+  evaluate.write_report(tmp_path / 'report.md', metrics.nan_as_null(summary))
   assert 'Counts: FC 3 volumes, 1 with one mask empty, 1 with both empty; TC 3 volumes' in (
       tmp_path / 'report.md').read_text()
 

@@ -663,6 +663,45 @@ def test_continuing_keeps_only_what_a_stop_or_a_replaced_scan_left_true(run, tmp
   assert _scans_in_csv(out / 'measures.csv') == ['a.nii.gz', 'c.nii.gz', 'd.nii.gz']
 
 
+def test_records_hold_null_for_undefined_figures_and_tables_name_cases_by_id_and_absolute_path(
+    run, tmp_path, monkeypatch):
+  """A batch given by relative paths, its tibial plates empty: the records hold null for the undefined
+  thickness (JSON has no NaN), which a continued batch reads back as undefined; measures.csv names each scan
+  by case id (nnU-Net's _0000 dropped) and absolute path, its figures in full precision."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(inference.Network, '__call__',
+                      lambda self, image: _thresholds(self, image) * np.array([1, 1, 0], np.float32))
+  monkeypatch.chdir(tmp_path)
+  names = ('knee_a_0000.nii.gz', 'knee_b_0000.nii.gz')
+  (tmp_path / 'scans').mkdir()
+  for name in names:
+    (tmp_path / 'scans' / name).write_bytes(canonical.read_bytes())
+
+  def no_constant(constant: str):
+    raise AssertionError(f'{constant} in a record')
+
+  predict.predict(_config(), workdir, pathlib.Path('scans'), pathlib.Path('out'))
+  for name in names:
+    record = json.loads((tmp_path / 'out' / 'measures' / name.replace('.nii.gz', '.json')).read_text(),
+                        parse_constant=no_constant)
+    assert record['result']['regions']['tc']['thickness_mean_mm'] is None
+    assert record['result']['regions']['fc']['thickness_mean_mm'] > 0
+  results = predict.predict(_config(), workdir, pathlib.Path('scans'), pathlib.Path('out'),
+                            continue_prediction=True)
+  assert [r['input'] for r in results] == [str(tmp_path / 'scans' / name) for name in names]
+  assert np.isnan(results[0]['regions']['tc']['thickness_mean_mm'])
+  with open(tmp_path / 'out' / 'measures.csv') as f:
+    rows = [row for row in csv.DictReader(f) if row['region'] in ('fc', 'tc')]
+  assert [(row['case'], row['scan'], row['region']) for row in rows] == [
+      (case, str(tmp_path / 'scans' / name), region)
+      for case, name in zip(('knee_a', 'knee_b'), names) for region in ('fc', 'tc')]
+  assert float(rows[0]['thickness_mean_mm']) == results[0]['regions']['fc']['thickness_mean_mm']
+  assert rows[1]['thickness_mean_mm'] == 'nan'
+  assert '| tc | 0 | n/a |' in (tmp_path / 'out' / 'report.md').read_text()
+  assert reports.case_ids(['scan_0000.nii', 'scan_0001.nii', 'series/SE1']) == [
+      'scan_0000', 'scan_0001', 'SE1']
+
+
 def test_a_batchs_reports_list_the_folders_scans_made_alike(run, tmp_path, monkeypatch, caplog):
   """Jobs of an array, each segmenting scans of its own into one folder: each job's reports list every scan of
   the folder made with the same model and settings; those made otherwise are named in a warning and left
@@ -1281,12 +1320,13 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
   assert '| knee b.nii.gz | 80.00 | 60.00 | 70.00 | 1.00 | 2.00 | 0.10 | -0.20 |' in report
   rows = list(csv.DictReader(paths['measures'].open()))
   assert [(r['laterality'], r['region'], r['thin_fraction'], r['area_mm2']) for r in rows] == [
-      ('right', 'fc', '0.25', '617'), ('right', 'tc', '0', '617'), ('left', 'fc', '0.25', '617'),
-      ('left', 'tc', '0', '617')]
-  # The CSV keeps 6 significant digits: a volume of 12345.678 mm^3 is 12345.7, not 1.235e+04.
-  results[0]['regions']['fc'] = row | {'volume_mm3': 12345.678}
+      ('right', 'fc', '0.25', '617.0'), ('right', 'tc', '0.0', '617.0'), ('left', 'fc', '0.25', '617.0'),
+      ('left', 'tc', '0.0', '617.0')]
+  assert [r['case'] for r in rows] == ['a', 'a', 'knee b', 'knee b']
+  # The CSV keeps full precision, as evaluate's per_case.csv does: 12345.678901234 mm^3 reads back the same.
+  results[0]['regions']['fc'] = row | {'volume_mm3': 12345.678901234}
   reports.write_reports(results, paths, 'step 7 of `run`')
-  assert next(csv.DictReader(paths['measures'].open()))['volume_mm3'] == '12345.7'
+  assert float(next(csv.DictReader(paths['measures'].open()))['volume_mm3']) == 12345.678901234
 
 
 def test_undefined_scores_read_n_a_and_a_mean_says_how_many_scans_it_averages(capsys):
