@@ -116,7 +116,7 @@ def _start_backend() -> int:
                           f'{hint}'))
 
 
-def _keep_compiled_programs(workdir: str, model_file: str | None) -> None:
+def _keep_compiled_programs(workdir: str, model_file: str | pathlib.Path | None) -> None:
   """Keeps compiled programs, and on GPUs XLA's autotuning results with them, in a folder where later starts
   and the other points of a sweep read them back: JAX_COMPILATION_CACHE_DIR, or beside the workdir, or for a
   model file's predict, which has no workdir, in the user's cache (not in the folder it was started in).

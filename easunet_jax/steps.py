@@ -219,7 +219,7 @@ def forward_checked(state: TrainState, image_BHW1: jax.Array, *, graphdef: nnx.G
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-              num_classes: int) -> dict[str, jax.Array]:
+              num_classes: int) -> dict[str, jax.Array | dict[str, jax.Array]]:
   """Per-sample confusion counts (B, K-1, 3) = (TP, FP, FN) of each foreground class, and the loss's sums
   (`losses.loss_sums`: summed over batches, the validation set's loss however it is batched and sharded).
   Both leave out the store's padding (batch['valid'] False), as evaluation crops it off."""

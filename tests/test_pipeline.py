@@ -68,6 +68,11 @@ def test_the_trained_pixel_keeps_the_order_of_its_axes(tmp_path):
   pipeline.record_trained_on(tmp_path, store)
   (store / 'train' / 'index.json').unlink()  # the record alone gives it now
   assert pipeline.trained_pixel_mm(config, tmp_path) == (0.5, 0.7)
+  config.data.cache_dir = ''  # nothing says it: one line, also where the workdir is given as a str
+  with pytest.raises(DataError, match=r'slices/train/index.json not found'):
+    pipeline.trained_pixel_mm(config, str(tmp_path / 'elsewhere'))
+  with pytest.raises(ConfigError, match=r'^predict.spacing is unset and neither a workdir nor '):
+    pipeline.trained_pixel_mm(config, None)
 
 
 def test_another_split_of_the_cases_names_the_cases_added_and_removed(store, tmp_path, caplog):

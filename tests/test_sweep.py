@@ -300,6 +300,13 @@ def test_a_sweep_file_without_a_sweep_function_of_add_is_one_config_error(body, 
     points.load_sweep(str(tmp_path / 'sweep.py'))
 
 
+def test_a_sweep_file_not_named_py_is_one_config_error(tmp_path):
+  (tmp_path / 'sweep.txt').write_text("def sweep(add):\n  add('v', 'configs/tiny.py')\n")
+  with pytest.raises(ConfigError, match=rf"^--sweep: {tmp_path / 'sweep.txt'} is not a Python file; "
+                     r'a sweep is a \.py file defining sweep\(add\)$'):
+    points.load_sweep(str(tmp_path / 'sweep.txt'))
+
+
 def test_a_variant_name_that_is_no_string_is_one_config_error(tmp_path):
   (tmp_path / 'sweep.py').write_text("def sweep(add):\n  add(1, 'configs/tiny.py')\n")
   with pytest.raises(ConfigError, match=r"variant name 1 is not a folder name"):

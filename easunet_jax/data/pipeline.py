@@ -162,7 +162,8 @@ def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path,
   return True
 
 
-def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: pathlib.Path | None) -> tuple[float, float]:
+def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None
+                     ) -> tuple[float, float]:
   """In-plane pixel size (mm) a model was trained at: predict.spacing, or when that is 0 what the workdir
   recorded at its training's start (`TRAINED_ON`), else the median of the rows of its training slice store
   (data.cache_dir, else <workdir>/slices)."""
@@ -170,7 +171,10 @@ def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: pathlib.Path | 
     return tuple(float(s) for s in config.predict.spacing)
   if workdir is not None and (record := pathlib.Path(workdir) / TRAINED_ON).exists():
     return tuple(json.loads(record.read_text())['pixel_mm'])
-  split_dir = pathlib.Path(config.data.cache_dir or workdir / 'slices') / 'train'
+  if not (config.data.cache_dir or workdir):
+    raise ConfigError('predict.spacing is unset and neither a workdir nor data.cache_dir says at what pixel '
+                      "size the model was trained: pass --config.predict.spacing='(<mm>, <mm>)'")
+  split_dir = pathlib.Path(config.data.cache_dir or pathlib.Path(workdir) / 'slices') / 'train'
   if not (split_dir / 'index.json').is_file():
     raise DataError(f'{split_dir / "index.json"} not found: it gives the pixel size the model was trained '
                     "at (a sweep point's store is <sweep>/slices: --config.data.cache_dir); pass "

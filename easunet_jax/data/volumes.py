@@ -609,7 +609,7 @@ def mm_per_unit(nii: nib.Nifti1Image) -> float:
   return _MM_PER_UNIT.get(int(nii.header['xyzt_units']) % 8, 1.0)
 
 
-def read_canonical(nii: nib.Nifti1Image, path: pathlib.Path) -> tuple[np.ndarray, Spacing]:
+def read_canonical(nii: nib.Nifti1Image, path: str | pathlib.Path) -> tuple[np.ndarray, Spacing]:
   """The voxels in closest-canonical RAS order and the spacing in that order in mm, the lengths of the
   affine's columns (the geometry nibabel reads, the sform where there is one: a NIfTI file's pixdim may
   disagree with it) in the header's unit (`mm_per_unit`); reading is where a truncated file fails."""

@@ -50,6 +50,8 @@ def load_sweep(spec: str) -> list[Variant]:
   if not pathlib.Path(path).is_file():
     raise ConfigError(f'--sweep: no file {path}')
   module_spec = importlib.util.spec_from_file_location('sweep_file', path)
+  if module_spec is None:  # what Python does not import: a name without .py
+    raise ConfigError(f'--sweep: {path} is not a Python file; a sweep is a .py file defining sweep(add)')
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)  # an error of the file's own code keeps its traceback, as a config's
   sweep = getattr(module, 'sweep', None)
