@@ -5,6 +5,7 @@ import collections
 import math
 import os
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,10 +49,13 @@ def project_config(argv: Sequence[str]) -> list[str]:
           project_file(a) if i and argv[i - 1] == '--config' else a for i, a in enumerate(argv)]
 
 
+_HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')  # absl's, each of which prints and exits
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for a program with a --config flag (main.py, `python -m easunet_jax.models`), where a
   bad flag, --config.<field> override or stray argument ends the run with one line and ConfigError's exit
-  code (absl prints two lines, and a traceback for an unknown config field)."""
+  code (absl prints two lines, and a traceback for an unknown config field); --help exits 0, as nnU-Net's."""
   verbose = '--verbose' in argv or '--verbose=true' in argv
   reference = default.get_config()
   argv = project_config(argv)
@@ -67,6 +71,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     return argv
   except ConfigError as e:
     exit_with(e)
+  except SystemExit as e:  # absl's --help and its kin print the flags and exit 1: asked for, no failure
+    asked = any(arg.lstrip('-').partition('=')[0] in _HELP_FLAGS for arg in argv[1:] if arg.startswith('-'))
+    raise SystemExit(0 if asked and e.code == 1 else e.code) from None
+  except BrokenPipeError:  # the reader of --help's text stopped reading (`| head`): the rest is not wanted
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush fails again
+    raise SystemExit(0) from None
   except OSError as e:  # the config file: only the last line of the chained report says why
     if verbose:
       raise

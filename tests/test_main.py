@@ -497,6 +497,18 @@ def test_a_full_disk_is_one_line_not_a_traceback(phantom_dir, tmp_path, mode, fi
   assert result.stderr.splitlines()[-1] == f'error: {where}: No space left on device'
 
 
+def test_help_exits_0_also_where_its_reader_stops_early():
+  """--help (absl's exits 1) exits 0, as nnU-Net's; piped into a reader that stops early (`| head`), with no
+  error (the OSError of the closed pipe once read as the config file's)."""
+  shown = subprocess.run([sys.executable, 'main.py', '--help'], check=False, cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+  assert shown.returncode == 0 and '--mode' in shown.stdout, shown.stderr
+  with subprocess.Popen([sys.executable, 'main.py', '--helpfull'], cwd=REPO, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True) as unread:
+    unread.stdout.close()  # before the process writes: its first write finds the pipe closed
+    assert unread.wait(timeout=600) == 0 and unread.stderr.read() == ''
+
+
 def test_a_mistyped_workdir_is_one_line_and_makes_no_folders(tmp_path):
   """Evaluate, export and predict from a workdir that was never trained (a typo): the error alone, with no
   folder made for it (the compile cache beside it) nor in the folder it was started in."""
