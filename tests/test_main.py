@@ -172,6 +172,10 @@ def test_sigterm_saves_the_current_step_exits_143_and_the_run_resumes(augmented_
   assert 1 <= step < 6
   saved = workdir / 'checkpoints' / str(step)
   assert f'Stopped by SIGTERM at step {step} of 6; checkpoint saved in {saved}' in stopped.stderr
+  # The workdir's train.log holds the training's lines as printed, up to the stop.
+  log = (workdir / 'train.log').read_text().splitlines()
+  assert set(log) <= set(stopped.stderr.splitlines()) and 'Stopped by SIGTERM' in log[-1]
+  assert any('Training ' in line and ' for 6 steps' in line for line in log)
   # The steps trained before the stop are logged (the loss of steps 1..step), not lost with the run.
   assert [row['step'] for row in _logged(workdir)] == [step] and 'train/loss' in _logged(workdir)[0]
   with caplog.at_level(logging.INFO):
@@ -495,6 +499,18 @@ def test_a_full_disk_is_one_line_not_a_traceback(phantom_dir, tmp_path, mode, fi
   # Without a file named, the run's own output: training's workdir, an export's model file.
   where = filename[0] if filename else {'train': tmp_path / 'run', 'export': output}[mode]
   assert result.stderr.splitlines()[-1] == f'error: {where}: No space left on device'
+  if mode == 'train':  # its log keeps what ended it, with the traceback the terminal is spared
+    log = (tmp_path / 'run' / 'train.log').read_text()
+    assert 'ended by an error\nTraceback' in log and 'No space left on device' in log.splitlines()[-1]
+
+
+def test_a_training_stopped_by_a_users_error_logs_its_line(phantom_dir, tmp_path):
+  result = _run(tmp_path / 'run', phantom_dir, '--config.train.init_weights=/no/such/model.npz')
+  assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
+      "error: train.init_weights: expected a model file (--mode=export), got '/no/such/model.npz', which is "
+      'not a file')
+  last, error = (tmp_path / 'run' / 'train.log').read_text().splitlines()[-1], result.stderr.splitlines()[-1]
+  assert re.fullmatch(rf'E\d{{4}} [\d:.]+ \d+ train\.py:\d+\] {re.escape(error)}', last)
 
 
 def test_help_exits_0_also_where_its_reader_stops_early():
