@@ -31,20 +31,28 @@ def _save(fig: matplotlib.figure.Figure, out: pathlib.Path, **layout) -> None:
 
 def plot_loss_curves(rows: Sequence[dict], out: pathlib.Path) -> None:
   """loss_curves.png: the training and validation losses of metrics.jsonl's `rows` against step (paper
-  Fig. 8/9)."""
-  fig, ax = _subplots(figsize=(6, 4))
+  Fig. 8/9), and beside them the validation Dice of each class and their mean, as nnU-Net's progress.png
+  shows a run's course. A value logged as null (a non-finite one) leaves a gap."""
+  fig, (loss_ax, dice_ax) = _subplots(1, 2, figsize=(11, 4))
   # val/loss is the final output's CE + Dice, like train/loss_final; train/loss adds the side outputs.
-  curves = (('train/loss', '-', 'train/loss (with side outputs)'),
-            ('train/loss_final', '--', 'train/loss_final'), ('val/loss', 'o-', 'val/loss'))
-  for key, style, label in curves:
-    points = [(r['step'], r[key]) for r in rows if key in r]
+  curves = ((loss_ax, 'train/loss', '-', 'train/loss (with side outputs)', 1, None),
+            (loss_ax, 'train/loss_final', '--', 'train/loss_final', 1, None),
+            (loss_ax, 'val/loss', 'o-', 'val/loss', 1, None),
+            *((dice_ax, f'val/dice_{name}', 'o-', name.upper(), 100, COLOURS[name]) for name in CLASSES),
+            (dice_ax, 'val/dice_mean', 'o--', 'mean', 100, '0.3'))
+  for ax, key, style, label, scale, colour in curves:
+    points = [(r['step'], np.nan if r[key] is None else scale * r[key]) for r in rows if key in r]
     if points:
-      ax.plot(*zip(*points), style, label=label, markersize=4)
-  ax.set_xlabel('step')
-  ax.set_ylabel('loss (cross-entropy + Dice)')
-  ax.set_title('Training and validation loss')
-  ax.grid(alpha=0.3)
-  ax.legend()
+      ax.plot(*zip(*points), style, label=label, markersize=4, color=colour)
+  dice_ax.set_ylim(0, 100)
+  for ax, name, title in ((loss_ax, 'loss (cross-entropy + Dice)', 'Training and validation loss'),
+                          (dice_ax, 'Dice %', 'Validation Dice (3D, mean over volumes)')):
+    ax.set_xlabel('step')
+    ax.set_ylabel(name)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend()
   _save(fig, out)
 
 

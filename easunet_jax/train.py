@@ -7,6 +7,7 @@ import os
 import pathlib
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 import jax
@@ -19,16 +20,29 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from configs import default
-from easunet_jax import atomic, checkpoints, losses, metrics, parallel, pretrained, records, steps
+from easunet_jax import (
+  atomic,
+  checkpoints,
+  figures,
+  losses,
+  metric_writer,
+  metrics,
+  parallel,
+  pretrained,
+  records,
+  steps,
+)
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
-from easunet_jax.metric_writer import MetricWriter
 from easunet_jax.progress import EVERY_S, Progress
 
 # train.nan_policy='skip' gives up after this many skipped steps in a row (whole logging periods counted):
 # a model whose every update is refused has diverged, or every batch holds a bad slice, and would finish
 # as if trained.
 MAX_SKIPPED_IN_A_ROW = 100
+# loss_curves.png is redrawn at a validation this long after it was last drawn, and at the run's end: a
+# figure takes a few tenths of a second, nothing beside a long run's validations, much beside a test's.
+CURVES_EVERY_S = 60.0
 
 
 class Stopped(Exception):
@@ -150,6 +164,14 @@ def _compile_and_size(train_step: Callable, state: steps.TrainState, batch: dict
                     'train.batch_size (now %d)', need / 1e9, where, free / 1e9, len(batch['label']))
 
 
+def _draw_curves(workdir: pathlib.Path) -> None:
+  """<workdir>/loss_curves.png of metrics.jsonl so far (process 0): a long run's course at a glance, in a
+  file browser too, as nnU-Net's progress.png."""
+  if jax.process_index() == 0:
+    with atomic.replaced(workdir / 'loss_curves.png') as tmp:
+      figures.plot_loss_curves(metric_writer.read_rows(workdir / 'metrics.jsonl'), tmp)
+
+
 def _divergence_advice(mngr: ocp.CheckpointManager) -> str:
   """The end of the errors that stop a diverged run: its newest checkpoint and what to do."""
   last = mngr.latest_step()
@@ -259,9 +281,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
   def next_batch() -> dict[str, jax.Array]:
     return pipeline.put_on_mesh(next(train_iter), data_sharding, per_process=True)
 
-  writer = MetricWriter(workdir, start)
+  writer = metric_writer.MetricWriter(workdir, start)
   progress = Progress(num_steps, done=start)
-  accumulated, last_log_step, skipped_in_a_row = None, start, 0
+  accumulated, last_log_step, skipped_in_a_row, drawn_at = None, start, 0, time.monotonic()
   # Worker processes (data.workers) start with the first batch, and keep the SIGINT ignored here (spawned
   # processes do): a terminal's Ctrl-C reaches its whole process group, and only this process is to stop.
   previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -331,6 +353,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
             writer.write_scalars(step, val)
             logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],
                          val['val/dice_fc'], val['val/dice_tc'])
+            if step == num_steps or stop or time.monotonic() - drawn_at >= CURVES_EVERY_S:
+              _draw_curves(workdir)
+              drawn_at = time.monotonic()
           checkpoints.save(mngr, step, state, config,
                            {k: float(v) for k, v in val.items()} if val else None)
       if stop:

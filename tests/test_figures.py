@@ -95,11 +95,18 @@ def test_overlays_show_the_image_the_label_and_the_prediction(drawn, tmp_path):
     assert {tuple(p) for p in np.argwhere(tinted)} == {(0, 2), (0, 3)}  # top row, right end
 
 
-def test_loss_curves_are_labelled_by_their_keys(drawn, tmp_path):
-  rows = [{'step': 1, 'train/loss': 3.0, 'train/loss_final': 2.0}, {'step': 2, 'val/loss': 1.0}]
+def test_loss_curves_are_labelled_by_their_keys_beside_the_validation_dice_in_percent(drawn, tmp_path):
+  rows = [{'step': 1, 'train/loss': 3.0, 'train/loss_final': 2.0},
+          {'step': 2, 'val/loss': 1.0, 'val/dice_fc': 0.5, 'val/dice_tc': 0.25, 'val/dice_mean': 0.375},
+          {'step': 4, 'val/loss': None, 'val/dice_fc': 0.75, 'val/dice_tc': 0.5, 'val/dice_mean': 0.625}]
   figures.plot_loss_curves(rows, tmp_path / 'loss.png')
-  assert {line.get_label(): tuple(line.get_ydata()) for line in drawn[0].axes[0].lines} == {
-      'train/loss (with side outputs)': (3.0,), 'train/loss_final': (2.0,), 'val/loss': (1.0,)}
+  loss_ax, dice_ax = drawn[0].axes
+  assert {line.get_label(): str(np.asarray(line.get_ydata()).tolist()) for line in loss_ax.lines} == {
+      'train/loss (with side outputs)': '[3.0]', 'train/loss_final': '[2.0]',
+      'val/loss': '[1.0, nan]'}  # a value logged as null (not finite) leaves a gap
+  assert {line.get_label(): tuple(line.get_ydata()) for line in dice_ax.lines} == {
+      'FC': (50.0, 75.0), 'TC': (25.0, 50.0), 'mean': (37.5, 62.5)}
+  assert dice_ax.get_ylim() == (0, 100)
 
 
 def test_thickness_maps_are_anterior_up_the_femur_seen_from_below(monkeypatch, tmp_path):

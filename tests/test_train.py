@@ -20,7 +20,7 @@ import pytest
 from grain._src.python.ipc import shared_memory_array
 
 from configs import default, tiny
-from easunet_jax import checkpoints, config_check, evaluate, parallel, pretrained, steps, train
+from easunet_jax import checkpoints, config_check, evaluate, figures, parallel, pretrained, steps, train
 from easunet_jax.data import pipeline, preprocess
 from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
 
@@ -41,6 +41,7 @@ def test_metrics_log_and_checkpoints(augmented_tiny):
   losses = [(r['train/loss'], r['train/loss_final']) for r in rows if 'train/loss' in r]
   assert len(losses) == config.train.num_steps and all(total > final > 0 for total, final in losses)
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert (workdir / 'loss_curves.png').read_bytes().startswith(b'\x89PNG')  # drawn at the end
   mngr = checkpoints.manager(workdir, config.checkpoint.keep)
   assert mngr.latest_step() == int(state.step) == config.train.num_steps
   val = {r['step']: r['val/dice_mean'] for r in rows if 'val/dice_mean' in r}
@@ -63,8 +64,13 @@ def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny
                       lambda mngr, step, *args: (saved.append(step), save(mngr, step, *args)))
   monkeypatch.setattr(train, 'EVERY_S', 0.0)
   monkeypatch.setattr(parallel, 'host_memory_free', lambda: 10**6)
+  drawn, plot = [], figures.plot_loss_curves  # at every validation where the last drawing is old enough
+  monkeypatch.setattr(train, 'CURVES_EVERY_S', 0.0)
+  monkeypatch.setattr(figures, 'plot_loss_curves',
+                      lambda rows, out: (drawn.append(rows[-1]), plot(rows, out)))
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, tmp_path / 'run')
+  assert [(row['step'], 'val/dice_fc' in row) for row in drawn] == [(4, True), (6, True)]
   [short] = [m for r in caplog.records if 'GB free' in (m := r.getMessage())]
   need = float(re.match(r'a training step asks for (\S+) GB', short)[1])
   assert 0.001 < need < 1 and short.endswith(
@@ -72,6 +78,7 @@ def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny
       f'(on a CPU without a message but "Killed"); lower train.batch_size (now {config.train.batch_size})')
   rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if 'val/dice_mean' in r] == [4, 6] and saved == [4, 5, 6]
+  assert drawn[-1] == rows[-1]
   rates = [(r['step'], r['train/lr']) for r in rows if 'train/lr' in r]
   assert [step for step, _ in rates] == [2, 4, 6]
   assert [lr for _, lr in rates] == pytest.approx([1e-4 * (1 - s / 6) ** 0.9 for s in (1, 3, 5)])
