@@ -7,7 +7,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +52,22 @@ def project_config(argv: Sequence[str]) -> list[str]:
 _HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')  # absl's, each of which prints and exits
 
 
+def _end_of_help() -> NoReturn:
+  """Exits 0 once absl has printed the help; quietly where its reader stopped reading (`| head`), whose
+  closed pipe would fail this flush and Python's own at exit."""
+  try:
+    sys.stdout.flush()
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  raise SystemExit(0) from None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for a program with a --config flag (main.py, `python -m easunet_jax.models`), where a
   bad flag, --config.<field> override or stray argument ends the run with one line and ConfigError's exit
   code (absl prints two lines, and a traceback for an unknown config field); --help exits 0, as nnU-Net's."""
   verbose = '--verbose' in argv or '--verbose=true' in argv
+  helped = any(arg.lstrip('-') in _HELP_FLAGS for arg in argv[1:] if arg.startswith('-'))
   reference = default.get_config()
   argv = project_config(argv)
   try:
@@ -72,12 +83,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   except ConfigError as e:
     exit_with(e)
   except SystemExit as e:  # absl's --help and its kin print the flags and exit 1: asked for, no failure
-    asked = any(arg.lstrip('-').partition('=')[0] in _HELP_FLAGS for arg in argv[1:] if arg.startswith('-'))
-    raise SystemExit(0 if asked and e.code == 1 else e.code) from None
-  except BrokenPipeError:  # the reader of --help's text stopped reading (`| head`): the rest is not wanted
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's exit flush fails again
-    raise SystemExit(0) from None
+    if helped and e.code == 1:
+      _end_of_help()
+    raise
   except OSError as e:  # the config file: only the last line of the chained report says why
+    if helped and isinstance(e, BrokenPipeError):
+      _end_of_help()
     if verbose:
       raise
     exit_with(ConfigError(f'--config: {str(e).strip().splitlines()[-1]}'))

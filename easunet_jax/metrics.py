@@ -3,6 +3,7 @@ jittable per-class confusion counts (and their Dice) used by validation during t
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -118,7 +119,7 @@ def summarize(values: Sequence[float]) -> dict[str, float | int]:
           'n': int(finite.size), 'n_empty': int(values.size - finite.size)}
 
 
-def nan_as_null(value):
+def nan_as_null(value: Any) -> Any:
   """`value` with each NaN in it (in nested dicts, lists and tuples) as None, which json.dumps writes as
   JSON's null where it would write the non-standard NaN (a std of one case, a plate's thickness where it is
   empty)."""

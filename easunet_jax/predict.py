@@ -368,6 +368,8 @@ def _finished(record_path: pathlib.Path, settings: dict) -> tuple[dict | None, b
     return None, False
   # The output folder may have been given another way (relative, moved): its paths are this run's.
   record['result'].update(_output_paths(target, True, 'probabilities' in record['result']))
+  # A record of an older version names no case: its scan's own (its batch's rule unknown).
+  record['result'].setdefault('case', reports.case_ids([record['result']['input']])[0])
   # Undefined figures (an empty plate's thickness) are null in the record (`metrics.nan_as_null`): NaN again.
   for table in ('regions', 'scores'):
     if table in record['result']:
@@ -386,7 +388,7 @@ def _earlier_result(source: pathlib.Path, target: pathlib.Path, settings: dict) 
     return None
   if not (unchanged and same_settings and record['result']['output'] == str(target)):
     return None
-  return {**record['result'], 'input': str(source.absolute())}
+  return record['result']
 
 
 def _warn_if_of_another_scan(record_path: pathlib.Path, source: pathlib.Path) -> None:
@@ -502,8 +504,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
   sagittal slices (`figures.plot_prediction_slices`), and the measures of every scan per plate and
   compartment as CSV and Markdown (`reports.write_reports`: <mask>_measures.csv and <mask>_report.md for
   one scan; measures.csv and report.md of a batch, and each batch scan's result as measures/<scan>.json; the
-  scores against labels as <mask>_scores.csv or scores.csv, and in the report). Returns per scan {'input' (a
-  batch's, and its 'labels', as absolute paths),
+  scores against labels as <mask>_scores.csv or scores.csv, and in the report). Returns per scan {'case'
+  (`reports.case_ids` of the scans given), 'input' (a batch's, and its 'labels', as absolute paths),
   'output', 'laterality', 'laterality_text', 'regions': `measures.compartment_table`, paths of the maps and
   figures, 'orientation', 'orientation_code' and 'rotation_deg' (how the scan was turned to be segmented),
   the seconds spent outside compilation ('seconds'), in it ('compile_s') and in the network's forward
@@ -606,10 +608,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       'predict': config.predict.to_dict(), 'series': series,
       'laterality': laterality, 'save_probabilities': save_probabilities, 'version': RESULT_VERSION}))
   made_by = f"step {step} of `{model_file or workdir}` (weights SHA-256 {settings['model_sha256'][:12]})"
+  # Each scan's case id by the scans given with it, whatever other runs left in the output folder.
+  cases = dict(zip((source for source, _ in pairs), reports.case_ids([source for source, _ in pairs])))
   kept = {}
   if continue_prediction and batch:
     # Without their scores, which are of the labels given then: a kept scan is scored again if labels are.
-    kept = {target: {k: v for k, v in result.items() if k not in ('labels', 'scores')}
+    kept = {target: {**{k: v for k, v in result.items() if k not in ('labels', 'scores')},
+                     'case': cases[source]}
             for source, target in pairs
             if source not in refused and (result := _earlier_result(source, target, settings)) is not None}
     logging.info('predict: %d of %d scan(s) kept from an earlier run with the same model and settings',
@@ -674,6 +679,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | Non
       if target not in kept:
         progress.update()
       continue
+    result['case'] = cases[source]
     if batch:  # its scan and label map by absolute paths: the reports also list other runs' scans
       result['input'] = str(source.absolute())
       if 'labels' in result:

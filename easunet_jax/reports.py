@@ -53,45 +53,47 @@ def score_lines(scored: Sequence[dict]) -> list[str]:
   return lines
 
 
-def case_ids(inputs: Sequence[str]) -> list[str]:
-  """The scans' case ids, as evaluate's per_case.csv names cases: a scan file's name less its volume suffix
-  (a DICOM folder's name), and less nnU-Net's channel suffix _0000 where every scan's ends in it (imagesTs/
-  of a data set)."""
+def case_ids(inputs: Sequence[str | pathlib.Path]) -> list[str]:
+  """The case ids of scans given together, as evaluate's per_case.csv names cases: a scan file's name less
+  its volume suffix (a DICOM folder's name), and less nnU-Net's channel suffix _0000 where every scan's ends
+  in it (imagesTs/ of a data set)."""
   stems = [volumes.volume_stem(name) or name for name in (pathlib.Path(i).name for i in inputs)]
   if all(stem.endswith('_0000') for stem in stems):
     return [stem.removesuffix('_0000') for stem in stems]
   return stems
 
 
-def write_scores(scored: Sequence[tuple[str, dict]], path: pathlib.Path) -> None:
-  """One CSV row per (case id, result) scored against labels and plate: its `evaluate.label_scores`, in full
-  precision."""
-  columns = list(scored[0][1]['scores']['fc'])
+def _cells(row: dict, columns: Sequence[str]) -> list[float | int]:
+  """A CSV row's figures in full precision, a flag (both masks empty) as 0 or 1."""
+  return [int(row[c]) if isinstance(row[c], bool) else row[c] for c in columns]
+
+
+def write_scores(scored: Sequence[dict], path: pathlib.Path) -> None:
+  """One CSV row per scan scored against labels and plate: its case id and `evaluate.label_scores`."""
+  columns = list(scored[0]['scores']['fc'])
   with atomic.replaced(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8',
                                          errors='surrogateescape') as f:
     writer = csv.writer(f)
     writer.writerow(['case', 'scan', 'mask', 'labels', 'plate', *columns])
-    writer.writerows([case, r['input'], r['output'], r['labels'], plate, *(row[c] for c in columns)]
-                     for case, r in scored for plate, row in r['scores'].items())
+    writer.writerows([r['case'], r['input'], r['output'], r['labels'], plate, *_cells(row, columns)]
+                     for r in scored for plate, row in r['scores'].items())
 
 
 def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path], model: str) -> None:
   """One CSV row per scan and region (plate or compartment) of `measures.region_measures`, the scan's case id
-  (`case_ids`) first and figures in full precision, and a Markdown summary of the same with each scan's
-  thickness map, saying which `model` made the masks; of scans scored against labels, their scores
-  (`write_scores`), a section of the summary and a Bland-Altman plot of each plate's mean thickness."""
+  (`case_ids`) first, and a Markdown summary of the same with each scan's thickness map, saying which
+  `model` made the masks; of scans scored against labels, their scores (`write_scores`), a section of the
+  summary and a Bland-Altman plot of each plate's mean thickness."""
   csv_path, markdown_path = paths['measures'], paths['report']
-  cases = case_ids([r['input'] for r in results])
   columns = list(results[0]['regions']['fc'])
   # File names in another encoding than UTF-8 (held as surrogates) are written back as their bytes.
   with atomic.replaced(csv_path) as tmp, open(tmp, 'w', newline='', encoding='utf-8',
                                              errors='surrogateescape') as f:
     writer = csv.writer(f)
     writer.writerow(['case', 'scan', 'mask', 'laterality', 'region', *columns])
-    writer.writerows([case, r['input'], r['output'], SIDES.get(r['laterality'], 'unknown'), region,
-                      *(row[c] for c in columns)]
-                     for case, r in zip(cases, results)
-                     for region, row in r['regions'].items())
+    writer.writerows([r['case'], r['input'], r['output'], SIDES.get(r['laterality'], 'unknown'), region,
+                      *_cells(row, columns)]
+                     for r in results for region, row in r['regions'].items())
   lines = ['# Cartilage measures', '',
            "Per plate and compartment: volume, 3D local thickness over the plate's medial surface "
            'ridge (mean, median, 95th percentile, max), mid-surface area (volume / mean thickness) and the '
@@ -99,7 +101,7 @@ def write_reports(results: Sequence[dict], paths: dict[str, pathlib.Path], model
            'tibia from above.',
            '', f'Masks made by {model}.', '']
   if scored := [r for r in results if 'scores' in r]:
-    write_scores([(case, r) for case, r in zip(cases, results) if 'scores' in r], paths['scores'])
+    write_scores(scored, paths['scores'])
     lines += score_lines(scored)
     names, truth, found = zip(*[(plate.upper(), scores['thickness_true_mm'], scores['thickness_pred_mm'])
                                 for r in scored for plate, scores in r['scores'].items()])

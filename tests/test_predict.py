@@ -686,18 +686,39 @@ def test_records_hold_null_for_undefined_figures_and_tables_name_cases_by_id_and
                         parse_constant=no_constant)
     assert record['result']['regions']['tc']['thickness_mean_mm'] is None
     assert record['result']['regions']['fc']['thickness_mean_mm'] > 0
+  # Kept and scored against their own masks as labels, in OAI-ZIB's values (TC empty in both: its
+  # thickness error undefined).
+  for name in names:
+    mask = nib.load(tmp_path / 'out' / name)
+    volumes.save_volume(tmp_path / 'labels' / name.replace('_0000', ''),
+                        np.array([0, 2, 4], np.uint8)[np.asarray(mask.dataobj)], mask.affine)
   results = predict.predict(_config(), workdir, pathlib.Path('scans'), pathlib.Path('out'),
-                            continue_prediction=True)
-  assert [r['input'] for r in results] == [str(tmp_path / 'scans' / name) for name in names]
+                            continue_prediction=True, labels=pathlib.Path('labels'))
+  assert [(r['case'], r['input'], r['labels']) for r in results] == [
+      (case, str(tmp_path / 'scans' / name), str(tmp_path / 'labels' / f'{case}.nii.gz'))
+      for case, name in zip(('knee_a', 'knee_b'), names)]
   assert np.isnan(results[0]['regions']['tc']['thickness_mean_mm'])
+  fc, tc = results[0]['scores']['fc'], results[0]['scores']['tc']
+  assert fc['dice'] == 100 and np.isnan(tc['thickness_error_mm'])
+  # Another job's scan into the folder, not named as nnU-Net's: the reports list it, then the earlier scans
+  # from their records (nulls read back as undefined), each under its own case id.
+  (tmp_path / 'more').mkdir()
+  (tmp_path / 'more' / 'knee_c.nii.gz').write_bytes(canonical.read_bytes())
+  predict.predict(_config(), workdir, pathlib.Path('more'), pathlib.Path('out'))
   with open(tmp_path / 'out' / 'measures.csv') as f:
     rows = [row for row in csv.DictReader(f) if row['region'] in ('fc', 'tc')]
   assert [(row['case'], row['scan'], row['region']) for row in rows] == [
-      (case, str(tmp_path / 'scans' / name), region)
-      for case, name in zip(('knee_a', 'knee_b'), names) for region in ('fc', 'tc')]
-  assert float(rows[0]['thickness_mean_mm']) == results[0]['regions']['fc']['thickness_mean_mm']
-  assert rows[1]['thickness_mean_mm'] == 'nan'
+      (case, str(tmp_path / folder / name), region)
+      for case, folder, name in zip(('knee_c', 'knee_a', 'knee_b'), ('more', 'scans', 'scans'),
+                                    ('knee_c.nii.gz', *names)) for region in ('fc', 'tc')]
+  assert float(rows[2]['thickness_mean_mm']) == results[0]['regions']['fc']['thickness_mean_mm']
+  assert rows[3]['thickness_mean_mm'] == 'nan'
   assert '| tc | 0 | n/a |' in (tmp_path / 'out' / 'report.md').read_text()
+  with open(tmp_path / 'out' / 'scores.csv') as f:
+    scores = list(csv.DictReader(f))
+  assert [(row['case'], row['plate'], row['thickness_error_mm'], row['both_empty']) for row in scores] == [
+      (case, plate, error, empty) for case in ('knee_a', 'knee_b')
+      for plate, error, empty in (('fc', '0.0', '0'), ('tc', 'nan', '1'))]
   assert reports.case_ids(['scan_0000.nii', 'scan_0001.nii', 'series/SE1']) == [
       'scan_0000', 'scan_0001', 'SE1']
 
@@ -1289,7 +1310,7 @@ def test_the_report_and_csv_give_each_regions_measures_in_their_units(tmp_path, 
   its header says it and one turned against it; the figures linked; a scored scan's row of scores."""
   row = {'volume_mm3': 1234.0, 'thickness_mean_mm': 2.0, 'thickness_median_mm': 1.9, 'thickness_p95_mm': 3.1,
          'thickness_max_mm': 4.0, 'area_mm2': 617.0, 'thin_fraction': 0.25}
-  results = [{'input': f'{name}.nii.gz', 'output': str(tmp_path / f'{name}.nii.gz'),
+  results = [{'case': name, 'input': f'{name}.nii.gz', 'output': str(tmp_path / f'{name}.nii.gz'),
               'regions': {'fc': row, 'tc': row | {'thin_fraction': 0.0}},
               'thickness_png': str(tmp_path / 'thickness' / f'{name}.png'),
               'slices_png': str(tmp_path / 'slices' / f'{name}.png')} for name in ('a', 'knee b')]
