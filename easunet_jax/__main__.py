@@ -1,16 +1,12 @@
 """The command line, `python -m easunet_jax` (or a checkout's `python main.py`): parse flags, then dispatch
 on --mode. Everything else lives in the rest of the package."""
 
-import contextlib
 import errno
-import logging as python_logging
 import os
 import pathlib
 import signal
 import sys
 import tempfile
-import traceback
-from collections.abc import Iterator
 
 from easunet_jax import environment
 
@@ -92,19 +88,6 @@ def _terminated(signum, frame):
   raise _Terminated
 
 
-def _quiet_libraries(record) -> bool:
-  """Drops the INFO chatter of orbax and the TPU probe, orbax's warning at every checkpoint saved between
-  validations (those carry no Dice by design) and its (and asyncio's) tracebacks of a full disk (the run ends
-  with a line that says so), keeping all other warnings and errors."""
-  message = record.getMessage()
-  if message.startswith('Requested `tracked_metric`') or (
-      ('/orbax/' in record.pathname or record.name == 'asyncio')
-      and any(text in message for text in checkpoints.DISK_FULL)):
-    return False
-  return record.levelno >= logging.converter.STANDARD_WARNING or not any(
-      part in record.pathname for part in ('/orbax/', 'xla_bridge.py'))
-
-
 def _start_backend() -> int:
   """Starts JAX's backend and returns this process's index; where JAX_PLATFORMS names platforms that cannot
   start here (cuda on a node without a GPU, where JAX fails a bare assertion), one line instead."""
@@ -145,42 +128,6 @@ def _keep_compiled_programs(workdir: str, model_file: str | pathlib.Path | None)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-class _LogFile(python_logging.FileHandler):
-  """A log file that a full disk or a lost mount stops quietly: the run's own writes report it in one line,
-  where the logging module would print its traceback at every line."""
-
-  def handleError(self, record: python_logging.LogRecord) -> None:
-    del record
-
-
-@contextlib.contextmanager
-def _log_file(path: pathlib.Path) -> Iterator[None]:
-  """Copies process 0's log into `path` as it prints it, each start of the run appending, and the error
-  that ends the run: a user's in its one line, any other with its traceback. A run's account outlives the
-  terminal it was started in."""
-  if jax.process_index() > 0:  # process 0 speaks for all
-    yield
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handler = _LogFile(path, encoding='utf-8', errors='backslashreplace')
-  handler.setFormatter(logging.PythonFormatter())
-  handler.addFilter(_quiet_libraries)
-  python_logging.root.addHandler(handler)  # beside absl's own: the standard logging's records too
-  try:
-    yield
-  except train.Stopped:  # logged where it saved, and how to resume
-    raise
-  except Exception as e:
-    user, raised_at = isinstance(e, UserError), traceback.extract_tb(e.__traceback__)[-1]
-    handler.handle(python_logging.root.makeRecord(
-        'absl', python_logging.ERROR, raised_at.filename, raised_at.lineno,
-        f'error: {one_line(e)}' if user else 'ended by an error', None, None if user else sys.exc_info()))
-    raise
-  finally:
-    python_logging.root.removeHandler(handler)
-    handler.close()
-
-
 _PATH_FLAGS = ('workdir', 'input', 'output', 'labels', 'weights')
 # The flags only --mode=predict reads (and --output, which export reads too), refused in the other modes.
 _PREDICT_FLAGS = ('labels', 'input', 'series', 'laterality', 'continue_prediction', 'save_probabilities')
@@ -190,7 +137,7 @@ _PATH_FIELDS = (('data', 'root'), ('data', 'cache_dir'), ('data', 'phantom_dir')
 
 def main(argv):
   del argv  # config_check.parse_flags refused any argument that is not a flag
-  logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+  logging.get_absl_handler().python_handler.addFilter(checkpoints.quiet_libraries)
   # A path not in the locale's encoding (a Latin-1 folder name from a Windows export, held as surrogates)
   # is printed escaped, as stderr prints it, instead of stopping a run with UnicodeEncodeError.
   sys.stdout.reconfigure(errors='backslashreplace')
@@ -268,8 +215,7 @@ def main(argv):
       meta = pretrained.export(config, workdir, FLAGS.output)
       print(f'{FLAGS.output}: step {meta["step"]} of {workdir}, pixel {meta["pixel_mm"]} mm')
     else:
-      with _log_file(pathlib.Path(workdir) / 'train.log'):
-        train.train_and_evaluate(config, workdir)
+      train.train_and_evaluate(config, workdir)
   except UserError as e:  # what the user can fix, in one line; any other exception is a bug: traceback
     if FLAGS.verbose:
       raise

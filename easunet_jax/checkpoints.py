@@ -83,6 +83,20 @@ def _empty_deleting(mngr: ocp.CheckpointManager) -> None:
 DISK_FULL = ('No space left on device', 'Disk quota exceeded')
 
 
+def quiet_libraries(record: logging.LogRecord) -> bool:
+  """The log's filter (the terminal's and train.log's): drops the INFO chatter of orbax and JAX's TPU probe,
+  orbax's warning at every checkpoint saved between validations (those carry no Dice by design) and its (and
+  asyncio's) tracebacks of a full disk (the run ends with a line that says so), keeping all other warnings
+  and errors."""
+  message = record.getMessage()
+  if message.startswith('Requested `tracked_metric`') or (
+      ('/orbax/' in record.pathname or record.name == 'asyncio')
+      and any(text in message for text in DISK_FULL)):
+    return False
+  return record.levelno >= logging.WARNING or not any(
+      part in record.pathname for part in ('/orbax/', 'xla_bridge.py'))
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
          metrics: dict[str, float] | None = None) -> None:
   args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))

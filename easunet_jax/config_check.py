@@ -67,7 +67,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   bad flag, --config.<field> override or stray argument ends the run with one line and ConfigError's exit
   code (absl prints two lines, and a traceback for an unknown config field); --help exits 0, as nnU-Net's."""
   verbose = '--verbose' in argv or '--verbose=true' in argv
-  helped = any(arg.lstrip('-') in _HELP_FLAGS for arg in argv[1:] if arg.startswith('-'))
+  helped = any(arg.lstrip('-').partition('=')[0] in _HELP_FLAGS for arg in argv[1:] if arg.startswith('-'))
   reference = default.get_config()
   argv = project_config(argv)
   try:

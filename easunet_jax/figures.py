@@ -10,6 +10,7 @@ from typing import Any
 import matplotlib.axes
 import matplotlib.figure
 import matplotlib.patches
+import matplotlib.ticker
 import numpy as np
 
 from easunet_jax.data.volumes import CLASSES
@@ -33,7 +34,7 @@ def plot_loss_curves(rows: Sequence[dict], out: pathlib.Path) -> None:
   """loss_curves.png: the training and validation losses of metrics.jsonl's `rows` against step (paper
   Fig. 8/9), and beside them the validation Dice of each class and their mean, as nnU-Net's progress.png
   shows a run's course. A value logged as null (a non-finite one) leaves a gap."""
-  fig, (loss_ax, dice_ax) = _subplots(1, 2, figsize=(11, 4))
+  fig, (loss_ax, dice_ax) = _subplots(1, 2, figsize=(11, 4), sharex=True)
   # val/loss is the final output's CE + Dice, like train/loss_final; train/loss adds the side outputs.
   curves = ((loss_ax, 'train/loss', '-', 'train/loss (with side outputs)', 1, None),
             (loss_ax, 'train/loss_final', '--', 'train/loss_final', 1, None),
@@ -44,13 +45,14 @@ def plot_loss_curves(rows: Sequence[dict], out: pathlib.Path) -> None:
     points = [(r['step'], np.nan if r[key] is None else scale * r[key]) for r in rows if key in r]
     if points:
       ax.plot(*zip(*points), style, label=label, markersize=4, color=colour)
-  dice_ax.set_ylim(0, 100)
+  dice_ax.set_ylim(-2, 102)  # a Dice of 0 or 100 off the frame
   for ax, name, title in ((loss_ax, 'loss (cross-entropy + Dice)', 'Training and validation loss'),
                           (dice_ax, 'Dice %', 'Validation Dice (3D, mean over volumes)')):
     ax.set_xlabel('step')
     ax.set_ylabel(name)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if ax.lines:
       ax.legend()
   _save(fig, out)

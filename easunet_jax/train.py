@@ -3,11 +3,14 @@
 import contextlib
 import fcntl
 import gc
+import logging as python_logging
 import os
 import pathlib
 import signal
 import socket
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 
 import jax
@@ -33,15 +36,16 @@ from easunet_jax import (
   steps,
 )
 from easunet_jax.data import pipeline, preprocess
-from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError
+from easunet_jax.errors import CheckpointError, ConfigError, DataError, UserError, one_line
 from easunet_jax.progress import EVERY_S, Progress
 
 # train.nan_policy='skip' gives up after this many skipped steps in a row (whole logging periods counted):
 # a model whose every update is refused has diverged, or every batch holds a bad slice, and would finish
 # as if trained.
 MAX_SKIPPED_IN_A_ROW = 100
-# loss_curves.png is redrawn at a validation this long after it was last drawn, and at the run's end: a
-# figure takes a few tenths of a second, nothing beside a long run's validations, much beside a test's.
+# loss_curves.png is redrawn at a validation this long after it was last drawn, and at the run's end or
+# stop: a figure takes a few tenths of a second, nothing beside a long run's validations, much beside a
+# test's.
 CURVES_EVERY_S = 60.0
 
 
@@ -135,9 +139,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   workdir = pathlib.Path(workdir)
   # Closed however training ends (an error too): a save still in flight is finished, not lost.
-  with _sole_training(workdir), contextlib.closing(
+  with _sole_training(workdir), _logged_to(workdir / 'train.log'), contextlib.closing(
       checkpoints.manager(workdir, config.checkpoint.keep, for_training=True)) as mngr:
     return _train(config, workdir, mngr)
+
+
+class _LogFile(python_logging.FileHandler):
+  """A log file that a full disk or a lost mount stops quietly: the run's own writes report it in one line,
+  where the logging module would print its traceback at every line."""
+
+  def handleError(self, record: python_logging.LogRecord) -> None:
+    del record
+
+
+@contextlib.contextmanager
+def _logged_to(path: pathlib.Path) -> Iterator[None]:
+  """Copies process 0's log into `path` as the terminal shows it, each start of the run appending, and the
+  error that ends the run: a user's in its one line, any other with its traceback. A run's account outlives
+  the terminal it was started in."""
+  if jax.process_index() > 0:  # process 0 speaks for all
+    yield
+    return
+  handler = _LogFile(path, encoding='utf-8', errors='backslashreplace')
+  handler.setFormatter(logging.PythonFormatter())
+  handler.addFilter(checkpoints.quiet_libraries)
+  python_logging.root.addHandler(handler)  # beside absl's own: the standard logging's records too
+  try:
+    yield
+  except Stopped:  # logged where it saved, and how to resume
+    raise
+  except Exception as e:
+    user, raised_at = isinstance(e, UserError), traceback.extract_tb(e.__traceback__)[-1]
+    handler.handle(python_logging.root.makeRecord(
+        'absl', python_logging.ERROR, raised_at.filename, raised_at.lineno,
+        f'error: {one_line(e)}' if user else 'ended by an error', None, None if user else sys.exc_info()))
+    raise
+  finally:
+    python_logging.root.removeHandler(handler)
+    handler.close()
 
 
 def _compile_and_size(train_step: Callable, state: steps.TrainState, batch: dict[str, jax.Array],
@@ -353,11 +392,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mngr: ocp.C
             writer.write_scalars(step, val)
             logging.info('step %d: val loss %.4f, Dice FC %.4f TC %.4f', step, val['val/loss'],
                          val['val/dice_fc'], val['val/dice_tc'])
-            if step == num_steps or stop or time.monotonic() - drawn_at >= CURVES_EVERY_S:
-              _draw_curves(workdir)
-              drawn_at = time.monotonic()
           checkpoints.save(mngr, step, state, config,
                            {k: float(v) for k, v in val.items()} if val else None)
+          if step == num_steps or stop or (val and time.monotonic() - drawn_at >= CURVES_EVERY_S):
+            _draw_curves(workdir)
+            drawn_at = time.monotonic()
       if stop:
         logging.warning('Stopped by %s at step %d of %d; checkpoint saved in %s. Run the same command '
                         'to resume.', stop, step, num_steps, mngr.directory / str(step))

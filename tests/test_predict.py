@@ -701,7 +701,12 @@ def test_records_hold_null_for_undefined_figures_and_tables_name_cases_by_id_and
   fc, tc = results[0]['scores']['fc'], results[0]['scores']['tc']
   assert fc['dice'] == 100 and np.isnan(tc['thickness_error_mm'])
   # Another job's scan into the folder, not named as nnU-Net's: the reports list it, then the earlier scans
-  # from their records (nulls read back as undefined), each under its own case id.
+  # from their records (nulls read back as undefined), each under its own case id, also from a record of an
+  # older version, which names none.
+  record = tmp_path / 'out' / 'measures' / 'knee_b_0000.json'
+  older = json.loads(record.read_text())
+  del older['result']['case']
+  record.write_text(json.dumps(older))
   (tmp_path / 'more').mkdir()
   (tmp_path / 'more' / 'knee_c.nii.gz').write_bytes(canonical.read_bytes())
   predict.predict(_config(), workdir, pathlib.Path('more'), pathlib.Path('out'))

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import sys
+import types
 
 import jax
 import numpy as np
@@ -64,13 +65,15 @@ def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny
                       lambda mngr, step, *args: (saved.append(step), save(mngr, step, *args)))
   monkeypatch.setattr(train, 'EVERY_S', 0.0)
   monkeypatch.setattr(parallel, 'host_memory_free', lambda: 10**6)
-  drawn, plot = [], figures.plot_loss_curves  # at every validation where the last drawing is old enough
-  monkeypatch.setattr(train, 'CURVES_EVERY_S', 0.0)
+  # loss_curves.png: not redrawn at step 4's validation, 30 s (a clock of train's own) after the start, but
+  # at the end; not at step 5's save, which has no validation.
+  drawn, plot, clock = [], figures.plot_loss_curves, iter([0.0, 30.0, 100.0])
+  monkeypatch.setattr(train, 'time', types.SimpleNamespace(monotonic=lambda: next(clock)))
   monkeypatch.setattr(figures, 'plot_loss_curves',
                       lambda rows, out: (drawn.append(rows[-1]), plot(rows, out)))
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, tmp_path / 'run')
-  assert [(row['step'], 'val/dice_fc' in row) for row in drawn] == [(4, True), (6, True)]
+  assert [(row['step'], 'val/dice_fc' in row) for row in drawn] == [(6, True)]
   [short] = [m for r in caplog.records if 'GB free' in (m := r.getMessage())]
   need = float(re.match(r'a training step asks for (\S+) GB', short)[1])
   assert 0.001 < need < 1 and short.endswith(
@@ -134,6 +137,9 @@ def test_a_stop_while_the_step_compiles_saves_after_the_first_step(augmented_tin
     signal.signal(signal.SIGTERM, previous)
   assert stopped.value.exit_code == 143
   assert checkpoints.manager(tmp_path / 'run', 3).all_steps() == [1]
+  # Its curves drawn at the stop, before any validation, and its log kept.
+  assert (tmp_path / 'run' / 'loss_curves.png').read_bytes().startswith(b'\x89PNG')
+  assert 'Stopped by SIGTERM at step 1 of 6' in (tmp_path / 'run' / 'train.log').read_text()
 
 
 def test_no_batch_of_the_workers_shared_memory_outlives_a_training(augmented_tiny, tmp_path, monkeypatch):
@@ -272,7 +278,9 @@ def test_a_split_file_gives_the_split_whatever_the_seed_and_wherever_it_moved():
 
 
 def test_a_workdir_that_trains_is_not_trained_twice_at_once(augmented_tiny):
+  """Refused, and the running training's train.log is left to it."""
   config, workdir, _ = augmented_tiny
+  log = (workdir / 'train.log').read_text()
   with open(workdir / '.training.lock', 'a+') as held:  # as another process training it holds the lock
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     held.truncate(0)
@@ -281,6 +289,19 @@ def test_a_workdir_that_trains_is_not_trained_twice_at_once(augmented_tiny):
     with pytest.raises(CheckpointError, match=r'another training of this workdir is running \(process '
                        r'12345 on node7\); stop it first'):
       train.train_and_evaluate(config, workdir)
+  assert (workdir / 'train.log').read_text() == log
+
+
+def test_a_training_ended_by_a_bug_logs_its_traceback(tmp_path, monkeypatch):
+  def bug(*args):
+    raise RuntimeError('a bug')
+
+  monkeypatch.setattr(train, '_train', bug)
+  with pytest.raises(RuntimeError):
+    train.train_and_evaluate(tiny.get_config(), tmp_path / 'run')
+  log = (tmp_path / 'run' / 'train.log').read_text()
+  assert re.match(r'E\d{4} [\d:.]+ \d+ test_train\.py:\d+\] ended by an error\nTraceback', log)
+  assert log.splitlines()[-1] == 'RuntimeError: a bug'
 
 
 def test_a_training_removes_what_a_killed_one_left_half_written(augmented_tiny, dead_mark):
