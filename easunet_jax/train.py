@@ -86,12 +86,16 @@ def validate(p_eval_step: Callable, state: steps.TrainState, val: pipeline.Split
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[Callable[[], str | None]]:
   """While open, SIGTERM and SIGINT only ask the loop to save and stop after the step in flight; the
-  callable yields the signal's name once one came. A second signal acts as usual (kills)."""
+  callable yields the first signal's name once one came. A second Ctrl-C acts as usual (kills); a second
+  SIGTERM changes nothing, as the save it would cut short is what the first asked for: on Linux the death
+  of a sweep by SIGKILL reaches each of its points once for every thread of the sweep that ends
+  (PR_SET_PDEATHSIG, `sweep.launch`)."""
   received = []
 
   def request_stop(signum, frame) -> None:
     received.append(signal.Signals(signum).name)
-    signal.signal(signum, previous[signum])
+    if signum == signal.SIGINT:
+      signal.signal(signum, previous[signum])
 
   previous = {}
   # With several processes JAX's preemption service owns SIGTERM and picks a step that all of them

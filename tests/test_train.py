@@ -456,15 +456,21 @@ def test_a_batch_larger_than_the_training_slices_is_refused_before_any_step(augm
     train.train_and_evaluate(config, tmp_path / 'run')
 
 
-def test_a_signal_asks_once_to_stop_and_a_second_acts_as_usual():
-  """The first SIGTERM is the loop's to act on; the handler before it is back at once (a second signal kills)
-  and both handlers are back when training ends."""
+def test_a_signal_asks_once_to_stop_a_second_ctrl_c_acts_as_usual_and_a_second_sigterm_waits():
+  """The first signal is the loop's to act on. After a Ctrl-C the handler before it is back at once (a
+  second Ctrl-C kills); SIGTERMs that follow the first (a sweep's death by SIGKILL sends several) leave the
+  save under way to finish. Both handlers are back when training ends."""
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   with train._stop_requests() as stop:
     assert stop() is None
     signal.raise_signal(signal.SIGTERM)
-    assert stop() == 'SIGTERM' and signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
-    assert signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]
+    signal.raise_signal(signal.SIGTERM)
+    assert stop() == 'SIGTERM' and signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+  assert {s: signal.getsignal(s) for s in before} == before
+  with train._stop_requests() as stop:
+    signal.raise_signal(signal.SIGINT)
+    assert stop() == 'SIGINT' and signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
   assert {s: signal.getsignal(s) for s in before} == before
 
 
