@@ -88,8 +88,8 @@ def _stop_requests() -> Iterator[Callable[[], str | None]]:
   """While open, SIGTERM and SIGINT only ask the loop to save and stop after the step in flight; the
   callable yields the first signal's name once one came. A second Ctrl-C acts as usual (kills); a second
   SIGTERM changes nothing, as the save it would cut short is what the first asked for: on Linux the death
-  of a sweep by SIGKILL reaches each of its points once for every thread of the sweep that ends
-  (PR_SET_PDEATHSIG, `sweep.launch`)."""
+  of a sweep by SIGKILL may reach each of its points more than once, as each thread of the sweep that
+  started it ends (PR_SET_PDEATHSIG, `sweep.launch`)."""
   received = []
 
   def request_stop(signum, frame) -> None:
@@ -210,9 +210,13 @@ def _compile_and_size(train_step: Callable, state: steps.TrainState, batch: dict
 def _draw_curves(workdir: pathlib.Path) -> None:
   """<workdir>/loss_curves.png of metrics.jsonl so far (process 0): a long run's course at a glance, in a
   file browser too, as nnU-Net's progress.png."""
-  if jax.process_index() == 0:
+  if jax.process_index() > 0:
+    return
+  try:
     with atomic.replaced(workdir / 'loss_curves.png') as tmp:
       figures.plot_loss_curves(metric_writer.read_rows(workdir / 'metrics.jsonl'), tmp)
+  except OSError as e:  # a full disk: the next checkpoint's save says so; a figure is no reason to stop
+    logging.warning('%s not drawn: %s', workdir / 'loss_curves.png', e.strerror or e)
 
 
 def _divergence_advice(mngr: ocp.CheckpointManager) -> str:

@@ -65,15 +65,15 @@ def test_a_run_off_its_cadences_validates_and_saves_its_last_step(augmented_tiny
                       lambda mngr, step, *args: (saved.append(step), save(mngr, step, *args)))
   monkeypatch.setattr(train, 'EVERY_S', 0.0)
   monkeypatch.setattr(parallel, 'host_memory_free', lambda: 10**6)
-  # loss_curves.png: not redrawn at step 4's validation, 30 s (a clock of train's own) after the start, but
-  # at the end; not at step 5's save, which has no validation.
-  drawn, plot, clock = [], figures.plot_loss_curves, iter([0.0, 30.0, 100.0])
+  # loss_curves.png: redrawn at step 4's validation, 61 s (a clock of train's own) after the start, and at
+  # the end; not at step 5's save, which has no validation.
+  drawn, plot, clock = [], figures.plot_loss_curves, iter([0.0, 61.0, 62.0, 100.0])
   monkeypatch.setattr(train, 'time', types.SimpleNamespace(monotonic=lambda: next(clock)))
   monkeypatch.setattr(figures, 'plot_loss_curves',
                       lambda rows, out: (drawn.append(rows[-1]), plot(rows, out)))
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(config, tmp_path / 'run')
-  assert [(row['step'], 'val/dice_fc' in row) for row in drawn] == [(6, True)]
+  assert [(row['step'], 'val/dice_fc' in row) for row in drawn] == [(4, True), (6, True)]
   [short] = [m for r in caplog.records if 'GB free' in (m := r.getMessage())]
   need = float(re.match(r'a training step asks for (\S+) GB', short)[1])
   assert 0.001 < need < 1 and short.endswith(
@@ -290,6 +290,16 @@ def test_a_workdir_that_trains_is_not_trained_twice_at_once(augmented_tiny):
                        r'12345 on node7\); stop it first'):
       train.train_and_evaluate(config, workdir)
   assert (workdir / 'train.log').read_text() == log
+
+
+def test_curves_that_cannot_be_drawn_are_warned_of_not_a_reason_to_stop(tmp_path, monkeypatch, caplog):
+  def full_disk(rows, out):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 1.0}\n')
+  monkeypatch.setattr(figures, 'plot_loss_curves', full_disk)
+  train._draw_curves(tmp_path)
+  assert f"{tmp_path / 'loss_curves.png'} not drawn: No space left on device" in caplog.text
 
 
 def test_a_training_ended_by_a_bug_logs_its_traceback(tmp_path, monkeypatch):

@@ -75,7 +75,8 @@ class Launcher:
   then saves a checkpoint after the step in flight and exits) and stops the sweep: no point is evaluated
   or started after it, and the same command resumes. SIGHUP (a closed terminal; unless the sweep runs
   under nohup) is passed on as SIGTERM, so that no point trains on unwatched; so is the sweep's own death
-  by SIGKILL, on Linux. A second signal passed on kills the points."""
+  by SIGKILL, on Linux. A second Ctrl-C passed on kills the points; a second SIGTERM lets their saves finish
+  (a point hung past it ends by kill -9)."""
 
   def __init__(self, groups: Sequence[str | None], workdir: pathlib.Path):
     self.groups, self.workdir = groups, workdir
