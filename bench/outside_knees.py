@@ -7,14 +7,15 @@ Knees: the reference knee's OAI-ZIB label map (`knee.REFERENCE`, in its own voxe
 0.7 mm), scaled by 0.92-1.08 along each axis about the volume's centre and warped by a smooth elastic field
 (2.5-3 mm, 15 mm smooth), the third mirrored left-right. Around the bones and plates, from distances to
 them: body out to 32 ± 5 mm (a smooth field), skin its outer 2 mm, subcutaneous fat the 7 mm inside it,
-muscle with islands of fat, muscle within 3 mm of bone and cartilage, a dark meniscus-like wedge where
-femur and tibia are both within 5 mm, joint fluid where both are within 1.6 mm, a patchy synovial film
-within 0.6 mm of the cartilage, a 1 mm cortex around the marrow. Four contrasts (`CONTRASTS`: DESS with
-and without water excitation, T1-like, one intensity per label), ±8 % texture, blur (0.6 voxel along the
-0.7 mm slices), a bias field and Rician noise; each set stored as a real set might be (`LAYOUTS`: the
-label map's own order in float32, its axes transposed in int16, MetaImage in uint16, NRRD flipped); and
-DESS with water excitation of knees with a large effusion (`SETS`: fluid up to 10 mm from the femur). Each
-set is segmented by `predict.predict`, as `--mode=predict` does, and scored as bench/transfer.py scores.
+muscle with islands of fat, muscle (rarer islands of fat) within 3 mm of bone and cartilage, a dark
+meniscus-like wedge where femur and tibia are both within 5 mm, joint fluid where both are within 1.6 mm,
+a patchy synovial film within 0.6 mm of the cartilage, a 1 mm cortex around the marrow. Four contrasts
+(`CONTRASTS`): DESS with and without water excitation and T1-like, with ±8 % texture, blur (0.6 voxel
+along the 0.7 mm slices), a bias field and Rician noise, and one intensity per label with a 1-voxel blur
+and Gaussian noise; each set stored as a real set might be (`LAYOUTS`: the label map's own order in
+float32, its axes transposed in int16, MetaImage in uint16, NRRD flipped); and DESS with water excitation
+of knees with a large effusion (`SETS`: fluid up to 10 mm from the femur). Each set is segmented by
+`predict.predict`, as `--mode=predict` does, and scored as bench/transfer.py scores.
 Prints a Markdown table (mean ± std over knees; per knee, the share of FC found and of the FC marked that
 lies in the femur) and one JSON line.
 """
@@ -72,16 +73,18 @@ def _smooth_field(shape: Sequence[int], sigma_mm: float, spacing: np.ndarray, rn
 
 def _knee(labels: np.ndarray, spacing: np.ndarray, seed: int, elastic_mm: float, scale: Sequence[float],
           mirrored: bool) -> np.ndarray:
-  """`labels` scaled about the centre and warped (nearest neighbour), on a 4x coarser grid of coordinates."""
+  """`labels` scaled about the centre and warped (nearest neighbour): the source coordinates computed on a
+  grid about 4x coarser whose first and last points are the volume's, and zoomed up linearly."""
   rng = np.random.default_rng(seed)
   centre = (np.array(labels.shape) - 1) / 2
-  grid = np.meshgrid(*[np.arange(0, n, 4, dtype=np.float32) for n in labels.shape], indexing='ij')
+  grid = np.meshgrid(*[np.linspace(0, n - 1, -(-n // 4) + 1, dtype=np.float32) for n in labels.shape],
+                     indexing='ij')
   coordinates = []
   for axis in range(3):
     source = centre[axis] + (grid[axis] - centre[axis]) / scale[axis]
     source += _smooth_field(grid[0].shape, 15.0, 4 * spacing, rng) * elastic_mm / spacing[axis]
-    zoomed = ndimage.zoom(source, [n / c for n, c in zip(labels.shape, source.shape, strict=True)], order=1)
-    coordinates.append(zoomed[tuple(slice(n) for n in labels.shape)])
+    coordinates.append(ndimage.zoom(source, [n / c for n, c in zip(labels.shape, source.shape, strict=True)],
+                                    order=1))
   warped = ndimage.map_coordinates(labels, coordinates, order=0, mode='constant', cval=0).astype(np.uint8)
   return warped[:, :, ::-1].copy() if mirrored else warped  # the left-right axis is the label map's last
 
@@ -121,6 +124,8 @@ def _tissues(labels: np.ndarray, spacing: np.ndarray, seed: int, effusion_mm: fl
 
 def _render(labels: np.ndarray, tissue: np.ndarray, spacing: np.ndarray, contrast: str, seed: int
             ) -> np.ndarray:
+  """The image of a knee in `contrast`: its tissues' intensities with texture, blur, a bias field and Rician
+  noise; one intensity per label, a 1-voxel blur and Gaussian noise for the per-label contrast."""
   rng = np.random.default_rng(seed)
   table = CONTRASTS[contrast]
   if table is None:
@@ -139,52 +144,59 @@ def _scaled(image: np.ndarray, top: int, dtype: type) -> np.ndarray:
 
 
 def _write_itk(array: np.ndarray, affine: np.ndarray, path: pathlib.Path) -> None:
-  """A MetaImage or NRRD file (by `path`'s suffix) of `array` (voxel order of `affine`, RAS mm)."""
+  """A MetaImage or NRRD file (by `path`'s suffix) of `array` (voxel order of `affine`, RAS mm), written in a
+  folder beside it and moved into place, the header last: a stopped run leaves no half file."""
   image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  spacing = nib.affines.voxel_sizes(affine)
   to_lps = np.diag([-1.0, -1.0, 1.0])
   image.SetSpacing(spacing.tolist())
   image.SetDirection((to_lps @ affine[:3, :3] / spacing).ravel().tolist())
   image.SetOrigin((to_lps @ affine[:3, 3]).tolist())
   path.parent.mkdir(parents=True, exist_ok=True)
-  sitk.WriteImage(image, str(path))
+  with tempfile.TemporaryDirectory(dir=path.parent) as folder:
+    sitk.WriteImage(image, str(pathlib.Path(folder) / path.name))
+    for written in sorted(pathlib.Path(folder).iterdir(), key=lambda p: p.name == path.name):
+      written.replace(path.parent / written.name)
 
 
 def _store(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, layout: str, folder: pathlib.Path,
            case: str) -> None:
-  """Writes the image and its labels (the same grid) under `folder`/images and /labels in `layout`."""
+  """Writes the labels and then the image (the same grid) under `folder`/labels and /images in `layout`."""
   images, label_dir = folder / 'images', folder / 'labels'
   if layout == LAYOUTS[0]:
-    volumes.save_volume(images / f'{case}.nii.gz', image.astype(np.float32), affine)
     volumes.save_volume(label_dir / f'{case}.nii.gz', labels, affine)
+    volumes.save_volume(images / f'{case}.nii.gz', image.astype(np.float32), affine)
   elif layout == LAYOUTS[1]:  # the left-right axis first
     order = (2, 0, 1)
     moved = affine.copy()
     moved[:, :3] = affine[:, order]
-    volumes.save_volume(images / f'{case}.nii.gz', _scaled(image, 4095, np.int16).transpose(order), moved)
     volumes.save_volume(label_dir / f'{case}.nii.gz', labels.transpose(order), moved)
+    volumes.save_volume(images / f'{case}.nii.gz', _scaled(image, 4095, np.int16).transpose(order), moved)
   elif layout == LAYOUTS[2]:
-    _write_itk(_scaled(image, 1000, np.uint16), affine, images / f'{case}.mhd')
     _write_itk(labels, affine, label_dir / f'{case}.mhd')
+    _write_itk(_scaled(image, 1000, np.uint16), affine, images / f'{case}.mhd')
   else:  # the second voxel axis reversed, the affine with it
     flipped = affine.copy()
     flipped[:, 1] = -affine[:, 1]
     flipped[:3, 3] = affine[:3, 3] + affine[:3, 1] * (image.shape[1] - 1)
-    _write_itk(_scaled(image, 4095, np.uint16)[:, ::-1], flipped, images / f'{case}.nrrd')
     volumes.save_volume(label_dir / f'{case}.nii.gz', labels[:, ::-1], flipped)
+    _write_itk(_scaled(image, 4095, np.uint16)[:, ::-1], flipped, images / f'{case}.nrrd')
 
 
 def write_sets(out: pathlib.Path) -> dict[str, pathlib.Path]:
-  """The sets under `out`, {name: folder with images/ and labels/}; knees already written are kept."""
+  """The sets under `out`, {name: folder with images/ and labels/}; knees already written are kept, in an
+  `out` whose volumes were made with these settings (else DataError)."""
+  transfer.check_made_with(out, json.loads(json.dumps(
+      {'knees': KNEES, 'sets': SETS, 'contrasts': CONTRASTS, 'label_intensity': LABEL_INTENSITY})))
   reference = nib.load(knee.REFERENCE)
   labels, affine = np.asarray(reference.dataobj).astype(np.uint8), reference.affine
-  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  spacing = nib.affines.voxel_sizes(affine)
   names = [f'{contrast}{f", a large effusion ({effusion_mm:g} mm)" if effusion_mm else ""}; {layout}'
            for contrast, effusion_mm, layout in SETS]
   sets = {name: out / name for name in names}
   for i, (seed, elastic_mm, scale, mirrored) in enumerate(KNEES):
     case = f'knee_{i:03d}'
-    # Those an earlier run into the same --out wrote are kept (images are written last).
+    # Those an earlier run into the same --out wrote are kept (images are written after their labels).
     missing = [k for k, name in enumerate(names)
                if not ((sets[name] / 'images').is_dir() and volumes.label_file(sets[name] / 'images', case))]
     if not missing:
