@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.synth = False
   d.workers = 0  # Grain worker processes (0 = load in the training process)
   # Where the phantom is generated once; '' = beside the workdir: phantom_<shape>/ (phantom_160x384x384/),
-  # or for 'reference' anatomy phantom_reference[_oa<fraction>][_elastic<mm>]_<shape>/.
+  # or for 'reference' anatomy phantom_reference[_oa<fraction>][_elastic<mm>][_effusion<mm>]_<shape>/.
   d.phantom_dir = ''
   d.phantom_anatomy = 'schematic'  # 'schematic' shapes | 'reference': knees warped from a real label map
   d.phantom_num = 20  # phantom subjects
@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.phantom_oa_fraction = 0.0
   # 'reference' only: the elastic field's standard deviation (mm), how far subjects' shapes stray from it
   d.phantom_elastic_mm = 1.5
+  # 'reference' only: the deepest large effusion (mm of fluid around the femur, in front and behind, each
+  # drawn from 0 to it per subject); 0 = none, only the thin fluid of every knee
+  d.phantom_effusion_mm = 0.0
   d.phantom_shape = (160, 384, 384)  # phantom voxels (left-right, then the sagittal plane), OAI-ZIB's
   d.phantom_spacing = (0.7, 0.3646, 0.3646)  # phantom voxel size in mm, OAI-ZIB's
 

@@ -26,7 +26,7 @@ _POSITIVE = ('train.batch_size', 'train.eval_every_steps', 'eval.batch_size', 'p
              'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'data.phantom_num')
 _NON_NEGATIVE = ('train.num_steps', 'train.num_epochs', 'data.workers', 'predict.min_component_mm3',
                  'predict.slice_sigma_mm', 'optim.weight_decay', 'data.phantom_elastic_mm',
-                 'eval.num_figure_slices')
+                 'data.phantom_effusion_mm', 'eval.num_figure_slices')
 NAN_POLICIES = ('stop', 'skip')
 # The folder that holds this project's configs/: a checkout's root, or an installed easunet_jax's
 # site-packages.
@@ -348,6 +348,9 @@ def _check_values(config: ml_collections.ConfigDict, mode: str) -> None:
                         f'{tuple(data.phantom_spacing)}')
     if data.phantom_oa_fraction and data.phantom_anatomy != 'reference':
       raise ConfigError(f"data.phantom_oa_fraction: osteoarthritic knees are drawn with data.phantom_anatomy="
+                        f"'reference', got {data.phantom_anatomy!r}")
+    if data.phantom_effusion_mm and data.phantom_anatomy != 'reference':
+      raise ConfigError(f"data.phantom_effusion_mm: large effusions are drawn with data.phantom_anatomy="
                         f"'reference', got {data.phantom_anatomy!r}")
     if (data.phantom_elastic_mm != default.get_config().data.phantom_elastic_mm
         and data.phantom_anatomy != 'reference'):

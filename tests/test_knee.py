@@ -71,6 +71,21 @@ def test_elastic_field_strays_the_shapes_as_far_as_asked(subject):
   assert 0 < np.mean(rigid != bones(subject[1])) < np.mean(rigid != strong)
 
 
+def test_large_effusion_fills_recesses_around_the_femur(subject):
+  """A large effusion turns soft tissue near the femur into fluid, in front of it and behind it, and
+  leaves the bones and cartilage, and the subject's other draws, as they were."""
+  tissue = knee.make_tissues(3, SHAPE, SPACING, effusion_mm=10.0)[1]
+  np.testing.assert_array_equal(phantom.LABEL_OF_TISSUE[tissue], phantom.LABEL_OF_TISSUE[subject[1]])
+  added = (tissue == phantom.FLUID) & (subject[1] != phantom.FLUID)
+  assert added.sum() > 10 * (subject[1] == phantom.FLUID).sum()
+  femur = np.isin(phantom.LABEL_OF_TISSUE[tissue], (1, 2))  # bone and cartilage, as the fluid reaches
+  near = knee._edt(femur, SPACING) < 10.0 + max(SPACING)
+  assert near[added].all()
+  y = np.nonzero(added)[1]
+  front = np.nonzero(femur)[1].mean()
+  assert (y > front).any() and (y < front).any()
+
+
 def test_thickness_scaling():
   labels, spacing = knee.reference()
   thin, thick = knee.scaled_cartilage(0.8, 0.8), knee.scaled_cartilage(1.2, 1.2)

@@ -243,6 +243,8 @@ BAD_VALUES = {
                                 'data.phantom_oa_fraction: expected a fraction from 0 to 1'),
     'negative elastic field': ({'data.phantom_elastic_mm': -1.0},
                                'data.phantom_elastic_mm: expected a non-negative number'),
+    'negative effusion': ({'data.phantom_effusion_mm': -1.0},
+                          'data.phantom_effusion_mm: expected a non-negative number'),
     'label map class beyond the classes': ({'data.label_map': ((2, 1), (4, 2), (5, 3))},
                                            'data.label_map: expected (source label, training class) pairs'),
     'label map source beyond uint8': ({'data.label_map': ((2, 1), (300, 2))},
@@ -281,6 +283,9 @@ BAD_VALUES = {
     'warped schematic knees': ({'data.phantom_elastic_mm': 3.0},
                                "data.phantom_elastic_mm: knees are warped from the real one with "
                                "data.phantom_anatomy='reference', got 'schematic'"),
+    'schematic knees with effusions': ({'data.phantom_effusion_mm': 10.0},
+                                       "data.phantom_effusion_mm: large effusions are drawn with "
+                                       "data.phantom_anatomy='reference', got 'schematic'"),
     'negative rotation': ({'data.augment_rotate_deg': -10.0},
                           'data.augment_rotate_deg: expected degrees from 0 to 180'),
     'rotation past a half turn': ({'data.augment_rotate_deg': 400.0},
@@ -293,7 +298,8 @@ BAD_VALUES = {
 # The edges of the ranges BAD_VALUES refuses beyond: allowed (plain SGD has momentum 0).
 EDGE_VALUES = {'optim.momentum': 0.0, 'optim.weight_decay': 0.0, 'predict.min_component_fraction': 0.0,
                'data.phantom_oa_fraction': 1.0, 'predict.slice_sigma_mm': 0.0, 'data.phantom_elastic_mm': 0.0,
-               'eval.num_figure_slices': 0, 'seed': 2 ** 32 - 1, 'predict.spacing': (0.0, 0.0),
+               'data.phantom_effusion_mm': 0.0, 'eval.num_figure_slices': 0, 'seed': 2 ** 32 - 1,
+               'predict.spacing': (0.0, 0.0),
                'eval.checkpoint': '100', 'data.augment_rotate_deg': 180.0,
                'data.label_map': ((1, 1), (255, 2)),
                'loss.side_weights': (0.0,) * len(tiny.get_config().loss.side_weights)}

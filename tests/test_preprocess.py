@@ -414,9 +414,15 @@ def test_resolve_data_root_generates_phantom(tmp_path, monkeypatch):
     root = preprocess.resolve_data_root(cfg, tmp_path / 'runs' / run, seed)
     assert root == tmp_path / 'runs' / 'phantom_4x16x12' and len(volumes.discover_cases(root)) == 1
   cfg.phantom_anatomy, cfg.phantom_oa_fraction, cfg.phantom_elastic_mm = 'reference', 0.5, 3.0
-  monkeypatch.setattr(phantom, 'write_dataset', lambda *args, **kwargs: None)  # 8 s a real-anatomy knee
+  made = {}  # what the folder's record would hold; not written: 8 s a real-anatomy knee
+  monkeypatch.setattr(phantom, 'write_dataset', lambda *args, made_by, **kwargs: made.update(made_by))
   assert preprocess.resolve_data_root(cfg, tmp_path / 'runs' / 'knee', seed=0).name == (
       'phantom_reference_oa0.5_elastic3_4x16x12')
+  assert 'effusion_mm' not in made  # folders made before the setting existed still match
+  cfg.phantom_effusion_mm = 10.0
+  assert preprocess.resolve_data_root(cfg, tmp_path / 'runs' / 'knee', seed=0).name == (
+      'phantom_reference_oa0.5_elastic3_effusion10_4x16x12')
+  assert made['effusion_mm'] == 10.0
   cfg.root = '/somewhere/OAI-ZIB'
   assert str(preprocess.resolve_data_root(cfg, tmp_path, seed=0)) == '/somewhere/OAI-ZIB'
 

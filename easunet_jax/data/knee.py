@@ -6,10 +6,11 @@ Each subject is the reference with its cartilage thickened or thinned (a factor 
 affine (size, rotations) and a smooth elastic field, its joint space widened or narrowed, mirrored into a left
 knee half of the time, then resampled into the requested grid. An osteoarthritic subject (`make_tissues`'s
 `oa_fraction`) has thinner plates, a narrower joint space and focal defects of its weight-bearing cartilage,
-filled with joint fluid. The soft tissue is placed around those bones and plates from distances to them:
-cortical plates, a patella with its cartilage, tendons, menisci, joint fluid and effusion, Hoffa's and
-popliteal fat, muscle, subcutaneous fat, air. The result is a tissue-code volume (`phantom`'s codes), rendered
-DESS-like or TSE-like by `phantom.render`.
+filled with joint fluid. A subject may have a large effusion (`make_tissues`'s `effusion_mm`): fluid
+around the femur in the suprapatellar pouch and the posterior recesses. The soft tissue is placed around
+those bones and plates from distances to them: cortical plates, a patella with its cartilage, tendons,
+menisci, joint fluid and effusion, Hoffa's and popliteal fat, muscle, subcutaneous fat, air. The result
+is a tissue-code volume (`phantom`'s codes), rendered DESS-like or TSE-like by `phantom.render`.
 
 Voxel order and affine as the schematic phantom: axis 0 left-right, RAS, the volume centre at the origin.
 """
@@ -33,6 +34,7 @@ _CHUNK = 16  # sagittal slices resampled at once: bounds the memory of the coord
 ELASTIC_MM = 1.5  # standard deviation of the elastic field's bumps: how far shapes stray from the reference
 DEFECT = 5  # label of a cartilage defect between `with_defects` and `_tissues` (joint fluid)
 _WEIGHT_BEARING_MM = 8.0  # femoral defects lie this far above the plate's lowest point at most
+_EFFUSION_REACH_MM = 40.0  # a large effusion fills the recesses this near the femoral cartilage
 
 
 @functools.cache
@@ -233,6 +235,12 @@ def _tissues(labels: np.ndarray, spacing: Sequence[float], k: dict) -> np.ndarra
   meniscus = in_joint & (d_tibial < k['meniscus']) & (gap > contact + 1.2) & (gap < contact + k['meniscus'])
   d_cartilage = _edt(fc | tc | patella_cartilage, spacing)
   effusion = (d_femoral < k['effusion']) & (y > joint[1])
+  if 'large_effusion' in k:
+    # Fluid distends the recesses around the femur, in front (the suprapatellar pouch) and behind (the
+    # posterior recesses over the condyles), each to a depth of its own; it stays off the tibia.
+    front, back = k['large_effusion']
+    near = (d_tibial > 2) & (_edt(fc, spacing) < _EFFUSION_REACH_MM) & (tissue != P.TENDON)
+    effusion |= near & (d_femoral < np.where(y > joint[1], front, back))
   fluid = free & ((in_joint & (gap <= contact + 1.2)) | (d_cartilage < 0.5) | effusion)
   tissue[fluid | (labels == DEFECT)] = P.FLUID
   tissue[meniscus & (labels != DEFECT)] = P.MENISCUS
@@ -260,12 +268,14 @@ def tse_intensities(rng: np.random.Generator) -> np.ndarray:
 
 def make_tissues(seed: int, shape: Sequence[int] = phantom.DEFAULT_SHAPE,
                  spacing: Sequence[float] = phantom.DEFAULT_SPACING, contrast: str = 'dess',
-                 oa_fraction: float = 0.0, elastic_mm: float = ELASTIC_MM
+                 oa_fraction: float = 0.0, elastic_mm: float = ELASTIC_MM, effusion_mm: float = 0.0
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One real-anatomy subject: image (float32, `contrast` 'dess' or 'tse'), tissue codes (uint8) and the
   4x4 RAS affine. With probability `oa_fraction` the subject is osteoarthritic (`_draw_oa`), decided by
   random numbers of their own, so that a subject's other draws do not depend on it. `elastic_mm` scales
-  the elastic field (the same draws, so the subject's shape changes the more the larger it is)."""
+  the elastic field (the same draws, so the subject's shape changes the more the larger it is). With
+  `effusion_mm` > 0 the subject has a large effusion, its depth in front of the femur and behind it each
+  drawn from 0 to `effusion_mm`, from random numbers of their own as well."""
   if contrast not in CONTRASTS:
     raise ValueError(f'contrast: expected one of {CONTRASTS}, got {contrast!r}')
   rng = np.random.default_rng(seed)
@@ -274,6 +284,8 @@ def make_tissues(seed: int, shape: Sequence[int] = phantom.DEFAULT_SHAPE,
   oa = oa_rng.random() < oa_fraction
   if oa:
     k |= _draw_oa(oa_rng)
+  if effusion_mm:
+    k['large_effusion'] = np.random.default_rng([seed, 11]).uniform(0, effusion_mm, 2)
   _, ref_spacing = reference()
   labels = scaled_cartilage(k['fc_scale'], k['tc_scale'])
   if oa:

@@ -63,7 +63,8 @@ def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathli
     return pathlib.Path(data_cfg.root)
   generators = {'schematic': phantom.make_tissues,
                 'reference': functools.partial(knee.make_tissues, oa_fraction=data_cfg.phantom_oa_fraction,
-                                               elastic_mm=data_cfg.phantom_elastic_mm)}
+                                               elastic_mm=data_cfg.phantom_elastic_mm,
+                                               effusion_mm=data_cfg.phantom_effusion_mm)}
   if data_cfg.phantom_anatomy not in generators:
     raise ConfigError(f'data.phantom_anatomy: expected one of {sorted(generators)}, '
                       f'got {data_cfg.phantom_anatomy!r}')
@@ -75,12 +76,16 @@ def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathli
       name += f'_oa{data_cfg.phantom_oa_fraction:g}'
     if data_cfg.phantom_elastic_mm != knee.ELASTIC_MM:
       name += f'_elastic{data_cfg.phantom_elastic_mm:g}'
+    if data_cfg.phantom_effusion_mm:
+      name += f'_effusion{data_cfg.phantom_effusion_mm:g}'
   name += '_' + 'x'.join(str(int(n)) for n in data_cfg.phantom_shape)
   default_dir = pathlib.Path(workdir).parent / name
   out = pathlib.Path(data_cfg.phantom_dir or default_dir)
   _say_the_phantom_is_used(data_cfg.phantom_anatomy, data_cfg.phantom_num, out)
   made_by = {'anatomy': data_cfg.phantom_anatomy} | ({
       'oa_fraction': data_cfg.phantom_oa_fraction, 'elastic_mm': data_cfg.phantom_elastic_mm}
+      # Recorded only where set, so that the folders made before the setting existed still match.
+      | ({'effusion_mm': data_cfg.phantom_effusion_mm} if data_cfg.phantom_effusion_mm else {})
       if data_cfg.phantom_anatomy == 'reference' else {})
   phantom.write_dataset(out, data_cfg.phantom_num, data_cfg.phantom_shape, data_cfg.phantom_spacing, seed,
                         generator=generators[data_cfg.phantom_anatomy], made_by=made_by)
