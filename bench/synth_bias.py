@@ -55,7 +55,8 @@ def main() -> None:
   rows = []
   for i in range(args.num):
     image, tissue, _ = knee.make_tissues(phantom.subject_seed(args.seed, i), shape, spacing, contrast,
-                                         args.oa_fraction, config.data.phantom_elastic_mm)
+                                         args.oa_fraction, config.data.phantom_elastic_mm,
+                                         config.data.phantom_effusion_mm)
     image = preprocess.normalise(image).astype(np.float32)[..., None]
     labels = phantom.LABEL_OF_TISSUE[tissue]
     row = {'knee': i} | {f'{name}_thickness_mm': measures.mean_thickness_mm(labels == value, spacing)

@@ -71,19 +71,31 @@ def test_elastic_field_strays_the_shapes_as_far_as_asked(subject):
   assert 0 < np.mean(rigid != bones(subject[1])) < np.mean(rigid != strong)
 
 
-def test_large_effusion_fills_recesses_around_the_femur(subject):
-  """A large effusion turns soft tissue near the femur into fluid, in front of it and behind it, and
-  leaves the bones and cartilage, and the subject's other draws, as they were."""
+def test_large_effusion_fills_recesses_around_the_femur(subject, monkeypatch):
+  """A large effusion turns muscle and fat near the femur into fluid, in front of it and behind it to the
+  depth drawn for each, and leaves air, tendons, the tibia's surroundings, the bones and cartilage, and
+  the subject's other draws, as they were."""
+  drawn = {}
+  tissues = knee._tissues
+  def keep_the_draws(labels, spacing, k):
+    drawn.update(labels=labels, k=k)
+    return tissues(labels, spacing, k)
+
+  monkeypatch.setattr(knee, '_tissues', keep_the_draws)
   tissue = knee.make_tissues(3, SHAPE, SPACING, effusion_mm=10.0)[1]
   np.testing.assert_array_equal(phantom.LABEL_OF_TISSUE[tissue], phantom.LABEL_OF_TISSUE[subject[1]])
-  added = (tissue == phantom.FLUID) & (subject[1] != phantom.FLUID)
-  assert added.sum() > 10 * (subject[1] == phantom.FLUID).sum()
-  femur = np.isin(phantom.LABEL_OF_TISSUE[tissue], (1, 2))  # bone and cartilage, as the fluid reaches
-  near = knee._edt(femur, SPACING) < 10.0 + max(SPACING)
-  assert near[added].all()
-  y = np.nonzero(added)[1]
-  front = np.nonzero(femur)[1].mean()
-  assert (y > front).any() and (y < front).any()
+  assert ((tissue == phantom.FLUID) & (subject[1] != phantom.FLUID)).sum() > 10 * (
+      subject[1] == phantom.FLUID).sum()
+  labels = phantom.LABEL_OF_TISSUE[subject[1]]
+  near_femur = knee._edt(np.isin(labels, (1, 2)), SPACING) < 8.0
+  off_tibia = knee._edt(np.isin(labels, (3, 4)), SPACING) > 2.0
+  y = phantom.centred_mm(SHAPE, SPACING)[1].astype(np.float32)  # as _tissues: a row may lie on the line
+  front_of = (y > y[(labels == 2).any((0, 2))].mean())[None, :, None]
+  for depths, side in (((8.0, 0.0), front_of), ((0.0, 8.0), ~front_of)):
+    tissue = tissues(drawn['labels'], SPACING, drawn['k'] | {'large_effusion': depths})
+    added = (tissue == phantom.FLUID) & (subject[1] != phantom.FLUID)
+    assert added.sum() > 100 and (added <= (side & near_femur & off_tibia)).all(), depths
+    assert np.isin(subject[1][added], (phantom.MUSCLE, phantom.FAT)).all(), depths
 
 
 def test_thickness_scaling():

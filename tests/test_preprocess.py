@@ -418,7 +418,7 @@ def test_resolve_data_root_generates_phantom(tmp_path, monkeypatch):
   monkeypatch.setattr(phantom, 'write_dataset', lambda *args, made_by, **kwargs: made.update(made_by))
   assert preprocess.resolve_data_root(cfg, tmp_path / 'runs' / 'knee', seed=0).name == (
       'phantom_reference_oa0.5_elastic3_4x16x12')
-  assert 'effusion_mm' not in made  # folders made before the setting existed still match
+  assert made['effusion_mm'] == 0.0  # recorded, so that a folder of one kind refuses subjects of the other
   cfg.phantom_effusion_mm = 10.0
   assert preprocess.resolve_data_root(cfg, tmp_path / 'runs' / 'knee', seed=0).name == (
       'phantom_reference_oa0.5_elastic3_effusion10_4x16x12')

@@ -237,9 +237,10 @@ def _tissues(labels: np.ndarray, spacing: Sequence[float], k: dict) -> np.ndarra
   effusion = (d_femoral < k['effusion']) & (y > joint[1])
   if 'large_effusion' in k:
     # Fluid distends the recesses around the femur, in front (the suprapatellar pouch) and behind (the
-    # posterior recesses over the condyles), each to a depth of its own; it stays off the tibia.
+    # posterior recesses over the condyles), each to a depth of its own, inside the body; it stays off the
+    # tibia and the tendons.
     front, back = k['large_effusion']
-    near = (d_tibial > 2) & (_edt(fc, spacing) < _EFFUSION_REACH_MM) & (tissue != P.TENDON)
+    near = body & (d_tibial > 2) & (_edt(fc, spacing) < _EFFUSION_REACH_MM) & (tissue != P.TENDON)
     effusion |= near & (d_femoral < np.where(y > joint[1], front, back))
   fluid = free & ((in_joint & (gap <= contact + 1.2)) | (d_cartilage < 0.5) | effusion)
   tissue[fluid | (labels == DEFECT)] = P.FLUID

@@ -83,10 +83,8 @@ def resolve_data_root(data_cfg: ml_collections.ConfigDict, workdir: str | pathli
   out = pathlib.Path(data_cfg.phantom_dir or default_dir)
   _say_the_phantom_is_used(data_cfg.phantom_anatomy, data_cfg.phantom_num, out)
   made_by = {'anatomy': data_cfg.phantom_anatomy} | ({
-      'oa_fraction': data_cfg.phantom_oa_fraction, 'elastic_mm': data_cfg.phantom_elastic_mm}
-      # Recorded only where set, so that the folders made before the setting existed still match.
-      | ({'effusion_mm': data_cfg.phantom_effusion_mm} if data_cfg.phantom_effusion_mm else {})
-      if data_cfg.phantom_anatomy == 'reference' else {})
+      'oa_fraction': data_cfg.phantom_oa_fraction, 'elastic_mm': data_cfg.phantom_elastic_mm,
+      'effusion_mm': data_cfg.phantom_effusion_mm} if data_cfg.phantom_anatomy == 'reference' else {})
   phantom.write_dataset(out, data_cfg.phantom_num, data_cfg.phantom_shape, data_cfg.phantom_spacing, seed,
                         generator=generators[data_cfg.phantom_anatomy], made_by=made_by)
   return out
