@@ -799,8 +799,8 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
                                                 config.predict.slice_sigma_mm, source.name)
   if degrees:
     probabilities = pose.rotate_slices(probabilities, -degrees, spacing)
-  classes = to_classes(probabilities, config.predict.background_weight)
-  classes = remove_small_components(classes, spacing, config.predict.min_component_mm3,
+  marked = to_classes(probabilities, config.predict.background_weight)
+  classes = remove_small_components(marked, spacing, config.predict.min_component_mm3,
                                     config.predict.min_component_fraction)
   side, why = decide_laterality(nii, info, laterality, header_sides=not orientation[0])
   if side and orientation[0]:
@@ -810,11 +810,20 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
   fc, tc = (classes == volumes.CLASSES[name] for name in ('fc', 'tc'))
   if missing := [name for name, plate in (('femoral', fc), ('tibial', tc)) if not plate.any()]:
     fov_mm = [n * s for n, s in zip(image.shape[1:], spacing[1:])]
-    small = (f'a field of view too small (sagittal slices of {fov_mm[0]:.0f} x {fov_mm[1]:.0f} mm, where a '
-             "knee MRI's span 120-160 mm), " if min(fov_mm) < _SMALL_FOV_MM else '')
+    causes = (f'a field of view too small (sagittal slices of {fov_mm[0]:.0f} x {fov_mm[1]:.0f} mm, where a '
+              "knee MRI's span 120-160 mm), " if min(fov_mm) < _SMALL_FOV_MM else '')
+    # A slab of a few slices holds only pieces of the plates, each under the speck floor: the causes below
+    # alone would mislead.
+    marked_mm3 = {name: np.count_nonzero(marked == volumes.CLASSES[key]) * float(np.prod(spacing))
+                  for name, key in (('femoral', 'fc'), ('tibial', 'tc')) if name in missing}
+    if pieces := [f'{name} pieces of {mm3:.0f} mm^3' for name, mm3 in marked_mm3.items() if mm3]:
+      causes += (f"{' and '.join(pieces)} in all dropped as specks (predict.min_component_mm3 "
+                 f'{config.predict.min_component_mm3:g}, min_component_fraction '
+                 f'{config.predict.min_component_fraction:g}; 0 keeps them) in a scan that spans '
+                 f'{image.shape[0] * spacing[0]:.1f} mm from left to right (a slab of a few slices?), ')
     logging.warning('%s: no %s cartilage found: %sa scan of another joint, or a header whose voxel sizes or '
                     'axes do not follow its voxels (an array saved in another axis order than its affine '
-                    'says)? The mask is written as found', source, ' or '.join(missing), small)
+                    'says)? The mask is written as found', source, ' or '.join(missing), causes)
   if (width := measures.left_right_width_mm(fc | tc, spacing)) > measures.ONE_KNEE_MAX_WIDTH_MM:
     logging.warning("%s: cartilage spans %.0f mm from left to right, more than one knee's (under %g mm): "
                     "both knees in the field of view? The plates' measures add both knees, compartments are "

@@ -920,6 +920,26 @@ def test_a_plate_not_found_is_warned_of(run, tmp_path, caplog, capsys, monkeypat
   assert warned.startswith(f'{wide}: no tibial cartilage found: a scan of another joint'), warned
 
 
+def test_plates_dropped_as_specks_are_named(run, tmp_path, caplog, monkeypatch):
+  """Plates the network marked only in pieces under the speck floor (a slab of a few slices holds no plate
+  whole) are named, with the pieces' volume, before the causes a missing plate otherwise suggests."""
+  workdir, canonical, _ = run
+  monkeypatch.setattr(inference.Network, '__call__', _thresholds)
+  [kept] = predict.predict(_config(min_component_mm3=0, min_component_fraction=0), workdir, canonical,
+                           tmp_path / 'kept.nii.gz')
+  fc, tc = (kept['regions'][plate]['volume_mm3'] for plate in ('fc', 'tc'))
+  assert fc > 0 and tc > 0
+  caplog.clear()
+  predict.predict(_config(min_component_mm3=1e9), workdir, canonical, tmp_path / 'dropped.nii.gz')
+  [warned] = [r.getMessage() for r in caplog.records if 'cartilage found' in r.getMessage()]
+  assert warned.startswith(
+      f'{canonical}: no femoral or tibial cartilage found: a field of view too small (sagittal slices of 67 '
+      f"x 68 mm, where a knee MRI's span 120-160 mm), femoral pieces of {fc:.0f} mm^3 and tibial pieces of "
+      f'{tc:.0f} mm^3 in all dropped as specks (predict.min_component_mm3 1e+09, min_component_fraction '
+      '0.1; 0 keeps them) in a scan that spans 18.0 mm from left to right (a slab of a few slices?), a scan '
+      'of another joint'), warned
+
+
 def test_a_label_map_given_as_the_scan_is_warned_of(run, tmp_path, caplog, monkeypatch):
   workdir, canonical, _ = run
   monkeypatch.setattr(inference.Network, '__call__', _thresholds)
