@@ -195,6 +195,8 @@ def main(argv):
       config_check.check_export_output(FLAGS.output)
     if not model_file and (file := config_check.file_in_the_way(workdir)):
       raise ConfigError(f'--workdir={workdir}: {file}; expected a folder (made if missing)')
+    if not model_file and (part := config_check.workdir_part_in_the_way(workdir, config.data.cache_dir)):
+      raise ConfigError(f'--workdir={workdir}: {part}, where runs keep their own; move it away')
     if FLAGS.mode in ('evaluate', 'export') or (FLAGS.mode == 'predict' and not model_file):
       checkpoints.trained_directory(workdir)  # a mistyped workdir: one line, and no folders made for it
     # Before anything compiles (the checks above compile nothing): JAX decides at its first compilation.

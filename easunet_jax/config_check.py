@@ -17,7 +17,7 @@ from flax import nnx
 
 from configs import default, eas
 from easunet_jax import models, pretrained, steps
-from easunet_jax.data import volumes
+from easunet_jax.data import pipeline, volumes
 from easunet_jax.errors import CheckpointError, ConfigError, exit_with, one_line
 
 # Slices of this many strides trace the step for real data: their slice store pads slices to a multiple.
@@ -392,6 +392,26 @@ def file_in_the_way(folder: str | pathlib.Path) -> str | None:
   if why := volumes.broken_link(path):
     return f'{path} is {why}'
   return None if os.path.isdir(path) else f'{path} is a file'
+
+
+# What a run keeps in its workdir, by kind. Something else of that name fails late (a file where the
+# checkpoints go, at the first save after compiling), with a traceback (a folder where train.log goes), or
+# is lost: a slice store being rebuilt replaces what stands at its path.
+_WORKDIR_FOLDERS = ('checkpoints', 'eval', 'slices', 'tensorboard')
+_WORKDIR_FILES = ('metrics.jsonl', 'train.log', pipeline.TRAINED_ON)
+
+
+def workdir_part_in_the_way(workdir: str | pathlib.Path, cache_dir: str) -> str | None:
+  """'<path> is a file', '<path> is a folder' or '<path> is a broken link (to ...)' for the first of the
+  workdir's own folders and files that is there as another kind (the slice store's only where `cache_dir`,
+  data.cache_dir, puts it in the workdir); None where all are as a run keeps them."""
+  for name in _WORKDIR_FOLDERS:
+    if (name != 'slices' or not cache_dir) and (why := file_in_the_way(os.path.join(workdir, name))):
+      return why
+  for name in _WORKDIR_FILES:
+    if os.path.isdir(path := os.path.join(workdir, name)):
+      return f'{path} is a folder'
+  return None
 
 
 def trace_model_loss(config: ml_collections.ConfigDict, image_HW: tuple[int, int]) -> None:

@@ -421,6 +421,30 @@ def test_what_is_in_the_way_of_a_folder_is_named(tmp_path):
       f'{tmp_path}/old run is a broken link (to {tmp_path}/unmounted)')
 
 
+def test_a_workdir_part_of_another_kind_is_refused_before_anything_is_built(phantom_dir, tmp_path):
+  """A file where a run keeps a folder (the slice store, which a rebuild would replace, losing the file; the
+  checkpoints, found at the first save) or a folder where it keeps a file: one line, exit 2, nothing built
+  and the user's file kept."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'slices').write_text('my notes')
+  result = _run(workdir, phantom_dir, '--mode=preprocess')
+  assert (result.returncode, result.stderr) == (
+      2, f'error: --workdir={workdir}: {workdir}/slices is a file, where runs keep their own; move it away\n')
+  assert os.listdir(workdir) == ['slices'] and (workdir / 'slices').read_text() == 'my notes'
+  assert config_check.workdir_part_in_the_way(workdir, str(tmp_path / 'store')) is None  # not used then
+  (workdir / 'slices').unlink()
+  for name in ('checkpoints', 'eval', 'tensorboard'):
+    (workdir / name).write_text('')
+    assert config_check.workdir_part_in_the_way(workdir, '') == f'{workdir}/{name} is a file'
+    (workdir / name).unlink()
+  for name in ('metrics.jsonl', 'train.log', 'trained_on.json'):
+    (workdir / name).mkdir()
+    assert config_check.workdir_part_in_the_way(workdir, '') == f'{workdir}/{name} is a folder'
+    (workdir / name).rmdir()
+  assert config_check.workdir_part_in_the_way(workdir, '') is None
+
+
 def test_the_package_runs_from_any_folder_with_the_projects_configs(tmp_path):
   """`python -m easunet_jax` is main.py (an installed easunet_jax has no main.py), and `--config=configs/...`,
   a sweep file and the configs it names are the project's from any working directory, unless that
