@@ -398,7 +398,7 @@ def file_in_the_way(folder: str | pathlib.Path) -> str | None:
 # checkpoints go, at the first save after compiling), with a traceback (a folder where train.log goes), or
 # is lost: a slice store being rebuilt replaces what stands at its path.
 _WORKDIR_FOLDERS = ('checkpoints', 'eval', 'slices', 'tensorboard')
-_WORKDIR_FILES = ('metrics.jsonl', 'train.log', pipeline.TRAINED_ON)
+_WORKDIR_FILES = ('metrics.jsonl', 'runs.jsonl', 'train.log', pipeline.TRAINED_ON)
 
 
 def workdir_part_in_the_way(workdir: str | pathlib.Path, cache_dir: str) -> str | None:

@@ -438,7 +438,7 @@ def test_a_workdir_part_of_another_kind_is_refused_before_anything_is_built(phan
     (workdir / name).write_text('')
     assert config_check.workdir_part_in_the_way(workdir, '') == f'{workdir}/{name} is a file'
     (workdir / name).unlink()
-  for name in ('metrics.jsonl', 'train.log', 'trained_on.json'):
+  for name in ('metrics.jsonl', 'runs.jsonl', 'train.log', 'trained_on.json'):
     (workdir / name).mkdir()
     assert config_check.workdir_part_in_the_way(workdir, '') == f'{workdir}/{name} is a folder'
     (workdir / name).rmdir()

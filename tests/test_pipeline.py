@@ -106,6 +106,19 @@ def test_another_split_of_the_cases_names_the_cases_added_and_removed(store, tmp
     assert why in caplog.text
 
 
+@pytest.mark.parametrize('text', ['{"splits": {"train": ["a"]}, "pix', '[1, 2]',
+                                  '{"splits": 5, "pixel_mm": [1, 1]}',
+                                  '{"splits": {"train": ["a"]}, "pixel_mm": [0.5]}'])
+def test_a_corrupt_record_of_what_a_workdir_trained_on_is_one_line(store, tmp_path, text):
+  """Cut short or edited by hand: a CheckpointError naming the file, from the split check and the pixel."""
+  (tmp_path / pipeline.TRAINED_ON).write_text(text)
+  config = default.get_config()
+  for read in (lambda: pipeline.check_trained_on(tmp_path, store), lambda: pipeline.trained_pixel_mm(
+      config, tmp_path)):
+    with pytest.raises(CheckpointError, match=rf'^{tmp_path}/trained_on.json: corrupt, expected the record '):
+      read()
+
+
 def test_an_older_workdir_is_checked_against_the_store_a_rebuild_would_replace(store, tmp_path):
   """A workdir from before trained_on.json: the store in place, if of the same source files, is what it ran
   on, and a rebuild that would move its training cases into test (cases skipped by a newer version's

@@ -120,6 +120,23 @@ def record_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path) -> None:
       {'splits': splits, 'pixel_mm': _median_pixel_mm(store_dir / 'train')}, indent=1))
 
 
+def _trained_on(record: pathlib.Path) -> dict:
+  """The record `record_trained_on` wrote; a CheckpointError where the file holds something else (cut
+  short, edited by hand)."""
+  try:
+    trained = json.loads(record.read_text())
+    splits, pixel_mm = trained['splits'], trained['pixel_mm']
+    valid = (isinstance(splits, dict) and all(isinstance(ids, list) for ids in splits.values())
+             and len(pixel_mm) == 2 and all(s > 0 for s in pixel_mm))
+  except (ValueError, KeyError, TypeError):
+    valid = False
+  if not valid:
+    raise CheckpointError(f'{record}: corrupt, expected the record of the split and pixel size its workdir '
+                          'trained on ({"splits": {split: [case ids]}, "pixel_mm": [2 sizes]}); restore it, '
+                          'or delete it to go on without its check')
+  return trained
+
+
 def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path,
                      splits: dict[str, list[str]] | None = None, same_sources: bool = False) -> bool:
   """Whether there is a record of what `workdir` trained on: its own (an older workdir has none) or, for a
@@ -131,7 +148,7 @@ def check_trained_on(workdir: pathlib.Path, store_dir: pathlib.Path,
   validation and test. Cases added or removed alone (a test image lost under a split file) are warned of."""
   record = workdir / TRAINED_ON
   if record.exists():
-    trained = json.loads(record.read_text())['splits']
+    trained = _trained_on(record)['splits']
   elif splits is not None and same_sources and (store_dir / 'splits.json').exists():
     # A workdir of a version that kept no record: the store it ran on is the one about to be replaced.
     record = store_dir / 'splits.json'
@@ -170,7 +187,7 @@ def trained_pixel_mm(config: ml_collections.ConfigDict, workdir: str | pathlib.P
   if all(s > 0 for s in config.predict.spacing):
     return tuple(float(s) for s in config.predict.spacing)
   if workdir is not None and (record := pathlib.Path(workdir) / TRAINED_ON).exists():
-    return tuple(json.loads(record.read_text())['pixel_mm'])
+    return tuple(_trained_on(record)['pixel_mm'])
   if not (config.data.cache_dir or workdir):
     raise ConfigError('predict.spacing is unset and neither a workdir nor data.cache_dir says at what pixel '
                       "size the model was trained: pass --config.predict.spacing='(<mm>, <mm>)'")
