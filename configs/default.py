@@ -10,7 +10,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = d = ml_collections.ConfigDict()
   d.root = ''  # dataset root (images/+labels/ or imagesTr/+labelsTr/); '' = the built-in phantom
-  d.label_map = ((2, 1), (4, 2))  # (source label, training class) pairs; all other labels -> 0
+  # (source label, training class) pairs; the bone labels (1, 3) and 0 are background, any other value a
+  # label map holds and the pairs do not name skips its case (map it to class 0 to make it background)
+  d.label_map = ((2, 1), (4, 2))
   d.split = (0.7, 0.1, 0.2)  # train / val / test fractions of subjects (seeded by c.seed)
   d.split_file = ''  # JSON {"train": [...], "val": [...], "test": [...]} of case ids; overrides split
   d.train_slices = 'cartilage'  # 'cartilage' (slices with a cartilage label, the paper) or 'all'

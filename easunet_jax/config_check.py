@@ -74,7 +74,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     check_given_once(argv, reference)
     argv = flags.FLAGS(argv)
     if flags.FLAGS.config is not None:
-      flags.FLAGS.config.keys()  # config_flags reports a config file that failed to load only when it is read
+      # config_flags reports a config file that failed to load only when it is read; check_complete then
+      # names what a file that loaded returned, if no ConfigDict.
+      getattr(flags.FLAGS.config, 'keys', None)
     if flags.FLAGS['config'].present:
       check_complete(flags.FLAGS.config, reference)
     if len(argv) > 1:
@@ -135,6 +137,11 @@ def override_error(error: Exception, argv: Sequence[str], reference: ml_collecti
   bad value, an unknown field or an element of a sequence such as features.0, a config file that raised):
   the unknown field with the fields its group has (`reference`'s), else the error's own last line. None for
   an error of a config file's own code, which keeps its traceback."""
+  # config_flags loads --config's file as the module config_config and calls its get_config.
+  if isinstance(error, AttributeError) and (error.name, getattr(error.obj, '__name__', '')) == (
+      'get_config', 'config_config'):
+    return ("--config: the file has no get_config(): start from configs/default.py's get_config() and set "
+            'fields on it')
   unknown = unknown_overrides(argv, reference)
   lacked = None if unknown else lacked_override(error, argv)
   if not (isinstance(error, flags.Error | TypeError) or unknown or lacked):

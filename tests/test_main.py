@@ -365,7 +365,8 @@ def test_a_config_files_own_error_shows_its_traceback(tmp_path):
      r"train\.nan_policy\): a file of an older version, or a group assigned whole\? Start from "
      r"configs/default\.py's get_config\(\)"),
     ('return dict(tiny.get_config())', r'--config: its get_config\(\) returned dict, expected an '),
-    ('tiny.get_config()', r'--config: its get_config\(\) returned NoneType, expected an ')])
+    ('tiny.get_config()', r'--config: its get_config\(\) returned NoneType, expected an '),
+    ('return 5', r'--config: its get_config\(\) returned int, expected an ')])
 def test_a_config_file_without_every_field_is_one_line(body, message, tmp_path):
   """A researcher's own config file that lacks fields (copied from an older version), or returns another
   type (a dict, or nothing: after absl's own warning of it): one line, not a traceback where the field is
@@ -376,6 +377,21 @@ def test_a_config_file_without_every_field_is_one_line(body, message, tmp_path):
                           check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
   assert re.match(f'error: {message}', result.stderr.splitlines()[-1]), result.stderr
+
+
+def test_a_config_file_without_get_config_is_one_line(tmp_path):
+  """A file that defines no get_config: one line; an AttributeError of the file's own code (another
+  module's get_config) keeps its traceback."""
+  config = tmp_path / 'mine.py'
+  for text, code, last in (
+      ('SIZE = 4\n', 2, "error: --config: the file has no get_config(): start from configs/default.py's "
+       'get_config() and set fields on it'),
+      ('import os\n\ndef get_config():\n  return os.get_config()\n', 1,
+       "AttributeError: module 'os' has no attribute 'get_config'")):
+    config.write_text(text)
+    result = subprocess.run([sys.executable, 'main.py', f'--config={config}', f'--workdir={tmp_path}/run'],
+                            check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (code, last), result.stderr
 
 
 def test_an_override_of_a_field_the_config_file_lacks_is_one_line(tmp_path):
