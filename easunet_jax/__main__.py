@@ -7,6 +7,7 @@ import pathlib
 import signal
 import sys
 import tempfile
+import threading
 
 from easunet_jax import environment
 
@@ -83,9 +84,27 @@ class _Terminated(BaseException):
   itself: raised where the work stands, as Ctrl-C's KeyboardInterrupt is, so that it ends in one line."""
 
 
-def _terminated(signum, frame):
-  del signum, frame
-  raise _Terminated
+# A stop raised in the main thread can land in a callback that swallows it (asyncio's, as orbax reads a
+# checkpoint; the garbage collector's): the work then hangs, or ends as if never stopped. A watchdog ends the
+# process this long after the signal, wherever the exception went.
+_STOP_GRACE_S = 30.0
+
+
+def _stopped(signum, frame):
+  """SIGINT or SIGTERM outside a training loop (which saves and stops by itself): KeyboardInterrupt or
+  _Terminated raised where the work stands, so that it ends in one line, and a watchdog (`_STOP_GRACE_S`)."""
+  del frame
+  name = 'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'
+
+  def end_now():
+    print(f'stopped ({name}): the work had not ended {_STOP_GRACE_S:g} s after the signal; ended now',
+          file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+  watchdog = threading.Timer(_STOP_GRACE_S, end_now)
+  watchdog.daemon = True  # a stop that ends the work ends the process at once
+  watchdog.start()
+  raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
 
 
 def _start_backend() -> int:
@@ -175,7 +194,10 @@ def main(argv):
     except ConfigError as e:
       exit_with(e)
   if not config.train.distributed or FLAGS.mode in ('predict', 'export'):  # else JAX's preemption service's
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, _stopped)
+  # Where SIGINT is ignored (a command a non-interactive shell put in the background), it stays so.
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _stopped)
   if _start_backend() > 0:  # process 0 speaks for all: progress lines, validation and reports
     logging.set_verbosity(logging.WARNING)
   workdir = FLAGS.workdir or os.path.join('runs', config.name)

@@ -66,6 +66,19 @@ def interrupted_segment_scan(*args, **kwargs):
 predict._segment_scan = interrupted_segment_scan
 """
 
+SWALLOWED_STOP = """
+import time
+from easunet_jax import predict
+def swallowing_predict(*args, **kwargs):
+  sys.modules['__main__']._STOP_GRACE_S = 2  # easunet_jax/__main__.py's, as it runs
+  try:
+    signal.raise_signal(signal.{signal})
+  except BaseException:  # as a callback of asyncio (orbax reading a checkpoint) or of the garbage collector
+    pass
+  time.sleep(600)  # and the work hangs
+predict.predict = swallowing_predict
+"""
+
 REPORT_PREDICT = """
 from easunet_jax import predict
 def report(config, workdir, input_path, output_path, model_file=None, **kwargs):
@@ -696,6 +709,18 @@ def test_predict_gets_the_model_file_and_the_side_given(tmp_path, given):
   assert result.returncode == 0, result.stderr[-2000:]
   model, side = (tmp_path / 'model.npz', 'R') if given else (pretrained.SHIPPED, None)
   assert result.stdout.splitlines()[-1] == f'predict None {model} {side}'
+
+
+@pytest.mark.parametrize('stop', ['SIGINT', 'SIGTERM'])
+def test_a_stop_that_a_callback_swallows_still_ends_the_process(stop, tmp_path):
+  """Ctrl-C or SIGTERM whose exception a callback swallowed, the work hanging: the watchdog ends the process
+  with the signal's exit code and one line."""
+  result = subprocess.run([sys.executable, '-c', _RUN_MAIN.format(hook=SWALLOWED_STOP.format(signal=stop)),
+                           '--mode=predict', '--input=scan.nii.gz', f'--output={tmp_path}/mask.nii.gz'],
+                          cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
+  assert (result.returncode, result.stderr.splitlines()[-1]) == (128 + signal.Signals[stop], (
+      f'stopped ({"Ctrl-C" if stop == "SIGINT" else stop}): the work had not ended 2 s after the signal; '
+      'ended now')), result.stderr[-2000:]
 
 
 @pytest.mark.parametrize('stop', ['SIGINT', 'SIGTERM'])
