@@ -97,9 +97,11 @@ def _stopped(signum, frame):
   name = 'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'
 
   def end_now():
-    print(f'stopped ({name}): the work had not ended {_STOP_GRACE_S:g} s after the signal; ended now',
-          file=sys.stderr, flush=True)
-    os._exit(128 + signum)
+    try:  # a raw write: the hung main thread may hold sys.stderr's lock, or stderr be a closed pipe
+      os.write(2, f'stopped ({name}): the work had not ended {_STOP_GRACE_S:g} s after the signal; ended '
+               'now\n'.encode())
+    finally:
+      os._exit(128 + signum)
 
   watchdog = threading.Timer(_STOP_GRACE_S, end_now)
   watchdog.daemon = True  # a stop that ends the work ends the process at once
@@ -217,7 +219,9 @@ def main(argv):
       config_check.check_export_output(FLAGS.output)
     if not model_file and (file := config_check.file_in_the_way(workdir)):
       raise ConfigError(f'--workdir={workdir}: {file}; expected a folder (made if missing)')
-    if not model_file and (part := config_check.workdir_part_in_the_way(workdir, config.data.cache_dir)):
+    # The modes that write into the workdir (predict and export read its checkpoints alone).
+    if FLAGS.mode in ('train', 'preprocess', 'evaluate') and (
+        part := config_check.workdir_part_in_the_way(workdir, config.data.cache_dir)):
       raise ConfigError(f'--workdir={workdir}: {part}, where runs keep their own; move it away')
     if FLAGS.mode in ('evaluate', 'export') or (FLAGS.mode == 'predict' and not model_file):
       checkpoints.trained_directory(workdir)  # a mistyped workdir: one line, and no folders made for it

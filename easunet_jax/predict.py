@@ -49,6 +49,8 @@ _COARSE_PIXEL_RATIO = 2.0
 # A knee MRI's sagittal field of view spans 120-160 mm (the shipped model learnt 140 mm); where one side of
 # it is under this, a plate not found may be cropped away or lack the bones around it the network reads.
 _SMALL_FOV_MM = 80.0
+# A scan this narrow from left to right (a knee's plates span 60-90 mm) is a slab of a few sagittal slices.
+_SLAB_MM = 40
 # The version of what predict makes of a scan (mask, measures, thickness map) with a given model and
 # settings, recorded with each scan's result: raise it with any change to the code that makes them otherwise,
 # so that --continue_prediction segments the scans an earlier version did again instead of keeping their
@@ -817,10 +819,12 @@ def _segment_scan(config: ml_collections.ConfigDict, network: inference.Network,
     marked_mm3 = {name: np.count_nonzero(marked == volumes.CLASSES[key]) * float(np.prod(spacing))
                   for name, key in (('femoral', 'fc'), ('tibial', 'tc')) if name in missing}
     if pieces := [f'{name} pieces of {mm3:.0f} mm^3' for name, mm3 in marked_mm3.items() if mm3]:
+      # Only the floor drops a whole plate: the fraction's test always keeps a class's largest piece.
+      width_mm = image.shape[0] * spacing[0]
       causes += (f"{' and '.join(pieces)} in all dropped as specks (predict.min_component_mm3 "
-                 f'{config.predict.min_component_mm3:g}, min_component_fraction '
-                 f'{config.predict.min_component_fraction:g}; 0 keeps them) in a scan that spans '
-                 f'{image.shape[0] * spacing[0]:.1f} mm from left to right (a slab of a few slices?), ')
+                 f'{config.predict.min_component_mm3:g}; 0 keeps them)'
+                 + (f' in a scan that spans {width_mm:.1f} mm from left to right (a slab of a few slices?)'
+                    if width_mm < _SLAB_MM else '') + ', ')
     logging.warning('%s: no %s cartilage found: %sa scan of another joint, or a header whose voxel sizes or '
                     'axes do not follow its voxels (an array saved in another axis order than its affine '
                     'says)? The mask is written as found', source, ' or '.join(missing), causes)

@@ -108,7 +108,8 @@ def test_another_split_of_the_cases_names_the_cases_added_and_removed(store, tmp
 
 @pytest.mark.parametrize('text', ['{"splits": {"train": ["a"]}, "pix', '[1, 2]',
                                   '{"splits": 5, "pixel_mm": [1, 1]}',
-                                  '{"splits": {"train": ["a"]}, "pixel_mm": [0.5]}'])
+                                  '{"splits": {"train": ["a"]}, "pixel_mm": [0.5]}',
+                                  '{"splits": {"train": ["a"]}, "pixel_mm": [Infinity, 0.5]}'])
 def test_a_corrupt_record_of_what_a_workdir_trained_on_is_one_line(store, tmp_path, text):
   """Cut short or edited by hand: a CheckpointError naming the file, from the split check and the pixel."""
   (tmp_path / pipeline.TRAINED_ON).write_text(text)

@@ -935,9 +935,8 @@ def test_plates_dropped_as_specks_are_named(run, tmp_path, caplog, monkeypatch):
   assert warned.startswith(
       f'{canonical}: no femoral or tibial cartilage found: a field of view too small (sagittal slices of 67 '
       f"x 68 mm, where a knee MRI's span 120-160 mm), femoral pieces of {fc:.0f} mm^3 and tibial pieces of "
-      f'{tc:.0f} mm^3 in all dropped as specks (predict.min_component_mm3 1e+09, min_component_fraction '
-      '0.1; 0 keeps them) in a scan that spans 18.0 mm from left to right (a slab of a few slices?), a scan '
-      'of another joint'), warned
+      f'{tc:.0f} mm^3 in all dropped as specks (predict.min_component_mm3 1e+09; 0 keeps them) in a scan '
+      'that spans 18.0 mm from left to right (a slab of a few slices?), a scan of another joint'), warned
 
 
 def test_a_label_map_given_as_the_scan_is_warned_of(run, tmp_path, caplog, monkeypatch):

@@ -3,6 +3,7 @@ placement on the devices. It only reads, shuffles and batches: training augmenta
 (`data.augment`, inside the train step)."""
 
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -127,7 +128,7 @@ def _trained_on(record: pathlib.Path) -> dict:
     trained = json.loads(record.read_text())
     splits, pixel_mm = trained['splits'], trained['pixel_mm']
     valid = (isinstance(splits, dict) and all(isinstance(ids, list) for ids in splits.values())
-             and len(pixel_mm) == 2 and all(s > 0 for s in pixel_mm))
+             and len(pixel_mm) == 2 and all(math.isfinite(s) and s > 0 for s in pixel_mm))
   except (ValueError, KeyError, TypeError):
     valid = False
   if not valid:
